@@ -1,0 +1,4 @@
+//! snapfs: VM snapshots as plain files and directories, over FUSE.
+
+pub mod error;
+pub mod image;
