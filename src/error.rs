@@ -36,6 +36,9 @@ pub enum Error {
     NoAttr,
     #[error("buffer too small")]
     Range,
+    /// SEEK_DATA/SEEK_HOLE past the end, or no data after the offset.
+    #[error("no such offset")]
+    NoSuchOffset,
     /// The image (or guest filesystem) on disk is not what its format says it should be.
     #[error("corrupt image {path}: {what} (at offset {offset:#x})")]
     Corrupt {
@@ -73,6 +76,7 @@ impl Error {
             Error::IsDir(_) => libc::EISDIR,
             Error::NoAttr => libc::ENODATA,
             Error::Range => libc::ERANGE,
+            Error::NoSuchOffset => libc::ENXIO,
             Error::Corrupt { .. } | Error::Backend(_) => libc::EIO,
             Error::Io { source, .. } => match source.raw_os_error() {
                 Some(e) if e == libc::ENOSPC || e == libc::EDQUOT => libc::ENOSPC,

@@ -1,4 +1,9 @@
 //! snapfs: VM snapshots as plain files and directories, over FUSE.
 
+pub mod daemon;
 pub mod error;
+pub mod fs;
+pub mod fuse;
 pub mod image;
+pub mod namespace;
+pub mod provider;

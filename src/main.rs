@@ -1,1 +1,135 @@
-fn main() {}
+use std::ffi::OsString;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use snapfs::daemon::{self, MountConfig};
+
+/// snapfs: VM snapshots as plain files and directories.
+#[derive(Parser)]
+#[command(version, about, long_about = None, after_help = EXAMPLES)]
+struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+const EXAMPLES: &str = "Examples:
+  snapfs mount --images /var/lib/libvirt/images /mnt/snap
+  ls /mnt/snap/volumes/images/web.qcow2/.snapshots/
+  mkdir /mnt/snap/volumes/images/web.qcow2/.snapshots/before-upgrade
+  cp --sparse=always /mnt/snap/volumes/images/web.qcow2/.snapshots/before-upgrade/disk.raw /backup/
+  rmdir /mnt/snap/volumes/images/web.qcow2/.snapshots/before-upgrade
+  snapfs unmount /mnt/snap";
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Mount the snapshot tree. Returns once the mount is ready (unless --foreground).
+    Mount(MountArgs),
+    /// Unmount a snapfs mount and let its daemon exit.
+    Unmount {
+        /// Detach even if the mount is busy.
+        #[arg(long)]
+        lazy: bool,
+        mountpoint: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct MountArgs {
+    /// A directory of disk images (*.qcow2, *.raw, *.img): pool `basename DIR`. Repeatable.
+    #[arg(long = "images", value_name = "DIR")]
+    images: Vec<PathBuf>,
+    /// Stay in the foreground and log to stderr.
+    #[arg(long)]
+    foreground: bool,
+    /// Let other users in (the kernel then checks modes: default_permissions).
+    #[arg(long)]
+    allow_other: bool,
+    /// Where the daemon keeps its state and log.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/snapfs")]
+    state_dir: PathBuf,
+    /// Log file of a background daemon [default: STATE_DIR/snapfs.log].
+    #[arg(long, value_name = "FILE")]
+    log_file: Option<PathBuf>,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+    /// Budget of the metadata and decompressed-cluster cache, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 128)]
+    cache_mb: usize,
+    /// How long listings from backends are trusted, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    list_ttl_ms: u64,
+    /// Kernel read-ahead of the mount, in KiB (the size of FUSE read requests).
+    #[arg(long, value_name = "KIB", default_value_t = 1024)]
+    read_ahead_kb: u32,
+    /// Internal: descriptor on which a background daemon reports readiness.
+    #[arg(long, hide = true)]
+    ready_fd: Option<i32>,
+    mountpoint: PathBuf,
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "snapfs=info,fuser=error",
+        1 => "snapfs=info,fuser=warn",
+        2 => "snapfs=debug,fuser=info",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let res = match cli.cmd {
+        Cmd::Unmount { lazy, mountpoint } => daemon::unmount_path(&mountpoint, lazy),
+        Cmd::Mount(m) => mount(m),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("snapfs: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn mount(m: MountArgs) -> anyhow::Result<()> {
+    if !m.foreground {
+        // Re-run ourselves detached, with the same arguments, and wait for READY.
+        let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+        let log = m
+            .log_file
+            .clone()
+            .unwrap_or_else(|| m.state_dir.join("snapfs.log"));
+        return daemon::spawn_daemon(args, &log);
+    }
+    let ready = match m.ready_fd {
+        // SAFETY: the parent passed us this descriptor for our exclusive use.
+        Some(fd) if fd >= 0 => Some(unsafe { OwnedFd::from_raw_fd(fd) }),
+        _ => None,
+    };
+    let cfg = MountConfig {
+        mountpoint: m.mountpoint,
+        images: m.images,
+        allow_other: m.allow_other,
+        state_dir: m.state_dir,
+        threads: m.threads,
+        cache_bytes: m.cache_mb.saturating_mul(1 << 20),
+        ttl: Duration::from_millis(m.list_ttl_ms),
+        read_ahead_kb: m.read_ahead_kb,
+    };
+    daemon::serve(cfg, ready)
+}

@@ -1,0 +1,294 @@
+//! The mount's life: clear a stale mount, mount, tell the waiting parent we are ready,
+//! serve until unmounted or signalled, and leave nothing mounted behind.
+
+use std::ffi::CString;
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tracing::{info, warn};
+
+use crate::fs::{FsOptions, SnapFs};
+use crate::fuse::Fuse;
+use crate::image::BlockCache;
+use crate::namespace::Namespace;
+use crate::provider::images::ImagesProvider;
+use crate::provider::Provider;
+
+#[derive(Clone, Debug)]
+pub struct MountConfig {
+    pub mountpoint: PathBuf,
+    pub images: Vec<PathBuf>,
+    pub allow_other: bool,
+    pub state_dir: PathBuf,
+    pub threads: usize,
+    pub cache_bytes: usize,
+    pub ttl: Duration,
+    pub read_ahead_kb: u32,
+}
+
+/// Mount and serve in this process until unmounted. `ready` is told "READY" (or the error)
+/// once the mount can be used.
+pub fn serve(cfg: MountConfig, mut ready: Option<OwnedFd>) -> anyhow::Result<()> {
+    let result = mount_and_serve(&cfg, &mut ready);
+    if let (Err(e), Some(fd)) = (&result, ready.take()) {
+        let mut f = std::fs::File::from(fd);
+        let _ = writeln!(f, "ERROR {e:#}");
+    }
+    result
+}
+
+fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Result<()> {
+    // Signals are taken by one thread with sigwait; block them before any thread exists.
+    let sigs = signal_set();
+    block_signals(&sigs);
+
+    let mountpoint = std::path::absolute(&cfg.mountpoint)
+        .with_context(|| format!("mountpoint {}", cfg.mountpoint.display()))?;
+    clear_stale_mount(&mountpoint)?;
+    let mountpoint = mountpoint
+        .canonicalize()
+        .with_context(|| format!("mountpoint {}", mountpoint.display()))?;
+    if !mountpoint.is_dir() {
+        bail!("mountpoint {} is not a directory", mountpoint.display());
+    }
+    if let Some((_, fstype)) = mount_entry(&mountpoint) {
+        if fstype.starts_with("fuse") {
+            bail!(
+                "{} is already a {fstype} mount; unmount it first (snapfs unmount {})",
+                mountpoint.display(),
+                mountpoint.display()
+            );
+        }
+    }
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("state directory {}", cfg.state_dir.display()))?;
+
+    let cache = Arc::new(BlockCache::new(cfg.cache_bytes));
+    let mut providers: Vec<Arc<dyn Provider>> = Vec::new();
+    if !cfg.images.is_empty() {
+        providers.push(Arc::new(
+            ImagesProvider::new(&cfg.images, cache.clone()).context("images provider")?,
+        ));
+    }
+    if providers.is_empty() {
+        warn!("no provider configured (--images DIR): the tree will be empty");
+    }
+    let ns = Namespace::new(providers, mountpoint.clone(), cfg.ttl);
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let fs = SnapFs::new(ns, FsOptions { uid, gid });
+
+    let mut options = vec![
+        fuser::MountOption::FSName("snapfs".into()),
+        fuser::MountOption::Subtype("snapfs".into()),
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+    ];
+    let acl = if cfg.allow_other {
+        // Other users are admitted only through the kernel's mode checks.
+        options.push(fuser::MountOption::DefaultPermissions);
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
+    let mut config = fuser::Config::default();
+    config.mount_options = options;
+    config.acl = acl;
+    config.n_threads = Some(cfg.threads.max(1));
+    config.clone_fd = true;
+
+    let session = fuser::Session::new(Fuse::new(fs), &mountpoint, &config)
+        .with_context(|| format!("mounting on {}", mountpoint.display()))?;
+    match mount_entry(&mountpoint) {
+        Some((dev, _)) => raise_read_ahead(&dev, cfg.read_ahead_kb),
+        None => warn!("our mount is missing from /proc/self/mountinfo"),
+    }
+    info!(mountpoint = %mountpoint.display(), threads = cfg.threads, "mounted");
+
+    let mp = mountpoint.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let sig = wait_signal(&sigs);
+            info!(signal = sig, "signal received: unmounting");
+            if let Err(e) = unmount_path(&mp, true) {
+                warn!(error = %e, "unmount on signal failed");
+            }
+        })
+        .context("starting the signal thread")?;
+
+    if let Some(fd) = ready.take() {
+        let mut f = std::fs::File::from(fd);
+        let _ = writeln!(f, "READY");
+    }
+    session.run().context("FUSE session")?;
+    info!(mountpoint = %mountpoint.display(), "unmounted; exiting");
+    Ok(())
+}
+
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local, initialised by sigemptyset.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+fn block_signals(set: &libc::sigset_t) {
+    // SAFETY: set is a valid sigset; a null old-set pointer is allowed.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_BLOCK, set, std::ptr::null_mut());
+    }
+}
+
+fn wait_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig = 0;
+    // SAFETY: set is valid and the signals are blocked in every thread (inherited mask).
+    unsafe {
+        libc::sigwait(set, &mut sig);
+    }
+    sig
+}
+
+fn cpath(p: &Path) -> anyhow::Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).context("path contains NUL")
+}
+
+/// The device ("major:minor") and filesystem type mounted exactly at `p`, from
+/// /proc/self/mountinfo (never a stat, which on our own mount would wait for ourselves).
+fn mount_entry(p: &Path) -> Option<(String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = p.to_string_lossy().replace(' ', "\\040");
+    info.lines().rev().find_map(|l| {
+        let fields: Vec<&str> = l.split(' ').collect();
+        let sep = fields.iter().position(|f| *f == "-")?;
+        if fields.get(4) != Some(&want.as_str()) {
+            return None;
+        }
+        Some((fields.get(2)?.to_string(), fields.get(sep + 1)?.to_string()))
+    })
+}
+
+/// A daemon killed with -9 leaves "Transport endpoint is not connected": detach that mount.
+fn clear_stale_mount(mp: &Path) -> anyhow::Result<()> {
+    match std::fs::metadata(mp) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            warn!(mountpoint = %mp.display(), "clearing a stale FUSE mount left by a dead daemon");
+            let c = cpath(mp)?;
+            // SAFETY: c is a valid NUL-terminated path.
+            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("clearing stale mount {}", mp.display()));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// FUSE reads arrive in read_ahead_kb-sized requests; the default 128 KiB halves throughput.
+fn raise_read_ahead(dev: &str, kb: u32) {
+    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&path, kb.to_string()) {
+        warn!(%path, error = %e, "cannot raise read-ahead");
+    }
+}
+
+/// Unmount `mp`; `lazy` detaches it even when busy. If the FUSE connection survives (QEMU
+/// keeps a copy of the mount in its own mount namespace), abort it so the daemon can exit.
+pub fn unmount_path(mp: &Path, lazy: bool) -> anyhow::Result<()> {
+    let dev = mount_entry(mp).and_then(|(d, _)| d.split(':').nth(1).map(str::to_string));
+    let c = cpath(mp)?;
+    // SAFETY: c is a valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+        let err = std::io::Error::last_os_error();
+        let stale = err.raw_os_error() == Some(libc::ENOTCONN);
+        if !(lazy || stale) {
+            return Err(err).with_context(|| format!("unmounting {}", mp.display()));
+        }
+        // SAFETY: as above.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("detaching {}", mp.display()));
+        }
+    }
+    if let Some(dev) = dev {
+        let conn = PathBuf::from(format!("/sys/fs/fuse/connections/{dev}"));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while conn.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if conn.exists() {
+            warn!(connection = %conn.display(), "FUSE connection still open after unmount (held by another mount namespace?): aborting it");
+            let _ = std::fs::write(conn.join("abort"), "1");
+        }
+    }
+    Ok(())
+}
+
+/// Start `serve` in a detached child and wait until it is mounted or has failed.
+pub fn spawn_daemon(args: Vec<std::ffi::OsString>, log_file: &Path) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid array of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("pipe");
+    }
+    // SAFETY: pipe2 just returned these two fresh descriptors; each is owned once.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    if let Some(dir) = log_file.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("log directory {}", dir.display()))?;
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_file)
+        .with_context(|| format!("log file {}", log_file.display()))?;
+    let exe = std::env::current_exe().context("finding our own executable")?;
+    let wr_raw = std::os::fd::AsRawFd::as_raw_fd(&wr);
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(&args)
+        .arg("--foreground")
+        .arg("--ready-fd")
+        .arg("3")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().context("log file")?)
+        .stderr(log);
+    // SAFETY: only async-signal-safe calls (setsid, dup2) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            if libc::dup2(wr_raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the daemon")?;
+    drop(wr);
+    let mut answer = String::new();
+    let mut f = std::fs::File::from(rd);
+    use std::io::Read;
+    let _ = f.read_to_string(&mut answer);
+    let answer = answer.trim();
+    if answer == "READY" {
+        return Ok(());
+    }
+    let _ = child.try_wait();
+    if let Some(msg) = answer.strip_prefix("ERROR ") {
+        bail!("{msg} (log: {})", log_file.display());
+    }
+    bail!(
+        "the daemon exited before the mount was ready (log: {})",
+        log_file.display()
+    )
+}

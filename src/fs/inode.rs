@@ -1,0 +1,189 @@
+//! Inode numbers for paths, with the kernel's lookup counts.
+//!
+//! An inode number stays bound to its path while the kernel holds a reference to it. A
+//! removed path loses its number at once, so a namesake created later gets a fresh one and
+//! the kernel never confuses the two. Numbers are never reused.
+
+use std::collections::HashMap;
+
+pub const ROOT: u64 = 1;
+
+struct Entry {
+    path: Vec<String>,
+    lookups: u64,
+    /// False once removed or renamed away: only the kernel's references keep it.
+    linked: bool,
+}
+
+pub struct InodeTable {
+    by_path: HashMap<Vec<String>, u64>,
+    entries: HashMap<u64, Entry>,
+    next: u64,
+}
+
+impl Default for InodeTable {
+    fn default() -> Self {
+        let mut t = InodeTable {
+            by_path: HashMap::new(),
+            entries: HashMap::new(),
+            next: ROOT + 1,
+        };
+        t.entries.insert(
+            ROOT,
+            Entry {
+                path: Vec::new(),
+                lookups: 1,
+                linked: true,
+            },
+        );
+        t.by_path.insert(Vec::new(), ROOT);
+        t
+    }
+}
+
+impl InodeTable {
+    pub fn path(&self, ino: u64) -> Option<&[String]> {
+        self.entries.get(&ino).map(|e| e.path.as_slice())
+    }
+
+    /// The inode for `path`, creating it if new; `count` adds a kernel lookup reference.
+    pub fn get_or_insert(&mut self, path: Vec<String>, count: bool) -> u64 {
+        let ino = match self.by_path.get(&path) {
+            Some(&ino) => ino,
+            None => {
+                let ino = self.next;
+                self.next += 1;
+                self.by_path.insert(path.clone(), ino);
+                self.entries.insert(
+                    ino,
+                    Entry {
+                        path,
+                        lookups: 0,
+                        linked: true,
+                    },
+                );
+                ino
+            }
+        };
+        if count {
+            if let Some(e) = self.entries.get_mut(&ino) {
+                e.lookups += 1;
+            }
+        }
+        ino
+    }
+
+    /// The inode already bound to `path`, if any (no new reference).
+    pub fn find(&self, path: &[String]) -> Option<u64> {
+        self.by_path.get(path).copied()
+    }
+
+    pub fn forget(&mut self, ino: u64, n: u64) {
+        if ino == ROOT {
+            return;
+        }
+        let Some(e) = self.entries.get_mut(&ino) else {
+            return;
+        };
+        e.lookups = e.lookups.saturating_sub(n);
+        if e.lookups == 0 {
+            if e.linked {
+                self.by_path.remove(&e.path);
+            }
+            self.entries.remove(&ino);
+        }
+    }
+
+    /// `path` and everything below it were removed.
+    pub fn unlink(&mut self, path: &[String]) {
+        let gone: Vec<Vec<String>> = self
+            .by_path
+            .keys()
+            .filter(|p| p.starts_with(path))
+            .cloned()
+            .collect();
+        for p in gone {
+            if let Some(ino) = self.by_path.remove(&p) {
+                if let Some(e) = self.entries.get_mut(&ino) {
+                    e.linked = false;
+                }
+            }
+        }
+    }
+
+    /// `from` (and everything below it) is now called `to`; the kernel keeps its inodes.
+    pub fn rename(&mut self, from: &[String], to: &[String]) {
+        self.unlink(to);
+        let moved: Vec<(Vec<String>, u64)> = self
+            .by_path
+            .iter()
+            .filter(|(p, _)| p.starts_with(from))
+            .map(|(p, i)| (p.clone(), *i))
+            .collect();
+        for (old, ino) in moved {
+            self.by_path.remove(&old);
+            let mut new = to.to_vec();
+            new.extend_from_slice(&old[from.len()..]);
+            if let Some(e) = self.entries.get_mut(&ino) {
+                e.path = new.clone();
+            }
+            self.by_path.insert(new, ino);
+        }
+    }
+
+    #[cfg(test)]
+    pub fn count(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Vec<String> {
+        s.split('/').map(String::from).collect()
+    }
+
+    #[test]
+    fn lookup_forget_cycle() {
+        let mut t = InodeTable::default();
+        let a = t.get_or_insert(p("volumes/x"), true);
+        assert_eq!(t.get_or_insert(p("volumes/x"), true), a);
+        t.forget(a, 1);
+        assert_eq!(t.path(a), Some(p("volumes/x").as_slice()));
+        t.forget(a, 1);
+        assert_eq!(t.path(a), None);
+        assert_eq!(t.count(), 1);
+        assert_ne!(
+            t.get_or_insert(p("volumes/x"), true),
+            a,
+            "numbers are not reused"
+        );
+    }
+
+    #[test]
+    fn removed_name_gets_a_new_inode() {
+        let mut t = InodeTable::default();
+        let a = t.get_or_insert(p("v/.snapshots/s"), true);
+        let f = t.get_or_insert(p("v/.snapshots/s/disk.raw"), true);
+        t.unlink(&p("v/.snapshots/s"));
+        assert_eq!(t.find(&p("v/.snapshots/s/disk.raw")), None);
+        let b = t.get_or_insert(p("v/.snapshots/s"), true);
+        assert_ne!(a, b);
+        t.forget(a, 1);
+        t.forget(f, 1);
+        assert_eq!(t.find(&p("v/.snapshots/s")), Some(b));
+    }
+
+    #[test]
+    fn rename_moves_children() {
+        let mut t = InodeTable::default();
+        let a = t.get_or_insert(p("v/.snapshots/a"), true);
+        let f = t.get_or_insert(p("v/.snapshots/a/disk.raw"), true);
+        t.rename(&p("v/.snapshots/a"), &p("v/.snapshots/b"));
+        assert_eq!(t.find(&p("v/.snapshots/b")), Some(a));
+        assert_eq!(t.path(f), Some(p("v/.snapshots/b/disk.raw").as_slice()));
+        assert_eq!(t.find(&p("v/.snapshots/a")), None);
+    }
+}

@@ -1,0 +1,400 @@
+//! The filesystem core: inode-numbered operations over the [`Namespace`], each returning
+//! `Result<_, Error>`. `fuse.rs` is only glue around this, so everything here can be tested
+//! without a kernel in the loop.
+
+pub mod inode;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::image::ExtentKind;
+use crate::namespace::registry::lock;
+use crate::namespace::{Content, Kind, Namespace, Node, OpenDisk, Stat};
+use inode::{InodeTable, ROOT};
+
+#[derive(Clone, Copy, Debug)]
+pub struct Attr {
+    pub ino: u64,
+    pub stat: Stat,
+    pub uid: u32,
+    pub gid: u32,
+    pub blksize: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub name: String,
+    pub kind: Kind,
+}
+
+/// How the kernel should cache an opened file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Opened {
+    pub fh: u64,
+    /// The content never changes (a snapshot's bytes): keep the page cache across opens.
+    pub keep_cache: bool,
+    /// The content is generated at open and its size may differ from a stat taken earlier.
+    pub direct_io: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Whence {
+    Data,
+    Hole,
+}
+
+enum Handle {
+    Dir(Arc<Vec<DirEntry>>),
+    Bytes(Arc<Vec<u8>>),
+    Disk(Arc<OpenDisk>),
+}
+
+/// Options that change what the core reports, not what it reads.
+#[derive(Clone, Debug)]
+pub struct FsOptions {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+pub struct SnapFs {
+    ns: Namespace,
+    inodes: Mutex<InodeTable>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+    opts: FsOptions,
+}
+
+/// Files advertise a large block so `cp` and friends read disks in big chunks.
+const FILE_BLKSIZE: u32 = 1 << 20;
+const BLKSIZE: u32 = 4096;
+/// The longest single read we serve (the kernel never asks for more than max_pages).
+const MAX_READ: usize = 16 << 20;
+
+thread_local! {
+    /// One read buffer per FUSE worker thread, so a 1 MiB read allocates nothing.
+    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+impl SnapFs {
+    pub fn new(ns: Namespace, opts: FsOptions) -> Self {
+        SnapFs {
+            ns,
+            inodes: Mutex::new(InodeTable::default()),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            opts,
+        }
+    }
+
+    pub fn namespace(&self) -> &Namespace {
+        &self.ns
+    }
+
+    fn path(&self, ino: u64) -> Result<Vec<String>> {
+        lock(&self.inodes)
+            .path(ino)
+            .map(<[String]>::to_vec)
+            .ok_or_else(|| Error::NotFound(format!("inode {ino}")))
+    }
+
+    fn child(&self, parent: u64, name: &str) -> Result<Vec<String>> {
+        if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+            return Err(Error::Invalid(format!("name {name:?}")));
+        }
+        let mut p = self.path(parent)?;
+        p.push(name.to_string());
+        Ok(p)
+    }
+
+    fn node(path: &[String]) -> Result<Node> {
+        Node::parse(path).ok_or_else(|| Error::NotFound(path.join("/")))
+    }
+
+    fn attr(&self, ino: u64, stat: Stat) -> Attr {
+        Attr {
+            ino,
+            stat,
+            uid: self.opts.uid,
+            gid: self.opts.gid,
+            blksize: if stat.kind == Kind::File {
+                FILE_BLKSIZE
+            } else {
+                BLKSIZE
+            },
+        }
+    }
+
+    fn stat_path(&self, path: &[String]) -> Result<Stat> {
+        self.ns.stat(&Self::node(path)?)
+    }
+
+    /// Look `name` up in `parent`; on success the kernel holds one more reference.
+    pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr> {
+        let path = self.child(parent, name)?;
+        let stat = self.stat_path(&path)?;
+        let ino = lock(&self.inodes).get_or_insert(path, true);
+        Ok(self.attr(ino, stat))
+    }
+
+    pub fn forget(&self, ino: u64, n: u64) {
+        lock(&self.inodes).forget(ino, n);
+    }
+
+    /// A readdirplus entry was handed to the kernel: that counts as a lookup.
+    pub fn count_lookup(&self, ino: u64) {
+        if let Some(path) = lock(&self.inodes).path(ino).map(<[String]>::to_vec) {
+            lock(&self.inodes).get_or_insert(path, true);
+        }
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let path = self.path(ino)?;
+        Ok(self.attr(ino, self.stat_path(&path)?))
+    }
+
+    pub fn opendir(&self, ino: u64) -> Result<u64> {
+        let path = self.path(ino)?;
+        let node = Self::node(&path)?;
+        let children = self.ns.list(&node)?;
+        let parent_ino = if path.is_empty() {
+            ROOT
+        } else {
+            lock(&self.inodes)
+                .find(&path[..path.len() - 1])
+                .unwrap_or(ROOT)
+        };
+        let mut entries = Vec::with_capacity(children.len() + 2);
+        entries.push(DirEntry {
+            ino,
+            name: ".".into(),
+            kind: Kind::Dir,
+        });
+        entries.push(DirEntry {
+            ino: parent_ino,
+            name: "..".into(),
+            kind: Kind::Dir,
+        });
+        {
+            let mut inodes = lock(&self.inodes);
+            for (name, kind) in children {
+                let mut p = path.clone();
+                p.push(name.clone());
+                let child = inodes.get_or_insert(p, false);
+                entries.push(DirEntry {
+                    ino: child,
+                    name,
+                    kind,
+                });
+            }
+        }
+        Ok(self.new_handle(Handle::Dir(Arc::new(entries))))
+    }
+
+    /// Entries from `offset` on, as listed at opendir (a stable view for the handle's life).
+    pub fn readdir(&self, fh: u64) -> Result<Arc<Vec<DirEntry>>> {
+        match lock(&self.handles).get(&fh) {
+            Some(Handle::Dir(e)) => Ok(e.clone()),
+            _ => Err(Error::Invalid(format!("bad directory handle {fh}"))),
+        }
+    }
+
+    fn new_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(fh, h);
+        fh
+    }
+
+    pub fn release(&self, fh: u64) {
+        lock(&self.handles).remove(&fh);
+    }
+
+    pub fn open(&self, ino: u64, write: bool) -> Result<Opened> {
+        let path = self.path(ino)?;
+        let node = Self::node(&path)?;
+        if write {
+            return Err(Namespace::refusal(Some(&node), "open for writing"));
+        }
+        Ok(match self.ns.open(&node)? {
+            Content::Bytes(b) => Opened {
+                fh: self.new_handle(Handle::Bytes(b)),
+                keep_cache: false,
+                direct_io: true,
+            },
+            Content::Disk(d) => Opened {
+                fh: self.new_handle(Handle::Disk(d)),
+                keep_cache: true,
+                direct_io: false,
+            },
+        })
+    }
+
+    fn handle_content(&self, fh: u64) -> Result<Content> {
+        match lock(&self.handles).get(&fh) {
+            Some(Handle::Bytes(b)) => Ok(Content::Bytes(b.clone())),
+            Some(Handle::Disk(d)) => Ok(Content::Disk(d.clone())),
+            _ => Err(Error::Invalid(format!("bad file handle {fh}"))),
+        }
+    }
+
+    /// Read up to `size` bytes at `offset` and hand them to `reply` (short only at EOF).
+    pub fn read(&self, fh: u64, offset: u64, size: u32, reply: impl FnOnce(&[u8])) -> Result<()> {
+        match self.handle_content(fh)? {
+            Content::Bytes(b) => {
+                let start = usize::try_from(offset).unwrap_or(usize::MAX).min(b.len());
+                let end = start.saturating_add(size as usize).min(b.len());
+                reply(&b[start..end]);
+                Ok(())
+            }
+            Content::Disk(d) => {
+                let img = &d.image;
+                let len = (size as usize)
+                    .min(MAX_READ)
+                    .min(usize::try_from(img.size().saturating_sub(offset)).unwrap_or(usize::MAX));
+                if len == 0 {
+                    reply(&[]);
+                    return Ok(());
+                }
+                READ_BUF.with(|buf| {
+                    let mut buf = buf.borrow_mut();
+                    if buf.len() < len {
+                        buf.resize(len, 0);
+                    }
+                    img.read_at(&mut buf[..len], offset)?;
+                    reply(&buf[..len]);
+                    Ok(())
+                })
+            }
+        }
+    }
+
+    /// SEEK_DATA / SEEK_HOLE over the disk's allocation map. The end of the disk is a hole.
+    pub fn lseek(&self, fh: u64, offset: u64, whence: Whence) -> Result<u64> {
+        let disk = match self.handle_content(fh)? {
+            Content::Disk(d) => d,
+            Content::Bytes(b) => {
+                // Generated files are all data.
+                let size = b.len() as u64;
+                return match whence {
+                    _ if offset >= size => Err(Error::NoSuchOffset),
+                    Whence::Data => Ok(offset),
+                    Whence::Hole => Ok(size),
+                };
+            }
+        };
+        let img = &disk.image;
+        let size = img.size();
+        if offset >= size {
+            return Err(Error::NoSuchOffset);
+        }
+        let want = match whence {
+            Whence::Data => ExtentKind::Data,
+            Whence::Hole => ExtentKind::Zero,
+        };
+        let mut pos = offset;
+        while pos < size {
+            let extents = img.map(pos, size - pos)?;
+            let Some(last) = extents.last() else { break };
+            if let Some(e) = extents
+                .iter()
+                .find(|e| e.kind == want && e.offset + e.length > pos)
+            {
+                return Ok(e.offset.max(offset));
+            }
+            let next = last.offset + last.length;
+            if next <= pos {
+                return Err(Error::Backend(format!(
+                    "allocation map made no progress at {pos:#x}"
+                )));
+            }
+            pos = next;
+        }
+        match whence {
+            Whence::Data => Err(Error::NoSuchOffset),
+            Whence::Hole => Ok(size),
+        }
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<String> {
+        let path = self.path(ino)?;
+        self.ns.readlink(&Self::node(&path)?)
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &str) -> Result<Attr> {
+        let path = self.child(parent, name)?;
+        let node = Node::parse(&path);
+        match &node {
+            Some(n @ Node::Snap(..)) => self.ns.mkdir(n, name)?,
+            n => return Err(Namespace::refusal(n.as_ref(), "mkdir")),
+        }
+        self.lookup(parent, name)
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &str) -> Result<()> {
+        let path = self.child(parent, name)?;
+        let node = Node::parse(&path);
+        match &node {
+            Some(n @ Node::Snap(..)) => self.ns.rmdir(n)?,
+            n => return Err(Namespace::refusal(n.as_ref(), "rmdir")),
+        }
+        lock(&self.inodes).unlink(&path);
+        Ok(())
+    }
+
+    pub fn unlink(&self, parent: u64, name: &str) -> Result<()> {
+        let path = self.child(parent, name)?;
+        match &Node::parse(&path) {
+            Some(n @ Node::LaunchLink(_)) => self.ns.unlink(n)?,
+            n => return Err(Namespace::refusal(n.as_ref(), "unlink")),
+        }
+        lock(&self.inodes).unlink(&path);
+        Ok(())
+    }
+
+    pub fn symlink(&self, parent: u64, name: &str, target: &str) -> Result<Attr> {
+        let path = self.child(parent, name)?;
+        match &Node::parse(&path) {
+            Some(n @ Node::LaunchLink(_)) => self.ns.symlink(n, name, target)?,
+            n => return Err(Namespace::refusal(n.as_ref(), "symlink")),
+        }
+        self.lookup(parent, name)
+    }
+
+    pub fn rename(&self, parent: u64, name: &str, new_parent: u64, new_name: &str) -> Result<()> {
+        let from = self.child(parent, name)?;
+        let to = self.child(new_parent, new_name)?;
+        let (Some(a), Some(b)) = (Node::parse(&from), Node::parse(&to)) else {
+            let n = Node::parse(&from).or_else(|| Node::parse(&to));
+            return Err(Namespace::refusal(n.as_ref(), "rename"));
+        };
+        self.ns.rename(&a, &b, new_name)?;
+        lock(&self.inodes).rename(&from, &to);
+        Ok(())
+    }
+
+    /// The refusal for create, mknod, link, setattr, setxattr… on `ino` (or `parent/name`).
+    pub fn refuse(&self, ino: u64, name: Option<&str>, what: &str) -> Error {
+        let path = match name {
+            Some(n) => self.child(ino, n),
+            None => self.path(ino),
+        };
+        match path {
+            Ok(p) => {
+                // A new name directly inside a snapshot directory is inside the snapshot too.
+                let node = Node::parse(&p).or_else(|| {
+                    Node::parse(&p[..p.len().saturating_sub(1)]).filter(|n| n.in_snapshot())
+                });
+                Namespace::refusal(node.as_ref(), what)
+            }
+            Err(e) => e,
+        }
+    }
+
+    /// Whether `ino` exists (for calls such as getxattr that only need that).
+    pub fn check(&self, ino: u64) -> Result<()> {
+        self.getattr(ino).map(|_| ())
+    }
+}

@@ -1,0 +1,495 @@
+//! Glue from fuser's callbacks to [`SnapFs`]: each callback calls one core method and
+//! replies with its result. Errors go through [`reply_err!`], the one place that logs them
+//! and turns them into an errno. Keep logic out of this file, so the core stays testable
+//! without a kernel.
+
+use std::ffi::OsStr;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation,
+    INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use tracing::{debug, warn};
+
+use crate::error::Error;
+use crate::fs::{Attr, SnapFs, Whence};
+use crate::namespace::Kind;
+
+/// How long the kernel may trust names and attributes. Snapshots do not change, but the
+/// lists of instances, volumes and snapshots can change behind our back.
+const TTL: Duration = Duration::from_secs(1);
+
+pub struct Fuse {
+    fs: SnapFs,
+}
+
+impl Fuse {
+    pub fn new(fs: SnapFs) -> Self {
+        Fuse { fs }
+    }
+}
+
+/// Log an error at the level its kind deserves and reply with its errno.
+macro_rules! reply_err {
+    ($reply:expr, $op:expr, $err:expr) => {{
+        let e: Error = $err;
+        if e.is_refusal() {
+            debug!(op = $op, error = %e, "refused");
+        } else {
+            warn!(op = $op, error = %e, "failed");
+        }
+        $reply.error(Errno::from_i32(e.errno()))
+    }};
+}
+
+fn name_str(name: &OsStr) -> Result<&str, Error> {
+    name.to_str()
+        .ok_or_else(|| Error::Invalid(format!("{name:?} is not UTF-8")))
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+        Kind::Symlink => FileType::Symlink,
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    let s = &a.stat;
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: s.size,
+        blocks: s.allocated.div_ceil(512),
+        atime: s.mtime,
+        mtime: s.mtime,
+        ctime: s.mtime,
+        crtime: s.mtime,
+        kind: file_type(s.kind),
+        perm: s.perm,
+        nlink: if s.kind == Kind::Dir { 2 } else { 1 },
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: a.blksize,
+        flags: 0,
+    }
+}
+
+impl fuser::Filesystem for Fuse {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Ask for the largest read-ahead the kernel allows; the mount raises read_ahead_kb after.
+        let _ = config
+            .set_max_readahead(u32::MAX)
+            .or_else(|max| config.set_max_readahead(max));
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match name_str(name).and_then(|n| self.fs.lookup(parent.0, n)) {
+            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            Err(e @ Error::NotFound(_)) => {
+                debug!(op = "lookup", error = %e);
+                reply.error(Errno::ENOENT)
+            }
+            Err(e) => reply_err!(reply, "lookup", e),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(ino.0) {
+            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Err(e) => reply_err!(reply, "getattr", e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply_err!(reply, "setattr", self.fs.refuse(ino.0, None, "setattr"))
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(ino.0) {
+            Ok(t) => reply.data(t.as_bytes()),
+            Err(e) => reply_err!(reply, "readlink", e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let e = self.fs.refuse(parent.0, name.to_str(), "mknod");
+        reply_err!(reply, "mknod", e)
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        match name_str(name).and_then(|n| self.fs.mkdir(parent.0, n)) {
+            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            Err(e) => reply_err!(reply, "mkdir", e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match name_str(name).and_then(|n| self.fs.unlink(parent.0, n)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply_err!(reply, "unlink", e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match name_str(name).and_then(|n| self.fs.rmdir(parent.0, n)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply_err!(reply, "rmdir", e),
+        }
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        let res = name_str(link_name).and_then(|n| {
+            let t = name_str(target.as_os_str())?;
+            self.fs.symlink(parent.0, n, t)
+        });
+        match res {
+            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            Err(e) => reply_err!(reply, "symlink", e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+            let e = Error::Invalid("RENAME_EXCHANGE is not supported".into());
+            return reply_err!(reply, "rename", e);
+        }
+        let res = name_str(name).and_then(|a| {
+            let b = name_str(newname)?;
+            self.fs.rename(parent.0, a, newparent.0, b)
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply_err!(reply, "rename", e),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let e = self.fs.refuse(newparent.0, newname.to_str(), "link");
+        reply_err!(reply, "link", e)
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY
+            || flags.0 & (libc::O_TRUNC | libc::O_APPEND) != 0;
+        match self.fs.open(ino.0, write) {
+            Ok(o) => {
+                let mut f = FopenFlags::empty();
+                if o.keep_cache {
+                    f |= FopenFlags::FOPEN_KEEP_CACHE;
+                }
+                if o.direct_io {
+                    f |= FopenFlags::FOPEN_DIRECT_IO;
+                }
+                reply.opened(FileHandle(o.fh), f)
+            }
+            Err(e) => reply_err!(reply, "open", e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let mut reply = Some(reply);
+        let res = self.fs.read(fh.0, offset, size, |data| {
+            if let Some(r) = reply.take() {
+                r.data(data)
+            }
+        });
+        if let (Err(e), Some(r)) = (res, reply.take()) {
+            warn!(op = "read", fh = fh.0, offset, size, error = %e, "read failed");
+            r.error(Errno::from_i32(e.errno()))
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply_err!(reply, "write", self.fs.refuse(ino.0, None, "write"))
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.release(fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.opendir(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply_err!(reply, "opendir", e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let entries = match self.fs.readdir(fh.0) {
+            Ok(e) => e,
+            Err(e) => return reply_err!(reply, "readdir", e),
+        };
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (i, e) in entries.iter().enumerate().skip(start) {
+            if reply.add(INodeNo(e.ino), (i + 1) as u64, file_type(e.kind), &e.name) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let entries = match self.fs.readdir(fh.0) {
+            Ok(e) => e,
+            Err(e) => return reply_err!(reply, "readdirplus", e),
+        };
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (i, e) in entries.iter().enumerate().skip(start) {
+            let dot = e.name == "." || e.name == "..";
+            let attr = match self.fs.getattr(e.ino) {
+                Ok(a) => a,
+                // Gone since opendir, or unreadable: skip it rather than fail the listing.
+                Err(err) => {
+                    debug!(op = "readdirplus", name = %e.name, error = %err, "entry skipped");
+                    continue;
+                }
+            };
+            if reply.add(
+                INodeNo(e.ino),
+                (i + 1) as u64,
+                &e.name,
+                &TTL,
+                &file_attr(&attr),
+                Generation(0),
+            ) {
+                break;
+            }
+            if !dot {
+                self.fs.count_lookup(e.ino);
+            }
+        }
+        reply.ok()
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.release(fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply_err!(reply, "setxattr", self.fs.refuse(ino.0, None, "setxattr"))
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+        match self.fs.check(ino.0) {
+            Ok(()) => reply.error(Errno::from_i32(libc::ENODATA)),
+            Err(e) => reply_err!(reply, "getxattr", e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.fs.check(ino.0) {
+            Ok(()) if size == 0 => reply.size(0),
+            Ok(()) => reply.data(&[]),
+            Err(e) => reply_err!(reply, "listxattr", e),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply_err!(
+            reply,
+            "removexattr",
+            self.fs.refuse(ino.0, None, "removexattr")
+        )
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        match self.fs.check(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply_err!(reply, "access", e),
+        }
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let e = self.fs.refuse(parent.0, name.to_str(), "create");
+        reply_err!(reply, "create", e)
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _length: u64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply_err!(reply, "fallocate", self.fs.refuse(ino.0, None, "fallocate"))
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let whence = match whence {
+            libc::SEEK_DATA => Whence::Data,
+            libc::SEEK_HOLE => Whence::Hole,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let Ok(offset) = u64::try_from(offset) else {
+            return reply.error(Errno::ENXIO);
+        };
+        match self.fs.lseek(fh.0, offset, whence) {
+            Ok(o) => reply.offset(i64::try_from(o).unwrap_or(i64::MAX)),
+            Err(e) => reply_err!(reply, "lseek", e),
+        }
+    }
+}

@@ -1,0 +1,603 @@
+//! The mounted tree of SPEC.md as paths, independent of any backend and of FUSE.
+//!
+//! A path (a list of file names below the mount) is parsed into a [`Node`]; every operation
+//! is answered from the [`Registry`] of providers. Nothing here knows inode numbers.
+
+pub mod names;
+pub mod registry;
+
+use std::collections::HashSet;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use lru::LruCache;
+use tracing::{info, warn};
+
+use crate::error::{Error, Result};
+use crate::image::BlockImage;
+use crate::provider::{Owner, Provider, SnapshotInfo, VOLUME_DISK};
+use names::{check_new_name, escape, unescape};
+use registry::{lock, Registry};
+
+pub const INSTANCES: &str = "instances";
+pub const VOLUMES: &str = "volumes";
+pub const LAUNCH: &str = "launch";
+pub const SNAPSHOTS: &str = ".snapshots";
+pub const SNAPSHOT_JSON: &str = "snapshot.json";
+pub const INSTANCE_JSON: &str = "instance.json";
+pub const VOLUME_JSON: &str = "volume.json";
+const DISK_SUFFIX: &str = ".raw";
+
+/// What a path names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Node {
+    Root,
+    Instances,
+    Volumes,
+    Launch,
+    Pool(String),
+    Object(Owner),
+    ObjectJson(Owner),
+    Snaps(Owner),
+    Snap(Owner, String),
+    SnapJson(Owner, String),
+    /// A disk of a snapshot: owner, snapshot, target.
+    Disk(Owner, String, String),
+    LaunchLink(String),
+    /// A name inside a snapshot directory that is none of its files: never exists, never writable.
+    InSnapshot,
+}
+
+impl Node {
+    pub fn parse(path: &[String]) -> Option<Node> {
+        let p: Vec<&str> = path.iter().map(String::as_str).collect();
+        Some(match p.as_slice() {
+            [] => Node::Root,
+            [INSTANCES] => Node::Instances,
+            [VOLUMES] => Node::Volumes,
+            [LAUNCH] => Node::Launch,
+            [INSTANCES, i, rest @ ..] => {
+                return object_node(Owner::Instance(unescape(i)), rest, INSTANCE_JSON)
+            }
+            [VOLUMES, pool] => Node::Pool(unescape(pool)),
+            [VOLUMES, pool, v, rest @ ..] => {
+                let owner = Owner::Volume {
+                    pool: unescape(pool),
+                    name: unescape(v),
+                };
+                return object_node(owner, rest, VOLUME_JSON);
+            }
+            [LAUNCH, n] => Node::LaunchLink(unescape(n)),
+            _ => return None,
+        })
+    }
+
+    /// Whether the path is a snapshot directory or lies inside one (writes there are EROFS).
+    pub fn in_snapshot(&self) -> bool {
+        matches!(
+            self,
+            Node::Snap(..) | Node::SnapJson(..) | Node::Disk(..) | Node::InSnapshot
+        )
+    }
+}
+
+fn object_node(owner: Owner, rest: &[&str], json_name: &str) -> Option<Node> {
+    Some(match rest {
+        [] => Node::Object(owner),
+        [j] if *j == json_name => Node::ObjectJson(owner),
+        [SNAPSHOTS] => Node::Snaps(owner),
+        [SNAPSHOTS, s] => Node::Snap(owner, unescape(s)),
+        [SNAPSHOTS, s, f] if *f == SNAPSHOT_JSON => Node::SnapJson(owner, unescape(s)),
+        [SNAPSHOTS, s, f] => match disk_target(&owner, f) {
+            Some(t) => Node::Disk(owner, unescape(s), t),
+            None => Node::InSnapshot,
+        },
+        [SNAPSHOTS, _, ..] => Node::InSnapshot,
+        _ => return None,
+    })
+}
+
+/// `vda.raw` → `vda` for instances; only `disk.raw` for volumes.
+fn disk_target(owner: &Owner, file: &str) -> Option<String> {
+    let stem = file.strip_suffix(DISK_SUFFIX)?;
+    match owner {
+        Owner::Instance(_) if !stem.is_empty() => Some(unescape(stem)),
+        Owner::Volume { .. } if stem == VOLUME_DISK => Some(VOLUME_DISK.to_string()),
+        _ => None,
+    }
+}
+
+fn disk_file_name(target: &str) -> String {
+    format!("{}{DISK_SUFFIX}", escape(target))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+    Symlink,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stat {
+    pub kind: Kind,
+    pub size: u64,
+    /// Allocated bytes (st_blocks × 512).
+    pub allocated: u64,
+    pub mtime: SystemTime,
+    pub perm: u16,
+}
+
+/// An opened file's content, fixed for the life of the handle.
+pub enum Content {
+    Bytes(Arc<Vec<u8>>),
+    Disk(Arc<OpenDisk>),
+}
+
+/// A snapshot disk opened once and shared by every reader of it.
+pub struct OpenDisk {
+    pub image: Arc<dyn BlockImage>,
+    allocated: OnceLock<u64>,
+}
+
+impl OpenDisk {
+    /// Bytes of allocated data (computed once: the snapshot never changes).
+    pub fn allocated(&self) -> u64 {
+        *self.allocated.get_or_init(|| {
+            crate::image::allocated_bytes(self.image.as_ref()).unwrap_or_else(|e| {
+                warn!(error = %e, "cannot compute allocation; reporting 0 blocks");
+                0
+            })
+        })
+    }
+}
+
+pub struct Namespace {
+    reg: Registry,
+    /// Where we are mounted, to accept absolute launch targets.
+    mountpoint: PathBuf,
+    started: SystemTime,
+    disks: Mutex<LruCache<String, Arc<OpenDisk>>>,
+    /// Owners with a snapshot operation under way: a second one is EBUSY.
+    busy: Mutex<HashSet<Owner>>,
+}
+
+/// Releases an owner's busy mark on every way out.
+struct BusyGuard<'a> {
+    set: &'a Mutex<HashSet<Owner>>,
+    owner: Owner,
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        lock(self.set).remove(&self.owner);
+    }
+}
+
+const DIR_PERM: u16 = 0o755;
+const FILE_PERM: u16 = 0o444;
+
+impl Namespace {
+    pub fn new(providers: Vec<Arc<dyn Provider>>, mountpoint: PathBuf, ttl: Duration) -> Self {
+        Namespace {
+            reg: Registry::new(providers, ttl),
+            mountpoint,
+            started: SystemTime::now(),
+            disks: Mutex::new(LruCache::new(
+                NonZeroUsize::new(256).unwrap_or(NonZeroUsize::MIN),
+            )),
+            busy: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.reg
+    }
+
+    fn dir(&self, mtime: SystemTime) -> Stat {
+        Stat {
+            kind: Kind::Dir,
+            size: 0,
+            allocated: 0,
+            mtime,
+            perm: DIR_PERM,
+        }
+    }
+
+    fn file(&self, size: u64, mtime: SystemTime) -> Stat {
+        Stat {
+            kind: Kind::File,
+            size,
+            allocated: size.div_ceil(512) * 512,
+            mtime,
+            perm: FILE_PERM,
+        }
+    }
+
+    fn exists(&self, owner: &Owner) -> Result<()> {
+        self.reg.provider(owner).map(|_| ())
+    }
+
+    pub fn stat(&self, node: &Node) -> Result<Stat> {
+        Ok(match node {
+            Node::Root | Node::Instances | Node::Volumes | Node::Launch => self.dir(self.started),
+            Node::Pool(p) => {
+                if !self.reg.pools()?.iter().any(|(n, _)| n == p) {
+                    return Err(Error::NotFound(format!("pool {p}")));
+                }
+                self.dir(self.started)
+            }
+            Node::Object(o) => self.dir(self.reg.info(o)?.mtime),
+            Node::ObjectJson(o) => {
+                let info = self.reg.info(o)?;
+                self.file(json_bytes(&info.json).len() as u64, info.mtime)
+            }
+            Node::Snaps(o) => {
+                self.exists(o)?;
+                self.dir(self.started)
+            }
+            Node::Snap(o, s) => self.dir(self.reg.snapshot(o, s)?.created),
+            Node::SnapJson(o, s) => {
+                let snap = self.reg.snapshot(o, s)?;
+                self.file(json_bytes(&snap.json).len() as u64, snap.created)
+            }
+            Node::Disk(o, s, t) => {
+                let snap = self.reg.snapshot(o, s)?;
+                let disk = self.open_disk(o, &snap, t)?;
+                Stat {
+                    kind: Kind::File,
+                    size: disk.image.size(),
+                    allocated: disk.allocated(),
+                    mtime: snap.created,
+                    perm: FILE_PERM,
+                }
+            }
+            Node::LaunchLink(n) => {
+                let target = self.readlink(&Node::LaunchLink(n.clone()))?;
+                Stat {
+                    kind: Kind::Symlink,
+                    size: target.len() as u64,
+                    allocated: 0,
+                    mtime: self.started,
+                    perm: 0o777,
+                }
+            }
+            Node::InSnapshot => return Err(Error::NotFound("no such file in snapshot".into())),
+        })
+    }
+
+    /// Children of a directory: (file name, kind).
+    pub fn list(&self, node: &Node) -> Result<Vec<(String, Kind)>> {
+        let dirs = |names: &mut dyn Iterator<Item = &String>| -> Vec<(String, Kind)> {
+            names.map(|n| (escape(n), Kind::Dir)).collect()
+        };
+        Ok(match node {
+            Node::Root => [INSTANCES, VOLUMES, LAUNCH]
+                .iter()
+                .map(|n| (n.to_string(), Kind::Dir))
+                .collect(),
+            Node::Instances => dirs(&mut self.reg.instances()?.iter().map(|(n, _)| n)),
+            Node::Volumes => dirs(&mut self.reg.pools()?.iter().map(|(n, _)| n)),
+            Node::Pool(p) => dirs(&mut self.reg.volumes(p)?.iter()),
+            Node::Object(o) => {
+                self.exists(o)?;
+                let json = match o {
+                    Owner::Instance(_) => INSTANCE_JSON,
+                    Owner::Volume { .. } => VOLUME_JSON,
+                };
+                vec![
+                    (json.to_string(), Kind::File),
+                    (SNAPSHOTS.to_string(), Kind::Dir),
+                ]
+            }
+            Node::Snaps(o) => dirs(&mut self.reg.snapshots(o)?.iter().map(|s| &s.name)),
+            Node::Snap(o, s) => {
+                let snap = self.reg.snapshot(o, s)?;
+                let mut v = vec![(SNAPSHOT_JSON.to_string(), Kind::File)];
+                v.extend(
+                    snap.disks
+                        .iter()
+                        .map(|d| (disk_file_name(&d.target), Kind::File)),
+                );
+                v
+            }
+            Node::Launch => self
+                .reg
+                .launches()?
+                .iter()
+                .map(|(l, _)| (escape(&l.name), Kind::Symlink))
+                .collect(),
+            _ => return Err(Error::NotDir(format!("{node:?}"))),
+        })
+    }
+
+    pub fn open(&self, node: &Node) -> Result<Content> {
+        Ok(match node {
+            Node::ObjectJson(o) => Content::Bytes(Arc::new(json_bytes(&self.reg.info(o)?.json))),
+            Node::SnapJson(o, s) => {
+                Content::Bytes(Arc::new(json_bytes(&self.reg.snapshot(o, s)?.json)))
+            }
+            Node::Disk(o, s, t) => {
+                let snap = self.reg.snapshot(o, s)?;
+                Content::Disk(self.open_disk(o, &snap, t)?)
+            }
+            Node::LaunchLink(_) => return Err(Error::Invalid("open of a symlink".into())),
+            _ => return Err(Error::IsDir(format!("{node:?}"))),
+        })
+    }
+
+    fn open_disk(&self, owner: &Owner, snap: &SnapshotInfo, target: &str) -> Result<Arc<OpenDisk>> {
+        if !snap.disks.iter().any(|d| d.target == target) {
+            return Err(Error::NotFound(format!(
+                "disk {target} in snapshot {} of {owner}",
+                snap.name
+            )));
+        }
+        let created = snap
+            .created
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        // A namesake made after a delete has another id or time, so it never hits the old entry.
+        let key = format!("{owner:?}\0{}\0{}\0{created}\0{target}", snap.name, snap.id);
+        if let Some(d) = lock(&self.disks).get(&key) {
+            return Ok(d.clone());
+        }
+        let image = self.reg.provider(owner)?.open_disk(owner, snap, target)?;
+        let disk = Arc::new(OpenDisk {
+            image,
+            allocated: OnceLock::new(),
+        });
+        lock(&self.disks).put(key, disk.clone());
+        Ok(disk)
+    }
+
+    fn forget_disks(&self, owner: &Owner, snap: &str) {
+        let prefix = format!("{owner:?}\0{snap}\0");
+        let mut disks = lock(&self.disks);
+        let stale: Vec<String> = disks
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            disks.pop(&k);
+        }
+    }
+
+    pub fn readlink(&self, node: &Node) -> Result<String> {
+        let Node::LaunchLink(n) = node else {
+            return Err(Error::Invalid("not a symlink".into()));
+        };
+        let launches = self.reg.launches()?;
+        let (l, _) = launches
+            .iter()
+            .find(|(l, _)| &l.name == n)
+            .ok_or_else(|| Error::NotFound(format!("launch {n}")))?;
+        Ok(format!(
+            "../{INSTANCES}/{}/{SNAPSHOTS}/{}",
+            escape(&l.instance),
+            escape(&l.snapshot)
+        ))
+    }
+
+    /// The error for a write-type operation on a path that does not support it.
+    pub fn refusal(node: Option<&Node>, what: &str) -> Error {
+        match node {
+            Some(n) if n.in_snapshot() => {
+                Error::ReadOnly(format!("{what}: snapshot contents are read-only"))
+            }
+            _ => Error::NotPermitted(format!("{what}: not a place snapfs can change")),
+        }
+    }
+
+    fn begin(&self, owner: &Owner) -> Result<BusyGuard<'_>> {
+        if !lock(&self.busy).insert(owner.clone()) {
+            return Err(Error::Busy(format!(
+                "another snapshot operation on {owner} is in progress"
+            )));
+        }
+        Ok(BusyGuard {
+            set: &self.busy,
+            owner: owner.clone(),
+        })
+    }
+
+    /// mkdir: take a snapshot. `file_name` is the name as typed, for the name checks.
+    pub fn mkdir(&self, node: &Node, file_name: &str) -> Result<()> {
+        let Node::Snap(owner, snap) = node else {
+            return Err(Self::refusal(Some(node), "mkdir"));
+        };
+        check_new_name(file_name)?;
+        let provider = self.reg.provider(owner)?;
+        let _busy = self.begin(owner)?;
+        if self.reg.snapshots(owner)?.iter().any(|s| &s.name == snap) {
+            return Err(Error::Exists(format!("snapshot {snap} of {owner}")));
+        }
+        let started = std::time::Instant::now();
+        let res = provider.create_snapshot(owner, snap);
+        self.reg.changed(owner);
+        res?;
+        info!(%owner, %snap, ms = started.elapsed().as_millis() as u64, "snapshot created");
+        Ok(())
+    }
+
+    /// rmdir: delete a snapshot.
+    pub fn rmdir(&self, node: &Node) -> Result<()> {
+        let Node::Snap(owner, snap) = node else {
+            return Err(Self::refusal(Some(node), "rmdir"));
+        };
+        let provider = self.reg.provider(owner)?;
+        let _busy = self.begin(owner)?;
+        self.reg.snapshot(owner, snap)?;
+        let res = provider.delete_snapshot(owner, snap);
+        self.reg.changed(owner);
+        self.forget_disks(owner, snap);
+        res?;
+        info!(%owner, %snap, "snapshot deleted");
+        Ok(())
+    }
+
+    pub fn rename(&self, from: &Node, to: &Node, to_file_name: &str) -> Result<()> {
+        let (Node::Snap(o1, a), Node::Snap(o2, b)) = (from, to) else {
+            return Err(match (from, to) {
+                (Node::Snap(..), _) | (_, Node::Snap(..)) => {
+                    Error::CrossDevice("a snapshot stays in its own .snapshots".into())
+                }
+                _ => Self::refusal(Some(if from.in_snapshot() { from } else { to }), "rename"),
+            });
+        };
+        if o1 != o2 {
+            return Err(Error::CrossDevice(format!(
+                "snapshots move only within one instance or volume ({o1} → {o2})"
+            )));
+        }
+        check_new_name(to_file_name)?;
+        let provider = self.reg.provider(o1)?;
+        let _busy = self.begin(o1)?;
+        let snaps = self.reg.snapshots(o1)?;
+        if !snaps.iter().any(|s| &s.name == a) {
+            return Err(Error::NotFound(format!("snapshot {a} of {o1}")));
+        }
+        if a == b {
+            return Ok(());
+        }
+        if snaps.iter().any(|s| &s.name == b) {
+            return Err(Error::Exists(format!("snapshot {b} of {o1}")));
+        }
+        let res = provider.rename_snapshot(o1, a, b);
+        self.reg.changed(o1);
+        self.forget_disks(o1, a);
+        res
+    }
+
+    /// symlink in launch/: boot a new instance from an instance snapshot.
+    pub fn symlink(&self, node: &Node, file_name: &str, target: &str) -> Result<()> {
+        let Node::LaunchLink(new) = node else {
+            return Err(Self::refusal(Some(node), "symlink"));
+        };
+        check_new_name(file_name)?;
+        let (instance, snap) = self.parse_launch_target(target)?;
+        if self.reg.instances()?.iter().any(|(n, _)| n == new)
+            || self.reg.launches()?.iter().any(|(l, _)| &l.name == new)
+        {
+            return Err(Error::Exists(format!("instance {new}")));
+        }
+        let owner = Owner::Instance(instance.clone());
+        let provider = self.reg.provider(&owner)?;
+        let res = provider.launch(new, &instance, &snap);
+        self.reg.instances_changed();
+        self.reg.changed(&owner);
+        res?;
+        info!(%new, %instance, %snap, "launched");
+        Ok(())
+    }
+
+    /// `../instances/web/.snapshots/s1` (relative to launch/) or an absolute path in this mount.
+    fn parse_launch_target(&self, target: &str) -> Result<(String, String)> {
+        let not_a_snapshot = || {
+            Error::Invalid(format!(
+                "{target}: not an instance snapshot directory of this mount"
+            ))
+        };
+        let mut comps: Vec<String> = Vec::new();
+        let rel = if let Some(abs) = target.strip_prefix('/') {
+            let mp = self.mountpoint.to_string_lossy();
+            let mp = mp.trim_start_matches('/');
+            let rest = abs.strip_prefix(mp).ok_or_else(not_a_snapshot)?;
+            if !(rest.is_empty() || rest.starts_with('/')) {
+                return Err(not_a_snapshot());
+            }
+            rest.to_string()
+        } else {
+            comps.push(LAUNCH.to_string());
+            target.to_string()
+        };
+        for c in rel.split('/') {
+            match c {
+                "" | "." => {}
+                ".." => {
+                    comps.pop().ok_or_else(not_a_snapshot)?;
+                }
+                c => comps.push(c.to_string()),
+            }
+        }
+        match Node::parse(&comps) {
+            Some(Node::Snap(Owner::Instance(i), s)) => {
+                self.reg
+                    .snapshot(&Owner::Instance(i.clone()), &s)
+                    .map_err(|_| not_a_snapshot())?;
+                Ok((i, s))
+            }
+            _ => Err(not_a_snapshot()),
+        }
+    }
+
+    /// unlink in launch/: forget a launch record (the instance keeps running).
+    pub fn unlink(&self, node: &Node) -> Result<()> {
+        let Node::LaunchLink(name) = node else {
+            return Err(Self::refusal(Some(node), "unlink"));
+        };
+        let launches = self.reg.launches()?;
+        let (_, i) = launches
+            .iter()
+            .find(|(l, _)| &l.name == name)
+            .ok_or_else(|| Error::NotFound(format!("launch {name}")))?;
+        let res = self.reg.provider_at(*i)?.forget_launch(name);
+        self.reg.instances_changed();
+        res
+    }
+}
+
+fn json_bytes(v: &serde_json::Value) -> Vec<u8> {
+    let mut b = serde_json::to_vec_pretty(v).unwrap_or_else(|_| b"{}".to_vec());
+    b.push(b'\n');
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Vec<String> {
+        s.split('/')
+            .filter(|c| !c.is_empty())
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn parse_paths() {
+        let vol = Owner::Volume {
+            pool: "images".into(),
+            name: "a.qcow2".into(),
+        };
+        assert_eq!(Node::parse(&p("")), Some(Node::Root));
+        assert_eq!(
+            Node::parse(&p("volumes/images/a.qcow2/.snapshots/s%2F1/disk.raw")),
+            Some(Node::Disk(vol.clone(), "s/1".into(), "disk".into()))
+        );
+        assert_eq!(
+            Node::parse(&p("volumes/images/a.qcow2/.snapshots/s1/vda.raw")),
+            Some(Node::InSnapshot)
+        );
+        assert_eq!(
+            Node::parse(&p("instances/web/.snapshots/s1/vdb.raw")),
+            Some(Node::Disk(
+                Owner::Instance("web".into()),
+                "s1".into(),
+                "vdb".into()
+            ))
+        );
+        assert_eq!(
+            Node::parse(&p("instances/web/.snapshots/s1/files/x/y")),
+            Some(Node::InSnapshot)
+        );
+        assert_eq!(Node::parse(&p("instances/web/other")), None);
+        assert_eq!(Node::parse(&p("launch/x/y")), None);
+        assert!(Node::parse(&p("volumes/images/a.qcow2/.snapshots/s1"))
+            .is_some_and(|n| n.in_snapshot()));
+    }
+}

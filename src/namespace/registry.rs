@@ -1,0 +1,192 @@
+//! Which provider owns which pool and instance, and short-lived caches of what they list.
+//!
+//! Listings are cached for a short TTL so `ls -l` does not ask the backend once per entry;
+//! every change made through snapfs invalidates what it touched, so our own changes are
+//! never seen stale.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::provider::{LaunchInfo, ObjectInfo, Owner, Provider, SnapshotInfo};
+
+/// A map whose entries expire after `ttl`.
+struct Ttl<K, V> {
+    ttl: Duration,
+    map: Mutex<HashMap<K, (Instant, V)>>,
+}
+
+impl<K: Eq + Hash + Clone, V: Clone> Ttl<K, V> {
+    fn new(ttl: Duration) -> Self {
+        Ttl {
+            ttl,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The cached value, or `load()`'s, cached. The backend is called without the lock held.
+    fn get(&self, key: &K, load: impl FnOnce() -> Result<V>) -> Result<V> {
+        if let Some((at, v)) = lock(&self.map).get(key) {
+            if at.elapsed() < self.ttl {
+                return Ok(v.clone());
+            }
+        }
+        let v = load()?;
+        lock(&self.map).insert(key.clone(), (Instant::now(), v.clone()));
+        Ok(v)
+    }
+
+    fn invalidate(&self, key: &K) {
+        lock(&self.map).remove(key);
+    }
+}
+
+/// A poisoned lock only means another request panicked; the data is still usable.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+type Index = Arc<Vec<(String, usize)>>;
+
+pub struct Registry {
+    providers: Vec<Arc<dyn Provider>>,
+    pools: Ttl<(), Index>,
+    instances: Ttl<(), Index>,
+    launches: Ttl<(), Arc<Vec<(LaunchInfo, usize)>>>,
+    volumes: Ttl<String, Arc<Vec<String>>>,
+    infos: Ttl<Owner, ObjectInfo>,
+    snapshots: Ttl<Owner, Arc<Vec<SnapshotInfo>>>,
+}
+
+impl Registry {
+    pub fn new(providers: Vec<Arc<dyn Provider>>, ttl: Duration) -> Self {
+        Registry {
+            providers,
+            pools: Ttl::new(ttl),
+            instances: Ttl::new(ttl),
+            launches: Ttl::new(ttl),
+            volumes: Ttl::new(ttl),
+            infos: Ttl::new(ttl),
+            snapshots: Ttl::new(ttl),
+        }
+    }
+
+    /// Names from every provider; a name two providers both have goes to the first.
+    fn index(&self, list: impl Fn(&dyn Provider) -> Result<Vec<String>>) -> Result<Index> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for (i, p) in self.providers.iter().enumerate() {
+            for name in list(p.as_ref())? {
+                if seen.insert(name.clone()) {
+                    out.push((name, i));
+                } else {
+                    tracing::warn!(%name, provider = p.kind(), "name already taken by another provider; hidden");
+                }
+            }
+        }
+        Ok(Arc::new(out))
+    }
+
+    pub fn pools(&self) -> Result<Index> {
+        self.pools.get(&(), || self.index(|p| p.pools()))
+    }
+
+    pub fn instances(&self) -> Result<Index> {
+        self.instances.get(&(), || self.index(|p| p.instances()))
+    }
+
+    pub fn launches(&self) -> Result<Arc<Vec<(LaunchInfo, usize)>>> {
+        self.launches.get(&(), || {
+            let mut out = Vec::new();
+            for (i, p) in self.providers.iter().enumerate() {
+                out.extend(p.launches()?.into_iter().map(|l| (l, i)));
+            }
+            Ok(Arc::new(out))
+        })
+    }
+
+    pub fn volumes(&self, pool: &str) -> Result<Arc<Vec<String>>> {
+        let p = self.pool_provider(pool)?;
+        self.volumes
+            .get(&pool.to_string(), || Ok(Arc::new(p.volumes(pool)?)))
+    }
+
+    fn pool_provider(&self, pool: &str) -> Result<&Arc<dyn Provider>> {
+        let idx = self.pools()?;
+        let i = idx
+            .iter()
+            .find(|(n, _)| n == pool)
+            .map(|(_, i)| *i)
+            .ok_or_else(|| Error::NotFound(format!("pool {pool}")))?;
+        self.providers
+            .get(i)
+            .ok_or_else(|| Error::NotFound(format!("pool {pool}")))
+    }
+
+    /// The provider that owns an existing instance or volume; `NotFound` when it does not exist.
+    pub fn provider(&self, owner: &Owner) -> Result<&Arc<dyn Provider>> {
+        match owner {
+            Owner::Instance(name) => {
+                let idx = self.instances()?;
+                let i = idx
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, i)| *i)
+                    .ok_or_else(|| Error::NotFound(owner.to_string()))?;
+                self.providers
+                    .get(i)
+                    .ok_or_else(|| Error::NotFound(owner.to_string()))
+            }
+            Owner::Volume { pool, name } => {
+                if !self.volumes(pool)?.iter().any(|v| v == name) {
+                    return Err(Error::NotFound(owner.to_string()));
+                }
+                self.pool_provider(pool)
+            }
+        }
+    }
+
+    /// The provider with index `i`, as handed out by `launches()`.
+    pub fn provider_at(&self, i: usize) -> Result<&Arc<dyn Provider>> {
+        self.providers
+            .get(i)
+            .ok_or_else(|| Error::Backend(format!("no provider {i}")))
+    }
+
+    pub fn providers(&self) -> &[Arc<dyn Provider>] {
+        &self.providers
+    }
+
+    pub fn info(&self, owner: &Owner) -> Result<ObjectInfo> {
+        let p = self.provider(owner)?;
+        self.infos.get(owner, || p.info(owner))
+    }
+
+    pub fn snapshots(&self, owner: &Owner) -> Result<Arc<Vec<SnapshotInfo>>> {
+        let p = self.provider(owner)?;
+        self.snapshots
+            .get(owner, || Ok(Arc::new(p.snapshots(owner)?)))
+    }
+
+    pub fn snapshot(&self, owner: &Owner, name: &str) -> Result<SnapshotInfo> {
+        self.snapshots(owner)?
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("snapshot {name} of {owner}")))
+    }
+
+    /// Forget what we know of `owner` after changing it.
+    pub fn changed(&self, owner: &Owner) {
+        self.snapshots.invalidate(owner);
+        self.infos.invalidate(owner);
+    }
+
+    /// Forget the instance and launch lists after a launch or a forgotten launch.
+    pub fn instances_changed(&self) {
+        self.instances.invalidate(&());
+        self.launches.invalidate(&());
+    }
+}

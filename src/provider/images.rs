@@ -1,0 +1,359 @@
+//! The `images` provider: every `*.qcow2`, `*.raw`, `*.img` file of a host directory is a
+//! volume of pool `basename(dir)`; its snapshots are qcow2 internal snapshots.
+//!
+//! Reads use our own qcow2 reader. Creating and deleting snapshots goes through
+//! `qemu-img snapshot`, which takes the image's write lock, so a VM holding the image
+//! makes it fail: that is reported as `EBUSY`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+use tracing::{debug, info, warn};
+
+use super::{ObjectInfo, Owner, Provider, SnapDisk, SnapshotInfo, VOLUME_DISK};
+use crate::error::{Error, IoContext, Result};
+use crate::image::{self, qcow2, BlockCache, BlockImage, Format};
+
+/// Host file extensions that make a file a volume.
+const EXTENSIONS: [&str; 3] = ["qcow2", "raw", "img"];
+/// A backing chain deeper than this is reported, not followed (it is also a loop guard).
+const MAX_CHAIN: usize = 64;
+
+pub struct ImagesProvider {
+    pools: Vec<(String, PathBuf)>,
+    cache: Arc<BlockCache>,
+}
+
+impl ImagesProvider {
+    /// One pool per directory, named after its base name; two directories with the same
+    /// base name are refused rather than silently merged.
+    pub fn new(dirs: &[PathBuf], cache: Arc<BlockCache>) -> Result<Self> {
+        let mut pools: Vec<(String, PathBuf)> = Vec::new();
+        for dir in dirs {
+            let dir = dir
+                .canonicalize()
+                .ctx(|| format!("images directory {}", dir.display()))?;
+            if !dir.is_dir() {
+                return Err(Error::Invalid(format!(
+                    "{} is not a directory",
+                    dir.display()
+                )));
+            }
+            let name = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| {
+                    Error::Invalid(format!("{} has no usable base name", dir.display()))
+                })?
+                .to_string();
+            if let Some((_, other)) = pools.iter().find(|(n, _)| *n == name) {
+                return Err(Error::Invalid(format!(
+                    "pool name {name} would be both {} and {}",
+                    other.display(),
+                    dir.display()
+                )));
+            }
+            info!(pool = %name, dir = %dir.display(), "images pool");
+            pools.push((name, dir));
+        }
+        Ok(ImagesProvider { pools, cache })
+    }
+
+    fn pool_dir(&self, pool: &str) -> Result<&Path> {
+        self.pools
+            .iter()
+            .find(|(n, _)| n == pool)
+            .map(|(_, d)| d.as_path())
+            .ok_or_else(|| Error::NotFound(format!("pool {pool}")))
+    }
+
+    /// The host file behind a volume, checked to be one of the pool's volumes.
+    fn volume_path(&self, owner: &Owner) -> Result<PathBuf> {
+        let Owner::Volume { pool, name } = owner else {
+            return Err(Error::NotFound(owner.to_string()));
+        };
+        let dir = self.pool_dir(pool)?;
+        if !is_volume_name(name) {
+            return Err(Error::NotFound(owner.to_string()));
+        }
+        let path = dir.join(name);
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ok(path),
+            Ok(_) => Err(Error::NotFound(owner.to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(Error::NotFound(owner.to_string()))
+            }
+            Err(e) => Err(Error::io(format!("stat {}", path.display()), e)),
+        }
+    }
+
+    fn qemu_img_snapshot(&self, op: &str, arg: &str, path: &Path) -> Result<()> {
+        let started = std::time::Instant::now();
+        let out = Command::new("qemu-img")
+            .args(["snapshot", op, arg])
+            .arg(path)
+            .output()
+            .ctx(|| "running qemu-img (is qemu-utils installed?)".to_string())?;
+        debug!(op, arg, path = %path.display(), ms = started.elapsed().as_millis() as u64, "qemu-img snapshot");
+        if out.status.success() {
+            return Ok(());
+        }
+        let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        let what = format!("qemu-img snapshot {op} {arg} {}: {msg}", path.display());
+        Err(classify_qemu_img_error(&msg, what))
+    }
+
+    fn snapshot_list(&self, path: &Path) -> Result<Vec<qcow2::SnapshotEntry>> {
+        if image::probe_format(path)? != Format::Qcow2 {
+            return Ok(Vec::new());
+        }
+        let info = qcow2::inspect(path)?;
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for s in info.snapshots {
+            // qcow2 allows two snapshots with one name; the first is the one a name reaches.
+            if seen.insert(s.name.clone()) {
+                out.push(s);
+            } else {
+                warn!(image = %path.display(), name = %s.name, id = %s.id, "duplicate snapshot name hidden");
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn is_volume_name(name: &str) -> bool {
+    !name.contains('/')
+        && Path::new(name)
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| EXTENSIONS.contains(&e))
+}
+
+/// Map qemu-img's English error text onto the refusals SPEC.md names.
+fn classify_qemu_img_error(stderr: &str, what: String) -> Error {
+    let lower = stderr.to_ascii_lowercase();
+    if lower.contains("lock") {
+        Error::Busy(what)
+    } else if lower.contains("no space") || lower.contains("quota") {
+        Error::NoSpace(what)
+    } else if lower.contains("not supported") {
+        Error::NotSupported(what)
+    } else if lower.contains("already exists") {
+        Error::Exists(what)
+    } else if lower.contains("not found") || lower.contains("can't find") {
+        Error::NotFound(what)
+    } else {
+        Error::Backend(what)
+    }
+}
+
+fn snapshot_time(s: &qcow2::SnapshotEntry) -> SystemTime {
+    UNIX_EPOCH + Duration::new(u64::from(s.date_sec), s.date_nsec.min(999_999_999))
+}
+
+/// The backing chain below `path`, top first (excluding `path` itself).
+fn backing_chain(path: &Path) -> Vec<serde_json::Value> {
+    let mut chain = Vec::new();
+    let mut cur = path.to_path_buf();
+    for _ in 0..MAX_CHAIN {
+        let Ok(Format::Qcow2) = image::probe_format(&cur) else {
+            break;
+        };
+        let Ok(info) = qcow2::inspect(&cur) else {
+            break;
+        };
+        let Some(next) = info.backing_path else {
+            break;
+        };
+        let format = info
+            .backing_format
+            .clone()
+            .or_else(|| {
+                image::probe_format(&next)
+                    .ok()
+                    .map(|f| format!("{f:?}").to_lowercase())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        chain.push(json!({ "path": next.display().to_string(), "format": format }));
+        cur = next;
+    }
+    chain
+}
+
+impl Provider for ImagesProvider {
+    fn kind(&self) -> &'static str {
+        "images"
+    }
+
+    fn pools(&self) -> Result<Vec<String>> {
+        Ok(self.pools.iter().map(|(n, _)| n.clone()).collect())
+    }
+
+    fn volumes(&self, pool: &str) -> Result<Vec<String>> {
+        let dir = self.pool_dir(pool)?;
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).ctx(|| format!("listing {}", dir.display()))? {
+            let entry = entry.ctx(|| format!("listing {}", dir.display()))?;
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                warn!(dir = %dir.display(), name = ?entry.file_name(), "skipping non-UTF-8 file name");
+                continue;
+            };
+            if !is_volume_name(&name) {
+                continue;
+            }
+            // Follows symlinks: a link to an image is a volume too.
+            if std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file()) {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn info(&self, owner: &Owner) -> Result<ObjectInfo> {
+        let path = self.volume_path(owner)?;
+        let meta = std::fs::metadata(&path).ctx(|| format!("stat {}", path.display()))?;
+        let mtime = meta.modified().unwrap_or(UNIX_EPOCH);
+        let format = image::probe_format(&path)?;
+        let Owner::Volume { pool, name } = owner else {
+            return Err(Error::NotFound(owner.to_string()));
+        };
+        let mut j = json!({
+            "pool": pool,
+            "name": name,
+            "path": path.display().to_string(),
+            "format": format,
+            "file_size": meta.len(),
+            "actual_size": std::os::unix::fs::MetadataExt::blocks(&meta) * 512,
+            "modified": super::rfc3339(mtime),
+        });
+        match format {
+            Format::Raw => {
+                j["virtual_size"] = json!(meta.len());
+                j["backing_chain"] = json!([]);
+                j["snapshots"] = json!(0);
+            }
+            Format::Qcow2 => match qcow2::inspect(&path) {
+                Ok(info) => {
+                    j["virtual_size"] = json!(info.virtual_size);
+                    j["qcow2"] = json!({
+                        "version": info.version,
+                        "cluster_size": info.cluster_size,
+                        "compression": info.compression,
+                        "extended_l2": info.extended_l2,
+                        "data_file": info.data_file,
+                        "dirty": info.dirty,
+                    });
+                    j["backing_chain"] = json!(backing_chain(&path));
+                    j["snapshots"] = json!(info.snapshots.len());
+                }
+                // volume.json stays readable for a corrupt image; the error is the answer.
+                Err(e) => j["error"] = json!(e.to_string()),
+            },
+        }
+        Ok(ObjectInfo { json: j, mtime })
+    }
+
+    fn snapshots(&self, owner: &Owner) -> Result<Vec<SnapshotInfo>> {
+        let path = self.volume_path(owner)?;
+        let list = self.snapshot_list(&path)?;
+        Ok(list
+            .into_iter()
+            .map(|s| {
+                let created = snapshot_time(&s);
+                let disks = vec![SnapDisk {
+                    target: VOLUME_DISK.into(),
+                    size: s.virtual_size,
+                }];
+                let j = json!({
+                    "id": s.id,
+                    "name": s.name,
+                    "created": super::rfc3339(created),
+                    "quiesced": serde_json::Value::Null,
+                    "memory": s.vm_state_size > 0,
+                    "vm_state_size": s.vm_state_size,
+                    "vm_clock_nsec": s.vm_clock_nsec,
+                    "parent": serde_json::Value::Null,
+                    "virtual_size": s.virtual_size,
+                    "disks": [{ "target": VOLUME_DISK, "format": "qcow2", "source": path.display().to_string(), "size": s.virtual_size }],
+                });
+                SnapshotInfo {
+                    name: s.name,
+                    id: s.id,
+                    created,
+                    disks,
+                    json: j,
+                }
+            })
+            .collect())
+    }
+
+    fn create_snapshot(&self, owner: &Owner, name: &str) -> Result<()> {
+        let path = self.volume_path(owner)?;
+        if image::probe_format(&path)? != Format::Qcow2 {
+            return Err(Error::NotSupported(format!(
+                "{owner} is a raw image: raw images have no internal snapshots"
+            )));
+        }
+        if name.is_empty() || name.len() > 255 {
+            return Err(Error::Invalid(format!("snapshot name {name:?}")));
+        }
+        self.qemu_img_snapshot("-c", name, &path)
+    }
+
+    fn delete_snapshot(&self, owner: &Owner, name: &str) -> Result<()> {
+        let path = self.volume_path(owner)?;
+        let list = self.snapshot_list(&path)?;
+        let snap = list
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| Error::NotFound(format!("snapshot {name} of {owner}")))?;
+        // qemu-img -d tries its argument as an id before a name: give it the id, which is unique.
+        self.qemu_img_snapshot("-d", &snap.id, &path)
+    }
+
+    fn open_disk(
+        &self,
+        owner: &Owner,
+        snap: &SnapshotInfo,
+        target: &str,
+    ) -> Result<Arc<dyn BlockImage>> {
+        if target != VOLUME_DISK {
+            return Err(Error::NotFound(format!("disk {target} of {owner}")));
+        }
+        let path = self.volume_path(owner)?;
+        image::open(&path, Some(Format::Qcow2), Some(&snap.name), &self.cache)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_names() {
+        assert!(is_volume_name("a.qcow2"));
+        assert!(is_volume_name("b.raw"));
+        assert!(is_volume_name("c.img"));
+        assert!(!is_volume_name("d.qcow2.data"));
+        assert!(!is_volume_name("qcow2"));
+        assert!(!is_volume_name("x/y.raw"));
+    }
+
+    #[test]
+    fn qemu_img_errors_map_to_refusals() {
+        let e = classify_qemu_img_error(
+            "qemu-img: Could not open 'x': Failed to get \"write\" lock",
+            "x".into(),
+        );
+        assert_eq!(e.errno(), libc::EBUSY);
+        let e = classify_qemu_img_error("No space left on device", "x".into());
+        assert_eq!(e.errno(), libc::ENOSPC);
+        let e = classify_qemu_img_error("something else", "x".into());
+        assert_eq!(e.errno(), libc::EIO);
+    }
+}

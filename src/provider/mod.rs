@@ -1,0 +1,119 @@
+//! Control planes behind one trait: who owns instances, volumes and their snapshots.
+//!
+//! A provider speaks backend names (any string); escaping them into file names is the
+//! namespace's job, not the provider's.
+
+pub mod images;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::error::{Error, Result};
+use crate::image::BlockImage;
+
+/// The thing snapshots belong to: an instance (VM) or a volume in a pool.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Owner {
+    Instance(String),
+    Volume { pool: String, name: String },
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Owner::Instance(n) => write!(f, "instance {n}"),
+            Owner::Volume { pool, name } => write!(f, "volume {pool}/{name}"),
+        }
+    }
+}
+
+/// An instance or volume as `instance.json` / `volume.json` shows it.
+#[derive(Clone, Debug)]
+pub struct ObjectInfo {
+    pub json: serde_json::Value,
+    pub mtime: SystemTime,
+}
+
+/// One disk inside a snapshot. Volumes have exactly one, with target [`VOLUME_DISK`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapDisk {
+    pub target: String,
+    pub size: u64,
+}
+
+/// Target name of a volume snapshot's only disk (file `disk.raw`).
+pub const VOLUME_DISK: &str = "disk";
+
+#[derive(Clone, Debug)]
+pub struct SnapshotInfo {
+    pub name: String,
+    /// Backend identity; together with `created` it tells a re-created namesake apart.
+    pub id: String,
+    pub created: SystemTime,
+    pub disks: Vec<SnapDisk>,
+    /// The whole `snapshot.json`.
+    pub json: serde_json::Value,
+}
+
+/// A launch record: instance `name` was booted from `instance`'s snapshot `snapshot`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaunchInfo {
+    pub name: String,
+    pub instance: String,
+    pub snapshot: String,
+}
+
+/// A control plane. Every method has a default that says the provider has no such thing,
+/// so a volume-only provider implements only the volume half.
+pub trait Provider: Send + Sync {
+    /// Short name for logs, e.g. "images" or "libvirt".
+    fn kind(&self) -> &'static str;
+
+    fn pools(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+    fn volumes(&self, pool: &str) -> Result<Vec<String>> {
+        Err(Error::NotFound(format!("pool {pool}")))
+    }
+    fn instances(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    fn info(&self, owner: &Owner) -> Result<ObjectInfo>;
+    fn snapshots(&self, owner: &Owner) -> Result<Vec<SnapshotInfo>>;
+    fn create_snapshot(&self, owner: &Owner, name: &str) -> Result<()>;
+    fn delete_snapshot(&self, owner: &Owner, name: &str) -> Result<()>;
+    fn rename_snapshot(&self, owner: &Owner, from: &str, to: &str) -> Result<()> {
+        let _ = (from, to);
+        Err(Error::NotSupported(format!(
+            "{} provider cannot rename snapshots of {owner}",
+            self.kind()
+        )))
+    }
+    /// The bytes of one disk of a snapshot.
+    fn open_disk(
+        &self,
+        owner: &Owner,
+        snap: &SnapshotInfo,
+        target: &str,
+    ) -> Result<Arc<dyn BlockImage>>;
+
+    fn launches(&self) -> Result<Vec<LaunchInfo>> {
+        Ok(Vec::new())
+    }
+    fn launch(&self, new: &str, instance: &str, snapshot: &str) -> Result<()> {
+        let _ = (new, instance, snapshot);
+        Err(Error::NotSupported(format!(
+            "{} provider cannot launch instances",
+            self.kind()
+        )))
+    }
+    fn forget_launch(&self, name: &str) -> Result<()> {
+        Err(Error::NotFound(format!("launch {name}")))
+    }
+}
+
+/// RFC 3339 (UTC) for JSON files.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}

@@ -1,0 +1,274 @@
+//! Shared harness: a real snapfs mount of a directory of images, torn down on drop.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_snapfs");
+
+pub struct Mount {
+    pub dir: tempfile::TempDir,
+    pub mnt: PathBuf,
+    pub images: PathBuf,
+    pub pool: String,
+}
+
+/// Run a command, panicking with its output when it fails.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn qemu_img(args: &[&str]) -> String {
+    run(Command::new("qemu-img").args(args))
+}
+
+pub fn qemu_io(img: &Path, cmd: &str) {
+    run(Command::new("qemu-io")
+        .arg("-f")
+        .arg("qcow2")
+        .arg("-c")
+        .arg(cmd)
+        .arg(img));
+}
+
+impl Mount {
+    /// Mount `images` (a directory) with a short listing TTL.
+    pub fn new(images: &Path) -> Mount {
+        Self::with_args(images, &[])
+    }
+
+    pub fn with_args(images: &Path, extra: &[&str]) -> Mount {
+        let dir = tempfile::Builder::new()
+            .prefix("snapfs-mnt")
+            .tempdir()
+            .expect("tempdir");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mkdir mnt");
+        let m = Mount {
+            mnt,
+            images: images.to_path_buf(),
+            pool: images
+                .file_name()
+                .expect("pool name")
+                .to_string_lossy()
+                .into_owned(),
+            dir,
+        };
+        m.mount(extra);
+        m
+    }
+
+    pub fn mount(&self, extra: &[&str]) {
+        let state = self.dir.path().join("state");
+        let out = Command::new(BIN)
+            .args(["mount", "--list-ttl-ms", "200", "--images"])
+            .arg(&self.images)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(extra)
+            .arg(&self.mnt)
+            .output()
+            .expect("run snapfs mount");
+        assert!(
+            out.status.success(),
+            "snapfs mount failed: {}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("state/snapfs.log")).unwrap_or_default()
+    }
+
+    pub fn vol(&self, name: &str) -> PathBuf {
+        self.mnt.join("volumes").join(&self.pool).join(name)
+    }
+
+    pub fn snap(&self, vol: &str, snap: &str) -> PathBuf {
+        self.vol(vol).join(".snapshots").join(snap)
+    }
+
+    /// The daemon's pid, found through the mount's log-free way: the process holding our args.
+    pub fn daemon_pid(&self) -> Option<i32> {
+        let needle = self.mnt.to_string_lossy().into_owned();
+        for e in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmd
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            if args.first().is_some_and(|a| a.ends_with("snapfs"))
+                && args.iter().any(|a| a == "--foreground")
+                && args.contains(&needle)
+            {
+                return Some(pid);
+            }
+        }
+        None
+    }
+
+    pub fn is_mounted(&self) -> bool {
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let want = self.mnt.to_string_lossy().into_owned();
+        mi.lines()
+            .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+    }
+
+    pub fn unmount(&self) {
+        let _ = Command::new(BIN)
+            .args(["unmount", "--lazy"])
+            .arg(&self.mnt)
+            .output();
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let pid = self.daemon_pid();
+        self.unmount();
+        if let Some(pid) = pid {
+            wait_gone(pid, Duration::from_secs(5));
+        }
+    }
+}
+
+pub fn pid_alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+pub fn wait_gone(pid: i32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if !pid_alive(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// The errno of an io::Result, for asserting refusals.
+pub fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
+    match r {
+        Ok(v) => panic!("expected an error, got Ok({v:?})"),
+        Err(e) => e
+            .raw_os_error()
+            .unwrap_or_else(|| panic!("no errno in {e}")),
+    }
+}
+
+/// Names in a directory, sorted.
+pub fn ls(p: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(p)
+        .unwrap_or_else(|e| panic!("ls {}: {e}", p.display()))
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Data ranges of a file by SEEK_DATA/SEEK_HOLE, as [start, end) pairs.
+pub fn seek_data_ranges(path: &Path) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).expect("open for seek");
+    let size = f.metadata().expect("stat").len();
+    let fd = f.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos: i64 = 0;
+    loop {
+        // SAFETY: fd is open for the duration of this loop.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            assert_eq!(e.raw_os_error(), Some(libc::ENXIO), "SEEK_DATA: {e}");
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        assert!(hole > data, "SEEK_HOLE {hole} after data at {data}");
+        out.push((data as u64, hole as u64));
+        if hole as u64 >= size {
+            break;
+        }
+        pos = hole;
+    }
+    out
+}
+
+/// Data ranges of an image according to `qemu-img map --output=json`, merged.
+pub fn qemu_data_ranges(img: &Path) -> Vec<(u64, u64)> {
+    let out = run(Command::new("qemu-img")
+        .args(["map", "--output=json"])
+        .arg(img));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("qemu-img map json");
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for e in v.as_array().expect("array") {
+        if e["data"].as_bool() != Some(true) {
+            continue;
+        }
+        let start = e["start"].as_u64().expect("start");
+        let end = start + e["length"].as_u64().expect("length");
+        match ranges.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => ranges.push((start, end)),
+        }
+    }
+    ranges
+}
+
+/// Byte-compare two files; the first differing offset on mismatch.
+pub fn first_difference(a: &Path, b: &Path) -> Option<u64> {
+    use std::io::Read;
+    let mut fa = std::fs::File::open(a).expect("open a");
+    let mut fb = std::fs::File::open(b).expect("open b");
+    let mut ba = vec![0u8; 1 << 20];
+    let mut bb = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    loop {
+        let na = read_full(&mut fa, &mut ba);
+        let nb = read_full(&mut fb, &mut bb);
+        if na != nb || ba[..na] != bb[..nb] {
+            let i = ba[..na.min(nb)]
+                .iter()
+                .zip(&bb[..na.min(nb)])
+                .position(|(x, y)| x != y)
+                .unwrap_or(na.min(nb));
+            return Some(off + i as u64);
+        }
+        if na == 0 {
+            return None;
+        }
+        off += na as u64;
+    }
+
+    fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> usize {
+        let mut n = 0;
+        while n < buf.len() {
+            match f.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+        n
+    }
+}

@@ -1,0 +1,444 @@
+//! The `images` provider through a real FUSE mount: the operations table of SPEC.md,
+//! driven with std::fs and shell tools, checked against qemu-img.
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+/// A pool with a qcow2 (data at 0 and 4 MiB, one snapshot "s1"), a raw image and a non-image.
+fn pool() -> (tempfile::TempDir, std::path::PathBuf) {
+    let t = tempfile::tempdir().expect("tempdir");
+    let dir = t.path().join("pool");
+    fs::create_dir(&dir).expect("mkdir");
+    let q = dir.join("web.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", q.to_str().unwrap(), "16M"]);
+    qemu_io(&q, "write -P 0xab 0 1M");
+    qemu_io(&q, "write -P 0xcd 4M 64k");
+    qemu_img(&["snapshot", "-c", "s1", q.to_str().unwrap()]);
+    qemu_io(&q, "write -P 0xee 0 64k");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        dir.join("db.qcow2").to_str().unwrap(),
+        "8M",
+    ]);
+    fs::write(dir.join("notes.txt"), "not an image").unwrap();
+    let raw = fs::File::create(dir.join("plain.raw")).unwrap();
+    raw.set_len(4 << 20).unwrap();
+    (t, dir)
+}
+
+fn snapshot_names(img: &Path) -> Vec<String> {
+    let out = qemu_img(&["info", "-U", "--output=json", img.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["snapshots"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| s["name"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn tree_lists_volumes_and_snapshots() {
+    let (_t, dir) = pool();
+    let m = Mount::new(&dir);
+    assert_eq!(ls(&m.mnt), ["instances", "launch", "volumes"]);
+    assert_eq!(ls(&m.mnt.join("volumes")), ["pool"]);
+    assert_eq!(ls(&m.vol("")), ["db.qcow2", "plain.raw", "web.qcow2"]);
+    assert_eq!(ls(&m.vol("web.qcow2")), [".snapshots", "volume.json"]);
+    assert_eq!(ls(&m.vol("web.qcow2").join(".snapshots")), ["s1"]);
+    assert_eq!(
+        ls(&m.snap("web.qcow2", "s1")),
+        ["disk.raw", "snapshot.json"]
+    );
+
+    let v: serde_json::Value =
+        serde_json::from_slice(&fs::read(m.vol("web.qcow2").join("volume.json")).unwrap()).unwrap();
+    assert_eq!(v["format"], "qcow2");
+    assert_eq!(v["virtual_size"], 16 << 20);
+    assert_eq!(v["snapshots"], 1);
+
+    let s: serde_json::Value =
+        serde_json::from_slice(&fs::read(m.snap("web.qcow2", "s1").join("snapshot.json")).unwrap())
+            .unwrap();
+    assert_eq!(s["name"], "s1");
+    assert!(s["created"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(s["memory"], false);
+
+    let disk = m.snap("web.qcow2", "s1").join("disk.raw");
+    let md = fs::metadata(&disk).unwrap();
+    assert_eq!(md.len(), 16 << 20);
+    assert_eq!(md.permissions().mode() & 0o777, 0o444);
+    // 1 MiB + 64 KiB allocated: st_blocks follows allocation, not size.
+    assert_eq!(md.blocks() * 512, (1 << 20) + (64 << 10));
+    let snap_time = fs::metadata(m.snap("web.qcow2", "s1")).unwrap().mtime();
+    assert_eq!(md.mtime(), snap_time, "file mtime is the snapshot time");
+
+    // New and removed files show up without remounting.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        dir.join("new.qcow2").to_str().unwrap(),
+        "1M",
+    ]);
+    fs::remove_file(dir.join("db.qcow2")).unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(ls(&m.vol("")), ["new.qcow2", "plain.raw", "web.qcow2"]);
+}
+
+#[test]
+fn reads_snapshot_bytes_not_the_live_disk() {
+    let (_t, dir) = pool();
+    let m = Mount::new(&dir);
+    let disk = m.snap("web.qcow2", "s1").join("disk.raw");
+    let mut f = fs::File::open(&disk).unwrap();
+    let mut buf = vec![0u8; 128 << 10];
+    f.read_exact(&mut buf).unwrap();
+    assert!(
+        buf.iter().all(|&b| b == 0xab),
+        "snapshot, not the later 0xee write"
+    );
+    f.seek(SeekFrom::Start(4 << 20)).unwrap();
+    f.read_exact(&mut buf[..64 << 10]).unwrap();
+    assert!(buf[..64 << 10].iter().all(|&b| b == 0xcd));
+    assert_eq!(
+        seek_data_ranges(&disk),
+        [(0, 1 << 20), (4 << 20, (4 << 20) + (64 << 10))]
+    );
+    // SEEK_DATA at or past the end: ENXIO.
+    use std::os::fd::AsRawFd;
+    // SAFETY: f is open.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), 16 << 20, libc::SEEK_DATA) };
+    assert_eq!(r, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENXIO)
+    );
+    // SAFETY: f is open.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), (8 << 20) + 5, libc::SEEK_DATA) };
+    assert_eq!(r, -1, "no data after the last extent");
+
+    let tmp = m.dir.path().join("copy.raw");
+    let conv = m.dir.path().join("conv.raw");
+    run(Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&disk)
+        .arg(&tmp));
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        "-l",
+        "snapshot.name=s1",
+        dir.join("web.qcow2").to_str().unwrap(),
+        conv.to_str().unwrap(),
+    ]);
+    assert_eq!(first_difference(&tmp, &conv), None);
+}
+
+#[test]
+fn mkdir_and_rmdir_snapshots() {
+    let (_t, dir) = pool();
+    let img = dir.join("web.qcow2");
+    let m = Mount::new(&dir);
+    let snaps = m.vol("web.qcow2").join(".snapshots");
+
+    fs::create_dir(snaps.join("before upgrade")).unwrap();
+    assert_eq!(ls(&snaps), ["before upgrade", "s1"], "visible at once");
+    assert!(
+        snapshot_names(&img).iter().any(|n| n == "before upgrade"),
+        "qemu-img sees it"
+    );
+    let disk = snaps.join("before upgrade/disk.raw");
+    let mut b = [0u8; 4];
+    fs::File::open(&disk).unwrap().read_exact(&mut b).unwrap();
+    assert_eq!(b, [0xee; 4], "the new snapshot holds the live state");
+
+    assert_eq!(errno(fs::create_dir(snaps.join("s1"))), libc::EEXIST);
+    assert_eq!(errno(fs::create_dir(snaps.join(".hidden"))), libc::EINVAL);
+    assert_eq!(
+        errno(fs::create_dir(snaps.join("x".repeat(256)))),
+        libc::ENAMETOOLONG
+    );
+    assert_eq!(
+        errno(fs::create_dir(m.vol("plain.raw").join(".snapshots/s"))),
+        libc::ENOTSUP,
+        "raw images have no snapshots"
+    );
+
+    fs::remove_dir(snaps.join("before upgrade")).unwrap();
+    assert_eq!(ls(&snaps), ["s1"], "gone at once");
+    assert_eq!(snapshot_names(&img), ["s1"]);
+    assert_eq!(
+        errno(fs::remove_dir(snaps.join("before upgrade"))),
+        libc::ENOENT
+    );
+
+    // A snapshot re-created under an old name shows the new state, not a cached old one.
+    fs::create_dir(snaps.join("again")).unwrap();
+    qemu_io(&img, "write -P 0x11 0 64k");
+    fs::remove_dir(snaps.join("again")).unwrap();
+    fs::create_dir(snaps.join("again")).unwrap();
+    fs::File::open(snaps.join("again/disk.raw"))
+        .unwrap()
+        .read_exact(&mut b)
+        .unwrap();
+    assert_eq!(b, [0x11; 4]);
+}
+
+#[test]
+fn snapshot_of_a_locked_image_is_ebusy() {
+    let (_t, dir) = pool();
+    let img = dir.join("db.qcow2");
+    let m = Mount::new(&dir);
+    // A QEMU process holding the image read-write, as a running VM would.
+    let pidfile = m.dir.path().join("qsd.pid");
+    let sock = m.dir.path().join("qsd.sock");
+    run(Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=f,filename={}",
+            img.display()
+        ))
+        .arg("--blockdev")
+        .arg("driver=qcow2,node-name=q,file=f")
+        .arg("--chardev")
+        .arg(format!(
+            "socket,id=c,path={},server=on,wait=off",
+            sock.display()
+        ))
+        .arg("--monitor")
+        .arg("chardev=c")
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .arg("--daemonize"));
+    let pid: i32 = fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let r = fs::create_dir(m.vol("db.qcow2").join(".snapshots/while-running"));
+    // SAFETY: plain kill of the daemon we started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_gone(pid, Duration::from_secs(5));
+    assert_eq!(errno(r), libc::EBUSY);
+    assert!(snapshot_names(&img).is_empty());
+    fs::create_dir(m.vol("db.qcow2").join(".snapshots/after")).unwrap();
+}
+
+#[test]
+fn refusals_follow_the_spec() {
+    let (_t, dir) = pool();
+    let m = Mount::new(&dir);
+    let snapdir = m.snap("web.qcow2", "s1");
+    let disk = snapdir.join("disk.raw");
+
+    // Inside a snapshot: EROFS for every kind of write.
+    assert_eq!(
+        errno(fs::OpenOptions::new().write(true).open(&disk)),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno(fs::OpenOptions::new().append(true).open(&disk)),
+        libc::EROFS
+    );
+    assert_eq!(errno(fs::File::create(snapdir.join("new"))), libc::EROFS);
+    assert_eq!(errno(fs::remove_file(&disk)), libc::EROFS);
+    assert_eq!(errno(fs::create_dir(snapdir.join("d"))), libc::EROFS);
+    assert_eq!(
+        errno(fs::set_permissions(
+            &disk,
+            fs::Permissions::from_mode(0o666)
+        )),
+        libc::EROFS
+    );
+    let out = Command::new("truncate")
+        .args(["-s", "0"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Read-only file system"));
+    assert_eq!(errno(fs::rename(&disk, snapdir.join("x.raw"))), libc::EROFS);
+    assert_eq!(
+        errno(std::os::unix::fs::symlink("x", snapdir.join("l"))),
+        libc::EROFS
+    );
+
+    // Elsewhere: EPERM.
+    assert_eq!(errno(fs::create_dir(m.mnt.join("x"))), libc::EPERM);
+    assert_eq!(errno(fs::create_dir(m.vol("x"))), libc::EPERM);
+    assert_eq!(
+        errno(fs::File::create(m.mnt.join("volumes/f"))),
+        libc::EPERM
+    );
+    assert_eq!(errno(fs::remove_dir(m.vol("web.qcow2"))), libc::EPERM);
+    assert_eq!(
+        errno(
+            fs::OpenOptions::new()
+                .write(true)
+                .open(m.vol("web.qcow2").join("volume.json"))
+        ),
+        libc::EPERM
+    );
+    assert_eq!(
+        errno(fs::remove_file(m.vol("web.qcow2").join("volume.json"))),
+        libc::EPERM
+    );
+
+    // Renames: not supported by qcow2 internal snapshots; never across volumes.
+    let snaps = m.vol("web.qcow2").join(".snapshots");
+    assert_eq!(
+        errno(fs::rename(snaps.join("s1"), snaps.join("s2"))),
+        libc::ENOTSUP
+    );
+    assert_eq!(
+        errno(fs::rename(
+            snaps.join("s1"),
+            m.vol("db.qcow2").join(".snapshots/s1")
+        )),
+        libc::EXDEV
+    );
+    assert_eq!(
+        errno(fs::rename(snaps.join("nope"), snaps.join("s2"))),
+        libc::ENOENT
+    );
+
+    // launch/: a volume snapshot is not an instance snapshot.
+    let launch = m.mnt.join("launch");
+    assert_eq!(
+        errno(std::os::unix::fs::symlink(&snapdir, launch.join("copy"))),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno(std::os::unix::fs::symlink(
+            "../instances/none/.snapshots/s",
+            launch.join("copy")
+        )),
+        libc::EINVAL
+    );
+    assert_eq!(errno(fs::remove_file(launch.join("copy"))), libc::ENOENT);
+
+    // Not found.
+    assert_eq!(errno(fs::metadata(m.vol("nope.qcow2"))), libc::ENOENT);
+    assert_eq!(errno(fs::metadata(snaps.join("nope"))), libc::ENOENT);
+    assert_eq!(errno(fs::metadata(snapdir.join("vda.raw"))), libc::ENOENT);
+
+    // xattrs: none, and none settable.
+    let out = Command::new("getfattr").arg("-d").arg(&disk).output();
+    if let Ok(out) = out {
+        assert!(out.status.success());
+    }
+}
+
+#[test]
+fn corrupt_image_gives_eio_not_a_crash() {
+    let (_t, dir) = pool();
+    let img = dir.join("web.qcow2");
+    // Point the snapshot's first L2 entry far past the end of the file.
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let be64 = |f: &mut fs::File, off: u64| {
+        let mut b = [0u8; 8];
+        f.seek(SeekFrom::Start(off)).unwrap();
+        f.read_exact(&mut b).unwrap();
+        u64::from_be_bytes(b)
+    };
+    let snap_table = be64(&mut f, 64);
+    let l1 = be64(&mut f, snap_table);
+    let l2 = be64(&mut f, l1) & 0x00ff_ffff_ffff_fe00;
+    f.seek(SeekFrom::Start(l2)).unwrap();
+    f.write_all(&(0x8000_7fff_ffff_0000u64).to_be_bytes())
+        .unwrap();
+    drop(f);
+
+    let m = Mount::new(&dir);
+    let disk = m.snap("web.qcow2", "s1").join("disk.raw");
+    let mut f = fs::File::open(&disk).unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(errno(f.read_exact(&mut buf)), libc::EIO);
+    // The rest of the disk, and the daemon, still work.
+    f.seek(SeekFrom::Start(4 << 20)).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0xcd));
+    assert_eq!(ls(&m.vol("")).len(), 3);
+    assert!(m.log().contains("corrupt"), "the cause is logged");
+}
+
+#[test]
+fn killed_daemon_leaves_a_mount_the_next_start_clears() {
+    let (_t, dir) = pool();
+    let m = Mount::new(&dir);
+    let pid = m.daemon_pid().expect("daemon pid");
+    // SAFETY: plain kill of our own daemon.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(wait_gone(pid, Duration::from_secs(5)));
+    assert_eq!(errno(fs::metadata(&m.mnt)), libc::ENOTCONN);
+    m.mount(&[]);
+    assert_eq!(ls(&m.mnt.join("volumes")), ["pool"]);
+}
+
+#[test]
+fn sigterm_unmounts_and_exits() {
+    let (_t, dir) = pool();
+    let m = Mount::new(&dir);
+    let pid = m.daemon_pid().expect("daemon pid");
+    // A reader keeps a file open: the lazy unmount on SIGTERM must not wait for it.
+    let _open = fs::File::open(m.snap("web.qcow2", "s1").join("disk.raw")).unwrap();
+    // SAFETY: plain kill of our own daemon.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert!(
+        wait_gone(pid, Duration::from_secs(10)),
+        "daemon still running"
+    );
+    assert!(!m.is_mounted());
+}
+
+#[test]
+fn mounting_twice_is_refused_and_unmount_works() {
+    let (_t, dir) = pool();
+    let m = Mount::new(&dir);
+    let out = Command::new(BIN)
+        .args(["mount", "--images"])
+        .arg(&dir)
+        .arg("--state-dir")
+        .arg(m.dir.path().join("state2"))
+        .arg(&m.mnt)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already"));
+    let pid = m.daemon_pid().expect("daemon pid");
+    run(Command::new(BIN).arg("unmount").arg(&m.mnt));
+    assert!(wait_gone(pid, Duration::from_secs(5)));
+    assert!(!m.is_mounted());
+}
+
+#[test]
+fn bad_arguments_fail_clearly() {
+    let out = Command::new(BIN)
+        .args(["mount", "--images", "/nonexistent/dir", "/tmp"])
+        .arg("--state-dir")
+        .arg(std::env::temp_dir().join("snapfs-bad-args"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/dir"), "{err}");
+}
