@@ -398,3 +398,6 @@ impl SnapFs {
         self.getattr(ino).map(|_| ())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -4,6 +4,8 @@
 //! namespace's job, not the provider's.
 
 pub mod images;
+#[cfg(test)]
+pub mod memory;
 
 use std::sync::Arc;
 use std::time::SystemTime;

@@ -1,0 +1,218 @@
+//! The core driven without FUSE, over the in-memory provider.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::provider::memory::MemoryProvider;
+use crate::provider::Owner;
+
+fn core(p: Arc<MemoryProvider>) -> SnapFs {
+    let ns = Namespace::new(vec![p], "/mnt/snap".into(), Duration::from_secs(60));
+    SnapFs::new(ns, FsOptions { uid: 0, gid: 0 })
+}
+
+fn walk(fs: &SnapFs, path: &str) -> Result<Attr> {
+    let mut ino = ROOT;
+    let mut last = fs.getattr(ROOT)?;
+    for c in path.split('/').filter(|c| !c.is_empty()) {
+        last = fs.lookup(ino, c)?;
+        ino = last.ino;
+    }
+    Ok(last)
+}
+
+fn names(fs: &SnapFs, path: &str) -> Vec<String> {
+    let a = walk(fs, path).expect("walk");
+    let fh = fs.opendir(a.ino).expect("opendir");
+    let v = fs
+        .readdir(fh)
+        .expect("readdir")
+        .iter()
+        .map(|e| e.name.clone())
+        .filter(|n| n != "." && n != "..")
+        .collect();
+    fs.release(fh);
+    v
+}
+
+fn read_all(fs: &SnapFs, path: &str) -> Vec<u8> {
+    let a = walk(fs, path).expect("walk");
+    let o = fs.open(a.ino, false).expect("open");
+    let mut out = Vec::new();
+    fs.read(o.fh, 0, 1 << 20, |d| out.extend_from_slice(d))
+        .expect("read");
+    fs.release(o.fh);
+    out
+}
+
+fn provider() -> Arc<MemoryProvider> {
+    let p = Arc::new(MemoryProvider::default());
+    let mut disk = vec![0u8; 64 << 10];
+    disk[8192..12288].fill(7);
+    p.add_instance("web", &[("vda", disk.clone()), ("vdb", vec![1u8; 4096])]);
+    p.add_volume("pool", "vol/with/slashes", disk);
+    p
+}
+
+#[test]
+fn snapshot_lifecycle_through_the_core() {
+    let p = provider();
+    let fs = core(p.clone());
+    let snaps = walk(&fs, "instances/web/.snapshots").unwrap().ino;
+    fs.mkdir(snaps, "s1").unwrap();
+    assert_eq!(
+        names(&fs, "instances/web/.snapshots/s1"),
+        ["snapshot.json", "vda.raw", "vdb.raw"]
+    );
+    p.write_live(&Owner::Instance("web".into()), "vda", 8192, &[9; 16]);
+    let bytes = read_all(&fs, "instances/web/.snapshots/s1/vda.raw");
+    assert_eq!(bytes[8192], 7, "the snapshot does not see later writes");
+
+    let a = walk(&fs, "instances/web/.snapshots/s1/vda.raw").unwrap();
+    assert_eq!(a.stat.size, 64 << 10);
+    assert_eq!(a.stat.allocated, 4096);
+    let o = fs.open(a.ino, false).unwrap();
+    assert_eq!(fs.lseek(o.fh, 0, Whence::Data).unwrap(), 8192);
+    assert_eq!(fs.lseek(o.fh, 8192, Whence::Hole).unwrap(), 12288);
+    assert_eq!(
+        fs.lseek(o.fh, 12288, Whence::Data).unwrap_err().errno(),
+        libc::ENXIO
+    );
+    assert_eq!(
+        fs.lseek(o.fh, 64 << 10, Whence::Hole).unwrap_err().errno(),
+        libc::ENXIO
+    );
+    assert_eq!(fs.open(a.ino, true).unwrap_err().errno(), libc::EROFS);
+
+    assert_eq!(fs.mkdir(snaps, "s1").unwrap_err().errno(), libc::EEXIST);
+    fs.rename(snaps, "s1", snaps, "s2").unwrap();
+    assert_eq!(names(&fs, "instances/web/.snapshots"), ["s2"]);
+    fs.rmdir(snaps, "s2").unwrap();
+    assert!(names(&fs, "instances/web/.snapshots").is_empty());
+    assert_eq!(fs.rmdir(snaps, "s2").unwrap_err().errno(), libc::ENOENT);
+}
+
+#[test]
+fn backend_names_are_escaped_reversibly() {
+    let p = provider();
+    let fs = core(p);
+    assert_eq!(names(&fs, "volumes/pool"), ["vol%2Fwith%2Fslashes"]);
+    let snaps = walk(&fs, "volumes/pool/vol%2Fwith%2Fslashes/.snapshots")
+        .unwrap()
+        .ino;
+    fs.mkdir(snaps, "a%2Fb").unwrap();
+    assert_eq!(
+        names(&fs, "volumes/pool/vol%2Fwith%2Fslashes/.snapshots"),
+        ["a%2Fb"]
+    );
+    let json = read_all(
+        &fs,
+        "volumes/pool/vol%2Fwith%2Fslashes/.snapshots/a%2Fb/snapshot.json",
+    );
+    assert!(String::from_utf8_lossy(&json).contains("\"a/b\""));
+}
+
+#[test]
+fn concurrent_snapshots_of_one_owner_are_ebusy() {
+    let p = Arc::new(MemoryProvider::with_delay(Duration::from_millis(300)));
+    p.add_instance("web", &[("vda", vec![0u8; 4096])]);
+    p.add_instance("db", &[("vda", vec![0u8; 4096])]);
+    let fs = Arc::new(core(p));
+    let web = walk(&fs, "instances/web/.snapshots").unwrap().ino;
+    let db = walk(&fs, "instances/db/.snapshots").unwrap().ino;
+    let f2 = fs.clone();
+    let t = std::thread::spawn(move || f2.mkdir(web, "a").map(|_| ()));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(fs.mkdir(web, "b").unwrap_err().errno(), libc::EBUSY);
+    let started = std::time::Instant::now();
+    fs.mkdir(db, "c").expect("another instance is not blocked");
+    assert!(started.elapsed() < Duration::from_millis(1000));
+    t.join().unwrap().unwrap();
+    fs.mkdir(web, "b").expect("free again afterwards");
+}
+
+#[test]
+fn launch_by_symlink() {
+    let p = provider();
+    let fs = core(p);
+    let snaps = walk(&fs, "instances/web/.snapshots").unwrap().ino;
+    fs.mkdir(snaps, "s1").unwrap();
+    let launch = walk(&fs, "launch").unwrap().ino;
+
+    let bad = |t: &str| fs.symlink(launch, "copy", t).unwrap_err().errno();
+    assert_eq!(bad("../instances/web/.snapshots/nope"), libc::EINVAL);
+    assert_eq!(bad("../volumes/pool/x/.snapshots/s1"), libc::EINVAL);
+    assert_eq!(bad("/elsewhere/instances/web/.snapshots/s1"), libc::EINVAL);
+    assert_eq!(bad("../instances/web"), libc::EINVAL);
+
+    let a = fs
+        .symlink(launch, "copy", "/mnt/snap/instances/web/.snapshots/s1")
+        .unwrap();
+    assert_eq!(
+        fs.readlink(a.ino).unwrap(),
+        "../instances/web/.snapshots/s1"
+    );
+    assert_eq!(names(&fs, "launch"), ["copy"]);
+    assert!(names(&fs, "instances").contains(&"copy".to_string()));
+    assert_eq!(
+        fs.symlink(launch, "copy", "../instances/web/.snapshots/s1")
+            .unwrap_err()
+            .errno(),
+        libc::EEXIST
+    );
+    assert_eq!(
+        fs.symlink(launch, "web", "../instances/web/.snapshots/s1")
+            .unwrap_err()
+            .errno(),
+        libc::EEXIST
+    );
+    assert_eq!(fs.rmdir(snaps, "s1").unwrap_err().errno(), libc::EBUSY);
+    fs.unlink(launch, "copy").unwrap();
+    assert_eq!(fs.unlink(launch, "copy").unwrap_err().errno(), libc::ENOENT);
+    assert!(
+        names(&fs, "instances").contains(&"copy".to_string()),
+        "the instance stays"
+    );
+}
+
+#[test]
+fn refusals() {
+    let p = provider();
+    let fs = core(p);
+    let snaps = walk(&fs, "instances/web/.snapshots").unwrap().ino;
+    fs.mkdir(snaps, "s1").unwrap();
+    let s1 = walk(&fs, "instances/web/.snapshots/s1").unwrap().ino;
+    assert_eq!(fs.mkdir(s1, "x").unwrap_err().errno(), libc::EROFS);
+    assert_eq!(fs.refuse(s1, Some("new"), "create").errno(), libc::EROFS);
+    assert_eq!(fs.refuse(ROOT, Some("new"), "create").errno(), libc::EPERM);
+    assert_eq!(fs.mkdir(ROOT, "x").unwrap_err().errno(), libc::EPERM);
+    assert_eq!(fs.mkdir(snaps, ".x").unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(
+        fs.mkdir(snaps, &"n".repeat(256)).unwrap_err().errno(),
+        libc::ENAMETOOLONG
+    );
+    let web = walk(&fs, "instances/web").unwrap().ino;
+    assert_eq!(
+        fs.rmdir(web, ".snapshots").unwrap_err().errno(),
+        libc::EPERM
+    );
+    assert_eq!(fs.lookup(ROOT, "nope").unwrap_err().errno(), libc::ENOENT);
+    let vsnaps = walk(&fs, "volumes/pool/vol%2Fwith%2Fslashes/.snapshots")
+        .unwrap()
+        .ino;
+    assert_eq!(
+        fs.rename(snaps, "s1", vsnaps, "s1").unwrap_err().errno(),
+        libc::EXDEV
+    );
+}
+
+#[test]
+fn forgotten_inodes_are_dropped() {
+    let p = provider();
+    let fs = core(p);
+    let a = walk(&fs, "instances/web/instance.json").unwrap();
+    let before = lock(&fs.inodes).count();
+    fs.forget(a.ino, 1);
+    assert_eq!(lock(&fs.inodes).count(), before - 1);
+}
