@@ -60,16 +60,13 @@ impl BlockImage for MemImage {
     }
 }
 
+/// A disk's target and bytes.
+type Disks = Vec<(String, Vec<u8>)>;
+
 #[derive(Default)]
 struct State {
-    /// owner → (disks with their live bytes, snapshots: name → disks' bytes)
-    objects: BTreeMap<
-        String,
-        (
-            Vec<(String, Vec<u8>)>,
-            BTreeMap<String, Vec<(String, Vec<u8>)>>,
-        ),
-    >,
+    /// owner → (live disks, snapshots: name → disks at that time)
+    objects: BTreeMap<String, (Disks, BTreeMap<String, Disks>)>,
     launches: Vec<LaunchInfo>,
     next_id: u64,
 }
