@@ -1,7 +1,7 @@
 //! A read-only host file read with pread (no shared cursor, no lock), shared by all readers.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
@@ -15,17 +15,34 @@ pub struct HostFile {
 
 impl HostFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
+        // O_NONBLOCK so a header naming a FIFO cannot hang the open; it is refused below.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .ctx(|| format!("opening {}", path.display()))?;
         let meta = file
             .metadata()
             .ctx(|| format!("stat of {}", path.display()))?;
-        if meta.is_dir() {
+        let ft = meta.file_type();
+        if ft.is_dir() {
             return Err(Error::IsDir(path.display().to_string()));
         }
+        if !ft.is_file() && !ft.is_block_device() {
+            return Err(Error::NotSupported(format!(
+                "{} is neither a regular file nor a block device",
+                path.display()
+            )));
+        }
+        let len = if ft.is_block_device() {
+            block_device_len(&file).ctx(|| format!("size of {}", path.display()))?
+        } else {
+            meta.len()
+        };
         Ok(HostFile {
             file,
             path: path.to_path_buf(),
-            len: meta.len(),
+            len,
         })
     }
 
@@ -97,4 +114,11 @@ impl HostFile {
         self.read_or_zero(&mut v, offset)?;
         Ok(v)
     }
+}
+
+/// A block device's size: its end, as lseek reports it (metadata says 0).
+fn block_device_len(file: &File) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = file;
+    f.seek(SeekFrom::End(0))
 }

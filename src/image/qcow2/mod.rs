@@ -23,6 +23,8 @@ use l2::{Cursor, Mapping, Tables};
 pub const MAX_CHAIN_DEPTH: usize = 64;
 /// Most extents one `map` call returns; callers loop.
 const MAX_EXTENTS: usize = 4096;
+/// Most L2 lookups one `map` call makes, so a crafted image cannot make one call take minutes.
+const MAX_LOOKUPS: usize = 1 << 18;
 
 /// One internal snapshot as the qcow2 snapshot table stores it.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -366,7 +368,9 @@ impl BlockImage for Qcow2Image {
         let mut out = Vec::new();
         let mut cur = Cursor::default();
         let mut pos = offset;
-        while pos < end && out.len() < MAX_EXTENTS {
+        let mut lookups = 0;
+        while pos < end && out.len() < MAX_EXTENTS && lookups < MAX_LOOKUPS {
+            lookups += 1;
             let (m, n) = self
                 .tables
                 .lookup(&self.meta, &self.cache, &mut cur, pos, end - pos)?;
