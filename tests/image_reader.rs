@@ -884,3 +884,113 @@ fn mutated_images_never_panic() {
     }
     assert!(errors > 0, "no mutation was ever detected");
 }
+
+#[test]
+fn qcow2_preallocation_bitmaps_and_mixed_chains() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    for (name, opts) in [
+        ("pm.qcow2", "preallocation=metadata,cluster_size=4096"),
+        ("pf.qcow2", "preallocation=falloc"),
+        ("x2m.qcow2", "extended_l2=on,cluster_size=2M"),
+    ] {
+        create(d, name, opts, "4M");
+        qemu_io(
+            d,
+            "qcow2",
+            name,
+            &["write -P 1 100k 10k", "write -z 1M 70k", "write -P 2 3M 1k"],
+        );
+        check(d, name, None);
+    }
+    // A persistent dirty bitmap adds a header extension we do not use.
+    qemu_img(d, &["bitmap", "--add", "pm.qcow2", "b0"]);
+    check(d, "pm.qcow2", None);
+    // Compressed qcow2 base, extended-L2 middle, v2 top: each layer different.
+    sparse_raw(&d.join("cb-src.raw"), 4 << 20, &[(0, 3 << 20)], 9);
+    qemu_img(
+        d,
+        &[
+            "convert",
+            "-q",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "compression_type=zstd",
+            "cb-src.raw",
+            "cbase.qcow2",
+        ],
+    );
+    qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=16k",
+            "-b",
+            "cbase.qcow2",
+            "-F",
+            "qcow2",
+            "cmid.qcow2",
+        ],
+    );
+    qemu_io(
+        d,
+        "qcow2",
+        "cmid.qcow2",
+        &["write -P 3 1k 1k", "write -z 20k 1k", "write -P 4 2M 100k"],
+    );
+    qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10,cluster_size=512",
+            "-b",
+            "cmid.qcow2",
+            "-F",
+            "qcow2",
+            "ctop.qcow2",
+        ],
+    );
+    qemu_io(
+        d,
+        "qcow2",
+        "ctop.qcow2",
+        &["write -P 5 10k 1k", "write -P 6 2100k 3k"],
+    );
+    check(d, "ctop.qcow2", None);
+    // Internal snapshot of an overlay: unallocated reads still go to the backing file.
+    qemu_img(d, &["snapshot", "-c", "snap", "ctop.qcow2"]);
+    qemu_io(d, "qcow2", "ctop.qcow2", &["write -P 7 0 1M"]);
+    check(d, "ctop.qcow2", Some("snap"));
+    check(d, "ctop.qcow2", None);
+}
+
+#[test]
+fn backing_chain_too_deep_is_an_error() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    create(d, "c0.qcow2", "cluster_size=4096", "64k");
+    for i in 1..=70 {
+        let (b, n) = (format!("c{}.qcow2", i - 1), format!("c{i}.qcow2"));
+        qemu_img(
+            d,
+            &["create", "-q", "-f", "qcow2", "-b", &b, "-F", "qcow2", &n],
+        );
+    }
+    let c = cache();
+    assert!(image::open(&d.join("c60.qcow2"), None, None, &c).is_ok());
+    match image::open(&d.join("c70.qcow2"), None, None, &c) {
+        Err(Error::Corrupt { what, .. }) => assert!(what.contains("deeper"), "{what}"),
+        Err(e) => panic!("wrong error {e}"),
+        Ok(_) => panic!("71-deep chain opened"),
+    }
+}
