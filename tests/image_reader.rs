@@ -994,3 +994,36 @@ fn backing_chain_too_deep_is_an_error() {
         Ok(_) => panic!("71-deep chain opened"),
     }
 }
+
+/// More extents than one `map` call returns: callers must be able to loop.
+#[test]
+fn map_of_many_extents_stops_early_and_continues() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let pieces: Vec<(u64, usize)> = (0..5000u64).map(|i| (i * 1024, 512)).collect();
+    sparse_raw(&d.join("stripes.raw"), 5000 * 1024, &pieces, 10);
+    qemu_img(
+        d,
+        &[
+            "convert",
+            "-q",
+            "-S",
+            "512",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "stripes.raw",
+            "stripes.qcow2",
+        ],
+    );
+    let img = check(d, "stripes.qcow2", None);
+    let first = img.map(0, img.size()).unwrap();
+    let all = our_map(img.as_ref());
+    assert!(all.len() > 5000, "only {} extents", all.len());
+    assert!(
+        first.len() < all.len(),
+        "one call returned all {} extents",
+        first.len()
+    );
+}

@@ -374,32 +374,29 @@ impl BlockImage for Qcow2Image {
             let (m, n) = self
                 .tables
                 .lookup(&self.meta, &self.cache, &mut cur, pos, end - pos)?;
-            let next = pos + n.clamp(1, end - pos);
+            let mut next = pos + n.clamp(1, end - pos);
             match m {
                 Mapping::Data(_) | Mapping::Compressed(_) => {
                     push_extent(&mut out, pos, next, ExtentKind::Data)
                 }
                 Mapping::Zero => push_extent(&mut out, pos, next, ExtentKind::Zero),
                 Mapping::Unallocated => match &self.backing {
-                    None => push_extent(&mut out, pos, next, ExtentKind::Zero),
-                    Some(b) => {
+                    Some(b) if pos < b.size() => {
+                        // One backing map call per piece; if it stops short, so do we.
                         let bend = next.min(b.size());
-                        let mut p = pos;
-                        while p < bend {
-                            let ext = b.map(p, bend - p)?;
-                            let Some(last) = ext.last() else { break };
-                            let stop = last.offset + last.length;
-                            for e in ext {
-                                push_extent(&mut out, e.offset, e.offset + e.length, e.kind);
-                            }
-                            if stop <= p {
-                                break;
-                            }
-                            p = stop;
+                        let ext = b.map(pos, bend - pos)?;
+                        let stop = ext.last().map_or(pos, |e| e.offset + e.length);
+                        for e in ext {
+                            push_extent(&mut out, e.offset, e.offset + e.length, e.kind);
                         }
-                        // Beyond the backing file's end (or a map that stopped short): zeros.
-                        push_extent(&mut out, p.max(pos), next, ExtentKind::Zero);
+                        if stop > pos && stop < bend {
+                            next = stop;
+                        } else {
+                            // Beyond the backing file's end: zeros.
+                            push_extent(&mut out, stop.clamp(pos, bend), next, ExtentKind::Zero);
+                        }
                     }
+                    _ => push_extent(&mut out, pos, next, ExtentKind::Zero),
                 },
             }
             pos = next;
