@@ -1027,3 +1027,49 @@ fn map_of_many_extents_stops_early_and_continues() {
         first.len()
     );
 }
+
+/// Several threads share one image and one small cache (forcing evictions) and still read right.
+#[test]
+fn concurrent_small_reads_share_the_cache() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    sparse_raw(&d.join("cc.raw"), 4 << 20, &[(0, 4 << 20)], 11);
+    qemu_img(
+        d,
+        &[
+            "convert",
+            "-q",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "compression_type=zstd",
+            "cc.raw",
+            "cc.qcow2",
+        ],
+    );
+    let want = Arc::new(std::fs::read(d.join("cc.raw")).unwrap());
+    let c = Arc::new(BlockCache::new(256 << 10));
+    let img = image::open(&d.join("cc.qcow2"), None, None, &c).unwrap();
+    let threads: Vec<_> = (0..4u64)
+        .map(|tid| {
+            let (img, want) = (img.clone(), want.clone());
+            std::thread::spawn(move || {
+                let mut x = 0x9E37_79B9u64 + tid;
+                let mut buf = vec![0u8; 4096];
+                for _ in 0..2000 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let off = (x % ((4 << 20) - 4096)) as usize;
+                    img.read_at(&mut buf, off as u64).unwrap();
+                    assert_eq!(&buf[..], &want[off..off + 4096], "thread {tid} at {off:#x}");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(c.used() <= 256 << 10);
+}
