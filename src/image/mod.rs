@@ -5,6 +5,7 @@
 //! [`cache::BlockCache`] shared by all images of the daemon.
 
 pub mod cache;
+mod hostfile;
 pub mod qcow2;
 pub mod raw;
 
