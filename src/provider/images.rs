@@ -307,13 +307,11 @@ impl Provider for ImagesProvider {
 
     fn delete_snapshot(&self, owner: &Owner, name: &str) -> Result<()> {
         let path = self.volume_path(owner)?;
-        let list = self.snapshot_list(&path)?;
-        let snap = list
-            .iter()
-            .find(|s| s.name == name)
-            .ok_or_else(|| Error::NotFound(format!("snapshot {name} of {owner}")))?;
-        // qemu-img -d tries its argument as an id before a name: give it the id, which is unique.
-        self.qemu_img_snapshot("-d", &snap.id, &path)
+        if !self.snapshot_list(&path)?.iter().any(|s| s.name == name) {
+            return Err(Error::NotFound(format!("snapshot {name} of {owner}")));
+        }
+        // qemu-img -d looks its argument up by name, first match: the one our tree shows.
+        self.qemu_img_snapshot("-d", name, &path)
     }
 
     fn open_disk(
