@@ -8,6 +8,7 @@
 #   --size SIZE    virtual size of the dense (uncompressed) qcow2, default 4G
 #   --csize SIZE   size of the zlib and zstd qcow2 images, default 1G (4 GiB of zlib takes ~2 min
 #                  to create on 2 cores)
+#   --direct SIZE  bytes read by the O_DIRECT rows (default 128M; 4 KiB direct reads are slow)
 #   --only LIST    comma-separated subset of dense,zlib,zstd
 #   --rebuild      recreate the images even if WORKDIR already has them
 #   --no-cold      skip the cold-cache row (it needs /proc/sys/vm/drop_caches, i.e. root)
@@ -16,7 +17,8 @@
 # For each image (each has an internal snapshot "bench" equal to its active layer):
 #   (a) snapfs: MNT/volumes/bench/IMG/.snapshots/bench/disk.raw
 #   (b) QEMU peer: qemu-storage-daemon --export type=fuse of the same image, as a raw file
-#   dd bs=1M and bs=4k, 1 reader and 2 parallel readers (each reads one half);
+#   dd bs=1M and bs=4k, 1 reader and 2 parallel readers (each reads one half); dd bs=1M and
+#   bs=4k with iflag=direct over the first --direct bytes (one FUSE request per dd block);
 #   (c) copy-out to tmpfs: qemu-img convert -O raw IMG /dev/shm/… vs cp from snapfs (and qsd);
 #   peak RSS (VmHWM) of the snapfs daemon and of qemu-storage-daemon per image.
 # "warm" rows: the image file is in the host page cache, and the FUSE file's own page cache is
@@ -29,6 +31,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 SNAPFS=$REPO/target/release/snapfs
 SIZE=4G
 CSIZE=1G
+DIRECT=128M
 ONLY=dense,zlib,zstd
 REBUILD=0
 COLD=1
@@ -38,10 +41,11 @@ while [[ $# -gt 0 ]]; do
     --snapfs) SNAPFS=$2; shift 2 ;;
     --size) SIZE=$2; shift 2 ;;
     --csize) CSIZE=$2; shift 2 ;;
+    --direct) DIRECT=$2; shift 2 ;;
     --only) ONLY=$2; shift 2 ;;
     --rebuild) REBUILD=1; shift ;;
     --no-cold) COLD=0; shift ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     -*) echo "bench-read: unknown option $1" >&2; exit 2 ;;
     *) WORK=$1; shift ;;
   esac
@@ -159,19 +163,21 @@ if (( COLD )) && { echo 3 > /proc/sys/vm/drop_caches; } 2>/dev/null; then DROP_O
 
 drop_file_cache() { dd if="$1" iflag=nocache count=0 status=none 2>/dev/null || true; }
 
-# run_dd FILE BS READERS -> MB/s on stdout (empty on failure)
+# run_dd FILE BS READERS [LIMIT [IFLAGS]] -> MB/s on stdout (empty on failure)
+#   reads the first LIMIT bytes (default: all), split in READERS parallel dd's
 run_dd() {
-  local f=$1 bs=$2 n=$3 size half t0 t1 pids=() p ok=1
+  local f=$1 bs=$2 n=$3 limit=${4:-} flags=${5:-} size half t0 t1 pids=() p ok=1
   size=$(stat -L -c %s "$f")
+  [[ -n $limit ]] && (( limit < size )) && size=$limit
   t0=$(now_ns)
   if (( n == 1 )); then
-    dd if="$f" of=/dev/null bs="$bs" status=none || ok=0
+    dd if="$f" of=/dev/null bs="$bs" iflag=count_bytes${flags:+,$flags} count="$size" status=none 2>/dev/null || ok=0
   else
     half=$((size / n))
     for ((p = 0; p < n; p++)); do
       local len=$half
       (( p == n - 1 )) && len=$((size - p * half))
-      dd if="$f" of=/dev/null bs="$bs" iflag=skip_bytes,count_bytes skip=$((p * half)) count="$len" status=none &
+      dd if="$f" of=/dev/null bs="$bs" iflag=skip_bytes,count_bytes${flags:+,$flags} skip=$((p * half)) count="$len" status=none 2>/dev/null &
       pids+=($!)
     done
     for p in "${pids[@]}"; do wait "$p" || ok=0; done
@@ -211,7 +217,7 @@ readahead_of() {   # read_ahead_kb of the FUSE connection behind a path
   dev=$(python3 -c 'import os,sys; s=os.stat(sys.argv[1]); print(f"{os.major(s.st_dev)}:{os.minor(s.st_dev)}")' "$1")
   cat "/sys/class/bdi/$dev/read_ahead_kb" 2>/dev/null || echo "?"
 }
-hwm_kb() { sed -n 's/^VmHWM:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$1/status" 2>/dev/null; }
+hwm_kb() { local v; v=$(sed -n 's/^VmHWM:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$1/status" 2>/dev/null || true); echo "${v:-0}"; }
 reset_hwm() { echo 5 > "/proc/$1/clear_refs" 2>/dev/null || true; }
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +284,14 @@ for name in "${IMAGES[@]}"; do
     if [[ -n $sf ]]; then drop_file_cache "$sf"; a=$(run_dd "$sf" "$bs" "$n"); fi
     drop_file_cache "$qf"; b=$(run_dd "$qf" "$bs" "$n")
     row "$name" "dd bs=$bs, $n reader(s), warm" "$a" "$b"
+  done
+  # O_DIRECT: every dd block becomes one FUSE read request (no page cache, no read-ahead):
+  # this is what exercises a reader's L2 / decompressed-cluster caches with 4 KiB requests.
+  for bs in 1M 4k; do
+    a=
+    [[ -n $sf ]] && a=$(run_dd "$sf" "$bs" 1 "$(bytes_of "$DIRECT")" direct)
+    b=$(run_dd "$qf" "$bs" 1 "$(bytes_of "$DIRECT")" direct)
+    row "$name" "dd bs=$bs O_DIRECT, first $DIRECT" "$a" "$b"
   done
   if (( DROP_OK )); then
     a=
