@@ -29,7 +29,7 @@ while [[ $# -gt 0 && $1 == -* ]]; do
   case $1 in
     --seek=bounded|--seek=strict|--seek=off) SEEK=${1#--seek=} ;;
     -q) QUIET=1 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     *) echo "check-image: unknown option $1" >&2; exit 2 ;;
   esac
   shift

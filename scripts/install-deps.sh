@@ -16,7 +16,7 @@ set -euo pipefail
 FORCE=0
 case "${1:-}" in
   --force) FORCE=1 ;;
-  -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
   "") ;;
   *) echo "install-deps.sh: unknown argument: $1" >&2; exit 2 ;;
 esac
@@ -35,6 +35,7 @@ declare -A CMD_PKG=(
   [xxd]=xxd
   [python3]=python3
   [cmp]=diffutils
+  [pgrep]=procps
   [cc]=build-essential
   [shellcheck]=shellcheck
 )
@@ -88,7 +89,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get -o DPkg::Lock::Timeout=600 update
 
 # Everything except qemu from the default suite, in one go.
-base_pkgs=(fuse3 pkg-config gdisk fdisk e2fsprogs xxd python3 diffutils build-essential
+base_pkgs=(fuse3 pkg-config gdisk fdisk e2fsprogs xxd python3 diffutils procps build-essential
            libzstd-dev shellcheck)
 apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends "${base_pkgs[@]}"
 

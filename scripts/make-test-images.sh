@@ -18,7 +18,7 @@
 set -euo pipefail
 
 if [[ $# -ne 1 || $1 == -h || $1 == --help ]]; then
-  sed -n '2,19p' "$0" >&2
+  sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0" >&2
   exit 2
 fi
 
