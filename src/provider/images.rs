@@ -92,9 +92,11 @@ impl ImagesProvider {
 
     fn qemu_img_snapshot(&self, op: &str, arg: &str, path: &Path) -> Result<()> {
         let started = std::time::Instant::now();
+        // qemu-img resolves a relative external data file name against its working directory.
         let out = Command::new("qemu-img")
             .args(["snapshot", op, arg])
             .arg(path)
+            .current_dir(path.parent().unwrap_or(Path::new("/")))
             .output()
             .ctx(|| "running qemu-img (is qemu-utils installed?)".to_string())?;
         debug!(op, arg, path = %path.display(), ms = started.elapsed().as_millis() as u64, "qemu-img snapshot");
