@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The main job on a fresh Debian 12 machine, as root: install, build, make demo images,
+# mount snapfs on them and take a short tour. The mount stays up afterwards.
+#
+# Usage: scripts/demo.sh [MOUNTPOINT]   (default /mnt/snapfs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MNT=${1:-/mnt/snapfs}
+DEMO=/var/lib/snapfs-demo
+IMAGES=$DEMO/images
+
+step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
+show() { step "$*"; eval "$@"; }
+
+echo "== installing dependencies"
+bash scripts/install-deps.sh
+echo "== building snapfs (release)"
+cargo build --release --quiet
+BIN=$PWD/target/release/snapfs
+
+echo "== demo images in $IMAGES"
+if [[ ! -f $IMAGES/web.qcow2 ]]; then
+  mkdir -p "$IMAGES"
+  qemu-img create -q -f qcow2 "$IMAGES/web.qcow2" 256M
+  qemu-io -f qcow2 -c 'write -P 0x61 0 16M' -c 'write -P 0x62 128M 4M' "$IMAGES/web.qcow2" >/dev/null
+  qemu-img snapshot -c nightly "$IMAGES/web.qcow2"
+  qemu-io -f qcow2 -c 'write -P 0x63 0 1M' "$IMAGES/web.qcow2" >/dev/null
+  qemu-img convert -c -O qcow2 -o compression_type=zstd "$IMAGES/web.qcow2" "$IMAGES/db.qcow2"
+  truncate -s 64M "$IMAGES/scratch.raw"
+fi
+
+if grep -qs " $MNT fuse" /proc/mounts; then "$BIN" unmount --lazy "$MNT" || true; fi
+mkdir -p "$MNT"
+show "$BIN mount --images $IMAGES $MNT"
+show "ls $MNT $MNT/volumes/images"
+show "cat $MNT/volumes/images/web.qcow2/volume.json"
+show "ls $MNT/volumes/images/web.qcow2/.snapshots/"
+show "mkdir $MNT/volumes/images/web.qcow2/.snapshots/before-upgrade"
+show "ls -ls $MNT/volumes/images/web.qcow2/.snapshots/before-upgrade/"
+show "cat $MNT/volumes/images/web.qcow2/.snapshots/before-upgrade/snapshot.json"
+show "cp --sparse=always $MNT/volumes/images/web.qcow2/.snapshots/nightly/disk.raw /tmp/web-nightly.raw && du -h --apparent-size /tmp/web-nightly.raw && du -h /tmp/web-nightly.raw"
+show "qemu-img convert -O raw -l snapshot.name=nightly $IMAGES/web.qcow2 /tmp/web-nightly.qemu.raw && cmp /tmp/web-nightly.raw /tmp/web-nightly.qemu.raw && echo identical to qemu-img convert"
+show "rmdir $MNT/volumes/images/web.qcow2/.snapshots/before-upgrade"
+show "ls $MNT/volumes/images/web.qcow2/.snapshots/"
+show "touch $MNT/volumes/images/web.qcow2/.snapshots/nightly/x || true"
+rm -f /tmp/web-nightly.raw /tmp/web-nightly.qemu.raw
+printf '\nsnapfs is mounted on %s (log: /var/lib/snapfs/snapfs.log). Unmount with: %s unmount %s\n' "$MNT" "$BIN" "$MNT"
