@@ -271,7 +271,18 @@ impl Namespace {
     /// Children of a directory: (file name, kind).
     pub fn list(&self, node: &Node) -> Result<Vec<(String, Kind)>> {
         let dirs = |names: &mut dyn Iterator<Item = &String>| -> Vec<(String, Kind)> {
-            names.map(|n| (escape(n), Kind::Dir)).collect()
+            names
+                .map(escape)
+                .filter(|n| {
+                    // The kernel cannot pass such a name back to us: hide it, say so.
+                    let fits = n.len() <= names::NAME_MAX;
+                    if !fits {
+                        warn!(name = %n, "backend name longer than 255 bytes is not shown");
+                    }
+                    fits
+                })
+                .map(|n| (n, Kind::Dir))
+                .collect()
         };
         Ok(match node {
             Node::Root => [INSTANCES, VOLUMES, LAUNCH]
