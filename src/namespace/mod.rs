@@ -272,7 +272,7 @@ impl Namespace {
     pub fn list(&self, node: &Node) -> Result<Vec<(String, Kind)>> {
         let dirs = |names: &mut dyn Iterator<Item = &String>| -> Vec<(String, Kind)> {
             names
-                .map(escape)
+                .map(|n| escape(n))
                 .filter(|n| {
                     // The kernel cannot pass such a name back to us: hide it, say so.
                     let fits = n.len() <= names::NAME_MAX;
