@@ -45,7 +45,7 @@ while [[ $# -gt 0 ]]; do
     --only) ONLY=$2; shift 2 ;;
     --rebuild) REBUILD=1; shift ;;
     --no-cold) COLD=0; shift ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     -*) echo "bench-read: unknown option $1" >&2; exit 2 ;;
     *) WORK=$1; shift ;;
   esac
