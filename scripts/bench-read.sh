@@ -45,7 +45,7 @@ while [[ $# -gt 0 ]]; do
     --only) ONLY=$2; shift 2 ;;
     --rebuild) REBUILD=1; shift ;;
     --no-cold) COLD=0; shift ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     -*) echo "bench-read: unknown option $1" >&2; exit 2 ;;
     *) WORK=$1; shift ;;
   esac
@@ -70,7 +70,7 @@ QSD_PIDS=()
 cleanup() {
   set +e
   if (( SNAPFS_MOUNTED )); then
-    "$SNAPFS" unmount "$MNT" >/dev/null 2>&1 || fusermount3 -u "$MNT" 2>/dev/null
+    timeout 60 "$SNAPFS" unmount "$MNT" >/dev/null 2>&1 || fusermount3 -u "$MNT" 2>/dev/null
   fi
   local p
   for p in "${QSD_PIDS[@]}"; do kill "$p" 2>/dev/null; done
@@ -231,7 +231,7 @@ if [[ ! -x $SNAPFS ]]; then
   SNAPFS_NOTE="snapfs binary $SNAPFS not found: snapfs column skipped"
 else
   if mountpoint -q "$MNT"; then fusermount3 -u "$MNT" 2>/dev/null || true; fi
-  if "$SNAPFS" mount --images "$IMGDIR" "$MNT"; then
+  if timeout 120 "$SNAPFS" mount --images "$IMGDIR" "$MNT"; then
     SNAPFS_MOUNTED=1
     SNAPFS_PID=$(pgrep -n -f "snapfs mount.*$MNT" || true)
     echo "# snapfs: $("$SNAPFS" --version 2>/dev/null | head -1), daemon pid ${SNAPFS_PID:-?}"

@@ -112,7 +112,8 @@ say "bytes ok: $cmp_len bytes${SNAP:+ (snapshot \"$SNAP\")}"
 qemu-img map -U -f "$map_fmt" --output=json "$map_img" > "$TMP/map.json" \
   || { echo "check-image: qemu-img map failed" >&2; exit 2; }
 
-CHECK_IMAGE_QUIET=$QUIET python3 - "$SEEK" "$FILE" "$TMP/map.json" "$cmp_len" <<'PY' || exit $?
+CHECK_IMAGE_QUIET=$QUIET CHECK_IMAGE_WHAT="$IMG${SNAP:+ @ snapshot \"$SNAP\"}" \
+  python3 - "$SEEK" "$FILE" "$TMP/map.json" "$cmp_len" <<'PY' || exit $?
 import errno, json, os, sys
 
 mode, path, map_path, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -193,7 +194,8 @@ else:
         problems.append(f"the walk has data where qemu-img map says unallocated/zero: {fmt(extra)}")
 if problems:
     for p in problems:
-        print(f"check-image: MISMATCH (SEEK_DATA/SEEK_HOLE, {mode}) {path}: {p}", file=sys.stderr)
+        what = os.environ.get("CHECK_IMAGE_WHAT", "")
+        print(f"check-image: MISMATCH (SEEK_DATA/SEEK_HOLE, {mode}) {what} vs {path}: {p}", file=sys.stderr)
     print("check-image: walk: " + fmt(got, 20), file=sys.stderr)
     sys.exit(1)
 if os.environ.get("CHECK_IMAGE_QUIET") != "1":

@@ -22,7 +22,7 @@ if [[ $# -ne 1 || $1 == -h || $1 == --help ]]; then
   exit 2
 fi
 
-for cmd in qemu-img qemu-io sgdisk mkfs.ext4 python3; do
+for cmd in qemu-img qemu-io sgdisk mkfs.ext4 debugfs e2fsck python3; do
   command -v "$cmd" >/dev/null || { echo "make-test-images: $cmd not found (run scripts/install-deps.sh)" >&2; exit 1; }
 done
 
@@ -119,6 +119,30 @@ elif cmd == "set-incompat":             # set-incompat IMG BIT: set an incompati
         v = struct.unpack(">Q", f.read(8))[0] | (1 << bit)
         f.seek(72)
         f.write(struct.pack(">Q", v))
+elif cmd == "ext4-wtime":               # ext4-wtime IMG OFFSET EPOCH: pin s_wtime and s_lastcheck
+    img, off, t = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    def crc32c_raw(data, crc):          # ext4's crc32c_le without the final inversion
+        for b in data:
+            crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+        return crc
+    with open(img, "r+b") as f:
+        f.seek(off + 1024)
+        sb = bytearray(f.read(1024))
+        assert struct.unpack("<H", sb[0x38:0x3A])[0] == 0xEF53, "no ext4 superblock"
+        sb[0x30:0x34] = struct.pack("<I", t & 0xFFFFFFFF)
+        sb[0x274] = t >> 32
+        sb[0x40:0x44] = struct.pack("<I", t & 0xFFFFFFFF)   # s_lastcheck (set by e2fsck)
+        sb[0x275] = t >> 32
+        if struct.unpack("<I", sb[0x64:0x68])[0] & 0x400:     # RO_COMPAT_METADATA_CSUM
+            sb[0x3FC:0x400] = struct.pack("<I", crc32c_raw(sb[:0x3FC], 0xFFFFFFFF))
+        f.seek(off + 1024)
+        f.write(sb)
 else:
     sys.exit("unknown helper command " + cmd)
 PY
@@ -406,6 +430,19 @@ E2FSPROGS_FAKE_TIME=1704164645 mkfs.ext4 -q -F -b 4096 -I 256 -L snapfs-p1 \
   -U 5eed0000-0000-4000-8000-0000000000e4 \
   -E offset=1048576,nodiscard,hash_seed=5eed0000-0000-4000-8000-0000000000a5 \
   -d "$SRC" "$DISK" 24M # mke2fs wipes partition-table signatures: GPT after
+# mkfs -d copies each source inode's ctime (= when this script ran): pin it for determinism.
+( cd "$SRC" && find . -mindepth 1 -printf 'sif "/%P" ctime 20240102030405\n'
+  echo 'sif / ctime 20240102030405'; echo 'sif /lost+found ctime 20240102030405' ) > "$OUT/.debugfs.cmd"
+E2FSPROGS_FAKE_TIME=1704164645 debugfs -w -f "$OUT/.debugfs.cmd" "$DISK?offset=1048576" >/dev/null 2>"$OUT/.debugfs.err" \
+  || { cat "$OUT/.debugfs.err" >&2; exit 1; }
+if grep -v '^debugfs ' "$OUT/.debugfs.err" | grep -q .; then cat "$OUT/.debugfs.err" >&2; exit 1; fi
+rm -f "$OUT/.debugfs.cmd" "$OUT/.debugfs.err"
+# mkfs -d writes multi-block directories unindexed; e2fsck -D builds their htree indexes.
+rc=0; E2FSPROGS_FAKE_TIME=1704164645 e2fsck -fyD "$DISK?offset=1048576" >/dev/null 2>&1 || rc=$?
+(( rc <= 1 )) || { echo "make-test-images: e2fsck -fyD failed ($rc)" >&2; exit 1; }
+py ext4-wtime "$DISK" 1048576 1704164645   # debugfs/e2fsck stamp the real time in s_wtime/s_lastcheck
+e2fsck -fn "$DISK?offset=1048576" >/dev/null 2>&1 \
+  || { echo "make-test-images: ext4 in $DISK is not clean" >&2; exit 1; }
 sgdisk -o -U 5eed0000-0000-4000-8000-000000000001 \
   -n 1:2048:+24M -t 1:8300 -c 1:rootfs -u 1:5eed0000-0000-4000-8000-000000000011 \
   -n 2:0:+8M -t 2:0700 -c 2:"data unformatted" -u 2:5eed0000-0000-4000-8000-000000000012 \
