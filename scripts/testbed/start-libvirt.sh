@@ -10,7 +10,7 @@ log() { echo "start-libvirt: $*" >&2; }
 running() {  # running NAME: a live process whose pidfile /run/NAME.pid matches, or one by exact name
     local pid
     if [[ -s /run/$1.pid ]]; then
-        pid=$(cat "/run/$1.pid")
+        pid=$(tr -d "\n " < "/run/$1.pid")
         [[ -d /proc/$pid ]] && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$1" ]] && return 0
     fi
     pgrep -x "$1" >/dev/null

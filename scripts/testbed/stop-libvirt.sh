@@ -12,7 +12,7 @@ fi
 
 stop() {  # stop NAME: TERM the pid in /run/NAME.pid (or found by exact name), wait up to 10 s
     local pids
-    pids=$( { [[ -s /run/$1.pid ]] && cat "/run/$1.pid"; pgrep -x "$1"; } 2>/dev/null | sort -u || true)
+    pids=$( { [[ -s /run/$1.pid ]] && cat "/run/$1.pid" && echo; pgrep -x "$1"; } 2>/dev/null | sort -u || true)
     [[ -n $pids ]] || return 0
     local p
     for p in $pids; do
