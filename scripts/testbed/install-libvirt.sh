@@ -11,7 +11,7 @@ BP_PKGS=(qemu-system-x86 qemu-system-common qemu-system-data qemu-guest-agent qe
          libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-storage
          libvirt-daemon-log libvirt-clients libvirt-dev)
 # Plain bookworm tools used by build-guest.sh and the checks in docs/testbed.md.
-TOOLS=(busybox-static cpio gzip gdisk e2fsprogs fuse3 pkg-config)
+TOOLS=(busybox-static cpio gzip gdisk e2fsprogs fuse3 pkg-config socat jq)
 
 log() { echo "install-libvirt: $*" >&2; }
 
@@ -48,7 +48,7 @@ have_all "${BP_PKGS[@]}" "${TOOLS[@]}" || need_install=1
 if [[ $need_install == 0 && $(qemu_major qemu-system-x86) -lt 10 ]]; then need_install=1; fi
 
 if [[ $need_install == 1 ]]; then
-    if [[ $added_source == 1 ]] || ! apt-cache policy qemu-system-x86 2>/dev/null | grep -q 'bookworm-backports'; then
+    if [[ $added_source == 1 ]] || ! apt-cache policy qemu-system-x86 2>/dev/null | grep 'bookworm-backports' >/dev/null; then
         log "apt-get update"
         apt-get update -qq
     fi
