@@ -23,15 +23,19 @@ ldd "$BUSYBOX" >/dev/null 2>&1 && {
     log "ERROR: $BUSYBOX is dynamic; install busybox-static"; exit 1; }
 
 # ---- which kernel ----------------------------------------------------------------------------
-KPKG=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
-       awk '/Depends: linux-image-[0-9].*-cloud-amd64/ {print $2; exit}' || true)
-if [[ -z $KPKG ]]; then   # no apt lists: fall back to a cached .deb
-    cached=$(ls -1 "$OUTDIR"/debs/linux-image-*-cloud-amd64_*.deb 2>/dev/null | tail -1 || true)
+# The cached .deb decides unless BUILD_GUEST_REFRESH=1 (then apt decides, which takes ~1 s).
+cached=$(ls -1 "$OUTDIR"/debs/linux-image-*-cloud-amd64_*.deb 2>/dev/null | tail -1 || true)
+KPKG=
+if [[ -z $cached || ${BUILD_GUEST_REFRESH:-0} == 1 ]]; then
+    KPKG=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+           awk '/Depends: linux-image-[0-9].*-cloud-amd64/ {print $2; exit}' || true)
+fi
+if [[ -n $KPKG ]]; then
+    KVER_PKG=$(apt-cache policy "$KPKG" | awk '/Candidate:/ {print $2}')
+else
     [[ -n $cached ]] || { log "ERROR: cannot resolve linux-image-cloud-amd64 (apt-get update?)"; exit 1; }
     KPKG=$(dpkg-deb -f "$cached" Package)
     KVER_PKG=$(dpkg-deb -f "$cached" Version)
-else
-    KVER_PKG=$(apt-cache policy "$KPKG" | awk '/Candidate:/ {print $2}')
 fi
 
 STAMP=$( { sha256sum "$HERE/build-guest.sh"; echo "$KPKG $KVER_PKG";
