@@ -276,7 +276,10 @@ sgdisk -o -n 1:2048:0 -t 1:8300 -c 1:snapfs-data "$RAW" >/dev/null
 read -r FIRST LAST < <(sgdisk -i 1 "$RAW" | awk '/First sector/ {f=$3} /Last sector/ {l=$3} END {print f, l}')
 PART=$WORK/part.ext4
 truncate -s $(( (LAST - FIRST + 1) * 512 )) "$PART"
-mkfs.ext4 -q -F -L snapfs-data -d "$T" -E root_owner=0:0 "$PART"
+# Explicit features = a bookworm guest's defaults (4 KiB blocks, metadata_csum, no orphan_file):
+# the same image whatever e2fsprogs version builds it.
+mkfs.ext4 -q -F -b 4096 -L snapfs-data -d "$T" -E root_owner=0:0 \
+    -O ^orphan_file,^metadata_csum_seed,metadata_csum,64bit,extent,huge_file,flex_bg,dir_nlink,extra_isize "$PART"
 dd if="$PART" of="$RAW" bs=512 seek="$FIRST" conv=notrunc,sparse status=none
 qemu-img convert -q -f raw -O qcow2 "$RAW" "$WORK/demo-disk.qcow2"
 

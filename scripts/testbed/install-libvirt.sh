@@ -53,11 +53,13 @@ if [[ $need_install == 1 ]]; then
         apt-get update -qq
     fi
     log "installing ${BP_PKGS[*]} (bookworm-backports) ${TOOLS[*]}"
-    # -t bookworm-backports pins every package of the transaction to backports where it exists
-    # there, so qemu-utils 10.0 is kept (never downgraded to bookworm's 7.2).
-    apt-get install -y -q --no-install-recommends -t bookworm-backports \
-        "${BP_PKGS[@]}" "${TOOLS[@]}" >/tmp/snapfs-testbed-apt.log 2>&1 || {
-        tail -30 /tmp/snapfs-testbed-apt.log >&2; exit 1; }
+    # -t bookworm-backports takes these from backports (and their dependencies where backports
+    # has them), so qemu-utils 10.0 is kept, never downgraded to bookworm's 7.2. The plain tools
+    # come from bookworm in a second call (e2fsprogs from backports would change mkfs defaults).
+    {
+        apt-get install -y -q --no-install-recommends -t bookworm-backports "${BP_PKGS[@]}" &&
+        apt-get install -y -q --no-install-recommends "${TOOLS[@]}"
+    } >/tmp/snapfs-testbed-apt.log 2>&1 || { tail -30 /tmp/snapfs-testbed-apt.log >&2; exit 1; }
 fi
 
 for p in qemu-system-x86 qemu-utils; do
