@@ -229,7 +229,8 @@ done
 EOF
 
 # Control port (org.snapfs.ctl, a second virtio-serial port, host side = unix socket):
-# one command per line: agent-start | agent-stop [SECONDS] | ping
+# one command per line: agent-start | agent-stop [SECONDS] | agent-pause | agent-resume |
+# status | ping | run SHELL-COMMAND (output base64, 10 s limit)
 cat > "$R/usr/sbin/ctl-loop" <<'EOF'
 #!/bin/sh
 P=/dev/virtio-ports/org.snapfs.ctl
@@ -243,7 +244,13 @@ while :; do
         agent-start) echo 0 > /run/qga-hold; echo "ok agent-start" >&3 ;;
         agent-stop)  echo $(( $(cut -d. -f1 /proc/uptime) + ${arg:-86400} )) > /run/qga-hold
                      killall qemu-ga 2>/dev/null; echo "ok agent-stop" >&3 ;;
+        agent-pause) killall -STOP qemu-ga 2>/dev/null; echo "ok agent-pause" >&3 ;;
+        agent-resume) killall -CONT qemu-ga 2>/dev/null; echo "ok agent-resume" >&3 ;;
+        status)      echo "ok qga=$(pidof qemu-ga || echo none) hold=$(cat /run/qga-hold 2>/dev/null || echo 0)" \
+                          "frozen=$([ -e /run/qga/qga.state.isfrozen ] && echo 1 || echo 0)" \
+                          "writer=$(tail -n 1 /data/writer.log 2>/dev/null | tr ' ' /)" >&3 ;;
         ping)        echo "pong $(cut -d' ' -f1 /proc/uptime)" >&3 ;;
+        run)         echo "ok $(timeout 10 sh -c "$arg" 2>&1 | base64 | tr -d '\n')" >&3 ;;
         "")          ;;
         *)           echo "err unknown $cmd" >&3 ;;
     esac

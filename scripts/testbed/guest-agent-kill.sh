@@ -1,18 +1,24 @@
 #!/bin/bash
-# guest-agent-kill.sh [--via-agent] NAME [HOLD_SECONDS=86400]
+# guest-agent-kill.sh [--via-agent|--hang] NAME [HOLD_SECONDS=86400]
 # Kill qemu-ga inside guest NAME and keep it down for HOLD_SECONDS (guest uptime), for fault
 # tests. Default path: the guest's control port (guest-ctl.sh NAME agent-stop), which does not
 # need the agent. --via-agent: the agent kills itself through guest-exec (sets the same hold).
-# Bring it back early with guest-agent-start.sh NAME (then wait-agent.sh NAME).
+# --hang: do not kill, SIGSTOP qemu-ga instead: the channel stays connected and requests hang
+# (libvirt then waits for its agent timeout, forever by default). HOLD is ignored.
+# Bring it back with guest-agent-start.sh NAME (SIGCONT + start, then waits for guest-ping).
 # Returns once libvirt reports the agent as gone (bounded, 10 s).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 VIA=ctl
-[[ ${1:-} == --via-agent ]] && { VIA=agent; shift; }
+case ${1:-} in --via-agent) VIA=agent; shift ;; --hang) VIA=hang; shift ;; esac
 NAME=${1:?usage: guest-agent-kill.sh [--via-agent] NAME [HOLD_SECONDS]}
 HOLD=${2:-86400}
 export LIBVIRT_DEFAULT_URI=${LIBVIRT_DEFAULT_URI:-qemu:///system}
-if [[ $VIA == ctl ]]; then
+if [[ $VIA == hang ]]; then
+    "$HERE/guest-ctl.sh" "$NAME" agent-pause >/dev/null
+    echo "guest-agent-kill: agent of $NAME stopped (SIGSTOP); guest-agent-start.sh $NAME to resume" >&2
+    exit 0
+elif [[ $VIA == ctl ]]; then
     "$HERE/guest-ctl.sh" "$NAME" agent-stop "$HOLD" >/dev/null
 else
     req=$(jq -cn --arg h "$HOLD" '{execute:"guest-exec",arguments:{path:"/bin/sh",arg:["-c",

@@ -11,7 +11,7 @@ BP_PKGS=(qemu-system-x86 qemu-system-common qemu-system-data qemu-guest-agent qe
          libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-storage
          libvirt-daemon-log libvirt-clients libvirt-dev)
 # Plain bookworm tools used by build-guest.sh and the checks in docs/testbed.md.
-TOOLS=(busybox-static cpio gzip gdisk e2fsprogs fuse3 pkg-config socat jq)
+TOOLS=(busybox-static cpio gzip gdisk e2fsprogs fuse3 pkg-config socat jq bindfs)
 
 log() { echo "install-libvirt: $*" >&2; }
 
