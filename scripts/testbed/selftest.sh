@@ -117,6 +117,23 @@ timed tr "$HERE/guest-agent-start.sh" "$NAME" 30 && ok "agent restarted via cont
 st=$(ga '{"execute":"guest-fsfreeze-status"}' | jq -r .return)
 [[ $st == thawed ]] && ok "guest thawed after all that" || bad "guest left $st"
 
+echo "== agent hung (SIGSTOP) with libvirt agent timeout 5 s"
+virsh -q guest-agent-timeout "$NAME" --timeout 5
+"$HERE/guest-agent-kill.sh" --hang "$NAME" 2>/dev/null
+if timed th timeout 60 virsh domfsfreeze "$NAME"; then bad "freeze succeeded with a hung agent"
+else ok "domfsfreeze with hung agent fails in $th ms: $(grep -m1 error "$WORK/out")"; fi
+"$HERE/guest-agent-start.sh" "$NAME" 30 2>/dev/null
+sleep 1
+st=$("$HERE/guest-ctl.sh" "$NAME" status)
+case $st in
+    *frozen=1*) echo "  note: guest FROZEN after the timed-out freeze once the agent resumed (late freeze): $st"
+                virsh -q domfsthaw "$NAME" >/dev/null && echo "  thawed it" ;;
+    *)          echo "  guest not frozen after resume: $st" ;;
+esac
+virsh -q guest-agent-timeout "$NAME" --timeout -2
+a=$(guest_last_ms); sleep 1; b=$(guest_last_ms)
+(( b > a )) && ok "guest writes go on after thaw (writer ms $a -> $b)" || bad "writer stuck at $a"
+
 echo "== snapshot delete (external, libvirt block commit)"
 for s in c1 q1; do
     if timed td virsh snapshot-delete "$NAME" "$s"; then ok "snapshot-delete $s: $td ms"
