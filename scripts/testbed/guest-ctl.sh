@@ -1,7 +1,7 @@
 #!/bin/bash
 # guest-ctl.sh NAME COMMAND [ARG]: send one command to the guest's control port (virtio-serial
 # port org.snapfs.ctl, host side /var/lib/snapfs-testbed/run/NAME.ctl) and print the reply line.
-# Works without the guest agent. Commands: ping | status | agent-stop [SECONDS] | agent-start |
+# Works without the guest agent. Commands: ping | status | writer-stop | writer-start | agent-stop [SECONDS] | agent-start |
 # agent-pause (SIGSTOP qemu-ga: requests hang) | agent-resume (SIGCONT) |
 # run 'SHELL COMMAND' (prints its output; 10 s limit in the guest)
 set -euo pipefail
