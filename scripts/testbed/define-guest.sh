@@ -11,8 +11,8 @@
 #   serial console          -> /var/log/snapfs-testbed/NAME.console.log
 # --start      start the domain if it is not running
 # --recreate   destroy + undefine an existing NAME (and its snapshot metadata) and recreate its
-#              disk from demo-disk.qcow2 (external snapshot overlays of NAME in the images
-#              directory are removed too)
+#              disk from demo-disk.qcow2 (files of its disk chain named IMAGES/NAME.* are removed:
+#              its disk and external snapshot overlays; a DISK elsewhere is kept and reused)
 # Idempotent: an existing domain is left alone (unless --recreate).
 set -euo pipefail
 
@@ -60,7 +60,8 @@ if [[ $RECREATE == 1 ]] && exists; then
     for f in "${chain[@]}"; do
         if [[ $f == "$IMAGES/$NAME".* ]]; then rm -f "$f"; fi
     done
-    rm -f "$DISK"
+    # a DISK given on the command line outside IMAGES/NAME.* is the caller's: keep it
+    if [[ $DISK == "$IMAGES/$NAME".* ]]; then rm -f "$DISK"; fi
 fi
 
 if ! exists; then
