@@ -50,7 +50,9 @@ fn every_snapshot_matches_qemu() {
         let img = dir.join(&vol);
         if info["format"] != "qcow2" {
             assert_eq!(
-                errno(fs::create_dir(m.vol(&vol).join(".snapshots").join(CHECK_SNAPSHOT))),
+                errno(fs::create_dir(
+                    m.vol(&vol).join(".snapshots").join(CHECK_SNAPSHOT)
+                )),
                 libc::ENOTSUP,
                 "{vol}: raw volumes have no snapshots"
             );
@@ -90,7 +92,12 @@ fn every_snapshot_matches_qemu() {
     println!(
         "byte-exact and map-exact: {checked} snapshots checked; without snapshots: {no_snapshots:?}"
     );
-    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     assert!(checked >= 40, "only {checked} snapshots checked");
 }
 
@@ -100,9 +107,15 @@ fn awkward_snapshot_names_are_escaped() {
     let m = Mount::new(dir);
     let names = ls(&m.vol("snapnames.qcow2").join(".snapshots"));
     for want in ["has%2Fslash", "ünïcødé", ".leading-dot"] {
-        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
     }
-    let s = json(&m.snap("snapnames.qcow2", "has%2Fslash").join("snapshot.json"));
+    let s = json(
+        &m.snap("snapnames.qcow2", "has%2Fslash")
+            .join("snapshot.json"),
+    );
     assert_eq!(s["name"], "has/slash");
 }
 
@@ -128,5 +141,9 @@ fn refused_images_give_clear_errors_and_the_daemon_survives() {
         }
         drop(snaps);
     }
-    assert_eq!(ls(&m.mnt), ["instances", "launch", "volumes"], "daemon alive");
+    assert_eq!(
+        ls(&m.mnt),
+        ["instances", "launch", "volumes"],
+        "daemon alive"
+    );
 }
