@@ -181,7 +181,8 @@ fn mount_entry(p: &Path) -> Option<(String, String)> {
 /// A daemon killed with -9 leaves "Transport endpoint is not connected": detach that mount.
 fn clear_stale_mount(mp: &Path) -> anyhow::Result<()> {
     match std::fs::metadata(mp) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+        // ENOTCONN after the daemon died; ECONNABORTED when the connection was aborted.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)) => {
             warn!(mountpoint = %mp.display(), "clearing a stale FUSE mount left by a dead daemon");
             let c = cpath(mp)?;
             // SAFETY: c is a valid NUL-terminated path.
@@ -211,7 +212,10 @@ pub fn unmount_path(mp: &Path, lazy: bool) -> anyhow::Result<()> {
     // SAFETY: c is a valid NUL-terminated path.
     if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
         let err = std::io::Error::last_os_error();
-        let stale = err.raw_os_error() == Some(libc::ENOTCONN);
+        let stale = matches!(
+            err.raw_os_error(),
+            Some(libc::ENOTCONN | libc::ECONNABORTED)
+        );
         if !(lazy || stale) {
             return Err(err).with_context(|| format!("unmounting {}", mp.display()));
         }

@@ -389,7 +389,11 @@ fn killed_daemon_leaves_a_mount_the_next_start_clears() {
     // SAFETY: plain kill of our own daemon.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     assert!(wait_gone(pid, Duration::from_secs(5)));
-    assert_eq!(errno(fs::metadata(&m.mnt)), libc::ENOTCONN);
+    let e = errno(fs::metadata(&m.mnt));
+    assert!(
+        e == libc::ENOTCONN || e == libc::ECONNABORTED,
+        "stale mount gave errno {e}"
+    );
     m.mount(&[]);
     assert_eq!(ls(&m.mnt.join("volumes")), ["pool"]);
 }
