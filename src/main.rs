@@ -60,7 +60,7 @@ struct MountArgs {
     #[arg(long, default_value_t = 4)]
     threads: usize,
     /// Budget of the metadata and decompressed-cluster cache, in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 128)]
+    #[arg(long, value_name = "MIB", default_value_t = 32)]
     cache_mb: usize,
     /// How long listings from backends are trusted, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
