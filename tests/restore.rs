@@ -478,3 +478,322 @@ fn unsupported_partitions_have_a_readme() {
     assert!(readme("p6").contains("LUKS"));
     assert!(readme("p7").contains("no data"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Corrupt images: errors on the affected path only, never a panic or a hang.
+
+/// A disk in memory that tests can damage between opens.
+struct MutImage(std::sync::RwLock<Vec<u8>>);
+
+impl BlockImage for MutImage {
+    fn size(&self) -> u64 {
+        self.0.read().unwrap().len() as u64
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> snapfs::error::Result<()> {
+        let d = self.0.read().unwrap();
+        buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn map(&self, offset: u64, length: u64) -> snapfs::error::Result<Vec<snapfs::image::Extent>> {
+        Ok(vec![snapfs::image::Extent {
+            offset,
+            length: length.min(self.size() - offset),
+            kind: snapfs::image::ExtentKind::Data,
+        }])
+    }
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+}
+
+/// Bytes `[off, off+len)` of an image file.
+fn image_bytes(name: &str, off: u64, len: u64) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(images().join(name)).unwrap();
+    f.seek(SeekFrom::Start(off)).unwrap();
+    let mut v = vec![0u8; len as usize];
+    f.read_exact(&mut v).unwrap();
+    v
+}
+
+fn whole_part(len: u64) -> Partition {
+    Partition {
+        name: "whole".into(),
+        offset: 0,
+        length: len,
+        type_desc: "test".into(),
+    }
+}
+
+fn open_mem(img: &Arc<MutImage>) -> snapfs::error::Result<Volume> {
+    let d: Arc<dyn BlockImage> = img.clone();
+    open_volume(d, &whole_part(img.size()))
+}
+
+fn fs_of(v: snapfs::error::Result<Volume>) -> Arc<dyn GuestFs> {
+    match v.expect("open") {
+        Volume::Fs(fs) => fs,
+        Volume::Unsupported { readme } => panic!("unsupported: {readme}"),
+    }
+}
+
+/// The ext4 partition of gpt.raw in memory.
+fn ext4_mem() -> Arc<MutImage> {
+    Arc::new(MutImage(std::sync::RwLock::new(image_bytes(
+        "gpt.raw",
+        1 << 20,
+        32 << 20,
+    ))))
+}
+
+/// Offset of the directory entry `name` (type dir or file) that points at `ino`.
+fn find_dirent(data: &[u8], ino: u64, name: &[u8]) -> usize {
+    let pat = (ino as u32).to_le_bytes();
+    let hits: Vec<usize> = data
+        .windows(8 + name.len())
+        .enumerate()
+        .filter(|(_, w)| w[..4] == pat[..] && w[6] as usize == name.len() && &w[8..] == name)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(hits.len(), 1, "dirent {}", String::from_utf8_lossy(name));
+    hits[0]
+}
+
+#[test]
+fn ext4_corrupt_superblocks() {
+    let img = ext4_mem();
+    // Bad magic: no longer ext4, and nothing else either.
+    let saved = img.0.read().unwrap()[1024 + 56];
+    img.0.write().unwrap()[1024 + 56] = 0;
+    assert!(matches!(
+        open_mem(&img).unwrap(),
+        Volume::Unsupported { .. }
+    ));
+    img.0.write().unwrap()[1024 + 56] = saved;
+    // Impossible block size, inode size, group sizes, inode count: Err, not a panic.
+    for (off, val) in [
+        (24usize, 30u32),
+        (88, 3),
+        (32, 0),
+        (40, 0),
+        (0, u32::MAX),
+        (4, 1),
+    ] {
+        let at = 1024 + off;
+        let saved: Vec<u8> = img.0.read().unwrap()[at..at + 4].to_vec();
+        {
+            let mut d = img.0.write().unwrap();
+            if off == 88 {
+                d[at..at + 2].copy_from_slice(&(val as u16).to_le_bytes());
+            } else {
+                d[at..at + 4].copy_from_slice(&val.to_le_bytes());
+            }
+        }
+        match open_mem(&img) {
+            Err(e) => assert_eq!(e.errno(), libc::EIO, "field {off}: {e}"),
+            Ok(Volume::Fs(fs)) => {
+                snapfs::restore::exercise(fs.as_ref(), 500);
+            }
+            Ok(Volume::Unsupported { .. }) => {}
+        }
+        img.0.write().unwrap()[at..at + 4].copy_from_slice(&saved);
+    }
+    fs_of(open_mem(&img));
+}
+
+#[test]
+fn ext4_directory_loops() {
+    let img = ext4_mem();
+    let fs = fs_of(open_mem(&img));
+    let dir = fs.lookup(fs.root(), b"dir").unwrap().ino;
+    let nested = fs.lookup(dir, b"nested").unwrap().ino;
+    let deep = fs.lookup(nested, b"deep").unwrap().ino;
+    let at = find_dirent(&img.0.read().unwrap(), deep, b"deep");
+    // dir/nested/deep -> dir: a cycle. The lookup fails, the rest of the tree reads.
+    img.0.write().unwrap()[at..at + 4].copy_from_slice(&(dir as u32).to_le_bytes());
+    let fs = fs_of(open_mem(&img));
+    let e = fs.lookup(nested, b"deep").unwrap_err();
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    assert!(fs.lookup(fs.root(), b"hello.txt").is_ok());
+    assert!(snapfs::restore::exercise(fs.as_ref(), 100_000) > 100);
+    // dir/nested/deep -> nested itself: hidden from the listing.
+    img.0.write().unwrap()[at..at + 4].copy_from_slice(&(nested as u32).to_le_bytes());
+    let fs = fs_of(open_mem(&img));
+    assert!(fs
+        .readdir(nested)
+        .unwrap()
+        .iter()
+        .all(|(n, _, _)| n != b"deep"));
+    assert!(fs.lookup(nested, b"deep").is_err());
+}
+
+#[test]
+fn ext4_extent_past_the_end() {
+    let img = ext4_mem();
+    let fs = fs_of(open_mem(&img));
+    let big = fs.lookup(fs.root(), b"big.bin").unwrap().ino;
+    // Where is the inode? Ask debugfs on a copy of the partition.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p1.img");
+    std::fs::write(&p, &*img.0.read().unwrap()).unwrap();
+    let out = std::process::Command::new("debugfs")
+        .args(["-R", &format!("imap <{big}>")])
+        .arg(&p)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "Inode 14 is part of block group 0\n\tlocated at block 1059, offset 0x0d00"
+    let block: usize = text
+        .split("located at block ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let offset = usize::from_str_radix(text.split("offset 0x").nth(1).unwrap().trim(), 16).unwrap();
+    let inode = block * 4096 + offset;
+    let first_extent = inode + 0x28 + 12;
+    {
+        let mut d = img.0.write().unwrap();
+        assert_eq!(
+            &d[inode + 0x28..inode + 0x2a],
+            &[0x0a, 0xf3],
+            "extent header"
+        );
+        d[first_extent + 8..first_extent + 12].copy_from_slice(&0xffff_ff00u32.to_le_bytes());
+    }
+    let fs = fs_of(open_mem(&img));
+    let mut buf = vec![0u8; 4096];
+    let e = fs.read(big, 0, &mut buf).unwrap_err();
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    assert!(fs.data_ranges(big).is_err());
+    // Only that file: its neighbours read.
+    let hello = fs.lookup(fs.root(), b"hello.txt").unwrap().ino;
+    assert!(fs.read(hello, 0, &mut buf).unwrap() > 0);
+}
+
+/// Deterministic xorshift, so every run mutates the same bytes.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Damage a few bytes of the metadata a clean walk reads, open and walk; `iterations` times.
+fn mutation_loop(
+    label: &str,
+    img: &Arc<MutImage>,
+    regions: &[(usize, usize)],
+    iterations: u32,
+    seed: u64,
+) {
+    let mut rng = Rng(seed);
+    let start = std::time::Instant::now();
+    let mut opened = 0;
+    for _ in 0..iterations {
+        let mut saved = Vec::new();
+        {
+            let mut d = img.0.write().unwrap();
+            for _ in 0..1 + rng.below(4) {
+                let (s, len) = regions[rng.below(regions.len() as u64) as usize];
+                let at = s + rng.below(len as u64) as usize;
+                saved.push((at, d[at]));
+                d[at] = match rng.below(4) {
+                    0 => 0,
+                    1 => 0xff,
+                    2 => d[at] ^ (1 << rng.below(8)),
+                    _ => rng.next() as u8,
+                };
+            }
+        }
+        let t = std::time::Instant::now();
+        if let Ok(Volume::Fs(fs)) = open_mem(img) {
+            opened += 1;
+            snapfs::restore::exercise(fs.as_ref(), 60);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{label}: one iteration took {:?}",
+            t.elapsed()
+        );
+        let mut d = img.0.write().unwrap();
+        for (at, b) in saved.into_iter().rev() {
+            d[at] = b;
+        }
+    }
+    eprintln!(
+        "{label}: {iterations} mutations, {opened} opened, {:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn ext4_mutation_loop() {
+    let img = ext4_mem();
+    // The metadata: superblock and group descriptors, the inode table of group 0, and the
+    // directory blocks (found as the blocks holding dirents of the root and `many/`).
+    let data = img.0.read().unwrap().clone();
+    let fs = fs_of(open_mem(&img));
+    let many = fs.lookup(fs.root(), b"many").unwrap().ino;
+    let dirent = find_dirent(
+        &data,
+        fs.lookup(many, b"entry-with-a-long-name-to-fill-blocks-001")
+            .unwrap()
+            .ino,
+        b"entry-with-a-long-name-to-fill-blocks-001",
+    );
+    let root_dirent = find_dirent(
+        &data,
+        fs.lookup(fs.root(), b"hello.txt").unwrap().ino,
+        b"hello.txt",
+    );
+    let mut regions = vec![
+        (1024, 1024),
+        (4096, 4096),
+        (dirent / 4096 * 4096, 4096),
+        (root_dirent / 4096 * 4096, 4096),
+    ];
+    // Inode table of group 0: the block of inode 2 (read from the descriptor).
+    let itable = u32::from_le_bytes(data[4096 + 8..4096 + 12].try_into().unwrap()) as usize;
+    regions.push((itable * 4096, 64 * 4096));
+    drop(fs);
+    mutation_loop("ext4", &img, &regions, 2000, 0x005e_ede4);
+}
+
+#[test]
+fn partitions_mutation_loop() {
+    for (name, len) in [("gpt.raw", 34 * 512), ("mbr.raw", 512)] {
+        // The first MiB only: EBR links past it end the chain, the GPT backup is absent.
+        let img = MutImage(std::sync::RwLock::new(image_bytes(name, 0, 1 << 20)));
+        let mut rng = Rng(0x5eed_0001);
+        let start = std::time::Instant::now();
+        for _ in 0..3000 {
+            let mut saved = Vec::new();
+            {
+                let mut d = img.0.write().unwrap();
+                for _ in 0..1 + rng.below(4) {
+                    let at = rng.below(len as u64) as usize;
+                    saved.push((at, d[at]));
+                    d[at] = rng.next() as u8;
+                }
+            }
+            let _ = partitions(&img);
+            let mut d = img.0.write().unwrap();
+            for (at, b) in saved.into_iter().rev() {
+                d[at] = b;
+            }
+        }
+        eprintln!("partitions {name}: 3000 mutations, {:?}", start.elapsed());
+    }
+}

@@ -128,3 +128,43 @@ pub(crate) fn unix_time(secs: i64, nanos: u32) -> SystemTime {
         (SystemTime::UNIX_EPOCH - back) + std::time::Duration::new(0, nanos)
     }
 }
+
+/// Touch every operation of a filesystem, within bounds: at most `max_entries` entries, 16
+/// levels deep, the first and last 4 KiB of each file. Errors are ignored; for fuzz targets and
+/// mutation tests, which only care that this returns (no panic, no hang). Returns entries seen.
+#[doc(hidden)]
+pub fn exercise(fs: &dyn GuestFs, max_entries: usize) -> usize {
+    let _ = fs.describe();
+    let root = fs.root();
+    let _ = fs.stat(root);
+    let mut seen = 0;
+    let mut stack = vec![(root, 0u32)];
+    let mut buf = vec![0u8; 4096];
+    while let Some((dir, depth)) = stack.pop() {
+        let Ok(list) = fs.readdir(dir) else { continue };
+        for (name, ino, kind) in list {
+            seen += 1;
+            if seen >= max_entries {
+                return seen;
+            }
+            let looked = fs.lookup(dir, &name);
+            let _ = fs.stat(ino);
+            let _ = fs.xattrs(ino);
+            match kind {
+                FileKind::File => {
+                    let _ = fs.read(ino, 0, &mut buf);
+                    if let Ok(st) = &looked {
+                        let _ = fs.read(ino, st.size.saturating_sub(4096), &mut buf);
+                    }
+                    let _ = fs.data_ranges(ino);
+                }
+                FileKind::Symlink => {
+                    let _ = fs.readlink(ino);
+                }
+                FileKind::Dir if depth < 16 && looked.is_ok() => stack.push((ino, depth + 1)),
+                _ => {}
+            }
+        }
+    }
+    seen
+}

@@ -471,79 +471,99 @@ impl Ext4Fs {
     }
 
     /// ext2/3 block maps: 12 direct pointers, then single, double and triple indirect blocks.
+    /// Zero pointers skip the whole subtree they cover; a budget bounds corrupt trees.
     fn map_runs(&self, inode: &Inode, from: u64, count: u64, out: &mut Vec<Run>) -> Result<()> {
         let per = self.bs / 4;
         let ib = inode.i_block();
         let to = from.saturating_add(count);
-        let mut lblk = from;
-        let mut cache: HashMap<u64, Vec<u8>> = HashMap::new();
-        while lblk < to {
-            let phys = self.map_one(ib, lblk, per, &mut cache)?;
-            if phys >= self.blocks {
-                return Err(
-                    self.corrupt_ino(inode.ino, format!("block pointer {phys} past the end"))
-                );
-            }
-            match out.last_mut() {
-                Some(r)
-                    if r.logical + r.len == lblk
-                        && ((r.physical == 0 && phys == 0)
-                            || (r.physical != 0 && r.physical + r.len == phys)) =>
-                {
-                    r.len += 1
-                }
-                _ => out.push(Run {
-                    logical: lblk,
-                    physical: phys,
-                    len: 1,
-                    uninit: false,
-                }),
-            }
-            lblk += 1;
+        let mut budget = 1u64 << 24;
+        for i in 0..12u64 {
+            let p = u64::from(le32(ib, (i * 4) as usize));
+            self.map_leaf(inode, i, p, from, to, out)?;
+        }
+        let mut base = 12u64;
+        let mut span = per;
+        for (level, slot) in [(1u32, 48usize), (2, 52), (3, 56)] {
+            let p = u64::from(le32(ib, slot));
+            self.map_tree(inode, level, p, base, span, from, to, out, &mut budget)?;
+            base += span;
+            span = span.saturating_mul(per);
         }
         Ok(())
     }
 
-    fn map_one(
+    #[allow(clippy::too_many_arguments)]
+    fn map_tree(
         &self,
-        ib: &[u8],
+        inode: &Inode,
+        level: u32,
+        block: u64,
+        base: u64,
+        span: u64,
+        from: u64,
+        to: u64,
+        out: &mut Vec<Run>,
+        budget: &mut u64,
+    ) -> Result<()> {
+        if block == 0 || base >= to || base.saturating_add(span) <= from {
+            return Ok(());
+        }
+        let b = self.block(block)?;
+        let per = self.bs / 4;
+        let child_span = span / per;
+        for i in 0..per {
+            *budget = budget
+                .checked_sub(1)
+                .ok_or_else(|| self.corrupt_ino(inode.ino, "block map too large"))?;
+            let p = u64::from(le32(&b, (i * 4) as usize));
+            let cbase = base + i * child_span;
+            if cbase >= to {
+                break;
+            }
+            if level == 1 {
+                self.map_leaf(inode, cbase, p, from, to, out)?;
+            } else {
+                self.map_tree(
+                    inode,
+                    level - 1,
+                    p,
+                    cbase,
+                    child_span,
+                    from,
+                    to,
+                    out,
+                    budget,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn map_leaf(
+        &self,
+        inode: &Inode,
         lblk: u64,
-        per: u64,
-        cache: &mut HashMap<u64, Vec<u8>>,
-    ) -> Result<u64> {
-        let mut ptr_of = |block: u64, idx: u64| -> Result<u64> {
-            if block == 0 {
-                return Ok(0);
-            }
-            if !cache.contains_key(&block) {
-                if cache.len() > 64 {
-                    cache.clear();
-                }
-                cache.insert(block, self.block(block)?);
-            }
-            Ok(cache
-                .get(&block)
-                .map_or(0, |b| u64::from(le32(b, (idx * 4) as usize))))
-        };
-        if lblk < 12 {
-            return Ok(u64::from(le32(ib, (lblk * 4) as usize)));
+        phys: u64,
+        from: u64,
+        to: u64,
+        out: &mut Vec<Run>,
+    ) -> Result<()> {
+        if lblk < from || lblk >= to || phys == 0 {
+            return Ok(());
         }
-        let mut l = lblk - 12;
-        if l < per {
-            return ptr_of(u64::from(le32(ib, 48)), l);
+        if phys >= self.blocks {
+            return Err(self.corrupt_ino(inode.ino, format!("block pointer {phys} past the end")));
         }
-        l -= per;
-        if l < per * per {
-            let ind = ptr_of(u64::from(le32(ib, 52)), l / per)?;
-            return ptr_of(ind, l % per);
+        match out.last_mut() {
+            Some(r) if r.logical + r.len == lblk && r.physical + r.len == phys => r.len += 1,
+            _ => out.push(Run {
+                logical: lblk,
+                physical: phys,
+                len: 1,
+                uninit: false,
+            }),
         }
-        l -= per * per;
-        if l < per * per * per {
-            let d = ptr_of(u64::from(le32(ib, 56)), l / (per * per))?;
-            let ind = ptr_of(d, (l / per) % per)?;
-            return ptr_of(ind, l % per);
-        }
-        Ok(0)
+        Ok(())
     }
 
     /// Bytes `[offset, offset+buf.len())` of an inode's data (extents, block map or inline).
@@ -746,7 +766,11 @@ impl Ext4Fs {
             }
             let value = if vinum != 0 {
                 let vi = self.inode(vinum)?;
-                if vi.flags() & FL_EA_INODE == 0 || vsize as u64 > MAX_VALUE {
+                // An EA inode never has inline data: that would recurse into xattrs again.
+                if vi.flags() & FL_EA_INODE == 0
+                    || vi.flags() & FL_INLINE_DATA != 0
+                    || vsize as u64 > MAX_VALUE
+                {
                     return Err(self.corrupt_ino(inode.ino, "bad xattr value inode"));
                 }
                 let mut v = vec![0u8; vsize];
