@@ -797,3 +797,47 @@ fn partitions_mutation_loop() {
         eprintln!("partitions {name}: 3000 mutations, {:?}", start.elapsed());
     }
 }
+
+const FAT: Profile = Profile {
+    plain: true,
+    perms: false,
+    owners: false,
+    hardlinks: false,
+    xattrs: false,
+    mtime_slack: Duration::from_secs(2),
+    extra_root: &[],
+};
+
+#[test]
+fn fat32_gpt_p2() {
+    let fs = open_fs("gpt.raw", "p2");
+    assert!(fs.describe().starts_with("FAT32"), "{}", fs.describe());
+    check_tree("FAT32 gpt p2", fs.as_ref(), FAT);
+    // Case-insensitive lookup like Linux vfat.
+    assert!(fs.lookup(fs.root(), b"HELLO.TXT").is_ok());
+}
+
+#[test]
+fn fat16_mbr_logical_p6() {
+    let fs = open_fs("mbr.raw", "p6");
+    assert!(fs.describe().starts_with("FAT16"), "{}", fs.describe());
+    check_tree("FAT16 mbr p6", fs.as_ref(), FAT);
+}
+
+#[test]
+fn fat_mutation_loop() {
+    let img = Arc::new(MutImage(std::sync::RwLock::new(image_bytes(
+        "mbr.raw",
+        106496 * 512,
+        16 << 20,
+    ))));
+    let fs = fs_of(open_mem(&img));
+    drop(fs);
+    // Boot sector, the FATs and the root directory (FAT16: fixed region after the FATs).
+    let data = img.0.read().unwrap().clone();
+    let bps = u16::from_le_bytes([data[11], data[12]]) as usize;
+    let reserved = u16::from_le_bytes([data[14], data[15]]) as usize * bps;
+    let fat = u16::from_le_bytes([data[22], data[23]]) as usize * bps;
+    let regions = [(0, 512), (reserved, 2048), (reserved + 2 * fat, 16384)];
+    mutation_loop("FAT16", &img, &regions, 2000, 0x005e_edfa);
+}
