@@ -67,6 +67,20 @@ printf 'start' | dd of="$SRC/sparse.bin" conv=notrunc status=none
 printf 'middle' | dd of="$SRC/sparse.bin" bs=1 seek=4194304 conv=notrunc status=none
 printf 'end' | dd of="$SRC/sparse.bin" bs=1 seek=8388605 conv=notrunc status=none
 for i in $(seq -w 1 150); do printf '%s\n' "$i" > "$SRC/many/entry-with-a-long-name-to-fill-blocks-$i"; done
+# 1000 entries: XFS node-form and ext4 multi-level htree directories. 200 data runs with holes
+# between them: an XFS B+tree extent map and an ext4 extent tree of depth 1.
+python3 - "$SRC" <<'EOF2'
+import os, sys
+src = sys.argv[1]
+os.mkdir(os.path.join(src, "big-dir"))
+for i in range(1000):
+    with open(os.path.join(src, "big-dir", f"file-number-{i:04d}-with-a-longish-name"), "w") as f:
+        f.write(f"{i}\n")
+with open(os.path.join(src, "fragmented.bin"), "wb") as f:
+    for i in range(200):
+        f.seek(i * 8192)
+        f.write(bytes([i % 251 + 1]) * 4096)
+EOF2
 ln -s hello.txt "$SRC/link-fast"
 ln -s dir/nested/deep/../deep/file.txt/and/a/target/that/is/longer/than/sixty/bytes/for/a/slow/symlink "$SRC/link-slow"
 ln -s dir/nested "$SRC/link-to-dir"

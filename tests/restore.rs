@@ -675,6 +675,19 @@ fn ext4_extent_past_the_end() {
     assert!(fs.read(hello, 0, &mut buf).unwrap() > 0);
 }
 
+/// `SNAPFS_MUTATIONS=N[,SEED]` runs longer (or other) mutation loops than CI's default.
+fn scale(iterations: u32, seed: u64) -> (u32, u64) {
+    match std::env::var("SNAPFS_MUTATIONS") {
+        Ok(v) => {
+            let mut it = v.split(',');
+            let n = it.next().and_then(|s| s.parse().ok()).unwrap_or(iterations);
+            let s = it.next().and_then(|s| s.parse().ok()).unwrap_or(seed);
+            (n, s)
+        }
+        Err(_) => (iterations, seed),
+    }
+}
+
 /// Deterministic xorshift, so every run mutates the same bytes.
 struct Rng(u64);
 
@@ -840,4 +853,122 @@ fn fat_mutation_loop() {
     let fat = u16::from_le_bytes([data[22], data[23]]) as usize * bps;
     let regions = [(0, 512), (reserved, 2048), (reserved + 2 * fat, 16384)];
     mutation_loop("FAT16", &img, &regions, 2000, 0x005e_edfa);
+}
+
+const XFS: Profile = Profile {
+    extra_root: &[],
+    ..POSIX
+};
+
+#[test]
+fn xfs_gpt_p3() {
+    let fs = open_fs("gpt.raw", "p3");
+    assert!(fs.describe().starts_with("XFS v5"), "{}", fs.describe());
+    check_tree("XFS gpt p3", fs.as_ref(), XFS);
+    let st = fs.lookup(fs.root(), b"sparse.bin").unwrap();
+    let ranges = fs.data_ranges(st.ino).unwrap().unwrap();
+    assert_eq!(ranges.len(), 3, "{ranges:?}");
+}
+
+/// A disk image with a few bytes patched over it, recording which 4 KiB blocks are read: for
+/// mutation loops over images too large to copy.
+struct PatchImage {
+    base: Arc<dyn BlockImage>,
+    offset: u64,
+    len: u64,
+    patches: std::sync::RwLock<BTreeMap<u64, u8>>,
+    read_blocks: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+}
+
+impl BlockImage for PatchImage {
+    fn size(&self) -> u64 {
+        self.len
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> snapfs::error::Result<()> {
+        self.base.read_at(buf, self.offset + offset)?;
+        let end = offset + buf.len() as u64;
+        {
+            let mut r = self.read_blocks.lock().unwrap();
+            if r.len() < 4096 {
+                for b in offset / 4096..end.div_ceil(4096) {
+                    r.insert(b);
+                }
+            }
+        }
+        for (&at, &v) in self.patches.read().unwrap().range(offset..end) {
+            buf[(at - offset) as usize] = v;
+        }
+        Ok(())
+    }
+    fn map(&self, offset: u64, length: u64) -> snapfs::error::Result<Vec<snapfs::image::Extent>> {
+        Ok(vec![snapfs::image::Extent {
+            offset,
+            length: length.min(self.len - offset),
+            kind: snapfs::image::ExtentKind::Data,
+        }])
+    }
+    fn describe(&self) -> String {
+        "patched".into()
+    }
+}
+
+/// Open partition `part` of `disk_name` through a `PatchImage`, walk it once to learn which
+/// blocks hold metadata (the first read of each file is data too: fine), then mutate those.
+fn patch_mutation_loop(label: &str, disk_name: &str, part: &str, iterations: u32, seed: u64) {
+    let d = disk(disk_name);
+    let parts = partitions(d.as_ref()).unwrap();
+    let p = parts.iter().find(|p| p.name == part).unwrap();
+    let img = Arc::new(PatchImage {
+        base: d.clone(),
+        offset: p.offset,
+        len: p.length,
+        patches: Default::default(),
+        read_blocks: Default::default(),
+    });
+    let open = |img: &Arc<PatchImage>| {
+        let dd: Arc<dyn BlockImage> = img.clone();
+        open_volume(dd, &whole_part(img.len))
+    };
+    snapfs::restore::exercise(fs_of(open(&img)).as_ref(), 300);
+    let blocks: Vec<u64> = img.read_blocks.lock().unwrap().iter().copied().collect();
+    let (iterations, seed) = scale(iterations, seed);
+    let mut rng = Rng(seed);
+    let start = std::time::Instant::now();
+    let mut opened = 0;
+    for _ in 0..iterations {
+        {
+            let mut pt = img.patches.write().unwrap();
+            pt.clear();
+            for _ in 0..1 + rng.below(4) {
+                let b = blocks[rng.below(blocks.len() as u64) as usize];
+                let at = b * 4096 + rng.below(4096);
+                let v = match rng.below(3) {
+                    0 => 0,
+                    1 => 0xff,
+                    _ => rng.next() as u8,
+                };
+                pt.insert(at, v);
+            }
+        }
+        let t = std::time::Instant::now();
+        if let Ok(Volume::Fs(fs)) = open(&img) {
+            opened += 1;
+            snapfs::restore::exercise(fs.as_ref(), 60);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{label}: one iteration took {:?}",
+            t.elapsed()
+        );
+    }
+    eprintln!(
+        "{label}: {iterations} mutations over {} blocks, {opened} opened, {:?}",
+        blocks.len(),
+        start.elapsed()
+    );
+}
+
+#[test]
+fn xfs_mutation_loop() {
+    patch_mutation_loop("XFS", "gpt.raw", "p3", 2000, 0x005e_edf5);
 }

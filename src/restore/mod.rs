@@ -10,6 +10,7 @@ pub mod fat;
 pub mod partition;
 pub mod probe;
 pub mod slice;
+pub mod xfs;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -96,6 +97,7 @@ pub fn open_volume(disk: Arc<dyn BlockImage>, part: &Partition) -> Result<Volume
     match found {
         probe::Found::Ext4 => Ok(Volume::Fs(Arc::new(ext4::Ext4Fs::open(dev)?))),
         probe::Found::Fat => Ok(Volume::Fs(Arc::new(fat::FatFs::open(dev)?))),
+        probe::Found::Xfs => Ok(Volume::Fs(Arc::new(xfs::XfsFs::open(dev)?))),
         other => Ok(Volume::Unsupported {
             readme: probe::readme(&other, part),
         }),
