@@ -67,7 +67,7 @@ pub struct LibvirtOptions {
 }
 
 /// How long `instance.json` waits for a guest-ping.
-const PING_TIMEOUT: Duration = Duration::from_secs(1);
+const PING_TIMEOUT: Duration = Duration::from_millis(300);
 /// Longest image file base name we create (NAME_MAX is 255).
 const MAX_PART: usize = 60;
 const MAX_CHAIN: usize = 64;
@@ -563,7 +563,8 @@ impl Provider for LibvirtProvider {
             })
             .collect();
         let agent = if active {
-            if agent::ping(&dom, PING_TIMEOUT) {
+            let uuid = dom.uuid_string().unwrap_or_default();
+            if agent::ping(&dom, &uuid, PING_TIMEOUT) {
                 "reachable"
             } else {
                 "unreachable"

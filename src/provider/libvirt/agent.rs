@@ -1,12 +1,15 @@
 //! The guest agent through libvirt: ping, fsfreeze status, and the FS freeze/thaw calls
 //! that the `virt` crate only has in raw form (wrapped here once).
 
+use std::collections::HashSet;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use virt::domain::Domain;
 
 use super::lv_err;
 use crate::error::{Error, Result};
+use crate::namespace::registry::lock;
 
 /// Seconds for `virDomainQemuAgentCommand` (at least 1: 0 means "do not wait").
 fn secs(t: Duration) -> i32 {
@@ -23,8 +26,36 @@ pub fn command(dom: &Domain, cmd: &str, timeout: Duration) -> Result<serde_json:
     Ok(v.get("return").cloned().unwrap_or(serde_json::Value::Null))
 }
 
-pub fn ping(dom: &Domain, timeout: Duration) -> bool {
-    command(dom, r#"{"execute":"guest-ping"}"#, timeout).is_ok()
+/// Whether the agent answers a guest-ping within `deadline`. libvirt cannot wait less than a
+/// second (and a hung agent costs it its sync timeout), so the ping runs in its own thread;
+/// while one is still out for a domain, the agent counts as unreachable without a new one.
+pub fn ping(dom: &Domain, uuid: &str, deadline: Duration) -> bool {
+    static IN_FLIGHT: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    {
+        let mut g = lock(&IN_FLIGHT);
+        if !g.get_or_insert_with(HashSet::new).insert(uuid.to_string()) {
+            return false;
+        }
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let d = dom.clone();
+    let id = uuid.to_string();
+    let spawned = std::thread::Builder::new()
+        .name("guest-ping".into())
+        .spawn(move || {
+            let ok = command(&d, r#"{"execute":"guest-ping"}"#, Duration::from_secs(1)).is_ok();
+            if let Some(s) = lock(&IN_FLIGHT).as_mut() {
+                s.remove(&id);
+            }
+            let _ = tx.send(ok);
+        });
+    if spawned.is_err() {
+        if let Some(s) = lock(&IN_FLIGHT).as_mut() {
+            s.remove(uuid);
+        }
+        return false;
+    }
+    rx.recv_timeout(deadline).unwrap_or(false)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
