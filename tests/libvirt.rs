@@ -1,0 +1,586 @@
+//! The `libvirt` provider against the real test bed (scripts/testbed, docs/testbed.md):
+//! real TCG guests with a GPT + ext4 data disk and a writer loop, through the real mount.
+//!
+//! Without a reachable test bed the tests print a skip message and pass, unless
+//! `SNAPFS_REQUIRE_TESTBED=1` (CI), where they fail. Tests take one lock: at most two
+//! guests (a source and its clone) run at a time.
+
+mod common;
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const URI: &str = "qemu:///system";
+const LIBVIRT_ARG: &str = "--libvirt=qemu:///system";
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn base() -> PathBuf {
+    PathBuf::from(
+        std::env::var("SNAPFS_TESTBED_DIR").unwrap_or_else(|_| "/var/lib/snapfs-testbed".into()),
+    )
+}
+
+fn scripts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/testbed")
+}
+
+/// Whether the test bed is there; panics when it is required and missing.
+fn testbed_ready(test: &str) -> bool {
+    let guest = base().join("guest");
+    let mut missing = Vec::new();
+    for f in ["vmlinuz", "initrd.img", "cmdline", "demo-disk.qcow2"] {
+        if !guest.join(f).exists() {
+            missing.push(format!("{} missing", guest.join(f).display()));
+        }
+    }
+    if !scripts().join("define-guest.sh").exists() {
+        missing.push("scripts/testbed missing".into());
+    }
+    let virsh = Command::new("virsh").args(["-c", URI, "version"]).output();
+    if !virsh.is_ok_and(|o| o.status.success()) {
+        missing.push(format!("libvirt at {URI} not reachable"));
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let why = missing.join("; ");
+    if std::env::var("SNAPFS_REQUIRE_TESTBED").as_deref() == Ok("1") {
+        panic!("test bed required (SNAPFS_REQUIRE_TESTBED=1) but not ready: {why} (run scripts/testbed/up.sh)");
+    }
+    eprintln!("SKIP {test}: test bed not ready: {why} (scripts/testbed/up.sh brings it up)");
+    false
+}
+
+fn virsh(args: &[&str]) -> std::process::Output {
+    Command::new("virsh")
+        .args(["-q", "-c", URI])
+        .args(args)
+        .output()
+        .expect("run virsh")
+}
+
+fn script(name: &str, args: &[&str]) -> std::process::Output {
+    Command::new(scripts().join(name))
+        .args(args)
+        .env("LIBVIRT_DEFAULT_URI", URI)
+        .output()
+        .unwrap_or_else(|e| panic!("run {name}: {e}"))
+}
+
+fn script_ok(name: &str, args: &[&str]) -> String {
+    let o = script(name, args);
+    assert!(
+        o.status.success(),
+        "{name} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Destroy and undefine a domain we made, with its snapshot metadata and files.
+fn remove_domain(name: &str) {
+    let _ = virsh(&["destroy", name]);
+    let snaps = virsh(&["snapshot-list", name, "--name"]);
+    for s in String::from_utf8_lossy(&snaps.stdout).lines() {
+        if !s.trim().is_empty() {
+            let _ = virsh(&["snapshot-delete", name, s.trim(), "--metadata"]);
+        }
+    }
+    let _ = virsh(&["undefine", name, "--nvram"]);
+    let _ = virsh(&["undefine", name]);
+    let prefix = format!("{name}.");
+    if let Ok(rd) = fs::read_dir(base().join("images")) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+    let _ = fs::remove_file(base().join("run").join(format!("{name}.ctl")));
+}
+
+/// A test guest `lv-…` of our own, removed on drop.
+struct Guest {
+    name: String,
+}
+
+impl Guest {
+    fn define(name: &str) -> Guest {
+        remove_domain(name);
+        let outdir = base().join("guest");
+        script_ok("define-guest.sh", &[name, outdir.to_str().unwrap()]);
+        Guest { name: name.into() }
+    }
+
+    fn start(&self) {
+        script_ok(
+            "define-guest.sh",
+            &[
+                "--start",
+                &self.name,
+                base().join("guest").to_str().unwrap(),
+            ],
+        );
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        script_ok("wait-agent.sh", &[&self.name, "120"]);
+        // The writer loop runs once /data is mounted; wait until it has written.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.writer_seq().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "writer of {} never started",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn uuid(&self) -> String {
+        let o = virsh(&["domuuid", &self.name]);
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+
+    /// The control port's status line (works without the agent).
+    fn status(&self) -> String {
+        script_ok("guest-ctl.sh", &[&self.name, "status"])
+    }
+
+    fn frozen(&self) -> bool {
+        self.status().contains("frozen=1")
+    }
+
+    /// Last sequence number of the guest's writer loop.
+    fn writer_seq(&self) -> Option<u64> {
+        let st = script("guest-ctl.sh", &[&self.name, "status"]);
+        let st = String::from_utf8_lossy(&st.stdout).into_owned();
+        let w = st
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("writer="))?;
+        w.split('/').next()?.parse().ok()
+    }
+
+    /// The writer keeps going: its sequence grows within `within`.
+    fn assert_writes_go_on(&self, within: Duration) {
+        let a = self.writer_seq().expect("writer seq");
+        let deadline = Instant::now() + within;
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            if self.writer_seq().is_some_and(|b| b > a) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: guest writer stuck at {a}",
+                self.name
+            );
+        }
+    }
+
+    fn exec(&self, cmd: &str) -> String {
+        script_ok("guest-exec.sh", &[&self.name, cmd, "20"])
+    }
+
+    fn agent(&self, json: &str) -> String {
+        let o = virsh(&["qemu-agent-command", &self.name, json, "--timeout", "10"]);
+        assert!(
+            o.status.success(),
+            "agent {json}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn state(&self) -> String {
+        String::from_utf8_lossy(&virsh(&["domstate", &self.name]).stdout)
+            .trim()
+            .to_string()
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        // Never leave a test guest frozen or paused agent behind, whatever happened.
+        let _ = script("guest-ctl.sh", &[&self.name, "agent-resume"]);
+        remove_domain(&self.name);
+    }
+}
+
+fn guest_name(tag: &str) -> String {
+    format!("lv-t{}-{tag}", std::process::id())
+}
+
+fn instance_dir(m: &Mount, name: &str) -> PathBuf {
+    m.mnt.join("instances").join(name)
+}
+
+fn snap_dir(m: &Mount, name: &str, snap: &str) -> PathBuf {
+    instance_dir(m, name).join(".snapshots").join(snap)
+}
+
+fn json(p: &Path) -> serde_json::Value {
+    let b = fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+    serde_json::from_slice(&b).unwrap_or_else(|e| panic!("parse {}: {e}", p.display()))
+}
+
+/// Wait until `ls instances` shows (or stops showing) `name`.
+fn wait_listed(m: &Mount, name: &str, listed: bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ls(&m.mnt.join("instances")).iter().any(|n| n == name) != listed {
+        assert!(
+            Instant::now() < deadline,
+            "instances/{name} listed={} expected",
+            !listed
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn read_at(f: &mut fs::File, off: u64, buf: &mut [u8]) {
+    use std::os::unix::fs::FileExt;
+    f.read_exact_at(buf, off).expect("read_at");
+}
+
+/// The ext4 `needs_recovery` flag (incompat 0x4) of partition 1 of a GPT disk image file.
+fn ext4_needs_recovery(disk: &Path) -> bool {
+    let mut f = fs::File::open(disk).expect("open disk");
+    let mut hdr = [0u8; 92];
+    read_at(&mut f, 512, &mut hdr);
+    assert_eq!(
+        &hdr[..8],
+        b"EFI PART",
+        "no GPT header in {}",
+        disk.display()
+    );
+    let entries_lba = u64::from_le_bytes(hdr[72..80].try_into().unwrap());
+    let mut entry = [0u8; 128];
+    read_at(&mut f, entries_lba * 512, &mut entry);
+    let first_lba = u64::from_le_bytes(entry[32..40].try_into().unwrap());
+    assert!(first_lba > 0, "partition 1 missing");
+    let mut sb = [0u8; 1024];
+    read_at(&mut f, first_lba * 512 + 1024, &mut sb);
+    assert_eq!(
+        u16::from_le_bytes([sb[56], sb[57]]),
+        0xEF53,
+        "no ext4 superblock"
+    );
+    let incompat = u32::from_le_bytes(sb[96..100].try_into().unwrap());
+    incompat & 0x4 != 0
+}
+
+fn digest(p: &Path) -> u64 {
+    use std::hash::Hasher;
+    let mut f = fs::File::open(p).expect("open");
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        h.write(&buf[..n]);
+    }
+    h.finish()
+}
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[test]
+fn mkdir_quiesced_while_guest_writes_and_bytes_stay() {
+    if !testbed_ready("mkdir_quiesced_while_guest_writes_and_bytes_stay") {
+        return;
+    }
+    let _one = lock();
+    let name = guest_name("q");
+    let m = Mount::with_providers(&[LIBVIRT_ARG]);
+    // A domain defined after the mount shows up (listing TTL 200 ms), running or not.
+    let g = Guest::define(&name);
+    wait_listed(&m, &name, true);
+    let info = json(&instance_dir(&m, &name).join("instance.json"));
+    assert_eq!(info["state"], "shut off");
+    assert_eq!(info["agent"], "not running");
+    g.start();
+    let info = json(&instance_dir(&m, &name).join("instance.json"));
+    assert_eq!(info["state"], "running", "{info}");
+    assert_eq!(info["agent"], "reachable", "{info}");
+    assert_eq!(info["disks"][0]["target"], "vda");
+    assert_eq!(info["disks"][0]["format"], "qcow2");
+    assert_eq!(info["disks"][0]["size"], 64 << 20);
+    assert_eq!(info["uuid"], g.uuid().as_str());
+
+    // Quiesced snapshot while the writer loop runs.
+    std::thread::sleep(Duration::from_secs(1));
+    let t = Instant::now();
+    fs::create_dir(snap_dir(&m, &name, "s1")).expect("mkdir s1");
+    eprintln!("mkdir s1 (quiesced): {} ms", t.elapsed().as_millis());
+    assert!(!g.frozen(), "guest left frozen after mkdir");
+    assert!(fs::read_dir(m.state_dir().join("frozen"))
+        .unwrap()
+        .next()
+        .is_none());
+    let sj = json(&snap_dir(&m, &name, "s1").join("snapshot.json"));
+    assert_eq!(sj["quiesced"], true, "{sj}");
+    assert_eq!(sj["memory"], false);
+    assert_eq!(sj["disks"][0]["target"], "vda");
+    assert_eq!(ls(&snap_dir(&m, &name, "s1")), ["snapshot.json", "vda.raw"]);
+    let vda = snap_dir(&m, &name, "s1").join("vda.raw");
+    assert_eq!(fs::metadata(&vda).unwrap().len(), 64 << 20);
+    assert!(
+        !ext4_needs_recovery(&vda),
+        "quiesced snapshot's ext4 needs recovery"
+    );
+    // The fact survives in libvirt's own metadata.
+    let desc = virsh(&["snapshot-dumpxml", &name, "s1"]);
+    assert!(String::from_utf8_lossy(&desc.stdout).contains("snapfs: quiesced=true"));
+
+    // The snapshot's bytes do not change while the guest keeps writing to its overlay.
+    let before = digest(&vda);
+    g.exec("dd if=/dev/urandom of=/data/more bs=64k count=16 2>/dev/null && sync");
+    g.assert_writes_go_on(Duration::from_secs(5));
+    assert_eq!(digest(&vda), before, "snapshot bytes changed (same mount)");
+    m.unmount();
+    m.mount(&[LIBVIRT_ARG]);
+    assert_eq!(
+        digest(&vda),
+        before,
+        "snapshot bytes changed (fresh mount, no page cache)"
+    );
+
+    // Crash-consistent (--quiesce off) for comparison: recorded as such; report the flag.
+    m.unmount();
+    m.mount(&[LIBVIRT_ARG, "--quiesce", "off"]);
+    fs::create_dir(snap_dir(&m, &name, "c1")).expect("mkdir c1");
+    let sj = json(&snap_dir(&m, &name, "c1").join("snapshot.json"));
+    assert_eq!(sj["quiesced"], false);
+    let dirty = ext4_needs_recovery(&snap_dir(&m, &name, "c1").join("vda.raw"));
+    eprintln!("crash-consistent snapshot c1: ext4 needs_recovery = {dirty} (typically true)");
+
+    // Internal snapshots made by others (virsh without --disk-only) are listed and readable.
+    let o = virsh(&["snapshot-create-as", &name, "i1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        ls(&instance_dir(&m, &name).join(".snapshots")),
+        ["c1", "i1", "s1"]
+    );
+    let sj = json(&snap_dir(&m, &name, "i1").join("snapshot.json"));
+    assert_eq!(sj["disks"][0]["kind"], "internal", "{sj}");
+    let img = sj["disks"][0]["source"].as_str().unwrap().to_string();
+    let reference = m.dir.path().join("i1.raw");
+    qemu_img(&[
+        "convert",
+        "-U",
+        "-O",
+        "raw",
+        "-l",
+        "snapshot.name=i1",
+        &img,
+        reference.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        first_difference(&snap_dir(&m, &name, "i1").join("vda.raw"), &reference),
+        None
+    );
+    fs::remove_file(&reference).unwrap();
+    fs::remove_dir(snap_dir(&m, &name, "i1")).expect("rmdir i1");
+
+    // rmdir (no dependents): gone at once; the guest still writes.
+    fs::remove_dir(snap_dir(&m, &name, "c1")).expect("rmdir c1");
+    fs::remove_dir(snap_dir(&m, &name, "s1")).expect("rmdir s1");
+    assert!(ls(&instance_dir(&m, &name).join(".snapshots")).is_empty());
+    g.assert_writes_go_on(Duration::from_secs(5));
+    // Removed outside: gone from the tree.
+    drop(g);
+    wait_listed(&m, &name, false);
+}
+
+#[test]
+fn agent_down_require_times_out_prefer_falls_back() {
+    if !testbed_ready("agent_down_require_times_out_prefer_falls_back") {
+        return;
+    }
+    let _one = lock();
+    let name = guest_name("a");
+    let g = Guest::define(&name);
+    g.start();
+    let m = Mount::with_providers(&[LIBVIRT_ARG, "--quiesce", "require", "--freeze-timeout", "3"]);
+    let limit = Duration::from_millis(3000 + 1500);
+
+    // Agent killed in the guest.
+    script_ok("guest-agent-kill.sh", &[&name, "600"]);
+    let t = Instant::now();
+    let e = errno(fs::create_dir(snap_dir(&m, &name, "k1")));
+    let took = t.elapsed();
+    eprintln!(
+        "require + agent killed: errno {e} after {} ms",
+        took.as_millis()
+    );
+    assert_eq!(e, libc::ETIMEDOUT);
+    assert!(took < limit, "took {took:?}");
+    assert!(!g.frozen());
+    g.assert_writes_go_on(Duration::from_secs(5));
+
+    // Agent hung (SIGSTOP): the freeze never answers.
+    script_ok("guest-agent-start.sh", &[&name, "30"]);
+    script_ok("guest-agent-kill.sh", &["--hang", &name]);
+    let t = Instant::now();
+    let e = errno(fs::create_dir(snap_dir(&m, &name, "h1")));
+    let took = t.elapsed();
+    eprintln!(
+        "require + agent hung: errno {e} after {} ms",
+        took.as_millis()
+    );
+    assert_eq!(e, libc::ETIMEDOUT);
+    assert!(took < limit, "took {took:?}");
+    assert!(!g.frozen());
+    g.assert_writes_go_on(Duration::from_secs(5));
+    // The agent comes back: whatever it had queued, the guest ends thawed and the record goes.
+    script_ok("guest-agent-start.sh", &[&name, "30"]);
+    let frozen_dir = m.state_dir().join("frozen");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fs::read_dir(&frozen_dir).unwrap().next().is_some() {
+        assert!(Instant::now() < deadline, "freeze record never resolved");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(!g.frozen());
+    assert!(g
+        .agent(r#"{"execute":"guest-fsfreeze-status"}"#)
+        .contains("thawed"));
+    g.assert_writes_go_on(Duration::from_secs(5));
+    assert!(ls(&instance_dir(&m, &name).join(".snapshots")).is_empty());
+
+    // prefer: a crash-consistent snapshot that says so.
+    m.unmount();
+    m.mount(&[LIBVIRT_ARG, "--quiesce", "prefer", "--freeze-timeout", "3"]);
+    script_ok("guest-agent-kill.sh", &[&name, "600"]);
+    fs::create_dir(snap_dir(&m, &name, "p1")).expect("mkdir p1 with prefer");
+    let sj = json(&snap_dir(&m, &name, "p1").join("snapshot.json"));
+    assert_eq!(sj["quiesced"], false, "{sj}");
+    assert!(!g.frozen());
+    let desc = virsh(&["snapshot-dumpxml", &name, "p1"]);
+    assert!(String::from_utf8_lossy(&desc.stdout).contains("snapfs: quiesced=false"));
+}
+
+#[test]
+fn restart_thaws_a_guest_left_frozen() {
+    if !testbed_ready("restart_thaws_a_guest_left_frozen") {
+        return;
+    }
+    let _one = lock();
+    let name = guest_name("r");
+    let g = Guest::define(&name);
+    g.start();
+    // What a daemon killed with -9 between freeze and thaw leaves: a frozen guest and a record.
+    let m = Mount::unmounted();
+    let frozen_dir = m.state_dir().join("frozen");
+    fs::create_dir_all(&frozen_dir).unwrap();
+    let uuid = g.uuid();
+    fs::write(
+        frozen_dir.join(&uuid),
+        format!(r#"{{"domain":"{name}","uuid":"{uuid}","pid":1,"since":"x"}}"#),
+    )
+    .unwrap();
+    let o = virsh(&["domfsfreeze", &name]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(g.frozen());
+
+    m.mount(&[LIBVIRT_ARG]);
+    assert!(
+        g.agent(r#"{"execute":"guest-fsfreeze-status"}"#)
+            .contains("thawed"),
+        "guest still frozen after restart; log:\n{}",
+        m.log()
+    );
+    assert!(!frozen_dir.join(&uuid).exists(), "record kept");
+    // A guest write completes.
+    let out = g.exec("echo recovered > /data/after-restart && sync && cat /data/after-restart");
+    assert_eq!(out.trim(), "recovered");
+    g.assert_writes_go_on(Duration::from_secs(5));
+    assert!(m.log().contains("guest left frozen by a previous daemon"));
+}
+
+#[test]
+fn launch_boots_clone_and_rmdir_waits_for_it() {
+    if !testbed_ready("launch_boots_clone_and_rmdir_waits_for_it") {
+        return;
+    }
+    let _one = lock();
+    let name = guest_name("l");
+    let clone = format!("{name}-copy");
+    remove_domain(&clone);
+    let g = Guest::define(&name);
+    g.start();
+    let m = Mount::with_providers(&[LIBVIRT_ARG]);
+    g.exec("echo before > /data/marker && sync");
+    fs::create_dir(snap_dir(&m, &name, "s1")).expect("mkdir s1");
+    g.exec("echo after > /data/marker && sync");
+
+    let link = m.mnt.join("launch").join(&clone);
+    let target = format!("../instances/{name}/.snapshots/s1");
+    let t = Instant::now();
+    std::os::unix::fs::symlink(&target, &link).expect("ln -s");
+    eprintln!("launch (ln -s to running): {} ms", t.elapsed().as_millis());
+    let c = Guest {
+        name: clone.clone(),
+    };
+    assert_eq!(c.state(), "running");
+    assert_eq!(fs::read_link(&link).unwrap(), PathBuf::from(&target));
+    assert!(instance_dir(&m, &clone).join("instance.json").exists());
+    let ci = json(&instance_dir(&m, &clone).join("instance.json"));
+    assert_eq!(ci["launched_from"]["snapshot"], "s1");
+    assert_ne!(ci["uuid"], g.uuid().as_str());
+    // EEXIST for a taken name.
+    assert_eq!(
+        errno(std::os::unix::fs::symlink(&target, &link)),
+        libc::EEXIST
+    );
+
+    // The clone boots and sees the data as of the snapshot.
+    c.wait_ready();
+    assert_eq!(c.exec("cat /data/marker").trim(), "before");
+    assert_eq!(g.exec("cat /data/marker").trim(), "after");
+
+    // The record lives in the domain: a new daemon lists it.
+    m.unmount();
+    m.mount(&[LIBVIRT_ARG]);
+    assert_eq!(ls(&m.mnt.join("launch")), vec![clone.to_string()]);
+
+    // rmdir is refused while the clone depends on the snapshot's image, running or shut off.
+    assert_eq!(
+        errno(fs::remove_dir(snap_dir(&m, &name, "s1"))),
+        libc::EBUSY
+    );
+    let o = virsh(&["destroy", &clone]);
+    assert!(o.status.success());
+    assert_eq!(c.state(), "shut off");
+    assert_eq!(
+        errno(fs::remove_dir(snap_dir(&m, &name, "s1"))),
+        libc::EBUSY
+    );
+    // Forgetting the launch keeps the domain and its disks: still refused.
+    fs::remove_file(&link).expect("rm launch link");
+    assert!(ls(&m.mnt.join("launch")).is_empty());
+    assert_eq!(c.state(), "shut off");
+    assert_eq!(
+        errno(fs::remove_dir(snap_dir(&m, &name, "s1"))),
+        libc::EBUSY
+    );
+
+    // Once the clone is gone, rmdir works and the source keeps writing.
+    drop(c);
+    wait_listed(&m, &clone, false);
+    fs::remove_dir(snap_dir(&m, &name, "s1")).expect("rmdir s1");
+    assert!(ls(&instance_dir(&m, &name).join(".snapshots")).is_empty());
+    g.assert_writes_go_on(Duration::from_secs(5));
+    assert_eq!(g.exec("cat /data/marker").trim(), "after");
+}
