@@ -53,7 +53,12 @@ fn testbed_ready(test: &str) -> bool {
     if std::env::var("SNAPFS_REQUIRE_TESTBED").as_deref() == Ok("1") {
         panic!("test bed required (SNAPFS_REQUIRE_TESTBED=1) but not ready: {why} (run scripts/testbed/up.sh)");
     }
-    eprintln!("SKIP {test}: test bed not ready: {why} (scripts/testbed/up.sh brings it up)");
+    // Straight to the stderr stream: the harness captures eprintln! of passing tests.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIP {test}: test bed not ready: {why} (scripts/testbed/up.sh brings it up)"
+    );
     false
 }
 
@@ -104,6 +109,7 @@ fn remove_domain(name: &str) {
         }
     }
     let _ = fs::remove_file(base().join("run").join(format!("{name}.ctl")));
+    let _ = fs::remove_file(format!("/var/log/snapfs-testbed/{name}.console.log"));
 }
 
 /// A test guest `lv-…` of our own, removed on drop.
