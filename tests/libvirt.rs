@@ -316,6 +316,12 @@ fn mkdir_quiesced_while_guest_writes_and_bytes_stay() {
     let info = json(&instance_dir(&m, &name).join("instance.json"));
     assert_eq!(info["state"], "shut off");
     assert_eq!(info["agent"], "not running");
+    // A shut-off domain: a disk-only snapshot without the agent; the guest then boots on
+    // the overlay it created.
+    fs::create_dir(snap_dir(&m, &name, "off")).expect("mkdir off (shut off)");
+    let sj = json(&snap_dir(&m, &name, "off").join("snapshot.json"));
+    assert_eq!(sj["quiesced"], false, "{sj}");
+    assert!(!ext4_needs_recovery(&snap_dir(&m, &name, "off").join("vda.raw")));
     g.start();
     let info = json(&instance_dir(&m, &name).join("instance.json"));
     assert_eq!(info["state"], "running", "{info}");
@@ -377,7 +383,7 @@ fn mkdir_quiesced_while_guest_writes_and_bytes_stay() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(
         ls(&instance_dir(&m, &name).join(".snapshots")),
-        ["c1", "i1", "s1"]
+        ["c1", "i1", "off", "s1"]
     );
     let sj = json(&snap_dir(&m, &name, "i1").join("snapshot.json"));
     assert_eq!(sj["disks"][0]["kind"], "internal", "{sj}");
@@ -403,6 +409,7 @@ fn mkdir_quiesced_while_guest_writes_and_bytes_stay() {
     // rmdir (no dependents): gone at once; the guest still writes.
     fs::remove_dir(snap_dir(&m, &name, "c1")).expect("rmdir c1");
     fs::remove_dir(snap_dir(&m, &name, "s1")).expect("rmdir s1");
+    fs::remove_dir(snap_dir(&m, &name, "off")).expect("rmdir off");
     assert!(ls(&instance_dir(&m, &name).join(".snapshots")).is_empty());
     g.assert_writes_go_on(Duration::from_secs(5));
     // Removed outside: gone from the tree.
