@@ -71,7 +71,7 @@ guest_ms() {  # the guest writer's last monotonic ms, through the control port (
 frozen() { "$TB/guest-ctl.sh" "$NAME" status | grep -c 'frozen=1' || true; }
 stats() {  # stats < numbers: "median min max"
     sort -n | awk '{a[NR]=$1} END {if (NR == 0) {print "- - -"; exit}
-        m = (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2; printf "%g %g %g", m, a[1], a[NR]}'
+        m = (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2; printf "%g %g %g\n", m, a[1], a[NR]}'
 }
 
 echo "== guest $NAME (fresh), snapfs $SNAPFS"
