@@ -6,12 +6,13 @@
 #   vda   DISK (default /var/lib/snapfs-testbed/images/NAME.qcow2); created as a full copy of
 #         OUTDIR/demo-disk.qcow2 when it does not exist, used as it is when it does
 #   channel org.qemu.guest_agent.0 (unix socket chosen by libvirt)
-#   channel org.snapfs.ctl  -> /var/lib/snapfs-testbed/run/NAME.ctl (see guest-ctl.sh)
+#   channel org.snapfs.ctl (unix socket chosen by libvirt, see guest-ctl.sh; no fixed path, so a
+#           clone defined from this XML gets its own)
 #   serial console          -> /var/log/snapfs-testbed/NAME.console.log
 # --start      start the domain if it is not running
 # --recreate   destroy + undefine an existing NAME (and its snapshot metadata) and recreate its
-#              disk from demo-disk.qcow2 (external snapshot overlays of NAME in the images
-#              directory are removed too)
+#              disk from demo-disk.qcow2 (files of its disk chain named IMAGES/NAME.* are removed:
+#              its disk and external snapshot overlays; a DISK elsewhere is kept and reused)
 # Idempotent: an existing domain is left alone (unless --recreate).
 set -euo pipefail
 
@@ -29,7 +30,6 @@ OUTDIR=$(cd "${2:?usage: define-guest.sh [--start] [--recreate] NAME OUTDIR [DIS
 BASE=${SNAPFS_TESTBED_DIR:-/var/lib/snapfs-testbed}
 IMAGES=$BASE/images
 DISK=${3:-$IMAGES/$NAME.qcow2}
-RUNDIR=$BASE/run
 LOGDIR=/var/log/snapfs-testbed
 MEM_MIB=${SNAPFS_GUEST_MEM_MIB:-288}
 export LIBVIRT_DEFAULT_URI=${LIBVIRT_DEFAULT_URI:-qemu:///system}
@@ -38,7 +38,7 @@ log() { echo "define-guest: $*" >&2; }
 for f in vmlinuz initrd.img cmdline demo-disk.qcow2; do
     [[ -s $OUTDIR/$f ]] || { log "ERROR: $OUTDIR/$f missing (run build-guest.sh $OUTDIR)"; exit 1; }
 done
-mkdir -p "$IMAGES" "$RUNDIR" "$LOGDIR"
+mkdir -p "$IMAGES" "$LOGDIR"
 
 exists() { virsh -q dominfo "$NAME" >/dev/null 2>&1; }
 state() { virsh -q domstate "$NAME" 2>/dev/null | head -1; }
@@ -60,7 +60,8 @@ if [[ $RECREATE == 1 ]] && exists; then
     for f in "${chain[@]}"; do
         if [[ $f == "$IMAGES/$NAME".* ]]; then rm -f "$f"; fi
     done
-    rm -f "$DISK" "$RUNDIR/$NAME.ctl"
+    # a DISK given on the command line outside IMAGES/NAME.* is the caller's: keep it
+    if [[ $DISK == "$IMAGES/$NAME".* ]]; then rm -f "$DISK"; fi
 fi
 
 if ! exists; then
@@ -100,7 +101,6 @@ if ! exists; then
       <target type='virtio' name='org.qemu.guest_agent.0'/>
     </channel>
     <channel type='unix'>
-      <source mode='bind' path='$RUNDIR/$NAME.ctl'/>
       <target type='virtio' name='org.snapfs.ctl'/>
     </channel>
     <serial type='file'>

@@ -1,14 +1,20 @@
 #!/bin/bash
 # guest-ctl.sh NAME COMMAND [ARG]: send one command to the guest's control port (virtio-serial
-# port org.snapfs.ctl, host side /var/lib/snapfs-testbed/run/NAME.ctl) and print the reply line.
-# Works without the guest agent. Commands: ping | status | agent-stop [SECONDS] | agent-start |
+# port org.snapfs.ctl; host side: the unix socket in the domain's live XML) and print the reply line.
+# Works without the guest agent. Commands: ping | status | writer-stop | writer-start | agent-stop [SECONDS] | agent-start |
 # agent-pause (SIGSTOP qemu-ga: requests hang) | agent-resume (SIGCONT) |
 # run 'SHELL COMMAND' (prints its output; 10 s limit in the guest)
 set -euo pipefail
 NAME=${1:?usage: guest-ctl.sh NAME COMMAND [ARG]}
 shift
-SOCK=${SNAPFS_TESTBED_DIR:-/var/lib/snapfs-testbed}/run/$NAME.ctl
-[[ -S $SOCK ]] || { echo "guest-ctl: no control socket $SOCK (domain not running?)" >&2; exit 1; }
+export LIBVIRT_DEFAULT_URI=${LIBVIRT_DEFAULT_URI:-qemu:///system}
+# host end of the channel named org.snapfs.ctl, from the live XML (libvirt picks the path)
+SOCK=$(virsh -q dumpxml "$NAME" 2>/dev/null | awk '
+    /<channel type=.unix.>/ { inch = 1; path = "" }
+    inch && /<source / { if (match($0, /path=.[^"\x27]*/)) path = substr($0, RSTART + 6, RLENGTH - 6) }
+    inch && /name=.org\.snapfs\.ctl./ { print path; exit }
+    /<\/channel>/ { inch = 0 }')
+[[ -n $SOCK && -S $SOCK ]] || { echo "guest-ctl: no control socket for $NAME (not running?)" >&2; exit 1; }
 coproc CTL { exec socat - "UNIX-CONNECT:$SOCK" 2>/dev/null; }
 trap 'kill "$CTL_PID" 2>/dev/null || true' EXIT
 printf '%s\n' "$*" >&"${CTL[1]}"

@@ -5,6 +5,8 @@
 set -euo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
+# keep an existing (e.g. our edited) qemu.conf on reinstall, never prompt
+DPKG_OPTS=(-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
 
 # Packages taken from bookworm-backports (must match the qemu-utils 10.0 already on the image).
 BP_PKGS=(qemu-system-x86 qemu-system-common qemu-system-data qemu-guest-agent qemu-utils seabios
@@ -57,8 +59,8 @@ if [[ $need_install == 1 ]]; then
     # has them), so qemu-utils 10.0 is kept, never downgraded to bookworm's 7.2. The plain tools
     # come from bookworm in a second call (e2fsprogs from backports would change mkfs defaults).
     {
-        apt-get install -y -q --no-install-recommends -t bookworm-backports "${BP_PKGS[@]}" &&
-        apt-get install -y -q --no-install-recommends "${TOOLS[@]}"
+        apt-get install -y -q --no-install-recommends "${DPKG_OPTS[@]}" -t bookworm-backports "${BP_PKGS[@]}" &&
+        apt-get install -y -q --no-install-recommends "${DPKG_OPTS[@]}" "${TOOLS[@]}"
     } >/tmp/snapfs-testbed-apt.log 2>&1 || { tail -30 /tmp/snapfs-testbed-apt.log >&2; exit 1; }
 fi
 
