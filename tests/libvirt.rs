@@ -321,7 +321,9 @@ fn mkdir_quiesced_while_guest_writes_and_bytes_stay() {
     fs::create_dir(snap_dir(&m, &name, "off")).expect("mkdir off (shut off)");
     let sj = json(&snap_dir(&m, &name, "off").join("snapshot.json"));
     assert_eq!(sj["quiesced"], false, "{sj}");
-    assert!(!ext4_needs_recovery(&snap_dir(&m, &name, "off").join("vda.raw")));
+    assert!(!ext4_needs_recovery(
+        &snap_dir(&m, &name, "off").join("vda.raw")
+    ));
     g.start();
     let info = json(&instance_dir(&m, &name).join("instance.json"));
     assert_eq!(info["state"], "running", "{info}");
@@ -426,8 +428,20 @@ fn agent_down_require_times_out_prefer_falls_back() {
     let name = guest_name("a");
     let g = Guest::define(&name);
     g.start();
-    let m = Mount::with_providers(&[LIBVIRT_ARG, "--quiesce", "require", "--freeze-timeout", "3"]);
+    // A long listing TTL: once instance.json is read, a mkdir sends no guest-ping first (a
+    // ping that times out on a hung agent makes libvirt resync, and then the sync, not the
+    // freeze, is what times out: the late-freeze case would not be exercised).
+    let m = Mount::with_providers(&[
+        LIBVIRT_ARG,
+        "--quiesce",
+        "require",
+        "--freeze-timeout",
+        "3",
+        "--list-ttl-ms",
+        "60000",
+    ]);
     let limit = Duration::from_millis(3000 + 1500);
+    let frozen_dir = m.state_dir().join("frozen");
 
     // Agent killed in the guest.
     script_ok("guest-agent-kill.sh", &[&name, "600"]);
@@ -441,35 +455,63 @@ fn agent_down_require_times_out_prefer_falls_back() {
     assert_eq!(e, libc::ETIMEDOUT);
     assert!(took < limit, "took {took:?}");
     assert!(!g.frozen());
+    assert!(fs::read_dir(&frozen_dir).unwrap().next().is_none());
     g.assert_writes_go_on(Duration::from_secs(5));
 
-    // Agent hung (SIGSTOP): the freeze never answers.
-    script_ok("guest-agent-start.sh", &[&name, "30"]);
-    script_ok("guest-agent-kill.sh", &["--hang", &name]);
-    let t = Instant::now();
-    let e = errno(fs::create_dir(snap_dir(&m, &name, "h1")));
-    let took = t.elapsed();
-    eprintln!(
-        "require + agent hung: errno {e} after {} ms",
-        took.as_millis()
-    );
-    assert_eq!(e, libc::ETIMEDOUT);
-    assert!(took < limit, "took {took:?}");
-    assert!(!g.frozen());
-    g.assert_writes_go_on(Duration::from_secs(5));
-    // The agent comes back: whatever it had queued, the guest ends thawed and the record goes.
-    script_ok("guest-agent-start.sh", &[&name, "30"]);
-    let frozen_dir = m.state_dir().join("frozen");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while fs::read_dir(&frozen_dir).unwrap().next().is_some() {
-        assert!(Instant::now() < deadline, "freeze record never resolved");
-        std::thread::sleep(Duration::from_millis(250));
+    // Agent hung (SIGSTOP): the freeze does not answer. libvirt either blocks (its default)
+    // or gives up after its own agent timeout with the freeze queued in the channel; either
+    // way the guest freezes when the agent resumes ("late freeze"), and snapfs must thaw it.
+    for (case, libvirt_timeout) in [
+        ("hung agent, libvirt blocks", "-2"),
+        ("hung agent, libvirt agent timeout 2 s", "2"),
+    ] {
+        let o = virsh(&["guest-agent-timeout", &name, "--timeout", libvirt_timeout]);
+        assert!(o.status.success());
+        script_ok("guest-agent-start.sh", &[&name, "30"]);
+        let _ = json(&instance_dir(&m, &name).join("instance.json"));
+        let late = |log: String| {
+            log.matches("late freeze undone").count()
+                + log
+                    .matches("freeze returned after its deadline: guest thawed")
+                    .count()
+        };
+        let late_before = late(m.log());
+        script_ok("guest-agent-kill.sh", &["--hang", &name]);
+        let t = Instant::now();
+        let e = errno(fs::create_dir(snap_dir(&m, &name, "h1")));
+        let took = t.elapsed();
+        eprintln!("require + {case}: errno {e} after {} ms", took.as_millis());
+        assert_eq!(e, libc::ETIMEDOUT, "{case}");
+        assert!(took < limit, "{case}: took {took:?}");
+        assert!(!g.frozen(), "{case}: frozen while the agent is stopped");
+        g.assert_writes_go_on(Duration::from_secs(5));
+        std::thread::sleep(Duration::from_secs(1));
+        // The agent comes back: the guest ends thawed and the record goes.
+        script_ok("guest-agent-start.sh", &[&name, "30"]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while fs::read_dir(&frozen_dir).unwrap().next().is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "{case}: freeze record never resolved"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        assert!(!g.frozen(), "{case}: guest left frozen");
+        assert!(g
+            .agent(r#"{"execute":"guest-fsfreeze-status"}"#)
+            .contains("thawed"));
+        g.assert_writes_go_on(Duration::from_secs(5));
+        let log = m.log();
+        eprintln!(
+            "{case}: late freeze seen and thawed by snapfs: {}",
+            log.matches("late freeze undone").count()
+                + log
+                    .matches("freeze returned after its deadline: guest thawed")
+                    .count()
+        );
     }
-    assert!(!g.frozen());
-    assert!(g
-        .agent(r#"{"execute":"guest-fsfreeze-status"}"#)
-        .contains("thawed"));
-    g.assert_writes_go_on(Duration::from_secs(5));
+    let o = virsh(&["guest-agent-timeout", &name, "--timeout", "-2"]);
+    assert!(o.status.success());
     assert!(ls(&instance_dir(&m, &name).join(".snapshots")).is_empty());
 
     // prefer: a crash-consistent snapshot that says so.

@@ -101,7 +101,10 @@ impl Mount {
     pub fn mount(&self, extra: &[&str]) {
         let state = self.dir.path().join("state");
         let mut cmd = Command::new(BIN);
-        cmd.args(["mount", "--list-ttl-ms", "200"]);
+        cmd.arg("mount");
+        if !extra.contains(&"--list-ttl-ms") {
+            cmd.args(["--list-ttl-ms", "200"]);
+        }
         if !self.images.as_os_str().is_empty() {
             cmd.arg("--images").arg(&self.images);
         }

@@ -197,15 +197,16 @@ impl Freezer {
         name: &str,
         e: &Error,
     ) {
-        // libvirt sent nothing to an agent that is not connected.
-        if e.to_string().contains("not connected") {
+        let msg = e.to_string();
+        // libvirt sent nothing to an agent that is not connected; an agent already in frozen
+        // state was frozen by someone else, whose thaw it is.
+        if msg.contains("not connected") || msg.contains("frozen state") {
             self.remove_record(uuid);
             return;
         }
-        match agent::freeze_status(dom, Duration::from_secs(2)) {
-            Ok(FreezeStatus::Thawed) => self.remove_record(uuid),
-            _ => self.watch(dom, uuid, name),
-        }
+        // The freeze may still land (a hung agent with a libvirt agent timeout has it queued):
+        // check in the background, so the caller's deadline holds.
+        self.watch(dom, uuid, name);
     }
 
     /// Thaw `dom` now; on failure hand it to a background watcher. Removes the record once
@@ -252,24 +253,34 @@ impl Freezer {
     fn settle(&self, dom: &Domain, uuid: &str, name: &str, thaw_first: bool) {
         lock(&self.unresolved).insert(uuid.to_string());
         let until = Instant::now() + WATCH_FOR;
-        let mut thaw = thaw_first;
-        let resolved = loop {
-            if thaw {
-                match agent::fs_thaw(dom) {
-                    Ok(n) => {
-                        info!(domain = %name, filesystems = n, "late freeze undone: guest thawed");
-                        break true;
-                    }
-                    Err(e) => debug!(domain = %name, error = %e, "thaw attempt failed"),
-                }
+        let thaw = |why: &str| match agent::fs_thaw(dom) {
+            Ok(n) => {
+                info!(domain = %name, filesystems = n, "{why}: guest thawed");
+                true
             }
+            Err(e) => {
+                debug!(domain = %name, error = %e, "thaw attempt failed");
+                false
+            }
+        };
+        if thaw_first && thaw("freeze returned after its deadline") {
+            self.remove_record(uuid);
+            lock(&self.unresolved).remove(uuid);
+            return;
+        }
+        let resolved = loop {
             if !dom.is_active().unwrap_or(true) {
                 info!(domain = %name, "domain no longer running: nothing left frozen");
                 break true;
             }
             match agent::freeze_status(dom, STATUS_TIMEOUT) {
                 Ok(FreezeStatus::Thawed) => break true,
-                Ok(FreezeStatus::Frozen) => thaw = true,
+                Ok(FreezeStatus::Frozen) => {
+                    warn!(domain = %name, "late freeze: the guest froze after we gave up; thawing");
+                    if thaw("late freeze undone") {
+                        break true;
+                    }
+                }
                 Err(e) => debug!(domain = %name, error = %e, "agent not answering yet"),
             }
             if Instant::now() >= until {
