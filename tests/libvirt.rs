@@ -635,3 +635,60 @@ fn launch_boots_clone_and_rmdir_waits_for_it() {
     g.assert_writes_go_on(Duration::from_secs(5));
     assert_eq!(g.exec("cat /data/marker").trim(), "after");
 }
+
+/// A transient libvirt storage pool of our own, destroyed on drop.
+struct Pool(String);
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let _ = virsh(&["pool-destroy", &self.0]);
+    }
+}
+
+#[test]
+fn storage_pool_volumes_behave_like_images() {
+    if !testbed_ready("storage_pool_volumes_behave_like_images") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let vol = t.path().join("vol1.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", vol.to_str().unwrap(), "16M"]);
+    qemu_io(&vol, "write -P 0xab 0 1M");
+    let pool = Pool(format!("lv-tp{}", std::process::id()));
+    let o = virsh(&[
+        "pool-create-as",
+        &pool.0,
+        "dir",
+        "--target",
+        t.path().to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let m = Mount::with_providers(&[LIBVIRT_ARG]);
+    assert!(ls(&m.mnt.join("volumes")).contains(&pool.0));
+    let v = m.mnt.join("volumes").join(&pool.0).join("vol1.qcow2");
+    assert_eq!(ls(&v), [".snapshots", "volume.json"]);
+    fs::create_dir(v.join(".snapshots/v1")).expect("mkdir volume snapshot");
+    qemu_io(&vol, "write -P 0xcd 0 64k");
+    let disk = v.join(".snapshots/v1/disk.raw");
+    let mut head = [0u8; 4];
+    fs::File::open(&disk)
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert_eq!(
+        head, [0xab; 4],
+        "snapshot shows the bytes before the later write"
+    );
+    fs::remove_dir(v.join(".snapshots/v1")).expect("rmdir volume snapshot");
+    assert!(ls(&v.join(".snapshots")).is_empty());
+    drop(pool);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ls(&m.mnt.join("volumes"))
+        .iter()
+        .any(|p| p.starts_with("lv-tp"))
+    {
+        assert!(Instant::now() < deadline, "destroyed pool still listed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -28,6 +28,7 @@ use virt::domain_snapshot::DomainSnapshot;
 use virt::error::ErrorNumber;
 use virt::sys;
 
+use super::images::ImagesProvider;
 use super::{LaunchInfo, ObjectInfo, Owner, Provider, SnapDisk, SnapshotInfo};
 use crate::error::{Error, IoContext, Result};
 use crate::image::{self, qcow2, BlockCache, BlockImage, Format};
@@ -266,6 +267,46 @@ impl LibvirtProvider {
             info!(records = n, "freeze records from a previous daemon handled");
         }
         Ok(n)
+    }
+
+    /// Active storage pools whose volumes are host files: (name, directory).
+    fn pool_dirs(&self) -> Result<Vec<(String, PathBuf)>> {
+        let pools = self
+            .conn()?
+            .list_all_storage_pools(sys::VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+            .map_err(|e| lv_err("listing storage pools", e))?;
+        let mut out = Vec::new();
+        for p in pools {
+            let (Ok(name), Ok(x)) = (p.name(), p.xml_desc(0)) else {
+                continue;
+            };
+            match xml::pool_dir(&x) {
+                Ok(Some(dir)) => out.push((name, dir)),
+                Ok(None) => {
+                    debug!(pool = %name, "storage pool without a host directory: not shown")
+                }
+                Err(e) => warn!(pool = %name, error = %e, "unreadable storage pool XML"),
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// A volume of a directory pool behaves exactly like one of the `images` provider.
+    fn pool_images(&self, owner: &Owner) -> Result<ImagesProvider> {
+        let Owner::Volume { pool, .. } = owner else {
+            return Err(Error::NotFound(owner.to_string()));
+        };
+        self.pool_provider(pool)
+    }
+
+    fn pool_provider(&self, pool: &str) -> Result<ImagesProvider> {
+        let (name, dir) = self
+            .pool_dirs()?
+            .into_iter()
+            .find(|(n, _)| n == pool)
+            .ok_or_else(|| Error::NotFound(format!("pool {pool}")))?;
+        Ok(ImagesProvider::named(&name, &dir, self.cache.clone()))
     }
 
     fn domain(&self, owner: &Owner) -> Result<Domain> {
@@ -524,6 +565,14 @@ impl Provider for LibvirtProvider {
         "libvirt"
     }
 
+    fn pools(&self) -> Result<Vec<String>> {
+        Ok(self.pool_dirs()?.into_iter().map(|(n, _)| n).collect())
+    }
+
+    fn volumes(&self, pool: &str) -> Result<Vec<String>> {
+        self.pool_provider(pool)?.volumes(pool)
+    }
+
     fn instances(&self) -> Result<Vec<String>> {
         let doms = self
             .conn()?
@@ -535,6 +584,9 @@ impl Provider for LibvirtProvider {
     }
 
     fn info(&self, owner: &Owner) -> Result<ObjectInfo> {
+        if let Owner::Volume { .. } = owner {
+            return self.pool_images(owner)?.info(owner);
+        }
         let dom = self.domain(owner)?;
         let (state, active) = state_name(&dom)?;
         let info = dom.info().map_err(|e| lv_err("domain info", e))?;
@@ -598,6 +650,9 @@ impl Provider for LibvirtProvider {
     }
 
     fn snapshots(&self, owner: &Owner) -> Result<Vec<SnapshotInfo>> {
+        if let Owner::Volume { .. } = owner {
+            return self.pool_images(owner)?.snapshots(owner);
+        }
         let dom = self.domain(owner)?;
         let current = Self::domain_xml(&dom, 0)?.disks;
         let snaps = dom
@@ -615,6 +670,9 @@ impl Provider for LibvirtProvider {
     }
 
     fn create_snapshot(&self, owner: &Owner, name: &str) -> Result<()> {
+        if let Owner::Volume { .. } = owner {
+            return self.pool_images(owner)?.create_snapshot(owner, name);
+        }
         if name.is_empty() || name.len() > 255 {
             return Err(Error::Invalid(format!("snapshot name {name:?}")));
         }
@@ -703,6 +761,9 @@ impl Provider for LibvirtProvider {
     }
 
     fn delete_snapshot(&self, owner: &Owner, name: &str) -> Result<()> {
+        if let Owner::Volume { .. } = owner {
+            return self.pool_images(owner)?.delete_snapshot(owner, name);
+        }
         let dom = self.domain(owner)?;
         let uuid = dom.uuid_string().map_err(|e| lv_err("domain uuid", e))?;
         let snap = Self::lookup_snapshot(&dom, owner, name)?;
@@ -729,6 +790,9 @@ impl Provider for LibvirtProvider {
         snap: &SnapshotInfo,
         target: &str,
     ) -> Result<Arc<dyn BlockImage>> {
+        if let Owner::Volume { .. } = owner {
+            return self.pool_images(owner)?.open_disk(owner, snap, target);
+        }
         let dom = self.domain(owner)?;
         let s = Self::lookup_snapshot(&dom, owner, &snap.name)?;
         let sx = Self::snapshot_xml(&s)?;

@@ -159,6 +159,18 @@ pub fn parse_domain(xml: &str) -> Result<DomainXml> {
     })
 }
 
+/// The directory behind a storage pool whose volumes are host files (`dir`, `fs`, `netfs`).
+pub fn pool_dir(xml: &str) -> Result<Option<PathBuf>> {
+    let doc = parse(xml)?;
+    let root = doc.root_element();
+    if !matches!(root.attribute("type"), Some("dir" | "fs" | "netfs")) {
+        return Ok(None);
+    }
+    Ok(child(root, "target")
+        .and_then(|t| child_text(t, "path"))
+        .map(PathBuf::from))
+}
+
 /// One disk entry of a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapDiskXml {
