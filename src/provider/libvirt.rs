@@ -676,6 +676,11 @@ impl Provider for LibvirtProvider {
         if name.is_empty() || name.len() > 255 {
             return Err(Error::Invalid(format!("snapshot name {name:?}")));
         }
+        if name.contains('/') {
+            return Err(Error::Invalid(format!(
+                "{name:?}: libvirt snapshot names cannot contain '/'"
+            )));
+        }
         xml::escape(name)?;
         let dom = self.domain(owner)?;
         let dom_name = dom.name().map_err(|e| lv_err("domain name", e))?;
