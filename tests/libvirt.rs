@@ -324,6 +324,11 @@ fn mkdir_quiesced_while_guest_writes_and_bytes_stay() {
     assert!(!ext4_needs_recovery(
         &snap_dir(&m, &name, "off").join("vda.raw")
     ));
+    // A name libvirt refuses ('/', written %2F in the tree) is EINVAL, not EIO.
+    assert_eq!(
+        errno(fs::create_dir(snap_dir(&m, &name, "a%2Fb"))),
+        libc::EINVAL
+    );
     g.start();
     let info = json(&instance_dir(&m, &name).join("instance.json"));
     assert_eq!(info["state"], "running", "{info}");
