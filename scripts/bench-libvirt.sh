@@ -63,12 +63,20 @@ cleanup() {
     rm -rf "$WORK"
 }
 trap cleanup EXIT
+trap 'echo "bench-libvirt: failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 guest_ms() {  # the guest writer's last monotonic ms, through the control port (no agent)
-    "$TB/guest-ctl.sh" "$NAME" status | sed -n 's/.*writer=[0-9]*\/\([0-9]*\).*/\1/p'
+    local v i
+    for i in 1 2 3 4 5; do  # the port may miss a reply on a loaded host: ask again
+        v=$("$TB/guest-ctl.sh" "$NAME" status 2>/dev/null | sed -n 's/.*writer=[0-9]*\/\([0-9]*\).*/\1/p') || true
+        [[ -n $v ]] && { echo "$v"; return 0; }
+        sleep 0.2
+    done
+    echo "guest-ctl.sh $NAME status: no answer ($i tries)" >&2
+    return 1
 }
-frozen() { "$TB/guest-ctl.sh" "$NAME" status | grep -c 'frozen=1' || true; }
+frozen() { "$TB/guest-ctl.sh" "$NAME" status 2>/dev/null | grep -c 'frozen=1' || true; }
 stats() {  # stats < numbers: "median min max"
     sort -n | awk '{a[NR]=$1} END {if (NR == 0) {print "- - -"; exit}
         m = (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2; printf "%g %g %g\n", m, a[1], a[NR]}'
@@ -76,8 +84,8 @@ stats() {  # stats < numbers: "median min max"
 
 echo "== guest $NAME (fresh), snapfs $SNAPFS"
 remove_domain "$NAME"
-"$TB/define-guest.sh" --start "$NAME" "$BASE/guest" 2>/dev/null
-"$TB/wait-agent.sh" "$NAME" 120 2>/dev/null
+"$TB/define-guest.sh" --start "$NAME" "$BASE/guest" >/dev/null
+"$TB/wait-agent.sh" "$NAME" 120
 until [[ -n $(guest_ms) ]]; do sleep 0.2; done
 sleep 2
 "$SNAPFS" mount --libvirt --state-dir "$WORK/state" --list-ttl-ms 200 "$MNT"
