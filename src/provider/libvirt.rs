@@ -703,13 +703,15 @@ impl Provider for LibvirtProvider {
                         fresh_image_path(dir, &dom_name, name, &d.target)?,
                     ));
                 }
-                DiskSource::None => excluded.push(d.target.clone()),
                 other => {
+                    let what = match other {
+                        DiskSource::None => "without a source".to_string(),
+                        o => o.describe(),
+                    };
                     return Err(Error::NotSupported(format!(
-                        "disk {} of {owner} is {}: only file disks get external snapshots",
-                        d.target,
-                        other.describe()
-                    )))
+                        "disk {} of {owner} is {what}: only file disks get external snapshots",
+                        d.target
+                    )));
                 }
             }
         }

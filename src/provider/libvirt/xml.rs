@@ -61,6 +61,11 @@ pub enum DiskSource {
         protocol: String,
         name: String,
     },
+    /// A libvirt storage volume (`<disk type='volume'>`).
+    Volume {
+        pool: String,
+        volume: String,
+    },
     None,
 }
 
@@ -69,6 +74,7 @@ impl DiskSource {
         match self {
             DiskSource::File(p) | DiskSource::Block(p) => p.display().to_string(),
             DiskSource::Network { protocol, name } => format!("{protocol}:{name}"),
+            DiskSource::Volume { pool, volume } => format!("volume {pool}/{volume}"),
             DiskSource::None => String::new(),
         }
     }
@@ -115,6 +121,10 @@ fn disk_of(n: roxmltree::Node<'_, '_>) -> Option<Disk> {
             .attribute("dev")
             .map(|f| DiskSource::Block(f.into()))
             .unwrap_or(DiskSource::None),
+        ("volume", Some(s)) => DiskSource::Volume {
+            pool: s.attribute("pool").unwrap_or("").to_string(),
+            volume: s.attribute("volume").unwrap_or("").to_string(),
+        },
         ("network", Some(s)) => DiskSource::Network {
             protocol: s.attribute("protocol").unwrap_or("").to_string(),
             name: s.attribute("name").unwrap_or("").to_string(),
