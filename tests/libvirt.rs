@@ -702,3 +702,56 @@ fn storage_pool_volumes_behave_like_images() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn mkdir_on_two_instances_at_once() {
+    if !testbed_ready("mkdir_on_two_instances_at_once") {
+        return;
+    }
+    let _one = lock();
+    let (a, b) = (guest_name("pa"), guest_name("pb"));
+    let ga = Guest::define(&a);
+    let gb = Guest::define(&b);
+    ga.start();
+    gb.start();
+    let m = Mount::with_providers(&[LIBVIRT_ARG, "-vv"]);
+    let barrier = std::sync::Barrier::new(2);
+    let results: Vec<(String, std::io::Result<()>, Duration)> = std::thread::scope(|s| {
+        let hs: Vec<_> = [&a, &b]
+            .into_iter()
+            .map(|n| {
+                let (m, barrier) = (&m, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    let t = Instant::now();
+                    let r = fs::create_dir(snap_dir(m, n, "s1"));
+                    (n.clone(), r, t.elapsed())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (n, r, took) in &results {
+        eprintln!(
+            "parallel mkdir {n}: {:?} in {} ms",
+            r.as_ref().map_err(|e| e.to_string()),
+            took.as_millis()
+        );
+        assert!(r.is_ok(), "{n}: {r:?}");
+        assert_eq!(
+            json(&snap_dir(&m, n, "s1").join("snapshot.json"))["quiesced"],
+            true
+        );
+    }
+    assert!(!ga.frozen() && !gb.frozen());
+    // Whether both guests were frozen at the same time (the daemon has no global lock).
+    let log = m.log();
+    let events: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("guest frozen") || l.contains("guest thawed domain"))
+        .collect();
+    let overlapped = events.len() >= 2
+        && events[0].contains("guest frozen")
+        && events[1].contains("guest frozen");
+    eprintln!("both guests frozen at once: {overlapped}");
+}
