@@ -17,6 +17,7 @@ use crate::fuse::Fuse;
 use crate::image::BlockCache;
 use crate::namespace::Namespace;
 use crate::provider::images::ImagesProvider;
+use crate::provider::libvirt::{LibvirtOptions, LibvirtProvider, Quiesce};
 use crate::provider::Provider;
 
 #[derive(Clone, Debug)]
@@ -29,6 +30,10 @@ pub struct MountConfig {
     pub cache_bytes: usize,
     pub ttl: Duration,
     pub read_ahead_kb: u32,
+    /// libvirt URI of the instances provider (None: no libvirt).
+    pub libvirt: Option<String>,
+    pub quiesce: Quiesce,
+    pub freeze_timeout: Duration,
 }
 
 /// Mount and serve in this process until unmounted. `ready` is told "READY" (or the error)
@@ -75,8 +80,20 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
             ImagesProvider::new(&cfg.images, cache.clone()).context("images provider")?,
         ));
     }
+    if let Some(uri) = &cfg.libvirt {
+        let opts = LibvirtOptions {
+            uri: uri.clone(),
+            quiesce: cfg.quiesce,
+            freeze_timeout: cfg.freeze_timeout,
+            state_dir: cfg.state_dir.clone(),
+        };
+        let lv = LibvirtProvider::new(opts, cache.clone()).context("libvirt provider")?;
+        // Before the mount exists: a guest a dead daemon left frozen is thawed first.
+        lv.recover_frozen().context("thawing guests left frozen")?;
+        providers.push(Arc::new(lv));
+    }
     if providers.is_empty() {
-        warn!("no provider configured (--images DIR): the tree will be empty");
+        warn!("no provider configured (--images DIR, --libvirt): the tree will be empty");
     }
     let ns = Namespace::new(providers, mountpoint.clone(), cfg.ttl);
     // SAFETY: getuid/getgid cannot fail.

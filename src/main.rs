@@ -24,6 +24,9 @@ const EXAMPLES: &str = "Examples:
   mkdir /mnt/snap/volumes/images/web.qcow2/.snapshots/before-upgrade
   cp --sparse=always /mnt/snap/volumes/images/web.qcow2/.snapshots/before-upgrade/disk.raw /backup/
   rmdir /mnt/snap/volumes/images/web.qcow2/.snapshots/before-upgrade
+  snapfs mount --libvirt /mnt/snap          (instances = domains of qemu:///system)
+  mkdir /mnt/snap/instances/web/.snapshots/pre-upgrade
+  ln -s ../instances/web/.snapshots/pre-upgrade /mnt/snap/launch/web-copy
   snapfs unmount /mnt/snap";
 
 #[derive(Subcommand)]
@@ -44,6 +47,15 @@ struct MountArgs {
     /// A directory of disk images (*.qcow2, *.raw, *.img): pool `basename DIR`. Repeatable.
     #[arg(long = "images", value_name = "DIR")]
     images: Vec<PathBuf>,
+    /// Instances from libvirt: `--libvirt` (qemu:///system) or `--libvirt=URI`.
+    #[arg(long, value_name = "URI", num_args = 0..=1, require_equals = true, default_missing_value = "qemu:///system")]
+    libvirt: Option<String>,
+    /// Guest filesystem freeze for instance snapshots: require, prefer or off.
+    #[arg(long, value_name = "POLICY", default_value = "prefer")]
+    quiesce: snapfs::provider::libvirt::Quiesce,
+    /// Seconds to wait for the guest agent to freeze.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    freeze_timeout: f64,
     /// Stay in the foreground and log to stderr.
     #[arg(long)]
     foreground: bool,
@@ -130,6 +142,10 @@ fn mount(m: MountArgs) -> anyhow::Result<()> {
         cache_bytes: m.cache_mb.saturating_mul(1 << 20),
         ttl: Duration::from_millis(m.list_ttl_ms),
         read_ahead_kb: m.read_ahead_kb,
+        libvirt: m.libvirt,
+        quiesce: m.quiesce,
+        freeze_timeout: Duration::try_from_secs_f64(m.freeze_timeout)
+            .map_err(|e| anyhow::anyhow!("--freeze-timeout {}: {e}", m.freeze_timeout))?,
     };
     daemon::serve(cfg, ready)
 }
