@@ -91,18 +91,6 @@ pub struct GuestFile {
     pub size: u64,
 }
 
-fn kind(k: FileKind) -> Kind {
-    match k {
-        FileKind::Dir => Kind::Dir,
-        FileKind::File => Kind::File,
-        FileKind::Symlink => Kind::Symlink,
-        FileKind::Fifo => Kind::Fifo,
-        FileKind::Socket => Kind::Socket,
-        FileKind::CharDev => Kind::CharDev,
-        FileKind::BlockDev => Kind::BlockDev,
-    }
-}
-
 /// The node id for guest inode `ino` of volume number `vol`, when it fits.
 fn guest_node_id(vol: u16, ino: u64) -> Option<u64> {
     (ino < 1 << GUEST_INO_BITS).then(|| GUEST_BIT | (u64::from(vol) << GUEST_INO_BITS) | ino)
@@ -110,7 +98,7 @@ fn guest_node_id(vol: u16, ino: u64) -> Option<u64> {
 
 fn guest_stat(s: &FileStat, vol: u16) -> Stat {
     Stat {
-        kind: kind(s.kind),
+        kind: s.kind,
         size: s.size,
         allocated: s.allocated,
         mtime: s.mtime,
@@ -321,7 +309,7 @@ impl Namespace {
                     .readdir(stat.ino)?
                     .into_iter()
                     .filter_map(|(name, ino, k)| {
-                        utf8_name(&name).map(|n| (n, kind(k), guest_node_id(vol, ino)))
+                        utf8_name(&name).map(|n| (n, k, guest_node_id(vol, ino)))
                     })
                     .collect())
             }

@@ -124,16 +124,8 @@ fn disk_file_name(target: &str) -> String {
     format!("{}{DISK_SUFFIX}", escape(target))
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Dir,
-    File,
-    Symlink,
-    Fifo,
-    Socket,
-    CharDev,
-    BlockDev,
-}
+/// File types of the tree: the guest filesystems' own set, so `files/` maps one to one.
+pub use crate::restore::FileKind as Kind;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stat {
