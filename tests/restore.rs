@@ -972,3 +972,24 @@ fn patch_mutation_loop(label: &str, disk_name: &str, part: &str, iterations: u32
 fn xfs_mutation_loop() {
     patch_mutation_loop("XFS", "gpt.raw", "p3", 2000, 0x005e_edf5);
 }
+
+const NTFS: Profile = Profile {
+    mtime_slack: Duration::ZERO,
+    ..FAT
+};
+
+#[test]
+fn ntfs_gpt_p4() {
+    let fs = open_fs("gpt.raw", "p4");
+    assert!(fs.describe().starts_with("NTFS"), "{}", fs.describe());
+    check_tree("NTFS gpt p4", fs.as_ref(), NTFS);
+    // fragmented.bin spans several MFT records (attribute list) and has sparse runs.
+    let st = fs.lookup(fs.root(), b"fragmented.bin").unwrap();
+    let ranges = fs.data_ranges(st.ino).unwrap().unwrap();
+    assert!(ranges.len() > 100, "{}", ranges.len());
+}
+
+#[test]
+fn ntfs_mutation_loop() {
+    patch_mutation_loop("NTFS", "gpt.raw", "p4", 300, 0x005e_ed27);
+}

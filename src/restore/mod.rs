@@ -7,6 +7,7 @@
 mod bytes;
 pub mod ext4;
 pub mod fat;
+pub mod ntfs;
 pub mod partition;
 pub mod probe;
 pub mod slice;
@@ -98,6 +99,7 @@ pub fn open_volume(disk: Arc<dyn BlockImage>, part: &Partition) -> Result<Volume
         probe::Found::Ext4 => Ok(Volume::Fs(Arc::new(ext4::Ext4Fs::open(dev)?))),
         probe::Found::Fat => Ok(Volume::Fs(Arc::new(fat::FatFs::open(dev)?))),
         probe::Found::Xfs => Ok(Volume::Fs(Arc::new(xfs::XfsFs::open(dev)?))),
+        probe::Found::Ntfs => Ok(Volume::Fs(Arc::new(ntfs::NtfsFs::open(dev)?))),
         other => Ok(Volume::Unsupported {
             readme: probe::readme(&other, part),
         }),

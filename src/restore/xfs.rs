@@ -29,6 +29,8 @@ const FMT_EXTENTS: u8 = 2;
 const FMT_BTREE: u8 = 3;
 
 type DirList = Arc<Vec<(Vec<u8>, u64, FileKind)>>;
+/// (flags, name without prefix, value) as stored.
+type RawXattr = (u8, Vec<u8>, Vec<u8>);
 
 #[derive(Clone, Copy, Debug)]
 struct Extent {
@@ -370,7 +372,8 @@ impl XfsFs {
             return Err(self.corrupt_ino(inode.ino, "bad B+tree block"));
         }
         let numrecs = usize::from(be16(&b, 6));
-        let maxrecs = (b.len() - hdr) / if level == 0 { 16 } else { 16 };
+        // Leaf records and node key+pointer pairs are both 16 bytes.
+        let maxrecs = b.len().saturating_sub(hdr) / 16;
         if numrecs > maxrecs {
             return Err(self.corrupt_ino(inode.ino, "B+tree block overfull"));
         }
@@ -615,7 +618,7 @@ impl XfsFs {
     }
 
     /// (flags, name, value) of each xattr; flags 0 user, 2 trusted (root), 4 security.
-    fn raw_xattrs(&self, inode: &Inode) -> Result<Vec<(u8, Vec<u8>, Vec<u8>)>> {
+    fn raw_xattrs(&self, inode: &Inode) -> Result<Vec<RawXattr>> {
         let mut out = Vec::new();
         match inode.aformat() {
             FMT_LOCAL => {
