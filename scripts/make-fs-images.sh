@@ -8,6 +8,7 @@
 #   OUTDIR/whole.raw      ext4 without a partition table, inline_data, no metadata_csum
 #   OUTDIR/crash-ext4.raw ext4 copied while mounted after a sync: committed journal not checkpointed
 #   OUTDIR/crash-ext3.raw the same with ext3 (jbd2 journal without checksum v3: ext4-view refuses it)
+#   OUTDIR/fuzz-seeds/restore_*/  small seed inputs for the cargo fuzz targets
 #
 # Standard tools only: mkfs.ext4 -d, mkfs.fat + mcopy, mkfs.xfs, mkntfs + ntfs-3g, mkswap,
 # cryptsetup, sgdisk, sfdisk, python3. XFS, NTFS and the crash images are filled through a loop
@@ -217,6 +218,38 @@ crash() {
 }
 crash crash-ext4.raw ext4
 crash crash-ext3.raw ext3
+
+# Small seeds for the cargo fuzz targets (fuzz/fuzz_targets/restore_*.rs): tiny filesystems,
+# and the metadata-bearing heads of the big ones.
+SEEDS="$OUT/fuzz-seeds"
+rm -rf "$SEEDS"
+mkdir -p "$SEEDS"/restore_{partitions,ext4,fat,xfs,ntfs} "$WORK/tiny/d"
+printf 'tiny\n' > "$WORK/tiny/f"
+ln -s f "$WORK/tiny/l"
+ln "$WORK/tiny/f" "$WORK/tiny/d/h"
+setfattr -n user.x -v y "$WORK/tiny/f"
+mkfs.ext4 -q -F -b 1024 -N 16 -O ^has_journal,^resize_inode -d "$WORK/tiny" "$SEEDS/restore_ext4/plain" 128K
+mkfs.ext4 -q -F -b 1024 -N 16 -I 256 -O ^has_journal,^resize_inode,inline_data,^metadata_csum \
+  -d "$WORK/tiny" "$SEEDS/restore_ext4/inline" 128K
+truncate -s 64K "$SEEDS/restore_fat/fat12"
+mkfs.fat -F 12 -i 5eed0012 "$SEEDS/restore_fat/fat12" >/dev/null
+MTOOLS_SKIP_CHECK=1 mcopy -s -m -Q -i "$SEEDS/restore_fat/fat12" "$WORK/tiny/f" "$WORK/tiny/d" ::/
+dd if="$OUT/gpt.raw" of="$SEEDS/restore_xfs/head" bs=1K skip=$((73 * 1024)) count=96 status=none
+truncate -s 2M "$SEEDS/restore_ntfs/small"
+mkntfs -q -F -Q -L s "$SEEDS/restore_ntfs/small" >/dev/null 2>&1
+ntfs-3g -o loop "$SEEDS/restore_ntfs/small" "$MNT"
+cp -r "$WORK/tiny/f" "$WORK/tiny/d" "$MNT/"
+umount "$MNT"
+dd if="$OUT/gpt.raw" of="$SEEDS/restore_partitions/gpt" bs=512 count=34 status=none
+truncate -s 1M "$SEEDS/restore_partitions/mbr"
+sfdisk -q "$SEEDS/restore_partitions/mbr" <<'EOF2'
+label: dos
+start=64, size=256, type=83
+start=512, size=1024, type=5
+start=576, size=128, type=6
+start=768, size=128, type=83
+EOF2
+dd if="$SEEDS/restore_ext4/plain" of="$SEEDS/restore_partitions/mbr" bs=512 seek=64 conv=notrunc status=none
 
 rm -rf "$WORK"
 touch "$OUT/.done"

@@ -711,6 +711,7 @@ fn mutation_loop(
     iterations: u32,
     seed: u64,
 ) {
+    let (iterations, seed) = scale(iterations, seed);
     let mut rng = Rng(seed);
     let start = std::time::Instant::now();
     let mut opened = 0;
