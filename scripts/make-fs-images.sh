@@ -6,6 +6,7 @@
 #   OUTDIR/gpt.raw        GPT: p1 ext4, p2 FAT32, p3 XFS, p4 NTFS, p5 swap, p6 LUKS2 header, p7 nothing
 #   OUTDIR/mbr.raw        MBR: p1 ext2 (no journal), p2 extended with p5 ext3 and p6 FAT16
 #   OUTDIR/whole.raw      ext4 without a partition table, inline_data, no metadata_csum
+#   OUTDIR/lvm.raw        GPT p1 = LVM2 PV of VG snapfsvg: LV root (ext4, two segments), LV data (FAT16)
 #   OUTDIR/crash-ext4.raw ext4 copied while mounted after a sync: committed journal not checkpointed
 #   OUTDIR/crash-ext3.raw the same with ext3 (jbd2 journal without checksum v3: ext4-view refuses it)
 #   OUTDIR/fuzz-seeds/restore_*/  small seed inputs for the cargo fuzz targets
@@ -17,9 +18,9 @@
 set -euo pipefail
 
 OUT=${1:?usage: make-fs-images.sh OUTDIR}
-for cmd in mkfs.ext4 mkfs.fat mcopy mkfs.xfs mkntfs ntfs-3g mkswap sgdisk sfdisk setfattr python3 losetup; do
+for cmd in mkfs.ext4 mkfs.fat mcopy mkfs.xfs mkntfs ntfs-3g mkswap sgdisk sfdisk setfattr python3 losetup pvcreate; do
   command -v "$cmd" >/dev/null || {
-    echo "make-fs-images: $cmd missing (apt-get install e2fsprogs dosfstools mtools xfsprogs ntfs-3g util-linux gdisk fdisk attr python3)" >&2
+    echo "make-fs-images: $cmd missing (apt-get install e2fsprogs dosfstools mtools xfsprogs ntfs-3g util-linux gdisk fdisk attr python3 lvm2)" >&2
     exit 1
   }
 done
@@ -199,6 +200,61 @@ put "$OUT/mbr.raw" "$WORK/ext3.img" 27
 put "$OUT/mbr.raw" "$WORK/fat16.img" 52
 
 cp --sparse=always "$WORK/whole.img" "$OUT/whole.raw"
+
+# LVM2: no device-mapper here, so LVs cannot be activated or written through. The PV and VG are
+# made with pvcreate/vgcreate on a loop device, the LVs added to a vgcfgbackup and written back
+# with vgcfgrestore, and the filesystems copied to where the LV segments lie on the PV.
+# Extents are 4 MiB, pe_start 1 MiB: root = PV extents 0-3 + 8-9 (24 MiB), data = extents 4-5.
+export LVM_SUPPRESS_FD_WARNINGS=1
+truncate -s 64M "$WORK/pv.img"
+LOOP=$(losetup -f --show "$WORK/pv.img")
+lvm_done() { losetup -d "$LOOP" 2>/dev/null || true; }
+pvcreate -q -y --dataalignment 1m "$LOOP" >/dev/null
+vgcreate -q -s 4m snapfsvg "$LOOP" >/dev/null
+vgcfgbackup -q -f "$WORK/vg.txt" snapfsvg >/dev/null
+python3 - "$WORK/vg.txt" <<'EOF2'
+import sys
+p = sys.argv[1]
+s = open(p).read()
+def seg(n, start, count, pe):
+    return f"""
+			segment{n} {{
+				start_extent = {start}
+				extent_count = {count}
+				type = "striped"
+				stripe_count = 1
+				stripes = [
+					"pv0", {pe}
+				]
+			}}"""
+def lv(name, n, segs):
+    return f"""
+		{name} {{
+			id = "5eed00-0000-0000-0000-0000-0000-00000{n}"
+			status = ["READ", "WRITE", "VISIBLE"]
+			flags = []
+			segment_count = {len(segs)}
+{"".join(segs)}
+		}}"""
+lvs = "\n\tlogical_volumes {\n" + lv("root", 1, [seg(1, 0, 4, 0), seg(2, 4, 2, 8)]) + lv("data", 2, [seg(1, 0, 2, 4)]) + "\n\t}\n"
+i = s.rindex("}")
+open(p, "w").write(s[:i] + lvs + s[i:])
+EOF2
+vgcfgrestore -q -f "$WORK/vg.txt" snapfsvg >/dev/null 2>&1 || { lvm_done; echo "make-fs-images: vgcfgrestore failed" >&2; exit 1; }
+pe_start=$(pvs --noheadings --units b --nosuffix -o pe_start "$LOOP" | tr -d ' ')
+vgchange -q -an snapfsvg >/dev/null 2>&1 || true
+lvm_done
+[[ $pe_start == 1048576 ]] || { echo "make-fs-images: unexpected pe_start $pe_start" >&2; exit 1; }
+mkfs.ext4 -q -F -b 4096 -L lvm-root -d "$SRC" "$WORK/lvroot.img" 24M
+dd if="$WORK/lvroot.img" of="$WORK/pv.img" bs=1M count=16 seek=1 conv=notrunc,sparse status=none
+dd if="$WORK/lvroot.img" of="$WORK/pv.img" bs=1M skip=16 count=8 seek=33 conv=notrunc,sparse status=none
+truncate -s 8M "$WORK/lvdata.img"
+mkfs.fat -F 16 -s 1 -n LVMDATA -i 5eed0088 "$WORK/lvdata.img" >/dev/null
+MTOOLS_SKIP_CHECK=1 mcopy -s -m -Q -i "$WORK/lvdata.img" "$FATSRC"/hello.txt "$FATSRC"/dir ::/
+dd if="$WORK/lvdata.img" of="$WORK/pv.img" bs=1M seek=17 conv=notrunc,sparse status=none
+truncate -s 67M "$OUT/lvm.raw"
+sgdisk -o -n 1:1M:+64M -t 1:8e00 -c 1:lvm "$OUT/lvm.raw" >/dev/null
+put "$OUT/lvm.raw" "$WORK/pv.img" 1
 
 # Crash-consistent images: copy the image while it is mounted, after a sync (journal committed,
 # metadata not yet written back in place). `needs_recovery` must be set in the copy.
