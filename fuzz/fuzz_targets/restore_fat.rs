@@ -6,11 +6,10 @@ use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use snapfs::image::BlockImage;
-use snapfs::provider::memory::MemImage;
 use snapfs::restore::{self, Dev};
 
 fuzz_target!(|data: &[u8]| {
-    let disk: Arc<dyn BlockImage> = Arc::new(MemImage(data.to_vec()));
+    let disk: Arc<dyn BlockImage> = Arc::new(restore::MemDisk(data.to_vec()));
     let Ok(dev) = Dev::new(disk, 0, data.len() as u64, "fuzz") else {
         return;
     };

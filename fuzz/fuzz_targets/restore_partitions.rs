@@ -6,11 +6,10 @@ use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use snapfs::image::BlockImage;
-use snapfs::provider::memory::MemImage;
 use snapfs::restore::{self, Volume};
 
 fuzz_target!(|data: &[u8]| {
-    let disk: Arc<dyn BlockImage> = Arc::new(MemImage(data.to_vec()));
+    let disk: Arc<dyn BlockImage> = Arc::new(restore::MemDisk(data.to_vec()));
     let Ok(parts) = restore::partitions(disk.as_ref()) else {
         return;
     };
