@@ -7,7 +7,7 @@
 #   OUTDIR/mbr.raw        MBR: p1 ext2 (no journal), p2 extended with p5 ext3 and p6 FAT16
 #   OUTDIR/whole.raw      ext4 without a partition table, inline_data, no metadata_csum
 #   OUTDIR/lvm.raw        GPT p1 = LVM2 PV of VG snapfsvg: LV root (ext4, two segments), LV data (FAT16)
-#   OUTDIR/crash-ext4.raw ext4 copied while mounted after a sync: committed journal not checkpointed
+#   OUTDIR/crash-ext4.raw ext4 copied while mounted: many/ committed to the journal, not yet in place
 #   OUTDIR/crash-ext3.raw the same with ext3 (jbd2 journal without checksum v3: ext4-view refuses it)
 #   OUTDIR/fuzz-seeds/restore_*/  small seed inputs for the cargo fuzz targets
 #
@@ -256,20 +256,35 @@ truncate -s 67M "$OUT/lvm.raw"
 sgdisk -o -n 1:1M:+64M -t 1:8e00 -c 1:lvm "$OUT/lvm.raw" >/dev/null
 put "$OUT/lvm.raw" "$WORK/pv.img" 1
 
-# Crash-consistent images: copy the image while it is mounted, after a sync (journal committed,
-# metadata not yet written back in place). `needs_recovery` must be set in the copy.
+# Crash-consistent images: fill and sync the filesystem, then add many/, fsync it so jbd2 commits
+# it, and copy the image before the kernel writes those metadata blocks in place (that
+# takes the 30 s dirty expiry). The copy has needs_recovery, and many/ exists only in the journal.
 crash() {
   local name=$1 type=$2
   rm -f "$WORK/crash.img"
   mkfs.ext4 -q -F -t "$type" -L "crash-$type" "$WORK/crash.img" 32M
-  mount -t ext4 -o loop,commit=300 "$WORK/crash.img" "$MNT"
-  cp -a "$SRC/." "$MNT/"
-  touch -h -d "$T" "$MNT"
+  mount -t ext4 -o loop,commit=1 "$WORK/crash.img" "$MNT"
+  local items=()
+  local e
+  for e in "$SRC"/* "$SRC"/.[!.]*; do
+    [[ -e $e || -L $e ]] || continue
+    [[ $(basename "$e") == many ]] || items+=("$e")
+  done
+  cp -a "${items[@]}" "$MNT/"
   sync -f "$MNT"
+  cp -a "$SRC/many" "$MNT/"
+  touch -h -d "$T" "$MNT"
+  # fsync each new file (delayed allocation: without it the journal holds them empty, which is
+  # what a crash would leave); unlike sync -f this does not write the metadata in place.
+  sync "$MNT/many"/* "$MNT/many" "$MNT"
+  sleep 2
   cp --sparse=always "$WORK/crash.img" "$OUT/$name"
   umount "$MNT"
   if ! dumpe2fs -h "$OUT/$name" 2>/dev/null | grep -q needs_recovery; then
-    echo "make-fs-images: warning: $name was checkpointed before the copy (no replay needed)" >&2
+    echo "make-fs-images: warning: $name does not need recovery" >&2
+  fi
+  if debugfs -R "ls /many" "$OUT/$name" 2>/dev/null | grep -q entry-with; then
+    echo "make-fs-images: warning: $name has many/ in place already (replay not exercised)" >&2
   fi
 }
 crash crash-ext4.raw ext4
