@@ -55,8 +55,16 @@ fn nt_time(t: NtfsTime) -> std::time::SystemTime {
 
 impl NtfsFs {
     pub fn open(dev: Dev) -> Result<NtfsFs> {
-        let mut slice = Slice::new(dev.clone());
         let name = dev.name().to_string();
+        // The crate's boot sector parse panics instead of failing on a short read.
+        if dev.len() < 8192 {
+            return Err(Error::corrupt(
+                &name,
+                0,
+                "NTFS: volume smaller than its boot area",
+            ));
+        }
+        let mut slice = Slice::new(dev.clone());
         let opened = catch_unwind(AssertUnwindSafe(|| -> std::result::Result<_, String> {
             let mut n = ntfs::Ntfs::new(&mut slice).map_err(|e| e.to_string())?;
             n.read_upcase_table(&mut slice).map_err(|e| e.to_string())?;
