@@ -35,8 +35,10 @@ mkdir -p "$WORK" "$MNT"
 SRC="$OUT/src"
 T='2024-01-02 03:04:05 UTC'
 
+LOOP=
 cleanup() {
-  mountpoint -q "$MNT" && umount "$MNT" || true
+  if mountpoint -q "$MNT"; then umount "$MNT" || true; fi
+  if [[ -n $LOOP ]]; then losetup -d "$LOOP" 2>/dev/null || true; fi
 }
 trap cleanup EXIT
 
@@ -208,7 +210,7 @@ cp --sparse=always "$WORK/whole.img" "$OUT/whole.raw"
 export LVM_SUPPRESS_FD_WARNINGS=1
 truncate -s 64M "$WORK/pv.img"
 LOOP=$(losetup -f --show "$WORK/pv.img")
-lvm_done() { losetup -d "$LOOP" 2>/dev/null || true; }
+lvm_done() { losetup -d "$LOOP" 2>/dev/null || true; LOOP=; }
 pvcreate -q -y --dataalignment 1m "$LOOP" >/dev/null
 vgcreate -q -s 4m snapfsvg "$LOOP" >/dev/null
 vgcfgbackup -q -f "$WORK/vg.txt" snapfsvg >/dev/null
@@ -324,4 +326,4 @@ dd if="$SEEDS/restore_ext4/plain" of="$SEEDS/restore_partitions/mbr" bs=512 seek
 
 rm -rf "$WORK"
 touch "$OUT/.done"
-echo "make-fs-images: $(cd "$OUT" && ls ./*.raw | tr '\n' ' ')"
+echo "make-fs-images: built $(cd "$OUT" && printf '%s ' *.raw)in $OUT"
