@@ -99,6 +99,14 @@ chown 0:100 "$SRC/bin/tool.sh"
 setfattr -n user.comment -v 'restore me' "$SRC/hello.txt"
 setfattr -n user.big -v "0x$(printf 'ab%.0s' $(seq 1 300))" "$SRC/size-4096.bin"
 setfattr -n user.dir -v here "$SRC/dir"
+# POSIX ACLs (as the kernel's xattr form, so the acl package is not needed): user 1000 rw on a
+# file, a default ACL with group 1000 rwx on a directory.
+setfattr -n system.posix_acl_access \
+  -v 0x0200000001000600ffffffff02000600e803000004000400ffffffff10000600ffffffff20000400ffffffff \
+  "$SRC/size-1.bin"
+setfattr -n system.posix_acl_default \
+  -v 0x0200000001000700ffffffff04000500ffffffff08000700e803000010000700ffffffff20000500ffffffff \
+  "$SRC/shared"
 find "$SRC" -exec touch -h -d "$T" {} +
 
 # A FAT-friendly copy: regular files and directories only (FAT has no links, fifos or owners).

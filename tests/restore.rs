@@ -121,7 +121,7 @@ fn walk_source(root: &Path) -> BTreeMap<Vec<u8>, Node> {
             let mut xattrs = BTreeMap::new();
             if kind != FileKind::Symlink {
                 for n in xattr_list(&full) {
-                    if n.starts_with(b"user.") {
+                    if n.starts_with(b"user.") || n.starts_with(b"system.posix_acl_") {
                         let v = xattr_get(&full, &n);
                         xattrs.insert(n, v);
                     }
@@ -304,7 +304,7 @@ fn check_tree(label: &str, fs: &dyn GuestFs, profile: Profile) -> usize {
             let user: BTreeMap<_, _> = g
                 .xattrs
                 .iter()
-                .filter(|(k, _)| k.starts_with(b"user."))
+                .filter(|(k, _)| k.starts_with(b"user.") || k.starts_with(b"system.posix_acl_"))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
             let show = |m: &BTreeMap<Vec<u8>, Vec<u8>>| {

@@ -709,6 +709,29 @@ impl XfsFs {
     }
 }
 
+/// XFS ACL (big-endian count, then tag/id/perm entries of 12 bytes) to the `posix_acl_xattr`
+/// form Linux shows (version 2, little-endian tag/perm/id entries of 8 bytes).
+fn xfs_acl_to_xattr(v: &[u8]) -> Option<Vec<u8>> {
+    let count = be32(v, 0) as usize;
+    if count > 1024 || 4 + count * 12 > v.len() {
+        return None;
+    }
+    let mut out = 2u32.to_le_bytes().to_vec();
+    for i in 0..count {
+        let e = sub(v, 4 + i * 12, 12);
+        let tag = be32(e, 0);
+        let id = match tag {
+            2 | 8 => be32(e, 4),
+            1 | 4 | 0x10 | 0x20 => u32::MAX,
+            _ => return None,
+        };
+        out.extend_from_slice(&(tag as u16).to_le_bytes());
+        out.extend_from_slice(&be16(e, 8).to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    Some(out)
+}
+
 impl GuestFs for XfsFs {
     fn root(&self) -> u64 {
         self.root
@@ -851,8 +874,19 @@ impl GuestFs for XfsFs {
                 4 => b"security.",
                 _ => continue,
             };
-            // XFS stores POSIX ACLs as trusted-namespace "SGI_ACL_FILE"/"SGI_ACL_DEFAULT" in
-            // its own format; they are not translated here.
+            // POSIX ACLs: root-namespace SGI_ACL_FILE / SGI_ACL_DEFAULT in XFS's own format.
+            if flags & 0x06 == 2 && (name == b"SGI_ACL_FILE" || name == b"SGI_ACL_DEFAULT") {
+                let full: &[u8] = if name == b"SGI_ACL_FILE" {
+                    b"system.posix_acl_access"
+                } else {
+                    b"system.posix_acl_default"
+                };
+                match xfs_acl_to_xattr(&value) {
+                    Some(v) => out.push((full.to_vec(), v)),
+                    None => tracing::warn!(ino, "XFS ACL in an unknown format; hidden"),
+                }
+                continue;
+            }
             let mut n = prefix.to_vec();
             n.extend_from_slice(&name);
             out.push((n, value));
