@@ -401,14 +401,14 @@ impl GuestFs for NtfsFs {
                 let end = offset + want as u64;
                 let mut pos = 0u64;
                 for &(len, disk) in runs.iter() {
-                    let (s, e) = (pos.max(offset), (pos + len).min(end));
+                    let (s, e) = (pos.max(offset), pos.saturating_add(len).min(end));
                     if let (Some(d), true) = (disk, s < e) {
                         self.dev.read_exact_at(
                             d + (s - pos),
                             &mut buf[(s - offset) as usize..(e - offset) as usize],
                         )?;
                     }
-                    pos += len;
+                    pos = pos.saturating_add(len);
                     if pos >= end {
                         break;
                     }
@@ -429,14 +429,14 @@ impl GuestFs for NtfsFs {
         let mut out: Vec<(u64, u64)> = Vec::new();
         let mut pos = 0u64;
         for &(len, disk) in runs.iter() {
-            let e = (pos + len).min(*size);
+            let e = pos.saturating_add(len).min(*size);
             if disk.is_some() && e > pos {
                 match out.last_mut() {
                     Some(l) if l.0 + l.1 == pos => l.1 += e - pos,
                     _ => out.push((pos, e - pos)),
                 }
             }
-            pos += len;
+            pos = pos.saturating_add(len);
         }
         Ok(Some(out))
     }
