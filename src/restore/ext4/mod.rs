@@ -573,6 +573,9 @@ impl Ext4Fs {
             return Ok(0);
         }
         let want = (buf.len() as u64).min(size - offset) as usize;
+        if want == 0 {
+            return Ok(0);
+        }
         let buf = &mut buf[..want];
         if inode.flags() & FL_INLINE_DATA != 0 {
             let data = self.inline_data(inode)?;
