@@ -6,8 +6,10 @@
 #   OUTDIR/gpt.raw        GPT: p1 ext4, p2 FAT32, p3 XFS, p4 NTFS, p5 swap, p6 LUKS2 header, p7 nothing
 #   OUTDIR/mbr.raw        MBR: p1 ext2 (no journal), p2 extended with p5 ext3 and p6 FAT16
 #   OUTDIR/whole.raw      ext4 without a partition table, inline_data, no metadata_csum
-#   OUTDIR/crash-ext4.raw ext4 copied while mounted after a sync: committed journal not checkpointed
+#   OUTDIR/lvm.raw        GPT p1 = LVM2 PV of VG snapfsvg: LV root (ext4, two segments), LV data (FAT16)
+#   OUTDIR/crash-ext4.raw ext4 copied while mounted: many/ committed to the journal, not yet in place
 #   OUTDIR/crash-ext3.raw the same with ext3 (jbd2 journal without checksum v3: ext4-view refuses it)
+#   OUTDIR/fuzz-seeds/restore_*/  small seed inputs for the cargo fuzz targets
 #
 # Standard tools only: mkfs.ext4 -d, mkfs.fat + mcopy, mkfs.xfs, mkntfs + ntfs-3g, mkswap,
 # cryptsetup, sgdisk, sfdisk, python3. XFS, NTFS and the crash images are filled through a loop
@@ -16,9 +18,9 @@
 set -euo pipefail
 
 OUT=${1:?usage: make-fs-images.sh OUTDIR}
-for cmd in mkfs.ext4 mkfs.fat mcopy mkfs.xfs mkntfs ntfs-3g mkswap sgdisk sfdisk setfattr python3 losetup; do
+for cmd in mkfs.ext4 mkfs.fat mcopy mkfs.xfs mkntfs ntfs-3g mkswap sgdisk sfdisk setfattr python3 losetup pvcreate; do
   command -v "$cmd" >/dev/null || {
-    echo "make-fs-images: $cmd missing (apt-get install e2fsprogs dosfstools mtools xfsprogs ntfs-3g util-linux gdisk fdisk attr python3)" >&2
+    echo "make-fs-images: $cmd missing (apt-get install e2fsprogs dosfstools mtools xfsprogs ntfs-3g util-linux gdisk fdisk attr python3 lvm2)" >&2
     exit 1
   }
 done
@@ -33,8 +35,10 @@ mkdir -p "$WORK" "$MNT"
 SRC="$OUT/src"
 T='2024-01-02 03:04:05 UTC'
 
+LOOP=
 cleanup() {
-  mountpoint -q "$MNT" && umount "$MNT" || true
+  if mountpoint -q "$MNT"; then umount "$MNT" || true; fi
+  if [[ -n $LOOP ]]; then losetup -d "$LOOP" 2>/dev/null || true; fi
 }
 trap cleanup EXIT
 
@@ -95,6 +99,14 @@ chown 0:100 "$SRC/bin/tool.sh"
 setfattr -n user.comment -v 'restore me' "$SRC/hello.txt"
 setfattr -n user.big -v "0x$(printf 'ab%.0s' $(seq 1 300))" "$SRC/size-4096.bin"
 setfattr -n user.dir -v here "$SRC/dir"
+# POSIX ACLs (as the kernel's xattr form, so the acl package is not needed): user 1000 rw on a
+# file, a default ACL with group 1000 rwx on a directory.
+setfattr -n system.posix_acl_access \
+  -v 0x0200000001000600ffffffff02000600e803000004000400ffffffff10000600ffffffff20000400ffffffff \
+  "$SRC/size-1.bin"
+setfattr -n system.posix_acl_default \
+  -v 0x0200000001000700ffffffff04000500ffffffff08000700e803000010000700ffffffff20000500ffffffff \
+  "$SRC/shared"
 find "$SRC" -exec touch -h -d "$T" {} +
 
 # A FAT-friendly copy: regular files and directories only (FAT has no links, fifos or owners).
@@ -199,25 +211,127 @@ put "$OUT/mbr.raw" "$WORK/fat16.img" 52
 
 cp --sparse=always "$WORK/whole.img" "$OUT/whole.raw"
 
-# Crash-consistent images: copy the image while it is mounted, after a sync (journal committed,
-# metadata not yet written back in place). `needs_recovery` must be set in the copy.
+# LVM2: no device-mapper here, so LVs cannot be activated or written through. The PV and VG are
+# made with pvcreate/vgcreate on a loop device, the LVs added to a vgcfgbackup and written back
+# with vgcfgrestore, and the filesystems copied to where the LV segments lie on the PV.
+# Extents are 4 MiB, pe_start 1 MiB: root = PV extents 0-3 + 8-9 (24 MiB), data = extents 4-5.
+export LVM_SUPPRESS_FD_WARNINGS=1
+truncate -s 64M "$WORK/pv.img"
+LOOP=$(losetup -f --show "$WORK/pv.img")
+lvm_done() { losetup -d "$LOOP" 2>/dev/null || true; LOOP=; }
+pvcreate -q -y --dataalignment 1m "$LOOP" >/dev/null
+vgcreate -q -s 4m snapfsvg "$LOOP" >/dev/null
+vgcfgbackup -q -f "$WORK/vg.txt" snapfsvg >/dev/null
+python3 - "$WORK/vg.txt" <<'EOF2'
+import sys
+p = sys.argv[1]
+s = open(p).read()
+def seg(n, start, count, pe):
+    return f"""
+			segment{n} {{
+				start_extent = {start}
+				extent_count = {count}
+				type = "striped"
+				stripe_count = 1
+				stripes = [
+					"pv0", {pe}
+				]
+			}}"""
+def lv(name, n, segs):
+    return f"""
+		{name} {{
+			id = "5eed00-0000-0000-0000-0000-0000-00000{n}"
+			status = ["READ", "WRITE", "VISIBLE"]
+			flags = []
+			segment_count = {len(segs)}
+{"".join(segs)}
+		}}"""
+lvs = "\n\tlogical_volumes {\n" + lv("root", 1, [seg(1, 0, 4, 0), seg(2, 4, 2, 8)]) + lv("data", 2, [seg(1, 0, 2, 4)]) + "\n\t}\n"
+i = s.rindex("}")
+open(p, "w").write(s[:i] + lvs + s[i:])
+EOF2
+vgcfgrestore -q -f "$WORK/vg.txt" snapfsvg >/dev/null 2>&1 || { lvm_done; echo "make-fs-images: vgcfgrestore failed" >&2; exit 1; }
+pe_start=$(pvs --noheadings --units b --nosuffix -o pe_start "$LOOP" | tr -d ' ')
+vgchange -q -an snapfsvg >/dev/null 2>&1 || true
+lvm_done
+[[ $pe_start == 1048576 ]] || { echo "make-fs-images: unexpected pe_start $pe_start" >&2; exit 1; }
+mkfs.ext4 -q -F -b 4096 -L lvm-root -d "$SRC" "$WORK/lvroot.img" 24M
+dd if="$WORK/lvroot.img" of="$WORK/pv.img" bs=1M count=16 seek=1 conv=notrunc,sparse status=none
+dd if="$WORK/lvroot.img" of="$WORK/pv.img" bs=1M skip=16 count=8 seek=33 conv=notrunc,sparse status=none
+truncate -s 8M "$WORK/lvdata.img"
+mkfs.fat -F 16 -s 1 -n LVMDATA -i 5eed0088 "$WORK/lvdata.img" >/dev/null
+MTOOLS_SKIP_CHECK=1 mcopy -s -m -Q -i "$WORK/lvdata.img" "$FATSRC"/hello.txt "$FATSRC"/dir ::/
+dd if="$WORK/lvdata.img" of="$WORK/pv.img" bs=1M seek=17 conv=notrunc,sparse status=none
+truncate -s 67M "$OUT/lvm.raw"
+sgdisk -o -n 1:1M:+64M -t 1:8e00 -c 1:lvm "$OUT/lvm.raw" >/dev/null
+put "$OUT/lvm.raw" "$WORK/pv.img" 1
+
+# Crash-consistent images: fill and sync the filesystem, then add many/, fsync it so jbd2 commits
+# it, and copy the image before the kernel writes those metadata blocks in place (that
+# takes the 30 s dirty expiry). The copy has needs_recovery, and many/ exists only in the journal.
 crash() {
   local name=$1 type=$2
   rm -f "$WORK/crash.img"
   mkfs.ext4 -q -F -t "$type" -L "crash-$type" "$WORK/crash.img" 32M
-  mount -t ext4 -o loop,commit=300 "$WORK/crash.img" "$MNT"
-  cp -a "$SRC/." "$MNT/"
-  touch -h -d "$T" "$MNT"
+  mount -t ext4 -o loop,commit=1 "$WORK/crash.img" "$MNT"
+  local items=()
+  local e
+  for e in "$SRC"/* "$SRC"/.[!.]*; do
+    [[ -e $e || -L $e ]] || continue
+    [[ $(basename "$e") == many ]] || items+=("$e")
+  done
+  cp -a "${items[@]}" "$MNT/"
   sync -f "$MNT"
+  cp -a "$SRC/many" "$MNT/"
+  touch -h -d "$T" "$MNT"
+  # fsync each new file (delayed allocation: without it the journal holds them empty, which is
+  # what a crash would leave); unlike sync -f this does not write the metadata in place.
+  sync "$MNT/many"/* "$MNT/many" "$MNT"
+  sleep 2
   cp --sparse=always "$WORK/crash.img" "$OUT/$name"
   umount "$MNT"
   if ! dumpe2fs -h "$OUT/$name" 2>/dev/null | grep -q needs_recovery; then
-    echo "make-fs-images: warning: $name was checkpointed before the copy (no replay needed)" >&2
+    echo "make-fs-images: warning: $name does not need recovery" >&2
+  fi
+  if debugfs -R "ls /many" "$OUT/$name" 2>/dev/null | grep -q entry-with; then
+    echo "make-fs-images: warning: $name has many/ in place already (replay not exercised)" >&2
   fi
 }
 crash crash-ext4.raw ext4
 crash crash-ext3.raw ext3
 
+# Small seeds for the cargo fuzz targets (fuzz/fuzz_targets/restore_*.rs): tiny filesystems,
+# and the metadata-bearing heads of the big ones.
+SEEDS="$OUT/fuzz-seeds"
+rm -rf "$SEEDS"
+mkdir -p "$SEEDS"/restore_{partitions,ext4,fat,xfs,ntfs} "$WORK/tiny/d"
+printf 'tiny\n' > "$WORK/tiny/f"
+ln -s f "$WORK/tiny/l"
+ln "$WORK/tiny/f" "$WORK/tiny/d/h"
+setfattr -n user.x -v y "$WORK/tiny/f"
+mkfs.ext4 -q -F -b 1024 -N 16 -O ^has_journal,^resize_inode -d "$WORK/tiny" "$SEEDS/restore_ext4/plain" 128K
+mkfs.ext4 -q -F -b 1024 -N 16 -I 256 -O ^has_journal,^resize_inode,inline_data,^metadata_csum \
+  -d "$WORK/tiny" "$SEEDS/restore_ext4/inline" 128K
+truncate -s 64K "$SEEDS/restore_fat/fat12"
+mkfs.fat -F 12 -i 5eed0012 "$SEEDS/restore_fat/fat12" >/dev/null
+MTOOLS_SKIP_CHECK=1 mcopy -s -m -Q -i "$SEEDS/restore_fat/fat12" "$WORK/tiny/f" "$WORK/tiny/d" ::/
+dd if="$OUT/gpt.raw" of="$SEEDS/restore_xfs/head" bs=1K skip=$((73 * 1024)) count=96 status=none
+truncate -s 2M "$SEEDS/restore_ntfs/small"
+mkntfs -q -F -Q -L s "$SEEDS/restore_ntfs/small" >/dev/null 2>&1
+ntfs-3g -o loop "$SEEDS/restore_ntfs/small" "$MNT"
+cp -r "$WORK/tiny/f" "$WORK/tiny/d" "$MNT/"
+umount "$MNT"
+dd if="$OUT/gpt.raw" of="$SEEDS/restore_partitions/gpt" bs=512 count=34 status=none
+truncate -s 1M "$SEEDS/restore_partitions/mbr"
+sfdisk -q "$SEEDS/restore_partitions/mbr" <<'EOF2'
+label: dos
+start=64, size=256, type=83
+start=512, size=1024, type=5
+start=576, size=128, type=6
+start=768, size=128, type=83
+EOF2
+dd if="$SEEDS/restore_ext4/plain" of="$SEEDS/restore_partitions/mbr" bs=512 seek=64 conv=notrunc status=none
+
 rm -rf "$WORK"
 touch "$OUT/.done"
-echo "make-fs-images: $(cd "$OUT" && ls ./*.raw | tr '\n' ' ')"
+echo "make-fs-images: built $(cd "$OUT" && printf '%s ' *.raw)in $OUT"

@@ -48,6 +48,7 @@ fn open_fs(disk_name: &str, part: &str) -> Arc<dyn GuestFs> {
     match open_volume(d.clone(), p).expect("open_volume") {
         Volume::Fs(fs) => fs,
         Volume::Unsupported { readme } => panic!("{disk_name} {part}: unsupported: {readme}"),
+        Volume::Lvm(_) => panic!("{disk_name} {part}: LVM, not a filesystem"),
     }
 }
 
@@ -120,7 +121,7 @@ fn walk_source(root: &Path) -> BTreeMap<Vec<u8>, Node> {
             let mut xattrs = BTreeMap::new();
             if kind != FileKind::Symlink {
                 for n in xattr_list(&full) {
-                    if n.starts_with(b"user.") {
+                    if n.starts_with(b"user.") || n.starts_with(b"system.posix_acl_") {
                         let v = xattr_get(&full, &n);
                         xattrs.insert(n, v);
                     }
@@ -303,7 +304,7 @@ fn check_tree(label: &str, fs: &dyn GuestFs, profile: Profile) -> usize {
             let user: BTreeMap<_, _> = g
                 .xattrs
                 .iter()
-                .filter(|(k, _)| k.starts_with(b"user."))
+                .filter(|(k, _)| k.starts_with(b"user.") || k.starts_with(b"system.posix_acl_"))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
             let show = |m: &BTreeMap<Vec<u8>, Vec<u8>>| {
@@ -472,6 +473,7 @@ fn unsupported_partitions_have_a_readme() {
         match open_volume(d.clone(), p).unwrap() {
             Volume::Unsupported { readme } => readme,
             Volume::Fs(fs) => panic!("{name}: expected a README, got {}", fs.describe()),
+            Volume::Lvm(_) => panic!("{name}: expected a README, got LVM"),
         }
     };
     assert!(readme("p5").contains("swap"));
@@ -534,6 +536,7 @@ fn fs_of(v: snapfs::error::Result<Volume>) -> Arc<dyn GuestFs> {
     match v.expect("open") {
         Volume::Fs(fs) => fs,
         Volume::Unsupported { readme } => panic!("unsupported: {readme}"),
+        Volume::Lvm(_) => panic!("LVM, not a filesystem"),
     }
 }
 
@@ -594,7 +597,7 @@ fn ext4_corrupt_superblocks() {
             Ok(Volume::Fs(fs)) => {
                 snapfs::restore::exercise(fs.as_ref(), 500);
             }
-            Ok(Volume::Unsupported { .. }) => {}
+            Ok(Volume::Unsupported { .. } | Volume::Lvm(_)) => {}
         }
         img.0.write().unwrap()[at..at + 4].copy_from_slice(&saved);
     }
@@ -711,6 +714,7 @@ fn mutation_loop(
     iterations: u32,
     seed: u64,
 ) {
+    let (iterations, seed) = scale(iterations, seed);
     let mut rng = Rng(seed);
     let start = std::time::Instant::now();
     let mut opened = 0;
@@ -971,4 +975,106 @@ fn patch_mutation_loop(label: &str, disk_name: &str, part: &str, iterations: u32
 #[test]
 fn xfs_mutation_loop() {
     patch_mutation_loop("XFS", "gpt.raw", "p3", 2000, 0x005e_edf5);
+}
+
+const NTFS: Profile = Profile {
+    mtime_slack: Duration::ZERO,
+    ..FAT
+};
+
+#[test]
+fn ntfs_gpt_p4() {
+    let fs = open_fs("gpt.raw", "p4");
+    assert!(fs.describe().starts_with("NTFS"), "{}", fs.describe());
+    check_tree("NTFS gpt p4", fs.as_ref(), NTFS);
+    // fragmented.bin spans several MFT records (attribute list) and has sparse runs.
+    let st = fs.lookup(fs.root(), b"fragmented.bin").unwrap();
+    let ranges = fs.data_ranges(st.ino).unwrap().unwrap();
+    assert!(ranges.len() > 100, "{}", ranges.len());
+}
+
+#[test]
+fn ntfs_mutation_loop() {
+    patch_mutation_loop("NTFS", "gpt.raw", "p4", 300, 0x005e_ed27);
+}
+
+#[test]
+fn lvm_linear_volumes() {
+    let d = disk("lvm.raw");
+    let parts = partitions(d.as_ref()).unwrap();
+    assert_eq!(parts.len(), 1);
+    let Volume::Lvm(lvs) = open_volume(d.clone(), &parts[0]).unwrap() else {
+        panic!("expected LVM");
+    };
+    let names: Vec<String> = lvs.iter().map(|l| format!("{}/{}", l.vg, l.lv)).collect();
+    assert_eq!(names, ["snapfsvg/data", "snapfsvg/root"]);
+    let open_lv = |name: &str| -> Arc<dyn GuestFs> {
+        let lv = lvs.iter().find(|l| l.lv == name).unwrap();
+        let img = lv
+            .image
+            .clone()
+            .unwrap_or_else(|| panic!("{name}: {}", lv.note));
+        fs_of(open_volume(
+            img.clone(),
+            &Partition::whole(img.size(), "LV"),
+        ))
+    };
+    // root spans two segments (PV extents 0-3 and 8-9): the whole tree must read.
+    let root = open_lv("root");
+    assert!(
+        root.describe().contains("label lvm-root"),
+        "{}",
+        root.describe()
+    );
+    check_tree("ext4 on LVM (2 segments)", root.as_ref(), POSIX);
+    let data = open_lv("data");
+    let hello = data.lookup(data.root(), b"hello.txt").unwrap();
+    let mut buf = vec![0u8; 64];
+    let n = data.read(hello.ino, 0, &mut buf).unwrap();
+    assert_eq!(
+        &buf[..n],
+        std::fs::read(images().join("src/hello.txt")).unwrap()
+    );
+}
+
+#[test]
+fn lvm_mutation_loop() {
+    // The PV's label and metadata area (text included) are in its first 16 KiB.
+    let img = MutImage(std::sync::RwLock::new(image_bytes(
+        "lvm.raw",
+        1 << 20,
+        1 << 20,
+    )));
+    let d: Arc<dyn BlockImage> = Arc::new(MutImage(std::sync::RwLock::new(
+        img.0.read().unwrap().clone(),
+    )));
+    assert!(matches!(
+        open_volume(d, &whole_part(1 << 20)).unwrap(),
+        Volume::Lvm(_)
+    ));
+    let (iterations, seed) = scale(3000, 0x005e_ed1f);
+    let mut rng = Rng(seed);
+    for _ in 0..iterations {
+        let mut data = img.0.read().unwrap().clone();
+        for _ in 0..1 + rng.below(4) {
+            let at = rng.below(16384) as usize;
+            data[at] = match rng.below(3) {
+                0 => 0,
+                1 => rng.next() as u8,
+                _ => b"{}[]\"=,#0 "[rng.below(10) as usize],
+            };
+        }
+        let d: Arc<dyn BlockImage> = Arc::new(MutImage(std::sync::RwLock::new(data)));
+        if let Ok(Volume::Lvm(lvs)) = open_volume(d, &whole_part(1 << 20)) {
+            for lv in lvs {
+                if let Some(img) = lv.image {
+                    if let Ok(Volume::Fs(fs)) =
+                        open_volume(img.clone(), &Partition::whole(img.size(), "LV"))
+                    {
+                        snapfs::restore::exercise(fs.as_ref(), 20);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -563,7 +563,16 @@ impl GuestFs for FatFs {
                 ));
             };
             let in_cluster = pos % self.cluster_size;
-            let n = ((self.cluster_size - in_cluster) as usize).min(want - done);
+            // Extend over clusters that follow each other on disk: one read for the stretch.
+            let mut run = 1usize;
+            while chain
+                .get(idx + run)
+                .is_some_and(|&n| u64::from(n) == u64::from(c) + run as u64)
+                && (run as u64 * self.cluster_size - in_cluster) < (want - done) as u64
+            {
+                run += 1;
+            }
+            let n = ((run as u64 * self.cluster_size - in_cluster) as usize).min(want - done);
             self.dev.read_exact_at(
                 self.cluster_offset(c) + in_cluster,
                 &mut buf[done..done + n],

@@ -7,6 +7,8 @@
 mod bytes;
 pub mod ext4;
 pub mod fat;
+pub mod lvm;
+pub mod ntfs;
 pub mod partition;
 pub mod probe;
 pub mod slice;
@@ -19,7 +21,7 @@ use crate::error::Result;
 use crate::image::BlockImage;
 
 pub use partition::partitions;
-pub use slice::{Dev, Slice};
+pub use slice::{Dev, MemDisk, Slice};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FileKind {
@@ -76,7 +78,12 @@ pub trait GuestFs: Send + Sync {
 /// One entry of `files/`: a filesystem we read, or a note on what was found instead.
 pub enum Volume {
     Fs(Arc<dyn GuestFs>),
-    Unsupported { readme: String },
+    Unsupported {
+        readme: String,
+    },
+    /// An LVM2 physical volume: its logical volumes (shown as `<part>/lvm/<vg>/<lv>/`). Each
+    /// readable one has a block image: open it with `open_volume(image, &Partition::whole(..))`.
+    Lvm(Vec<lvm::LogicalVolume>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,16 +95,41 @@ pub struct Partition {
     pub type_desc: String,
 }
 
+impl Partition {
+    /// A whole block device (an LVM logical volume, a disk without a partition table).
+    pub fn whole(length: u64, type_desc: &str) -> Partition {
+        Partition {
+            name: "whole".into(),
+            offset: 0,
+            length,
+            type_desc: type_desc.into(),
+        }
+    }
+}
+
 /// Probe and open the filesystem inside a byte range of a disk. Reads only what the probe needs
 /// and the chosen filesystem's superblock; never panics on corrupt data.
 pub fn open_volume(disk: Arc<dyn BlockImage>, part: &Partition) -> Result<Volume> {
-    let dev = Dev::new(disk, part.offset, part.length, &part.name)?;
+    let dev = Dev::new(disk.clone(), part.offset, part.length, &part.name)?;
     let found = probe::probe(&dev)?;
     tracing::debug!(part = %part.name, ?found, "probed");
-    match found {
+    match found.clone() {
         probe::Found::Ext4 => Ok(Volume::Fs(Arc::new(ext4::Ext4Fs::open(dev)?))),
         probe::Found::Fat => Ok(Volume::Fs(Arc::new(fat::FatFs::open(dev)?))),
         probe::Found::Xfs => Ok(Volume::Fs(Arc::new(xfs::XfsFs::open(dev)?))),
+        probe::Found::Ntfs => Ok(Volume::Fs(Arc::new(ntfs::NtfsFs::open(dev)?))),
+        probe::Found::Lvm2 => match lvm::logical_volumes(disk, &dev, part.offset) {
+            Ok(lvs) => Ok(Volume::Lvm(lvs)),
+            Err(e) => {
+                tracing::warn!(part = %part.name, error = %e, "LVM2 metadata unreadable");
+                Ok(Volume::Unsupported {
+                    readme: format!(
+                        "{}\nsnapfs could not read its metadata: {e}\n",
+                        probe::readme(&found, part)
+                    ),
+                })
+            }
+        },
         other => Ok(Volume::Unsupported {
             readme: probe::readme(&other, part),
         }),

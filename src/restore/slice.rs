@@ -142,3 +142,35 @@ impl Write for Slice {
         Ok(())
     }
 }
+
+/// A disk held in memory (all data, no holes): for fuzz targets and tests.
+#[doc(hidden)]
+pub struct MemDisk(pub Vec<u8>);
+
+impl BlockImage for MemDisk {
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let src = usize::try_from(offset)
+            .ok()
+            .and_then(|o| self.0.get(o..o.checked_add(buf.len())?))
+            .ok_or_else(|| Error::corrupt("memory", offset, "read past the end"))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn map(&self, offset: u64, length: u64) -> Result<Vec<crate::image::Extent>> {
+        let length = length.min(self.size().saturating_sub(offset));
+        Ok(vec![crate::image::Extent {
+            offset,
+            length,
+            kind: crate::image::ExtentKind::Data,
+        }])
+    }
+
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+}

@@ -29,6 +29,8 @@ const FMT_EXTENTS: u8 = 2;
 const FMT_BTREE: u8 = 3;
 
 type DirList = Arc<Vec<(Vec<u8>, u64, FileKind)>>;
+/// (flags, name without prefix, value) as stored.
+type RawXattr = (u8, Vec<u8>, Vec<u8>);
 
 #[derive(Clone, Copy, Debug)]
 struct Extent {
@@ -370,7 +372,8 @@ impl XfsFs {
             return Err(self.corrupt_ino(inode.ino, "bad B+tree block"));
         }
         let numrecs = usize::from(be16(&b, 6));
-        let maxrecs = (b.len() - hdr) / if level == 0 { 16 } else { 16 };
+        // Leaf records and node key+pointer pairs are both 16 bytes.
+        let maxrecs = b.len().saturating_sub(hdr) / 16;
         if numrecs > maxrecs {
             return Err(self.corrupt_ino(inode.ino, "B+tree block overfull"));
         }
@@ -615,7 +618,7 @@ impl XfsFs {
     }
 
     /// (flags, name, value) of each xattr; flags 0 user, 2 trusted (root), 4 security.
-    fn raw_xattrs(&self, inode: &Inode) -> Result<Vec<(u8, Vec<u8>, Vec<u8>)>> {
+    fn raw_xattrs(&self, inode: &Inode) -> Result<Vec<RawXattr>> {
         let mut out = Vec::new();
         match inode.aformat() {
             FMT_LOCAL => {
@@ -704,6 +707,29 @@ impl XfsFs {
         }
         Ok(out)
     }
+}
+
+/// XFS ACL (big-endian count, then tag/id/perm entries of 12 bytes) to the `posix_acl_xattr`
+/// form Linux shows (version 2, little-endian tag/perm/id entries of 8 bytes).
+fn xfs_acl_to_xattr(v: &[u8]) -> Option<Vec<u8>> {
+    let count = be32(v, 0) as usize;
+    if count > 1024 || 4 + count * 12 > v.len() {
+        return None;
+    }
+    let mut out = 2u32.to_le_bytes().to_vec();
+    for i in 0..count {
+        let e = sub(v, 4 + i * 12, 12);
+        let tag = be32(e, 0);
+        let id = match tag {
+            2 | 8 => be32(e, 4),
+            1 | 4 | 0x10 | 0x20 => u32::MAX,
+            _ => return None,
+        };
+        out.extend_from_slice(&(tag as u16).to_le_bytes());
+        out.extend_from_slice(&be16(e, 8).to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    Some(out)
 }
 
 impl GuestFs for XfsFs {
@@ -848,8 +874,19 @@ impl GuestFs for XfsFs {
                 4 => b"security.",
                 _ => continue,
             };
-            // XFS stores POSIX ACLs as trusted-namespace "SGI_ACL_FILE"/"SGI_ACL_DEFAULT" in
-            // its own format; they are not translated here.
+            // POSIX ACLs: root-namespace SGI_ACL_FILE / SGI_ACL_DEFAULT in XFS's own format.
+            if flags & 0x06 == 2 && (name == b"SGI_ACL_FILE" || name == b"SGI_ACL_DEFAULT") {
+                let full: &[u8] = if name == b"SGI_ACL_FILE" {
+                    b"system.posix_acl_access"
+                } else {
+                    b"system.posix_acl_default"
+                };
+                match xfs_acl_to_xattr(&value) {
+                    Some(v) => out.push((full.to_vec(), v)),
+                    None => tracing::warn!(ino, "XFS ACL in an unknown format; hidden"),
+                }
+                continue;
+            }
             let mut n = prefix.to_vec();
             n.extend_from_slice(&name);
             out.push((n, value));

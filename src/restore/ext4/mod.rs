@@ -573,6 +573,9 @@ impl Ext4Fs {
             return Ok(0);
         }
         let want = (buf.len() as u64).min(size - offset) as usize;
+        if want == 0 {
+            return Ok(0);
+        }
         let buf = &mut buf[..want];
         if inode.flags() & FL_INLINE_DATA != 0 {
             let data = self.inline_data(inode)?;
@@ -588,25 +591,40 @@ impl Ext4Fs {
         let last = (offset + want as u64 - 1) / self.bs;
         let runs = self.runs(inode, first, last - first + 1)?;
         buf.fill(0);
+        let end = offset + want as u64;
         for r in runs {
             if r.physical == 0 || r.uninit {
                 continue;
             }
-            for k in 0..r.len {
-                let lblk = r.logical + k;
-                let blk_off = lblk * self.bs;
-                let b = self.block(r.physical + k)?;
-                let s = blk_off.max(offset);
-                let e = (blk_off + self.bs).min(offset + want as u64);
-                if s >= e {
-                    continue;
+            // The bytes of the request this run covers, in the file and on disk.
+            let s = (r.logical * self.bs).max(offset);
+            let e = ((r.logical + r.len) * self.bs).min(end);
+            if s >= e {
+                continue;
+            }
+            let first_phys = r.physical + (s / self.bs - r.logical);
+            let last_phys = r.physical + ((e - 1) / self.bs - r.logical);
+            let dst = buf
+                .get_mut((s - offset) as usize..(e - offset) as usize)
+                .ok_or_else(|| self.corrupt_ino(inode.ino, "extent arithmetic"))?;
+            let journaled = !self.replaced.is_empty()
+                && (first_phys..=last_phys).any(|b| self.replaced.contains_key(&b));
+            if !journaled {
+                // One read for the whole contiguous stretch.
+                let disk = first_phys * self.bs + s % self.bs;
+                self.dev.read_exact_at(disk, dst)?;
+                continue;
+            }
+            let mut pos = s;
+            while pos < e {
+                let b = self.block(r.physical + (pos / self.bs - r.logical))?;
+                let n = (self.bs - pos % self.bs).min(e - pos);
+                let src = sub(&b, (pos % self.bs) as usize, n as usize);
+                let at = (pos - s) as usize;
+                if let Some(d) = dst.get_mut(at..at + src.len()) {
+                    d.copy_from_slice(src);
                 }
-                let src = sub(&b, (s - blk_off) as usize, (e - s) as usize);
-                if let Some(dst) = buf.get_mut((s - offset) as usize..(e - offset) as usize) {
-                    if dst.len() == src.len() {
-                        dst.copy_from_slice(src);
-                    }
-                }
+                pos += n;
             }
         }
         Ok(want)
