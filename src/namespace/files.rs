@@ -17,6 +17,8 @@ use crate::restore::{self, FileKind, FileStat, GuestFs, Partition, Volume};
 
 pub const FILES: &str = "files";
 pub const README: &str = "README";
+/// Inside a partition that is an LVM2 physical volume: `lvm/<vg>/<lv>/`.
+pub const LVM: &str = "lvm";
 /// files/ itself: root only, so a host user never reaches a guest file by sharing its uid.
 const FILES_PERM: u16 = 0o700;
 /// Guest inode numbers become node ids with this bit set (counter-made ids never reach it).
@@ -73,6 +75,8 @@ impl FilesPath {
 
 /// What a files/ path resolves to.
 enum Resolved {
+    /// A directory snapfs makes inside a partition: README holders and `lvm/<vg>/<lv>` levels.
+    Synthetic(Vec<(String, Kind)>),
     /// files/ of an instance: one directory per disk; files/ of a volume: partitions.
     Dir(u16),
     Readme(Arc<Vec<u8>>),
@@ -181,24 +185,39 @@ impl Namespace {
             .find(|x| x.name == part_name)
             .ok_or_else(|| Error::NotFound(format!("partition {part_name}")))?;
         let key = format!("{disk_key}\0{part_name}");
+        let (vol, number) =
+            self.cached_volume(&key, || restore::open_volume(disk.image.clone(), part))?;
+        Ok((key, vol, number))
+    }
+
+    /// The volume cached under `key`, opened by `open` on a miss, and its node-id number.
+    fn cached_volume(
+        &self,
+        key: &str,
+        open: impl FnOnce() -> Result<Volume>,
+    ) -> Result<(Arc<Volume>, u16)> {
         let number = {
             let mut c = lock(&self.files);
             let next = c.numbers.len() as u16;
-            *c.numbers.entry(key.clone()).or_insert(next)
+            *c.numbers.entry(key.to_string()).or_insert(next)
         };
-        if let Some(v) = lock(&self.files).volumes.get(&key) {
-            return Ok((key, v.clone(), number));
+        if let Some(v) = lock(&self.files).volumes.get(key) {
+            return Ok((v.clone(), number));
         }
         let started = std::time::Instant::now();
-        let vol = Arc::new(restore::open_volume(disk.image.clone(), part)?);
+        let vol = Arc::new(open()?);
         tracing::info!(
-            owner = %p.owner, snap = %p.snap, part = %part_name,
+            volume = %key.replace('\0', "/"),
             ms = started.elapsed().as_millis() as u64,
-            what = %match vol.as_ref() { Volume::Fs(fs) => fs.describe(), Volume::Unsupported { .. } => "unsupported".into() },
-            "guest filesystem opened"
+            what = %match vol.as_ref() {
+                Volume::Fs(fs) => fs.describe(),
+                Volume::Unsupported { .. } => "unsupported".into(),
+                Volume::Lvm(lvs) => format!("LVM2 PV with {} logical volumes", lvs.len()),
+            },
+            "guest volume opened"
         );
-        lock(&self.files).volumes.put(key.clone(), vol.clone());
-        Ok((key, vol, number))
+        lock(&self.files).volumes.put(key.to_string(), vol.clone());
+        Ok((vol, number))
     }
 
     fn resolve(&self, p: &FilesPath) -> Result<Resolved> {
@@ -216,15 +235,76 @@ impl Namespace {
             }));
         }
         let (key, vol, number) = self.volume_of(p)?;
-        let fs = match vol.as_ref() {
+        self.resolve_in(&key, &vol, number, &p.rest)
+    }
+
+    /// Resolve `rest` inside an opened volume: a filesystem, a README holder, or an LVM PV
+    /// whose logical volumes appear as `lvm/<vg>/<lv>/`, each a volume of its own.
+    fn resolve_in(
+        &self,
+        key: &str,
+        vol: &Volume,
+        number: u16,
+        rest: &[String],
+    ) -> Result<Resolved> {
+        let fs = match vol {
             Volume::Fs(fs) => fs.clone(),
             Volume::Unsupported { readme } => {
-                return match p.rest.as_slice() {
-                    [] => Ok(Resolved::Dir(super::DIR_PERM)),
+                return match rest {
+                    [] => Ok(Resolved::Synthetic(vec![(README.to_string(), Kind::File)])),
                     [r] if r == README => {
                         Ok(Resolved::Readme(Arc::new(readme.clone().into_bytes())))
                     }
-                    _ => Err(Error::NotFound(p.rest.join("/"))),
+                    _ => Err(Error::NotFound(rest.join("/"))),
+                };
+            }
+            Volume::Lvm(lvs) => {
+                let dirs = |names: Vec<String>| {
+                    let mut v: Vec<(String, Kind)> =
+                        names.into_iter().map(|n| (escape(&n), Kind::Dir)).collect();
+                    v.dedup();
+                    Resolved::Synthetic(v)
+                };
+                return match rest {
+                    [] => Ok(dirs(vec![LVM.to_string()])),
+                    [l] if l == LVM => Ok(dirs(lvs.iter().map(|x| x.vg.clone()).collect())),
+                    [l, vg] if l == LVM => {
+                        let names: Vec<String> = lvs
+                            .iter()
+                            .filter(|x| escape(&x.vg) == *vg)
+                            .map(|x| x.lv.clone())
+                            .collect();
+                        if names.is_empty() {
+                            return Err(Error::NotFound(format!("volume group {vg}")));
+                        }
+                        Ok(dirs(names))
+                    }
+                    [l, vg, lv, inner @ ..] if l == LVM => {
+                        let found = lvs
+                            .iter()
+                            .find(|x| escape(&x.vg) == *vg && escape(&x.lv) == *lv)
+                            .ok_or_else(|| Error::NotFound(format!("logical volume {vg}/{lv}")))?;
+                        let lv_key = format!("{key}\0{LVM}/{vg}/{lv}");
+                        let (inner_vol, inner_number) = self.cached_volume(&lv_key, || {
+                            match &found.image {
+                                Some(img) => {
+                                    let whole = Partition::whole(img.size(), "LVM logical volume");
+                                    match restore::open_volume(img.clone(), &whole)? {
+                                        // LVM inside an LV is not followed.
+                                        Volume::Lvm(_) => Ok(Volume::Unsupported {
+                                            readme: format!("{vg}/{lv} holds another LVM2 physical volume; snapfs does not nest LVM.\n"),
+                                        }),
+                                        v => Ok(v),
+                                    }
+                                }
+                                None => Ok(Volume::Unsupported {
+                                    readme: format!("Logical volume {}/{}: {}\n", found.vg, found.lv, found.note),
+                                }),
+                            }
+                        })?;
+                        self.resolve_in(&lv_key, &inner_vol, inner_number, inner)
+                    }
+                    _ => Err(Error::NotFound(rest.join("/"))),
                 };
             }
         };
@@ -233,8 +313,8 @@ impl Namespace {
         let mut start = 0;
         {
             let mut c = lock(&self.files);
-            for i in (1..=p.rest.len()).rev() {
-                if let Some(&cached) = c.paths.get(&format!("{key}\0{}", p.rest[..i].join("/"))) {
+            for i in (1..=rest.len()).rev() {
+                if let Some(&cached) = c.paths.get(&format!("{key}\0{}", rest[..i].join("/"))) {
                     ino = cached;
                     start = i;
                     break;
@@ -242,16 +322,16 @@ impl Namespace {
             }
         }
         let mut found: Option<FileStat> = None;
-        for i in start..p.rest.len() {
+        for i in start..rest.len() {
             if found.as_ref().is_some_and(|s| s.kind != FileKind::Dir) {
-                return Err(Error::NotDir(p.rest[..i].join("/")));
+                return Err(Error::NotDir(rest[..i].join("/")));
             }
-            let s = fs.lookup(ino, p.rest[i].as_bytes())?;
+            let s = fs.lookup(ino, rest[i].as_bytes())?;
             ino = s.ino;
             found = Some(s);
             lock(&self.files)
                 .paths
-                .put(format!("{key}\0{}", p.rest[..=i].join("/")), ino);
+                .put(format!("{key}\0{}", rest[..=i].join("/")), ino);
         }
         let stat = match found {
             Some(s) => s,
@@ -271,6 +351,7 @@ impl Namespace {
                 s.owner = Some((0, 0));
                 s
             }
+            Resolved::Synthetic(_) => Stat::new(Kind::Dir, 0, 0, mtime, super::DIR_PERM),
             Resolved::Readme(b) => Stat::new(
                 Kind::File,
                 b.len() as u64,
@@ -299,7 +380,12 @@ impl Namespace {
                 .collect());
         }
         match self.resolve(p)? {
-            Resolved::Dir(_) => Ok(vec![(README.to_string(), Kind::File, None)]),
+            Resolved::Dir(_) => Err(Error::Backend(
+                "files/ level resolved as a partition".into(),
+            )),
+            Resolved::Synthetic(children) => {
+                Ok(children.into_iter().map(|(n, k)| (n, k, None)).collect())
+            }
             Resolved::Readme(_) => Err(Error::NotDir(README.into())),
             Resolved::Guest { fs, stat, vol } => {
                 if stat.kind != FileKind::Dir {
