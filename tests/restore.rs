@@ -1006,6 +1006,11 @@ fn lvm_linear_volumes() {
     let Volume::Lvm(lvs) = open_volume(d.clone(), &parts[0]).unwrap() else {
         panic!("expected LVM");
     };
+    let readme = snapfs::restore::lvm::summary(&lvs);
+    assert!(
+        readme.contains("snapfsvg/root: 25165824 bytes, linear"),
+        "{readme}"
+    );
     let names: Vec<String> = lvs.iter().map(|l| format!("{}/{}", l.vg, l.lv)).collect();
     assert_eq!(names, ["snapfsvg/data", "snapfsvg/root"]);
     let open_lv = |name: &str| -> Arc<dyn GuestFs> {

@@ -27,6 +27,29 @@ pub struct LogicalVolume {
     pub note: String,
 }
 
+/// A README listing the logical volumes of a PV.
+pub fn summary(lvs: &[LogicalVolume]) -> String {
+    let mut s = String::from("This partition is an LVM2 physical volume. Logical volumes:\n");
+    for lv in lvs {
+        match &lv.image {
+            Some(img) => s.push_str(&format!(
+                "  {}/{}: {} bytes, linear\n",
+                lv.vg,
+                lv.lv,
+                img.size()
+            )),
+            None => s.push_str(&format!(
+                "  {}/{}: not readable here: {}\n",
+                lv.vg, lv.lv, lv.note
+            )),
+        }
+    }
+    if lvs.is_empty() {
+        s.push_str("  (none)\n");
+    }
+    s
+}
+
 /// A value of LVM's metadata text format.
 #[derive(Debug, Clone, PartialEq)]
 enum Value {

@@ -95,6 +95,18 @@ pub struct Partition {
     pub type_desc: String,
 }
 
+impl Volume {
+    /// The README text for what is not a filesystem: the probe's note, or for an LVM2 PV the list
+    /// of its logical volumes (for a tree that does not show LVs as nested volumes yet).
+    pub fn readme(&self) -> Option<String> {
+        match self {
+            Volume::Fs(_) => None,
+            Volume::Unsupported { readme } => Some(readme.clone()),
+            Volume::Lvm(lvs) => Some(lvm::summary(lvs)),
+        }
+    }
+}
+
 impl Partition {
     /// A whole block device (an LVM logical volume, a disk without a partition table).
     pub fn whole(length: u64, type_desc: &str) -> Partition {
