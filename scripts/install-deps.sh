@@ -38,6 +38,15 @@ declare -A CMD_PKG=(
   [pgrep]=procps
   [cc]=build-essential
   [shellcheck]=shellcheck
+  # guest filesystems for the file-level restore tests (scripts/make-fs-images.sh)
+  [mkfs.fat]=dosfstools
+  [mcopy]=mtools
+  [mkfs.xfs]=xfsprogs
+  [mkntfs]=ntfs-3g
+  [setfattr]=attr
+  [pvcreate]=lvm2
+  [cryptsetup]=cryptsetup
+  [mkswap]=util-linux
 )
 MIN_QEMU_MAJOR=8
 

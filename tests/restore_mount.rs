@@ -133,3 +133,137 @@ fn ext4_partition_matches_its_source_tree() {
         assert_eq!(errno(fs::remove_file(guest.join("hello.txt"))), libc::EROFS);
     }
 }
+
+/// The images of scripts/make-fs-images.sh (shared with tests/restore.rs through its `.done`).
+fn fs_images() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fs-images");
+    if !dir.join(".done").exists() {
+        run(Command::new("bash")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make-fs-images.sh"))
+            .arg(&dir));
+    }
+    dir
+}
+
+/// Compare `guest` with `src`: names and contents always; owners, modes, times, link counts
+/// and symlinks only where the filesystem stores them (`full`).
+fn compare(guest: &Path, src: &Path, full: bool, what: &str) -> usize {
+    let want = tree(src);
+    let got = tree(guest);
+    for (rel, s) in &want {
+        let g = got
+            .get(rel)
+            .unwrap_or_else(|| panic!("{what}: {} missing", rel.display()));
+        let w = format!("{what}: {}", rel.display());
+        assert_eq!(g.is_dir(), s.is_dir(), "{w}: type");
+        if full {
+            assert_eq!(
+                g.file_type().is_symlink(),
+                s.file_type().is_symlink(),
+                "{w}"
+            );
+            assert_eq!(g.mode() & 0o7777, s.mode() & 0o7777, "{w}: mode");
+            assert_eq!((g.uid(), g.gid()), (s.uid(), s.gid()), "{w}: owner");
+            if !s.is_dir() {
+                assert_eq!(g.mtime(), s.mtime(), "{w}: mtime");
+                assert_eq!(g.nlink(), s.nlink(), "{w}: links");
+            }
+            if s.file_type().is_symlink() {
+                assert_eq!(
+                    fs::read_link(guest.join(rel)).unwrap(),
+                    fs::read_link(src.join(rel)).unwrap(),
+                    "{w}"
+                );
+            }
+        }
+        if s.is_file() {
+            assert_eq!(g.len(), s.len(), "{w}: size");
+            assert!(
+                first_difference(&guest.join(rel), &src.join(rel)).is_none(),
+                "{w}: content"
+            );
+        }
+    }
+    want.len()
+}
+
+#[test]
+fn every_guest_filesystem_through_the_mount() {
+    let imgs = fs_images();
+    let t = tempfile::Builder::new()
+        .prefix("snapfs-fsimg")
+        .tempdir()
+        .unwrap();
+    let pool = t.path().join("guests");
+    fs::create_dir(&pool).unwrap();
+    for disk in ["gpt", "mbr", "lvm", "whole", "crash-ext3"] {
+        let q = pool.join(format!("{disk}.qcow2"));
+        qemu_img(&[
+            "convert",
+            "-O",
+            "qcow2",
+            imgs.join(format!("{disk}.raw")).to_str().unwrap(),
+            q.to_str().unwrap(),
+        ]);
+        qemu_img(&["snapshot", "-c", "s", q.to_str().unwrap()]);
+    }
+    let m = Mount::new(&pool);
+    let files = |disk: &str| m.snap(&format!("{disk}.qcow2"), "s").join("files");
+    let (src, plain) = (imgs.join("src"), imgs.join("src-plain"));
+    let cases: [(&str, &str, &Path, bool); 11] = [
+        ("gpt", "p1", &src, true),      // ext4
+        ("gpt", "p2", &plain, false),   // FAT32
+        ("gpt", "p3", &src, true),      // XFS
+        ("gpt", "p4", &plain, false),   // NTFS
+        ("mbr", "p1", &src, true),      // ext2
+        ("mbr", "p5", &src, true),      // ext3, logical
+        ("mbr", "p6", &plain, false),   // FAT16, logical
+        ("whole", "whole", &src, true), // ext4 without a partition table
+        ("lvm", "p1/lvm/snapfsvg/root", &src, true),
+        ("crash-ext3", "whole", &src, true), // journal replayed in memory
+        ("gpt", "p1", &src, true),           // again: served from the cache
+    ];
+    for (disk, part, tree_src, full) in cases {
+        let what = format!("{disk}/{part}");
+        let n = compare(&files(disk).join(part), tree_src, full, &what);
+        println!("{what}: {n} entries checked through the mount");
+    }
+    for p in ["p5", "p6", "p7"] {
+        let readme = fs::read_to_string(files("gpt").join(p).join("README")).unwrap();
+        println!("gpt/{p}/README: {}", readme.lines().next().unwrap_or(""));
+    }
+    // getfattr sees user.* xattrs of a guest file where the source has them.
+    let with_xattr = tree(&src).into_iter().find(|(rel, md)| {
+        md.is_file()
+            && xattr_names(&src.join(rel))
+                .iter()
+                .any(|n| n.starts_with("user."))
+    });
+    if let Some((rel, _)) = with_xattr {
+        assert_eq!(
+            xattr_names(&files("gpt").join("p1").join(&rel)),
+            xattr_names(&src.join(&rel))
+        );
+    }
+}
+
+fn xattr_names(p: &Path) -> Vec<String> {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: c is NUL-terminated, buf is writable for its length.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(
+        n >= 0,
+        "llistxattr {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
+    let mut v: Vec<String> = buf[..n as usize]
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .filter(|s| !s.starts_with("security.") && !s.starts_with("system."))
+        .collect();
+    v.sort();
+    v
+}
