@@ -29,6 +29,8 @@ pub struct MountConfig {
     pub cache_bytes: usize,
     pub ttl: Duration,
     pub read_ahead_kb: u32,
+    /// Ceph RBD pools to serve (`--ceph`), if any.
+    pub rbd: Option<crate::provider::rbd::RbdConfig>,
 }
 
 /// Mount and serve in this process until unmounted. `ready` is told "READY" (or the error)
@@ -73,6 +75,11 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
     if !cfg.images.is_empty() {
         providers.push(Arc::new(
             ImagesProvider::new(&cfg.images, cache.clone()).context("images provider")?,
+        ));
+    }
+    if let Some(rbd) = &cfg.rbd {
+        providers.push(Arc::new(
+            crate::provider::rbd::RbdProvider::new(rbd).context("rbd provider")?,
         ));
     }
     if providers.is_empty() {

@@ -44,6 +44,19 @@ struct MountArgs {
     /// A directory of disk images (*.qcow2, *.raw, *.img): pool `basename DIR`. Repeatable.
     #[arg(long = "images", value_name = "DIR")]
     images: Vec<PathBuf>,
+    /// A Ceph cluster's configuration file: serve RBD images of each --pool as volumes.
+    #[arg(long = "ceph", value_name = "CEPH_CONF")]
+    ceph: Option<PathBuf>,
+    /// Ceph client id to connect as (client.ID); its keyring is found through CEPH_CONF.
+    #[arg(long = "ceph-id", value_name = "ID", default_value = "admin")]
+    ceph_id: String,
+    /// A Ceph pool whose RBD images become volumes/POOL/IMAGE. Repeatable; needs --ceph.
+    #[arg(long = "pool", value_name = "POOL", requires = "ceph")]
+    pools: Vec<String>,
+    /// Bound of every Ceph operation (and of the connection at start-up), in seconds: a read
+    /// of an unreachable cluster fails with EIO after this long.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    ceph_timeout: u64,
     /// Stay in the foreground and log to stderr.
     #[arg(long)]
     foreground: bool,
@@ -130,6 +143,13 @@ fn mount(m: MountArgs) -> anyhow::Result<()> {
         cache_bytes: m.cache_mb.saturating_mul(1 << 20),
         ttl: Duration::from_millis(m.list_ttl_ms),
         read_ahead_kb: m.read_ahead_kb,
+        rbd: m.ceph.map(|conf| snapfs::provider::rbd::RbdConfig {
+            conf,
+            id: m.ceph_id,
+            pools: m.pools,
+            op_timeout: Duration::from_secs(m.ceph_timeout.max(1)),
+            connect_timeout: Duration::from_secs(m.ceph_timeout.max(1)),
+        }),
     };
     daemon::serve(cfg, ready)
 }

@@ -8,6 +8,7 @@ pub mod cache;
 mod hostfile;
 pub mod qcow2;
 pub mod raw;
+pub mod rbd;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -6,6 +6,7 @@
 pub mod images;
 #[cfg(test)]
 pub mod memory;
+pub mod rbd;
 
 use std::sync::Arc;
 use std::time::SystemTime;
