@@ -105,6 +105,67 @@ pub struct Cluster {
     handle: ffi::rados_t,
     pub conf: String,
     pub client: String,
+    breaker: Breaker,
+}
+
+/// After an operation times out, further calls fail at once for one timeout period instead
+/// of each waiting the full timeout again (the kernel retries a failed read, and `ls` of a
+/// pool would queue behind a dead OSD). Any call that succeeds closes it again.
+struct Breaker {
+    window: Duration,
+    tripped: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Breaker {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<std::time::Instant>> {
+        self.tripped.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Err while a recent timeout is fresh.
+    fn admit(&self, what: &dyn Fn() -> String) -> Result<()> {
+        let t = *self.lock();
+        match t {
+            Some(at) if at.elapsed() < self.window => Err(Error::io(
+                format!(
+                    "{}: not tried, the cluster timed out {} ms ago",
+                    what(),
+                    at.elapsed().as_millis()
+                ),
+                std::io::Error::from_raw_os_error(libc::ETIMEDOUT),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn record(&self, rc: i64) {
+        if rc == -i64::from(libc::ETIMEDOUT) {
+            let mut t = self.lock();
+            if t.is_none_or(|at| at.elapsed() >= self.window) {
+                tracing::warn!(
+                    window_ms = self.window.as_millis() as u64,
+                    "Ceph operation timed out: failing fast for one timeout period"
+                );
+                *t = Some(std::time::Instant::now());
+            }
+        } else if rc >= 0 {
+            let mut t = self.lock();
+            if t.take().is_some() {
+                info!("Ceph answers again");
+            }
+        }
+    }
+
+    /// Run one cluster call under the breaker; `f` returns librados' rc.
+    fn call<T: Into<i64> + Copy>(
+        &self,
+        what: &dyn Fn() -> String,
+        f: impl FnOnce() -> T,
+    ) -> Result<T> {
+        self.admit(what)?;
+        let rc = f();
+        self.record(rc.into());
+        Ok(rc)
+    }
 }
 
 // SAFETY: librados handles are documented thread-safe; we never mutate the configuration
@@ -135,6 +196,10 @@ impl Cluster {
             handle,
             conf: conf_s.clone(),
             client: name.clone(),
+            breaker: Breaker {
+                window: timeouts.op,
+                tripped: std::sync::Mutex::new(None),
+            },
         };
         // SAFETY: valid handle, NUL-terminated path.
         let rc = unsafe { ffi::rados_conf_read_file(cluster.handle, c_conf.as_ptr()) };
@@ -153,11 +218,14 @@ impl Cluster {
         let started = std::time::Instant::now();
         // SAFETY: valid, configured handle.
         let rc = unsafe { ffi::rados_connect(cluster.handle) };
-        check(rc, || {
-            format!(
-                "connecting to the Ceph cluster of {conf_s} as {name} (after {:.1} s)",
+        if rc == -libc::ETIMEDOUT {
+            return Err(Error::Backend(format!(
+                "no Ceph monitor of {conf_s} answered within {:.0} s (connecting as {name}; is the cluster up and `mon host` right?)",
                 started.elapsed().as_secs_f64()
-            )
+            )));
+        }
+        check(rc, || {
+            format!("connecting to the Ceph cluster of {conf_s} as {name}")
         })?;
         info!(conf = %conf_s, client = %name, ms = started.elapsed().as_millis() as u64, "connected to Ceph");
         Ok(Arc::new(cluster))
@@ -181,7 +249,7 @@ impl Cluster {
         Ok(Arc::new(Pool {
             io,
             name: pool.to_string(),
-            _cluster: self.clone(),
+            cluster: self.clone(),
         }))
     }
 }
@@ -198,7 +266,7 @@ impl Drop for Cluster {
 pub struct Pool {
     io: ffi::rados_ioctx_t,
     pub name: String,
-    _cluster: Arc<Cluster>,
+    cluster: Arc<Cluster>,
 }
 
 // SAFETY: an ioctx is safe to share for I/O; we never change its namespace or snap context.
@@ -251,13 +319,16 @@ impl Pool {
         loop {
             let mut specs: Vec<ffi::rbd_image_spec_t> = Vec::with_capacity(cap);
             let mut n = cap;
-            // SAFETY: specs has room for `n` entries; librbd writes at most `n` and sets `n`.
-            let rc = unsafe { ffi::rbd_list2(self.io, specs.as_mut_ptr(), &mut n) };
+            let what = || format!("listing RBD images of pool {}", self.name);
+            let rc = self.cluster.breaker.call(&what, || {
+                // SAFETY: specs has room for `n` entries; librbd writes at most `n`, sets `n`.
+                unsafe { ffi::rbd_list2(self.io, specs.as_mut_ptr(), &mut n) }
+            })?;
             if rc == -libc::ERANGE {
                 cap = n.max(cap * 2);
                 continue;
             }
-            check(rc, || format!("listing RBD images of pool {}", self.name))?;
+            check(rc, what)?;
             let n = n.min(cap);
             // SAFETY: librbd initialised the first n entries.
             unsafe { specs.set_len(n) };
@@ -284,23 +355,24 @@ impl Pool {
         let snap_ptr = c_snap.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
         let mut h: ffi::rbd_image_t = std::ptr::null_mut();
         let started = std::time::Instant::now();
-        // SAFETY: valid ioctx, NUL-terminated strings (or NULL snap), out-pointer to a local.
-        let rc = unsafe {
-            if writable {
-                ffi::rbd_open(self.io, c_name.as_ptr(), &mut h, snap_ptr)
-            } else {
-                ffi::rbd_open_read_only(self.io, c_name.as_ptr(), &mut h, snap_ptr)
-            }
-        };
         let at = snap.map(|s| format!("@{s}")).unwrap_or_default();
-        check(rc, || {
-            format!("opening RBD image {}/{image}{at}", self.name)
+        let what = || format!("opening RBD image {}/{image}{at}", self.name);
+        let rc = self.cluster.breaker.call(&what, || {
+            // SAFETY: valid ioctx, NUL-terminated strings (or NULL snap), out-pointer to a local.
+            unsafe {
+                if writable {
+                    ffi::rbd_open(self.io, c_name.as_ptr(), &mut h, snap_ptr)
+                } else {
+                    ffi::rbd_open_read_only(self.io, c_name.as_ptr(), &mut h, snap_ptr)
+                }
+            }
         })?;
+        check(rc, what)?;
         debug!(pool = %self.name, image, snap, writable, ms = started.elapsed().as_millis() as u64, "rbd open");
         Ok(Image {
             h,
             label: format!("{}/{image}{at}", self.name),
-            _pool: self.clone(),
+            pool: self.clone(),
         })
     }
 }
@@ -310,7 +382,7 @@ pub struct Image {
     h: ffi::rbd_image_t,
     /// `pool/image[@snap]`, for error messages.
     pub label: String,
-    _pool: Arc<Pool>,
+    pool: Arc<Pool>,
 }
 
 // SAFETY: librbd image handles serialise their own state; concurrent reads are supported.
@@ -580,15 +652,16 @@ impl Image {
         while done < buf.len() {
             let rest = &mut buf[done..];
             let off = offset + done as u64;
-            // SAFETY: rest is a valid writable buffer of rest.len() bytes for the whole call.
-            let n =
-                unsafe { ffi::rbd_read2(self.h, off, rest.len(), rest.as_mut_ptr().cast(), flags) };
+            let len = rest.len();
+            let ptr = rest.as_mut_ptr();
+            let what = || format!("reading {len} bytes at {off:#x} of {}", self.label);
+            let n = self.pool.cluster.breaker.call(&what, || {
+                // SAFETY: ptr/len describe `rest`, a writable buffer alive for the whole call.
+                unsafe { ffi::rbd_read2(self.h, off, len, ptr.cast(), flags) as i64 }
+            })?;
             if n < 0 {
                 let rc = c_int::try_from(n).unwrap_or(-libc::EIO);
-                return Err(errno_error(
-                    rc,
-                    format!("reading {} bytes at {off:#x} of {}", rest.len(), self.label),
-                ));
+                return Err(errno_error(rc, what()));
             }
             if n == 0 {
                 return Err(Error::io(
@@ -614,21 +687,25 @@ impl Image {
             extents: Vec::new(),
         };
         let started = std::time::Instant::now();
-        // SAFETY: valid handle; the callback only touches `acc`, which outlives the call;
-        // NULL fromsnap means "everything allocated".
-        let rc = unsafe {
-            ffi::rbd_diff_iterate2(
-                self.h,
-                std::ptr::null(),
-                offset,
-                len,
-                1,
-                u8::from(whole_object),
-                diff_cb,
-                (&mut acc as *mut DiffAcc).cast(),
-            )
-        };
-        check(rc, || self.what("rbd_diff_iterate2"))?;
+        let what = || self.what("rbd_diff_iterate2");
+        let acc_ptr: *mut DiffAcc = &mut acc;
+        let rc = self.pool.cluster.breaker.call(&what, || {
+            // SAFETY: valid handle; the callback only touches `acc` (through acc_ptr), which
+            // outlives the call; NULL fromsnap means "everything allocated".
+            unsafe {
+                ffi::rbd_diff_iterate2(
+                    self.h,
+                    std::ptr::null(),
+                    offset,
+                    len,
+                    1,
+                    u8::from(whole_object),
+                    diff_cb,
+                    acc_ptr.cast(),
+                )
+            }
+        })?;
+        check(rc, what)?;
         debug!(image = %self.label, extents = acc.extents.len(), whole_object, ms = started.elapsed().as_millis() as u64, "rbd allocation map");
         Ok(acc.extents)
     }
