@@ -79,7 +79,7 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
     }
     if let Some(rbd) = &cfg.rbd {
         providers.push(Arc::new(
-            crate::provider::rbd::RbdProvider::new(rbd).context("rbd provider")?,
+            crate::provider::rbd::RbdProvider::new(rbd, cache.clone()).context("rbd provider")?,
         ));
     }
     if providers.is_empty() {

@@ -8,6 +8,8 @@ use std::ffi::{c_char, c_int, c_void};
 pub type rados_t = *mut c_void;
 pub type rados_ioctx_t = *mut c_void;
 pub type rbd_image_t = *mut c_void;
+pub type rbd_completion_t = *mut c_void;
+pub type rbd_callback_t = extern "C" fn(rbd_completion_t, *mut c_void);
 
 /// `int (*cb)(uint64_t offset, size_t len, int exists, void *arg)` of `rbd_diff_iterate2`.
 pub type diff_cb = extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
@@ -140,6 +142,22 @@ extern "C" {
         buf: *mut c_char,
         op_flags: c_int,
     ) -> isize;
+    pub fn rbd_aio_create_completion(
+        cb_arg: *mut c_void,
+        complete_cb: Option<rbd_callback_t>,
+        c: *mut rbd_completion_t,
+    ) -> c_int;
+    pub fn rbd_aio_read2(
+        image: rbd_image_t,
+        off: u64,
+        len: usize,
+        buf: *mut c_char,
+        c: rbd_completion_t,
+        op_flags: c_int,
+    ) -> c_int;
+    pub fn rbd_aio_wait_for_complete(c: rbd_completion_t) -> c_int;
+    pub fn rbd_aio_get_return_value(c: rbd_completion_t) -> isize;
+    pub fn rbd_aio_release(c: rbd_completion_t);
     pub fn rbd_diff_iterate2(
         image: rbd_image_t,
         fromsnapname: *const c_char,

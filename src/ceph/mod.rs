@@ -400,6 +400,66 @@ impl Drop for Image {
     }
 }
 
+/// A read in flight (`rbd_aio_read2`). It owns its buffer, so the buffer lives until librbd
+/// is done with it: dropping an unfinished read waits for it first.
+pub struct AioRead {
+    comp: ffi::rbd_completion_t,
+    /// Capacity >= len, length 0 until librbd has filled it.
+    buf: Vec<u8>,
+    len: usize,
+    pub offset: u64,
+    what: String,
+    cluster: Arc<Cluster>,
+    finished: bool,
+}
+
+// SAFETY: the completion is only waited on and released by whoever owns the AioRead; librbd
+// completions may be waited on from any thread.
+unsafe impl Send for AioRead {}
+
+impl AioRead {
+    /// Wait for the read; the bytes, or the error (a timeout after the op timeout).
+    pub fn wait(mut self) -> Result<Vec<u8>> {
+        // SAFETY: comp is a live completion of a submitted read.
+        let rv = unsafe {
+            ffi::rbd_aio_wait_for_complete(self.comp);
+            ffi::rbd_aio_get_return_value(self.comp)
+        };
+        self.finished = true;
+        // SAFETY: complete; released exactly once (Drop skips it now that finished is set).
+        unsafe { ffi::rbd_aio_release(self.comp) };
+        self.cluster.breaker.record(rv as i64);
+        if rv < 0 {
+            return Err(errno_error(
+                c_int::try_from(rv).unwrap_or(-libc::EIO),
+                std::mem::take(&mut self.what),
+            ));
+        }
+        if rv as usize != self.len {
+            return Err(Error::io(
+                format!("{}: short read of {rv} bytes", self.what),
+                std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+            ));
+        }
+        // SAFETY: librbd reported writing exactly `len` bytes into the first `len` bytes of
+        // the allocation (capacity >= len), so they are initialised.
+        unsafe { self.buf.set_len(self.len) };
+        Ok(std::mem::take(&mut self.buf))
+    }
+}
+
+impl Drop for AioRead {
+    fn drop(&mut self) {
+        if !self.finished {
+            // SAFETY: the buffer must outlive the read: wait, then release the completion once.
+            unsafe {
+                ffi::rbd_aio_wait_for_complete(self.comp);
+                ffi::rbd_aio_release(self.comp);
+            }
+        }
+    }
+}
+
 /// Collects `rbd_diff_iterate2` extents; the callback must not unwind into C.
 struct DiffAcc {
     extents: Vec<(u64, u64)>,
@@ -672,6 +732,50 @@ impl Image {
             done += n as usize;
         }
         Ok(())
+    }
+
+    /// Start reading `len` bytes at `offset` (within the image size) without waiting, into
+    /// `buf` (cleared; reusing a buffer saves the page faults of a fresh 4 MiB allocation).
+    pub fn aio_read(&self, offset: u64, len: usize, mut buf: Vec<u8>) -> Result<AioRead> {
+        let what = format!("reading {len} bytes at {offset:#x} of {}", self.label);
+        let cluster = self.pool.cluster.clone();
+        cluster.breaker.admit(&|| what.clone())?;
+        let mut comp: ffi::rbd_completion_t = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local; no callback, so no argument is ever dereferenced.
+        let rc = unsafe { ffi::rbd_aio_create_completion(std::ptr::null_mut(), None, &mut comp) };
+        check(rc, || format!("{what}: rbd_aio_create_completion"))?;
+        // librbd writes the bytes; the Vec's length is set only once it has (in `wait`).
+        buf.clear();
+        buf.reserve_exact(len);
+        let mut read = AioRead {
+            comp,
+            buf,
+            len,
+            offset,
+            what,
+            cluster,
+            finished: false,
+        };
+        // SAFETY: the buffer (capacity >= len) is owned by `read`, whose Drop waits for
+        // completion before it is freed; a Vec's heap storage does not move with the AioRead.
+        let rc = unsafe {
+            ffi::rbd_aio_read2(
+                self.h,
+                offset,
+                len,
+                read.buf.as_mut_ptr().cast(),
+                read.comp,
+                ffi::LIBRADOS_OP_FLAG_FADVISE_SEQUENTIAL,
+            )
+        };
+        if rc < 0 {
+            // Not submitted: release the completion here, nothing to wait for.
+            read.finished = true;
+            // SAFETY: created above, never submitted, released once.
+            unsafe { ffi::rbd_aio_release(read.comp) };
+            return Err(errno_error(rc, std::mem::take(&mut read.what)));
+        }
+        Ok(read)
     }
 
     /// Allocated extents `(offset, length)` in `[offset, offset + len)` of the opened

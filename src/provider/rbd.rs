@@ -18,7 +18,7 @@ use super::{ObjectInfo, Owner, Provider, SnapDisk, SnapshotInfo, VOLUME_DISK};
 use crate::ceph::{self, Cluster, Image, Pool, Timeouts};
 use crate::error::{Error, Result};
 use crate::image::rbd::RbdImage;
-use crate::image::BlockImage;
+use crate::image::{BlockCache, BlockImage};
 
 /// How to reach the cluster.
 #[derive(Clone, Debug)]
@@ -35,12 +35,13 @@ pub struct RbdConfig {
 
 pub struct RbdProvider {
     pools: Vec<Arc<Pool>>,
+    cache: Arc<BlockCache>,
 }
 
 impl RbdProvider {
     /// Connect and open every pool; a missing pool or an unreachable cluster is an error
     /// that says which, returned within about `connect_timeout`.
-    pub fn new(cfg: &RbdConfig) -> Result<Self> {
+    pub fn new(cfg: &RbdConfig, cache: Arc<BlockCache>) -> Result<Self> {
         if !cfg.conf.is_file() {
             return Err(Error::NotFound(format!(
                 "Ceph configuration {} (give --ceph PATH)",
@@ -73,7 +74,7 @@ impl RbdProvider {
             info!(pool = %name, "rbd pool");
             pools.push(pool);
         }
-        Ok(RbdProvider { pools })
+        Ok(RbdProvider { pools, cache })
     }
 
     fn pool(&self, name: &str) -> Result<&Arc<Pool>> {
@@ -261,7 +262,7 @@ impl Provider for RbdProvider {
             return Err(Error::NotFound(format!("disk {target} of {owner}")));
         }
         let img = self.open(owner, Some(&snap.name), false)?;
-        Ok(Arc::new(RbdImage::new(img)?))
+        Ok(Arc::new(RbdImage::new(img, self.cache.clone())?))
     }
 }
 
