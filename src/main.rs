@@ -57,6 +57,10 @@ struct MountArgs {
     /// of an unreachable cluster fails with EIO after this long.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     ceph_timeout: u64,
+    /// MiB read ahead (in flight, in object-sized chunks) for a sequential reader of an RBD
+    /// snapshot; 0 turns it off. Parked chunks count against --cache-mb.
+    #[arg(long, value_name = "MIB", default_value_t = 32)]
+    ceph_read_ahead_mb: u64,
     /// Stay in the foreground and log to stderr.
     #[arg(long)]
     foreground: bool,
@@ -149,6 +153,7 @@ fn mount(m: MountArgs) -> anyhow::Result<()> {
             pools: m.pools,
             op_timeout: Duration::from_secs(m.ceph_timeout.max(1)),
             connect_timeout: Duration::from_secs(m.ceph_timeout.max(1)),
+            read_ahead: m.ceph_read_ahead_mb << 20,
         }),
     };
     daemon::serve(cfg, ready)

@@ -18,13 +18,9 @@ use crate::ceph::{self, AioRead};
 use crate::error::Result;
 use crate::namespace::registry::lock;
 
-/// Chunks read ahead of a sequential reader.
-const READ_AHEAD_CHUNKS: u64 = 4;
 /// Chunk size bounds; the chunk is the image's object size within them.
 const MIN_CHUNK: u64 = 1 << 20;
 const MAX_CHUNK: u64 = 8 << 20;
-/// Chunk buffers kept for reuse per image.
-const SPARE_BUFFERS: usize = READ_AHEAD_CHUNKS as usize + 2;
 /// End offsets of recent reads remembered to recognise a sequential reader.
 const RECENT_READS: usize = 16;
 
@@ -48,6 +44,8 @@ pub struct RbdImage {
 /// Read-ahead state of one opened snapshot.
 struct ReadAhead {
     chunk: u64,
+    /// Chunks kept in flight ahead of a sequential reader; 0 turns read-ahead off.
+    depth: u64,
     cache: Arc<BlockCache>,
     /// Cache identity of this opened snapshot.
     id: u64,
@@ -69,12 +67,15 @@ struct AheadState {
 }
 
 impl RbdImage {
-    pub fn new(image: ceph::Image, cache: Arc<BlockCache>) -> Result<Self> {
+    /// `read_ahead`: bytes to keep in flight ahead of a sequential reader (0: none).
+    pub fn new(image: ceph::Image, cache: Arc<BlockCache>, read_ahead: u64) -> Result<Self> {
         let st = image.stat()?;
         let features = image.features()?;
+        let chunk = st.obj_size.clamp(MIN_CHUNK, MAX_CHUNK);
         Ok(RbdImage {
             ahead: ReadAhead {
-                chunk: st.obj_size.clamp(MIN_CHUNK, MAX_CHUNK),
+                chunk,
+                depth: read_ahead.div_ceil(chunk),
                 cache,
                 id: BlockCache::new_image_id(),
                 state: Mutex::new(AheadState::default()),
@@ -161,7 +162,7 @@ impl RbdImage {
         let chunk = self.ahead.chunk;
         let end = offset + buf.len() as u64;
         let (first, last) = (offset / chunk, (end - 1) / chunk);
-        self.start_chunks(first, last + READ_AHEAD_CHUNKS);
+        self.start_chunks(first, last + self.ahead.depth);
         for c in first..=last {
             let (cs, ce) = (c * chunk, ((c + 1) * chunk).min(self.size));
             let (s, e) = (offset.max(cs), end.min(ce));
@@ -194,7 +195,7 @@ impl RbdImage {
                 let freed = self.ahead.cache.remove(&self.key(c));
                 if let Some(buf) = freed.and_then(|a| Arc::try_unwrap(a).ok()) {
                     let mut st = lock(&self.ahead.state);
-                    if st.spare.len() < SPARE_BUFFERS {
+                    if (st.spare.len() as u64) < self.ahead.depth + 2 {
                         st.spare.push(buf);
                     }
                 }
@@ -250,7 +251,7 @@ impl BlockImage for RbdImage {
             return Ok(());
         }
         let end = offset + n as u64;
-        if self.is_sequential(offset, end) {
+        if self.ahead.depth > 0 && self.is_sequential(offset, end) {
             self.read_ahead(head, offset)
         } else {
             self.image.read(head, offset, false)

@@ -31,11 +31,14 @@ pub struct RbdConfig {
     pub op_timeout: Duration,
     /// Bound of the connection at start-up.
     pub connect_timeout: Duration,
+    /// Bytes read ahead of a sequential reader of a snapshot (0: no read-ahead).
+    pub read_ahead: u64,
 }
 
 pub struct RbdProvider {
     pools: Vec<Arc<Pool>>,
     cache: Arc<BlockCache>,
+    read_ahead: u64,
 }
 
 impl RbdProvider {
@@ -74,7 +77,11 @@ impl RbdProvider {
             info!(pool = %name, "rbd pool");
             pools.push(pool);
         }
-        Ok(RbdProvider { pools, cache })
+        Ok(RbdProvider {
+            pools,
+            cache,
+            read_ahead: cfg.read_ahead,
+        })
     }
 
     fn pool(&self, name: &str) -> Result<&Arc<Pool>> {
@@ -262,7 +269,11 @@ impl Provider for RbdProvider {
             return Err(Error::NotFound(format!("disk {target} of {owner}")));
         }
         let img = self.open(owner, Some(&snap.name), false)?;
-        Ok(Arc::new(RbdImage::new(img, self.cache.clone())?))
+        Ok(Arc::new(RbdImage::new(
+            img,
+            self.cache.clone(),
+            self.read_ahead,
+        )?))
     }
 }
 
