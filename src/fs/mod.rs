@@ -258,6 +258,10 @@ impl SnapFs {
                     reply(&[]);
                     return Ok(());
                 }
+                if let Some(shared) = img.read_shared(offset, len)? {
+                    reply(shared.as_slice());
+                    return Ok(());
+                }
                 READ_BUF.with(|buf| {
                     let mut buf = buf.borrow_mut();
                     if buf.len() < len {

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use super::cache::{CacheKey, CacheKind};
 use super::raw::push_extent;
-use super::{BlockCache, BlockImage, Extent, ExtentKind};
+use super::{BlockCache, BlockImage, Extent, ExtentKind, SharedBytes};
 use crate::ceph::{self, AioRead};
 use crate::error::Result;
 use crate::namespace::registry::lock;
@@ -61,8 +61,8 @@ struct AheadState {
     pending: HashMap<u64, Pending>,
     /// Chunk index → bytes of it handed to readers; a chunk served whole is dropped.
     served: HashMap<u64, u64>,
-    /// Buffers of chunks served whole, for the next reads ahead.
-    spare: Vec<Vec<u8>>,
+    /// Chunks served whole; once no reply holds one any more, its buffer is reused.
+    spare: Vec<Arc<Vec<u8>>>,
     recent: VecDeque<u64>,
 }
 
@@ -106,7 +106,9 @@ impl RbdImage {
         if st.recent.len() >= RECENT_READS {
             st.recent.pop_front();
         }
-        st.recent.push_back(end);
+        if st.recent.back() != Some(&end) {
+            st.recent.push_back(end);
+        }
         seq
     }
 
@@ -123,7 +125,10 @@ impl RbdImage {
                 continue;
             }
             let len = chunk.min(self.size - start) as usize;
-            let buf = st.spare.pop().unwrap_or_default();
+            let buf = match st.spare.iter().position(|b| Arc::strong_count(b) == 1) {
+                Some(i) => Arc::try_unwrap(st.spare.swap_remove(i)).unwrap_or_default(),
+                None => Vec::new(),
+            };
             match self.image.aio_read(start, len, buf) {
                 Ok(r) => {
                     st.pending.insert(c, Arc::new(Mutex::new(Some(r))));
@@ -180,28 +185,27 @@ impl RbdImage {
                 }
                 None => self.image.read(dst, s, true)?,
             }
-            // Readers (several FUSE threads, out of order) have had all of it: make room.
-            let done = {
-                let mut st = lock(&self.ahead.state);
-                let n = st.served.entry(c).or_insert(0);
-                *n += e - s;
-                let done = *n >= ce - cs;
-                if done {
-                    st.served.remove(&c);
-                }
-                done
-            };
-            if done {
-                let freed = self.ahead.cache.remove(&self.key(c));
-                if let Some(buf) = freed.and_then(|a| Arc::try_unwrap(a).ok()) {
-                    let mut st = lock(&self.ahead.state);
-                    if (st.spare.len() as u64) < self.ahead.depth + 2 {
-                        st.spare.push(buf);
-                    }
-                }
-            }
+            self.served(c, e - s, ce - cs);
         }
         Ok(())
+    }
+
+    /// `n` more bytes of chunk `c` (of `len`) went to a reader. Readers (several FUSE threads,
+    /// out of order) that have had all of it make room: it leaves the cache for the spares.
+    fn served(&self, c: u64, n: u64, len: u64) {
+        let mut st = lock(&self.ahead.state);
+        let total = st.served.entry(c).or_insert(0);
+        *total += n;
+        if *total < len {
+            return;
+        }
+        st.served.remove(&c);
+        if let Some(buf) = self.ahead.cache.remove(&self.key(c)) {
+            if st.spare.len() as u64 >= self.ahead.depth + 2 {
+                st.spare.remove(0);
+            }
+            st.spare.push(buf);
+        }
     }
 
     /// With fast-diff the object map answers at object granularity without touching the
@@ -239,6 +243,31 @@ impl RbdImage {
 impl BlockImage for RbdImage {
     fn size(&self) -> u64 {
         self.size
+    }
+
+    /// A sequential request inside one read-ahead chunk is answered with the chunk itself.
+    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<SharedBytes>> {
+        let chunk = self.ahead.chunk;
+        let end = offset.saturating_add(len as u64);
+        let c = offset / chunk;
+        let (cs, ce) = (c * chunk, ((c + 1) * chunk).min(self.size));
+        if self.ahead.depth == 0 || len == 0 || end > ce || !self.is_sequential(offset, end) {
+            return Ok(None);
+        }
+        self.start_chunks(c, c + self.ahead.depth);
+        let Some(data) = self.chunk(c)? else {
+            return Ok(None);
+        };
+        let start = (offset - cs) as usize;
+        if data.len() < start + len {
+            return Ok(None);
+        }
+        self.served(c, len as u64, ce - cs);
+        Ok(Some(SharedBytes {
+            buf: data,
+            start,
+            len,
+        }))
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
