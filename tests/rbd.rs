@@ -656,6 +656,17 @@ fn mkdir_rmdir_mv_snapshots_with_every_errno() {
     assert!(rbd_snaps(&v).is_empty());
     assert!(ls(&snaps).is_empty());
 
+    // A snapshot limit (RBD's per-image quota) answers -EDQUOT: ENOSPC.
+    rbd(&conf, &["snap", "limit", "set", "--limit", "1", &v.spec]);
+    std::fs::create_dir(snaps.join("q1")).expect("mkdir under the limit");
+    expect(
+        std::fs::create_dir(snaps.join("q2")),
+        libc::ENOSPC,
+        "mkdir over the snapshot limit",
+    );
+    rbd(&conf, &["snap", "limit", "clear", &v.spec]);
+    std::fs::remove_dir(snaps.join("q1")).expect("rmdir q1");
+
     // Latency of our mkdir/rmdir next to the CLI's, for the record.
     let t = Instant::now();
     std::fs::create_dir(snaps.join("lat")).expect("mkdir lat");
