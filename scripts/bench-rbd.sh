@@ -21,6 +21,9 @@ POOL=rbd
 SNAP=b1
 WORK=${SNAPFS_BENCH_DIR:-/var/tmp/snapfs-bench-rbd}
 LAT_N=${LAT_N:-10}
+# REPS=3: every read is run three times (interleaved) and the median is reported; the shared
+# 2-core machine's load makes single runs vary by ±20%.
+REPS=${REPS:-1}
 
 bash scripts/ceph/start-ceph.sh
 export CEPH_CONF=${SNAPFS_CEPH_DIR:-/var/lib/snapfs-ceph}/ceph.conf
@@ -62,7 +65,7 @@ timeout 60 rbd-fuse -c "$CEPH_CONF" -p "$POOL" "$WORK/rbdfuse"
 SNAPFS_FILE=$WORK/snapfs/volumes/$POOL/$IMG/.snapshots/$SNAP/disk.raw
 RBDFUSE_FILE=$WORK/rbdfuse/$IMG
 
-declare -A RESULT
+declare -A RESULT ALL
 # run NAME CMD...: time one read of the whole image after dropping caches.
 run() {
   local name=$1; shift
@@ -71,8 +74,13 @@ run() {
   t0=$(now)
   "$@" || return 1
   t1=$(now)
-  RESULT[$name]=$(mibs "$size" "$(awk -v a="$t0" -v b="$t1" 'BEGIN{print b-a}')")
-  printf '%-34s %6s MiB/s\n' "$name" "${RESULT[$name]}" >&2
+  local v
+  v=$(mibs "$size" "$(awk -v a="$t0" -v b="$t1" 'BEGIN{print b-a}')")
+  ALL[$name]="${ALL[$name]:-} $v"
+  # The median of the runs so far.
+  RESULT[$name]=$(tr ' ' '\n' <<<"${ALL[$name]}" | grep . | sort -n |
+    awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+  printf '%-34s %6s MiB/s\n' "$name" "$v" >&2
 }
 # Two concurrent readers, one half each.
 two() { # file bs
@@ -86,20 +94,22 @@ two() { # file bs
   return "$rc"
 }
 
-echo "== sequential read of $SIZE_GIB GiB ($POOL/$IMG@$SNAP), page cache dropped before each" >&2
-run "rbd export @snap" sh -c "rbd export --no-progress $POOL/$IMG@$SNAP - >/dev/null"
-run "snapfs cat" cat "$SNAPFS_FILE" >/dev/null
-run "snapfs dd bs=1M" dd if="$SNAPFS_FILE" of=/dev/null bs=1M status=none
-run "snapfs dd bs=128K" dd if="$SNAPFS_FILE" of=/dev/null bs=128K status=none
-run "snapfs 2 readers bs=1M" two "$SNAPFS_FILE" $((1 << 20))
-run "snapfs 2 readers bs=128K" two "$SNAPFS_FILE" $((128 << 10))
-run "rbd-fuse (head) dd bs=1M" dd if="$RBDFUSE_FILE" of=/dev/null bs=1M status=none
-run "rbd-fuse (head) dd bs=128K" dd if="$RBDFUSE_FILE" of=/dev/null bs=128K status=none
-# rbd-fuse's parallel opens fail intermittently (ENVIRONMENT.md): record that, go on.
-if ! run "rbd-fuse (head) 2 readers bs=1M" two "$RBDFUSE_FILE" $((1 << 20)); then
-  RESULT["rbd-fuse (head) 2 readers bs=1M"]=failed
-  echo "rbd-fuse (head) 2 readers bs=1M: failed" >&2
-fi
+for ((rep = 1; rep <= REPS; rep++)); do
+  echo "== sequential read of $SIZE_GIB GiB ($POOL/$IMG@$SNAP), page cache dropped before each (run $rep/$REPS)" >&2
+  run "rbd export @snap" sh -c "rbd export --no-progress $POOL/$IMG@$SNAP - >/dev/null"
+  run "snapfs cat" cat "$SNAPFS_FILE" >/dev/null
+  run "snapfs dd bs=1M" dd if="$SNAPFS_FILE" of=/dev/null bs=1M status=none
+  run "snapfs dd bs=128K" dd if="$SNAPFS_FILE" of=/dev/null bs=128K status=none
+  run "snapfs 2 readers bs=1M" two "$SNAPFS_FILE" $((1 << 20))
+  run "snapfs 2 readers bs=128K" two "$SNAPFS_FILE" $((128 << 10))
+  run "rbd-fuse (head) dd bs=1M" dd if="$RBDFUSE_FILE" of=/dev/null bs=1M status=none
+  run "rbd-fuse (head) dd bs=128K" dd if="$RBDFUSE_FILE" of=/dev/null bs=128K status=none
+  # rbd-fuse's parallel opens fail intermittently (ENVIRONMENT.md): record that, go on.
+  if ! run "rbd-fuse (head) 2 readers bs=1M" two "$RBDFUSE_FILE" $((1 << 20)); then
+    RESULT["rbd-fuse (head) 2 readers bs=1M"]=failed
+    echo "rbd-fuse (head) 2 readers bs=1M: failed" >&2
+  fi
+done
 
 echo "== snapshot latency, mean of $LAT_N (ms)" >&2
 lat() { # command...: mean ms over LAT_N runs of "$@ i"
@@ -122,8 +132,8 @@ f_mkdir=$(lat fs_mkdir); f_rmdir=$(lat fs_rmdir)
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b+0 > 0 && a+0 > 0) printf "%.2f", a/b; else print "-" }'; }
 exp=${RESULT["rbd export @snap"]}
 echo
-echo "| read ($SIZE_GIB GiB, cold page cache) | MiB/s | vs rbd export | vs rbd-fuse same bs |"
-echo "| --- | ---: | ---: | ---: |"
+echo "| read ($SIZE_GIB GiB, cold page cache) | MiB/s (median of $REPS) | vs rbd export | vs rbd-fuse same bs | all runs |"
+echo "| --- | ---: | ---: | ---: | --- |"
 for k in "rbd export @snap" "snapfs cat" "snapfs dd bs=1M" "snapfs dd bs=128K" \
          "snapfs 2 readers bs=1M" "snapfs 2 readers bs=128K" \
          "rbd-fuse (head) dd bs=1M" "rbd-fuse (head) dd bs=128K" "rbd-fuse (head) 2 readers bs=1M"; do
@@ -134,7 +144,7 @@ for k in "rbd export @snap" "snapfs cat" "snapfs dd bs=1M" "snapfs dd bs=128K" \
     "snapfs dd bs=128K"|"snapfs cat"|"snapfs 2 readers bs=128K") peer=${RESULT["rbd-fuse (head) dd bs=128K"]} ;;
     *) peer="" ;;
   esac
-  echo "| $k | $v | $(ratio "$v" "$exp") | $( [[ -n $peer ]] && ratio "$v" "$peer" || echo -) |"
+  echo "| $k | $v | $(ratio "$v" "$exp") | $( [[ -n $peer ]] && ratio "$v" "$peer" || echo -) |${ALL[$k]:-} |"
 done
 echo
 echo "| snapshot op (mean of $LAT_N) | ms |"
