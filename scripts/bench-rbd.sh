@@ -106,7 +106,8 @@ for ((rep = 1; rep <= REPS; rep++)); do
   run "rbd-fuse (head) dd bs=128K" dd if="$RBDFUSE_FILE" of=/dev/null bs=128K status=none
   # rbd-fuse's parallel opens fail intermittently (ENVIRONMENT.md): record that, go on.
   if ! run "rbd-fuse (head) 2 readers bs=1M" two "$RBDFUSE_FILE" $((1 << 20)); then
-    RESULT["rbd-fuse (head) 2 readers bs=1M"]=failed
+    FUSE_FAILS=$((${FUSE_FAILS:-0} + 1))
+    RESULT["rbd-fuse (head) 2 readers bs=1M"]=${RESULT["rbd-fuse (head) 2 readers bs=1M"]:-failed}
     echo "rbd-fuse (head) 2 readers bs=1M: failed" >&2
   fi
 done
@@ -146,6 +147,10 @@ for k in "rbd export @snap" "snapfs cat" "snapfs dd bs=1M" "snapfs dd bs=128K" \
   esac
   echo "| $k | $v | $(ratio "$v" "$exp") | $( [[ -n $peer ]] && ratio "$v" "$peer" || echo -) |${ALL[$k]:-} |"
 done
+if [[ -n ${FUSE_FAILS:-} ]]; then
+  echo
+  echo "rbd-fuse with 2 readers failed in $FUSE_FAILS of $REPS runs (open: No such file or directory)."
+fi
 echo
 echo "| snapshot op (mean of $LAT_N) | ms |"
 echo "| --- | ---: |"

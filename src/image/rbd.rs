@@ -152,7 +152,13 @@ impl RbdImage {
         };
         let mut slot = lock(&pending);
         if let Some(read) = slot.take() {
+            let t = std::time::Instant::now();
             let res = read.wait();
+            tracing::trace!(
+                chunk = c,
+                us = t.elapsed().as_micros() as u64,
+                "read-ahead wait"
+            );
             lock(&self.ahead.state).pending.remove(&c);
             let data = Arc::new(res?);
             self.ahead.cache.insert(self.key(c), data.clone());
@@ -183,7 +189,10 @@ impl RbdImage {
                     })?;
                     dst.copy_from_slice(src);
                 }
-                None => self.image.read(dst, s, true)?,
+                None => {
+                    tracing::trace!(offset = s, len = dst.len(), "read-ahead miss");
+                    self.image.read(dst, s, true)?
+                }
             }
             self.served(c, e - s, ce - cs);
         }
