@@ -155,7 +155,7 @@ fi
 # --- daemons ----------------------------------------------------------------------------
 if ! alive "$DIR/run/mon.a.pid"; then
   log "starting mon.a"
-  ceph-mon -c "$CONF" -i a
+  ceph-mon -c "$CONF" -i a 2>>"$DIR/log/mon.a.stderr"
 fi
 
 # Wait for the mon to answer (bounded).
@@ -179,7 +179,7 @@ if [[ ! -f $DIR/osd/created ]]; then
 fi
 if ! alive "$DIR/run/osd.0.pid"; then
   log "starting osd.0"
-  ceph-osd -c "$CONF" -i 0
+  ceph-osd -c "$CONF" -i 0 2>>"$DIR/log/osd.0.stderr"
 fi
 
 if [[ ${SNAPFS_CEPH_MGR:-0} == 1 ]] && ! alive "$DIR/run/mgr.x.pid"; then
@@ -189,7 +189,7 @@ if [[ ${SNAPFS_CEPH_MGR:-0} == 1 ]] && ! alive "$DIR/run/mgr.x.pid"; then
       -o "$DIR/mgr/mgr.x/keyring"
   fi
   log "starting mgr.x"
-  ceph-mgr -c "$CONF" -i x
+  ceph-mgr -c "$CONF" -i x 2>>"$DIR/log/mgr.x.stderr"
 fi
 
 # --- pool ---------------------------------------------------------------------------------
