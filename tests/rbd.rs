@@ -827,3 +827,86 @@ fn osd_stopped_mid_read_gives_eio_then_recovers() {
         t.elapsed().as_millis()
     );
 }
+
+/// The RBD half of launch-by-clone (issue 4, part 4) through our own FFI: protect, clone,
+/// and `rmdir` of the source snapshot refused while the clone depends on it; after a
+/// flatten the clone is independent (same bytes) and the snapshot can go.
+#[test]
+fn clone_then_flatten_releases_the_snapshot() {
+    use snapfs::ceph::{Cluster, Timeouts};
+    let Some(conf) = cluster() else { return };
+    let _g = shared();
+    let src = Img::create(&conf, &uniq("src"), "24M", None);
+    src.write(1 << 20, &pattern(60, 3 << 20));
+    src.write(20 << 20, &pattern(61, 70_000));
+    rbd(&conf, &["snap", "create", &src.snap("gold")]);
+    let timeouts = Timeouts {
+        op: Duration::from_secs(10),
+        connect: Duration::from_secs(10),
+    };
+    let cluster = Cluster::connect(&conf, "admin", timeouts).expect("connect");
+    let pool = cluster.pool(POOL).expect("pool");
+    pool.open(&src.name, None, true)
+        .expect("open")
+        .snap_protect("gold")
+        .expect("protect");
+    let clone = Img {
+        conf: conf.clone(),
+        spec: format!("{POOL}/{}", uniq("launched")),
+        name: uniq("launched"),
+    };
+    pool.clone_snapshot(&src.name, "gold", &pool, &clone.name)
+        .expect("clone");
+    assert_eq!(
+        pool.clone_snapshot(&src.name, "gold", &pool, &clone.name)
+            .expect_err("second clone")
+            .errno(),
+        libc::EEXIST
+    );
+    let m = RbdMount::new(&conf, &[]);
+    let gold = m.snaps(&src).join("gold");
+    let j: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(gold.join("snapshot.json")).expect("json"))
+            .expect("json");
+    assert_eq!(j["children"], 1);
+    assert_eq!(j["clones"][0], format!("{POOL}/{}", clone.name));
+    assert_eq!(errno(std::fs::remove_dir(&gold)), libc::EBUSY);
+
+    let head = pool.open(&clone.name, None, true).expect("open clone");
+    head.flatten().expect("flatten");
+    assert_eq!(head.parent().expect("parent"), None);
+    drop(head);
+    // The clone holds the snapshot's bytes on its own.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (dir.path().join("gold.raw"), dir.path().join("clone.raw"));
+    rbd(
+        &conf,
+        &[
+            "export",
+            "--no-progress",
+            &src.snap("gold"),
+            a.to_str().expect("utf8"),
+        ],
+    );
+    rbd(
+        &conf,
+        &[
+            "export",
+            "--no-progress",
+            &clone.spec,
+            b.to_str().expect("utf8"),
+        ],
+    );
+    assert_eq!(first_difference(&a, &b), None);
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::remove_dir(&gold).expect("rmdir after flatten (unprotects first)");
+    assert!(ls(&m.snaps(&src)).is_empty());
+    drop(m);
+    pool.remove_image(&clone.name).expect("remove clone");
+    assert_eq!(
+        pool.remove_image(&clone.name)
+            .expect_err("removed twice")
+            .errno(),
+        libc::ENOENT
+    );
+}

@@ -9,6 +9,7 @@ pub type rados_t = *mut c_void;
 pub type rados_ioctx_t = *mut c_void;
 pub type rbd_image_t = *mut c_void;
 pub type rbd_completion_t = *mut c_void;
+pub type rbd_image_options_t = *mut c_void;
 pub type rbd_callback_t = extern "C" fn(rbd_completion_t, *mut c_void);
 
 /// `int (*cb)(uint64_t offset, size_t len, int exists, void *arg)` of `rbd_diff_iterate2`.
@@ -85,6 +86,19 @@ extern "C" {
 extern "C" {
     pub fn rbd_list2(io: rados_ioctx_t, images: *mut rbd_image_spec_t, max: *mut usize) -> c_int;
     pub fn rbd_image_spec_list_cleanup(images: *mut rbd_image_spec_t, n: usize);
+
+    pub fn rbd_image_options_create(opts: *mut rbd_image_options_t);
+    pub fn rbd_image_options_destroy(opts: rbd_image_options_t);
+    pub fn rbd_clone3(
+        p_ioctx: rados_ioctx_t,
+        p_name: *const c_char,
+        p_snapname: *const c_char,
+        c_ioctx: rados_ioctx_t,
+        c_name: *const c_char,
+        c_opts: rbd_image_options_t,
+    ) -> c_int;
+    pub fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
+    pub fn rbd_flatten(image: rbd_image_t) -> c_int;
 
     pub fn rbd_open(
         io: rados_ioctx_t,

@@ -343,6 +343,37 @@ impl Pool {
         }
     }
 
+    /// Clone `image@snap` of this pool into `child` of `into` (`rbd_clone3`, the parent's
+    /// features). Protecting the snapshot first is the caller's choice (clone v1 needs it).
+    pub fn clone_snapshot(&self, image: &str, snap: &str, into: &Pool, child: &str) -> Result<()> {
+        let p = cstring(image, "image name")?;
+        let s = cstring(snap, "snapshot name")?;
+        let c = cstring(child, "image name")?;
+        let mut opts: ffi::rbd_image_options_t = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local; destroyed below exactly once.
+        unsafe { ffi::rbd_image_options_create(&mut opts) };
+        // SAFETY: valid ioctxs, NUL-terminated names, options created above.
+        let rc =
+            unsafe { ffi::rbd_clone3(self.io, p.as_ptr(), s.as_ptr(), into.io, c.as_ptr(), opts) };
+        // SAFETY: created above, not used after this.
+        unsafe { ffi::rbd_image_options_destroy(opts) };
+        check(rc, || {
+            format!(
+                "cloning {}/{image}@{snap} to {}/{child}",
+                self.name, into.name
+            )
+        })
+        .map(|_| ())
+    }
+
+    /// Remove image `name` (it must have no snapshots).
+    pub fn remove_image(&self, name: &str) -> Result<()> {
+        let c = cstring(name, "image name")?;
+        // SAFETY: valid ioctx, NUL-terminated name.
+        let rc = unsafe { ffi::rbd_remove(self.io, c.as_ptr()) };
+        check(rc, || format!("removing RBD image {}/{name}", self.name)).map(|_| ())
+    }
+
     /// Open `image` at `snap` (None: the head). `writable` is needed for snapshot changes.
     pub fn open(
         self: &Arc<Self>,
@@ -698,6 +729,16 @@ impl Image {
         // SAFETY: valid handle, NUL-terminated names.
         let rc = unsafe { ffi::rbd_snap_rename(self.h, a.as_ptr(), b.as_ptr()) };
         check(rc, || self.what(&format!("rbd_snap_rename {from} -> {to}"))).map(|_| ())
+    }
+
+    /// Copy the parent's data into this clone and detach it (`rbd_flatten`; needs a
+    /// writable open of the head). Afterwards the parent snapshot has one child fewer.
+    pub fn flatten(&self) -> Result<()> {
+        let started = std::time::Instant::now();
+        // SAFETY: valid handle.
+        let rc = unsafe { ffi::rbd_flatten(self.h) };
+        debug!(image = %self.label, rc, ms = started.elapsed().as_millis() as u64, "rbd flatten");
+        check(rc, || self.what("rbd_flatten")).map(|_| ())
     }
 
     /// Fill `buf` from `offset`. The caller keeps `offset + buf.len()` within the image size
