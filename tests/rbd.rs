@@ -760,30 +760,67 @@ fn osd_stopped_mid_read_gives_eio_then_recovers() {
     };
     assert_eq!(read_at(0).expect("read before"), pattern(50, 65536));
 
+    // Whatever happens below, the OSD comes back for the other tests.
+    struct Restart;
+    impl Drop for Restart {
+        fn drop(&mut self) {
+            run(Command::new("bash")
+                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ceph/start-ceph.sh")));
+        }
+    }
     let osd_pid: i32 = std::fs::read_to_string(&pidfile)
         .expect("pid")
         .trim()
         .parse()
         .expect("pid number");
-    // SAFETY: plain kill(2) of the OSD daemon that start-ceph.sh started.
-    assert_eq!(unsafe { libc::kill(osd_pid, libc::SIGTERM) }, 0);
+    let guard = Restart;
+
+    // A reader streams the snapshot (page cache dropped at every pass) while the OSD stops:
+    // it must get EIO within about the timeout, not hang.
+    let (err, after_kill, bytes) = std::thread::scope(|sc| {
+        let reader = sc.spawn(|| -> (i32, Instant, u64) {
+            use std::os::fd::AsRawFd;
+            let mut buf = vec![0u8; 65536];
+            let mut bytes = 0u64;
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(60) {
+                let mut f = std::fs::File::open(&disk).expect("open");
+                // SAFETY: fadvise on an fd we hold open.
+                unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+                loop {
+                    match f.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => bytes += n as u64,
+                        Err(e) => return (e.raw_os_error().unwrap_or(0), Instant::now(), bytes),
+                    }
+                }
+            }
+            (0, Instant::now(), bytes)
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        // SAFETY: plain kill(2) of the OSD daemon that start-ceph.sh started.
+        assert_eq!(unsafe { libc::kill(osd_pid, libc::SIGTERM) }, 0);
+        let killed = Instant::now();
+        let (err, when, bytes) = reader.join().expect("reader thread");
+        (err, when.saturating_duration_since(killed), bytes)
+    });
+    eprintln!(
+        "OSD stopped mid-read: reader got errno {err} {} ms after SIGTERM ({} MiB read)",
+        after_kill.as_millis(),
+        bytes >> 20
+    );
+    assert_eq!(err, libc::EIO, "mid-read error");
+    assert!(
+        after_kill < Duration::from_secs(timeout + 3),
+        "EIO {after_kill:?} after the OSD was stopped (timeout {timeout} s)"
+    );
     assert!(
         wait_gone(osd_pid, Duration::from_secs(30)),
         "OSD did not stop"
     );
-    let restart = || {
-        run(Command::new("bash")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ceph/start-ceph.sh")));
-    };
-    // Whatever happens below, the OSD comes back for the other tests.
-    struct Restart<F: Fn()>(F);
-    impl<F: Fn()> Drop for Restart<F> {
-        fn drop(&mut self) {
-            (self.0)();
-        }
-    }
-    let guard = Restart(restart);
 
+    // A new read once the fail-fast period is over waits one timeout, then EIO.
+    std::thread::sleep(Duration::from_secs(timeout));
     let t = Instant::now();
     let r = read_at(3 << 23);
     let took = t.elapsed();
@@ -797,7 +834,7 @@ fn osd_stopped_mid_read_gives_eio_then_recovers() {
         "OSD down: read failed with EIO after {} ms",
         took.as_millis()
     );
-    // The daemon still answers: the static tree at once, the pool bounded by the timeout.
+    // The daemon still answers: the static tree at once, the pool fast (fail-fast period).
     let t = Instant::now();
     assert_eq!(ls(&m.mnt.join("volumes")), [POOL]);
     let r = std::fs::read_dir(m.mnt.join("volumes").join(POOL)).map(|d| d.count());
