@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The main job on a fresh Debian 12 machine, as root: install, build, make demo images,
-# mount snapfs on them and take a short tour. The mount stays up afterwards.
+# bring up the libvirt + QEMU test bed (a tiny guest, `demo`, running qemu-guest-agent and
+# writing to its ext4 disk), mount snapfs on both and take a short tour: a quiesced snapshot
+# of the running guest, its bytes and files, a copy booted from it. The mount stays up.
 #
 # Usage: scripts/demo.sh [MOUNTPOINT]   (default /mnt/snapfs)
 set -euo pipefail
@@ -29,9 +31,12 @@ if [[ ! -f $IMAGES/web.qcow2 ]]; then
   truncate -s 64M "$IMAGES/scratch.raw"
 fi
 
+echo "== the libvirt + QEMU test bed (guest 'demo')"
+bash scripts/testbed/up.sh
+
 if grep -qs " $MNT fuse" /proc/mounts; then "$BIN" unmount --lazy "$MNT" || true; fi
 mkdir -p "$MNT"
-show "$BIN mount --images $IMAGES $MNT"
+show "$BIN mount --images $IMAGES --libvirt $MNT"
 show "ls $MNT $MNT/volumes/images"
 show "cat $MNT/volumes/images/web.qcow2/volume.json"
 show "ls $MNT/volumes/images/web.qcow2/.snapshots/"
@@ -44,4 +49,19 @@ show "rmdir $MNT/volumes/images/web.qcow2/.snapshots/before-upgrade"
 show "ls $MNT/volumes/images/web.qcow2/.snapshots/"
 show "touch $MNT/volumes/images/web.qcow2/.snapshots/nightly/x || true"
 rm -f /tmp/web-nightly.raw /tmp/web-nightly.qemu.raw
+
+SNAP=tour-$(date +%H%M%S)
+COPY=demo-copy-$(date +%H%M%S)
+show "ls $MNT/instances/"
+show "cat $MNT/instances/demo/instance.json"
+show "time mkdir $MNT/instances/demo/.snapshots/$SNAP    # freeze (guest agent), snapshot every disk, thaw"
+show "cat $MNT/instances/demo/.snapshots/$SNAP/snapshot.json"
+show "ls -ls $MNT/instances/demo/.snapshots/$SNAP/"
+show "ls -la $MNT/instances/demo/.snapshots/$SNAP/files/vda/p1/"
+show "cat $MNT/instances/demo/.snapshots/$SNAP/files/vda/p1/hello.txt"
+show "tail -n 2 $MNT/instances/demo/.snapshots/$SNAP/files/vda/p1/writer.log    # the guest's log, frozen at the snapshot"
+show "time ln -s ../instances/demo/.snapshots/$SNAP $MNT/launch/$COPY    # boot a copy from the snapshot"
+show "ls -l $MNT/launch/ && virsh -c qemu:///system list"
+printf '\nThe copy %s keeps running; remove it with: rm %s/launch/%s; virsh destroy %s; virsh undefine %s\n' \
+  "$COPY" "$MNT" "$COPY" "$COPY" "$COPY"
 printf '\nsnapfs is mounted on %s (log: /var/lib/snapfs/snapfs.log). Unmount with: %s unmount %s\n' "$MNT" "$BIN" "$MNT"

@@ -17,6 +17,7 @@ use crate::fuse::Fuse;
 use crate::image::BlockCache;
 use crate::namespace::Namespace;
 use crate::provider::images::ImagesProvider;
+use crate::provider::libvirt::{LibvirtOptions, LibvirtProvider, Quiesce};
 use crate::provider::Provider;
 
 #[derive(Clone, Debug)]
@@ -29,6 +30,10 @@ pub struct MountConfig {
     pub cache_bytes: usize,
     pub ttl: Duration,
     pub read_ahead_kb: u32,
+    /// libvirt URI of the instances provider (None: no libvirt).
+    pub libvirt: Option<String>,
+    pub quiesce: Quiesce,
+    pub freeze_timeout: Duration,
     /// Ceph RBD pools to serve (`--ceph`), if any.
     pub rbd: Option<crate::provider::rbd::RbdConfig>,
 }
@@ -77,13 +82,24 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
             ImagesProvider::new(&cfg.images, cache.clone()).context("images provider")?,
         ));
     }
+    if let Some(uri) = &cfg.libvirt {
+        let opts = LibvirtOptions {
+            uri: uri.clone(),
+            quiesce: cfg.quiesce,
+            freeze_timeout: cfg.freeze_timeout,
+            state_dir: cfg.state_dir.clone(),
+        };
+        let lv = LibvirtProvider::new(opts, cache.clone()).context("libvirt provider")?;
+        // Before the mount exists: a guest a dead daemon left frozen is thawed first.
+        lv.recover_frozen().context("thawing guests left frozen")?;
+        providers.push(Arc::new(lv));
+    }
     if let Some(rbd) = &cfg.rbd {
-        providers.push(Arc::new(
-            crate::provider::rbd::RbdProvider::new(rbd, cache.clone()).context("rbd provider")?,
-        ));
+        let rbd = crate::provider::rbd::RbdProvider::new(rbd).context("rbd provider")?;
+        providers.push(Arc::new(rbd));
     }
     if providers.is_empty() {
-        warn!("no provider configured (--images DIR): the tree will be empty");
+        warn!("no provider configured (--images DIR, --libvirt): the tree will be empty");
     }
     let ns = Namespace::new(providers, mountpoint.clone(), cfg.ttl);
     // SAFETY: getuid/getgid cannot fail.

@@ -55,25 +55,30 @@ fn file_type(k: Kind) -> FileType {
         Kind::Dir => FileType::Directory,
         Kind::File => FileType::RegularFile,
         Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDev => FileType::CharDevice,
+        Kind::BlockDev => FileType::BlockDevice,
     }
 }
 
 fn file_attr(a: &Attr) -> FileAttr {
     let s = &a.stat;
+    let (uid, gid) = s.owner.unwrap_or((a.uid, a.gid));
     FileAttr {
         ino: INodeNo(a.ino),
         size: s.size,
         blocks: s.allocated.div_ceil(512),
-        atime: s.mtime,
+        atime: s.atime.unwrap_or(s.mtime),
         mtime: s.mtime,
-        ctime: s.mtime,
+        ctime: s.ctime.unwrap_or(s.mtime),
         crtime: s.mtime,
         kind: file_type(s.kind),
         perm: s.perm,
-        nlink: if s.kind == Kind::Dir { 2 } else { 1 },
-        uid: a.uid,
-        gid: a.gid,
-        rdev: 0,
+        nlink: s.nlink.unwrap_or(if s.kind == Kind::Dir { 2 } else { 1 }),
+        uid,
+        gid,
+        rdev: s.rdev,
         blksize: a.blksize,
         flags: 0,
     }
@@ -133,7 +138,7 @@ impl fuser::Filesystem for Fuse {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.fs.readlink(ino.0) {
-            Ok(t) => reply.data(t.as_bytes()),
+            Ok(t) => reply.data(&t),
             Err(e) => reply_err!(reply, "readlink", e),
         }
     }
@@ -413,17 +418,21 @@ impl fuser::Filesystem for Fuse {
         reply_err!(reply, "setxattr", self.fs.refuse(ino.0, None, "setxattr"))
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
-        match self.fs.check(ino.0) {
-            Ok(()) => reply.error(Errno::from_i32(libc::ENODATA)),
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        use std::os::unix::ffi::OsStrExt;
+        match self.fs.getxattr(ino.0, name.as_bytes()) {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
+            Ok(v) => reply.data(&v),
             Err(e) => reply_err!(reply, "getxattr", e),
         }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        match self.fs.check(ino.0) {
-            Ok(()) if size == 0 => reply.size(0),
-            Ok(()) => reply.data(&[]),
+        match self.fs.listxattr(ino.0) {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
+            Ok(v) => reply.data(&v),
             Err(e) => reply_err!(reply, "listxattr", e),
         }
     }

@@ -8,3 +8,4 @@ pub mod fuse;
 pub mod image;
 pub mod namespace;
 pub mod provider;
+pub mod restore;

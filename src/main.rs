@@ -24,6 +24,9 @@ const EXAMPLES: &str = "Examples:
   mkdir /mnt/snap/volumes/images/web.qcow2/.snapshots/before-upgrade
   cp --sparse=always /mnt/snap/volumes/images/web.qcow2/.snapshots/before-upgrade/disk.raw /backup/
   rmdir /mnt/snap/volumes/images/web.qcow2/.snapshots/before-upgrade
+  snapfs mount --libvirt /mnt/snap          (instances = domains of qemu:///system)
+  mkdir /mnt/snap/instances/web/.snapshots/pre-upgrade
+  ln -s ../instances/web/.snapshots/pre-upgrade /mnt/snap/launch/web-copy
   snapfs unmount /mnt/snap";
 
 #[derive(Subcommand)]
@@ -44,6 +47,15 @@ struct MountArgs {
     /// A directory of disk images (*.qcow2, *.raw, *.img): pool `basename DIR`. Repeatable.
     #[arg(long = "images", value_name = "DIR")]
     images: Vec<PathBuf>,
+    /// Instances from libvirt: `--libvirt` (qemu:///system) or `--libvirt=URI`.
+    #[arg(long, value_name = "URI", num_args = 0..=1, require_equals = true, default_missing_value = "qemu:///system")]
+    libvirt: Option<String>,
+    /// Guest filesystem freeze for instance snapshots: require, prefer or off.
+    #[arg(long, value_name = "POLICY", default_value = "prefer")]
+    quiesce: snapfs::provider::libvirt::Quiesce,
+    /// Seconds to wait for the guest agent to freeze.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    freeze_timeout: f64,
     /// A Ceph cluster's configuration file: serve RBD images of each --pool as volumes.
     #[arg(long = "ceph", value_name = "CEPH_CONF")]
     ceph: Option<PathBuf>,
@@ -58,7 +70,7 @@ struct MountArgs {
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     ceph_timeout: u64,
     /// MiB read ahead (in flight, in object-sized chunks) for a sequential reader of an RBD
-    /// snapshot; 0 turns it off. Parked chunks count against --cache-mb.
+    /// snapshot; 0 turns it off. Chunks wait in a cache of their own (4× this, at least 64 MiB).
     #[arg(long, value_name = "MIB", default_value_t = 32)]
     ceph_read_ahead_mb: u64,
     /// Stay in the foreground and log to stderr.
@@ -77,7 +89,7 @@ struct MountArgs {
     #[arg(long, default_value_t = 4)]
     threads: usize,
     /// Budget of the metadata and decompressed-cluster cache, in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 128)]
+    #[arg(long, value_name = "MIB", default_value_t = 32)]
     cache_mb: usize,
     /// How long listings from backends are trusted, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
@@ -147,6 +159,10 @@ fn mount(m: MountArgs) -> anyhow::Result<()> {
         cache_bytes: m.cache_mb.saturating_mul(1 << 20),
         ttl: Duration::from_millis(m.list_ttl_ms),
         read_ahead_kb: m.read_ahead_kb,
+        libvirt: m.libvirt,
+        quiesce: m.quiesce,
+        freeze_timeout: Duration::try_from_secs_f64(m.freeze_timeout)
+            .map_err(|e| anyhow::anyhow!("--freeze-timeout {}: {e}", m.freeze_timeout))?,
         rbd: m.ceph.map(|conf| snapfs::provider::rbd::RbdConfig {
             conf,
             id: m.ceph_id,

@@ -10,6 +10,8 @@ pub const ROOT: u64 = 1;
 
 struct Entry {
     path: Vec<String>,
+    /// Other paths bound to this inode (hard links inside a guest filesystem).
+    aliases: Vec<Vec<String>>,
     lookups: u64,
     /// False once removed or renamed away: only the kernel's references keep it.
     linked: bool,
@@ -32,6 +34,7 @@ impl Default for InodeTable {
             ROOT,
             Entry {
                 path: Vec::new(),
+                aliases: Vec::new(),
                 lookups: 1,
                 linked: true,
             },
@@ -58,11 +61,45 @@ impl InodeTable {
                     ino,
                     Entry {
                         path,
+                        aliases: Vec::new(),
                         lookups: 0,
                         linked: true,
                     },
                 );
                 ino
+            }
+        };
+        if count {
+            if let Some(e) = self.entries.get_mut(&ino) {
+                e.lookups += 1;
+            }
+        }
+        ino
+    }
+
+    /// Like `get_or_insert`, but the inode number is chosen by the caller (`want`, derived
+    /// from a guest inode number): two paths with the same `want` share one inode, as hard
+    /// links do. The caller keeps such numbers out of the counter's range.
+    pub fn get_or_insert_pinned(&mut self, path: Vec<String>, want: u64, count: bool) -> u64 {
+        let ino = match self.by_path.get(&path) {
+            Some(&ino) => ino,
+            None => {
+                match self.entries.get_mut(&want) {
+                    Some(e) => e.aliases.push(path.clone()),
+                    None => {
+                        self.entries.insert(
+                            want,
+                            Entry {
+                                path: path.clone(),
+                                aliases: Vec::new(),
+                                lookups: 0,
+                                linked: true,
+                            },
+                        );
+                    }
+                }
+                self.by_path.insert(path, want);
+                want
             }
         };
         if count {
@@ -89,6 +126,11 @@ impl InodeTable {
         if e.lookups == 0 {
             if e.linked {
                 self.by_path.remove(&e.path);
+            }
+            for a in std::mem::take(&mut e.aliases) {
+                if self.by_path.get(&a) == Some(&ino) {
+                    self.by_path.remove(&a);
+                }
             }
             self.entries.remove(&ino);
         }
@@ -174,6 +216,20 @@ mod tests {
         t.forget(a, 1);
         t.forget(f, 1);
         assert_eq!(t.find(&p("v/.snapshots/s")), Some(b));
+    }
+
+    #[test]
+    fn pinned_inodes_share_hard_links() {
+        let mut t = InodeTable::default();
+        let want = 1 << 63 | 12;
+        let a = t.get_or_insert_pinned(p("f/p1/a"), want, true);
+        let b = t.get_or_insert_pinned(p("f/p1/dir/b"), want, true);
+        assert_eq!((a, b), (want, want));
+        assert_eq!(t.find(&p("f/p1/dir/b")), Some(want));
+        t.forget(want, 2);
+        assert_eq!(t.find(&p("f/p1/a")), None);
+        assert_eq!(t.find(&p("f/p1/dir/b")), None);
+        assert_eq!(t.count(), 1);
     }
 
     #[test]

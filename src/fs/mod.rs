@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use crate::error::{Error, Result};
 use crate::image::ExtentKind;
 use crate::namespace::registry::lock;
-use crate::namespace::{Content, Kind, Namespace, Node, OpenDisk, Stat};
+use crate::namespace::{Content, Kind, Namespace, Node, Stat};
 use inode::{InodeTable, ROOT};
 
 #[derive(Clone, Copy, Debug)]
@@ -49,8 +49,7 @@ pub enum Whence {
 
 enum Handle {
     Dir(Arc<Vec<DirEntry>>),
-    Bytes(Arc<Vec<u8>>),
-    Disk(Arc<OpenDisk>),
+    File(Content),
 }
 
 /// Options that change what the core reports, not what it reads.
@@ -136,7 +135,10 @@ impl SnapFs {
     pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr> {
         let path = self.child(parent, name)?;
         let stat = self.stat_path(&path)?;
-        let ino = lock(&self.inodes).get_or_insert(path, true);
+        let ino = match stat.ino {
+            Some(want) => lock(&self.inodes).get_or_insert_pinned(path, want, true),
+            None => lock(&self.inodes).get_or_insert(path, true),
+        };
         Ok(self.attr(ino, stat))
     }
 
@@ -180,10 +182,13 @@ impl SnapFs {
         });
         {
             let mut inodes = lock(&self.inodes);
-            for (name, kind) in children {
+            for (name, kind, want) in children {
                 let mut p = path.clone();
                 p.push(name.clone());
-                let child = inodes.get_or_insert(p, false);
+                let child = match want {
+                    Some(w) => inodes.get_or_insert_pinned(p, w, false),
+                    None => inodes.get_or_insert(p, false),
+                };
                 entries.push(DirEntry {
                     ino: child,
                     name,
@@ -218,82 +223,93 @@ impl SnapFs {
         if write {
             return Err(Namespace::refusal(Some(&node), "open for writing"));
         }
-        Ok(match self.ns.open(&node)? {
-            Content::Bytes(b) => Opened {
-                fh: self.new_handle(Handle::Bytes(b)),
-                keep_cache: false,
-                direct_io: true,
-            },
-            Content::Disk(d) => Opened {
-                fh: self.new_handle(Handle::Disk(d)),
-                keep_cache: true,
-                direct_io: false,
-            },
+        let content = self.ns.open(&node)?;
+        // Snapshot bytes never change: let the page cache keep them across opens. Generated
+        // files are made at open, so their size may differ from an earlier stat.
+        let generated = matches!(content, Content::Bytes(_));
+        Ok(Opened {
+            fh: self.new_handle(Handle::File(content)),
+            keep_cache: !generated,
+            direct_io: generated,
         })
     }
 
     fn handle_content(&self, fh: u64) -> Result<Content> {
         match lock(&self.handles).get(&fh) {
-            Some(Handle::Bytes(b)) => Ok(Content::Bytes(b.clone())),
-            Some(Handle::Disk(d)) => Ok(Content::Disk(d.clone())),
+            Some(Handle::File(c)) => Ok(c.clone()),
             _ => Err(Error::Invalid(format!("bad file handle {fh}"))),
         }
     }
 
     /// Read up to `size` bytes at `offset` and hand them to `reply` (short only at EOF).
     pub fn read(&self, fh: u64, offset: u64, size: u32, reply: impl FnOnce(&[u8])) -> Result<()> {
-        match self.handle_content(fh)? {
-            Content::Bytes(b) => {
-                let start = usize::try_from(offset).unwrap_or(usize::MAX).min(b.len());
-                let end = start.saturating_add(size as usize).min(b.len());
-                reply(&b[start..end]);
-                Ok(())
-            }
-            Content::Disk(d) => {
-                let img = &d.image;
-                let len = (size as usize)
-                    .min(MAX_READ)
-                    .min(usize::try_from(img.size().saturating_sub(offset)).unwrap_or(usize::MAX));
-                if len == 0 {
-                    reply(&[]);
-                    return Ok(());
-                }
-                if let Some(shared) = img.read_shared(offset, len)? {
-                    reply(shared.as_slice());
-                    return Ok(());
-                }
-                READ_BUF.with(|buf| {
-                    let mut buf = buf.borrow_mut();
-                    if buf.len() < len {
-                        buf.resize(len, 0);
-                    }
-                    img.read_at(&mut buf[..len], offset)?;
-                    reply(&buf[..len]);
-                    Ok(())
-                })
+        let content = self.handle_content(fh)?;
+        if let Content::Bytes(b) = &content {
+            let start = usize::try_from(offset).unwrap_or(usize::MAX).min(b.len());
+            let end = start.saturating_add(size as usize).min(b.len());
+            reply(&b[start..end]);
+            return Ok(());
+        }
+        let file_size = content_size(&content);
+        let len = (size as usize)
+            .min(MAX_READ)
+            .min(usize::try_from(file_size.saturating_sub(offset)).unwrap_or(usize::MAX));
+        if len == 0 {
+            reply(&[]);
+            return Ok(());
+        }
+        // A reader that already holds these bytes (RBD read-ahead) replies without a copy.
+        if let Content::Disk(d) = &content {
+            if let Some(shared) = d.image.read_shared(offset, len)? {
+                reply(shared.as_slice());
+                return Ok(());
             }
         }
+        READ_BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            let n = match &content {
+                Content::Disk(d) => {
+                    d.image.read_at(&mut buf[..len], offset)?;
+                    len
+                }
+                Content::Guest(g) => {
+                    let mut n = 0;
+                    while n < len {
+                        let k = g.fs.read(g.ino, offset + n as u64, &mut buf[n..len])?;
+                        if k == 0 {
+                            break;
+                        }
+                        n += k;
+                    }
+                    n
+                }
+                Content::Bytes(_) => 0,
+            };
+            reply(&buf[..n]);
+            Ok(())
+        })
     }
 
-    /// SEEK_DATA / SEEK_HOLE over the disk's allocation map. The end of the disk is a hole.
+    /// SEEK_DATA / SEEK_HOLE over the allocation map. The end of the file is a hole.
     pub fn lseek(&self, fh: u64, offset: u64, whence: Whence) -> Result<u64> {
-        let disk = match self.handle_content(fh)? {
-            Content::Disk(d) => d,
-            Content::Bytes(b) => {
-                // Generated files are all data.
-                let size = b.len() as u64;
-                return match whence {
-                    _ if offset >= size => Err(Error::NoSuchOffset),
-                    Whence::Data => Ok(offset),
-                    Whence::Hole => Ok(size),
-                };
-            }
-        };
-        let img = &disk.image;
-        let size = img.size();
+        let content = self.handle_content(fh)?;
+        let size = content_size(&content);
         if offset >= size {
             return Err(Error::NoSuchOffset);
         }
+        let disk = match content {
+            Content::Disk(d) => d,
+            Content::Guest(g) => {
+                let ranges = g.fs.data_ranges(g.ino)?.unwrap_or_else(|| vec![(0, size)]);
+                return seek_in_ranges(&ranges, offset, size, whence);
+            }
+            // Generated files are all data.
+            Content::Bytes(_) => return seek_in_ranges(&[(0, size)], offset, size, whence),
+        };
+        let img = &disk.image;
         let want = match whence {
             Whence::Data => ExtentKind::Data,
             Whence::Hole => ExtentKind::Zero,
@@ -322,7 +338,29 @@ impl SnapFs {
         }
     }
 
-    pub fn readlink(&self, ino: u64) -> Result<String> {
+    /// The value of extended attribute `name`.
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        let path = self.path(ino)?;
+        self.ns
+            .xattrs(&Self::node(&path)?)?
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
+            .ok_or(Error::NoAttr)
+    }
+
+    /// Attribute names, each NUL-terminated, as listxattr(2) returns them.
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
+        let path = self.path(ino)?;
+        let mut out = Vec::new();
+        for (n, _) in self.ns.xattrs(&Self::node(&path)?)? {
+            out.extend_from_slice(&n);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
         let path = self.path(ino)?;
         self.ns.readlink(&Self::node(&path)?)
     }
@@ -400,6 +438,37 @@ impl SnapFs {
     /// Whether `ino` exists (for calls such as getxattr that only need that).
     pub fn check(&self, ino: u64) -> Result<()> {
         self.getattr(ino).map(|_| ())
+    }
+}
+
+fn content_size(c: &Content) -> u64 {
+    match c {
+        Content::Bytes(b) => b.len() as u64,
+        Content::Disk(d) => d.image.size(),
+        Content::Guest(g) => g.size,
+    }
+}
+
+/// SEEK_DATA/SEEK_HOLE over sorted data ranges; `offset < size` is checked by the caller.
+fn seek_in_ranges(ranges: &[(u64, u64)], offset: u64, size: u64, whence: Whence) -> Result<u64> {
+    match whence {
+        Whence::Data => ranges
+            .iter()
+            .find(|(_, end)| *end > offset)
+            .map(|(start, _)| (*start).max(offset))
+            .ok_or(Error::NoSuchOffset),
+        Whence::Hole => {
+            let mut pos = offset;
+            for (start, end) in ranges {
+                if *start > pos {
+                    break;
+                }
+                if *end > pos {
+                    pos = *end;
+                }
+            }
+            Ok(pos.min(size))
+        }
     }
 }
 

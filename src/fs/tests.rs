@@ -63,7 +63,7 @@ fn snapshot_lifecycle_through_the_core() {
     fs.mkdir(snaps, "s1").unwrap();
     assert_eq!(
         names(&fs, "instances/web/.snapshots/s1"),
-        ["snapshot.json", "vda.raw", "vdb.raw"]
+        ["snapshot.json", "vda.raw", "vdb.raw", "files"]
     );
     p.write_live(&Owner::Instance("web".into()), "vda", 8192, &[9; 16]);
     let bytes = read_all(&fs, "instances/web/.snapshots/s1/vda.raw");
@@ -151,7 +151,7 @@ fn launch_by_symlink() {
         .unwrap();
     assert_eq!(
         fs.readlink(a.ino).unwrap(),
-        "../instances/web/.snapshots/s1"
+        b"../instances/web/.snapshots/s1"
     );
     assert_eq!(names(&fs, "launch"), ["copy"]);
     assert!(names(&fs, "instances").contains(&"copy".to_string()));
@@ -215,4 +215,27 @@ fn forgotten_inodes_are_dropped() {
     let before = lock(&fs.inodes).count();
     fs.forget(a.ino, 1);
     assert_eq!(lock(&fs.inodes).count(), before - 1);
+}
+
+#[test]
+fn files_dir_is_root_only_and_lazy() {
+    let p = provider();
+    let fs = core(p);
+    let snaps = walk(&fs, "instances/web/.snapshots").unwrap().ino;
+    fs.mkdir(snaps, "s1").unwrap();
+    let files = walk(&fs, "instances/web/.snapshots/s1/files").unwrap();
+    assert_eq!(files.stat.perm, 0o700);
+    assert_eq!(files.stat.owner, Some((0, 0)));
+    assert_eq!(
+        names(&fs, "instances/web/.snapshots/s1/files"),
+        ["vda", "vdb"]
+    );
+    assert!(!names(&fs, "instances/web/.snapshots/s1/files/vda").is_empty());
+    assert_eq!(fs.mkdir(files.ino, "x").unwrap_err().errno(), libc::EROFS);
+    assert_eq!(
+        walk(&fs, "instances/web/.snapshots/s1/files/vdz")
+            .unwrap_err()
+            .errno(),
+        libc::ENOENT
+    );
 }

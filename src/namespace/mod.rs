@@ -3,6 +3,7 @@
 //! A path (a list of file names below the mount) is parsed into a [`Node`]; every operation
 //! is answered from the [`Registry`] of providers. Nothing here knows inode numbers.
 
+pub mod files;
 pub mod names;
 pub mod registry;
 
@@ -18,6 +19,7 @@ use tracing::{info, warn};
 use crate::error::{Error, Result};
 use crate::image::BlockImage;
 use crate::provider::{Owner, Provider, SnapshotInfo, VOLUME_DISK};
+use files::{FilesCache, FilesPath, GuestFile, FILES};
 use names::{check_new_name, escape, unescape};
 use registry::{lock, Registry};
 
@@ -46,6 +48,8 @@ pub enum Node {
     /// A disk of a snapshot: owner, snapshot, target.
     Disk(Owner, String, String),
     LaunchLink(String),
+    /// `files/` of a snapshot or anything below it.
+    Files(FilesPath),
     /// A name inside a snapshot directory that is none of its files: never exists, never writable.
     InSnapshot,
 }
@@ -78,7 +82,11 @@ impl Node {
     pub fn in_snapshot(&self) -> bool {
         matches!(
             self,
-            Node::Snap(..) | Node::SnapJson(..) | Node::Disk(..) | Node::InSnapshot
+            Node::Snap(..)
+                | Node::SnapJson(..)
+                | Node::Disk(..)
+                | Node::Files(_)
+                | Node::InSnapshot
         )
     }
 }
@@ -90,6 +98,9 @@ fn object_node(owner: Owner, rest: &[&str], json_name: &str) -> Option<Node> {
         [SNAPSHOTS] => Node::Snaps(owner),
         [SNAPSHOTS, s] => Node::Snap(owner, unescape(s)),
         [SNAPSHOTS, s, f] if *f == SNAPSHOT_JSON => Node::SnapJson(owner, unescape(s)),
+        [SNAPSHOTS, s, f, rest @ ..] if *f == FILES => {
+            Node::Files(FilesPath::parse(owner, unescape(s), rest))
+        }
         [SNAPSHOTS, s, f] => match disk_target(&owner, f) {
             Some(t) => Node::Disk(owner, unescape(s), t),
             None => Node::InSnapshot,
@@ -118,6 +129,10 @@ pub enum Kind {
     Dir,
     File,
     Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,13 +142,43 @@ pub struct Stat {
     /// Allocated bytes (st_blocks × 512).
     pub allocated: u64,
     pub mtime: SystemTime,
+    /// Mode bits, including setuid/setgid/sticky.
     pub perm: u16,
+    /// (uid, gid) as stored in a guest filesystem; None: the user who mounted.
+    pub owner: Option<(u32, u32)>,
+    /// Link count as stored in a guest filesystem; None: 2 for directories, 1 otherwise.
+    pub nlink: Option<u32>,
+    pub atime: Option<SystemTime>,
+    pub ctime: Option<SystemTime>,
+    /// The inode number to report (guest files: the same for hard links); None: the node id.
+    pub ino: Option<u64>,
+    pub rdev: u32,
+}
+
+impl Stat {
+    pub fn new(kind: Kind, size: u64, allocated: u64, mtime: SystemTime, perm: u16) -> Stat {
+        Stat {
+            kind,
+            size,
+            allocated,
+            mtime,
+            perm,
+            owner: None,
+            nlink: None,
+            atime: None,
+            ctime: None,
+            ino: None,
+            rdev: 0,
+        }
+    }
 }
 
 /// An opened file's content, fixed for the life of the handle.
+#[derive(Clone)]
 pub enum Content {
     Bytes(Arc<Vec<u8>>),
     Disk(Arc<OpenDisk>),
+    Guest(GuestFile),
 }
 
 /// A snapshot disk opened once and shared by every reader of it.
@@ -162,6 +207,7 @@ pub struct Namespace {
     disks: Mutex<LruCache<String, Arc<OpenDisk>>>,
     /// Owners with a snapshot operation under way: a second one is EBUSY.
     busy: Mutex<HashSet<Owner>>,
+    files: Mutex<FilesCache>,
 }
 
 /// Releases an owner's busy mark on every way out.
@@ -189,6 +235,7 @@ impl Namespace {
                 NonZeroUsize::new(256).unwrap_or(NonZeroUsize::MIN),
             )),
             busy: Mutex::new(HashSet::new()),
+            files: Mutex::new(FilesCache::new(32)),
         }
     }
 
@@ -197,23 +244,11 @@ impl Namespace {
     }
 
     fn dir(&self, mtime: SystemTime) -> Stat {
-        Stat {
-            kind: Kind::Dir,
-            size: 0,
-            allocated: 0,
-            mtime,
-            perm: DIR_PERM,
-        }
+        Stat::new(Kind::Dir, 0, 0, mtime, DIR_PERM)
     }
 
     fn file(&self, size: u64, mtime: SystemTime) -> Stat {
-        Stat {
-            kind: Kind::File,
-            size,
-            allocated: size.div_ceil(512) * 512,
-            mtime,
-            perm: FILE_PERM,
-        }
+        Stat::new(Kind::File, size, size.div_ceil(512) * 512, mtime, FILE_PERM)
     }
 
     fn exists(&self, owner: &Owner) -> Result<()> {
@@ -246,31 +281,29 @@ impl Namespace {
             Node::Disk(o, s, t) => {
                 let snap = self.reg.snapshot(o, s)?;
                 let disk = self.open_disk(o, &snap, t)?;
-                Stat {
-                    kind: Kind::File,
-                    size: disk.image.size(),
-                    allocated: disk.allocated(),
-                    mtime: snap.created,
-                    perm: FILE_PERM,
-                }
+                Stat::new(
+                    Kind::File,
+                    disk.image.size(),
+                    disk.allocated(),
+                    snap.created,
+                    FILE_PERM,
+                )
             }
             Node::LaunchLink(n) => {
-                let target = self.readlink(&Node::LaunchLink(n.clone()))?;
-                Stat {
-                    kind: Kind::Symlink,
-                    size: target.len() as u64,
-                    allocated: 0,
-                    mtime: self.started,
-                    perm: 0o777,
-                }
+                let target = self.launch_target(&Node::LaunchLink(n.clone()))?;
+                Stat::new(Kind::Symlink, target.len() as u64, 0, self.started, 0o777)
+            }
+            Node::Files(p) => {
+                let created = self.reg.snapshot(&p.owner, &p.snap)?.created;
+                self.files_stat(p, created)?
             }
             Node::InSnapshot => return Err(Error::NotFound("no such file in snapshot".into())),
         })
     }
 
-    /// Children of a directory: (file name, kind).
-    pub fn list(&self, node: &Node) -> Result<Vec<(String, Kind)>> {
-        let dirs = |names: &mut dyn Iterator<Item = &String>| -> Vec<(String, Kind)> {
+    /// Children of a directory: (file name, kind, inode number it must have, if any).
+    pub fn list(&self, node: &Node) -> Result<Vec<(String, Kind, Option<u64>)>> {
+        let dirs = |names: &mut dyn Iterator<Item = &String>| -> Vec<(String, Kind, Option<u64>)> {
             names
                 .map(|n| escape(n))
                 .filter(|n| {
@@ -281,13 +314,13 @@ impl Namespace {
                     }
                     fits
                 })
-                .map(|n| (n, Kind::Dir))
+                .map(|n| (n, Kind::Dir, None))
                 .collect()
         };
         Ok(match node {
             Node::Root => [INSTANCES, VOLUMES, LAUNCH]
                 .iter()
-                .map(|n| (n.to_string(), Kind::Dir))
+                .map(|n| (n.to_string(), Kind::Dir, None))
                 .collect(),
             Node::Instances => dirs(&mut self.reg.instances()?.iter().map(|(n, _)| n)),
             Node::Volumes => dirs(&mut self.reg.pools()?.iter().map(|(n, _)| n)),
@@ -299,27 +332,29 @@ impl Namespace {
                     Owner::Volume { .. } => VOLUME_JSON,
                 };
                 vec![
-                    (json.to_string(), Kind::File),
-                    (SNAPSHOTS.to_string(), Kind::Dir),
+                    (json.to_string(), Kind::File, None),
+                    (SNAPSHOTS.to_string(), Kind::Dir, None),
                 ]
             }
             Node::Snaps(o) => dirs(&mut self.reg.snapshots(o)?.iter().map(|s| &s.name)),
             Node::Snap(o, s) => {
                 let snap = self.reg.snapshot(o, s)?;
-                let mut v = vec![(SNAPSHOT_JSON.to_string(), Kind::File)];
+                let mut v = vec![(SNAPSHOT_JSON.to_string(), Kind::File, None)];
                 v.extend(
                     snap.disks
                         .iter()
-                        .map(|d| (disk_file_name(&d.target), Kind::File)),
+                        .map(|d| (disk_file_name(&d.target), Kind::File, None)),
                 );
+                v.push((FILES.to_string(), Kind::Dir, None));
                 v
             }
             Node::Launch => self
                 .reg
                 .launches()?
                 .iter()
-                .map(|(l, _)| (escape(&l.name), Kind::Symlink))
+                .map(|(l, _)| (escape(&l.name), Kind::Symlink, None))
                 .collect(),
+            Node::Files(p) => self.files_list(p)?,
             _ => return Err(Error::NotDir(format!("{node:?}"))),
         })
     }
@@ -334,6 +369,7 @@ impl Namespace {
                 let snap = self.reg.snapshot(o, s)?;
                 Content::Disk(self.open_disk(o, &snap, t)?)
             }
+            Node::Files(p) => self.files_open(p)?,
             Node::LaunchLink(_) => return Err(Error::Invalid("open of a symlink".into())),
             _ => return Err(Error::IsDir(format!("{node:?}"))),
         })
@@ -346,13 +382,7 @@ impl Namespace {
                 snap.name
             )));
         }
-        let created = snap
-            .created
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        // A namesake made after a delete has another id or time, so it never hits the old entry.
-        let key = format!("{owner:?}\0{}\0{}\0{created}\0{target}", snap.name, snap.id);
+        let key = disk_key(owner, snap, target);
         if let Some(d) = lock(&self.disks).get(&key) {
             return Ok(d.clone());
         }
@@ -378,7 +408,22 @@ impl Namespace {
         }
     }
 
-    pub fn readlink(&self, node: &Node) -> Result<String> {
+    pub fn readlink(&self, node: &Node) -> Result<Vec<u8>> {
+        if let Node::Files(p) = node {
+            return self.files_readlink(p);
+        }
+        self.launch_target(node).map(String::into_bytes)
+    }
+
+    /// Extended attributes (only guest files have any).
+    pub fn xattrs(&self, node: &Node) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        match node {
+            Node::Files(p) => self.files_xattrs(p),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    fn launch_target(&self, node: &Node) -> Result<String> {
         let Node::LaunchLink(n) = node else {
             return Err(Error::Invalid("not a symlink".into()));
         };
@@ -562,6 +607,17 @@ impl Namespace {
     }
 }
 
+/// The cache key of one disk of one snapshot. A namesake made after a delete has another id
+/// or creation time, so it never hits the old entry.
+fn disk_key(owner: &Owner, snap: &SnapshotInfo, target: &str) -> String {
+    let created = snap
+        .created
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("{owner:?}\0{}\0{}\0{created}\0{target}", snap.name, snap.id)
+}
+
 fn json_bytes(v: &serde_json::Value) -> Vec<u8> {
     let mut b = serde_json::to_vec_pretty(v).unwrap_or_else(|_| b"{}".to_vec());
     b.push(b'\n');
@@ -603,7 +659,17 @@ mod tests {
             ))
         );
         assert_eq!(
-            Node::parse(&p("instances/web/.snapshots/s1/files/x/y")),
+            Node::parse(&p("instances/web/.snapshots/s1/files/vda/p1/etc/hosts")),
+            Some(Node::Files(FilesPath {
+                owner: Owner::Instance("web".into()),
+                snap: "s1".into(),
+                target: Some("vda".into()),
+                part: Some("p1".into()),
+                rest: vec!["etc".into(), "hosts".into()],
+            }))
+        );
+        assert_eq!(
+            Node::parse(&p("instances/web/.snapshots/s1/other/x")),
             Some(Node::InSnapshot)
         );
         assert_eq!(Node::parse(&p("instances/web/other")), None);

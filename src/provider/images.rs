@@ -62,6 +62,14 @@ impl ImagesProvider {
         Ok(ImagesProvider { pools, cache })
     }
 
+    /// One pool with a given name (a libvirt storage pool's), not the directory's base name.
+    pub fn named(pool: &str, dir: &Path, cache: Arc<BlockCache>) -> Self {
+        ImagesProvider {
+            pools: vec![(pool.to_string(), dir.to_path_buf())],
+            cache,
+        }
+    }
+
     fn pool_dir(&self, pool: &str) -> Result<&Path> {
         self.pools
             .iter()

@@ -4,6 +4,7 @@
 //! namespace's job, not the provider's.
 
 pub mod images;
+pub mod libvirt;
 #[cfg(test)]
 pub mod memory;
 pub mod rbd;

@@ -37,6 +37,7 @@ pub struct RbdConfig {
 
 pub struct RbdProvider {
     pools: Vec<Arc<Pool>>,
+    /// Where read-ahead chunks wait for their readers (shared by all opened snapshots).
     cache: Arc<BlockCache>,
     read_ahead: u64,
 }
@@ -44,7 +45,7 @@ pub struct RbdProvider {
 impl RbdProvider {
     /// Connect and open every pool; a missing pool or an unreachable cluster is an error
     /// that says which, returned within about `connect_timeout`.
-    pub fn new(cfg: &RbdConfig, cache: Arc<BlockCache>) -> Result<Self> {
+    pub fn new(cfg: &RbdConfig) -> Result<Self> {
         if !cfg.conf.is_file() {
             return Err(Error::NotFound(format!(
                 "Ceph configuration {} (give --ceph PATH)",
@@ -77,9 +78,14 @@ impl RbdProvider {
             info!(pool = %name, "rbd pool");
             pools.push(pool);
         }
+        // Read-ahead chunks get their own LRU: 4 MiB chunks would flush the shared metadata
+        // cache, and a reader that stops early leaves chunks that must age out somewhere.
+        let budget = cfg.read_ahead.saturating_mul(4).max(64 << 20);
         Ok(RbdProvider {
             pools,
-            cache,
+            cache: Arc::new(BlockCache::new(
+                usize::try_from(budget).unwrap_or(usize::MAX),
+            )),
             read_ahead: cfg.read_ahead,
         })
     }

@@ -68,11 +68,47 @@ impl Mount {
         m
     }
 
+    /// A mount without `--images`: the providers come from the arguments given to
+    /// [`Mount::mount`] (e.g. `--libvirt`). Not mounted yet, so a test can prepare the state
+    /// directory first.
+    pub fn unmounted() -> Mount {
+        let dir = tempfile::Builder::new()
+            .prefix("snapfs-mnt")
+            .tempdir()
+            .expect("tempdir");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mkdir mnt");
+        std::fs::create_dir(dir.path().join("state")).expect("mkdir state");
+        Mount {
+            mnt,
+            images: PathBuf::new(),
+            pool: String::new(),
+            dir,
+        }
+    }
+
+    /// A mount whose providers come only from `extra`.
+    pub fn with_providers(extra: &[&str]) -> Mount {
+        let m = Self::unmounted();
+        m.mount(extra);
+        m
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
     pub fn mount(&self, extra: &[&str]) {
         let state = self.dir.path().join("state");
-        let out = Command::new(BIN)
-            .args(["mount", "--list-ttl-ms", "200", "--images"])
-            .arg(&self.images)
+        let mut cmd = Command::new(BIN);
+        cmd.arg("mount");
+        if !extra.contains(&"--list-ttl-ms") {
+            cmd.args(["--list-ttl-ms", "200"]);
+        }
+        if !self.images.as_os_str().is_empty() {
+            cmd.arg("--images").arg(&self.images);
+        }
+        let out = cmd
             .arg("--state-dir")
             .arg(&state)
             .args(extra)

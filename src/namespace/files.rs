@@ -1,0 +1,363 @@
+//! `files/` inside a snapshot: the guest's own files, read through `crate::restore`.
+//!
+//! Instances: `files/<target>/<part>/…`; volumes: `files/<part>/…`. Nothing is parsed until
+//! someone looks inside; partition tables and opened filesystems are cached and shared.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tracing::warn;
+
+use super::names::escape;
+use super::registry::lock;
+use super::{Kind, Namespace, Stat};
+use crate::error::{Error, Result};
+use crate::provider::{Owner, VOLUME_DISK};
+use crate::restore::{self, FileKind, FileStat, GuestFs, Partition, Volume};
+
+pub const FILES: &str = "files";
+pub const README: &str = "README";
+/// files/ itself: root only, so a host user never reaches a guest file by sharing its uid.
+const FILES_PERM: u16 = 0o700;
+/// Guest inode numbers become node ids with this bit set (counter-made ids never reach it).
+const GUEST_BIT: u64 = 1 << 63;
+const GUEST_INO_BITS: u32 = 44;
+
+/// A path at or below a snapshot's `files/`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FilesPath {
+    pub owner: Owner,
+    pub snap: String,
+    /// The disk; None only at an instance's `files/` (which lists disks).
+    pub target: Option<String>,
+    pub part: Option<String>,
+    /// Guest path components below the partition.
+    pub rest: Vec<String>,
+}
+
+impl FilesPath {
+    /// `rest` is what follows `files` in the path.
+    pub fn parse(owner: Owner, snap: String, rest: &[&str]) -> FilesPath {
+        let (target, after): (Option<String>, &[&str]) = match owner {
+            Owner::Volume { .. } => (Some(VOLUME_DISK.to_string()), rest),
+            Owner::Instance(_) => match rest.split_first() {
+                Some((t, r)) => (Some(super::names::unescape(t)), r),
+                None => (None, &[]),
+            },
+        };
+        let (part, rest) = match after.split_first() {
+            Some((p, r)) => (
+                Some(p.to_string()),
+                r.iter().map(|s| s.to_string()).collect(),
+            ),
+            None => (None, Vec::new()),
+        };
+        FilesPath {
+            owner,
+            snap,
+            target,
+            part,
+            rest,
+        }
+    }
+
+    /// The directory that lists partitions (an instance's `files/<target>`, a volume's `files`).
+    fn at_disk(&self) -> bool {
+        self.target.is_some() && self.part.is_none()
+    }
+
+    fn at_root(&self) -> bool {
+        self.target.is_none() || (matches!(self.owner, Owner::Volume { .. }) && self.at_disk())
+    }
+}
+
+/// What a files/ path resolves to.
+enum Resolved {
+    /// files/ of an instance: one directory per disk; files/ of a volume: partitions.
+    Dir(u16),
+    Readme(Arc<Vec<u8>>),
+    Guest {
+        fs: Arc<dyn GuestFs>,
+        stat: FileStat,
+        vol: u16,
+    },
+}
+
+/// A guest file opened for reading.
+#[derive(Clone)]
+pub struct GuestFile {
+    pub fs: Arc<dyn GuestFs>,
+    pub ino: u64,
+    pub size: u64,
+}
+
+fn kind(k: FileKind) -> Kind {
+    match k {
+        FileKind::Dir => Kind::Dir,
+        FileKind::File => Kind::File,
+        FileKind::Symlink => Kind::Symlink,
+        FileKind::Fifo => Kind::Fifo,
+        FileKind::Socket => Kind::Socket,
+        FileKind::CharDev => Kind::CharDev,
+        FileKind::BlockDev => Kind::BlockDev,
+    }
+}
+
+/// The node id for guest inode `ino` of volume number `vol`, when it fits.
+fn guest_node_id(vol: u16, ino: u64) -> Option<u64> {
+    (ino < 1 << GUEST_INO_BITS).then(|| GUEST_BIT | (u64::from(vol) << GUEST_INO_BITS) | ino)
+}
+
+fn guest_stat(s: &FileStat, vol: u16) -> Stat {
+    Stat {
+        kind: kind(s.kind),
+        size: s.size,
+        allocated: s.allocated,
+        mtime: s.mtime,
+        perm: s.perm & 0o7777,
+        owner: Some((s.uid, s.gid)),
+        nlink: Some(s.nlink),
+        atime: Some(s.atime),
+        ctime: Some(s.ctime),
+        ino: guest_node_id(vol, s.ino),
+        rdev: s.rdev,
+    }
+}
+
+/// Names a guest stores as bytes; the tree speaks UTF-8 (others are skipped, with a warning).
+fn utf8_name(name: &[u8]) -> Option<String> {
+    match std::str::from_utf8(name) {
+        Ok(s) if !s.is_empty() && !s.contains('/') => Some(s.to_string()),
+        _ => {
+            warn!(name = ?String::from_utf8_lossy(name), "guest file name is not UTF-8: not shown");
+            None
+        }
+    }
+}
+
+/// Caches of the files/ subtree, owned by the namespace.
+pub struct FilesCache {
+    volumes: lru::LruCache<String, Arc<Volume>>,
+    partitions: lru::LruCache<String, Arc<Vec<Partition>>>,
+    /// Guest path → guest inode, so deep lookups do not walk from the root every time.
+    paths: lru::LruCache<String, u64>,
+    /// A small, stable number per opened volume key, for node ids.
+    numbers: HashMap<String, u16>,
+}
+
+impl FilesCache {
+    pub fn new(volumes: usize) -> Self {
+        let n = |v: usize| std::num::NonZeroUsize::new(v).unwrap_or(std::num::NonZeroUsize::MIN);
+        FilesCache {
+            volumes: lru::LruCache::new(n(volumes)),
+            partitions: lru::LruCache::new(n(256)),
+            paths: lru::LruCache::new(n(200_000)),
+            numbers: HashMap::new(),
+        }
+    }
+}
+
+impl Namespace {
+    fn disk_key(&self, p: &FilesPath) -> Result<(String, Arc<super::OpenDisk>)> {
+        let target = p
+            .target
+            .as_deref()
+            .ok_or_else(|| Error::Invalid("files/ has no disk here".into()))?;
+        let snap = self.reg.snapshot(&p.owner, &p.snap)?;
+        let disk = self.open_disk(&p.owner, &snap, target)?;
+        Ok((super::disk_key(&p.owner, &snap, target), disk))
+    }
+
+    fn partitions_of(
+        &self,
+        p: &FilesPath,
+    ) -> Result<(String, Arc<super::OpenDisk>, Arc<Vec<Partition>>)> {
+        let (key, disk) = self.disk_key(p)?;
+        if let Some(parts) = lock(&self.files).partitions.get(&key) {
+            return Ok((key, disk, parts.clone()));
+        }
+        let parts = Arc::new(restore::partitions(disk.image.as_ref())?);
+        lock(&self.files).partitions.put(key.clone(), parts.clone());
+        Ok((key, disk, parts))
+    }
+
+    /// The filesystem (or README) of `p`'s partition, and its volume number.
+    fn volume_of(&self, p: &FilesPath) -> Result<(String, Arc<Volume>, u16)> {
+        let part_name = p
+            .part
+            .as_deref()
+            .ok_or_else(|| Error::Invalid("no partition".into()))?;
+        let (disk_key, disk, parts) = self.partitions_of(p)?;
+        let part = parts
+            .iter()
+            .find(|x| x.name == part_name)
+            .ok_or_else(|| Error::NotFound(format!("partition {part_name}")))?;
+        let key = format!("{disk_key}\0{part_name}");
+        let number = {
+            let mut c = lock(&self.files);
+            let next = c.numbers.len() as u16;
+            *c.numbers.entry(key.clone()).or_insert(next)
+        };
+        if let Some(v) = lock(&self.files).volumes.get(&key) {
+            return Ok((key, v.clone(), number));
+        }
+        let started = std::time::Instant::now();
+        let vol = Arc::new(restore::open_volume(disk.image.clone(), part)?);
+        tracing::info!(
+            owner = %p.owner, snap = %p.snap, part = %part_name,
+            ms = started.elapsed().as_millis() as u64,
+            what = %match vol.as_ref() { Volume::Fs(fs) => fs.describe(), Volume::Unsupported { .. } => "unsupported".into() },
+            "guest filesystem opened"
+        );
+        lock(&self.files).volumes.put(key.clone(), vol.clone());
+        Ok((key, vol, number))
+    }
+
+    fn resolve(&self, p: &FilesPath) -> Result<Resolved> {
+        if p.at_root() || p.at_disk() {
+            // Existence of the snapshot (and disk) is checked by listing it.
+            if p.target.is_some() {
+                self.partitions_of(p)?;
+            } else {
+                self.reg.snapshot(&p.owner, &p.snap)?;
+            }
+            return Ok(Resolved::Dir(if p.at_root() {
+                FILES_PERM
+            } else {
+                super::DIR_PERM
+            }));
+        }
+        let (key, vol, number) = self.volume_of(p)?;
+        let fs = match vol.as_ref() {
+            Volume::Fs(fs) => fs.clone(),
+            Volume::Unsupported { readme } => {
+                return match p.rest.as_slice() {
+                    [] => Ok(Resolved::Dir(super::DIR_PERM)),
+                    [r] if r == README => {
+                        Ok(Resolved::Readme(Arc::new(readme.clone().into_bytes())))
+                    }
+                    _ => Err(Error::NotFound(p.rest.join("/"))),
+                };
+            }
+        };
+        // Walk from the deepest cached ancestor.
+        let mut ino = fs.root();
+        let mut start = 0;
+        {
+            let mut c = lock(&self.files);
+            for i in (1..=p.rest.len()).rev() {
+                if let Some(&cached) = c.paths.get(&format!("{key}\0{}", p.rest[..i].join("/"))) {
+                    ino = cached;
+                    start = i;
+                    break;
+                }
+            }
+        }
+        let mut found: Option<FileStat> = None;
+        for i in start..p.rest.len() {
+            if found.as_ref().is_some_and(|s| s.kind != FileKind::Dir) {
+                return Err(Error::NotDir(p.rest[..i].join("/")));
+            }
+            let s = fs.lookup(ino, p.rest[i].as_bytes())?;
+            ino = s.ino;
+            found = Some(s);
+            lock(&self.files)
+                .paths
+                .put(format!("{key}\0{}", p.rest[..=i].join("/")), ino);
+        }
+        let stat = match found {
+            Some(s) => s,
+            None => fs.stat(ino)?,
+        };
+        Ok(Resolved::Guest {
+            fs,
+            stat,
+            vol: number,
+        })
+    }
+
+    pub(super) fn files_stat(&self, p: &FilesPath, mtime: std::time::SystemTime) -> Result<Stat> {
+        Ok(match self.resolve(p)? {
+            Resolved::Dir(perm) => {
+                let mut s = Stat::new(Kind::Dir, 0, 0, mtime, perm);
+                s.owner = Some((0, 0));
+                s
+            }
+            Resolved::Readme(b) => Stat::new(
+                Kind::File,
+                b.len() as u64,
+                b.len() as u64,
+                mtime,
+                super::FILE_PERM,
+            ),
+            Resolved::Guest { stat, vol, .. } => guest_stat(&stat, vol),
+        })
+    }
+
+    pub(super) fn files_list(&self, p: &FilesPath) -> Result<Vec<(String, Kind, Option<u64>)>> {
+        if p.target.is_none() {
+            let snap = self.reg.snapshot(&p.owner, &p.snap)?;
+            return Ok(snap
+                .disks
+                .iter()
+                .map(|d| (escape(&d.target), Kind::Dir, None))
+                .collect());
+        }
+        if p.at_disk() {
+            let (_, _, parts) = self.partitions_of(p)?;
+            return Ok(parts
+                .iter()
+                .map(|x| (x.name.clone(), Kind::Dir, None))
+                .collect());
+        }
+        match self.resolve(p)? {
+            Resolved::Dir(_) => Ok(vec![(README.to_string(), Kind::File, None)]),
+            Resolved::Readme(_) => Err(Error::NotDir(README.into())),
+            Resolved::Guest { fs, stat, vol } => {
+                if stat.kind != FileKind::Dir {
+                    return Err(Error::NotDir(p.rest.join("/")));
+                }
+                Ok(fs
+                    .readdir(stat.ino)?
+                    .into_iter()
+                    .filter_map(|(name, ino, k)| {
+                        utf8_name(&name).map(|n| (n, kind(k), guest_node_id(vol, ino)))
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    pub(super) fn files_open(&self, p: &FilesPath) -> Result<super::Content> {
+        match self.resolve(p)? {
+            Resolved::Readme(b) => Ok(super::Content::Bytes(b)),
+            Resolved::Guest { fs, stat, .. } if stat.kind == FileKind::File => {
+                Ok(super::Content::Guest(GuestFile {
+                    fs,
+                    ino: stat.ino,
+                    size: stat.size,
+                }))
+            }
+            Resolved::Guest { stat, .. } if stat.kind != FileKind::Dir => Err(Error::NotSupported(
+                "only regular guest files can be opened".into(),
+            )),
+            _ => Err(Error::IsDir(p.rest.join("/"))),
+        }
+    }
+
+    pub(super) fn files_readlink(&self, p: &FilesPath) -> Result<Vec<u8>> {
+        match self.resolve(p)? {
+            Resolved::Guest { fs, stat, .. } if stat.kind == FileKind::Symlink => {
+                fs.readlink(stat.ino)
+            }
+            _ => Err(Error::Invalid("not a symlink".into())),
+        }
+    }
+
+    pub(super) fn files_xattrs(&self, p: &FilesPath) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        match self.resolve(p)? {
+            Resolved::Guest { fs, stat, .. } => fs.xattrs(stat.ino),
+            _ => Ok(Vec::new()),
+        }
+    }
+}

@@ -1,0 +1,1002 @@
+//! The `libvirt` provider: every domain is an instance; its snapshots are libvirt domain
+//! snapshots (external disk-only ones, which we make, and internal ones made by others).
+//!
+//! - mkdir: freeze through the guest agent (per the quiesce policy, see [`freeze`]), one
+//!   atomic external disk-only snapshot of every writable disk, thaw.
+//! - reads: an external snapshot's data is the image the snapshot's overlay is backed by,
+//!   read with our own qcow2 reader; an internal one is read at its internal snapshot.
+//! - rmdir: libvirt deletes (and merges) it, unless another domain's backing chain uses an
+//!   image the deletion would rewrite or remove.
+//! - launch: a qcow2 overlay per disk on the snapshot's image, a domain defined from the
+//!   source's XML, our record in the new domain's `<metadata>`.
+
+pub mod agent;
+pub mod freeze;
+pub mod xml;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+use tracing::{debug, info, warn};
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::domain_snapshot::DomainSnapshot;
+use virt::error::ErrorNumber;
+use virt::sys;
+
+use super::images::ImagesProvider;
+use super::{LaunchInfo, ObjectInfo, Owner, Provider, SnapDisk, SnapshotInfo};
+use crate::error::{Error, IoContext, Result};
+use crate::image::{self, qcow2, BlockCache, BlockImage, Format};
+use crate::namespace::registry::lock;
+use freeze::{FreezeOutcome, Freezer};
+use xml::{DiskSource, SnapshotXml};
+
+/// How hard mkdir tries to freeze the guest's filesystems.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quiesce {
+    /// Fail the snapshot (ETIMEDOUT) when the agent cannot freeze.
+    Require,
+    /// Fall back to a crash-consistent snapshot.
+    Prefer,
+    /// Never freeze.
+    Off,
+}
+
+impl std::str::FromStr for Quiesce {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "require" => Ok(Quiesce::Require),
+            "prefer" => Ok(Quiesce::Prefer),
+            "off" => Ok(Quiesce::Off),
+            _ => Err(format!("{s:?}: expected require, prefer or off")),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct LibvirtOptions {
+    pub uri: String,
+    pub quiesce: Quiesce,
+    pub freeze_timeout: Duration,
+    pub state_dir: PathBuf,
+}
+
+/// How long `instance.json` waits for a guest-ping.
+const PING_TIMEOUT: Duration = Duration::from_millis(300);
+/// Longest image file base name we create (NAME_MAX is 255).
+const MAX_PART: usize = 60;
+const MAX_CHAIN: usize = 64;
+
+pub struct LibvirtProvider {
+    opts: LibvirtOptions,
+    conn: Mutex<Option<Connect>>,
+    freezer: Arc<Freezer>,
+    cache: Arc<BlockCache>,
+}
+
+/// A libvirt error with our context, mapped onto the refusals SPEC.md names.
+pub(crate) fn lv_err(context: impl Into<String>, e: virt::error::Error) -> Error {
+    let what = format!("{}: {}", context.into(), e.message());
+    let lower = e.message().to_ascii_lowercase();
+    match e.code().known() {
+        Some(
+            ErrorNumber::NoDomain | ErrorNumber::NoDomainSnapshot | ErrorNumber::NoDomainMetadata,
+        ) => Error::NotFound(what),
+        Some(ErrorNumber::OperationTimeout | ErrorNumber::AgentCommandTimeout) => {
+            Error::TimedOut(what)
+        }
+        Some(
+            ErrorNumber::NoSupport
+            | ErrorNumber::OperationUnsupported
+            | ErrorNumber::ConfigUnsupported
+            | ErrorNumber::ArgumentUnsupported,
+        ) => Error::NotSupported(what),
+        _ if lower.contains("already exists") => Error::Exists(what),
+        _ if lower.contains("no space") || lower.contains("quota") => Error::NoSpace(what),
+        _ if lower.contains("lock") => Error::Busy(what),
+        _ => Error::Backend(what),
+    }
+}
+
+/// A file name part made only of `[A-Za-z0-9._+-]`, never starting with `.`, bounded.
+fn safe_part(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._+-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(MAX_PART)
+        .collect();
+    if out.starts_with('.') {
+        out.replace_range(0..1, "_");
+    }
+    if out.is_empty() {
+        out.push('_');
+    }
+    out
+}
+
+/// `dir/<a>.<b>.<target>.qcow2`, or with `-2`, `-3`… when taken.
+fn fresh_image_path(dir: &Path, a: &str, b: &str, target: &str) -> Result<PathBuf> {
+    let stem = format!("{}.{}.{}", safe_part(a), safe_part(b), safe_part(target));
+    for i in 1..1000 {
+        let name = if i == 1 {
+            format!("{stem}.qcow2")
+        } else {
+            format!("{stem}-{i}.qcow2")
+        };
+        let p = dir.join(name);
+        if std::fs::symlink_metadata(&p).is_err() {
+            return Ok(p);
+        }
+    }
+    Err(Error::Exists(format!(
+        "no free image name for {stem} in {}",
+        dir.display()
+    )))
+}
+
+/// A path made canonical when it exists (so two spellings of one file compare equal).
+fn canonical(p: &Path) -> PathBuf {
+    p.canonicalize().unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// `path` and every file below it in its backing chain, canonical.
+fn chain_files(path: &Path) -> Vec<PathBuf> {
+    let mut out = vec![canonical(path)];
+    let mut cur = path.to_path_buf();
+    for _ in 0..MAX_CHAIN {
+        if !matches!(image::probe_format(&cur), Ok(Format::Qcow2)) {
+            break;
+        }
+        match qcow2::inspect(&cur) {
+            Ok(info) => match info.backing_path {
+                Some(next) => {
+                    out.push(canonical(&next));
+                    cur = next;
+                }
+                None => break,
+            },
+            Err(e) => {
+                debug!(image = %cur.display(), error = %e, "cannot follow backing chain");
+                break;
+            }
+        }
+    }
+    out
+}
+
+fn format_name(f: Format) -> &'static str {
+    match f {
+        Format::Raw => "raw",
+        Format::Qcow2 => "qcow2",
+    }
+}
+
+/// Virtual size of a host image, by our own reader's header parsing.
+fn image_size(path: &Path, format: Option<&str>) -> Option<u64> {
+    let fmt = match format.and_then(Format::parse) {
+        Some(f) => f,
+        None => image::probe_format(path).ok()?,
+    };
+    match fmt {
+        Format::Qcow2 => qcow2::inspect(path).ok().map(|i| i.virtual_size),
+        Format::Raw => std::fs::metadata(path).ok().map(|m| m.len()),
+    }
+}
+
+fn state_name(dom: &Domain) -> Result<(String, bool)> {
+    use virt::domain::DomainState as S;
+    let info = dom.info().map_err(|e| lv_err("reading domain state", e))?;
+    let name = match info.state.known() {
+        Some(S::Running) => "running",
+        Some(S::Blocked) => "blocked",
+        Some(S::Paused) => "paused",
+        Some(S::Shutdown) => "shutting down",
+        Some(S::Shutoff) => "shut off",
+        Some(S::Crashed) => "crashed",
+        Some(S::PMSuspended) => "pmsuspended",
+        Some(S::NoState) | None => "unknown",
+    };
+    let active = dom.is_active().unwrap_or(false);
+    Ok((name.to_string(), active))
+}
+
+/// Where one disk of a snapshot has its bytes.
+#[derive(Clone, Debug)]
+struct SnapImage {
+    target: String,
+    /// `external` or `internal`.
+    kind: &'static str,
+    /// The image holding the data as of the snapshot.
+    path: PathBuf,
+    format: Format,
+    /// For an internal snapshot: its name inside `path`.
+    internal: Option<String>,
+    /// For an external snapshot: the overlay written after it.
+    overlay: Option<PathBuf>,
+    size: Option<u64>,
+}
+
+impl LibvirtProvider {
+    pub fn new(opts: LibvirtOptions, cache: Arc<BlockCache>) -> Result<Self> {
+        // libvirt's default error handler prints every error to stderr; we log them ourselves.
+        virt::error::clear_error_callback();
+        let freezer = Freezer::new(&opts.state_dir)?;
+        let p = LibvirtProvider {
+            opts,
+            conn: Mutex::new(None),
+            freezer,
+            cache,
+        };
+        let c = p.conn()?;
+        info!(uri = %p.opts.uri, hypervisor = %c.driver_type().unwrap_or_default(), quiesce = ?p.opts.quiesce, freeze_timeout_ms = p.opts.freeze_timeout.as_millis() as u64, "libvirt provider");
+        Ok(p)
+    }
+
+    /// The shared connection, reopened when it died (libvirtd restart).
+    fn conn(&self) -> Result<Connect> {
+        let mut g = lock(&self.conn);
+        if let Some(c) = g.as_ref() {
+            if c.is_alive().unwrap_or(false) {
+                return Ok(c.clone());
+            }
+            warn!(uri = %self.opts.uri, "libvirt connection lost: reconnecting");
+        }
+        let c = Connect::open(Some(&self.opts.uri))
+            .map_err(|e| lv_err(format!("connecting to {}", self.opts.uri), e))?;
+        *g = Some(c.clone());
+        Ok(c)
+    }
+
+    /// At daemon start: thaw guests a dead daemon left frozen (see [`freeze`]).
+    pub fn recover_frozen(&self) -> Result<usize> {
+        let conn = self.conn()?;
+        let n = self.freezer.recover(&conn)?;
+        if n > 0 {
+            info!(records = n, "freeze records from a previous daemon handled");
+        }
+        Ok(n)
+    }
+
+    /// Active storage pools whose volumes are host files: (name, directory).
+    fn pool_dirs(&self) -> Result<Vec<(String, PathBuf)>> {
+        let pools = self
+            .conn()?
+            .list_all_storage_pools(sys::VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+            .map_err(|e| lv_err("listing storage pools", e))?;
+        let mut out = Vec::new();
+        for p in pools {
+            let (Ok(name), Ok(x)) = (p.name(), p.xml_desc(0)) else {
+                continue;
+            };
+            match xml::pool_dir(&x) {
+                Ok(Some(dir)) => out.push((name, dir)),
+                Ok(None) => {
+                    debug!(pool = %name, "storage pool without a host directory: not shown")
+                }
+                Err(e) => warn!(pool = %name, error = %e, "unreadable storage pool XML"),
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// A volume of a directory pool behaves exactly like one of the `images` provider.
+    fn pool_images(&self, owner: &Owner) -> Result<ImagesProvider> {
+        let Owner::Volume { pool, .. } = owner else {
+            return Err(Error::NotFound(owner.to_string()));
+        };
+        self.pool_provider(pool)
+    }
+
+    fn pool_provider(&self, pool: &str) -> Result<ImagesProvider> {
+        let (name, dir) = self
+            .pool_dirs()?
+            .into_iter()
+            .find(|(n, _)| n == pool)
+            .ok_or_else(|| Error::NotFound(format!("pool {pool}")))?;
+        Ok(ImagesProvider::named(&name, &dir, self.cache.clone()))
+    }
+
+    fn domain(&self, owner: &Owner) -> Result<Domain> {
+        let Owner::Instance(name) = owner else {
+            return Err(Error::NotFound(owner.to_string()));
+        };
+        self.domain_named(name)
+    }
+
+    fn domain_named(&self, name: &str) -> Result<Domain> {
+        self.conn()?
+            .lookup_domain_by_name(name)
+            .map_err(|e| lv_err(format!("domain {name}"), e))
+    }
+
+    fn domain_xml(dom: &Domain, flags: u32) -> Result<xml::DomainXml> {
+        let x = dom
+            .xml_desc(flags)
+            .map_err(|e| lv_err("reading domain XML", e))?;
+        xml::parse_domain(&x)
+    }
+
+    fn snapshot_xml(snap: &DomainSnapshot) -> Result<SnapshotXml> {
+        let x = snap
+            .xml_desc(0)
+            .map_err(|e| lv_err("reading snapshot XML", e))?;
+        xml::parse_snapshot(&x)
+    }
+
+    fn lookup_snapshot(dom: &Domain, owner: &Owner, name: &str) -> Result<DomainSnapshot> {
+        Domain::lookup_snapshot_by_name(dom, name, 0)
+            .map_err(|e| lv_err(format!("snapshot {name} of {owner}"), e))
+    }
+
+    /// Where each disk of a snapshot keeps its bytes.
+    ///
+    /// External: the backing file named in the overlay's qcow2 header. QEMU rewrites that
+    /// header whenever a commit changes the chain, so it stays right after other snapshots
+    /// are deleted; the source in the snapshot's `<domain>` copy is only metadata and is
+    /// used when the overlay is gone or has no backing file.
+    fn snap_images(&self, current: &[xml::Disk], sx: &SnapshotXml) -> Result<Vec<SnapImage>> {
+        let mut out = Vec::new();
+        for d in &sx.disks {
+            let recorded = sx
+                .domain_disks
+                .iter()
+                .find(|x| x.target == d.target)
+                .or_else(|| current.iter().find(|x| x.target == d.target));
+            match d.kind.as_str() {
+                "external" => {
+                    let from_overlay = d.overlay.as_ref().and_then(|o| {
+                        let info = qcow2::inspect(o).ok()?;
+                        let fmt = info
+                            .backing_format
+                            .as_deref()
+                            .and_then(Format::parse)
+                            .or_else(|| image::probe_format(info.backing_path.as_ref()?).ok())?;
+                        Some((info.backing_path?, fmt))
+                    });
+                    let (path, format) = match from_overlay {
+                        Some(x) => x,
+                        None => {
+                            let Some(p) = recorded.and_then(|r| r.source.file()) else {
+                                warn!(snapshot = %sx.name, disk = %d.target, "external snapshot disk without a readable image");
+                                continue;
+                            };
+                            let fmt = recorded
+                                .and_then(|r| r.format.as_deref())
+                                .and_then(Format::parse)
+                                .map_or_else(|| image::probe_format(p), Ok)?;
+                            (p.to_path_buf(), fmt)
+                        }
+                    };
+                    let size = image_size(&path, Some(format_name(format)));
+                    out.push(SnapImage {
+                        target: d.target.clone(),
+                        kind: "external",
+                        path,
+                        format,
+                        internal: None,
+                        overlay: d.overlay.clone(),
+                        size,
+                    });
+                }
+                "internal" => {
+                    // The image that had the disk when the snapshot was taken, else the one
+                    // in the current chain that holds an internal snapshot of that name.
+                    let mut candidates: Vec<PathBuf> = Vec::new();
+                    if let Some(p) = recorded.and_then(|r| r.source.file()) {
+                        candidates.push(p.to_path_buf());
+                    }
+                    if let Some(p) = current
+                        .iter()
+                        .find(|x| x.target == d.target)
+                        .and_then(|x| x.source.file())
+                    {
+                        candidates.extend(chain_files(p));
+                    }
+                    let found = candidates.into_iter().find_map(|p| {
+                        let info = qcow2::inspect(&p).ok()?;
+                        let s = info.snapshots.iter().find(|s| s.name == sx.name)?;
+                        Some((p, s.virtual_size))
+                    });
+                    let Some((path, size)) = found else {
+                        warn!(snapshot = %sx.name, disk = %d.target, "internal snapshot not found in any image of the disk");
+                        continue;
+                    };
+                    out.push(SnapImage {
+                        target: d.target.clone(),
+                        kind: "internal",
+                        path,
+                        format: Format::Qcow2,
+                        internal: Some(sx.name.clone()),
+                        overlay: None,
+                        size: Some(size),
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    fn snapshot_info(&self, current: &[xml::Disk], sx: &SnapshotXml) -> Result<SnapshotInfo> {
+        let images = self.snap_images(current, sx)?;
+        let created = sx
+            .created
+            .and_then(|t| u64::try_from(t).ok())
+            .map(|t| UNIX_EPOCH + Duration::from_secs(t))
+            .unwrap_or(UNIX_EPOCH);
+        let disks_json: Vec<serde_json::Value> = images
+            .iter()
+            .map(|i| {
+                json!({
+                    "target": i.target,
+                    "kind": i.kind,
+                    "source": i.path.display().to_string(),
+                    "format": format_name(i.format),
+                    "size": i.size,
+                    "internal_snapshot": i.internal,
+                    "overlay": i.overlay.as_ref().map(|o| o.display().to_string()),
+                })
+            })
+            .collect();
+        let j = json!({
+            "id": sx.name,
+            "name": sx.name,
+            "created": super::rfc3339(created),
+            "quiesced": sx.quiesced(),
+            "memory": sx.memory != "no",
+            "state": sx.state,
+            "parent": sx.parent,
+            "description": sx.description,
+            "disks": disks_json,
+        });
+        Ok(SnapshotInfo {
+            name: sx.name.clone(),
+            id: sx.name.clone(),
+            created,
+            disks: images
+                .iter()
+                .map(|i| SnapDisk {
+                    target: i.target.clone(),
+                    size: i.size.unwrap_or(0),
+                })
+                .collect(),
+            json: j,
+        })
+    }
+
+    /// Images a deletion of `sx` would rewrite (the snapshot's own image, the commit target)
+    /// or remove (its overlay, merged down).
+    fn images_rewritten_by_delete(
+        &self,
+        current: &[xml::Disk],
+        sx: &SnapshotXml,
+    ) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for i in self.snap_images(current, sx)? {
+            if i.kind == "external" {
+                out.push(canonical(&i.path));
+                if let Some(o) = &i.overlay {
+                    out.push(canonical(o));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A domain other than `owner_uuid` whose disks' chains use one of `images`.
+    fn dependent_domain(&self, owner_uuid: &str, images: &[PathBuf]) -> Result<Option<String>> {
+        let wanted: HashSet<&PathBuf> = images.iter().collect();
+        let conn = self.conn()?;
+        let doms = conn
+            .list_all_domains(0)
+            .map_err(|e| lv_err("listing domains", e))?;
+        for d in doms {
+            if d.uuid_string().ok().as_deref() == Some(owner_uuid) {
+                continue;
+            }
+            let name = d.name().unwrap_or_default();
+            let (state, active) = state_name(&d).unwrap_or_else(|_| ("unknown".into(), false));
+            // The live and the persistent definition may differ; both count.
+            let mut defs = vec![Self::domain_xml(&d, sys::VIR_DOMAIN_XML_INACTIVE)];
+            if active {
+                defs.push(Self::domain_xml(&d, 0));
+            }
+            for def in defs.into_iter().flatten() {
+                for disk in &def.disks {
+                    let Some(top) = disk.source.file() else {
+                        continue;
+                    };
+                    if let Some(hit) = chain_files(top).into_iter().find(|f| wanted.contains(f)) {
+                        return Ok(Some(format!(
+                            "domain {name} ({state}) disk {} uses {}",
+                            disk.target,
+                            hit.display()
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn qemu_img_create_overlay(
+        &self,
+        overlay: &Path,
+        backing: &Path,
+        fmt: Format,
+        size: u64,
+    ) -> Result<()> {
+        // -u: the backing image may be in use by a running domain; the size is given.
+        let out = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-u", "-b"])
+            .arg(backing)
+            .args(["-F", format_name(fmt)])
+            .arg(overlay)
+            .arg(size.to_string())
+            .output()
+            .ctx(|| "running qemu-img (is qemu-utils installed?)".to_string())?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        Err(if msg.to_ascii_lowercase().contains("no space") {
+            Error::NoSpace(msg)
+        } else {
+            Error::Backend(format!("qemu-img create {}: {msg}", overlay.display()))
+        })
+    }
+}
+
+impl Provider for LibvirtProvider {
+    fn kind(&self) -> &'static str {
+        "libvirt"
+    }
+
+    fn pools(&self) -> Result<Vec<String>> {
+        Ok(self.pool_dirs()?.into_iter().map(|(n, _)| n).collect())
+    }
+
+    fn volumes(&self, pool: &str) -> Result<Vec<String>> {
+        self.pool_provider(pool)?.volumes(pool)
+    }
+
+    fn instances(&self) -> Result<Vec<String>> {
+        let doms = self
+            .conn()?
+            .list_all_domains(0)
+            .map_err(|e| lv_err("listing domains", e))?;
+        let mut names: Vec<String> = doms.iter().filter_map(|d| d.name().ok()).collect();
+        names.sort();
+        Ok(names)
+    }
+
+    fn info(&self, owner: &Owner) -> Result<ObjectInfo> {
+        if let Owner::Volume { .. } = owner {
+            return self.pool_images(owner)?.info(owner);
+        }
+        let dom = self.domain(owner)?;
+        let (state, active) = state_name(&dom)?;
+        let info = dom.info().map_err(|e| lv_err("domain info", e))?;
+        let def = Self::domain_xml(&dom, 0)?;
+        let disks: Vec<serde_json::Value> = def
+            .disks
+            .iter()
+            .map(|d| {
+                let size = d
+                    .source
+                    .file()
+                    .and_then(|p| image_size(p, d.format.as_deref()));
+                let source = match &d.source {
+                    DiskSource::Network { protocol, name } => {
+                        json!({ "protocol": protocol, "name": name })
+                    }
+                    other => json!(other.describe()),
+                };
+                json!({
+                    "target": d.target,
+                    "device": d.device,
+                    "format": d.format,
+                    "source": source,
+                    "size": size,
+                })
+            })
+            .collect();
+        let agent = if active {
+            let uuid = dom.uuid_string().unwrap_or_default();
+            if agent::ping(&dom, &uuid, PING_TIMEOUT) {
+                "reachable"
+            } else {
+                "unreachable"
+            }
+        } else {
+            "not running"
+        };
+        let launched = dom
+            .metadata(
+                sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                Some(xml::LAUNCH_NS),
+                0,
+            )
+            .ok()
+            .and_then(|m| xml::parse_launch_metadata(&m))
+            .map(|(i, s)| json!({ "instance": i, "snapshot": s }));
+        let j = json!({
+            "name": def.name,
+            "uuid": dom.uuid_string().unwrap_or_default(),
+            "state": state,
+            "vcpus": info.nr_virt_cpu,
+            "memory": info.max_mem.saturating_mul(1024),
+            "disks": disks,
+            "agent": agent,
+            "launched_from": launched,
+        });
+        Ok(ObjectInfo {
+            json: j,
+            mtime: SystemTime::now(),
+        })
+    }
+
+    fn snapshots(&self, owner: &Owner) -> Result<Vec<SnapshotInfo>> {
+        if let Owner::Volume { .. } = owner {
+            return self.pool_images(owner)?.snapshots(owner);
+        }
+        let dom = self.domain(owner)?;
+        let current = Self::domain_xml(&dom, 0)?.disks;
+        let snaps = dom
+            .list_all_snapshots(0)
+            .map_err(|e| lv_err(format!("listing snapshots of {owner}"), e))?;
+        let mut out = Vec::new();
+        for s in snaps {
+            match Self::snapshot_xml(&s).and_then(|sx| self.snapshot_info(&current, &sx)) {
+                Ok(i) => out.push(i),
+                Err(e) => warn!(%owner, error = %e, "skipping an unreadable snapshot"),
+            }
+        }
+        out.sort_by(|a, b| a.created.cmp(&b.created).then(a.name.cmp(&b.name)));
+        Ok(out)
+    }
+
+    fn create_snapshot(&self, owner: &Owner, name: &str) -> Result<()> {
+        if let Owner::Volume { .. } = owner {
+            return self.pool_images(owner)?.create_snapshot(owner, name);
+        }
+        if name.is_empty() || name.len() > 255 {
+            return Err(Error::Invalid(format!("snapshot name {name:?}")));
+        }
+        if name.contains('/') {
+            return Err(Error::Invalid(format!(
+                "{name:?}: libvirt snapshot names cannot contain '/'"
+            )));
+        }
+        xml::escape(name)?;
+        let dom = self.domain(owner)?;
+        let dom_name = dom.name().map_err(|e| lv_err("domain name", e))?;
+        let uuid = dom.uuid_string().map_err(|e| lv_err("domain uuid", e))?;
+        let (_, active) = state_name(&dom)?;
+        let def = Self::domain_xml(&dom, 0)?;
+
+        let mut overlays = Vec::new();
+        let mut excluded = Vec::new();
+        for d in &def.disks {
+            if !d.is_data_disk() {
+                excluded.push(d.target.clone());
+                continue;
+            }
+            match &d.source {
+                DiskSource::File(p) => {
+                    let dir = p.parent().unwrap_or(Path::new("/"));
+                    overlays.push((
+                        d.target.clone(),
+                        fresh_image_path(dir, &dom_name, name, &d.target)?,
+                    ));
+                }
+                other => {
+                    let what = match other {
+                        DiskSource::None => "without a source".to_string(),
+                        o => o.describe(),
+                    };
+                    return Err(Error::NotSupported(format!(
+                        "disk {} of {owner} is {what}: only file disks get external snapshots",
+                        d.target
+                    )));
+                }
+            }
+        }
+        if overlays.is_empty() {
+            return Err(Error::NotSupported(format!(
+                "{owner} has no writable file disk"
+            )));
+        }
+
+        let policy = if active {
+            self.opts.quiesce
+        } else {
+            Quiesce::Off
+        };
+        let mut frozen = None;
+        if policy != Quiesce::Off {
+            match self.freezer.freeze(&dom, &uuid, &dom_name, self.opts.freeze_timeout) {
+                FreezeOutcome::Frozen(f) => frozen = Some(f),
+                FreezeOutcome::Failed(e) if policy == Quiesce::Require => {
+                    return Err(Error::TimedOut(format!(
+                        "quiesce required but the guest agent of {owner} could not freeze: {e}"
+                    )))
+                }
+                FreezeOutcome::TimedOut if policy == Quiesce::Require => {
+                    return Err(Error::TimedOut(format!(
+                        "quiesce required but the guest agent of {owner} did not freeze within {} ms",
+                        self.opts.freeze_timeout.as_millis()
+                    )))
+                }
+                FreezeOutcome::Failed(e) => {
+                    warn!(%owner, error = %e, "freeze failed: taking a crash-consistent snapshot")
+                }
+                FreezeOutcome::TimedOut => {
+                    warn!(%owner, "freeze timed out: taking a crash-consistent snapshot")
+                }
+            }
+        }
+        let quiesced = frozen.is_some();
+        let req = xml::snapshot_request(name, quiesced, &overlays, &excluded)?;
+        let flags =
+            sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC;
+        let started = Instant::now();
+        let res = dom.create_snapshot_xml(&req, flags);
+        let snap_ms = started.elapsed().as_millis() as u64;
+        let thawed = frozen.map(|f| f.thaw());
+        res.map_err(|e| lv_err(format!("creating snapshot {name} of {owner}"), e))?;
+        info!(%owner, snapshot = %name, quiesced, snap_ms, "external disk-only snapshot created");
+        if let Some(Err(e)) = thawed {
+            return Err(Error::Backend(format!(
+                "snapshot {name} of {owner} was created, but thawing the guest failed (snapfs keeps retrying): {e}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn delete_snapshot(&self, owner: &Owner, name: &str) -> Result<()> {
+        if let Owner::Volume { .. } = owner {
+            return self.pool_images(owner)?.delete_snapshot(owner, name);
+        }
+        let dom = self.domain(owner)?;
+        let uuid = dom.uuid_string().map_err(|e| lv_err("domain uuid", e))?;
+        let snap = Self::lookup_snapshot(&dom, owner, name)?;
+        let sx = Self::snapshot_xml(&snap)?;
+        let current = Self::domain_xml(&dom, 0)?.disks;
+        let images = self.images_rewritten_by_delete(&current, &sx)?;
+        if !images.is_empty() {
+            if let Some(who) = self.dependent_domain(&uuid, &images)? {
+                return Err(Error::Busy(format!(
+                    "deleting snapshot {name} of {owner} would rewrite an image another domain depends on: {who}"
+                )));
+            }
+        }
+        let started = Instant::now();
+        snap.delete(0)
+            .map_err(|e| lv_err(format!("deleting snapshot {name} of {owner}"), e))?;
+        info!(%owner, snapshot = %name, ms = started.elapsed().as_millis() as u64, "snapshot deleted by libvirt");
+        Ok(())
+    }
+
+    fn open_disk(
+        &self,
+        owner: &Owner,
+        snap: &SnapshotInfo,
+        target: &str,
+    ) -> Result<Arc<dyn BlockImage>> {
+        if let Owner::Volume { .. } = owner {
+            return self.pool_images(owner)?.open_disk(owner, snap, target);
+        }
+        let dom = self.domain(owner)?;
+        let s = Self::lookup_snapshot(&dom, owner, &snap.name)?;
+        let sx = Self::snapshot_xml(&s)?;
+        let current = Self::domain_xml(&dom, 0)?.disks;
+        let img = self
+            .snap_images(&current, &sx)?
+            .into_iter()
+            .find(|i| i.target == target)
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "disk {target} of snapshot {} of {owner}",
+                    snap.name
+                ))
+            })?;
+        debug!(%owner, snapshot = %snap.name, target, image = %img.path.display(), internal = ?img.internal, "opening snapshot disk");
+        image::open(
+            &img.path,
+            Some(img.format),
+            img.internal.as_deref(),
+            &self.cache,
+        )
+    }
+
+    fn launches(&self) -> Result<Vec<LaunchInfo>> {
+        let doms = self
+            .conn()?
+            .list_all_domains(0)
+            .map_err(|e| lv_err("listing domains", e))?;
+        let mut out = Vec::new();
+        for d in doms {
+            let Ok(m) = d.metadata(
+                sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                Some(xml::LAUNCH_NS),
+                0,
+            ) else {
+                continue;
+            };
+            let (Some((instance, snapshot)), Ok(name)) = (xml::parse_launch_metadata(&m), d.name())
+            else {
+                continue;
+            };
+            out.push(LaunchInfo {
+                name,
+                instance,
+                snapshot,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn launch(&self, new: &str, instance: &str, snapshot: &str) -> Result<()> {
+        let owner = Owner::Instance(instance.to_string());
+        xml::escape(new)?;
+        if new.contains('/') {
+            return Err(Error::Invalid(format!(
+                "{new:?}: libvirt domain names cannot contain '/'"
+            )));
+        }
+        let src = self.domain(&owner)?;
+        let snap = Self::lookup_snapshot(&src, &owner, snapshot)?;
+        let sx = Self::snapshot_xml(&snap)?;
+        let current = Self::domain_xml(&src, 0)?.disks;
+        let images = self.snap_images(&current, &sx)?;
+        if let Some(i) = images.iter().find(|i| i.kind != "external") {
+            return Err(Error::NotSupported(format!(
+                "snapshot {snapshot} of {instance} keeps disk {} internally: a qcow2 overlay cannot be backed by an internal snapshot",
+                i.target
+            )));
+        }
+        if images.is_empty() {
+            return Err(Error::NotSupported(format!(
+                "snapshot {snapshot} of {instance} has no disk"
+            )));
+        }
+        let mut created: Vec<PathBuf> = Vec::new();
+        let cleanup = |created: &[PathBuf]| {
+            for f in created {
+                if let Err(e) = std::fs::remove_file(f) {
+                    warn!(file = %f.display(), error = %e, "cannot remove overlay of a failed launch");
+                }
+            }
+        };
+        let mut edits = Vec::new();
+        for i in &images {
+            let dir = i.path.parent().unwrap_or(Path::new("/"));
+            let overlay = fresh_image_path(dir, new, "launch", &i.target)?;
+            let size = i.size.ok_or_else(|| {
+                Error::Backend(format!("cannot read the size of {}", i.path.display()))
+            })?;
+            if let Err(e) = self.qemu_img_create_overlay(&overlay, &i.path, i.format, size) {
+                cleanup(&created);
+                return Err(e);
+            }
+            created.push(overlay.clone());
+            edits.push(xml::DiskEdit {
+                target: i.target.clone(),
+                file: overlay,
+            });
+        }
+        let result = (|| -> Result<()> {
+            let src_xml = src
+                .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE)
+                .map_err(|e| lv_err(format!("reading {instance}'s definition"), e))?;
+            let new_xml = xml::launch_domain_xml(&src_xml, instance, new, &edits)?;
+            let conn = self.conn()?;
+            let dom = conn
+                .define_domain_xml(&new_xml)
+                .map_err(|e| lv_err(format!("defining domain {new}"), e))?;
+            let undefine = |why: &Error| {
+                warn!(domain = %new, error = %why, "launch failed: removing the new domain");
+                let _ = dom.destroy();
+                let _ = dom.undefine();
+            };
+            let meta = xml::launch_metadata(instance, snapshot)?;
+            if let Err(e) = dom.set_metadata(
+                sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                Some(&meta),
+                Some(xml::LAUNCH_KEY),
+                Some(xml::LAUNCH_NS),
+                sys::VIR_DOMAIN_AFFECT_CONFIG,
+            ) {
+                let e = lv_err(format!("recording the launch in {new}'s metadata"), e);
+                undefine(&e);
+                return Err(e);
+            }
+            if let Err(e) = dom.create() {
+                let e = lv_err(format!("starting domain {new}"), e);
+                undefine(&e);
+                return Err(e);
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            cleanup(&created);
+            return Err(match e {
+                Error::Exists(_)
+                | Error::NotSupported(_)
+                | Error::Invalid(_)
+                | Error::NoSpace(_) => e,
+                other => Error::Backend(other.to_string()),
+            });
+        }
+        info!(domain = %new, %instance, %snapshot, "launched");
+        Ok(())
+    }
+
+    fn forget_launch(&self, name: &str) -> Result<()> {
+        let dom = self.domain_named(name)?;
+        dom.metadata(
+            sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+            Some(xml::LAUNCH_NS),
+            0,
+        )
+        .map_err(|e| lv_err(format!("launch record of {name}"), e))?;
+        let mut flags = sys::VIR_DOMAIN_AFFECT_CONFIG;
+        if dom.is_active().unwrap_or(false) {
+            flags |= sys::VIR_DOMAIN_AFFECT_LIVE;
+        }
+        dom.set_metadata(
+            sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+            None,
+            None,
+            Some(xml::LAUNCH_NS),
+            flags,
+        )
+        .map_err(|e| lv_err(format!("removing the launch record of {name}"), e))?;
+        info!(domain = %name, "launch record removed");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safe_parts() {
+        assert_eq!(safe_part("pre-upgrade"), "pre-upgrade");
+        assert_eq!(safe_part("../x/y z"), "_._x_y_z");
+        assert_eq!(safe_part(""), "_");
+        assert_eq!(safe_part(&"a".repeat(300)).len(), MAX_PART);
+    }
+
+    #[test]
+    fn fresh_paths_do_not_clobber() {
+        let t = tempfile::tempdir().unwrap();
+        let a = fresh_image_path(t.path(), "web", "s/1", "vda").unwrap();
+        assert_eq!(a.file_name().unwrap(), "web.s_1.vda.qcow2");
+        std::fs::write(&a, "x").unwrap();
+        let b = fresh_image_path(t.path(), "web", "s/1", "vda").unwrap();
+        assert_eq!(b.file_name().unwrap(), "web.s_1.vda-2.qcow2");
+    }
+
+    #[test]
+    fn quiesce_parses() {
+        assert_eq!("require".parse::<Quiesce>(), Ok(Quiesce::Require));
+        assert!("maybe".parse::<Quiesce>().is_err());
+    }
+}

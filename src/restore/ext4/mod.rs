@@ -1,0 +1,1059 @@
+//! ext2/3/4, read with our own reader (see docs/restore.md for why not ext4-view alone): superblock,
+//! group descriptors (incl. meta_bg), inodes with extent trees or block maps, inline data,
+//! linear directory parsing (htree directories read linearly), xattrs in the inode and in an
+//! xattr block (and EA inodes), and in-memory jbd2 journal replay for crash-consistent images.
+
+mod journal;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::bytes::{le16, le32, sub, u8at};
+use super::{human_size, unix_time, Dev, FileKind, FileStat, GuestFs};
+use crate::error::{Error, Result};
+
+const ROOT: u64 = 2;
+/// Deepest extent tree the format allows.
+const MAX_EXTENT_DEPTH: u16 = 5;
+/// Largest directory we read (bytes): bounds memory on a corrupt size.
+const MAX_DIR_BYTES: u64 = 256 << 20;
+/// Largest xattr value or symlink we read.
+const MAX_VALUE: u64 = 64 << 10;
+/// Directory listings kept parsed.
+const DIR_CACHE: usize = 256;
+
+const INCOMPAT_RECOVER: u32 = 0x4;
+const INCOMPAT_JOURNAL_DEV: u32 = 0x8;
+const INCOMPAT_META_BG: u32 = 0x10;
+const INCOMPAT_64BIT: u32 = 0x80;
+const RO_COMPAT_SPARSE_SUPER: u32 = 0x1;
+const RO_COMPAT_HUGE_FILE: u32 = 0x8;
+
+const FL_HUGE_FILE: u32 = 0x4_0000;
+const FL_EXTENTS: u32 = 0x8_0000;
+const FL_EA_INODE: u32 = 0x20_0000;
+const FL_INLINE_DATA: u32 = 0x1000_0000;
+const FL_ENCRYPT: u32 = 0x800;
+
+type DirList = Arc<Vec<(Vec<u8>, u64, FileKind)>>;
+/// (name index, name without prefix, value) as stored.
+type RawXattr = (u8, Vec<u8>, Vec<u8>);
+
+pub struct Ext4Fs {
+    dev: Dev,
+    bs: u64,
+    blocks: u64,
+    inodes: u64,
+    inodes_per_group: u64,
+    inode_size: u64,
+    ro_compat: u32,
+    /// Inode table's first block per group.
+    inode_tables: Vec<u64>,
+    /// Blocks replaced by the journal replay.
+    replaced: HashMap<u64, journal::Replaced>,
+    label: String,
+    kind: &'static str,
+    note: String,
+    dirs: Mutex<HashMap<u64, DirList>>,
+}
+
+/// An inode's on-disk bytes, decoded on demand.
+struct Inode {
+    ino: u64,
+    raw: Vec<u8>,
+}
+
+impl Inode {
+    fn mode(&self) -> u16 {
+        le16(&self.raw, 0)
+    }
+    fn flags(&self) -> u32 {
+        le32(&self.raw, 0x20)
+    }
+    fn size(&self) -> u64 {
+        u64::from(le32(&self.raw, 0x4)) | (u64::from(le32(&self.raw, 0x6C)) << 32)
+    }
+    fn i_block(&self) -> &[u8] {
+        sub(&self.raw, 0x28, 60)
+    }
+    fn file_acl(&self) -> u64 {
+        u64::from(le32(&self.raw, 0x68)) | (u64::from(le16(&self.raw, 0x76)) << 32)
+    }
+    fn extra_isize(&self) -> usize {
+        if self.raw.len() > 128 {
+            usize::from(le16(&self.raw, 0x80))
+        } else {
+            0
+        }
+    }
+    /// A timestamp: seconds at `lo`, the `_extra` word (epoch bits + nanoseconds) at `extra`.
+    fn time(&self, lo: usize, extra: usize) -> std::time::SystemTime {
+        let secs = i64::from(le32(&self.raw, lo) as i32);
+        let (secs, nanos) = if 128 + self.extra_isize() >= extra + 4 && self.raw.len() >= extra + 4
+        {
+            let x = le32(&self.raw, extra);
+            (secs + (i64::from(x & 3) << 32), x >> 2)
+        } else {
+            (secs, 0)
+        };
+        unix_time(secs, nanos)
+    }
+    fn kind(&self) -> Option<FileKind> {
+        Some(match self.mode() & 0xF000 {
+            0x4000 => FileKind::Dir,
+            0x8000 => FileKind::File,
+            0xA000 => FileKind::Symlink,
+            0x1000 => FileKind::Fifo,
+            0xC000 => FileKind::Socket,
+            0x2000 => FileKind::CharDev,
+            0x6000 => FileKind::BlockDev,
+            _ => return None,
+        })
+    }
+}
+
+fn kind_from_dirent(t: u8) -> Option<FileKind> {
+    Some(match t {
+        1 => FileKind::File,
+        2 => FileKind::Dir,
+        3 => FileKind::CharDev,
+        4 => FileKind::BlockDev,
+        5 => FileKind::Fifo,
+        6 => FileKind::Socket,
+        7 => FileKind::Symlink,
+        _ => return None,
+    })
+}
+
+/// A run of a file's blocks: logical start, physical start (0 = hole), length, uninitialized.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    logical: u64,
+    physical: u64,
+    len: u64,
+    uninit: bool,
+}
+
+impl Ext4Fs {
+    pub fn open(dev: Dev) -> Result<Ext4Fs> {
+        let sb = dev.read_vec(1024, 1024)?;
+        let c = |what: &str| dev.corrupt(1024, format!("ext4 superblock: {what}"));
+        if le16(&sb, 56) != 0xEF53 {
+            return Err(c("bad magic"));
+        }
+        let log_bs = le32(&sb, 24);
+        if log_bs > 6 {
+            return Err(c("block size"));
+        }
+        let bs = 1024u64 << log_bs;
+        let incompat = le32(&sb, 0x60);
+        let ro_compat = le32(&sb, 0x64);
+        let compat = le32(&sb, 0x5C);
+        let blocks = u64::from(le32(&sb, 4))
+            | if incompat & INCOMPAT_64BIT != 0 {
+                u64::from(le32(&sb, 0x150)) << 32
+            } else {
+                0
+            };
+        let inodes = u64::from(le32(&sb, 0));
+        let blocks_per_group = u64::from(le32(&sb, 32));
+        let inodes_per_group = u64::from(le32(&sb, 40));
+        let first_data_block = u64::from(le32(&sb, 20));
+        let rev = le32(&sb, 76);
+        let inode_size = if rev == 0 {
+            128
+        } else {
+            u64::from(le16(&sb, 88))
+        };
+        if blocks_per_group == 0 || inodes_per_group == 0 || inodes == 0 {
+            return Err(c("zero group size"));
+        }
+        if !(128..=bs).contains(&inode_size) || !inode_size.is_power_of_two() {
+            return Err(c("inode size"));
+        }
+        if blocks.checked_mul(bs).is_none_or(|b| b > dev.len()) {
+            tracing::warn!(
+                part = dev.name(),
+                "ext4 block count exceeds the partition; reads past its end will fail"
+            );
+        }
+        let groups = blocks
+            .saturating_sub(first_data_block)
+            .div_ceil(blocks_per_group);
+        if groups == 0
+            || groups > (1 << 24)
+            || groups
+                .checked_mul(inodes_per_group)
+                .is_none_or(|n| n < inodes)
+        {
+            return Err(c("group count"));
+        }
+        let desc_size = if incompat & INCOMPAT_64BIT != 0 {
+            u64::from(le16(&sb, 0xFE)).max(32)
+        } else {
+            32
+        };
+        if desc_size > bs || !desc_size.is_power_of_two() {
+            return Err(c("descriptor size"));
+        }
+        let label_raw = sub(&sb, 0x78, 16);
+        let label_end = label_raw
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(label_raw.len());
+        let label = String::from_utf8_lossy(&label_raw[..label_end]).into_owned();
+        let kind = if incompat & 0x40 != 0 || incompat & INCOMPAT_64BIT != 0 || ro_compat & 0x8 != 0
+        {
+            "ext4"
+        } else if compat & 0x4 != 0 {
+            "ext3"
+        } else {
+            "ext2"
+        };
+
+        let mut fs = Ext4Fs {
+            dev,
+            bs,
+            blocks,
+            inodes,
+            inodes_per_group,
+            inode_size,
+            ro_compat,
+            inode_tables: Vec::new(),
+            replaced: HashMap::new(),
+            label,
+            kind,
+            note: String::new(),
+            dirs: Mutex::new(HashMap::new()),
+        };
+        let layout = GdtLayout {
+            groups,
+            desc_size,
+            first_data_block,
+            blocks_per_group,
+            incompat,
+            ro_compat,
+            first_meta_bg: u64::from(le32(&sb, 0x104)),
+        };
+        fs.inode_tables = fs.read_gdt(&layout)?;
+
+        // Journal: replay in memory when the filesystem was not cleanly unmounted.
+        let journal_inum = u64::from(le32(&sb, 0xE0));
+        if incompat & INCOMPAT_RECOVER != 0 {
+            if incompat & INCOMPAT_JOURNAL_DEV != 0 || journal_inum == 0 {
+                fs.note = "needs recovery from an external journal: read without replay".into();
+                tracing::warn!(
+                    part = fs.dev.name(),
+                    "ext4 has an external journal; not replayed"
+                );
+            } else {
+                match fs.replay(journal_inum) {
+                    Ok(n) => {
+                        fs.note = format!("journal replayed in memory ({n} transactions)");
+                        tracing::info!(
+                            part = fs.dev.name(),
+                            transactions = n,
+                            "ext4 journal replayed in memory"
+                        );
+                        // Group descriptors may be among the replaced blocks.
+                        fs.inode_tables = fs.read_gdt(&layout)?;
+                    }
+                    Err(e) => {
+                        fs.note = format!("journal unreadable ({e}): read without replay");
+                        tracing::warn!(part = fs.dev.name(), error = %e, "ext4 journal not replayed");
+                    }
+                }
+            }
+        }
+        if fs.inode_tables.len() as u64 * fs.inodes_per_group < fs.inodes {
+            return Err(fs.dev.corrupt(1024, "ext4: fewer groups than inodes need"));
+        }
+        let root = fs.inode(ROOT)?;
+        if root.kind() != Some(FileKind::Dir) {
+            return Err(fs.dev.corrupt(0, "ext4: root inode is not a directory"));
+        }
+        Ok(fs)
+    }
+
+    fn read_gdt(&self, l: &GdtLayout) -> Result<Vec<u64>> {
+        let per_block = self.bs / l.desc_size;
+        let gdt_blocks = l.groups.div_ceil(per_block);
+        let mut tables = Vec::with_capacity(l.groups as usize);
+        for gb in 0..gdt_blocks {
+            let block = if l.incompat & INCOMPAT_META_BG != 0 && gb >= l.first_meta_bg {
+                // meta_bg: the descriptors of a metagroup live in its first group.
+                let g = gb * per_block;
+                l.first_data_block + g * l.blocks_per_group + u64::from(l.has_super(g))
+            } else {
+                l.first_data_block + 1 + gb
+            };
+            let b = self.block(block)?;
+            for i in 0..per_block {
+                if tables.len() as u64 >= l.groups {
+                    break;
+                }
+                let d = sub(&b, (i * l.desc_size) as usize, l.desc_size as usize);
+                let mut t = u64::from(le32(d, 8));
+                if l.desc_size >= 64 {
+                    t |= u64::from(le32(d, 0x28)) << 32;
+                }
+                tables.push(t);
+            }
+        }
+        Ok(tables)
+    }
+
+    fn replay(&mut self, journal_inum: u64) -> Result<u32> {
+        let ji = self.inode(journal_inum)?;
+        let len = ji.size() / self.bs;
+        let runs = self.runs(&ji, 0, len.min(1 << 24))?;
+        let jb = JournalReader { fs: self, runs };
+        match journal::replay(&jb, len)? {
+            Some(r) => {
+                let n = r.transactions;
+                self.replaced = r.map;
+                Ok(n)
+            }
+            None => Ok(0),
+        }
+    }
+
+    /// One filesystem block, through the journal replay map.
+    fn block(&self, n: u64) -> Result<Vec<u8>> {
+        if n >= self.blocks {
+            return Err(self.dev.corrupt(
+                n.saturating_mul(self.bs),
+                format!("ext4 block {n} past the end"),
+            ));
+        }
+        let (phys, escaped) = match self.replaced.get(&n) {
+            Some(r) => (r.block, r.escaped),
+            None => (n, false),
+        };
+        let mut b = self.raw_block(phys)?;
+        if escaped {
+            journal::unescape(&mut b);
+        }
+        Ok(b)
+    }
+
+    fn raw_block(&self, n: u64) -> Result<Vec<u8>> {
+        let off = n
+            .checked_mul(self.bs)
+            .ok_or_else(|| self.dev.corrupt(0, format!("ext4 block {n} overflows")))?;
+        self.dev.read_vec(off, self.bs as usize)
+    }
+
+    fn inode(&self, ino: u64) -> Result<Inode> {
+        if ino == 0 || ino > self.inodes {
+            return Err(self
+                .dev
+                .corrupt(0, format!("ext4 inode number {ino} out of range")));
+        }
+        let idx = ino - 1;
+        let group = (idx / self.inodes_per_group) as usize;
+        let table = *self.inode_tables.get(group).ok_or_else(|| {
+            self.dev
+                .corrupt(0, format!("ext4 inode {ino}: no group {group}"))
+        })?;
+        let byte = (idx % self.inodes_per_group) * self.inode_size;
+        let block = table
+            .checked_add(byte / self.bs)
+            .ok_or_else(|| self.dev.corrupt(0, "ext4 inode table overflows"))?;
+        let b = self.block(block)?;
+        let start = (byte % self.bs) as usize;
+        let raw = sub(&b, start, self.inode_size as usize).to_vec();
+        if raw.len() < 128 {
+            return Err(self
+                .dev
+                .corrupt(block * self.bs, format!("ext4 inode {ino} truncated")));
+        }
+        Ok(Inode { ino, raw })
+    }
+
+    fn corrupt_ino(&self, ino: u64, what: impl std::fmt::Display) -> Error {
+        self.dev.corrupt(0, format!("ext4 inode {ino}: {what}"))
+    }
+
+    /// The block runs of an inode covering logical blocks `[from, from + count)`, in order,
+    /// holes included as runs with physical 0.
+    fn runs(&self, inode: &Inode, from: u64, count: u64) -> Result<Vec<Run>> {
+        let mut out = Vec::new();
+        if count == 0 {
+            return Ok(out);
+        }
+        if inode.flags() & FL_EXTENTS != 0 {
+            let mut budget = 1u32 << 20;
+            self.extent_runs(
+                inode,
+                inode.i_block(),
+                from,
+                from.saturating_add(count),
+                None,
+                &mut out,
+                &mut budget,
+            )?;
+        } else {
+            self.map_runs(inode, from, count, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn extent_runs(
+        &self,
+        inode: &Inode,
+        node: &[u8],
+        from: u64,
+        to: u64,
+        want_depth: Option<u16>,
+        out: &mut Vec<Run>,
+        budget: &mut u32,
+    ) -> Result<()> {
+        if le16(node, 0) != 0xF30A {
+            return Err(self.corrupt_ino(inode.ino, "bad extent header"));
+        }
+        let entries = usize::from(le16(node, 2));
+        let depth = le16(node, 6);
+        if depth > MAX_EXTENT_DEPTH || want_depth.is_some_and(|d| d != depth) {
+            return Err(self.corrupt_ino(inode.ino, "bad extent tree depth"));
+        }
+        if 12 + entries * 12 > node.len() {
+            return Err(self.corrupt_ino(inode.ino, "too many extents in a node"));
+        }
+        for i in 0..entries {
+            *budget = budget
+                .checked_sub(1)
+                .ok_or_else(|| self.corrupt_ino(inode.ino, "extent tree too large"))?;
+            let e = sub(node, 12 + i * 12, 12);
+            let start = u64::from(le32(e, 0));
+            if depth == 0 {
+                let raw_len = u64::from(le16(e, 4));
+                let (len, uninit) = if raw_len > 32768 {
+                    (raw_len - 32768, true)
+                } else {
+                    (raw_len, false)
+                };
+                let phys = (u64::from(le16(e, 6)) << 32) | u64::from(le32(e, 8));
+                let end = start + len;
+                if end <= from || start >= to {
+                    continue;
+                }
+                if phys.checked_add(len).is_none_or(|p| p > self.blocks) {
+                    return Err(self.corrupt_ino(
+                        inode.ino,
+                        format!("extent past the end of the filesystem (block {phys})"),
+                    ));
+                }
+                let s = start.max(from);
+                let e_ = end.min(to);
+                out.push(Run {
+                    logical: s,
+                    physical: phys + (s - start),
+                    len: e_ - s,
+                    uninit,
+                });
+            } else {
+                let next_start = if i + 1 < entries {
+                    u64::from(le32(node, 12 + (i + 1) * 12))
+                } else {
+                    u64::MAX
+                };
+                if next_start <= from || start >= to {
+                    continue;
+                }
+                let leaf = (u64::from(le16(e, 8)) << 32) | u64::from(le32(e, 4));
+                let child = self.block(leaf)?;
+                self.extent_runs(inode, &child, from, to, Some(depth - 1), out, budget)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// ext2/3 block maps: 12 direct pointers, then single, double and triple indirect blocks.
+    /// Zero pointers skip the whole subtree they cover; a budget bounds corrupt trees.
+    fn map_runs(&self, inode: &Inode, from: u64, count: u64, out: &mut Vec<Run>) -> Result<()> {
+        let per = self.bs / 4;
+        let ib = inode.i_block();
+        let to = from.saturating_add(count);
+        let mut budget = 1u64 << 24;
+        for i in 0..12u64 {
+            let p = u64::from(le32(ib, (i * 4) as usize));
+            self.map_leaf(inode, i, p, from, to, out)?;
+        }
+        let mut base = 12u64;
+        let mut span = per;
+        for (level, slot) in [(1u32, 48usize), (2, 52), (3, 56)] {
+            let p = u64::from(le32(ib, slot));
+            self.map_tree(inode, level, p, base, span, from, to, out, &mut budget)?;
+            base += span;
+            span = span.saturating_mul(per);
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn map_tree(
+        &self,
+        inode: &Inode,
+        level: u32,
+        block: u64,
+        base: u64,
+        span: u64,
+        from: u64,
+        to: u64,
+        out: &mut Vec<Run>,
+        budget: &mut u64,
+    ) -> Result<()> {
+        if block == 0 || base >= to || base.saturating_add(span) <= from {
+            return Ok(());
+        }
+        let b = self.block(block)?;
+        let per = self.bs / 4;
+        let child_span = span / per;
+        for i in 0..per {
+            *budget = budget
+                .checked_sub(1)
+                .ok_or_else(|| self.corrupt_ino(inode.ino, "block map too large"))?;
+            let p = u64::from(le32(&b, (i * 4) as usize));
+            let cbase = base + i * child_span;
+            if cbase >= to {
+                break;
+            }
+            if level == 1 {
+                self.map_leaf(inode, cbase, p, from, to, out)?;
+            } else {
+                self.map_tree(
+                    inode,
+                    level - 1,
+                    p,
+                    cbase,
+                    child_span,
+                    from,
+                    to,
+                    out,
+                    budget,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn map_leaf(
+        &self,
+        inode: &Inode,
+        lblk: u64,
+        phys: u64,
+        from: u64,
+        to: u64,
+        out: &mut Vec<Run>,
+    ) -> Result<()> {
+        if lblk < from || lblk >= to || phys == 0 {
+            return Ok(());
+        }
+        if phys >= self.blocks {
+            return Err(self.corrupt_ino(inode.ino, format!("block pointer {phys} past the end")));
+        }
+        match out.last_mut() {
+            Some(r) if r.logical + r.len == lblk && r.physical + r.len == phys => r.len += 1,
+            _ => out.push(Run {
+                logical: lblk,
+                physical: phys,
+                len: 1,
+                uninit: false,
+            }),
+        }
+        Ok(())
+    }
+
+    /// Bytes `[offset, offset+buf.len())` of an inode's data (extents, block map or inline).
+    fn read_data(&self, inode: &Inode, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let size = inode.size();
+        if offset >= size {
+            return Ok(0);
+        }
+        let want = (buf.len() as u64).min(size - offset) as usize;
+        let buf = &mut buf[..want];
+        if inode.flags() & FL_INLINE_DATA != 0 {
+            let data = self.inline_data(inode)?;
+            buf.fill(0);
+            let start = offset as usize;
+            if start < data.len() {
+                let n = (data.len() - start).min(want);
+                buf[..n].copy_from_slice(&data[start..start + n]);
+            }
+            return Ok(want);
+        }
+        let first = offset / self.bs;
+        let last = (offset + want as u64 - 1) / self.bs;
+        let runs = self.runs(inode, first, last - first + 1)?;
+        buf.fill(0);
+        for r in runs {
+            if r.physical == 0 || r.uninit {
+                continue;
+            }
+            for k in 0..r.len {
+                let lblk = r.logical + k;
+                let blk_off = lblk * self.bs;
+                let b = self.block(r.physical + k)?;
+                let s = blk_off.max(offset);
+                let e = (blk_off + self.bs).min(offset + want as u64);
+                if s >= e {
+                    continue;
+                }
+                let src = sub(&b, (s - blk_off) as usize, (e - s) as usize);
+                if let Some(dst) = buf.get_mut((s - offset) as usize..(e - offset) as usize) {
+                    if dst.len() == src.len() {
+                        dst.copy_from_slice(src);
+                    }
+                }
+            }
+        }
+        Ok(want)
+    }
+
+    /// Inline data: the 60 bytes of i_block, continued in the `system.data` xattr.
+    fn inline_data(&self, inode: &Inode) -> Result<Vec<u8>> {
+        let mut d = inode.i_block().to_vec();
+        for (idx, name, value) in self.raw_xattrs(inode)? {
+            if idx == 7 && name == b"data" {
+                d.extend_from_slice(&value);
+            }
+        }
+        d.truncate(inode.size() as usize);
+        Ok(d)
+    }
+
+    fn dir_entries(&self, ino: u64) -> Result<DirList> {
+        if let Ok(c) = self.dirs.lock() {
+            if let Some(d) = c.get(&ino) {
+                return Ok(d.clone());
+            }
+        }
+        let inode = self.inode(ino)?;
+        if inode.kind() != Some(FileKind::Dir) {
+            return Err(Error::NotDir(format!("ext4 inode {ino}")));
+        }
+        let mut out = Vec::new();
+        if inode.flags() & FL_INLINE_DATA != 0 {
+            let data = self.inline_data(&inode)?;
+            // First 4 bytes: the parent's inode number; then entries, in i_block and system.data.
+            let ib_end = data.len().min(60);
+            self.parse_dirents(ino, sub(&data, 4, ib_end.saturating_sub(4)), &mut out, true)?;
+            if data.len() > 60 {
+                self.parse_dirents(ino, &data[60..], &mut out, true)?;
+            }
+        } else {
+            let size = inode.size();
+            if size > MAX_DIR_BYTES {
+                return Err(self.corrupt_ino(ino, "directory too large"));
+            }
+            let nblocks = size.div_ceil(self.bs);
+            for r in self.runs(&inode, 0, nblocks)? {
+                if r.physical == 0 || r.uninit {
+                    continue;
+                }
+                for k in 0..r.len {
+                    let b = self.block(r.physical + k)?;
+                    self.parse_dirents(ino, &b, &mut out, false)?;
+                }
+            }
+        }
+        let list = Arc::new(out);
+        if let Ok(mut c) = self.dirs.lock() {
+            if c.len() >= DIR_CACHE {
+                c.clear();
+            }
+            c.insert(ino, list.clone());
+        }
+        Ok(list)
+    }
+
+    fn parse_dirents(
+        &self,
+        dir: u64,
+        b: &[u8],
+        out: &mut Vec<(Vec<u8>, u64, FileKind)>,
+        inline: bool,
+    ) -> Result<()> {
+        let mut off = 0usize;
+        while off + 8 <= b.len() {
+            let ino = u64::from(le32(b, off));
+            let rec_len = usize::from(le16(b, off + 4));
+            let name_len = usize::from(u8at(b, off + 6));
+            let ftype = u8at(b, off + 7);
+            if rec_len < 8 || off + rec_len > b.len() || 8 + name_len > rec_len {
+                if inline && ino == 0 && rec_len == 0 {
+                    break;
+                }
+                return Err(self.corrupt_ino(dir, format!("bad directory entry at byte {off}")));
+            }
+            let name = sub(b, off + 8, name_len);
+            if ino != 0 && name != b"." && name != b".." && !name.is_empty() {
+                if ino > self.inodes {
+                    return Err(
+                        self.corrupt_ino(dir, "directory entry points past the inode table")
+                    );
+                }
+                if ino == dir || ino == ROOT {
+                    tracing::warn!(dir, name = %String::from_utf8_lossy(name), "ext4 directory entry loops back; hidden");
+                } else {
+                    let kind = match kind_from_dirent(ftype) {
+                        Some(k) => k,
+                        None => self.inode(ino)?.kind().unwrap_or(FileKind::File),
+                    };
+                    out.push((name.to_vec(), ino, kind));
+                }
+            }
+            off += rec_len;
+        }
+        Ok(())
+    }
+
+    /// The parent recorded in a directory's `..` entry.
+    fn dotdot(&self, ino: u64) -> Result<u64> {
+        let inode = self.inode(ino)?;
+        if inode.flags() & FL_INLINE_DATA != 0 {
+            return Ok(u64::from(le32(inode.i_block(), 0)));
+        }
+        let runs = self.runs(&inode, 0, 1)?;
+        let r = runs
+            .first()
+            .filter(|r| r.physical != 0)
+            .ok_or_else(|| self.corrupt_ino(ino, "directory without a first block"))?;
+        let b = self.block(r.physical)?;
+        // "." then "..".
+        let first_len = usize::from(le16(&b, 4));
+        Ok(u64::from(le32(&b, first_len)))
+    }
+
+    /// (name index, name, value) of every xattr, in the inode then in the xattr block.
+    fn raw_xattrs(&self, inode: &Inode) -> Result<Vec<RawXattr>> {
+        let mut out = Vec::new();
+        let start = 128 + inode.extra_isize();
+        if inode.raw.len() > start + 4 && le32(&inode.raw, start) == 0xEA02_0000 {
+            let region = &inode.raw[start + 4..];
+            self.parse_xattr_entries(inode, region, region, &mut out)?;
+        }
+        let acl = inode.file_acl();
+        if acl != 0 {
+            let b = self.block(acl)?;
+            if le32(&b, 0) != 0xEA02_0000 {
+                return Err(self.corrupt_ino(inode.ino, "xattr block has a bad magic"));
+            }
+            self.parse_xattr_entries(inode, b.get(32..).unwrap_or(&[]), &b, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn parse_xattr_entries(
+        &self,
+        inode: &Inode,
+        entries: &[u8],
+        values: &[u8],
+        out: &mut Vec<RawXattr>,
+    ) -> Result<()> {
+        let mut off = 0usize;
+        while off + 16 <= entries.len() && le32(entries, off) != 0 {
+            let name_len = usize::from(u8at(entries, off));
+            let idx = u8at(entries, off + 1);
+            let voff = usize::from(le16(entries, off + 2));
+            let vinum = u64::from(le32(entries, off + 4));
+            let vsize = le32(entries, off + 8) as usize;
+            let name = sub(entries, off + 16, name_len);
+            if name.len() != name_len {
+                return Err(self.corrupt_ino(inode.ino, "xattr name past its region"));
+            }
+            let value = if vinum != 0 {
+                let vi = self.inode(vinum)?;
+                // An EA inode never has inline data: that would recurse into xattrs again.
+                if vi.flags() & FL_EA_INODE == 0
+                    || vi.flags() & FL_INLINE_DATA != 0
+                    || vsize as u64 > MAX_VALUE
+                {
+                    return Err(self.corrupt_ino(inode.ino, "bad xattr value inode"));
+                }
+                let mut v = vec![0u8; vsize];
+                let n = self.read_data(&vi, 0, &mut v)?;
+                v.truncate(n);
+                v
+            } else {
+                let v = sub(values, voff, vsize);
+                if v.len() != vsize {
+                    return Err(self.corrupt_ino(inode.ino, "xattr value past its region"));
+                }
+                v.to_vec()
+            };
+            out.push((idx, name.to_vec(), value));
+            off += (16 + name_len).div_ceil(4) * 4;
+        }
+        Ok(())
+    }
+
+    fn stat_inode(&self, inode: &Inode) -> Result<FileStat> {
+        let r = &inode.raw;
+        let kind = inode.kind().ok_or_else(|| {
+            self.corrupt_ino(inode.ino, format!("unknown file type {:#o}", inode.mode()))
+        })?;
+        let blocks = u64::from(le32(r, 0x1C)) | (u64::from(le16(r, 0x74)) << 32);
+        let allocated =
+            if self.ro_compat & RO_COMPAT_HUGE_FILE != 0 && inode.flags() & FL_HUGE_FILE != 0 {
+                blocks.saturating_mul(self.bs)
+            } else {
+                blocks.saturating_mul(512)
+            };
+        let rdev = if matches!(kind, FileKind::CharDev | FileKind::BlockDev) {
+            let ib = inode.i_block();
+            let old = le32(ib, 0);
+            if old != 0 {
+                let (major, minor) = ((old >> 8) & 0xff, old & 0xff);
+                (minor & 0xff) | (major << 8)
+            } else {
+                le32(ib, 4)
+            }
+        } else {
+            0
+        };
+        let btime =
+            (128 + inode.extra_isize() >= 0x98 && r.len() >= 0x98).then(|| inode.time(0x90, 0x94));
+        Ok(FileStat {
+            ino: inode.ino,
+            kind,
+            perm: inode.mode() & 0o7777,
+            uid: u32::from(le16(r, 2)) | (u32::from(le16(r, 0x78)) << 16),
+            gid: u32::from(le16(r, 0x18)) | (u32::from(le16(r, 0x7A)) << 16),
+            size: inode.size(),
+            allocated,
+            nlink: u32::from(le16(r, 0x1A)),
+            rdev,
+            atime: inode.time(0x8, 0x8C),
+            mtime: inode.time(0x10, 0x88),
+            ctime: inode.time(0xC, 0x84),
+            btime,
+        })
+    }
+}
+
+struct GdtLayout {
+    groups: u64,
+    desc_size: u64,
+    first_data_block: u64,
+    blocks_per_group: u64,
+    incompat: u32,
+    ro_compat: u32,
+    first_meta_bg: u64,
+}
+
+impl GdtLayout {
+    /// Whether group `g` carries a superblock backup (sparse_super: 0, 1, powers of 3, 5, 7).
+    fn has_super(&self, g: u64) -> bool {
+        if self.ro_compat & RO_COMPAT_SPARSE_SUPER == 0 || g <= 1 {
+            return true;
+        }
+        [3u64, 5, 7].iter().any(|&p| {
+            let mut x = p;
+            while x < g {
+                x *= p;
+            }
+            x == g
+        })
+    }
+}
+
+struct JournalReader<'a> {
+    fs: &'a Ext4Fs,
+    runs: Vec<Run>,
+}
+
+impl journal::JournalBlocks for JournalReader<'_> {
+    fn block_size(&self) -> usize {
+        self.fs.bs as usize
+    }
+    fn physical(&self, n: u64) -> Result<u64> {
+        self.runs
+            .iter()
+            .find(|r| n >= r.logical && n < r.logical + r.len && r.physical != 0)
+            .map(|r| r.physical + (n - r.logical))
+            .ok_or_else(|| {
+                self.fs
+                    .dev
+                    .corrupt(0, format!("ext4 journal block {n} unmapped"))
+            })
+    }
+    fn read(&self, n: u64) -> Result<Vec<u8>> {
+        self.fs.raw_block(self.physical(n)?)
+    }
+}
+
+/// ext4 ACLs are stored in a compact form; Linux shows the `posix_acl_xattr` form (version 2,
+/// 8-byte entries with id 0xFFFFFFFF for the owner/group/mask/other entries).
+fn acl_to_xattr(v: &[u8]) -> Option<Vec<u8>> {
+    if le32(v, 0) != 1 {
+        return None;
+    }
+    let mut out = 2u32.to_le_bytes().to_vec();
+    let mut off = 4;
+    while off + 4 <= v.len() {
+        let tag = le16(v, off);
+        let perm = le16(v, off + 2);
+        let (id, step) = match tag {
+            2 | 8 => (le32(v, off + 4), 8),
+            1 | 4 | 0x10 | 0x20 => (u32::MAX, 4),
+            _ => return None,
+        };
+        if off + step > v.len() {
+            return None;
+        }
+        out.extend_from_slice(&tag.to_le_bytes());
+        out.extend_from_slice(&perm.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+        off += step;
+    }
+    Some(out)
+}
+
+impl GuestFs for Ext4Fs {
+    fn root(&self) -> u64 {
+        ROOT
+    }
+
+    fn stat(&self, ino: u64) -> Result<FileStat> {
+        let inode = self.inode(ino)?;
+        self.stat_inode(&inode)
+    }
+
+    fn lookup(&self, dir: u64, name: &[u8]) -> Result<FileStat> {
+        let list = self.dir_entries(dir)?;
+        let (_, ino, _) = list
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .ok_or_else(|| Error::NotFound(String::from_utf8_lossy(name).into_owned()))?;
+        let st = self.stat(*ino)?;
+        // Directories have exactly one parent: a child whose `..` disagrees is a loop or damage.
+        if st.kind == FileKind::Dir && self.dotdot(*ino)? != dir {
+            return Err(self.corrupt_ino(*ino, format!("directory's .. is not its parent {dir}")));
+        }
+        Ok(st)
+    }
+
+    fn readdir(&self, dir: u64) -> Result<Vec<(Vec<u8>, u64, FileKind)>> {
+        Ok(self.dir_entries(dir)?.as_ref().clone())
+    }
+
+    fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let inode = self.inode(ino)?;
+        match inode.kind() {
+            Some(FileKind::File) => {}
+            Some(FileKind::Dir) => return Err(Error::IsDir(format!("ext4 inode {ino}"))),
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "ext4 inode {ino} is not a regular file"
+                )))
+            }
+        }
+        if inode.flags() & FL_ENCRYPT != 0 {
+            return Err(Error::NotSupported(format!(
+                "ext4 inode {ino} is encrypted"
+            )));
+        }
+        self.read_data(&inode, offset, buf)
+    }
+
+    fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let inode = self.inode(ino)?;
+        if inode.kind() != Some(FileKind::Symlink) {
+            return Err(Error::Invalid(format!("ext4 inode {ino} is not a symlink")));
+        }
+        let size = inode.size();
+        if size > MAX_VALUE {
+            return Err(self.corrupt_ino(ino, "symlink too long"));
+        }
+        let blocks = u64::from(le32(&inode.raw, 0x1C));
+        let ea_blocks = if inode.file_acl() != 0 {
+            self.bs / 512
+        } else {
+            0
+        };
+        let fast = inode.flags() & (FL_EXTENTS | FL_INLINE_DATA) == 0 && blocks <= ea_blocks;
+        if fast {
+            if size > 60 {
+                return Err(self.corrupt_ino(ino, "fast symlink longer than 60 bytes"));
+            }
+            return Ok(sub(inode.i_block(), 0, size as usize).to_vec());
+        }
+        let mut v = vec![0u8; size as usize];
+        let n = self.read_data(&inode, 0, &mut v)?;
+        v.truncate(n);
+        Ok(v)
+    }
+
+    fn xattrs(&self, ino: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let inode = self.inode(ino)?;
+        let mut out = Vec::new();
+        for (idx, name, value) in self.raw_xattrs(&inode)? {
+            let prefix: &[u8] = match idx {
+                1 => b"user.",
+                2 | 3 => {
+                    let full: &[u8] = if idx == 2 {
+                        b"system.posix_acl_access"
+                    } else {
+                        b"system.posix_acl_default"
+                    };
+                    if let Some(v) = acl_to_xattr(&value) {
+                        out.push((full.to_vec(), v));
+                    } else {
+                        tracing::warn!(ino, "ext4 ACL in an unknown format; hidden");
+                    }
+                    continue;
+                }
+                4 => b"trusted.",
+                6 => b"security.",
+                _ => continue,
+            };
+            let mut n = prefix.to_vec();
+            n.extend_from_slice(&name);
+            out.push((n, value));
+        }
+        Ok(out)
+    }
+
+    fn data_ranges(&self, ino: u64) -> Result<Option<Vec<(u64, u64)>>> {
+        let inode = self.inode(ino)?;
+        if inode.kind() != Some(FileKind::File) || inode.flags() & FL_INLINE_DATA != 0 {
+            return Ok(None);
+        }
+        let size = inode.size();
+        let nblocks = size.div_ceil(self.bs);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for r in self.runs(&inode, 0, nblocks)? {
+            if r.physical == 0 || r.uninit {
+                continue;
+            }
+            let s = r.logical * self.bs;
+            let e = ((r.logical + r.len) * self.bs).min(size);
+            if e <= s {
+                continue;
+            }
+            match out.last_mut() {
+                Some(last) if last.0 + last.1 == s => last.1 += e - s,
+                _ => out.push((s, e - s)),
+            }
+        }
+        Ok(Some(out))
+    }
+
+    fn describe(&self) -> String {
+        let mut s = format!(
+            "{}, {}",
+            self.kind,
+            human_size(self.blocks.saturating_mul(self.bs))
+        );
+        if !self.label.is_empty() {
+            s.push_str(&format!(", label {}", self.label));
+        }
+        if !self.note.is_empty() {
+            s.push_str(&format!(", {}", self.note));
+        }
+        s
+    }
+}

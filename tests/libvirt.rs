@@ -1,0 +1,757 @@
+//! The `libvirt` provider against the real test bed (scripts/testbed, docs/testbed.md):
+//! real TCG guests with a GPT + ext4 data disk and a writer loop, through the real mount.
+//!
+//! Without a reachable test bed the tests print a skip message and pass, unless
+//! `SNAPFS_REQUIRE_TESTBED=1` (CI), where they fail. Tests take one lock: at most two
+//! guests (a source and its clone) run at a time.
+
+mod common;
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const URI: &str = "qemu:///system";
+const LIBVIRT_ARG: &str = "--libvirt=qemu:///system";
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn base() -> PathBuf {
+    PathBuf::from(
+        std::env::var("SNAPFS_TESTBED_DIR").unwrap_or_else(|_| "/var/lib/snapfs-testbed".into()),
+    )
+}
+
+fn scripts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/testbed")
+}
+
+/// Whether the test bed is there; panics when it is required and missing.
+fn testbed_ready(test: &str) -> bool {
+    let guest = base().join("guest");
+    let mut missing = Vec::new();
+    for f in ["vmlinuz", "initrd.img", "cmdline", "demo-disk.qcow2"] {
+        if !guest.join(f).exists() {
+            missing.push(format!("{} missing", guest.join(f).display()));
+        }
+    }
+    if !scripts().join("define-guest.sh").exists() {
+        missing.push("scripts/testbed missing".into());
+    }
+    let virsh = Command::new("virsh").args(["-c", URI, "version"]).output();
+    if !virsh.is_ok_and(|o| o.status.success()) {
+        missing.push(format!("libvirt at {URI} not reachable"));
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let why = missing.join("; ");
+    if std::env::var("SNAPFS_REQUIRE_TESTBED").as_deref() == Ok("1") {
+        panic!("test bed required (SNAPFS_REQUIRE_TESTBED=1) but not ready: {why} (run scripts/testbed/up.sh)");
+    }
+    // Straight to the stderr stream: the harness captures eprintln! of passing tests.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIP {test}: test bed not ready: {why} (scripts/testbed/up.sh brings it up)"
+    );
+    false
+}
+
+fn virsh(args: &[&str]) -> std::process::Output {
+    Command::new("virsh")
+        .args(["-q", "-c", URI])
+        .args(args)
+        .output()
+        .expect("run virsh")
+}
+
+fn script(name: &str, args: &[&str]) -> std::process::Output {
+    Command::new(scripts().join(name))
+        .args(args)
+        .env("LIBVIRT_DEFAULT_URI", URI)
+        .output()
+        .unwrap_or_else(|e| panic!("run {name}: {e}"))
+}
+
+fn script_ok(name: &str, args: &[&str]) -> String {
+    let o = script(name, args);
+    assert!(
+        o.status.success(),
+        "{name} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Destroy and undefine a domain we made, with its snapshot metadata and files.
+fn remove_domain(name: &str) {
+    let _ = virsh(&["destroy", name]);
+    let snaps = virsh(&["snapshot-list", name, "--name"]);
+    for s in String::from_utf8_lossy(&snaps.stdout).lines() {
+        if !s.trim().is_empty() {
+            let _ = virsh(&["snapshot-delete", name, s.trim(), "--metadata"]);
+        }
+    }
+    let _ = virsh(&["undefine", name, "--nvram"]);
+    let _ = virsh(&["undefine", name]);
+    let prefix = format!("{name}.");
+    if let Ok(rd) = fs::read_dir(base().join("images")) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+    let _ = fs::remove_file(base().join("run").join(format!("{name}.ctl")));
+    let _ = fs::remove_file(format!("/var/log/snapfs-testbed/{name}.console.log"));
+}
+
+/// A test guest `lv-…` of our own, removed on drop.
+struct Guest {
+    name: String,
+}
+
+impl Guest {
+    fn define(name: &str) -> Guest {
+        remove_domain(name);
+        let outdir = base().join("guest");
+        script_ok("define-guest.sh", &[name, outdir.to_str().unwrap()]);
+        Guest { name: name.into() }
+    }
+
+    fn start(&self) {
+        script_ok(
+            "define-guest.sh",
+            &[
+                "--start",
+                &self.name,
+                base().join("guest").to_str().unwrap(),
+            ],
+        );
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        script_ok("wait-agent.sh", &[&self.name, "120"]);
+        // The writer loop runs once /data is mounted; wait until it has written.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.writer_seq().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "writer of {} never started",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn uuid(&self) -> String {
+        let o = virsh(&["domuuid", &self.name]);
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+
+    /// The control port's status line (works without the agent).
+    fn status(&self) -> String {
+        script_ok("guest-ctl.sh", &[&self.name, "status"])
+    }
+
+    fn frozen(&self) -> bool {
+        self.status().contains("frozen=1")
+    }
+
+    /// Last sequence number of the guest's writer loop.
+    fn writer_seq(&self) -> Option<u64> {
+        let st = script("guest-ctl.sh", &[&self.name, "status"]);
+        let st = String::from_utf8_lossy(&st.stdout).into_owned();
+        let w = st
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("writer="))?;
+        w.split('/').next()?.parse().ok()
+    }
+
+    /// The writer keeps going: its sequence grows within `within`.
+    fn assert_writes_go_on(&self, within: Duration) {
+        let a = self.writer_seq().expect("writer seq");
+        let deadline = Instant::now() + within;
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            if self.writer_seq().is_some_and(|b| b > a) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: guest writer stuck at {a}",
+                self.name
+            );
+        }
+    }
+
+    fn exec(&self, cmd: &str) -> String {
+        script_ok("guest-exec.sh", &[&self.name, cmd, "20"])
+    }
+
+    fn agent(&self, json: &str) -> String {
+        let o = virsh(&["qemu-agent-command", &self.name, json, "--timeout", "10"]);
+        assert!(
+            o.status.success(),
+            "agent {json}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn state(&self) -> String {
+        String::from_utf8_lossy(&virsh(&["domstate", &self.name]).stdout)
+            .trim()
+            .to_string()
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        // Never leave a test guest frozen or paused agent behind, whatever happened.
+        let _ = script("guest-ctl.sh", &[&self.name, "agent-resume"]);
+        remove_domain(&self.name);
+    }
+}
+
+fn guest_name(tag: &str) -> String {
+    format!("lv-t{}-{tag}", std::process::id())
+}
+
+fn instance_dir(m: &Mount, name: &str) -> PathBuf {
+    m.mnt.join("instances").join(name)
+}
+
+fn snap_dir(m: &Mount, name: &str, snap: &str) -> PathBuf {
+    instance_dir(m, name).join(".snapshots").join(snap)
+}
+
+fn json(p: &Path) -> serde_json::Value {
+    let b = fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+    serde_json::from_slice(&b).unwrap_or_else(|e| panic!("parse {}: {e}", p.display()))
+}
+
+/// Wait until `ls instances` shows (or stops showing) `name`.
+fn wait_listed(m: &Mount, name: &str, listed: bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ls(&m.mnt.join("instances")).iter().any(|n| n == name) != listed {
+        assert!(
+            Instant::now() < deadline,
+            "instances/{name} listed={} expected",
+            !listed
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn read_at(f: &mut fs::File, off: u64, buf: &mut [u8]) {
+    use std::os::unix::fs::FileExt;
+    f.read_exact_at(buf, off).expect("read_at");
+}
+
+/// The ext4 `needs_recovery` flag (incompat 0x4) of partition 1 of a GPT disk image file.
+fn ext4_needs_recovery(disk: &Path) -> bool {
+    let mut f = fs::File::open(disk).expect("open disk");
+    let mut hdr = [0u8; 92];
+    read_at(&mut f, 512, &mut hdr);
+    assert_eq!(
+        &hdr[..8],
+        b"EFI PART",
+        "no GPT header in {}",
+        disk.display()
+    );
+    let entries_lba = u64::from_le_bytes(hdr[72..80].try_into().unwrap());
+    let mut entry = [0u8; 128];
+    read_at(&mut f, entries_lba * 512, &mut entry);
+    let first_lba = u64::from_le_bytes(entry[32..40].try_into().unwrap());
+    assert!(first_lba > 0, "partition 1 missing");
+    let mut sb = [0u8; 1024];
+    read_at(&mut f, first_lba * 512 + 1024, &mut sb);
+    assert_eq!(
+        u16::from_le_bytes([sb[56], sb[57]]),
+        0xEF53,
+        "no ext4 superblock"
+    );
+    let incompat = u32::from_le_bytes(sb[96..100].try_into().unwrap());
+    incompat & 0x4 != 0
+}
+
+fn digest(p: &Path) -> u64 {
+    use std::hash::Hasher;
+    let mut f = fs::File::open(p).expect("open");
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        h.write(&buf[..n]);
+    }
+    h.finish()
+}
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[test]
+fn mkdir_quiesced_while_guest_writes_and_bytes_stay() {
+    if !testbed_ready("mkdir_quiesced_while_guest_writes_and_bytes_stay") {
+        return;
+    }
+    let _one = lock();
+    let name = guest_name("q");
+    let m = Mount::with_providers(&[LIBVIRT_ARG]);
+    // A domain defined after the mount shows up (listing TTL 200 ms), running or not.
+    let g = Guest::define(&name);
+    wait_listed(&m, &name, true);
+    let info = json(&instance_dir(&m, &name).join("instance.json"));
+    assert_eq!(info["state"], "shut off");
+    assert_eq!(info["agent"], "not running");
+    // A shut-off domain: a disk-only snapshot without the agent; the guest then boots on
+    // the overlay it created.
+    fs::create_dir(snap_dir(&m, &name, "off")).expect("mkdir off (shut off)");
+    let sj = json(&snap_dir(&m, &name, "off").join("snapshot.json"));
+    assert_eq!(sj["quiesced"], false, "{sj}");
+    assert!(!ext4_needs_recovery(
+        &snap_dir(&m, &name, "off").join("vda.raw")
+    ));
+    // A name libvirt refuses ('/', written %2F in the tree) is EINVAL, not EIO.
+    assert_eq!(
+        errno(fs::create_dir(snap_dir(&m, &name, "a%2Fb"))),
+        libc::EINVAL
+    );
+    g.start();
+    let info = json(&instance_dir(&m, &name).join("instance.json"));
+    assert_eq!(info["state"], "running", "{info}");
+    assert_eq!(info["agent"], "reachable", "{info}");
+    assert_eq!(info["disks"][0]["target"], "vda");
+    assert_eq!(info["disks"][0]["format"], "qcow2");
+    assert_eq!(info["disks"][0]["size"], 64 << 20);
+    assert_eq!(info["uuid"], g.uuid().as_str());
+
+    // Quiesced snapshot while the writer loop runs.
+    std::thread::sleep(Duration::from_secs(1));
+    let t = Instant::now();
+    fs::create_dir(snap_dir(&m, &name, "s1")).expect("mkdir s1");
+    eprintln!("mkdir s1 (quiesced): {} ms", t.elapsed().as_millis());
+    assert!(!g.frozen(), "guest left frozen after mkdir");
+    assert!(fs::read_dir(m.state_dir().join("frozen"))
+        .unwrap()
+        .next()
+        .is_none());
+    let sj = json(&snap_dir(&m, &name, "s1").join("snapshot.json"));
+    assert_eq!(sj["quiesced"], true, "{sj}");
+    assert_eq!(sj["memory"], false);
+    assert_eq!(sj["disks"][0]["target"], "vda");
+    // (main's restore layer adds files/ next to these)
+    let entries = ls(&snap_dir(&m, &name, "s1"));
+    assert!(
+        entries.contains(&"snapshot.json".to_string()) && entries.contains(&"vda.raw".to_string()),
+        "{entries:?}"
+    );
+    let vda = snap_dir(&m, &name, "s1").join("vda.raw");
+    assert_eq!(fs::metadata(&vda).unwrap().len(), 64 << 20);
+    assert!(
+        !ext4_needs_recovery(&vda),
+        "quiesced snapshot's ext4 needs recovery"
+    );
+    // The fact survives in libvirt's own metadata.
+    let desc = virsh(&["snapshot-dumpxml", &name, "s1"]);
+    assert!(String::from_utf8_lossy(&desc.stdout).contains("snapfs: quiesced=true"));
+
+    // The snapshot's bytes do not change while the guest keeps writing to its overlay.
+    let before = digest(&vda);
+    g.exec("dd if=/dev/urandom of=/data/more bs=64k count=16 2>/dev/null && sync");
+    g.assert_writes_go_on(Duration::from_secs(5));
+    assert_eq!(digest(&vda), before, "snapshot bytes changed (same mount)");
+    m.unmount();
+    m.mount(&[LIBVIRT_ARG]);
+    assert_eq!(
+        digest(&vda),
+        before,
+        "snapshot bytes changed (fresh mount, no page cache)"
+    );
+
+    // Crash-consistent (--quiesce off) for comparison: recorded as such; report the flag.
+    m.unmount();
+    m.mount(&[LIBVIRT_ARG, "--quiesce", "off"]);
+    fs::create_dir(snap_dir(&m, &name, "c1")).expect("mkdir c1");
+    let sj = json(&snap_dir(&m, &name, "c1").join("snapshot.json"));
+    assert_eq!(sj["quiesced"], false);
+    let dirty = ext4_needs_recovery(&snap_dir(&m, &name, "c1").join("vda.raw"));
+    eprintln!("crash-consistent snapshot c1: ext4 needs_recovery = {dirty} (typically true)");
+
+    // Internal snapshots made by others (virsh without --disk-only) are listed and readable.
+    let o = virsh(&["snapshot-create-as", &name, "i1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        ls(&instance_dir(&m, &name).join(".snapshots")),
+        ["c1", "i1", "off", "s1"]
+    );
+    let sj = json(&snap_dir(&m, &name, "i1").join("snapshot.json"));
+    assert_eq!(sj["disks"][0]["kind"], "internal", "{sj}");
+    let img = sj["disks"][0]["source"].as_str().unwrap().to_string();
+    let reference = m.dir.path().join("i1.raw");
+    qemu_img(&[
+        "convert",
+        "-U",
+        "-O",
+        "raw",
+        "-l",
+        "snapshot.name=i1",
+        &img,
+        reference.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        first_difference(&snap_dir(&m, &name, "i1").join("vda.raw"), &reference),
+        None
+    );
+    fs::remove_file(&reference).unwrap();
+    fs::remove_dir(snap_dir(&m, &name, "i1")).expect("rmdir i1");
+
+    // rmdir (no dependents): gone at once; the guest still writes.
+    fs::remove_dir(snap_dir(&m, &name, "c1")).expect("rmdir c1");
+    fs::remove_dir(snap_dir(&m, &name, "s1")).expect("rmdir s1");
+    fs::remove_dir(snap_dir(&m, &name, "off")).expect("rmdir off");
+    assert!(ls(&instance_dir(&m, &name).join(".snapshots")).is_empty());
+    g.assert_writes_go_on(Duration::from_secs(5));
+    // Removed outside: gone from the tree.
+    drop(g);
+    wait_listed(&m, &name, false);
+}
+
+#[test]
+fn agent_down_require_times_out_prefer_falls_back() {
+    if !testbed_ready("agent_down_require_times_out_prefer_falls_back") {
+        return;
+    }
+    let _one = lock();
+    let name = guest_name("a");
+    let g = Guest::define(&name);
+    g.start();
+    // A long listing TTL: once instance.json is read, a mkdir sends no guest-ping first (a
+    // ping that times out on a hung agent makes libvirt resync, and then the sync, not the
+    // freeze, is what times out: the late-freeze case would not be exercised).
+    let m = Mount::with_providers(&[
+        LIBVIRT_ARG,
+        "--quiesce",
+        "require",
+        "--freeze-timeout",
+        "3",
+        "--list-ttl-ms",
+        "60000",
+    ]);
+    let limit = Duration::from_millis(3000 + 1500);
+    let frozen_dir = m.state_dir().join("frozen");
+
+    // Agent killed in the guest.
+    script_ok("guest-agent-kill.sh", &[&name, "600"]);
+    let t = Instant::now();
+    let e = errno(fs::create_dir(snap_dir(&m, &name, "k1")));
+    let took = t.elapsed();
+    eprintln!(
+        "require + agent killed: errno {e} after {} ms",
+        took.as_millis()
+    );
+    assert_eq!(e, libc::ETIMEDOUT);
+    assert!(took < limit, "took {took:?}");
+    assert!(!g.frozen());
+    assert!(fs::read_dir(&frozen_dir).unwrap().next().is_none());
+    g.assert_writes_go_on(Duration::from_secs(5));
+
+    // Agent hung (SIGSTOP): the freeze does not answer. libvirt either blocks (its default)
+    // or gives up after its own agent timeout with the freeze queued in the channel; either
+    // way the guest freezes when the agent resumes ("late freeze"), and snapfs must thaw it.
+    for (case, libvirt_timeout) in [
+        ("hung agent, libvirt blocks", "-2"),
+        ("hung agent, libvirt agent timeout 2 s", "2"),
+    ] {
+        let o = virsh(&["guest-agent-timeout", &name, "--timeout", libvirt_timeout]);
+        assert!(o.status.success());
+        script_ok("guest-agent-start.sh", &[&name, "30"]);
+        let _ = json(&instance_dir(&m, &name).join("instance.json"));
+        let late = |log: String| {
+            log.matches("late freeze undone").count()
+                + log
+                    .matches("freeze returned after its deadline: guest thawed")
+                    .count()
+        };
+        let late_before = late(m.log());
+        script_ok("guest-agent-kill.sh", &["--hang", &name]);
+        let t = Instant::now();
+        let e = errno(fs::create_dir(snap_dir(&m, &name, "h1")));
+        let took = t.elapsed();
+        eprintln!("require + {case}: errno {e} after {} ms", took.as_millis());
+        assert_eq!(e, libc::ETIMEDOUT, "{case}");
+        assert!(took < limit, "{case}: took {took:?}");
+        assert!(!g.frozen(), "{case}: frozen while the agent is stopped");
+        g.assert_writes_go_on(Duration::from_secs(5));
+        std::thread::sleep(Duration::from_secs(1));
+        // The agent comes back: the guest ends thawed and the record goes.
+        script_ok("guest-agent-start.sh", &[&name, "30"]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while fs::read_dir(&frozen_dir).unwrap().next().is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "{case}: freeze record never resolved"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        assert!(!g.frozen(), "{case}: guest left frozen");
+        assert!(g
+            .agent(r#"{"execute":"guest-fsfreeze-status"}"#)
+            .contains("thawed"));
+        g.assert_writes_go_on(Duration::from_secs(5));
+        eprintln!(
+            "{case}: late freezes seen and thawed by snapfs: {}",
+            late(m.log()) - late_before
+        );
+    }
+    let o = virsh(&["guest-agent-timeout", &name, "--timeout", "-2"]);
+    assert!(o.status.success());
+    assert!(ls(&instance_dir(&m, &name).join(".snapshots")).is_empty());
+
+    // prefer: a crash-consistent snapshot that says so.
+    m.unmount();
+    m.mount(&[LIBVIRT_ARG, "--quiesce", "prefer", "--freeze-timeout", "3"]);
+    script_ok("guest-agent-kill.sh", &[&name, "600"]);
+    fs::create_dir(snap_dir(&m, &name, "p1")).expect("mkdir p1 with prefer");
+    let sj = json(&snap_dir(&m, &name, "p1").join("snapshot.json"));
+    assert_eq!(sj["quiesced"], false, "{sj}");
+    assert!(!g.frozen());
+    let desc = virsh(&["snapshot-dumpxml", &name, "p1"]);
+    assert!(String::from_utf8_lossy(&desc.stdout).contains("snapfs: quiesced=false"));
+}
+
+#[test]
+fn restart_thaws_a_guest_left_frozen() {
+    if !testbed_ready("restart_thaws_a_guest_left_frozen") {
+        return;
+    }
+    let _one = lock();
+    let name = guest_name("r");
+    let g = Guest::define(&name);
+    g.start();
+    // What a daemon killed with -9 between freeze and thaw leaves: a frozen guest and a record.
+    let m = Mount::unmounted();
+    let frozen_dir = m.state_dir().join("frozen");
+    fs::create_dir_all(&frozen_dir).unwrap();
+    let uuid = g.uuid();
+    fs::write(
+        frozen_dir.join(&uuid),
+        format!(r#"{{"domain":"{name}","uuid":"{uuid}","pid":1,"since":"x"}}"#),
+    )
+    .unwrap();
+    let o = virsh(&["domfsfreeze", &name]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(g.frozen());
+
+    m.mount(&[LIBVIRT_ARG]);
+    assert!(
+        g.agent(r#"{"execute":"guest-fsfreeze-status"}"#)
+            .contains("thawed"),
+        "guest still frozen after restart; log:\n{}",
+        m.log()
+    );
+    assert!(!frozen_dir.join(&uuid).exists(), "record kept");
+    // A guest write completes.
+    let out = g.exec("echo recovered > /data/after-restart && sync && cat /data/after-restart");
+    assert_eq!(out.trim(), "recovered");
+    g.assert_writes_go_on(Duration::from_secs(5));
+    assert!(m.log().contains("guest left frozen by a previous daemon"));
+}
+
+#[test]
+fn launch_boots_clone_and_rmdir_waits_for_it() {
+    if !testbed_ready("launch_boots_clone_and_rmdir_waits_for_it") {
+        return;
+    }
+    let _one = lock();
+    let name = guest_name("l");
+    let clone = format!("{name}-copy");
+    remove_domain(&clone);
+    let g = Guest::define(&name);
+    g.start();
+    let m = Mount::with_providers(&[LIBVIRT_ARG]);
+    g.exec("echo before > /data/marker && sync");
+    fs::create_dir(snap_dir(&m, &name, "s1")).expect("mkdir s1");
+    g.exec("echo after > /data/marker && sync");
+
+    let link = m.mnt.join("launch").join(&clone);
+    let target = format!("../instances/{name}/.snapshots/s1");
+    let t = Instant::now();
+    std::os::unix::fs::symlink(&target, &link).expect("ln -s");
+    eprintln!("launch (ln -s to running): {} ms", t.elapsed().as_millis());
+    let c = Guest {
+        name: clone.clone(),
+    };
+    assert_eq!(c.state(), "running");
+    assert_eq!(fs::read_link(&link).unwrap(), PathBuf::from(&target));
+    assert!(instance_dir(&m, &clone).join("instance.json").exists());
+    let ci = json(&instance_dir(&m, &clone).join("instance.json"));
+    assert_eq!(ci["launched_from"]["snapshot"], "s1");
+    assert_ne!(ci["uuid"], g.uuid().as_str());
+    // EEXIST for a taken name.
+    assert_eq!(
+        errno(std::os::unix::fs::symlink(&target, &link)),
+        libc::EEXIST
+    );
+
+    // The clone boots and sees the data as of the snapshot.
+    c.wait_ready();
+    assert_eq!(c.exec("cat /data/marker").trim(), "before");
+    assert_eq!(g.exec("cat /data/marker").trim(), "after");
+
+    // The record lives in the domain: a new daemon lists it.
+    m.unmount();
+    m.mount(&[LIBVIRT_ARG]);
+    assert_eq!(ls(&m.mnt.join("launch")), vec![clone.to_string()]);
+
+    // rmdir is refused while the clone depends on the snapshot's image, running or shut off.
+    assert_eq!(
+        errno(fs::remove_dir(snap_dir(&m, &name, "s1"))),
+        libc::EBUSY
+    );
+    let o = virsh(&["destroy", &clone]);
+    assert!(o.status.success());
+    assert_eq!(c.state(), "shut off");
+    assert_eq!(
+        errno(fs::remove_dir(snap_dir(&m, &name, "s1"))),
+        libc::EBUSY
+    );
+    // Forgetting the launch keeps the domain and its disks: still refused.
+    fs::remove_file(&link).expect("rm launch link");
+    assert!(ls(&m.mnt.join("launch")).is_empty());
+    assert_eq!(c.state(), "shut off");
+    assert_eq!(
+        errno(fs::remove_dir(snap_dir(&m, &name, "s1"))),
+        libc::EBUSY
+    );
+
+    // Once the clone is gone, rmdir works and the source keeps writing.
+    drop(c);
+    wait_listed(&m, &clone, false);
+    fs::remove_dir(snap_dir(&m, &name, "s1")).expect("rmdir s1");
+    assert!(ls(&instance_dir(&m, &name).join(".snapshots")).is_empty());
+    g.assert_writes_go_on(Duration::from_secs(5));
+    assert_eq!(g.exec("cat /data/marker").trim(), "after");
+}
+
+/// A transient libvirt storage pool of our own, destroyed on drop.
+struct Pool(String);
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let _ = virsh(&["pool-destroy", &self.0]);
+    }
+}
+
+#[test]
+fn storage_pool_volumes_behave_like_images() {
+    if !testbed_ready("storage_pool_volumes_behave_like_images") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let vol = t.path().join("vol1.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", vol.to_str().unwrap(), "16M"]);
+    qemu_io(&vol, "write -P 0xab 0 1M");
+    let pool = Pool(format!("lv-tp{}", std::process::id()));
+    let o = virsh(&[
+        "pool-create-as",
+        &pool.0,
+        "dir",
+        "--target",
+        t.path().to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let m = Mount::with_providers(&[LIBVIRT_ARG]);
+    assert!(ls(&m.mnt.join("volumes")).contains(&pool.0));
+    let v = m.mnt.join("volumes").join(&pool.0).join("vol1.qcow2");
+    assert_eq!(ls(&v), [".snapshots", "volume.json"]);
+    fs::create_dir(v.join(".snapshots/v1")).expect("mkdir volume snapshot");
+    qemu_io(&vol, "write -P 0xcd 0 64k");
+    let disk = v.join(".snapshots/v1/disk.raw");
+    let mut head = [0u8; 4];
+    fs::File::open(&disk)
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert_eq!(
+        head, [0xab; 4],
+        "snapshot shows the bytes before the later write"
+    );
+    fs::remove_dir(v.join(".snapshots/v1")).expect("rmdir volume snapshot");
+    assert!(ls(&v.join(".snapshots")).is_empty());
+    drop(pool);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ls(&m.mnt.join("volumes"))
+        .iter()
+        .any(|p| p.starts_with("lv-tp"))
+    {
+        assert!(Instant::now() < deadline, "destroyed pool still listed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn mkdir_on_two_instances_at_once() {
+    if !testbed_ready("mkdir_on_two_instances_at_once") {
+        return;
+    }
+    let _one = lock();
+    let (a, b) = (guest_name("pa"), guest_name("pb"));
+    let ga = Guest::define(&a);
+    let gb = Guest::define(&b);
+    ga.start();
+    gb.start();
+    let m = Mount::with_providers(&[LIBVIRT_ARG, "-vv"]);
+    let barrier = std::sync::Barrier::new(2);
+    let results: Vec<(String, std::io::Result<()>, Duration)> = std::thread::scope(|s| {
+        let hs: Vec<_> = [&a, &b]
+            .into_iter()
+            .map(|n| {
+                let (m, barrier) = (&m, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    let t = Instant::now();
+                    let r = fs::create_dir(snap_dir(m, n, "s1"));
+                    (n.clone(), r, t.elapsed())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (n, r, took) in &results {
+        eprintln!(
+            "parallel mkdir {n}: {:?} in {} ms",
+            r.as_ref().map_err(|e| e.to_string()),
+            took.as_millis()
+        );
+        assert!(r.is_ok(), "{n}: {r:?}");
+        assert_eq!(
+            json(&snap_dir(&m, n, "s1").join("snapshot.json"))["quiesced"],
+            true
+        );
+    }
+    assert!(!ga.frozen() && !gb.frozen());
+    // Whether both guests were frozen at the same time (the daemon has no global lock).
+    let log = m.log();
+    let events: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("guest frozen") || l.contains("guest thawed domain"))
+        .collect();
+    let overlapped = events.len() >= 2
+        && events[0].contains("guest frozen")
+        && events[1].contains("guest frozen");
+    eprintln!("both guests frozen at once: {overlapped}");
+}
