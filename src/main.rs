@@ -32,7 +32,7 @@ const EXAMPLES: &str = "Examples:
 #[derive(Subcommand)]
 enum Cmd {
     /// Mount the snapshot tree. Returns once the mount is ready (unless --foreground).
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
     /// Unmount a snapfs mount and let its daemon exit.
     Unmount {
         /// Detach even if the mount is busy.
@@ -124,7 +124,7 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     let res = match cli.cmd {
         Cmd::Unmount { lazy, mountpoint } => daemon::unmount_path(&mountpoint, lazy),
-        Cmd::Mount(m) => mount(m),
+        Cmd::Mount(m) => mount(*m),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -449,6 +449,15 @@ pub struct AioRead {
 unsafe impl Send for AioRead {}
 
 impl AioRead {
+    /// Bytes being read (and held).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// Wait for the read; the bytes, or the error (a timeout after the op timeout).
     pub fn wait(mut self) -> Result<Vec<u8>> {
         // SAFETY: comp is a live completion of a submitted read.

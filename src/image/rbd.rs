@@ -9,6 +9,7 @@
 //! chunks are read with `rbd_aio_read2` and parked in the shared [`BlockCache`] until used.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::cache::{CacheKey, CacheKind};
@@ -21,6 +22,12 @@ use crate::namespace::registry::lock;
 /// Chunk size bounds; the chunk is the image's object size within them.
 const MIN_CHUNK: u64 = 1 << 20;
 const MAX_CHUNK: u64 = 8 << 20;
+/// Bytes of read-ahead in flight or finished but not yet claimed, over every opened snapshot.
+/// A reader that stops early leaves its reads pending until its snapshot is closed; past the
+/// read-ahead cache's budget no new read-ahead starts (reads go straight to librbd instead).
+static UNCLAIMED: AtomicU64 = AtomicU64::new(0);
+/// Partially served chunks remembered at most; beyond that the count starts over.
+const MAX_SERVED_ENTRIES: usize = 4096;
 /// End offsets of recent reads remembered to recognise a sequential reader.
 const RECENT_READS: usize = 16;
 
@@ -64,6 +71,17 @@ struct AheadState {
     /// Chunks served whole; once no reply holds one any more, its buffer is reused.
     spare: Vec<Arc<Vec<u8>>>,
     recent: VecDeque<u64>,
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        let st = lock(&self.state);
+        for p in st.pending.values() {
+            if let Some(read) = lock(p).as_ref() {
+                UNCLAIMED.fetch_sub(read.len() as u64, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 impl RbdImage {
@@ -125,12 +143,16 @@ impl RbdImage {
                 continue;
             }
             let len = chunk.min(self.size - start) as usize;
+            if UNCLAIMED.load(Ordering::Relaxed) + len as u64 > self.ahead.cache.budget as u64 {
+                break;
+            }
             let buf = match st.spare.iter().position(|b| Arc::strong_count(b) == 1) {
                 Some(i) => Arc::try_unwrap(st.spare.swap_remove(i)).unwrap_or_default(),
                 None => Vec::new(),
             };
             match self.image.aio_read(start, len, buf) {
                 Ok(r) => {
+                    UNCLAIMED.fetch_add(r.len() as u64, Ordering::Relaxed);
                     st.pending.insert(c, Arc::new(Mutex::new(Some(r))));
                 }
                 // Read-ahead is best effort: the reader's own read reports the error.
@@ -152,6 +174,7 @@ impl RbdImage {
         };
         let mut slot = lock(&pending);
         if let Some(read) = slot.take() {
+            UNCLAIMED.fetch_sub(read.len() as u64, Ordering::Relaxed);
             let t = std::time::Instant::now();
             let res = read.wait();
             tracing::trace!(
@@ -203,6 +226,10 @@ impl RbdImage {
     /// out of order) that have had all of it make room: it leaves the cache for the spares.
     fn served(&self, c: u64, n: u64, len: u64) {
         let mut st = lock(&self.ahead.state);
+        if st.served.len() >= MAX_SERVED_ENTRIES {
+            // Chunks read only in part (random readers) would pile up here; the LRU ages them out.
+            st.served.clear();
+        }
         let total = st.served.entry(c).or_insert(0);
         *total += n;
         if *total < len {
