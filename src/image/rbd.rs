@@ -255,22 +255,10 @@ impl RbdImage {
         if let Some(a) = slot.as_ref() {
             return Ok(a.clone());
         }
-        let mut raw = self
+        let raw = self
             .image
             .allocated_extents(0, self.size, self.whole_object())?;
-        raw.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(raw.len());
-        for (off, len) in raw {
-            let end = off.saturating_add(len).min(self.size);
-            if end <= off {
-                continue;
-            }
-            match merged.last_mut() {
-                Some((s, l)) if *s + *l >= off => *l = (*s + *l).max(end) - *s,
-                _ => merged.push((off, end - off)),
-            }
-        }
-        let a = Arc::new(merged);
+        let a = Arc::new(merge(raw, self.size));
         *slot = Some(a.clone());
         Ok(a)
     }
@@ -325,27 +313,10 @@ impl BlockImage for RbdImage {
 
     fn map(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
         let end = offset.saturating_add(length).min(self.size);
-        let mut out = Vec::new();
         if offset >= end {
-            return Ok(out);
+            return Ok(Vec::new());
         }
-        let alloc = self.allocation()?;
-        // First data extent that ends after `offset`.
-        let first = alloc.partition_point(|(s, l)| s + l <= offset);
-        let mut pos = offset;
-        for &(s, l) in &alloc[first..] {
-            if pos >= end || out.len() >= MAX_EXTENTS {
-                break;
-            }
-            let (s, e) = (s.max(pos), (s + l).min(end));
-            push_extent(&mut out, pos, s.min(end), ExtentKind::Zero);
-            push_extent(&mut out, s, e, ExtentKind::Data);
-            pos = e.max(pos);
-        }
-        if pos < end && out.len() < MAX_EXTENTS {
-            push_extent(&mut out, pos, end, ExtentKind::Zero);
-        }
-        Ok(out)
+        Ok(cover(&self.allocation()?, offset, end))
     }
 
     fn describe(&self) -> String {
@@ -355,5 +326,111 @@ impl BlockImage for RbdImage {
             self.obj_size >> 10,
             ceph::feature_names(self.features).join(",")
         )
+    }
+}
+
+/// librbd's extents (any order, maybe overlapping or past the end) as sorted, disjoint,
+/// non-touching `(offset, length)` pairs within `size`.
+fn merge(mut raw: Vec<(u64, u64)>, size: u64) -> Vec<(u64, u64)> {
+    raw.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(raw.len());
+    for (off, len) in raw {
+        let end = off.saturating_add(len).min(size);
+        if end <= off {
+            continue;
+        }
+        match merged.last_mut() {
+            Some((s, l)) if *s + *l >= off => *l = (*s + *l).max(end) - *s,
+            _ => merged.push((off, end - off)),
+        }
+    }
+    merged
+}
+
+/// The cover of `[offset, end)` by Data/Zero extents from a merged allocation list, at most
+/// `MAX_EXTENTS` long (callers loop).
+fn cover(alloc: &[(u64, u64)], offset: u64, end: u64) -> Vec<Extent> {
+    let mut out = Vec::new();
+    // First data extent that ends after `offset`.
+    let first = alloc.partition_point(|(s, l)| s + l <= offset);
+    let mut pos = offset;
+    for &(s, l) in &alloc[first..] {
+        if pos >= end || out.len() >= MAX_EXTENTS {
+            break;
+        }
+        let (s, e) = (s.max(pos), (s + l).min(end));
+        push_extent(&mut out, pos, s.min(end), ExtentKind::Zero);
+        push_extent(&mut out, s, e, ExtentKind::Data);
+        pos = e.max(pos);
+    }
+    if pos < end && out.len() < MAX_EXTENTS {
+        push_extent(&mut out, pos, end, ExtentKind::Zero);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(offset: u64, length: u64, data: bool) -> Extent {
+        Extent {
+            offset,
+            length,
+            kind: if data {
+                ExtentKind::Data
+            } else {
+                ExtentKind::Zero
+            },
+        }
+    }
+
+    #[test]
+    fn merge_sorts_joins_and_clips() {
+        let raw = vec![
+            (100, 50),
+            (0, 10),
+            (10, 5),
+            (120, 100),
+            (1000, 10),
+            (990, 5),
+        ];
+        assert_eq!(merge(raw, 995), vec![(0, 15), (100, 120), (990, 5)]);
+        assert_eq!(merge(vec![(5, 0), (2000, 1)], 1000), vec![]);
+    }
+
+    #[test]
+    fn cover_fills_gaps_and_clips_to_the_range() {
+        let alloc = [(10, 10), (40, 20)];
+        assert_eq!(
+            cover(&alloc, 0, 100),
+            vec![
+                ext(0, 10, false),
+                ext(10, 10, true),
+                ext(20, 20, false),
+                ext(40, 20, true),
+                ext(60, 40, false)
+            ]
+        );
+        // Starting inside a data extent and ending inside another.
+        assert_eq!(
+            cover(&alloc, 15, 45),
+            vec![ext(15, 5, true), ext(20, 20, false), ext(40, 5, true)]
+        );
+        assert_eq!(cover(&alloc, 60, 100), vec![ext(60, 40, false)]);
+        assert_eq!(cover(&[], 0, 7), vec![ext(0, 7, false)]);
+        assert!(cover(&alloc, 50, 50).is_empty());
+    }
+
+    #[test]
+    fn cover_stops_at_the_extent_limit_without_gaps() {
+        let alloc: Vec<(u64, u64)> = (0..10_000u64).map(|i| (i * 10, 5)).collect();
+        let out = cover(&alloc, 0, 100_000);
+        assert!(out.len() <= MAX_EXTENTS + 1);
+        let mut pos = 0;
+        for e in &out {
+            assert_eq!(e.offset, pos);
+            pos += e.length;
+        }
     }
 }
