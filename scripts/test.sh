@@ -15,6 +15,10 @@ if [[ -x scripts/testbed/up.sh ]]; then
   export SNAPFS_REQUIRE_TESTBED=1
 fi
 
+echo "== starting the single-node Ceph cluster (loopback)"
+bash scripts/ceph/start-ceph.sh
+export SNAPFS_REQUIRE_CEPH=1
+
 echo "== formatting"
 cargo fmt --all -- --check
 

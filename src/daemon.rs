@@ -34,6 +34,8 @@ pub struct MountConfig {
     pub libvirt: Option<String>,
     pub quiesce: Quiesce,
     pub freeze_timeout: Duration,
+    /// Ceph RBD pools to serve (`--ceph`), if any.
+    pub rbd: Option<crate::provider::rbd::RbdConfig>,
 }
 
 /// Mount and serve in this process until unmounted. `ready` is told "READY" (or the error)
@@ -91,6 +93,10 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
         // Before the mount exists: a guest a dead daemon left frozen is thawed first.
         lv.recover_frozen().context("thawing guests left frozen")?;
         providers.push(Arc::new(lv));
+    }
+    if let Some(rbd) = &cfg.rbd {
+        let rbd = crate::provider::rbd::RbdProvider::new(rbd).context("rbd provider")?;
+        providers.push(Arc::new(rbd));
     }
     if providers.is_empty() {
         warn!("no provider configured (--images DIR, --libvirt): the tree will be empty");

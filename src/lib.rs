@@ -1,5 +1,6 @@
 //! snapfs: VM snapshots as plain files and directories, over FUSE.
 
+pub mod ceph;
 pub mod daemon;
 pub mod error;
 pub mod fs;

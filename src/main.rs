@@ -32,7 +32,7 @@ const EXAMPLES: &str = "Examples:
 #[derive(Subcommand)]
 enum Cmd {
     /// Mount the snapshot tree. Returns once the mount is ready (unless --foreground).
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
     /// Unmount a snapfs mount and let its daemon exit.
     Unmount {
         /// Detach even if the mount is busy.
@@ -56,6 +56,23 @@ struct MountArgs {
     /// Seconds to wait for the guest agent to freeze.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     freeze_timeout: f64,
+    /// A Ceph cluster's configuration file: serve RBD images of each --pool as volumes.
+    #[arg(long = "ceph", value_name = "CEPH_CONF")]
+    ceph: Option<PathBuf>,
+    /// Ceph client id to connect as (client.ID); its keyring is found through CEPH_CONF.
+    #[arg(long = "ceph-id", value_name = "ID", default_value = "admin")]
+    ceph_id: String,
+    /// A Ceph pool whose RBD images become volumes/POOL/IMAGE. Repeatable; needs --ceph.
+    #[arg(long = "pool", value_name = "POOL", requires = "ceph")]
+    pools: Vec<String>,
+    /// Bound of every Ceph operation (and of the connection at start-up), in seconds: a read
+    /// of an unreachable cluster fails with EIO after this long.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    ceph_timeout: u64,
+    /// MiB read ahead (in flight, in object-sized chunks) for a sequential reader of an RBD
+    /// snapshot; 0 turns it off. Chunks wait in a cache of their own (4× this, at least 64 MiB).
+    #[arg(long, value_name = "MIB", default_value_t = 32)]
+    ceph_read_ahead_mb: u64,
     /// Stay in the foreground and log to stderr.
     #[arg(long)]
     foreground: bool,
@@ -107,7 +124,7 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     let res = match cli.cmd {
         Cmd::Unmount { lazy, mountpoint } => daemon::unmount_path(&mountpoint, lazy),
-        Cmd::Mount(m) => mount(m),
+        Cmd::Mount(m) => mount(*m),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -146,6 +163,14 @@ fn mount(m: MountArgs) -> anyhow::Result<()> {
         quiesce: m.quiesce,
         freeze_timeout: Duration::try_from_secs_f64(m.freeze_timeout)
             .map_err(|e| anyhow::anyhow!("--freeze-timeout {}: {e}", m.freeze_timeout))?,
+        rbd: m.ceph.map(|conf| snapfs::provider::rbd::RbdConfig {
+            conf,
+            id: m.ceph_id,
+            pools: m.pools,
+            op_timeout: Duration::from_secs(m.ceph_timeout.max(1)),
+            connect_timeout: Duration::from_secs(m.ceph_timeout.max(1)),
+            read_ahead: m.ceph_read_ahead_mb << 20,
+        }),
     };
     daemon::serve(cfg, ready)
 }

@@ -16,6 +16,8 @@ pub const DEFAULT_BUDGET: usize = 64 << 20;
 pub enum CacheKind {
     L2Table,
     Decompressed,
+    /// A chunk of an RBD snapshot read ahead for a sequential reader (offset = chunk start).
+    ReadAhead,
 }
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -96,6 +98,14 @@ impl BlockCache {
         let v = Arc::new(load()?);
         self.insert(key, v.clone());
         Ok(v)
+    }
+
+    /// Take one buffer out (a read-ahead chunk its readers have finished with).
+    pub fn remove(&self, key: &CacheKey) -> Option<Arc<Vec<u8>>> {
+        let mut inner = self.lock();
+        let v = inner.lru.pop(key)?;
+        inner.used -= v.len();
+        Some(v)
     }
 
     /// Bytes currently held.

@@ -8,6 +8,7 @@ pub mod cache;
 mod hostfile;
 pub mod qcow2;
 pub mod raw;
+pub mod rbd;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -47,8 +48,30 @@ pub trait BlockImage: Send + Sync {
     /// callers loop.
     fn map(&self, offset: u64, length: u64) -> Result<Vec<Extent>>;
 
+    /// `[offset, offset + len)` as part of a buffer the reader already holds (RBD read-ahead
+    /// chunks), so a FUSE reply needs no copy. `Ok(None)`: use [`read_at`](Self::read_at).
+    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<SharedBytes>> {
+        let _ = (offset, len);
+        Ok(None)
+    }
+
     /// A short human description, e.g. "qcow2 v3, 64 KiB clusters, backing base.qcow2".
     fn describe(&self) -> String;
+}
+
+/// A range of a shared buffer, from [`BlockImage::read_shared`].
+pub struct SharedBytes {
+    pub buf: Arc<Vec<u8>>,
+    pub start: usize,
+    pub len: usize,
+}
+
+impl SharedBytes {
+    pub fn as_slice(&self) -> &[u8] {
+        self.buf
+            .get(self.start..self.start + self.len)
+            .unwrap_or(&[])
+    }
 }
 
 /// Disk image formats we can read from a host file.

@@ -7,6 +7,7 @@ pub mod images;
 pub mod libvirt;
 #[cfg(test)]
 pub mod memory;
+pub mod rbd;
 
 use std::sync::Arc;
 use std::time::SystemTime;

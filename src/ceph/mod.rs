@@ -1,0 +1,907 @@
+//! A small, safe wrapper over librados/librbd: a cluster connection, a pool, an RBD image.
+//!
+//! Our own FFI rather than a crate: the `ceph` crate has librados only, the RBD crates are
+//! unmaintained, and snapfs needs about twenty C functions. Each is wrapped once, here; every
+//! negative return becomes a [`crate::error::Error`] through [`check`], with the call and the
+//! object named. Handles close in the right order because an image holds its pool and a
+//! pool holds its cluster.
+
+mod ffi;
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tracing::{debug, info};
+
+use crate::error::{Error, Result};
+
+/// RBD feature bits (`rbd/features.h`) and their names, for `volume.json`.
+pub const FEATURES: [(u64, &str); 12] = [
+    (1 << 0, "layering"),
+    (1 << 1, "striping"),
+    (1 << 2, "exclusive-lock"),
+    (1 << 3, "object-map"),
+    (1 << 4, "fast-diff"),
+    (1 << 5, "deep-flatten"),
+    (1 << 6, "journaling"),
+    (1 << 7, "data-pool"),
+    (1 << 8, "operations"),
+    (1 << 9, "migrating"),
+    (1 << 10, "non-primary"),
+    (1 << 11, "dirty-cache"),
+];
+pub const FEATURE_FAST_DIFF: u64 = 1 << 4;
+
+/// Names of the bits set in `features`.
+pub fn feature_names(features: u64) -> Vec<&'static str> {
+    FEATURES
+        .iter()
+        .filter(|(bit, _)| features & bit != 0)
+        .map(|(_, n)| *n)
+        .collect()
+}
+
+/// A negative librados/librbd return code as our error; `what` names the call and object.
+/// Timeouts become I/O errors (EIO to a reader) that say so: SPEC.md wants EIO for a dead
+/// cluster, and the log must still tell a timeout from a refusal.
+pub fn errno_error(rc: c_int, what: String) -> Error {
+    let e = -rc;
+    match e {
+        libc::ENOENT => Error::NotFound(what),
+        libc::EEXIST => Error::Exists(what),
+        libc::EBUSY => Error::Busy(what),
+        libc::ENOSPC | libc::EDQUOT => Error::NoSpace(what),
+        libc::EINVAL => Error::Invalid(what),
+        libc::EROFS => Error::ReadOnly(what),
+        libc::EOPNOTSUPP => Error::NotSupported(what),
+        _ => Error::io(what, std::io::Error::from_raw_os_error(e)),
+    }
+}
+
+/// `Ok(rc)` for `rc >= 0`, else the mapped error.
+fn check(rc: c_int, what: impl FnOnce() -> String) -> Result<c_int> {
+    if rc >= 0 {
+        Ok(rc)
+    } else {
+        Err(errno_error(rc, what()))
+    }
+}
+
+fn cstring(s: &str, what: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::Invalid(format!("{what} {s:?} contains NUL")))
+}
+
+/// An owned copy of a C string that librbd returned; NULL is "".
+///
+/// # Safety
+/// `p` is NULL or points to a NUL-terminated string alive for this call.
+unsafe fn from_c(p: *const c_char) -> String {
+    if p.is_null() {
+        String::new()
+    } else {
+        // SAFETY: guaranteed by the caller.
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+}
+
+fn system_time(ts: &libc::timespec) -> SystemTime {
+    if ts.tv_sec <= 0 {
+        return UNIX_EPOCH;
+    }
+    UNIX_EPOCH + Duration::new(ts.tv_sec as u64, ts.tv_nsec.clamp(0, 999_999_999) as u32)
+}
+
+/// How long a cluster call may take before it fails (mon and OSD operations, connecting).
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub op: Duration,
+    pub connect: Duration,
+}
+
+/// A connected librados client (`rados_t`).
+pub struct Cluster {
+    handle: ffi::rados_t,
+    pub conf: String,
+    pub client: String,
+    breaker: Breaker,
+}
+
+/// After an operation times out, further calls fail at once for one timeout period instead
+/// of each waiting the full timeout again (the kernel retries a failed read, and `ls` of a
+/// pool would queue behind a dead OSD). Any call that succeeds closes it again.
+struct Breaker {
+    window: Duration,
+    tripped: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Breaker {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<std::time::Instant>> {
+        self.tripped.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Err while a recent timeout is fresh.
+    fn admit(&self, what: &dyn Fn() -> String) -> Result<()> {
+        let t = *self.lock();
+        match t {
+            Some(at) if at.elapsed() < self.window => Err(Error::io(
+                format!(
+                    "{}: not tried, the cluster timed out {} ms ago",
+                    what(),
+                    at.elapsed().as_millis()
+                ),
+                std::io::Error::from_raw_os_error(libc::ETIMEDOUT),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn record(&self, rc: i64) {
+        if rc == -i64::from(libc::ETIMEDOUT) {
+            let mut t = self.lock();
+            if t.is_none_or(|at| at.elapsed() >= self.window) {
+                tracing::warn!(
+                    window_ms = self.window.as_millis() as u64,
+                    "Ceph operation timed out: failing fast for one timeout period"
+                );
+                *t = Some(std::time::Instant::now());
+            }
+        } else if rc >= 0 {
+            let mut t = self.lock();
+            if t.take().is_some() {
+                info!("Ceph answers again");
+            }
+        }
+    }
+
+    /// Run one cluster call under the breaker; `f` returns librados' rc.
+    fn call<T: Into<i64> + Copy>(
+        &self,
+        what: &dyn Fn() -> String,
+        f: impl FnOnce() -> T,
+    ) -> Result<T> {
+        self.admit(what)?;
+        let rc = f();
+        self.record(rc.into());
+        Ok(rc)
+    }
+}
+
+// SAFETY: librados handles are documented thread-safe; we never mutate the configuration
+// after connecting.
+unsafe impl Send for Cluster {}
+// SAFETY: as above.
+unsafe impl Sync for Cluster {}
+
+impl Cluster {
+    /// Read `conf`, apply our timeouts, connect as `client.<id>` (or `id` if it has a dot).
+    /// Fails within about `timeouts.connect` when no monitor answers.
+    pub fn connect(conf: &Path, id: &str, timeouts: Timeouts) -> Result<Arc<Cluster>> {
+        let name = if id.contains('.') {
+            id.to_string()
+        } else {
+            format!("client.{id}")
+        };
+        let conf_s = conf.to_string_lossy().into_owned();
+        let c_conf = cstring(&conf_s, "ceph.conf path")?;
+        let c_name = cstring(&name, "client name")?;
+        let c_cluster = cstring("ceph", "cluster name")?;
+        let mut handle: ffi::rados_t = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local; strings are NUL-terminated and outlive the call.
+        let rc = unsafe { ffi::rados_create2(&mut handle, c_cluster.as_ptr(), c_name.as_ptr(), 0) };
+        check(rc, || format!("rados_create2 as {name}"))?;
+        // From here on `cluster` owns the handle and shuts it down on every error path.
+        let cluster = Cluster {
+            handle,
+            conf: conf_s.clone(),
+            client: name.clone(),
+            breaker: Breaker {
+                window: timeouts.op,
+                tripped: std::sync::Mutex::new(None),
+            },
+        };
+        // SAFETY: valid handle, NUL-terminated path.
+        let rc = unsafe { ffi::rados_conf_read_file(cluster.handle, c_conf.as_ptr()) };
+        check(rc, || format!("reading {conf_s}"))?;
+        let op = timeouts.op.as_secs_f64().max(1.0).to_string();
+        let connect = timeouts.connect.as_secs_f64().max(1.0).to_string();
+        for (k, v) in [
+            ("rados_osd_op_timeout", op.as_str()),
+            ("rados_mon_op_timeout", op.as_str()),
+            ("client_mount_timeout", connect.as_str()),
+            // Several snapfs processes (and tests) share a host: no admin socket clashes.
+            ("admin_socket", ""),
+        ] {
+            cluster.set(k, v)?;
+        }
+        let started = std::time::Instant::now();
+        // SAFETY: valid, configured handle.
+        let rc = unsafe { ffi::rados_connect(cluster.handle) };
+        if rc == -libc::ETIMEDOUT {
+            return Err(Error::Backend(format!(
+                "no Ceph monitor of {conf_s} answered within {:.0} s (connecting as {name}; is the cluster up and `mon host` right?)",
+                started.elapsed().as_secs_f64()
+            )));
+        }
+        check(rc, || {
+            format!("connecting to the Ceph cluster of {conf_s} as {name}")
+        })?;
+        info!(conf = %conf_s, client = %name, ms = started.elapsed().as_millis() as u64, "connected to Ceph");
+        Ok(Arc::new(cluster))
+    }
+
+    fn set(&self, key: &str, value: &str) -> Result<()> {
+        let k = cstring(key, "option")?;
+        let v = cstring(value, "option value")?;
+        // SAFETY: valid handle, NUL-terminated strings.
+        let rc = unsafe { ffi::rados_conf_set(self.handle, k.as_ptr(), v.as_ptr()) };
+        check(rc, || format!("rados_conf_set {key}={value}")).map(|_| ())
+    }
+
+    /// An I/O context on `pool`; `NotFound` when the pool does not exist.
+    pub fn pool(self: &Arc<Self>, pool: &str) -> Result<Arc<Pool>> {
+        let c = cstring(pool, "pool name")?;
+        let mut io: ffi::rados_ioctx_t = std::ptr::null_mut();
+        // SAFETY: connected handle, NUL-terminated name, out-pointer to a local.
+        let rc = unsafe { ffi::rados_ioctx_create(self.handle, c.as_ptr(), &mut io) };
+        check(rc, || format!("opening pool {pool}"))?;
+        Ok(Arc::new(Pool {
+            io,
+            name: pool.to_string(),
+            cluster: self.clone(),
+        }))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from rados_create2 and every pool using it is gone (they
+        // hold an Arc to us).
+        unsafe { ffi::rados_shutdown(self.handle) };
+    }
+}
+
+/// An I/O context on one pool (`rados_ioctx_t`).
+pub struct Pool {
+    io: ffi::rados_ioctx_t,
+    pub name: String,
+    cluster: Arc<Cluster>,
+}
+
+// SAFETY: an ioctx is safe to share for I/O; we never change its namespace or snap context.
+unsafe impl Send for Pool {}
+// SAFETY: as above.
+unsafe impl Sync for Pool {}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // SAFETY: created by rados_ioctx_create; every image opened on it holds an Arc to us.
+        unsafe { ffi::rados_ioctx_destroy(self.io) };
+    }
+}
+
+/// One clone (child) of a snapshot, or the parent of an image.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LinkedImage {
+    pub pool: String,
+    pub namespace: String,
+    pub image: String,
+    pub trash: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Parent {
+    pub pool: String,
+    pub namespace: String,
+    pub image: String,
+    pub snapshot: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct SnapEntry {
+    pub id: u64,
+    pub size: u64,
+    pub name: String,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ImageStat {
+    pub size: u64,
+    pub obj_size: u64,
+    pub order: i32,
+}
+
+impl Pool {
+    /// Names of the RBD images in this pool.
+    pub fn images(&self) -> Result<Vec<String>> {
+        let mut cap: usize = 64;
+        loop {
+            let mut specs: Vec<ffi::rbd_image_spec_t> = Vec::with_capacity(cap);
+            let mut n = cap;
+            let what = || format!("listing RBD images of pool {}", self.name);
+            let rc = self.cluster.breaker.call(&what, || {
+                // SAFETY: specs has room for `n` entries; librbd writes at most `n`, sets `n`.
+                unsafe { ffi::rbd_list2(self.io, specs.as_mut_ptr(), &mut n) }
+            })?;
+            if rc == -libc::ERANGE {
+                cap = n.max(cap * 2);
+                continue;
+            }
+            check(rc, what)?;
+            let n = n.min(cap);
+            // SAFETY: librbd initialised the first n entries.
+            unsafe { specs.set_len(n) };
+            let names = specs
+                .iter()
+                // SAFETY: names are NUL-terminated strings owned by specs until cleanup.
+                .map(|s| unsafe { from_c(s.name) })
+                .collect();
+            // SAFETY: frees the strings of exactly the n entries librbd filled.
+            unsafe { ffi::rbd_image_spec_list_cleanup(specs.as_mut_ptr(), n) };
+            return Ok(names);
+        }
+    }
+
+    /// Clone `image@snap` of this pool into `child` of `into` (`rbd_clone3`, the parent's
+    /// features). Protecting the snapshot first is the caller's choice (clone v1 needs it).
+    pub fn clone_snapshot(&self, image: &str, snap: &str, into: &Pool, child: &str) -> Result<()> {
+        let p = cstring(image, "image name")?;
+        let s = cstring(snap, "snapshot name")?;
+        let c = cstring(child, "image name")?;
+        let mut opts: ffi::rbd_image_options_t = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local; destroyed below exactly once.
+        unsafe { ffi::rbd_image_options_create(&mut opts) };
+        // SAFETY: valid ioctxs, NUL-terminated names, options created above.
+        let rc =
+            unsafe { ffi::rbd_clone3(self.io, p.as_ptr(), s.as_ptr(), into.io, c.as_ptr(), opts) };
+        // SAFETY: created above, not used after this.
+        unsafe { ffi::rbd_image_options_destroy(opts) };
+        check(rc, || {
+            format!(
+                "cloning {}/{image}@{snap} to {}/{child}",
+                self.name, into.name
+            )
+        })
+        .map(|_| ())
+    }
+
+    /// Remove image `name` (it must have no snapshots).
+    pub fn remove_image(&self, name: &str) -> Result<()> {
+        let c = cstring(name, "image name")?;
+        // SAFETY: valid ioctx, NUL-terminated name.
+        let rc = unsafe { ffi::rbd_remove(self.io, c.as_ptr()) };
+        check(rc, || format!("removing RBD image {}/{name}", self.name)).map(|_| ())
+    }
+
+    /// Open `image` at `snap` (None: the head). `writable` is needed for snapshot changes.
+    pub fn open(
+        self: &Arc<Self>,
+        image: &str,
+        snap: Option<&str>,
+        writable: bool,
+    ) -> Result<Image> {
+        let c_name = cstring(image, "image name")?;
+        let c_snap = snap.map(|s| cstring(s, "snapshot name")).transpose()?;
+        let snap_ptr = c_snap.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+        let mut h: ffi::rbd_image_t = std::ptr::null_mut();
+        let started = std::time::Instant::now();
+        let at = snap.map(|s| format!("@{s}")).unwrap_or_default();
+        let what = || format!("opening RBD image {}/{image}{at}", self.name);
+        let rc = self.cluster.breaker.call(&what, || {
+            // SAFETY: valid ioctx, NUL-terminated strings (or NULL snap), out-pointer to a local.
+            unsafe {
+                if writable {
+                    ffi::rbd_open(self.io, c_name.as_ptr(), &mut h, snap_ptr)
+                } else {
+                    ffi::rbd_open_read_only(self.io, c_name.as_ptr(), &mut h, snap_ptr)
+                }
+            }
+        })?;
+        check(rc, what)?;
+        debug!(pool = %self.name, image, snap, writable, ms = started.elapsed().as_millis() as u64, "rbd open");
+        Ok(Image {
+            h,
+            label: format!("{}/{image}{at}", self.name),
+            pool: self.clone(),
+        })
+    }
+}
+
+/// An open RBD image (`rbd_image_t`), at its head or at a snapshot.
+pub struct Image {
+    h: ffi::rbd_image_t,
+    /// `pool/image[@snap]`, for error messages.
+    pub label: String,
+    pool: Arc<Pool>,
+}
+
+// SAFETY: librbd image handles serialise their own state; concurrent reads are supported.
+unsafe impl Send for Image {}
+// SAFETY: as above.
+unsafe impl Sync for Image {}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        // SAFETY: opened by rbd_open*, closed exactly once.
+        let rc = unsafe { ffi::rbd_close(self.h) };
+        if rc < 0 {
+            debug!(image = %self.label, rc, "rbd_close failed");
+        }
+    }
+}
+
+/// A read in flight (`rbd_aio_read2`). It owns its buffer, so the buffer lives until librbd
+/// is done with it: dropping an unfinished read waits for it first.
+pub struct AioRead {
+    comp: ffi::rbd_completion_t,
+    /// Capacity >= len, length 0 until librbd has filled it.
+    buf: Vec<u8>,
+    len: usize,
+    pub offset: u64,
+    what: String,
+    cluster: Arc<Cluster>,
+    finished: bool,
+}
+
+// SAFETY: the completion is only waited on and released by whoever owns the AioRead; librbd
+// completions may be waited on from any thread.
+unsafe impl Send for AioRead {}
+
+impl AioRead {
+    /// Bytes being read (and held).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Wait for the read; the bytes, or the error (a timeout after the op timeout).
+    pub fn wait(mut self) -> Result<Vec<u8>> {
+        // SAFETY: comp is a live completion of a submitted read.
+        let rv = unsafe {
+            ffi::rbd_aio_wait_for_complete(self.comp);
+            ffi::rbd_aio_get_return_value(self.comp)
+        };
+        self.finished = true;
+        // SAFETY: complete; released exactly once (Drop skips it now that finished is set).
+        unsafe { ffi::rbd_aio_release(self.comp) };
+        self.cluster.breaker.record(rv as i64);
+        if rv < 0 {
+            return Err(errno_error(
+                c_int::try_from(rv).unwrap_or(-libc::EIO),
+                std::mem::take(&mut self.what),
+            ));
+        }
+        if rv as usize != self.len {
+            return Err(Error::io(
+                format!("{}: short read of {rv} bytes", self.what),
+                std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+            ));
+        }
+        // SAFETY: librbd reported writing exactly `len` bytes into the first `len` bytes of
+        // the allocation (capacity >= len), so they are initialised.
+        unsafe { self.buf.set_len(self.len) };
+        Ok(std::mem::take(&mut self.buf))
+    }
+}
+
+impl Drop for AioRead {
+    fn drop(&mut self) {
+        if !self.finished {
+            // SAFETY: the buffer must outlive the read: wait, then release the completion once.
+            unsafe {
+                ffi::rbd_aio_wait_for_complete(self.comp);
+                ffi::rbd_aio_release(self.comp);
+            }
+        }
+    }
+}
+
+/// Collects `rbd_diff_iterate2` extents; the callback must not unwind into C.
+struct DiffAcc {
+    extents: Vec<(u64, u64)>,
+}
+
+extern "C" fn diff_cb(offset: u64, len: usize, exists: c_int, arg: *mut c_void) -> c_int {
+    let r = std::panic::catch_unwind(|| {
+        // SAFETY: arg is the &mut DiffAcc passed to rbd_diff_iterate2, alive for its duration
+        // and used by no one else while it runs.
+        let acc = unsafe { &mut *(arg as *mut DiffAcc) };
+        if exists != 0 && len > 0 {
+            acc.extents.push((offset, len as u64));
+        }
+    });
+    if r.is_ok() {
+        0
+    } else {
+        -libc::EIO
+    }
+}
+
+impl Image {
+    fn what(&self, call: &str) -> String {
+        format!("{call} on {}", self.label)
+    }
+
+    pub fn stat(&self) -> Result<ImageStat> {
+        // SAFETY: all-zero is a valid rbd_image_info_t (integers and char arrays).
+        let mut info: ffi::rbd_image_info_t = unsafe { std::mem::zeroed() };
+        // SAFETY: valid handle; info is a properly sized out-struct.
+        let rc = unsafe {
+            ffi::rbd_stat(
+                self.h,
+                &mut info,
+                std::mem::size_of::<ffi::rbd_image_info_t>(),
+            )
+        };
+        check(rc, || self.what("rbd_stat"))?;
+        Ok(ImageStat {
+            size: info.size,
+            obj_size: info.obj_size,
+            order: info.order,
+        })
+    }
+
+    pub fn features(&self) -> Result<u64> {
+        let mut f = 0u64;
+        // SAFETY: valid handle, out-pointer to a local.
+        let rc = unsafe { ffi::rbd_get_features(self.h, &mut f) };
+        check(rc, || self.what("rbd_get_features"))?;
+        Ok(f)
+    }
+
+    pub fn id(&self) -> Result<String> {
+        let mut buf = [0 as c_char; 64];
+        // SAFETY: buf has the length we pass; librbd NUL-terminates within it on success.
+        let rc = unsafe { ffi::rbd_get_id(self.h, buf.as_mut_ptr(), buf.len()) };
+        check(rc, || self.what("rbd_get_id"))?;
+        // SAFETY: NUL-terminated within buf on success.
+        Ok(unsafe { from_c(buf.as_ptr()) })
+    }
+
+    pub fn create_time(&self) -> Result<SystemTime> {
+        // SAFETY: all-zero timespec is valid.
+        let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+        // SAFETY: valid handle, out-pointer to a local.
+        let rc = unsafe { ffi::rbd_get_create_timestamp(self.h, &mut ts) };
+        check(rc, || self.what("rbd_get_create_timestamp"))?;
+        Ok(system_time(&ts))
+    }
+
+    pub fn modify_time(&self) -> Result<SystemTime> {
+        // SAFETY: all-zero timespec is valid.
+        let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+        // SAFETY: valid handle, out-pointer to a local.
+        let rc = unsafe { ffi::rbd_get_modify_timestamp(self.h, &mut ts) };
+        check(rc, || self.what("rbd_get_modify_timestamp"))?;
+        Ok(system_time(&ts))
+    }
+
+    /// The parent of a clone (at the snapshot the handle is set to), None for a plain image.
+    pub fn parent(&self) -> Result<Option<Parent>> {
+        // SAFETY: all-zero (NULL pointers, zero ids) is what librbd expects to fill in.
+        let mut img: ffi::rbd_linked_image_spec_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut snap: ffi::rbd_snap_spec_t = unsafe { std::mem::zeroed() };
+        // SAFETY: valid handle, out-structs owned by us.
+        let rc = unsafe { ffi::rbd_get_parent(self.h, &mut img, &mut snap) };
+        if rc == -libc::ENOENT {
+            return Ok(None);
+        }
+        check(rc, || self.what("rbd_get_parent"))?;
+        // SAFETY: on success librbd filled both structs with NUL-terminated strings.
+        let p = unsafe {
+            Parent {
+                pool: from_c(img.pool_name),
+                namespace: from_c(img.pool_namespace),
+                image: from_c(img.image_name),
+                snapshot: from_c(snap.name),
+            }
+        };
+        // SAFETY: frees what rbd_get_parent allocated, once.
+        unsafe {
+            ffi::rbd_linked_image_spec_cleanup(&mut img);
+            ffi::rbd_snap_spec_cleanup(&mut snap);
+        }
+        Ok(Some(p))
+    }
+
+    /// Clones made from the snapshot the handle is set to (including ones in the trash).
+    pub fn children(&self) -> Result<Vec<LinkedImage>> {
+        let mut cap: usize = 16;
+        loop {
+            let mut specs: Vec<ffi::rbd_linked_image_spec_t> = Vec::with_capacity(cap);
+            let mut n = cap;
+            // SAFETY: specs has room for n entries; librbd writes at most n and sets n.
+            let rc = unsafe { ffi::rbd_list_children3(self.h, specs.as_mut_ptr(), &mut n) };
+            if rc == -libc::ERANGE {
+                cap = n.max(cap * 2);
+                continue;
+            }
+            check(rc, || self.what("rbd_list_children3"))?;
+            let n = n.min(cap);
+            // SAFETY: librbd initialised the first n entries.
+            unsafe { specs.set_len(n) };
+            let out = specs
+                .iter()
+                .map(|s| LinkedImage {
+                    // SAFETY: NUL-terminated strings owned by specs until cleanup.
+                    pool: unsafe { from_c(s.pool_name) },
+                    // SAFETY: as above.
+                    namespace: unsafe { from_c(s.pool_namespace) },
+                    // SAFETY: as above.
+                    image: unsafe { from_c(s.image_name) },
+                    trash: s.trash,
+                })
+                .collect();
+            // SAFETY: frees the n entries librbd filled, once.
+            unsafe { ffi::rbd_linked_image_spec_list_cleanup(specs.as_mut_ptr(), n) };
+            return Ok(out);
+        }
+    }
+
+    /// The image's user snapshots, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<SnapEntry>> {
+        let mut cap: c_int = 16;
+        loop {
+            // librbd writes n entries plus a terminating one: room for n + 1 or -ERANGE.
+            let len = usize::try_from(cap).unwrap_or(16) + 1;
+            let mut buf: Vec<ffi::rbd_snap_info_t> = Vec::with_capacity(len);
+            let mut max = cap + 1;
+            // SAFETY: buf has room for `max` entries.
+            let rc = unsafe { ffi::rbd_snap_list(self.h, buf.as_mut_ptr(), &mut max) };
+            if rc == -libc::ERANGE {
+                cap = max.max(cap.saturating_mul(2));
+                continue;
+            }
+            let n = check(rc, || self.what("rbd_snap_list"))?;
+            let n = usize::try_from(n).unwrap_or(0).min(len);
+            // SAFETY: librbd initialised the first n entries (the terminator is not read).
+            unsafe { buf.set_len(n) };
+            let out = buf
+                .iter()
+                .map(|s| SnapEntry {
+                    id: s.id,
+                    size: s.size,
+                    // SAFETY: NUL-terminated, owned by buf until rbd_snap_list_end.
+                    name: unsafe { from_c(s.name) },
+                })
+                .collect();
+            // SAFETY: frees the names of the list librbd just filled, once.
+            unsafe { ffi::rbd_snap_list_end(buf.as_mut_ptr()) };
+            return Ok(out);
+        }
+    }
+
+    pub fn snap_timestamp(&self, id: u64) -> Result<SystemTime> {
+        // SAFETY: all-zero timespec is valid.
+        let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+        // SAFETY: valid handle, out-pointer to a local.
+        let rc = unsafe { ffi::rbd_snap_get_timestamp(self.h, id, &mut ts) };
+        check(rc, || self.what("rbd_snap_get_timestamp"))?;
+        Ok(system_time(&ts))
+    }
+
+    pub fn snap_is_protected(&self, name: &str) -> Result<bool> {
+        let c = cstring(name, "snapshot name")?;
+        let mut p: c_int = 0;
+        // SAFETY: valid handle, NUL-terminated name, out-pointer to a local.
+        let rc = unsafe { ffi::rbd_snap_is_protected(self.h, c.as_ptr(), &mut p) };
+        check(rc, || self.what(&format!("rbd_snap_is_protected {name}")))?;
+        Ok(p != 0)
+    }
+
+    /// Point the handle at snapshot `name` (None: the head) for `parent`/`children`.
+    pub fn snap_set(&self, name: Option<&str>) -> Result<()> {
+        let c = name.map(|n| cstring(n, "snapshot name")).transpose()?;
+        let p = c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+        // SAFETY: valid handle, NUL-terminated name or NULL.
+        let rc = unsafe { ffi::rbd_snap_set(self.h, p) };
+        check(rc, || self.what(&format!("rbd_snap_set {name:?}"))).map(|_| ())
+    }
+
+    /// One of the snapshot calls that take a single name.
+    fn snap_op(
+        &self,
+        call: &str,
+        f: unsafe extern "C" fn(ffi::rbd_image_t, *const c_char) -> c_int,
+        name: &str,
+    ) -> Result<()> {
+        let c = cstring(name, "snapshot name")?;
+        let started = std::time::Instant::now();
+        // SAFETY: f is one of the librbd snapshot calls declared with exactly this signature;
+        // valid handle and NUL-terminated name.
+        let rc = unsafe { f(self.h, c.as_ptr()) };
+        debug!(image = %self.label, call, snap = name, rc, ms = started.elapsed().as_millis() as u64, "rbd snapshot op");
+        check(rc, || self.what(&format!("{call} {name}"))).map(|_| ())
+    }
+
+    pub fn snap_create(&self, name: &str) -> Result<()> {
+        self.snap_op("rbd_snap_create", ffi::rbd_snap_create, name)
+    }
+    pub fn snap_remove(&self, name: &str) -> Result<()> {
+        self.snap_op("rbd_snap_remove", ffi::rbd_snap_remove, name)
+    }
+    pub fn snap_protect(&self, name: &str) -> Result<()> {
+        self.snap_op("rbd_snap_protect", ffi::rbd_snap_protect, name)
+    }
+    pub fn snap_unprotect(&self, name: &str) -> Result<()> {
+        self.snap_op("rbd_snap_unprotect", ffi::rbd_snap_unprotect, name)
+    }
+
+    pub fn snap_rename(&self, from: &str, to: &str) -> Result<()> {
+        let a = cstring(from, "snapshot name")?;
+        let b = cstring(to, "snapshot name")?;
+        // SAFETY: valid handle, NUL-terminated names.
+        let rc = unsafe { ffi::rbd_snap_rename(self.h, a.as_ptr(), b.as_ptr()) };
+        check(rc, || self.what(&format!("rbd_snap_rename {from} -> {to}"))).map(|_| ())
+    }
+
+    /// Copy the parent's data into this clone and detach it (`rbd_flatten`; needs a
+    /// writable open of the head). Afterwards the parent snapshot has one child fewer.
+    pub fn flatten(&self) -> Result<()> {
+        let started = std::time::Instant::now();
+        // SAFETY: valid handle.
+        let rc = unsafe { ffi::rbd_flatten(self.h) };
+        debug!(image = %self.label, rc, ms = started.elapsed().as_millis() as u64, "rbd flatten");
+        check(rc, || self.what("rbd_flatten")).map(|_| ())
+    }
+
+    /// Fill `buf` from `offset`. The caller keeps `offset + buf.len()` within the image size
+    /// (librbd answers -EINVAL past the end).
+    pub fn read(&self, buf: &mut [u8], offset: u64, sequential: bool) -> Result<()> {
+        let flags = if sequential {
+            ffi::LIBRADOS_OP_FLAG_FADVISE_SEQUENTIAL
+        } else {
+            0
+        };
+        let mut done = 0usize;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            let off = offset + done as u64;
+            let len = rest.len();
+            let ptr = rest.as_mut_ptr();
+            let what = || format!("reading {len} bytes at {off:#x} of {}", self.label);
+            let n = self.pool.cluster.breaker.call(&what, || {
+                // SAFETY: ptr/len describe `rest`, a writable buffer alive for the whole call.
+                unsafe { ffi::rbd_read2(self.h, off, len, ptr.cast(), flags) as i64 }
+            })?;
+            if n < 0 {
+                let rc = c_int::try_from(n).unwrap_or(-libc::EIO);
+                return Err(errno_error(rc, what()));
+            }
+            if n == 0 {
+                return Err(Error::io(
+                    format!("reading at {off:#x} of {}", self.label),
+                    std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+                ));
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Start reading `len` bytes at `offset` (within the image size) without waiting, into
+    /// `buf` (cleared; reusing a buffer saves the page faults of a fresh 4 MiB allocation).
+    pub fn aio_read(&self, offset: u64, len: usize, mut buf: Vec<u8>) -> Result<AioRead> {
+        let what = format!("reading {len} bytes at {offset:#x} of {}", self.label);
+        let cluster = self.pool.cluster.clone();
+        cluster.breaker.admit(&|| what.clone())?;
+        let mut comp: ffi::rbd_completion_t = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local; no callback, so no argument is ever dereferenced.
+        let rc = unsafe { ffi::rbd_aio_create_completion(std::ptr::null_mut(), None, &mut comp) };
+        check(rc, || format!("{what}: rbd_aio_create_completion"))?;
+        // librbd writes the bytes; the Vec's length is set only once it has (in `wait`).
+        buf.clear();
+        buf.reserve_exact(len);
+        let mut read = AioRead {
+            comp,
+            buf,
+            len,
+            offset,
+            what,
+            cluster,
+            finished: false,
+        };
+        // SAFETY: the buffer (capacity >= len) is owned by `read`, whose Drop waits for
+        // completion before it is freed; a Vec's heap storage does not move with the AioRead.
+        let rc = unsafe {
+            ffi::rbd_aio_read2(
+                self.h,
+                offset,
+                len,
+                read.buf.as_mut_ptr().cast(),
+                read.comp,
+                ffi::LIBRADOS_OP_FLAG_FADVISE_SEQUENTIAL,
+            )
+        };
+        if rc < 0 {
+            // Not submitted: release the completion here, nothing to wait for.
+            read.finished = true;
+            // SAFETY: created above, never submitted, released once.
+            unsafe { ffi::rbd_aio_release(read.comp) };
+            return Err(errno_error(rc, std::mem::take(&mut read.what)));
+        }
+        Ok(read)
+    }
+
+    /// Allocated extents `(offset, length)` in `[offset, offset + len)` of the opened
+    /// snapshot, parent data included. `whole_object` reports whole objects (fast with the
+    /// fast-diff object map; librbd falls back to listing objects otherwise).
+    pub fn allocated_extents(
+        &self,
+        offset: u64,
+        len: u64,
+        whole_object: bool,
+    ) -> Result<Vec<(u64, u64)>> {
+        let mut acc = DiffAcc {
+            extents: Vec::new(),
+        };
+        let started = std::time::Instant::now();
+        let what = || self.what("rbd_diff_iterate2");
+        let acc_ptr: *mut DiffAcc = &mut acc;
+        let rc = self.pool.cluster.breaker.call(&what, || {
+            // SAFETY: valid handle; the callback only touches `acc` (through acc_ptr), which
+            // outlives the call; NULL fromsnap means "everything allocated".
+            unsafe {
+                ffi::rbd_diff_iterate2(
+                    self.h,
+                    std::ptr::null(),
+                    offset,
+                    len,
+                    1,
+                    u8::from(whole_object),
+                    diff_cb,
+                    acc_ptr.cast(),
+                )
+            }
+        })?;
+        check(rc, what)?;
+        debug!(image = %self.label, extents = acc.extents.len(), whole_object, ms = started.elapsed().as_millis() as u64, "rbd allocation map");
+        Ok(acc.extents)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_mapping() {
+        assert_eq!(errno_error(-libc::ENOENT, "x".into()).errno(), libc::ENOENT);
+        assert_eq!(errno_error(-libc::EEXIST, "x".into()).errno(), libc::EEXIST);
+        assert_eq!(errno_error(-libc::EBUSY, "x".into()).errno(), libc::EBUSY);
+        assert_eq!(errno_error(-libc::EDQUOT, "x".into()).errno(), libc::ENOSPC);
+        // A dead cluster is EIO to readers, but still says "timed out" in the log.
+        let t = errno_error(-libc::ETIMEDOUT, "read".into());
+        assert_eq!(t.errno(), libc::EIO);
+        assert!(t.to_string().contains("timed out"), "{t}");
+        assert_eq!(errno_error(-libc::EACCES, "x".into()).errno(), libc::EIO);
+    }
+
+    #[test]
+    fn feature_names_in_bit_order() {
+        assert_eq!(
+            feature_names(1 | 4 | 8 | 16 | 32),
+            [
+                "layering",
+                "exclusive-lock",
+                "object-map",
+                "fast-diff",
+                "deep-flatten"
+            ]
+        );
+    }
+
+    #[test]
+    fn info_struct_matches_the_c_layout() {
+        // Sizes printed by a C program including rbd/librbd.h (Ceph 16, x86_64).
+        assert_eq!(std::mem::size_of::<ffi::rbd_image_info_t>(), 160);
+        assert_eq!(std::mem::size_of::<ffi::rbd_linked_image_spec_t>(), 48);
+        assert_eq!(std::mem::size_of::<ffi::rbd_snap_spec_t>(), 24);
+        assert_eq!(std::mem::size_of::<ffi::rbd_snap_info_t>(), 24);
+    }
+}
