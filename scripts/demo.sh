@@ -16,6 +16,12 @@ show() { step "$*"; eval "$@"; }
 
 echo "== installing dependencies"
 bash scripts/install-deps.sh
+# libvirt (and libvirt-dev) and Ceph (and librbd-dev) come before the build: snapfs links both.
+echo "== the libvirt + QEMU test bed (guest 'demo')"
+bash scripts/testbed/up.sh
+echo "== a single-node Ceph cluster on loopback"
+bash scripts/ceph/start-ceph.sh
+export CEPH_CONF=/var/lib/snapfs-ceph/ceph.conf
 echo "== building snapfs (release)"
 cargo build --release --quiet
 BIN=$PWD/target/release/snapfs
@@ -30,13 +36,15 @@ if [[ ! -f $IMAGES/web.qcow2 ]]; then
   qemu-img convert -c -O qcow2 -o compression_type=zstd "$IMAGES/web.qcow2" "$IMAGES/db.qcow2"
   truncate -s 64M "$IMAGES/scratch.raw"
 fi
+if ! rbd info rbd/demo-vol >/dev/null 2>&1; then
+  rbd create --size 256M rbd/demo-vol
+  rbd bench --io-type write --io-size 4M --io-total 32M rbd/demo-vol >/dev/null
+fi
 
-echo "== the libvirt + QEMU test bed (guest 'demo')"
-bash scripts/testbed/up.sh
 
 if grep -qs " $MNT fuse" /proc/mounts; then "$BIN" unmount --lazy "$MNT" || true; fi
 mkdir -p "$MNT"
-show "$BIN mount --images $IMAGES --libvirt $MNT"
+show "$BIN mount --images $IMAGES --libvirt --ceph $CEPH_CONF --pool rbd $MNT"
 show "ls $MNT $MNT/volumes/images"
 show "cat $MNT/volumes/images/web.qcow2/volume.json"
 show "ls $MNT/volumes/images/web.qcow2/.snapshots/"
@@ -49,6 +57,13 @@ show "rmdir $MNT/volumes/images/web.qcow2/.snapshots/before-upgrade"
 show "ls $MNT/volumes/images/web.qcow2/.snapshots/"
 show "touch $MNT/volumes/images/web.qcow2/.snapshots/nightly/x || true"
 rm -f /tmp/web-nightly.raw /tmp/web-nightly.qemu.raw
+
+RSNAP=tour-$(date +%H%M%S)
+show "ls $MNT/volumes/ $MNT/volumes/rbd/"
+show "mkdir $MNT/volumes/rbd/demo-vol/.snapshots/$RSNAP && rbd snap ls rbd/demo-vol"
+show "ls -ls $MNT/volumes/rbd/demo-vol/.snapshots/$RSNAP/"
+show "cmp $MNT/volumes/rbd/demo-vol/.snapshots/$RSNAP/disk.raw <(rbd export rbd/demo-vol@$RSNAP - 2>/dev/null) && echo identical to rbd export"
+show "rmdir $MNT/volumes/rbd/demo-vol/.snapshots/$RSNAP"
 
 SNAP=tour-$(date +%H%M%S)
 COPY=demo-copy-$(date +%H%M%S)
