@@ -29,12 +29,21 @@ if ! running libvirtd; then
 fi
 
 deadline=$((SECONDS + TIMEOUT))
+restarts=0
 until virsh -q -c "$URI" version >/dev/null 2>&1; do
     if (( SECONDS >= deadline )); then
         log "ERROR: $URI did not answer within ${TIMEOUT}s (see /var/log/libvirt/libvirtd.log)"
         exit 1
     fi
-    running libvirtd || { log "ERROR: libvirtd exited (see /var/log/libvirt/libvirtd.log)"; exit 1; }
+    if ! running libvirtd; then
+        # A libvirtd that was killed a moment ago may still have held its pid file when we
+        # looked; start it again (a few times at most) rather than give up.
+        (( ++restarts <= 3 )) || { log "ERROR: libvirtd keeps exiting (see /var/log/libvirt/libvirtd.log)"; exit 1; }
+        log "libvirtd not running: starting it (attempt $restarts)"
+        running virtlogd || virtlogd -d || true
+        LIBVIRT_LOG_OUTPUTS="3:file:/var/log/libvirt/libvirtd.log" libvirtd -d || true
+        sleep 0.5
+    fi
     sleep 0.2
 done
 log "ok: $(virsh -c "$URI" version 2>/dev/null | grep -E 'hypervisor' | sed 's/^ *//')"
