@@ -364,6 +364,15 @@ fn mkdir_quiesced_while_guest_writes_and_bytes_stay() {
         !ext4_needs_recovery(&vda),
         "quiesced snapshot's ext4 needs recovery"
     );
+    // The guest's own files, read natively from the snapshot (files/): the writer's log is
+    // whole, line by line, in a quiesced snapshot.
+    let p1 = snap_dir(&m, &name, "s1").join("files/vda/p1");
+    assert_eq!(
+        fs::read_to_string(p1.join("hello.txt")).unwrap(),
+        "hello from the snapfs test guest\n"
+    );
+    let last = writer_log_seq(&p1.join("writer.log"), true);
+    eprintln!("quiesced snapshot s1: files/vda/p1/writer.log ends at line {last}");
     // The fact survives in libvirt's own metadata.
     let desc = virsh(&["snapshot-dumpxml", &name, "s1"]);
     assert!(String::from_utf8_lossy(&desc.stdout).contains("snapfs: quiesced=true"));
@@ -389,6 +398,14 @@ fn mkdir_quiesced_while_guest_writes_and_bytes_stay() {
     assert_eq!(sj["quiesced"], false);
     let dirty = ext4_needs_recovery(&snap_dir(&m, &name, "c1").join("vda.raw"));
     eprintln!("crash-consistent snapshot c1: ext4 needs_recovery = {dirty} (typically true)");
+    // Its files still read (the journal is replayed in memory), up to a possibly torn last line.
+    let c1 = snap_dir(&m, &name, "c1").join("files/vda/p1");
+    let last_c1 = writer_log_seq(&c1.join("writer.log"), false);
+    assert!(
+        last_c1 >= last,
+        "c1 ({last_c1}) was taken after s1 ({last})"
+    );
+    eprintln!("crash-consistent snapshot c1: files/vda/p1/writer.log ends at line {last_c1}");
 
     // Internal snapshots made by others (virsh without --disk-only) are listed and readable.
     let o = virsh(&["snapshot-create-as", &name, "i1"]);
@@ -754,4 +771,34 @@ fn mkdir_on_two_instances_at_once() {
         && events[0].contains("guest frozen")
         && events[1].contains("guest frozen");
     eprintln!("both guests frozen at once: {overlapped}");
+}
+
+/// The last sequence number of the guest writer's log (`<seq> <ms>` lines, seq counting up).
+/// `whole`: every line must be complete; otherwise the last one may be torn.
+fn writer_log_seq(path: &std::path::Path, whole: bool) -> u64 {
+    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(!lines.is_empty(), "{}: empty", path.display());
+    let mut last = 0;
+    for (i, l) in lines.iter().enumerate() {
+        let parsed: Option<(u64, u64)> = l
+            .split_once(' ')
+            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+        match parsed {
+            Some((seq, _)) => {
+                assert!(
+                    seq >= last,
+                    "{}: line {i} goes back ({seq} after {last})",
+                    path.display()
+                );
+                last = seq;
+            }
+            None if !whole && i + 1 == lines.len() => {}
+            None => panic!("{}: line {i} is not a writer line: {l:?}", path.display()),
+        }
+    }
+    if whole {
+        assert!(text.ends_with('\n'), "{}: last line torn", path.display());
+    }
+    last
 }
