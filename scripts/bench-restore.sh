@@ -25,7 +25,9 @@
 #   first byte   echo 3 > drop_caches, then mount + `head -c1 etc/debian_version` (7zz: one
 #                `7zz e -so` of that file); for the mounts this includes the mount itself
 #   list root    `find ROOT | wc -l` (7zz: `7zz l`), entry counts printed alongside
-#   copy 200 MB  cp bench/big.bin to /dev/shm (7zz: e -so > /dev/shm), MB/s (10^6 B/s)
+#   copy 200 MB  cp bench/big.bin to /dev/shm (7zz: e -so > /dev/shm), MB/s (10^6 B/s), median
+#                of 3 runs, each after drop_caches (guestmount: 1 run, since the appliance's
+#                kernel would serve later copies from its own cache)
 #   copy 2,000   cp -a bench/small to /dev/shm (7zz: x 'bench/small'), seconds
 #   metadata     cp -a of etc, usr and bench/small (7zz: x -snl -snh of the same), then symlinks,
 #                hard-linked files (nlink > 1) and files not owned by root counted, against the
@@ -174,12 +176,17 @@ log "metadata source (etc, usr, bench/small): symlinks/hard-linked files/non-roo
 declare -A R
 for c in snapfs gm 7z; do for r in ttfb list nlist mbs small meta metadiff rss; do R[$c.$r]=n/a; done; done
 
-copy_big() {  # SRC DST -> MB/s
-  local t0 t1 sz
-  drop; t0=$(now)
-  timeout 600 cp -- "$1" "$2"
-  t1=$(now); sz=$(stat -c %s "$2"); rm -f -- "$2"
-  awk -v s="$sz" -v t="$(elapsed "$t0" "$t1")" 'BEGIN { printf "%.1f", s / t / 1e6 }'
+median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+mbs() { awk -v s="$1" -v t="$2" 'BEGIN { printf "%.1f\n", s / t / 1e6 }'; }
+BIG_RUNS=3
+copy_big() {  # SRC DST RUNS -> MB/s, median of RUNS cold copies (the rates are noisy here)
+  local t0 t1 sz i
+  for (( i = 0; i < $3; i++ )); do
+    drop; t0=$(now)
+    timeout 600 cp -- "$1" "$2"
+    t1=$(now); sz=$(stat -c %s "$2"); rm -f -- "$2"
+    mbs "$sz" "$(elapsed "$t0" "$t1")"
+  done | median
 }
 copy_small() {  # SRC DST -> seconds
   local t0 t1
@@ -187,14 +194,19 @@ copy_small() {  # SRC DST -> seconds
   timeout 600 cp -a -- "$1" "$2"
   t1=$(now); elapsed "$t0" "$t1"
 }
+# number of paths whose line differs (or that exist on one side only) against the source;
+# the diff itself is kept in WORKDIR/last-COL.diff
+meta_diff() {
+  diff "$SHM/src.meta" "$1" > "$WORK/last-$(basename "$1" .meta).diff" || true
+  sed -n 's/^[<>] \([^|]*\)|.*/\1/p' "$WORK/last-$(basename "$1" .meta).diff" | sort -u | wc -l
+}
 meta_check() {  # COL ROOT
-  local col=$1 r=$2 d n
+  local col=$1 r=$2 d
   rm -rf -- "$SHM/meta"; mkdir -p "$SHM/meta"
   for d in "${META_DIRS[@]}"; do mkdir -p "$SHM/meta/$(dirname "$d")"; timeout 900 cp -a -- "$r/$d" "$SHM/meta/$d" 2>>"$SHM/$col.cp.err" || true; done
   R[$col.meta]=$(for d in "${META_DIRS[@]}"; do meta_counts "$SHM/meta/$d"; echo; done | awk -F/ '{a+=$1; b+=$2; c+=$3} END {print a "/" b "/" c}')
   meta_list_dirs "$SHM/meta" > "$SHM/$col.meta"
-  n=$(diff "$SHM/src.meta" "$SHM/$col.meta" | grep -c '^[<>]' || true)
-  R[$col.metadiff]=$n
+  R[$col.metadiff]=$(meta_diff "$SHM/$col.meta")
   rm -rf -- "$SHM/meta"
 }
 
@@ -218,7 +230,7 @@ run_snapfs() {
   [[ -n $pid ]] || pid=$(pgrep -n -f "snapfs mount.*$MNT" || true)
   log "snapfs: $("$SNAPFS" --version 2>/dev/null | head -1), daemon pid ${pid:-?}"
   drop; t0=$(now); R[snapfs.nlist]=$(timeout 600 find "$r" | wc -l); t1=$(now); R[snapfs.list]=$(elapsed "$t0" "$t1")
-  R[snapfs.mbs]=$(copy_big "$r/bench/big.bin" "$SHM/big.bin")
+  R[snapfs.mbs]=$(copy_big "$r/bench/big.bin" "$SHM/big.bin" "$BIG_RUNS")
   R[snapfs.small]=$(copy_small "$r/bench/small" "$SHM/small"); rm -rf -- "$SHM/small"
   meta_check snapfs "$r"
   if [[ -n $pid ]]; then
@@ -245,7 +257,8 @@ run_guestmount() {
   t1=$(now); R[gm.ttfb]=$(elapsed "$t0" "$t1")
   GM_NOTE="guestmount: $(guestmount --version 2>/dev/null | head -1)"
   drop; t0=$(now); R[gm.nlist]=$(timeout 900 find "$MNT2" | wc -l); t1=$(now); R[gm.list]=$(elapsed "$t0" "$t1")
-  R[gm.mbs]=$(copy_big "$MNT2/bench/big.bin" "$SHM/big.bin")
+  # one copy only: the appliance's own page cache (not dropped by the host) would serve the next
+  R[gm.mbs]=$(copy_big "$MNT2/bench/big.bin" "$SHM/big.bin" 1)
   R[gm.small]=$(copy_small "$MNT2/bench/small" "$SHM/small"); rm -rf -- "$SHM/small"
   meta_check gm "$MNT2"
   timeout 60 guestunmount "$MNT2" && GM_MOUNTED=0
@@ -254,7 +267,7 @@ run_guestmount() {
 # --------------------------------------------------------------------------------------------
 # 7-Zip
 run_7z() {
-  local t0 t1 out sz
+  local t0 t1 out sz i
   if ! command -v 7zz >/dev/null; then Z_NOTE="7zz not installed (apt-get install 7zip)"; return; fi
   local T=-text.gpt.qcow    # qcow2 -> GPT -> ext (one partition)
   drop; t0=$(now)
@@ -264,10 +277,12 @@ run_7z() {
   drop; t0=$(now); out=$(timeout 600 7zz l "$T" "$IMG"); t1=$(now); R[7z.list]=$(elapsed "$t0" "$t1")
   # summary line: "... N files, M folders"
   R[7z.nlist]=$(tail -n 5 <<<"$out" | sed -n 's/.* \([0-9]*\) files, \([0-9]*\) folders.*/\1 \2/p' | awk '{print $1 + $2}')
-  drop; t0=$(now)
-  timeout 600 7zz e -so "$T" "$IMG" bench/big.bin > "$SHM/big.bin" 2>/dev/null
-  t1=$(now); sz=$(stat -c %s "$SHM/big.bin"); rm -f -- "$SHM/big.bin"
-  R[7z.mbs]=$(awk -v s="$sz" -v t="$(elapsed "$t0" "$t1")" 'BEGIN { printf "%.1f", s / t / 1e6 }')
+  R[7z.mbs]=$(for (( i = 0; i < BIG_RUNS; i++ )); do
+      drop; t0=$(now)
+      timeout 600 7zz e -so "$T" "$IMG" bench/big.bin > "$SHM/big.bin" 2>/dev/null
+      t1=$(now); sz=$(stat -c %s "$SHM/big.bin"); rm -f -- "$SHM/big.bin"
+      mbs "$sz" "$(elapsed "$t0" "$t1")"
+    done | median)
   drop; t0=$(now)
   timeout 600 7zz x -snl -snh -y "$T" "-o$SHM/small7" "$IMG" bench/small >/dev/null 2>"$SHM/7z.small.err" || true
   t1=$(now); R[7z.small]=$(elapsed "$t0" "$t1")
@@ -278,7 +293,7 @@ run_7z() {
   timeout 900 7zz x -snl -snh -y "$T" "-o$SHM/meta" "$IMG" "${META_DIRS[@]}" >/dev/null 2>"$SHM/7z.meta.err" || true
   R[7z.meta]=$(for d in "${META_DIRS[@]}"; do meta_counts "$SHM/meta/$d"; echo; done | awk -F/ '{a+=$1; b+=$2; c+=$3} END {print a "/" b "/" c}')
   meta_list_dirs "$SHM/meta" > "$SHM/7z.meta"
-  R[7z.metadiff]=$(diff "$SHM/src.meta" "$SHM/7z.meta" | grep -c '^[<>]' || true)
+  R[7z.metadiff]=$(meta_diff "$SHM/7z.meta")
   rm -rf -- "$SHM/meta"
 }
 
@@ -313,6 +328,7 @@ printf '%-36s %11s %11s %11s\n' "symlinks/hardlinked/non-root" "${R[snapfs.meta]
 printf '%-36s %11s %11s %11s\n' "  (source: $SRC_META)" "" "" ""
 printf '%-36s %11s %11s %11s\n' "  entries differing from source" "${R[snapfs.metadiff]}" "${R[gm.metadiff]}" "${R[7z.metadiff]}"
 printf '%-36s %11s %11s %11s\n' "snapfs daemon peak RSS (MiB)" "${R[snapfs.rss]}" "" ""
-echo "# metadata rows: over etc, usr, bench/small ($(wc -l < "$SHM/src.meta") entries); differing = lines of"
-echo "#   diff over (path, type, mode, uid:gid, symlink target, nlink of non-dirs) against the source tree"
+echo "# metadata rows: over etc, usr, bench/small ($(wc -l < "$SHM/src.meta") entries); differing = paths whose"
+echo "#   (type, mode, uid:gid, symlink target, nlink of non-dirs) differ or that are missing/extra;"
+echo "#   diffs in $WORK/last-{snapfs,gm,7z}.diff"
 echo "# ratios: times faster than the peer (peer s / snapfs s; snapfs MB/s / peer MB/s)"
