@@ -148,9 +148,7 @@ impl SnapFs {
 
     /// A readdirplus entry was handed to the kernel: that counts as a lookup.
     pub fn count_lookup(&self, ino: u64) {
-        if let Some(path) = lock(&self.inodes).path(ino).map(<[String]>::to_vec) {
-            lock(&self.inodes).get_or_insert(path, true);
-        }
+        lock(&self.inodes).add_lookup(ino);
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {

@@ -239,3 +239,22 @@ fn files_dir_is_root_only_and_lazy() {
         libc::ENOENT
     );
 }
+
+#[test]
+fn readdirplus_counts_lookups_without_deadlock() {
+    let p = provider();
+    let fs = core(p);
+    let a = walk(&fs, "instances/web").unwrap();
+    let fh = fs.opendir(a.ino).unwrap();
+    let entries = fs.readdir(fh).unwrap();
+    let json = entries.iter().find(|e| e.name == "instance.json").unwrap();
+    let before = lock(&fs.inodes).count();
+    fs.count_lookup(json.ino);
+    fs.forget(json.ino, 1);
+    assert_eq!(
+        lock(&fs.inodes).count(),
+        before - 1,
+        "the counted reference was released"
+    );
+    fs.release(fh);
+}
