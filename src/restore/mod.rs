@@ -86,6 +86,14 @@ pub enum Volume {
     Lvm(Vec<lvm::LogicalVolume>),
 }
 
+/// The inode of the entry called exactly `name` in a directory listing.
+pub(crate) fn entry_ino(list: &[(Vec<u8>, u64, FileKind)], name: &[u8]) -> Result<u64> {
+    list.iter()
+        .find(|(n, _, _)| n == name)
+        .map(|(_, ino, _)| *ino)
+        .ok_or_else(|| crate::error::Error::NotFound(String::from_utf8_lossy(name).into_owned()))
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Partition {
     /// "p1", "p2", … or "whole".

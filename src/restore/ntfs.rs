@@ -356,15 +356,12 @@ impl GuestFs for NtfsFs {
 
     fn lookup(&self, dir: u64, name: &[u8]) -> Result<FileStat> {
         let list = self.dir_entries(dir)?;
-        let (_, ino, _) = list
-            .iter()
-            .find(|(n, _, _)| n == name)
-            .ok_or_else(|| Error::NotFound(String::from_utf8_lossy(name).into_owned()))?;
-        let st = self.stat(*ino)?;
+        let ino = super::entry_ino(&list, name)?;
+        let st = self.stat(ino)?;
         if st.kind == FileKind::Dir {
             // A directory has one parent: one of its names must point back at `dir`.
             let ok = self.with("lookup", |ntfs, fs| {
-                let f = Self::file(ntfs, fs, *ino)?;
+                let f = Self::file(ntfs, fs, ino)?;
                 Ok(f.name(fs, None, Some(dir)).is_some())
             })?;
             if !ok {

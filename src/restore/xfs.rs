@@ -779,13 +779,10 @@ impl GuestFs for XfsFs {
 
     fn lookup(&self, dir: u64, name: &[u8]) -> Result<FileStat> {
         let list = self.dir_entries(dir)?;
-        let (_, ino, _) = list
-            .iter()
-            .find(|(n, _, _)| n == name)
-            .ok_or_else(|| Error::NotFound(String::from_utf8_lossy(name).into_owned()))?;
-        let st = self.stat(*ino)?;
-        if st.kind == FileKind::Dir && self.dotdot(*ino)? != dir {
-            return Err(self.corrupt_ino(*ino, format!("directory's .. is not its parent {dir}")));
+        let ino = super::entry_ino(&list, name)?;
+        let st = self.stat(ino)?;
+        if st.kind == FileKind::Dir && self.dotdot(ino)? != dir {
+            return Err(self.corrupt_ino(ino, format!("directory's .. is not its parent {dir}")));
         }
         Ok(st)
     }

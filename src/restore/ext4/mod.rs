@@ -942,14 +942,11 @@ impl GuestFs for Ext4Fs {
 
     fn lookup(&self, dir: u64, name: &[u8]) -> Result<FileStat> {
         let list = self.dir_entries(dir)?;
-        let (_, ino, _) = list
-            .iter()
-            .find(|(n, _, _)| n == name)
-            .ok_or_else(|| Error::NotFound(String::from_utf8_lossy(name).into_owned()))?;
-        let st = self.stat(*ino)?;
+        let ino = crate::restore::entry_ino(&list, name)?;
+        let st = self.stat(ino)?;
         // Directories have exactly one parent: a child whose `..` disagrees is a loop or damage.
-        if st.kind == FileKind::Dir && self.dotdot(*ino)? != dir {
-            return Err(self.corrupt_ino(*ino, format!("directory's .. is not its parent {dir}")));
+        if st.kind == FileKind::Dir && self.dotdot(ino)? != dir {
+            return Err(self.corrupt_ino(ino, format!("directory's .. is not its parent {dir}")));
         }
         Ok(st)
     }
