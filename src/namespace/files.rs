@@ -12,7 +12,7 @@ use super::names::escape;
 use super::registry::lock;
 use super::{Kind, Namespace, Stat};
 use crate::error::{Error, Result};
-use crate::provider::{Owner, VOLUME_DISK};
+use crate::provider::{Owner, SnapshotInfo, VOLUME_DISK};
 use crate::restore::{self, FileKind, FileStat, GuestFs, Partition, Volume};
 
 pub const FILES: &str = "files";
@@ -150,21 +150,30 @@ impl FilesCache {
 }
 
 impl Namespace {
-    fn disk_key(&self, p: &FilesPath) -> Result<(String, Arc<super::OpenDisk>)> {
+    /// The snapshot `p` lies in: looked up once per operation and handed down.
+    fn snapshot_of(&self, p: &FilesPath) -> Result<SnapshotInfo> {
+        self.reg.snapshot(&p.owner, &p.snap)
+    }
+
+    fn disk_key(
+        &self,
+        p: &FilesPath,
+        snap: &SnapshotInfo,
+    ) -> Result<(String, Arc<super::OpenDisk>)> {
         let target = p
             .target
             .as_deref()
             .ok_or_else(|| Error::Invalid("files/ has no disk here".into()))?;
-        let snap = self.reg.snapshot(&p.owner, &p.snap)?;
-        let disk = self.open_disk(&p.owner, &snap, target)?;
-        Ok((super::disk_key(&p.owner, &snap, target), disk))
+        let disk = self.open_disk(&p.owner, snap, target)?;
+        Ok((super::disk_key(&p.owner, snap, target), disk))
     }
 
     fn partitions_of(
         &self,
         p: &FilesPath,
+        snap: &SnapshotInfo,
     ) -> Result<(String, Arc<super::OpenDisk>, Arc<Vec<Partition>>)> {
-        let (key, disk) = self.disk_key(p)?;
+        let (key, disk) = self.disk_key(p, snap)?;
         if let Some(parts) = lock(&self.files).partitions.get(&key) {
             return Ok((key, disk, parts.clone()));
         }
@@ -174,12 +183,12 @@ impl Namespace {
     }
 
     /// The filesystem (or README) of `p`'s partition, and its volume number.
-    fn volume_of(&self, p: &FilesPath) -> Result<(String, Arc<Volume>, u16)> {
+    fn volume_of(&self, p: &FilesPath, snap: &SnapshotInfo) -> Result<(String, Arc<Volume>, u16)> {
         let part_name = p
             .part
             .as_deref()
             .ok_or_else(|| Error::Invalid("no partition".into()))?;
-        let (disk_key, disk, parts) = self.partitions_of(p)?;
+        let (disk_key, disk, parts) = self.partitions_of(p, snap)?;
         let part = parts
             .iter()
             .find(|x| x.name == part_name)
@@ -220,13 +229,11 @@ impl Namespace {
         Ok((vol, number))
     }
 
-    fn resolve(&self, p: &FilesPath) -> Result<Resolved> {
+    fn resolve(&self, p: &FilesPath, snap: &SnapshotInfo) -> Result<Resolved> {
         if p.at_root() || p.at_disk() {
-            // Existence of the snapshot (and disk) is checked by listing it.
+            // The disk exists (and its partition table reads) or this is not a directory.
             if p.target.is_some() {
-                self.partitions_of(p)?;
-            } else {
-                self.reg.snapshot(&p.owner, &p.snap)?;
+                self.partitions_of(p, snap)?;
             }
             return Ok(Resolved::Dir(if p.at_root() {
                 FILES_PERM
@@ -234,7 +241,7 @@ impl Namespace {
                 super::DIR_PERM
             }));
         }
-        let (key, vol, number) = self.volume_of(p)?;
+        let (key, vol, number) = self.volume_of(p, snap)?;
         self.resolve_in(&key, &vol, number, &p.rest)
     }
 
@@ -344,8 +351,11 @@ impl Namespace {
         })
     }
 
-    pub(super) fn files_stat(&self, p: &FilesPath, mtime: std::time::SystemTime) -> Result<Stat> {
-        Ok(match self.resolve(p)? {
+    /// Synthetic directories and READMEs take the snapshot's time.
+    pub(super) fn files_stat(&self, p: &FilesPath) -> Result<Stat> {
+        let snap = self.snapshot_of(p)?;
+        let mtime = snap.created;
+        Ok(match self.resolve(p, &snap)? {
             Resolved::Dir(perm) => {
                 let mut s = Stat::new(Kind::Dir, 0, 0, mtime, perm);
                 s.owner = Some((0, 0));
@@ -364,8 +374,8 @@ impl Namespace {
     }
 
     pub(super) fn files_list(&self, p: &FilesPath) -> Result<Vec<(String, Kind, Option<u64>)>> {
+        let snap = self.snapshot_of(p)?;
         if p.target.is_none() {
-            let snap = self.reg.snapshot(&p.owner, &p.snap)?;
             return Ok(snap
                 .disks
                 .iter()
@@ -373,13 +383,13 @@ impl Namespace {
                 .collect());
         }
         if p.at_disk() {
-            let (_, _, parts) = self.partitions_of(p)?;
+            let (_, _, parts) = self.partitions_of(p, &snap)?;
             return Ok(parts
                 .iter()
                 .map(|x| (x.name.clone(), Kind::Dir, None))
                 .collect());
         }
-        match self.resolve(p)? {
+        match self.resolve(p, &snap)? {
             Resolved::Dir(_) => Err(Error::Backend(
                 "files/ level resolved as a partition".into(),
             )),
@@ -403,7 +413,7 @@ impl Namespace {
     }
 
     pub(super) fn files_open(&self, p: &FilesPath) -> Result<super::Content> {
-        match self.resolve(p)? {
+        match self.resolve(p, &self.snapshot_of(p)?)? {
             Resolved::Readme(b) => Ok(super::Content::Bytes(b)),
             Resolved::Guest { fs, stat, .. } if stat.kind == FileKind::File => {
                 Ok(super::Content::Guest(GuestFile {
@@ -420,7 +430,7 @@ impl Namespace {
     }
 
     pub(super) fn files_readlink(&self, p: &FilesPath) -> Result<Vec<u8>> {
-        match self.resolve(p)? {
+        match self.resolve(p, &self.snapshot_of(p)?)? {
             Resolved::Guest { fs, stat, .. } if stat.kind == FileKind::Symlink => {
                 fs.readlink(stat.ino)
             }
@@ -429,7 +439,7 @@ impl Namespace {
     }
 
     pub(super) fn files_xattrs(&self, p: &FilesPath) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        match self.resolve(p)? {
+        match self.resolve(p, &self.snapshot_of(p)?)? {
             Resolved::Guest { fs, stat, .. } => fs.xattrs(stat.ino),
             _ => Ok(Vec::new()),
         }

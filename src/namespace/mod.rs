@@ -285,10 +285,7 @@ impl Namespace {
                 let target = self.launch_target(&Node::LaunchLink(n.clone()))?;
                 Stat::new(Kind::Symlink, target.len() as u64, 0, self.started, 0o777)
             }
-            Node::Files(p) => {
-                let created = self.reg.snapshot(&p.owner, &p.snap)?.created;
-                self.files_stat(p, created)?
-            }
+            Node::Files(p) => self.files_stat(p)?,
             Node::InSnapshot => return Err(Error::NotFound("no such file in snapshot".into())),
         })
     }
