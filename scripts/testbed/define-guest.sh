@@ -1,5 +1,5 @@
 #!/bin/bash
-# define-guest.sh [--start] [--recreate] NAME OUTDIR [DISK]
+# define-guest.sh [--start] [--recreate] [--rbd POOL/IMAGE --ceph-conf CONF] NAME OUTDIR [DISK]
 #
 # Defines libvirt domain NAME (TCG, 1 vcpu, 288 MiB, direct kernel boot from OUTDIR as built by
 # build-guest.sh) with:
@@ -9,6 +9,9 @@
 #   channel org.snapfs.ctl (unix socket chosen by libvirt, see guest-ctl.sh; no fixed path, so a
 #           clone defined from this XML gets its own)
 #   serial console          -> /var/log/snapfs-testbed/NAME.console.log
+# --rbd POOL/IMAGE  vda is that RBD image instead (a network disk, like Nova's rbd image backend;
+#              QEMU reads CONF, given with --ceph-conf, for the monitors and the keyring); the image
+#              must exist (see rbd-guest.sh) and is never removed by --recreate
 # --start      start the domain if it is not running
 # --recreate   destroy + undefine an existing NAME (and its snapshot metadata) and recreate its
 #              disk from demo-disk.qcow2 (files of its disk chain named IMAGES/NAME.* are removed:
@@ -16,11 +19,13 @@
 # Idempotent: an existing domain is left alone (unless --recreate).
 set -euo pipefail
 
-START=0 RECREATE=0
+START=0 RECREATE=0 RBD= CEPH_CONF_FILE=
 while [[ ${1:-} == --* ]]; do
     case $1 in
         --start) START=1 ;;
         --recreate) RECREATE=1 ;;
+        --rbd) RBD=${2:?--rbd POOL/IMAGE}; shift ;;
+        --ceph-conf) CEPH_CONF_FILE=${2:?--ceph-conf CONF}; shift ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -64,13 +69,33 @@ if [[ $RECREATE == 1 ]] && exists; then
     if [[ $DISK == "$IMAGES/$NAME".* ]]; then rm -f "$DISK"; fi
 fi
 
-if ! exists; then
+if [[ -n $RBD && -z $CEPH_CONF_FILE ]]; then log "ERROR: --rbd needs --ceph-conf"; exit 2; fi
+
+if ! exists && [[ -n $RBD ]]; then
+    DISK_XML="    <disk type='network' device='disk'>
+      <driver name='qemu' type='raw' cache='writeback'/>
+      <source protocol='rbd' name='$RBD'>
+        <config file='$CEPH_CONF_FILE'/>
+      </source>
+      <target dev='vda' bus='virtio'/>
+    </disk>"
+    DISK="rbd:$RBD"
+    FMT=raw
+elif ! exists; then
     if [[ ! -e $DISK ]]; then
         cp --sparse=always "$OUTDIR/demo-disk.qcow2" "$DISK.tmp"
         mv "$DISK.tmp" "$DISK"
         log "disk $DISK (copy of demo-disk.qcow2)"
     fi
     FMT=$(qemu-img info -U "$DISK" | awk '/^file format:/ {print $3; exit}')
+    DISK_XML="    <disk type='file' device='disk'>
+      <driver name='qemu' type='$FMT'/>
+      <source file='$DISK'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>"
+fi
+
+if ! exists; then
     XML=$(mktemp /tmp/snapfs-domain.XXXXXX.xml)
     trap 'rm -f "$XML"' EXIT
     cat > "$XML" <<EOF
@@ -92,11 +117,7 @@ if ! exists; then
   <on_crash>destroy</on_crash>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='$FMT'/>
-      <source file='$DISK'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
+$DISK_XML
     <channel type='unix'>
       <target type='virtio' name='org.qemu.guest_agent.0'/>
     </channel>

@@ -8,10 +8,11 @@ export DEBIAN_FRONTEND=noninteractive
 # keep an existing (e.g. our edited) qemu.conf on reinstall, never prompt
 DPKG_OPTS=(-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
 
-# Packages taken from bookworm-backports (must match the qemu-utils 10.0 already on the image).
+# Packages taken from bookworm-backports (must match the qemu-utils 10.0 already on the image;
+# qemu-block-extra is QEMU's rbd driver, for guests booted from RBD disks).
 BP_PKGS=(qemu-system-x86 qemu-system-common qemu-system-data qemu-guest-agent qemu-utils seabios
          libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-storage
-         libvirt-daemon-log libvirt-clients libvirt-dev)
+         libvirt-daemon-log libvirt-clients libvirt-dev qemu-block-extra)
 # Plain bookworm tools used by build-guest.sh and the checks in docs/testbed.md.
 TOOLS=(busybox-static cpio gzip gdisk e2fsprogs fuse3 pkg-config socat jq bindfs)
 
