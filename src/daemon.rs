@@ -36,6 +36,8 @@ pub struct MountConfig {
     pub freeze_timeout: Duration,
     /// Ceph RBD pools to serve (`--ceph`), if any.
     pub rbd: Option<crate::provider::rbd::RbdConfig>,
+    /// Flatten the RBD clones of a launch in the background (Nova's behaviour).
+    pub flatten_on_launch: bool,
 }
 
 /// Mount and serve in this process until unmounted. `ready` is told "READY" (or the error)
@@ -82,21 +84,33 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
             ImagesProvider::new(&cfg.images, cache.clone()).context("images provider")?,
         ));
     }
+    let mut libvirt = None;
     if let Some(uri) = &cfg.libvirt {
         let opts = LibvirtOptions {
             uri: uri.clone(),
             quiesce: cfg.quiesce,
             freeze_timeout: cfg.freeze_timeout,
             state_dir: cfg.state_dir.clone(),
+            flatten_on_launch: cfg.flatten_on_launch,
         };
         let lv = LibvirtProvider::new(opts, cache.clone()).context("libvirt provider")?;
-        // Before the mount exists: a guest a dead daemon left frozen is thawed first.
+        // Before the mount exists (and before Ceph, which may take its timeout to answer):
+        // a guest a dead daemon left frozen is thawed first.
         lv.recover_frozen().context("thawing guests left frozen")?;
-        providers.push(Arc::new(lv));
+        libvirt = Some(lv);
     }
     if let Some(rbd) = &cfg.rbd {
+        if rbd.pools.is_empty() && libvirt.is_none() {
+            bail!("--ceph needs at least one --pool (or --libvirt, for domains with RBD disks)");
+        }
         let rbd = crate::provider::rbd::RbdProvider::new(rbd).context("rbd provider")?;
+        if let Some(lv) = libvirt.as_mut() {
+            lv.attach_rbd(rbd.access());
+        }
         providers.push(Arc::new(rbd));
+    }
+    if let Some(lv) = libvirt {
+        providers.insert(usize::from(!cfg.images.is_empty()), Arc::new(lv));
     }
     if providers.is_empty() {
         warn!("no provider configured (--images DIR, --libvirt): the tree will be empty");

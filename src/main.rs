@@ -73,6 +73,10 @@ struct MountArgs {
     /// snapshot; 0 turns it off. Chunks wait in a cache of their own (4× this, at least 64 MiB).
     #[arg(long, value_name = "MIB", default_value_t = 32)]
     ceph_read_ahead_mb: u64,
+    /// After launching from an RBD-backed snapshot, flatten the clones in the background
+    /// (like Nova), so the snapshot can be deleted once that finishes.
+    #[arg(long)]
+    flatten_on_launch: bool,
     /// Stay in the foreground and log to stderr.
     #[arg(long)]
     foreground: bool,
@@ -171,6 +175,7 @@ fn mount(m: MountArgs) -> anyhow::Result<()> {
             connect_timeout: Duration::from_secs(m.ceph_timeout.max(1)),
             read_ahead: m.ceph_read_ahead_mb << 20,
         }),
+        flatten_on_launch: m.flatten_on_launch,
     };
     daemon::serve(cfg, ready)
 }

@@ -12,6 +12,7 @@
 
 pub mod agent;
 pub mod freeze;
+mod rbd;
 pub mod xml;
 
 use std::collections::HashSet;
@@ -29,6 +30,7 @@ use virt::error::ErrorNumber;
 use virt::sys;
 
 use super::images::ImagesProvider;
+use super::rbd::RbdAccess;
 use super::{LaunchInfo, ObjectInfo, Owner, Provider, SnapDisk, SnapshotInfo};
 use crate::error::{Error, IoContext, Result};
 use crate::image::{self, qcow2, BlockCache, BlockImage, Format};
@@ -65,6 +67,8 @@ pub struct LibvirtOptions {
     pub quiesce: Quiesce,
     pub freeze_timeout: Duration,
     pub state_dir: PathBuf,
+    /// Flatten the RBD clones of a launch in the background.
+    pub flatten_on_launch: bool,
 }
 
 /// How long `instance.json` waits for a guest-ping.
@@ -78,6 +82,10 @@ pub struct LibvirtProvider {
     conn: Mutex<Option<Connect>>,
     freezer: Arc<Freezer>,
     cache: Arc<BlockCache>,
+    /// The Ceph connection (`--ceph`), for domains whose disks are RBD images.
+    rbd: Option<Arc<RbdAccess>>,
+    /// Serialises read-modify-write of the RBD snapshot records in domain metadata.
+    rbd_records: Mutex<()>,
 }
 
 /// A libvirt error with our context, mapped onto the refusals SPEC.md names.
@@ -238,10 +246,17 @@ impl LibvirtProvider {
             conn: Mutex::new(None),
             freezer,
             cache,
+            rbd: None,
+            rbd_records: Mutex::new(()),
         };
         let c = p.conn()?;
         info!(uri = %p.opts.uri, hypervisor = %c.driver_type().unwrap_or_default(), quiesce = ?p.opts.quiesce, freeze_timeout_ms = p.opts.freeze_timeout.as_millis() as u64, "libvirt provider");
         Ok(p)
+    }
+
+    /// Serve domains whose disks are RBD images through this Ceph connection.
+    pub fn attach_rbd(&mut self, rbd: Arc<RbdAccess>) {
+        self.rbd = Some(rbd);
     }
 
     /// The shared connection, reopened when it died (libvirtd restart).
@@ -532,6 +547,94 @@ impl LibvirtProvider {
         Ok(None)
     }
 
+    /// Freeze the guest per the quiesce policy: `Some` when frozen (thawed when dropped),
+    /// `None` for a crash-consistent snapshot, ETIMEDOUT when the policy requires a freeze
+    /// the agent could not give.
+    fn quiesce(
+        &self,
+        dom: &Domain,
+        uuid: &str,
+        dom_name: &str,
+        owner: &Owner,
+        active: bool,
+    ) -> Result<Option<freeze::Frozen>> {
+        let policy = if active {
+            self.opts.quiesce
+        } else {
+            Quiesce::Off
+        };
+        if policy == Quiesce::Off {
+            return Ok(None);
+        }
+        match self
+            .freezer
+            .freeze(dom, uuid, dom_name, self.opts.freeze_timeout)
+        {
+            FreezeOutcome::Frozen(f) => return Ok(Some(f)),
+            FreezeOutcome::Failed(e) if policy == Quiesce::Require => {
+                return Err(Error::TimedOut(format!(
+                    "quiesce required but the guest agent of {owner} could not freeze: {e}"
+                )))
+            }
+            FreezeOutcome::TimedOut if policy == Quiesce::Require => {
+                return Err(Error::TimedOut(format!(
+                    "quiesce required but the guest agent of {owner} did not freeze within {} ms",
+                    self.opts.freeze_timeout.as_millis()
+                )))
+            }
+            FreezeOutcome::Failed(e) => {
+                warn!(%owner, error = %e, "freeze failed: taking a crash-consistent snapshot")
+            }
+            FreezeOutcome::TimedOut => {
+                warn!(%owner, "freeze timed out: taking a crash-consistent snapshot")
+            }
+        }
+        Ok(None)
+    }
+
+    /// Define `new` from `src`'s definition with `edits` applied, record the launch in its
+    /// metadata and start it; on failure nothing of `new` is left defined.
+    fn define_and_start(
+        &self,
+        src: &Domain,
+        new: &str,
+        instance: &str,
+        snapshot: &str,
+        edits: &[xml::DiskEdit],
+    ) -> Result<()> {
+        let src_xml = src
+            .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE)
+            .map_err(|e| lv_err(format!("reading {instance}'s definition"), e))?;
+        let new_xml = xml::launch_domain_xml(&src_xml, instance, new, edits)?;
+        let conn = self.conn()?;
+        let dom = conn
+            .define_domain_xml(&new_xml)
+            .map_err(|e| lv_err(format!("defining domain {new}"), e))?;
+        let undefine = |why: &Error| {
+            warn!(domain = %new, error = %why, "launch failed: removing the new domain");
+            let _ = dom.destroy();
+            let _ = dom.undefine();
+        };
+        let meta = xml::launch_metadata(instance, snapshot)?;
+        if let Err(e) = dom.set_metadata(
+            sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+            Some(&meta),
+            Some(xml::LAUNCH_KEY),
+            Some(xml::LAUNCH_NS),
+            sys::VIR_DOMAIN_AFFECT_CONFIG,
+        ) {
+            let e = lv_err(format!("recording the launch in {new}'s metadata"), e);
+            undefine(&e);
+            return Err(e);
+        }
+        if let Err(e) = dom.create() {
+            let e = lv_err(format!("starting domain {new}"), e);
+            undefine(&e);
+            return Err(e);
+        }
+        Ok(())
+    }
+
     fn qemu_img_create_overlay(
         &self,
         overlay: &Path,
@@ -665,6 +768,7 @@ impl Provider for LibvirtProvider {
                 Err(e) => warn!(%owner, error = %e, "skipping an unreadable snapshot"),
             }
         }
+        out.extend(self.rbd_snapshot_infos(&dom, owner)?);
         out.sort_by(|a, b| a.created.cmp(&b.created).then(a.name.cmp(&b.name)));
         Ok(out)
     }
@@ -690,6 +794,7 @@ impl Provider for LibvirtProvider {
 
         let mut overlays = Vec::new();
         let mut excluded = Vec::new();
+        let mut rbd_disks = Vec::new();
         for d in &def.disks {
             if !d.is_data_disk() {
                 excluded.push(d.target.clone());
@@ -703,17 +808,37 @@ impl Provider for LibvirtProvider {
                         fresh_image_path(dir, &dom_name, name, &d.target)?,
                     ));
                 }
+                DiskSource::Network { protocol, name } if protocol == "rbd" => {
+                    let (pool, image) = xml::rbd_pool_image(name)?;
+                    rbd_disks.push(rbd::RbdDisk {
+                        target: d.target.clone(),
+                        pool,
+                        image,
+                    });
+                }
                 other => {
                     let what = match other {
                         DiskSource::None => "without a source".to_string(),
                         o => o.describe(),
                     };
                     return Err(Error::NotSupported(format!(
-                        "disk {} of {owner} is {what}: only file disks get external snapshots",
+                        "disk {} of {owner} is {what}: only file and RBD disks can be snapshotted",
                         d.target
                     )));
                 }
             }
+        }
+        if !rbd_disks.is_empty() {
+            if let Some((t, _)) = overlays.first() {
+                return Err(Error::NotSupported(format!(
+                    "{owner} mixes RBD disks ({}) with file disks ({t}): no snapshot can cover both at once",
+                    rbd_disks[0].target
+                )));
+            }
+            if Domain::lookup_snapshot_by_name(&dom, name, 0).is_ok() {
+                return Err(Error::Exists(format!("snapshot {name} of {owner}")));
+            }
+            return self.create_rbd_snapshot(&dom, owner, name, &rbd_disks);
         }
         if overlays.is_empty() {
             return Err(Error::NotSupported(format!(
@@ -721,34 +846,7 @@ impl Provider for LibvirtProvider {
             )));
         }
 
-        let policy = if active {
-            self.opts.quiesce
-        } else {
-            Quiesce::Off
-        };
-        let mut frozen = None;
-        if policy != Quiesce::Off {
-            match self.freezer.freeze(&dom, &uuid, &dom_name, self.opts.freeze_timeout) {
-                FreezeOutcome::Frozen(f) => frozen = Some(f),
-                FreezeOutcome::Failed(e) if policy == Quiesce::Require => {
-                    return Err(Error::TimedOut(format!(
-                        "quiesce required but the guest agent of {owner} could not freeze: {e}"
-                    )))
-                }
-                FreezeOutcome::TimedOut if policy == Quiesce::Require => {
-                    return Err(Error::TimedOut(format!(
-                        "quiesce required but the guest agent of {owner} did not freeze within {} ms",
-                        self.opts.freeze_timeout.as_millis()
-                    )))
-                }
-                FreezeOutcome::Failed(e) => {
-                    warn!(%owner, error = %e, "freeze failed: taking a crash-consistent snapshot")
-                }
-                FreezeOutcome::TimedOut => {
-                    warn!(%owner, "freeze timed out: taking a crash-consistent snapshot")
-                }
-            }
-        }
+        let frozen = self.quiesce(&dom, &uuid, &dom_name, owner, active)?;
         let quiesced = frozen.is_some();
         let req = xml::snapshot_request(name, quiesced, &overlays, &excluded)?;
         let flags =
@@ -772,6 +870,9 @@ impl Provider for LibvirtProvider {
             return self.pool_images(owner)?.delete_snapshot(owner, name);
         }
         let dom = self.domain(owner)?;
+        if self.delete_rbd_snapshot(&dom, owner, name)? {
+            return Ok(());
+        }
         let uuid = dom.uuid_string().map_err(|e| lv_err("domain uuid", e))?;
         let snap = Self::lookup_snapshot(&dom, owner, name)?;
         let sx = Self::snapshot_xml(&snap)?;
@@ -801,6 +902,11 @@ impl Provider for LibvirtProvider {
             return self.pool_images(owner)?.open_disk(owner, snap, target);
         }
         let dom = self.domain(owner)?;
+        if snap.id.starts_with("rbd:") {
+            if let Some(img) = self.open_rbd_disk(&dom, owner, &snap.name, target)? {
+                return Ok(img);
+            }
+        }
         let s = Self::lookup_snapshot(&dom, owner, &snap.name)?;
         let sx = Self::snapshot_xml(&s)?;
         let current = Self::domain_xml(&dom, 0)?.disks;
@@ -860,6 +966,9 @@ impl Provider for LibvirtProvider {
             )));
         }
         let src = self.domain(&owner)?;
+        if self.launch_rbd(&src, new, instance, snapshot)?.is_some() {
+            return Ok(());
+        }
         let snap = Self::lookup_snapshot(&src, &owner, snapshot)?;
         let sx = Self::snapshot_xml(&snap)?;
         let current = Self::domain_xml(&src, 0)?.disks;
@@ -897,42 +1006,10 @@ impl Provider for LibvirtProvider {
             created.push(overlay.clone());
             edits.push(xml::DiskEdit {
                 target: i.target.clone(),
-                file: overlay,
+                source: xml::NewSource::File(overlay),
             });
         }
-        let result = (|| -> Result<()> {
-            let src_xml = src
-                .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE)
-                .map_err(|e| lv_err(format!("reading {instance}'s definition"), e))?;
-            let new_xml = xml::launch_domain_xml(&src_xml, instance, new, &edits)?;
-            let conn = self.conn()?;
-            let dom = conn
-                .define_domain_xml(&new_xml)
-                .map_err(|e| lv_err(format!("defining domain {new}"), e))?;
-            let undefine = |why: &Error| {
-                warn!(domain = %new, error = %why, "launch failed: removing the new domain");
-                let _ = dom.destroy();
-                let _ = dom.undefine();
-            };
-            let meta = xml::launch_metadata(instance, snapshot)?;
-            if let Err(e) = dom.set_metadata(
-                sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
-                Some(&meta),
-                Some(xml::LAUNCH_KEY),
-                Some(xml::LAUNCH_NS),
-                sys::VIR_DOMAIN_AFFECT_CONFIG,
-            ) {
-                let e = lv_err(format!("recording the launch in {new}'s metadata"), e);
-                undefine(&e);
-                return Err(e);
-            }
-            if let Err(e) = dom.create() {
-                let e = lv_err(format!("starting domain {new}"), e);
-                undefine(&e);
-                return Err(e);
-            }
-            Ok(())
-        })();
+        let result = self.define_and_start(&src, new, instance, snapshot, &edits);
         if let Err(e) = result {
             cleanup(&created);
             return Err(match e {

@@ -7,8 +7,9 @@
 //! read-only at the snapshot. Every librados/librbd call is bounded by the configured
 //! timeouts, so a dead cluster answers EIO instead of hanging.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
@@ -37,9 +38,88 @@ pub struct RbdConfig {
 
 pub struct RbdProvider {
     pools: Vec<Arc<Pool>>,
+    access: Arc<RbdAccess>,
+}
+
+/// The cluster connection and read path, shared with the libvirt provider for domains whose
+/// disks are RBD images (of any pool, not only the `--pool` ones).
+pub struct RbdAccess {
+    cluster: Arc<Cluster>,
+    /// Pools opened so far, by name.
+    pools: Mutex<HashMap<String, Arc<Pool>>>,
     /// Where read-ahead chunks wait for their readers (shared by all opened snapshots).
     cache: Arc<BlockCache>,
     read_ahead: u64,
+}
+
+impl RbdAccess {
+    /// An I/O context on `name`, opened once.
+    pub fn pool(&self, name: &str) -> Result<Arc<Pool>> {
+        let mut g = crate::namespace::registry::lock(&self.pools);
+        if let Some(p) = g.get(name) {
+            return Ok(p.clone());
+        }
+        let p = self.cluster.pool(name)?;
+        g.insert(name.to_string(), p.clone());
+        Ok(p)
+    }
+
+    /// The bytes of `pool/image@snap`, through our reader with read-ahead.
+    pub fn open_snapshot(
+        &self,
+        pool: &Arc<Pool>,
+        image: &str,
+        snap: &str,
+    ) -> Result<Arc<dyn BlockImage>> {
+        let img = pool.open(image, Some(snap), false)?;
+        Ok(Arc::new(RbdImage::new(
+            img,
+            self.cache.clone(),
+            self.read_ahead,
+        )?))
+    }
+
+    /// The clones of `image@snap` as `pool/image` names (empty when the snapshot is gone).
+    pub fn clones(pool: &Arc<Pool>, image: &str, snap: &str) -> Result<Vec<String>> {
+        let probe = match pool.open(image, Some(snap), false) {
+            Ok(p) => p,
+            Err(Error::NotFound(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        Ok(probe
+            .children()?
+            .iter()
+            .map(|c| format!("{}/{}", c.pool, c.image))
+            .collect())
+    }
+
+    /// Remove snapshot `name` of `img` (opened writable at its head, image `image` of `pool`):
+    /// EBUSY while clones depend on it; a protected one without clones is unprotected first,
+    /// as `rbd snap rm` would require by hand.
+    pub fn remove_snapshot(pool: &Arc<Pool>, image: &str, img: &Image, name: &str) -> Result<()> {
+        let children = Self::clones(pool, image, name)?;
+        if !children.is_empty() {
+            return Err(Error::Busy(format!(
+                "snapshot {name} of {}/{image} has {} clone(s) that depend on it: {} (flatten or remove them first)",
+                pool.name,
+                children.len(),
+                children.join(", ")
+            )));
+        }
+        let protected = img.snap_is_protected(name)?;
+        if protected {
+            img.snap_unprotect(name)?;
+        }
+        if let Err(e) = img.snap_remove(name) {
+            if protected {
+                if let Err(e2) = img.snap_protect(name) {
+                    warn!(pool = %pool.name, image, snap = name, error = %e2, "could not re-protect after a failed remove");
+                }
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
 }
 
 impl RbdProvider {
@@ -51,9 +131,6 @@ impl RbdProvider {
                 "Ceph configuration {} (give --ceph PATH)",
                 cfg.conf.display()
             )));
-        }
-        if cfg.pools.is_empty() {
-            return Err(Error::Invalid("--ceph needs at least one --pool".into()));
         }
         let cluster = Cluster::connect(
             &cfg.conf,
@@ -81,13 +158,20 @@ impl RbdProvider {
         // Read-ahead chunks get their own LRU: 4 MiB chunks would flush the shared metadata
         // cache, and a reader that stops early leaves chunks that must age out somewhere.
         let budget = cfg.read_ahead.saturating_mul(4).max(64 << 20);
-        Ok(RbdProvider {
-            pools,
+        let access = Arc::new(RbdAccess {
+            cluster,
+            pools: Mutex::new(pools.iter().map(|p| (p.name.clone(), p.clone())).collect()),
             cache: Arc::new(BlockCache::new(
                 usize::try_from(budget).unwrap_or(usize::MAX),
             )),
             read_ahead: cfg.read_ahead,
-        })
+        });
+        Ok(RbdProvider { pools, access })
+    }
+
+    /// The connection, for the libvirt provider's RBD-backed domains.
+    pub fn access(&self) -> Arc<RbdAccess> {
+        self.access.clone()
     }
 
     fn pool(&self, name: &str) -> Result<&Arc<Pool>> {
@@ -224,40 +308,14 @@ impl Provider for RbdProvider {
         self.open(owner, None, true)?.snap_create(name)
     }
 
-    /// A snapshot with clones cannot go (EBUSY); a protected one without clones is
-    /// unprotected first, as `rbd snap rm` would require by hand.
+    /// A snapshot with clones cannot go (EBUSY); see [`RbdAccess::remove_snapshot`].
     fn delete_snapshot(&self, owner: &Owner, name: &str) -> Result<()> {
-        let img = self.open(owner, None, true)?;
+        let (pool, image) = self.volume(owner)?;
+        let img = pool.open(image, None, true)?;
         if !img.snapshots()?.iter().any(|s| s.name == name) {
             return Err(Error::NotFound(format!("snapshot {name} of {owner}")));
         }
-        let probe = self.open(owner, Some(name), false)?;
-        let children = probe.children()?;
-        drop(probe);
-        if !children.is_empty() {
-            let list: Vec<String> = children
-                .iter()
-                .map(|c| format!("{}/{}", c.pool, c.image))
-                .collect();
-            return Err(Error::Busy(format!(
-                "snapshot {name} of {owner} has {} clone(s) that depend on it: {} (flatten or remove them first)",
-                children.len(),
-                list.join(", ")
-            )));
-        }
-        let protected = img.snap_is_protected(name)?;
-        if protected {
-            img.snap_unprotect(name)?;
-        }
-        if let Err(e) = img.snap_remove(name) {
-            if protected {
-                if let Err(e2) = img.snap_protect(name) {
-                    warn!(%owner, snap = name, error = %e2, "could not re-protect after a failed remove");
-                }
-            }
-            return Err(e);
-        }
-        Ok(())
+        RbdAccess::remove_snapshot(pool, image, &img, name)
     }
 
     fn rename_snapshot(&self, owner: &Owner, from: &str, to: &str) -> Result<()> {
@@ -274,12 +332,8 @@ impl Provider for RbdProvider {
         if target != VOLUME_DISK {
             return Err(Error::NotFound(format!("disk {target} of {owner}")));
         }
-        let img = self.open(owner, Some(&snap.name), false)?;
-        Ok(Arc::new(RbdImage::new(
-            img,
-            self.cache.clone(),
-            self.read_ahead,
-        )?))
+        let (pool, image) = self.volume(owner)?;
+        self.access.open_snapshot(pool, image, &snap.name)
     }
 }
 

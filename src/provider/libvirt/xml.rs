@@ -311,10 +311,118 @@ pub fn parse_launch_metadata(xml: &str) -> Option<(String, String)> {
     ))
 }
 
-/// How a launch changes one disk: new source file, qcow2 format.
+/// Namespace of our records of RBD-backed instance snapshots in a domain's `<metadata>`.
+pub const RBD_SNAPS_NS: &str = "https://snapfs.dev/xmlns/rbd-snapshots/1";
+/// Prefix (key) of that element.
+pub const RBD_SNAPS_KEY: &str = "snapfsrbd";
+
+/// One instance snapshot of an RBD-backed domain: an RBD snapshot of each disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RbdSnapRecord {
+    pub name: String,
+    /// Seconds since the epoch.
+    pub created: i64,
+    pub quiesced: bool,
+    pub disks: Vec<RbdSnapDisk>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RbdSnapDisk {
+    pub target: String,
+    pub pool: String,
+    pub image: String,
+    pub snap: String,
+}
+
+/// The `<snapshots>` element holding every record of a domain.
+pub fn rbd_records_xml(records: &[RbdSnapRecord]) -> Result<String> {
+    let mut x = String::from("<snapshots>");
+    for r in records {
+        x.push_str(&format!(
+            "<snapshot name='{}' created='{}' quiesced='{}'>",
+            escape(&r.name)?,
+            r.created,
+            r.quiesced
+        ));
+        for d in &r.disks {
+            x.push_str(&format!(
+                "<disk target='{}' pool='{}' image='{}' snap='{}'/>",
+                escape(&d.target)?,
+                escape(&d.pool)?,
+                escape(&d.image)?,
+                escape(&d.snap)?
+            ));
+        }
+        x.push_str("</snapshot>");
+    }
+    x.push_str("</snapshots>");
+    Ok(x)
+}
+
+/// The records in what `virDomainGetMetadata` returned for [`RBD_SNAPS_NS`]; entries
+/// missing a required attribute are skipped.
+pub fn parse_rbd_records(xml: &str) -> Result<Vec<RbdSnapRecord>> {
+    let doc = parse(xml)?;
+    let mut out = Vec::new();
+    for s in doc
+        .root_element()
+        .children()
+        .filter(|c| c.has_tag_name("snapshot"))
+    {
+        let Some(name) = s.attribute("name") else {
+            continue;
+        };
+        let disks = s
+            .children()
+            .filter(|c| c.has_tag_name("disk"))
+            .filter_map(|d| {
+                Some(RbdSnapDisk {
+                    target: d.attribute("target")?.to_string(),
+                    pool: d.attribute("pool")?.to_string(),
+                    image: d.attribute("image")?.to_string(),
+                    snap: d.attribute("snap")?.to_string(),
+                })
+            })
+            .collect();
+        out.push(RbdSnapRecord {
+            name: name.to_string(),
+            created: s
+                .attribute("created")
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0),
+            quiesced: s.attribute("quiesced") == Some("true"),
+            disks,
+        });
+    }
+    Ok(out)
+}
+
+/// `pool/image` of an RBD network disk's `name` (`pool/namespace/image` and `image@snap`
+/// sources are refused: we never write such disks).
+pub fn rbd_pool_image(name: &str) -> Result<(String, String)> {
+    match name.split('/').collect::<Vec<_>>().as_slice() {
+        [pool, image] if !pool.is_empty() && !image.is_empty() && !image.contains('@') => {
+            Ok((pool.to_string(), image.to_string()))
+        }
+        _ => Err(Error::NotSupported(format!(
+            "RBD disk source {name:?}: only pool/image (no namespace, no @snapshot) is supported"
+        ))),
+    }
+}
+
+/// Where a launched disk's bytes go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NewSource {
+    /// A qcow2 overlay file.
+    File(PathBuf),
+    /// An RBD clone `pool/image` (same monitors, auth and config as the source disk).
+    Rbd(String),
+}
+
+/// How a launch changes one disk.
 pub struct DiskEdit {
     pub target: String,
-    pub file: PathBuf,
+    pub source: NewSource,
 }
 
 /// The source domain's inactive XML turned into the clone's: new name, no UUID (libvirt
@@ -339,7 +447,9 @@ pub fn launch_domain_xml(
             "uuid" => edits.push((n.range(), String::new())),
             "metadata" => {
                 for m in n.children().filter(|m| m.is_element()) {
-                    if m.tag_name().namespace() == Some(LAUNCH_NS) {
+                    // Our launch record and RBD snapshot records belong to the source.
+                    let ns = m.tag_name().namespace();
+                    if ns == Some(LAUNCH_NS) || ns == Some(RBD_SNAPS_NS) {
                         edits.push((m.range(), String::new()));
                     }
                 }
@@ -366,10 +476,17 @@ pub fn launch_domain_xml(
                                 continue;
                             };
                             seen.insert(disk.target.clone());
-                            let file = edit.file.to_str().ok_or_else(|| {
-                                Error::Invalid(format!("{}: not UTF-8", edit.file.display()))
-                            })?;
-                            edits.push((d.range(), rewrite_disk(src_xml, d, file)?));
+                            let new = match &edit.source {
+                                NewSource::File(f) => rewrite_disk(
+                                    src_xml,
+                                    d,
+                                    f.to_str().ok_or_else(|| {
+                                        Error::Invalid(format!("{}: not UTF-8", f.display()))
+                                    })?,
+                                )?,
+                                NewSource::Rbd(name) => rewrite_rbd_disk(src_xml, d, name)?,
+                            };
+                            edits.push((d.range(), new));
                         }
                         "interface" => {
                             if let Some(mac) = child(d, "mac") {
@@ -441,6 +558,27 @@ fn rewrite_disk(src: &str, d: roxmltree::Node<'_, '_>, file: &str) -> Result<Str
         out = format!("{}type='file'{}", &out[..r.start], &out[r.end..]);
     }
     Ok(out)
+}
+
+/// An RBD network `<disk>` on its clone: only the source's `name` changes (monitors, auth
+/// and config stay), a stale `<backingStore>` goes.
+fn rewrite_rbd_disk(src: &str, d: roxmltree::Node<'_, '_>, name: &str) -> Result<String> {
+    if d.attribute("type") != Some("network") {
+        return Err(Error::Backend(
+            "an RBD clone can only replace a network disk".into(),
+        ));
+    }
+    let base = d.range().start;
+    let rel = |r: std::ops::Range<usize>| (r.start - base)..(r.end - base);
+    let mut edits = Vec::new();
+    for c in d.children().filter(|c| c.is_element()) {
+        match c.tag_name().name() {
+            "source" => edits.push((rel(c.range()), replace_attr(src, c, "name", name)?)),
+            "backingStore" => edits.push((rel(c.range()), String::new())),
+            _ => {}
+        }
+    }
+    Ok(apply_edits(&src[d.range()], edits))
 }
 
 /// Element `n` with attribute `attr` set to `value` (added when absent).
@@ -576,7 +714,7 @@ mod tests {
             "copy<1>",
             &[DiskEdit {
                 target: "vda".into(),
-                file: "/img/copy.vda.qcow2".into(),
+                source: NewSource::File("/img/copy.vda.qcow2".into()),
             }],
         )
         .unwrap();

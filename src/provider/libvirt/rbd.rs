@@ -1,0 +1,448 @@
+//! RBD-backed instances: domains whose disks are `type='network' protocol='rbd'` (Nova's
+//! `rbd` image backend). libvirt cannot snapshot such disks itself, so we do what Nova's
+//! "direct snapshot" does:
+//!
+//! - mkdir: freeze through the agent (same policy as file disks), an RBD snapshot of every
+//!   disk named like the instance snapshot, thaw; then a record of the set in the domain's
+//!   `<metadata>` (namespace [`xml::RBD_SNAPS_NS`]), which is what makes the RBD snapshots
+//!   one instance snapshot in `.snapshots/`. A failure part way removes what was made.
+//! - reads: each disk's RBD snapshot through librbd, like `volumes/`.
+//! - rmdir: EBUSY while any disk's snapshot has clones; otherwise unprotect + remove each,
+//!   then drop the record.
+//! - launch: protect each disk's snapshot, `rbd_clone3` it into the disk's pool, define and
+//!   start a domain on the clones; with `--flatten-on-launch` the clones are flattened in
+//!   the background, after which the snapshot is deletable.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+use tracing::{info, warn};
+use virt::domain::Domain;
+use virt::error::ErrorNumber;
+use virt::sys;
+
+use super::xml::{self, RbdSnapDisk, RbdSnapRecord};
+use super::{lv_err, safe_part, LibvirtProvider};
+use crate::ceph::{Image, Pool, SnapEntry};
+use crate::error::{Error, Result};
+use crate::image::BlockImage;
+use crate::provider::rbd::RbdAccess;
+use crate::provider::{Owner, SnapDisk, SnapshotInfo};
+
+/// One RBD disk of a domain.
+#[derive(Clone, Debug)]
+pub(super) struct RbdDisk {
+    pub target: String,
+    pub pool: String,
+    pub image: String,
+}
+
+/// A disk image opened at its head, with its snapshot list.
+type OpenedDisk = (Arc<Pool>, Image, Vec<SnapEntry>);
+
+/// The clone of a launched disk: `<new>-<target>` in the source disk's pool.
+fn clone_name(new: &str, target: &str, attempt: u32) -> String {
+    let base = format!("{}-{}", safe_part(new), safe_part(target));
+    if attempt <= 1 {
+        base
+    } else {
+        format!("{base}-{attempt}")
+    }
+}
+
+impl LibvirtProvider {
+    /// The Ceph connection, or the refusal that says how to get one.
+    fn rbd_access(&self, owner: &Owner) -> Result<&Arc<RbdAccess>> {
+        self.rbd.as_ref().ok_or_else(|| {
+            Error::NotSupported(format!(
+                "{owner} has RBD disks: start snapfs with --ceph CEPH_CONF to reach them"
+            ))
+        })
+    }
+
+    /// The RBD snapshot records of a domain (none when it has no metadata of ours).
+    pub(super) fn rbd_records(dom: &Domain) -> Result<Vec<RbdSnapRecord>> {
+        match dom.metadata(
+            sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+            Some(xml::RBD_SNAPS_NS),
+            0,
+        ) {
+            Ok(m) => xml::parse_rbd_records(&m),
+            Err(e) if e.code().known() == Some(ErrorNumber::NoDomainMetadata) => Ok(Vec::new()),
+            Err(e) => Err(lv_err("reading RBD snapshot records", e)),
+        }
+    }
+
+    /// Store `records` in the domain's persistent definition and, when it runs, its live one.
+    fn write_rbd_records(dom: &Domain, records: &[RbdSnapRecord]) -> Result<()> {
+        let mut flags = 0;
+        if dom.is_persistent().unwrap_or(true) {
+            flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
+        }
+        if dom.is_active().unwrap_or(false) {
+            flags |= sys::VIR_DOMAIN_AFFECT_LIVE;
+        }
+        let meta = if records.is_empty() {
+            None
+        } else {
+            Some(xml::rbd_records_xml(records)?)
+        };
+        dom.set_metadata(
+            sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+            meta.as_deref(),
+            meta.as_ref().map(|_| xml::RBD_SNAPS_KEY),
+            Some(xml::RBD_SNAPS_NS),
+            flags,
+        )
+        .map_err(|e| lv_err("recording RBD snapshots in the domain's metadata", e))?;
+        Ok(())
+    }
+
+    /// `instances/<name>/.snapshots/` entries of the RBD records.
+    pub(super) fn rbd_snapshot_infos(
+        &self,
+        dom: &Domain,
+        owner: &Owner,
+    ) -> Result<Vec<SnapshotInfo>> {
+        let records = Self::rbd_records(dom)?;
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let access = self.rbd_access(owner)?;
+        // Each disk image opened once: its snapshot list answers every record.
+        let mut images: Vec<((String, String), Option<OpenedDisk>)> = Vec::new();
+        let mut out = Vec::new();
+        for r in &records {
+            let mut disks = Vec::new();
+            let mut disks_json = Vec::new();
+            let mut first_id = None;
+            for d in &r.disks {
+                let key = (d.pool.clone(), d.image.clone());
+                if !images.iter().any(|(k, _)| *k == key) {
+                    let opened = access.pool(&d.pool).and_then(|p| {
+                        let img = p.open(&d.image, None, false)?;
+                        let snaps = img.snapshots()?;
+                        Ok((p, img, snaps))
+                    });
+                    let v = match opened {
+                        Ok(v) => Some(v),
+                        Err(e) => {
+                            warn!(%owner, pool = %d.pool, image = %d.image, error = %e, "cannot read an RBD disk of a snapshot");
+                            None
+                        }
+                    };
+                    images.push((key.clone(), v));
+                }
+                let Some((pool, img, snaps)) = images
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .and_then(|(_, v)| v.as_ref())
+                else {
+                    continue;
+                };
+                let Some(entry) = snaps.iter().find(|s| s.name == d.snap) else {
+                    warn!(%owner, snapshot = %r.name, disk = %d.target, "RBD snapshot {}/{}@{} is gone", d.pool, d.image, d.snap);
+                    continue;
+                };
+                first_id.get_or_insert(entry.id);
+                let protected = img.snap_is_protected(&d.snap).unwrap_or(false);
+                let clones = RbdAccess::clones(pool, &d.image, &d.snap).unwrap_or_default();
+                disks.push(SnapDisk {
+                    target: d.target.clone(),
+                    size: entry.size,
+                });
+                disks_json.push(json!({
+                    "target": d.target,
+                    "kind": "rbd",
+                    "source": format!("{}/{}@{}", d.pool, d.image, d.snap),
+                    "format": "raw",
+                    "size": entry.size,
+                    "protected": protected,
+                    "children": clones.len(),
+                    "clones": clones,
+                }));
+            }
+            let created = UNIX_EPOCH + Duration::from_secs(u64::try_from(r.created).unwrap_or(0));
+            let id = format!("rbd:{}", first_id.unwrap_or(0));
+            out.push(SnapshotInfo {
+                name: r.name.clone(),
+                id: id.clone(),
+                created,
+                disks,
+                json: json!({
+                    "id": id,
+                    "name": r.name,
+                    "created": crate::provider::rfc3339(created),
+                    "quiesced": r.quiesced,
+                    "memory": false,
+                    "state": "disk-snapshot",
+                    "parent": serde_json::Value::Null,
+                    "description": serde_json::Value::Null,
+                    "disks": disks_json,
+                }),
+            });
+        }
+        Ok(out)
+    }
+
+    /// mkdir for a domain whose data disks are all RBD images.
+    pub(super) fn create_rbd_snapshot(
+        &self,
+        dom: &Domain,
+        owner: &Owner,
+        name: &str,
+        disks: &[RbdDisk],
+    ) -> Result<()> {
+        if name.contains('@') {
+            return Err(Error::Invalid(format!(
+                "RBD snapshot name {name:?} may not contain '@'"
+            )));
+        }
+        let access = self.rbd_access(owner)?;
+        let dom_name = dom.name().map_err(|e| lv_err("domain name", e))?;
+        let uuid = dom.uuid_string().map_err(|e| lv_err("domain uuid", e))?;
+        let active = dom.is_active().unwrap_or(false);
+        let _records = crate::namespace::registry::lock(&self.rbd_records);
+        let mut records = Self::rbd_records(dom)?;
+        if records.iter().any(|r| r.name == name) {
+            return Err(Error::Exists(format!("snapshot {name} of {owner}")));
+        }
+        // Every image opened writable at its head before anything is frozen or made.
+        let mut opened = Vec::new();
+        for d in disks {
+            let pool = access.pool(&d.pool)?;
+            let img = pool.open(&d.image, None, true)?;
+            if img.snapshots()?.iter().any(|s| s.name == name) {
+                return Err(Error::Exists(format!(
+                    "RBD image {}/{} (disk {} of {owner}) already has a snapshot named {name}",
+                    d.pool, d.image, d.target
+                )));
+            }
+            opened.push((d, img));
+        }
+
+        let frozen = self.quiesce(dom, &uuid, &dom_name, owner, active)?;
+        let quiesced = frozen.is_some();
+        let started = Instant::now();
+        let mut made: Vec<usize> = Vec::new();
+        let mut failed = None;
+        for (i, (d, img)) in opened.iter().enumerate() {
+            match img.snap_create(name) {
+                Ok(()) => made.push(i),
+                Err(e) => {
+                    warn!(%owner, disk = %d.target, error = %e, "RBD snapshot failed");
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let snap_ms = started.elapsed().as_millis() as u64;
+        let thawed = frozen.map(|f| f.thaw());
+        let undo = |why: &str| {
+            for &i in &made {
+                let (d, img) = &opened[i];
+                if let Err(e) = img.snap_remove(name) {
+                    warn!(%owner, disk = %d.target, error = %e, "cannot remove the RBD snapshot of a failed mkdir ({why})");
+                }
+            }
+        };
+        if let Some(e) = failed {
+            undo("a disk failed");
+            return Err(e);
+        }
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0));
+        records.push(RbdSnapRecord {
+            name: name.to_string(),
+            created,
+            quiesced,
+            disks: disks
+                .iter()
+                .map(|d| RbdSnapDisk {
+                    target: d.target.clone(),
+                    pool: d.pool.clone(),
+                    image: d.image.clone(),
+                    snap: name.to_string(),
+                })
+                .collect(),
+        });
+        if let Err(e) = Self::write_rbd_records(dom, &records) {
+            undo("no record");
+            return Err(e);
+        }
+        info!(%owner, snapshot = %name, quiesced, snap_ms, disks = disks.len(), "RBD snapshot of every disk created");
+        if let Some(Err(e)) = thawed {
+            return Err(Error::Backend(format!(
+                "snapshot {name} of {owner} was created, but thawing the guest failed (snapfs keeps retrying): {e}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// rmdir of a recorded RBD snapshot: EBUSY while a disk's snapshot has clones.
+    pub(super) fn delete_rbd_snapshot(
+        &self,
+        dom: &Domain,
+        owner: &Owner,
+        name: &str,
+    ) -> Result<bool> {
+        let _records = crate::namespace::registry::lock(&self.rbd_records);
+        let mut records = Self::rbd_records(dom)?;
+        let Some(at) = records.iter().position(|r| r.name == name) else {
+            return Ok(false);
+        };
+        let access = self.rbd_access(owner)?;
+        // Refuse before removing anything.
+        for d in &records[at].disks {
+            let pool = access.pool(&d.pool)?;
+            let clones = RbdAccess::clones(&pool, &d.image, &d.snap)?;
+            if !clones.is_empty() {
+                return Err(Error::Busy(format!(
+                    "snapshot {name} of {owner}: disk {} ({}/{}@{}) has {} clone(s) that depend on it: {} (flatten or remove them first)",
+                    d.target, d.pool, d.image, d.snap, clones.len(), clones.join(", ")
+                )));
+            }
+        }
+        let mut result = Ok(());
+        let mut left = Vec::new();
+        for d in records[at].disks.clone() {
+            let r = access.pool(&d.pool).and_then(|pool| {
+                let img = match pool.open(&d.image, None, true) {
+                    Err(Error::NotFound(_)) => return Ok(()),
+                    other => other?,
+                };
+                if !img.snapshots()?.iter().any(|s| s.name == d.snap) {
+                    return Ok(());
+                }
+                RbdAccess::remove_snapshot(&pool, &d.image, &img, &d.snap)
+            });
+            if let Err(e) = r {
+                left.push(d);
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        if left.is_empty() {
+            records.remove(at);
+        } else {
+            records[at].disks = left;
+        }
+        Self::write_rbd_records(dom, &records)?;
+        result.map(|()| true)
+    }
+
+    /// The bytes of one disk of a recorded RBD snapshot (None: not such a snapshot).
+    pub(super) fn open_rbd_disk(
+        &self,
+        dom: &Domain,
+        owner: &Owner,
+        snap: &str,
+        target: &str,
+    ) -> Result<Option<Arc<dyn BlockImage>>> {
+        let records = Self::rbd_records(dom)?;
+        let Some(r) = records.iter().find(|r| r.name == snap) else {
+            return Ok(None);
+        };
+        let d = r.disks.iter().find(|d| d.target == target).ok_or_else(|| {
+            Error::NotFound(format!("disk {target} of snapshot {snap} of {owner}"))
+        })?;
+        let access = self.rbd_access(owner)?;
+        let pool = access.pool(&d.pool)?;
+        access.open_snapshot(&pool, &d.image, &d.snap).map(Some)
+    }
+
+    /// Launch `new` from a recorded RBD snapshot (None: not such a snapshot).
+    pub(super) fn launch_rbd(
+        &self,
+        src: &Domain,
+        new: &str,
+        instance: &str,
+        snapshot: &str,
+    ) -> Result<Option<()>> {
+        let owner = Owner::Instance(instance.to_string());
+        let records = Self::rbd_records(src)?;
+        let Some(r) = records.into_iter().find(|r| r.name == snapshot) else {
+            return Ok(None);
+        };
+        if r.disks.is_empty() {
+            return Err(Error::NotSupported(format!(
+                "snapshot {snapshot} of {instance} has no disk"
+            )));
+        }
+        let access = self.rbd_access(&owner)?;
+        let mut clones: Vec<(Arc<Pool>, String)> = Vec::new();
+        let remove_clones = |clones: &[(Arc<Pool>, String)]| {
+            for (pool, name) in clones {
+                if let Err(e) = pool.remove_image(name) {
+                    warn!(image = %name, error = %e, "cannot remove the RBD clone of a failed launch");
+                }
+            }
+        };
+        let mut edits = Vec::new();
+        let started = Instant::now();
+        for d in &r.disks {
+            let made = (|| -> Result<(Arc<Pool>, String)> {
+                let pool = access.pool(&d.pool)?;
+                let img = pool.open(&d.image, None, true)?;
+                if !img.snap_is_protected(&d.snap)? {
+                    img.snap_protect(&d.snap)?;
+                }
+                for attempt in 1..100 {
+                    let name = clone_name(new, &d.target, attempt);
+                    match pool.clone_snapshot(&d.image, &d.snap, &pool, &name) {
+                        Ok(()) => return Ok((pool, name)),
+                        Err(Error::Exists(_)) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(Error::Exists(format!(
+                    "no free clone name for {new}-{} in pool {}",
+                    d.target, d.pool
+                )))
+            })();
+            match made {
+                Ok((pool, name)) => {
+                    edits.push(xml::DiskEdit {
+                        target: d.target.clone(),
+                        source: xml::NewSource::Rbd(format!("{}/{name}", pool.name)),
+                    });
+                    clones.push((pool, name));
+                }
+                Err(e) => {
+                    remove_clones(&clones);
+                    return Err(e);
+                }
+            }
+        }
+        let clone_ms = started.elapsed().as_millis() as u64;
+        if let Err(e) = self.define_and_start(src, new, instance, snapshot, &edits) {
+            remove_clones(&clones);
+            return Err(e);
+        }
+        info!(domain = %new, %instance, %snapshot, clone_ms, clones = clones.len(), "launched on RBD clones");
+        if self.opts.flatten_on_launch {
+            let names: Vec<String> = clones
+                .iter()
+                .map(|(p, n)| format!("{}/{n}", p.name))
+                .collect();
+            let spawned = std::thread::Builder::new()
+                .name("rbd-flatten".into())
+                .spawn(move || {
+                    for (pool, name) in clones {
+                        let t = Instant::now();
+                        match pool.open(&name, None, true).and_then(|img| img.flatten()) {
+                            Ok(()) => info!(image = %format!("{}/{name}", pool.name), ms = t.elapsed().as_millis() as u64, "clone flattened"),
+                            Err(e) => warn!(image = %format!("{}/{name}", pool.name), error = %e, "flattening the clone failed"),
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                warn!(clones = ?names, error = %e, "cannot start flattening the clones");
+            }
+        }
+        Ok(Some(()))
+    }
+}
