@@ -1,0 +1,342 @@
+//! RBD-backed instances (issue 4, scope 3–4) against the real test bed and the real Ceph
+//! cluster: a TCG guest booted from an RBD disk (scripts/testbed/rbd-guest.sh), snapshotted,
+//! read and launched by clone through the real mount.
+//!
+//! Needs both the libvirt test bed (scripts/testbed/up.sh) and the loopback Ceph
+//! (scripts/ceph/start-ceph.sh). Without them the test prints a skip message and passes,
+//! unless SNAPFS_REQUIRE_TESTBED=1 or SNAPFS_REQUIRE_CEPH=1 (CI), where it fails.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const URI: &str = "qemu:///system";
+const POOL: &str = "rbd";
+
+fn scripts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/testbed")
+}
+
+fn ceph_conf() -> PathBuf {
+    std::env::var_os("SNAPFS_CEPH_CONF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/snapfs-ceph/ceph.conf"))
+}
+
+/// Whether libvirt, the built guest and Ceph are all there; panics when required and missing.
+fn ready() -> bool {
+    let mut missing = Vec::new();
+    let base = PathBuf::from("/var/lib/snapfs-testbed/guest/demo-disk.qcow2");
+    if !base.exists() {
+        missing.push(format!("{} missing", base.display()));
+    }
+    if !Command::new("virsh")
+        .args(["-c", URI, "version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        missing.push(format!("libvirt at {URI} not reachable"));
+    }
+    let conf = ceph_conf();
+    if !(conf.is_file()
+        && Command::new("timeout")
+            .args(["15", "rados", "--rados_osd_op_timeout=10", "-c"])
+            .arg(&conf)
+            .args(["-p", POOL, "ls"])
+            .output()
+            .is_ok_and(|o| o.status.success()))
+    {
+        missing.push(format!("Ceph cluster of {} not answering", conf.display()));
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let why = missing.join("; ");
+    let required = ["SNAPFS_REQUIRE_TESTBED", "SNAPFS_REQUIRE_CEPH"]
+        .iter()
+        .any(|v| std::env::var(v).as_deref() == Ok("1"));
+    assert!(!required, "test bed and Ceph required but not ready: {why}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIP libvirt_rbd: {why}");
+    false
+}
+
+fn virsh(args: &[&str]) -> std::process::Output {
+    Command::new("virsh")
+        .args(["-q", "-c", URI])
+        .args(args)
+        .output()
+        .expect("run virsh")
+}
+
+fn rbd(args: &[&str]) -> String {
+    run(Command::new("rbd").arg("-c").arg(ceph_conf()).args(args))
+}
+
+fn rbd_json(args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.extend(["--format", "json"]);
+    serde_json::from_str(&rbd(&a)).expect("rbd json")
+}
+
+fn script(name: &str, args: &[&str]) -> std::process::Output {
+    Command::new(scripts().join(name))
+        .args(args)
+        .env("LIBVIRT_DEFAULT_URI", URI)
+        .env("CEPH_CONF", ceph_conf())
+        .output()
+        .unwrap_or_else(|e| panic!("run {name}: {e}"))
+}
+
+fn script_ok(name: &str, args: &[&str]) -> String {
+    let o = script(name, args);
+    assert!(
+        o.status.success(),
+        "{name} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn state(dom: &str) -> String {
+    String::from_utf8_lossy(&virsh(&["domstate", dom]).stdout)
+        .trim()
+        .to_string()
+}
+
+/// Remove an RBD image with its snapshots (protected or not); errors ignored.
+fn remove_image(name: &str) {
+    let spec = format!("{POOL}/{name}");
+    let c = ceph_conf();
+    let quiet = |args: &[&str]| {
+        let _ = Command::new("rbd").arg("-c").arg(&c).args(args).output();
+    };
+    if let Ok(o) = Command::new("rbd")
+        .arg("-c")
+        .arg(&c)
+        .args(["snap", "ls", &spec, "--format", "json"])
+        .output()
+    {
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        for s in v.as_array().into_iter().flatten() {
+            if let Some(n) = s["name"].as_str() {
+                quiet(&["snap", "unprotect", &format!("{spec}@{n}")]);
+            }
+        }
+    }
+    quiet(&["snap", "purge", "--no-progress", &spec]);
+    quiet(&["rm", "--no-progress", &spec]);
+}
+
+/// The guest `lvr-t<pid>` on RBD image `lvr-t<pid>-vda` and the clones launched from it;
+/// all removed on drop (domains first, then clones, then the image).
+struct RbdGuest {
+    name: String,
+    clones: Vec<String>,
+}
+
+impl RbdGuest {
+    fn start() -> RbdGuest {
+        let g = RbdGuest {
+            name: format!("lvr-t{}", std::process::id()),
+            clones: Vec::new(),
+        };
+        script_ok("rbd-guest.sh", &["--recreate", &g.name]);
+        g
+    }
+
+    fn image(&self) -> String {
+        format!("{}-vda", self.name)
+    }
+
+    fn status(&self, dom: &str) -> String {
+        script_ok("guest-ctl.sh", &[dom, "status"])
+    }
+
+    fn remove_domain(dom: &str) {
+        let _ = virsh(&["destroy", dom]);
+        let _ = virsh(&["undefine", dom]);
+        let _ = fs::remove_file(format!("/var/log/snapfs-testbed/{dom}.console.log"));
+    }
+}
+
+impl Drop for RbdGuest {
+    fn drop(&mut self) {
+        let _ = script("guest-ctl.sh", &[&self.name, "agent-resume"]);
+        for c in &self.clones {
+            Self::remove_domain(c);
+            remove_image(&format!("{c}-vda"));
+        }
+        Self::remove_domain(&self.name);
+        remove_image(&self.image());
+    }
+}
+
+fn json(p: &Path) -> serde_json::Value {
+    let b = fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+    serde_json::from_slice(&b).unwrap_or_else(|e| panic!("parse {}: {e}", p.display()))
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The whole life of an RBD-backed instance snapshot: quiesced mkdir, byte-exact reads and
+/// guest files, the refusals, launch by clone (which boots), EBUSY while the clone depends
+/// on it, `--flatten-on-launch`, and rmdir once flattened.
+#[test]
+fn rbd_backed_instance_snapshot_launch_and_flatten() {
+    if !ready() {
+        return;
+    }
+    let mut g = RbdGuest::start();
+    let conf = ceph_conf();
+    let conf_s = conf.to_str().expect("utf-8 conf path");
+    let libvirt = format!("--libvirt={URI}");
+    let args = [
+        libvirt.as_str(),
+        "--ceph",
+        conf_s,
+        "--pool",
+        POOL,
+        "--quiesce",
+        "require",
+        "--freeze-timeout",
+        "20",
+    ];
+    let m = Mount::with_providers(&args);
+    let inst = m.mnt.join("instances").join(&g.name);
+    let snaps = inst.join(".snapshots");
+    let info = json(&inst.join("instance.json"));
+    assert_eq!(info["disks"][0]["source"]["protocol"], "rbd", "{info}");
+
+    // mkdir: a quiesced RBD snapshot of the disk, recorded as one instance snapshot.
+    fs::create_dir(snaps.join("q")).expect("mkdir q");
+    assert!(g.status(&g.name).contains("frozen=0"), "guest left frozen");
+    assert_eq!(ls(&snaps), ["q"]);
+    let sj = json(&snaps.join("q/snapshot.json"));
+    assert_eq!(sj["quiesced"], true, "{sj}");
+    assert_eq!(sj["disks"][0]["source"], format!("{POOL}/{}@q", g.image()));
+    let rbd_snaps = rbd_json(&["snap", "ls", &format!("{POOL}/{}", g.image())]);
+    assert!(
+        rbd_snaps
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "q"),
+        "{rbd_snaps}"
+    );
+    // The same snapshot under volumes/ (the RBD view of the image).
+    let vol_snap = m
+        .mnt
+        .join("volumes")
+        .join(POOL)
+        .join(g.image())
+        .join(".snapshots/q");
+    assert!(vol_snap.join("disk.raw").exists());
+
+    // Refusals: taken name (in the record, and as an RBD snapshot name), '@'.
+    assert_eq!(errno(fs::create_dir(snaps.join("q"))), libc::EEXIST);
+    rbd(&["snap", "create", &format!("{POOL}/{}@taken", g.image())]);
+    assert_eq!(errno(fs::create_dir(snaps.join("taken"))), libc::EEXIST);
+    rbd(&[
+        "snap",
+        "rm",
+        "--no-progress",
+        &format!("{POOL}/{}@taken", g.image()),
+    ]);
+    assert_eq!(errno(fs::create_dir(snaps.join("a@b"))), libc::EINVAL);
+
+    // Bytes: vda.raw equals `rbd export` of the RBD snapshot.
+    let export = m.dir.path().join("export.raw");
+    rbd(&[
+        "export",
+        "--no-progress",
+        &format!("{POOL}/{}@q", g.image()),
+        export.to_str().unwrap(),
+    ]);
+    let raw = snaps.join("q/vda.raw");
+    assert_eq!(
+        fs::metadata(&raw).unwrap().len(),
+        fs::metadata(&export).unwrap().len()
+    );
+    assert_eq!(
+        first_difference(&raw, &export),
+        None,
+        "vda.raw != rbd export"
+    );
+    fs::remove_file(&export).unwrap();
+
+    // Guest files of the quiesced snapshot: the writer's log ends with a whole line.
+    let log = fs::read_to_string(snaps.join("q/files/vda/p1/writer.log")).expect("writer.log");
+    assert!(!log.is_empty() && log.ends_with('\n'), "torn writer.log");
+    let first_line = log.lines().next().unwrap().to_string();
+
+    // Launch by clone: the clone boots and sees the snapshot's data.
+    let clone1 = format!("{}-c1", g.name);
+    g.clones.push(clone1.clone());
+    std::os::unix::fs::symlink(
+        format!("../instances/{}/.snapshots/q", g.name),
+        m.mnt.join("launch").join(&clone1),
+    )
+    .expect("launch clone1");
+    assert_eq!(state(&clone1), "running");
+    let parent = rbd_json(&["info", &format!("{POOL}/{clone1}-vda")]);
+    assert_eq!(parent["parent"]["snapshot"], "q", "{parent}");
+    let sj = json(&snaps.join("q/snapshot.json"));
+    assert_eq!(sj["disks"][0]["protected"], true, "{sj}");
+    assert_eq!(sj["disks"][0]["children"], 1, "{sj}");
+    script_ok("wait-agent.sh", &[&clone1, "120"]);
+    let seen = script_ok(
+        "guest-exec.sh",
+        &[&clone1, "head -n 1 /data/writer.log", "20"],
+    );
+    assert_eq!(seen.trim(), first_line.trim());
+
+    // rmdir while the clone depends on the snapshot: EBUSY, nothing removed.
+    assert_eq!(errno(fs::remove_dir(snaps.join("q"))), libc::EBUSY);
+    assert_eq!(ls(&snaps), ["q"]);
+
+    // The clone gone, a second launch with --flatten-on-launch: once flattened, rmdir works
+    // while that clone keeps running.
+    RbdGuest::remove_domain(&clone1);
+    remove_image(&format!("{clone1}-vda"));
+    m.unmount();
+    let mut flat_args = args.to_vec();
+    flat_args.push("--flatten-on-launch");
+    m.mount(&flat_args);
+    let clone2 = format!("{}-c2", g.name);
+    g.clones.push(clone2.clone());
+    std::os::unix::fs::symlink(
+        format!("../instances/{}/.snapshots/q", g.name),
+        m.mnt.join("launch").join(&clone2),
+    )
+    .expect("launch clone2");
+    assert_eq!(state(&clone2), "running");
+    wait_for(
+        "the clone to be flattened",
+        Duration::from_secs(120),
+        || {
+            rbd_json(&["info", &format!("{POOL}/{clone2}-vda")])
+                .get("parent")
+                .is_none()
+        },
+    );
+    fs::remove_dir(snaps.join("q")).expect("rmdir q after flatten");
+    assert!(ls(&snaps).is_empty());
+    let rbd_snaps = rbd_json(&["snap", "ls", &format!("{POOL}/{}", g.image())]);
+    assert_eq!(rbd_snaps.as_array().map(Vec::len), Some(0), "{rbd_snaps}");
+    assert_eq!(state(&clone2), "running");
+
+    m.unmount();
+}
