@@ -17,6 +17,8 @@ use common::*;
 
 const URI: &str = "qemu:///system";
 const POOL: &str = "rbd";
+/// At most one test guest (and its clone) runs at a time: TCG on a shared 2-core box.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn scripts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/testbed")
@@ -139,13 +141,16 @@ fn remove_image(name: &str) {
 struct RbdGuest {
     name: String,
     clones: Vec<String>,
+    /// Further disk images attached by the test.
+    extra: Vec<String>,
 }
 
 impl RbdGuest {
-    fn start() -> RbdGuest {
+    fn start(tag: &str) -> RbdGuest {
         let g = RbdGuest {
-            name: format!("lvr-t{}", std::process::id()),
+            name: format!("lvr-t{}-{tag}", std::process::id()),
             clones: Vec::new(),
+            extra: Vec::new(),
         };
         script_ok("rbd-guest.sh", &["--recreate", &g.name]);
         g
@@ -175,6 +180,9 @@ impl Drop for RbdGuest {
         }
         Self::remove_domain(&self.name);
         remove_image(&self.image());
+        for i in &self.extra {
+            remove_image(i);
+        }
     }
 }
 
@@ -199,7 +207,8 @@ fn rbd_backed_instance_snapshot_launch_and_flatten() {
     if !ready() {
         return;
     }
-    let mut g = RbdGuest::start();
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut g = RbdGuest::start("a");
     let conf = ceph_conf();
     let conf_s = conf.to_str().expect("utf-8 conf path");
     let libvirt = format!("--libvirt={URI}");
@@ -338,5 +347,92 @@ fn rbd_backed_instance_snapshot_launch_and_flatten() {
     assert_eq!(rbd_snaps.as_array().map(Vec::len), Some(0), "{rbd_snaps}");
     assert_eq!(state(&clone2), "running");
 
+    m.unmount();
+}
+
+/// Two RBD disks, no freeze: the guest is paused while both RBD snapshots are taken (one
+/// crash-consistent point) and resumed; `mv` renames every disk's RBD snapshot and the record.
+#[test]
+fn rbd_two_disks_unfrozen_snapshot_and_rename() {
+    if !ready() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut g = RbdGuest::start("b");
+    let vdb = format!("{}-vdb", g.name);
+    g.extra.push(vdb.clone());
+    rbd(&["create", "--size", "16M", &format!("{POOL}/{vdb}")]);
+    let conf = ceph_conf();
+    let disk = format!(
+        "<disk type='network' device='disk'><driver name='qemu' type='raw'/><source protocol='rbd' name='{POOL}/{vdb}'><config file='{}'/></source><target dev='vdb' bus='virtio'/></disk>",
+        conf.display()
+    );
+    let xml = tempfile::NamedTempFile::new().unwrap();
+    fs::write(xml.path(), disk).unwrap();
+    let o = virsh(&[
+        "attach-device",
+        &g.name,
+        xml.path().to_str().unwrap(),
+        "--live",
+        "--persistent",
+    ]);
+    assert!(
+        o.status.success(),
+        "attach vdb: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    let libvirt = format!("--libvirt={URI}");
+    let m = Mount::with_providers(&[
+        libvirt.as_str(),
+        "--ceph",
+        conf.to_str().unwrap(),
+        "--quiesce",
+        "off",
+    ]);
+    let snaps = m.mnt.join("instances").join(&g.name).join(".snapshots");
+    fs::create_dir(snaps.join("crash")).expect("mkdir crash");
+    assert_eq!(state(&g.name), "running", "guest left paused");
+    let sj = json(&snaps.join("crash/snapshot.json"));
+    assert_eq!(sj["quiesced"], false, "{sj}");
+    assert_eq!(sj["disks"].as_array().map(Vec::len), Some(2), "{sj}");
+    assert!(
+        m.log().contains("resumed"),
+        "no pause around a two-disk unfrozen snapshot:\n{}",
+        m.log()
+    );
+    assert!(!m
+        .state_dir()
+        .join("paused")
+        .read_dir()
+        .unwrap()
+        .any(|_| true));
+    let mut names = ls(&snaps.join("crash"));
+    names.sort();
+    assert_eq!(names, ["files", "snapshot.json", "vda.raw", "vdb.raw"]);
+    assert_eq!(
+        fs::metadata(snaps.join("crash/vdb.raw")).unwrap().len(),
+        16 << 20
+    );
+
+    // mv: both RBD snapshots and the record renamed; names that cannot be are refused.
+    fs::rename(snaps.join("crash"), snaps.join("renamed")).expect("mv");
+    assert_eq!(ls(&snaps), ["renamed"]);
+    for img in [g.image(), vdb.clone()] {
+        let v = rbd_json(&["snap", "ls", &format!("{POOL}/{img}")]);
+        let names: Vec<&str> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s["name"].as_str())
+            .collect();
+        assert_eq!(names, ["renamed"], "{img}");
+    }
+    assert_eq!(
+        errno(fs::rename(snaps.join("renamed"), snaps.join("x@y"))),
+        libc::EINVAL
+    );
+    fs::remove_dir(snaps.join("renamed")).expect("rmdir");
+    assert!(ls(&snaps).is_empty());
     m.unmount();
 }

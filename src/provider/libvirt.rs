@@ -277,6 +277,13 @@ impl LibvirtProvider {
     /// At daemon start: thaw guests a dead daemon left frozen (see [`freeze`]).
     pub fn recover_frozen(&self) -> Result<usize> {
         let conn = self.conn()?;
+        let paused = rbd::recover_paused(&self.opts.state_dir, &conn);
+        if paused > 0 {
+            info!(
+                records = paused,
+                "pause records from a previous daemon handled"
+            );
+        }
         let n = self.freezer.recover(&conn)?;
         if n > 0 {
             info!(records = n, "freeze records from a previous daemon handled");
@@ -890,6 +897,19 @@ impl Provider for LibvirtProvider {
             .map_err(|e| lv_err(format!("deleting snapshot {name} of {owner}"), e))?;
         info!(%owner, snapshot = %name, ms = started.elapsed().as_millis() as u64, "snapshot deleted by libvirt");
         Ok(())
+    }
+
+    fn rename_snapshot(&self, owner: &Owner, from: &str, to: &str) -> Result<()> {
+        if let Owner::Volume { .. } = owner {
+            return self.pool_images(owner)?.rename_snapshot(owner, from, to);
+        }
+        let dom = self.domain(owner)?;
+        if self.rename_rbd_snapshot(&dom, owner, from, to)?.is_some() {
+            return Ok(());
+        }
+        Err(Error::NotSupported(format!(
+            "libvirt cannot rename snapshot {from} of {owner} (only RBD-backed ones can be)"
+        )))
     }
 
     fn open_disk(

@@ -13,11 +13,14 @@
 //!   start a domain on the clones; with `--flatten-on-launch` the clones are flattened in
 //!   the background, after which the snapshot is deletable.
 
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 use tracing::{info, warn};
+use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::error::ErrorNumber;
 use virt::sys;
@@ -25,7 +28,7 @@ use virt::sys;
 use super::xml::{self, RbdSnapDisk, RbdSnapRecord};
 use super::{lv_err, safe_part, LibvirtProvider};
 use crate::ceph::{Image, Pool, SnapEntry};
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::image::BlockImage;
 use crate::provider::rbd::RbdAccess;
 use crate::provider::{Owner, SnapDisk, SnapshotInfo};
@@ -50,6 +53,88 @@ fn clone_name(new: &str, target: &str, attempt: u32) -> String {
         format!("{base}-{attempt}")
     }
 }
+
+/// vCPUs paused while the RBD snapshots of several disks of an unfrozen guest are taken:
+/// QEMU drains in-flight I/O when it stops, so the snapshots are one crash-consistent point.
+/// A record `<state-dir>/paused/<uuid>` (synced before the pause) lets the next daemon resume
+/// a guest this one was killed with; the guard resumes on every way out.
+struct Paused<'a> {
+    dom: &'a Domain,
+    record: PathBuf,
+    name: String,
+    since: Instant,
+}
+
+impl Paused<'_> {
+    fn start<'a>(dom: &'a Domain, state_dir: &Path, uuid: &str, name: &str) -> Result<Paused<'a>> {
+        let dir = state_dir.join(PAUSED_DIR);
+        std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        let record = dir.join(uuid);
+        let mut f =
+            std::fs::File::create(&record).ctx(|| format!("creating {}", record.display()))?;
+        f.write_all(name.as_bytes())
+            .and_then(|()| f.sync_all())
+            .ctx(|| format!("writing {}", record.display()))?;
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        if let Err(e) = dom.suspend() {
+            let _ = std::fs::remove_file(&record);
+            return Err(lv_err(format!("pausing {name}"), e));
+        }
+        Ok(Paused {
+            dom,
+            record,
+            name: name.to_string(),
+            since: Instant::now(),
+        })
+    }
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        match self.dom.resume() {
+            Ok(_) => {
+                let _ = std::fs::remove_file(&self.record);
+                info!(domain = %self.name, paused_ms = self.since.elapsed().as_millis() as u64, "resumed");
+            }
+            Err(e) => {
+                warn!(domain = %self.name, error = %e.message(), "cannot resume the guest: the record stays for the next start")
+            }
+        }
+    }
+}
+
+/// At start-up: resume guests a dead daemon left paused mid-snapshot, per the records.
+pub(super) fn recover_paused(state_dir: &Path, conn: &Connect) -> usize {
+    let dir = state_dir.join(PAUSED_DIR);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in entries.flatten() {
+        n += 1;
+        let uuid = e.file_name().to_string_lossy().into_owned();
+        if let Ok(dom) = conn.lookup_domain_by_uuid_string(&uuid) {
+            let paused = dom
+                .info()
+                .is_ok_and(|i| i.state.known() == Some(virt::domain::DomainState::Paused));
+            if paused {
+                match dom.resume() {
+                    Ok(_) => warn!(uuid, "guest left paused by a previous daemon: resumed"),
+                    Err(err) => {
+                        warn!(uuid, error = %err.message(), "cannot resume a guest left paused");
+                        continue;
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_file(e.path());
+    }
+    n
+}
+
+const PAUSED_DIR: &str = "paused";
 
 impl LibvirtProvider {
     /// The Ceph connection, or the refusal that says how to get one.
@@ -224,6 +309,11 @@ impl LibvirtProvider {
 
         let frozen = self.quiesce(dom, &uuid, &dom_name, owner, active)?;
         let quiesced = frozen.is_some();
+        let paused = if !quiesced && active && opened.len() > 1 {
+            Some(Paused::start(dom, &self.opts.state_dir, &uuid, &dom_name)?)
+        } else {
+            None
+        };
         let started = Instant::now();
         let mut made: Vec<usize> = Vec::new();
         let mut failed = None;
@@ -238,6 +328,7 @@ impl LibvirtProvider {
             }
         }
         let snap_ms = started.elapsed().as_millis() as u64;
+        drop(paused);
         let thawed = frozen.map(|f| f.thaw());
         let undo = |why: &str| {
             for &i in &made {
@@ -332,6 +423,60 @@ impl LibvirtProvider {
         }
         Self::write_rbd_records(dom, &records)?;
         result.map(|()| true)
+    }
+
+    /// mv of a recorded RBD snapshot: every disk's RBD snapshot renamed, then the record
+    /// (None: not such a snapshot). A disk that fails undoes the ones already renamed.
+    pub(super) fn rename_rbd_snapshot(
+        &self,
+        dom: &Domain,
+        owner: &Owner,
+        from: &str,
+        to: &str,
+    ) -> Result<Option<()>> {
+        let _records = crate::namespace::registry::lock(&self.rbd_records);
+        let mut records = Self::rbd_records(dom)?;
+        let Some(at) = records.iter().position(|r| r.name == from) else {
+            return Ok(None);
+        };
+        if to.contains('@') || to.contains('/') {
+            return Err(Error::Invalid(format!(
+                "RBD snapshot name {to:?} may not contain '@' or '/'"
+            )));
+        }
+        if records.iter().any(|r| r.name == to) {
+            return Err(Error::Exists(format!("snapshot {to} of {owner}")));
+        }
+        let access = self.rbd_access(owner)?;
+        let mut opened = Vec::new();
+        for d in &records[at].disks {
+            let img = access.pool(&d.pool)?.open(&d.image, None, true)?;
+            if img.snapshots()?.iter().any(|s| s.name == to) {
+                return Err(Error::Exists(format!(
+                    "RBD image {}/{} already has a snapshot named {to}",
+                    d.pool, d.image
+                )));
+            }
+            opened.push(img);
+        }
+        let disks = records[at].disks.clone();
+        for (i, (d, img)) in disks.iter().zip(&opened).enumerate() {
+            if let Err(e) = img.snap_rename(&d.snap, to) {
+                for (d0, img0) in disks.iter().zip(&opened).take(i) {
+                    if let Err(e2) = img0.snap_rename(to, &d0.snap) {
+                        warn!(%owner, disk = %d0.target, error = %e2, "cannot undo the rename of an RBD snapshot");
+                    }
+                }
+                return Err(e);
+            }
+        }
+        records[at].name = to.to_string();
+        for d in &mut records[at].disks {
+            d.snap = to.to_string();
+        }
+        Self::write_rbd_records(dom, &records)?;
+        info!(%owner, from, to, "RBD instance snapshot renamed");
+        Ok(Some(()))
     }
 
     /// The bytes of one disk of a recorded RBD snapshot (None: not such a snapshot).
