@@ -22,6 +22,8 @@ bash scripts/testbed/up.sh
 echo "== a single-node Ceph cluster on loopback"
 bash scripts/ceph/start-ceph.sh
 export CEPH_CONF=/var/lib/snapfs-ceph/ceph.conf
+echo "== the test guest booted from an RBD disk (guest 'demo-rbd', Nova's rbd image backend)"
+bash scripts/testbed/rbd-guest.sh demo-rbd
 echo "== building snapfs (release)"
 cargo build --release --quiet
 BIN=$PWD/target/release/snapfs
@@ -44,7 +46,7 @@ fi
 
 if grep -qs " $MNT fuse" /proc/mounts; then "$BIN" unmount --lazy "$MNT" || true; fi
 mkdir -p "$MNT"
-show "$BIN mount --images $IMAGES --libvirt --ceph $CEPH_CONF --pool rbd $MNT"
+show "$BIN mount --images $IMAGES --libvirt --ceph $CEPH_CONF --pool rbd --flatten-on-launch $MNT"
 show "ls $MNT $MNT/volumes/images"
 show "cat $MNT/volumes/images/web.qcow2/volume.json"
 show "ls $MNT/volumes/images/web.qcow2/.snapshots/"
@@ -64,6 +66,22 @@ show "mkdir $MNT/volumes/rbd/demo-vol/.snapshots/$RSNAP && rbd snap ls rbd/demo-
 show "ls -ls $MNT/volumes/rbd/demo-vol/.snapshots/$RSNAP/"
 show "cmp $MNT/volumes/rbd/demo-vol/.snapshots/$RSNAP/disk.raw <(rbd export rbd/demo-vol@$RSNAP - 2>/dev/null) && echo identical to rbd export"
 show "rmdir $MNT/volumes/rbd/demo-vol/.snapshots/$RSNAP"
+
+RISNAP=tour-$(date +%H%M%S)
+RCOPY=demo-rbd-copy-$(date +%H%M%S)
+show "cat $MNT/instances/demo-rbd/instance.json | grep -A3 '\"source\"'"
+show "time mkdir $MNT/instances/demo-rbd/.snapshots/$RISNAP    # freeze, RBD snapshot of every disk, thaw"
+show "rbd snap ls rbd/demo-rbd-vda && grep -E 'quiesced|source' $MNT/instances/demo-rbd/.snapshots/$RISNAP/snapshot.json"
+show "cmp $MNT/instances/demo-rbd/.snapshots/$RISNAP/vda.raw <(rbd export rbd/demo-rbd-vda@$RISNAP - 2>/dev/null) && echo identical to rbd export"
+show "tail -n 1 $MNT/instances/demo-rbd/.snapshots/$RISNAP/files/vda/p1/writer.log"
+show "time ln -s ../instances/demo-rbd/.snapshots/$RISNAP $MNT/launch/$RCOPY    # protect, rbd clone, define + start"
+show "rbd ls -l rbd | grep -E 'NAME|demo-rbd'"
+for _ in $(seq 120); do rbd info "rbd/$RCOPY-vda" --format json | jq -e '.parent' >/dev/null || break; sleep 0.5; done
+show "rbd info rbd/$RCOPY-vda | grep parent || echo 'no parent any more: flattened in the background (--flatten-on-launch)'"
+show "rmdir $MNT/instances/demo-rbd/.snapshots/$RISNAP && rbd snap ls rbd/demo-rbd-vda | wc -l    # deletable once no clone depends on it"
+virsh -q -c qemu:///system destroy "$RCOPY" >/dev/null 2>&1 || true
+virsh -q -c qemu:///system undefine "$RCOPY" >/dev/null 2>&1 || true
+rbd rm --no-progress "rbd/$RCOPY-vda" >/dev/null 2>&1 || true
 
 SNAP=tour-$(date +%H%M%S)
 COPY=demo-copy-$(date +%H%M%S)
