@@ -194,7 +194,7 @@ impl LibvirtProvider {
         if records.is_empty() {
             return Ok(Vec::new());
         }
-        let access = self.rbd_access(owner)?;
+        // Without --ceph the records are still listed (without disks), not an error.
         // Each disk image opened once: its snapshot list answers every record.
         let mut images: Vec<((String, String), Option<OpenedDisk>)> = Vec::new();
         let mut out = Vec::new();
@@ -205,11 +205,14 @@ impl LibvirtProvider {
             for d in &r.disks {
                 let key = (d.pool.clone(), d.image.clone());
                 if !images.iter().any(|(k, _)| *k == key) {
-                    let opened = access.pool(&d.pool).and_then(|p| {
-                        let img = p.open(&d.image, None, false)?;
-                        let snaps = img.snapshots()?;
-                        Ok((p, img, snaps))
-                    });
+                    let opened = self
+                        .rbd_access(owner)
+                        .and_then(|a| a.pool(&d.pool))
+                        .and_then(|p| {
+                            let img = p.open(&d.image, None, false)?;
+                            let snaps = img.snapshots()?;
+                            Ok((p, img, snaps))
+                        });
                     let v = match opened {
                         Ok(v) => Some(v),
                         Err(e) => {
