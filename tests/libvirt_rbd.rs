@@ -435,4 +435,17 @@ fn rbd_two_disks_unfrozen_snapshot_and_rename() {
     fs::remove_dir(snaps.join("renamed")).expect("rmdir");
     assert!(ls(&snaps).is_empty());
     m.unmount();
+
+    // A daemon killed while the guest was paused: the next start resumes it.
+    let uuid = String::from_utf8_lossy(&virsh(&["domuuid", &g.name]).stdout)
+        .trim()
+        .to_string();
+    assert!(virsh(&["suspend", &g.name]).status.success());
+    let records = m.state_dir().join("paused");
+    fs::write(records.join(&uuid), &g.name).unwrap();
+    assert_eq!(state(&g.name), "paused");
+    m.mount(&[libvirt.as_str(), "--ceph", conf.to_str().unwrap()]);
+    assert_eq!(state(&g.name), "running", "not resumed at start");
+    assert!(!records.join(&uuid).exists(), "pause record kept");
+    m.unmount();
 }

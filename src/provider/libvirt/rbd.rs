@@ -291,9 +291,10 @@ impl LibvirtProvider {
         let dom_name = dom.name().map_err(|e| lv_err("domain name", e))?;
         let uuid = dom.uuid_string().map_err(|e| lv_err("domain uuid", e))?;
         let active = dom.is_active().unwrap_or(false);
-        let _records = crate::namespace::registry::lock(&self.rbd_records);
-        let mut records = Self::rbd_records(dom)?;
-        if records.iter().any(|r| r.name == name) {
+        // The namespace lets one operation at a time touch an instance's snapshots; the
+        // records lock only guards the metadata read-modify-write (never held across a
+        // freeze, so instances are snapshotted in parallel).
+        if Self::rbd_records(dom)?.iter().any(|r| r.name == name) {
             return Err(Error::Exists(format!("snapshot {name} of {owner}")));
         }
         // Every image opened writable at its head before anything is frozen or made.
@@ -348,21 +349,26 @@ impl LibvirtProvider {
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0));
-        records.push(RbdSnapRecord {
-            name: name.to_string(),
-            created,
-            quiesced,
-            disks: disks
-                .iter()
-                .map(|d| RbdSnapDisk {
-                    target: d.target.clone(),
-                    pool: d.pool.clone(),
-                    image: d.image.clone(),
-                    snap: name.to_string(),
-                })
-                .collect(),
-        });
-        if let Err(e) = Self::write_rbd_records(dom, &records) {
+        let recorded = (|| {
+            let _records = crate::namespace::registry::lock(&self.rbd_records);
+            let mut records = Self::rbd_records(dom)?;
+            records.push(RbdSnapRecord {
+                name: name.to_string(),
+                created,
+                quiesced,
+                disks: disks
+                    .iter()
+                    .map(|d| RbdSnapDisk {
+                        target: d.target.clone(),
+                        pool: d.pool.clone(),
+                        image: d.image.clone(),
+                        snap: name.to_string(),
+                    })
+                    .collect(),
+            });
+            Self::write_rbd_records(dom, &records)
+        })();
+        if let Err(e) = recorded {
             undo("no record");
             return Err(e);
         }
