@@ -583,6 +583,57 @@ fn restart_thaws_a_guest_left_frozen() {
     assert!(m.log().contains("guest left frozen by a previous daemon"));
 }
 
+/// SIGTERM while a mkdir waits on a hung agent: the daemon unmounts at once but exits only
+/// after the operation in flight has finished, so the freeze that lands once the agent
+/// resumes is thawed (and its record removed) before the process goes.
+#[test]
+fn sigterm_during_freeze_leaves_guest_thawed() {
+    if !testbed_ready("sigterm_during_freeze_leaves_guest_thawed") {
+        return;
+    }
+    let _one = lock();
+    let name = guest_name("t");
+    let g = Guest::define(&name);
+    g.start();
+    let m = Mount::with_providers(&[
+        LIBVIRT_ARG,
+        "--quiesce",
+        "require",
+        "--freeze-timeout",
+        "8",
+        "--list-ttl-ms",
+        "60000",
+    ]);
+    let frozen_dir = m.state_dir().join("frozen");
+    let _ = json(&instance_dir(&m, &name).join("instance.json"));
+    let pid = m.daemon_pid().expect("daemon pid");
+    script_ok("guest-agent-kill.sh", &["--hang", &name]);
+    let dir = snap_dir(&m, &name, "term");
+    let mk = std::thread::spawn(move || fs::create_dir(dir));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        fs::read_dir(&frozen_dir).unwrap().next().is_some(),
+        "no freeze in flight"
+    );
+    // SAFETY: plain kill(2) of the daemon we started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(pid_alive(pid), "daemon exited with a freeze in flight");
+    script_ok("guest-agent-start.sh", &[&name, "30"]);
+    assert!(
+        wait_gone(pid, Duration::from_secs(30)),
+        "daemon did not exit after SIGTERM"
+    );
+    let _ = mk.join();
+    assert!(!g.frozen(), "guest left frozen; log:\n{}", m.log());
+    assert!(
+        fs::read_dir(&frozen_dir).unwrap().next().is_none(),
+        "freeze record left behind"
+    );
+    g.assert_writes_go_on(Duration::from_secs(5));
+    assert!(!m.is_mounted());
+}
+
 #[test]
 fn launch_boots_clone_and_rmdir_waits_for_it() {
     if !testbed_ready("launch_boots_clone_and_rmdir_waits_for_it") {
