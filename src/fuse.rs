@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 
 use crate::error::Error;
 use crate::fs::{Attr, SnapFs, Whence};
-use crate::namespace::Kind;
+use crate::namespace::{names, Kind};
 
 /// How long the kernel may trust names and attributes. Snapshots do not change, but the
 /// lists of instances, volumes and snapshots can change behind our back.
@@ -45,9 +45,22 @@ macro_rules! reply_err {
     }};
 }
 
-fn name_str(name: &OsStr) -> Result<&str, Error> {
-    name.to_str()
-        .ok_or_else(|| Error::Invalid(format!("{name:?} is not UTF-8")))
+/// A name from the kernel as the tree's string (bytes that are not UTF-8 are mapped
+/// reversibly, see [`names::from_bytes`]; guest files may have such names).
+fn name_str(name: &OsStr) -> Result<std::borrow::Cow<'_, str>, Error> {
+    use std::os::unix::ffi::OsStrExt;
+    Ok(names::from_bytes(name.as_bytes()))
+}
+
+/// A name of the tree as the bytes the kernel gets.
+fn name_os(name: &str) -> std::borrow::Cow<'_, OsStr> {
+    use std::os::unix::ffi::OsStrExt;
+    match names::to_bytes(name) {
+        std::borrow::Cow::Borrowed(b) => std::borrow::Cow::Borrowed(OsStr::from_bytes(b)),
+        std::borrow::Cow::Owned(b) => {
+            std::borrow::Cow::Owned(std::os::unix::ffi::OsStringExt::from_vec(b))
+        }
+    }
 }
 
 fn file_type(k: Kind) -> FileType {
@@ -94,7 +107,7 @@ impl fuser::Filesystem for Fuse {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match name_str(name).and_then(|n| self.fs.lookup(parent.0, n)) {
+        match name_str(name).and_then(|n| self.fs.lookup(parent.0, &n)) {
             Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
             Err(e @ Error::NotFound(_)) => {
                 debug!(op = "lookup", error = %e);
@@ -166,21 +179,21 @@ impl fuser::Filesystem for Fuse {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        match name_str(name).and_then(|n| self.fs.mkdir(parent.0, n)) {
+        match name_str(name).and_then(|n| self.fs.mkdir(parent.0, &n)) {
             Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
             Err(e) => reply_err!(reply, "mkdir", e),
         }
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match name_str(name).and_then(|n| self.fs.unlink(parent.0, n)) {
+        match name_str(name).and_then(|n| self.fs.unlink(parent.0, &n)) {
             Ok(()) => reply.ok(),
             Err(e) => reply_err!(reply, "unlink", e),
         }
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match name_str(name).and_then(|n| self.fs.rmdir(parent.0, n)) {
+        match name_str(name).and_then(|n| self.fs.rmdir(parent.0, &n)) {
             Ok(()) => reply.ok(),
             Err(e) => reply_err!(reply, "rmdir", e),
         }
@@ -195,8 +208,11 @@ impl fuser::Filesystem for Fuse {
         reply: ReplyEntry,
     ) {
         let res = name_str(link_name).and_then(|n| {
-            let t = name_str(target.as_os_str())?;
-            self.fs.symlink(parent.0, n, t)
+            // A launch target is a path into our own tree: UTF-8 only.
+            let t = target
+                .to_str()
+                .ok_or_else(|| Error::Invalid(format!("{target:?} is not UTF-8")))?;
+            self.fs.symlink(parent.0, &n, t)
         });
         match res {
             Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
@@ -220,7 +236,7 @@ impl fuser::Filesystem for Fuse {
         }
         let res = name_str(name).and_then(|a| {
             let b = name_str(newname)?;
-            self.fs.rename(parent.0, a, newparent.0, b)
+            self.fs.rename(parent.0, &a, newparent.0, &b)
         });
         match res {
             Ok(()) => reply.ok(),
@@ -342,7 +358,12 @@ impl fuser::Filesystem for Fuse {
         };
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
         for (i, e) in entries.iter().enumerate().skip(start) {
-            if reply.add(INodeNo(e.ino), (i + 1) as u64, file_type(e.kind), &e.name) {
+            if reply.add(
+                INodeNo(e.ino),
+                (i + 1) as u64,
+                file_type(e.kind),
+                name_os(&e.name),
+            ) {
                 break;
             }
         }
@@ -375,7 +396,7 @@ impl fuser::Filesystem for Fuse {
             if reply.add(
                 INodeNo(e.ino),
                 (i + 1) as u64,
-                &e.name,
+                name_os(&e.name),
                 &TTL,
                 &file_attr(&attr),
                 Generation(0),

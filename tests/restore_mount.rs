@@ -267,3 +267,76 @@ fn xattr_names(p: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// Guest file names that are not UTF-8 (Latin-1 from an old system) are listed, looked up,
+/// read and copied byte for byte; mkdir with such a name in `.snapshots` is EINVAL.
+#[test]
+fn non_utf8_guest_names_survive_byte_for_byte() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let t = tempfile::Builder::new()
+        .prefix("snapfs-names")
+        .tempdir()
+        .expect("tempdir");
+    let src = t.path().join("src");
+    let latin1 = OsStr::from_bytes(b"caf\xe9.txt");
+    let odd_dir = OsStr::from_bytes(b"d\xff\xfe");
+    // A genuine character of the range the mapping uses for raw bytes.
+    let pua = "x\u{10FF41}y";
+    fs::create_dir_all(src.join(odd_dir)).unwrap();
+    fs::write(src.join(latin1), b"latin-1 name\n").unwrap();
+    fs::write(src.join(odd_dir).join(latin1), b"nested\n").unwrap();
+    fs::write(src.join(pua), b"pua\n").unwrap();
+    let raw = t.path().join("fs.raw");
+    run(Command::new("truncate").arg("-s").arg("16M").arg(&raw));
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&src)
+        .arg(&raw));
+    let pool = t.path().join("pool");
+    fs::create_dir(&pool).unwrap();
+    let img = pool.join("names.qcow2");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    qemu_img(&["snapshot", "-c", "s", img.to_str().unwrap()]);
+
+    let m = Mount::new(&pool);
+    let snaps = m.vol("names.qcow2").join(".snapshots");
+    let guest = snaps.join("s/files/whole");
+    let mut names: Vec<Vec<u8>> = fs::read_dir(&guest)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().as_bytes().to_vec())
+        .collect();
+    names.sort();
+    let mut want: Vec<Vec<u8>> = vec![
+        latin1.as_bytes().to_vec(),
+        odd_dir.as_bytes().to_vec(),
+        pua.as_bytes().to_vec(),
+        b"lost+found".to_vec(),
+    ];
+    want.sort();
+    assert_eq!(names, want);
+    assert_eq!(fs::read(guest.join(latin1)).unwrap(), b"latin-1 name\n");
+    assert_eq!(
+        fs::read(guest.join(odd_dir).join(latin1)).unwrap(),
+        b"nested\n"
+    );
+    assert_eq!(fs::read(guest.join(pua)).unwrap(), b"pua\n");
+    // cp -a reproduces the names.
+    let out = t.path().join("out");
+    run(Command::new("cp").arg("-a").arg(&guest).arg(&out));
+    assert_eq!(
+        fs::read(out.join(odd_dir).join(latin1)).unwrap(),
+        b"nested\n"
+    );
+    // A snapshot name must be UTF-8.
+    assert_eq!(
+        errno(fs::create_dir(snaps.join(OsStr::from_bytes(b"s\xe9")))),
+        libc::EINVAL
+    );
+}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tracing::warn;
 
-use super::names::escape;
+use super::names::{self, escape};
 use super::registry::lock;
 use super::{Kind, Namespace, Stat};
 use crate::error::{Error, Result};
@@ -116,15 +116,15 @@ fn guest_stat(s: &FileStat, vol: u16) -> Stat {
     }
 }
 
-/// Names a guest stores as bytes; the tree speaks UTF-8 (others are skipped, with a warning).
-fn utf8_name(name: &[u8]) -> Option<String> {
-    match std::str::from_utf8(name) {
-        Ok(s) if !s.is_empty() && !s.contains('/') => Some(s.to_string()),
-        _ => {
-            warn!(name = ?String::from_utf8_lossy(name), "guest file name is not UTF-8: not shown");
-            None
-        }
+/// Names a guest stores as bytes, as the tree's strings: bytes that are not UTF-8 are kept
+/// through the reversible mapping of [`names::from_bytes`] (the kernel gets them back byte for
+/// byte). Only names no file name can carry (empty, `/`, NUL: a corrupt directory) are skipped.
+fn guest_name(name: &[u8]) -> Option<String> {
+    if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+        warn!(name = ?String::from_utf8_lossy(name), "guest directory entry with an impossible name: not shown");
+        return None;
     }
+    Some(names::from_bytes(name).into_owned())
 }
 
 /// Caches of the files/ subtree, owned by the namespace.
@@ -333,7 +333,7 @@ impl Namespace {
             if found.as_ref().is_some_and(|s| s.kind != FileKind::Dir) {
                 return Err(Error::NotDir(rest[..i].join("/")));
             }
-            let s = fs.lookup(ino, rest[i].as_bytes())?;
+            let s = fs.lookup(ino, &names::to_bytes(&rest[i]))?;
             ino = s.ino;
             found = Some(s);
             lock(&self.files)
@@ -405,7 +405,7 @@ impl Namespace {
                     .readdir(stat.ino)?
                     .into_iter()
                     .filter_map(|(name, ino, k)| {
-                        utf8_name(&name).map(|n| (n, k, guest_node_id(vol, ino)))
+                        guest_name(&name).map(|n| (n, k, guest_node_id(vol, ino)))
                     })
                     .collect())
             }
