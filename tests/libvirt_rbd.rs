@@ -228,6 +228,7 @@ fn rbd_backed_instance_snapshot_launch_and_flatten() {
     let snaps = inst.join(".snapshots");
     let info = json(&inst.join("instance.json"));
     assert_eq!(info["disks"][0]["source"]["protocol"], "rbd", "{info}");
+    assert_eq!(info["disks"][0]["size"], 64 << 20, "{info}");
 
     // mkdir: a quiesced RBD snapshot of the disk, recorded as one instance snapshot.
     fs::create_dir(snaps.join("q")).expect("mkdir q");

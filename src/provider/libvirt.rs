@@ -705,10 +705,12 @@ impl Provider for LibvirtProvider {
             .disks
             .iter()
             .map(|d| {
-                let size = d
-                    .source
-                    .file()
-                    .and_then(|p| image_size(p, d.format.as_deref()));
+                let size = match &d.source {
+                    DiskSource::Network { protocol, name } if protocol == "rbd" => {
+                        self.rbd_image_size(name)
+                    }
+                    s => s.file().and_then(|p| image_size(p, d.format.as_deref())),
+                };
                 let source = match &d.source {
                     DiskSource::Network { protocol, name } => {
                         json!({ "protocol": protocol, "name": name })

@@ -146,6 +146,14 @@ impl LibvirtProvider {
         })
     }
 
+    /// Size of the RBD image behind a disk source `pool/image` (None without `--ceph`).
+    pub(super) fn rbd_image_size(&self, source: &str) -> Option<u64> {
+        let (pool, image) = xml::rbd_pool_image(source).ok()?;
+        let access = self.rbd.as_ref()?;
+        let img = access.pool(&pool).ok()?.open(&image, None, false).ok()?;
+        img.stat().ok().map(|s| s.size)
+    }
+
     /// The RBD snapshot records of a domain (none when it has no metadata of ours).
     pub(super) fn rbd_records(dom: &Domain) -> Result<Vec<RbdSnapRecord>> {
         match dom.metadata(
