@@ -428,6 +428,29 @@ fn mkdir_quiesced_while_guest_writes_and_bytes_stay() {
         first_difference(&snap_dir(&m, &name, "i1").join("vda.raw"), &reference),
         None
     );
+    // Launch from the internal snapshot: the clone runs on a sparse raw copy, byte-equal.
+    let clone = format!("{name}-i");
+    remove_domain(&clone);
+    std::os::unix::fs::symlink(
+        format!("../instances/{name}/.snapshots/i1"),
+        m.mnt.join("launch").join(&clone),
+    )
+    .expect("launch from an internal snapshot");
+    let copy = base()
+        .join("images")
+        .join(format!("{clone}.launch.vda.raw"));
+    let st = String::from_utf8_lossy(&virsh(&["domstate", &clone]).stdout).into_owned();
+    let copy_len = fs::metadata(&copy).map(|md| md.len());
+    remove_domain(&clone);
+    assert_eq!(st.trim(), "running");
+    assert_eq!(
+        copy_len.ok(),
+        Some(
+            fs::metadata(snap_dir(&m, &name, "i1").join("vda.raw"))
+                .unwrap()
+                .len()
+        )
+    );
     fs::remove_file(&reference).unwrap();
     fs::remove_dir(snap_dir(&m, &name, "i1")).expect("rmdir i1");
 

@@ -5,6 +5,7 @@
 //! [`cache::BlockCache`] shared by all images of the daemon.
 
 pub mod cache;
+mod copy;
 mod hostfile;
 pub mod qcow2;
 pub mod raw;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use crate::error::Result;
 
 pub use cache::BlockCache;
+pub use copy::copy_sparse;
 
 /// What a stretch of the virtual disk holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

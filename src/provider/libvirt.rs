@@ -134,14 +134,14 @@ fn safe_part(s: &str) -> String {
     out
 }
 
-/// `dir/<a>.<b>.<target>.qcow2`, or with `-2`, `-3`… when taken.
-fn fresh_image_path(dir: &Path, a: &str, b: &str, target: &str) -> Result<PathBuf> {
+/// `dir/<a>.<b>.<target>.<ext>`, or with `-2`, `-3`… when taken.
+fn fresh_image_path(dir: &Path, a: &str, b: &str, target: &str, ext: &str) -> Result<PathBuf> {
     let stem = format!("{}.{}.{}", safe_part(a), safe_part(b), safe_part(target));
     for i in 1..1000 {
         let name = if i == 1 {
-            format!("{stem}.qcow2")
+            format!("{stem}.{ext}")
         } else {
-            format!("{stem}-{i}.qcow2")
+            format!("{stem}-{i}.{ext}")
         };
         let p = dir.join(name);
         if std::fs::symlink_metadata(&p).is_err() {
@@ -814,7 +814,7 @@ impl Provider for LibvirtProvider {
                     let dir = p.parent().unwrap_or(Path::new("/"));
                     overlays.push((
                         d.target.clone(),
-                        fresh_image_path(dir, &dom_name, name, &d.target)?,
+                        fresh_image_path(dir, &dom_name, name, &d.target, "qcow2")?,
                     ));
                 }
                 DiskSource::Network { protocol, name } if protocol == "rbd" => {
@@ -995,12 +995,6 @@ impl Provider for LibvirtProvider {
         let sx = Self::snapshot_xml(&snap)?;
         let current = Self::domain_xml(&src, 0)?.disks;
         let images = self.snap_images(&current, &sx)?;
-        if let Some(i) = images.iter().find(|i| i.kind != "external") {
-            return Err(Error::NotSupported(format!(
-                "snapshot {snapshot} of {instance} keeps disk {} internally: a qcow2 overlay cannot be backed by an internal snapshot",
-                i.target
-            )));
-        }
         if images.is_empty() {
             return Err(Error::NotSupported(format!(
                 "snapshot {snapshot} of {instance} has no disk"
@@ -1017,7 +1011,24 @@ impl Provider for LibvirtProvider {
         let mut edits = Vec::new();
         for i in &images {
             let dir = i.path.parent().unwrap_or(Path::new("/"));
-            let overlay = fresh_image_path(dir, new, "launch", &i.target)?;
+            if let Some(internal) = &i.internal {
+                // No overlay can be backed by an internal snapshot: the clone gets a sparse raw
+                // copy of it, written from our own reader.
+                let copy = fresh_image_path(dir, new, "launch", &i.target, "raw")?;
+                created.push(copy.clone());
+                let made = image::open(&i.path, Some(i.format), Some(internal), &self.cache)
+                    .and_then(|img| image::copy_sparse(img.as_ref(), &copy));
+                if let Err(e) = made {
+                    cleanup(&created);
+                    return Err(e);
+                }
+                edits.push(xml::DiskEdit {
+                    target: i.target.clone(),
+                    source: xml::NewSource::File(copy, "raw"),
+                });
+                continue;
+            }
+            let overlay = fresh_image_path(dir, new, "launch", &i.target, "qcow2")?;
             let size = i.size.ok_or_else(|| {
                 Error::Backend(format!("cannot read the size of {}", i.path.display()))
             })?;
@@ -1028,7 +1039,7 @@ impl Provider for LibvirtProvider {
             created.push(overlay.clone());
             edits.push(xml::DiskEdit {
                 target: i.target.clone(),
-                source: xml::NewSource::File(overlay),
+                source: xml::NewSource::File(overlay, "qcow2"),
             });
         }
         let result = self.define_and_start(&src, new, instance, snapshot, &edits);
@@ -1086,10 +1097,10 @@ mod tests {
     #[test]
     fn fresh_paths_do_not_clobber() {
         let t = tempfile::tempdir().unwrap();
-        let a = fresh_image_path(t.path(), "web", "s/1", "vda").unwrap();
+        let a = fresh_image_path(t.path(), "web", "s/1", "vda", "qcow2").unwrap();
         assert_eq!(a.file_name().unwrap(), "web.s_1.vda.qcow2");
         std::fs::write(&a, "x").unwrap();
-        let b = fresh_image_path(t.path(), "web", "s/1", "vda").unwrap();
+        let b = fresh_image_path(t.path(), "web", "s/1", "vda", "qcow2").unwrap();
         assert_eq!(b.file_name().unwrap(), "web.s_1.vda-2.qcow2");
     }
 

@@ -413,8 +413,8 @@ pub fn rbd_pool_image(name: &str) -> Result<(String, String)> {
 /// Where a launched disk's bytes go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NewSource {
-    /// A qcow2 overlay file.
-    File(PathBuf),
+    /// A file of the given format (`qcow2` overlay, `raw` copy).
+    File(PathBuf, &'static str),
     /// An RBD clone `pool/image` (same monitors, auth and config as the source disk).
     Rbd(String),
 }
@@ -477,12 +477,13 @@ pub fn launch_domain_xml(
                             };
                             seen.insert(disk.target.clone());
                             let new = match &edit.source {
-                                NewSource::File(f) => rewrite_disk(
+                                NewSource::File(f, format) => rewrite_disk(
                                     src_xml,
                                     d,
                                     f.to_str().ok_or_else(|| {
                                         Error::Invalid(format!("{}: not UTF-8", f.display()))
                                     })?,
+                                    format,
                                 )?,
                                 NewSource::Rbd(name) => rewrite_rbd_disk(src_xml, d, name)?,
                             };
@@ -525,7 +526,7 @@ pub fn launch_domain_xml(
 
 /// A `<disk>` element on a new qcow2 overlay: same attributes and children except the
 /// source, the driver type and any stale `<backingStore>`.
-fn rewrite_disk(src: &str, d: roxmltree::Node<'_, '_>, file: &str) -> Result<String> {
+fn rewrite_disk(src: &str, d: roxmltree::Node<'_, '_>, file: &str, format: &str) -> Result<String> {
     let mut edits = Vec::new();
     let base = d.range().start;
     let rel = |r: std::ops::Range<usize>| (r.start - base)..(r.end - base);
@@ -539,7 +540,7 @@ fn rewrite_disk(src: &str, d: roxmltree::Node<'_, '_>, file: &str) -> Result<Str
             "backingStore" => edits.push((rel(c.range()), String::new())),
             "driver" => {
                 has_driver = true;
-                edits.push((rel(c.range()), replace_attr(src, c, "type", "qcow2")?));
+                edits.push((rel(c.range()), replace_attr(src, c, "type", format)?));
             }
             _ => {}
         }
@@ -549,7 +550,7 @@ fn rewrite_disk(src: &str, d: roxmltree::Node<'_, '_>, file: &str) -> Result<Str
         // A disk always has children (its target): insert before the first one.
         if let Some(first) = d.children().next() {
             let at = first.range().start - base;
-            out.insert_str(at, "<driver name='qemu' type='qcow2'/>");
+            out.insert_str(at, &format!("<driver name='qemu' type='{format}'/>"));
         }
     }
     // The disk must be type='file' now (it might have been a block device).
@@ -714,7 +715,7 @@ mod tests {
             "copy<1>",
             &[DiskEdit {
                 target: "vda".into(),
-                source: NewSource::File("/img/copy.vda.qcow2".into()),
+                source: NewSource::File("/img/copy.vda.qcow2".into(), "qcow2"),
             }],
         )
         .unwrap();
