@@ -26,10 +26,6 @@ fn base() -> PathBuf {
     )
 }
 
-fn scripts() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/testbed")
-}
-
 /// Whether the test bed is there; panics when it is required and missing.
 fn testbed_ready(test: &str) -> bool {
     let guest = base().join("guest");
@@ -39,7 +35,7 @@ fn testbed_ready(test: &str) -> bool {
             missing.push(format!("{} missing", guest.join(f).display()));
         }
     }
-    if !scripts().join("define-guest.sh").exists() {
+    if !testbed_scripts().join("define-guest.sh").exists() {
         missing.push("scripts/testbed missing".into());
     }
     let virsh = Command::new("virsh").args(["-c", URI, "version"]).output();
@@ -60,33 +56,6 @@ fn testbed_ready(test: &str) -> bool {
         "SKIP {test}: test bed not ready: {why} (scripts/testbed/up.sh brings it up)"
     );
     false
-}
-
-fn virsh(args: &[&str]) -> std::process::Output {
-    Command::new("virsh")
-        .args(["-q", "-c", URI])
-        .args(args)
-        .output()
-        .expect("run virsh")
-}
-
-fn script(name: &str, args: &[&str]) -> std::process::Output {
-    Command::new(scripts().join(name))
-        .args(args)
-        .env("LIBVIRT_DEFAULT_URI", URI)
-        .output()
-        .unwrap_or_else(|e| panic!("run {name}: {e}"))
-}
-
-fn script_ok(name: &str, args: &[&str]) -> String {
-    let o = script(name, args);
-    assert!(
-        o.status.success(),
-        "{name} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// Destroy and undefine a domain we made, with its snapshot metadata and files.

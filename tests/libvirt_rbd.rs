@@ -15,20 +15,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const URI: &str = "qemu:///system";
+const URI: &str = TESTBED_URI;
 const POOL: &str = "rbd";
 /// At most one test guest (and its clone) runs at a time: TCG on a shared 2-core box.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn scripts() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/testbed")
-}
-
-fn ceph_conf() -> PathBuf {
-    std::env::var_os("SNAPFS_CEPH_CONF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/snapfs-ceph/ceph.conf"))
-}
 
 /// Whether libvirt, the built guest and Ceph are all there; panics when required and missing.
 fn ready() -> bool {
@@ -68,14 +58,6 @@ fn ready() -> bool {
     false
 }
 
-fn virsh(args: &[&str]) -> std::process::Output {
-    Command::new("virsh")
-        .args(["-q", "-c", URI])
-        .args(args)
-        .output()
-        .expect("run virsh")
-}
-
 fn rbd(args: &[&str]) -> String {
     run(Command::new("rbd").arg("-c").arg(ceph_conf()).args(args))
 }
@@ -84,26 +66,6 @@ fn rbd_json(args: &[&str]) -> serde_json::Value {
     let mut a = args.to_vec();
     a.extend(["--format", "json"]);
     serde_json::from_str(&rbd(&a)).expect("rbd json")
-}
-
-fn script(name: &str, args: &[&str]) -> std::process::Output {
-    Command::new(scripts().join(name))
-        .args(args)
-        .env("LIBVIRT_DEFAULT_URI", URI)
-        .env("CEPH_CONF", ceph_conf())
-        .output()
-        .unwrap_or_else(|e| panic!("run {name}: {e}"))
-}
-
-fn script_ok(name: &str, args: &[&str]) -> String {
-    let o = script(name, args);
-    assert!(
-        o.status.success(),
-        "{name} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 fn state(dom: &str) -> String {

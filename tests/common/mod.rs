@@ -308,3 +308,47 @@ pub fn first_difference(a: &Path, b: &Path) -> Option<u64> {
         n
     }
 }
+
+/// libvirt URI of the test bed (scripts/testbed).
+pub const TESTBED_URI: &str = "qemu:///system";
+
+/// The test cluster's ceph.conf (`SNAPFS_CEPH_CONF` overrides it).
+pub fn ceph_conf() -> PathBuf {
+    std::env::var_os("SNAPFS_CEPH_CONF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/snapfs-ceph/ceph.conf"))
+}
+
+pub fn testbed_scripts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/testbed")
+}
+
+pub fn virsh(args: &[&str]) -> std::process::Output {
+    Command::new("virsh")
+        .args(["-q", "-c", TESTBED_URI])
+        .args(args)
+        .output()
+        .expect("run virsh")
+}
+
+/// Run a test bed script (scripts/testbed/NAME) against the test bed and the test cluster.
+pub fn script(name: &str, args: &[&str]) -> std::process::Output {
+    Command::new(testbed_scripts().join(name))
+        .args(args)
+        .env("LIBVIRT_DEFAULT_URI", TESTBED_URI)
+        .env("CEPH_CONF", ceph_conf())
+        .output()
+        .unwrap_or_else(|e| panic!("run {name}: {e}"))
+}
+
+/// [`script`], which must succeed; its stdout.
+pub fn script_ok(name: &str, args: &[&str]) -> String {
+    let o = script(name, args);
+    assert!(
+        o.status.success(),
+        "{name} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
