@@ -2,7 +2,9 @@
 # make-fs-images.sh OUTDIR: disk images with guest filesystems, for file-level restore tests.
 #
 #   OUTDIR/src/           the source tree every filesystem is filled from (compare against it)
-#   OUTDIR/src-plain/     its regular files and directories only: what FAT and NTFS get
+#   OUTDIR/src-plain/     its regular files and directories only: what FAT gets
+#   OUTDIR/src-ntfs/      src-plain plus compressed/: what NTFS gets (compressed/ is an NTFS
+#                         compressed folder: its files are stored LZNT1-compressed)
 #   OUTDIR/gpt.raw        GPT: p1 ext4, p2 FAT32, p3 XFS, p4 NTFS, p5 swap, p6 LUKS2 header, p7 nothing
 #   OUTDIR/mbr.raw        MBR: p1 ext2 (no journal), p2 extended with p5 ext3 and p6 FAT16
 #   OUTDIR/whole.raw      ext4 without a partition table, inline_data, no metadata_csum
@@ -117,6 +119,48 @@ mkdir -p "$FATSRC"
 cp -p "$SRC/hello.txt" "$FATSRC/hello.txt"
 find "$FATSRC" -exec touch -h -d "$T" {} +
 
+# The NTFS copy: src-plain plus compressed/, whose files land LZNT1-compressed (ntfs-3g's
+# `compression` option, its default, compresses new files in a folder with attribute 0x800):
+# one byte (resident), exactly one 64 KiB compression unit, a partial last unit, text with
+# incompressible random stretches (stored units between compressed ones), random data (all
+# units stored), zeros and a sparse file (units written as holes), and a 12 MiB log whose ~400
+# runs need an attribute list.
+NTFSSRC="$OUT/src-ntfs"
+rm -rf "$NTFSSRC"
+cp -a "$FATSRC" "$NTFSSRC"
+mkdir -p "$NTFSSRC/compressed/sub"
+python3 - "$NTFSSRC/compressed" <<'EOF2'
+import os, random, sys
+d = sys.argv[1]
+r = random.Random(5)
+def put(name, data):
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+words = b"the quick brown fox jumps over a lazy dog while snapshots restore files".split()
+def text(n):
+    out = bytearray()
+    while len(out) < n:
+        out += b" ".join(r.choice(words) for _ in range(r.randrange(3, 12))) + b"\n"
+    return bytes(out[:n])
+put("one-byte.txt", b"x")
+put("unit-64k.txt", text(65536))
+put("partial-5000.txt", text(5000))
+mixed = bytearray()
+while len(mixed) < 3_000_000:
+    mixed += text(r.randrange(20_000, 300_000))
+    mixed += r.randbytes(r.randrange(1, 150_000))
+put("mixed-3m.txt", bytes(mixed[:3_000_000]))
+put("random-200k.bin", r.randbytes(200_000))
+put("zeros-300k.bin", bytes(300_000))
+put("sub/log-12m.txt", b"".join(b"%08d INFO request %d served in %d ms\n" % (i, i * 7 % 1000, i % 97)
+                                for i in range(300_000))[:12 << 20])
+with open(os.path.join(d, "sparse-2m.bin"), "wb") as f:
+    f.truncate(2 << 20)
+    f.seek(1_000_000)
+    f.write(text(70_000))
+EOF2
+find "$NTFSSRC" -exec touch -h -d "$T" {} +
+
 # `fill FSIMG TYPE [MOUNTOPTS]`: loop-mount a filesystem image and copy the source tree in.
 fill() {
   local img=$1 type=$2 opts=${3:-}
@@ -126,8 +170,16 @@ fill() {
     mount -t "$type" -o "loop${opts:+,$opts}" "$img" "$MNT"
   fi
   if [[ $type == ntfs ]]; then
-    cp -r --preserve=timestamps "$FATSRC/." "$MNT/"
+    mkdir "$MNT/compressed"
+    setfattr -h -v 0x00000810 -n system.ntfs_attrib_be "$MNT/compressed"
+    cp -r --preserve=timestamps "$NTFSSRC/." "$MNT/"
     find "$MNT" -mindepth 1 -exec touch -h -d "$T" {} +
+    # Every file under compressed/ must really be compressed (attribute 0x800).
+    local f a
+    while IFS= read -r -d '' f; do
+      a=$(getfattr -h -e hex -n system.ntfs_attrib_be --only-values "$f" 2>/dev/null | od -An -tx1 | tr -d ' \n')
+      (( (0x${a:-0} & 0x800) != 0 )) || { echo "make-fs-images: $f not compressed (attrib 0x$a)" >&2; exit 1; }
+    done < <(find "$MNT/compressed" -type f -print0)
   else
     cp -a "$SRC/." "$MNT/"
     touch -h -d "$T" "$MNT"

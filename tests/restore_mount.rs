@@ -209,12 +209,16 @@ fn every_guest_filesystem_through_the_mount() {
     }
     let m = Mount::new(&pool);
     let files = |disk: &str| m.snap(&format!("{disk}.qcow2"), "s").join("files");
-    let (src, plain) = (imgs.join("src"), imgs.join("src-plain"));
+    let (src, plain, ntfs) = (
+        imgs.join("src"),
+        imgs.join("src-plain"),
+        imgs.join("src-ntfs"),
+    );
     let cases: [(&str, &str, &Path, bool); 11] = [
         ("gpt", "p1", &src, true),      // ext4
         ("gpt", "p2", &plain, false),   // FAT32
         ("gpt", "p3", &src, true),      // XFS
-        ("gpt", "p4", &plain, false),   // NTFS
+        ("gpt", "p4", &ntfs, false),    // NTFS, with compressed files
         ("mbr", "p1", &src, true),      // ext2
         ("mbr", "p5", &src, true),      // ext3, logical
         ("mbr", "p6", &plain, false),   // FAT16, logical
