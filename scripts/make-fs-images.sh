@@ -3,8 +3,10 @@
 #
 #   OUTDIR/src/           the source tree every filesystem is filled from (compare against it)
 #   OUTDIR/src-plain/     its regular files and directories only: what FAT gets
-#   OUTDIR/src-ntfs/      src-plain plus compressed/: what NTFS gets (compressed/ is an NTFS
-#                         compressed folder: its files are stored LZNT1-compressed)
+#   OUTDIR/src-ntfs/      src-plain plus compressed/ and links/: what NTFS gets (compressed/ is
+#                         an NTFS compressed folder: its files are stored LZNT1-compressed;
+#                         links/ holds symlink and junction reparse points)
+#   OUTDIR/ntfs512.raw    NTFS with 512-byte clusters (8 KiB compression units), no partition table
 #   OUTDIR/gpt.raw        GPT: p1 ext4, p2 FAT32, p3 XFS, p4 NTFS, p5 swap, p6 LUKS2 header, p7 nothing
 #   OUTDIR/mbr.raw        MBR: p1 ext2 (no journal), p2 extended with p5 ext3 and p6 FAT16
 #   OUTDIR/whole.raw      ext4 without a partition table, inline_data, no metadata_csum
@@ -159,7 +161,41 @@ with open(os.path.join(d, "sparse-2m.bin"), "wb") as f:
     f.seek(1_000_000)
     f.write(text(70_000))
 EOF2
+# links/: NTFS reparse points, shown as symlinks to their print name with \ turned into /.
+# fill() makes them with ntfs-3g's system.ntfs_reparse_data (cp would make Interix symlinks).
+# NAME KIND(symlink|junction) DIR(0|1) TARGET
+NTFS_LINKS=(
+  "file-rel symlink 0 ../hello.txt"
+  "dir-rel symlink 1 ../dir/nested"
+  "abs symlink 0 C:/Windows/System32/drivers/etc/hosts"
+  "junction junction 1 C:/Users/Public"
+)
+mkdir -p "$NTFSSRC/links"
+for l in "${NTFS_LINKS[@]}"; do
+  read -r name _ _ target <<<"$l"
+  ln -s "$target" "$NTFSSRC/links/$name"
+done
 find "$NTFSSRC" -exec touch -h -d "$T" {} +
+
+# `reparse_hex KIND TARGET`: a symlink (relative unless TARGET has a drive letter) or junction
+# reparse buffer, as the hex value setfattr takes.
+reparse_hex() {
+  python3 - "$@" <<'EOF2'
+import struct, sys
+kind, target = sys.argv[1], sys.argv[2]
+win = target.replace("/", "\\")
+absolute = len(win) > 1 and win[1] == ":"
+subst = ("\\??\\" + win if absolute else win).encode("utf-16-le")
+prnt = win.encode("utf-16-le")
+if kind == "symlink":
+    body = struct.pack("<HHHHI", 0, len(subst), len(subst), len(prnt), 0 if absolute else 1) + subst + prnt
+    tag = 0xA000000C
+else:
+    body = struct.pack("<HHHH", 0, len(subst), len(subst) + 2, len(prnt)) + subst + b"\0\0" + prnt + b"\0\0"
+    tag = 0xA0000003
+print("0x" + (struct.pack("<IHH", tag, len(body), 0) + body).hex())
+EOF2
+}
 
 # `fill FSIMG TYPE [MOUNTOPTS]`: loop-mount a filesystem image and copy the source tree in.
 fill() {
@@ -170,10 +206,18 @@ fill() {
     mount -t "$type" -o "loop${opts:+,$opts}" "$img" "$MNT"
   fi
   if [[ $type == ntfs ]]; then
-    mkdir "$MNT/compressed"
+    mkdir "$MNT/compressed" "$MNT/links"
     setfattr -h -v 0x00000810 -n system.ntfs_attrib_be "$MNT/compressed"
-    cp -r --preserve=timestamps "$NTFSSRC/." "$MNT/"
-    find "$MNT" -mindepth 1 -exec touch -h -d "$T" {} +
+    find "$NTFSSRC" -mindepth 1 -maxdepth 1 ! -name links -exec cp -r --preserve=timestamps {} "$MNT/" \;
+    local l name kind isdir target
+    for l in "${NTFS_LINKS[@]}"; do
+      read -r name kind isdir target <<<"$l"
+      if (( isdir )); then mkdir "$MNT/links/$name"; else : > "$MNT/links/$name"; fi
+      # Times first: ntfs-3g cannot set them on a junction afterwards (EIO).
+      touch -d "$T" "$MNT/links/$name"
+      setfattr -h -n system.ntfs_reparse_data -v "$(reparse_hex "$kind" "$target")" "$MNT/links/$name"
+    done
+    find "$MNT" -mindepth 1 ! -path "$MNT/links/*" -exec touch -h -d "$T" {} +
     # Every file under compressed/ must really be compressed (attribute 0x800).
     local f a
     while IFS= read -r -d '' f; do
@@ -213,6 +257,10 @@ umount "$MNT"
 truncate -s 16M "$WORK/ntfs.img"
 mkntfs -q -F -Q -L restorentfs "$WORK/ntfs.img" >/dev/null 2>&1
 fill "$WORK/ntfs.img" ntfs
+umount "$MNT"
+truncate -s 32M "$OUT/ntfs512.raw"
+mkntfs -q -F -Q -c 512 -L ntfs512 "$OUT/ntfs512.raw" >/dev/null 2>&1
+fill "$OUT/ntfs512.raw" ntfs
 umount "$MNT"
 
 truncate -s 4M "$WORK/swap.img"
@@ -372,6 +420,11 @@ truncate -s 2M "$SEEDS/restore_ntfs/small"
 mkntfs -q -F -Q -L s "$SEEDS/restore_ntfs/small" >/dev/null 2>&1
 ntfs-3g -o loop "$SEEDS/restore_ntfs/small" "$MNT"
 cp -r "$WORK/tiny/f" "$WORK/tiny/d" "$MNT/"
+mkdir "$MNT/c"
+setfattr -h -v 0x00000810 -n system.ntfs_attrib_be "$MNT/c"
+cp "$NTFSSRC/compressed/partial-5000.txt" "$MNT/c/"
+: > "$MNT/l"
+setfattr -h -n system.ntfs_reparse_data -v "$(reparse_hex symlink ../f)" "$MNT/l"
 umount "$MNT"
 dd if="$OUT/gpt.raw" of="$SEEDS/restore_partitions/gpt" bs=512 count=34 status=none
 truncate -s 1M "$SEEDS/restore_partitions/mbr"

@@ -1020,6 +1020,21 @@ fn ntfs_gpt_p4() {
 }
 
 #[test]
+fn ntfs_512_byte_clusters_whole() {
+    // 512-byte clusters: 8 KiB compression units (2 LZNT1 chunks each), ~3,000 runs for the
+    // 12 MiB log (an attribute list with several $DATA pieces).
+    let fs = open_fs("ntfs512.raw", "whole");
+    check_tree("NTFS 512-byte clusters", fs.as_ref(), NTFS);
+    let dir = fs.lookup(fs.root(), b"compressed").unwrap().ino;
+    let sparse = fs.lookup(dir, b"sparse-2m.bin").unwrap().ino;
+    // Data at 1,000,000..1,070,000: units 122..=130 of 8 KiB.
+    assert_eq!(
+        fs.data_ranges(sparse).unwrap().unwrap(),
+        vec![(122 * 8192, 9 * 8192)]
+    );
+}
+
+#[test]
 fn ntfs_mutation_loop() {
     patch_mutation_loop("NTFS", "gpt.raw", "p4", 300, 0x005e_ed27);
 }

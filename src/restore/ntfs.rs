@@ -3,9 +3,11 @@
 //! behind a mutex; crate panics on corrupt input are caught and reported as `Error::Corrupt`.
 //! File data is read from the $DATA runs (all pieces of an attribute list, in VCN order), so
 //! sparse runs are holes for SEEK_HOLE. Compressed (LZNT1) attributes are decompressed one
-//! compression unit at a time (`lznt1.rs`), with a small cache of decompressed units. Not read:
-//! encrypted files, reparse points as symlinks (shown as what their record says: a file or a
-//! directory), alternate data streams, security descriptors.
+//! compression unit at a time (`lznt1.rs`), with a small cache of decompressed units. Symlink
+//! and junction reparse points are symlinks to their print name with `\` turned into `/`; other
+//! reparse points are what their record says (a file or a directory), except WOF (Compact OS)
+//! and deduplicated files, whose data lives elsewhere: EOPNOTSUPP. Not read: encrypted files,
+//! alternate data streams, security descriptors.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -17,7 +19,7 @@ use ntfs::structured_values::{
 };
 use ntfs::{NtfsAttributeFlags, NtfsAttributeType, NtfsFile, NtfsReadSeek, NtfsTime};
 
-use super::bytes::{le16, le64};
+use super::bytes::{le16, le32, le64};
 use super::{human_size, lznt1, unix_time, Dev, FileKind, FileStat, GuestFs, Slice};
 use crate::error::{Error, Result};
 
@@ -32,7 +34,66 @@ const UNIT_CACHE_BYTES: usize = 4 << 20;
 /// Largest compression unit we decompress (Windows: 16 clusters of at most 4 KiB).
 const MAX_UNIT: u64 = 1 << 20;
 
+/// Reparse tags we show as symlinks.
+const IO_REPARSE_TAG_MOUNT_POINT: u32 = 0xA000_0003;
+const IO_REPARSE_TAG_SYMLINK: u32 = 0xA000_000C;
+/// Reparse tags whose file data is not in the unnamed $DATA: refused rather than read as zeros.
+const IO_REPARSE_TAG_DEDUP: u32 = 0x8000_0013;
+const IO_REPARSE_TAG_WOF: u32 = 0x8000_0017;
+/// Reparse data is at most 16 KiB.
+const MAX_REPARSE: usize = 16 * 1024;
+
 type DirList = Arc<Vec<(Vec<u8>, u64, FileKind)>>;
+
+/// The value of a record's $REPARSE_POINT attribute, if it has one.
+fn reparse_data(fs: &mut Slice, file: &NtfsFile) -> ntfs::Result<Option<Vec<u8>>> {
+    let mut attrs = file.attributes();
+    while let Some(item) = attrs.next(fs) {
+        let item = item?;
+        let a = item.to_attribute()?;
+        if a.ty()? == NtfsAttributeType::ReparsePoint {
+            let mut v = a.value(fs)?;
+            let mut out = vec![0u8; (v.len() as usize).min(MAX_REPARSE)];
+            v.read_exact(fs, &mut out)?;
+            return Ok(Some(out));
+        }
+    }
+    Ok(None)
+}
+
+/// What a symlink or junction reparse point is shown to point at: its print name (or, when that
+/// is empty, its substitute name without the `\??\` prefix), with `\` turned into `/`. So
+/// `..\a\b` reads `../a/b` and `C:\Users` reads `C:/Users` (on the host it dangles, as it
+/// would on any other machine). None for other tags and for data that does not parse.
+fn link_target(data: &[u8]) -> Option<Vec<u8>> {
+    let path_buffer = match le32(data, 0) {
+        IO_REPARSE_TAG_SYMLINK => 20,
+        IO_REPARSE_TAG_MOUNT_POINT => 16,
+        _ => return None,
+    };
+    let name = |off: usize, len: usize| -> Option<String> {
+        let start = path_buffer + off;
+        let b = data.get(start..start.checked_add(len)?)?;
+        let units: Vec<u16> = b
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        Some(String::from_utf16_lossy(&units))
+    };
+    let field = |at: usize| usize::from(le16(data, at));
+    let print = name(field(12), field(14)).filter(|n| !n.is_empty());
+    let target = match print {
+        Some(p) => p,
+        None => {
+            let subst = name(field(8), field(10))?;
+            subst
+                .strip_prefix("\\??\\")
+                .map(str::to_string)
+                .unwrap_or(subst)
+        }
+    };
+    (!target.is_empty()).then(|| target.replace('\\', "/").into_bytes())
+}
 
 /// `len` bytes of an attribute from byte `start`: at byte `disk` of the volume, or sparse.
 #[derive(Clone, Copy, Debug)]
@@ -215,6 +276,14 @@ impl NtfsFs {
             let file = Self::file(ntfs, fs, ino)?;
             if file.is_directory() {
                 return Ok(Err(Error::IsDir(format!("NTFS record {ino}"))));
+            }
+            if let Some(tag) = reparse_data(fs, &file)?.map(|d| le32(&d, 0)) {
+                if tag == IO_REPARSE_TAG_WOF || tag == IO_REPARSE_TAG_DEDUP {
+                    return Ok(Err(Error::NotSupported(format!(
+                        "NTFS record {ino}: data kept by reparse tag {tag:#x} (WOF/Compact OS \
+                         compression or deduplication) is not read"
+                    ))));
+                }
             }
             let mut list = None;
             let mut base_data = None;
@@ -488,6 +557,7 @@ impl NtfsFs {
             let index = file.directory_index(fs)?;
             let mut entries = index.entries();
             let mut out = Vec::new();
+            let mut reparse = Vec::new();
             let mut n = 0;
             while let Some(e) = entries.next(fs) {
                 n += 1;
@@ -510,10 +580,23 @@ impl NtfsFs {
                 } else {
                     FileKind::File
                 };
+                if key
+                    .file_attributes()
+                    .contains(NtfsFileAttributeFlags::REPARSE_POINT)
+                {
+                    reparse.push(out.len());
+                }
                 out.push((name, rec, kind));
             }
-            Ok(out)
+            Ok((out, reparse))
         })?;
+        // A reparse point may be a symlink: its record says (only these few are read).
+        let (mut list, reparse) = list;
+        for i in reparse {
+            if let Ok(st) = self.stat(list[i].1) {
+                list[i].2 = st.kind;
+            }
+        }
         let list = Arc::new(list);
         if let Ok(mut c) = self.dirs.lock() {
             if c.len() >= CACHE {
@@ -557,16 +640,20 @@ impl GuestFs for NtfsFs {
                 }
             }
             let mut perm = if dir { 0o755 } else { 0o644 };
-            if info
-                .file_attributes()
-                .contains(NtfsFileAttributeFlags::READ_ONLY)
-            {
+            let mut kind = if dir { FileKind::Dir } else { FileKind::File };
+            let flags = info.file_attributes();
+            if flags.contains(NtfsFileAttributeFlags::READ_ONLY) {
                 perm &= !0o222;
+            }
+            if flags.contains(NtfsFileAttributeFlags::REPARSE_POINT) {
+                if let Some(target) = reparse_data(fs, &file)?.and_then(|d| link_target(&d)) {
+                    (kind, perm, size) = (FileKind::Symlink, 0o777, target.len() as u64);
+                }
             }
             let mtime = nt_time(info.modification_time());
             Ok(FileStat {
                 ino,
-                kind: if dir { FileKind::Dir } else { FileKind::File },
+                kind,
                 perm,
                 uid: 0,
                 gid: 0,
@@ -671,9 +758,11 @@ impl GuestFs for NtfsFs {
     }
 
     fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
-        Err(Error::Invalid(format!(
-            "NTFS record {ino} is not a symlink"
-        )))
+        let target = self.with("readlink", |ntfs, fs| {
+            let file = Self::file(ntfs, fs, ino)?;
+            Ok(reparse_data(fs, &file)?.and_then(|d| link_target(&d)))
+        })?;
+        target.ok_or_else(|| Error::Invalid(format!("NTFS record {ino} is not a symlink")))
     }
 
     fn xattrs(&self, _ino: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
