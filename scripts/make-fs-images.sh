@@ -2,7 +2,11 @@
 # make-fs-images.sh OUTDIR: disk images with guest filesystems, for file-level restore tests.
 #
 #   OUTDIR/src/           the source tree every filesystem is filled from (compare against it)
-#   OUTDIR/src-plain/     its regular files and directories only: what FAT and NTFS get
+#   OUTDIR/src-plain/     its regular files and directories only: what FAT gets
+#   OUTDIR/src-ntfs/      src-plain plus compressed/ and links/: what NTFS gets (compressed/ is
+#                         an NTFS compressed folder: its files are stored LZNT1-compressed;
+#                         links/ holds symlink and junction reparse points)
+#   OUTDIR/ntfs512.raw    NTFS with 512-byte clusters (8 KiB compression units), no partition table
 #   OUTDIR/gpt.raw        GPT: p1 ext4, p2 FAT32, p3 XFS, p4 NTFS, p5 swap, p6 LUKS2 header, p7 nothing
 #   OUTDIR/mbr.raw        MBR: p1 ext2 (no journal), p2 extended with p5 ext3 and p6 FAT16
 #   OUTDIR/whole.raw      ext4 without a partition table, inline_data, no metadata_csum
@@ -117,6 +121,82 @@ mkdir -p "$FATSRC"
 cp -p "$SRC/hello.txt" "$FATSRC/hello.txt"
 find "$FATSRC" -exec touch -h -d "$T" {} +
 
+# The NTFS copy: src-plain plus compressed/, whose files land LZNT1-compressed (ntfs-3g's
+# `compression` option, its default, compresses new files in a folder with attribute 0x800):
+# one byte (resident), exactly one 64 KiB compression unit, a partial last unit, text with
+# incompressible random stretches (stored units between compressed ones), random data (all
+# units stored), zeros and a sparse file (units written as holes), and a 12 MiB log whose ~400
+# runs need an attribute list.
+NTFSSRC="$OUT/src-ntfs"
+rm -rf "$NTFSSRC"
+cp -a "$FATSRC" "$NTFSSRC"
+mkdir -p "$NTFSSRC/compressed/sub"
+python3 - "$NTFSSRC/compressed" <<'EOF2'
+import os, random, sys
+d = sys.argv[1]
+r = random.Random(5)
+def put(name, data):
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+words = b"the quick brown fox jumps over a lazy dog while snapshots restore files".split()
+def text(n):
+    out = bytearray()
+    while len(out) < n:
+        out += b" ".join(r.choice(words) for _ in range(r.randrange(3, 12))) + b"\n"
+    return bytes(out[:n])
+put("one-byte.txt", b"x")
+put("unit-64k.txt", text(65536))
+put("partial-5000.txt", text(5000))
+mixed = bytearray()
+while len(mixed) < 3_000_000:
+    mixed += text(r.randrange(20_000, 300_000))
+    mixed += r.randbytes(r.randrange(1, 150_000))
+put("mixed-3m.txt", bytes(mixed[:3_000_000]))
+put("random-200k.bin", r.randbytes(200_000))
+put("zeros-300k.bin", bytes(300_000))
+put("sub/log-12m.txt", b"".join(b"%08d INFO request %d served in %d ms\n" % (i, i * 7 % 1000, i % 97)
+                                for i in range(300_000))[:12 << 20])
+with open(os.path.join(d, "sparse-2m.bin"), "wb") as f:
+    f.truncate(2 << 20)
+    f.seek(1_000_000)
+    f.write(text(70_000))
+EOF2
+# links/: NTFS reparse points, shown as symlinks to their print name with \ turned into /.
+# fill() makes them with ntfs-3g's system.ntfs_reparse_data (cp would make Interix symlinks).
+# NAME KIND(symlink|junction) DIR(0|1) TARGET
+NTFS_LINKS=(
+  "file-rel symlink 0 ../hello.txt"
+  "dir-rel symlink 1 ../dir/nested"
+  "abs symlink 0 C:/Windows/System32/drivers/etc/hosts"
+  "junction junction 1 C:/Users/Public"
+)
+mkdir -p "$NTFSSRC/links"
+for l in "${NTFS_LINKS[@]}"; do
+  read -r name _ _ target <<<"$l"
+  ln -s "$target" "$NTFSSRC/links/$name"
+done
+find "$NTFSSRC" -exec touch -h -d "$T" {} +
+
+# `reparse_hex KIND TARGET`: a symlink (relative unless TARGET has a drive letter) or junction
+# reparse buffer, as the hex value setfattr takes.
+reparse_hex() {
+  python3 - "$@" <<'EOF2'
+import struct, sys
+kind, target = sys.argv[1], sys.argv[2]
+win = target.replace("/", "\\")
+absolute = len(win) > 1 and win[1] == ":"
+subst = ("\\??\\" + win if absolute else win).encode("utf-16-le")
+prnt = win.encode("utf-16-le")
+if kind == "symlink":
+    body = struct.pack("<HHHHI", 0, len(subst), len(subst), len(prnt), 0 if absolute else 1) + subst + prnt
+    tag = 0xA000000C
+else:
+    body = struct.pack("<HHHH", 0, len(subst), len(subst) + 2, len(prnt)) + subst + b"\0\0" + prnt + b"\0\0"
+    tag = 0xA0000003
+print("0x" + (struct.pack("<IHH", tag, len(body), 0) + body).hex())
+EOF2
+}
+
 # `fill FSIMG TYPE [MOUNTOPTS]`: loop-mount a filesystem image and copy the source tree in.
 fill() {
   local img=$1 type=$2 opts=${3:-}
@@ -126,8 +206,24 @@ fill() {
     mount -t "$type" -o "loop${opts:+,$opts}" "$img" "$MNT"
   fi
   if [[ $type == ntfs ]]; then
-    cp -r --preserve=timestamps "$FATSRC/." "$MNT/"
-    find "$MNT" -mindepth 1 -exec touch -h -d "$T" {} +
+    mkdir "$MNT/compressed" "$MNT/links"
+    setfattr -h -v 0x00000810 -n system.ntfs_attrib_be "$MNT/compressed"
+    find "$NTFSSRC" -mindepth 1 -maxdepth 1 ! -name links -exec cp -r --preserve=timestamps {} "$MNT/" \;
+    local l name kind isdir target
+    for l in "${NTFS_LINKS[@]}"; do
+      read -r name kind isdir target <<<"$l"
+      if (( isdir )); then mkdir "$MNT/links/$name"; else : > "$MNT/links/$name"; fi
+      # Times first: ntfs-3g cannot set them on a junction afterwards (EIO).
+      touch -d "$T" "$MNT/links/$name"
+      setfattr -h -n system.ntfs_reparse_data -v "$(reparse_hex "$kind" "$target")" "$MNT/links/$name"
+    done
+    find "$MNT" -mindepth 1 ! -path "$MNT/links/*" -exec touch -h -d "$T" {} +
+    # Every file under compressed/ must really be compressed (attribute 0x800).
+    local f a
+    while IFS= read -r -d '' f; do
+      a=$(getfattr -h -e hex -n system.ntfs_attrib_be --only-values "$f" 2>/dev/null | od -An -tx1 | tr -d ' \n')
+      (( (0x${a:-0} & 0x800) != 0 )) || { echo "make-fs-images: $f not compressed (attrib 0x$a)" >&2; exit 1; }
+    done < <(find "$MNT/compressed" -type f -print0)
   else
     cp -a "$SRC/." "$MNT/"
     touch -h -d "$T" "$MNT"
@@ -161,6 +257,10 @@ umount "$MNT"
 truncate -s 16M "$WORK/ntfs.img"
 mkntfs -q -F -Q -L restorentfs "$WORK/ntfs.img" >/dev/null 2>&1
 fill "$WORK/ntfs.img" ntfs
+umount "$MNT"
+truncate -s 32M "$OUT/ntfs512.raw"
+mkntfs -q -F -Q -c 512 -L ntfs512 "$OUT/ntfs512.raw" >/dev/null 2>&1
+fill "$OUT/ntfs512.raw" ntfs
 umount "$MNT"
 
 truncate -s 4M "$WORK/swap.img"
@@ -320,6 +420,11 @@ truncate -s 2M "$SEEDS/restore_ntfs/small"
 mkntfs -q -F -Q -L s "$SEEDS/restore_ntfs/small" >/dev/null 2>&1
 ntfs-3g -o loop "$SEEDS/restore_ntfs/small" "$MNT"
 cp -r "$WORK/tiny/f" "$WORK/tiny/d" "$MNT/"
+mkdir "$MNT/c"
+setfattr -h -v 0x00000810 -n system.ntfs_attrib_be "$MNT/c"
+cp "$NTFSSRC/compressed/partial-5000.txt" "$MNT/c/"
+: > "$MNT/l"
+setfattr -h -n system.ntfs_reparse_data -v "$(reparse_hex symlink ../f)" "$MNT/l"
 umount "$MNT"
 dd if="$OUT/gpt.raw" of="$SEEDS/restore_partitions/gpt" bs=512 count=34 status=none
 truncate -s 1M "$SEEDS/restore_partitions/mbr"

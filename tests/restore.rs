@@ -55,8 +55,9 @@ fn open_fs(disk_name: &str, part: &str) -> Arc<dyn GuestFs> {
 /// What a filesystem keeps of the source tree.
 #[derive(Clone, Copy)]
 struct Profile {
-    /// Compare against `src-plain/` (regular files and dirs only) instead of `src/`.
-    plain: bool,
+    /// The source tree to compare against: `src`, `src-plain` (regular files and dirs only) or
+    /// `src-ntfs` (src-plain plus compressed files).
+    tree: &'static str,
     perms: bool,
     owners: bool,
     hardlinks: bool,
@@ -68,7 +69,7 @@ struct Profile {
 }
 
 const POSIX: Profile = Profile {
-    plain: false,
+    tree: "src",
     perms: true,
     owners: true,
     hardlinks: true,
@@ -261,7 +262,7 @@ fn walk_guest(fs: &dyn GuestFs) -> BTreeMap<Vec<u8>, Node> {
 
 /// Walk `fs`, compare with the source tree under `profile`; the number of entries checked.
 fn check_tree(label: &str, fs: &dyn GuestFs, profile: Profile) -> usize {
-    let src_dir = images().join(if profile.plain { "src-plain" } else { "src" });
+    let src_dir = images().join(profile.tree);
     let src = walk_source(&src_dir);
     let mut guest = walk_guest(fs);
     for extra in profile.extra_root {
@@ -816,7 +817,7 @@ fn partitions_mutation_loop() {
 }
 
 const FAT: Profile = Profile {
-    plain: true,
+    tree: "src-plain",
     perms: false,
     owners: false,
     hardlinks: false,
@@ -978,6 +979,7 @@ fn xfs_mutation_loop() {
 }
 
 const NTFS: Profile = Profile {
+    tree: "src-ntfs",
     mtime_slack: Duration::ZERO,
     ..FAT
 };
@@ -991,6 +993,45 @@ fn ntfs_gpt_p4() {
     let st = fs.lookup(fs.root(), b"fragmented.bin").unwrap();
     let ranges = fs.data_ranges(st.ino).unwrap().unwrap();
     assert!(ranges.len() > 100, "{}", ranges.len());
+    // compressed/ (LZNT1, compared byte for byte above): an all-sparse compression unit is a
+    // hole, any other unit data. sparse-2m.bin has data only at 1,000,000..1,070,000: units
+    // 15 and 16 of 64 KiB; zeros-300k.bin was written as holes only.
+    let dir = fs.lookup(fs.root(), b"compressed").unwrap().ino;
+    let sparse = fs.lookup(dir, b"sparse-2m.bin").unwrap().ino;
+    assert_eq!(
+        fs.data_ranges(sparse).unwrap().unwrap(),
+        vec![(15 * 65536, 2 * 65536)]
+    );
+    let zeros = fs.lookup(dir, b"zeros-300k.bin").unwrap().ino;
+    assert_eq!(fs.data_ranges(zeros).unwrap().unwrap(), vec![]);
+    let mixed = fs.lookup(dir, b"mixed-3m.txt").unwrap();
+    assert_eq!(
+        fs.data_ranges(mixed.ino).unwrap().unwrap(),
+        vec![(0, mixed.size)]
+    );
+    // Reads at odd offsets across unit boundaries agree with the source.
+    let src = std::fs::read(images().join("src-ntfs/compressed/mixed-3m.txt")).unwrap();
+    let mut buf = vec![0u8; 70_000];
+    for off in [0u64, 65535, 65536, 131_071, 1_000_001, 2_999_000] {
+        let n = fs.read(mixed.ino, off, &mut buf).unwrap();
+        let want = &src[off as usize..(off as usize + buf.len()).min(src.len())];
+        assert_eq!(&buf[..n], want, "mixed-3m.txt at {off}");
+    }
+}
+
+#[test]
+fn ntfs_512_byte_clusters_whole() {
+    // 512-byte clusters: 8 KiB compression units (2 LZNT1 chunks each), ~3,000 runs for the
+    // 12 MiB log (an attribute list with several $DATA pieces).
+    let fs = open_fs("ntfs512.raw", "whole");
+    check_tree("NTFS 512-byte clusters", fs.as_ref(), NTFS);
+    let dir = fs.lookup(fs.root(), b"compressed").unwrap().ino;
+    let sparse = fs.lookup(dir, b"sparse-2m.bin").unwrap().ino;
+    // Data at 1,000,000..1,070,000: units 122..=130 of 8 KiB.
+    assert_eq!(
+        fs.data_ranges(sparse).unwrap().unwrap(),
+        vec![(122 * 8192, 9 * 8192)]
+    );
 }
 
 #[test]

@@ -196,7 +196,7 @@ fn every_guest_filesystem_through_the_mount() {
         .unwrap();
     let pool = t.path().join("guests");
     fs::create_dir(&pool).unwrap();
-    for disk in ["gpt", "mbr", "lvm", "whole", "crash-ext3"] {
+    for disk in ["gpt", "mbr", "lvm", "whole", "crash-ext3", "ntfs512"] {
         let q = pool.join(format!("{disk}.qcow2"));
         qemu_img(&[
             "convert",
@@ -209,18 +209,23 @@ fn every_guest_filesystem_through_the_mount() {
     }
     let m = Mount::new(&pool);
     let files = |disk: &str| m.snap(&format!("{disk}.qcow2"), "s").join("files");
-    let (src, plain) = (imgs.join("src"), imgs.join("src-plain"));
-    let cases: [(&str, &str, &Path, bool); 11] = [
+    let (src, plain, ntfs) = (
+        imgs.join("src"),
+        imgs.join("src-plain"),
+        imgs.join("src-ntfs"),
+    );
+    let cases: [(&str, &str, &Path, bool); 12] = [
         ("gpt", "p1", &src, true),      // ext4
         ("gpt", "p2", &plain, false),   // FAT32
         ("gpt", "p3", &src, true),      // XFS
-        ("gpt", "p4", &plain, false),   // NTFS
+        ("gpt", "p4", &ntfs, false),    // NTFS, with compressed files
         ("mbr", "p1", &src, true),      // ext2
         ("mbr", "p5", &src, true),      // ext3, logical
         ("mbr", "p6", &plain, false),   // FAT16, logical
         ("whole", "whole", &src, true), // ext4 without a partition table
         ("lvm", "p1/lvm/snapfsvg/root", &src, true),
         ("crash-ext3", "whole", &src, true), // journal replayed in memory
+        ("ntfs512", "whole", &ntfs, false),  // NTFS, 512-byte clusters: 8 KiB units
         ("gpt", "p1", &src, true),           // again: served from the cache
     ];
     for (disk, part, tree_src, full) in cases {

@@ -8,6 +8,7 @@ mod bytes;
 pub mod ext4;
 pub mod fat;
 pub mod lvm;
+pub mod lznt1;
 pub mod ntfs;
 pub mod partition;
 pub mod probe;
