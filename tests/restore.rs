@@ -4,6 +4,8 @@
 //! The images are built once per test run into `$SNAPFS_FS_IMAGES` (default: a directory under
 //! cargo's target tmpdir); building needs root and loop devices (~10 s).
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -21,16 +23,7 @@ fn images() -> &'static Path {
         let dir = std::env::var_os("SNAPFS_FS_IMAGES")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fs-images"));
-        if !dir.join(".done").exists() {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make-fs-images.sh");
-            let st = std::process::Command::new("bash")
-                .arg(&script)
-                .arg(&dir)
-                .status()
-                .expect("run make-fs-images.sh");
-            assert!(st.success(), "make-fs-images.sh failed");
-        }
-        dir
+        common::fs_images_in(&dir)
     })
 }
 

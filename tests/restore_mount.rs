@@ -136,13 +136,7 @@ fn ext4_partition_matches_its_source_tree() {
 
 /// The images of scripts/make-fs-images.sh (shared with tests/restore.rs through its `.done`).
 fn fs_images() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fs-images");
-    if !dir.join(".done").exists() {
-        run(Command::new("bash")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make-fs-images.sh"))
-            .arg(&dir));
-    }
-    dir
+    fs_images_in(&PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fs-images"))
 }
 
 /// Compare `guest` with `src`: names and contents always; owners, modes, times, link counts

@@ -352,3 +352,22 @@ pub fn script_ok(name: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// The images of scripts/make-fs-images.sh in `dir`, built (again) unless `dir/.done` holds the
+/// sha256 of the script as it is now.
+pub fn fs_images_in(dir: &Path) -> PathBuf {
+    use sha2::Digest;
+    // Tests of one binary run in parallel: one build at a time.
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make-fs-images.sh");
+    let want = format!(
+        "{:x}",
+        sha2::Sha256::digest(std::fs::read(&script).expect("read make-fs-images.sh"))
+    );
+    let done = std::fs::read_to_string(dir.join(".done")).unwrap_or_default();
+    if done.trim() != want {
+        run(Command::new("bash").arg(&script).arg(dir));
+    }
+    dir.to_path_buf()
+}
