@@ -21,10 +21,11 @@ const MAX_DIR_BYTES: u64 = 256 << 20;
 const MAX_VALUE: u64 = 64 << 10;
 /// Directory listings kept parsed.
 const DIR_CACHE: usize = 256;
-/// Metadata blocks are read in aligned chunks of this size (one qcow2 cluster by default),
-/// and this many chunks are kept: inode tables of a root filesystem fit.
+/// Metadata blocks are read in aligned chunks of this size and this many chunks are kept
+/// (2 MiB per filesystem). A cold find over a Debian root: 4,779 reads of 4 KiB without,
+/// 210 with; 16 chunks only took it to 194.
 const META_CHUNK: u64 = 256 << 10;
-const META_CHUNKS: usize = 16;
+const META_CHUNKS: usize = 8;
 
 const INCOMPAT_RECOVER: u32 = 0x4;
 const INCOMPAT_JOURNAL_DEV: u32 = 0x8;
