@@ -223,11 +223,8 @@ run_snapfs() {
   SNAPFS_MOUNTED=1
   timeout 60 head -c1 "$r/$SMALL_FILE" >/dev/null
   t1=$(now); R[snapfs.ttfb]=$(elapsed "$t0" "$t1")
-  pid=
-  for p in $(pgrep -f "snapfs mount.*$MNT" || true); do
-    if tr '\0' ' ' < "/proc/$p/cmdline" | grep -q -- --foreground; then pid=$p; fi
-  done
-  [[ -n $pid ]] || pid=$(pgrep -n -f "snapfs mount.*$MNT" || true)
+  # once mounted, the daemon is the only process left with these arguments
+  pid=$(pgrep -n -f "snapfs mount.*$MNT" || true)
   log "snapfs: $("$SNAPFS" --version 2>/dev/null | head -1), daemon pid ${pid:-?}"
   drop; t0=$(now); R[snapfs.nlist]=$(timeout 600 find "$r" | wc -l); t1=$(now); R[snapfs.list]=$(elapsed "$t0" "$t1")
   R[snapfs.mbs]=$(copy_big "$r/bench/big.bin" "$SHM/big.bin" "$BIG_RUNS")

@@ -3,7 +3,7 @@
 
 use std::ffi::CString;
 use std::io::Write;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -276,24 +276,109 @@ pub fn unmount_path(mp: &Path, lazy: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Start `serve` in a detached child and wait until it is mounted or has failed.
-pub fn spawn_daemon(args: Vec<std::ffi::OsString>, log_file: &Path) -> anyhow::Result<()> {
-    use std::os::unix::process::CommandExt;
+/// Where [`fork_daemon`] returns.
+pub enum Forked {
+    /// In the parent, once the daemon reported READY.
+    Parent,
+    /// In the detached child: serve, and report readiness on this descriptor.
+    Child(OwnedFd),
+}
+
+/// Detach a daemon without running the program a second time: fork (when this process has a
+/// single thread, as it has before anything is started), the child moves to a new session
+/// with its output in `log_file`, the parent waits for READY. Loading our shared libraries
+/// again in a re-executed child was most of the time `snapfs mount` took. With more than one
+/// thread, fork is unsafe: `args` are re-executed as before ([`spawn_daemon`]).
+pub fn fork_daemon(args: Vec<std::ffi::OsString>, log_file: &Path) -> anyhow::Result<Forked> {
+    if thread_count() != Some(1) {
+        spawn_daemon(args, log_file)?;
+        return Ok(Forked::Parent);
+    }
+    let (rd, wr) = ready_pipe()?;
+    let log = open_log(log_file)?;
+    let null = std::fs::File::open("/dev/null").context("/dev/null")?;
+    // SAFETY: this process has one thread, so the child may run any code after fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error()).context("fork");
+    }
+    if pid == 0 {
+        drop(rd);
+        // SAFETY: plain syscalls on descriptors we own; failures are reported below.
+        let ok = unsafe {
+            libc::setsid() >= 0
+                && libc::dup2(null.as_raw_fd(), 0) >= 0
+                && libc::dup2(log.as_raw_fd(), 1) >= 0
+                && libc::dup2(log.as_raw_fd(), 2) >= 0
+        };
+        if !ok {
+            let e = std::io::Error::last_os_error();
+            let mut f = std::fs::File::from(wr);
+            let _ = writeln!(f, "ERROR detaching the daemon: {e}");
+            std::process::exit(1);
+        }
+        return Ok(Forked::Child(wr));
+    }
+    drop(wr);
+    wait_ready(rd, log_file, || {
+        let mut status = 0;
+        // SAFETY: pid is our child; WNOHANG never blocks.
+        unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    })?;
+    Ok(Forked::Parent)
+}
+
+/// Threads of this process, from /proc (None if unknown).
+fn thread_count() -> Option<usize> {
+    Some(std::fs::read_dir("/proc/self/task").ok()?.count())
+}
+
+fn ready_pipe() -> anyhow::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: fds is a valid array of two ints.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(std::io::Error::last_os_error()).context("pipe");
     }
     // SAFETY: pipe2 just returned these two fresh descriptors; each is owned once.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn open_log(log_file: &Path) -> anyhow::Result<std::fs::File> {
     if let Some(dir) = log_file.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("log directory {}", dir.display()))?;
     }
-    let log = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log_file)
-        .with_context(|| format!("log file {}", log_file.display()))?;
+        .with_context(|| format!("log file {}", log_file.display()))
+}
+
+/// Read the daemon's answer: READY, or ERROR and why; `reap` collects a child that died.
+fn wait_ready(rd: OwnedFd, log_file: &Path, reap: impl FnOnce()) -> anyhow::Result<()> {
+    let mut answer = String::new();
+    let mut f = std::fs::File::from(rd);
+    use std::io::Read;
+    let _ = f.read_to_string(&mut answer);
+    let answer = answer.trim();
+    if answer == "READY" {
+        return Ok(());
+    }
+    reap();
+    if let Some(msg) = answer.strip_prefix("ERROR ") {
+        bail!("{msg} (log: {})", log_file.display());
+    }
+    bail!(
+        "the daemon exited before the mount was ready (log: {})",
+        log_file.display()
+    )
+}
+
+/// Start `serve` in a detached child and wait until it is mounted or has failed.
+pub fn spawn_daemon(args: Vec<std::ffi::OsString>, log_file: &Path) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let (rd, wr) = ready_pipe()?;
+    let log = open_log(log_file)?;
     let exe = std::env::current_exe().context("finding our own executable")?;
     let wr_raw = std::os::fd::AsRawFd::as_raw_fd(&wr);
     let mut cmd = std::process::Command::new(exe);
@@ -316,20 +401,7 @@ pub fn spawn_daemon(args: Vec<std::ffi::OsString>, log_file: &Path) -> anyhow::R
     }
     let mut child = cmd.spawn().context("starting the daemon")?;
     drop(wr);
-    let mut answer = String::new();
-    let mut f = std::fs::File::from(rd);
-    use std::io::Read;
-    let _ = f.read_to_string(&mut answer);
-    let answer = answer.trim();
-    if answer == "READY" {
-        return Ok(());
-    }
-    let _ = child.try_wait();
-    if let Some(msg) = answer.strip_prefix("ERROR ") {
-        bail!("{msg} (log: {})", log_file.display());
-    }
-    bail!(
-        "the daemon exited before the mount was ready (log: {})",
-        log_file.display()
-    )
+    wait_ready(rd, log_file, || {
+        let _ = child.try_wait();
+    })
 }

@@ -107,7 +107,7 @@ struct MountArgs {
     mountpoint: PathBuf,
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, ansi: bool) {
     let default = match verbose {
         0 => "snapfs=info,fuser=error",
         1 => "snapfs=info,fuser=warn",
@@ -119,13 +119,18 @@ fn init_logging(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(ansi)
         .init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    // A mount without --foreground forks a daemon that logs to a file: no colours there.
+    let detaches = matches!(&cli.cmd, Cmd::Mount(m) if !m.foreground);
+    init_logging(
+        cli.verbose,
+        !detaches && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    );
     let res = match cli.cmd {
         Cmd::Unmount { lazy, mountpoint } => daemon::unmount_path(&mountpoint, lazy),
         Cmd::Mount(m) => mount(*m),
@@ -140,19 +145,23 @@ fn main() -> ExitCode {
 }
 
 fn mount(m: MountArgs) -> anyhow::Result<()> {
-    if !m.foreground {
-        // Re-run ourselves detached, with the same arguments, and wait for READY.
+    let ready = if !m.foreground {
+        // Detach (fork; or re-run ourselves with the same arguments) and wait for READY.
         let args: Vec<OsString> = std::env::args_os().skip(1).collect();
         let log = m
             .log_file
             .clone()
             .unwrap_or_else(|| m.state_dir.join("snapfs.log"));
-        return daemon::spawn_daemon(args, &log);
-    }
-    let ready = match m.ready_fd {
-        // SAFETY: the parent passed us this descriptor for our exclusive use.
-        Some(fd) if fd >= 0 => Some(unsafe { OwnedFd::from_raw_fd(fd) }),
-        _ => None,
+        match daemon::fork_daemon(args, &log)? {
+            daemon::Forked::Parent => return Ok(()),
+            daemon::Forked::Child(fd) => Some(fd),
+        }
+    } else {
+        match m.ready_fd {
+            // SAFETY: the parent passed us this descriptor for our exclusive use.
+            Some(fd) if fd >= 0 => Some(unsafe { OwnedFd::from_raw_fd(fd) }),
+            _ => None,
+        }
     };
     let cfg = MountConfig {
         mountpoint: m.mountpoint,

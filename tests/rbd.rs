@@ -225,7 +225,7 @@ impl RbdMount {
             let has = cmd
                 .split(|b| *b == 0)
                 .any(|a| a == needle.as_encoded_bytes());
-            if has && cmd.windows(12).any(|w| w == b"--foreground") {
+            if has && cmd.split(|b| *b == 0).nth(1) == Some(b"mount".as_slice()) {
                 return Some(pid);
             }
         }

@@ -22,7 +22,7 @@ use crate::error::Result;
 use crate::image::BlockImage;
 
 pub use partition::partitions;
-pub use slice::{Dev, MemDisk, Slice};
+pub use slice::{ChunkCache, Dev, MemDisk, Slice};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FileKind {

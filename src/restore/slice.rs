@@ -2,7 +2,10 @@
 //! `Error::Corrupt`), [`Slice`] for crates that want `Read + Seek` (with a `Write` that refuses).
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::sync::Arc;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
 
 use crate::error::{Error, Result};
 use crate::image::BlockImage;
@@ -84,6 +87,67 @@ impl Dev {
 
     pub fn corrupt(&self, offset: u64, what: impl Into<String>) -> Error {
         Error::corrupt(&self.name, offset, what)
+    }
+}
+
+/// Metadata reads of one filesystem reader, served from a small LRU of aligned chunks that are
+/// read whole (read-around). On a cold image every inode-table or directory block would
+/// otherwise be its own 4 KiB disk read; their neighbours are usually wanted next.
+pub struct ChunkCache {
+    chunk: u64,
+    lru: Mutex<LruCache<u64, Arc<Vec<u8>>>>,
+}
+
+impl ChunkCache {
+    /// `chunks` chunks of `chunk` bytes each (a power of two).
+    pub fn new(chunk: u64, chunks: usize) -> ChunkCache {
+        ChunkCache {
+            chunk: chunk.max(1).next_power_of_two(),
+            lru: Mutex::new(LruCache::new(
+                NonZeroUsize::new(chunks).unwrap_or(NonZeroUsize::MIN),
+            )),
+        }
+    }
+
+    /// Like [`Dev::read_exact_at`]; a range inside one chunk is served from (and loads) it.
+    pub fn read(&self, dev: &Dev, off: u64, buf: &mut [u8]) -> Result<()> {
+        let start = off - off % self.chunk;
+        let inside = off
+            .checked_add(buf.len() as u64)
+            .is_some_and(|end| end <= dev.len() && end <= start.saturating_add(self.chunk));
+        if !inside || buf.is_empty() {
+            return dev.read_exact_at(off, buf);
+        }
+        let at = (off - start) as usize;
+        let cached = self
+            .lru
+            .lock()
+            .ok()
+            .and_then(|mut l| l.get(&start).cloned());
+        let chunk = match cached {
+            Some(c) => c,
+            None => {
+                let len = self.chunk.min(dev.len() - start) as usize;
+                match dev.read_vec(start, len) {
+                    Ok(v) => {
+                        let v = Arc::new(v);
+                        if let Ok(mut l) = self.lru.lock() {
+                            l.put(start, v.clone());
+                        }
+                        v
+                    }
+                    // A damaged neighbour must not fail a read of good bytes.
+                    Err(_) => return dev.read_exact_at(off, buf),
+                }
+            }
+        };
+        match chunk.get(at..at + buf.len()) {
+            Some(src) => {
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            None => dev.read_exact_at(off, buf),
+        }
     }
 }
 

@@ -149,8 +149,10 @@ impl Mount {
                 .split(|b| *b == 0)
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect();
+            // `snapfs mount … MNT`: once mounted, only the daemon runs with these args (it is
+            // forked from the command, or re-executed with --foreground).
             if args.first().is_some_and(|a| a.ends_with("snapfs"))
-                && args.iter().any(|a| a == "--foreground")
+                && args.get(1).is_some_and(|a| a == "mount")
                 && args.contains(&needle)
             {
                 return Some(pid);

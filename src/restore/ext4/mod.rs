@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::bytes::{le16, le32, sub, u8at};
-use super::{human_size, unix_time, Dev, FileKind, FileStat, GuestFs};
+use super::{human_size, unix_time, ChunkCache, Dev, FileKind, FileStat, GuestFs};
 use crate::error::{Error, Result};
 
 const ROOT: u64 = 2;
@@ -21,6 +21,11 @@ const MAX_DIR_BYTES: u64 = 256 << 20;
 const MAX_VALUE: u64 = 64 << 10;
 /// Directory listings kept parsed.
 const DIR_CACHE: usize = 256;
+/// Metadata blocks are read in aligned chunks of this size and this many chunks are kept
+/// (2 MiB per filesystem). A cold find over a Debian root: 4,779 reads of 4 KiB without,
+/// 210 with; 16 chunks only took it to 194.
+const META_CHUNK: u64 = 256 << 10;
+const META_CHUNKS: usize = 8;
 
 const INCOMPAT_RECOVER: u32 = 0x4;
 const INCOMPAT_JOURNAL_DEV: u32 = 0x8;
@@ -55,6 +60,7 @@ pub struct Ext4Fs {
     kind: &'static str,
     note: String,
     dirs: Mutex<HashMap<u64, DirList>>,
+    meta: ChunkCache,
 }
 
 /// An inode's on-disk bytes, decoded on demand.
@@ -225,6 +231,7 @@ impl Ext4Fs {
             kind,
             note: String::new(),
             dirs: Mutex::new(HashMap::new()),
+            meta: ChunkCache::new(META_CHUNK.max(bs), META_CHUNKS),
         };
         let layout = GdtLayout {
             groups,
@@ -341,7 +348,9 @@ impl Ext4Fs {
         let off = n
             .checked_mul(self.bs)
             .ok_or_else(|| self.dev.corrupt(0, format!("ext4 block {n} overflows")))?;
-        self.dev.read_vec(off, self.bs as usize)
+        let mut b = vec![0u8; self.bs as usize];
+        self.meta.read(&self.dev, off, &mut b)?;
+        Ok(b)
     }
 
     fn inode(&self, ino: u64) -> Result<Inode> {
