@@ -8,7 +8,9 @@
 # SIZE_GIB filled by `rbd bench --io-type write` with snapshot `b1` (kept for later runs),
 # builds snapfs --release, and reads:
 #   - `rbd export rbd/snapfs-bench@b1 - > /dev/null`             (librbd, 10 parallel ops)
-#   - snapfs  volumes/rbd/snapfs-bench/.snapshots/b1/disk.raw     (cat; dd bs=1M, 128K; 1 and 2 readers)
+#   - snapfs  volumes/rbd/snapfs-bench/.snapshots/b1/disk.raw     (cat; dd bs=1M, 128K; 1 and 2 readers;
+#             dd bs=4K of the first SMALL_MIB; RBD disks are opened with direct I/O)
+#   - snapfs --ceph-page-cache (a second mount: the kernel page cache in between): cat, dd bs=4K
 #   - rbd-fuse (image head only: rbd-fuse has no snapshots; the head holds the same bytes)
 # The page cache is dropped before every read (echo 3 > /proc/sys/vm/drop_caches); 2 readers
 # read one half each, concurrently. MiB/s are of the bytes read; ratios are against export.
@@ -21,6 +23,8 @@ POOL=rbd
 SNAP=b1
 WORK=${SNAPFS_BENCH_DIR:-/var/tmp/snapfs-bench-rbd}
 LAT_N=${LAT_N:-10}
+# 4 KiB readers read only this much (a 4 KiB reader with direct I/O is slow by design).
+SMALL_MIB=${SMALL_MIB:-512}
 # REPS=3: every read is run three times (interleaved) and the median is reported; the shared
 # 2-core machine's load makes single runs vary by ±20%.
 REPS=${REPS:-1}
@@ -53,20 +57,24 @@ echo "== building snapfs (release)" >&2
 cargo build --release --quiet
 BIN=$PWD/target/release/snapfs
 
-mkdir -p "$WORK/snapfs" "$WORK/rbdfuse"
+mkdir -p "$WORK/snapfs" "$WORK/snapfs-pc" "$WORK/rbdfuse"
 cleanup() {
   "$BIN" unmount --lazy "$WORK/snapfs" 2>/dev/null || true
+  "$BIN" unmount --lazy "$WORK/snapfs-pc" 2>/dev/null || true
   umount -l "$WORK/rbdfuse" 2>/dev/null || true
 }
 trap cleanup EXIT
 cleanup
 timeout 60 "$BIN" mount --ceph "$CEPH_CONF" --pool "$POOL" --state-dir "$WORK/state" "$WORK/snapfs"
+timeout 60 "$BIN" mount --ceph "$CEPH_CONF" --pool "$POOL" --state-dir "$WORK/state-pc" \
+  --ceph-page-cache "$WORK/snapfs-pc"
 timeout 60 rbd-fuse -c "$CEPH_CONF" -p "$POOL" "$WORK/rbdfuse"
 SNAPFS_FILE=$WORK/snapfs/volumes/$POOL/$IMG/.snapshots/$SNAP/disk.raw
+PC_FILE=$WORK/snapfs-pc/volumes/$POOL/$IMG/.snapshots/$SNAP/disk.raw
 RBDFUSE_FILE=$WORK/rbdfuse/$IMG
 
 declare -A RESULT ALL
-# run NAME CMD...: time one read of the whole image after dropping caches.
+# run NAME CMD...: time one read of the whole image (BYTES=n: of n bytes) after dropping caches.
 run() {
   local name=$1; shift
   drop_caches
@@ -75,7 +83,7 @@ run() {
   "$@" || return 1
   t1=$(now)
   local v
-  v=$(mibs "$size" "$(awk -v a="$t0" -v b="$t1" 'BEGIN{print b-a}')")
+  v=$(mibs "${BYTES:-$size}" "$(awk -v a="$t0" -v b="$t1" 'BEGIN{print b-a}')")
   ALL[$name]="${ALL[$name]:-} $v"
   # The median of the runs so far.
   RESULT[$name]=$(tr ' ' '\n' <<<"${ALL[$name]}" | grep . | sort -n |
@@ -102,6 +110,11 @@ for ((rep = 1; rep <= REPS; rep++)); do
   run "snapfs dd bs=128K" dd if="$SNAPFS_FILE" of=/dev/null bs=128K status=none
   run "snapfs 2 readers bs=1M" two "$SNAPFS_FILE" $((1 << 20))
   run "snapfs 2 readers bs=128K" two "$SNAPFS_FILE" $((128 << 10))
+  BYTES=$((SMALL_MIB << 20)) run "snapfs dd bs=4K" \
+    dd if="$SNAPFS_FILE" of=/dev/null bs=4K count=$((SMALL_MIB << 8)) status=none
+  run "snapfs --ceph-page-cache cat" cat "$PC_FILE" >/dev/null
+  BYTES=$((SMALL_MIB << 20)) run "snapfs --ceph-page-cache dd bs=4K" \
+    dd if="$PC_FILE" of=/dev/null bs=4K count=$((SMALL_MIB << 8)) status=none
   run "rbd-fuse (head) dd bs=1M" dd if="$RBDFUSE_FILE" of=/dev/null bs=1M status=none
   run "rbd-fuse (head) dd bs=128K" dd if="$RBDFUSE_FILE" of=/dev/null bs=128K status=none
   # rbd-fuse's parallel opens fail intermittently (ENVIRONMENT.md): record that, go on.
@@ -136,17 +149,20 @@ echo
 echo "| read ($SIZE_GIB GiB, cold page cache) | MiB/s (median of $REPS) | vs rbd export | vs rbd-fuse same bs | all runs |"
 echo "| --- | ---: | ---: | ---: | --- |"
 for k in "rbd export @snap" "snapfs cat" "snapfs dd bs=1M" "snapfs dd bs=128K" \
-         "snapfs 2 readers bs=1M" "snapfs 2 readers bs=128K" \
+         "snapfs 2 readers bs=1M" "snapfs 2 readers bs=128K" "snapfs dd bs=4K" \
+         "snapfs --ceph-page-cache cat" "snapfs --ceph-page-cache dd bs=4K" \
          "rbd-fuse (head) dd bs=1M" "rbd-fuse (head) dd bs=128K" "rbd-fuse (head) 2 readers bs=1M"; do
   v=${RESULT[$k]:-}
   case $k in
     "snapfs dd bs=1M") peer=${RESULT["rbd-fuse (head) dd bs=1M"]} ;;
     "snapfs 2 readers bs=1M") peer=${RESULT["rbd-fuse (head) 2 readers bs=1M"]} ;;
-    "snapfs dd bs=128K"|"snapfs cat"|"snapfs 2 readers bs=128K") peer=${RESULT["rbd-fuse (head) dd bs=128K"]} ;;
+    "snapfs dd bs=128K"|"snapfs cat"|"snapfs 2 readers bs=128K"|"snapfs --ceph-page-cache cat") peer=${RESULT["rbd-fuse (head) dd bs=128K"]} ;;
     *) peer="" ;;
   esac
   echo "| $k | $v | $(ratio "$v" "$exp") | $( [[ -n $peer ]] && ratio "$v" "$peer" || echo -) |${ALL[$k]:-} |"
 done
+echo
+echo "bs=4K lines read the first $SMALL_MIB MiB only."
 if [[ -n ${FUSE_FAILS:-} ]]; then
   echo
   echo "rbd-fuse with 2 readers failed in $FUSE_FAILS of $REPS runs (open: No such file or directory)."

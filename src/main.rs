@@ -77,6 +77,11 @@ struct MountArgs {
     /// (like Nova), so the snapshot can be deleted once that finishes.
     #[arg(long)]
     flatten_on_launch: bool,
+    /// Read RBD snapshots through the kernel page cache, as other files: faster for readers
+    /// of less than 32 KiB at a time, but every byte is copied twice and stays cached.
+    /// By default RBD disks are opened with direct I/O (one copy, into the reader's buffer).
+    #[arg(long)]
+    ceph_page_cache: bool,
     /// Stay in the foreground and log to stderr.
     #[arg(long)]
     foreground: bool,
@@ -183,6 +188,7 @@ fn mount(m: MountArgs) -> anyhow::Result<()> {
             op_timeout: Duration::from_secs(m.ceph_timeout.max(1)),
             connect_timeout: Duration::from_secs(m.ceph_timeout.max(1)),
             read_ahead: m.ceph_read_ahead_mb << 20,
+            page_cache: m.ceph_page_cache,
         }),
         flatten_on_launch: m.flatten_on_launch,
     };

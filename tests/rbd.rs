@@ -514,6 +514,36 @@ fn read_snapshots_byte_exact_and_seek_like_rbd_diff() {
     assert_eq!(f.read(&mut buf).expect("read at end"), 100);
     assert_eq!(f.read(&mut buf).expect("read past end"), 0);
 
+    // RBD disks are opened with direct I/O; a shared read-only mapping still works and shows
+    // the bytes read() returns (checked against rbd export above).
+    let len = 48usize << 20;
+    let mut want = vec![0u8; len];
+    f.seek(SeekFrom::Start(0)).expect("seek");
+    f.read_exact(&mut want).expect("read whole snapshot");
+    // SAFETY: a fresh read-only shared mapping of an open file, unmapped below; the slice
+    // does not outlive it.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(
+            p,
+            libc::MAP_FAILED,
+            "mmap of disk.raw: {}",
+            std::io::Error::last_os_error()
+        );
+        let mapped = std::slice::from_raw_parts(p as *const u8, len);
+        let same = mapped == want.as_slice();
+        libc::munmap(p, len);
+        assert!(same, "mmap of disk.raw differs from read()");
+    }
+
     drop(m);
     drop(c);
     eprintln!("byte-exact snapshots checked against rbd export + rbd diff: {checked}");

@@ -19,6 +19,7 @@ pub const RBD_MAX_IMAGE_NAME_SIZE: usize = 96;
 pub const RBD_MAX_BLOCK_NAME_SIZE: usize = 24;
 
 pub const LIBRADOS_OP_FLAG_FADVISE_SEQUENTIAL: c_int = 0x8;
+pub const LIBRADOS_OP_FLAG_FADVISE_NOCACHE: c_int = 0x40;
 
 #[repr(C)]
 pub struct rbd_image_info_t {

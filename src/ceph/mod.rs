@@ -815,7 +815,8 @@ impl Image {
                 len,
                 read.buf.as_mut_ptr().cast(),
                 read.comp,
-                ffi::LIBRADOS_OP_FLAG_FADVISE_SEQUENTIAL,
+                // As `rbd export`: the OSD need not cache what it streams to us.
+                ffi::LIBRADOS_OP_FLAG_FADVISE_SEQUENTIAL | ffi::LIBRADOS_OP_FLAG_FADVISE_NOCACHE,
             )
         };
         if rc < 0 {

@@ -223,12 +223,14 @@ impl SnapFs {
         }
         let content = self.ns.open(&node)?;
         // Snapshot bytes never change: let the page cache keep them across opens. Generated
-        // files are made at open, so their size may differ from an earlier stat.
+        // files are made at open, so their size may differ from an earlier stat; some disks
+        // (RBD) are read faster without the page cache.
         let generated = matches!(content, Content::Bytes(_));
+        let direct = generated || matches!(&content, Content::Disk(d) if d.image.direct_io());
         Ok(Opened {
             fh: self.new_handle(Handle::File(content)),
-            keep_cache: !generated,
-            direct_io: generated,
+            keep_cache: !direct,
+            direct_io: direct,
         })
     }
 

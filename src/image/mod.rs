@@ -57,6 +57,13 @@ pub trait BlockImage: Send + Sync {
         Ok(None)
     }
 
+    /// Whether FUSE should bypass the kernel page cache for this disk (`FOPEN_DIRECT_IO`):
+    /// each `read(2)` then reaches [`read_at`](Self::read_at) at the caller's size, and the
+    /// reply is copied once, straight into the reader's buffer.
+    fn direct_io(&self) -> bool {
+        false
+    }
+
     /// A short human description, e.g. "qcow2 v3, 64 KiB clusters, backing base.qcow2".
     fn describe(&self) -> String;
 }

@@ -34,6 +34,8 @@ pub struct RbdConfig {
     pub connect_timeout: Duration,
     /// Bytes read ahead of a sequential reader of a snapshot (0: no read-ahead).
     pub read_ahead: u64,
+    /// Serve disks through the kernel page cache instead of with direct I/O.
+    pub page_cache: bool,
 }
 
 pub struct RbdProvider {
@@ -50,6 +52,7 @@ pub struct RbdAccess {
     /// Where read-ahead chunks wait for their readers (shared by all opened snapshots).
     cache: Arc<BlockCache>,
     read_ahead: u64,
+    page_cache: bool,
 }
 
 impl RbdAccess {
@@ -76,6 +79,7 @@ impl RbdAccess {
             img,
             self.cache.clone(),
             self.read_ahead,
+            !self.page_cache,
         )?))
     }
 
@@ -165,6 +169,7 @@ impl RbdProvider {
                 usize::try_from(budget).unwrap_or(usize::MAX),
             )),
             read_ahead: cfg.read_ahead,
+            page_cache: cfg.page_cache,
         });
         Ok(RbdProvider { pools, access })
     }
