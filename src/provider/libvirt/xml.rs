@@ -767,4 +767,88 @@ mod tests {
             Some(("we'b".to_string(), "s<1>".to_string()))
         );
     }
+
+    const RBD_DOMAIN: &str = r#"<domain type='kvm'>
+  <name>web</name>
+  <uuid>0f0e0d0c-0b0a-0908-0706-050403020100</uuid>
+  <metadata>
+    <snapfsrbd:snapshots xmlns:snapfsrbd="https://snapfs.dev/xmlns/rbd-snapshots/1"><snapshot name="s1" created="1" quiesced="true"><disk target="vda" pool="vms" image="web_disk" snap="s1"/></snapshot></snapfsrbd:snapshots>
+  </metadata>
+  <devices>
+    <disk type='network' device='disk'>
+      <driver name='qemu' type='raw' cache='writeback' discard='unmap'/>
+      <auth username='openstack'>
+        <secret type='ceph' uuid='5b67401f-dc5e-4d3e-a2ba-3b4a3e3c2f11'/>
+      </auth>
+      <source protocol='rbd' name='vms/web_disk'>
+        <host name='10.0.0.1' port='6789'/>
+        <host name='10.0.0.2' port='6789'/>
+      </source>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+  </devices>
+</domain>"#;
+
+    #[test]
+    fn launch_on_rbd_clone_keeps_auth_and_hosts() {
+        let x = launch_domain_xml(
+            RBD_DOMAIN,
+            "web",
+            "web2",
+            &[DiskEdit {
+                target: "vda".into(),
+                source: NewSource::Rbd("vms/web2-vda".into()),
+            }],
+        )
+        .unwrap();
+        let d = parse_domain(&x).unwrap();
+        assert_eq!(
+            d.disks[0].source,
+            DiskSource::Network {
+                protocol: "rbd".into(),
+                name: "vms/web2-vda".into()
+            }
+        );
+        assert_eq!(d.disks[0].format.as_deref(), Some("raw"));
+        for kept in [
+            "<auth username='openstack'>",
+            "uuid='5b67401f-dc5e-4d3e-a2ba-3b4a3e3c2f11'",
+            "<host name='10.0.0.1' port='6789'/>",
+            "<host name='10.0.0.2' port='6789'/>",
+            "discard='unmap'",
+        ] {
+            assert!(x.contains(kept), "{kept} lost: {x}");
+        }
+        // The source's RBD snapshot records are not the clone's.
+        assert!(!x.contains(RBD_SNAPS_NS), "{x}");
+        assert!(!x.contains("0f0e0d0c"));
+    }
+
+    #[test]
+    fn rbd_records_round_trip() {
+        let r = vec![RbdSnapRecord {
+            name: "before <upgrade> & 'x'".into(),
+            created: 1_700_000_000,
+            quiesced: true,
+            disks: vec![RbdSnapDisk {
+                target: "vda".into(),
+                pool: "vms".into(),
+                image: "web_disk".into(),
+                snap: "before <upgrade> & 'x'".into(),
+            }],
+        }];
+        assert_eq!(parse_rbd_records(&rbd_records_xml(&r).unwrap()).unwrap(), r);
+        assert!(parse_rbd_records("<snapshots/>").unwrap().is_empty());
+        assert_eq!(
+            rbd_pool_image("vms/web_disk").unwrap(),
+            ("vms".to_string(), "web_disk".to_string())
+        );
+        for bad in ["web_disk", "vms/ns/web", "vms/web@snap", "/web"] {
+            assert_eq!(
+                rbd_pool_image(bad).unwrap_err().errno(),
+                libc::ENOTSUP,
+                "{bad}"
+            );
+        }
+    }
 }
