@@ -321,7 +321,12 @@ impl LibvirtProvider {
 
         let frozen = self.quiesce(dom, &uuid, &dom_name, owner, active)?;
         let quiesced = frozen.is_some();
-        let paused = if !quiesced && active && opened.len() > 1 {
+        // Only a running guest is paused (and later resumed): one already paused by its
+        // operator issues no I/O and stays paused.
+        let running = dom
+            .info()
+            .is_ok_and(|i| i.state.known() == Some(virt::domain::DomainState::Running));
+        let paused = if !quiesced && running && opened.len() > 1 {
             Some(Paused::start(dom, &self.opts.state_dir, &uuid, &dom_name)?)
         } else {
             None
