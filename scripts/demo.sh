@@ -12,7 +12,7 @@ DEMO=/var/lib/snapfs-demo
 IMAGES=$DEMO/images
 
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
-show() { step "$*"; eval "$@"; }
+show() { step "$*"; eval "$*"; }
 
 echo "== installing dependencies"
 bash scripts/install-deps.sh

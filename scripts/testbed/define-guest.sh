@@ -19,7 +19,7 @@
 # Idempotent: an existing domain is left alone (unless --recreate).
 set -euo pipefail
 
-START=0 RECREATE=0 RBD= CEPH_CONF_FILE=
+START=0 RECREATE=0 RBD='' CEPH_CONF_FILE=''
 while [[ ${1:-} == --* ]]; do
     case $1 in
         --start) START=1 ;;
