@@ -89,7 +89,7 @@ pub fn from_bytes(name: &[u8]) -> std::borrow::Cow<'_, str> {
             Ok(s) => (s, 0),
             Err(e) => {
                 let (g, _) = rest.split_at(e.valid_up_to());
-                // SAFETY-free: valid_up_to bytes are valid UTF-8 by definition.
+                // The first valid_up_to bytes are valid UTF-8 by definition.
                 let g = std::str::from_utf8(g).unwrap_or_default();
                 (g, e.error_len().unwrap_or(rest.len() - e.valid_up_to()))
             }
