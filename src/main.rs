@@ -27,6 +27,9 @@ const EXAMPLES: &str = "Examples:
   snapfs mount --libvirt /mnt/snap          (instances = domains of qemu:///system)
   mkdir /mnt/snap/instances/web/.snapshots/pre-upgrade
   ln -s ../instances/web/.snapshots/pre-upgrade /mnt/snap/launch/web-copy
+  snapfs mount --libvirt --ceph /etc/ceph/ceph.conf --pool volumes --flatten-on-launch /mnt/snap
+                                            (RBD volumes; domains on RBD disks: RBD snapshots,
+                                             launch by clone, flattened in the background)
   snapfs unmount /mnt/snap";
 
 #[derive(Subcommand)]
