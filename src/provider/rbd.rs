@@ -97,19 +97,24 @@ impl RbdAccess {
             .collect())
     }
 
-    /// Remove snapshot `name` of `img` (opened writable at its head, image `image` of `pool`):
-    /// EBUSY while clones depend on it; a protected one without clones is unprotected first,
-    /// as `rbd snap rm` would require by hand.
-    pub fn remove_snapshot(pool: &Arc<Pool>, image: &str, img: &Image, name: &str) -> Result<()> {
-        let children = Self::clones(pool, image, name)?;
-        if !children.is_empty() {
-            return Err(Error::Busy(format!(
-                "snapshot {name} of {}/{image} has {} clone(s) that depend on it: {} (flatten or remove them first)",
-                pool.name,
-                children.len(),
-                children.join(", ")
-            )));
+    /// EBUSY, naming them, while clones of `image@snap` depend on it.
+    pub fn refuse_if_cloned(pool: &Arc<Pool>, image: &str, snap: &str) -> Result<()> {
+        let children = Self::clones(pool, image, snap)?;
+        if children.is_empty() {
+            return Ok(());
         }
+        Err(Error::Busy(format!(
+            "snapshot {snap} of {}/{image} has {} clone(s) that depend on it: {} (flatten or remove them first)",
+            pool.name,
+            children.len(),
+            children.join(", ")
+        )))
+    }
+
+    /// Remove snapshot `name` of `img` (opened writable at its head, image `image` of `pool`),
+    /// which the caller found without clones ([`Self::refuse_if_cloned`]); a protected one is
+    /// unprotected first, as `rbd snap rm` would require by hand.
+    pub fn remove_snapshot(pool: &Pool, image: &str, img: &Image, name: &str) -> Result<()> {
         let protected = img.snap_is_protected(name)?;
         if protected {
             img.snap_unprotect(name)?;
@@ -213,7 +218,7 @@ fn parent_json(p: Option<ceph::Parent>) -> serde_json::Value {
 }
 
 /// Tell a snapshot name librbd would mangle or refuse from one it takes as is.
-fn check_snap_name(name: &str) -> Result<()> {
+pub(crate) fn check_snap_name(name: &str) -> Result<()> {
     // The rbd CLI splits pool/image@snap on these; librbd stores them, but no tool could name
     // such a snapshot afterwards.
     if name.contains('@') || name.contains('/') {
@@ -313,13 +318,14 @@ impl Provider for RbdProvider {
         self.open(owner, None, true)?.snap_create(name)
     }
 
-    /// A snapshot with clones cannot go (EBUSY); see [`RbdAccess::remove_snapshot`].
+    /// A snapshot with clones cannot go (EBUSY); see [`RbdAccess::refuse_if_cloned`].
     fn delete_snapshot(&self, owner: &Owner, name: &str) -> Result<()> {
         let (pool, image) = self.volume(owner)?;
         let img = pool.open(image, None, true)?;
         if !img.snapshots()?.iter().any(|s| s.name == name) {
             return Err(Error::NotFound(format!("snapshot {name} of {owner}")));
         }
+        RbdAccess::refuse_if_cloned(pool, image, name)?;
         RbdAccess::remove_snapshot(pool, image, &img, name)
     }
 

@@ -13,7 +13,6 @@
 //!   start a domain on the clones; with `--flatten-on-launch` the clones are flattened in
 //!   the background, after which the snapshot is deletable.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -30,7 +29,7 @@ use super::{lv_err, safe_part, LibvirtProvider};
 use crate::ceph::{Image, Pool, SnapEntry};
 use crate::error::{Error, IoContext, Result};
 use crate::image::BlockImage;
-use crate::provider::rbd::RbdAccess;
+use crate::provider::rbd::{check_snap_name, RbdAccess};
 use crate::provider::{Owner, SnapDisk, SnapshotInfo};
 
 /// One RBD disk of a domain.
@@ -70,14 +69,7 @@ impl Paused<'_> {
         let dir = state_dir.join(PAUSED_DIR);
         std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
         let record = dir.join(uuid);
-        let mut f =
-            std::fs::File::create(&record).ctx(|| format!("creating {}", record.display()))?;
-        f.write_all(name.as_bytes())
-            .and_then(|()| f.sync_all())
-            .ctx(|| format!("writing {}", record.display()))?;
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
+        super::freeze::write_record_file(&dir, uuid, name.as_bytes())?;
         if let Err(e) = dom.suspend() {
             let _ = std::fs::remove_file(&record);
             return Err(lv_err(format!("pausing {name}"), e));
@@ -290,11 +282,7 @@ impl LibvirtProvider {
         name: &str,
         disks: &[RbdDisk],
     ) -> Result<()> {
-        if name.contains('@') {
-            return Err(Error::Invalid(format!(
-                "RBD snapshot name {name:?} may not contain '@'"
-            )));
-        }
+        check_snap_name(name)?;
         let access = self.rbd_access(owner)?;
         let dom_name = dom.name().map_err(|e| lv_err("domain name", e))?;
         let uuid = dom.uuid_string().map_err(|e| lv_err("domain uuid", e))?;
@@ -410,13 +398,13 @@ impl LibvirtProvider {
         // Refuse before removing anything.
         for d in &records[at].disks {
             let pool = access.pool(&d.pool)?;
-            let clones = RbdAccess::clones(&pool, &d.image, &d.snap)?;
-            if !clones.is_empty() {
-                return Err(Error::Busy(format!(
-                    "snapshot {name} of {owner}: disk {} ({}/{}@{}) has {} clone(s) that depend on it: {} (flatten or remove them first)",
-                    d.target, d.pool, d.image, d.snap, clones.len(), clones.join(", ")
-                )));
-            }
+            RbdAccess::refuse_if_cloned(&pool, &d.image, &d.snap).map_err(|e| match e {
+                Error::Busy(m) => Error::Busy(format!(
+                    "snapshot {name} of {owner}, disk {}: {m}",
+                    d.target
+                )),
+                e => e,
+            })?;
         }
         let mut result = Ok(());
         let mut left = Vec::new();
@@ -461,11 +449,7 @@ impl LibvirtProvider {
         let Some(at) = records.iter().position(|r| r.name == from) else {
             return Ok(None);
         };
-        if to.contains('@') || to.contains('/') {
-            return Err(Error::Invalid(format!(
-                "RBD snapshot name {to:?} may not contain '@' or '/'"
-            )));
-        }
+        check_snap_name(to)?;
         if records.iter().any(|r| r.name == to) {
             return Err(Error::Exists(format!("snapshot {to} of {owner}")));
         }
