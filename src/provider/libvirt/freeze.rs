@@ -80,19 +80,12 @@ impl Freezer {
             pid: std::process::id(),
             since: crate::provider::rfc3339(SystemTime::now()),
         };
-        let path = self.record_path(uuid);
-        let tmp = self.dir.join(format!(".{uuid}.tmp"));
-        let body = serde_json::to_vec(&rec).unwrap_or_default();
-        let mut f = std::fs::File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
-        f.write_all(&body)
-            .and_then(|_| f.sync_all())
-            .ctx(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).ctx(|| format!("renaming to {}", path.display()))?;
         // The record must be durable before the freeze is sent.
-        if let Ok(d) = std::fs::File::open(&self.dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        write_record_file(
+            &self.dir,
+            uuid,
+            &serde_json::to_vec(&rec).unwrap_or_default(),
+        )
     }
 
     fn remove_record(&self, uuid: &str) {
@@ -349,6 +342,22 @@ impl Freezer {
         }
         Ok(n)
     }
+}
+
+/// Write `dir/name` durably (a temporary file synced, renamed into place, the directory
+/// synced): a record that must survive the daemon before the guest is touched.
+pub(super) fn write_record_file(dir: &Path, name: &str, body: &[u8]) -> Result<()> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
+    f.write_all(body)
+        .and_then(|_| f.sync_all())
+        .ctx(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).ctx(|| format!("renaming to {}", path.display()))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 /// A frozen guest. Thaws on drop; [`Frozen::thaw`] reports the result.
