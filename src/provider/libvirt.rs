@@ -1015,13 +1015,14 @@ impl Provider for LibvirtProvider {
                 // No overlay can be backed by an internal snapshot: the clone gets a sparse raw
                 // copy of it, written from our own reader.
                 let copy = fresh_image_path(dir, new, "launch", &i.target, "raw")?;
-                created.push(copy.clone());
+                // copy_sparse removes its own file when it fails.
                 let made = image::open(&i.path, Some(i.format), Some(internal), &self.cache)
                     .and_then(|img| image::copy_sparse(img.as_ref(), &copy));
                 if let Err(e) = made {
                     cleanup(&created);
                     return Err(e);
                 }
+                created.push(copy.clone());
                 edits.push(xml::DiskEdit {
                     target: i.target.clone(),
                     source: xml::NewSource::File(copy, "raw"),
