@@ -47,9 +47,9 @@ macro_rules! reply_err {
 
 /// A name from the kernel as the tree's string (bytes that are not UTF-8 are mapped
 /// reversibly, see [`names::from_bytes`]; guest files may have such names).
-fn name_str(name: &OsStr) -> Result<std::borrow::Cow<'_, str>, Error> {
+fn name_str(name: &OsStr) -> std::borrow::Cow<'_, str> {
     use std::os::unix::ffi::OsStrExt;
-    Ok(names::from_bytes(name.as_bytes()))
+    names::from_bytes(name.as_bytes())
 }
 
 /// A name of the tree as the bytes the kernel gets.
@@ -109,7 +109,7 @@ impl fuser::Filesystem for Fuse {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match name_str(name).and_then(|n| self.fs.lookup(parent.0, &n)) {
+        match self.fs.lookup(parent.0, &name_str(name)) {
             Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
             Err(e @ Error::NotFound(_)) => {
                 debug!(op = "lookup", error = %e);
@@ -168,7 +168,7 @@ impl fuser::Filesystem for Fuse {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        let e = self.fs.refuse(parent.0, name.to_str(), "mknod");
+        let e = self.fs.refuse(parent.0, Some(&name_str(name)), "mknod");
         reply_err!(reply, "mknod", e)
     }
 
@@ -181,21 +181,21 @@ impl fuser::Filesystem for Fuse {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        match name_str(name).and_then(|n| self.fs.mkdir(parent.0, &n)) {
+        match self.fs.mkdir(parent.0, &name_str(name)) {
             Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
             Err(e) => reply_err!(reply, "mkdir", e),
         }
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match name_str(name).and_then(|n| self.fs.unlink(parent.0, &n)) {
+        match self.fs.unlink(parent.0, &name_str(name)) {
             Ok(()) => reply.ok(),
             Err(e) => reply_err!(reply, "unlink", e),
         }
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match name_str(name).and_then(|n| self.fs.rmdir(parent.0, &n)) {
+        match self.fs.rmdir(parent.0, &name_str(name)) {
             Ok(()) => reply.ok(),
             Err(e) => reply_err!(reply, "rmdir", e),
         }
@@ -209,13 +209,11 @@ impl fuser::Filesystem for Fuse {
         target: &std::path::Path,
         reply: ReplyEntry,
     ) {
-        let res = name_str(link_name).and_then(|n| {
-            // A launch target is a path into our own tree: UTF-8 only.
-            let t = target
-                .to_str()
-                .ok_or_else(|| Error::Invalid(format!("{target:?} is not UTF-8")))?;
-            self.fs.symlink(parent.0, &n, t)
-        });
+        // A launch target is a path into our own tree: UTF-8 only.
+        let res = target
+            .to_str()
+            .ok_or_else(|| Error::Invalid(format!("{target:?} is not UTF-8")))
+            .and_then(|t| self.fs.symlink(parent.0, &name_str(link_name), t));
         match res {
             Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
             Err(e) => reply_err!(reply, "symlink", e),
@@ -236,11 +234,10 @@ impl fuser::Filesystem for Fuse {
             let e = Error::Invalid("RENAME_EXCHANGE is not supported".into());
             return reply_err!(reply, "rename", e);
         }
-        let res = name_str(name).and_then(|a| {
-            let b = name_str(newname)?;
-            self.fs.rename(parent.0, &a, newparent.0, &b)
-        });
-        match res {
+        match self
+            .fs
+            .rename(parent.0, &name_str(name), newparent.0, &name_str(newname))
+        {
             Ok(()) => reply.ok(),
             Err(e) => reply_err!(reply, "rename", e),
         }
@@ -254,7 +251,9 @@ impl fuser::Filesystem for Fuse {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let e = self.fs.refuse(newparent.0, newname.to_str(), "link");
+        let e = self
+            .fs
+            .refuse(newparent.0, Some(&name_str(newname)), "link");
         reply_err!(reply, "link", e)
     }
 
@@ -487,7 +486,7 @@ impl fuser::Filesystem for Fuse {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let e = self.fs.refuse(parent.0, name.to_str(), "create");
+        let e = self.fs.refuse(parent.0, Some(&name_str(name)), "create");
         reply_err!(reply, "create", e)
     }
 
