@@ -35,14 +35,7 @@ fn ready() -> bool {
         missing.push(format!("libvirt at {URI} not reachable"));
     }
     let conf = ceph_conf();
-    if !(conf.is_file()
-        && Command::new("timeout")
-            .args(["15", "rados", "--rados_osd_op_timeout=10", "-c"])
-            .arg(&conf)
-            .args(["-p", POOL, "ls"])
-            .output()
-            .is_ok_and(|o| o.status.success()))
-    {
+    if !ceph_answers(&conf, POOL) {
         missing.push(format!("Ceph cluster of {} not answering", conf.display()));
     }
     if missing.is_empty() {
@@ -74,28 +67,9 @@ fn state(dom: &str) -> String {
         .to_string()
 }
 
-/// Remove an RBD image with its snapshots (protected or not); errors ignored.
+/// Remove an RBD image of the test pool with its snapshots; errors ignored.
 fn remove_image(name: &str) {
-    let spec = format!("{POOL}/{name}");
-    let c = ceph_conf();
-    let quiet = |args: &[&str]| {
-        let _ = Command::new("rbd").arg("-c").arg(&c).args(args).output();
-    };
-    if let Ok(o) = Command::new("rbd")
-        .arg("-c")
-        .arg(&c)
-        .args(["snap", "ls", &spec, "--format", "json"])
-        .output()
-    {
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-        for s in v.as_array().into_iter().flatten() {
-            if let Some(n) = s["name"].as_str() {
-                quiet(&["snap", "unprotect", &format!("{spec}@{n}")]);
-            }
-        }
-    }
-    quiet(&["snap", "purge", "--no-progress", &spec]);
-    quiet(&["rm", "--no-progress", &spec]);
+    remove_rbd_image(&ceph_conf(), &format!("{POOL}/{name}"));
 }
 
 /// The guest `lvr-t<pid>` on RBD image `lvr-t<pid>-vda` and the clones launched from it;

@@ -29,18 +29,9 @@ fn shared() -> RwLockReadGuard<'static, ()> {
 
 /// The test cluster's ceph.conf if it answers, else None (or a panic when it is required).
 fn cluster() -> Option<PathBuf> {
-    let conf = std::env::var_os("SNAPFS_CEPH_CONF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(CEPH_DIR).join("ceph.conf"));
+    let conf = common::ceph_conf();
     let required = std::env::var("SNAPFS_REQUIRE_CEPH").is_ok_and(|v| v == "1");
-    let ok = conf.is_file()
-        && Command::new("timeout")
-            .args(["15", "rados", "--rados_osd_op_timeout=10", "-c"])
-            .arg(&conf)
-            .args(["-p", POOL, "ls"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-    if ok {
+    if common::ceph_answers(&conf, POOL) {
         return Some(conf);
     }
     assert!(
@@ -136,35 +127,7 @@ impl Img {
 
 impl Drop for Img {
     fn drop(&mut self) {
-        let c = &self.conf;
-        if let Ok(o) = Command::new("rbd")
-            .arg("-c")
-            .arg(c)
-            .args(["snap", "ls", "--format", "json", &self.spec])
-            .output()
-        {
-            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-            for s in v.as_array().into_iter().flatten() {
-                if s["protected"].as_str() == Some("true") {
-                    let name = s["name"].as_str().unwrap_or_default();
-                    let _ = Command::new("rbd")
-                        .arg("-c")
-                        .arg(c)
-                        .args(["snap", "unprotect", &self.snap(name)])
-                        .output();
-                }
-            }
-        }
-        let _ = Command::new("rbd")
-            .arg("-c")
-            .arg(c)
-            .args(["snap", "purge", "--no-progress", &self.spec])
-            .output();
-        let _ = Command::new("rbd")
-            .arg("-c")
-            .arg(c)
-            .args(["rm", "--no-progress", &self.spec])
-            .output();
+        common::remove_rbd_image(&self.conf, &self.spec);
     }
 }
 

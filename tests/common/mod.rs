@@ -321,6 +321,42 @@ pub fn ceph_conf() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/lib/snapfs-ceph/ceph.conf"))
 }
 
+/// Whether the cluster of `conf` answers a listing of `pool` within 15 s.
+pub fn ceph_answers(conf: &Path, pool: &str) -> bool {
+    conf.is_file()
+        && Command::new("timeout")
+            .args(["15", "rados", "--rados_osd_op_timeout=10", "-c"])
+            .arg(conf)
+            .args(["-p", pool, "ls"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+}
+
+/// Remove RBD image `spec` (`pool/image`) of the cluster of `conf` with all its snapshots,
+/// protected ones too; errors are ignored (cleanup after a test).
+pub fn remove_rbd_image(conf: &Path, spec: &str) {
+    let quiet = |args: &[&str]| {
+        let _ = Command::new("rbd").arg("-c").arg(conf).args(args).output();
+    };
+    if let Ok(o) = Command::new("rbd")
+        .arg("-c")
+        .arg(conf)
+        .args(["snap", "ls", "--format", "json", spec])
+        .output()
+    {
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        for s in v.as_array().into_iter().flatten() {
+            if s["protected"].as_str() == Some("true") {
+                if let Some(n) = s["name"].as_str() {
+                    quiet(&["snap", "unprotect", &format!("{spec}@{n}")]);
+                }
+            }
+        }
+    }
+    quiet(&["snap", "purge", "--no-progress", spec]);
+    quiet(&["rm", "--no-progress", spec]);
+}
+
 pub fn testbed_scripts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/testbed")
 }
