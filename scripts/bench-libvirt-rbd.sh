@@ -41,12 +41,7 @@ cleanup() {
     "$SNAPFS" unmount --lazy "$MNT" >/dev/null 2>&1
     virsh -q destroy "$COPY" >/dev/null 2>&1; virsh -q undefine "$COPY" >/dev/null 2>&1
     rbd rm --no-progress "rbd/$COPY-vda" >/dev/null 2>&1
-    virsh -q destroy "$NAME" >/dev/null 2>&1; virsh -q undefine "$NAME" >/dev/null 2>&1
-    for s in $(rbd snap ls "rbd/$NAME-vda" --format json 2>/dev/null | jq -r '.[].name'); do
-        rbd snap unprotect "rbd/$NAME-vda@$s" >/dev/null 2>&1
-    done
-    rbd snap purge --no-progress "rbd/$NAME-vda" >/dev/null 2>&1
-    rbd rm --no-progress "rbd/$NAME-vda" >/dev/null 2>&1
+    "$REPO/scripts/testbed/rbd-guest.sh" --remove "$NAME" >/dev/null 2>&1
     rm -rf "$WORK"
 }
 trap cleanup EXIT

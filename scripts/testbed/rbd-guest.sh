@@ -1,17 +1,21 @@
 #!/bin/bash
-# rbd-guest.sh [--recreate] [NAME]: the test guest booted from an RBD disk (Nova's rbd image
+# rbd-guest.sh [--recreate|--remove] [NAME]: the test guest booted from an RBD disk (Nova's rbd image
 # backend): imports the guest disk (OUTDIR/demo-disk.qcow2 of build-guest.sh) into RBD image
 # rbd/NAME-vda when it does not exist, defines domain NAME (default demo-rbd) with that network
 # disk, starts it and waits for its guest agent. Needs the test bed (up.sh) and the loopback
 # Ceph (scripts/ceph/start-ceph.sh). Idempotent.
-# --recreate   destroy + undefine NAME, remove its snapshots and image (and clones' leftovers
-#              named NAME-*), then build it again
+# --recreate   destroy + undefine NAME, remove its image with its snapshots (and images cloned
+#              from them), then build it again
+# --remove     the same removal, without building it again
 # Env: CEPH_CONF (default /var/lib/snapfs-ceph/ceph.conf), RBD_POOL (default rbd).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 BASE=${SNAPFS_TESTBED_DIR:-/var/lib/snapfs-testbed}
-RECREATE=0
-if [[ ${1:-} == --recreate ]]; then RECREATE=1; shift; fi
+RECREATE=0 REMOVE=0
+case ${1:-} in
+    --recreate) RECREATE=1; shift ;;
+    --remove) RECREATE=1 REMOVE=1; shift ;;
+esac
 NAME=${1:-demo-rbd}
 POOL=${RBD_POOL:-rbd}
 IMG=$NAME-vda
@@ -19,7 +23,6 @@ export CEPH_CONF=${CEPH_CONF:-/var/lib/snapfs-ceph/ceph.conf}
 export LIBVIRT_DEFAULT_URI=${LIBVIRT_DEFAULT_URI:-qemu:///system}
 log() { echo "rbd-guest: $*" >&2; }
 
-[[ -s $BASE/guest/demo-disk.qcow2 ]] || { log "ERROR: no guest disk: run scripts/testbed/up.sh first"; exit 1; }
 timeout 30 rbd -p "$POOL" ls >/dev/null || { log "ERROR: Ceph pool $POOL unreachable: run scripts/ceph/start-ceph.sh"; exit 1; }
 
 # remove an image with all its snapshots (unprotecting them; clones must be gone or flattened)
@@ -49,6 +52,8 @@ if [[ $RECREATE == 1 ]]; then
         rm_image "$IMG"
     fi
 fi
+if [[ $REMOVE == 1 ]]; then exit 0; fi
+[[ -s $BASE/guest/demo-disk.qcow2 ]] || { log "ERROR: no guest disk: run scripts/testbed/up.sh first"; exit 1; }
 
 if ! rbd info "$POOL/$IMG" >/dev/null 2>&1; then
     raw=$(mktemp /var/tmp/snapfs-rbd-guest.XXXXXX.raw)
