@@ -1,9 +1,16 @@
-//! Raw declarations of the few librados/librbd C functions snapfs calls (Ceph 16 headers,
-//! `rados/librados.h` and `rbd/librbd.h`). Only `super` calls these; nothing else may.
+//! The few librados/librbd C functions snapfs calls (Ceph 16 headers, `rados/librados.h` and
+//! `rbd/librbd.h`). Only `super` calls these; nothing else may.
+//!
+//! The libraries are loaded with `dlopen` by [`load`] when the first cluster is connected,
+//! not linked: a daemon without `--ceph` neither needs the Ceph packages installed nor pays
+//! for loading them (librados, librbd and their ~30 dependencies: 40-70 ms of a cold start).
+//! Each function below is a wrapper that calls through the loaded table; before a successful
+//! [`load`] (which `Cluster::connect` does first) it returns `-ENOSYS` and does nothing.
 
 #![allow(non_camel_case_types)]
 
-use std::ffi::{c_char, c_int, c_void};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::sync::OnceLock;
 
 pub type rados_t = *mut c_void;
 pub type rados_ioctx_t = *mut c_void;
@@ -63,124 +70,156 @@ pub struct rbd_snap_info_t {
     pub name: *const c_char,
 }
 
-#[link(name = "rados")]
-extern "C" {
-    pub fn rados_create2(
-        cluster: *mut rados_t,
-        clustername: *const c_char,
-        name: *const c_char,
-        flags: u64,
-    ) -> c_int;
-    pub fn rados_conf_read_file(cluster: rados_t, path: *const c_char) -> c_int;
-    pub fn rados_conf_set(cluster: rados_t, option: *const c_char, value: *const c_char) -> c_int;
-    pub fn rados_connect(cluster: rados_t) -> c_int;
-    pub fn rados_shutdown(cluster: rados_t);
-    pub fn rados_ioctx_create(
-        cluster: rados_t,
-        pool_name: *const c_char,
-        ioctx: *mut rados_ioctx_t,
-    ) -> c_int;
-    pub fn rados_ioctx_destroy(io: rados_ioctx_t);
+/// Declares the entry points once and makes, from that list: the table of loaded function
+/// pointers ([`Api`]), its resolver, and one `pub unsafe fn` wrapper per entry point with the
+/// C signature. `fn f(..) -> T = D;` returns `D` when the libraries are not loaded.
+macro_rules! ceph_api {
+    ($( $lib:ident { $( fn $name:ident ( $($arg:ident : $ty:ty),* ) $(-> $ret:ty = $def:expr)? ; )* } )*) => {
+        struct Api {
+            $($( $name: unsafe extern "C" fn($($ty),*) $(-> $ret)?, )*)*
+        }
+
+        impl Api {
+            /// SAFETY: the signatures above must match the C headers; the libraries stay
+            /// loaded for the life of the process (never `dlclose`d).
+            unsafe fn resolve() -> std::result::Result<Api, String> {
+                Ok(Api {
+                    $($( $name: {
+                        let f = symbol(open_library($lib)?, stringify!($name))?;
+                        std::mem::transmute::<*mut c_void, unsafe extern "C" fn($($ty),*) $(-> $ret)?>(f)
+                    }, )*)*
+                })
+            }
+        }
+
+        $($(
+            #[allow(clippy::too_many_arguments)]
+            pub unsafe fn $name($($arg: $ty),*) $(-> $ret)? {
+                match API.get() {
+                    Some(Ok(api)) => (api.$name)($($arg),*),
+                    _ => { $( return $def; )? }
+                }
+            }
+        )*)*
+    };
 }
 
-#[link(name = "rbd")]
-extern "C" {
-    pub fn rbd_list2(io: rados_ioctx_t, images: *mut rbd_image_spec_t, max: *mut usize) -> c_int;
-    pub fn rbd_image_spec_list_cleanup(images: *mut rbd_image_spec_t, n: usize);
+static API: OnceLock<std::result::Result<Api, String>> = OnceLock::new();
 
-    pub fn rbd_image_options_create(opts: *mut rbd_image_options_t);
-    pub fn rbd_image_options_destroy(opts: rbd_image_options_t);
-    pub fn rbd_clone3(
-        p_ioctx: rados_ioctx_t,
-        p_name: *const c_char,
-        p_snapname: *const c_char,
-        c_ioctx: rados_ioctx_t,
-        c_name: *const c_char,
-        c_opts: rbd_image_options_t,
-    ) -> c_int;
-    pub fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
-    pub fn rbd_flatten(image: rbd_image_t) -> c_int;
+/// Load librados and librbd (once; later calls return the first outcome). The error names the
+/// library and says what the dynamic loader said.
+pub fn load() -> std::result::Result<(), String> {
+    // SAFETY: see Api::resolve.
+    match API.get_or_init(|| unsafe { Api::resolve() }) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.clone()),
+    }
+}
 
-    pub fn rbd_open(
-        io: rados_ioctx_t,
-        name: *const c_char,
-        image: *mut rbd_image_t,
-        snap_name: *const c_char,
-    ) -> c_int;
-    pub fn rbd_open_read_only(
-        io: rados_ioctx_t,
-        name: *const c_char,
-        image: *mut rbd_image_t,
-        snap_name: *const c_char,
-    ) -> c_int;
-    pub fn rbd_close(image: rbd_image_t) -> c_int;
+/// `dlopen` a library by soname (a second call for the same library returns the same handle).
+unsafe fn open_library(name: &str) -> std::result::Result<*mut c_void, String> {
+    let c = CString::new(name).map_err(|_| format!("{name}: NUL in name"))?;
+    let h = libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+    if h.is_null() {
+        return Err(dl_error(name));
+    }
+    Ok(h)
+}
 
-    pub fn rbd_stat(image: rbd_image_t, info: *mut rbd_image_info_t, infosize: usize) -> c_int;
-    pub fn rbd_get_features(image: rbd_image_t, features: *mut u64) -> c_int;
-    pub fn rbd_get_id(image: rbd_image_t, id: *mut c_char, id_len: usize) -> c_int;
-    pub fn rbd_get_create_timestamp(image: rbd_image_t, ts: *mut libc::timespec) -> c_int;
-    pub fn rbd_get_modify_timestamp(image: rbd_image_t, ts: *mut libc::timespec) -> c_int;
-    pub fn rbd_get_parent(
-        image: rbd_image_t,
-        parent_image: *mut rbd_linked_image_spec_t,
-        parent_snap: *mut rbd_snap_spec_t,
-    ) -> c_int;
-    pub fn rbd_linked_image_spec_cleanup(image: *mut rbd_linked_image_spec_t);
-    pub fn rbd_linked_image_spec_list_cleanup(images: *mut rbd_linked_image_spec_t, n: usize);
-    pub fn rbd_snap_spec_cleanup(snap: *mut rbd_snap_spec_t);
-    pub fn rbd_list_children3(
-        image: rbd_image_t,
-        images: *mut rbd_linked_image_spec_t,
-        max: *mut usize,
-    ) -> c_int;
+unsafe fn symbol(lib: *mut c_void, name: &str) -> std::result::Result<*mut c_void, String> {
+    let c = CString::new(name).map_err(|_| format!("{name}: NUL in name"))?;
+    let f = libc::dlsym(lib, c.as_ptr());
+    if f.is_null() {
+        return Err(dl_error(name));
+    }
+    Ok(f)
+}
 
-    pub fn rbd_snap_list(image: rbd_image_t, snaps: *mut rbd_snap_info_t, max: *mut c_int)
-        -> c_int;
-    pub fn rbd_snap_list_end(snaps: *mut rbd_snap_info_t);
-    pub fn rbd_snap_create(image: rbd_image_t, name: *const c_char) -> c_int;
-    pub fn rbd_snap_remove(image: rbd_image_t, name: *const c_char) -> c_int;
-    pub fn rbd_snap_rename(image: rbd_image_t, from: *const c_char, to: *const c_char) -> c_int;
-    pub fn rbd_snap_protect(image: rbd_image_t, name: *const c_char) -> c_int;
-    pub fn rbd_snap_unprotect(image: rbd_image_t, name: *const c_char) -> c_int;
-    pub fn rbd_snap_is_protected(
-        image: rbd_image_t,
-        name: *const c_char,
-        is_protected: *mut c_int,
-    ) -> c_int;
-    pub fn rbd_snap_get_timestamp(image: rbd_image_t, id: u64, ts: *mut libc::timespec) -> c_int;
-    pub fn rbd_snap_set(image: rbd_image_t, name: *const c_char) -> c_int;
+unsafe fn dl_error(what: &str) -> String {
+    let e = libc::dlerror();
+    if e.is_null() {
+        format!("{what}: not found")
+    } else {
+        CStr::from_ptr(e).to_string_lossy().into_owned()
+    }
+}
 
-    pub fn rbd_read2(
-        image: rbd_image_t,
-        ofs: u64,
-        len: usize,
-        buf: *mut c_char,
-        op_flags: c_int,
-    ) -> isize;
-    pub fn rbd_aio_create_completion(
-        cb_arg: *mut c_void,
-        complete_cb: Option<rbd_callback_t>,
-        c: *mut rbd_completion_t,
-    ) -> c_int;
-    pub fn rbd_aio_read2(
-        image: rbd_image_t,
-        off: u64,
-        len: usize,
-        buf: *mut c_char,
-        c: rbd_completion_t,
-        op_flags: c_int,
-    ) -> c_int;
-    pub fn rbd_aio_wait_for_complete(c: rbd_completion_t) -> c_int;
-    pub fn rbd_aio_get_return_value(c: rbd_completion_t) -> isize;
-    pub fn rbd_aio_release(c: rbd_completion_t);
-    pub fn rbd_diff_iterate2(
-        image: rbd_image_t,
-        fromsnapname: *const c_char,
-        ofs: u64,
-        len: u64,
-        include_parent: u8,
-        whole_object: u8,
-        cb: diff_cb,
-        arg: *mut c_void,
-    ) -> c_int;
+const ENOSYS: c_int = -libc::ENOSYS;
+
+/// Where each library comes from: the soname Debian's librados2/librbd1 install.
+const RADOS: &str = "librados.so.2";
+const RBD: &str = "librbd.so.1";
+
+ceph_api! {
+    RADOS {
+        fn rados_create2(cluster: *mut rados_t, clustername: *const c_char, name: *const c_char, flags: u64) -> c_int = ENOSYS;
+        fn rados_conf_read_file(cluster: rados_t, path: *const c_char) -> c_int = ENOSYS;
+        fn rados_conf_set(cluster: rados_t, option: *const c_char, value: *const c_char) -> c_int = ENOSYS;
+        fn rados_connect(cluster: rados_t) -> c_int = ENOSYS;
+        fn rados_shutdown(cluster: rados_t);
+        fn rados_ioctx_create(cluster: rados_t, pool_name: *const c_char, ioctx: *mut rados_ioctx_t) -> c_int = ENOSYS;
+        fn rados_ioctx_destroy(io: rados_ioctx_t);
+    }
+    RBD {
+        fn rbd_list2(io: rados_ioctx_t, images: *mut rbd_image_spec_t, max: *mut usize) -> c_int = ENOSYS;
+        fn rbd_image_spec_list_cleanup(images: *mut rbd_image_spec_t, n: usize);
+        fn rbd_image_options_create(opts: *mut rbd_image_options_t);
+        fn rbd_image_options_destroy(opts: rbd_image_options_t);
+        fn rbd_clone3(p_ioctx: rados_ioctx_t, p_name: *const c_char, p_snapname: *const c_char, c_ioctx: rados_ioctx_t, c_name: *const c_char, c_opts: rbd_image_options_t) -> c_int = ENOSYS;
+        fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int = ENOSYS;
+        fn rbd_flatten(image: rbd_image_t) -> c_int = ENOSYS;
+        fn rbd_open(io: rados_ioctx_t, name: *const c_char, image: *mut rbd_image_t, snap_name: *const c_char) -> c_int = ENOSYS;
+        fn rbd_open_read_only(io: rados_ioctx_t, name: *const c_char, image: *mut rbd_image_t, snap_name: *const c_char) -> c_int = ENOSYS;
+        fn rbd_close(image: rbd_image_t) -> c_int = ENOSYS;
+        fn rbd_stat(image: rbd_image_t, info: *mut rbd_image_info_t, infosize: usize) -> c_int = ENOSYS;
+        fn rbd_get_features(image: rbd_image_t, features: *mut u64) -> c_int = ENOSYS;
+        fn rbd_get_id(image: rbd_image_t, id: *mut c_char, id_len: usize) -> c_int = ENOSYS;
+        fn rbd_get_create_timestamp(image: rbd_image_t, ts: *mut libc::timespec) -> c_int = ENOSYS;
+        fn rbd_get_modify_timestamp(image: rbd_image_t, ts: *mut libc::timespec) -> c_int = ENOSYS;
+        fn rbd_get_parent(image: rbd_image_t, parent_image: *mut rbd_linked_image_spec_t, parent_snap: *mut rbd_snap_spec_t) -> c_int = ENOSYS;
+        fn rbd_linked_image_spec_cleanup(image: *mut rbd_linked_image_spec_t);
+        fn rbd_linked_image_spec_list_cleanup(images: *mut rbd_linked_image_spec_t, n: usize);
+        fn rbd_snap_spec_cleanup(snap: *mut rbd_snap_spec_t);
+        fn rbd_list_children3(image: rbd_image_t, images: *mut rbd_linked_image_spec_t, max: *mut usize) -> c_int = ENOSYS;
+        fn rbd_snap_list(image: rbd_image_t, snaps: *mut rbd_snap_info_t, max: *mut c_int) -> c_int = ENOSYS;
+        fn rbd_snap_list_end(snaps: *mut rbd_snap_info_t);
+        fn rbd_snap_create(image: rbd_image_t, name: *const c_char) -> c_int = ENOSYS;
+        fn rbd_snap_remove(image: rbd_image_t, name: *const c_char) -> c_int = ENOSYS;
+        fn rbd_snap_rename(image: rbd_image_t, from: *const c_char, to: *const c_char) -> c_int = ENOSYS;
+        fn rbd_snap_protect(image: rbd_image_t, name: *const c_char) -> c_int = ENOSYS;
+        fn rbd_snap_unprotect(image: rbd_image_t, name: *const c_char) -> c_int = ENOSYS;
+        fn rbd_snap_is_protected(image: rbd_image_t, name: *const c_char, is_protected: *mut c_int) -> c_int = ENOSYS;
+        fn rbd_snap_get_timestamp(image: rbd_image_t, id: u64, ts: *mut libc::timespec) -> c_int = ENOSYS;
+        fn rbd_snap_set(image: rbd_image_t, name: *const c_char) -> c_int = ENOSYS;
+        fn rbd_read2(image: rbd_image_t, ofs: u64, len: usize, buf: *mut c_char, op_flags: c_int) -> isize = ENOSYS as isize;
+        fn rbd_aio_create_completion(cb_arg: *mut c_void, complete_cb: Option<rbd_callback_t>, c: *mut rbd_completion_t) -> c_int = ENOSYS;
+        fn rbd_aio_read2(image: rbd_image_t, off: u64, len: usize, buf: *mut c_char, c: rbd_completion_t, op_flags: c_int) -> c_int = ENOSYS;
+        fn rbd_aio_wait_for_complete(c: rbd_completion_t) -> c_int = ENOSYS;
+        fn rbd_aio_get_return_value(c: rbd_completion_t) -> isize = ENOSYS as isize;
+        fn rbd_aio_release(c: rbd_completion_t);
+        fn rbd_diff_iterate2(image: rbd_image_t, fromsnapname: *const c_char, ofs: u64, len: u64, include_parent: u8, whole_object: u8, cb: diff_cb, arg: *mut c_void) -> c_int = ENOSYS;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_library_is_an_error_naming_it() {
+        // SAFETY: dlopen of a name that does not exist loads nothing.
+        let e = unsafe { open_library("libsnapfs-no-such-library.so.0") }.unwrap_err();
+        assert!(e.contains("libsnapfs-no-such-library.so.0"), "{e}");
+    }
+
+    #[test]
+    fn wrappers_refuse_before_loading() {
+        // Unloaded (the table is only filled by `load`, which this test does not call when
+        // the table is empty): the wrapper returns -ENOSYS instead of jumping anywhere.
+        if API.get().is_none() {
+            // SAFETY: a null image is never dereferenced by the unloaded wrapper.
+            let rc = unsafe { rbd_snap_create(std::ptr::null_mut(), std::ptr::null()) };
+            assert_eq!(rc, -libc::ENOSYS);
+        }
+    }
 }

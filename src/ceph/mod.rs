@@ -1,7 +1,8 @@
 //! A small, safe wrapper over librados/librbd: a cluster connection, a pool, an RBD image.
 //!
 //! Our own FFI rather than a crate: the `ceph` crate has librados only, the RBD crates are
-//! unmaintained, and snapfs needs about twenty C functions. Each is wrapped once, here; every
+//! unmaintained, and snapfs needs about forty C functions, loaded at the first connection
+//! rather than linked (see `ffi`). Each is wrapped once, here; every
 //! negative return becomes a [`crate::error::Error`] through [`check`], with the call and the
 //! object named. Handles close in the right order because an image holds its pool and a
 //! pool holds its cluster.
@@ -183,6 +184,11 @@ impl Cluster {
         } else {
             format!("client.{id}")
         };
+        ffi::load().map_err(|e| {
+            Error::Backend(format!(
+                "cannot load the Ceph client libraries ({e}); install librados2 and librbd1 to use --ceph"
+            ))
+        })?;
         let conf_s = conf.to_string_lossy().into_owned();
         let c_conf = cstring(&conf_s, "ceph.conf path")?;
         let c_name = cstring(&name, "client name")?;
@@ -707,7 +713,7 @@ impl Image {
     fn snap_op(
         &self,
         call: &str,
-        f: unsafe extern "C" fn(ffi::rbd_image_t, *const c_char) -> c_int,
+        f: unsafe fn(ffi::rbd_image_t, *const c_char) -> c_int,
         name: &str,
     ) -> Result<()> {
         let c = cstring(name, "snapshot name")?;
