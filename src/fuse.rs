@@ -376,7 +376,7 @@ impl fuser::Filesystem for Fuse {
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
@@ -388,7 +388,15 @@ impl fuser::Filesystem for Fuse {
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
         for (i, e) in entries.iter().enumerate().skip(start) {
             let dot = e.name == "." || e.name == "..";
-            let attr = match self.fs.getattr(e.ino) {
+            // Each entry handed over with its attributes counts as a lookup: `lookup` enters
+            // the node (listings do not, see `SnapFs::opendir`) and counts it; dot entries
+            // are only described.
+            let attr = if dot {
+                self.fs.getattr(e.ino)
+            } else {
+                self.fs.lookup(ino.0, &e.name)
+            };
+            let attr = match attr {
                 Ok(a) => a,
                 // Gone since opendir, or unreadable: skip it rather than fail the listing.
                 Err(err) => {
@@ -404,10 +412,11 @@ impl fuser::Filesystem for Fuse {
                 &file_attr(&attr),
                 Generation(0),
             ) {
+                // Not sent: the kernel does not hold this lookup.
+                if !dot {
+                    self.fs.forget(attr.ino, 1);
+                }
                 break;
-            }
-            if !dot {
-                self.fs.count_lookup(e.ino);
             }
         }
         reply.ok()

@@ -181,11 +181,18 @@ impl SnapFs {
         {
             let mut inodes = lock(&self.inodes);
             for (name, kind, want) in children {
-                let mut p = path.clone();
-                p.push(name.clone());
+                // A listing only shows inode numbers; the kernel looks a name up before it
+                // uses the node. Guest entries have their number already (it is derived from
+                // the guest inode, and lookup pins the same one), so they are not entered in
+                // the table here: a `find` over a guest tree would otherwise clone a path
+                // and hash it for every entry, and keep all of them.
                 let child = match want {
-                    Some(w) => inodes.get_or_insert_pinned(p, w, false),
-                    None => inodes.get_or_insert(p, false),
+                    Some(w) => w,
+                    None => {
+                        let mut p = path.clone();
+                        p.push(name.clone());
+                        inodes.get_or_insert(p, false)
+                    }
                 };
                 entries.push(DirEntry {
                     ino: child,
