@@ -2,6 +2,7 @@
 
 pub mod ceph;
 pub mod daemon;
+pub mod dl;
 pub mod error;
 pub mod fs;
 pub mod fuse;

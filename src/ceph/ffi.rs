@@ -9,8 +9,7 @@
 
 #![allow(non_camel_case_types)]
 
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
-use std::sync::OnceLock;
+use std::ffi::{c_char, c_int, c_void};
 
 pub type rados_t = *mut c_void;
 pub type rados_ioctx_t = *mut c_void;
@@ -70,88 +69,14 @@ pub struct rbd_snap_info_t {
     pub name: *const c_char,
 }
 
-/// Declares the entry points once and makes, from that list: the table of loaded function
-/// pointers ([`Api`]), its resolver, and one `pub unsafe fn` wrapper per entry point with the
-/// C signature. `fn f(..) -> T = D;` returns `D` when the libraries are not loaded.
-macro_rules! ceph_api {
-    ($( $lib:ident { $( fn $name:ident ( $($arg:ident : $ty:ty),* ) $(-> $ret:ty = $def:expr)? ; )* } )*) => {
-        struct Api {
-            $($( $name: unsafe extern "C" fn($($ty),*) $(-> $ret)?, )*)*
-        }
-
-        impl Api {
-            /// SAFETY: the signatures above must match the C headers; the libraries stay
-            /// loaded for the life of the process (never `dlclose`d).
-            unsafe fn resolve() -> std::result::Result<Api, String> {
-                Ok(Api {
-                    $($( $name: {
-                        let f = symbol(open_library($lib)?, stringify!($name))?;
-                        std::mem::transmute::<*mut c_void, unsafe extern "C" fn($($ty),*) $(-> $ret)?>(f)
-                    }, )*)*
-                })
-            }
-        }
-
-        $($(
-            #[allow(clippy::too_many_arguments)]
-            pub unsafe fn $name($($arg: $ty),*) $(-> $ret)? {
-                match API.get() {
-                    Some(Ok(api)) => (api.$name)($($arg),*),
-                    _ => { $( return $def; )? }
-                }
-            }
-        )*)*
-    };
-}
-
-static API: OnceLock<std::result::Result<Api, String>> = OnceLock::new();
-
-/// Load librados and librbd (once; later calls return the first outcome). The error names the
-/// library and says what the dynamic loader said.
-pub fn load() -> std::result::Result<(), String> {
-    // SAFETY: see Api::resolve.
-    match API.get_or_init(|| unsafe { Api::resolve() }) {
-        Ok(_) => Ok(()),
-        Err(e) => Err(e.clone()),
-    }
-}
-
-/// `dlopen` a library by soname (a second call for the same library returns the same handle).
-unsafe fn open_library(name: &str) -> std::result::Result<*mut c_void, String> {
-    let c = CString::new(name).map_err(|_| format!("{name}: NUL in name"))?;
-    let h = libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
-    if h.is_null() {
-        return Err(dl_error(name));
-    }
-    Ok(h)
-}
-
-unsafe fn symbol(lib: *mut c_void, name: &str) -> std::result::Result<*mut c_void, String> {
-    let c = CString::new(name).map_err(|_| format!("{name}: NUL in name"))?;
-    let f = libc::dlsym(lib, c.as_ptr());
-    if f.is_null() {
-        return Err(dl_error(name));
-    }
-    Ok(f)
-}
-
-unsafe fn dl_error(what: &str) -> String {
-    let e = libc::dlerror();
-    if e.is_null() {
-        format!("{what}: not found")
-    } else {
-        CStr::from_ptr(e).to_string_lossy().into_owned()
-    }
-}
-
 const ENOSYS: c_int = -libc::ENOSYS;
 
 /// Where each library comes from: the soname Debian's librados2/librbd1 install.
 const RADOS: &str = "librados.so.2";
 const RBD: &str = "librbd.so.1";
 
-ceph_api! {
-    RADOS {
+crate::dl::dl_api! {
+    RADOS => {
         fn rados_create2(cluster: *mut rados_t, clustername: *const c_char, name: *const c_char, flags: u64) -> c_int = ENOSYS;
         fn rados_conf_read_file(cluster: rados_t, path: *const c_char) -> c_int = ENOSYS;
         fn rados_conf_set(cluster: rados_t, option: *const c_char, value: *const c_char) -> c_int = ENOSYS;
@@ -160,7 +85,7 @@ ceph_api! {
         fn rados_ioctx_create(cluster: rados_t, pool_name: *const c_char, ioctx: *mut rados_ioctx_t) -> c_int = ENOSYS;
         fn rados_ioctx_destroy(io: rados_ioctx_t);
     }
-    RBD {
+    RBD => {
         fn rbd_list2(io: rados_ioctx_t, images: *mut rbd_image_spec_t, max: *mut usize) -> c_int = ENOSYS;
         fn rbd_image_spec_list_cleanup(images: *mut rbd_image_spec_t, n: usize);
         fn rbd_image_options_create(opts: *mut rbd_image_options_t);
@@ -208,7 +133,7 @@ mod tests {
     #[test]
     fn a_missing_library_is_an_error_naming_it() {
         // SAFETY: dlopen of a name that does not exist loads nothing.
-        let e = unsafe { open_library("libsnapfs-no-such-library.so.0") }.unwrap_err();
+        let e = unsafe { crate::dl::open_library("libsnapfs-no-such-library.so.0") }.unwrap_err();
         assert!(e.contains("libsnapfs-no-such-library.so.0"), "{e}");
     }
 
