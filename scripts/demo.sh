@@ -16,7 +16,7 @@ show() { step "$*"; eval "$*"; }
 
 echo "== installing dependencies"
 bash scripts/install-deps.sh
-# libvirt (and libvirt-dev) and Ceph (and librbd-dev) come before the build: snapfs links both.
+# snapfs links neither libvirt nor Ceph: it loads them when --libvirt/--ceph asks for them.
 echo "== the libvirt + QEMU test bed (guest 'demo')"
 bash scripts/testbed/up.sh
 echo "== a single-node Ceph cluster on loopback"

@@ -7,6 +7,7 @@ pub mod error;
 pub mod fs;
 pub mod fuse;
 pub mod image;
+pub mod libvirt;
 pub mod namespace;
 pub mod provider;
 pub mod restore;

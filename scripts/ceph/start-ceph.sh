@@ -44,8 +44,7 @@ for pair in ceph-mon:ceph-mon ceph-osd:ceph-osd ceph-mgr:ceph-mgr ceph:ceph-comm
             rbd:ceph-common rados:ceph-common uuidgen:uuid-runtime rbd-fuse:rbd-fuse; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
-[[ -e /usr/include/rbd/librbd.h ]] || need+=(librbd-dev)
-[[ -e /usr/include/rados/librados.h ]] || need+=(librados-dev)
+# snapfs loads librados.so.2/librbd.so.1 at run time (ceph-common brings librados2, librbd1)
 if ((${#need[@]})); then
   mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
   log "installing ${need[*]}"

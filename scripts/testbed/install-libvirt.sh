@@ -12,7 +12,7 @@ DPKG_OPTS=(-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold
 # qemu-block-extra is QEMU's rbd driver, for guests booted from RBD disks).
 BP_PKGS=(qemu-system-x86 qemu-system-common qemu-system-data qemu-guest-agent qemu-utils seabios
          libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-storage
-         libvirt-daemon-log libvirt-clients libvirt-dev qemu-block-extra)
+         libvirt-daemon-log libvirt-clients qemu-block-extra)
 # Plain bookworm tools used by build-guest.sh and the checks in docs/testbed.md.
 TOOLS=(busybox-static cpio gzip gdisk e2fsprogs fuse3 pkg-config socat jq bindfs)
 

@@ -21,13 +21,13 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::libvirt::sys;
+use crate::libvirt::Connect;
+use crate::libvirt::Domain;
+use crate::libvirt::DomainSnapshot;
+use crate::libvirt::ErrorNumber;
 use serde_json::json;
 use tracing::{debug, info, warn};
-use virt::connect::Connect;
-use virt::domain::Domain;
-use virt::domain_snapshot::DomainSnapshot;
-use virt::error::ErrorNumber;
-use virt::sys;
 
 use super::images::ImagesProvider;
 use super::rbd::RbdAccess;
@@ -89,7 +89,7 @@ pub struct LibvirtProvider {
 }
 
 /// A libvirt error with our context, mapped onto the refusals SPEC.md names.
-pub(crate) fn lv_err(context: impl Into<String>, e: virt::error::Error) -> Error {
+pub(crate) fn lv_err(context: impl Into<String>, e: crate::libvirt::Error) -> Error {
     let what = format!("{}: {}", context.into(), e.message());
     let lower = e.message().to_ascii_lowercase();
     match e.code().known() {
@@ -204,7 +204,7 @@ fn image_size(path: &Path, format: Option<&str>) -> Option<u64> {
 }
 
 fn state_name(dom: &Domain) -> Result<(String, bool)> {
-    use virt::domain::DomainState as S;
+    use crate::libvirt::DomainState as S;
     let info = dom.info().map_err(|e| lv_err("reading domain state", e))?;
     let name = match info.state.known() {
         Some(S::Running) => "running",
@@ -239,7 +239,6 @@ struct SnapImage {
 impl LibvirtProvider {
     pub fn new(opts: LibvirtOptions, cache: Arc<BlockCache>) -> Result<Self> {
         // libvirt's default error handler prints every error to stderr; we log them ourselves.
-        virt::error::clear_error_callback();
         let freezer = Freezer::new(&opts.state_dir)?;
         let p = LibvirtProvider {
             opts,

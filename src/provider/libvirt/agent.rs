@@ -1,11 +1,10 @@
-//! The guest agent through libvirt: ping, fsfreeze status, and the FS freeze/thaw calls
-//! that the `virt` crate only has in raw form (wrapped here once).
+//! The guest agent through libvirt: ping, fsfreeze status, FS freeze/thaw.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use virt::domain::Domain;
+use crate::libvirt::Domain;
 
 use super::lv_err;
 use crate::error::{Error, Result};
@@ -77,27 +76,12 @@ pub fn freeze_status(dom: &Domain, timeout: Duration) -> Result<FreezeStatus> {
 
 /// `virDomainFSFreeze` of every guest filesystem; the number frozen.
 pub fn fs_freeze(dom: &Domain) -> Result<u32> {
-    // SAFETY: the domain pointer is valid for the life of `dom`; a NULL mountpoint list with
-    // count 0 means "all filesystems"; flags must be 0.
-    let n = unsafe { virt::sys::virDomainFSFreeze(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
-    if n < 0 {
-        return Err(lv_err(
-            "freezing guest filesystems",
-            virt::error::Error::last_error(),
-        ));
-    }
-    Ok(n as u32)
+    dom.fs_freeze()
+        .map_err(|e| lv_err("freezing guest filesystems", e))
 }
 
 /// `virDomainFSThaw` of every guest filesystem; the number thawed.
 pub fn fs_thaw(dom: &Domain) -> Result<u32> {
-    // SAFETY: as in fs_freeze.
-    let n = unsafe { virt::sys::virDomainFSThaw(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
-    if n < 0 {
-        return Err(lv_err(
-            "thawing guest filesystems",
-            virt::error::Error::last_error(),
-        ));
-    }
-    Ok(n as u32)
+    dom.fs_thaw()
+        .map_err(|e| lv_err("thawing guest filesystems", e))
 }

@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::libvirt::Connect;
+use crate::libvirt::Domain;
 use tracing::{debug, info, warn};
-use virt::connect::Connect;
-use virt::domain::Domain;
 
 use super::agent::{self, FreezeStatus};
 use crate::error::{Error, IoContext, Result};

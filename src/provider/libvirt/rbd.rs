@@ -17,12 +17,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::libvirt::sys;
+use crate::libvirt::Connect;
+use crate::libvirt::Domain;
+use crate::libvirt::ErrorNumber;
 use serde_json::json;
 use tracing::{info, warn};
-use virt::connect::Connect;
-use virt::domain::Domain;
-use virt::error::ErrorNumber;
-use virt::sys;
 
 use super::xml::{self, RbdSnapDisk, RbdSnapRecord};
 use super::{lv_err, safe_part, LibvirtProvider};
@@ -110,7 +110,7 @@ pub(super) fn recover_paused(state_dir: &Path, conn: &Connect) -> usize {
         if let Ok(dom) = conn.lookup_domain_by_uuid_string(&uuid) {
             let paused = dom
                 .info()
-                .is_ok_and(|i| i.state.known() == Some(virt::domain::DomainState::Paused));
+                .is_ok_and(|i| i.state.known() == Some(crate::libvirt::DomainState::Paused));
             if paused {
                 match dom.resume() {
                     Ok(_) => warn!(uuid, "guest left paused by a previous daemon: resumed"),
@@ -313,7 +313,7 @@ impl LibvirtProvider {
         // operator issues no I/O and stays paused.
         let running = dom
             .info()
-            .is_ok_and(|i| i.state.known() == Some(virt::domain::DomainState::Running));
+            .is_ok_and(|i| i.state.known() == Some(crate::libvirt::DomainState::Running));
         let paused = if !quiesced && running && opened.len() > 1 {
             Some(Paused::start(dom, &self.opts.state_dir, &uuid, &dom_name)?)
         } else {

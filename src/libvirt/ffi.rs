@@ -1,0 +1,87 @@
+//! The libvirt C functions snapfs calls (`libvirt/libvirt.h`, `libvirt/libvirt-qemu.h`, all
+//! present since libvirt 1.2). Only `super` calls these; nothing else may.
+//!
+//! Loaded with `dlopen` by [`load`] when the first connection is opened, not linked: a daemon
+//! without `--libvirt` neither needs libvirt installed nor loads libvirt.so and the ~50 shared
+//! objects behind it (60–90 ms of a cold start here). Before a successful [`load`] every
+//! wrapper fails (`-1`/NULL) without calling anything.
+
+#![allow(non_camel_case_types, non_snake_case)]
+
+use std::ffi::{c_char, c_int, c_uchar, c_uint, c_ulong, c_ulonglong, c_ushort, c_void};
+use std::ptr::{null, null_mut};
+
+pub type virConnectPtr = *mut c_void;
+pub type virDomainPtr = *mut c_void;
+pub type virDomainSnapshotPtr = *mut c_void;
+pub type virStoragePoolPtr = *mut c_void;
+pub type virErrorFunc = Option<unsafe extern "C" fn(*mut c_void, *mut virError)>;
+
+/// The leading fields of `struct _virError` (the rest is not read).
+#[repr(C)]
+pub struct virError {
+    pub code: c_int,
+    pub domain: c_int,
+    pub message: *mut c_char,
+}
+
+/// `struct _virDomainInfo`.
+#[repr(C)]
+#[derive(Default)]
+pub struct virDomainInfo {
+    pub state: c_uchar,
+    pub maxMem: c_ulong,
+    pub memory: c_ulong,
+    pub nrVirtCpu: c_ushort,
+    pub cpuTime: c_ulonglong,
+}
+
+const LIBVIRT: &str = "libvirt.so.0";
+const LIBVIRT_QEMU: &str = "libvirt-qemu.so.0";
+
+crate::dl::dl_api! {
+    LIBVIRT => {
+        fn virConnectOpen(name: *const c_char) -> virConnectPtr = null_mut();
+        fn virConnectClose(conn: virConnectPtr) -> c_int = -1;
+        fn virConnectRef(conn: virConnectPtr) -> c_int = -1;
+        fn virConnectIsAlive(conn: virConnectPtr) -> c_int = -1;
+        fn virConnectGetType(conn: virConnectPtr) -> *const c_char = null();
+        fn virConnectListAllDomains(conn: virConnectPtr, domains: *mut *mut virDomainPtr, flags: c_uint) -> c_int = -1;
+        fn virConnectListAllStoragePools(conn: virConnectPtr, pools: *mut *mut virStoragePoolPtr, flags: c_uint) -> c_int = -1;
+        fn virDomainLookupByName(conn: virConnectPtr, name: *const c_char) -> virDomainPtr = null_mut();
+        fn virDomainLookupByUUIDString(conn: virConnectPtr, uuid: *const c_char) -> virDomainPtr = null_mut();
+        fn virDomainDefineXML(conn: virConnectPtr, xml: *const c_char) -> virDomainPtr = null_mut();
+        fn virDomainFree(dom: virDomainPtr) -> c_int = -1;
+        fn virDomainRef(dom: virDomainPtr) -> c_int = -1;
+        fn virDomainGetName(dom: virDomainPtr) -> *const c_char = null();
+        fn virDomainGetUUIDString(dom: virDomainPtr, buf: *mut c_char) -> c_int = -1;
+        fn virDomainGetXMLDesc(dom: virDomainPtr, flags: c_uint) -> *mut c_char = null_mut();
+        fn virDomainGetInfo(dom: virDomainPtr, info: *mut virDomainInfo) -> c_int = -1;
+        fn virDomainCreate(dom: virDomainPtr) -> c_int = -1;
+        fn virDomainDestroy(dom: virDomainPtr) -> c_int = -1;
+        fn virDomainUndefine(dom: virDomainPtr) -> c_int = -1;
+        fn virDomainSuspend(dom: virDomainPtr) -> c_int = -1;
+        fn virDomainResume(dom: virDomainPtr) -> c_int = -1;
+        fn virDomainIsActive(dom: virDomainPtr) -> c_int = -1;
+        fn virDomainIsPersistent(dom: virDomainPtr) -> c_int = -1;
+        fn virDomainGetMetadata(dom: virDomainPtr, kind: c_int, uri: *const c_char, flags: c_uint) -> *mut c_char = null_mut();
+        fn virDomainSetMetadata(dom: virDomainPtr, kind: c_int, metadata: *const c_char, key: *const c_char, uri: *const c_char, flags: c_uint) -> c_int = -1;
+        fn virDomainFSFreeze(dom: virDomainPtr, mountpoints: *mut *const c_char, nmountpoints: c_uint, flags: c_uint) -> c_int = -1;
+        fn virDomainFSThaw(dom: virDomainPtr, mountpoints: *mut *const c_char, nmountpoints: c_uint, flags: c_uint) -> c_int = -1;
+        fn virDomainListAllSnapshots(dom: virDomainPtr, snaps: *mut *mut virDomainSnapshotPtr, flags: c_uint) -> c_int = -1;
+        fn virDomainSnapshotLookupByName(dom: virDomainPtr, name: *const c_char, flags: c_uint) -> virDomainSnapshotPtr = null_mut();
+        fn virDomainSnapshotCreateXML(dom: virDomainPtr, xml: *const c_char, flags: c_uint) -> virDomainSnapshotPtr = null_mut();
+        fn virDomainSnapshotGetName(snap: virDomainSnapshotPtr) -> *const c_char = null();
+        fn virDomainSnapshotGetXMLDesc(snap: virDomainSnapshotPtr, flags: c_uint) -> *mut c_char = null_mut();
+        fn virDomainSnapshotDelete(snap: virDomainSnapshotPtr, flags: c_uint) -> c_int = -1;
+        fn virDomainSnapshotFree(snap: virDomainSnapshotPtr) -> c_int = -1;
+        fn virStoragePoolGetName(pool: virStoragePoolPtr) -> *const c_char = null();
+        fn virStoragePoolGetXMLDesc(pool: virStoragePoolPtr, flags: c_uint) -> *mut c_char = null_mut();
+        fn virStoragePoolFree(pool: virStoragePoolPtr) -> c_int = -1;
+        fn virGetLastError() -> *mut virError = null_mut();
+        fn virSetErrorFunc(user_data: *mut c_void, handler: virErrorFunc);
+    }
+    LIBVIRT_QEMU => {
+        fn virDomainQemuAgentCommand(dom: virDomainPtr, cmd: *const c_char, timeout: c_int, flags: c_uint) -> *mut c_char = null_mut();
+    }
+}
