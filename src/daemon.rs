@@ -30,6 +30,8 @@ pub struct MountConfig {
     pub cache_bytes: usize,
     pub ttl: Duration,
     pub read_ahead_kb: u32,
+    /// Offer READDIRPLUS (adaptive) to the kernel.
+    pub readdirplus: bool,
     /// libvirt URI of the instances provider (None: no libvirt).
     pub libvirt: Option<String>,
     pub quiesce: Quiesce,
@@ -139,7 +141,7 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
     config.n_threads = Some(cfg.threads.max(1));
     config.clone_fd = true;
 
-    let session = fuser::Session::new(Fuse::new(fs), &mountpoint, &config)
+    let session = fuser::Session::new(Fuse::new(fs, cfg.readdirplus), &mountpoint, &config)
         .with_context(|| format!("mounting on {}", mountpoint.display()))?;
     match mount_entry(&mountpoint) {
         Some((dev, _)) => raise_read_ahead(&dev, cfg.read_ahead_kb),

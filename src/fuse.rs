@@ -24,11 +24,14 @@ const TTL: Duration = Duration::from_secs(1);
 
 pub struct Fuse {
     fs: SnapFs,
+    readdirplus: bool,
 }
 
 impl Fuse {
-    pub fn new(fs: SnapFs) -> Self {
-        Fuse { fs }
+    /// `readdirplus`: offer READDIRPLUS in its adaptive mode (the kernel asks for attributes
+    /// with the first page of a listing, and with later ones once names of it were looked up).
+    pub fn new(fs: SnapFs, readdirplus: bool) -> Self {
+        Fuse { fs, readdirplus }
     }
 }
 
@@ -105,6 +108,11 @@ impl fuser::Filesystem for Fuse {
             .or_else(|max| config.set_max_readahead(max));
         // Direct-I/O files (generated files, RBD disks) can still be mmap'ed (kernel >= 6.6).
         let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+        if self.readdirplus {
+            let _ = config.add_capabilities(
+                InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO,
+            );
+        }
         Ok(())
     }
 
@@ -355,12 +363,12 @@ impl fuser::Filesystem for Fuse {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.fs.readdir(fh.0) {
+        let dir = match self.fs.readdir(fh.0) {
             Ok(e) => e,
             Err(e) => return reply_err!(reply, "readdir", e),
         };
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        for (i, e) in entries.iter().enumerate().skip(start) {
+        for (i, e) in dir.entries.iter().enumerate().skip(start) {
             if reply.add(
                 INodeNo(e.ino),
                 (i + 1) as u64,
@@ -376,39 +384,36 @@ impl fuser::Filesystem for Fuse {
     fn readdirplus(
         &self,
         _req: &Request,
-        ino: INodeNo,
+        _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let entries = match self.fs.readdir(fh.0) {
+        let dir = match self.fs.readdir(fh.0) {
             Ok(e) => e,
             Err(e) => return reply_err!(reply, "readdirplus", e),
         };
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        for (i, e) in entries.iter().enumerate().skip(start) {
+        for (i, e) in dir.entries.iter().enumerate().skip(start) {
             let dot = e.name == "." || e.name == "..";
-            // Each entry handed over with its attributes counts as a lookup: `lookup` enters
-            // the node (listings do not, see `SnapFs::opendir`) and counts it; dot entries
-            // are only described.
-            let attr = if dot {
-                self.fs.getattr(e.ino)
-            } else {
-                self.fs.lookup(ino.0, &e.name)
-            };
-            let attr = match attr {
-                Ok(a) => a,
-                // Gone since opendir, or unreadable: skip it rather than fail the listing.
-                Err(err) => {
+            let (attr, ttl) = match self.fs.listed_attr(&dir, e) {
+                Ok(a) => (a, TTL),
+                Err(err) if dot => {
                     debug!(op = "readdirplus", name = %e.name, error = %err, "entry skipped");
                     continue;
+                }
+                // Unreadable (a corrupt inode) or gone since opendir: listed as readdir would,
+                // and the error comes from the path itself.
+                Err(err) => {
+                    debug!(op = "readdirplus", name = %e.name, error = %err, "entry without attributes");
+                    (self.fs.placeholder_attr(&dir, e), Duration::ZERO)
                 }
             };
             if reply.add(
                 INodeNo(e.ino),
                 (i + 1) as u64,
                 name_os(&e.name),
-                &TTL,
+                &ttl,
                 &file_attr(&attr),
                 Generation(0),
             ) {

@@ -339,3 +339,56 @@ fn non_utf8_guest_names_survive_byte_for_byte() {
         libc::EINVAL
     );
 }
+
+/// A guest inode that cannot be read (cleared with debugfs) is still listed, with or without
+/// READDIRPLUS, and only its own path fails (EIO); its siblings read normally.
+#[test]
+fn unreadable_inode_is_listed_and_fails_alone() {
+    let t = tempfile::Builder::new()
+        .prefix("snapfs-clri")
+        .tempdir()
+        .expect("tempdir");
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    for n in ["a.txt", "b.txt", "c.txt"] {
+        fs::write(src.join(n), format!("{n}\n")).unwrap();
+    }
+    let images = t.path().join("images");
+    fs::create_dir(&images).unwrap();
+    let raw = t.path().join("fs.raw");
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&src)
+        .arg(&raw)
+        .arg("8M"));
+    run(Command::new("debugfs")
+        .args(["-w", "-R", "clri b.txt"])
+        .arg(&raw));
+    let img = images.join("clri.qcow2");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    qemu_img(&["snapshot", "-c", "s", img.to_str().unwrap()]);
+    for args in [&[][..], &["--no-readdirplus"][..]] {
+        let m = Mount::with_args(&images, args);
+        let root = m.snap("clri.qcow2", "s").join("files/whole");
+        let names = ls(&root);
+        for n in ["a.txt", "b.txt", "c.txt"] {
+            assert!(names.contains(&n.to_string()), "{args:?}: {n} in {names:?}");
+        }
+        assert_eq!(
+            errno(fs::symlink_metadata(root.join("b.txt"))),
+            libc::EIO,
+            "{args:?}"
+        );
+        assert_eq!(errno(fs::read(root.join("b.txt"))), libc::EIO, "{args:?}");
+        assert_eq!(fs::read_to_string(root.join("a.txt")).unwrap(), "a.txt\n");
+        assert_eq!(fs::read_to_string(root.join("c.txt")).unwrap(), "c.txt\n");
+        // A second listing (attributes cached for the good names) is the same.
+        assert_eq!(ls(&root), names, "{args:?}");
+    }
+}

@@ -7,7 +7,7 @@ pub mod inode;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::error::{Error, Result};
 use crate::image::ExtentKind;
@@ -47,8 +47,17 @@ pub enum Whence {
     Hole,
 }
 
+/// An open directory: its entries as listed at opendir (a stable view for the handle's
+/// life), and for readdirplus the children's attributes, read once on first use.
+pub struct DirListing {
+    pub entries: Vec<DirEntry>,
+    ino: u64,
+    path: Vec<String>,
+    stats: OnceLock<HashMap<u64, Stat>>,
+}
+
 enum Handle {
-    Dir(Arc<Vec<DirEntry>>),
+    Dir(Arc<DirListing>),
     File(Content),
 }
 
@@ -201,15 +210,56 @@ impl SnapFs {
                 });
             }
         }
-        Ok(self.new_handle(Handle::Dir(Arc::new(entries))))
+        Ok(self.new_handle(Handle::Dir(Arc::new(DirListing {
+            entries,
+            ino,
+            path,
+            stats: OnceLock::new(),
+        }))))
     }
 
-    /// Entries from `offset` on, as listed at opendir (a stable view for the handle's life).
-    pub fn readdir(&self, fh: u64) -> Result<Arc<Vec<DirEntry>>> {
+    /// The listing made at opendir.
+    pub fn readdir(&self, fh: u64) -> Result<Arc<DirListing>> {
         match lock(&self.handles).get(&fh) {
             Some(Handle::Dir(e)) => Ok(e.clone()),
             _ => Err(Error::Invalid(format!("bad directory handle {fh}"))),
         }
+    }
+
+    /// The attributes of entry `e` of `dir`, for readdirplus: every entry but `.` and `..`
+    /// counts as a lookup (the kernel holds a reference; [`SnapFs::forget`] it if the entry
+    /// is not sent). Guest entries take their attributes from one pass over the directory
+    /// ([`Namespace::child_stats`]); others are looked up by name.
+    pub fn listed_attr(&self, dir: &DirListing, e: &DirEntry) -> Result<Attr> {
+        if e.name == "." || e.name == ".." {
+            return self.getattr(e.ino);
+        }
+        let stats = dir.stats.get_or_init(|| match Self::node(&dir.path) {
+            Ok(n) => self.ns.child_stats(&n),
+            Err(_) => HashMap::new(),
+        });
+        match stats.get(&e.ino) {
+            Some(stat) => {
+                let mut p = dir.path.clone();
+                p.push(e.name.clone());
+                let ino = lock(&self.inodes).get_or_insert_pinned(p, e.ino, true);
+                Ok(self.attr(ino, *stat))
+            }
+            None => self.lookup(dir.ino, &e.name),
+        }
+    }
+
+    /// For readdirplus, an entry whose attributes cannot be read: still listed, with only its
+    /// type (counted as a lookup like [`SnapFs::listed_attr`]). Sent with no validity, so the
+    /// kernel asks again at once and the path itself gives the error, as with readdir.
+    pub fn placeholder_attr(&self, dir: &DirListing, e: &DirEntry) -> Attr {
+        let mut p = dir.path.clone();
+        p.push(e.name.clone());
+        let ino = lock(&self.inodes).get_or_insert_pinned(p, e.ino, true);
+        self.attr(
+            ino,
+            Stat::new(e.kind, 0, 0, std::time::SystemTime::UNIX_EPOCH, 0),
+        )
     }
 
     fn new_handle(&self, h: Handle) -> u64 {

@@ -28,6 +28,7 @@ fn names(fs: &SnapFs, path: &str) -> Vec<String> {
     let v = fs
         .readdir(fh)
         .expect("readdir")
+        .entries
         .iter()
         .map(|e| e.name.clone())
         .filter(|n| n != "." && n != "..")
@@ -247,7 +248,11 @@ fn readdirplus_counts_lookups_without_deadlock() {
     let a = walk(&fs, "instances/web").unwrap();
     let fh = fs.opendir(a.ino).unwrap();
     let entries = fs.readdir(fh).unwrap();
-    let json = entries.iter().find(|e| e.name == "instance.json").unwrap();
+    let json = entries
+        .entries
+        .iter()
+        .find(|e| e.name == "instance.json")
+        .unwrap();
     let before = lock(&fs.inodes).count();
     fs.count_lookup(json.ino);
     fs.forget(json.ino, 1);

@@ -412,6 +412,27 @@ impl Namespace {
         }
     }
 
+    /// See [`Namespace::child_stats`].
+    pub(super) fn files_child_stats(&self, p: &FilesPath) -> Result<HashMap<u64, Stat>> {
+        if p.at_root() || p.at_disk() {
+            return Ok(HashMap::new());
+        }
+        let snap = self.snapshot_of(p)?;
+        let Resolved::Guest { fs, stat, vol } = self.resolve(p, &snap)? else {
+            return Ok(HashMap::new());
+        };
+        if stat.kind != FileKind::Dir {
+            return Err(Error::NotDir(p.rest.join("/")));
+        }
+        let mut out = HashMap::new();
+        for (_, ino, _) in fs.readdir(stat.ino)? {
+            if let (Some(id), Ok(s)) = (guest_node_id(vol, ino), fs.stat(ino)) {
+                out.insert(id, guest_stat(&s, vol));
+            }
+        }
+        Ok(out)
+    }
+
     pub(super) fn files_open(&self, p: &FilesPath) -> Result<super::Content> {
         match self.resolve(p, &self.snapshot_of(p)?)? {
             Resolved::Readme(b) => Ok(super::Content::Bytes(b)),

@@ -7,7 +7,7 @@ pub mod files;
 pub mod names;
 pub mod registry;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -291,6 +291,17 @@ impl Namespace {
     }
 
     /// Children of a directory: (file name, kind, inode number it must have, if any).
+    /// The attributes of every child of `node` by node id, read in one pass where that is
+    /// cheaper than a lookup per name (a guest directory: resolved once, each child's inode
+    /// read directly). Empty where there is no such shortcut or it failed; callers then look
+    /// each name up.
+    pub fn child_stats(&self, node: &Node) -> HashMap<u64, Stat> {
+        match node {
+            Node::Files(p) => self.files_child_stats(p).unwrap_or_default(),
+            _ => HashMap::new(),
+        }
+    }
+
     pub fn list(&self, node: &Node) -> Result<Vec<(String, Kind, Option<u64>)>> {
         let dirs = |names: &mut dyn Iterator<Item = &String>| -> Vec<(String, Kind, Option<u64>)> {
             names
