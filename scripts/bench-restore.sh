@@ -30,6 +30,8 @@
 #                both on a new mount with nothing parsed (guestmount: the first only, its
 #                appliance boot is the same either way)
 #   list root    `find ROOT | wc -l` (7zz: `7zz l`), entry counts printed alongside
+#   list + attrs `find ROOT -printf '%y %s %T@ %p\n' | wc -l`: type, size and mtime of every
+#                entry, which is what `7zz l` prints (so its column repeats the row above)
 #   copy 200 MB  cp bench/big.bin to /dev/shm (7zz: e -so > /dev/shm), MB/s (10^6 B/s), median
 #                of 3 runs, each after drop_caches (guestmount: 1 run, since the appliance's
 #                kernel would serve later copies from its own cache)
@@ -37,7 +39,9 @@
 #   metadata     cp -a of etc, usr and bench/small (7zz: x -snl -snh of the same), then symlinks,
 #                hard-linked files (nlink > 1) and files not owned by root counted, against the
 #                source tree, and a full comparison of (path, type, mode, owner, link target)
-# The mounts stay up from the first-byte row to the end; before every row the host page cache
+# snapfs is mounted anew for each first-byte row and for the listing with attributes;
+# guestmount stays up from the first-byte row to the end (its listing with attributes then
+# starts with the appliance warm). Before every row the host page cache
 # is dropped (so the image file is read from disk), but each reader's own caches (snapfs's
 # cache, the libguestfs appliance's kernel) keep what earlier rows read.
 # Ratios: "x" = how many times faster snapfs is than the peer (peer time / snapfs time, or
@@ -180,7 +184,7 @@ log "metadata source (etc, usr, bench/small): symlinks/hard-linked files/non-roo
 
 # results: R[col.row]
 declare -A R
-for c in snapfs gm 7z; do for r in ttfb ttfbw list nlist mbs small meta metadiff rss; do R[$c.$r]=n/a; done; done
+for c in snapfs gm 7z; do for r in ttfb ttfbw list lista nlist mbs small meta metadiff rss; do R[$c.$r]=n/a; done; done
 
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 mbs() { awk -v s="$1" -v t="$2" 'BEGIN { printf "%.1f\n", s / t / 1e6 }'; }
@@ -218,37 +222,45 @@ meta_check() {  # COL ROOT
 
 # --------------------------------------------------------------------------------------------
 # snapfs
+snapfs_unmount() {
+  if mountpoint -q "$MNT"; then timeout 60 "$SNAPFS" unmount "$MNT" || true; fi
+  SNAPFS_MOUNTED=0
+  rm -rf -- "$STATE"; mkdir -p "$STATE"
+}
+snapfs_mount() {
+  timeout 120 "$SNAPFS" mount --images "$POOLDIR" --state-dir "$STATE" "$MNT" >"$SHM/snapfs.mount.log" 2>&1 \
+    || { log "snapfs mount failed: $(tail -3 "$SHM/snapfs.mount.log")"; return 1; }
+  SNAPFS_MOUNTED=1
+}
 run_snapfs() {
   local t0 t1 r pid
-  if mountpoint -q "$MNT"; then timeout 60 "$SNAPFS" unmount "$MNT" || true; fi
-  rm -rf -- "$STATE"; mkdir -p "$STATE"
   r=$MNT/volumes/pool/bench.qcow2/.snapshots/bench/files/p1
+  snapfs_unmount
   drop; t0=$(now)
-  timeout 120 "$SNAPFS" mount --images "$POOLDIR" --state-dir "$STATE" "$MNT" >"$SHM/snapfs.mount.log" 2>&1 \
-    || { log "snapfs mount failed: $(tail -3 "$SHM/snapfs.mount.log")"; return; }
-  SNAPFS_MOUNTED=1
+  snapfs_mount || return
   timeout 60 head -c1 "$r/$SMALL_FILE" >/dev/null
   t1=$(now); R[snapfs.ttfb]=$(elapsed "$t0" "$t1")
   # again on a new mount, with only the image evicted (the program is cached now)
-  timeout 60 "$SNAPFS" unmount "$MNT" && SNAPFS_MOUNTED=0
-  rm -rf -- "$STATE"; mkdir -p "$STATE"
+  snapfs_unmount
   sync; evict "$IMG"; t0=$(now)
-  timeout 120 "$SNAPFS" mount --images "$POOLDIR" --state-dir "$STATE" "$MNT" >"$SHM/snapfs.mount.log" 2>&1 \
-    || { log "snapfs mount failed: $(tail -3 "$SHM/snapfs.mount.log")"; return; }
-  SNAPFS_MOUNTED=1
+  snapfs_mount || return
   timeout 60 head -c1 "$r/$SMALL_FILE" >/dev/null
   t1=$(now); R[snapfs.ttfbw]=$(elapsed "$t0" "$t1")
+  log "snapfs: $("$SNAPFS" --version 2>/dev/null | head -1)"
+  drop; t0=$(now); R[snapfs.nlist]=$(timeout 600 find "$r" | wc -l); t1=$(now); R[snapfs.list]=$(elapsed "$t0" "$t1")
+  # the listing with attributes on a new mount too, so it starts as cold as the one above
+  snapfs_unmount; snapfs_mount || return
+  timeout 60 head -c1 "$r/$SMALL_FILE" >/dev/null
+  drop; t0=$(now); timeout 600 find "$r" -printf '%y %s %T@ %p\n' | wc -l >/dev/null; t1=$(now); R[snapfs.lista]=$(elapsed "$t0" "$t1")
   # once mounted, the daemon is the only process left with these arguments
   pid=$(pgrep -n -f "snapfs mount.*$MNT" || true)
-  log "snapfs: $("$SNAPFS" --version 2>/dev/null | head -1), daemon pid ${pid:-?}"
-  drop; t0=$(now); R[snapfs.nlist]=$(timeout 600 find "$r" | wc -l); t1=$(now); R[snapfs.list]=$(elapsed "$t0" "$t1")
   R[snapfs.mbs]=$(copy_big "$r/bench/big.bin" "$SHM/big.bin" "$BIG_RUNS")
   R[snapfs.small]=$(copy_small "$r/bench/small" "$SHM/small"); rm -rf -- "$SHM/small"
   meta_check snapfs "$r"
   if [[ -n $pid ]]; then
     R[snapfs.rss]=$(( $(sed -n 's/^VmHWM:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$pid/status") / 1024 ))
   fi
-  timeout 60 "$SNAPFS" unmount "$MNT" && SNAPFS_MOUNTED=0
+  snapfs_unmount
 }
 
 # --------------------------------------------------------------------------------------------
@@ -269,6 +281,7 @@ run_guestmount() {
   t1=$(now); R[gm.ttfb]=$(elapsed "$t0" "$t1")
   GM_NOTE="guestmount: $(guestmount --version 2>/dev/null | head -1)"
   drop; t0=$(now); R[gm.nlist]=$(timeout 900 find "$MNT2" | wc -l); t1=$(now); R[gm.list]=$(elapsed "$t0" "$t1")
+  drop; t0=$(now); timeout 900 find "$MNT2" -printf '%y %s %T@ %p\n' | wc -l >/dev/null; t1=$(now); R[gm.lista]=$(elapsed "$t0" "$t1")
   # one copy only: the appliance's own page cache (not dropped by the host) would serve the next
   R[gm.mbs]=$(copy_big "$MNT2/bench/big.bin" "$SHM/big.bin" 1)
   R[gm.small]=$(copy_small "$MNT2/bench/small" "$SHM/small"); rm -rf -- "$SHM/small"
@@ -291,6 +304,7 @@ run_7z() {
   Z_NOTE="7zz: $(7zz 2>/dev/null | grep -m1 '7-Zip')"
   drop; t0=$(now); out=$(timeout 600 7zz l "$T" "$IMG"); t1=$(now); R[7z.list]=$(elapsed "$t0" "$t1")
   # summary line: "... N files, M folders"
+  R[7z.lista]=${R[7z.list]}
   R[7z.nlist]=$(tail -n 5 <<<"$out" | sed -n 's/.* \([0-9]*\) files, \([0-9]*\) folders.*/\1 \2/p' | awk '{print $1 + $2}')
   R[7z.mbs]=$(for (( i = 0; i < BIG_RUNS; i++ )); do
       drop; t0=$(now)
@@ -337,6 +351,7 @@ printf '%-36s %11s %11s %11s %11s %11s\n' "" snapfs guestmount 7-Zip "vs guestmn
 row "first byte, all caches cold (s)" time ttfb
 row "first byte, image cold (s)" time ttfbw
 row "list whole root (s)" time list
+row "list root with size and mtime (s)" time lista
 printf '%-36s %11s %11s %11s\n' "  entries listed (source: $SRC_ENTRIES)" "${R[snapfs.nlist]}" "${R[gm.nlist]}" "${R[7z.nlist]}"
 row "copy 200 MB file (MB/s)" rate mbs
 row "copy 2,000-file folder (s)" time small

@@ -97,11 +97,11 @@ struct MountArgs {
     /// Log file of a background daemon [default: STATE_DIR/snapfs.log].
     #[arg(long, value_name = "FILE")]
     log_file: Option<PathBuf>,
-    /// Listings without attributes (plain READDIR). By default the kernel may ask for
-    /// attributes with the names (READDIRPLUS, adaptive): `ls -l`, `du`, `cp -a`, `rsync`
-    /// need no lookup per file then, a plain `find` pays a little for it.
+    /// Let the kernel ask for attributes with the names of a listing (READDIRPLUS, adaptive):
+    /// `ls -l`, `du` and rsync's scan of guest trees then need no lookup per file (about a
+    /// quarter faster), while a plain `find` pays about a sixth more. Off by default.
     #[arg(long)]
-    no_readdirplus: bool,
+    readdirplus: bool,
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4)]
     threads: usize,
@@ -185,7 +185,7 @@ fn mount(m: MountArgs) -> anyhow::Result<()> {
         cache_bytes: m.cache_mb.saturating_mul(1 << 20),
         ttl: Duration::from_millis(m.list_ttl_ms),
         read_ahead_kb: m.read_ahead_kb,
-        readdirplus: !m.no_readdirplus,
+        readdirplus: m.readdirplus,
         libvirt: m.libvirt,
         quiesce: m.quiesce,
         freeze_timeout: Duration::try_from_secs_f64(m.freeze_timeout)

@@ -341,7 +341,7 @@ fn non_utf8_guest_names_survive_byte_for_byte() {
 }
 
 /// A guest inode that cannot be read (cleared with debugfs) is still listed, with or without
-/// READDIRPLUS, and only its own path fails (EIO); its siblings read normally.
+/// `--readdirplus`, and only its own path fails (EIO); its siblings read normally.
 #[test]
 fn unreadable_inode_is_listed_and_fails_alone() {
     let t = tempfile::Builder::new()
@@ -373,7 +373,7 @@ fn unreadable_inode_is_listed_and_fails_alone() {
         img.to_str().unwrap(),
     ]);
     qemu_img(&["snapshot", "-c", "s", img.to_str().unwrap()]);
-    for args in [&[][..], &["--no-readdirplus"][..]] {
+    for args in [&["--readdirplus"][..], &[][..]] {
         let m = Mount::with_args(&images, args);
         let root = m.snap("clri.qcow2", "s").join("files/whole");
         let names = ls(&root);
