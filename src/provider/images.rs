@@ -296,7 +296,7 @@ impl Provider for ImagesProvider {
                     id: s.id,
                     created,
                     disks,
-                    json: j,
+                    json: Arc::new(j),
                 }
             })
             .collect())

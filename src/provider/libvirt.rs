@@ -494,7 +494,7 @@ impl LibvirtProvider {
                     size: i.size.unwrap_or(0),
                 })
                 .collect(),
-            json: j,
+            json: Arc::new(j),
         })
     }
 

@@ -190,7 +190,7 @@ impl Provider for MemoryProvider {
                         size: b.len() as u64,
                     })
                     .collect(),
-                json: json!({ "name": name }),
+                json: Arc::new(json!({ "name": name })),
             })
             .collect())
     }

@@ -55,8 +55,9 @@ pub struct SnapshotInfo {
     pub id: String,
     pub created: SystemTime,
     pub disks: Vec<SnapDisk>,
-    /// The whole `snapshot.json`.
-    pub json: serde_json::Value,
+    /// The whole `snapshot.json` (shared: the info is copied out of the registry on every
+    /// operation below a snapshot).
+    pub json: std::sync::Arc<serde_json::Value>,
 }
 
 /// A launch record: instance `name` was booted from `instance`'s snapshot `snapshot`.

@@ -307,7 +307,7 @@ impl Provider for RbdProvider {
                     target: VOLUME_DISK.into(),
                     size: s.size,
                 }],
-                json: j,
+                json: Arc::new(j),
             });
         }
         Ok(out)

@@ -258,7 +258,7 @@ impl LibvirtProvider {
                 id: id.clone(),
                 created,
                 disks,
-                json: json!({
+                json: Arc::new(json!({
                     "id": id,
                     "name": r.name,
                     "created": crate::provider::rfc3339(created),
@@ -268,7 +268,7 @@ impl LibvirtProvider {
                     "parent": serde_json::Value::Null,
                     "description": serde_json::Value::Null,
                     "disks": disks_json,
-                }),
+                })),
             });
         }
         Ok(out)
