@@ -290,7 +290,6 @@ impl Namespace {
         })
     }
 
-    /// Children of a directory: (file name, kind, inode number it must have, if any).
     /// The attributes of every child of `node` by node id, read in one pass where that is
     /// cheaper than a lookup per name (a guest directory: resolved once, each child's inode
     /// read directly). Empty where there is no such shortcut or it failed; callers then look
@@ -302,6 +301,7 @@ impl Namespace {
         }
     }
 
+    /// Children of a directory: (file name, kind, inode number it must have, if any).
     pub fn list(&self, node: &Node) -> Result<Vec<(String, Kind, Option<u64>)>> {
         let dirs = |names: &mut dyn Iterator<Item = &String>| -> Vec<(String, Kind, Option<u64>)> {
             names
