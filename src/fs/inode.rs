@@ -5,20 +5,27 @@
 //! the kernel never confuses the two. Numbers are never reused.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 pub const ROOT: u64 = 1;
 
+/// One path component. Paths share their components: a child's path is its parent's
+/// components (reference-counted, not copied) and its own name.
+pub type Name = Arc<str>;
+/// A path, stored once and shared by both maps (and handed out without copying).
+pub type Path = Arc<[Name]>;
+
 struct Entry {
-    path: Vec<String>,
+    path: Path,
     /// Other paths bound to this inode (hard links inside a guest filesystem).
-    aliases: Vec<Vec<String>>,
+    aliases: Vec<Path>,
     lookups: u64,
     /// False once removed or renamed away: only the kernel's references keep it.
     linked: bool,
 }
 
 pub struct InodeTable {
-    by_path: HashMap<Vec<String>, u64>,
+    by_path: HashMap<Path, u64>,
     entries: HashMap<u64, Entry>,
     next: u64,
 }
@@ -33,29 +40,30 @@ impl Default for InodeTable {
         t.entries.insert(
             ROOT,
             Entry {
-                path: Vec::new(),
+                path: Path::from([]),
                 aliases: Vec::new(),
                 lookups: 1,
                 linked: true,
             },
         );
-        t.by_path.insert(Vec::new(), ROOT);
+        t.by_path.insert(Path::from([]), ROOT);
         t
     }
 }
 
 impl InodeTable {
-    pub fn path(&self, ino: u64) -> Option<&[String]> {
-        self.entries.get(&ino).map(|e| e.path.as_slice())
+    pub fn path(&self, ino: u64) -> Option<Path> {
+        self.entries.get(&ino).map(|e| e.path.clone())
     }
 
     /// The inode for `path`, creating it if new; `count` adds a kernel lookup reference.
-    pub fn get_or_insert(&mut self, path: Vec<String>, count: bool) -> u64 {
-        let ino = match self.by_path.get(&path) {
+    pub fn get_or_insert(&mut self, path: Vec<Name>, count: bool) -> u64 {
+        let ino = match self.by_path.get(path.as_slice()) {
             Some(&ino) => ino,
             None => {
                 let ino = self.next;
                 self.next += 1;
+                let path = Path::from(path);
                 self.by_path.insert(path.clone(), ino);
                 self.entries.insert(
                     ino,
@@ -80,10 +88,11 @@ impl InodeTable {
     /// Like `get_or_insert`, but the inode number is chosen by the caller (`want`, derived
     /// from a guest inode number): two paths with the same `want` share one inode, as hard
     /// links do. The caller keeps such numbers out of the counter's range.
-    pub fn get_or_insert_pinned(&mut self, path: Vec<String>, want: u64, count: bool) -> u64 {
-        let ino = match self.by_path.get(&path) {
+    pub fn get_or_insert_pinned(&mut self, path: Vec<Name>, want: u64, count: bool) -> u64 {
+        let ino = match self.by_path.get(path.as_slice()) {
             Some(&ino) => ino,
             None => {
+                let path = Path::from(path);
                 match self.entries.get_mut(&want) {
                     Some(e) => e.aliases.push(path.clone()),
                     None => {
@@ -118,7 +127,7 @@ impl InodeTable {
     }
 
     /// The inode already bound to `path`, if any (no new reference).
-    pub fn find(&self, path: &[String]) -> Option<u64> {
+    pub fn find(&self, path: &[Name]) -> Option<u64> {
         self.by_path.get(path).copied()
     }
 
@@ -144,8 +153,8 @@ impl InodeTable {
     }
 
     /// `path` and everything below it were removed.
-    pub fn unlink(&mut self, path: &[String]) {
-        let gone: Vec<Vec<String>> = self
+    pub fn unlink(&mut self, path: &[Name]) {
+        let gone: Vec<Path> = self
             .by_path
             .keys()
             .filter(|p| p.starts_with(path))
@@ -161,9 +170,9 @@ impl InodeTable {
     }
 
     /// `from` (and everything below it) is now called `to`; the kernel keeps its inodes.
-    pub fn rename(&mut self, from: &[String], to: &[String]) {
+    pub fn rename(&mut self, from: &[Name], to: &[Name]) {
         self.unlink(to);
-        let moved: Vec<(Vec<String>, u64)> = self
+        let moved: Vec<(Path, u64)> = self
             .by_path
             .iter()
             .filter(|(p, _)| p.starts_with(from))
@@ -173,6 +182,7 @@ impl InodeTable {
             self.by_path.remove(&old);
             let mut new = to.to_vec();
             new.extend_from_slice(&old[from.len()..]);
+            let new = Path::from(new);
             if let Some(e) = self.entries.get_mut(&ino) {
                 e.path = new.clone();
             }
@@ -190,8 +200,8 @@ impl InodeTable {
 mod tests {
     use super::*;
 
-    fn p(s: &str) -> Vec<String> {
-        s.split('/').map(String::from).collect()
+    fn p(s: &str) -> Vec<Name> {
+        s.split('/').map(Name::from).collect()
     }
 
     #[test]
@@ -200,7 +210,7 @@ mod tests {
         let a = t.get_or_insert(p("volumes/x"), true);
         assert_eq!(t.get_or_insert(p("volumes/x"), true), a);
         t.forget(a, 1);
-        assert_eq!(t.path(a), Some(p("volumes/x").as_slice()));
+        assert_eq!(t.path(a).as_deref(), Some(p("volumes/x").as_slice()));
         t.forget(a, 1);
         assert_eq!(t.path(a), None);
         assert_eq!(t.count(), 1);
@@ -246,7 +256,10 @@ mod tests {
         let f = t.get_or_insert(p("v/.snapshots/a/disk.raw"), true);
         t.rename(&p("v/.snapshots/a"), &p("v/.snapshots/b"));
         assert_eq!(t.find(&p("v/.snapshots/b")), Some(a));
-        assert_eq!(t.path(f), Some(p("v/.snapshots/b/disk.raw").as_slice()));
+        assert_eq!(
+            t.path(f).as_deref(),
+            Some(p("v/.snapshots/b/disk.raw").as_slice())
+        );
         assert_eq!(t.find(&p("v/.snapshots/a")), None);
     }
 }

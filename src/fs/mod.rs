@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::image::ExtentKind;
 use crate::namespace::registry::lock;
 use crate::namespace::{Content, Kind, Namespace, Node, Stat};
-use inode::{InodeTable, ROOT};
+use inode::{InodeTable, Name, Path, ROOT};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Attr {
@@ -52,7 +52,7 @@ pub enum Whence {
 pub struct DirListing {
     pub entries: Vec<DirEntry>,
     ino: u64,
-    path: Vec<String>,
+    path: Path,
     stats: OnceLock<HashMap<u64, Stat>>,
 }
 
@@ -102,23 +102,22 @@ impl SnapFs {
         &self.ns
     }
 
-    fn path(&self, ino: u64) -> Result<Vec<String>> {
+    fn path(&self, ino: u64) -> Result<Path> {
         lock(&self.inodes)
             .path(ino)
-            .map(<[String]>::to_vec)
             .ok_or_else(|| Error::NotFound(format!("inode {ino}")))
     }
 
-    fn child(&self, parent: u64, name: &str) -> Result<Vec<String>> {
+    fn child(&self, parent: u64, name: &str) -> Result<Vec<Name>> {
         if name.is_empty() || name == "." || name == ".." || name.contains('/') {
             return Err(Error::Invalid(format!("name {name:?}")));
         }
-        let mut p = self.path(parent)?;
-        p.push(name.to_string());
+        let mut p = self.path(parent)?.to_vec();
+        p.push(Name::from(name));
         Ok(p)
     }
 
-    fn node(path: &[String]) -> Result<Node> {
+    fn node(path: &[Name]) -> Result<Node> {
         Node::parse(path).ok_or_else(|| Error::NotFound(path.join("/")))
     }
 
@@ -136,7 +135,7 @@ impl SnapFs {
         }
     }
 
-    fn stat_path(&self, path: &[String]) -> Result<Stat> {
+    fn stat_path(&self, path: &[Name]) -> Result<Stat> {
         self.ns.stat(&Self::node(path)?)
     }
 
@@ -198,8 +197,8 @@ impl SnapFs {
                 let child = match want {
                     Some(w) => w,
                     None => {
-                        let mut p = path.clone();
-                        p.push(name.clone());
+                        let mut p = path.to_vec();
+                        p.push(Name::from(name.as_str()));
                         inodes.get_or_insert(p, false)
                     }
                 };
@@ -240,8 +239,8 @@ impl SnapFs {
         });
         match stats.get(&e.ino) {
             Some(stat) => {
-                let mut p = dir.path.clone();
-                p.push(e.name.clone());
+                let mut p = dir.path.to_vec();
+                p.push(Name::from(e.name.as_str()));
                 let ino = lock(&self.inodes).get_or_insert_pinned(p, e.ino, true);
                 Ok(self.attr(ino, *stat))
             }
@@ -253,8 +252,8 @@ impl SnapFs {
     /// type (counted as a lookup like [`SnapFs::listed_attr`]). Sent with no validity, so the
     /// kernel asks again at once and the path itself gives the error, as with readdir.
     pub fn placeholder_attr(&self, dir: &DirListing, e: &DirEntry) -> Attr {
-        let mut p = dir.path.clone();
-        p.push(e.name.clone());
+        let mut p = dir.path.to_vec();
+        p.push(Name::from(e.name.as_str()));
         let ino = lock(&self.inodes).get_or_insert_pinned(p, e.ino, true);
         self.attr(
             ino,
@@ -477,7 +476,7 @@ impl SnapFs {
     /// The refusal for create, mknod, link, setattr, setxattr… on `ino` (or `parent/name`).
     pub fn refuse(&self, ino: u64, name: Option<&str>, what: &str) -> Error {
         let path = match name {
-            Some(n) => self.child(ino, n),
+            Some(n) => self.child(ino, n).map(Path::from),
             None => self.path(ino),
         };
         match path {

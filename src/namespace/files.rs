@@ -131,8 +131,9 @@ fn guest_name(name: &[u8]) -> Option<String> {
 pub struct FilesCache {
     volumes: lru::LruCache<String, Arc<Volume>>,
     partitions: lru::LruCache<String, Arc<Vec<Partition>>>,
-    /// Guest path → guest inode, so deep lookups do not walk from the root every time.
-    paths: lru::LruCache<String, u64>,
+    /// (volume number, guest path) → guest inode, so deep lookups do not walk from the root
+    /// every time.
+    paths: lru::LruCache<(u16, String), u64>,
     /// A small, stable number per opened volume key, for node ids.
     numbers: HashMap<String, u16>,
 }
@@ -207,8 +208,24 @@ impl Namespace {
     ) -> Result<(Arc<Volume>, u16)> {
         let number = {
             let mut c = lock(&self.files);
-            let next = c.numbers.len() as u16;
-            *c.numbers.entry(key.to_string()).or_insert(next)
+            match c.numbers.get(key) {
+                Some(&n) => n,
+                None => {
+                    // Node ids hold the number in 16 bits: refuse rather than let two
+                    // volumes share ids (a daemon would need 65,535 distinct snapshot
+                    // partitions opened since it was mounted).
+                    let next = u16::try_from(c.numbers.len())
+                        .ok()
+                        .filter(|&n| n < u16::MAX)
+                        .ok_or_else(|| {
+                            Error::Busy(
+                                "65,535 guest volumes opened since mount: unmount and mount again to open more".into(),
+                            )
+                        })?;
+                    c.numbers.insert(key.to_string(), next);
+                    next
+                }
+            }
         };
         if let Some(v) = lock(&self.files).volumes.get(key) {
             return Ok((v.clone(), number));
@@ -321,7 +338,7 @@ impl Namespace {
         {
             let mut c = lock(&self.files);
             for i in (1..=rest.len()).rev() {
-                if let Some(&cached) = c.paths.get(&format!("{key}\0{}", rest[..i].join("/"))) {
+                if let Some(&cached) = c.paths.get(&(number, rest[..i].join("/"))) {
                     ino = cached;
                     start = i;
                     break;
@@ -338,7 +355,7 @@ impl Namespace {
             found = Some(s);
             lock(&self.files)
                 .paths
-                .put(format!("{key}\0{}", rest[..=i].join("/")), ino);
+                .put((number, rest[..=i].join("/")), ino);
         }
         let stat = match found {
             Some(s) => s,

@@ -55,8 +55,8 @@ pub enum Node {
 }
 
 impl Node {
-    pub fn parse(path: &[String]) -> Option<Node> {
-        let p: Vec<&str> = path.iter().map(String::as_str).collect();
+    pub fn parse<S: AsRef<str>>(path: &[S]) -> Option<Node> {
+        let p: Vec<&str> = path.iter().map(AsRef::as_ref).collect();
         Some(match p.as_slice() {
             [] => Node::Root,
             [INSTANCES] => Node::Instances,
