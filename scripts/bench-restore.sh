@@ -28,7 +28,8 @@
 #                disk too), and with only the image dropped from the page cache (`dd
 #                iflag=nocache count=0`), the programs cached as on a host that runs them daily;
 #                both on a new mount with nothing parsed (guestmount: the first only, its
-#                appliance boot is the same either way)
+#                appliance boot is the same either way). snapfs and 7-Zip: median of 3 runs
+#                for this and the two listing rows (guestmount: 1 run)
 #   list root    `find ROOT | wc -l` (7zz: `7zz l`), entry counts printed alongside
 #   list + attrs `find ROOT -printf '%y %s %T@ %p\n' | wc -l`: type, size and mtime of every
 #                entry, which is what `7zz l` prints (so its column repeats the row above)
@@ -189,6 +190,7 @@ for c in snapfs gm 7z; do for r in ttfb ttfbw list lista nlist mbs small meta me
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 mbs() { awk -v s="$1" -v t="$2" 'BEGIN { printf "%.1f\n", s / t / 1e6 }'; }
 BIG_RUNS=3
+RUNS=3        # the timed rows of snapfs and 7-Zip: median of this many cold runs
 copy_big() {  # SRC DST RUNS -> MB/s, median of RUNS cold copies (the rates are noisy here)
   local t0 t1 sz i
   for (( i = 0; i < $3; i++ )); do
@@ -229,29 +231,37 @@ snapfs_unmount() {
 }
 snapfs_mount() {
   timeout 120 "$SNAPFS" mount --images "$POOLDIR" --state-dir "$STATE" "$MNT" >"$SHM/snapfs.mount.log" 2>&1 \
-    || { log "snapfs mount failed: $(tail -3 "$SHM/snapfs.mount.log")"; return 1; }
+    || { log "snapfs mount failed: $(tail -3 "$SHM/snapfs.mount.log")" >&2; return 1; }
   SNAPFS_MOUNTED=1
 }
+# One cold start of snapfs: unmount, prepare the caches with "$1" (drop: everything; evict:
+# the image only), then time mount + first byte -> seconds. Leaves it mounted.
+snapfs_first_byte() {
+  local t0 t1 r=$1
+  snapfs_unmount
+  if [[ $2 == drop ]]; then drop; else sync; evict "$IMG"; fi
+  t0=$(now)
+  snapfs_mount || return 1
+  timeout 60 head -c1 "$r/$SMALL_FILE" >/dev/null
+  t1=$(now); elapsed "$t0" "$t1"
+}
+# One cold listing on a new mount (the first byte read first, as above): ARGS to find.
+snapfs_list() {
+  local t0 t1 r=$1; shift
+  snapfs_unmount; snapfs_mount || return 1
+  timeout 60 head -c1 "$r/$SMALL_FILE" >/dev/null
+  drop; t0=$(now); timeout 600 find "$r" "$@" | wc -l >/dev/null; t1=$(now); elapsed "$t0" "$t1"
+}
 run_snapfs() {
-  local t0 t1 r pid
+  local r pid i
   r=$MNT/volumes/pool/bench.qcow2/.snapshots/bench/files/p1
-  snapfs_unmount
-  drop; t0=$(now)
-  snapfs_mount || return
-  timeout 60 head -c1 "$r/$SMALL_FILE" >/dev/null
-  t1=$(now); R[snapfs.ttfb]=$(elapsed "$t0" "$t1")
-  # again on a new mount, with only the image evicted (the program is cached now)
-  snapfs_unmount
-  sync; evict "$IMG"; t0=$(now)
-  snapfs_mount || return
-  timeout 60 head -c1 "$r/$SMALL_FILE" >/dev/null
-  t1=$(now); R[snapfs.ttfbw]=$(elapsed "$t0" "$t1")
+  R[snapfs.ttfb]=$(for (( i = 0; i < RUNS; i++ )); do snapfs_first_byte "$r" drop; echo; done | median)
+  R[snapfs.ttfbw]=$(for (( i = 0; i < RUNS; i++ )); do snapfs_first_byte "$r" evict; echo; done | median)
+  mountpoint -q "$MNT" || { log "snapfs mount failed: $(tail -3 "$SHM/snapfs.mount.log")"; return; }
   log "snapfs: $("$SNAPFS" --version 2>/dev/null | head -1)"
-  drop; t0=$(now); R[snapfs.nlist]=$(timeout 600 find "$r" | wc -l); t1=$(now); R[snapfs.list]=$(elapsed "$t0" "$t1")
-  # the listing with attributes on a new mount too, so it starts as cold as the one above
-  snapfs_unmount; snapfs_mount || return
-  timeout 60 head -c1 "$r/$SMALL_FILE" >/dev/null
-  drop; t0=$(now); timeout 600 find "$r" -printf '%y %s %T@ %p\n' | wc -l >/dev/null; t1=$(now); R[snapfs.lista]=$(elapsed "$t0" "$t1")
+  R[snapfs.nlist]=$(find "$r" | wc -l)
+  R[snapfs.list]=$(for (( i = 0; i < RUNS; i++ )); do snapfs_list "$r"; echo; done | median)
+  R[snapfs.lista]=$(for (( i = 0; i < RUNS; i++ )); do snapfs_list "$r" -printf '%y %s %T@ %p\n'; echo; done | median)
   # once mounted, the daemon is the only process left with these arguments
   pid=$(pgrep -n -f "snapfs mount.*$MNT" || true)
   R[snapfs.mbs]=$(copy_big "$r/bench/big.bin" "$SHM/big.bin" "$BIG_RUNS")
@@ -295,14 +305,19 @@ run_7z() {
   local t0 t1 out sz i
   if ! command -v 7zz >/dev/null; then Z_NOTE="7zz not installed (apt-get install 7zip)"; return; fi
   local T=-text.gpt.qcow    # qcow2 -> GPT -> ext (one partition)
-  drop; t0=$(now)
-  timeout 120 7zz e -so "$T" "$IMG" "$SMALL_FILE" 2>/dev/null | head -c1 >/dev/null
-  t1=$(now); R[7z.ttfb]=$(elapsed "$t0" "$t1")
-  sync; evict "$IMG"; t0=$(now)
-  timeout 120 7zz e -so "$T" "$IMG" "$SMALL_FILE" 2>/dev/null | head -c1 >/dev/null
-  t1=$(now); R[7z.ttfbw]=$(elapsed "$t0" "$t1")
+  z_first_byte() {  # drop|evict -> seconds
+    if [[ $1 == drop ]]; then drop; else sync; evict "$IMG"; fi
+    t0=$(now)
+    timeout 120 7zz e -so "$T" "$IMG" "$SMALL_FILE" 2>/dev/null | head -c1 >/dev/null
+    t1=$(now); elapsed "$t0" "$t1"
+  }
+  R[7z.ttfb]=$(for (( i = 0; i < RUNS; i++ )); do z_first_byte drop; echo; done | median)
+  R[7z.ttfbw]=$(for (( i = 0; i < RUNS; i++ )); do z_first_byte evict; echo; done | median)
   Z_NOTE="7zz: $(7zz 2>/dev/null | grep -m1 '7-Zip')"
-  drop; t0=$(now); out=$(timeout 600 7zz l "$T" "$IMG"); t1=$(now); R[7z.list]=$(elapsed "$t0" "$t1")
+  R[7z.list]=$(for (( i = 0; i < RUNS; i++ )); do
+      drop; t0=$(now); timeout 600 7zz l "$T" "$IMG" >/dev/null; t1=$(now); elapsed "$t0" "$t1"; echo
+    done | median)
+  out=$(timeout 600 7zz l "$T" "$IMG")
   # summary line: "... N files, M folders"
   R[7z.lista]=${R[7z.list]}
   R[7z.nlist]=$(tail -n 5 <<<"$out" | sed -n 's/.* \([0-9]*\) files, \([0-9]*\) folders.*/\1 \2/p' | awk '{print $1 + $2}')
