@@ -134,6 +134,13 @@ fn ext4_partition_matches_its_source_tree() {
     }
 }
 
+/// `raw` converted to the qcow2 `img`, with an internal snapshot `s` of it.
+fn qcow2_with_snapshot(raw: &Path, img: &Path) {
+    let (raw, img) = (raw.to_str().unwrap(), img.to_str().unwrap());
+    qemu_img(&["convert", "-O", "qcow2", raw, img]);
+    qemu_img(&["snapshot", "-c", "s", img]);
+}
+
 /// The images of scripts/make-fs-images.sh (shared with tests/restore.rs through its `.done`).
 fn fs_images() -> PathBuf {
     fs_images_in(&PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fs-images"))
@@ -191,15 +198,10 @@ fn every_guest_filesystem_through_the_mount() {
     let pool = t.path().join("guests");
     fs::create_dir(&pool).unwrap();
     for disk in ["gpt", "mbr", "lvm", "whole", "crash-ext3", "ntfs512"] {
-        let q = pool.join(format!("{disk}.qcow2"));
-        qemu_img(&[
-            "convert",
-            "-O",
-            "qcow2",
-            imgs.join(format!("{disk}.raw")).to_str().unwrap(),
-            q.to_str().unwrap(),
-        ]);
-        qemu_img(&["snapshot", "-c", "s", q.to_str().unwrap()]);
+        qcow2_with_snapshot(
+            &imgs.join(format!("{disk}.raw")),
+            &pool.join(format!("{disk}.qcow2")),
+        );
     }
     let m = Mount::new(&pool);
     let files = |disk: &str| m.snap(&format!("{disk}.qcow2"), "s").join("files");
@@ -294,15 +296,7 @@ fn non_utf8_guest_names_survive_byte_for_byte() {
         .arg(&raw));
     let pool = t.path().join("pool");
     fs::create_dir(&pool).unwrap();
-    let img = pool.join("names.qcow2");
-    qemu_img(&[
-        "convert",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        img.to_str().unwrap(),
-    ]);
-    qemu_img(&["snapshot", "-c", "s", img.to_str().unwrap()]);
+    qcow2_with_snapshot(&raw, &pool.join("names.qcow2"));
 
     let m = Mount::new(&pool);
     let snaps = m.vol("names.qcow2").join(".snapshots");
@@ -364,15 +358,7 @@ fn unreadable_inode_is_listed_and_fails_alone() {
     run(Command::new("debugfs")
         .args(["-w", "-R", "clri b.txt"])
         .arg(&raw));
-    let img = images.join("clri.qcow2");
-    qemu_img(&[
-        "convert",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        img.to_str().unwrap(),
-    ]);
-    qemu_img(&["snapshot", "-c", "s", img.to_str().unwrap()]);
+    qcow2_with_snapshot(&raw, &images.join("clri.qcow2"));
     for args in [&["--readdirplus"][..], &[][..]] {
         let m = Mount::with_args(&images, args);
         let root = m.snap("clri.qcow2", "s").join("files/whole");
