@@ -12,7 +12,8 @@
 use std::ffi::{c_void, CStr, CString};
 
 /// See the module documentation. Used as
-/// `dl_api! { "libfoo.so.1" { fn foo(a: c_int) -> c_int = -1; fn bar(p: *mut c_void); } … }`.
+/// `dl_api! { "libfoo.so.1" => { fn foo(a: c_int) -> c_int = -1; fn bar(p: *mut c_void); } … }`
+/// (the library names may be constants).
 macro_rules! dl_api {
     ($( $lib:expr => { $( fn $name:ident ( $($arg:ident : $ty:ty),* ) $(-> $ret:ty = $def:expr)? ; )* } )*) => {
         struct Api {
