@@ -119,13 +119,6 @@ impl InodeTable {
         ino
     }
 
-    /// The kernel took one more reference to an inode it was handed (readdirplus).
-    pub fn add_lookup(&mut self, ino: u64) {
-        if let Some(e) = self.entries.get_mut(&ino) {
-            e.lookups += 1;
-        }
-    }
-
     /// The inode already bound to `path`, if any (no new reference).
     pub fn find(&self, path: &[Name]) -> Option<u64> {
         self.by_path.get(path).copied()

@@ -154,11 +154,6 @@ impl SnapFs {
         lock(&self.inodes).forget(ino, n);
     }
 
-    /// A readdirplus entry was handed to the kernel: that counts as a lookup.
-    pub fn count_lookup(&self, ino: u64) {
-        lock(&self.inodes).add_lookup(ino);
-    }
-
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
         let path = self.path(ino)?;
         Ok(self.attr(ino, self.stat_path(&path)?))
@@ -238,25 +233,25 @@ impl SnapFs {
             Err(_) => HashMap::new(),
         });
         match stats.get(&e.ino) {
-            Some(stat) => {
-                let mut p = dir.path.to_vec();
-                p.push(Name::from(e.name.as_str()));
-                let ino = lock(&self.inodes).get_or_insert_pinned(p, e.ino, true);
-                Ok(self.attr(ino, *stat))
-            }
+            Some(stat) => Ok(self.attr(self.enter_listed(dir, e), *stat)),
             None => self.lookup(dir.ino, &e.name),
         }
+    }
+
+    /// Enter entry `e` of `dir` in the inode table with one kernel reference (its number is
+    /// the one the listing showed).
+    fn enter_listed(&self, dir: &DirListing, e: &DirEntry) -> u64 {
+        let mut p = dir.path.to_vec();
+        p.push(Name::from(e.name.as_str()));
+        lock(&self.inodes).get_or_insert_pinned(p, e.ino, true)
     }
 
     /// For readdirplus, an entry whose attributes cannot be read: still listed, with only its
     /// type (counted as a lookup like [`SnapFs::listed_attr`]). Sent with no validity, so the
     /// kernel asks again at once and the path itself gives the error, as with readdir.
     pub fn placeholder_attr(&self, dir: &DirListing, e: &DirEntry) -> Attr {
-        let mut p = dir.path.to_vec();
-        p.push(Name::from(e.name.as_str()));
-        let ino = lock(&self.inodes).get_or_insert_pinned(p, e.ino, true);
         self.attr(
-            ino,
+            self.enter_listed(dir, e),
             Stat::new(e.kind, 0, 0, std::time::SystemTime::UNIX_EPOCH, 0),
         )
     }
