@@ -1007,39 +1007,38 @@ impl Provider for LibvirtProvider {
                 }
             }
         };
-        let mut edits = Vec::new();
-        for i in &images {
+        // Each disk's new image: an overlay on the snapshot, or, for an internal snapshot (no
+        // overlay can be backed by one), a sparse raw copy of it written from our own reader.
+        let make = |i: &SnapImage| -> Result<(PathBuf, &'static str)> {
             let dir = i.path.parent().unwrap_or(Path::new("/"));
             if let Some(internal) = &i.internal {
-                // No overlay can be backed by an internal snapshot: the clone gets a sparse raw
-                // copy of it, written from our own reader.
                 let copy = fresh_image_path(dir, new, "launch", &i.target, "raw")?;
                 // copy_sparse removes its own file when it fails.
-                let made = image::open(&i.path, Some(i.format), Some(internal), &self.cache)
-                    .and_then(|img| image::copy_sparse(img.as_ref(), &copy));
-                if let Err(e) = made {
-                    cleanup(&created);
-                    return Err(e);
-                }
-                created.push(copy.clone());
-                edits.push(xml::DiskEdit {
-                    target: i.target.clone(),
-                    source: xml::NewSource::File(copy, "raw"),
-                });
-                continue;
+                image::open(&i.path, Some(i.format), Some(internal), &self.cache)
+                    .and_then(|img| image::copy_sparse(img.as_ref(), &copy))?;
+                return Ok((copy, "raw"));
             }
             let overlay = fresh_image_path(dir, new, "launch", &i.target, "qcow2")?;
             let size = i.size.ok_or_else(|| {
                 Error::Backend(format!("cannot read the size of {}", i.path.display()))
             })?;
-            if let Err(e) = self.qemu_img_create_overlay(&overlay, &i.path, i.format, size) {
-                cleanup(&created);
-                return Err(e);
-            }
-            created.push(overlay.clone());
+            self.qemu_img_create_overlay(&overlay, &i.path, i.format, size)?;
+            Ok((overlay, "qcow2"))
+        };
+        let mut edits = Vec::new();
+        for i in &images {
+            // Any failure removes what the earlier disks got.
+            let (file, format) = match make(i) {
+                Ok(made) => made,
+                Err(e) => {
+                    cleanup(&created);
+                    return Err(e);
+                }
+            };
+            created.push(file.clone());
             edits.push(xml::DiskEdit {
                 target: i.target.clone(),
-                source: xml::NewSource::File(overlay, "qcow2"),
+                source: xml::NewSource::File(file, format),
             });
         }
         let result = self.define_and_start(&src, new, instance, snapshot, &edits);
