@@ -24,12 +24,15 @@ macro_rules! dl_api {
             /// SAFETY: the signatures must match the C headers; the libraries stay loaded for
             /// the life of the process (never `dlclose`d).
             unsafe fn resolve() -> std::result::Result<Api, String> {
-                Ok(Api {
-                    $($( $name: {
-                        let f = $crate::dl::symbol($crate::dl::open_library($lib)?, stringify!($name))?;
-                        std::mem::transmute::<*mut std::ffi::c_void, unsafe extern "C" fn($($ty),*) $(-> $ret)?>(f)
-                    }, )*)*
-                })
+                $(
+                    let lib = $crate::dl::open_library($lib)?;
+                    $(
+                        let $name = std::mem::transmute::<*mut std::ffi::c_void, unsafe extern "C" fn($($ty),*) $(-> $ret)?>(
+                            $crate::dl::symbol(lib, stringify!($name))?,
+                        );
+                    )*
+                )*
+                Ok(Api { $($( $name, )*)* })
             }
         }
 
@@ -58,7 +61,7 @@ macro_rules! dl_api {
 }
 pub(crate) use dl_api;
 
-/// `dlopen` a library by soname (a second call for the same library returns the same handle).
+/// `dlopen` a library by soname.
 ///
 /// # Safety
 /// Loading a library runs its initialisers.
