@@ -418,8 +418,9 @@ impl Namespace {
                 if stat.kind != FileKind::Dir {
                     return Err(Error::NotDir(p.rest.join("/")));
                 }
-                Ok(fs
-                    .readdir(stat.ino)?
+                let list = fs.readdir(stat.ino)?;
+                self.prefetch.dirs(&fs, restore::subdirs(&list).into_iter());
+                Ok(list
                     .into_iter()
                     .filter_map(|(name, ino, k)| {
                         guest_name(&name).map(|n| (n, k, guest_node_id(vol, ino)))

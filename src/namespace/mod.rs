@@ -200,6 +200,8 @@ pub struct Namespace {
     /// Owners with a snapshot operation under way: a second one is EBUSY.
     busy: Mutex<HashSet<Owner>>,
     files: Mutex<FilesCache>,
+    /// Reads the subdirectories of listed guest directories ahead.
+    prefetch: crate::restore::prefetch::Prefetcher,
 }
 
 /// Releases an owner's busy mark on every way out.
@@ -228,6 +230,7 @@ impl Namespace {
             )),
             busy: Mutex::new(HashSet::new()),
             files: Mutex::new(FilesCache::new(32)),
+            prefetch: Default::default(),
         }
     }
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use super::bytes::{le16, le32, sub, u8at};
-use super::{human_size, Dev, FileKind, FileStat, GuestFs};
+use super::{human_size, Dev, DirCache, DirList, FileKind, FileStat, GuestFs};
 use crate::error::{Error, Result};
 
 const ROOT: u64 = 1;
@@ -31,8 +31,6 @@ enum Kind {
     Fat32,
 }
 
-type DirList = Arc<Vec<(Vec<u8>, u64, FileKind)>>;
-
 pub struct FatFs {
     dev: Dev,
     kind: Kind,
@@ -48,7 +46,7 @@ pub struct FatFs {
     root_cluster: u32,
     label: String,
     chains: Mutex<HashMap<u32, Arc<Vec<u32>>>>,
-    dirs: Mutex<HashMap<u64, DirList>>,
+    dirs: Mutex<DirCache>,
 }
 
 /// A short directory entry and where it is.
@@ -173,7 +171,7 @@ impl FatFs {
             root_cluster,
             label,
             chains: Mutex::new(HashMap::new()),
-            dirs: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(DirCache::default()),
             dev,
         };
         if kind == Kind::Fat32 && !(2..=max_cluster).contains(&root_cluster) {
@@ -300,7 +298,7 @@ impl FatFs {
     }
 
     fn dir_entries(&self, ino: u64) -> Result<DirList> {
-        if let Ok(c) = self.dirs.lock() {
+        if let Ok(mut c) = self.dirs.lock() {
             if let Some(d) = c.get(&ino) {
                 return Ok(d.clone());
             }
@@ -378,10 +376,7 @@ impl FatFs {
         }
         let list = Arc::new(out);
         if let Ok(mut c) = self.dirs.lock() {
-            if c.len() >= CHAIN_CACHE {
-                c.clear();
-            }
-            c.insert(ino, list.clone());
+            c.put(ino, list.clone());
         }
         Ok(list)
     }
@@ -538,6 +533,12 @@ impl GuestFs for FatFs {
 
     fn readdir(&self, dir: u64) -> Result<Vec<(Vec<u8>, u64, FileKind)>> {
         Ok(self.dir_entries(dir)?.as_ref().clone())
+    }
+
+    fn prefetch_dir(&self, dir: u64) -> Vec<u64> {
+        self.dir_entries(dir)
+            .map(|l| super::subdirs(&l))
+            .unwrap_or_default()
     }
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {

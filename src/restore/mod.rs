@@ -11,6 +11,7 @@ pub mod lvm;
 pub mod lznt1;
 pub mod ntfs;
 pub mod partition;
+pub mod prefetch;
 pub mod probe;
 pub mod slice;
 pub mod xfs;
@@ -68,6 +69,12 @@ pub trait GuestFs: Send + Sync {
     fn readlink(&self, ino: u64) -> Result<Vec<u8>>;
     /// Names as Linux shows them: `user.x`, `security.selinux`, `trusted.x`, `system.posix_acl_access`.
     fn xattrs(&self, ino: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+    /// Read directory `dir` into whatever caches serve [`GuestFs::readdir`] and lookups in it,
+    /// for [`prefetch::Prefetcher`]; returns its subdirectories. Errors are left for the real
+    /// request to meet.
+    fn prefetch_dir(&self, dir: u64) -> Vec<u64> {
+        subdirs(&self.readdir(dir).unwrap_or_default())
+    }
     /// Data ranges `(offset, length)` for SEEK_DATA/SEEK_HOLE; `None` = all data.
     fn data_ranges(&self, _ino: u64) -> Result<Option<Vec<(u64, u64)>>> {
         Ok(None)
@@ -85,6 +92,59 @@ pub enum Volume {
     /// An LVM2 physical volume: its logical volumes (shown as `<part>/lvm/<vg>/<lv>/`). Each
     /// readable one has a block image: open it with `open_volume(image, &Partition::whole(..))`.
     Lvm(Vec<lvm::LogicalVolume>),
+}
+
+/// A parsed directory listing: (name, inode, kind), without `.` and `..`.
+pub(crate) type DirList = Arc<Vec<(Vec<u8>, u64, FileKind)>>;
+
+/// Directory listings a reader keeps parsed (ext4, XFS): at most [`DIR_CACHE`] of them holding
+/// at most [`DIR_CACHE_ENTRIES`] entries in all, least recently used dropped first. Big enough
+/// to hold what [`prefetch`] reads ahead before a walker gets there.
+pub(crate) struct DirCache {
+    lru: lru::LruCache<u64, DirList>,
+    entries: usize,
+}
+
+pub(crate) const DIR_CACHE: usize = 1024;
+/// About 64 bytes each with its name: 16 MiB at most per filesystem, whatever its directories.
+pub(crate) const DIR_CACHE_ENTRIES: usize = 256 << 10;
+
+impl Default for DirCache {
+    fn default() -> Self {
+        DirCache {
+            lru: lru::LruCache::unbounded(),
+            entries: 0,
+        }
+    }
+}
+
+impl DirCache {
+    pub(crate) fn get(&mut self, dir: &u64) -> Option<&DirList> {
+        self.lru.get(dir)
+    }
+
+    /// Keep `list`; a listing larger than the whole bound is still kept (alone).
+    pub(crate) fn put(&mut self, dir: u64, list: DirList) {
+        self.entries += list.len();
+        if let Some(old) = self.lru.put(dir, list) {
+            self.entries -= old.len();
+        }
+        while self.lru.len() > 1 && (self.lru.len() > DIR_CACHE || self.entries > DIR_CACHE_ENTRIES)
+        {
+            match self.lru.pop_lru() {
+                Some((_, old)) => self.entries -= old.len(),
+                None => break,
+            }
+        }
+    }
+}
+
+/// The inodes of the directories in a listing.
+pub(crate) fn subdirs(list: &[(Vec<u8>, u64, FileKind)]) -> Vec<u64> {
+    list.iter()
+        .filter(|(_, _, k)| *k == FileKind::Dir)
+        .map(|(_, ino, _)| *ino)
+        .collect()
 }
 
 /// The inode of the entry called exactly `name` in a directory listing.
@@ -222,4 +282,41 @@ pub fn exercise(fs: &dyn GuestFs, max_entries: usize) -> usize {
         }
     }
     seen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(n: usize) -> DirList {
+        Arc::new(
+            (0..n)
+                .map(|i| (vec![b'x'], i as u64, FileKind::File))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn dir_cache_is_bounded_by_count_and_by_entries() {
+        let mut c = DirCache::default();
+        for ino in 0..(DIR_CACHE as u64 + 10) {
+            c.put(ino, list(1));
+        }
+        assert_eq!(c.lru.len(), DIR_CACHE);
+        assert!(c.get(&0).is_none(), "least recently used dropped first");
+        assert!(c.get(&(DIR_CACHE as u64 + 9)).is_some());
+
+        let mut c = DirCache::default();
+        c.put(1, list(DIR_CACHE_ENTRIES / 2));
+        c.put(2, list(DIR_CACHE_ENTRIES / 2));
+        c.put(1, list(DIR_CACHE_ENTRIES / 2)); // replaced, not added
+        assert_eq!(c.entries, DIR_CACHE_ENTRIES);
+        c.put(3, list(10));
+        assert!(c.entries <= DIR_CACHE_ENTRIES);
+        assert!(c.get(&2).is_none() && c.get(&1).is_some() && c.get(&3).is_some());
+        // One listing larger than the bound is still kept (it is being used).
+        c.put(4, list(DIR_CACHE_ENTRIES + 1));
+        assert_eq!(c.lru.len(), 1);
+        assert_eq!(c.entries, DIR_CACHE_ENTRIES + 1);
+    }
 }

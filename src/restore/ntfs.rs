@@ -20,7 +20,9 @@ use ntfs::structured_values::{
 use ntfs::{NtfsAttributeFlags, NtfsAttributeType, NtfsFile, NtfsReadSeek, NtfsTime};
 
 use super::bytes::{le16, le32, le64};
-use super::{human_size, lznt1, unix_time, Dev, FileKind, FileStat, GuestFs, Slice};
+use super::{
+    human_size, lznt1, unix_time, Dev, DirCache, DirList, FileKind, FileStat, GuestFs, Slice,
+};
 use crate::error::{Error, Result};
 
 const ROOT: u64 = 5;
@@ -42,8 +44,6 @@ const IO_REPARSE_TAG_DEDUP: u32 = 0x8000_0013;
 const IO_REPARSE_TAG_WOF: u32 = 0x8000_0017;
 /// Reparse data is at most 16 KiB.
 const MAX_REPARSE: usize = 16 * 1024;
-
-type DirList = Arc<Vec<(Vec<u8>, u64, FileKind)>>;
 
 /// The value of a record's $REPARSE_POINT attribute, if it has one.
 fn reparse_data(fs: &mut Slice, file: &NtfsFile) -> ntfs::Result<Option<Vec<u8>>> {
@@ -183,7 +183,7 @@ pub struct NtfsFs {
     reader: Mutex<Slice>,
     dev: Dev,
     label: String,
-    dirs: Mutex<HashMap<u64, DirList>>,
+    dirs: Mutex<DirCache>,
     data: Mutex<HashMap<u64, Arc<FileData>>>,
     units: Mutex<UnitCache>,
 }
@@ -236,7 +236,7 @@ impl NtfsFs {
             reader: Mutex::new(slice),
             dev,
             label,
-            dirs: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(DirCache::default()),
             data: Mutex::new(HashMap::new()),
             units: Mutex::new(UnitCache::default()),
         })
@@ -547,7 +547,7 @@ impl NtfsFs {
     }
 
     fn dir_entries(&self, dir: u64) -> Result<DirList> {
-        if let Ok(c) = self.dirs.lock() {
+        if let Ok(mut c) = self.dirs.lock() {
             if let Some(d) = c.get(&dir) {
                 return Ok(d.clone());
             }
@@ -599,10 +599,7 @@ impl NtfsFs {
         }
         let list = Arc::new(list);
         if let Ok(mut c) = self.dirs.lock() {
-            if c.len() >= CACHE {
-                c.clear();
-            }
-            c.insert(dir, list.clone());
+            c.put(dir, list.clone());
         }
         Ok(list)
     }
@@ -690,6 +687,12 @@ impl GuestFs for NtfsFs {
 
     fn readdir(&self, dir: u64) -> Result<Vec<(Vec<u8>, u64, FileKind)>> {
         Ok(self.dir_entries(dir)?.as_ref().clone())
+    }
+
+    fn prefetch_dir(&self, dir: u64) -> Vec<u64> {
+        self.dir_entries(dir)
+            .map(|l| super::subdirs(&l))
+            .unwrap_or_default()
     }
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::bytes::{be16, be32, be64, sub, u8at};
-use super::{human_size, unix_time, Dev, FileKind, FileStat, GuestFs};
+use super::{human_size, unix_time, Dev, DirCache, DirList, FileKind, FileStat, GuestFs};
 use crate::error::{Error, Result};
 
 /// Most extents one fork may have (a corrupt count must not make us allocate without bound).
@@ -28,7 +28,6 @@ const FMT_LOCAL: u8 = 1;
 const FMT_EXTENTS: u8 = 2;
 const FMT_BTREE: u8 = 3;
 
-type DirList = Arc<Vec<(Vec<u8>, u64, FileKind)>>;
 /// (flags, name without prefix, value) as stored.
 type RawXattr = (u8, Vec<u8>, Vec<u8>);
 
@@ -56,7 +55,7 @@ pub struct XfsFs {
     dir_bs: u64,
     label: String,
     extents: Mutex<HashMap<u64, Arc<Vec<Extent>>>>,
-    dirs: Mutex<HashMap<u64, DirList>>,
+    dirs: Mutex<DirCache>,
 }
 
 struct Inode {
@@ -218,7 +217,7 @@ impl XfsFs {
             dir_bs: bs << dirblklog,
             label: String::from_utf8_lossy(&name[..end]).into_owned(),
             extents: Mutex::new(HashMap::new()),
-            dirs: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(DirCache::default()),
             dev,
         };
         if be32(&sb, 220) != 0 {
@@ -436,7 +435,7 @@ impl XfsFs {
     }
 
     fn dir_entries(&self, ino: u64) -> Result<DirList> {
-        if let Ok(c) = self.dirs.lock() {
+        if let Ok(mut c) = self.dirs.lock() {
             if let Some(d) = c.get(&ino) {
                 return Ok(d.clone());
             }
@@ -479,10 +478,7 @@ impl XfsFs {
         });
         let list = Arc::new(out);
         if let Ok(mut c) = self.dirs.lock() {
-            if c.len() >= CACHE {
-                c.clear();
-            }
-            c.insert(ino, list.clone());
+            c.put(ino, list.clone());
         }
         Ok(list)
     }
@@ -789,6 +785,12 @@ impl GuestFs for XfsFs {
 
     fn readdir(&self, dir: u64) -> Result<Vec<(Vec<u8>, u64, FileKind)>> {
         Ok(self.dir_entries(dir)?.as_ref().clone())
+    }
+
+    fn prefetch_dir(&self, dir: u64) -> Vec<u64> {
+        self.dir_entries(dir)
+            .map(|l| super::subdirs(&l))
+            .unwrap_or_default()
     }
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
