@@ -21,6 +21,23 @@ use crate::namespace::{names, Kind};
 /// How long the kernel may trust names and attributes. Snapshots do not change, but the
 /// lists of instances, volumes and snapshots can change behind our back.
 const TTL: Duration = Duration::from_secs(1);
+/// The same for guest files ([`crate::namespace::Stat::fixed`]): a walk repeated within it
+/// needs no lookup. Reaching them still goes through the snapshot's own (short-lived) entry,
+/// so a deleted snapshot's files are gone as soon as it is.
+const GUEST_TTL: Duration = Duration::from_secs(3600);
+
+/// Validity of `a`'s attributes and, found in directory `parent`, of its name. A guest file
+/// is cached long only below a guest directory: the name of a filesystem's root (a partition
+/// of a snapshot's disk, looked up in our own directory) must be asked again soon, since a
+/// snapshot taken again under the same name gives it another inode.
+fn ttl(parent: Option<u64>, a: &Attr) -> Duration {
+    let parent_fixed = parent.is_none_or(crate::namespace::files::is_guest_node);
+    if a.stat.fixed() && parent_fixed {
+        GUEST_TTL
+    } else {
+        TTL
+    }
+}
 
 pub struct Fuse {
     fs: SnapFs,
@@ -118,7 +135,7 @@ impl fuser::Filesystem for Fuse {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.fs.lookup(parent.0, &name_str(name)) {
-            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            Ok(a) => reply.entry(&ttl(Some(parent.0), &a), &file_attr(&a), Generation(0)),
             Err(e @ Error::NotFound(_)) => {
                 debug!(op = "lookup", error = %e);
                 reply.error(Errno::ENOENT)
@@ -133,7 +150,7 @@ impl fuser::Filesystem for Fuse {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.fs.getattr(ino.0) {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Ok(a) => reply.attr(&ttl(None, &a), &file_attr(&a)),
             Err(e) => reply_err!(reply, "getattr", e),
         }
     }
@@ -350,7 +367,12 @@ impl fuser::Filesystem for Fuse {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            // A fixed listing stays in the kernel's cache: later opens read it from there.
+            Ok(o) if o.keep_cache => reply.opened(
+                FileHandle(o.fh),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Ok(o) => reply.opened(FileHandle(o.fh), FopenFlags::empty()),
             Err(e) => reply_err!(reply, "opendir", e),
         }
     }
@@ -384,7 +406,7 @@ impl fuser::Filesystem for Fuse {
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
@@ -397,7 +419,7 @@ impl fuser::Filesystem for Fuse {
         for (i, e) in dir.entries.iter().enumerate().skip(start) {
             let dot = e.name == "." || e.name == "..";
             let (attr, ttl) = match self.fs.listed_attr(&dir, e) {
-                Ok(a) => (a, TTL),
+                Ok(a) => (a, ttl(Some(ino.0), &a)),
                 Err(err) if dot => {
                     debug!(op = "readdirplus", name = %e.name, error = %err, "entry skipped");
                     continue;

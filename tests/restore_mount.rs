@@ -378,3 +378,83 @@ fn unreadable_inode_is_listed_and_fails_alone() {
         assert_eq!(ls(&root), names, "{args:?}");
     }
 }
+
+/// Guest files are cached long by the kernel (names, attributes, listings): a snapshot deleted
+/// and taken again under the same name must still show its new files, never the old ones.
+#[test]
+fn a_snapshot_taken_again_under_its_name_shows_its_new_files() {
+    let t = tempfile::Builder::new()
+        .prefix("snapfs-retake")
+        .tempdir()
+        .expect("tempdir");
+    let mkfs = |name: &str, files: &[(&str, &str)]| {
+        let src = t.path().join(name);
+        for (p, body) in files {
+            let f = src.join(p);
+            fs::create_dir_all(f.parent().unwrap()).unwrap();
+            fs::write(f, body).unwrap();
+        }
+        let raw = t.path().join(format!("{name}.raw"));
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&src)
+            .arg(&raw)
+            .arg("8M"));
+        raw
+    };
+    let one = mkfs("one", &[("a.txt", "one\n"), ("d/x", "x\n")]);
+    let two = mkfs(
+        "two",
+        &[("a.txt", "two!\n"), ("b.txt", "b\n"), ("d/y", "y\n")],
+    );
+    let images = t.path().join("images");
+    fs::create_dir(&images).unwrap();
+    let img = images.join("retake.qcow2");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "qcow2",
+        one.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+
+    let m = Mount::new(&images);
+    let snap = m.snap("retake.qcow2", "s");
+    fs::create_dir(&snap).expect("first snapshot");
+    let root = snap.join("files/whole");
+    assert_eq!(ls(&root), ["a.txt", "d", "lost+found"]);
+    assert_eq!(ls(&root.join("d")), ["x"]);
+    assert_eq!(fs::read_to_string(root.join("a.txt")).unwrap(), "one\n");
+    // Twice, so the kernel holds everything cached.
+    assert_eq!(ls(&root.join("d")), ["x"]);
+    let first_ino = fs::metadata(root.join("d")).unwrap().ino();
+
+    // Through the mount: the kernel forgets the old tree with the rmdir.
+    fs::remove_dir(&snap).expect("delete the snapshot");
+    qemu_img(&[
+        "convert",
+        "-n",
+        "-O",
+        "qcow2",
+        two.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    fs::create_dir(&snap).expect("the same name again");
+    assert_eq!(ls(&root), ["a.txt", "b.txt", "d", "lost+found"]);
+    assert_eq!(ls(&root.join("d")), ["y"]);
+    assert_eq!(fs::read_to_string(root.join("a.txt")).unwrap(), "two!\n");
+    assert_eq!(fs::metadata(root.join("a.txt")).unwrap().len(), 5);
+    let second_ino = fs::metadata(root.join("d")).unwrap().ino();
+    assert_ne!(second_ino, first_ino);
+
+    // Behind its back (another tool), once the listings' validity (1 s) has passed.
+    let img_s = img.to_str().unwrap();
+    qemu_img(&["snapshot", "-d", "s", img_s]);
+    qemu_img(&["convert", "-n", "-O", "qcow2", one.to_str().unwrap(), img_s]);
+    qemu_img(&["snapshot", "-c", "s", img_s]);
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    assert_eq!(ls(&root), ["a.txt", "d", "lost+found"]);
+    assert_eq!(ls(&root.join("d")), ["x"]);
+    assert_eq!(fs::read_to_string(root.join("a.txt")).unwrap(), "one\n");
+    assert_ne!(fs::metadata(root.join("d")).unwrap().ino(), second_ino);
+}

@@ -88,7 +88,16 @@ impl InodeTable {
     /// Like `get_or_insert`, but the inode number is chosen by the caller (`want`, derived
     /// from a guest inode number): two paths with the same `want` share one inode, as hard
     /// links do. The caller keeps such numbers out of the counter's range.
+    ///
+    /// A path bound to another number before is bound to `want` now: what it names changed
+    /// identity (a snapshot deleted and taken again under the same name gives its files new
+    /// numbers), and the kernel must see a new inode, not keep the old one's cached pages.
     pub fn get_or_insert_pinned(&mut self, path: Vec<Name>, want: u64, count: bool) -> u64 {
+        if let Some(&old) = self.by_path.get(path.as_slice()) {
+            if old != want {
+                self.unbind(old, &path);
+            }
+        }
         let ino = match self.by_path.get(path.as_slice()) {
             Some(&ino) => ino,
             None => {
@@ -117,6 +126,21 @@ impl InodeTable {
             }
         }
         ino
+    }
+
+    /// `path` no longer names inode `ino` (which keeps the kernel's references).
+    fn unbind(&mut self, ino: u64, path: &[Name]) {
+        self.by_path.remove(path);
+        if let Some(e) = self.entries.get_mut(&ino) {
+            if &*e.path == path {
+                match e.aliases.pop() {
+                    Some(a) => e.path = a,
+                    None => e.linked = false,
+                }
+            } else {
+                e.aliases.retain(|a| &**a != path);
+            }
+        }
     }
 
     /// The inode already bound to `path`, if any (no new reference).
@@ -254,5 +278,27 @@ mod tests {
             Some(p("v/.snapshots/b/disk.raw").as_slice())
         );
         assert_eq!(t.find(&p("v/.snapshots/a")), None);
+    }
+
+    #[test]
+    fn a_pinned_path_that_changes_identity_gets_the_new_number() {
+        let mut t = InodeTable::default();
+        let old = t.get_or_insert_pinned(p("s/files/vda/p1/etc"), 1 << 63 | 5, true);
+        assert_eq!(old, 1 << 63 | 5);
+        // Same path, now pinned to another guest inode (the snapshot was taken again).
+        let new = t.get_or_insert_pinned(p("s/files/vda/p1/etc"), 1 << 63 | 9, true);
+        assert_eq!(new, 1 << 63 | 9);
+        assert_eq!(t.find(&p("s/files/vda/p1/etc")), Some(new));
+        // The old inode lives on for the kernel's reference, bound to no path.
+        assert_eq!(t.count(), 3);
+        t.forget(old, 1);
+        assert_eq!(t.count(), 2);
+        assert_eq!(t.find(&p("s/files/vda/p1/etc")), Some(new));
+        // A hard link that moves away keeps the inode's other name.
+        let a = t.get_or_insert_pinned(p("x/a"), 1 << 63 | 20, true);
+        t.get_or_insert_pinned(p("x/b"), 1 << 63 | 20, true);
+        t.get_or_insert_pinned(p("x/a"), 1 << 63 | 21, true);
+        assert_eq!(t.path(a).as_deref(), Some(&*Path::from(p("x/b"))));
+        assert_eq!(t.find(&p("x/b")), Some(a));
     }
 }

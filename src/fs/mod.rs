@@ -159,7 +159,8 @@ impl SnapFs {
         Ok(self.attr(ino, self.stat_path(&path)?))
     }
 
-    pub fn opendir(&self, ino: u64) -> Result<u64> {
+    /// Opened with `keep_cache` for a guest directory: its listing never changes.
+    pub fn opendir(&self, ino: u64) -> Result<Opened> {
         let path = self.path(ino)?;
         let node = Self::node(&path)?;
         let children = self.ns.list(&node)?;
@@ -204,12 +205,17 @@ impl SnapFs {
                 });
             }
         }
-        Ok(self.new_handle(Handle::Dir(Arc::new(DirListing {
+        let fh = self.new_handle(Handle::Dir(Arc::new(DirListing {
             entries,
             ino,
             path,
             stats: OnceLock::new(),
-        }))))
+        })));
+        Ok(Opened {
+            fh,
+            keep_cache: crate::namespace::files::is_guest_node(ino),
+            direct_io: false,
+        })
     }
 
     /// The listing made at opendir.

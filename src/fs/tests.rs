@@ -24,7 +24,7 @@ fn walk(fs: &SnapFs, path: &str) -> Result<Attr> {
 
 fn names(fs: &SnapFs, path: &str) -> Vec<String> {
     let a = walk(fs, path).expect("walk");
-    let fh = fs.opendir(a.ino).expect("opendir");
+    let fh = fs.opendir(a.ino).expect("opendir").fh;
     let v = fs
         .readdir(fh)
         .expect("readdir")
@@ -246,7 +246,7 @@ fn readdirplus_counts_lookups_without_deadlock() {
     let p = provider();
     let fs = core(p);
     let a = walk(&fs, "instances/web").unwrap();
-    let fh = fs.opendir(a.ino).unwrap();
+    let fh = fs.opendir(a.ino).unwrap().fh;
     let entries = fs.readdir(fh).unwrap();
     let json = entries
         .entries

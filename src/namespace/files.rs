@@ -96,6 +96,11 @@ pub struct GuestFile {
 }
 
 /// The node id for guest inode `ino` of volume number `vol`, when it fits.
+/// A node id of a guest file (see [`Stat::fixed`]).
+pub fn is_guest_node(id: u64) -> bool {
+    id & GUEST_BIT != 0
+}
+
 fn guest_node_id(vol: u16, ino: u64) -> Option<u64> {
     (ino < 1 << GUEST_INO_BITS).then(|| GUEST_BIT | (u64::from(vol) << GUEST_INO_BITS) | ino)
 }

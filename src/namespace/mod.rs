@@ -148,6 +148,12 @@ pub struct Stat {
 }
 
 impl Stat {
+    /// A guest file: its node id is derived from the snapshot's identity and its guest inode,
+    /// so neither it nor (a directory) its entries ever change; the kernel may cache them long.
+    pub fn fixed(&self) -> bool {
+        self.ino.is_some()
+    }
+
     pub fn new(kind: Kind, size: u64, allocated: u64, mtime: SystemTime, perm: u16) -> Stat {
         Stat {
             kind,
