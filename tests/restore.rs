@@ -197,7 +197,7 @@ fn walk_guest(fs: &dyn GuestFs) -> BTreeMap<Vec<u8>, Node> {
     let mut out = BTreeMap::new();
     let mut stack = vec![(Vec::<u8>::new(), fs.root())];
     while let Some((rel, dir)) = stack.pop() {
-        for (name, ino, kind) in fs.readdir(dir).expect("readdir") {
+        for (name, ino, kind) in fs.readdir(dir).expect("readdir").iter().cloned() {
             let mut p = rel.clone();
             if !p.is_empty() {
                 p.push(b'/');

@@ -95,12 +95,12 @@ pub struct GuestFile {
     pub size: u64,
 }
 
-/// The node id for guest inode `ino` of volume number `vol`, when it fits.
 /// A node id of a guest file (see [`Stat::fixed`]).
 pub fn is_guest_node(id: u64) -> bool {
     id & GUEST_BIT != 0
 }
 
+/// The node id for guest inode `ino` of volume number `vol`, when it fits.
 fn guest_node_id(vol: u16, ino: u64) -> Option<u64> {
     (ino < 1 << GUEST_INO_BITS).then(|| GUEST_BIT | (u64::from(vol) << GUEST_INO_BITS) | ino)
 }
@@ -426,9 +426,9 @@ impl Namespace {
                 let list = fs.readdir(stat.ino)?;
                 self.prefetch.dirs(&fs, restore::subdirs(&list).into_iter());
                 Ok(list
-                    .into_iter()
-                    .filter_map(|(name, ino, k)| {
-                        guest_name(&name).map(|n| (n, k, guest_node_id(vol, ino)))
+                    .iter()
+                    .filter_map(|&(ref name, ino, k)| {
+                        guest_name(name).map(|n| (n, k, guest_node_id(vol, ino)))
                     })
                     .collect())
             }
@@ -448,7 +448,7 @@ impl Namespace {
             return Err(Error::NotDir(p.rest.join("/")));
         }
         let mut out = HashMap::new();
-        for (_, ino, _) in fs.readdir(stat.ino)? {
+        for &(_, ino, _) in fs.readdir(stat.ino)?.iter() {
             if let (Some(id), Ok(s)) = (guest_node_id(vol, ino), fs.stat(ino)) {
                 out.insert(id, guest_stat(&s, vol));
             }

@@ -61,8 +61,8 @@ pub trait GuestFs: Send + Sync {
     fn stat(&self, ino: u64) -> Result<FileStat>;
     /// `Error::NotFound` if `dir` has no entry `name`.
     fn lookup(&self, dir: u64, name: &[u8]) -> Result<FileStat>;
-    /// Entries without `.` and `..`.
-    fn readdir(&self, dir: u64) -> Result<Vec<(Vec<u8>, u64, FileKind)>>;
+    /// Entries without `.` and `..` (shared with the reader's listing cache).
+    fn readdir(&self, dir: u64) -> Result<DirList>;
     /// Short only at end of file.
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize>;
     /// The guest's bytes verbatim.
@@ -95,7 +95,7 @@ pub enum Volume {
 }
 
 /// A parsed directory listing: (name, inode, kind), without `.` and `..`.
-pub(crate) type DirList = Arc<Vec<(Vec<u8>, u64, FileKind)>>;
+pub type DirList = Arc<Vec<(Vec<u8>, u64, FileKind)>>;
 
 /// Directory listings a reader keeps parsed (ext4, XFS): at most [`DIR_CACHE`] of them holding
 /// at most [`DIR_CACHE_ENTRIES`] entries in all, least recently used dropped first. Big enough
@@ -257,12 +257,12 @@ pub fn exercise(fs: &dyn GuestFs, max_entries: usize) -> usize {
     let mut buf = vec![0u8; 4096];
     while let Some((dir, depth)) = stack.pop() {
         let Ok(list) = fs.readdir(dir) else { continue };
-        for (name, ino, kind) in list {
+        for &(ref name, ino, kind) in list.iter() {
             seen += 1;
             if seen >= max_entries {
                 return seen;
             }
-            let looked = fs.lookup(dir, &name);
+            let looked = fs.lookup(dir, name);
             let _ = fs.stat(ino);
             let _ = fs.xattrs(ino);
             match kind {

@@ -168,7 +168,7 @@ fn run(shared: &Shared) {
 mod tests {
     use super::*;
     use crate::error::{Error, Result};
-    use crate::restore::{FileKind, FileStat};
+    use crate::restore::{DirList, FileStat};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// Counts its listings in a counter that outlives it.
@@ -184,9 +184,9 @@ mod tests {
         fn lookup(&self, _dir: u64, _name: &[u8]) -> Result<FileStat> {
             Err(Error::NotFound("x".into()))
         }
-        fn readdir(&self, _dir: u64) -> Result<Vec<(Vec<u8>, u64, FileKind)>> {
+        fn readdir(&self, _dir: u64) -> Result<DirList> {
             self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(Vec::new())
+            Ok(DirList::default())
         }
         fn read(&self, _ino: u64, _offset: u64, _buf: &mut [u8]) -> Result<usize> {
             Ok(0)

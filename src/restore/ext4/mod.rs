@@ -956,14 +956,8 @@ impl GuestFs for Ext4Fs {
         Ok(st)
     }
 
-    fn readdir(&self, dir: u64) -> Result<Vec<(Vec<u8>, u64, FileKind)>> {
-        Ok(self.dir_entries(dir)?.as_ref().clone())
-    }
-
-    fn prefetch_dir(&self, dir: u64) -> Vec<u64> {
+    fn readdir(&self, dir: u64) -> Result<DirList> {
         self.dir_entries(dir)
-            .map(|l| crate::restore::subdirs(&l))
-            .unwrap_or_default()
     }
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
