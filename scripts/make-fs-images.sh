@@ -13,6 +13,7 @@
 #   OUTDIR/lvm.raw        GPT p1 = LVM2 PV of VG snapfsvg: LV root (ext4, two segments), LV data (FAT16)
 #   OUTDIR/crash-ext4.raw ext4 copied while mounted: many/ committed to the journal, not yet in place
 #   OUTDIR/crash-ext3.raw the same with ext3 (jbd2 journal without checksum v3: ext4-view refuses it)
+#   OUTDIR/crash-xfs.raw  XFS v5 copied while mounted: the whole tree is in the log only
 #   OUTDIR/fuzz-seeds/restore_*/  small seed inputs for the cargo fuzz targets
 #
 # Standard tools only: mkfs.ext4 -d, mkfs.fat + mcopy, mkfs.xfs, mkntfs + ntfs-3g, mkswap,
@@ -399,6 +400,42 @@ crash() {
 }
 crash crash-ext4.raw ext4
 crash crash-ext3.raw ext3
+
+# The same for XFS: after the fsyncs every change sits in the log (each fsync forces it), and XFS
+# writes metadata in place only when its AIL is pushed: by log space pressure or by the log worker
+# every fs.xfs.xfssyncd_centisecs (30 s). The worker's first run is queued at mount with the value
+# of that moment, so the sysctl is raised around the mount only (and put back right after it, or
+# by cleanup on a failure). Nothing is synced before many/ either: the whole tree lives in the
+# log, so the replay rebuilds the root directory, big-dir/ and every inode chunk (icreate) too.
+SYNCD=/proc/sys/fs/xfs/xfssyncd_centisecs
+SYNCD_OLD=
+restore_syncd() {
+  if [[ -n $SYNCD_OLD ]]; then echo "$SYNCD_OLD" > "$SYNCD" || true; SYNCD_OLD=; fi
+}
+trap 'restore_syncd; cleanup' EXIT
+crash_xfs() {
+  local name=$1
+  rm -f "$WORK/crash.img"
+  truncate -s 300M "$WORK/crash.img"
+  mkfs.xfs -q -f -L crash-xfs -m uuid=5eed0000-0000-4000-8000-0000000000c5 "$WORK/crash.img"
+  if [[ -w $SYNCD ]]; then SYNCD_OLD=$(cat "$SYNCD"); echo 360000 > "$SYNCD"; fi
+  mount -t xfs -o loop "$WORK/crash.img" "$MNT"
+  restore_syncd
+  cp -a "$SRC/." "$MNT/"
+  touch -h -d "$T" "$MNT"
+  # syncfs writes the file data and forces the log; the metadata stays in the log only.
+  sync -f "$MNT"
+  sleep 1
+  cp --sparse=always "$WORK/crash.img" "$OUT/$name"
+  umount "$MNT"
+  if xfs_db -r -c 'ls /many' "$OUT/$name" 2>/dev/null | grep -q entry-with; then
+    echo "make-fs-images: warning: $name has many/ in place already (replay not exercised)" >&2
+  fi
+  if xfs_logprint -t "$OUT/$name" 2>/dev/null | grep -q 'state: <CLEAN>'; then
+    echo "make-fs-images: warning: $name has a clean log (replay not exercised)" >&2
+  fi
+}
+crash_xfs crash-xfs.raw
 
 # Small seeds for the cargo fuzz targets (fuzz/fuzz_targets/restore_*.rs): tiny filesystems,
 # and the metadata-bearing heads of the big ones.
