@@ -14,6 +14,8 @@
 #   OUTDIR/crash-ext4.raw ext4 copied while mounted: many/ committed to the journal, not yet in place
 #   OUTDIR/crash-ext3.raw the same with ext3 (jbd2 journal without checksum v3: ext4-view refuses it)
 #   OUTDIR/crash-xfs.raw  XFS v5 copied while mounted: the whole tree is in the log only
+#   OUTDIR/crash-xfs-churn.raw  XFS v5, most of the tree in place, then deletes (cancelled
+#                         buffers, freed inode chunks) and many/ in the log only
 #   OUTDIR/fuzz-seeds/restore_*/  small seed inputs for the cargo fuzz targets
 #
 # Standard tools only: mkfs.ext4 -d, mkfs.fat + mcopy, mkfs.xfs, mkntfs + ntfs-3g, mkswap,
@@ -23,7 +25,7 @@
 set -euo pipefail
 
 OUT=${1:?usage: make-fs-images.sh OUTDIR}
-for cmd in mkfs.ext4 mkfs.fat mcopy mkfs.xfs mkntfs ntfs-3g mkswap sgdisk sfdisk setfattr python3 losetup pvcreate; do
+for cmd in mkfs.ext4 mkfs.fat mcopy mkfs.xfs fsfreeze mkntfs ntfs-3g mkswap sgdisk sfdisk setfattr python3 losetup pvcreate; do
   command -v "$cmd" >/dev/null || {
     echo "make-fs-images: $cmd missing (apt-get install e2fsprogs dosfstools mtools xfsprogs ntfs-3g util-linux gdisk fdisk attr python3 lvm2)" >&2
     exit 1
@@ -414,14 +416,36 @@ restore_syncd() {
 }
 trap 'restore_syncd; cleanup' EXIT
 crash_xfs() {
-  local name=$1
+  local name=$1 churn=$2
   rm -f "$WORK/crash.img"
   truncate -s 300M "$WORK/crash.img"
   mkfs.xfs -q -f -L crash-xfs -m uuid=5eed0000-0000-4000-8000-0000000000c5 "$WORK/crash.img"
   if [[ -w $SYNCD ]]; then SYNCD_OLD=$(cat "$SYNCD"); echo 360000 > "$SYNCD"; fi
   mount -t xfs -o loop "$WORK/crash.img" "$MNT"
   restore_syncd
-  cp -a "$SRC/." "$MNT/"
+  if (( churn )); then
+    # Churn: a directory written in place (a freeze writes back everything and cleans the
+    # log), then removed in the log; another created, synced and removed in the log only (its
+    # buffers are logged, then cancelled, and its blocks free for many/ to reuse).
+    local items=() e i
+    for e in "$SRC"/* "$SRC"/.[!.]*; do
+      [[ -e $e || -L $e ]] || continue
+      [[ $(basename "$e") == many ]] || items+=("$e")
+    done
+    cp -a "${items[@]}" "$MNT/"
+    mkdir "$MNT/junk" "$MNT/junk2"
+    for i in $(seq 1 300); do echo "junk $i" > "$MNT/junk/file-with-a-long-name-$i"; done
+    fsfreeze -f "$MNT"
+    fsfreeze -u "$MNT"
+    rm -rf "$MNT/junk"
+    for i in $(seq 1 300); do gen "$i" 5000 "$MNT/junk2/other-file-with-a-long-name-$i"; done
+    sync -f "$MNT"
+    rm -rf "$MNT/junk2"
+    sync -f "$MNT"
+    cp -a "$SRC/many" "$MNT/"
+  else
+    cp -a "$SRC/." "$MNT/"
+  fi
   touch -h -d "$T" "$MNT"
   # syncfs writes the file data and forces the log; the metadata stays in the log only.
   sync -f "$MNT"
@@ -435,7 +459,8 @@ crash_xfs() {
     echo "make-fs-images: warning: $name has a clean log (replay not exercised)" >&2
   fi
 }
-crash_xfs crash-xfs.raw
+crash_xfs crash-xfs.raw 0
+crash_xfs crash-xfs-churn.raw 1
 
 # Small seeds for the cargo fuzz targets (fuzz/fuzz_targets/restore_*.rs): tiny filesystems,
 # and the metadata-bearing heads of the big ones.

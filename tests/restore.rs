@@ -870,30 +870,40 @@ fn xfs_gpt_p3() {
 
 /// The crash-consistent XFS image (copied while mounted, the whole tree only in the log): the
 /// in-memory log replay must give the source tree.
+/// crash-xfs-churn.raw has most of the tree in place and deletes (cancelled buffers, freed
+/// inode chunks, reused blocks) in the log.
 #[test]
 fn xfs_crash_consistent_replays_log() {
-    let fs = open_fs("crash-xfs.raw", "whole");
-    let d = fs.describe();
-    assert!(d.contains("log replayed in memory"), "{d}");
-    assert!(!d.contains("damaged"), "{d}");
-    check_tree("XFS crash (log replayed)", fs.as_ref(), XFS);
+    for img in ["crash-xfs.raw", "crash-xfs-churn.raw"] {
+        let fs = open_fs(img, "whole");
+        let d = fs.describe();
+        assert!(d.contains("log replayed in memory"), "{img}: {d}");
+        assert!(!d.contains("damaged"), "{img}: {d}");
+        check_tree(&format!("XFS {img} (log replayed)"), fs.as_ref(), XFS);
+    }
 }
 
 /// The kernel as the oracle: a copy of the crash image mounted by Linux (which recovers the log)
 /// must show exactly the tree our replay shows, inode numbers and link counts included.
 #[test]
 fn xfs_crash_replay_matches_the_kernel() {
+    for img in ["crash-xfs.raw", "crash-xfs-churn.raw"] {
+        replay_matches_the_kernel(img);
+    }
+}
+
+fn replay_matches_the_kernel(img: &str) {
     use std::process::Command;
     let t = tempfile::Builder::new()
         .prefix("snapfs-xfs-oracle")
         .tempdir()
         .unwrap();
-    let copy = t.path().join("crash-xfs.raw");
+    let copy = t.path().join(img);
     let mnt = t.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let ok = Command::new("cp")
         .arg("--sparse=always")
-        .arg(images().join("crash-xfs.raw"))
+        .arg(images().join(img))
         .arg(&copy)
         .status()
         .unwrap();
@@ -904,7 +914,7 @@ fn xfs_crash_replay_matches_the_kernel() {
         .arg(&mnt)
         .status()
         .unwrap();
-    assert!(ok.success(), "mount the crash-xfs copy");
+    assert!(ok.success(), "mount the {img} copy");
     struct Umount<'a>(&'a Path);
     impl Drop for Umount<'_> {
         fn drop(&mut self) {
@@ -913,7 +923,7 @@ fn xfs_crash_replay_matches_the_kernel() {
     }
     let _u = Umount(&mnt);
     let kernel = walk_source(&mnt);
-    let fs = open_fs("crash-xfs.raw", "whole");
+    let fs = open_fs(img, "whole");
     let mut ours = walk_guest(fs.as_ref());
     for n in ours.values_mut() {
         n.xattrs
@@ -928,17 +938,22 @@ fn xfs_crash_replay_matches_the_kernel() {
     };
     assert!(
         ours.len() == kernel.len() && only(&kernel, &ours).is_empty(),
-        "{} entries vs the kernel's {}; only the kernel has {:?}, only we have {:?}",
+        "{img}: {} entries vs the kernel's {}; only the kernel has {:?}, only we have {:?}",
         ours.len(),
         kernel.len(),
         only(&kernel, &ours),
         only(&ours, &kernel)
     );
     for (path, k) in &kernel {
-        assert_eq!(&ours[path], k, "{} differs", String::from_utf8_lossy(path));
+        assert_eq!(
+            &ours[path],
+            k,
+            "{img}: {} differs",
+            String::from_utf8_lossy(path)
+        );
     }
     eprintln!(
-        "XFS crash: {} entries identical to the kernel's recovery ({})",
+        "XFS {img}: {} entries identical to the kernel's recovery ({})",
         kernel.len(),
         fs.describe()
     );

@@ -295,6 +295,9 @@ impl XfsFs {
                     st.inodes,
                     st.icreates
                 );
+                if st.cancelled > 0 {
+                    n.push_str(&format!("; {} cancelled buffers skipped", st.cancelled));
+                }
                 if st.newer_on_disk > 0 {
                     n.push_str(&format!("; {} already newer on disk", st.newer_on_disk));
                 }
