@@ -117,21 +117,20 @@ impl Overlay {
         Some(v)
     }
 
-    /// Replace bytes from `off`; false when the device cannot be read there or the overlay is
-    /// full.
-    fn write(&mut self, dev: &Dev, off: u64, data: &[u8]) -> bool {
+    /// Replace bytes from `off`.
+    fn write(&mut self, dev: &Dev, off: u64, data: &[u8]) -> Result<(), &'static str> {
         let end = match off.checked_add(data.len() as u64) {
             Some(e) if e <= dev.len() => e,
-            _ => return false,
+            _ => return Err("log item outside the filesystem"),
         };
         for s in off / BB..end.div_ceil(BB) {
             let so = s * BB;
             if !self.map.contains_key(&s) {
                 if self.bytes() >= MAX_OVERLAY {
-                    return false;
+                    return Err("the replay needs more memory than allowed (256 MiB)");
                 }
                 let Ok(v) = dev.read_vec(so, BB as usize) else {
-                    return false;
+                    return Err("a replayed block is unreadable");
                 };
                 self.map.insert(s, v.into_boxed_slice());
             }
@@ -146,7 +145,7 @@ impl Overlay {
                 dst.copy_from_slice(src);
             }
         }
-        true
+        Ok(())
     }
 }
 
@@ -177,9 +176,20 @@ pub struct Stats {
     pub cancelled: u64,
     /// Items that do not parse or do not fit the filesystem.
     pub bad_items: u64,
+    /// What was wrong with the first of them.
+    pub first_bad: Option<String>,
     pub unfinished_intents: u64,
     pub uncommitted: u64,
     pub records: u64,
+}
+
+impl Stats {
+    fn bad(&mut self, why: &str) {
+        self.bad_items += 1;
+        if self.first_bad.is_none() {
+            self.first_bad = Some(why.to_string());
+        }
+    }
 }
 
 pub enum Outcome {
@@ -219,6 +229,17 @@ fn next_cycle(c: u32) -> u32 {
         REC_MAGIC => REC_MAGIC.wrapping_add(1),
         n => n,
     }
+}
+
+/// Why a record is not used: (looks like a torn write, description).
+type Stop = (bool, String);
+
+fn torn(why: String) -> Stop {
+    (true, why)
+}
+
+fn damaged(why: String) -> Stop {
+    (false, why)
 }
 
 /// Host-endian fields of log items (the log is written in the CPU's byte order).
@@ -393,12 +414,13 @@ impl Log<'_> {
             }
             hi
         };
-        // The last iclogs may have been written out of order: a hole of older blocks before the
-        // head moves the head back to it.
+        // The last iclogs may have been written out of order: a hole of blocks of the previous
+        // cycle before the head moves the head back to it.
         let w = TORN_WINDOW.min(head);
+        let previous = first.wrapping_sub(1);
         if w > 0 {
             let b = self.read_bbs(head - w, w)?;
-            if let Some(i) = (0..w).find(|&i| cycle_of(sub(&b, (i * BB) as usize, 8)) != first) {
+            if let Some(i) = (0..w).find(|&i| cycle_of(sub(&b, (i * BB) as usize, 8)) == previous) {
                 head = head - w + i;
             }
         }
@@ -406,29 +428,30 @@ impl Log<'_> {
     }
 
     /// Validate a record header at `pos`: (header blocks, data blocks).
-    fn record_shape(&self, h: &[u8], pos: u64, cycle: u32) -> Result<(u64, u64), String> {
+    /// Errors say whether they look like the end of a torn write (old or missing blocks).
+    fn record_shape(&self, h: &[u8], pos: u64, cycle: u32) -> Result<(u64, u64), Stop> {
         if be32(h, 0) != REC_MAGIC {
-            return Err(format!("no record header at block {pos}"));
+            return Err(torn(format!("no record header at block {pos}")));
         }
         if be64(h, 16) != (u64::from(cycle) << 32 | pos) || be32(h, 4) != cycle {
-            return Err(format!("record at block {pos} has another LSN"));
+            return Err(torn(format!("record at block {pos} has another LSN")));
         }
         let version = be32(h, 8);
         if !matches!(version, 1 | 2) {
-            return Err(format!("record at block {pos}: version {version}"));
+            return Err(damaged(format!("record at block {pos}: version {version}")));
         }
         let len = u64::from(be32(h, 12));
         let size = u64::from(be32(h, 320));
         let hblks = if version == 2 && size > CYCLE_BYTES {
             if size > MAX_RECORD {
-                return Err(format!("record at block {pos}: size {size}"));
+                return Err(damaged(format!("record at block {pos}: size {size}")));
             }
             size.div_ceil(CYCLE_BYTES)
         } else {
             1
         };
         if len == 0 || len > MAX_RECORD || len > hblks * CYCLE_BYTES {
-            return Err(format!("record at block {pos}: length {len}"));
+            return Err(damaged(format!("record at block {pos}: length {len}")));
         }
         Ok((hblks, len.div_ceil(BB)))
     }
@@ -454,7 +477,7 @@ impl Log<'_> {
         }
         let (rec, h) = found.ok_or("no log record before the head")?;
         let rec_cycle = be32(&h, 4);
-        let (hblks, dblks) = self.record_shape(&h, rec, rec_cycle)?;
+        let (hblks, dblks) = self.record_shape(&h, rec, rec_cycle).map_err(|e| e.1)?;
         let tail_lsn = be64(&h, 24);
         let (tail_cycle, tail) = ((tail_lsn >> 32) as u32, tail_lsn & 0xFFFF_FFFF);
         if tail >= n {
@@ -489,6 +512,7 @@ impl Log<'_> {
         let mut done = 0u64;
         while done < span {
             match self.record(pos, cycle, span - done, &mut open, &mut committed) {
+                // A torn write at the crash ends the log within the last iclogs' window.
                 Ok(len) => {
                     stats.records += 1;
                     done += len;
@@ -497,9 +521,10 @@ impl Log<'_> {
                     }
                     pos = (pos + len) % n;
                 }
-                Err(why) => {
-                    if span - done > TORN_WINDOW {
-                        return Err(why);
+                Err((is_torn, why)) => {
+                    // The tail record must be there: the last record points at it.
+                    if !is_torn || done == 0 || span - done > TORN_WINDOW {
+                        return Err(format!("damaged: {why}"));
                     }
                     tracing::debug!(block = pos, why, "XFS log ends at a torn record");
                     break;
@@ -509,6 +534,13 @@ impl Log<'_> {
         stats.uncommitted = open.len() as u64;
         stats.transactions = committed.len() as u64;
         let overlay = self.replay(&committed, &mut stats);
+        if let Some(why) = stats.first_bad.take() {
+            // The kernel refuses to mount such a log; a partial replay could mix old and new.
+            return Err(format!(
+                "{} log items not replayable, the first: {why}",
+                stats.bad_items
+            ));
+        }
         Ok(Some((overlay, stats)))
     }
 
@@ -521,29 +553,29 @@ impl Log<'_> {
         room: u64,
         open: &mut HashMap<u32, Trans>,
         committed: &mut Vec<Trans>,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, Stop> {
         let n = self.g.log_bbs;
-        let h = self.read_bbs(pos, 1)?;
+        let h = self.read_bbs(pos, 1).map_err(damaged)?;
         let (hblks, dblks) = self.record_shape(&h, pos, cycle)?;
         if hblks + dblks > room {
-            return Err(format!("record at block {pos} runs past the head"));
+            return Err(torn(format!("record at block {pos} runs past the head")));
         }
         let stamp = |abs: u64| if abs >= n { next_cycle(cycle) } else { cycle };
         let ext = if hblks > 1 {
-            self.read_bbs(pos + 1, hblks - 1)?
+            self.read_bbs(pos + 1, hblks - 1).map_err(damaged)?
         } else {
             Vec::new()
         };
         for j in 1..hblks {
             if be32(&ext, ((j - 1) * BB) as usize) != stamp(pos + j) {
-                return Err(format!("record at block {pos}: torn extended header"));
+                return Err(torn(format!("record at block {pos}: torn extended header")));
             }
         }
-        let mut data = self.read_bbs(pos + hblks, dblks)?;
+        let mut data = self.read_bbs(pos + hblks, dblks).map_err(damaged)?;
         for i in 0..dblks {
             let at = (i * BB) as usize;
             if be32(&data, at) != stamp(pos + hblks + i) {
-                return Err(format!("record at block {pos}: torn data block {i}"));
+                return Err(torn(format!("record at block {pos}: torn data block {i}")));
             }
             let (src, k) = if i < CYCLE_BYTES / BB {
                 (&h[..], 44 + 4 * i as usize)
@@ -572,11 +604,11 @@ impl Log<'_> {
             let flags = u8at(&data, off + 9);
             let body = data
                 .get(off + 12..(off + 12).saturating_add(olen))
-                .ok_or_else(|| format!("record at block {pos}: operation past its end"))?;
+                .ok_or_else(|| damaged(format!("record at block {pos}: operation past its end")))?;
             if client != CLIENT_TRANS && client != CLIENT_LOG {
-                return Err(format!(
+                return Err(damaged(format!(
                     "record at block {pos}: operation of client {client:#x}"
-                ));
+                )));
             }
             ops.push((tid, flags, body));
             off += 12 + olen;
@@ -615,7 +647,7 @@ impl Log<'_> {
                 }
                 _ => Err(format!("operation flags {flags:#x}")),
             }
-            .map_err(|e| format!("record at block {pos}: {e}"))?;
+            .map_err(|e| damaged(format!("record at block {pos}: {e}")))?;
         }
         Ok(hblks + dblks)
     }
@@ -655,7 +687,7 @@ impl Log<'_> {
                 let f = it.regions.first().map_or(&[][..], |r| r);
                 let kind = e.u16(f, 0);
                 if !complete {
-                    stats.bad_items += 1;
+                    stats.bad("incomplete log item");
                     continue;
                 }
                 match kind {
@@ -735,7 +767,7 @@ impl Log<'_> {
                 .checked_add(u64::from(len))
                 .is_none_or(|end| end > self.dev_bbs())
         {
-            stats.bad_items += 1;
+            stats.bad("buffer item outside the filesystem");
             return;
         }
         let base = blkno * BB;
@@ -771,7 +803,7 @@ impl Log<'_> {
             runs.push((start as u64 * BLF_CHUNK, &region[..region.len().min(want)]));
             r += 1;
         }
-        let mut ok = true;
+        let mut ok = Ok(());
         if flags & BLF_INODE_BUF != 0 {
             // Inode buffers log the unlinked-list pointers only: copy just those.
             let per = nbytes / self.g.isize;
@@ -780,19 +812,18 @@ impl Log<'_> {
                 for &(o, d) in &runs {
                     if at >= o && at + 4 <= o + d.len() as u64 {
                         let s = sub(d, (at - o) as usize, 4);
-                        ok &= ov.write(self.dev, base + at, s);
+                        ok = ok.and(ov.write(self.dev, base + at, s));
                     }
                 }
             }
         } else {
             for (o, d) in runs {
-                ok &= ov.write(self.dev, base + o, d);
+                ok = ok.and(ov.write(self.dev, base + o, d));
             }
         }
-        if ok {
-            stats.buffers += 1;
-        } else {
-            stats.bad_items += 1;
+        match ok {
+            Ok(()) => stats.buffers += 1,
+            Err(why) => stats.bad(why),
         }
     }
 
@@ -811,7 +842,7 @@ impl Log<'_> {
             56 => 4,
             52 => 0,
             _ => {
-                stats.bad_items += 1;
+                stats.bad("inode item format of another size");
                 return;
             }
         };
@@ -834,16 +865,16 @@ impl Log<'_> {
                     .is_some_and(|end| end <= self.dev.len())
             })
         else {
-            stats.bad_items += 1;
+            stats.bad("inode item outside the filesystem");
             return;
         };
         let Some(mut d) = ov.read(self.dev, at, isize as usize) else {
-            stats.bad_items += 1;
+            stats.bad("inode item outside the filesystem");
             return;
         };
         let l = it.regions.get(1).map_or(&[][..], |r| r);
         if sub(&d, 0, 2) != b"IN" || e.u16(l, 0) != 0x494e || size < 2 {
-            stats.bad_items += 1;
+            stats.bad("inode item without an inode (magic) on either side");
             return;
         }
         let v3 = u8at(l, 4) >= 3;
@@ -863,7 +894,7 @@ impl Log<'_> {
         }
         let core = if v3 { 176 } else { 96 };
         if l.len() < core || (isize as usize) < core + 4 {
-            stats.bad_items += 1;
+            stats.bad("inode item with a short core");
             return;
         }
         dinode_to_disk(e, l, &mut d, lsn, v3);
@@ -894,10 +925,9 @@ impl Log<'_> {
                 put(&mut d, start, src.get(..asize).unwrap_or(src));
             }
         }
-        if ov.write(self.dev, at, &d) {
-            stats.inodes += 1;
-        } else {
-            stats.bad_items += 1;
+        match ov.write(self.dev, at, &d) {
+            Ok(()) => stats.inodes += 1,
+            Err(why) => stats.bad(why),
         }
     }
 
@@ -926,7 +956,7 @@ impl Log<'_> {
             || count > 1024
             || count * isize != length * g.bs
         {
-            stats.bad_items += 1;
+            stats.bad("icreate item that does not fit the filesystem");
             return;
         }
         let off = (ag * g.agblocks + agbno) * g.bs;
@@ -949,10 +979,9 @@ impl Log<'_> {
                 put(d, 160, &g.uuid);
             }
         }
-        if ov.write(self.dev, off, &chunk) {
-            stats.icreates += 1;
-        } else {
-            stats.bad_items += 1;
+        match ov.write(self.dev, off, &chunk) {
+            Ok(()) => stats.icreates += 1,
+            Err(why) => stats.bad(why),
         }
     }
 }
