@@ -1080,3 +1080,335 @@ fn bmbt_to_bmdr(src: &[u8], d: &mut [u8], at: usize, size: usize, v5: bool) {
     put(&mut root, 4 + dmxr * 8, sub(src, hdr + mxr * 8, n * 8));
     put(d, at, &root);
 }
+
+#[cfg(test)]
+mod tests {
+    //! Synthetic logs (little-endian items, as x86 writes them) for what the crash images do
+    //! not reach: a record wrapping the end of the log, regions continued across records,
+    //! buffer cancellation, v5 LSN checks, inode conversion and B+tree roots.
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::restore::MemDisk;
+
+    const LOG_OFF: u64 = 512 << 10;
+    const LOG_BBS: u64 = 128;
+    const UUID: [u8; 16] = [7; 16];
+
+    fn geometry() -> Geometry {
+        Geometry {
+            log_off: LOG_OFF,
+            log_bbs: LOG_BBS,
+            v5: true,
+            bs: 4096,
+            isize: 512,
+            inopblog: 3,
+            agblklog: 8,
+            agblocks: 256,
+            agcount: 1,
+            uuid: UUID,
+        }
+    }
+
+    /// A 1 MiB device whose log blocks all carry `cycle` (the previous pass over the log).
+    fn device(cycle: u32) -> Vec<u8> {
+        let mut d = vec![0u8; 1 << 20];
+        for b in 0..LOG_BBS {
+            let at = (LOG_OFF + b * BB) as usize;
+            d[at..at + 4].copy_from_slice(&cycle.to_be_bytes());
+        }
+        d
+    }
+
+    fn op(tid: u32, flags: u8, data: &[u8]) -> Vec<u8> {
+        let mut v = tid.to_be_bytes().to_vec();
+        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        v.extend_from_slice(&[CLIENT_TRANS, flags, 0, 0]);
+        v.extend_from_slice(data);
+        v
+    }
+
+    fn trans_header() -> Vec<u8> {
+        let mut v = TRANS_MAGIC.to_le_bytes().to_vec();
+        v.extend_from_slice(&[0; 12]);
+        v
+    }
+
+    /// Buffer log format for `len` blocks at `daddr`, chunks `bits` logged.
+    fn buf_format(daddr: u64, len: u16, flags: u16, bits: &[usize], regions: u16) -> Vec<u8> {
+        let mut v = LI_BUF.to_le_bytes().to_vec();
+        v.extend_from_slice(&regions.to_le_bytes());
+        v.extend_from_slice(&flags.to_le_bytes());
+        v.extend_from_slice(&len.to_le_bytes());
+        v.extend_from_slice(&daddr.to_le_bytes());
+        v.extend_from_slice(&(BLF_MAP_WORDS as u32).to_le_bytes());
+        let mut map = [0u32; BLF_MAP_WORDS];
+        for &b in bits {
+            map[b / 32] |= 1 << (b % 32);
+        }
+        for w in map {
+            v.extend_from_slice(&w.to_le_bytes());
+        }
+        v
+    }
+
+    /// Write a record of `ops` at `pos` in `cycle`; the block after it.
+    fn record(d: &mut [u8], pos: u64, cycle: u32, tail: u64, ops: &[Vec<u8>]) -> u64 {
+        let mut data: Vec<u8> = ops.concat();
+        let len = data.len();
+        data.resize(len.div_ceil(512) * 512, 0);
+        let mut h = vec![0u8; 512];
+        h[0..4].copy_from_slice(&REC_MAGIC.to_be_bytes());
+        h[4..8].copy_from_slice(&cycle.to_be_bytes());
+        h[8..12].copy_from_slice(&2u32.to_be_bytes());
+        h[12..16].copy_from_slice(&(data.len() as u32).to_be_bytes());
+        h[16..24].copy_from_slice(&(u64::from(cycle) << 32 | pos).to_be_bytes());
+        h[24..32].copy_from_slice(&tail.to_be_bytes());
+        h[40..44].copy_from_slice(&(ops.len() as u32).to_be_bytes());
+        h[320..324].copy_from_slice(&32768u32.to_be_bytes());
+        let blocks = data.len() / 512;
+        for i in 0..blocks {
+            let abs = pos + 1 + i as u64;
+            let stamp = if abs >= LOG_BBS { cycle + 1 } else { cycle };
+            h[44 + 4 * i..48 + 4 * i].copy_from_slice(&data[i * 512..i * 512 + 4]);
+            data[i * 512..i * 512 + 4].copy_from_slice(&stamp.to_be_bytes());
+        }
+        let mut put_bb = |b: u64, src: &[u8]| {
+            let at = (LOG_OFF + (b % LOG_BBS) * BB) as usize;
+            d[at..at + 512].copy_from_slice(src);
+        };
+        put_bb(pos, &h);
+        for i in 0..blocks {
+            put_bb(pos + 1 + i as u64, &data[i * 512..(i + 1) * 512]);
+        }
+        (pos + 1 + blocks as u64) % LOG_BBS
+    }
+
+    fn run(d: Vec<u8>) -> Outcome {
+        let len = d.len() as u64;
+        let dev = Dev::new(Arc::new(MemDisk(d)), 0, len, "t").unwrap();
+        recover(&dev, &geometry())
+    }
+
+    fn replayed(o: Outcome) -> (Overlay, Stats) {
+        match o {
+            Outcome::Replayed(ov, st) => (ov, st),
+            Outcome::Clean => panic!("clean"),
+            Outcome::NotReplayed(why) => panic!("not replayed: {why}"),
+        }
+    }
+
+    fn read(ov: &Overlay, d: &[u8], off: u64, len: usize) -> Vec<u8> {
+        let mut v = d[off as usize..off as usize + len].to_vec();
+        ov.patch(off, &mut v);
+        v
+    }
+
+    #[test]
+    fn wrapped_continued_and_cancelled() {
+        let mut d = device(1);
+        let tail = 1u64 << 32 | 120;
+        // tid 7: one buffer (daddr 8, chunk 0 and chunks 2..4) in a record that wraps.
+        let mut big = vec![0xAB; 384];
+        big[0] = 1;
+        let pos = record(
+            &mut d,
+            120,
+            1,
+            tail,
+            &[
+                op(7, OP_START, &[]),
+                op(7, 0, &trans_header()),
+                op(7, 0, &buf_format(8, 8, 0, &[0, 2, 3, 4], 3)),
+                op(7, 0, &[0x11; 128]),
+                op(7, 0, &big),
+                // Enough to run past the end of the log.
+                op(7, 0, &buf_format(56, 8, 0, &(0..24).collect::<Vec<_>>(), 2)),
+                op(7, 0, &[0x99; 3072]),
+            ],
+        );
+        assert!(pos < 120, "the record wraps");
+        // tid 8: a region continued into the next record; tid 9 logs daddr 16, tid 10 cancels
+        // it, tid 11 logs it again after the cancellation.
+        let pos = record(
+            &mut d,
+            pos,
+            2,
+            tail,
+            &[
+                op(7, OP_COMMIT, &[]),
+                op(8, OP_START, &[]),
+                op(8, 0, &trans_header()),
+                op(8, 0, &buf_format(40, 8, 0, &[1], 2)),
+                op(8, OP_CONTINUE, &[0x22; 100]),
+                op(9, OP_START, &[]),
+                op(9, 0, &trans_header()),
+                op(9, 0, &buf_format(16, 8, 0, &[0], 2)),
+                op(9, 0, &[0x33; 128]),
+                op(9, OP_COMMIT, &[]),
+            ],
+        );
+        let pos = record(
+            &mut d,
+            pos,
+            2,
+            tail,
+            &[
+                op(8, OP_WAS_CONT | OP_END, &[0x44; 28]),
+                op(8, OP_COMMIT, &[]),
+                op(10, OP_START, &[]),
+                op(10, 0, &trans_header()),
+                op(10, 0, &buf_format(16, 8, BLF_CANCEL, &[], 1)),
+                op(10, OP_COMMIT, &[]),
+                op(11, OP_START, &[]),
+                op(11, 0, &trans_header()),
+                op(11, 0, &buf_format(24, 8, 0, &[0], 2)),
+                op(11, 0, &[0x55; 128]),
+                op(11, OP_COMMIT, &[]),
+                // Never committed: not replayed.
+                op(12, OP_START, &[]),
+                op(12, 0, &trans_header()),
+                op(12, 0, &buf_format(48, 8, 0, &[0], 2)),
+                op(12, 0, &[0x66; 128]),
+            ],
+        );
+        let _ = pos;
+        let base = d.clone();
+        let (ov, st) = replayed(run(d));
+        assert_eq!(st.transactions, 5, "{st:?}");
+        assert_eq!(read(&ov, &base, 56 * 512 + 3000, 72), vec![0x99; 72]);
+        assert_eq!(st.uncommitted, 1, "{st:?}");
+        assert_eq!(st.cancelled, 1, "{st:?}");
+        assert_eq!(read(&ov, &base, 8 * 512, 128), vec![0x11; 128]);
+        assert_eq!(read(&ov, &base, 8 * 512 + 128, 128), vec![0; 128]);
+        assert_eq!(read(&ov, &base, 8 * 512 + 256, 384), big);
+        let mut cont = vec![0x22; 100];
+        cont.extend_from_slice(&[0x44; 28]);
+        assert_eq!(read(&ov, &base, 40 * 512 + 128, 128), cont);
+        assert_eq!(read(&ov, &base, 16 * 512, 128), vec![0; 128], "cancelled");
+        assert_eq!(read(&ov, &base, 24 * 512, 128), vec![0x55; 128]);
+        assert_eq!(read(&ov, &base, 48 * 512, 128), vec![0; 128], "uncommitted");
+    }
+
+    #[test]
+    fn v5_lsn_decides_and_inodes_convert() {
+        let mut d = device(0);
+        // Block at daddr 8: a v5 directory block stamped with an LSN newer than the log's.
+        d[4096..4100].copy_from_slice(b"XDB3");
+        d[4096 + 16..4096 + 24].copy_from_slice(&(5u64 << 32).to_be_bytes());
+        d[4096 + 24..4096 + 40].copy_from_slice(&UUID);
+        // The same at daddr 16 with an older LSN.
+        d[8192..8196].copy_from_slice(b"XDB3");
+        d[8192 + 24..8192 + 40].copy_from_slice(&UUID);
+        // Inode at daddr 24 (byte 12288), v3, di_lsn 0.
+        let ino_at = 12288;
+        d[ino_at..ino_at + 2].copy_from_slice(b"IN");
+        d[ino_at + 4] = 3;
+        let mut fmt = LI_INODE.to_le_bytes().to_vec();
+        fmt.extend_from_slice(&3u16.to_le_bytes());
+        fmt.extend_from_slice(&(0x1 | ILOG_DEXT).to_le_bytes());
+        fmt.extend_from_slice(&0u16.to_le_bytes());
+        fmt.extend_from_slice(&16u16.to_le_bytes());
+        fmt.extend_from_slice(&0u32.to_le_bytes());
+        fmt.extend_from_slice(&24u64.to_le_bytes()); // ilf_ino (unused)
+        fmt.extend_from_slice(&[0; 16]);
+        fmt.extend_from_slice(&24i64.to_le_bytes());
+        fmt.extend_from_slice(&16i32.to_le_bytes());
+        fmt.extend_from_slice(&0i32.to_le_bytes());
+        assert_eq!(fmt.len(), 56);
+        let mut ld = vec![0u8; 176];
+        ld[0..2].copy_from_slice(&0x494eu16.to_le_bytes());
+        ld[2..4].copy_from_slice(&0o100644u16.to_le_bytes());
+        ld[4] = 3;
+        ld[5] = 2;
+        ld[8..12].copy_from_slice(&1000u32.to_le_bytes());
+        ld[16..20].copy_from_slice(&1u32.to_le_bytes());
+        ld[32..36].copy_from_slice(&1_700_000_000u32.to_le_bytes());
+        ld[36..40].copy_from_slice(&5u32.to_le_bytes());
+        ld[56..64].copy_from_slice(&12345u64.to_le_bytes());
+        ld[76..80].copy_from_slice(&1u32.to_le_bytes());
+        ld[152..160].copy_from_slice(&24u64.to_le_bytes());
+        let tail = 1u64 << 32;
+        let ext = [0x5a; 16];
+        record(
+            &mut d,
+            0,
+            1,
+            tail,
+            &[
+                op(1, OP_START, &[]),
+                op(1, 0, &trans_header()),
+                op(1, 0, &buf_format(8, 8, 0, &[0], 2)),
+                op(1, 0, &[0x77; 128]),
+                op(1, 0, &buf_format(16, 8, 0, &[0], 2)),
+                op(1, 0, &[0x88; 128]),
+                op(1, 0, &fmt),
+                op(1, 0, &ld),
+                op(1, 0, &ext),
+                op(1, OP_COMMIT, &[]),
+            ],
+        );
+        let base = d.clone();
+        let (ov, st) = replayed(run(d));
+        assert_eq!(
+            (st.buffers, st.inodes, st.newer_on_disk),
+            (1, 1, 1),
+            "{st:?}"
+        );
+        assert_eq!(read(&ov, &base, 4096, 4), b"XDB3", "newer on disk: kept");
+        assert_eq!(read(&ov, &base, 8192, 4), vec![0x88; 4]);
+        let i = read(&ov, &base, ino_at as u64, 512);
+        assert_eq!(&i[0..6], &[b'I', b'N', 0x81, 0xa4, 3, 2]);
+        assert_eq!(be32(&i, 8), 1000);
+        assert_eq!((be32(&i, 32), be32(&i, 36)), (1_700_000_000, 5));
+        assert_eq!(be64(&i, 56), 12345);
+        assert_eq!(be32(&i, 76), 1);
+        assert_eq!(be64(&i, 112), 1u64 << 32, "di_lsn: the transaction's");
+        assert_eq!(be64(&i, 152), 24);
+        assert_eq!(&i[176..192], &ext);
+    }
+
+    #[test]
+    fn clean_and_damaged_logs() {
+        // An unmount record last: clean.
+        let mut d = device(0);
+        let mut um = 0x556eu16.to_le_bytes().to_vec();
+        um.extend_from_slice(&[0; 6]);
+        let mut u = op(1, OP_UNMOUNT, &um);
+        u[8] = CLIENT_LOG;
+        record(&mut d, 0, 1, 1u64 << 32, &[u]);
+        assert!(matches!(run(d), Outcome::Clean));
+        // A zeroed log was never written.
+        assert!(matches!(run(device(0)), Outcome::Clean));
+        // Garbage everywhere: not replayed, no panic.
+        let mut d = device(0);
+        let mut x = 0x1234_5678_9abc_def0u64;
+        for b in d[LOG_OFF as usize..(LOG_OFF + LOG_BBS * BB) as usize].iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        assert!(!matches!(run(d), Outcome::Replayed(..)));
+    }
+
+    #[test]
+    fn btree_root_to_bmdr() {
+        // An in-core v5 root: 72-byte header, level 1, 2 records, room for 3.
+        let mut src = vec![0u8; 72 + 3 * 16];
+        src[4..6].copy_from_slice(&1u16.to_be_bytes());
+        src[6..8].copy_from_slice(&2u16.to_be_bytes());
+        for k in 0..2u64 {
+            src[72 + 8 * k as usize..80 + 8 * k as usize].copy_from_slice(&(k * 100).to_be_bytes());
+            let p = 72 + 3 * 8 + 8 * k as usize;
+            src[p..p + 8].copy_from_slice(&(0x1000 + k).to_be_bytes());
+        }
+        let mut d = vec![0xffu8; 100 + 68];
+        bmbt_to_bmdr(&src, &mut d, 100, 68, true);
+        // bmdr: level, numrecs, 4 keys of room ((68-4)/16), then the pointers.
+        assert_eq!(be16(&d, 100), 1);
+        assert_eq!(be16(&d, 102), 2);
+        assert_eq!((be64(&d, 104), be64(&d, 112)), (0, 100));
+        assert_eq!((be64(&d, 104 + 32), be64(&d, 112 + 32)), (0x1000, 0x1001));
+    }
+}
