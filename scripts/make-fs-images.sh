@@ -478,6 +478,24 @@ truncate -s 64K "$SEEDS/restore_fat/fat12"
 mkfs.fat -F 12 -i 5eed0012 "$SEEDS/restore_fat/fat12" >/dev/null
 MTOOLS_SKIP_CHECK=1 mcopy -s -m -Q -i "$SEEDS/restore_fat/fat12" "$WORK/tiny/f" "$WORK/tiny/d" ::/
 dd if="$OUT/gpt.raw" of="$SEEDS/restore_xfs/head" bs=1K skip=$((73 * 1024)) count=96 status=none
+# The head of crash-xfs.raw with the first 512 KiB of its dirty log moved right behind it
+# (sb_logstart 24, sb_logblocks 128): the log parser's seed (its items point past the seed).
+python3 - "$OUT/crash-xfs.raw" "$SEEDS/restore_xfs/crash-log" <<'EOF2'
+import struct, sys
+src, dst = sys.argv[1], sys.argv[2]
+with open(src, "rb") as f:
+    head = bytearray(f.read(96 * 1024))
+    bs, = struct.unpack(">I", head[4:8])
+    logstart, = struct.unpack(">Q", head[48:56])
+    agblocks, = struct.unpack(">I", head[84:88])
+    agblklog = head[124]
+    f.seek(((logstart >> agblklog) * agblocks + (logstart & ((1 << agblklog) - 1))) * bs)
+    log = f.read(128 * bs)
+head[48:56] = struct.pack(">Q", 24)
+head[96:100] = struct.pack(">I", 128)
+with open(dst, "wb") as f:
+    f.write(bytes(head) + log)
+EOF2
 truncate -s 2M "$SEEDS/restore_ntfs/small"
 mkntfs -q -F -Q -L s "$SEEDS/restore_ntfs/small" >/dev/null 2>&1
 ntfs-3g -o loop "$SEEDS/restore_ntfs/small" "$MNT"

@@ -2,8 +2,14 @@
 //! btree walk: directories are walked from the root), data forks in local, extent-list and
 //! B+tree form, short-form/block/leaf/node directories (every data block is parsed linearly, the
 //! hash index is not needed), local and remote symlinks, short-form and leaf xattrs.
-//! A dirty log (crash-consistent snapshot) is replayed in memory first (`xfs_log.rs`): every
-//! read goes through the sectors the replay replaced.
+//! A dirty internal log (a crash-consistent snapshot) is replayed in memory first, as mount-time
+//! recovery would (`xfs_log.rs`): committed buffer, inode and icreate items, cancelled buffers
+//! skipped, v5 LSN / v4 flushiter checks; every read (metadata and file data) goes through the
+//! sectors the replay replaced, the image is never written. Not replayed: intents (EFI, RUI,
+//! CUI, BUI, ATTRI, XMI; unfinished ones are counted) and external logs. A damaged log (or one
+//! over the memory bounds) is not replayed at all: the filesystem reads as its last checkpoint
+//! left it in place, and `describe()` says why. `crash-xfs.raw` (the whole tree only in the
+//! log): one checkpoint, 50 buffers, 1,179 inodes, 20 inode chunks, 4–12 ms to open.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
