@@ -391,15 +391,16 @@ impl Log<'_> {
         Ok(cycle_of(&self.read_bbs(blk, 1)?))
     }
 
-    /// The block the next write would go to; `None` for a log never written.
-    fn find_head(&self) -> Result<Option<u64>, String> {
+    /// The block after the last block of the current cycle, and that cycle; `None` for a log
+    /// never written.
+    fn find_head(&self) -> Result<Option<(u64, u32)>, String> {
         let n = self.g.log_bbs;
         let first = self.cycle(0)?;
         let last = self.cycle(n - 1)?;
         if first == 0 {
             return Ok(None);
         }
-        let mut head = if first == last {
+        let head = if first == last {
             n
         } else {
             // Blocks [0, head) have the current cycle, [head, n) the one before.
@@ -414,17 +415,46 @@ impl Log<'_> {
             }
             hi
         };
-        // The last iclogs may have been written out of order: a hole of blocks of the previous
-        // cycle before the head moves the head back to it.
+        Ok(Some((head, first)))
+    }
+
+    /// The last iclogs may have been written out of order: a hole of blocks of the previous
+    /// cycle before the head moves the head back to it.
+    fn torn_head(&self, head: u64, first: u32) -> Result<u64, String> {
         let w = TORN_WINDOW.min(head);
         let previous = first.wrapping_sub(1);
         if w > 0 {
             let b = self.read_bbs(head - w, w)?;
             if let Some(i) = (0..w).find(|&i| cycle_of(sub(&b, (i * BB) as usize, 8)) == previous) {
-                head = head - w + i;
+                return Ok(head - w + i);
             }
         }
-        Ok(Some(head % n))
+        Ok(head)
+    }
+
+    /// The last record header before `head`: (block, header, header blocks, data blocks).
+    fn last_record(&self, head: u64) -> Result<(u64, Vec<u8>, u64, u64), String> {
+        let n = self.g.log_bbs;
+        let mut blk = head % n;
+        for _ in 0..n.min(TORN_WINDOW * 2) {
+            blk = (blk + n - 1) % n;
+            let h = self.read_bbs(blk, 1)?;
+            if be32(&h, 0) == REC_MAGIC {
+                let (hblks, dblks) = self.record_shape(&h, blk, be32(&h, 4)).map_err(|e| e.1)?;
+                return Ok((blk, h, hblks, dblks));
+            }
+        }
+        Err("no log record before the head".into())
+    }
+
+    /// The record at `rec` is an unmount record ending at `head`: a clean log.
+    fn unmounted(&self, head: u64, rec: u64, h: &[u8], hblks: u64, dblks: u64) -> bool {
+        let n = self.g.log_bbs;
+        (rec + hblks + dblks) % n == head % n
+            && be32(h, 40) == 1
+            && self
+                .read_bbs(rec + hblks, 1)
+                .is_ok_and(|d| u8at(&d, 9) & OP_UNMOUNT != 0)
     }
 
     /// Validate a record header at `pos`: (header blocks, data blocks).
@@ -461,35 +491,27 @@ impl Log<'_> {
         if n < 64 {
             return Err(format!("log of {n} blocks"));
         }
-        let Some(head) = self.find_head()? else {
+        let Some((raw_head, first)) = self.find_head()? else {
             return Ok(None);
         };
-        // The last record header before the head.
-        let mut found = None;
-        let mut blk = head;
-        for _ in 0..n.min(TORN_WINDOW * 2) {
-            blk = (blk + n - 1) % n;
-            let b = self.read_bbs(blk, 1)?;
-            if be32(&b, 0) == REC_MAGIC {
-                found = Some((blk, b));
-                break;
-            }
+        let (rec, h, hblks, dblks) = self.last_record(raw_head)?;
+        // Cleanly unmounted (the common case): no need to look for torn writes.
+        if self.unmounted(raw_head, rec, &h, hblks, dblks) {
+            return Ok(None);
         }
-        let (rec, h) = found.ok_or("no log record before the head")?;
-        let rec_cycle = be32(&h, 4);
-        let (hblks, dblks) = self.record_shape(&h, rec, rec_cycle).map_err(|e| e.1)?;
+        let head = self.torn_head(raw_head, first)? % n;
+        let (rec, h, hblks, dblks) = if head == raw_head % n {
+            (rec, h, hblks, dblks)
+        } else {
+            self.last_record(head)?
+        };
+        if self.unmounted(head, rec, &h, hblks, dblks) {
+            return Ok(None);
+        }
         let tail_lsn = be64(&h, 24);
         let (tail_cycle, tail) = ((tail_lsn >> 32) as u32, tail_lsn & 0xFFFF_FFFF);
         if tail >= n {
             return Err(format!("tail block {tail} past the log"));
-        }
-        let after = (rec + hblks + dblks) % n;
-        if after == head && be32(&h, 40) == 1 {
-            // An unmount record last: the log is clean.
-            let d = self.read_bbs(rec + hblks, 1)?;
-            if u8at(&d, 9) & OP_UNMOUNT != 0 {
-                return Ok(None);
-            }
         }
         if tail == head {
             return Ok(None);
