@@ -15,7 +15,7 @@
 #   OUTDIR/crash-ext3.raw the same with ext3 (jbd2 journal without checksum v3: ext4-view refuses it)
 #   OUTDIR/crash-xfs.raw  XFS v5 copied while mounted: the whole tree is in the log only
 #   OUTDIR/crash-xfs-churn.raw  XFS v5, most of the tree in place, then deletes (cancelled
-#                         buffers, freed inode chunks) and many/ in the log only
+#                         buffers, freed inode chunks) and many/ in the log only (256 KiB iclogs)
 #   OUTDIR/fuzz-seeds/restore_*/  small seed inputs for the cargo fuzz targets
 #
 # Standard tools only: mkfs.ext4 -d, mkfs.fat + mcopy, mkfs.xfs, mkntfs + ntfs-3g, mkswap,
@@ -421,7 +421,8 @@ crash_xfs() {
   truncate -s 300M "$WORK/crash.img"
   mkfs.xfs -q -f -L crash-xfs -m uuid=5eed0000-0000-4000-8000-0000000000c5 "$WORK/crash.img"
   if [[ -w $SYNCD ]]; then SYNCD_OLD=$(cat "$SYNCD"); echo 360000 > "$SYNCD"; fi
-  mount -t xfs -o loop "$WORK/crash.img" "$MNT"
+  # The churn image uses 256 KiB iclogs: records with extended headers.
+  mount -t xfs -o "loop$( (( churn )) && echo ,logbsize=256k)" "$WORK/crash.img" "$MNT"
   restore_syncd
   if (( churn )); then
     # Churn: a directory written in place (a freeze writes back everything and cleans the
