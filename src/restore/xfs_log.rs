@@ -14,10 +14,12 @@
 //! transaction is left as it is; on v4 inodes, `di_flushiter` decides. Intents (EFI, RUI, CUI,
 //! BUI, ATTRI, XMI) are not replayed: unfinished ones are counted.
 //!
-//! Damage: a record that fails validation ends the walk. Within the window the last iclogs may
-//! have been written in (torn writes at a crash) that is the normal end of the log; earlier it
-//! means a damaged log, and nothing is replayed. Every loop is bounded by the log size, and the
-//! log span and the overlay are bounded in bytes.
+//! Damage: a record whose blocks carry an older cycle number (or no header), within the window
+//! the last iclogs may span before the head and not at the tail, is the torn end of a crashed
+//! log: the walk ends there. Any other invalid record, an item that cannot be replayed, an
+//! unreadable block or a log span or overlay over `MAX_LOG_SPAN` / `MAX_OVERLAY` means nothing
+//! is replayed (`Outcome::NotReplayed` with the reason). Record CRCs are not verified. Every
+//! loop is bounded by the log size.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
