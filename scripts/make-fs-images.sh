@@ -13,6 +13,9 @@
 #   OUTDIR/lvm.raw        GPT p1 = LVM2 PV of VG snapfsvg: LV root (ext4, two segments), LV data (FAT16)
 #   OUTDIR/crash-ext4.raw ext4 copied while mounted: many/ committed to the journal, not yet in place
 #   OUTDIR/crash-ext3.raw the same with ext3 (jbd2 journal without checksum v3: ext4-view refuses it)
+#   OUTDIR/crash-xfs.raw  XFS v5 copied while mounted: the whole tree is in the log only
+#   OUTDIR/crash-xfs-churn.raw  XFS v5, most of the tree in place, then deletes (cancelled
+#                         buffers, freed inode chunks) and many/ in the log only (256 KiB iclogs)
 #   OUTDIR/fuzz-seeds/restore_*/  small seed inputs for the cargo fuzz targets
 #
 # Standard tools only: mkfs.ext4 -d, mkfs.fat + mcopy, mkfs.xfs, mkntfs + ntfs-3g, mkswap,
@@ -22,7 +25,7 @@
 set -euo pipefail
 
 OUT=${1:?usage: make-fs-images.sh OUTDIR}
-for cmd in mkfs.ext4 mkfs.fat mcopy mkfs.xfs mkntfs ntfs-3g mkswap sgdisk sfdisk setfattr python3 losetup pvcreate; do
+for cmd in mkfs.ext4 mkfs.fat mcopy mkfs.xfs fsfreeze mkntfs ntfs-3g mkswap sgdisk sfdisk setfattr python3 losetup pvcreate; do
   command -v "$cmd" >/dev/null || {
     echo "make-fs-images: $cmd missing (apt-get install e2fsprogs dosfstools mtools xfsprogs ntfs-3g util-linux gdisk fdisk attr python3 lvm2)" >&2
     exit 1
@@ -400,6 +403,66 @@ crash() {
 crash crash-ext4.raw ext4
 crash crash-ext3.raw ext3
 
+# The same for XFS: after the fsyncs every change sits in the log (each fsync forces it), and XFS
+# writes metadata in place only when its AIL is pushed: by log space pressure or by the log worker
+# every fs.xfs.xfssyncd_centisecs (30 s). The worker's first run is queued at mount with the value
+# of that moment, so the sysctl is raised around the mount only (and put back right after it, or
+# by cleanup on a failure). Nothing is synced before many/ either: the whole tree lives in the
+# log, so the replay rebuilds the root directory, big-dir/ and every inode chunk (icreate) too.
+SYNCD=/proc/sys/fs/xfs/xfssyncd_centisecs
+SYNCD_OLD=
+restore_syncd() {
+  if [[ -n $SYNCD_OLD ]]; then echo "$SYNCD_OLD" > "$SYNCD" || true; SYNCD_OLD=; fi
+}
+trap 'restore_syncd; cleanup' EXIT
+crash_xfs() {
+  local name=$1 churn=$2
+  rm -f "$WORK/crash.img"
+  truncate -s 300M "$WORK/crash.img"
+  mkfs.xfs -q -f -L crash-xfs -m uuid=5eed0000-0000-4000-8000-0000000000c5 "$WORK/crash.img"
+  if [[ -w $SYNCD ]]; then SYNCD_OLD=$(cat "$SYNCD"); echo 360000 > "$SYNCD"; fi
+  # The churn image uses 256 KiB iclogs: records with extended headers.
+  mount -t xfs -o "loop$( (( churn )) && echo ,logbsize=256k)" "$WORK/crash.img" "$MNT"
+  restore_syncd
+  if (( churn )); then
+    # Churn: a directory written in place (a freeze writes back everything and cleans the
+    # log), then removed in the log; another created, synced and removed in the log only (its
+    # buffers are logged, then cancelled, and its blocks free for many/ to reuse).
+    local items=() e i
+    for e in "$SRC"/* "$SRC"/.[!.]*; do
+      [[ -e $e || -L $e ]] || continue
+      [[ $(basename "$e") == many ]] || items+=("$e")
+    done
+    cp -a "${items[@]}" "$MNT/"
+    mkdir "$MNT/junk" "$MNT/junk2"
+    for i in $(seq 1 300); do echo "junk $i" > "$MNT/junk/file-with-a-long-name-$i"; done
+    fsfreeze -f "$MNT"
+    fsfreeze -u "$MNT"
+    rm -rf "$MNT/junk"
+    for i in $(seq 1 300); do gen "$i" 5000 "$MNT/junk2/other-file-with-a-long-name-$i"; done
+    sync -f "$MNT"
+    rm -rf "$MNT/junk2"
+    sync -f "$MNT"
+    cp -a "$SRC/many" "$MNT/"
+  else
+    cp -a "$SRC/." "$MNT/"
+  fi
+  touch -h -d "$T" "$MNT"
+  # syncfs writes the file data and forces the log; the metadata stays in the log only.
+  sync -f "$MNT"
+  sleep 1
+  cp --sparse=always "$WORK/crash.img" "$OUT/$name"
+  umount "$MNT"
+  if xfs_db -r -c 'ls /many' "$OUT/$name" 2>/dev/null | grep -q entry-with; then
+    echo "make-fs-images: warning: $name has many/ in place already (replay not exercised)" >&2
+  fi
+  if xfs_logprint -t "$OUT/$name" 2>/dev/null | grep -q 'state: <CLEAN>'; then
+    echo "make-fs-images: warning: $name has a clean log (replay not exercised)" >&2
+  fi
+}
+crash_xfs crash-xfs.raw 0
+crash_xfs crash-xfs-churn.raw 1
+
 # Small seeds for the cargo fuzz targets (fuzz/fuzz_targets/restore_*.rs): tiny filesystems,
 # and the metadata-bearing heads of the big ones.
 SEEDS="$OUT/fuzz-seeds"
@@ -416,6 +479,24 @@ truncate -s 64K "$SEEDS/restore_fat/fat12"
 mkfs.fat -F 12 -i 5eed0012 "$SEEDS/restore_fat/fat12" >/dev/null
 MTOOLS_SKIP_CHECK=1 mcopy -s -m -Q -i "$SEEDS/restore_fat/fat12" "$WORK/tiny/f" "$WORK/tiny/d" ::/
 dd if="$OUT/gpt.raw" of="$SEEDS/restore_xfs/head" bs=1K skip=$((73 * 1024)) count=96 status=none
+# The head of crash-xfs.raw with the first 512 KiB of its dirty log moved right behind it
+# (sb_logstart 24, sb_logblocks 128): the log parser's seed (its items point past the seed).
+python3 - "$OUT/crash-xfs.raw" "$SEEDS/restore_xfs/crash-log" <<'EOF2'
+import struct, sys
+src, dst = sys.argv[1], sys.argv[2]
+with open(src, "rb") as f:
+    head = bytearray(f.read(96 * 1024))
+    bs, = struct.unpack(">I", head[4:8])
+    logstart, = struct.unpack(">Q", head[48:56])
+    agblocks, = struct.unpack(">I", head[84:88])
+    agblklog = head[124]
+    f.seek(((logstart >> agblklog) * agblocks + (logstart & ((1 << agblklog) - 1))) * bs)
+    log = f.read(128 * bs)
+head[48:56] = struct.pack(">Q", 24)
+head[96:100] = struct.pack(">I", 128)
+with open(dst, "wb") as f:
+    f.write(bytes(head) + log)
+EOF2
 truncate -s 2M "$SEEDS/restore_ntfs/small"
 mkntfs -q -F -Q -L s "$SEEDS/restore_ntfs/small" >/dev/null 2>&1
 ntfs-3g -o loop "$SEEDS/restore_ntfs/small" "$MNT"

@@ -197,7 +197,15 @@ fn every_guest_filesystem_through_the_mount() {
         .unwrap();
     let pool = t.path().join("guests");
     fs::create_dir(&pool).unwrap();
-    for disk in ["gpt", "mbr", "lvm", "whole", "crash-ext3", "ntfs512"] {
+    for disk in [
+        "gpt",
+        "mbr",
+        "lvm",
+        "whole",
+        "crash-ext3",
+        "crash-xfs",
+        "ntfs512",
+    ] {
         qcow2_with_snapshot(
             &imgs.join(format!("{disk}.raw")),
             &pool.join(format!("{disk}.qcow2")),
@@ -210,7 +218,7 @@ fn every_guest_filesystem_through_the_mount() {
         imgs.join("src-plain"),
         imgs.join("src-ntfs"),
     );
-    let cases: [(&str, &str, &Path, bool); 12] = [
+    let cases: [(&str, &str, &Path, bool); 13] = [
         ("gpt", "p1", &src, true),      // ext4
         ("gpt", "p2", &plain, false),   // FAT32
         ("gpt", "p3", &src, true),      // XFS
@@ -221,6 +229,7 @@ fn every_guest_filesystem_through_the_mount() {
         ("whole", "whole", &src, true), // ext4 without a partition table
         ("lvm", "p1/lvm/snapfsvg/root", &src, true),
         ("crash-ext3", "whole", &src, true), // journal replayed in memory
+        ("crash-xfs", "whole", &src, true),  // log replayed in memory
         ("ntfs512", "whole", &ntfs, false),  // NTFS, 512-byte clusters: 8 KiB units
         ("gpt", "p1", &src, true),           // again: served from the cache
     ];

@@ -15,6 +15,7 @@ pub mod prefetch;
 pub mod probe;
 pub mod slice;
 pub mod xfs;
+mod xfs_log;
 
 use std::sync::Arc;
 use std::time::SystemTime;
