@@ -107,8 +107,10 @@ pub(crate) struct DirCache {
 }
 
 pub(crate) const DIR_CACHE: usize = 1024;
-/// About 64 bytes each with its name: 16 MiB at most per filesystem, whatever its directories.
-pub(crate) const DIR_CACHE_ENTRIES: usize = 256 << 10;
+/// About 64 bytes each with its name: 4 MiB at most per filesystem whatever its directories
+/// (32 filesystems stay open: 128 MiB at worst). A walk needs only the listings between the
+/// read-ahead and the walker; a whole Debian root is 8,813 entries.
+pub(crate) const DIR_CACHE_ENTRIES: usize = 64 << 10;
 
 impl Default for DirCache {
     fn default() -> Self {
