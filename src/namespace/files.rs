@@ -424,7 +424,7 @@ impl Namespace {
                     return Err(Error::NotDir(p.rest.join("/")));
                 }
                 let list = fs.readdir(stat.ino)?;
-                self.prefetch.dirs(&fs, restore::subdirs(&list).into_iter());
+                self.prefetch.dirs(&fs, &restore::subdirs(&list));
                 Ok(list
                     .iter()
                     .filter_map(|&(ref name, ino, k)| {

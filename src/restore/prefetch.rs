@@ -6,9 +6,10 @@
 //! kernel round trips of the current one.
 //!
 //! Bounded on every side: one thread, a queue of at most [`MAX_QUEUED`] directories (the oldest
-//! are dropped: the walker has moved on), only the subdirectories of what was actually listed
-//! (one level ahead, never a recursive crawl of its own), and a filesystem that was closed is
-//! skipped (the queue holds only weak references).
+//! are dropped: the walker has moved on), only what lies at most [`LEVELS`] below a directory
+//! that was actually listed (never a crawl of its own), the first [`MAX_PER_LISTING`]
+//! subdirectories of a listing, and a filesystem that was closed is skipped (the queue holds
+//! only weak references).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, Weak};
@@ -17,6 +18,9 @@ use super::GuestFs;
 
 /// Directories waiting to be read ahead, at most.
 const MAX_QUEUED: usize = 4096;
+/// Subdirectories of one listing read ahead, at most: as many as the readers' listing cache
+/// holds ([`super::DIR_CACHE`]); more would be dropped from it before the walker gets there.
+const MAX_PER_LISTING: usize = super::DIR_CACHE;
 /// How many levels below a listed directory are read ahead. One is not enough for a
 /// depth-first walker: it enters the first subdirectory at once, before that one was read.
 const LEVELS: u8 = 2;
@@ -64,7 +68,7 @@ impl Prefetcher {
     /// Read `dirs` of `fs` ahead, the first of them first, before anything queued earlier
     /// (a depth-first walker enters the newest listing's subdirectories next), and their
     /// subdirectories down to [`LEVELS`] below the listing, depth first.
-    pub fn dirs(&self, fs: &Arc<dyn GuestFs>, dirs: impl DoubleEndedIterator<Item = u64>) {
+    pub fn dirs(&self, fs: &Arc<dyn GuestFs>, dirs: &[u64]) {
         if self.enqueue(fs, dirs) {
             self.start();
             self.shared.wake.notify_one();
@@ -72,7 +76,7 @@ impl Prefetcher {
     }
 
     /// Queue without waking the thread; false if nothing was queued.
-    fn enqueue(&self, fs: &Arc<dyn GuestFs>, dirs: impl DoubleEndedIterator<Item = u64>) -> bool {
+    fn enqueue(&self, fs: &Arc<dyn GuestFs>, dirs: &[u64]) -> bool {
         let Ok(mut q) = self.shared.queue.lock() else {
             return false;
         };
@@ -113,15 +117,10 @@ impl Drop for Prefetcher {
     }
 }
 
-/// Queue `dirs` ahead of everything queued, in their order; false if there were none.
-fn push(
-    q: &mut Queue,
-    fs: &Weak<dyn GuestFs>,
-    dirs: impl DoubleEndedIterator<Item = u64>,
-    below: u8,
-) -> bool {
-    let before = q.jobs.len();
-    for dir in dirs.rev() {
+/// Queue the first [`MAX_PER_LISTING`] of `dirs` ahead of everything queued, in their order;
+/// false if there were none.
+fn push(q: &mut Queue, fs: &Weak<dyn GuestFs>, dirs: &[u64], below: u8) -> bool {
+    for &dir in dirs.iter().take(MAX_PER_LISTING).rev() {
         q.jobs.push_front(Job {
             fs: fs.clone(),
             dir,
@@ -129,7 +128,7 @@ fn push(
         });
     }
     q.jobs.truncate(MAX_QUEUED);
-    q.jobs.len() != before
+    !dirs.is_empty()
 }
 
 fn run(shared: &Shared) {
@@ -158,7 +157,7 @@ fn run(shared: &Shared) {
         let subdirs = fs.prefetch_dir(job.dir);
         if job.below > 0 && !subdirs.is_empty() {
             if let Ok(mut q) = shared.queue.lock() {
-                push(&mut q, &job.fs, subdirs.into_iter(), job.below - 1);
+                push(&mut q, &job.fs, &subdirs, job.below - 1);
             }
         }
     }
@@ -221,15 +220,24 @@ mod tests {
     fn newest_listing_first_in_its_order_and_bounded() {
         let (fs, _) = counting();
         let p = Prefetcher::new();
-        assert!(p.enqueue(&fs, [1, 2].into_iter()));
-        assert!(p.enqueue(&fs, [7, 8, 9].into_iter()));
-        assert!(!p.enqueue(&fs, std::iter::empty()));
+        assert!(p.enqueue(&fs, &[1, 2]));
+        assert!(p.enqueue(&fs, &[7, 8, 9]));
+        assert!(!p.enqueue(&fs, &[]));
         let order: Vec<u64> = match p.shared.queue.lock() {
             Ok(q) => q.jobs.iter().map(|j| j.dir).collect(),
             Err(_) => panic!("queue lock poisoned"),
         };
         assert_eq!(order, vec![7, 8, 9, 1, 2]);
-        assert!(p.enqueue(&fs, 100..(100 + MAX_QUEUED as u64)));
+        let many: Vec<u64> = (100..100 + 2 * MAX_PER_LISTING as u64).collect();
+        assert!(p.enqueue(&fs, &many));
+        assert_eq!(
+            p.queued(),
+            5 + MAX_PER_LISTING,
+            "a listing's first subdirectories only"
+        );
+        for _ in 0..MAX_QUEUED / MAX_PER_LISTING {
+            assert!(p.enqueue(&fs, &many));
+        }
         assert_eq!(p.queued(), MAX_QUEUED);
         let front = p
             .shared
@@ -244,10 +252,10 @@ mod tests {
     fn reads_in_the_background_and_skips_closed_filesystems() {
         let p = Prefetcher::new();
         let (closed, closed_n) = counting();
-        assert!(p.enqueue(&closed, 0..50));
+        assert!(p.enqueue(&closed, &(0..50).collect::<Vec<u64>>()));
         drop(closed);
         let (open, open_n) = counting();
-        p.dirs(&open, [10, 11, 12].into_iter());
+        p.dirs(&open, &[10, 11, 12]);
         settle(&p, &open_n, 3);
         assert_eq!(open_n.load(Ordering::SeqCst), 3);
         assert_eq!(p.queued(), 0);
