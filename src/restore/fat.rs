@@ -298,11 +298,11 @@ impl FatFs {
     }
 
     fn dir_entries(&self, ino: u64) -> Result<DirList> {
-        if let Ok(mut c) = self.dirs.lock() {
-            if let Some(d) = c.get(&ino) {
-                return Ok(d.clone());
-            }
-        }
+        DirCache::get_or_read(&self.dirs, ino, || self.read_dir(ino))
+    }
+
+    /// Directory `ino`'s entries as stored (see [`Self::dir_entries`] for the cached ones).
+    fn read_dir(&self, ino: u64) -> Result<Vec<(Vec<u8>, u64, FileKind)>> {
         let mut out = Vec::new();
         let mut lfn: Vec<u16> = Vec::new();
         let mut lfn_sum: Option<u8> = None;
@@ -374,11 +374,7 @@ impl FatFs {
                 out.push((name, child, kind));
             }
         }
-        let list = Arc::new(out);
-        if let Ok(mut c) = self.dirs.lock() {
-            c.put(ino, list.clone());
-        }
-        Ok(list)
+        Ok(out)
     }
 
     fn dir_first_cluster(&self, ino: u64) -> Result<Option<u32>> {

@@ -17,7 +17,7 @@ pub mod slice;
 pub mod xfs;
 mod xfs_log;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::error::Result;
@@ -122,6 +122,23 @@ impl Default for DirCache {
 }
 
 impl DirCache {
+    /// The listing of `dir` kept in `cache`, else the one `read` gives, which is then kept.
+    /// The lock is not held while reading.
+    pub(crate) fn get_or_read(
+        cache: &Mutex<DirCache>,
+        dir: u64,
+        read: impl FnOnce() -> Result<Vec<(Vec<u8>, u64, FileKind)>>,
+    ) -> Result<DirList> {
+        if let Some(d) = cache.lock().ok().and_then(|mut c| c.get(&dir).cloned()) {
+            return Ok(d);
+        }
+        let list = Arc::new(read()?);
+        if let Ok(mut c) = cache.lock() {
+            c.put(dir, list.clone());
+        }
+        Ok(list)
+    }
+
     pub(crate) fn get(&mut self, dir: &u64) -> Option<&DirList> {
         self.lru.get(dir)
     }

@@ -547,11 +547,11 @@ impl NtfsFs {
     }
 
     fn dir_entries(&self, dir: u64) -> Result<DirList> {
-        if let Ok(mut c) = self.dirs.lock() {
-            if let Some(d) = c.get(&dir) {
-                return Ok(d.clone());
-            }
-        }
+        DirCache::get_or_read(&self.dirs, dir, || self.read_dir(dir))
+    }
+
+    /// Directory `dir`'s entries as stored (see [`Self::dir_entries`] for the cached ones).
+    fn read_dir(&self, dir: u64) -> Result<Vec<(Vec<u8>, u64, FileKind)>> {
         let list = self.with("directory", |ntfs, fs| {
             let file = Self::file(ntfs, fs, dir)?;
             let index = file.directory_index(fs)?;
@@ -596,10 +596,6 @@ impl NtfsFs {
             if let Ok(st) = self.stat(list[i].1) {
                 list[i].2 = st.kind;
             }
-        }
-        let list = Arc::new(list);
-        if let Ok(mut c) = self.dirs.lock() {
-            c.put(dir, list.clone());
         }
         Ok(list)
     }

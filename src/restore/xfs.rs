@@ -543,11 +543,11 @@ impl XfsFs {
     }
 
     fn dir_entries(&self, ino: u64) -> Result<DirList> {
-        if let Ok(mut c) = self.dirs.lock() {
-            if let Some(d) = c.get(&ino) {
-                return Ok(d.clone());
-            }
-        }
+        DirCache::get_or_read(&self.dirs, ino, || self.read_dir(ino))
+    }
+
+    /// Directory `ino`'s entries as stored (see [`Self::dir_entries`] for the cached ones).
+    fn read_dir(&self, ino: u64) -> Result<Vec<(Vec<u8>, u64, FileKind)>> {
         let inode = self.inode(ino)?;
         if inode.kind() != Some(FileKind::Dir) {
             return Err(Error::NotDir(format!("XFS inode {ino}")));
@@ -582,11 +582,7 @@ impl XfsFs {
             }
             ok
         });
-        let list = Arc::new(out);
-        if let Ok(mut c) = self.dirs.lock() {
-            c.put(ino, list.clone());
-        }
-        Ok(list)
+        Ok(out)
     }
 
     fn child_kind(&self, ftype: Option<u8>, child: u64) -> Result<FileKind> {

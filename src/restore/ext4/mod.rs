@@ -6,7 +6,7 @@
 mod journal;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use super::bytes::{le16, le32, sub, u8at};
 use super::{
@@ -651,11 +651,11 @@ impl Ext4Fs {
     }
 
     fn dir_entries(&self, ino: u64) -> Result<DirList> {
-        if let Ok(mut c) = self.dirs.lock() {
-            if let Some(d) = c.get(&ino) {
-                return Ok(d.clone());
-            }
-        }
+        DirCache::get_or_read(&self.dirs, ino, || self.read_dir(ino))
+    }
+
+    /// Directory `ino`'s entries as stored (see [`Self::dir_entries`] for the cached ones).
+    fn read_dir(&self, ino: u64) -> Result<Vec<(Vec<u8>, u64, FileKind)>> {
         let inode = self.inode(ino)?;
         if inode.kind() != Some(FileKind::Dir) {
             return Err(Error::NotDir(format!("ext4 inode {ino}")));
@@ -685,11 +685,7 @@ impl Ext4Fs {
                 }
             }
         }
-        let list = Arc::new(out);
-        if let Ok(mut c) = self.dirs.lock() {
-            c.put(ino, list.clone());
-        }
-        Ok(list)
+        Ok(out)
     }
 
     fn parse_dirents(
