@@ -141,6 +141,15 @@ fn qcow2_with_snapshot(raw: &Path, img: &Path) {
     qemu_img(&["snapshot", "-c", "s", img]);
 }
 
+/// An ext4 image file of `size` holding the tree `src` (`mkfs.ext4 -d`).
+fn mkfs_ext4(src: &Path, raw: &Path, size: &str) {
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(src)
+        .arg(raw)
+        .arg(size));
+}
+
 /// The images of scripts/make-fs-images.sh (shared with tests/restore.rs through its `.done`).
 fn fs_images() -> PathBuf {
     fs_images_in(&PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fs-images"))
@@ -298,11 +307,7 @@ fn non_utf8_guest_names_survive_byte_for_byte() {
     fs::write(src.join(odd_dir).join(latin1), b"nested\n").unwrap();
     fs::write(src.join(pua), b"pua\n").unwrap();
     let raw = t.path().join("fs.raw");
-    run(Command::new("truncate").arg("-s").arg("16M").arg(&raw));
-    run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&src)
-        .arg(&raw));
+    mkfs_ext4(&src, &raw, "16M");
     let pool = t.path().join("pool");
     fs::create_dir(&pool).unwrap();
     qcow2_with_snapshot(&raw, &pool.join("names.qcow2"));
@@ -359,11 +364,7 @@ fn unreadable_inode_is_listed_and_fails_alone() {
     let images = t.path().join("images");
     fs::create_dir(&images).unwrap();
     let raw = t.path().join("fs.raw");
-    run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&src)
-        .arg(&raw)
-        .arg("8M"));
+    mkfs_ext4(&src, &raw, "8M");
     run(Command::new("debugfs")
         .args(["-w", "-R", "clri b.txt"])
         .arg(&raw));
@@ -404,11 +405,7 @@ fn a_snapshot_taken_again_under_its_name_shows_its_new_files() {
             fs::write(f, body).unwrap();
         }
         let raw = t.path().join(format!("{name}.raw"));
-        run(Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-d"])
-            .arg(&src)
-            .arg(&raw)
-            .arg("8M"));
+        mkfs_ext4(&src, &raw, "8M");
         raw
     };
     let one = mkfs("one", &[("a.txt", "one\n"), ("d/x", "x\n")]);
