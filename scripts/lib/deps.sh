@@ -27,7 +27,7 @@ deps_major() { # package: upstream major version installed, or 0
   local v
   v=$(dpkg-query -W -f='${db:Status-Abbrev} ${Version}' "$1" 2>/dev/null || true)
   [[ $v == ii* ]] || { echo 0; return; }
-  v=${v#* }; v=${v#*:}; v=${v%%[.+~-]*}
+  v=${v##* }; v=${v#*:}; v=${v%%[.+~-]*}
   [[ $v =~ ^[0-9]+$ ]] && echo "$v" || echo 0
 }
 
