@@ -101,6 +101,7 @@ cp /etc/resolv.conf "$ROOT/etc/resolv.conf" 2>/dev/null || true
 printf '#!/bin/sh\nexit 101\n' > "$ROOT/usr/sbin/policy-rc.d"
 chmod +x "$ROOT/usr/sbin/policy-rc.d"
 echo force-unsafe-io > "$ROOT/etc/dpkg/dpkg.cfg.d/snapfs-check-unsafe-io"
+ROOT_SIZE=$(du -sh "$ROOT" | cut -f1)
 bind "$CACHE/archives" "$ROOT/var/cache/apt/archives"
 bind /proc "$ROOT/proc"
 bind /sys "$ROOT/sys"
@@ -121,7 +122,7 @@ mkdir -p "$ROOT/snapfs"
 (cd "$REPO" && git ls-files -z -co --exclude-standard | tar --null -T - -cf - 2>/dev/null) | tar -xf - -C "$ROOT/snapfs"
 inroot() { chroot "$ROOT" /usr/bin/env -i HOME=/root LANG=C.UTF-8 \
   PATH="${TOOLCHAIN_PATH}/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" "$@"; }
-say "root ready ($(du -sh --one-file-system "$ROOT" | cut -f1))"
+say "root ready ($ROOT_SIZE)"
 
 # ---- 2. the .deb, on the bare root: its Depends must be enough ------------------------------------
 if [[ -n $DEB ]]; then
@@ -130,7 +131,7 @@ if [[ -n $DEB ]]; then
   inroot apt-get -qq update
   inroot dpkg -i /tmp/snapfs.deb >/dev/null 2>&1 || true
   inroot env DEBIAN_FRONTEND=noninteractive apt-get -y -q -f --no-install-recommends install >/dev/null
-  inroot dpkg-query -W -f='${db:Status-Abbrev}' snapfs | grep -q '^ii' || { say "FAIL: snapfs .deb not installed"; exit 1; }
+  inroot dpkg-query -W -f='${Status}' snapfs | grep -q 'install ok installed' || { say "FAIL: snapfs .deb not installed"; exit 1; }
   inroot snapfs --version
   inroot ldd /usr/bin/snapfs
 fi

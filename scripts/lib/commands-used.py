@@ -232,10 +232,13 @@ def reach(repo, entries):
         seen.append(rel)
         with open(os.path.join(repo, rel), encoding="utf-8", errors="replace") as f:
             code = "\n".join(l for l in f.read().splitlines() if not l.lstrip().startswith("#"))
+        # "$HERE/x.sh", "${DIR}/x.sh": drop the variable, keep the path after it.
+        code = re.sub(r"\$\{?[A-Za-z_][A-Za-z0-9_]*(\[[^]]*\])?\}?", "", code)
         here = os.path.dirname(rel)
         for tok in re.findall(r"[A-Za-z0-9_./-]*\.sh\b", code):
-            for base in (("",) if tok.startswith("scripts/") else (here, "")):
-                cand = os.path.normpath(os.path.join(base, tok.lstrip("/")))
+            tok = tok.lstrip("/")
+            for base in ("",) if tok.startswith("scripts/") else (here, ""):
+                cand = os.path.normpath(os.path.join(base, tok))
                 if os.path.isfile(os.path.join(repo, cand)) and not cand.startswith(".."):
                     todo.append(cand)
                     break

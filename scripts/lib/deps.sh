@@ -42,7 +42,7 @@ deps_row_ok() { # check package min
 }
 
 deps_missing() {
-  local check pkg suite min group
+  local check pkg suite min
   while read -r check pkg suite min _; do
     deps_row_ok "$check" "$pkg" "$min" || echo "$pkg $suite"
   done < <(deps_rows "$@") | sort -u
@@ -95,12 +95,13 @@ deps_install() {
     "${DEPS_APT[@]}" update -qq
     DEPS_NEED_UPDATE=0
   fi
-  # Backports first: -t takes these (and their dependencies where backports has them) from
-  # there, so e.g. qemu-utils 10 is kept, never downgraded. The rest comes from the release
-  # itself in a second call (e2fsprogs from backports would change mkfs defaults).
+  # Backports first, each named as PKG/SUITE: apt takes that package from backports and a
+  # dependency from there only where the release's own version does not satisfy it. (`-t`
+  # would take every new dependency from backports: on a bare root that pulled libelf1 0.192,
+  # which then blocked ceph's libdw1 0.188.) The rest comes from the release in a second call.
   if (( ${#bp_pkgs[@]} )); then
     deps_log "installing from $codename-backports: ${bp_pkgs[*]}"
-    deps_apt_install -t "$codename-backports" "${bp_pkgs[@]}"
+    deps_apt_install "${bp_pkgs[@]/%//$codename-backports}"
   fi
   if (( ${#main_pkgs[@]} )); then
     deps_log "installing: ${main_pkgs[*]}"

@@ -8,8 +8,19 @@ use crate::provider::memory::MemoryProvider;
 use crate::provider::Owner;
 
 fn core(p: Arc<MemoryProvider>) -> SnapFs {
+    core_with(p, false)
+}
+
+fn core_with(p: Arc<MemoryProvider>, read_only: bool) -> SnapFs {
     let ns = Namespace::new(vec![p], "/mnt/snap".into(), Duration::from_secs(60));
-    SnapFs::new(ns, FsOptions { uid: 0, gid: 0 })
+    SnapFs::new(
+        ns,
+        FsOptions {
+            uid: 0,
+            gid: 0,
+            read_only,
+        },
+    )
 }
 
 fn walk(fs: &SnapFs, path: &str) -> Result<Attr> {
@@ -175,6 +186,30 @@ fn launch_by_symlink() {
         names(&fs, "instances").contains(&"copy".to_string()),
         "the instance stays"
     );
+}
+
+#[test]
+fn a_read_only_mount_refuses_every_change_and_still_reads() {
+    let p = provider();
+    let rw = core(p.clone());
+    rw.mkdir(walk(&rw, "instances/web/.snapshots").unwrap().ino, "s1")
+        .unwrap();
+    let fs = core_with(p, true);
+    let snaps = walk(&fs, "instances/web/.snapshots").unwrap().ino;
+    let launch = walk(&fs, "launch").unwrap().ino;
+    let rofs = |r: Result<()>| r.unwrap_err().errno();
+    assert_eq!(fs.mkdir(snaps, "s2").unwrap_err().errno(), libc::EROFS);
+    assert_eq!(rofs(fs.rmdir(snaps, "s1")), libc::EROFS);
+    assert_eq!(rofs(fs.rename(snaps, "s1", snaps, "s3")), libc::EROFS);
+    assert_eq!(
+        fs.symlink(launch, "copy", "../instances/web/.snapshots/s1")
+            .unwrap_err()
+            .errno(),
+        libc::EROFS
+    );
+    assert_eq!(rofs(fs.unlink(launch, "copy")), libc::EROFS);
+    assert_eq!(names(&fs, "instances/web/.snapshots"), ["s1"]);
+    walk(&fs, "instances/web/.snapshots/s1/snapshot.json").unwrap();
 }
 
 #[test]
