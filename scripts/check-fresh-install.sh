@@ -53,6 +53,10 @@ bind() { # SRC DST [ro]
 cleanup() {
   local rc=$? i
   set +e
+  # Whatever a step left mounted inside the root (a snapfs mount of the checks below) first,
+  # deepest first, then our own binds.
+  grep " $ROOT/" /proc/mounts | cut -d' ' -f2 | grep -vxF -f <(printf '%s\n' "${MOUNTS[@]}") |
+    sort -r | while read -r m; do umount -l "$m"; done
   for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do
     umount "${MOUNTS[i]}" 2>/dev/null || umount -l "${MOUNTS[i]}"
   done
@@ -148,8 +152,27 @@ for step in "${STEPS[@]}"; do
   fi
 done
 if [[ -n $DEB ]]; then
+  say "the installed package: man pages, unit, mount -t fuse.snapfs, an fstab line"
   inroot man -w snapfs >/dev/null || { say "FAIL: man -w snapfs finds no page"; exit 1; }
   inroot man -w snapfs-mount >/dev/null || { say "FAIL: man -w snapfs-mount finds no page"; exit 1; }
+  inroot systemd-analyze verify /lib/systemd/system/snapfs@.service ||
+    { say "FAIL: systemd-analyze verify snapfs@.service"; exit 1; }
+  if ! inroot bash -euo pipefail -c '
+      mkdir -p /tmp/imgs /mnt/t1 /mnt/t2
+      qemu-img create -q -f qcow2 /tmp/imgs/web.qcow2 16M
+      qemu-img snapshot -c nightly /tmp/imgs/web.qcow2
+      mount -t fuse.snapfs snapfs /mnt/t1 -o images=/tmp/imgs,allow_other,nofail,_netdev
+      [ "$(ls /mnt/t1/volumes/imgs/web.qcow2/.snapshots)" = nightly ]
+      umount /mnt/t1
+      echo "snapfs /mnt/t2 fuse.snapfs images=/tmp/imgs,libvirt=test:///default,noauto,x-systemd.automount 0 0" > /tmp/fstab
+      mount -T /tmp/fstab /mnt/t2
+      [ "$(ls /mnt/t2/volumes/imgs)" = web.qcow2 ]
+      umount /mnt/t2
+      for _ in $(seq 100); do pgrep -f "mount.fuse.snapfs snapfs /mnt/t" >/dev/null || exit 0; sleep 0.1; done
+      echo "a snapfs daemon survived umount" >&2; exit 1'; then
+    say "FAIL: mounting through mount(8) with the installed helper"
+    exit 1
+  fi
 fi
 
 # ---- 4. every command the scripts, tests and daemon call is there --------------------------------

@@ -389,7 +389,10 @@ pub fn generate_assets(out: &Path) -> anyhow::Result<()> {
     write_page(cmd.clone(), "snapfs.1")?;
     let mut cmd_built = cmd.clone();
     cmd_built.build();
-    for sub in cmd_built.get_subcommands().filter(|s| !s.is_hide_set()) {
+    for sub in cmd_built
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+    {
         let name = format!("snapfs-{}", sub.get_name());
         write_page(sub.clone().name(name.clone()), &format!("{name}.1"))?;
     }
