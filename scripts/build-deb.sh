@@ -42,6 +42,7 @@ install -D -m 0644 packaging/etc-README "$STAGE/etc/snapfs/README"
 
 "$STAGE/usr/bin/snapfs" generate-assets "$STAGE/assets"
 mkdir -p "$STAGE/usr/share/man/man1"
+# shellcheck disable=SC2094  # reads assets/man/X.1, writes usr/share/man/man1/X.1.gz
 for page in "$STAGE"/assets/man/*.1; do
   gzip -9n < "$page" > "$STAGE/usr/share/man/man1/$(basename "$page").gz"
 done

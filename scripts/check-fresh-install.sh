@@ -41,6 +41,7 @@ t0=$SECONDS
 say() { printf 'check-fresh-install: [%4d s] %s\n' $((SECONDS - t0)) "$*" >&2; }
 mkdir -p "$CACHE/debootstrap" "$CACHE/archives/partial"
 ROOT=$(mktemp -d /var/tmp/snapfs-fresh-root.XXXXXX)
+chmod 0755 "$ROOT"   # a root directory others (apt's _apt user) can enter
 
 # Every bind mount goes through here, so cleanup knows all of them.
 MOUNTS=()
@@ -135,6 +136,7 @@ if [[ -n $DEB ]]; then
   inroot apt-get -qq update
   inroot dpkg -i /tmp/snapfs.deb >/dev/null 2>&1 || true
   inroot env DEBIAN_FRONTEND=noninteractive apt-get -y -q -f --no-install-recommends install >/dev/null
+  # shellcheck disable=SC2016
   inroot dpkg-query -W -f='${Status}' snapfs | grep -q 'install ok installed' || { say "FAIL: snapfs .deb not installed"; exit 1; }
   inroot snapfs --version
   inroot ldd /usr/bin/snapfs
@@ -157,6 +159,7 @@ if [[ -n $DEB ]]; then
   inroot man -w snapfs-mount >/dev/null || { say "FAIL: man -w snapfs-mount finds no page"; exit 1; }
   inroot systemd-analyze verify /lib/systemd/system/snapfs@.service ||
     { say "FAIL: systemd-analyze verify snapfs@.service"; exit 1; }
+  # shellcheck disable=SC2016  # the script runs in the root, its $ are its own
   if ! inroot bash -euo pipefail -c '
       mkdir -p /tmp/imgs /mnt/t1 /mnt/t2
       qemu-img create -q -f qcow2 /tmp/imgs/web.qcow2 16M
