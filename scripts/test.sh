@@ -31,10 +31,11 @@ cargo test --all-targets "$@"
 
 if [[ ${SNAPFS_FRESH_CHECK:-1} != 0 || ${CI:-} == true ]]; then
   echo "== the Debian package"
-  bash scripts/build-deb.sh
+  deb=$(bash scripts/build-deb.sh | tail -n 1 | cut -d' ' -f1)
+  echo "$deb ($(du -k "$deb" | cut -f1) KiB)"
   echo "== pristine-root install check"
   fresh_started=$(date +%s)
-  bash scripts/check-fresh-install.sh --deb "$(ls -t target/debian/snapfs_*.deb | head -1)"
+  bash scripts/check-fresh-install.sh --deb "$deb"
   echo "== pristine-root check: $(( $(date +%s) - fresh_started )) s"
 fi
 
