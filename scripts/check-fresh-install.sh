@@ -171,7 +171,7 @@ if [[ -n $DEB ]]; then
       mount -T /tmp/fstab /mnt/t2
       [ "$(ls /mnt/t2/volumes/imgs)" = web.qcow2 ]
       umount /mnt/t2
-      for _ in $(seq 100); do pgrep -f "mount.fuse.snapfs snapfs /mnt/t" >/dev/null || exit 0; sleep 0.1; done
+      for _ in $(seq 100); do pgrep -f "[m]ount.fuse.snapfs snapfs /mnt/t" >/dev/null || exit 0; sleep 0.1; done
       echo "a snapfs daemon survived umount" >&2; exit 1'; then
     say "FAIL: mounting through mount(8) with the installed helper"
     exit 1
