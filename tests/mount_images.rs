@@ -446,3 +446,119 @@ fn bad_arguments_fail_clearly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/dir"), "{err}");
 }
+
+/// A ploop disk (Nova's ploop backend, Virtuozzo): a directory with DiskDescriptor.xml and a
+/// chain of Parallels deltas is a volume; each shot but the live top is a snapshot that reads
+/// as QEMU's parallels driver reads that delta over its backing chain. Creating or deleting
+/// ploop snapshots needs Virtuozzo's tool: ENOTSUP.
+#[test]
+fn ploop_directory_is_a_volume_with_its_shots() {
+    let t = tempfile::tempdir().unwrap();
+    let pool = t.path().join("vz");
+    let disk = pool.join("ct101");
+    fs::create_dir_all(&disk).unwrap();
+    let p = |f: &str| disk.join(f).to_str().unwrap().to_string();
+    let (g1, g2, g3) = (
+        "{5fbaabe3-6958-40ff-92a7-860e329aab41}",
+        "{1c0e6b2e-3b8a-4d0e-9f7e-2a7d0c1d2e01}",
+        "{1c0e6b2e-3b8a-4d0e-9f7e-2a7d0c1d2e02}",
+    );
+    for f in ["root.hds", "root.hds.1", "root.hds.2"] {
+        qemu_img(&["create", "-q", "-f", "parallels", &p(f), "8M"]);
+    }
+    let io = |f: &str, cmd: &str| {
+        run(Command::new("qemu-io")
+            .args(["-f", "parallels", "-c", cmd])
+            .arg(p(f)));
+    };
+    io("root.hds", "write -P 0x61 0 3M");
+    io("root.hds.1", "write -P 0x62 1M 1M");
+    io("root.hds.2", "write -P 0x63 2M 1M");
+    let img = |guid: &str, file: &str| {
+        format!("<Image><GUID>{guid}</GUID><Type>Compressed</Type><File>{file}</File></Image>")
+    };
+    let shot = |guid: &str, parent: &str| {
+        format!("<Shot><GUID>{guid}</GUID><ParentGUID>{parent}</ParentGUID></Shot>")
+    };
+    let xml = format!(
+        "<?xml version='1.0' encoding='UTF-8'?><Parallels_disk_image Version=\"1.0\">\
+         <Disk_Parameters><Disk_size>16384</Disk_size></Disk_Parameters>\
+         <StorageData><Storage><Start>0</Start><End>16384</End><Blocksize>2048</Blocksize>{}{}{}</Storage></StorageData>\
+         <Snapshots><TopGUID>{g3}</TopGUID>{}{}{}</Snapshots></Parallels_disk_image>",
+        img(g1, "root.hds"),
+        img(g2, "root.hds.1"),
+        img(g3, "root.hds.2"),
+        shot(g1, "{00000000-0000-0000-0000-000000000000}"),
+        shot(g2, g1),
+        shot(g3, g2),
+    );
+    fs::write(disk.join("DiskDescriptor.xml"), xml).unwrap();
+
+    let m = Mount::new(&pool);
+    assert_eq!(ls(&m.mnt.join("volumes/vz")), ["ct101"]);
+    let vol = m.vol("ct101");
+    let info: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(vol.join("volume.json")).unwrap()).unwrap();
+    assert_eq!(info["format"], "ploop");
+    assert_eq!(info["snapshots"], 2);
+    let names = ls(&vol.join(".snapshots"));
+    assert_eq!(
+        names,
+        [
+            "1c0e6b2e-3b8a-4d0e-9f7e-2a7d0c1d2e01",
+            "5fbaabe3-6958-40ff-92a7-860e329aab41"
+        ]
+    );
+    // Each snapshot equals QEMU's reading of its delta over its backing deltas.
+    let chain = |top: &str, below: &str| {
+        format!(
+            r#"json:{{"driver":"parallels","file":{{"driver":"file","filename":"{}"}},"backing":{below}}}"#,
+            p(top)
+        )
+    };
+    let base = format!(
+        r#"{{"driver":"parallels","file":{{"driver":"file","filename":"{}"}}}}"#,
+        p("root.hds")
+    );
+    for (name, spec) in [
+        (
+            "5fbaabe3-6958-40ff-92a7-860e329aab41",
+            format!("json:{base}"),
+        ),
+        (
+            "1c0e6b2e-3b8a-4d0e-9f7e-2a7d0c1d2e01",
+            chain("root.hds.1", &base),
+        ),
+    ] {
+        let reference = t.path().join(format!("{name}.ref"));
+        qemu_img(&["convert", "-O", "raw", &spec, reference.to_str().unwrap()]);
+        let got = fs::read(vol.join(".snapshots").join(name).join("disk.raw")).unwrap();
+        assert!(
+            got == fs::read(&reference).unwrap(),
+            "snapshot {name} differs from qemu"
+        );
+    }
+    let snap: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(
+            vol.join(".snapshots/1c0e6b2e-3b8a-4d0e-9f7e-2a7d0c1d2e01/snapshot.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(snap["parent"], "5fbaabe3-6958-40ff-92a7-860e329aab41");
+    assert_eq!(
+        errno(fs::create_dir(vol.join(".snapshots/new"))),
+        libc::EOPNOTSUPP
+    );
+    assert_eq!(
+        errno(fs::remove_dir(
+            vol.join(".snapshots/5fbaabe3-6958-40ff-92a7-860e329aab41")
+        )),
+        libc::EOPNOTSUPP
+    );
+    assert!(
+        m.log().contains("needs Virtuozzo's ploop tool"),
+        "{}",
+        m.log()
+    );
+}

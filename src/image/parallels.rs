@@ -22,8 +22,9 @@ const HEADER_LEN: u64 = 64;
 const SECTOR: u64 = 512;
 /// BAT entries read per page (16 KiB).
 const BAT_PAGE: u64 = 4096;
-/// Most extents one `map` call returns; callers loop.
+/// Most extents one `map` call returns, and most clusters it looks at; callers loop.
 const MAX_EXTENTS: usize = 4096;
+const MAX_MAP_CLUSTERS: u64 = 1 << 16;
 /// QEMU refuses clusters above this many sectors (`tracks > INT32_MAX / 513`).
 const MAX_TRACKS: u32 = i32::MAX as u32 / 513;
 
@@ -245,7 +246,8 @@ impl BlockImage for ParallelsImage {
         let cs = self.header.cluster_size();
         let mut out = Vec::new();
         let mut pos = offset;
-        while pos < end && out.len() < MAX_EXTENTS {
+        let stop_at = (offset / cs + MAX_MAP_CLUSTERS).saturating_mul(cs);
+        while pos < end && pos < stop_at && out.len() < MAX_EXTENTS {
             let stop = ((pos / cs + 1) * cs).min(end);
             match self.cluster_offset(pos / cs)? {
                 Some(_) => push_extent(&mut out, pos, stop, ExtentKind::Data),
