@@ -158,6 +158,10 @@ pub struct MountArgs {
     /// The fstab option `ro` means this.
     #[arg(long, help_heading = "Mount")]
     pub read_only: bool,
+    /// Before a revert (a link renamed onto `current`), keep the state being discarded as
+    /// snapshot `before-revert-<time>`: yes or no.
+    #[arg(long, value_name = "YES|NO", default_value = "yes", value_parser = ["yes", "no"], help_heading = "Mount")]
+    pub revert_keep: String,
     /// Where the daemon keeps its state and log.
     #[arg(
         long,

@@ -27,6 +27,8 @@ pub struct MountConfig {
     pub allow_other: bool,
     /// Refuse every change with EROFS (`--read-only`, fstab `ro`).
     pub read_only: bool,
+    /// Keep `before-revert-…` before a revert.
+    pub revert_keep: bool,
     pub state_dir: PathBuf,
     pub threads: usize,
     pub cache_bytes: usize,
@@ -119,7 +121,8 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
     if providers.is_empty() {
         warn!("no provider configured (--images DIR, --libvirt): the tree will be empty");
     }
-    let ns = Namespace::new(providers, mountpoint.clone(), cfg.ttl);
+    let ns = Namespace::new(providers, mountpoint.clone(), cfg.ttl)
+        .with_state(&cfg.state_dir, cfg.revert_keep);
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let fs = SnapFs::new(

@@ -86,6 +86,7 @@ fn mount(m: MountArgs, args: Vec<OsString>) -> anyhow::Result<()> {
         readdirplus: m.readdirplus,
         libvirt,
         read_only: m.read_only,
+        revert_keep: m.revert_keep == "yes",
         quiesce: m.quiesce,
         freeze_timeout: Duration::try_from_secs_f64(m.freeze_timeout)
             .map_err(|e| anyhow::anyhow!("--freeze-timeout {}: {e}", m.freeze_timeout))?,

@@ -562,3 +562,152 @@ fn ploop_directory_is_a_volume_with_its_shots() {
         m.log()
     );
 }
+
+/// Revert through `current` on a qcow2 image, with the shell's own tools: `ln -sfn`
+/// (coreutils: a temporary link renamed over `current`), `ln -s` + `mv -T`, Python's
+/// os.replace. The image after a revert equals `qemu-img snapshot -a` of a copy, byte for byte;
+/// the discarded state is kept as `before-revert-…` and reverting to it brings it back.
+#[test]
+fn revert_through_current_equals_qemu_img_apply() {
+    let t = tempfile::tempdir().unwrap();
+    let pool = t.path().join("imgs");
+    fs::create_dir(&pool).unwrap();
+    let img = pool.join("vm.qcow2");
+    let img_s = img.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", img_s, "8M"]);
+    qemu_io(&img, "write -P 0x41 0 1M");
+    let m = Mount::new(&pool);
+    let vol = m.vol("vm.qcow2");
+    fs::create_dir(vol.join(".snapshots/s1")).unwrap();
+    qemu_io(&img, "write -P 0x42 0 1M");
+    fs::create_dir(vol.join(".snapshots/s2")).unwrap();
+    assert_eq!(
+        fs::read_link(vol.join("current")).unwrap(),
+        Path::new(".snapshots/s2")
+    );
+    assert_eq!(
+        fs::read_link(vol.join(".snapshots/s2/parent")).unwrap(),
+        Path::new("../s1")
+    );
+    qemu_io(&img, "write -P 0x43 0 1M");
+
+    // The reference: qemu-img snapshot -a on a copy taken now.
+    let copy = t.path().join("copy.qcow2");
+    fs::copy(&img, &copy).unwrap();
+    qemu_img(&["snapshot", "-a", "s1", copy.to_str().unwrap()]);
+    let want = t.path().join("want.raw");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        copy.to_str().unwrap(),
+        want.to_str().unwrap(),
+    ]);
+
+    run(Command::new("ln")
+        .arg("-sfn")
+        .arg(".snapshots/s1")
+        .arg(vol.join("current")));
+    assert_eq!(
+        fs::read_link(vol.join("current")).unwrap(),
+        Path::new(".snapshots/s1")
+    );
+    let got = t.path().join("got.raw");
+    qemu_img(&["convert", "-O", "raw", img_s, got.to_str().unwrap()]);
+    assert!(
+        fs::read(&got).unwrap() == fs::read(&want).unwrap(),
+        "revert differs from qemu-img snapshot -a"
+    );
+    let kept: Vec<String> = ls(&vol.join(".snapshots"))
+        .into_iter()
+        .filter(|n| n.starts_with("before-revert-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    // The kept snapshot holds the discarded bytes (0x43).
+    let kept_disk = fs::read(vol.join(".snapshots").join(&kept[0]).join("disk.raw")).unwrap();
+    assert!(kept_disk[..1 << 20].iter().all(|b| *b == 0x43));
+
+    // mv -T back to the kept state: 0x43 is live again.
+    std::os::unix::fs::symlink(format!(".snapshots/{}", kept[0]), vol.join("back")).unwrap();
+    assert!(ls(&vol).contains(&"back".to_string()));
+    run(Command::new("mv")
+        .arg("-T")
+        .arg(vol.join("back"))
+        .arg(vol.join("current")));
+    qemu_img(&["convert", "-O", "raw", img_s, got.to_str().unwrap()]);
+    assert!(fs::read(&got).unwrap()[..1 << 20]
+        .iter()
+        .all(|b| *b == 0x43));
+
+    // Python's os.replace, with an absolute target inside the mount.
+    let py = format!(
+        "import os; os.symlink('{s2}', '{tmp}'); os.replace('{tmp}', '{cur}')",
+        s2 = vol.join(".snapshots/s2").display(),
+        tmp = vol.join("tmp-py").display(),
+        cur = vol.join("current").display()
+    );
+    run(Command::new("python3").args(["-c", &py]));
+    qemu_img(&["convert", "-O", "raw", img_s, got.to_str().unwrap()]);
+    assert!(fs::read(&got).unwrap()[..1 << 20]
+        .iter()
+        .all(|b| *b == 0x42));
+    assert_eq!(
+        fs::read_link(vol.join("current")).unwrap(),
+        Path::new(".snapshots/s2")
+    );
+
+    // Refusals.
+    assert_eq!(errno(fs::remove_file(vol.join("current"))), libc::EPERM);
+    assert_eq!(
+        errno(std::os::unix::fs::symlink(
+            "../web.qcow2/.snapshots/s1",
+            vol.join("x")
+        )),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno(std::os::unix::fs::symlink("/etc", vol.join("x"))),
+        libc::EINVAL
+    );
+    let snap_json: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(vol.join(".snapshots/s1/snapshot.json")).unwrap())
+            .unwrap();
+    assert!(
+        snap_json["children"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "s2"),
+        "{snap_json}"
+    );
+}
+
+/// A VM holding the image (qemu's write lock): a revert is EBUSY and changes nothing.
+#[test]
+fn revert_of_a_locked_image_is_ebusy() {
+    let t = tempfile::tempdir().unwrap();
+    let pool = t.path().join("imgs");
+    fs::create_dir(&pool).unwrap();
+    let img = pool.join("vm.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "8M"]);
+    qemu_img(&["snapshot", "-c", "s1", img.to_str().unwrap()]);
+    let m = Mount::new(&pool);
+    let vol = m.vol("vm.qcow2");
+    let mut holder = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "sleep 20000"])
+        .arg(&img)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    std::os::unix::fs::symlink(".snapshots/s1", vol.join("tmp")).unwrap();
+    let r = fs::rename(vol.join("tmp"), vol.join("current"));
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(errno(r), libc::EBUSY);
+    assert_eq!(
+        ls(&vol.join(".snapshots")),
+        ["s1"],
+        "nothing was kept or changed"
+    );
+}

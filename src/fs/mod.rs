@@ -451,7 +451,9 @@ impl SnapFs {
         self.writable("unlink")?;
         let path = self.child(parent, name)?;
         match &Node::parse(&path) {
-            Some(n @ Node::LaunchLink(_)) => self.ns.unlink(n)?,
+            Some(n @ (Node::LaunchLink(_) | Node::ObjLink(..) | Node::Current(_))) => {
+                self.ns.unlink(n)?
+            }
             n => return Err(Namespace::refusal(n.as_ref(), "unlink")),
         }
         lock(&self.inodes).unlink(&path);
@@ -462,7 +464,9 @@ impl SnapFs {
         self.writable("symlink")?;
         let path = self.child(parent, name)?;
         match &Node::parse(&path) {
-            Some(n @ Node::LaunchLink(_)) => self.ns.symlink(n, name, target)?,
+            Some(n @ (Node::LaunchLink(_) | Node::ObjLink(..) | Node::Current(_))) => {
+                self.ns.symlink(n, name, target)?
+            }
             n => return Err(Namespace::refusal(n.as_ref(), "symlink")),
         }
         self.lookup(parent, name)

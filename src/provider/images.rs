@@ -433,6 +433,26 @@ impl Provider for ImagesProvider {
         self.qemu_img_snapshot("-d", name, &path)
     }
 
+    fn records_lineage(&self) -> bool {
+        true
+    }
+
+    /// `qemu-img snapshot -a`: the image's active state becomes the snapshot's (it takes the
+    /// image's write lock, so a VM holding the image makes it EBUSY).
+    fn revert_snapshot(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<()> {
+        let path = self.volume_path(owner)?;
+        if path.is_dir() {
+            return Err(ploop_read_only(owner, "reverting"));
+        }
+        if image::probe_format(&path)? != Format::Qcow2 {
+            return Err(Error::NotSupported(format!(
+                "{owner}: only qcow2 images have snapshots to revert to"
+            )));
+        }
+        // -a looks its argument up by id first, then by name: the id is unambiguous.
+        self.qemu_img_snapshot("-a", &snap.id, &path)
+    }
+
     fn open_disk(
         &self,
         owner: &Owner,
