@@ -758,6 +758,7 @@ impl Namespace {
             .find(|s| s.name == snap)
             .cloned()
             .ok_or_else(|| Error::Invalid(format!("snapshot {snap} of {owner} is gone")))?;
+        provider.check_revert(owner, &target)?;
         let mut prev = self.current_of(owner)?;
         if self.revert_keep {
             let stamp = rfc3339_name(SystemTime::now());

@@ -109,6 +109,12 @@ pub trait Provider: Send + Sync {
     fn records_lineage(&self) -> bool {
         false
     }
+    /// Refuse a revert before anything is done (e.g. `EBUSY` while a client has the image
+    /// open), so a refused revert leaves no `before-revert-…` behind.
+    fn check_revert(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<()> {
+        let _ = (owner, snap);
+        Ok(())
+    }
     /// Return the live state of `owner` to snapshot `snap` (the `current` link's switch).
     fn revert_snapshot(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<()> {
         let _ = snap;
