@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Revert benchmark: `ln -sfn .snapshots/s1 current` through snapfs against the backend's own
+# tool on the same data, same run: a qcow2 volume (vs `qemu-img snapshot -a`) and an RBD image
+# on the loopback cluster (vs `rbd snap rollback`), each with SIZE_GIB of data rewritten after
+# the snapshot. snapfs's time includes its before-revert snapshot (--revert-keep=yes, the
+# default) unless --no-keep. Median of REPS runs.
+#
+# Usage (as root): scripts/bench-revert.sh [--size-gib N] [--reps N] [--no-keep] [WORKDIR]
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SIZE_GIB=1
+REPS=3
+KEEP=yes
+WORK=/var/tmp/snapfs-bench-revert
+while (($#)); do
+  case $1 in
+    --size-gib) SIZE_GIB=$2; shift 2 ;;
+    --reps) REPS=$2; shift 2 ;;
+    --no-keep) KEEP=no; shift ;;
+    -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
+    *) WORK=$1; shift ;;
+  esac
+done
+(( EUID == 0 )) || { echo "bench-revert: needs root" >&2; exit 2; }
+export CEPH_CONF=${CEPH_CONF:-/var/lib/snapfs-ceph/ceph.conf}
+cargo build --release --quiet --bin snapfs --manifest-path "$REPO/Cargo.toml"
+SNAPFS=$REPO/target/release/snapfs
+mkdir -p "$WORK/imgs" "$WORK/mnt"
+IMG=$WORK/imgs/vm.qcow2
+RBD_IMG=rbd/snapfs-bench-revert
+cleanup() {
+  set +e
+  mountpoint -q "$WORK/mnt" && "$SNAPFS" unmount "$WORK/mnt"
+  rbd snap purge --no-progress "$RBD_IMG" >/dev/null 2>&1
+  rbd rm --no-progress "$RBD_IMG" >/dev/null 2>&1
+}
+trap cleanup EXIT
+
+MB=$((SIZE_GIB * 1024))
+fill_qcow2() { qemu-io -f qcow2 -c "write -P $1 0 ${MB}M" "$IMG" >/dev/null; }
+fill_rbd() { rbd bench --io-type write --io-size 4M --io-pattern seq --io-total "${MB}M" "$RBD_IMG" >/dev/null; }
+now() { date +%s.%N; }
+declare -A RUNS
+note() { RUNS[$1]+="$(awk -v a="$2" -v b="$3" 'BEGIN { printf "%.2f ", b - a }')"; }
+
+rm -f "$IMG"
+qemu-img create -q -f qcow2 "$IMG" "${SIZE_GIB}G"
+rbd rm --no-progress "$RBD_IMG" >/dev/null 2>&1 || true
+rbd create --size "${SIZE_GIB}G" "$RBD_IMG"
+"$SNAPFS" mount --images "$WORK/imgs" --ceph "$CEPH_CONF" --pool rbd --revert-keep "$KEEP" \
+  --state-dir "$WORK/state" "$WORK/mnt"
+QV=$WORK/mnt/volumes/imgs/vm.qcow2
+RV=$WORK/mnt/volumes/rbd/snapfs-bench-revert
+
+for ((r = 0; r < REPS; r++)); do
+  # qcow2: snapshot s1 of data A, rewrite all with B, revert.
+  fill_qcow2 $((r + 1)); qemu-img snapshot -c "q$r" "$IMG"; fill_qcow2 $((r + 100))
+  t0=$(now); qemu-img snapshot -a "q$r" "$IMG"; t1=$(now); note "qemu-img snapshot -a" "$t0" "$t1"
+  fill_qcow2 $((r + 100))
+  t0=$(now); ln -sfn ".snapshots/q$r" "$QV/current"; t1=$(now); note "snapfs qcow2 (ln -sfn current)" "$t0" "$t1"
+  # RBD: the same with rbd snap rollback.
+  fill_rbd; rbd snap create "$RBD_IMG@r$r"; fill_rbd
+  t0=$(now); rbd snap rollback --no-progress "$RBD_IMG@r$r"; t1=$(now); note "rbd snap rollback" "$t0" "$t1"
+  fill_rbd
+  t0=$(now); ln -sfn ".snapshots/r$r" "$RV/current"; t1=$(now); note "snapfs rbd (ln -sfn current)" "$t0" "$t1"
+done
+median() { tr ' ' '\n' | grep . | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+echo "| revert of ${SIZE_GIB} GiB rewritten since the snapshot (before-revert kept: $KEEP) | seconds (median of $REPS) | MiB/s | runs |"
+echo "| --- | --- | --- | --- |"
+for label in "qemu-img snapshot -a" "snapfs qcow2 (ln -sfn current)" "rbd snap rollback" "snapfs rbd (ln -sfn current)"; do
+  m=$(echo "${RUNS[$label]}" | median)
+  echo "| $label | $m | $(awk -v m="$m" -v s="$MB" 'BEGIN { printf "%.0f", s / m }') | ${RUNS[$label]}|"
+done
+echo "# $(date -u +%FT%TZ), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
