@@ -58,6 +58,10 @@ show "qemu-img convert -O raw -l snapshot.name=nightly $IMAGES/web.qcow2 /tmp/we
 show "rmdir $MNT/volumes/images/web.qcow2/.snapshots/before-upgrade"
 show "ls $MNT/volumes/images/web.qcow2/.snapshots/"
 show "touch $MNT/volumes/images/web.qcow2/.snapshots/nightly/x || true"
+show "ls -l $MNT/volumes/images/web.qcow2/    # current -> the snapshot the live image descends from"
+show "ln -sfn .snapshots/nightly $MNT/volumes/images/web.qcow2/current    # revert the image to nightly"
+show "ls $MNT/volumes/images/web.qcow2/.snapshots/ && readlink $MNT/volumes/images/web.qcow2/current    # before-revert-… keeps what was discarded"
+show "rmdir $MNT/volumes/images/web.qcow2/.snapshots/before-revert-*"
 rm -f /tmp/web-nightly.raw /tmp/web-nightly.qemu.raw
 
 RSNAP=tour-$(date +%H%M%S)
