@@ -51,25 +51,32 @@ fn is_mounted(mnt: &Path) -> bool {
 
 /// `snapfs mount --foreground` under a Type=notify service manager: READY=1 once the mount
 /// answers, and a plain `umount` (no signal) ends the daemon cleanly with STOPPING=1.
-#[test]
-fn notify_ready_then_umount_ends_the_daemon() {
-    let dir = tempfile::tempdir().unwrap();
-    let images = images_dir(dir.path());
-    let mnt = dir.path().join("mnt");
+/// `snapfs mount --foreground` of a small pool in `dir`, with NOTIFY_SOCKET pointing at a
+/// socket this test listens on: (daemon, socket, mountpoint).
+fn notified_mount(dir: &Path) -> (std::process::Child, UnixDatagram, PathBuf) {
+    let images = images_dir(dir);
+    let mnt = dir.join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let sock_path = dir.path().join("notify.sock");
+    let sock_path = dir.join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["mount", "--foreground", "--images"])
         .arg(&images)
         .arg("--state-dir")
-        .arg(dir.path().join("state"))
+        .arg(dir.join("state"))
         .arg(&mnt)
         .env("NOTIFY_SOCKET", &sock_path)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    (child, sock, mnt)
+}
+
+#[test]
+fn notify_ready_then_umount_ends_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, sock, mnt) = notified_mount(dir.path());
     let got = recv_until(&sock, "READY=1", Duration::from_secs(30));
     assert!(got[0].contains("STATUS=mounted on"), "{got:?}");
     // READY means usable: the tree answers at once.
@@ -108,22 +115,7 @@ fn notify_ready_then_umount_ends_the_daemon() {
 #[test]
 fn sigterm_unmounts_and_reports_stopping() {
     let dir = tempfile::tempdir().unwrap();
-    let images = images_dir(dir.path());
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let sock_path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["mount", "--foreground", "--images"])
-        .arg(&images)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .arg(&mnt)
-        .env("NOTIFY_SOCKET", &sock_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut child, sock, mnt) = notified_mount(dir.path());
     recv_until(&sock, "READY=1", Duration::from_secs(30));
     // SAFETY: plain kill(2) of our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
