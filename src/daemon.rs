@@ -285,8 +285,8 @@ pub fn unmount_path(mp: &Path, lazy: bool) -> anyhow::Result<()> {
                 .with_context(|| format!("detaching {}", mp.display()));
         }
     }
-    if let Some(dev) = dev {
-        let conn = PathBuf::from(format!("/sys/fs/fuse/connections/{dev}"));
+    if let (Some(dev), Some(ctl)) = (dev, fusectl()) {
+        let conn = ctl.join(&dev);
         let deadline = Instant::now() + Duration::from_secs(2);
         while conn.exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -297,6 +297,45 @@ pub fn unmount_path(mp: &Path, lazy: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where the fusectl filesystem (`/sys/fs/fuse/connections`, one directory per FUSE
+/// connection, with its `abort` file) is mounted; mounted there first if nothing mounted it (a
+/// machine without systemd does not), since without it a connection held by an open file or
+/// another mount namespace could not be aborted and the daemon would not exit.
+fn fusectl() -> Option<PathBuf> {
+    const DIR: &str = "/sys/fs/fuse/connections";
+    let mounted = |info: &str| {
+        info.lines()
+            .find(|l| l.split(' ').nth(2) == Some("fusectl"))
+            .and_then(|l| l.split(' ').nth(1))
+            .map(PathBuf::from)
+    };
+    if let Some(p) = std::fs::read_to_string("/proc/self/mounts")
+        .ok()
+        .as_deref()
+        .and_then(mounted)
+    {
+        return Some(p);
+    }
+    let dir = CString::new(DIR).ok()?;
+    let fstype = CString::new("fusectl").ok()?;
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            dir.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "cannot mount fusectl on {DIR}: a FUSE connection that outlives the unmount cannot be aborted");
+        return None;
+    }
+    info!("mounted fusectl on {DIR}");
+    Some(PathBuf::from(DIR))
 }
 
 /// Where [`fork_daemon`] returns.

@@ -57,7 +57,16 @@ fn tree_lists_volumes_and_snapshots() {
     assert_eq!(ls(&m.mnt), ["instances", "launch", "volumes"]);
     assert_eq!(ls(&m.mnt.join("volumes")), ["pool"]);
     assert_eq!(ls(&m.vol("")), ["db.qcow2", "plain.raw", "web.qcow2"]);
-    assert_eq!(ls(&m.vol("web.qcow2")), [".snapshots", "volume.json"]);
+    // current: the newest snapshot, as nothing recorded another.
+    assert_eq!(
+        ls(&m.vol("web.qcow2")),
+        [".snapshots", "current", "volume.json"]
+    );
+    assert_eq!(
+        fs::read_link(m.vol("web.qcow2").join("current")).unwrap(),
+        Path::new(".snapshots/s1")
+    );
+    assert_eq!(ls(&m.vol("db.qcow2")), [".snapshots", "volume.json"]);
     assert_eq!(ls(&m.vol("web.qcow2").join(".snapshots")), ["s1"]);
     assert_eq!(
         ls(&m.snap("web.qcow2", "s1")),

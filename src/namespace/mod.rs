@@ -483,7 +483,7 @@ impl Namespace {
 
     /// The snapshots of `owner` when snapfs keeps its lineage (None: the provider keeps none).
     fn lineage_snaps(&self, owner: &Owner) -> Result<Option<Arc<Vec<SnapshotInfo>>>> {
-        if !self.reg.provider(owner)?.records_lineage() {
+        if !self.reg.provider(owner)?.records_lineage(owner) {
             return Ok(None);
         }
         Ok(Some(self.reg.snapshots(owner)?))
@@ -643,7 +643,11 @@ impl Namespace {
 
     /// Lineage after a snapshot was made: it is current, `prev` its parent.
     fn record_created(&self, owner: &Owner, snap: &str, prev: Option<SnapshotInfo>) {
-        if !self.reg.provider(owner).is_ok_and(|p| p.records_lineage()) {
+        if !self
+            .reg
+            .provider(owner)
+            .is_ok_and(|p| p.records_lineage(owner))
+        {
             return;
         }
         match self.reg.snapshot(owner, snap) {
@@ -670,7 +674,7 @@ impl Namespace {
         self.forget_disks(owner, snap);
         res?;
         info!(%owner, %snap, "snapshot deleted");
-        if provider.records_lineage() {
+        if provider.records_lineage(owner) {
             self.lineage.deleted(owner, &SnapRef::of(&gone));
         }
         Ok(())
@@ -739,7 +743,7 @@ impl Namespace {
         self.reg.changed(o1);
         self.forget_disks(o1, a);
         res?;
-        if provider.records_lineage() {
+        if provider.records_lineage(o1) {
             self.lineage.renamed(o1, a, b);
         }
         Ok(())
@@ -776,7 +780,7 @@ impl Namespace {
             self.record_created(owner, &keep, prev.take());
             prev = self.reg.snapshot(owner, &keep).ok();
         }
-        let records = provider.records_lineage();
+        let records = provider.records_lineage(owner);
         if records {
             self.lineage.reverted(owner, SnapRef::of(&target));
         }

@@ -433,8 +433,9 @@ impl Provider for ImagesProvider {
         self.qemu_img_snapshot("-d", name, &path)
     }
 
-    fn records_lineage(&self) -> bool {
-        true
+    /// qcow2 keeps no lineage; a ploop descriptor keeps its own (ParentGUID).
+    fn records_lineage(&self, owner: &Owner) -> bool {
+        self.volume_path(owner).is_ok_and(|p| !p.is_dir())
     }
 
     /// `qemu-img snapshot -a`: the image's active state becomes the snapshot's (it takes the

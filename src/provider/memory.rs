@@ -251,7 +251,7 @@ impl Provider for MemoryProvider {
         Ok(())
     }
 
-    fn records_lineage(&self) -> bool {
+    fn records_lineage(&self, _owner: &Owner) -> bool {
         true
     }
 

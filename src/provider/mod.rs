@@ -103,10 +103,11 @@ pub trait Provider: Send + Sync {
         target: &str,
     ) -> Result<Arc<dyn BlockImage>>;
 
-    /// Whether snapfs keeps this provider's lineage (`current`, each snapshot's parent) in its
-    /// state directory: for backends that keep none themselves. Providers that answer false
-    /// show neither `current` nor `parent` links (yet).
-    fn records_lineage(&self) -> bool {
+    /// Whether snapfs keeps the lineage of `owner` (`current`, each snapshot's parent) in its
+    /// state directory: for backends that keep none themselves. Where this is false, neither
+    /// `current` nor `parent` links are shown (yet) and snapshot.json is the provider's own.
+    fn records_lineage(&self, owner: &Owner) -> bool {
+        let _ = owner;
         false
     }
     /// Refuse a revert before anything is done (e.g. `EBUSY` while a client has the image

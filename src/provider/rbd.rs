@@ -333,7 +333,7 @@ impl Provider for RbdProvider {
         self.open(owner, None, true)?.snap_rename(from, to)
     }
 
-    fn records_lineage(&self) -> bool {
+    fn records_lineage(&self, _owner: &Owner) -> bool {
         true
     }
 
