@@ -97,6 +97,9 @@ struct MountArgs {
     /// Log file of a background daemon [default: STATE_DIR/snapfs.log].
     #[arg(long, value_name = "FILE")]
     log_file: Option<PathBuf>,
+    /// Cap of a background daemon's log, in MiB: FILE and its one rotated copy FILE.1 together.
+    #[arg(long, value_name = "MIB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    log_max_mb: u64,
     /// Let the kernel ask for attributes with the names of a listing (READDIRPLUS, adaptive):
     /// `ls -l`, `du` and rsync's scan of guest trees then need no lookup per file (about a
     /// quarter faster), while a plain `find` pays about a sixth more. Off by default.
@@ -131,7 +134,7 @@ fn init_logging(verbose: u8, ansi: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| snapfs::logfile::LogWriter)
         .with_ansi(ansi)
         .init();
 }
@@ -158,13 +161,13 @@ fn main() -> ExitCode {
 }
 
 fn mount(m: MountArgs) -> anyhow::Result<()> {
+    let log = m
+        .log_file
+        .clone()
+        .unwrap_or_else(|| m.state_dir.join("snapfs.log"));
     let ready = if !m.foreground {
         // Detach (fork; or re-run ourselves with the same arguments) and wait for READY.
         let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-        let log = m
-            .log_file
-            .clone()
-            .unwrap_or_else(|| m.state_dir.join("snapfs.log"));
         match daemon::fork_daemon(args, &log)? {
             daemon::Forked::Parent => return Ok(()),
             daemon::Forked::Child(fd) => Some(fd),
@@ -176,6 +179,10 @@ fn mount(m: MountArgs) -> anyhow::Result<()> {
             _ => None,
         }
     };
+    if ready.is_some() {
+        // A detached daemon (forked, or re-executed with --ready-fd): its output is the log file.
+        snapfs::logfile::rotate_at(&log, m.log_max_mb.saturating_mul(1 << 20));
+    }
     let cfg = MountConfig {
         mountpoint: m.mountpoint,
         images: m.images,
