@@ -46,9 +46,7 @@ pub fn esc(bytes: &[u8]) -> String {
                 // A sequence cut by the truncation counts as invalid: shown as bytes.
                 (
                     g,
-                    e.error_len()
-                        .unwrap_or(rest.len() - e.valid_up_to())
-                        .max(1),
+                    e.error_len().unwrap_or(rest.len() - e.valid_up_to()).max(1),
                 )
             }
         };
@@ -247,7 +245,9 @@ mod tests {
         for _ in 0..1000 {
             assert_eq!(l.check("a", "same", t0), Decision::Drop);
         }
-        let mut logged = 1;
+        // The first new message carries the 1000 identical ones dropped before it.
+        assert_eq!(l.check("a", "m", t0), Decision::Log { suppressed: 1000 });
+        let mut logged = 2;
         for i in 0..1000 {
             if l.check("a", &format!("m{i}"), t0) != Decision::Drop {
                 logged += 1;
@@ -259,7 +259,9 @@ mod tests {
         // One more line per REFILL, carrying the count of what was dropped.
         assert_eq!(
             l.check("a", "later", t0 + REFILL),
-            Decision::Log { suppressed: 1000 + 1000 - (BURST as u64 - 1) }
+            Decision::Log {
+                suppressed: 1000 - (BURST as u64 - 2)
+            }
         );
         assert_eq!(l.check("a", "later2", t0 + REFILL), Decision::Drop);
         // The identical message is logged again after the dedup window.
@@ -278,7 +280,11 @@ mod tests {
         }
         assert_eq!(l.scopes.len(), MAX_SCOPES);
         for i in 0..(MAX_SEEN * 3) {
-            l.check("one", &format!("m{i}"), t0 + Duration::from_secs(3600 * i as u64));
+            l.check(
+                "one",
+                &format!("m{i}"),
+                t0 + Duration::from_secs(3600 * i as u64),
+            );
         }
         assert!(l.scopes["one"].seen.len() <= MAX_SEEN);
     }

@@ -47,9 +47,7 @@ impl Rotation {
             .append(true)
             .open(&self.path)?;
         // SAFETY: dup2 onto our own standard descriptors; `f` stays valid for the call.
-        let ok = unsafe {
-            libc::dup2(f.as_raw_fd(), 1) >= 0 && libc::dup2(f.as_raw_fd(), 2) >= 0
-        };
+        let ok = unsafe { libc::dup2(f.as_raw_fd(), 1) >= 0 && libc::dup2(f.as_raw_fd(), 2) >= 0 };
         if !ok {
             return Err(std::io::Error::last_os_error());
         }

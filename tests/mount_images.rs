@@ -476,34 +476,142 @@ enum Qemu {
 }
 
 const HOSTILE: &[(&str, Qemu, Ours)] = &[
-    ("header-length-huge", Qemu::Refuses("exceeds cluster size"), Ours::Refused("header_length")),
-    ("header-length-short", Qemu::Refuses("header too short"), Ours::Refused("header_length")),
-    ("ext-huge-backing-offset", Qemu::Refuses("Invalid backing file offset"), Ours::Refused("backing_file_offset")),
-    ("ext-huge", Qemu::Refuses("Header extension too large"), Ours::Refused("header extension")),
-    ("ext-backing-format-long", Qemu::Refuses("ext_backing_format"), Ours::Refused("backing format extension")),
-    ("backing-name-long", Qemu::Refuses("Backing file name too long"), Ours::Refused("backing_file_size")),
-    ("backing-name-past-cluster", Qemu::Refuses("Backing file name too long"), Ours::Refused("backing_file_size")),
-    ("refcount-clusters-huge", Qemu::Refuses("Reference count table too large"), Ours::Flagged("refcount table too large")),
-    ("refcount-clusters-large", Qemu::Refuses("Reference count table too large"), Ours::Flagged("refcount table too large")),
-    ("refcount-offset-unaligned", Qemu::Refuses("Reference count table offset invalid"), Ours::Flagged("refcount table offset invalid")),
-    ("refcount-offset-huge", Qemu::Refuses("Reference count table offset invalid"), Ours::Flagged("refcount table offset invalid")),
-    ("refcount-none", Qemu::Refuses("does not contain a reference count table"), Ours::Flagged("no refcount table")),
-    ("snapshots-too-many", Qemu::Refuses("Snapshot table too large"), Ours::Refused("nb_snapshots")),
-    ("snapshots-offset-huge", Qemu::Refuses("Snapshot table offset invalid"), Ours::Refused("snapshot table offset invalid")),
-    ("snapshots-zero-garbage-offset", Qemu::Refuses("Snapshot table offset invalid"), Ours::Flagged("snapshot table offset invalid")),
-    ("snapshot-extra-huge", Qemu::Refuses("Too much extra metadata"), Ours::Refused("extra_data_size")),
-    ("snaptable-ff", Qemu::Refuses("Snapshot table is too big"), Ours::Refused("snapshot table larger than 64 MiB")),
-    ("snaptable-zero", Qemu::Refuses("Snapshot table is too big"), Ours::Refused("snapshot table larger than 64 MiB")),
-    ("snapshot-l1-offset-unaligned", Qemu::SnapshotFails("Snapshot L1 table offset invalid"), Ours::ReadEio("L1 table offset invalid")),
-    ("snapshot-l1-size-huge", Qemu::SnapshotFails("Snapshot L1 table too large"), Ours::ReadEio("L1 table too large")),
-    ("l1-size-huge", Qemu::Refuses("Active L1 table too large"), Ours::Flagged("active L1 table too large")),
-    ("l1-size-large", Qemu::Refuses("Active L1 table too large"), Ours::Flagged("active L1 table too large")),
-    ("l1-offset-huge", Qemu::Refuses("Active L1 table offset invalid"), Ours::Flagged("active L1 table offset invalid")),
-    ("l1-offset-unaligned", Qemu::Refuses("Active L1 table offset invalid"), Ours::Flagged("active L1 table offset invalid")),
-    ("l1-too-small", Qemu::Refuses("L1 table is too small"), Ours::Flagged("active L1 table too small")),
+    (
+        "header-length-huge",
+        Qemu::Refuses("exceeds cluster size"),
+        Ours::Refused("header_length"),
+    ),
+    (
+        "header-length-short",
+        Qemu::Refuses("header too short"),
+        Ours::Refused("header_length"),
+    ),
+    (
+        "ext-huge-backing-offset",
+        Qemu::Refuses("Invalid backing file offset"),
+        Ours::Refused("backing_file_offset"),
+    ),
+    (
+        "ext-huge",
+        Qemu::Refuses("Header extension too large"),
+        Ours::Refused("header extension"),
+    ),
+    (
+        "ext-backing-format-long",
+        Qemu::Refuses("ext_backing_format"),
+        Ours::Refused("backing format extension"),
+    ),
+    (
+        "backing-name-long",
+        Qemu::Refuses("Backing file name too long"),
+        Ours::Refused("backing_file_size"),
+    ),
+    (
+        "backing-name-past-cluster",
+        Qemu::Refuses("Backing file name too long"),
+        Ours::Refused("backing_file_size"),
+    ),
+    (
+        "refcount-clusters-huge",
+        Qemu::Refuses("Reference count table too large"),
+        Ours::Flagged("refcount table too large"),
+    ),
+    (
+        "refcount-clusters-large",
+        Qemu::Refuses("Reference count table too large"),
+        Ours::Flagged("refcount table too large"),
+    ),
+    (
+        "refcount-offset-unaligned",
+        Qemu::Refuses("Reference count table offset invalid"),
+        Ours::Flagged("refcount table offset invalid"),
+    ),
+    (
+        "refcount-offset-huge",
+        Qemu::Refuses("Reference count table offset invalid"),
+        Ours::Flagged("refcount table offset invalid"),
+    ),
+    (
+        "refcount-none",
+        Qemu::Refuses("does not contain a reference count table"),
+        Ours::Flagged("no refcount table"),
+    ),
+    (
+        "snapshots-too-many",
+        Qemu::Refuses("Snapshot table too large"),
+        Ours::Refused("nb_snapshots"),
+    ),
+    (
+        "snapshots-offset-huge",
+        Qemu::Refuses("Snapshot table offset invalid"),
+        Ours::Refused("snapshot table offset invalid"),
+    ),
+    (
+        "snapshots-zero-garbage-offset",
+        Qemu::Refuses("Snapshot table offset invalid"),
+        Ours::Flagged("snapshot table offset invalid"),
+    ),
+    (
+        "snapshot-extra-huge",
+        Qemu::Refuses("Too much extra metadata"),
+        Ours::Refused("extra_data_size"),
+    ),
+    (
+        "snaptable-ff",
+        Qemu::Refuses("Snapshot table is too big"),
+        Ours::Refused("snapshot table larger than 64 MiB"),
+    ),
+    (
+        "snaptable-zero",
+        Qemu::Refuses("Snapshot table is too big"),
+        Ours::Refused("snapshot table larger than 64 MiB"),
+    ),
+    (
+        "snapshot-l1-offset-unaligned",
+        Qemu::SnapshotFails("Snapshot L1 table offset invalid"),
+        Ours::ReadEio("L1 table offset invalid"),
+    ),
+    (
+        "snapshot-l1-size-huge",
+        Qemu::SnapshotFails("Snapshot L1 table too large"),
+        Ours::ReadEio("L1 table too large"),
+    ),
+    (
+        "l1-size-huge",
+        Qemu::Refuses("Active L1 table too large"),
+        Ours::Flagged("active L1 table too large"),
+    ),
+    (
+        "l1-size-large",
+        Qemu::Refuses("Active L1 table too large"),
+        Ours::Flagged("active L1 table too large"),
+    ),
+    (
+        "l1-offset-huge",
+        Qemu::Refuses("Active L1 table offset invalid"),
+        Ours::Flagged("active L1 table offset invalid"),
+    ),
+    (
+        "l1-offset-unaligned",
+        Qemu::Refuses("Active L1 table offset invalid"),
+        Ours::Flagged("active L1 table offset invalid"),
+    ),
+    (
+        "l1-too-small",
+        Qemu::Refuses("L1 table is too small"),
+        Ours::Flagged("active L1 table too small"),
+    ),
     ("snapshots-max", Qemu::Opens, Ours::Served(4096)),
-    ("l2-reserved-past-eof", Qemu::ReadsZeros, Ours::ReadEio("past end of file")),
-    ("data-at-32pib", Qemu::ReadsZeros, Ours::ReadEio("past end of file")),
+    (
+        "l2-reserved-past-eof",
+        Qemu::ReadsZeros,
+        Ours::ReadEio("past end of file"),
+    ),
+    (
+        "data-at-32pib",
+        Qemu::ReadsZeros,
+        Ours::ReadEio("past end of file"),
+    ),
 ];
 
 /// QEMU's outcome for one case, by running qemu-img.
@@ -519,8 +627,12 @@ fn qemu_outcome(img: &Path, expect: Qemu) {
             assert!(!info.status.success(), "{}: QEMU opened it", img.display());
             assert!(err.contains(msg), "{}: QEMU said {err}", img.display());
         }
-        Qemu::SnapshotFails(msg) | Qemu::ReadsZeros | Qemu::Opens => {
-            assert!(info.status.success(), "{}: QEMU refused: {err}", img.display());
+        Qemu::SnapshotFails(_) | Qemu::ReadsZeros | Qemu::Opens => {
+            assert!(
+                info.status.success(),
+                "{}: QEMU refused: {err}",
+                img.display()
+            );
             let out = img.with_extension("qemu.raw");
             let conv = Command::new("qemu-img")
                 .args(["convert", "-U", "-l", "snapshot.name=s1", "-O", "raw"])
@@ -530,13 +642,21 @@ fn qemu_outcome(img: &Path, expect: Qemu) {
                 .expect("qemu-img convert");
             let cerr = String::from_utf8_lossy(&conv.stderr);
             if let Qemu::SnapshotFails(msg) = expect {
-                assert!(!conv.status.success() && cerr.contains(msg), "{}: {cerr}", img.display());
+                assert!(
+                    !conv.status.success() && cerr.contains(msg),
+                    "{}: {cerr}",
+                    img.display()
+                );
             } else {
                 assert!(conv.status.success(), "{}: {cerr}", img.display());
                 let mut head = [1u8; 512];
                 fs::File::open(&out).unwrap().read_exact(&mut head).unwrap();
                 let want = if expect == Qemu::Opens { 0xab } else { 0 };
-                assert!(head.iter().all(|&b| b == want), "{}: QEMU read", img.display());
+                assert!(
+                    head.iter().all(|&b| b == want),
+                    "{}: QEMU read",
+                    img.display()
+                );
             }
             let _ = fs::remove_file(&out);
         }
@@ -547,7 +667,14 @@ fn status_kib(pid: i32, key: &str) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .find_map(|l| {
+            l.strip_prefix(key)?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
         .unwrap_or(0)
 }
 
@@ -628,11 +755,18 @@ fn hostile_images_match_qemu_within_bounds() {
         }
         std::thread::sleep(Duration::from_millis(300)); // past the listing TTL
     }
-    assert_eq!((agree, stricter, flagged), (15, 2, 11), "parity table counts");
+    assert_eq!(
+        (agree, stricter, flagged),
+        (15, 2, 11),
+        "parity table counts"
+    );
 
     assert!(pid_alive(pid), "daemon alive");
     let hwm_mib = status_kib(pid, "VmHWM:") / 1024;
-    assert!(hwm_mib <= 32 + 64, "peak RSS {hwm_mib} MiB over --cache-mb + 64 MiB");
+    assert!(
+        hwm_mib <= 32 + 64,
+        "peak RSS {hwm_mib} MiB over --cache-mb + 64 MiB"
+    );
     let log = m.log();
     assert!(log.len() < 256 << 10, "log of {} bytes", log.len());
     let longest = log.lines().map(str::len).max().unwrap_or(0);
@@ -643,5 +777,34 @@ fn hostile_images_match_qemu_within_bounds() {
         .filter(|l| l.contains("l1-too-small.qcow2") && l.contains("QEMU would refuse"))
         .count();
     assert_eq!(once, 1, "damage logged {once} times:\n{log}");
-    eprintln!("hostile images: peak RSS {hwm_mib} MiB, log {} bytes", log.len());
+    eprintln!(
+        "hostile images: peak RSS {hwm_mib} MiB, log {} bytes",
+        log.len()
+    );
+}
+
+/// `--log-max-mb`: the background daemon's log and its one rotated copy stay under the cap
+/// (debug logging of refused lookups makes the volume of lines here).
+#[test]
+fn log_file_is_capped_and_rotated() {
+    let (_t, dir) = pool();
+    let m = Mount::with_args(&dir, &["-vv", "--log-max-mb", "1"]);
+    let log = m.state_dir().join("snapfs.log");
+    let old = m.state_dir().join("snapfs.log.1");
+    for i in 0..30_000 {
+        let _ = fs::metadata(m.vol(&format!("missing-{i}.qcow2")));
+    }
+    let cur = fs::metadata(&log).map(|md| md.len()).unwrap_or(0);
+    let prev = fs::metadata(&old).map(|md| md.len()).unwrap_or(0);
+    assert!(prev > 0, "the log was rotated (current {cur} bytes)");
+    assert!(
+        cur + prev <= (1 << 20) + 4096,
+        "{cur} + {prev} bytes over the 1 MiB cap"
+    );
+    assert!(m.daemon_pid().is_some_and(pid_alive), "daemon alive");
+    // Still logging, into the current file.
+    let before = fs::metadata(&log).unwrap().len();
+    let _ = fs::metadata(m.vol("missing-again.qcow2"));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(m.log().contains("missing-again") || fs::metadata(&log).unwrap().len() < before);
 }

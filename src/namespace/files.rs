@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-
 use super::names::{self, escape};
 use super::registry::lock;
 use super::{Kind, Namespace, Stat};

@@ -29,7 +29,10 @@ pub fn partitions(disk: &dyn BlockImage) -> Result<Vec<Partition>> {
     }
     if size >= 2 * SECTOR {
         if let Some(parts) = read_gpt(disk, size / SECTOR * SECTOR - SECTOR)? {
-            crate::input_warn!("partitions", "primary GPT header unusable, using the backup header");
+            crate::input_warn!(
+                "partitions",
+                "primary GPT header unusable, using the backup header"
+            );
             return Ok(parts);
         }
     }
@@ -103,7 +106,10 @@ fn read_gpt(disk: &dyn BlockImage, at: u64) -> Result<Option<Vec<Partition>>> {
     let mut table = vec![0u8; total as usize];
     disk.read_at(&mut table, start)?;
     if crc32fast::hash(&table) != le32(&h, 88) {
-        crate::input_warn!("partitions", "GPT entry array checksum mismatch (header at {at:#x})");
+        crate::input_warn!(
+            "partitions",
+            "GPT entry array checksum mismatch (header at {at:#x})"
+        );
         return Ok(None);
     }
     let mut out = Vec::new();

@@ -277,12 +277,17 @@ impl Header {
                 break;
             }
             let data_start = pos + 8;
-            let data_end = data_start.checked_add(len).filter(|e| *e <= end).ok_or_else(|| {
-                f.corrupt(
-                    pos + 4,
-                    format!("header extension {typ:#x}: length {len} runs past the header area"),
-                )
-            })?;
+            let data_end = data_start
+                .checked_add(len)
+                .filter(|e| *e <= end)
+                .ok_or_else(|| {
+                    f.corrupt(
+                        pos + 4,
+                        format!(
+                            "header extension {typ:#x}: length {len} runs past the header area"
+                        ),
+                    )
+                })?;
             let data = area
                 .get(data_start as usize..data_end as usize)
                 .ok_or_else(|| f.corrupt(pos, "header extension outside header cluster"))?;
@@ -294,7 +299,9 @@ impl Header {
                 EXT_BACKING_FORMAT if len > MAX_BACKING_FORMAT => {
                     return Err(f.corrupt(
                         pos + 4,
-                        format!("backing format extension of {len} bytes (limit {MAX_BACKING_FORMAT})"),
+                        format!(
+                            "backing format extension of {len} bytes (limit {MAX_BACKING_FORMAT})"
+                        ),
                     ))
                 }
                 EXT_BACKING_FORMAT => self.backing_format = Some(text()?),
@@ -374,7 +381,10 @@ impl Header {
             u64::MAX,
             cs,
         ) {
-            let what = format!("snapshot table {p} (snapshots_offset {:#x})", self.snapshots_offset);
+            let what = format!(
+                "snapshot table {p} (snapshots_offset {:#x})",
+                self.snapshots_offset
+            );
             if self.nb_snapshots > 0 {
                 return Err(f.corrupt(64, what));
             }

@@ -43,7 +43,11 @@ impl Parsed {
 /// A refusal as kept: rebuilt into an `Error` on each hit.
 #[derive(Clone)]
 enum Refusal {
-    Corrupt { path: String, offset: u64, what: String },
+    Corrupt {
+        path: String,
+        offset: u64,
+        what: String,
+    },
     NotSupported(String),
 }
 

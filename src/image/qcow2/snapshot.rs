@@ -130,7 +130,10 @@ pub fn read_table(f: &HostFile, h: &Header) -> Result<Vec<Snapshot>> {
         pos += name_len as u64;
         // The unread tails must be in the file too (QEMU reads them).
         if pos > f.len() {
-            return Err(f.corrupt(at, format!("snapshot table entry {i} extends past end of file")));
+            return Err(f.corrupt(
+                at,
+                format!("snapshot table entry {i} extends past end of file"),
+            ));
         }
         out.push(Snapshot {
             entry: SnapshotEntry {

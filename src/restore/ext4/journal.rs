@@ -107,7 +107,10 @@ impl Layout {
 pub fn replay(j: &dyn JournalBlocks, journal_len: u64) -> Result<Option<Replay>> {
     let sb = j.read(0)?;
     if be32(&sb, 0) != MAGIC || !matches!(be32(&sb, 4), 3 | 4) {
-        crate::input_warn!("ext4", "ext4 journal superblock has a bad magic: journal ignored");
+        crate::input_warn!(
+            "ext4",
+            "ext4 journal superblock has a bad magic: journal ignored"
+        );
         return Ok(None);
     }
     let bs = be32(&sb, 0xC) as usize;
