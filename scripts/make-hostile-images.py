@@ -103,16 +103,6 @@ def case_snaptable_zero(img):
 
 # --- header (080 "Huge header size", "Huge unknown header extension") ---
 
-def case_header_length_huge(img):
-    with_snapshot(img)
-    poke(img, 100, b"\xff\xff\xff\xff")
-
-
-def case_header_length_short(img):
-    with_snapshot(img)
-    poke(img, 100, struct.pack(">I", 96))
-
-
 def case_ext_huge_backing_offset(img):
     with_snapshot(img)
     poke(img, 8, b"\xff" * 8)
@@ -133,13 +123,6 @@ def case_ext_backing_format_long(img):
     poke(img, hl, struct.pack(">II", 0xE2792ACA, 32) + b"q" * 32 + bytes(8))
 
 
-def case_backing_name_long(img):
-    """080 "Invalid backing file size": name length 0xffffffff at 0x1000."""
-    with_snapshot(img)
-    poke(img, 8, struct.pack(">Q", 0x1000))
-    poke(img, 16, b"\xff\xff\xff\xff")
-
-
 def case_backing_name_past_cluster(img):
     """A 100-byte backing name that starts 50 bytes before the end of the header cluster."""
     with_snapshot(img)
@@ -150,45 +133,7 @@ def case_backing_name_past_cluster(img):
 
 # --- refcount table (080 "Huge refcount table size", "Misaligned", "Huge offset") ---
 
-def case_refcount_clusters_huge(img):
-    with_snapshot(img)
-    poke(img, 56, b"\xff\xff\xff\xff")
-
-
-def case_refcount_clusters_large(img):
-    with_snapshot(img)
-    poke(img, 56, b"\x00\x02\x00\x01")
-
-
-def case_refcount_offset_unaligned(img):
-    with_snapshot(img)
-    poke(img, 48, bytes.fromhex("1234567890abcdef"))
-
-
-def case_refcount_offset_huge(img):
-    with_snapshot(img)
-    poke(img, 48, b"\xff\xff\xff\xff\xff\xff\x00\x00")
-    poke(img, 56, b"\x00\x00\x00\x7f")
-
-
-def case_refcount_none(img):
-    """refcount_table_clusters = 0: "Image does not contain a reference count table"."""
-    with_snapshot(img)
-    poke(img, 56, bytes(4))
-
-
 # --- snapshot table (080 "Invalid snapshot table", 261) ---
-
-def case_snapshots_too_many(img):
-    with_snapshot(img)
-    poke(img, 60, b"\xff\xff\xff\xff")
-
-
-def case_snapshots_offset_huge(img):
-    with_snapshot(img)
-    poke(img, 64, b"\xff\xff\xff\xff\xff\xff\x00\x00")
-    poke(img, 60, b"\x00\x00\xff\xff")
-
 
 def case_snapshots_zero_garbage_offset(img):
     """nb_snapshots = 0 with an unaligned snapshot table offset."""
@@ -240,32 +185,27 @@ def case_snapshots_max(img):
 
 # --- active L1 table (080 "Invalid L1 table") ---
 
-def case_l1_size_huge(img):
-    with_snapshot(img)
-    poke(img, 36, b"\xff\xff\xff\xff")
-
-
-def case_l1_size_large(img):
-    with_snapshot(img)
-    poke(img, 36, b"\x7f\xff\xff\xff")
-
-
-def case_l1_offset_huge(img):
-    with_snapshot(img)
-    poke(img, 40, b"\x7f\xff\xff\xff\xff\xff\x00\x00")
-    poke(img, 36, b"\x00\x00\xff\xff")
-
-
-def case_l1_offset_unaligned(img):
-    with_snapshot(img)
-    poke(img, 40, bytes.fromhex("1234567890abcdef"))
-    poke(img, 36, b"\x00\x00\x00\x01")
-
-
-def case_l1_too_small(img):
-    """080 "Invalid L1 table (with internal snapshot in the image)": l1_size 0."""
-    with_snapshot(img)
-    poke(img, 36, bytes(4))
+# Cases that are an image with snapshot s1 (`with_snapshot`) whose header fields are then
+# overwritten: name -> (description, [(offset, bytes)]). Header offsets: 8 backing_file_offset,
+# 16 backing_file_size, 36 l1_size, 40 l1_table_offset, 48 refcount_table_offset,
+# 56 refcount_table_clusters, 60 nb_snapshots, 64 snapshots_offset, 100 header_length.
+HEADER_POKES = {
+    "header-length-huge": ('', [(100, b"\xff\xff\xff\xff")]),
+    "header-length-short": ('', [(100, struct.pack(">I", 96))]),
+    "backing-name-long": ('080 "Invalid backing file size": name length 0xffffffff at 0x1000.', [(8, struct.pack(">Q", 0x1000)), (16, b"\xff\xff\xff\xff")]),
+    "refcount-clusters-huge": ('', [(56, b"\xff\xff\xff\xff")]),
+    "refcount-clusters-large": ('', [(56, b"\x00\x02\x00\x01")]),
+    "refcount-offset-unaligned": ('', [(48, bytes.fromhex("1234567890abcdef"))]),
+    "refcount-offset-huge": ('', [(48, b"\xff\xff\xff\xff\xff\xff\x00\x00"), (56, b"\x00\x00\x00\x7f")]),
+    "refcount-none": ('refcount_table_clusters = 0: "Image does not contain a reference count table".', [(56, bytes(4))]),
+    "snapshots-too-many": ('', [(60, b"\xff\xff\xff\xff")]),
+    "snapshots-offset-huge": ('', [(64, b"\xff\xff\xff\xff\xff\xff\x00\x00"), (60, b"\x00\x00\xff\xff")]),
+    "l1-size-huge": ('', [(36, b"\xff\xff\xff\xff")]),
+    "l1-size-large": ('', [(36, b"\x7f\xff\xff\xff")]),
+    "l1-offset-huge": ('', [(40, b"\x7f\xff\xff\xff\xff\xff\x00\x00"), (36, b"\x00\x00\xff\xff")]),
+    "l1-offset-unaligned": ('', [(40, bytes.fromhex("1234567890abcdef")), (36, b"\x00\x00\x00\x01")]),
+    "l1-too-small": ('080 "Invalid L1 table (with internal snapshot in the image)": l1_size 0.', [(36, bytes(4))]),
+}
 
 
 # --- data clusters where QEMU reads zeros ---
@@ -295,8 +235,19 @@ def case_data_at_32pib(img):
     poke(img, l2, struct.pack(">Q", 1 << 55))
 
 
+def header_case(doc, pokes):
+    def make(img):
+        with_snapshot(img)
+        for off, data in pokes:
+            poke(img, off, data)
+    make.__doc__ = doc
+    return make
+
+
 CASES = {name[len("case_"):].replace("_", "-"): fn
-         for name, fn in sorted(globals().items()) if name.startswith("case_")}
+         for name, fn in globals().items() if name.startswith("case_")}
+CASES.update({name: header_case(doc, pokes) for name, (doc, pokes) in HEADER_POKES.items()})
+CASES = dict(sorted(CASES.items()))
 
 
 def main():

@@ -663,6 +663,15 @@ fn qemu_outcome(img: &Path, expect: Qemu) {
     }
 }
 
+/// Snapshot s1 of a hostile case reads as written: 1 MiB of 0xab.
+fn assert_s1_is_ab(snaps: &Path, name: &str) {
+    let mut buf = vec![0u8; 1 << 20];
+    fs::File::open(snaps.join("s1/disk.raw"))
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert!(buf.iter().all(|&b| b == 0xab), "{name}: snapshot bytes");
+}
+
 fn status_kib(pid: i32, key: &str) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -717,11 +726,7 @@ fn hostile_images_match_qemu_within_bounds() {
                         assert!(ls(&snaps).is_empty(), "{name}");
                     } else {
                         assert_eq!(ls(&snaps), ["s1"], "{name}");
-                        let mut buf = vec![0u8; 1 << 20];
-                        fs::File::open(snaps.join("s1/disk.raw"))
-                            .and_then(|mut f| f.read_exact(&mut buf))
-                            .unwrap_or_else(|e| panic!("{name}: {e}"));
-                        assert!(buf.iter().all(|&b| b == 0xab), "{name}: snapshot bytes");
+                        assert_s1_is_ab(&snaps, name);
                     }
                 }
                 Ours::Served(count) => {
@@ -730,11 +735,7 @@ fn hostile_images_match_qemu_within_bounds() {
                     assert!(v.get("damaged").is_none(), "{name}: {v}");
                     assert_eq!(v["snapshots"], 65536, "{name}");
                     assert_eq!(v["snapshots_listed"], *count, "{name}");
-                    let mut buf = vec![0u8; 1 << 20];
-                    fs::File::open(snaps.join("s1/disk.raw"))
-                        .and_then(|mut f| f.read_exact(&mut buf))
-                        .unwrap_or_else(|e| panic!("{name}: {e}"));
-                    assert!(buf.iter().all(|&b| b == 0xab), "{name}: snapshot bytes");
+                    assert_s1_is_ab(&snaps, name);
                 }
                 Ours::ReadEio(field) => {
                     assert_eq!(ls(&snaps), ["s1"], "{name}");

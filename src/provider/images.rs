@@ -106,9 +106,12 @@ impl ImagesProvider {
 
     fn qemu_img_snapshot(&self, op: &str, arg: &str, path: &Path) -> Result<()> {
         let started = std::time::Instant::now();
+        // A snapshot name in the internal form goes to qemu-img as the bytes it stands for.
+        let arg_bytes = crate::namespace::names::to_bytes(arg);
         // qemu-img resolves a relative external data file name against its working directory.
         let out = Command::new("qemu-img")
-            .args(["snapshot", op, arg])
+            .args(["snapshot", op])
+            .arg(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&arg_bytes))
             .arg(path)
             .current_dir(path.parent().unwrap_or(Path::new("/")))
             .output()
@@ -118,7 +121,12 @@ impl ImagesProvider {
             return Ok(());
         }
         let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        let what = format!("qemu-img snapshot {op} {arg} {}: {msg}", path.display());
+        let what = format!(
+            "qemu-img snapshot {op} {} {}: {}",
+            crate::log_limit::esc(&arg_bytes),
+            path.display(),
+            crate::log_limit::esc_str(&msg)
+        );
         Err(classify_qemu_img_error(&msg, what))
     }
 
