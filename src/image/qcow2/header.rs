@@ -435,3 +435,46 @@ impl Header {
         size.div_ceil(1u64 << shift)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_follow_qemus_validate_rule() {
+        let cs = 65536;
+        assert_eq!(table_problem(cs, 16, 8, MAX_L1_BYTES, cs), None);
+        // Empty tables still need a valid offset (QEMU checks the snapshot table's with 0).
+        assert_eq!(
+            table_problem(0x1234_5678_90ab_cdef, 0, 40, u64::MAX, cs),
+            Some("offset invalid")
+        );
+        assert_eq!(table_problem(0, 0, 40, u64::MAX, cs), None);
+        // Size first: QEMU says "too large" before looking at the offset.
+        assert_eq!(
+            table_problem(513, u64::from(u32::MAX), 8, MAX_L1_BYTES, cs),
+            Some("too large")
+        );
+        assert_eq!(
+            table_problem(cs, MAX_L1_BYTES / 8, 8, MAX_L1_BYTES, cs),
+            None
+        );
+        assert_eq!(
+            table_problem(cs, MAX_L1_BYTES / 8 + 1, 8, MAX_L1_BYTES, cs),
+            Some("too large")
+        );
+        // The end must stay a signed 64-bit offset; overflow is no escape.
+        assert_eq!(
+            table_problem(0x7fff_ffff_ffff_0000, 0xffff, 8, MAX_L1_BYTES, cs),
+            Some("offset invalid")
+        );
+        assert_eq!(
+            table_problem(u64::MAX - 65535, 2, 8, MAX_L1_BYTES, cs),
+            Some("offset invalid")
+        );
+        assert_eq!(
+            table_problem(cs, u64::MAX, u64::MAX, u64::MAX, cs),
+            Some("too large")
+        );
+    }
+}
