@@ -173,6 +173,9 @@ pub struct MountArgs {
     /// Log file of a background daemon [default: STATE_DIR/snapfs.log].
     #[arg(long, value_name = "FILE", help_heading = "Mount")]
     pub log_file: Option<PathBuf>,
+    /// Cap of a background daemon's log, in MiB: FILE and its one rotated copy FILE.1 together.
+    #[arg(long, value_name = "MIB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..), help_heading = "Mount")]
+    pub log_max_mb: u64,
 
     /// Let the kernel ask for attributes with the names of a listing (READDIRPLUS, adaptive):
     /// `ls -l`, `du` and rsync's scan of guest trees then need no lookup per file (about a

@@ -12,7 +12,7 @@ use fuser::{
     ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::error::Error;
 use crate::fs::{Attr, SnapFs, Whence};
@@ -59,7 +59,7 @@ macro_rules! reply_err {
         if e.is_refusal() {
             debug!(op = $op, error = %e, "refused");
         } else {
-            warn!(op = $op, error = %e, "failed");
+            $crate::log_limit::warn_error($op, &e);
         }
         $reply.error(Errno::from_i32(e.errno()))
     }};
@@ -318,7 +318,8 @@ impl fuser::Filesystem for Fuse {
             }
         });
         if let (Err(e), Some(r)) = (res, reply.take()) {
-            warn!(op = "read", fh = fh.0, offset, size, error = %e, "read failed");
+            crate::log_limit::warn_error("read", &e);
+            debug!(op = "read", fh = fh.0, offset, size, "read failed");
             r.error(Errno::from_i32(e.errno()))
         }
     }

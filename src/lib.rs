@@ -9,6 +9,8 @@ pub mod fs;
 pub mod fuse;
 pub mod image;
 pub mod libvirt;
+pub mod log_limit;
+pub mod logfile;
 pub mod namespace;
 pub mod notify;
 pub mod provider;

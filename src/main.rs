@@ -18,7 +18,7 @@ fn init_logging(verbose: u8, ansi: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| snapfs::logfile::LogWriter)
         .with_ansi(ansi)
         .init();
 }
@@ -56,13 +56,13 @@ fn main() -> ExitCode {
 
 fn mount(m: MountArgs, args: Vec<OsString>) -> anyhow::Result<()> {
     let libvirt = m.libvirt_uri()?;
+    let log = m
+        .log_file
+        .clone()
+        .unwrap_or_else(|| m.state_dir.join("snapfs.log"));
     let ready = if !m.foreground {
         // Detach (fork; or re-run ourselves with the same arguments) and wait for READY.
         let args: Vec<OsString> = args.into_iter().skip(1).collect();
-        let log = m
-            .log_file
-            .clone()
-            .unwrap_or_else(|| m.state_dir.join("snapfs.log"));
         match daemon::fork_daemon(args, &log)? {
             daemon::Forked::Parent => return Ok(()),
             daemon::Forked::Child(fd) => Some(fd),
@@ -74,6 +74,10 @@ fn mount(m: MountArgs, args: Vec<OsString>) -> anyhow::Result<()> {
             _ => None,
         }
     };
+    if ready.is_some() {
+        // A detached daemon (forked, or re-executed with --ready-fd): its output is the log file.
+        snapfs::logfile::rotate_at(&log, m.log_max_mb.saturating_mul(1 << 20));
+    }
     let cfg = MountConfig {
         mountpoint: m.mountpoint,
         images: m.images,

@@ -745,7 +745,9 @@ fn corrupt_headers_are_errors() {
     mutate(&|b| put_be32(b, 60, u32::MAX), "huge snapshot count");
     mutate(&|b| put_be32(b, 60, 1000), "snapshot count past EOF");
     mutate(&|b| put_be64(b, 64, len * 2), "snapshot table past EOF");
-    mutate(&|b| put_be64(b, 48, len * 4), "refcount table past EOF");
+    // QEMU does not look for the refcount table at open (nor do we), but refuses an unaligned
+    // one: the image's active layer is refused, as QEMU refuses it.
+    mutate(&|b| put_be64(b, 48, 513), "refcount table offset unaligned");
     mutate(&|b| put_be32(b, 20, 40), "cluster_bits 40");
     mutate(&|b| put_be64(b, 24, u64::MAX), "absurd virtual size");
     mutate(&|b| b.truncate(50), "truncated header");

@@ -719,4 +719,366 @@ fn revert_of_a_locked_image_is_ebusy() {
         ["s1"],
         "nothing was kept or changed"
     );
+
+/// What snapfs does with one hostile image (issue 20; docs/image-readers.md, "Hostile images").
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Ours {
+    /// `ls .snapshots` fails with EIO; volume.json's "error" names the field.
+    Refused(&'static str),
+    /// Snapshot s1 is served (its bytes are right) and volume.json's "damaged" names the field.
+    Flagged(&'static str),
+    /// Snapshot s1 is listed, reading it fails with EIO naming the field (QEMU's snapshot load
+    /// fails too, or QEMU reads zeros where we refuse: see `Qemu`).
+    ReadEio(&'static str),
+    /// Served: this many snapshots listed (`MAX_LISTED` of a larger table, which volume.json
+    /// says), s1 read right, nothing flagged.
+    Served(usize),
+}
+
+/// What QEMU 10 does with the same image, checked by running it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Qemu {
+    /// `qemu-img info` refuses to open it; the message contains this.
+    Refuses(&'static str),
+    /// Opens; loading snapshot s1 (`qemu-img convert -l snapshot.name=s1`) fails with this.
+    SnapshotFails(&'static str),
+    /// Opens and reads zeros at offset 0 of s1, where the L2 entry points past the end of file.
+    ReadsZeros,
+    /// Opens, and reads s1.
+    Opens,
+}
+
+const HOSTILE: &[(&str, Qemu, Ours)] = &[
+    (
+        "header-length-huge",
+        Qemu::Refuses("exceeds cluster size"),
+        Ours::Refused("header_length"),
+    ),
+    (
+        "header-length-short",
+        Qemu::Refuses("header too short"),
+        Ours::Refused("header_length"),
+    ),
+    (
+        "ext-huge-backing-offset",
+        Qemu::Refuses("Invalid backing file offset"),
+        Ours::Refused("backing_file_offset"),
+    ),
+    (
+        "ext-huge",
+        Qemu::Refuses("Header extension too large"),
+        Ours::Refused("header extension"),
+    ),
+    (
+        "ext-backing-format-long",
+        Qemu::Refuses("ext_backing_format"),
+        Ours::Refused("backing format extension"),
+    ),
+    (
+        "backing-name-long",
+        Qemu::Refuses("Backing file name too long"),
+        Ours::Refused("backing_file_size"),
+    ),
+    (
+        "backing-name-past-cluster",
+        Qemu::Refuses("Backing file name too long"),
+        Ours::Refused("backing_file_size"),
+    ),
+    (
+        "refcount-clusters-huge",
+        Qemu::Refuses("Reference count table too large"),
+        Ours::Flagged("refcount table too large"),
+    ),
+    (
+        "refcount-clusters-large",
+        Qemu::Refuses("Reference count table too large"),
+        Ours::Flagged("refcount table too large"),
+    ),
+    (
+        "refcount-offset-unaligned",
+        Qemu::Refuses("Reference count table offset invalid"),
+        Ours::Flagged("refcount table offset invalid"),
+    ),
+    (
+        "refcount-offset-huge",
+        Qemu::Refuses("Reference count table offset invalid"),
+        Ours::Flagged("refcount table offset invalid"),
+    ),
+    (
+        "refcount-none",
+        Qemu::Refuses("does not contain a reference count table"),
+        Ours::Flagged("no refcount table"),
+    ),
+    (
+        "snapshots-too-many",
+        Qemu::Refuses("Snapshot table too large"),
+        Ours::Refused("nb_snapshots"),
+    ),
+    (
+        "snapshots-offset-huge",
+        Qemu::Refuses("Snapshot table offset invalid"),
+        Ours::Refused("snapshot table offset invalid"),
+    ),
+    (
+        "snapshots-zero-garbage-offset",
+        Qemu::Refuses("Snapshot table offset invalid"),
+        Ours::Flagged("snapshot table offset invalid"),
+    ),
+    (
+        "snapshot-extra-huge",
+        Qemu::Refuses("Too much extra metadata"),
+        Ours::Refused("extra_data_size"),
+    ),
+    (
+        "snaptable-ff",
+        Qemu::Refuses("Snapshot table is too big"),
+        Ours::Refused("snapshot table larger than 64 MiB"),
+    ),
+    (
+        "snaptable-zero",
+        Qemu::Refuses("Snapshot table is too big"),
+        Ours::Refused("snapshot table larger than 64 MiB"),
+    ),
+    (
+        "snapshot-l1-offset-unaligned",
+        Qemu::SnapshotFails("Snapshot L1 table offset invalid"),
+        Ours::ReadEio("L1 table offset invalid"),
+    ),
+    (
+        "snapshot-l1-size-huge",
+        Qemu::SnapshotFails("Snapshot L1 table too large"),
+        Ours::ReadEio("L1 table too large"),
+    ),
+    (
+        "l1-size-huge",
+        Qemu::Refuses("Active L1 table too large"),
+        Ours::Flagged("active L1 table too large"),
+    ),
+    (
+        "l1-size-large",
+        Qemu::Refuses("Active L1 table too large"),
+        Ours::Flagged("active L1 table too large"),
+    ),
+    (
+        "l1-offset-huge",
+        Qemu::Refuses("Active L1 table offset invalid"),
+        Ours::Flagged("active L1 table offset invalid"),
+    ),
+    (
+        "l1-offset-unaligned",
+        Qemu::Refuses("Active L1 table offset invalid"),
+        Ours::Flagged("active L1 table offset invalid"),
+    ),
+    (
+        "l1-too-small",
+        Qemu::Refuses("L1 table is too small"),
+        Ours::Flagged("active L1 table too small"),
+    ),
+    ("snapshots-max", Qemu::Opens, Ours::Served(4096)),
+    (
+        "l2-reserved-past-eof",
+        Qemu::ReadsZeros,
+        Ours::ReadEio("past end of file"),
+    ),
+    (
+        "data-at-32pib",
+        Qemu::ReadsZeros,
+        Ours::ReadEio("past end of file"),
+    ),
+];
+
+/// QEMU's outcome for one case, by running qemu-img.
+fn qemu_outcome(img: &Path, expect: Qemu) {
+    let info = Command::new("qemu-img")
+        .args(["info", "-U"])
+        .arg(img)
+        .output()
+        .expect("qemu-img info");
+    let err = String::from_utf8_lossy(&info.stderr);
+    match expect {
+        Qemu::Refuses(msg) => {
+            assert!(!info.status.success(), "{}: QEMU opened it", img.display());
+            assert!(err.contains(msg), "{}: QEMU said {err}", img.display());
+        }
+        Qemu::SnapshotFails(_) | Qemu::ReadsZeros | Qemu::Opens => {
+            assert!(
+                info.status.success(),
+                "{}: QEMU refused: {err}",
+                img.display()
+            );
+            let out = img.with_extension("qemu.raw");
+            let conv = Command::new("qemu-img")
+                .args(["convert", "-U", "-l", "snapshot.name=s1", "-O", "raw"])
+                .arg(img)
+                .arg(&out)
+                .output()
+                .expect("qemu-img convert");
+            let cerr = String::from_utf8_lossy(&conv.stderr);
+            if let Qemu::SnapshotFails(msg) = expect {
+                assert!(
+                    !conv.status.success() && cerr.contains(msg),
+                    "{}: {cerr}",
+                    img.display()
+                );
+            } else {
+                assert!(conv.status.success(), "{}: {cerr}", img.display());
+                let mut head = [1u8; 512];
+                fs::File::open(&out).unwrap().read_exact(&mut head).unwrap();
+                let want = if expect == Qemu::Opens { 0xab } else { 0 };
+                assert!(
+                    head.iter().all(|&b| b == want),
+                    "{}: QEMU read",
+                    img.display()
+                );
+            }
+            let _ = fs::remove_file(&out);
+        }
+    }
+}
+
+/// Snapshot s1 of a hostile case reads as written: 1 MiB of 0xab.
+fn assert_s1_is_ab(snaps: &Path, name: &str) {
+    let mut buf = vec![0u8; 1 << 20];
+    fs::File::open(snaps.join("s1/disk.raw"))
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert!(buf.iter().all(|&b| b == 0xab), "{name}: snapshot bytes");
+}
+
+fn status_kib(pid: i32, key: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(key)?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Every reproduced qemu-iotests case (080, 261 and the two issue-20 snapshot tables): QEMU's
+/// outcome checked by running it, ours through the mount; the daemon's peak RSS stays under
+/// `--cache-mb` + 64 MiB, its log small, and it stays alive.
+#[test]
+fn hostile_images_match_qemu_within_bounds() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let dir = t.path().join("hostile");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make-hostile-images.py");
+    run(Command::new("python3").arg(&script).arg(&dir));
+    let made = fs::read_dir(&dir).unwrap().count();
+    assert_eq!(made, HOSTILE.len(), "one case a row");
+    for (name, qemu, _) in HOSTILE {
+        qemu_outcome(&dir.join(format!("{name}.qcow2")), *qemu);
+    }
+
+    let m = Mount::with_args(&dir, &["--cache-mb", "32"]);
+    let pid = m.daemon_pid().expect("daemon pid");
+    let mut agree = 0;
+    let mut stricter = 0;
+    let mut flagged = 0;
+    for round in 0..3 {
+        for (name, qemu, ours) in HOSTILE {
+            let vol = m.vol(&format!("{name}.qcow2"));
+            let snaps = vol.join(".snapshots");
+            let v: serde_json::Value =
+                serde_json::from_slice(&fs::read(vol.join("volume.json")).unwrap()).unwrap();
+            match ours {
+                Ours::Refused(field) => {
+                    assert_eq!(errno(fs::read_dir(&snaps)), libc::EIO, "{name}");
+                    let e = v["error"].as_str().unwrap_or_default();
+                    assert!(e.contains(field), "{name}: volume.json error {e:?}");
+                }
+                Ours::Flagged(field) => {
+                    let d = v["damaged"].to_string();
+                    assert!(d.contains(field), "{name}: damaged {d}");
+                    if *name == "snapshots-zero-garbage-offset" {
+                        assert!(ls(&snaps).is_empty(), "{name}");
+                    } else {
+                        assert_eq!(ls(&snaps), ["s1"], "{name}");
+                        assert_s1_is_ab(&snaps, name);
+                    }
+                }
+                Ours::Served(count) => {
+                    let names = ls(&snaps);
+                    assert_eq!(names.len(), *count, "{name}");
+                    assert!(v.get("damaged").is_none(), "{name}: {v}");
+                    assert_eq!(v["snapshots"], 65536, "{name}");
+                    assert_eq!(v["snapshots_listed"], *count, "{name}");
+                    assert_s1_is_ab(&snaps, name);
+                }
+                Ours::ReadEio(field) => {
+                    assert_eq!(ls(&snaps), ["s1"], "{name}");
+                    let r = fs::File::open(snaps.join("s1/disk.raw"))
+                        .and_then(|mut f| f.read_exact(&mut [0u8; 512]));
+                    assert_eq!(errno(r), libc::EIO, "{name}");
+                    assert!(v.get("damaged").is_none(), "{name}: {v}");
+                    assert!(m.log().contains(field), "{name}: log names {field:?}");
+                }
+            }
+            if round == 0 {
+                match (qemu, ours) {
+                    (Qemu::ReadsZeros, _) => stricter += 1,
+                    (Qemu::Refuses(_), Ours::Flagged(_)) => flagged += 1,
+                    _ => agree += 1,
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300)); // past the listing TTL
+    }
+    assert_eq!(
+        (agree, stricter, flagged),
+        (15, 2, 11),
+        "parity table counts"
+    );
+
+    assert!(pid_alive(pid), "daemon alive");
+    let hwm_mib = status_kib(pid, "VmHWM:") / 1024;
+    assert!(
+        hwm_mib <= 32 + 64,
+        "peak RSS {hwm_mib} MiB over --cache-mb + 64 MiB"
+    );
+    let log = m.log();
+    assert!(log.len() < 256 << 10, "log of {} bytes", log.len());
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest <= 2048, "a log line of {longest} bytes");
+    // The damage of each flagged image is logged once, however often it is listed.
+    let once = log
+        .lines()
+        .filter(|l| l.contains("l1-too-small.qcow2") && l.contains("QEMU would refuse"))
+        .count();
+    assert_eq!(once, 1, "damage logged {once} times:\n{log}");
+    eprintln!(
+        "hostile images: peak RSS {hwm_mib} MiB, log {} bytes",
+        log.len()
+    );
+}
+
+/// `--log-max-mb`: the background daemon's log and its one rotated copy stay under the cap
+/// (debug logging of refused lookups makes the volume of lines here).
+#[test]
+fn log_file_is_capped_and_rotated() {
+    let (_t, dir) = pool();
+    let m = Mount::with_args(&dir, &["-vv", "--log-max-mb", "1"]);
+    let log = m.state_dir().join("snapfs.log");
+    let old = m.state_dir().join("snapfs.log.1");
+    for i in 0..30_000 {
+        let _ = fs::metadata(m.vol(&format!("missing-{i}.qcow2")));
+    }
+    let cur = fs::metadata(&log).map(|md| md.len()).unwrap_or(0);
+    let prev = fs::metadata(&old).map(|md| md.len()).unwrap_or(0);
+    assert!(prev > 0, "the log was rotated (current {cur} bytes)");
+    assert!(
+        cur + prev <= (1 << 20) + 4096,
+        "{cur} + {prev} bytes over the 1 MiB cap"
+    );
+    assert!(m.daemon_pid().is_some_and(pid_alive), "daemon alive");
+    // Still logging, into the current file.
+    let before = fs::metadata(&log).unwrap().len();
+    let _ = fs::metadata(m.vol("missing-again.qcow2"));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(m.log().contains("missing-again") || fs::metadata(&log).unwrap().len() < before);
 }

@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
     let cache = Arc::new(BlockCache::new(4 << 20));
     let mut snapshots = vec![None];
     if let Ok(info) = image::qcow2::inspect(path) {
-        snapshots.extend(info.snapshots.into_iter().take(2).map(|s| Some(s.name)));
+        snapshots.extend(info.snapshots.iter().take(2).map(|s| Some(s.name.clone())));
     }
     for snap in snapshots {
         let Ok(img) = image::open(path, Some(Format::Qcow2), snap.as_deref(), &cache) else {

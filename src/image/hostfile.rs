@@ -11,6 +11,18 @@ pub struct HostFile {
     path: PathBuf,
     /// Length at open; snapshots and backing files do not change under us.
     len: u64,
+    generation: Generation,
+}
+
+/// Which version of a file this is: its metadata changes only when the file does, so what was
+/// parsed from one generation holds until the next (a rewrite, `qemu-img snapshot`, a copy over it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Generation {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
 }
 
 impl HostFile {
@@ -39,15 +51,28 @@ impl HostFile {
         } else {
             meta.len()
         };
+        use std::os::unix::fs::MetadataExt;
+        let generation = Generation {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len,
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        };
         Ok(HostFile {
             file,
             path: path.to_path_buf(),
             len,
+            generation,
         })
     }
 
     pub fn len(&self) -> u64 {
         self.len
+    }
+
+    pub fn generation(&self) -> Generation {
+        self.generation
     }
 
     pub fn path(&self) -> &Path {

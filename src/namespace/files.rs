@@ -6,8 +6,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tracing::warn;
-
 use super::names::{self, escape};
 use super::registry::lock;
 use super::{Kind, Namespace, Stat};
@@ -126,7 +124,11 @@ fn guest_stat(s: &FileStat, vol: u16) -> Stat {
 /// byte). Only names no file name can carry (empty, `/`, NUL: a corrupt directory) are skipped.
 fn guest_name(name: &[u8]) -> Option<String> {
     if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
-        warn!(name = ?String::from_utf8_lossy(name), "guest directory entry with an impossible name: not shown");
+        crate::input_warn!(
+            "files",
+            "guest directory entry with an impossible name: not shown: {}",
+            crate::log_limit::esc(name)
+        );
         return None;
     }
     Some(names::from_bytes(name).into_owned())

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use lru::LruCache;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::error::{Error, Result};
 use crate::image::BlockImage;
@@ -209,7 +209,7 @@ impl OpenDisk {
     pub fn allocated(&self) -> u64 {
         *self.allocated.get_or_init(|| {
             crate::image::allocated_bytes(self.image.as_ref()).unwrap_or_else(|e| {
-                warn!(error = %e, "cannot compute allocation; reporting 0 blocks");
+                crate::log_limit::warn_error("allocation", &e);
                 0
             })
         })
@@ -360,7 +360,11 @@ impl Namespace {
                     // The kernel cannot pass such a name back to us: hide it, say so.
                     let fits = n.len() <= names::NAME_MAX;
                     if !fits {
-                        warn!(name = %n, "backend name longer than 255 bytes is not shown");
+                        crate::input_warn!(
+                            "names",
+                            "backend name longer than 255 bytes is not shown: {}",
+                            crate::log_limit::esc(&names::to_bytes(n))
+                        );
                     }
                     fits
                 })
@@ -656,7 +660,7 @@ impl Namespace {
                     .created(owner, SnapRef::of(&new), prev.as_ref().map(SnapRef::of))
             }
             Err(e) => {
-                warn!(%owner, %snap, error = %e, "new snapshot not listed; lineage not recorded")
+                tracing::warn!(%owner, %snap, error = %e, "new snapshot not listed; lineage not recorded")
             }
         }
     }

@@ -82,7 +82,11 @@ impl Registry {
                 if seen.insert(name.clone()) {
                     out.push((name, i));
                 } else {
-                    tracing::warn!(%name, provider = p.kind(), "name already taken by another provider; hidden");
+                    crate::input_warn!(
+                        p.kind(),
+                        "name {} already taken by another provider; hidden",
+                        crate::log_limit::esc_str(&name)
+                    );
                 }
             }
         }

@@ -310,7 +310,13 @@ impl LibvirtProvider {
                 Ok(None) => {
                     debug!(pool = %name, "storage pool without a host directory: not shown")
                 }
-                Err(e) => warn!(pool = %name, error = %e, "unreadable storage pool XML"),
+                Err(e) => {
+                    crate::input_warn!(
+                        "libvirt",
+                        "unreadable storage pool XML of {}: {e}",
+                        crate::log_limit::esc_str(&name)
+                    );
+                }
             }
         }
         out.sort();
@@ -395,7 +401,12 @@ impl LibvirtProvider {
                         Some(x) => x,
                         None => {
                             let Some(p) = recorded.and_then(|r| r.source.file()) else {
-                                warn!(snapshot = %sx.name, disk = %d.target, "external snapshot disk without a readable image");
+                                crate::input_warn!(
+                                    "libvirt",
+                                    "external snapshot disk without a readable image: snapshot {}, disk {}",
+                                    crate::log_limit::esc_str(&sx.name),
+                                    crate::log_limit::esc_str(&d.target)
+                                );
                                 continue;
                             };
                             let fmt = recorded
@@ -436,7 +447,12 @@ impl LibvirtProvider {
                         Some((p, s.virtual_size))
                     });
                     let Some((path, size)) = found else {
-                        warn!(snapshot = %sx.name, disk = %d.target, "internal snapshot not found in any image of the disk");
+                        crate::input_warn!(
+                            "libvirt",
+                            "internal snapshot not found in any image of the disk: snapshot {}, disk {}",
+                            crate::log_limit::esc_str(&sx.name),
+                            crate::log_limit::esc_str(&d.target)
+                        );
                         continue;
                     };
                     out.push(SnapImage {
@@ -777,7 +793,9 @@ impl Provider for LibvirtProvider {
         for s in snaps {
             match Self::snapshot_xml(&s).and_then(|sx| self.snapshot_info(&current, &sx)) {
                 Ok(i) => out.push(i),
-                Err(e) => warn!(%owner, error = %e, "skipping an unreadable snapshot"),
+                Err(e) => {
+                    crate::input_warn!(&owner.to_string(), "skipping an unreadable snapshot: {e}");
+                }
             }
         }
         out.extend(self.rbd_snapshot_infos(&dom, owner)?);

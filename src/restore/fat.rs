@@ -367,7 +367,10 @@ impl FatFs {
                         0
                     }) | u32::from(le16(raw, 26));
                     if self.dir_first_cluster(ino)? == Some(c) || c == self.root_cluster && c != 0 {
-                        tracing::warn!(dir = ino, "FAT directory entry loops back; hidden");
+                        crate::input_warn!(
+                            "fat",
+                            "FAT directory entry loops back in directory {ino}; hidden"
+                        );
                         continue;
                     }
                 }

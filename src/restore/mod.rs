@@ -222,7 +222,7 @@ pub fn open_volume(disk: Arc<dyn BlockImage>, part: &Partition) -> Result<Volume
         probe::Found::Lvm2 => match lvm::logical_volumes(disk, &dev, part.offset) {
             Ok(lvs) => Ok(Volume::Lvm(lvs)),
             Err(e) => {
-                tracing::warn!(part = %part.name, error = %e, "LVM2 metadata unreadable");
+                crate::input_warn!(&part.name, "LVM2 metadata unreadable: {e}");
                 Ok(Volume::Unsupported {
                     readme: format!(
                         "{}\nsnapfs could not read its metadata: {e}\n",

@@ -29,12 +29,18 @@ pub fn partitions(disk: &dyn BlockImage) -> Result<Vec<Partition>> {
     }
     if size >= 2 * SECTOR {
         if let Some(parts) = read_gpt(disk, size / SECTOR * SECTOR - SECTOR)? {
-            tracing::warn!("primary GPT header unusable, using the backup header");
+            crate::input_warn!(
+                "partitions",
+                "primary GPT header unusable, using the backup header"
+            );
             return Ok(parts);
         }
     }
     if protective {
-        tracing::warn!("protective MBR but no valid GPT header: treating the disk as whole");
+        crate::input_warn!(
+            "partitions",
+            "protective MBR but no valid GPT header: treating the disk as whole"
+        );
         return Ok(whole(size));
     }
     if has_mbr_sig && !looks_like_boot_sector(&mbr) {
@@ -81,7 +87,7 @@ fn read_gpt(disk: &dyn BlockImage, at: u64) -> Result<Option<Vec<Partition>>> {
     let mut hc = h[..hsize].to_vec();
     hc[16..20].fill(0);
     if crc32fast::hash(&hc) != le32(&h, 16) {
-        tracing::warn!(at, "GPT header checksum mismatch");
+        crate::input_warn!("partitions", "GPT header checksum mismatch at {at:#x}");
         return Ok(None);
     }
     let entries_lba = le64(&h, 72);
@@ -100,7 +106,10 @@ fn read_gpt(disk: &dyn BlockImage, at: u64) -> Result<Option<Vec<Partition>>> {
     let mut table = vec![0u8; total as usize];
     disk.read_at(&mut table, start)?;
     if crc32fast::hash(&table) != le32(&h, 88) {
-        tracing::warn!(at, "GPT entry array checksum mismatch");
+        crate::input_warn!(
+            "partitions",
+            "GPT entry array checksum mismatch (header at {at:#x})"
+        );
         return Ok(None);
     }
     let mut out = Vec::new();
@@ -119,7 +128,11 @@ fn read_gpt(disk: &dyn BlockImage, at: u64) -> Result<Option<Vec<Partition>>> {
             continue;
         };
         if end <= off || off >= size {
-            tracing::warn!(entry = i + 1, "GPT entry with an impossible range, skipped");
+            crate::input_warn!(
+                "partitions",
+                "GPT entry {} with an impossible range, skipped",
+                i + 1
+            );
             continue;
         }
         let name: Vec<u16> = (0..36)
@@ -214,9 +227,10 @@ fn read_mbr(disk: &dyn BlockImage, mbr: &[u8]) -> Result<Vec<Partition>> {
         }
         let off = lba * SECTOR;
         if off >= size {
-            tracing::warn!(
-                slot = i + 1,
-                "MBR entry starts past the end of the disk, skipped"
+            crate::input_warn!(
+                "partitions",
+                "MBR entry {} starts past the end of the disk, skipped",
+                i + 1
             );
             continue;
         }
@@ -252,7 +266,7 @@ fn read_logical(
     let mut seen = std::collections::HashSet::new();
     for number in 5..5 + MAX_LOGICAL {
         if !seen.insert(ebr_lba) {
-            tracing::warn!(ebr_lba, "EBR chain loops, stopped");
+            crate::input_warn!("partitions", "EBR chain loops at LBA {ebr_lba}, stopped");
             break;
         }
         let at = ebr_lba * SECTOR;

@@ -245,7 +245,10 @@ impl XfsFs {
             if fs.overlay.is_empty() {
                 return Err(e);
             }
-            tracing::warn!(part = fs.dev.name(), error = %e, "XFS log replay leaves the root unreadable: not replayed");
+            crate::input_warn!(
+                fs.dev.name(),
+                "XFS log replay leaves the root unreadable: not replayed: {e}"
+            );
             fs.overlay = Overlay::default();
             fs.note = format!("log replay left the root unreadable ({e}): read without replay");
             root_ok(&fs)?;
@@ -260,7 +263,7 @@ impl XfsFs {
         let part = self.dev.name().to_string();
         if logstart == 0 {
             self.note = "external log (not read, not replayed)".into();
-            tracing::warn!(part, "XFS with an external log: its log is not replayed");
+            crate::input_warn!(&part, "XFS with an external log: its log is not replayed");
             return;
         }
         let log_off = self.fsb_to_byte(logstart).filter(|&o| {
@@ -271,7 +274,7 @@ impl XfsFs {
         });
         let Some(log_off) = log_off else {
             self.note = "log outside the filesystem: read without replay".into();
-            tracing::warn!(part, "XFS log outside the device: not replayed");
+            crate::input_warn!(&part, "XFS log outside the device: not replayed");
             return;
         };
         let meta_uuid = self.v5 && be32(sb, 216) & (1 << 2) != 0;
@@ -322,7 +325,7 @@ impl XfsFs {
                 self.note = n;
             }
             Outcome::NotReplayed(why) => {
-                tracing::warn!(part, why, "XFS log not replayed");
+                crate::input_warn!(&part, "XFS log not replayed: {why}");
                 self.note = format!("log not replayed ({why}): read without replay");
             }
         }
@@ -578,7 +581,11 @@ impl XfsFs {
         out.retain(|(name, child, _)| {
             let ok = *child != ino && *child != self.root;
             if !ok {
-                tracing::warn!(dir = ino, name = %String::from_utf8_lossy(name), "XFS directory entry loops back; hidden");
+                crate::input_warn!(
+                    self.dev.name(),
+                    "XFS directory entry {} loops back in directory {ino}; hidden",
+                    crate::log_limit::esc(name)
+                );
             }
             ok
         });
@@ -745,7 +752,11 @@ impl XfsFs {
                     0x3BEE => 80,
                     0xFBEE => 32,
                     0x3EBE | 0xFEBE => {
-                        tracing::warn!(ino = inode.ino, "XFS xattrs in node form are not read");
+                        crate::input_warn!(
+                            self.dev.name(),
+                            "XFS xattrs in node form are not read (inode {})",
+                            inode.ino
+                        );
                         return Ok(out);
                     }
                     _ => return Err(self.corrupt_ino(inode.ino, "bad xattr leaf magic")),
@@ -976,7 +987,12 @@ impl GuestFs for XfsFs {
                 };
                 match xfs_acl_to_xattr(&value) {
                     Some(v) => out.push((full.to_vec(), v)),
-                    None => tracing::warn!(ino, "XFS ACL in an unknown format; hidden"),
+                    None => {
+                        crate::input_warn!(
+                            self.dev.name(),
+                            "XFS ACL in an unknown format; hidden (inode {ino})"
+                        );
+                    }
                 }
                 continue;
             }

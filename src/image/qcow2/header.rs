@@ -21,8 +21,16 @@ const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_NAMES: u32 = 0x6803_f857;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
 
-/// qemu's limit on the L1 table (32 MiB); larger is refused rather than allocated.
+/// QEMU's limit on an L1 table (`QCOW_MAX_L1_SIZE`, 32 MiB); larger is refused rather than allocated.
 pub const MAX_L1_BYTES: u64 = 32 << 20;
+/// QEMU's limit on the refcount table (`QCOW_MAX_REFTABLE_SIZE`, 8 MiB).
+const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+/// QEMU's limit on the number of internal snapshots (`QCOW_MAX_SNAPSHOTS`).
+pub const MAX_SNAPSHOTS: u32 = 65536;
+/// QEMU keeps the backing format in a 16-byte buffer: a longer extension is refused.
+const MAX_BACKING_FORMAT: u64 = 15;
+/// QEMU's limit on a backing file name (`bs->backing_file` is 1024 bytes with its NUL).
+const MAX_BACKING_NAME: u64 = 1023;
 /// Largest virtual size we accept: keeps guest offset arithmetic far from overflow.
 const MAX_VIRTUAL_SIZE: u64 = 1 << 62;
 
@@ -59,6 +67,31 @@ pub struct Header {
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
     pub data_file: Option<String>,
+    /// What QEMU refuses at open in structures a snapshot read does not use (the active L1
+    /// table, the refcount table, an empty snapshot table's offset), one line per finding.
+    /// Such an image's snapshots are served and flagged; its active layer is refused.
+    pub damage: Vec<String>,
+}
+
+/// QEMU's `qcow2_validate_table` rule for a table of `entries` of `entry_len` bytes at `offset`:
+/// not past `max_bytes`, cluster-aligned, and its end within a signed 64-bit file offset.
+/// (QEMU does not compare it with the file size; we do where we read the table.)
+pub fn table_problem(
+    offset: u64,
+    entries: u64,
+    entry_len: u64,
+    max_bytes: u64,
+    cluster_size: u64,
+) -> Option<&'static str> {
+    let size = entries.checked_mul(entry_len);
+    if size.is_none_or(|s| s > max_bytes) {
+        return Some("too large");
+    }
+    let end = size.and_then(|s| offset.checked_add(s));
+    if end.is_none_or(|e| e > i64::MAX as u64) || !offset.is_multiple_of(cluster_size) {
+        return Some("offset invalid");
+    }
+    None
 }
 
 pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
@@ -125,8 +158,17 @@ impl Header {
                 return Err(f.corrupt(0, "file too short for a qcow2 v3 header"));
             }
             let hl = be32(&fixed, 100) as u64;
-            if hl < V3_MIN_HEADER_LEN || !hl.is_multiple_of(8) || hl > cluster_size {
-                return Err(f.corrupt(100, format!("header_length {hl} invalid")));
+            if hl < V3_MIN_HEADER_LEN {
+                return Err(f.corrupt(100, format!("header_length {hl} is below 104")));
+            }
+            if hl > cluster_size {
+                return Err(f.corrupt(
+                    100,
+                    format!("header_length {hl} exceeds the cluster size {cluster_size}"),
+                ));
+            }
+            if !hl.is_multiple_of(8) {
+                return Err(f.corrupt(100, format!("header_length {hl} is not a multiple of 8")));
             }
             (be64(&fixed, 72), be64(&fixed, 88), be32(&fixed, 96), hl)
         } else {
@@ -176,15 +218,32 @@ impl Header {
             backing_file: None,
             backing_format: None,
             data_file: None,
+            damage: Vec::new(),
         };
 
         let backing_offset = be64(&fixed, 8);
-        let backing_len = be32(&fixed, 16);
+        let backing_len = u64::from(be32(&fixed, 16));
+        if backing_offset > cluster_size {
+            return Err(f.corrupt(
+                8,
+                format!("backing_file_offset {backing_offset:#x} is past the header cluster"),
+            ));
+        }
         let feature_names = h.read_extensions(f, &area, header_len, backing_offset)?;
         h.check_features(f, &feature_names)?;
         if backing_offset != 0 {
-            if backing_len == 0 || backing_len > 1023 {
-                return Err(f.corrupt(16, format!("backing file name length {backing_len}")));
+            // QEMU: the name must fit in the header cluster and in 1023 bytes.
+            if backing_len > MAX_BACKING_NAME.min(cluster_size - backing_offset) {
+                return Err(f.corrupt(
+                    16,
+                    format!(
+                        "backing_file_size {backing_len} too long (the name must end in the \
+                         header cluster and have at most {MAX_BACKING_NAME} bytes)"
+                    ),
+                ));
+            }
+            if backing_len == 0 {
+                return Err(f.corrupt(16, "backing_file_size 0 with a backing_file_offset"));
             }
             let name =
                 f.read_meta_vec(backing_len as usize, backing_offset, "backing file name")?;
@@ -221,7 +280,14 @@ impl Header {
             let data_end = data_start
                 .checked_add(len)
                 .filter(|e| *e <= end)
-                .ok_or_else(|| f.corrupt(pos, format!("header extension {typ:#x} too long")))?;
+                .ok_or_else(|| {
+                    f.corrupt(
+                        pos + 4,
+                        format!(
+                            "header extension {typ:#x}: length {len} runs past the header area"
+                        ),
+                    )
+                })?;
             let data = area
                 .get(data_start as usize..data_end as usize)
                 .ok_or_else(|| f.corrupt(pos, "header extension outside header cluster"))?;
@@ -230,6 +296,14 @@ impl Header {
                     .map_err(|_| f.corrupt(pos, format!("header extension {typ:#x} not UTF-8")))
             };
             match typ {
+                EXT_BACKING_FORMAT if len > MAX_BACKING_FORMAT => {
+                    return Err(f.corrupt(
+                        pos + 4,
+                        format!(
+                            "backing format extension of {len} bytes (limit {MAX_BACKING_FORMAT})"
+                        ),
+                    ))
+                }
                 EXT_BACKING_FORMAT => self.backing_format = Some(text()?),
                 EXT_DATA_FILE => self.data_file = Some(text()?),
                 EXT_FEATURE_NAMES => {
@@ -274,12 +348,15 @@ impl Header {
             )));
         }
         if self.incompatible & INCOMPAT_CORRUPT != 0 {
-            tracing::warn!(path = %f.path().display(), "qcow2 image is marked corrupt; reading anyway");
+            crate::input_warn!(
+                &f.path().display().to_string(),
+                "qcow2 image is marked corrupt; reading anyway"
+            );
         }
         Ok(())
     }
 
-    fn validate(&self, f: &HostFile) -> Result<()> {
+    fn validate(&mut self, f: &HostFile) -> Result<()> {
         let cs = self.cluster_size();
         if self.size > MAX_VIRTUAL_SIZE {
             return Err(f.corrupt(24, format!("virtual size {} too large", self.size)));
@@ -287,23 +364,117 @@ impl Header {
         if self.extended_l2() && self.cluster_bits < 14 {
             return Err(f.corrupt(20, "extended L2 entries need clusters of 16 KiB or more"));
         }
-        if !self.refcount_table_offset.is_multiple_of(cs) {
-            return Err(f.corrupt(48, "refcount table offset unaligned"));
-        }
-        let rt_len = u64::from(self.refcount_table_clusters) << self.cluster_bits;
-        if self
-            .refcount_table_offset
-            .checked_add(rt_len)
-            .is_none_or(|e| e > f.len())
-        {
-            return Err(f.corrupt(
-                self.refcount_table_offset,
-                "refcount table extends past end of file",
-            ));
-        }
         if self.has_data_file() && self.backing_file.is_some() && self.data_file_raw() {
             return Err(f.corrupt(88, "raw external data file with a backing file"));
         }
+        // The snapshot table: refused when it has entries (we read it), damage when empty.
+        if self.nb_snapshots > MAX_SNAPSHOTS {
+            return Err(f.corrupt(
+                60,
+                format!("nb_snapshots {} (limit {MAX_SNAPSHOTS})", self.nb_snapshots),
+            ));
+        }
+        if let Some(p) = table_problem(
+            self.snapshots_offset,
+            u64::from(self.nb_snapshots),
+            40,
+            u64::MAX,
+            cs,
+        ) {
+            let what = format!(
+                "snapshot table {p} (snapshots_offset {:#x})",
+                self.snapshots_offset
+            );
+            if self.nb_snapshots > 0 {
+                return Err(f.corrupt(64, what));
+            }
+            self.damage.push(what);
+        }
+        // Structures a snapshot read never touches: what QEMU refuses there is damage.
+        let rt_clusters = u64::from(self.refcount_table_clusters);
+        if rt_clusters == 0 {
+            self.damage
+                .push("no refcount table (refcount_table_clusters 0)".to_string());
+        } else if let Some(p) = table_problem(
+            self.refcount_table_offset,
+            rt_clusters,
+            cs,
+            MAX_REFTABLE_BYTES,
+            cs,
+        ) {
+            self.damage.push(format!(
+                "refcount table {p} (refcount_table_offset {:#x}, refcount_table_clusters {})",
+                self.refcount_table_offset, self.refcount_table_clusters
+            ));
+        }
+        if let Some(p) = table_problem(
+            self.l1_table_offset,
+            u64::from(self.l1_size),
+            8,
+            MAX_L1_BYTES,
+            cs,
+        ) {
+            self.damage.push(format!(
+                "active L1 table {p} (l1_table_offset {:#x}, l1_size {})",
+                self.l1_table_offset, self.l1_size
+            ));
+        } else if u64::from(self.l1_size) < self.l1_entries_for(self.size) {
+            self.damage.push(format!(
+                "active L1 table too small: l1_size {} for a virtual size of {} bytes",
+                self.l1_size, self.size
+            ));
+        }
         Ok(())
+    }
+
+    /// L1 entries needed to map `size` guest bytes.
+    pub fn l1_entries_for(&self, size: u64) -> u64 {
+        let entry_bytes: u32 = if self.extended_l2() { 16 } else { 8 };
+        let l2_bits = self.cluster_bits - entry_bytes.trailing_zeros();
+        let shift = self.cluster_bits + l2_bits;
+        size.div_ceil(1u64 << shift)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_follow_qemus_validate_rule() {
+        let cs = 65536;
+        assert_eq!(table_problem(cs, 16, 8, MAX_L1_BYTES, cs), None);
+        // Empty tables still need a valid offset (QEMU checks the snapshot table's with 0).
+        assert_eq!(
+            table_problem(0x1234_5678_90ab_cdef, 0, 40, u64::MAX, cs),
+            Some("offset invalid")
+        );
+        assert_eq!(table_problem(0, 0, 40, u64::MAX, cs), None);
+        // Size first: QEMU says "too large" before looking at the offset.
+        assert_eq!(
+            table_problem(513, u64::from(u32::MAX), 8, MAX_L1_BYTES, cs),
+            Some("too large")
+        );
+        assert_eq!(
+            table_problem(cs, MAX_L1_BYTES / 8, 8, MAX_L1_BYTES, cs),
+            None
+        );
+        assert_eq!(
+            table_problem(cs, MAX_L1_BYTES / 8 + 1, 8, MAX_L1_BYTES, cs),
+            Some("too large")
+        );
+        // The end must stay a signed 64-bit offset; overflow is no escape.
+        assert_eq!(
+            table_problem(0x7fff_ffff_ffff_0000, 0xffff, 8, MAX_L1_BYTES, cs),
+            Some("offset invalid")
+        );
+        assert_eq!(
+            table_problem(u64::MAX - 65535, 2, 8, MAX_L1_BYTES, cs),
+            Some("offset invalid")
+        );
+        assert_eq!(
+            table_problem(cs, u64::MAX, u64::MAX, u64::MAX, cs),
+            Some("too large")
+        );
     }
 }

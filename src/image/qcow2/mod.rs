@@ -6,6 +6,7 @@
 mod compress;
 mod header;
 mod l2;
+mod meta_cache;
 mod snapshot;
 
 use std::path::{Path, PathBuf};
@@ -27,10 +28,16 @@ const MAX_EXTENTS: usize = 4096;
 const MAX_LOOKUPS: usize = 1 << 18;
 
 /// One internal snapshot as the qcow2 snapshot table stores it.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug)]
 pub struct SnapshotEntry {
+    /// The id's bytes, in the reversible internal form of `names::from_bytes`; only the first
+    /// `snapshot::KEPT_NAME_BYTES` bytes of a longer one.
     pub id: String,
+    /// The name, likewise.
     pub name: String,
+    /// Lengths in the table (the kept bytes are shorter when these pass 256).
+    pub id_len: usize,
+    pub name_len: usize,
     /// Creation time, seconds since the epoch.
     pub date_sec: u32,
     pub date_nsec: u32,
@@ -40,8 +47,32 @@ pub struct SnapshotEntry {
     pub virtual_size: u64,
 }
 
+/// The snapshot table of one file generation, shared with the metadata cache (not copied).
+#[derive(Clone)]
+pub struct Snapshots(Arc<meta_cache::Parsed>);
+
+impl Snapshots {
+    pub fn iter(&self) -> impl Iterator<Item = &SnapshotEntry> {
+        self.0.snapshots.iter().map(|s| &s.entry)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.snapshots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.snapshots.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Snapshots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} snapshots", self.len())
+    }
+}
+
 /// What the header says, for volume.json and the provider; no data is read.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug)]
 pub struct Qcow2Info {
     pub version: u32,
     pub cluster_size: u64,
@@ -55,14 +86,17 @@ pub struct Qcow2Info {
     pub compression: String,
     pub extended_l2: bool,
     pub dirty: bool,
-    pub snapshots: Vec<SnapshotEntry>,
+    pub snapshots: Snapshots,
+    /// What QEMU would refuse at open that our snapshot reads do not use (see `Header::damage`).
+    pub damaged: Vec<String>,
 }
 
-/// Read the header and snapshot table of a qcow2 file (backing files are not opened).
+/// Read the header and snapshot table of a qcow2 file (backing files are not opened); parsed
+/// once per file generation.
 pub fn inspect(path: &Path) -> Result<Qcow2Info> {
     let f = HostFile::open(path)?;
-    let h = Header::read(&f)?;
-    let snaps = snapshot::read_table(&f, &h)?;
+    let parsed = meta_cache::get(&f)?;
+    let h = &parsed.header;
     let backing_path = match &h.backing_file {
         Some(b) => Some(resolve_relative(path, b)?),
         None => None,
@@ -78,7 +112,8 @@ pub fn inspect(path: &Path) -> Result<Qcow2Info> {
         compression: h.compression.name().to_string(),
         extended_l2: h.extended_l2(),
         dirty: h.dirty(),
-        snapshots: snaps.into_iter().map(|s| s.entry).collect(),
+        damaged: h.damage.clone(),
+        snapshots: Snapshots(parsed.clone()),
     })
 }
 
@@ -163,16 +198,27 @@ impl Qcow2Image {
         chain.push(canon);
 
         let meta = HostFile::open(path)?;
-        let header = Header::read(&meta)?;
-        let image_id = BlockCache::new_image_id();
         // Parsed even when not opening a snapshot: a broken table means a broken image.
-        let snaps = snapshot::read_table(&meta, &header)?;
+        let parsed = meta_cache::get(&meta)?;
+        let header = parsed.header.clone();
+        let image_id = BlockCache::new_image_id();
         let (l1_offset, l1_size, size) = match snapshot {
-            None => (header.l1_table_offset, header.l1_size, header.size),
+            None => {
+                // The active layer uses what the damage is about: refused, as QEMU does.
+                if let Some(d) = header.damage.first() {
+                    return Err(meta.corrupt(0, d.clone()));
+                }
+                (header.l1_table_offset, header.l1_size, header.size)
+            }
             Some(want) => {
-                let s = snapshot::find(&snaps, want).ok_or_else(|| {
-                    Error::NotFound(format!("snapshot {want} in {}", path.display()))
+                let s = snapshot::find(&parsed.snapshots, want).ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "snapshot {} in {}",
+                        crate::log_limit::esc_str(want),
+                        path.display()
+                    ))
                 })?;
+                s.check_l1(&meta, &header)?;
                 if s.entry.virtual_size > (1 << 62) {
                     return Err(
                         meta.corrupt(header.snapshots_offset, "snapshot virtual size too large")

@@ -107,14 +107,17 @@ impl Layout {
 pub fn replay(j: &dyn JournalBlocks, journal_len: u64) -> Result<Option<Replay>> {
     let sb = j.read(0)?;
     if be32(&sb, 0) != MAGIC || !matches!(be32(&sb, 4), 3 | 4) {
-        tracing::warn!("ext4 journal superblock has a bad magic: journal ignored");
+        crate::input_warn!(
+            "ext4",
+            "ext4 journal superblock has a bad magic: journal ignored"
+        );
         return Ok(None);
     }
     let bs = be32(&sb, 0xC) as usize;
     if bs != j.block_size() {
-        tracing::warn!(
-            bs,
-            "ext4 journal block size differs from the filesystem's: ignored"
+        crate::input_warn!(
+            "ext4",
+            "ext4 journal block size {bs} differs from the filesystem's: ignored"
         );
         return Ok(None);
     }
@@ -139,11 +142,10 @@ pub fn replay(j: &dyn JournalBlocks, journal_len: u64) -> Result<Option<Replay>>
         last = maxlen.saturating_sub(nfc);
     }
     if first == 0 || first >= last || start < first || start >= last {
-        tracing::warn!(
-            first,
-            start,
-            last,
-            "ext4 journal bounds are impossible: not replayed"
+        crate::input_warn!(
+            "ext4",
+            "ext4 journal bounds are impossible (first {first}, start {start}, last {last}): \
+             not replayed"
         );
         return Ok(None);
     }

@@ -177,8 +177,8 @@ impl Ext4Fs {
             return Err(c("inode size"));
         }
         if blocks.checked_mul(bs).is_none_or(|b| b > dev.len()) {
-            tracing::warn!(
-                part = dev.name(),
+            crate::input_warn!(
+                dev.name(),
                 "ext4 block count exceeds the partition; reads past its end will fail"
             );
         }
@@ -248,10 +248,7 @@ impl Ext4Fs {
         if incompat & INCOMPAT_RECOVER != 0 {
             if incompat & INCOMPAT_JOURNAL_DEV != 0 || journal_inum == 0 {
                 fs.note = "needs recovery from an external journal: read without replay".into();
-                tracing::warn!(
-                    part = fs.dev.name(),
-                    "ext4 has an external journal; not replayed"
-                );
+                crate::input_warn!(fs.dev.name(), "ext4 has an external journal; not replayed");
             } else {
                 match fs.replay(journal_inum) {
                     Ok(n) => {
@@ -266,7 +263,7 @@ impl Ext4Fs {
                     }
                     Err(e) => {
                         fs.note = format!("journal unreadable ({e}): read without replay");
-                        tracing::warn!(part = fs.dev.name(), error = %e, "ext4 journal not replayed");
+                        crate::input_warn!(fs.dev.name(), "ext4 journal not replayed: {e}");
                     }
                 }
             }
@@ -715,7 +712,11 @@ impl Ext4Fs {
                     );
                 }
                 if ino == dir || ino == ROOT {
-                    tracing::warn!(dir, name = %String::from_utf8_lossy(name), "ext4 directory entry loops back; hidden");
+                    crate::input_warn!(
+                        self.dev.name(),
+                        "ext4 directory entry {} loops back in directory {dir}; hidden",
+                        crate::log_limit::esc(name)
+                    );
                 } else {
                     let kind = match kind_from_dirent(ftype) {
                         Some(k) => k,
@@ -1018,7 +1019,10 @@ impl GuestFs for Ext4Fs {
                     if let Some(v) = acl_to_xattr(&value) {
                         out.push((full.to_vec(), v));
                     } else {
-                        tracing::warn!(ino, "ext4 ACL in an unknown format; hidden");
+                        crate::input_warn!(
+                            self.dev.name(),
+                            "ext4 ACL in an unknown format; hidden (inode {ino})"
+                        );
                     }
                     continue;
                 }
