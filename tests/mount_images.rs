@@ -719,6 +719,7 @@ fn revert_of_a_locked_image_is_ebusy() {
         ["s1"],
         "nothing was kept or changed"
     );
+}
 
 /// What snapfs does with one hostile image (issue 20; docs/image-readers.md, "Hostile images").
 #[derive(Clone, Copy, Debug, PartialEq)]
