@@ -3,6 +3,7 @@
 //! linear directory parsing (htree directories read linearly), xattrs in the inode and in an
 //! xattr block (and EA inodes), and in-memory jbd2 journal replay for crash-consistent images.
 
+mod htree;
 mod journal;
 
 use std::collections::HashMap;
@@ -31,6 +32,10 @@ const INCOMPAT_RECOVER: u32 = 0x4;
 const INCOMPAT_JOURNAL_DEV: u32 = 0x8;
 const INCOMPAT_META_BG: u32 = 0x10;
 const INCOMPAT_64BIT: u32 = 0x80;
+const INCOMPAT_LARGEDIR: u32 = 0x4000;
+const COMPAT_DIR_INDEX: u32 = 0x20;
+/// `s_flags`: directory hashes use unsigned `char`.
+const FLAGS_UNSIGNED_HASH: u32 = 0x2;
 const RO_COMPAT_SPARSE_SUPER: u32 = 0x1;
 const RO_COMPAT_HUGE_FILE: u32 = 0x8;
 
@@ -39,6 +44,8 @@ const FL_EXTENTS: u32 = 0x8_0000;
 const FL_EA_INODE: u32 = 0x20_0000;
 const FL_INLINE_DATA: u32 = 0x1000_0000;
 const FL_ENCRYPT: u32 = 0x800;
+const FL_INDEX: u32 = 0x1000;
+const FL_CASEFOLD: u32 = 0x4000_0000;
 
 /// (name index, name without prefix, value) as stored.
 type RawXattr = (u8, Vec<u8>, Vec<u8>);
@@ -51,6 +58,11 @@ pub struct Ext4Fs {
     inodes_per_group: u64,
     inode_size: u64,
     ro_compat: u32,
+    /// htree lookups: `dir_index` is on; the hash seed, unsigned hashes, `largedir`.
+    dir_index: bool,
+    hash_seed: [u32; 4],
+    hash_unsigned: bool,
+    largedir: bool,
     /// Inode table's first block per group.
     inode_tables: Vec<u64>,
     /// Blocks replaced by the journal replay.
@@ -59,8 +71,14 @@ pub struct Ext4Fs {
     kind: &'static str,
     note: String,
     dirs: Mutex<DirCache>,
+    /// Per linear directory, the block where the last lookup found its name: the next one
+    /// starts there (ext4's `i_dir_start_lookup`), so lookups in listing order cost one block.
+    start_lookup: Mutex<lru::LruCache<u64, u64>>,
     meta: ChunkCache,
 }
+
+/// Linear directories whose last lookup position is remembered.
+const START_LOOKUPS: usize = 4096;
 
 /// An inode's on-disk bytes, decoded on demand.
 struct Inode {
@@ -224,12 +242,24 @@ impl Ext4Fs {
             inodes_per_group,
             inode_size,
             ro_compat,
+            dir_index: compat & COMPAT_DIR_INDEX != 0,
+            hash_seed: [
+                le32(&sb, 0xEC),
+                le32(&sb, 0xF0),
+                le32(&sb, 0xF4),
+                le32(&sb, 0xF8),
+            ],
+            hash_unsigned: le32(&sb, 0x160) & FLAGS_UNSIGNED_HASH != 0,
+            largedir: incompat & INCOMPAT_LARGEDIR != 0,
             inode_tables: Vec::new(),
             replaced: HashMap::new(),
             label,
             kind,
             note: String::new(),
             dirs: Mutex::new(DirCache::default()),
+            start_lookup: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(START_LOOKUPS).unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
             meta: ChunkCache::new(META_CHUNK.max(bs), META_CHUNKS),
         };
         let layout = GdtLayout {
@@ -654,6 +684,120 @@ impl Ext4Fs {
         DirCache::get_or_read(&self.dirs, ino, || self.read_dir(ino))
     }
 
+    /// `name` in directory `dir` through its htree index: `Some(inode)`, `NotFound`, or `None`
+    /// when the directory has no index we can use (search its listing instead).
+    fn find_indexed(&self, dir: u64, name: &[u8]) -> Result<Option<u64>> {
+        if !self.dir_index {
+            return Ok(None);
+        }
+        let inode = self.inode(dir)?;
+        let flags = inode.flags();
+        // Casefolded and encrypted names are hashed in a form we do not compute.
+        if inode.kind() != Some(FileKind::Dir)
+            || flags & FL_INDEX == 0
+            || flags & (FL_INLINE_DATA | FL_ENCRYPT | FL_CASEFOLD) != 0
+        {
+            return Ok(None);
+        }
+        let nblocks = inode.size() / self.bs;
+        let read = |lblk: u32| -> Option<Vec<u8>> {
+            let lblk = u64::from(lblk);
+            if lblk >= nblocks {
+                return None;
+            }
+            let run = self.runs(&inode, lblk, 1).ok()?.into_iter().next()?;
+            (run.physical != 0 && !run.uninit)
+                .then(|| self.block(run.physical))?
+                .ok()
+        };
+        let Some(root) = read(0) else {
+            return Ok(None);
+        };
+        let search = |b: &[u8]| -> Option<Result<u64>> {
+            let mut found = None;
+            match self.visit_dirents(dir, b, false, &mut |n, ino, _| {
+                if n == name {
+                    found = Some(ino);
+                    Ok(false)
+                } else {
+                    Ok(true)
+                }
+            }) {
+                Ok(()) => found.map(Ok),
+                Err(e) => Some(Err(e)),
+            }
+        };
+        match htree::find(
+            &root,
+            name,
+            &self.hash_seed,
+            self.hash_unsigned,
+            self.largedir,
+            read,
+            search,
+        ) {
+            htree::Found::Yes(r) => r.map(Some),
+            htree::Found::No => Err(Error::NotFound(String::from_utf8_lossy(name).into_owned())),
+            htree::Found::Linear => Ok(None),
+        }
+    }
+
+    /// `name` in directory `dir` by reading its blocks in turn from where the last lookup in
+    /// it succeeded, never the whole listing at once (inline directories: their listing).
+    fn find_linear(&self, dir: u64, name: &[u8]) -> Result<u64> {
+        let not_found = || Error::NotFound(String::from_utf8_lossy(name).into_owned());
+        let inode = self.inode(dir)?;
+        if inode.kind() != Some(FileKind::Dir) {
+            return Err(Error::NotDir(format!("ext4 inode {dir}")));
+        }
+        if inode.flags() & FL_INLINE_DATA != 0 {
+            return crate::restore::entry_ino(&self.dir_entries(dir)?, name);
+        }
+        let size = inode.size();
+        if size > MAX_DIR_BYTES {
+            return Err(self.corrupt_ino(dir, "directory too large"));
+        }
+        // The directory's mapped blocks, numbered 0.. in file order (holes hold no entries):
+        // (first number, physical block) per run.
+        let mut flat: Vec<(u64, u64)> = Vec::new();
+        let mut mapped_blocks = 0u64;
+        for r in self.runs(&inode, 0, size.div_ceil(self.bs))? {
+            if r.physical != 0 && !r.uninit {
+                flat.push((mapped_blocks, r.physical));
+                mapped_blocks += r.len;
+            }
+        }
+        let start = self
+            .start_lookup
+            .lock()
+            .ok()
+            .and_then(|mut c| c.get(&dir).copied())
+            .filter(|&s| s < mapped_blocks)
+            .unwrap_or(0);
+        for i in 0..mapped_blocks {
+            let k = (start + i) % mapped_blocks;
+            let at = flat.partition_point(|&(first, _)| first <= k);
+            let Some(&(first, phys)) = at.checked_sub(1).and_then(|i| flat.get(i)) else {
+                break;
+            };
+            let b = self.block(phys + (k - first))?;
+            let mut found = None;
+            self.visit_dirents(dir, &b, false, &mut |n, ino, _| {
+                if n == name {
+                    found = Some(ino);
+                }
+                Ok(found.is_none())
+            })?;
+            if let Some(ino) = found {
+                if let Ok(mut c) = self.start_lookup.lock() {
+                    c.put(dir, k);
+                }
+                return Ok(ino);
+            }
+        }
+        Err(not_found())
+    }
+
     /// Directory `ino`'s entries as stored (see [`Self::dir_entries`] for the cached ones).
     fn read_dir(&self, ino: u64) -> Result<Vec<(Vec<u8>, u64, FileKind)>> {
         let inode = self.inode(ino)?;
@@ -695,6 +839,25 @@ impl Ext4Fs {
         out: &mut Vec<(Vec<u8>, u64, FileKind)>,
         inline: bool,
     ) -> Result<()> {
+        self.visit_dirents(dir, b, inline, &mut |name, ino, ftype| {
+            let kind = match kind_from_dirent(ftype) {
+                Some(k) => k,
+                None => self.inode(ino)?.kind().unwrap_or(FileKind::File),
+            };
+            out.push((name.to_vec(), ino, kind));
+            Ok(true)
+        })
+    }
+
+    /// Every shown entry of a directory block (not `.`, `..`, unused or looping ones) as
+    /// (name, inode, dirent file type), until `f` returns false.
+    fn visit_dirents(
+        &self,
+        dir: u64,
+        b: &[u8],
+        inline: bool,
+        f: &mut dyn FnMut(&[u8], u64, u8) -> Result<bool>,
+    ) -> Result<()> {
         let mut off = 0usize;
         while off + 8 <= b.len() {
             let ino = u64::from(le32(b, off));
@@ -716,12 +879,8 @@ impl Ext4Fs {
                 }
                 if ino == dir || ino == ROOT {
                     tracing::warn!(dir, name = %String::from_utf8_lossy(name), "ext4 directory entry loops back; hidden");
-                } else {
-                    let kind = match kind_from_dirent(ftype) {
-                        Some(k) => k,
-                        None => self.inode(ino)?.kind().unwrap_or(FileKind::File),
-                    };
-                    out.push((name.to_vec(), ino, kind));
+                } else if !f(name, ino, ftype)? {
+                    return Ok(());
                 }
             }
             off += rec_len;
@@ -942,8 +1101,10 @@ impl GuestFs for Ext4Fs {
     }
 
     fn lookup(&self, dir: u64, name: &[u8]) -> Result<FileStat> {
-        let list = self.dir_entries(dir)?;
-        let ino = crate::restore::entry_ino(&list, name)?;
+        let ino = match self.find_indexed(dir, name)? {
+            Some(ino) => ino,
+            None => self.find_linear(dir, name)?,
+        };
         let st = self.stat(ino)?;
         // Directories have exactly one parent: a child whose `..` disagrees is a loop or damage.
         if st.kind == FileKind::Dir && self.dotdot(ino)? != dir {
