@@ -308,3 +308,95 @@ fn node(b: Vec<u8>) -> Option<Frame> {
     }
     Frame::new(b, 8)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `4b1e3f2a-11c2-4a7d-9e55-0123456789ab` as `s_hash_seed` holds it (little-endian words).
+    const SEED: [u32; 4] = [0x2a3f_1e4b, 0x7d4a_c211, 0x2301_559e, 0xab89_6745];
+    const LONG: &str = "a-much-longer-name-that-spans-more-than-thirty-two-bytes-é.txt";
+
+    /// Expected values from e2fsprogs 1.47: `debugfs -R 'dx_hash -h VERSION -s SEED NAME'`.
+    #[test]
+    fn hashes_match_e2fsprogs() {
+        let cases: &[(u8, &str, u32)] = &[
+            (LEGACY, "a", 0xe74b53e2),
+            (LEGACY, "e0000042", 0x2f4a9b3a),
+            (LEGACY, "héllo-wörld", 0x030e0ffc),
+            (LEGACY, LONG, 0xf5008f68),
+            (LEGACY_UNSIGNED, "héllo-wörld", 0xdc831620),
+            (LEGACY_UNSIGNED, LONG, 0x79796584),
+            (HALF_MD4, "a", 0x62141b5c),
+            (HALF_MD4, "e0000042", 0x2f45e09c),
+            (HALF_MD4, "héllo-wörld", 0xb043f01c),
+            (HALF_MD4, LONG, 0x59da2878),
+            (HALF_MD4_UNSIGNED, "héllo-wörld", 0xcf8cb762),
+            (HALF_MD4_UNSIGNED, LONG, 0xbe0e0eaa),
+            (TEA, "a", 0x1294d9ee),
+            (TEA, "e0000042", 0x07f8eb8c),
+            (TEA, "héllo-wörld", 0x5537299e),
+            (TEA, LONG, 0xc05278a2),
+            (TEA_UNSIGNED, "héllo-wörld", 0xad3ca1c4),
+            (TEA_UNSIGNED, LONG, 0x286095e4),
+        ];
+        for &(v, name, want) in cases {
+            assert_eq!(
+                dirhash(v, name.as_bytes(), &SEED),
+                Some(want),
+                "version {v} name {name}"
+            );
+        }
+        // An all-zero seed means the default one.
+        assert_eq!(dirhash(HALF_MD4, b"e0000042", &[0; 4]), Some(0xe501d9a4));
+        assert_eq!(dirhash(TEA, b"e0000042", &[0; 4]), Some(0x1e62416e));
+        assert_eq!(dirhash(6, b"x", &SEED), None, "SipHash is not computed");
+    }
+
+    /// A two-level index over leaves 1..=3 (hashes from 0, 0x1000 and 0x1000|1, the last
+    /// continuing the second's hash) and what the walk reads.
+    #[test]
+    fn probe_descends_and_follows_continued_hashes() {
+        let bs = 1024;
+        let mut root = vec![0u8; bs];
+        root[4..6].copy_from_slice(&12u16.to_le_bytes());
+        root[0x1C] = TEA;
+        root[0x1D] = 8;
+        root[0x1E] = 1; // one level of dx_node below the root
+        let put = |b: &mut Vec<u8>, at: usize, limit: u16, ents: &[(u32, u32)]| {
+            b[at..at + 2].copy_from_slice(&limit.to_le_bytes());
+            b[at + 2..at + 4].copy_from_slice(&(ents.len() as u16).to_le_bytes());
+            for (i, &(h, blk)) in ents.iter().enumerate() {
+                if i > 0 {
+                    b[at + i * 8..at + i * 8 + 4].copy_from_slice(&h.to_le_bytes());
+                }
+                b[at + i * 8 + 4..at + i * 8 + 8].copy_from_slice(&blk.to_le_bytes());
+            }
+        };
+        put(&mut root, 32, 10, &[(0, 4)]);
+        let name = b"x";
+        let h = dirhash(TEA, name, &[0; 4]).unwrap_or(0);
+        let mut node = vec![0u8; bs];
+        put(&mut node, 8, 10, &[(0, 1), (h, 2), (h | 1, 3)]);
+        let blocks = [root.clone(), vec![1u8; 4], vec![2u8; 4], vec![3u8; 4], node];
+        let read = |n: u32| blocks.get(n as usize).cloned();
+        let mut seen = Vec::new();
+        let r: Found<()> = find(&root, name, &[0; 4], false, false, read, |b| {
+            seen.push(b[0]);
+            None
+        });
+        assert_eq!(r, Found::No);
+        assert_eq!(seen, vec![2, 3], "its leaf, then the one continuing its hash");
+        let r = find(&root, name, &[0; 4], false, false, read, |b| (b[0] == 3).then_some(7));
+        assert_eq!(r, Found::Yes(7));
+        // Damage: a count past its limit, an unknown hash, a missing node.
+        let mut bad = root.clone();
+        bad[34..36].copy_from_slice(&11u16.to_le_bytes());
+        assert_eq!(find(&bad, name, &[0; 4], false, false, read, |_| Some(())), Found::Linear);
+        let mut bad = root.clone();
+        bad[0x1C] = 9;
+        assert_eq!(find(&bad, name, &[0; 4], false, false, read, |_| Some(())), Found::Linear);
+        let none = |_: u32| None;
+        assert_eq!(find(&root, name, &[0; 4], false, false, none, |_| Some(())), Found::Linear);
+    }
+}
