@@ -927,7 +927,11 @@ impl XfsFs {
             };
             return found(&addrs)?.map(Some).ok_or_else(not_found);
         }
-        let leaf_magics: [u16; 2] = if v5 { [0x3df1, 0x3dff] } else { [0xd2f1, 0xd2ff] };
+        let leaf_magics: [u16; 2] = if v5 {
+            [0x3df1, 0x3dff]
+        } else {
+            [0xd2f1, 0xd2ff]
+        };
         let node_magic = if v5 { 0x3ebe } else { 0xfebe };
         let mut blk = leaf_fsb;
         let mut levels = 0;
@@ -1222,5 +1226,28 @@ impl GuestFs for XfsFs {
             s.push_str(&format!(", {}", self.note));
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod hash_tests {
+    /// Expected values from xfsprogs: `xfs_db -r -c 'hash NAME' IMG`.
+    #[test]
+    fn da_hashname_matches_xfs_db() {
+        for (name, want) in [
+            ("a", 0x61),
+            ("ab", 0x30e2),
+            ("abc", 0x187163),
+            ("abcd", 0xc38b1e4),
+            ("e0000042", 0x6c6dbb1),
+            ("héllo-wörld", 0x4c9a4ba6),
+            (
+                "a-much-longer-name-that-spans-more-than-thirty-two-bytes-é.txt",
+                0x73471c4c,
+            ),
+        ] {
+            assert_eq!(super::da_hashname(name.as_bytes()), want, "{name}");
+        }
+        assert_eq!(super::da_hashname(b""), 0);
     }
 }

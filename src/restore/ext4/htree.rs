@@ -79,7 +79,8 @@ fn widen(b: u8, signed: bool) -> u32 {
 fn dx_hack_hash(name: &[u8], signed: bool) -> u32 {
     let (mut hash0, mut hash1) = (0x12a3_fe2du32, 0x37ab_e8f9u32);
     for &b in name {
-        let mut hash = hash1.wrapping_add(hash0 ^ (widen(b, signed) as i32).wrapping_mul(7_152_373) as u32);
+        let mut hash =
+            hash1.wrapping_add(hash0 ^ (widen(b, signed) as i32).wrapping_mul(7_152_373) as u32);
         if hash & 0x8000_0000 != 0 {
             hash = hash.wrapping_sub(0x7fff_ffff);
         }
@@ -140,7 +141,10 @@ fn half_md4_transform(buf: &mut [u32; 4], x: &[u32; 8]) {
     let [mut a, mut b, mut c, mut d] = *buf;
     macro_rules! round {
         ($f:ident, $a:ident, $b:ident, $c:ident, $d:ident, $x:expr, $s:expr) => {
-            $a = $a.wrapping_add($f($b, $c, $d)).wrapping_add($x).rotate_left($s);
+            $a = $a
+                .wrapping_add($f($b, $c, $d))
+                .wrapping_add($x)
+                .rotate_left($s);
         };
     }
     round!(f, a, b, c, d, x[0], 3);
@@ -386,17 +390,32 @@ mod tests {
             None
         });
         assert_eq!(r, Found::No);
-        assert_eq!(seen, vec![2, 3], "its leaf, then the one continuing its hash");
-        let r = find(&root, name, &[0; 4], false, false, read, |b| (b[0] == 3).then_some(7));
+        assert_eq!(
+            seen,
+            vec![2, 3],
+            "its leaf, then the one continuing its hash"
+        );
+        let r = find(&root, name, &[0; 4], false, false, read, |b| {
+            (b[0] == 3).then_some(7)
+        });
         assert_eq!(r, Found::Yes(7));
         // Damage: a count past its limit, an unknown hash, a missing node.
         let mut bad = root.clone();
         bad[34..36].copy_from_slice(&11u16.to_le_bytes());
-        assert_eq!(find(&bad, name, &[0; 4], false, false, read, |_| Some(())), Found::Linear);
+        assert_eq!(
+            find(&bad, name, &[0; 4], false, false, read, |_| Some(())),
+            Found::Linear
+        );
         let mut bad = root.clone();
         bad[0x1C] = 9;
-        assert_eq!(find(&bad, name, &[0; 4], false, false, read, |_| Some(())), Found::Linear);
+        assert_eq!(
+            find(&bad, name, &[0; 4], false, false, read, |_| Some(())),
+            Found::Linear
+        );
         let none = |_: u32| None;
-        assert_eq!(find(&root, name, &[0; 4], false, false, none, |_| Some(())), Found::Linear);
+        assert_eq!(
+            find(&root, name, &[0; 4], false, false, none, |_| Some(())),
+            Found::Linear
+        );
     }
 }
