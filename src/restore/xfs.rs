@@ -1076,7 +1076,7 @@ impl GuestFs for XfsFs {
     fn lookup(&self, dir: u64, name: &[u8]) -> Result<FileStat> {
         let ino = match self.find_hashed(dir, name)? {
             Some(ino) => ino,
-            None => super::entry_ino(&self.dir_entries(dir)?, name)?,
+            None => DirCache::find(&self.dirs, dir, name, false, || self.read_dir(dir))?,
         };
         let st = self.stat(ino)?;
         if st.kind == FileKind::Dir && self.dotdot(ino)? != dir {

@@ -753,7 +753,7 @@ impl Ext4Fs {
             return Err(Error::NotDir(format!("ext4 inode {dir}")));
         }
         if inode.flags() & FL_INLINE_DATA != 0 {
-            return crate::restore::entry_ino(&self.dir_entries(dir)?, name);
+            return DirCache::find(&self.dirs, dir, name, false, || self.read_dir(dir));
         }
         let size = inode.size();
         if size > MAX_DIR_BYTES {
