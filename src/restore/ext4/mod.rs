@@ -318,12 +318,17 @@ impl Ext4Fs {
         let gdt_blocks = l.groups.div_ceil(per_block);
         let mut tables = Vec::with_capacity(l.groups as usize);
         for gb in 0..gdt_blocks {
+            // The superblock's own block (1 with 1 KiB blocks, else 0), as Linux's
+            // ext4_descriptor_loc: not s_first_data_block, which bigalloc sets to 0 even with
+            // 1 KiB blocks (the descriptors are then at block 2, not at the superblock's 1).
+            let sb_block = 1024 / self.bs;
             let block = if l.incompat & INCOMPAT_META_BG != 0 && gb >= l.first_meta_bg {
                 // meta_bg: the descriptors of a metagroup live in its first group.
                 let g = gb * per_block;
-                l.first_data_block + g * l.blocks_per_group + u64::from(l.has_super(g))
+                let extra = u64::from(self.bs == 1024 && g == 0 && l.first_data_block == 0);
+                l.first_data_block + g * l.blocks_per_group + u64::from(l.has_super(g)) + extra
             } else {
-                l.first_data_block + 1 + gb
+                sb_block + 1 + gb
             };
             let b = self.block(block)?;
             for i in 0..per_block {
