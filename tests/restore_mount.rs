@@ -539,12 +539,12 @@ fn huge_directories_match_the_kernel() {
         for i in 0..N {
             // A fixed shuffle: insertion order is not name order.
             let k = (i * 7_919) % N;
-            let name = if k % 5 == 0 {
+            let name = if k.is_multiple_of(5) {
                 format!("é-{k:05}-ü")
             } else {
                 format!("n{k:05}")
             };
-            if k % 3 == 0 {
+            if k.is_multiple_of(3) {
                 fs::create_dir(big.join(&name)).unwrap();
             } else {
                 fs::write(big.join(&name), b"").unwrap();

@@ -272,7 +272,7 @@ pub fn find<T>(
         if frames.len() > levels {
             break;
         }
-        match read(child).and_then(|b| node(b)) {
+        match read(child).and_then(node) {
             Some(f) => frame = f,
             None => return Found::Linear,
         }
@@ -296,7 +296,7 @@ pub fn find<T>(
         frames.truncate(p + 1);
         while frames.len() <= levels {
             let child = frames[frames.len() - 1].child();
-            match read(child).and_then(|b| node(b)) {
+            match read(child).and_then(node) {
                 Some(f) => frames.push(f),
                 None => return Found::Linear,
             }

@@ -1,7 +1,8 @@
 //! ext2/3/4, read with our own reader (see docs/restore.md for why not ext4-view alone): superblock,
 //! group descriptors (incl. meta_bg), inodes with extent trees or block maps, inline data,
-//! linear directory parsing (htree directories read linearly), xattrs in the inode and in an
-//! xattr block (and EA inodes), and in-memory jbd2 journal replay for crash-consistent images.
+//! directories (listed linearly; names looked up through the htree index, `htree.rs`, or in a
+//! linear directory block by block from the last hit), xattrs in the inode and in an xattr
+//! block (and EA inodes), and in-memory jbd2 journal replay for crash-consistent images.
 
 mod htree;
 mod journal;
@@ -48,6 +49,9 @@ const FL_INLINE_DATA: u32 = 0x1000_0000;
 const FL_ENCRYPT: u32 = 0x800;
 const FL_INDEX: u32 = 0x1000;
 const FL_CASEFOLD: u32 = 0x4000_0000;
+
+/// Called with (name, inode, dirent file type) per directory entry; false stops the walk.
+type DirentVisitor<'a> = dyn FnMut(&[u8], u64, u8) -> Result<bool> + 'a;
 
 /// (name index, name without prefix, value) as stored.
 type RawXattr = (u8, Vec<u8>, Vec<u8>);
@@ -858,13 +862,7 @@ impl Ext4Fs {
 
     /// Every shown entry of a directory block (not `.`, `..`, unused or looping ones) as
     /// (name, inode, dirent file type), until `f` returns false.
-    fn visit_dirents(
-        &self,
-        dir: u64,
-        b: &[u8],
-        inline: bool,
-        f: &mut dyn FnMut(&[u8], u64, u8) -> Result<bool>,
-    ) -> Result<()> {
+    fn visit_dirents(&self, dir: u64, b: &[u8], inline: bool, f: &mut DirentVisitor) -> Result<()> {
         let mut off = 0usize;
         while off + 8 <= b.len() {
             let ino = u64::from(le32(b, off));
