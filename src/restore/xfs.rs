@@ -848,6 +848,21 @@ pub(crate) fn da_hashname(name: &[u8]) -> u32 {
     }
 }
 
+/// The first of `count` (hash, value) pairs of 8 bytes at `at` in `b`, sorted by hash, whose
+/// hash is at least `hash` (`count` if none).
+fn first_hash_at_least(b: &[u8], at: usize, count: usize, hash: u32) -> usize {
+    let (mut lo, mut hi) = (0, count);
+    while lo < hi {
+        let m = lo + (hi - lo) / 2;
+        if be32(b, at + m * 8) < hash {
+            lo = m + 1;
+        } else {
+            hi = m;
+        }
+    }
+    lo
+}
+
 /// Leaf blocks followed along their sibling pointers for one hash, at most.
 const MAX_LEAF_HOPS: usize = 1024;
 
@@ -880,18 +895,7 @@ impl XfsFs {
                 return None;
             }
             let h = |i: usize| be32(b, ents + i * 8);
-            let first = {
-                let (mut lo, mut hi) = (0, count);
-                while lo < hi {
-                    let m = lo + (hi - lo) / 2;
-                    if h(m) < hash {
-                        lo = m + 1;
-                    } else {
-                        hi = m;
-                    }
-                }
-                lo
-            };
+            let first = first_hash_at_least(b, ents, count, hash);
             let mut out = Vec::new();
             let mut i = first;
             while i < count && h(i) == hash {
@@ -954,17 +958,7 @@ impl XfsFs {
                 return Ok(None);
             }
             // The first entry whose hash is >= the name's, else the last.
-            let h = |i: usize| be32(&b, node_hdr + i * 8);
-            let (mut lo, mut hi) = (0, count);
-            while lo < hi {
-                let m = lo + (hi - lo) / 2;
-                if h(m) < hash {
-                    lo = m + 1;
-                } else {
-                    hi = m;
-                }
-            }
-            let i = lo.min(count - 1);
+            let i = first_hash_at_least(&b, node_hdr, count, hash).min(count - 1);
             blk = u64::from(be32(&b, node_hdr + i * 8 + 4));
         };
         for _ in 0..MAX_LEAF_HOPS {
