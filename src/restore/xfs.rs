@@ -863,6 +863,9 @@ fn first_hash_at_least(b: &[u8], at: usize, count: usize, hash: u32) -> usize {
     lo
 }
 
+/// Data entries compared for one lookup, at most (real collisions are a handful).
+const MAX_CANDIDATES: usize = 256;
+
 /// Leaf blocks followed along their sibling pointers for one hash, at most.
 const MAX_LEAF_HOPS: usize = 1024;
 
@@ -907,8 +910,15 @@ impl XfsFs {
             }
             Some((out, i == count))
         };
+        // Data entries read for one lookup, at most: a damaged leaf full of one hash would
+        // otherwise read a data block per entry, leaf after leaf. Past it: the listing.
+        let budget = std::cell::Cell::new(MAX_CANDIDATES);
         let found = |addrs: &[u32]| -> Result<Option<u64>> {
             for &a in addrs {
+                if budget.get() == 0 {
+                    return Ok(None);
+                }
+                budget.set(budget.get() - 1);
                 if let Some(ino) = self.data_entry(dir, &ext, u64::from(a) << 3, name)? {
                     return Ok(Some(ino));
                 }
@@ -929,7 +939,11 @@ impl XfsFs {
             let Some((addrs, _)) = candidates(&b, ents, count) else {
                 return Ok(None);
             };
-            return found(&addrs)?.map(Some).ok_or_else(not_found);
+            return match found(&addrs)? {
+                Some(ino) => Ok(Some(ino)),
+                None if budget.get() == 0 => Ok(None),
+                None => Err(not_found()),
+            };
         }
         let leaf_magics: [u16; 2] = if v5 {
             [0x3df1, 0x3dff]
@@ -968,6 +982,9 @@ impl XfsFs {
             };
             if let Some(ino) = found(&addrs)? {
                 return Ok(Some(ino));
+            }
+            if budget.get() == 0 {
+                return Ok(None);
             }
             // The same hash may continue in the next leaf (node form only).
             let forw = u64::from(be32(&leaf, 0));

@@ -192,7 +192,7 @@ pub enum Found<T> {
 
 /// Leaves searched for one name at most (the leaf the hash falls in and its successors while
 /// their hash continues it); past this, the directory is searched linearly.
-const MAX_LEAVES: usize = 1024;
+const MAX_LEAVES: usize = 64;
 
 /// One index block on the way down: its bytes, where its entries start, their count, and the
 /// entry taken.
