@@ -289,9 +289,22 @@ impl Ext4Fs {
                     "ext4 has an external journal; not replayed"
                 );
             } else {
-                match fs.replay(journal_inum) {
+                // e2fsck's rule: a journal inode that cannot be used gives way to the copy of
+                // its block map (or extent root) and size kept in the superblock.
+                let mut from = "";
+                let replayed = fs.inode(journal_inum).and_then(|ji| fs.replay(&ji)).or_else(|e| {
+                    match journal_backup(&sb, journal_inum) {
+                        Some(ji) => fs.replay(&ji).map(|n| {
+                            from = " from the superblock's copy of the journal inode";
+                            tracing::warn!(part = fs.dev.name(), error = %e, "ext4 journal inode unusable; replayed from the superblock's s_jnl_blocks");
+                            n
+                        }).map_err(|_| e),
+                        None => Err(e),
+                    }
+                });
+                match replayed {
                     Ok(n) => {
-                        fs.note = format!("journal replayed in memory ({n} transactions)");
+                        fs.note = format!("journal replayed in memory ({n} transactions{from})");
                         tracing::info!(
                             part = fs.dev.name(),
                             transactions = n,
@@ -350,10 +363,9 @@ impl Ext4Fs {
         Ok(tables)
     }
 
-    fn replay(&mut self, journal_inum: u64) -> Result<u32> {
-        let ji = self.inode(journal_inum)?;
+    fn replay(&mut self, ji: &Inode) -> Result<u32> {
         let len = ji.size() / self.bs;
-        let runs = self.runs(&ji, 0, len.min(1 << 24))?;
+        let runs = self.runs(ji, 0, len.min(1 << 24))?;
         let jb = JournalReader { fs: self, runs };
         match journal::replay(&jb, len)? {
             Some(r) => {
@@ -1015,6 +1027,24 @@ impl Ext4Fs {
             btime,
         })
     }
+}
+
+/// The journal inode as the superblock's backup describes it (`s_jnl_backup_type` 1,
+/// `EXT3_JNL_BACKUP_BLOCKS`: `s_jnl_blocks` holds its `i_block`, then `i_size_high`, `i_size`).
+fn journal_backup(sb: &[u8], ino: u64) -> Option<Inode> {
+    if u8at(sb, 0xFD) != 1 {
+        return None;
+    }
+    let jnl = sub(sb, 0x10C, 17 * 4);
+    let mut raw = vec![0u8; 128];
+    raw[0..2].copy_from_slice(&0o100600u16.to_le_bytes());
+    raw.get_mut(0x28..0x64)?.copy_from_slice(jnl.get(..60)?);
+    raw[0x4..0x8].copy_from_slice(jnl.get(64..68)?);
+    raw[0x6C..0x70].copy_from_slice(jnl.get(60..64)?);
+    if le16(jnl, 0) == 0xF30A {
+        raw[0x20..0x24].copy_from_slice(&FL_EXTENTS.to_le_bytes());
+    }
+    Some(Inode { ino, raw })
 }
 
 struct GdtLayout {
