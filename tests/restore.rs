@@ -458,6 +458,47 @@ fn ext4_crash_consistent_replays_journal() {
     }
 }
 
+/// A journal inode that is cleared (or otherwise unusable) gives way to the superblock's copy of
+/// its block map or extent root (`s_jnl_blocks`), as e2fsck does: the crash images still replay
+/// in full.
+#[test]
+fn ext4_journal_replays_from_the_superblock_backup() {
+    let t = tempfile::Builder::new()
+        .prefix("snapfs-jnl")
+        .tempdir()
+        .expect("tempdir");
+    for (img, label) in [
+        ("crash-ext3.raw", "ext3 crash, journal inode cleared"),
+        ("crash-ext4.raw", "ext4 crash, journal inode cleared"),
+    ] {
+        let copy = t.path().join(img);
+        std::fs::copy(images().join(img), &copy).expect("copy");
+        let out = std::process::Command::new("debugfs")
+            .args(["-w", "-R", "clri <8>"])
+            .arg(&copy)
+            .output()
+            .expect("debugfs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let d: Arc<dyn BlockImage> = Arc::new(RawImage::open(&copy).expect("open"));
+        let whole = Partition::whole(d.size(), "test");
+        let fs = match open_volume(d, &whole).expect("open_volume") {
+            Volume::Fs(fs) => fs,
+            _ => panic!("{img}: not a filesystem"),
+        };
+        assert!(
+            fs.describe().contains("journal replayed")
+                && fs.describe().contains("superblock's copy"),
+            "{}",
+            fs.describe()
+        );
+        check_tree(label, fs.as_ref(), POSIX);
+    }
+}
+
 #[test]
 fn unsupported_partitions_have_a_readme() {
     let d = disk("gpt.raw");

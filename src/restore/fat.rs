@@ -507,24 +507,19 @@ impl GuestFs for FatFs {
     }
 
     fn lookup(&self, dir: u64, name: &[u8]) -> Result<FileStat> {
-        let list = self.dir_entries(dir)?;
         // Linux's vfat is case-insensitive; an exact match wins, else the first caseless one.
-        let hit = list
-            .iter()
-            .find(|(n, _, _)| n == name)
-            .or_else(|| list.iter().find(|(n, _, _)| n.eq_ignore_ascii_case(name)))
-            .ok_or_else(|| Error::NotFound(String::from_utf8_lossy(name).into_owned()))?;
-        let st = self.stat(hit.1)?;
+        let hit = DirCache::find(&self.dirs, dir, name, true, || self.read_dir(dir))?;
+        let st = self.stat(hit)?;
         if st.kind == FileKind::Dir {
             let parent = match self.dir_first_cluster(dir)? {
                 Some(c) if dir != ROOT => c,
                 _ => 0,
             };
-            let dd = self.dotdot(hit.1)?;
+            let dd = self.dotdot(hit)?;
             if dd != parent && !(dir == ROOT && dd == self.root_cluster) {
                 return Err(self
                     .dev
-                    .corrupt(0, format!("FAT directory {}: .. is not its parent", hit.1)));
+                    .corrupt(0, format!("FAT directory {}: .. is not its parent", hit)));
             }
         }
         Ok(st)

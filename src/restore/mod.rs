@@ -103,19 +103,72 @@ pub type DirList = Arc<Vec<(Vec<u8>, u64, FileKind)>>;
 /// to hold what [`prefetch`] reads ahead before a walker gets there.
 pub(crate) struct DirCache {
     lru: lru::LruCache<u64, DirList>,
+    /// Name indexes of cached listings, built on their first lookup (dropped with them).
+    indexes: std::collections::HashMap<u64, Arc<NameIndex>>,
     entries: usize,
 }
 
+/// A listing's names ordered by a hash of their ASCII-lowercased bytes (16 bytes an entry), so
+/// a lookup in a cached listing costs a binary search, not a scan of every name: a walk of a
+/// directory of n entries would otherwise cost n^2/2 name comparisons.
+pub(crate) struct NameIndex {
+    list: DirList,
+    by_hash: Vec<(u64, u32)>,
+}
+
+fn name_hash(name: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for b in name {
+        b.to_ascii_lowercase().hash(&mut h);
+    }
+    h.finish()
+}
+
+impl NameIndex {
+    fn new(list: DirList) -> NameIndex {
+        let mut by_hash: Vec<(u64, u32)> = list
+            .iter()
+            .enumerate()
+            .map(|(i, (n, _, _))| (name_hash(n), i as u32))
+            .collect();
+        by_hash.sort_unstable();
+        NameIndex { list, by_hash }
+    }
+
+    /// The entry called exactly `name`, else with `caseless` the first (in listing order)
+    /// whose name equals it ignoring ASCII case.
+    fn find(&self, name: &[u8], caseless: bool) -> Option<&(Vec<u8>, u64, FileKind)> {
+        let h = name_hash(name);
+        let from = self.by_hash.partition_point(|&(x, _)| x < h);
+        let same = self.by_hash[from..].iter().take_while(|&&(x, _)| x == h);
+        let mut fold: Option<u32> = None;
+        for &(_, i) in same {
+            let e = self.list.get(i as usize)?;
+            if e.0 == name {
+                return Some(e);
+            }
+            if caseless && e.0.eq_ignore_ascii_case(name) && fold.is_none_or(|f| i < f) {
+                fold = Some(i);
+            }
+        }
+        fold.and_then(|i| self.list.get(i as usize))
+    }
+}
+
 pub(crate) const DIR_CACHE: usize = 1024;
-/// About 64 bytes each with its name: 4 MiB at most per filesystem whatever its directories
-/// (32 filesystems stay open: 128 MiB at worst). A walk needs only the listings between the
-/// read-ahead and the walker; a whole Debian root is 8,813 entries.
-pub(crate) const DIR_CACHE_ENTRIES: usize = 64 << 10;
+/// About 64 bytes each with its name, 16 more once indexed: 10 MiB at most per filesystem
+/// whatever its directories (32 filesystems stay open: 320 MiB at the very worst). A walk needs
+/// only the listings between the read-ahead and the walker (a whole Debian root is 8,813
+/// entries), plus the big directory being walked: room for the largest FAT directory (65,534
+/// entries) and the read-ahead's listings beside it, or a lookup in it would read it again.
+pub(crate) const DIR_CACHE_ENTRIES: usize = 128 << 10;
 
 impl Default for DirCache {
     fn default() -> Self {
         DirCache {
             lru: lru::LruCache::unbounded(),
+            indexes: std::collections::HashMap::new(),
             entries: 0,
         }
     }
@@ -139,6 +192,40 @@ impl DirCache {
         Ok(list)
     }
 
+    /// The inode of the entry `name` in directory `dir` (cached listing or `read`), through the
+    /// listing's name index (built on first use); with `caseless`, an exact match first, else
+    /// the first that equals it ignoring ASCII case.
+    pub(crate) fn find(
+        cache: &Mutex<DirCache>,
+        dir: u64,
+        name: &[u8],
+        caseless: bool,
+        read: impl FnOnce() -> Result<Vec<(Vec<u8>, u64, FileKind)>>,
+    ) -> Result<u64> {
+        let list = Self::get_or_read(cache, dir, read)?;
+        let cached = cache
+            .lock()
+            .ok()
+            .and_then(|c| c.indexes.get(&dir).cloned())
+            .filter(|x| Arc::ptr_eq(&x.list, &list));
+        let index = match cached {
+            Some(x) => x,
+            None => {
+                let x = Arc::new(NameIndex::new(list.clone()));
+                if let Ok(mut c) = cache.lock() {
+                    // Only while its listing is still the cached one.
+                    if c.lru.peek(&dir).is_some_and(|l| Arc::ptr_eq(l, &list)) {
+                        c.indexes.insert(dir, x.clone());
+                    }
+                }
+                x
+            }
+        };
+        index.find(name, caseless).map(|e| e.1).ok_or_else(|| {
+            crate::error::Error::NotFound(String::from_utf8_lossy(name).into_owned())
+        })
+    }
+
     pub(crate) fn get(&mut self, dir: &u64) -> Option<&DirList> {
         self.lru.get(dir)
     }
@@ -148,11 +235,15 @@ impl DirCache {
         self.entries += list.len();
         if let Some(old) = self.lru.put(dir, list) {
             self.entries -= old.len();
+            self.indexes.remove(&dir);
         }
         while self.lru.len() > 1 && (self.lru.len() > DIR_CACHE || self.entries > DIR_CACHE_ENTRIES)
         {
             match self.lru.pop_lru() {
-                Some((_, old)) => self.entries -= old.len(),
+                Some((old_dir, old)) => {
+                    self.entries -= old.len();
+                    self.indexes.remove(&old_dir);
+                }
                 None => break,
             }
         }
@@ -165,14 +256,6 @@ pub(crate) fn subdirs(list: &[(Vec<u8>, u64, FileKind)]) -> Vec<u64> {
         .filter(|(_, _, k)| *k == FileKind::Dir)
         .map(|(_, ino, _)| *ino)
         .collect()
-}
-
-/// The inode of the entry called exactly `name` in a directory listing.
-pub(crate) fn entry_ino(list: &[(Vec<u8>, u64, FileKind)], name: &[u8]) -> Result<u64> {
-    list.iter()
-        .find(|(n, _, _)| n == name)
-        .map(|(_, ino, _)| *ino)
-        .ok_or_else(|| crate::error::Error::NotFound(String::from_utf8_lossy(name).into_owned()))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -314,6 +397,49 @@ mod tests {
                 .map(|i| (vec![b'x'], i as u64, FileKind::File))
                 .collect(),
         )
+    }
+
+    #[test]
+    fn lookups_in_cached_listings_go_through_a_name_index() {
+        let names: Vec<(Vec<u8>, u64, FileKind)> = (0..50_000u64)
+            .map(|i| (format!("n{i}").into_bytes(), i + 100, FileKind::File))
+            .chain([
+                (b"README.TXT".to_vec(), 7, FileKind::File),
+                (b"readme.txt".to_vec(), 8, FileKind::File),
+            ])
+            .collect();
+        let cache = Mutex::new(DirCache::default());
+        let reads = std::cell::Cell::new(0);
+        let find = |name: &[u8], caseless| {
+            DirCache::find(&cache, 1, name, caseless, || {
+                reads.set(reads.get() + 1);
+                Ok(names.clone())
+            })
+        };
+        for i in (0..50_000u64).step_by(997) {
+            assert_eq!(find(format!("n{i}").as_bytes(), false).ok(), Some(i + 100));
+        }
+        assert_eq!(reads.get(), 1, "read once, then from the cache");
+        assert!(find(b"N5", false).is_err(), "exact unless caseless");
+        assert_eq!(find(b"N5", true).ok(), Some(105));
+        assert_eq!(
+            find(b"readme.txt", true).ok(),
+            Some(8),
+            "an exact match wins"
+        );
+        assert_eq!(
+            find(b"Readme.txt", true).ok(),
+            Some(7),
+            "else the first caseless one"
+        );
+        assert!(find(b"n50000", true).is_err());
+        // Evicted with its listing.
+        if let Ok(mut c) = cache.lock() {
+            for d in 2..(DIR_CACHE as u64 + 2) {
+                c.put(d, list(1));
+            }
+            assert!(c.indexes.is_empty());
+        };
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 
 use ntfs::attribute_value::NtfsAttributeValue;
+use ntfs::indexes::NtfsFileNameIndex;
 use ntfs::structured_values::{
     NtfsAttributeList, NtfsFileAttributeFlags, NtfsFileName, NtfsFileNamespace,
 };
@@ -550,6 +551,38 @@ impl NtfsFs {
         DirCache::get_or_read(&self.dirs, dir, || self.read_dir(dir))
     }
 
+    /// `name` in directory `dir` through its `$I30` index B+tree (the crate's finder, which
+    /// compares upcased names as the index is sorted): `Some(record)`, `NotFound`, or `None`
+    /// when the entry found is not exactly `name` (another case, a DOS alias) or the name is
+    /// not UTF-8; the listing decides those.
+    fn find_indexed(&self, dir: u64, name: &[u8]) -> Result<Option<u64>> {
+        let Ok(want) = std::str::from_utf8(name) else {
+            return Ok(None);
+        };
+        let found = self.with("lookup", |ntfs, fs| {
+            let file = Self::file(ntfs, fs, dir)?;
+            let index = file.directory_index(fs)?;
+            let mut finder = index.finder();
+            let Some(e) = NtfsFileNameIndex::find(&mut finder, ntfs, fs, want) else {
+                return Ok(Some(None));
+            };
+            let e = e?;
+            let Some(key) = e.key() else {
+                return Ok(None);
+            };
+            let key = key?;
+            let exact =
+                key.namespace() != NtfsFileNamespace::Dos && key.name().to_string_lossy() == want;
+            let rec = e.file_reference().file_record_number();
+            Ok(exact.then_some(Some(rec)))
+        })?;
+        match found {
+            Some(Some(rec)) if rec >= FIRST_USER_RECORD && rec != dir => Ok(Some(rec)),
+            Some(None) => Err(Error::NotFound(want.to_string())),
+            _ => Ok(None),
+        }
+    }
+
     /// Directory `dir`'s entries as stored (see [`Self::dir_entries`] for the cached ones).
     fn read_dir(&self, dir: u64) -> Result<Vec<(Vec<u8>, u64, FileKind)>> {
         let list = self.with("directory", |ntfs, fs| {
@@ -663,8 +696,10 @@ impl GuestFs for NtfsFs {
     }
 
     fn lookup(&self, dir: u64, name: &[u8]) -> Result<FileStat> {
-        let list = self.dir_entries(dir)?;
-        let ino = super::entry_ino(&list, name)?;
+        let ino = match self.find_indexed(dir, name)? {
+            Some(ino) => ino,
+            None => DirCache::find(&self.dirs, dir, name, false, || self.read_dir(dir))?,
+        };
         let st = self.stat(ino)?;
         if st.kind == FileKind::Dir {
             // A directory has one parent: one of its names must point back at `dir`.

@@ -61,6 +61,8 @@ pub struct XfsFs {
     v5: bool,
     ftype: bool,
     dir_bs: u64,
+    /// `XFS_SB_VERSION_BORGBIT`: names hashed case-insensitively (ASCII).
+    ascii_ci: bool,
     label: String,
     extents: Mutex<HashMap<u64, Arc<Vec<Extent>>>>,
     dirs: Mutex<DirCache>,
@@ -227,6 +229,7 @@ impl XfsFs {
             v5,
             ftype,
             dir_bs: bs << dirblklog,
+            ascii_ci: be16(&sb, 100) & 0x4000 != 0,
             label: String::from_utf8_lossy(&name[..end]).into_owned(),
             extents: Mutex::new(HashMap::new()),
             dirs: Mutex::new(DirCache::default()),
@@ -839,6 +842,214 @@ fn xfs_acl_to_xattr(v: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// `xfs_da_hashname`: the hash directory leaves and da-btree nodes are sorted by.
+pub(crate) fn da_hashname(name: &[u8]) -> u32 {
+    let b = |i: usize| u32::from(name[i]);
+    let mut hash = 0u32;
+    let mut n = 0;
+    while name.len() - n >= 4 {
+        hash = (b(n) << 21) ^ (b(n + 1) << 14) ^ (b(n + 2) << 7) ^ b(n + 3) ^ hash.rotate_left(28);
+        n += 4;
+    }
+    match name.len() - n {
+        3 => (b(n) << 14) ^ (b(n + 1) << 7) ^ b(n + 2) ^ hash.rotate_left(21),
+        2 => (b(n) << 7) ^ b(n + 1) ^ hash.rotate_left(14),
+        1 => b(n) ^ hash.rotate_left(7),
+        _ => hash,
+    }
+}
+
+/// The first of `count` (hash, value) pairs of 8 bytes at `at` in `b`, sorted by hash, whose
+/// hash is at least `hash` (`count` if none).
+fn first_hash_at_least(b: &[u8], at: usize, count: usize, hash: u32) -> usize {
+    let (mut lo, mut hi) = (0, count);
+    while lo < hi {
+        let m = lo + (hi - lo) / 2;
+        if be32(b, at + m * 8) < hash {
+            lo = m + 1;
+        } else {
+            hi = m;
+        }
+    }
+    lo
+}
+
+/// Data entries compared for one lookup, at most (real collisions are a handful).
+const MAX_CANDIDATES: usize = 256;
+
+/// Leaf blocks followed along their sibling pointers for one hash, at most.
+const MAX_LEAF_HOPS: usize = 1024;
+
+/// Hash lookups (`xfs_dir2_block_lookup`, `xfs_dir2_leaf_lookup`, `xfs_dir2_node_lookup`):
+/// a binary search of the hash-sorted leaf entries, reached in node form through the
+/// da-btree, then the data entries they address, compared by name.
+impl XfsFs {
+    /// `name` in directory `dir` through its hash index: `Some(inode)`, `NotFound`, or `None`
+    /// for a short-form directory, an ASCII-CI filesystem or an index we cannot use (search
+    /// the listing instead).
+    fn find_hashed(&self, dir: u64, name: &[u8]) -> Result<Option<u64>> {
+        let inode = self.inode(dir)?;
+        if inode.kind() != Some(FileKind::Dir)
+            || !matches!(inode.format(), FMT_EXTENTS | FMT_BTREE)
+            || self.ascii_ci
+            || name.is_empty()
+        {
+            return Ok(None);
+        }
+        let ext = self.data_extents(&inode)?;
+        let hash = da_hashname(name);
+        let leaf_fsb = DIR_LEAF_OFFSET / self.bs;
+        let last = ext.iter().map(|e| e.off + e.len).max().unwrap_or(0);
+        let v5 = self.v5;
+        let (leaf_hdr, node_hdr) = if v5 { (64, 64) } else { (16, 16) };
+        // Candidate addresses from one sorted run of (hash, address) entries: the first index
+        // with the hash, and whether the run may continue past the end.
+        let candidates = |b: &[u8], ents: usize, count: usize| -> Option<(Vec<u32>, bool)> {
+            if ents.checked_add(count.checked_mul(8)?)? > b.len() {
+                return None;
+            }
+            let h = |i: usize| be32(b, ents + i * 8);
+            let first = first_hash_at_least(b, ents, count, hash);
+            let mut out = Vec::new();
+            let mut i = first;
+            while i < count && h(i) == hash {
+                let addr = be32(b, ents + i * 8 + 4);
+                if addr != 0 {
+                    out.push(addr);
+                }
+                i += 1;
+            }
+            Some((out, i == count))
+        };
+        // Data entries read for one lookup, at most: a damaged leaf full of one hash would
+        // otherwise read a data block per entry, leaf after leaf. Past it: the listing.
+        let budget = std::cell::Cell::new(MAX_CANDIDATES);
+        let found = |addrs: &[u32]| -> Result<Option<u64>> {
+            for &a in addrs {
+                if budget.get() == 0 {
+                    return Ok(None);
+                }
+                budget.set(budget.get() - 1);
+                if let Some(ino) = self.data_entry(dir, &ext, u64::from(a) << 3, name)? {
+                    return Ok(Some(ino));
+                }
+            }
+            Ok(None)
+        };
+        let not_found = || Error::NotFound(String::from_utf8_lossy(name).into_owned());
+        if inode.size() == self.dir_bs {
+            // Block form: the leaf entries and their tail at the end of the one block.
+            let b = self.dir_block(dir, &ext, 0)?;
+            let count = be32(&b, b.len() - 8) as usize;
+            let Some(ents) = count
+                .checked_mul(8)
+                .and_then(|n| b.len().checked_sub(8 + n))
+            else {
+                return Ok(None);
+            };
+            let Some((addrs, _)) = candidates(&b, ents, count) else {
+                return Ok(None);
+            };
+            return match found(&addrs)? {
+                Some(ino) => Ok(Some(ino)),
+                None if budget.get() == 0 => Ok(None),
+                None => Err(not_found()),
+            };
+        }
+        let leaf_magics: [u16; 2] = if v5 {
+            [0x3df1, 0x3dff]
+        } else {
+            [0xd2f1, 0xd2ff]
+        };
+        let node_magic = if v5 { 0x3ebe } else { 0xfebe };
+        let mut blk = leaf_fsb;
+        let mut levels = 0;
+        // Down the da-btree (node form) to a leaf; leaf form starts at the leaf.
+        let mut leaf = loop {
+            if blk < leaf_fsb || blk >= last {
+                return Ok(None);
+            }
+            let b = self.dir_block(dir, &ext, blk)?;
+            let magic = be16(&b, 8);
+            if leaf_magics.contains(&magic) {
+                break b;
+            }
+            levels += 1;
+            if magic != node_magic || levels > 5 {
+                return Ok(None);
+            }
+            let count = usize::from(be16(&b, node_hdr - if v5 { 8 } else { 4 }));
+            if count == 0 || node_hdr + count * 8 > b.len() {
+                return Ok(None);
+            }
+            // The first entry whose hash is >= the name's, else the last.
+            let i = first_hash_at_least(&b, node_hdr, count, hash).min(count - 1);
+            blk = u64::from(be32(&b, node_hdr + i * 8 + 4));
+        };
+        for _ in 0..MAX_LEAF_HOPS {
+            let count = usize::from(be16(&leaf, leaf_hdr - if v5 { 8 } else { 4 }));
+            let Some((addrs, to_end)) = candidates(&leaf, leaf_hdr, count) else {
+                return Ok(None);
+            };
+            if let Some(ino) = found(&addrs)? {
+                return Ok(Some(ino));
+            }
+            if budget.get() == 0 {
+                return Ok(None);
+            }
+            // The same hash may continue in the next leaf (node form only).
+            let forw = u64::from(be32(&leaf, 0));
+            if !to_end || forw == 0 || levels == 0 {
+                return Err(not_found());
+            }
+            blk = forw;
+            if blk < leaf_fsb || blk >= last {
+                return Ok(None);
+            }
+            leaf = self.dir_block(dir, &ext, blk)?;
+            if !leaf_magics.contains(&be16(&leaf, 8)) {
+                return Ok(None);
+            }
+        }
+        Ok(None)
+    }
+
+    /// The directory block starting at logical filesystem block `fsb` (`dir_bs` bytes).
+    fn dir_block(&self, dir: u64, ext: &[Extent], fsb: u64) -> Result<Vec<u8>> {
+        let mut b = vec![0u8; self.dir_bs as usize];
+        let off = fsb
+            .checked_mul(self.bs)
+            .ok_or_else(|| self.corrupt_ino(dir, "directory block past the end"))?;
+        self.read_extents(dir, ext, off, &mut b)?;
+        Ok(b)
+    }
+
+    /// The inode of the data entry at byte `off` of directory `dir`'s data space if it is
+    /// called `name`.
+    fn data_entry(&self, dir: u64, ext: &[Extent], off: u64, name: &[u8]) -> Result<Option<u64>> {
+        if off >= DIR_LEAF_OFFSET {
+            return Err(self.corrupt_ino(dir, "leaf entry addresses no data block"));
+        }
+        let db = off / self.dir_bs;
+        let b = self.dir_block(dir, ext, db * (self.dir_bs / self.bs))?;
+        let at = (off % self.dir_bs) as usize;
+        let hdr = if self.v5 { 64 } else { 16 };
+        if at < hdr || at + 12 > b.len() || be16(&b, at) == 0xFFFF {
+            return Err(self.corrupt_ino(dir, "leaf entry addresses no data entry"));
+        }
+        let n = usize::from(u8at(&b, at + 8));
+        if sub(&b, at + 9, n) != name {
+            return Ok(None);
+        }
+        let child = be64(&b, at);
+        if child == dir || child == self.root {
+            // Hidden, as in the listing.
+            return Ok(None);
+        }
+        Ok(Some(child))
+    }
+}
+
 impl GuestFs for XfsFs {
     fn root(&self) -> u64 {
         self.root
@@ -885,8 +1096,10 @@ impl GuestFs for XfsFs {
     }
 
     fn lookup(&self, dir: u64, name: &[u8]) -> Result<FileStat> {
-        let list = self.dir_entries(dir)?;
-        let ino = super::entry_ino(&list, name)?;
+        let ino = match self.find_hashed(dir, name)? {
+            Some(ino) => ino,
+            None => DirCache::find(&self.dirs, dir, name, false, || self.read_dir(dir))?,
+        };
         let st = self.stat(ino)?;
         if st.kind == FileKind::Dir && self.dotdot(ino)? != dir {
             return Err(self.corrupt_ino(ino, format!("directory's .. is not its parent {dir}")));
@@ -1040,5 +1253,28 @@ impl GuestFs for XfsFs {
             s.push_str(&format!(", {}", self.note));
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod hash_tests {
+    /// Expected values from xfsprogs: `xfs_db -r -c 'hash NAME' IMG`.
+    #[test]
+    fn da_hashname_matches_xfs_db() {
+        for (name, want) in [
+            ("a", 0x61),
+            ("ab", 0x30e2),
+            ("abc", 0x187163),
+            ("abcd", 0xc38b1e4),
+            ("e0000042", 0x6c6dbb1),
+            ("héllo-wörld", 0x4c9a4ba6),
+            (
+                "a-much-longer-name-that-spans-more-than-thirty-two-bytes-é.txt",
+                0x73471c4c,
+            ),
+        ] {
+            assert_eq!(super::da_hashname(name.as_bytes()), want, "{name}");
+        }
+        assert_eq!(super::da_hashname(b""), 0);
     }
 }
