@@ -85,6 +85,8 @@ struct MountArgs {
     /// By default RBD disks are opened with direct I/O (one copy, into the reader's buffer).
     #[arg(long)]
     ceph_page_cache: bool,
+    #[command(flatten)]
+    cloud: CloudArgs,
     /// Stay in the foreground and log to stderr.
     #[arg(long)]
     foreground: bool,
@@ -118,6 +120,26 @@ struct MountArgs {
     #[arg(long, hide = true)]
     ready_fd: Option<i32>,
     mountpoint: PathBuf,
+}
+
+/// Cloud-managed domains and the copy snapshot method (docs/libvirt.md).
+#[derive(Args)]
+struct CloudArgs {
+    /// Which domains are cloud-managed: auto (Nova, CloudStack, oVirt by the detection table,
+    /// plus --managed-match), never, always. Managed domains are snapshotted by copy.
+    #[arg(long, value_name = "MODE", default_value = "auto", help_heading = "libvirt")]
+    managed: snapfs::provider::libvirt::managed::ManagedMode,
+    /// Domains whose name matches this regular expression are managed too (unanchored).
+    #[arg(long, value_name = "REGEX", help_heading = "libvirt")]
+    managed_match: Option<String>,
+    /// How mkdir snapshots an instance: auto (copy for managed domains, external for the
+    /// others), external (libvirt external snapshot: the domain switches to an overlay), copy
+    /// (a copy into the store; nothing on the domain changes).
+    #[arg(long, value_name = "METHOD", default_value = "auto", help_heading = "libvirt")]
+    snapshot_method: snapfs::provider::libvirt::SnapshotMethod,
+    /// Where copy snapshots are kept [default: STATE_DIR/store].
+    #[arg(long, value_name = "DIR", help_heading = "libvirt")]
+    store: Option<PathBuf>,
 }
 
 fn init_logging(verbose: u8, ansi: bool) {
@@ -200,6 +222,13 @@ fn mount(m: MountArgs) -> anyhow::Result<()> {
             page_cache: m.ceph_page_cache,
         }),
         flatten_on_launch: m.flatten_on_launch,
+        managed: snapfs::provider::libvirt::managed::ManagedPolicy::new(
+            m.cloud.managed,
+            m.cloud.managed_match.as_deref(),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?,
+        snapshot_method: m.cloud.snapshot_method,
+        store: m.cloud.store,
     };
     daemon::serve(cfg, ready)
 }
