@@ -127,7 +127,12 @@ struct MountArgs {
 struct CloudArgs {
     /// Which domains are cloud-managed: auto (Nova, CloudStack, oVirt by the detection table,
     /// plus --managed-match), never, always. Managed domains are snapshotted by copy.
-    #[arg(long, value_name = "MODE", default_value = "auto", help_heading = "libvirt")]
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "auto",
+        help_heading = "libvirt"
+    )]
     managed: snapfs::provider::libvirt::managed::ManagedMode,
     /// Domains whose name matches this regular expression are managed too (unanchored).
     #[arg(long, value_name = "REGEX", help_heading = "libvirt")]
@@ -135,7 +140,12 @@ struct CloudArgs {
     /// How mkdir snapshots an instance: auto (copy for managed domains, external for the
     /// others), external (libvirt external snapshot: the domain switches to an overlay), copy
     /// (a copy into the store; nothing on the domain changes).
-    #[arg(long, value_name = "METHOD", default_value = "auto", help_heading = "libvirt")]
+    #[arg(
+        long,
+        value_name = "METHOD",
+        default_value = "auto",
+        help_heading = "libvirt"
+    )]
     snapshot_method: snapfs::provider::libvirt::SnapshotMethod,
     /// Where copy snapshots are kept [default: STATE_DIR/store].
     #[arg(long, value_name = "DIR", help_heading = "libvirt")]

@@ -572,7 +572,9 @@ impl Domain {
                 // string value is a valid C string owned by the array.
                 unsafe {
                     let p = &*params.add(i);
-                    let field = CStr::from_ptr(p.field.as_ptr()).to_string_lossy().into_owned();
+                    let field = CStr::from_ptr(p.field.as_ptr())
+                        .to_string_lossy()
+                        .into_owned();
                     let v = match p.type_ {
                         1 => TypedValue::Int(i64::from(p.value.i)),
                         2 => TypedValue::UInt(u64::from(p.value.ui)),

@@ -1026,7 +1026,10 @@ impl Provider for LibvirtProvider {
                 Error::NotFound(format!("snapshot {} of {owner} in the store", snap.name))
             })?;
             let (path, format) = s.disk_path(target).ok_or_else(|| {
-                Error::NotFound(format!("disk {target} of snapshot {} of {owner}", snap.name))
+                Error::NotFound(format!(
+                    "disk {target} of snapshot {} of {owner}",
+                    snap.name
+                ))
             })?;
             return image::open(&path, Some(format), None, &self.cache);
         }

@@ -336,7 +336,10 @@ mod tests {
     fn nova_1_0_and_never() {
         let old = NOVA.replace("nova/1.1", "nova/1.0");
         let v = ManagedPolicy::default().detect(&old).unwrap().unwrap();
-        assert_eq!((v["system"].as_str(), v["version"].as_str()), (Some("nova"), Some("1.0")));
+        assert_eq!(
+            (v["system"].as_str(), v["version"].as_str()),
+            (Some("nova"), Some("1.0"))
+        );
         let never = ManagedPolicy::new(ManagedMode::Never, None).unwrap();
         assert!(never.detect(NOVA).unwrap().is_none());
     }
@@ -350,7 +353,10 @@ mod tests {
         assert_eq!(always.detect(PLAIN).unwrap().unwrap()["system"], "unknown");
         let custom = ManagedPolicy::new(ManagedMode::Auto, Some("^we")).unwrap();
         let v = custom.detect(PLAIN).unwrap().unwrap();
-        assert_eq!((v["system"].as_str(), v["id"].as_str()), (Some("custom"), Some("u-1")));
+        assert_eq!(
+            (v["system"].as_str(), v["id"].as_str()),
+            (Some("custom"), Some("u-1"))
+        );
         let other = ManagedPolicy::new(ManagedMode::Auto, Some("^db-")).unwrap();
         assert!(other.detect(PLAIN).unwrap().is_none());
         assert!(ManagedPolicy::new(ManagedMode::Auto, Some("(")).is_err());
@@ -361,9 +367,19 @@ mod tests {
         let x = PLAIN.replace("<name>web</name>", "<name>i-2-17-VM</name>");
         let v = ManagedPolicy::default().detect(&x).unwrap().unwrap();
         assert_eq!(v["system"], "cloudstack");
-        assert_eq!((v["kind"].as_str(), v["account_id"].as_u64(), v["vm_id"].as_u64()), (Some("user"), Some(2), Some(17)));
+        assert_eq!(
+            (
+                v["kind"].as_str(),
+                v["account_id"].as_u64(),
+                v["vm_id"].as_u64()
+            ),
+            (Some("user"), Some(2), Some(17))
+        );
         let r = PLAIN.replace("<name>web</name>", "<name>r-4-VM</name>");
-        assert_eq!(ManagedPolicy::default().detect(&r).unwrap().unwrap()["kind"], "router");
+        assert_eq!(
+            ManagedPolicy::default().detect(&r).unwrap().unwrap()["kind"],
+            "router"
+        );
         for not in ["i-2-VM", "i-a-1-VM", "x-1-VM", "i-2-17-vm", "i-2-17-VM-x"] {
             assert!(cloudstack_name(not).is_none(), "{not}");
         }
@@ -372,7 +388,10 @@ mod tests {
             "</metadata><sysinfo type='smbios'><system><entry name='manufacturer'>Apache Software Foundation</entry><entry name='product'>CloudStack KVM Hypervisor</entry><entry name='uuid'>u-1</entry></system></sysinfo>",
         );
         let v = ManagedPolicy::default().detect(&smbios).unwrap().unwrap();
-        assert_eq!((v["system"].as_str(), v["name"].as_str()), (Some("cloudstack"), Some("web")));
+        assert_eq!(
+            (v["system"].as_str(), v["name"].as_str()),
+            (Some("cloudstack"), Some("web"))
+        );
     }
 
     #[test]
@@ -382,13 +401,20 @@ mod tests {
             "<ovirt-tune:qos xmlns:ovirt-tune='http://ovirt.org/vm/tune/1.0'/><ovirt-vm:vm xmlns:ovirt-vm='http://ovirt.org/vm/1.0'><ovirt-vm:clusterVersion>4.5</ovirt-vm:clusterVersion></ovirt-vm:vm>",
         );
         let v = ManagedPolicy::default().detect(&x).unwrap().unwrap();
-        assert_eq!((v["system"].as_str(), v["id"].as_str()), (Some("ovirt"), Some("u-1")));
+        assert_eq!(
+            (v["system"].as_str(), v["id"].as_str()),
+            (Some("ovirt"), Some("u-1"))
+        );
     }
 
     #[test]
     fn launch_names() {
         for bad in ["instance-0000002b", "i-2-18-VM", "r-3-VM", "I-2-x-vm"] {
-            assert_eq!(refuse_cloud_name(bad).unwrap_err().errno(), libc::EINVAL, "{bad}");
+            assert_eq!(
+                refuse_cloud_name(bad).unwrap_err().errno(),
+                libc::EINVAL,
+                "{bad}"
+            );
         }
         for ok in ["web-copy", "instances", "i-2-VMx"] {
             refuse_cloud_name(ok).unwrap();
@@ -399,7 +425,11 @@ mod tests {
     fn the_docs_have_the_table() {
         let docs = include_str!("../../../docs/libvirt.md");
         for r in RULES {
-            assert!(docs.contains(r.doc), "docs/libvirt.md lacks the rule {}", r.doc);
+            assert!(
+                docs.contains(r.doc),
+                "docs/libvirt.md lacks the rule {}",
+                r.doc
+            );
         }
     }
 }

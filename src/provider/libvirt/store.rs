@@ -273,12 +273,12 @@ impl Store {
                     dir: e.path(),
                     meta,
                 }),
-                Err(err) => warn!(dir = %e.path().display(), error = %err, "skipping an unreadable store snapshot"),
+                Err(err) => {
+                    warn!(dir = %e.path().display(), error = %err, "skipping an unreadable store snapshot")
+                }
             }
         }
-        out.sort_by(|a, b| {
-            (a.meta.created, &a.meta.name).cmp(&(b.meta.created, &b.meta.name))
-        });
+        out.sort_by(|a, b| (a.meta.created, &a.meta.name).cmp(&(b.meta.created, &b.meta.name)));
         out
     }
 
@@ -710,8 +710,11 @@ mod tests {
 
     #[test]
     fn backup_request_escapes() {
-        let x = backup_request(&[("vda".into(), "/s/a'b/vda.qcow2".into())], &["hdc".into()])
-            .unwrap();
+        let x = backup_request(
+            &[("vda".into(), "/s/a'b/vda.qcow2".into())],
+            &["hdc".into()],
+        )
+        .unwrap();
         let doc = roxmltree::Document::parse(&x).unwrap();
         let disks: Vec<_> = doc
             .descendants()

@@ -42,7 +42,10 @@ fn parse(xml: &str) -> Result<roxmltree::Document<'_>> {
     roxmltree::Document::parse(xml).map_err(|e| Error::Backend(format!("libvirt XML: {e}")))
 }
 
-pub(crate) fn child<'a, 'i>(n: roxmltree::Node<'a, 'i>, name: &str) -> Option<roxmltree::Node<'a, 'i>> {
+pub(crate) fn child<'a, 'i>(
+    n: roxmltree::Node<'a, 'i>,
+    name: &str,
+) -> Option<roxmltree::Node<'a, 'i>> {
     n.children().find(|c| c.has_tag_name(name))
 }
 
@@ -770,9 +773,18 @@ mod tests {
             source: NewSource::File("/s/c.vda.qcow2".into(), "qcow2"),
         }];
         let x = launch_domain_xml(&src, "demo", "c", &edits, true).unwrap();
-        assert!(!x.contains("openstack.org") && !x.contains("sysinfo") && !x.contains("CloudStack"), "{x}");
-        assert!(x.contains("urn:other") && x.contains("<type>hvm</type>"), "{x}");
-        assert!(super::super::managed::ManagedPolicy::default().detect(&x).unwrap().is_none());
+        assert!(
+            !x.contains("openstack.org") && !x.contains("sysinfo") && !x.contains("CloudStack"),
+            "{x}"
+        );
+        assert!(
+            x.contains("urn:other") && x.contains("<type>hvm</type>"),
+            "{x}"
+        );
+        assert!(super::super::managed::ManagedPolicy::default()
+            .detect(&x)
+            .unwrap()
+            .is_none());
         // Without strip_sysinfo the cloud's metadata still goes, the SMBIOS stays.
         let x = launch_domain_xml(&src, "demo", "c", &edits, false).unwrap();
         assert!(!x.contains("openstack.org") && x.contains("sysinfo"), "{x}");
