@@ -338,6 +338,42 @@ fn mount() -> Mount {
     m
 }
 
+/// Unmount, wait for the daemon to exit, mount again on the same state directory.
+fn remount(m: &Mount) {
+    let pid = m.daemon_pid();
+    m.unmount();
+    if let Some(pid) = pid {
+        assert!(
+            wait_gone(pid, Duration::from_secs(10)),
+            "daemon did not exit"
+        );
+    }
+    m.mount(&[LIBVIRT_ARG, &format!("--snapshot-method={}", method())]);
+}
+
+/// The domain XML compared line by line; the differing lines on failure.
+fn xml_unchanged(c: &mut Checks, which: &str, before: &str, after: &str) {
+    let same = before == after;
+    let what = if same {
+        format!("{which} XML unchanged")
+    } else {
+        let diff: Vec<String> = before
+            .lines()
+            .zip(after.lines())
+            .filter(|(a, b)| a != b)
+            .take(6)
+            .map(|(a, b)| format!("- {a}\n+ {b}"))
+            .collect();
+        format!(
+            "{which} XML unchanged ({} vs {} lines; first differences:\n{})",
+            before.lines().count(),
+            after.lines().count(),
+            diff.join("\n")
+        )
+    };
+    c.check(same, what);
+}
+
 /// No libvirt snapshot, no checkpoint, no job on the domain.
 fn no_libvirt_traces(c: &mut Checks, g: &CloudGuest) {
     let (_, snaps) = out(virsh(&["snapshot-list", &g.name, "--name"]));
@@ -373,17 +409,9 @@ fn snapshot_then_cloud_rebuild(g: &CloudGuest, rebuild: impl Fn(&mut Checks)) {
     eprintln!("mkdir s1: {} ms", t.elapsed().as_millis());
     c.check(!g.frozen(), "guest not frozen after mkdir");
     if let Some(b) = &before_inactive {
-        let after = g.dumpxml(true);
-        c.check(
-            &after == b,
-            format!("inactive XML unchanged (after:\n{after})"),
-        );
+        xml_unchanged(&mut c, "inactive", b, &g.dumpxml(true));
     }
-    let after = g.dumpxml(false);
-    c.check(
-        after == before_live,
-        format!("live XML unchanged (after:\n{after})"),
-    );
+    xml_unchanged(&mut c, "live", &before_live, &g.dumpxml(false));
     no_libvirt_traces(&mut c, g);
     let sj = json(&snap.join("snapshot.json"));
     eprintln!("snapshot.json: {sj}");
@@ -411,9 +439,8 @@ fn snapshot_then_cloud_rebuild(g: &CloudGuest, rebuild: impl Fn(&mut Checks)) {
         format!("the file written after the snapshot survives the rebuild (cat: {text:?})"),
     );
 
-    // A fresh mount reads the snapshot as before.
-    drop(m);
-    let m = mount();
+    // A fresh daemon (same state directory and store) reads the snapshot as before.
+    remount(&m);
     let snap = m.mnt.join("instances").join(&g.name).join(".snapshots/s1");
     let h2 = snap
         .join("vda.raw")

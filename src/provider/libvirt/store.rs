@@ -387,11 +387,18 @@ impl Store {
     }
 }
 
-/// Whether `pid` is a live snapfs process.
+/// Whether `pid` is a live snapfs process (a killed daemon may linger as a zombie until
+/// its parent reaps it: that one is dead).
 fn snapfs_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|c| c.trim() == "snapfs")
-        .unwrap_or(false)
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // `pid (comm) state …`; comm may itself contain ") ".
+    let Some((head, tail)) = stat.rsplit_once(") ") else {
+        return false;
+    };
+    let comm = head.split_once(" (").map_or("", |(_, c)| c);
+    comm == "snapfs" && !matches!(tail.chars().next(), Some('Z' | 'X') | None)
 }
 
 /// Abort the backup job on domain `uuid` if it writes into `part` (ours); wait until it is gone.
@@ -706,6 +713,12 @@ mod tests {
         assert_eq!(s.list("u").len(), 1);
         s.remove(&snap).unwrap();
         assert!(s.list("u").is_empty());
+    }
+
+    #[test]
+    fn liveness_of_job_owners() {
+        assert!(!snapfs_alive(std::process::id()), "the test binary is not snapfs");
+        assert!(!snapfs_alive(u32::MAX));
     }
 
     #[test]
