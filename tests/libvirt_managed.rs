@@ -637,9 +637,23 @@ fn kill_during_the_copy_leaves_no_job_no_freeze_no_half_snapshot() {
     eprintln!("store after kill -9: {parts:?}");
     assert!(parts.iter().any(|p| p.starts_with(".part-")), "{parts:?}");
     m.unmount();
+    let (_, job) = out(virsh(&["domjobinfo", &g.name]));
+    let running = job.contains("Backup");
+    eprintln!("backup job still running at restart: {running}");
     // Restart: the job is aborted (if still running), the half copy removed.
     m.mount(&[LIBVIRT_ARG]);
     let mut c = Checks::default();
+    c.check(
+        !running
+            || m.log()
+                .contains("backup job of a killed daemon still running: aborting it"),
+        "the running backup job was aborted by the new daemon",
+    );
+    c.check(
+        m.log()
+            .contains("incomplete store snapshot of a previous daemon removed"),
+        "the half copy was removed at start-up",
+    );
     c.check(!g.frozen(), "guest thawed");
     no_libvirt_traces(&mut c, &g);
     let left = fs::read_dir(&store).map(|d| d.count()).unwrap_or(0);

@@ -717,7 +717,10 @@ mod tests {
 
     #[test]
     fn liveness_of_job_owners() {
-        assert!(!snapfs_alive(std::process::id()), "the test binary is not snapfs");
+        assert!(
+            !snapfs_alive(std::process::id()),
+            "the test binary is not snapfs"
+        );
         assert!(!snapfs_alive(u32::MAX));
     }
 
