@@ -4,8 +4,8 @@
 # Usage: scripts/bench-managed.sh [--snapfs BIN] [--runs N] [--data-mib N] [NAME]
 #   --snapfs BIN    snapfs binary (default: target/release/snapfs, built if missing)
 #   --runs N        snapshots per method (default 5)
-#   --data-mib N    random data appended after the guest's 64 MiB disk (default 960: 1 GiB
-#                   allocated in all)
+#   --data-mib N    random data appended after the guest's 64 MiB disk (default 1024: the
+#                   guest's disk itself holds only ~1 MiB of data)
 #   NAME            throw-away guest (default h13-bench), removed at the end
 # Needs the test bed (scripts/testbed/up.sh).
 #
@@ -26,7 +26,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 TB=$REPO/scripts/testbed
 SNAPFS=$REPO/target/release/snapfs
 RUNS=5
-DATA_MIB=960
+DATA_MIB=1024
 while [[ $# -gt 0 ]]; do
     case $1 in
         --snapfs) SNAPFS=$2; shift 2 ;;
@@ -62,21 +62,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'echo "bench-managed: failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 
-now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
-guest_ms() {
-    local v i
-    for i in 1 2 3 4 5; do
-        v=$("$TB/guest-ctl.sh" "$NAME" status 2>/dev/null | sed -n 's/.*writer=[0-9]*\/\([0-9]*\).*/\1/p') || true
-        [[ -n $v ]] && { echo "$v"; return 0; }
-        sleep 0.2
-    done
-    return 1
-}
-frozen() { "$TB/guest-ctl.sh" "$NAME" status 2>/dev/null | grep -c 'frozen=1' || true; }
-stats() {
-    sort -n | awk '{a[NR]=$1} END {if (NR == 0) {print "- - -"; exit}
-        m = (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2; printf "%g %g %g\n", m, a[1], a[NR]}'
-}
+source "$REPO/scripts/bench-guest-lib.sh"
 
 echo "== guest $NAME: 2 GiB qcow2 over a raw base with $(( 64 + DATA_MIB )) MiB of data"
 remove_domain "$NAME"
@@ -120,10 +106,6 @@ for i in $(seq 1 "$RUNS"); do
 done
 
 "$TB/guest-cat.sh" "$NAME" /data/writer.log > "$WORK/writer.log"
-gap() {
-    awk -v a="${1%%:*}" -v b="${1##*:}" '$2 >= a && $2 <= b { if (p && $2 - p > m) m = $2 - p; p = $2 }
-        END { print m + 0 }' "$WORK/writer.log"
-}
 row() { printf '  %-52s %7s %7s %7s\n' "$1" $(printf '%s\n' "${@:2}" | stats); }
 echo
 echo "== snapshot wall time, $RUNS runs each, alternating (ms: median min max)"

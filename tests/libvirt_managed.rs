@@ -132,6 +132,8 @@ struct CloudGuest {
     dir: PathBuf,
     xml: String,
     xml_path: PathBuf,
+    /// The serial console's log (outside `dir`: define-guest.sh's place for it).
+    console: PathBuf,
     transient: bool,
 }
 
@@ -179,57 +181,29 @@ impl CloudGuest {
             "raw",
             disk.to_str().unwrap(),
         ]);
-        let g = guest_dir();
-        let xml = format!(
-            r#"<domain type='qemu'>
-  <name>{name}</name>
-  <uuid>{uuid}</uuid>
-  <metadata>
-{metadata}
-  </metadata>
-  <memory unit='MiB'>288</memory>
-  <vcpu>1</vcpu>
-{sysinfo}
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{kernel}</kernel>
-    <initrd>{initrd}</initrd>
-    <cmdline>{cmdline}</cmdline>{smbios}
-  </os>
-  <features><acpi/></features>
-  <clock offset='utc'/>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>restart</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2' cache='none'/>
-      <source file='{disk}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <channel type='unix'>
-      <target type='virtio' name='org.qemu.guest_agent.0'/>
-    </channel>
-    <serial type='file'>
-      <source path='{dir}/console.log'/>
-      <target port='0'/>
-    </serial>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"#,
-            kernel = g.join("vmlinuz").display(),
-            initrd = g.join("initrd.img").display(),
-            cmdline = fs::read_to_string(g.join("cmdline")).unwrap().trim(),
-            smbios = if sysinfo.is_empty() {
-                ""
-            } else {
-                "\n    <smbios mode='sysinfo'/>"
-            },
-            disk = disk.display(),
-            dir = dir.display(),
+        // The test bed's own domain (define-guest.sh) on this disk, then made the cloud's:
+        // its name and UUID, its metadata and SMBIOS, as the cloud's XML would have them.
+        let tmpl = format!("h13-tmpl-{}-{tag}", std::process::id());
+        script_ok(
+            "define-guest.sh",
+            &[&tmpl, guest_dir().to_str().unwrap(), disk.to_str().unwrap()],
         );
+        let x = virsh_ok(&["dumpxml", &tmpl, "--inactive"]);
+        virsh_ok(&["undefine", &tmpl]);
+        let console = PathBuf::from(format!("/var/log/snapfs-testbed/{tmpl}.console.log"));
+        let _ = fs::remove_file(&console);
+        let (head, rest) = x.split_once("</uuid>").expect("uuid in the XML");
+        let head = head.split("<uuid>").next().unwrap_or_default();
+        let mut xml = format!(
+            "{}<uuid>{uuid}</uuid>\n  <metadata>\n{metadata}\n  </metadata>\n{sysinfo}{rest}",
+            head.replace(
+                &format!("<name>{tmpl}</name>"),
+                &format!("<name>{name}</name>")
+            )
+        );
+        if !sysinfo.is_empty() {
+            xml = xml.replacen("</os>", "  <smbios mode='sysinfo'/>\n  </os>", 1);
+        }
         let xml_path = dir.join("domain.xml");
         fs::write(&xml_path, &xml).unwrap();
         let _ = virsh(&["destroy", name]);
@@ -240,6 +214,7 @@ impl CloudGuest {
             dir,
             xml,
             xml_path,
+            console,
             transient: false,
         }
     }
@@ -290,6 +265,7 @@ impl Drop for CloudGuest {
         }
         let _ = virsh(&["undefine", &self.name]);
         let _ = fs::remove_dir_all(&self.dir);
+        let _ = fs::remove_file(&self.console);
     }
 }
 
@@ -305,23 +281,7 @@ fn normalise(x: &str) -> String {
 }
 
 fn nova_metadata() -> &'static str {
-    r#"    <nova:instance xmlns:nova="http://openstack.org/xmlns/libvirt/nova/1.1">
-      <nova:package version="27.1.0"/>
-      <nova:name>web-1</nova:name>
-      <nova:creationTime>2026-12-06 03:00:00</nova:creationTime>
-      <nova:flavor name="m1.tiny">
-        <nova:memory>288</nova:memory>
-        <nova:disk>1</nova:disk>
-        <nova:swap>0</nova:swap>
-        <nova:ephemeral>0</nova:ephemeral>
-        <nova:vcpus>1</nova:vcpus>
-      </nova:flavor>
-      <nova:owner>
-        <nova:user uuid="0a1b2c3d4e5f60718293a4b5c6d7e8f9">alice</nova:user>
-        <nova:project uuid="f9e8d7c6b5a4938271605f4e3d2c1b0a">web</nova:project>
-      </nova:owner>
-      <nova:root type="image" uuid="11111111-2222-3333-4444-555555555555"/>
-    </nova:instance>"#
+    include_str!("data/nova-instance-1.1.xml")
 }
 
 const CLOUDSTACK_SYSINFO: &str = "  <sysinfo type='smbios'>

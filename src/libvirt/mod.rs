@@ -25,6 +25,8 @@ pub mod sys {
     pub const VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY: u32 = 16;
     pub const VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE: u32 = 64;
     pub const VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC: u32 = 128;
+    /// `virDomainBackupBegin`: the push targets exist already (made by the caller).
+    pub const VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL: u32 = 1;
     /// `virDomainGetJobStats`: the last completed job instead of the current one.
     pub const VIR_DOMAIN_JOB_STATS_COMPLETED: u32 = 1;
 }

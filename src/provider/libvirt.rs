@@ -51,17 +51,11 @@ pub enum Quiesce {
     Off,
 }
 
-impl std::str::FromStr for Quiesce {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "require" => Ok(Quiesce::Require),
-            "prefer" => Ok(Quiesce::Prefer),
-            "off" => Ok(Quiesce::Off),
-            _ => Err(format!("{s:?}: expected require, prefer or off")),
-        }
-    }
-}
+choice_from_str!(Quiesce {
+    "require" => Quiesce::Require,
+    "prefer" => Quiesce::Prefer,
+    "off" => Quiesce::Off,
+});
 
 /// How mkdir snapshots an instance (`--snapshot-method`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,17 +69,11 @@ pub enum SnapshotMethod {
     Copy,
 }
 
-impl std::str::FromStr for SnapshotMethod {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "auto" => Ok(SnapshotMethod::Auto),
-            "external" => Ok(SnapshotMethod::External),
-            "copy" => Ok(SnapshotMethod::Copy),
-            _ => Err(format!("{s:?}: expected auto, external or copy")),
-        }
-    }
-}
+choice_from_str!(SnapshotMethod {
+    "auto" => SnapshotMethod::Auto,
+    "external" => SnapshotMethod::External,
+    "copy" => SnapshotMethod::Copy,
+});
 
 #[derive(Clone, Debug)]
 pub struct LibvirtOptions {
@@ -345,6 +333,17 @@ impl LibvirtProvider {
             .xml_desc(0)
             .map_err(|e| lv_err("reading domain XML", e))?;
         self.opts.managed.detect(&x)
+    }
+
+    /// A disk's virtual size: a file's from its header (our reader), an RBD image's from
+    /// librbd; None when unknown.
+    fn disk_size(&self, d: &xml::Disk) -> Option<u64> {
+        match &d.source {
+            DiskSource::Network { protocol, name } if protocol == "rbd" => {
+                self.rbd_image_size(name)
+            }
+            s => s.file().and_then(|p| image_size(p, d.format.as_deref())),
+        }
     }
 
     /// The store snapshot `name` of `dom`, if there is one.
@@ -707,19 +706,24 @@ impl LibvirtProvider {
         Ok(())
     }
 
-    fn qemu_img_create_overlay(
+    /// `qemu-img create -f qcow2` of a new image of `size` bytes: an overlay on `backing`, or
+    /// an empty image.
+    fn qemu_img_create(
         &self,
-        overlay: &Path,
-        backing: &Path,
-        fmt: Format,
+        image: &Path,
+        backing: Option<(&Path, Format)>,
         size: u64,
     ) -> Result<()> {
-        // -u: the backing image may be in use by a running domain; the size is given.
-        let out = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-u", "-b"])
-            .arg(backing)
-            .args(["-F", format_name(fmt)])
-            .arg(overlay)
+        let mut cmd = Command::new("qemu-img");
+        cmd.args(["create", "-q", "-f", "qcow2"]);
+        if let Some((backing, fmt)) = backing {
+            // -u: the backing image may be in use by a running domain; the size is given.
+            cmd.args(["-u", "-b"])
+                .arg(backing)
+                .args(["-F", format_name(fmt)]);
+        }
+        let out = cmd
+            .arg(image)
             .arg(size.to_string())
             .output()
             .ctx(|| "running qemu-img (is qemu-utils installed?)".to_string())?;
@@ -730,7 +734,7 @@ impl LibvirtProvider {
         Err(if msg.to_ascii_lowercase().contains("no space") {
             Error::NoSpace(msg)
         } else {
-            Error::Backend(format!("qemu-img create {}: {msg}", overlay.display()))
+            Error::Backend(format!("qemu-img create {}: {msg}", image.display()))
         })
     }
 }
@@ -770,12 +774,7 @@ impl Provider for LibvirtProvider {
             .disks
             .iter()
             .map(|d| {
-                let size = match &d.source {
-                    DiskSource::Network { protocol, name } if protocol == "rbd" => {
-                        self.rbd_image_size(name)
-                    }
-                    s => s.file().and_then(|p| image_size(p, d.format.as_deref())),
-                };
+                let size = self.disk_size(d);
                 let source = match &d.source {
                     DiskSource::Network { protocol, name } => {
                         json!({ "protocol": protocol, "name": name })
@@ -1158,7 +1157,7 @@ impl Provider for LibvirtProvider {
             let size = i.size.ok_or_else(|| {
                 Error::Backend(format!("cannot read the size of {}", i.path.display()))
             })?;
-            self.qemu_img_create_overlay(&overlay, &i.path, i.format, size)?;
+            self.qemu_img_create(&overlay, Some((&i.path, i.format)), size)?;
             Ok((overlay, "qcow2"))
         };
         let mut edits = Vec::new();

@@ -448,25 +448,10 @@ fn abort_our_backup(conn: &Connect, uuid: &str, name: &str, part: &Path) {
 
 /// `<domainbackup>` in push mode: each of `disks` to its qcow2 target, the rest excluded.
 pub fn backup_request(disks: &[(String, PathBuf)], excluded: &[String]) -> Result<String> {
-    let mut x = String::from("<domainbackup mode='push'>\n  <disks>\n");
-    for (target, file) in disks {
-        let file = file
-            .to_str()
-            .ok_or_else(|| Error::Invalid(format!("{}: not UTF-8", file.display())))?;
-        x.push_str(&format!(
-            "    <disk name='{}' backup='yes' type='file'>\n      <driver type='qcow2'/>\n      <target file='{}'/>\n    </disk>\n",
-            xml::escape(target)?,
-            xml::escape(file)?
-        ));
-    }
-    for target in excluded {
-        x.push_str(&format!(
-            "    <disk name='{}' backup='no'/>\n",
-            xml::escape(target)?
-        ));
-    }
-    x.push_str("  </disks>\n</domainbackup>\n");
-    Ok(x)
+    Ok(format!(
+        "<domainbackup mode='push'>\n{}</domainbackup>\n",
+        xml::request_disks(disks, "backup='yes'", "target", excluded, "backup='no'")?
+    ))
 }
 
 /// Wait for the backup job started on `dom` to end; its outcome from the completed job's
@@ -541,10 +526,24 @@ impl LibvirtProvider {
                 })
                 .collect();
             let req = backup_request(&targets, &excluded)?;
+            // The targets are made before the freeze (libvirt would otherwise create them
+            // inside backupBegin, with the guest frozen): an empty qcow2 of each disk's size.
+            let mut flags = sys::VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL;
+            for (d, (_, path)) in included.iter().zip(&targets) {
+                match self.disk_size(d) {
+                    Some(size) => self.qemu_img_create(path, None, size)?,
+                    None => flags = 0,
+                }
+            }
+            if flags == 0 {
+                for (_, path) in &targets {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
             let freeze_sent = Instant::now();
             let frozen = self.quiesce(dom, &uuid, &dom_name, owner, true)?;
             quiesced = frozen.is_some();
-            let begun = dom.backup_begin(&req, 0);
+            let begun = dom.backup_begin(&req, flags);
             let thawed = frozen.map(|f| f.thaw());
             if quiesced {
                 stall_ms = Some(freeze_sent.elapsed().as_millis() as u64);

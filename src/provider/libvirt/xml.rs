@@ -261,6 +261,34 @@ pub fn parse_snapshot(xml: &str) -> Result<SnapshotXml> {
     })
 }
 
+/// The `<disks>` element of a request: each of `files` as
+/// `<disk name='T' {on} type='file'><driver type='qcow2'/><{file_el} file='F'/></disk>`, each of
+/// `excluded` as `<disk name='T' {off}/>`; names and paths escaped.
+pub fn request_disks(
+    files: &[(String, PathBuf)],
+    on: &str,
+    file_el: &str,
+    excluded: &[String],
+    off: &str,
+) -> Result<String> {
+    let mut x = String::from("  <disks>\n");
+    for (target, file) in files {
+        let file = file
+            .to_str()
+            .ok_or_else(|| Error::Invalid(format!("{}: not UTF-8", file.display())))?;
+        x.push_str(&format!(
+            "    <disk name='{}' {on} type='file'>\n      <driver type='qcow2'/>\n      <{file_el} file='{}'/>\n    </disk>\n",
+            escape(target)?,
+            escape(file)?
+        ));
+    }
+    for target in excluded {
+        x.push_str(&format!("    <disk name='{}' {off}/>\n", escape(target)?));
+    }
+    x.push_str("  </disks>\n");
+    Ok(x)
+}
+
 /// The `<domainsnapshot>` we create: an external disk-only snapshot, one overlay per disk;
 /// every disk not listed in `overlays` is excluded (`snapshot='no'`).
 pub fn snapshot_request(
@@ -269,30 +297,11 @@ pub fn snapshot_request(
     overlays: &[(String, PathBuf)],
     excluded: &[String],
 ) -> Result<String> {
-    let mut x = String::from("<domainsnapshot>\n");
-    x.push_str(&format!("  <name>{}</name>\n", escape(name)?));
-    x.push_str(&format!(
-        "  <description>{QUIESCED_TAG}{quiesced}</description>\n"
-    ));
-    x.push_str("  <disks>\n");
-    for (target, file) in overlays {
-        let file = file
-            .to_str()
-            .ok_or_else(|| Error::Invalid(format!("{}: not UTF-8", file.display())))?;
-        x.push_str(&format!(
-            "    <disk name='{}' snapshot='external' type='file'>\n      <driver type='qcow2'/>\n      <source file='{}'/>\n    </disk>\n",
-            escape(target)?,
-            escape(file)?
-        ));
-    }
-    for target in excluded {
-        x.push_str(&format!(
-            "    <disk name='{}' snapshot='no'/>\n",
-            escape(target)?
-        ));
-    }
-    x.push_str("  </disks>\n</domainsnapshot>\n");
-    Ok(x)
+    Ok(format!(
+        "<domainsnapshot>\n  <name>{}</name>\n  <description>{QUIESCED_TAG}{quiesced}</description>\n{}</domainsnapshot>\n",
+        escape(name)?,
+        request_disks(overlays, "snapshot='external'", "source", excluded, "snapshot='no'")?
+    ))
 }
 
 /// Our launch record, as the `<metadata>` element libvirt stores for us.
