@@ -116,6 +116,8 @@ echo "  raw ms copy: ${T_COPY[*]}"
 echo
 echo "== guest stall"
 row "copy: stall_ms (freeze sent -> thaw returned)" "${STALL[@]}"
+row "copy: of which freeze (agent), ms" $(sed -n 's/.*backup job started.* freeze_ms=\([0-9]*\).*/\1/p' "$WORK/sm/snapfs.log")
+row "copy: of which virDomainBackupBegin, ms" $(sed -n 's/.*backup job started.* begin_ms=\([0-9]*\).*/\1/p' "$WORK/sm/snapfs.log")
 row "copy: longest writer.log gap around the mkdir" $(for w in "${W_COPY[@]}"; do gap "$w"; done)
 row "external: longest writer.log gap" $(for w in "${W_EXT[@]}"; do gap "$w"; done)
 row "virsh --quiesce: longest writer.log gap" $(for w in "${W_VIRSH[@]}"; do gap "$w"; done)

@@ -641,3 +641,99 @@ fn kill_during_the_copy_leaves_no_job_no_freeze_no_half_snapshot() {
     );
     c.done(&m.log());
 }
+
+/// Removes an RBD test guest and its image (rbd-guest.sh --remove) on drop.
+struct RbdGuest(String);
+
+impl Drop for RbdGuest {
+    fn drop(&mut self) {
+        let _ = script("rbd-guest.sh", &["--remove", &self.0]);
+    }
+}
+
+#[test]
+fn rbd_backed_managed_domain_keeps_no_rbd_snapshot() {
+    if !ready("rbd_backed_managed_domain_keeps_no_rbd_snapshot") || method() != "auto" {
+        return;
+    }
+    let conf = ceph_conf();
+    if !ceph_answers(&conf, "rbd") {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP rbd_backed_managed_domain_keeps_no_rbd_snapshot: Ceph not answering"
+        );
+        return;
+    }
+    let _one = lock();
+    let name = format!("h13-t{}-rbd", std::process::id());
+    let image = format!("rbd/{name}-vda");
+    script_ok("rbd-guest.sh", &["--recreate", &name]);
+    let _g = RbdGuest(name.clone());
+    let before = normalise(&virsh_ok(&["dumpxml", &name]));
+    let m = Mount::unmounted();
+    let args = [
+        LIBVIRT_ARG.to_string(),
+        format!("--ceph={}", conf.display()),
+        format!("--managed-match=^{name}$"),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    m.mount(&args);
+    let snap = m.mnt.join("instances").join(&name).join(".snapshots/s1");
+    fs::create_dir(&snap).expect("mkdir s1");
+    let mut c = Checks::default();
+    let sj = json(&snap.join("snapshot.json"));
+    c.check(
+        sj["method"] == "copy" && sj["managed_by"]["system"] == "custom",
+        format!("copy snapshot of a --managed-match domain ({sj})"),
+    );
+    xml_unchanged(
+        &mut c,
+        "live",
+        &before,
+        &normalise(&virsh_ok(&["dumpxml", &name])),
+    );
+    let snaps = run(Command::new("rbd")
+        .arg("-c")
+        .arg(&conf)
+        .args(["snap", "ls", "--format", "json", &image]));
+    c.check(
+        snaps.trim() == "[]",
+        format!("no RBD snapshot on the source image ({snaps})"),
+    );
+    let h1 = sha(&snap.join("vda.raw"));
+    c.check(
+        fs::read_to_string(snap.join("files/vda/p1/hello.txt")).is_ok(),
+        "files/ reads the copy",
+    );
+    // Nova's instance delete: the domain goes, then the image: nothing of ours blocks it.
+    virsh_ok(&["destroy", &name]);
+    virsh_ok(&["undefine", &name]);
+    let (ok, text) = out(Command::new("rbd")
+        .arg("-c")
+        .arg(&conf)
+        .args(["rm", "--no-progress", &image])
+        .output()
+        .expect("rbd rm"));
+    c.check(ok, format!("rbd rm of the source image works ({text})"));
+    c.done(&m.log());
+    // The snapshot belongs to a domain that is gone: its copy is still in the store.
+    let store = m.state_dir().join("store");
+    let copy = fs::read_dir(&store)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name() != "launch")
+        .flat_map(|d| fs::read_dir(d.path()).unwrap().flatten())
+        .map(|e| e.path().join("vda.qcow2"))
+        .next()
+        .expect("the copy in the store");
+    let raw = m.dir.path().join("copy.raw");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        copy.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
+    assert_eq!(sha(&raw), h1, "the store copy reads as vda.raw did");
+}
