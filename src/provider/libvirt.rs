@@ -543,6 +543,11 @@ impl LibvirtProvider {
             "state": sx.state,
             "parent": sx.parent,
             "description": sx.description,
+            "method": if images.iter().any(|i| i.kind == "external") {
+                "external"
+            } else {
+                "internal"
+            },
             "disks": disks_json,
         });
         Ok(SnapshotInfo {
