@@ -103,19 +103,7 @@ fn virsh_ok(args: &[&str]) -> String {
 }
 
 fn sha(p: &Path) -> String {
-    use sha2::Digest;
-    use std::io::Read;
-    let mut f = fs::File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).expect("read");
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    format!("{:x}", h.finalize())
+    sha256_file(p)
 }
 
 fn json(p: &Path) -> serde_json::Value {
