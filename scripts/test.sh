@@ -3,6 +3,10 @@
 # start the services they talk to, run every test. `.ci/run` calls exactly this.
 #
 # Usage: scripts/test.sh [extra cargo test args]
+#
+# Last, the pristine-root check (scripts/check-fresh-install.sh): the .deb is built and every
+# install step above is run again in a bare Debian root, where each command the repo calls must
+# then be found. SNAPFS_FRESH_CHECK=0 skips it (for quick runs by hand; CI always runs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
@@ -24,5 +28,15 @@ cargo fmt --all -- --check
 
 echo "== tests"
 cargo test --all-targets "$@"
+
+if [[ ${SNAPFS_FRESH_CHECK:-1} != 0 || ${CI:-} == true ]]; then
+  echo "== the Debian package"
+  deb=$(bash scripts/build-deb.sh | tail -n 1 | cut -d' ' -f1)
+  echo "$deb ($(du -k "$deb" | cut -f1) KiB)"
+  echo "== pristine-root install check"
+  fresh_started=$(date +%s)
+  bash scripts/check-fresh-install.sh --deb "$deb"
+  echo "== pristine-root check: $(( $(date +%s) - fresh_started )) s"
+fi
 
 echo "== suite wall time: $(( $(date +%s) - started )) s"

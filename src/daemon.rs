@@ -25,6 +25,10 @@ pub struct MountConfig {
     pub mountpoint: PathBuf,
     pub images: Vec<PathBuf>,
     pub allow_other: bool,
+    /// Refuse every change with EROFS (`--read-only`, fstab `ro`).
+    pub read_only: bool,
+    /// Keep `before-revert-…` before a revert.
+    pub revert_keep: bool,
     pub state_dir: PathBuf,
     pub threads: usize,
     pub cache_bytes: usize,
@@ -125,10 +129,18 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
     if providers.is_empty() {
         warn!("no provider configured (--images DIR, --libvirt): the tree will be empty");
     }
-    let ns = Namespace::new(providers, mountpoint.clone(), cfg.ttl);
+    let ns = Namespace::new(providers, mountpoint.clone(), cfg.ttl)
+        .with_state(&cfg.state_dir, cfg.revert_keep);
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let fs = SnapFs::new(ns, FsOptions { uid, gid });
+    let fs = SnapFs::new(
+        ns,
+        FsOptions {
+            uid,
+            gid,
+            read_only: cfg.read_only,
+        },
+    );
 
     let mut options = vec![
         fuser::MountOption::FSName("snapfs".into()),
@@ -163,6 +175,7 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
         .spawn(move || {
             let sig = wait_signal(&sigs);
             info!(signal = sig, "signal received: unmounting");
+            crate::notify::notify("STOPPING=1");
             if let Err(e) = unmount_path(&mp, true) {
                 warn!(error = %e, "unmount on signal failed");
             }
@@ -173,7 +186,15 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
         let mut f = std::fs::File::from(fd);
         let _ = writeln!(f, "READY");
     }
-    session.run().context("FUSE session")?;
+    // Under a systemd Type=notify unit: the mount answers from now on.
+    crate::notify::notify(&format!(
+        "READY=1\nSTATUS=mounted on {}",
+        mountpoint.display()
+    ));
+    let served = session.run().context("FUSE session");
+    // `umount` (no signal) ends the session too: the service manager hears it either way.
+    crate::notify::notify("STOPPING=1");
+    served?;
     info!(mountpoint = %mountpoint.display(), "unmounted; exiting");
     Ok(())
 }

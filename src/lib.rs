@@ -1,6 +1,7 @@
 //! snapfs: VM snapshots as plain files and directories, over FUSE.
 
 pub mod ceph;
+pub mod cli;
 pub mod daemon;
 pub mod dl;
 pub mod error;
@@ -9,5 +10,6 @@ pub mod fuse;
 pub mod image;
 pub mod libvirt;
 pub mod namespace;
+pub mod notify;
 pub mod provider;
 pub mod restore;

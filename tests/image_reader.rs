@@ -1073,3 +1073,165 @@ fn concurrent_small_reads_share_the_cache() {
     }
     assert!(c.used() <= 256 << 10);
 }
+
+/// Parallels images as `qemu-img create -f parallels` makes them and `qemu-io` writes them
+/// (v2, "WithouFreSpacExt"), and the same bytes relabelled as v1 ("WithoutFreeSpace": BAT in
+/// sectors): every byte and the map equal QEMU's own parallels driver.
+#[test]
+fn parallels_images_match_qemu() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    for (name, cs, size) in [
+        ("c1m.hds", 1u64 << 20, "8M"),
+        ("c64k.hds", 64 << 10, "4M"),
+        ("c4k.hds", 4 << 10, "4M"),
+        ("odd.hds", 64 << 10, "3000000"),
+    ] {
+        qemu_img(
+            d,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "parallels",
+                "-o",
+                &format!("cluster_size={cs}"),
+                name,
+                size,
+            ],
+        );
+        let w = |off: u64, len: u64, p: u8| format!("write -P {p:#x} {off} {len}");
+        let cmds = [
+            w(0, cs + 4096, 0x11),
+            w(cs * 2 + 512, 1024, 0x22),
+            w((2 << 20) + 100, 70000, 0x33),
+            w(2_900_000, 4096, 0x44),
+        ];
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        qemu_io(d, "parallels", name, &cmds);
+        let img = check(d, name, None);
+        assert!(
+            img.describe().starts_with("parallels v2"),
+            "{}",
+            img.describe()
+        );
+    }
+    // v1: same data, magic "WithoutFreeSpace", BAT entries in sectors instead of clusters.
+    let mut b = std::fs::read(d.join("c64k.hds")).unwrap();
+    b[..16].copy_from_slice(b"WithoutFreeSpace");
+    let tracks = u32::from_le_bytes(b[28..32].try_into().unwrap());
+    let entries = u32::from_le_bytes(b[32..36].try_into().unwrap()) as usize;
+    for i in 0..entries {
+        let at = 64 + i * 4;
+        let v = u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+        b[at..at + 4].copy_from_slice(&(v * tracks).to_le_bytes());
+    }
+    std::fs::write(d.join("v1.hds"), &b).unwrap();
+    let img = check(d, "v1.hds", None);
+    assert!(
+        img.describe().starts_with("parallels v1"),
+        "{}",
+        img.describe()
+    );
+}
+
+/// A ploop chain (a delta over a base) reads as QEMU reads the parallels node over its backing.
+#[test]
+fn ploop_delta_chain_matches_qemu() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    qemu_img(d, &["create", "-q", "-f", "parallels", "base.hds", "8M"]);
+    qemu_io(
+        d,
+        "parallels",
+        "base.hds",
+        &["write -P 0x61 0 3M", "write -P 0x63 6M 1M"],
+    );
+    qemu_img(d, &["create", "-q", "-f", "parallels", "top.hds", "8M"]);
+    qemu_io(
+        d,
+        "parallels",
+        "top.hds",
+        &["write -P 0x62 1M 1M", "write -P 0x64 5M 512k"],
+    );
+    let spec = r#"json:{"driver":"parallels","file":{"driver":"file","filename":"top.hds"},"backing":{"driver":"parallels","file":{"driver":"file","filename":"base.hds"}}}"#;
+    qemu_img(d, &["convert", "-O", "raw", spec, "ref.raw"]);
+    let want = std::fs::read(d.join("ref.raw")).unwrap();
+    let base: Arc<dyn BlockImage> =
+        Arc::new(image::parallels::ParallelsImage::open(&d.join("base.hds"), None).unwrap());
+    let top = image::parallels::ParallelsImage::open(&d.join("top.hds"), Some(base)).unwrap();
+    for chunk in [1 << 20, 4096, 12345] {
+        assert!(
+            read_all(&top, chunk) == want,
+            "chain differs with {chunk}-byte reads"
+        );
+    }
+    assert_eq!(our_map(&top), qemu_map(d, spec));
+}
+
+/// Damaged BATs and headers are errors naming the place, never a panic or a wrong byte.
+#[test]
+fn parallels_corrupt_bat_is_an_error() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "parallels",
+            "-o",
+            "cluster_size=65536",
+            "p.hds",
+            "1M",
+        ],
+    );
+    qemu_io(d, "parallels", "p.hds", &["write -P 1 0 128k"]);
+    let good = std::fs::read(d.join("p.hds")).unwrap();
+    let len = good.len() as u32;
+    for (what, at, value) in [
+        ("BAT entry past the end of the file", 64, len / 65536 + 10),
+        ("BAT entry at u32::MAX", 68, u32::MAX),
+        ("BAT entry inside the header", 64, 0),
+    ] {
+        let mut b = good.clone();
+        if value == 0 {
+            // v1 with a BAT entry pointing at sector 0: the header itself.
+            b[..16].copy_from_slice(b"WithoutFreeSpace");
+            b[at..at + 4].copy_from_slice(&1u32.to_le_bytes());
+        } else {
+            b[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        }
+        let path = d.join("bad.hds");
+        std::fs::write(&path, &b).unwrap();
+        let img = image::open(&path, None, None, &cache()).unwrap();
+        let mut buf = vec![0u8; 256 << 10];
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| img.read_at(&mut buf, 0)));
+        match r {
+            Ok(Err(e @ Error::Corrupt { .. })) => {
+                let msg = e.to_string();
+                assert!(msg.contains("BAT entry"), "{what}: {msg}");
+            }
+            Ok(other) => panic!("{what}: expected a corrupt-image error, got {other:?}"),
+            Err(_) => panic!("{what}: reader panicked"),
+        }
+    }
+    for (what, at, bytes) in [
+        ("zero cluster size", 28, 0u32.to_le_bytes()),
+        ("BAT too short for the disk", 32, 1u32.to_le_bytes()),
+        ("version 3", 16, 3u32.to_le_bytes()),
+    ] {
+        let mut b = good.clone();
+        b[at..at + 4].copy_from_slice(&bytes);
+        let path = d.join("bad.hds");
+        std::fs::write(&path, &b).unwrap();
+        match image::open(&path, None, None, &cache()) {
+            Err(Error::Corrupt { .. }) => {}
+            other => panic!(
+                "{what}: expected a corrupt-image error, got {:?}",
+                other.map(|i| i.describe())
+            ),
+        }
+    }
+}

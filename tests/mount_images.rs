@@ -446,3 +446,268 @@ fn bad_arguments_fail_clearly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/dir"), "{err}");
 }
+
+/// A ploop disk (Nova's ploop backend, Virtuozzo): a directory with DiskDescriptor.xml and a
+/// chain of Parallels deltas is a volume; each shot but the live top is a snapshot that reads
+/// as QEMU's parallels driver reads that delta over its backing chain. Creating or deleting
+/// ploop snapshots needs Virtuozzo's tool: ENOTSUP.
+#[test]
+fn ploop_directory_is_a_volume_with_its_shots() {
+    let t = tempfile::tempdir().unwrap();
+    let pool = t.path().join("vz");
+    let disk = pool.join("ct101");
+    fs::create_dir_all(&disk).unwrap();
+    let p = |f: &str| disk.join(f).to_str().unwrap().to_string();
+    let (g1, g2, g3) = (
+        "{5fbaabe3-6958-40ff-92a7-860e329aab41}",
+        "{1c0e6b2e-3b8a-4d0e-9f7e-2a7d0c1d2e01}",
+        "{1c0e6b2e-3b8a-4d0e-9f7e-2a7d0c1d2e02}",
+    );
+    for f in ["root.hds", "root.hds.1", "root.hds.2"] {
+        qemu_img(&["create", "-q", "-f", "parallels", &p(f), "8M"]);
+    }
+    let io = |f: &str, cmd: &str| {
+        run(Command::new("qemu-io")
+            .args(["-f", "parallels", "-c", cmd])
+            .arg(p(f)));
+    };
+    io("root.hds", "write -P 0x61 0 3M");
+    io("root.hds.1", "write -P 0x62 1M 1M");
+    io("root.hds.2", "write -P 0x63 2M 1M");
+    let img = |guid: &str, file: &str| {
+        format!("<Image><GUID>{guid}</GUID><Type>Compressed</Type><File>{file}</File></Image>")
+    };
+    let shot = |guid: &str, parent: &str| {
+        format!("<Shot><GUID>{guid}</GUID><ParentGUID>{parent}</ParentGUID></Shot>")
+    };
+    let xml = format!(
+        "<?xml version='1.0' encoding='UTF-8'?><Parallels_disk_image Version=\"1.0\">\
+         <Disk_Parameters><Disk_size>16384</Disk_size></Disk_Parameters>\
+         <StorageData><Storage><Start>0</Start><End>16384</End><Blocksize>2048</Blocksize>{}{}{}</Storage></StorageData>\
+         <Snapshots><TopGUID>{g3}</TopGUID>{}{}{}</Snapshots></Parallels_disk_image>",
+        img(g1, "root.hds"),
+        img(g2, "root.hds.1"),
+        img(g3, "root.hds.2"),
+        shot(g1, "{00000000-0000-0000-0000-000000000000}"),
+        shot(g2, g1),
+        shot(g3, g2),
+    );
+    fs::write(disk.join("DiskDescriptor.xml"), xml).unwrap();
+
+    let m = Mount::new(&pool);
+    assert_eq!(ls(&m.mnt.join("volumes/vz")), ["ct101"]);
+    let vol = m.vol("ct101");
+    let info: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(vol.join("volume.json")).unwrap()).unwrap();
+    assert_eq!(info["format"], "ploop");
+    assert_eq!(info["snapshots"], 2);
+    let names = ls(&vol.join(".snapshots"));
+    assert_eq!(
+        names,
+        [
+            "1c0e6b2e-3b8a-4d0e-9f7e-2a7d0c1d2e01",
+            "5fbaabe3-6958-40ff-92a7-860e329aab41"
+        ]
+    );
+    // Each snapshot equals QEMU's reading of its delta over its backing deltas.
+    let chain = |top: &str, below: &str| {
+        format!(
+            r#"json:{{"driver":"parallels","file":{{"driver":"file","filename":"{}"}},"backing":{below}}}"#,
+            p(top)
+        )
+    };
+    let base = format!(
+        r#"{{"driver":"parallels","file":{{"driver":"file","filename":"{}"}}}}"#,
+        p("root.hds")
+    );
+    for (name, spec) in [
+        (
+            "5fbaabe3-6958-40ff-92a7-860e329aab41",
+            format!("json:{base}"),
+        ),
+        (
+            "1c0e6b2e-3b8a-4d0e-9f7e-2a7d0c1d2e01",
+            chain("root.hds.1", &base),
+        ),
+    ] {
+        let reference = t.path().join(format!("{name}.ref"));
+        qemu_img(&["convert", "-O", "raw", &spec, reference.to_str().unwrap()]);
+        let got = fs::read(vol.join(".snapshots").join(name).join("disk.raw")).unwrap();
+        assert!(
+            got == fs::read(&reference).unwrap(),
+            "snapshot {name} differs from qemu"
+        );
+    }
+    let snap: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(
+            vol.join(".snapshots/1c0e6b2e-3b8a-4d0e-9f7e-2a7d0c1d2e01/snapshot.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(snap["parent"], "5fbaabe3-6958-40ff-92a7-860e329aab41");
+    assert_eq!(
+        errno(fs::create_dir(vol.join(".snapshots/new"))),
+        libc::EOPNOTSUPP
+    );
+    assert_eq!(
+        errno(fs::remove_dir(
+            vol.join(".snapshots/5fbaabe3-6958-40ff-92a7-860e329aab41")
+        )),
+        libc::EOPNOTSUPP
+    );
+    assert!(
+        m.log().contains("needs Virtuozzo's ploop tool"),
+        "{}",
+        m.log()
+    );
+}
+
+/// Revert through `current` on a qcow2 image, with the shell's own tools: `ln -sfn`
+/// (coreutils: a temporary link renamed over `current`), `ln -s` + `mv -T`, Python's
+/// os.replace. The image after a revert equals `qemu-img snapshot -a` of a copy, byte for byte;
+/// the discarded state is kept as `before-revert-…` and reverting to it brings it back.
+#[test]
+fn revert_through_current_equals_qemu_img_apply() {
+    let t = tempfile::tempdir().unwrap();
+    let pool = t.path().join("imgs");
+    fs::create_dir(&pool).unwrap();
+    let img = pool.join("vm.qcow2");
+    let img_s = img.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", img_s, "8M"]);
+    qemu_io(&img, "write -P 0x41 0 1M");
+    let m = Mount::new(&pool);
+    let vol = m.vol("vm.qcow2");
+    fs::create_dir(vol.join(".snapshots/s1")).unwrap();
+    qemu_io(&img, "write -P 0x42 0 1M");
+    fs::create_dir(vol.join(".snapshots/s2")).unwrap();
+    assert_eq!(
+        fs::read_link(vol.join("current")).unwrap(),
+        Path::new(".snapshots/s2")
+    );
+    assert_eq!(
+        fs::read_link(vol.join(".snapshots/s2/parent")).unwrap(),
+        Path::new("../s1")
+    );
+    qemu_io(&img, "write -P 0x43 0 1M");
+
+    // The reference: qemu-img snapshot -a on a copy taken now.
+    let copy = t.path().join("copy.qcow2");
+    fs::copy(&img, &copy).unwrap();
+    qemu_img(&["snapshot", "-a", "s1", copy.to_str().unwrap()]);
+    let want = t.path().join("want.raw");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        copy.to_str().unwrap(),
+        want.to_str().unwrap(),
+    ]);
+
+    run(Command::new("ln")
+        .arg("-sfn")
+        .arg(".snapshots/s1")
+        .arg(vol.join("current")));
+    assert_eq!(
+        fs::read_link(vol.join("current")).unwrap(),
+        Path::new(".snapshots/s1")
+    );
+    let got = t.path().join("got.raw");
+    qemu_img(&["convert", "-O", "raw", img_s, got.to_str().unwrap()]);
+    assert!(
+        fs::read(&got).unwrap() == fs::read(&want).unwrap(),
+        "revert differs from qemu-img snapshot -a"
+    );
+    let kept: Vec<String> = ls(&vol.join(".snapshots"))
+        .into_iter()
+        .filter(|n| n.starts_with("before-revert-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    // The kept snapshot holds the discarded bytes (0x43).
+    let kept_disk = fs::read(vol.join(".snapshots").join(&kept[0]).join("disk.raw")).unwrap();
+    assert!(kept_disk[..1 << 20].iter().all(|b| *b == 0x43));
+
+    // mv -T back to the kept state: 0x43 is live again.
+    std::os::unix::fs::symlink(format!(".snapshots/{}", kept[0]), vol.join("back")).unwrap();
+    assert!(ls(&vol).contains(&"back".to_string()));
+    run(Command::new("mv")
+        .arg("-T")
+        .arg(vol.join("back"))
+        .arg(vol.join("current")));
+    qemu_img(&["convert", "-O", "raw", img_s, got.to_str().unwrap()]);
+    assert!(fs::read(&got).unwrap()[..1 << 20]
+        .iter()
+        .all(|b| *b == 0x43));
+
+    // Python's os.replace, with an absolute target inside the mount.
+    let py = format!(
+        "import os; os.symlink('{s2}', '{tmp}'); os.replace('{tmp}', '{cur}')",
+        s2 = vol.join(".snapshots/s2").display(),
+        tmp = vol.join("tmp-py").display(),
+        cur = vol.join("current").display()
+    );
+    run(Command::new("python3").args(["-c", &py]));
+    qemu_img(&["convert", "-O", "raw", img_s, got.to_str().unwrap()]);
+    assert!(fs::read(&got).unwrap()[..1 << 20]
+        .iter()
+        .all(|b| *b == 0x42));
+    assert_eq!(
+        fs::read_link(vol.join("current")).unwrap(),
+        Path::new(".snapshots/s2")
+    );
+
+    // Refusals.
+    assert_eq!(errno(fs::remove_file(vol.join("current"))), libc::EPERM);
+    assert_eq!(
+        errno(std::os::unix::fs::symlink(
+            "../web.qcow2/.snapshots/s1",
+            vol.join("x")
+        )),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno(std::os::unix::fs::symlink("/etc", vol.join("x"))),
+        libc::EINVAL
+    );
+    let snap_json: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(vol.join(".snapshots/s1/snapshot.json")).unwrap())
+            .unwrap();
+    assert!(
+        snap_json["children"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "s2"),
+        "{snap_json}"
+    );
+}
+
+/// A VM holding the image (qemu's write lock): a revert is EBUSY and changes nothing.
+#[test]
+fn revert_of_a_locked_image_is_ebusy() {
+    let t = tempfile::tempdir().unwrap();
+    let pool = t.path().join("imgs");
+    fs::create_dir(&pool).unwrap();
+    let img = pool.join("vm.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "8M"]);
+    qemu_img(&["snapshot", "-c", "s1", img.to_str().unwrap()]);
+    let m = Mount::new(&pool);
+    let vol = m.vol("vm.qcow2");
+    let mut holder = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "sleep 20000"])
+        .arg(&img)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    std::os::unix::fs::symlink(".snapshots/s1", vol.join("tmp")).unwrap();
+    let r = fs::rename(vol.join("tmp"), vol.join("current"));
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(errno(r), libc::EBUSY);
+    assert_eq!(
+        ls(&vol.join(".snapshots")),
+        ["s1"],
+        "nothing was kept or changed"
+    );
+}

@@ -461,7 +461,7 @@ fn read_snapshots_byte_exact_and_seek_like_rbd_diff() {
     )
     .expect("json");
     assert_eq!(j["protected"], true);
-    assert_eq!(j["children"], 1);
+    assert_eq!(j["clones"].as_array().map(Vec::len), Some(1));
     assert_eq!(j["size"], 48 << 20);
     let j: serde_json::Value =
         serde_json::from_slice(&std::fs::read(m.vol(&c).join("volume.json")).expect("volume.json"))
@@ -903,7 +903,7 @@ fn clone_then_flatten_releases_the_snapshot() {
     let j: serde_json::Value =
         serde_json::from_slice(&std::fs::read(gold.join("snapshot.json")).expect("json"))
             .expect("json");
-    assert_eq!(j["children"], 1);
+    assert_eq!(j["clones"].as_array().map(Vec::len), Some(1));
     assert_eq!(j["clones"][0], format!("{POOL}/{}", clone.name));
     assert_eq!(errno(std::fs::remove_dir(&gold)), libc::EBUSY);
 
@@ -944,4 +944,89 @@ fn clone_then_flatten_releases_the_snapshot() {
             .errno(),
         libc::ENOENT
     );
+}
+
+/// Revert an RBD volume through `current`: write, snapshot, write, `ln -sfn`: the head equals
+/// `rbd export` of the snapshot, and the discarded state is kept as `before-revert-…`. While
+/// another client has the image open (a running VM would), the revert is EBUSY.
+#[test]
+fn revert_through_current_rolls_back_rbd() {
+    use snapfs::ceph::{Cluster, Timeouts};
+    let Some(conf) = cluster() else { return };
+    let _g = shared();
+    let img = Img::create(&conf, &uniq("revert"), "16M", None);
+    img.write(0, &pattern(70, 2 << 20));
+    let m = RbdMount::new(&conf, &[]);
+    let vol = m.vol(&img);
+    std::fs::create_dir(vol.join(".snapshots/s1")).expect("mkdir s1");
+    img.write(1 << 20, &pattern(71, 3 << 20));
+    let want = m.dir.path().join("s1.raw");
+    rbd(
+        &conf,
+        &[
+            "export",
+            "--no-progress",
+            &img.snap("s1"),
+            want.to_str().unwrap(),
+        ],
+    );
+    let before = m.dir.path().join("before.raw");
+    rbd(
+        &conf,
+        &[
+            "export",
+            "--no-progress",
+            &img.spec,
+            before.to_str().unwrap(),
+        ],
+    );
+
+    // Another client holds the image open: EBUSY, nothing changes.
+    let timeouts = Timeouts {
+        op: Duration::from_secs(10),
+        connect: Duration::from_secs(10),
+    };
+    let cluster = Cluster::connect(&conf, "admin", timeouts).expect("connect");
+    let pool = cluster.pool(POOL).expect("pool");
+    let holder = pool.open(&img.name, None, true).expect("open");
+    std::os::unix::fs::symlink(".snapshots/s1", vol.join("tmp")).expect("pending link");
+    assert_eq!(
+        errno(std::fs::rename(vol.join("tmp"), vol.join("current"))),
+        libc::EBUSY
+    );
+    drop(holder);
+
+    run(Command::new("ln")
+        .arg("-sfn")
+        .arg(".snapshots/s1")
+        .arg(vol.join("current")));
+    let head = m.dir.path().join("head.raw");
+    rbd(
+        &conf,
+        &["export", "--no-progress", &img.spec, head.to_str().unwrap()],
+    );
+    assert_eq!(
+        first_difference(&head, &want),
+        None,
+        "head differs from s1 after revert"
+    );
+    assert_eq!(
+        std::fs::read_link(vol.join("current")).expect("current"),
+        Path::new(".snapshots/s1")
+    );
+    let kept: Vec<String> = ls(&vol.join(".snapshots"))
+        .into_iter()
+        .filter(|n| n.starts_with("before-revert-"))
+        .collect();
+    // Only the successful revert kept anything: the state it discarded, `before`.
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let newest = &kept[0];
+    let kept_file = vol.join(".snapshots").join(newest).join("disk.raw");
+    assert_eq!(
+        first_difference(&kept_file, &before),
+        None,
+        "{newest} is not the discarded state"
+    );
+    let log = m.log();
+    assert!(log.contains("rbd rollback"), "{log}");
 }

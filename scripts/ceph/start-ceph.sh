@@ -39,19 +39,7 @@ die() { log "error: $*"; exit 1; }
 unset CEPH_KEYRING CEPH_ARGS
 
 # --- packages ---------------------------------------------------------------------------
-need=()
-for pair in ceph-mon:ceph-mon ceph-osd:ceph-osd ceph-mgr:ceph-mgr ceph:ceph-common \
-            rbd:ceph-common rados:ceph-common uuidgen:uuid-runtime rbd-fuse:rbd-fuse; do
-  command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
-done
-# snapfs loads librados.so.2/librbd.so.1 at run time (ceph-common brings librados2, librbd1)
-if ((${#need[@]})); then
-  mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
-  log "installing ${need[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y --no-install-recommends "${need[@]}" >/dev/null ||
-    { apt-get update >/dev/null && apt-get install -y --no-install-recommends "${need[@]}" >/dev/null; }
-fi
+"$(dirname "${BASH_SOURCE[0]}")/install-ceph.sh"
 
 # --- helpers ----------------------------------------------------------------------------
 alive() { # pidfile

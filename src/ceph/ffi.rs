@@ -44,6 +44,14 @@ pub struct rbd_image_spec_t {
     pub name: *mut c_char,
 }
 
+/// One client watching an image (`rbd_watchers_list`).
+#[repr(C)]
+pub struct rbd_image_watcher_t {
+    pub addr: *mut c_char,
+    pub id: i64,
+    pub cookie: u64,
+}
+
 #[repr(C)]
 pub struct rbd_linked_image_spec_t {
     pub pool_id: i64,
@@ -111,6 +119,9 @@ crate::dl::dl_api! {
         fn rbd_snap_create(image: rbd_image_t, name: *const c_char) -> c_int = ENOSYS;
         fn rbd_snap_remove(image: rbd_image_t, name: *const c_char) -> c_int = ENOSYS;
         fn rbd_snap_rename(image: rbd_image_t, from: *const c_char, to: *const c_char) -> c_int = ENOSYS;
+        fn rbd_snap_rollback(image: rbd_image_t, name: *const c_char) -> c_int = ENOSYS;
+        fn rbd_watchers_list(image: rbd_image_t, watchers: *mut rbd_image_watcher_t, max: *mut usize) -> c_int = ENOSYS;
+        fn rbd_watchers_list_cleanup(watchers: *mut rbd_image_watcher_t, n: usize);
         fn rbd_snap_protect(image: rbd_image_t, name: *const c_char) -> c_int = ENOSYS;
         fn rbd_snap_unprotect(image: rbd_image_t, name: *const c_char) -> c_int = ENOSYS;
         fn rbd_snap_is_protected(image: rbd_image_t, name: *const c_char, is_protected: *mut c_int) -> c_int = ENOSYS;

@@ -738,6 +738,40 @@ impl Image {
         self.snap_op("rbd_snap_unprotect", ffi::rbd_snap_unprotect, name)
     }
 
+    /// Write snapshot `name`'s data over the head (`rbd_snap_rollback`: O(image size)).
+    pub fn snap_rollback(&self, name: &str) -> Result<()> {
+        self.snap_op("rbd_snap_rollback", ffi::rbd_snap_rollback, name)
+    }
+
+    /// How many clients watch the image (a writable open of our own counts as one).
+    pub fn watchers(&self) -> Result<usize> {
+        let mut max: usize = 0;
+        // SAFETY: valid handle; with max 0 librbd only reports the count (-ERANGE).
+        let rc = unsafe { ffi::rbd_watchers_list(self.h, std::ptr::null_mut(), &mut max) };
+        if rc == 0 {
+            return Ok(0);
+        }
+        if rc != -libc::ERANGE {
+            check(rc, || self.what("rbd_watchers_list"))?;
+        }
+        // Room for a few more: a watcher may register between the two calls.
+        let mut room = max + 4;
+        let mut list: Vec<ffi::rbd_image_watcher_t> = (0..room)
+            .map(|_| ffi::rbd_image_watcher_t {
+                addr: std::ptr::null_mut(),
+                id: 0,
+                cookie: 0,
+            })
+            .collect();
+        // SAFETY: `list` has room for `room` entries; librbd fills at most that many.
+        let rc = unsafe { ffi::rbd_watchers_list(self.h, list.as_mut_ptr(), &mut room) };
+        check(rc, || self.what("rbd_watchers_list"))?;
+        let n = room.min(list.len());
+        // SAFETY: the first n entries were filled by librbd and are released once here.
+        unsafe { ffi::rbd_watchers_list_cleanup(list.as_mut_ptr(), n) };
+        Ok(n)
+    }
+
     pub fn snap_rename(&self, from: &str, to: &str) -> Result<()> {
         let a = cstring(from, "snapshot name")?;
         let b = cstring(to, "snapshot name")?;

@@ -66,6 +66,8 @@ enum Handle {
 pub struct FsOptions {
     pub uid: u32,
     pub gid: u32,
+    /// `--read-only` (fstab `ro`): every change to the tree is EROFS; reads are as usual.
+    pub read_only: bool,
 }
 
 pub struct SnapFs {
@@ -423,6 +425,7 @@ impl SnapFs {
     }
 
     pub fn mkdir(&self, parent: u64, name: &str) -> Result<Attr> {
+        self.writable("mkdir")?;
         let path = self.child(parent, name)?;
         let node = Node::parse(&path);
         match &node {
@@ -433,6 +436,7 @@ impl SnapFs {
     }
 
     pub fn rmdir(&self, parent: u64, name: &str) -> Result<()> {
+        self.writable("rmdir")?;
         let path = self.child(parent, name)?;
         let node = Node::parse(&path);
         match &node {
@@ -444,9 +448,12 @@ impl SnapFs {
     }
 
     pub fn unlink(&self, parent: u64, name: &str) -> Result<()> {
+        self.writable("unlink")?;
         let path = self.child(parent, name)?;
         match &Node::parse(&path) {
-            Some(n @ Node::LaunchLink(_)) => self.ns.unlink(n)?,
+            Some(n @ (Node::LaunchLink(_) | Node::ObjLink(..) | Node::Current(_))) => {
+                self.ns.unlink(n)?
+            }
             n => return Err(Namespace::refusal(n.as_ref(), "unlink")),
         }
         lock(&self.inodes).unlink(&path);
@@ -454,15 +461,19 @@ impl SnapFs {
     }
 
     pub fn symlink(&self, parent: u64, name: &str, target: &str) -> Result<Attr> {
+        self.writable("symlink")?;
         let path = self.child(parent, name)?;
         match &Node::parse(&path) {
-            Some(n @ Node::LaunchLink(_)) => self.ns.symlink(n, name, target)?,
+            Some(n @ (Node::LaunchLink(_) | Node::ObjLink(..) | Node::Current(_))) => {
+                self.ns.symlink(n, name, target)?
+            }
             n => return Err(Namespace::refusal(n.as_ref(), "symlink")),
         }
         self.lookup(parent, name)
     }
 
     pub fn rename(&self, parent: u64, name: &str, new_parent: u64, new_name: &str) -> Result<()> {
+        self.writable("rename")?;
         let from = self.child(parent, name)?;
         let to = self.child(new_parent, new_name)?;
         let (Some(a), Some(b)) = (Node::parse(&from), Node::parse(&to)) else {
@@ -471,6 +482,14 @@ impl SnapFs {
         };
         self.ns.rename(&a, &b, new_name)?;
         lock(&self.inodes).rename(&from, &to);
+        Ok(())
+    }
+
+    /// EROFS for every change when the mount is read-only (`--read-only`, fstab `ro`).
+    fn writable(&self, what: &str) -> Result<()> {
+        if self.opts.read_only {
+            return Err(Error::ReadOnly(format!("{what}: mounted read-only")));
+        }
         Ok(())
     }
 

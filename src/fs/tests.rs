@@ -8,8 +8,19 @@ use crate::provider::memory::MemoryProvider;
 use crate::provider::Owner;
 
 fn core(p: Arc<MemoryProvider>) -> SnapFs {
+    core_with(p, false)
+}
+
+fn core_with(p: Arc<MemoryProvider>, read_only: bool) -> SnapFs {
     let ns = Namespace::new(vec![p], "/mnt/snap".into(), Duration::from_secs(60));
-    SnapFs::new(ns, FsOptions { uid: 0, gid: 0 })
+    SnapFs::new(
+        ns,
+        FsOptions {
+            uid: 0,
+            gid: 0,
+            read_only,
+        },
+    )
 }
 
 fn walk(fs: &SnapFs, path: &str) -> Result<Attr> {
@@ -178,6 +189,30 @@ fn launch_by_symlink() {
 }
 
 #[test]
+fn a_read_only_mount_refuses_every_change_and_still_reads() {
+    let p = provider();
+    let rw = core(p.clone());
+    rw.mkdir(walk(&rw, "instances/web/.snapshots").unwrap().ino, "s1")
+        .unwrap();
+    let fs = core_with(p, true);
+    let snaps = walk(&fs, "instances/web/.snapshots").unwrap().ino;
+    let launch = walk(&fs, "launch").unwrap().ino;
+    let rofs = |r: Result<()>| r.unwrap_err().errno();
+    assert_eq!(fs.mkdir(snaps, "s2").unwrap_err().errno(), libc::EROFS);
+    assert_eq!(rofs(fs.rmdir(snaps, "s1")), libc::EROFS);
+    assert_eq!(rofs(fs.rename(snaps, "s1", snaps, "s3")), libc::EROFS);
+    assert_eq!(
+        fs.symlink(launch, "copy", "../instances/web/.snapshots/s1")
+            .unwrap_err()
+            .errno(),
+        libc::EROFS
+    );
+    assert_eq!(rofs(fs.unlink(launch, "copy")), libc::EROFS);
+    assert_eq!(names(&fs, "instances/web/.snapshots"), ["s1"]);
+    walk(&fs, "instances/web/.snapshots/s1/snapshot.json").unwrap();
+}
+
+#[test]
 fn refusals() {
     let p = provider();
     let fs = core(p);
@@ -272,4 +307,98 @@ fn readdirplus_counts_lookups_without_deadlock() {
         "the counted reference was released"
     );
     fs.release(fh);
+}
+
+/// `current`, pending links, revert by rename, `before-revert-…`, parents, over the memory
+/// provider (which keeps no lineage itself, like qcow2).
+#[test]
+fn current_link_and_revert_by_rename() {
+    let p = provider();
+    let fs = core(p.clone());
+    let web = Owner::Instance("web".into());
+    let dir = walk(&fs, "instances/web").unwrap().ino;
+    let snaps = walk(&fs, "instances/web/.snapshots").unwrap().ino;
+    assert!(!names(&fs, "instances/web").contains(&"current".to_string()));
+    let marker = |b: u8| p.write_live(&web, "vda", 0, &[b]);
+    marker(b'A');
+    fs.mkdir(snaps, "s1").unwrap();
+    marker(b'B');
+    fs.mkdir(snaps, "s2").unwrap();
+    let cur = walk(&fs, "instances/web/current").unwrap();
+    assert_eq!(fs.readlink(cur.ino).unwrap(), b".snapshots/s2");
+    let s2p = walk(&fs, "instances/web/.snapshots/s2/parent").unwrap();
+    assert_eq!(fs.readlink(s2p.ino).unwrap(), b"../s1");
+    assert!(walk(&fs, "instances/web/.snapshots/s1/parent").is_err());
+
+    // Refusals: a foreign or missing target, removing current, renaming current away.
+    let bad = |t: &str| fs.symlink(dir, "tmp", t).unwrap_err().errno();
+    assert_eq!(bad(".snapshots/nope"), libc::EINVAL);
+    assert_eq!(
+        bad("../../volumes/pool/vol%2Fwith%2Fslashes/.snapshots/s1"),
+        libc::EINVAL
+    );
+    assert_eq!(bad("instance.json"), libc::EINVAL);
+    assert_eq!(fs.unlink(dir, "current").unwrap_err().errno(), libc::EPERM);
+    assert_eq!(
+        fs.rename(dir, "current", dir, "x").unwrap_err().errno(),
+        libc::EPERM
+    );
+    assert_eq!(
+        fs.symlink(dir, "current", ".snapshots/s1")
+            .unwrap_err()
+            .errno(),
+        libc::EEXIST
+    );
+
+    // A pending link: listed, readable, removable; renamed onto current it reverts.
+    marker(b'C');
+    let l = fs.symlink(dir, "tmp", ".snapshots/s1").unwrap();
+    assert_eq!(fs.readlink(l.ino).unwrap(), b".snapshots/s1");
+    assert!(names(&fs, "instances/web").contains(&"tmp".to_string()));
+    fs.rename(dir, "tmp", dir, "current").unwrap();
+    assert_eq!(p.live(&web, "vda").unwrap()[0], b'A', "live state is s1's");
+    assert!(!names(&fs, "instances/web").contains(&"tmp".to_string()));
+    let cur = walk(&fs, "instances/web/current").unwrap();
+    assert_eq!(fs.readlink(cur.ino).unwrap(), b".snapshots/s1");
+    let kept: Vec<String> = names(&fs, "instances/web/.snapshots")
+        .into_iter()
+        .filter(|n| n.starts_with("before-revert-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    // The kept state holds what was discarded, and descends from s2.
+    let kept_parent = walk(&fs, &format!("instances/web/.snapshots/{}/parent", kept[0])).unwrap();
+    assert_eq!(fs.readlink(kept_parent.ino).unwrap(), b"../s2");
+
+    // The next snapshot descends from s1 (a tree); deleting s1 re-parents its children.
+    fs.mkdir(snaps, "s3").unwrap();
+    let s3p = walk(&fs, "instances/web/.snapshots/s3/parent").unwrap();
+    assert_eq!(fs.readlink(s3p.ino).unwrap(), b"../s1");
+    let json = |s: &str| -> serde_json::Value {
+        let a = walk(&fs, &format!("instances/web/.snapshots/{s}/snapshot.json")).unwrap();
+        let h = fs.open(a.ino, false).unwrap();
+        let mut out = Vec::new();
+        fs.read(h.fh, 0, 1 << 20, |b| out.extend_from_slice(b))
+            .unwrap();
+        serde_json::from_slice(&out).unwrap()
+    };
+    assert_eq!(json("s1")["children"], serde_json::json!(["s2", "s3"]));
+    assert_eq!(json("s3")["parent"], "s1");
+    fs.rmdir(snaps, "s1").unwrap();
+    assert!(walk(&fs, "instances/web/.snapshots/s3/parent").is_err());
+    assert!(walk(&fs, "instances/web/.snapshots/s2/parent").is_err());
+
+    // Reverting back to the kept state brings C back.
+    let kept_name = kept[0].clone();
+    fs.symlink(
+        dir,
+        "tmp2",
+        &format!("/mnt/snap/instances/web/.snapshots/{kept_name}"),
+    )
+    .unwrap();
+    fs.rename(dir, "tmp2", dir, "current").unwrap();
+    assert_eq!(p.live(&web, "vda").unwrap()[0], b'C');
+    // A removed pending link is gone.
+    fs.symlink(dir, "tmp3", ".snapshots/s2").unwrap();
+    fs.unlink(dir, "tmp3").unwrap();
+    assert_eq!(fs.unlink(dir, "tmp3").unwrap_err().errno(), libc::ENOENT);
 }

@@ -7,6 +7,8 @@
 pub mod cache;
 mod copy;
 mod hostfile;
+pub mod parallels;
+pub mod ploop;
 pub mod qcow2;
 pub mod raw;
 pub mod rbd;
@@ -89,6 +91,8 @@ impl SharedBytes {
 pub enum Format {
     Raw,
     Qcow2,
+    /// Parallels expandable image (QEMU's `parallels`, a ploop delta).
+    Parallels,
 }
 
 impl Format {
@@ -96,22 +100,26 @@ impl Format {
         match s {
             "raw" => Some(Format::Raw),
             "qcow2" => Some(Format::Qcow2),
+            "parallels" | "ploop" => Some(Format::Parallels),
             _ => None,
         }
     }
 }
 
-/// Guess a host file's format from its first bytes (qcow2 magic, else raw).
+/// Guess a host file's format from its first bytes (qcow2 or Parallels magic, else raw).
 pub fn probe_format(path: &Path) -> Result<Format> {
     use crate::error::IoContext;
     use std::io::Read;
-    let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path).ctx(|| format!("opening {}", path.display()))?;
+    let mut magic = [0u8; 16];
+    let f = std::fs::File::open(path).ctx(|| format!("opening {}", path.display()))?;
     let n = f
+        .take(16)
         .read(&mut magic)
         .ctx(|| format!("reading {}", path.display()))?;
-    Ok(if n == 4 && magic == *b"QFI\xfb" {
+    Ok(if n >= 4 && magic[..4] == *b"QFI\xfb" {
         Format::Qcow2
+    } else if n == 16 && (&magic == parallels::MAGIC_V1 || &magic == parallels::MAGIC_V2) {
+        Format::Parallels
     } else {
         Format::Raw
     })
@@ -140,6 +148,16 @@ pub fn open(
             Ok(Arc::new(raw::RawImage::open(path)?))
         }
         Format::Qcow2 => Ok(Arc::new(qcow2::Qcow2Image::open(path, snapshot, cache)?)),
+        Format::Parallels => {
+            if let Some(s) = snapshot {
+                return Err(crate::error::Error::NotSupported(format!(
+                    "Parallels image {} has no internal snapshot {s} (ploop snapshots are \
+                     deltas named in DiskDescriptor.xml)",
+                    path.display()
+                )));
+            }
+            Ok(Arc::new(parallels::ParallelsImage::open(path, None)?))
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! is answered from the [`Registry`] of providers. Nothing here knows inode numbers.
 
 pub mod files;
+pub mod lineage;
 pub mod names;
 pub mod registry;
 
@@ -11,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use lru::LruCache;
 use tracing::{info, warn};
@@ -20,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::image::BlockImage;
 use crate::provider::{Owner, Provider, SnapshotInfo, VOLUME_DISK};
 use files::{FilesCache, FilesPath, GuestFile, FILES};
+use lineage::{Lineage, SnapRef};
 use names::{check_new_name, escape, unescape};
 use registry::{lock, Registry};
 
@@ -30,6 +32,12 @@ pub const SNAPSHOTS: &str = ".snapshots";
 pub const SNAPSHOT_JSON: &str = "snapshot.json";
 pub const INSTANCE_JSON: &str = "instance.json";
 pub const VOLUME_JSON: &str = "volume.json";
+/// `<object>/current -> .snapshots/<snap>`: the snapshot the live state descends from.
+pub const CURRENT: &str = "current";
+/// `<snap>/parent -> ../<older>`: the snapshot that was current when it was taken.
+pub const PARENT: &str = "parent";
+/// A symlink made in an object directory (to rename onto `current`) lives this long unused.
+const PENDING_TTL: Duration = Duration::from_secs(60);
 const DISK_SUFFIX: &str = ".raw";
 
 /// What a path names.
@@ -48,6 +56,13 @@ pub enum Node {
     /// A disk of a snapshot: owner, snapshot, target.
     Disk(Owner, String, String),
     LaunchLink(String),
+    /// `<object>/current`.
+    Current(Owner),
+    /// Any other name in an object directory: a pending link (made by `ln -s` to be renamed
+    /// onto `current`), or nothing.
+    ObjLink(Owner, String),
+    /// `<snap>/parent`.
+    SnapParent(Owner, String),
     /// `files/` of a snapshot or anything below it.
     Files(FilesPath),
     /// A name inside a snapshot directory that is none of its files: never exists, never writable.
@@ -84,6 +99,7 @@ impl Node {
             self,
             Node::Snap(..)
                 | Node::SnapJson(..)
+                | Node::SnapParent(..)
                 | Node::Disk(..)
                 | Node::Files(_)
                 | Node::InSnapshot
@@ -95,9 +111,12 @@ fn object_node(owner: Owner, rest: &[&str], json_name: &str) -> Option<Node> {
     Some(match rest {
         [] => Node::Object(owner),
         [j] if *j == json_name => Node::ObjectJson(owner),
+        [CURRENT] => Node::Current(owner),
         [SNAPSHOTS] => Node::Snaps(owner),
+        [n] => Node::ObjLink(owner, unescape(n)),
         [SNAPSHOTS, s] => Node::Snap(owner, unescape(s)),
         [SNAPSHOTS, s, f] if *f == SNAPSHOT_JSON => Node::SnapJson(owner, unescape(s)),
+        [SNAPSHOTS, s, f] if *f == PARENT => Node::SnapParent(owner, unescape(s)),
         [SNAPSHOTS, s, f, rest @ ..] if *f == FILES => {
             Node::Files(FilesPath::parse(owner, unescape(s), rest))
         }
@@ -208,6 +227,13 @@ pub struct Namespace {
     files: Mutex<FilesCache>,
     /// Reads the subdirectories of listed guest directories ahead.
     prefetch: crate::restore::prefetch::Prefetcher,
+    /// `current` and parents, for providers that keep none.
+    lineage: Lineage,
+    /// Links made in object directories, waiting to be renamed onto `current`:
+    /// (owner, name) → (snapshot, last used).
+    pending: Mutex<HashMap<(Owner, String), (String, Instant)>>,
+    /// Take `before-revert-…` before a revert (`--revert-keep`).
+    revert_keep: bool,
 }
 
 /// Releases an owner's busy mark on every way out.
@@ -237,7 +263,18 @@ impl Namespace {
             busy: Mutex::new(HashSet::new()),
             files: Mutex::new(FilesCache::new(32)),
             prefetch: Default::default(),
+            lineage: Lineage::new(None),
+            pending: Mutex::new(HashMap::new()),
+            revert_keep: true,
         }
+    }
+
+    /// Keep lineage records under `state_dir/lineage`; `revert_keep` false skips the
+    /// `before-revert-…` snapshot.
+    pub fn with_state(mut self, state_dir: &std::path::Path, revert_keep: bool) -> Self {
+        self.lineage = Lineage::new(Some(state_dir.join("lineage")));
+        self.revert_keep = revert_keep;
+        self
     }
 
     pub fn registry(&self) -> &Registry {
@@ -277,7 +314,7 @@ impl Namespace {
             Node::Snap(o, s) => self.dir(self.reg.snapshot(o, s)?.created),
             Node::SnapJson(o, s) => {
                 let snap = self.reg.snapshot(o, s)?;
-                self.file(json_bytes(&snap.json).len() as u64, snap.created)
+                self.file(self.snapshot_json(o, &snap)?.len() as u64, snap.created)
             }
             Node::Disk(o, s, t) => {
                 let snap = self.reg.snapshot(o, s)?;
@@ -292,6 +329,10 @@ impl Namespace {
             }
             Node::LaunchLink(n) => {
                 let target = self.launch_target(&Node::LaunchLink(n.clone()))?;
+                Stat::new(Kind::Symlink, target.len() as u64, 0, self.started, 0o777)
+            }
+            Node::Current(_) | Node::ObjLink(..) | Node::SnapParent(..) => {
+                let target = self.link_target(node)?;
                 Stat::new(Kind::Symlink, target.len() as u64, 0, self.started, 0o777)
             }
             Node::Files(p) => self.files_stat(p)?,
@@ -340,10 +381,19 @@ impl Namespace {
                     Owner::Instance(_) => INSTANCE_JSON,
                     Owner::Volume { .. } => VOLUME_JSON,
                 };
-                vec![
+                let mut v = vec![
                     (json.to_string(), Kind::File, None),
                     (SNAPSHOTS.to_string(), Kind::Dir, None),
-                ]
+                ];
+                if self.current_of(o)?.is_some() {
+                    v.push((CURRENT.to_string(), Kind::Symlink, None));
+                }
+                v.extend(
+                    self.pending_links(o)
+                        .into_iter()
+                        .map(|n| (escape(&n), Kind::Symlink, None)),
+                );
+                v
             }
             Node::Snaps(o) => dirs(&mut self.reg.snapshots(o)?.iter().map(|s| &s.name)),
             Node::Snap(o, s) => {
@@ -355,6 +405,9 @@ impl Namespace {
                         .map(|d| (disk_file_name(&d.target), Kind::File, None)),
                 );
                 v.push((FILES.to_string(), Kind::Dir, None));
+                if self.parent_of(o, &snap)?.is_some() {
+                    v.push((PARENT.to_string(), Kind::Symlink, None));
+                }
                 v
             }
             Node::Launch => self
@@ -372,14 +425,17 @@ impl Namespace {
         Ok(match node {
             Node::ObjectJson(o) => Content::Bytes(Arc::new(json_bytes(&self.reg.info(o)?.json))),
             Node::SnapJson(o, s) => {
-                Content::Bytes(Arc::new(json_bytes(&self.reg.snapshot(o, s)?.json)))
+                let snap = self.reg.snapshot(o, s)?;
+                Content::Bytes(Arc::new(self.snapshot_json(o, &snap)?))
             }
             Node::Disk(o, s, t) => {
                 let snap = self.reg.snapshot(o, s)?;
                 Content::Disk(self.open_disk(o, &snap, t)?)
             }
             Node::Files(p) => self.files_open(p)?,
-            Node::LaunchLink(_) => return Err(Error::Invalid("open of a symlink".into())),
+            Node::LaunchLink(_) | Node::Current(_) | Node::ObjLink(..) | Node::SnapParent(..) => {
+                return Err(Error::Invalid("open of a symlink".into()))
+            }
             _ => return Err(Error::IsDir(format!("{node:?}"))),
         })
     }
@@ -418,10 +474,104 @@ impl Namespace {
     }
 
     pub fn readlink(&self, node: &Node) -> Result<Vec<u8>> {
-        if let Node::Files(p) = node {
-            return self.files_readlink(p);
+        match node {
+            Node::Files(p) => self.files_readlink(p),
+            Node::LaunchLink(_) => self.launch_target(node).map(String::into_bytes),
+            _ => self.link_target(node).map(String::into_bytes),
         }
-        self.launch_target(node).map(String::into_bytes)
+    }
+
+    /// The snapshots of `owner` when snapfs keeps its lineage (None: the provider keeps none).
+    fn lineage_snaps(&self, owner: &Owner) -> Result<Option<Arc<Vec<SnapshotInfo>>>> {
+        if !self.reg.provider(owner)?.records_lineage() {
+            return Ok(None);
+        }
+        Ok(Some(self.reg.snapshots(owner)?))
+    }
+
+    fn current_of(&self, owner: &Owner) -> Result<Option<SnapshotInfo>> {
+        Ok(self
+            .lineage_snaps(owner)?
+            .and_then(|snaps| self.lineage.current(owner, &snaps).cloned()))
+    }
+
+    fn parent_of(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<Option<SnapshotInfo>> {
+        Ok(self
+            .lineage_snaps(owner)?
+            .and_then(|snaps| self.lineage.parent(owner, snap, &snaps).cloned()))
+    }
+
+    /// snapshot.json; with snapfs's lineage, `parent` and `children` as it records them.
+    fn snapshot_json(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<Vec<u8>> {
+        let Some(snaps) = self.lineage_snaps(owner)? else {
+            return Ok(json_bytes(&snap.json));
+        };
+        let mut j = (*snap.json).clone();
+        if let Some(obj) = j.as_object_mut() {
+            let parent = self
+                .lineage
+                .parent(owner, snap, &snaps)
+                .map(|p| p.name.clone());
+            let children: Vec<&str> = snaps
+                .iter()
+                .filter(|c| {
+                    self.lineage
+                        .parent(owner, c, &snaps)
+                        .is_some_and(|p| p.id == snap.id)
+                })
+                .map(|c| c.name.as_str())
+                .collect();
+            obj.insert("parent".into(), serde_json::json!(parent));
+            obj.insert("children".into(), serde_json::json!(children));
+        }
+        Ok(json_bytes(&j))
+    }
+
+    /// Live pending links of `owner` (expired ones are dropped).
+    fn pending_links(&self, owner: &Owner) -> Vec<String> {
+        let mut p = lock(&self.pending);
+        p.retain(|_, (_, used)| used.elapsed() < PENDING_TTL);
+        let mut v: Vec<String> = p
+            .keys()
+            .filter(|(o, _)| o == owner)
+            .map(|(_, n)| n.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn pending_target(&self, owner: &Owner, name: &str) -> Option<String> {
+        let mut p = lock(&self.pending);
+        let e = p.get_mut(&(owner.clone(), name.to_string()))?;
+        if e.1.elapsed() >= PENDING_TTL {
+            p.remove(&(owner.clone(), name.to_string()));
+            return None;
+        }
+        e.1 = Instant::now();
+        Some(e.0.clone())
+    }
+
+    /// The target of `current`, a pending link, or a snapshot's `parent`.
+    fn link_target(&self, node: &Node) -> Result<String> {
+        match node {
+            Node::Current(o) => self
+                .current_of(o)?
+                .map(|s| format!("{SNAPSHOTS}/{}", escape(&s.name)))
+                .ok_or_else(|| Error::NotFound(format!("{o} has no current snapshot"))),
+            Node::ObjLink(o, n) => {
+                self.exists(o)?;
+                self.pending_target(o, n)
+                    .map(|s| format!("{SNAPSHOTS}/{}", escape(&s)))
+                    .ok_or_else(|| Error::NotFound(format!("{n} in {o}")))
+            }
+            Node::SnapParent(o, s) => {
+                let snap = self.reg.snapshot(o, s)?;
+                self.parent_of(o, &snap)?
+                    .map(|p| format!("../{}", escape(&p.name)))
+                    .ok_or_else(|| Error::NotFound(format!("snapshot {s} of {o} has no parent")))
+            }
+            _ => Err(Error::Invalid("not a symlink".into())),
+        }
     }
 
     /// Extended attributes (only guest files have any).
@@ -481,12 +631,30 @@ impl Namespace {
         if self.reg.snapshots(owner)?.iter().any(|s| &s.name == snap) {
             return Err(Error::Exists(format!("snapshot {snap} of {owner}")));
         }
+        let prev = self.current_of(owner)?;
         let started = std::time::Instant::now();
         let res = provider.create_snapshot(owner, snap);
         self.reg.changed(owner);
         res?;
         info!(%owner, %snap, ms = started.elapsed().as_millis() as u64, "snapshot created");
+        self.record_created(owner, snap, prev);
         Ok(())
+    }
+
+    /// Lineage after a snapshot was made: it is current, `prev` its parent.
+    fn record_created(&self, owner: &Owner, snap: &str, prev: Option<SnapshotInfo>) {
+        if !self.reg.provider(owner).is_ok_and(|p| p.records_lineage()) {
+            return;
+        }
+        match self.reg.snapshot(owner, snap) {
+            Ok(new) => {
+                self.lineage
+                    .created(owner, SnapRef::of(&new), prev.as_ref().map(SnapRef::of))
+            }
+            Err(e) => {
+                warn!(%owner, %snap, error = %e, "new snapshot not listed; lineage not recorded")
+            }
+        }
     }
 
     /// rmdir: delete a snapshot.
@@ -496,16 +664,51 @@ impl Namespace {
         };
         let provider = self.reg.provider(owner)?;
         let _busy = self.begin(owner)?;
-        self.reg.snapshot(owner, snap)?;
+        let gone = self.reg.snapshot(owner, snap)?;
         let res = provider.delete_snapshot(owner, snap);
         self.reg.changed(owner);
         self.forget_disks(owner, snap);
         res?;
         info!(%owner, %snap, "snapshot deleted");
+        if provider.records_lineage() {
+            self.lineage.deleted(owner, &SnapRef::of(&gone));
+        }
         Ok(())
     }
 
     pub fn rename(&self, from: &Node, to: &Node, to_file_name: &str) -> Result<()> {
+        match (from, to) {
+            // `ln -sfn .snapshots/s1 current`, `mv -T tmp current`, os.replace(tmp, current).
+            (Node::ObjLink(o, n), Node::Current(o2)) if o == o2 => {
+                let snap = self
+                    .pending_target(o, n)
+                    .ok_or_else(|| Error::NotFound(format!("{n} in {o}")))?;
+                self.revert(o, &snap)?;
+                lock(&self.pending).remove(&(o.clone(), n.clone()));
+                return Ok(());
+            }
+            (Node::ObjLink(o, n), Node::ObjLink(o2, m)) if o == o2 => {
+                check_new_name(to_file_name)?;
+                let snap = self
+                    .pending_target(o, n)
+                    .ok_or_else(|| Error::NotFound(format!("{n} in {o}")))?;
+                let mut p = lock(&self.pending);
+                p.remove(&(o.clone(), n.clone()));
+                p.insert((o.clone(), m.clone()), (snap, Instant::now()));
+                return Ok(());
+            }
+            (Node::Current(o), _) => {
+                return Err(Error::NotPermitted(format!(
+                    "{o}/current moves only by reverting: rename a link onto it"
+                )))
+            }
+            (_, Node::Current(o)) | (Node::ObjLink(o, _), _) => {
+                return Err(Error::Invalid(format!(
+                    "only a link to a snapshot of {o} can be renamed onto its current"
+                )))
+            }
+            _ => {}
+        }
         let (Node::Snap(o1, a), Node::Snap(o2, b)) = (from, to) else {
             return Err(match (from, to) {
                 (Node::Snap(..), _) | (_, Node::Snap(..)) => {
@@ -535,11 +738,85 @@ impl Namespace {
         let res = provider.rename_snapshot(o1, a, b);
         self.reg.changed(o1);
         self.forget_disks(o1, a);
-        res
+        res?;
+        if provider.records_lineage() {
+            self.lineage.renamed(o1, a, b);
+        }
+        Ok(())
+    }
+
+    /// Revert `owner` to its snapshot `snap`: first keep the state being discarded as
+    /// `before-revert-<time>` (unless `--revert-keep=no`), then the backend's revert. The
+    /// lineage is recorded before the backend is asked (whose revert, a child process or a
+    /// cluster operation, finishes even if this daemon is killed) and put back if it fails.
+    fn revert(&self, owner: &Owner, snap: &str) -> Result<()> {
+        let provider = self.reg.provider(owner)?;
+        let _busy = self.begin(owner)?;
+        let snaps = self.reg.snapshots(owner)?;
+        let target = snaps
+            .iter()
+            .find(|s| s.name == snap)
+            .cloned()
+            .ok_or_else(|| Error::Invalid(format!("snapshot {snap} of {owner} is gone")))?;
+        provider.check_revert(owner, &target)?;
+        let mut prev = self.current_of(owner)?;
+        if self.revert_keep {
+            let stamp = rfc3339_name(SystemTime::now());
+            let mut keep = format!("before-revert-{stamp}");
+            for i in 2.. {
+                if !snaps.iter().any(|s| s.name == keep) {
+                    break;
+                }
+                keep = format!("before-revert-{stamp}-{i}");
+            }
+            let res = provider.create_snapshot(owner, &keep);
+            self.reg.changed(owner);
+            res?;
+            info!(%owner, snapshot = %keep, "kept the state being reverted");
+            self.record_created(owner, &keep, prev.take());
+            prev = self.reg.snapshot(owner, &keep).ok();
+        }
+        let records = provider.records_lineage();
+        if records {
+            self.lineage.reverted(owner, SnapRef::of(&target));
+        }
+        let started = std::time::Instant::now();
+        let res = provider.revert_snapshot(owner, &target);
+        self.reg.changed(owner);
+        if let Err(e) = res {
+            if let (true, Some(p)) = (records, prev) {
+                self.lineage.reverted(owner, SnapRef::of(&p));
+            }
+            return Err(e);
+        }
+        info!(%owner, %snap, ms = started.elapsed().as_millis() as u64, "reverted");
+        Ok(())
     }
 
     /// symlink in launch/: boot a new instance from an instance snapshot.
     pub fn symlink(&self, node: &Node, file_name: &str, target: &str) -> Result<()> {
+        match node {
+            Node::ObjLink(o, n) => {
+                check_new_name(file_name)?;
+                let snap = self.parse_object_link_target(o, target)?;
+                let mut p = lock(&self.pending);
+                p.retain(|_, (_, used)| used.elapsed() < PENDING_TTL);
+                let key = (o.clone(), n.clone());
+                if p.contains_key(&key) {
+                    return Err(Error::Exists(format!("{n} in {o}")));
+                }
+                p.insert(key, (snap, Instant::now()));
+                return Ok(());
+            }
+            Node::Current(o) => {
+                if self.current_of(o)?.is_some() {
+                    return Err(Error::Exists(format!("{o}/current")));
+                }
+                let snap = self.parse_object_link_target(o, target)?;
+                return self.revert(o, &snap);
+            }
+            _ => {}
+        }
         let Node::LaunchLink(new) = node else {
             return Err(Self::refusal(Some(node), "symlink"));
         };
@@ -562,46 +839,77 @@ impl Namespace {
 
     /// `../instances/web/.snapshots/s1` (relative to launch/) or an absolute path in this mount.
     fn parse_launch_target(&self, target: &str) -> Result<(String, String)> {
-        let not_a_snapshot = || {
-            Error::Invalid(format!(
+        match self.resolve_target(&[LAUNCH.to_string()], target) {
+            Some(Node::Snap(Owner::Instance(i), s))
+                if self.reg.snapshot(&Owner::Instance(i.clone()), &s).is_ok() =>
+            {
+                Ok((i, s))
+            }
+            _ => Err(Error::Invalid(format!(
                 "{target}: not an instance snapshot directory of this mount"
-            ))
+            ))),
+        }
+    }
+
+    /// `.snapshots/s1` (relative to the object's directory) or an absolute path in this mount,
+    /// naming an existing snapshot of `owner`: its name.
+    fn parse_object_link_target(&self, owner: &Owner, target: &str) -> Result<String> {
+        let base: Vec<String> = match owner {
+            Owner::Instance(i) => vec![INSTANCES.into(), escape(i)],
+            Owner::Volume { pool, name } => vec![VOLUMES.into(), escape(pool), escape(name)],
         };
+        match self.resolve_target(&base, target) {
+            Some(Node::Snap(o, s)) if &o == owner && self.reg.snapshot(owner, &s).is_ok() => Ok(s),
+            _ => Err(Error::Invalid(format!(
+                "{target}: not a snapshot of {owner} (a link here must point into its own .snapshots)"
+            ))),
+        }
+    }
+
+    /// The node a symlink target names, for a link living in directory `base` (components
+    /// below the mount); an absolute target must lie inside this mount.
+    fn resolve_target(&self, base: &[String], target: &str) -> Option<Node> {
         let mut comps: Vec<String> = Vec::new();
         let rel = if let Some(abs) = target.strip_prefix('/') {
             let mp = self.mountpoint.to_string_lossy();
             let mp = mp.trim_start_matches('/');
-            let rest = abs.strip_prefix(mp).ok_or_else(not_a_snapshot)?;
+            let rest = abs.strip_prefix(mp)?;
             if !(rest.is_empty() || rest.starts_with('/')) {
-                return Err(not_a_snapshot());
+                return None;
             }
             rest.to_string()
         } else {
-            comps.push(LAUNCH.to_string());
+            comps.extend(base.iter().cloned());
             target.to_string()
         };
         for c in rel.split('/') {
             match c {
                 "" | "." => {}
                 ".." => {
-                    comps.pop().ok_or_else(not_a_snapshot)?;
+                    comps.pop()?;
                 }
                 c => comps.push(c.to_string()),
             }
         }
-        match Node::parse(&comps) {
-            Some(Node::Snap(Owner::Instance(i), s)) => {
-                self.reg
-                    .snapshot(&Owner::Instance(i.clone()), &s)
-                    .map_err(|_| not_a_snapshot())?;
-                Ok((i, s))
-            }
-            _ => Err(not_a_snapshot()),
-        }
+        Node::parse(&comps)
     }
 
     /// unlink in launch/: forget a launch record (the instance keeps running).
     pub fn unlink(&self, node: &Node) -> Result<()> {
+        match node {
+            Node::ObjLink(o, n) => {
+                return lock(&self.pending)
+                    .remove(&(o.clone(), n.clone()))
+                    .map(|_| ())
+                    .ok_or_else(|| Error::NotFound(format!("{n} in {o}")))
+            }
+            Node::Current(o) => {
+                return Err(Error::NotPermitted(format!(
+                    "{o}/current cannot be removed: switch it to revert"
+                )))
+            }
+            _ => {}
+        }
         let Node::LaunchLink(name) = node else {
             return Err(Self::refusal(Some(node), "unlink"));
         };
@@ -625,6 +933,11 @@ fn disk_key(owner: &Owner, snap: &SnapshotInfo, target: &str) -> String {
         .unwrap_or_default()
         .as_nanos();
     format!("{owner:?}\0{}\0{}\0{created}\0{target}", snap.name, snap.id)
+}
+
+/// RFC 3339 UTC with `-` for `:`, for snapshot names (`before-revert-2026-12-06T03-55-12Z`).
+fn rfc3339_name(t: SystemTime) -> String {
+    crate::provider::rfc3339(t).replace(':', "-")
 }
 
 fn json_bytes(v: &serde_json::Value) -> Vec<u8> {
@@ -681,7 +994,19 @@ mod tests {
             Node::parse(&p("instances/web/.snapshots/s1/other/x")),
             Some(Node::InSnapshot)
         );
-        assert_eq!(Node::parse(&p("instances/web/other")), None);
+        assert_eq!(
+            Node::parse(&p("instances/web/other")),
+            Some(Node::ObjLink(Owner::Instance("web".into()), "other".into()))
+        );
+        assert_eq!(
+            Node::parse(&p("instances/web/current")),
+            Some(Node::Current(Owner::Instance("web".into())))
+        );
+        assert_eq!(
+            Node::parse(&p("volumes/images/a.qcow2/.snapshots/s1/parent")),
+            Some(Node::SnapParent(vol.clone(), "s1".into()))
+        );
+        assert_eq!(Node::parse(&p("instances/web/x/y")), None);
         assert_eq!(Node::parse(&p("launch/x/y")), None);
         assert!(Node::parse(&p("volumes/images/a.qcow2/.snapshots/s1"))
             .is_some_and(|n| n.in_snapshot()));

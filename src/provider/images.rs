@@ -1,5 +1,7 @@
-//! The `images` provider: every `*.qcow2`, `*.raw`, `*.img` file of a host directory is a
-//! volume of pool `basename(dir)`; its snapshots are qcow2 internal snapshots.
+//! The `images` provider: every `*.qcow2`, `*.raw`, `*.img`, `*.hds` (Parallels) file of a host
+//! directory is a volume of pool `basename(dir)`; its snapshots are qcow2 internal snapshots.
+//! A subdirectory holding a ploop `DiskDescriptor.xml` is a volume too, whose snapshots are the
+//! descriptor's shots (read-only: making ploop snapshots needs Virtuozzo's `ploop` tool).
 //!
 //! Reads use our own qcow2 reader. Creating and deleting snapshots goes through
 //! `qemu-img snapshot`, which takes the image's write lock, so a VM holding the image
@@ -15,10 +17,10 @@ use tracing::{debug, info, warn};
 
 use super::{ObjectInfo, Owner, Provider, SnapDisk, SnapshotInfo, VOLUME_DISK};
 use crate::error::{Error, IoContext, Result};
-use crate::image::{self, qcow2, BlockCache, BlockImage, Format};
+use crate::image::{self, ploop, qcow2, BlockCache, BlockImage, Format};
 
 /// Host file extensions that make a file a volume.
-const EXTENSIONS: [&str; 3] = ["qcow2", "raw", "img"];
+const EXTENSIONS: [&str; 4] = ["qcow2", "raw", "img", "hds"];
 /// A backing chain deeper than this is reported, not followed (it is also a loop guard).
 const MAX_CHAIN: usize = 64;
 
@@ -84,10 +86,13 @@ impl ImagesProvider {
             return Err(Error::NotFound(owner.to_string()));
         };
         let dir = self.pool_dir(pool)?;
+        let path = dir.join(name);
+        if is_ploop_volume(&path, name) {
+            return Ok(path);
+        }
         if !is_volume_name(name) {
             return Err(Error::NotFound(owner.to_string()));
         }
-        let path = dir.join(name);
         match std::fs::metadata(&path) {
             Ok(m) if m.is_file() => Ok(path),
             Ok(_) => Err(Error::NotFound(owner.to_string())),
@@ -132,6 +137,78 @@ impl ImagesProvider {
             }
         }
         Ok(out)
+    }
+}
+
+/// A subdirectory with a ploop descriptor (`name` is its entry in the pool directory).
+fn is_ploop_volume(path: &Path, name: &str) -> bool {
+    !name.contains('/') && name != "." && name != ".." && ploop::is_ploop_dir(path)
+}
+
+/// ENOTSUP for a change to a ploop disk, said once in the log with the reason.
+fn ploop_read_only(owner: &Owner, what: &str) -> Error {
+    warn!(volume = %owner, "{what}: ploop snapshots are read-only here (making and deleting them needs Virtuozzo's ploop tool, which Debian does not ship)");
+    Error::NotSupported(format!(
+        "{what} of ploop disk {owner}: needs Virtuozzo's ploop tool"
+    ))
+}
+
+/// The snapshots of a ploop disk, from its descriptor: one per shot but the live top.
+fn ploop_snapshots(dir: &Path) -> Result<Vec<SnapshotInfo>> {
+    let desc = ploop::Descriptor::read(dir)?;
+    let mut out = Vec::new();
+    for shot in desc.snapshots() {
+        let chain = desc.chain(&shot.guid);
+        let delta = chain
+            .as_ref()
+            .ok()
+            .and_then(|c| c.last())
+            .map(|d| d.file.clone());
+        // A ploop delta stops changing when a snapshot freezes it: its mtime is that moment.
+        let created = delta
+            .as_ref()
+            .and_then(|f| std::fs::metadata(dir.join(f)).ok())
+            .and_then(|m| m.modified().ok())
+            .unwrap_or(UNIX_EPOCH);
+        let name = ploop::snapshot_name(&shot.guid);
+        let j = json!({
+            "id": shot.guid,
+            "name": name,
+            "created": super::rfc3339(created),
+            "quiesced": serde_json::Value::Null,
+            "memory": false,
+            "parent": shot.parent.as_deref().map(ploop::snapshot_name),
+            "virtual_size": desc.size,
+            "chain": chain.as_ref().map(|c| c.iter().map(|d| d.file.clone()).collect::<Vec<_>>()).ok(),
+            "error": chain.as_ref().err().map(|e| e.to_string()),
+            "disks": [{ "target": VOLUME_DISK, "format": "ploop", "source": dir.display().to_string(), "size": desc.size }],
+        });
+        out.push(SnapshotInfo {
+            name,
+            id: shot.guid.clone(),
+            created,
+            disks: vec![SnapDisk {
+                target: VOLUME_DISK.into(),
+                size: desc.size,
+            }],
+            json: Arc::new(j),
+        });
+    }
+    Ok(out)
+}
+
+fn ploop_info(dir: &Path, j: &mut serde_json::Value) {
+    match ploop::Descriptor::read(dir) {
+        Ok(d) => {
+            j["format"] = json!("ploop");
+            j["virtual_size"] = json!(d.size);
+            j["ploop"] = json!({
+                "top": d.top,
+                "deltas": d.deltas.iter().map(|x| json!({"guid": x.guid, "file": x.file})).collect::<Vec<_>>(),
+            });
+            j["snapshots"] = json!(d.snapshots().count());
+        }
+        Err(e) => j["error"] = json!(e.to_string()),
     }
 }
 
@@ -212,6 +289,10 @@ impl Provider for ImagesProvider {
                 warn!(dir = %dir.display(), name = ?entry.file_name(), "skipping non-UTF-8 file name");
                 continue;
             };
+            if is_ploop_volume(&entry.path(), &name) {
+                out.push(name);
+                continue;
+            }
             if !is_volume_name(&name) {
                 continue;
             }
@@ -228,10 +309,16 @@ impl Provider for ImagesProvider {
         let path = self.volume_path(owner)?;
         let meta = std::fs::metadata(&path).ctx(|| format!("stat {}", path.display()))?;
         let mtime = meta.modified().unwrap_or(UNIX_EPOCH);
-        let format = image::probe_format(&path)?;
         let Owner::Volume { pool, name } = owner else {
             return Err(Error::NotFound(owner.to_string()));
         };
+        if meta.is_dir() {
+            let mut j = json!({ "pool": pool, "name": name, "path": path.display().to_string(),
+                                "modified": super::rfc3339(mtime) });
+            ploop_info(&path, &mut j);
+            return Ok(ObjectInfo { json: j, mtime });
+        }
+        let format = image::probe_format(&path)?;
         let mut j = json!({
             "pool": pool,
             "name": name,
@@ -247,6 +334,18 @@ impl Provider for ImagesProvider {
                 j["backing_chain"] = json!([]);
                 j["snapshots"] = json!(0);
             }
+            Format::Parallels => match image::parallels::ParallelsImage::open(&path, None) {
+                Ok(img) => {
+                    j["virtual_size"] = json!(img.size());
+                    j["parallels"] = json!({
+                        "cluster_size": img.header().cluster_size(),
+                        "in_use": img.header().in_use,
+                    });
+                    j["backing_chain"] = json!([]);
+                    j["snapshots"] = json!(0);
+                }
+                Err(e) => j["error"] = json!(e.to_string()),
+            },
             Format::Qcow2 => match qcow2::inspect(&path) {
                 Ok(info) => {
                     j["virtual_size"] = json!(info.virtual_size);
@@ -270,6 +369,9 @@ impl Provider for ImagesProvider {
 
     fn snapshots(&self, owner: &Owner) -> Result<Vec<SnapshotInfo>> {
         let path = self.volume_path(owner)?;
+        if path.is_dir() {
+            return ploop_snapshots(&path);
+        }
         let list = self.snapshot_list(&path)?;
         Ok(list
             .into_iter()
@@ -304,9 +406,13 @@ impl Provider for ImagesProvider {
 
     fn create_snapshot(&self, owner: &Owner, name: &str) -> Result<()> {
         let path = self.volume_path(owner)?;
-        if image::probe_format(&path)? != Format::Qcow2 {
+        if path.is_dir() {
+            return Err(ploop_read_only(owner, "creating a snapshot"));
+        }
+        let format = image::probe_format(&path)?;
+        if format != Format::Qcow2 {
             return Err(Error::NotSupported(format!(
-                "{owner} is a raw image: raw images have no internal snapshots"
+                "{owner} is a {format:?} image: only qcow2 images have internal snapshots"
             )));
         }
         if name.is_empty() || name.len() > 255 {
@@ -317,11 +423,34 @@ impl Provider for ImagesProvider {
 
     fn delete_snapshot(&self, owner: &Owner, name: &str) -> Result<()> {
         let path = self.volume_path(owner)?;
+        if path.is_dir() {
+            return Err(ploop_read_only(owner, "deleting a snapshot"));
+        }
         if !self.snapshot_list(&path)?.iter().any(|s| s.name == name) {
             return Err(Error::NotFound(format!("snapshot {name} of {owner}")));
         }
         // qemu-img -d looks its argument up by name, first match: the one our tree shows.
         self.qemu_img_snapshot("-d", name, &path)
+    }
+
+    fn records_lineage(&self) -> bool {
+        true
+    }
+
+    /// `qemu-img snapshot -a`: the image's active state becomes the snapshot's (it takes the
+    /// image's write lock, so a VM holding the image makes it EBUSY).
+    fn revert_snapshot(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<()> {
+        let path = self.volume_path(owner)?;
+        if path.is_dir() {
+            return Err(ploop_read_only(owner, "reverting"));
+        }
+        if image::probe_format(&path)? != Format::Qcow2 {
+            return Err(Error::NotSupported(format!(
+                "{owner}: only qcow2 images have snapshots to revert to"
+            )));
+        }
+        // -a looks its argument up by id first, then by name: the id is unambiguous.
+        self.qemu_img_snapshot("-a", &snap.id, &path)
     }
 
     fn open_disk(
@@ -334,6 +463,10 @@ impl Provider for ImagesProvider {
             return Err(Error::NotFound(format!("disk {target} of {owner}")));
         }
         let path = self.volume_path(owner)?;
+        if path.is_dir() {
+            let desc = ploop::Descriptor::read(&path)?;
+            return ploop::open(&path, &desc, &snap.id);
+        }
         image::open(&path, Some(Format::Qcow2), Some(&snap.name), &self.cache)
     }
 }
@@ -347,6 +480,7 @@ mod tests {
         assert!(is_volume_name("a.qcow2"));
         assert!(is_volume_name("b.raw"));
         assert!(is_volume_name("c.img"));
+        assert!(is_volume_name("e.hds"));
         assert!(!is_volume_name("d.qcow2.data"));
         assert!(!is_volume_name("qcow2"));
         assert!(!is_volume_name("x/y.raw"));

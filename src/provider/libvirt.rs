@@ -208,6 +208,7 @@ fn format_name(f: Format) -> &'static str {
     match f {
         Format::Raw => "raw",
         Format::Qcow2 => "qcow2",
+        Format::Parallels => "parallels",
     }
 }
 
@@ -220,6 +221,9 @@ fn image_size(path: &Path, format: Option<&str>) -> Option<u64> {
     match fmt {
         Format::Qcow2 => qcow2::inspect(path).ok().map(|i| i.virtual_size),
         Format::Raw => std::fs::metadata(path).ok().map(|m| m.len()),
+        Format::Parallels => image::parallels::ParallelsImage::open(path, None)
+            .ok()
+            .map(|i| i.size()),
     }
 }
 

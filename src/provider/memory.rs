@@ -106,6 +106,16 @@ impl MemoryProvider {
         );
     }
 
+    /// The live bytes of one disk.
+    pub fn live(&self, owner: &Owner, target: &str) -> Option<Vec<u8>> {
+        let s = lock(&self.state);
+        let (disks, _) = s.objects.get(&key(owner))?;
+        disks
+            .iter()
+            .find(|(t, _)| t == target)
+            .map(|(_, b)| b.clone())
+    }
+
     pub fn add_volume(&self, pool: &str, name: &str, bytes: Vec<u8>) {
         let o = Owner::Volume {
             pool: pool.into(),
@@ -238,6 +248,23 @@ impl Provider for MemoryProvider {
             .remove(from)
             .ok_or_else(|| Error::NotFound(from.to_string()))?;
         snaps.insert(to.to_string(), v);
+        Ok(())
+    }
+
+    fn records_lineage(&self) -> bool {
+        true
+    }
+
+    fn revert_snapshot(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<()> {
+        let mut s = lock(&self.state);
+        let (disks, snaps) = s
+            .objects
+            .get_mut(&key(owner))
+            .ok_or_else(|| Error::NotFound(owner.to_string()))?;
+        *disks = snaps
+            .get(&snap.name)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(snap.name.clone()))?;
         Ok(())
     }
 

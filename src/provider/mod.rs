@@ -118,6 +118,27 @@ pub trait Provider: Send + Sync {
         target: &str,
     ) -> Result<Arc<dyn BlockImage>>;
 
+    /// Whether snapfs keeps this provider's lineage (`current`, each snapshot's parent) in its
+    /// state directory: for backends that keep none themselves. Providers that answer false
+    /// show neither `current` nor `parent` links (yet).
+    fn records_lineage(&self) -> bool {
+        false
+    }
+    /// Refuse a revert before anything is done (e.g. `EBUSY` while a client has the image
+    /// open), so a refused revert leaves no `before-revert-…` behind.
+    fn check_revert(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<()> {
+        let _ = (owner, snap);
+        Ok(())
+    }
+    /// Return the live state of `owner` to snapshot `snap` (the `current` link's switch).
+    fn revert_snapshot(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<()> {
+        let _ = snap;
+        Err(Error::NotSupported(format!(
+            "{} provider cannot revert {owner}",
+            self.kind()
+        )))
+    }
+
     fn launches(&self) -> Result<Vec<LaunchInfo>> {
         Ok(Vec::new())
     }

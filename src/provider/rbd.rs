@@ -293,9 +293,8 @@ impl Provider for RbdProvider {
                 "memory": false,
                 "size": s.size,
                 "protected": protected,
-                "children": children.len(),
                 "clones": children.iter().map(|c| format!("{}/{}", c.pool, c.image)).collect::<Vec<_>>(),
-                "parent": parent_json(parent),
+                "image_parent": parent_json(parent),
                 "features": ceph::feature_names(features),
                 "disks": [{ "target": VOLUME_DISK, "format": "rbd", "source": source, "size": s.size }],
             });
@@ -334,6 +333,26 @@ impl Provider for RbdProvider {
         self.open(owner, None, true)?.snap_rename(from, to)
     }
 
+    fn records_lineage(&self) -> bool {
+        true
+    }
+
+    fn check_revert(&self, owner: &Owner, _snap: &SnapshotInfo) -> Result<()> {
+        refuse_if_watched(owner, &self.open(owner, None, true)?)
+    }
+
+    /// `rbd_snap_rollback`, only while nobody else has the image open: librbd would ask a
+    /// running client for the exclusive lock and roll the disk back under it.
+    fn revert_snapshot(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<()> {
+        let img = self.open(owner, None, true)?;
+        refuse_if_watched(owner, &img)?;
+        let started = std::time::Instant::now();
+        img.snap_rollback(&snap.name)?;
+        let secs = started.elapsed().as_secs_f64();
+        info!(%owner, snapshot = %snap.name, secs, mib_per_s = snap.disks.first().map_or(0.0, |d| d.size as f64 / 1048576.0 / secs.max(1e-3)), "rbd rollback");
+        Ok(())
+    }
+
     fn open_disk(
         &self,
         owner: &Owner,
@@ -346,6 +365,18 @@ impl Provider for RbdProvider {
         let (pool, image) = self.volume(owner)?;
         self.access.open_snapshot(pool, image, &snap.name)
     }
+}
+
+/// EBUSY while a client other than our own writable open (one watcher) has the image open.
+fn refuse_if_watched(owner: &Owner, img: &ceph::Image) -> Result<()> {
+    let watchers = img.watchers()?;
+    if watchers > 1 {
+        return Err(Error::Busy(format!(
+            "{owner} is open by {} other client(s) (a running VM, krbd, rbd-nbd): close it first",
+            watchers - 1
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -136,29 +136,14 @@ impl Mount {
     }
 
     /// The daemon's pid, found through the mount's log-free way: the process holding our args.
+    /// `snapfs mount … MNT`: once mounted, only the daemon runs with these args (it is forked
+    /// from the command, or re-executed with --foreground).
     pub fn daemon_pid(&self) -> Option<i32> {
-        let needle = self.mnt.to_string_lossy().into_owned();
-        for e in std::fs::read_dir("/proc").ok()?.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-                continue;
-            };
-            let args: Vec<String> = cmd
-                .split(|b| *b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            // `snapfs mount … MNT`: once mounted, only the daemon runs with these args (it is
-            // forked from the command, or re-executed with --foreground).
-            if args.first().is_some_and(|a| a.ends_with("snapfs"))
+        find_process(|args| {
+            args.first().is_some_and(|a| a.ends_with("snapfs"))
                 && args.get(1).is_some_and(|a| a == "mount")
-                && args.contains(&needle)
-            {
-                return Some(pid);
-            }
-        }
-        None
+                && args.iter().any(|a| Path::new(a) == self.mnt)
+        })
     }
 
     pub fn is_mounted(&self) -> bool {
@@ -184,6 +169,26 @@ impl Drop for Mount {
             wait_gone(pid, Duration::from_secs(5));
         }
     }
+}
+
+/// The first process whose command line (argv) satisfies `pred`.
+pub fn find_process(pred: impl Fn(&[String]) -> bool) -> Option<i32> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if pred(&args) {
+            return Some(pid);
+        }
+    }
+    None
 }
 
 pub fn pid_alive(pid: i32) -> bool {

@@ -208,6 +208,9 @@ impl Qcow2Image {
                 let b: Box<dyn BlockImage> = match fmt {
                     Format::Raw => Box::new(RawImage::open(&bpath)?),
                     Format::Qcow2 => Box::new(Self::open_in_chain(&bpath, None, cache, chain)?),
+                    Format::Parallels => {
+                        Box::new(super::parallels::ParallelsImage::open(&bpath, None)?)
+                    }
                 };
                 let desc = format!("{name} ({})", b.describe());
                 (Some(b), Some(desc))
