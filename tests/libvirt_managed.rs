@@ -526,6 +526,7 @@ fn launch_of_a_managed_snapshot_is_an_unmanaged_domain() {
     let cleanup = || {
         let _ = virsh(&["destroy", &new]);
         let _ = virsh(&["undefine", &new]);
+        remove_console_logs(&new);
     };
     let x = virsh_ok(&["dumpxml", &new, "--inactive"]);
     let info = json(&m.mnt.join("instances").join(&new).join("instance.json"));
@@ -636,6 +637,18 @@ struct RbdGuest(String);
 impl Drop for RbdGuest {
     fn drop(&mut self) {
         let _ = script("rbd-guest.sh", &["--remove", &self.0]);
+        remove_console_logs(&self.0);
+    }
+}
+
+/// The serial console logs define-guest.sh (or a launch, renaming the source's) left for `name`.
+fn remove_console_logs(name: &str) {
+    if let Ok(rd) = fs::read_dir("/var/log/snapfs-testbed") {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(name) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
     }
 }
 
