@@ -738,3 +738,49 @@ fn rbd_backed_managed_domain_keeps_no_rbd_snapshot() {
     ]);
     assert_eq!(sha(&raw), h1, "the store copy reads as vda.raw did");
 }
+
+#[test]
+fn cloud_destroy_during_the_copy_fails_the_mkdir_cleanly() {
+    if !ready("cloud_destroy_during_the_copy_fails_the_mkdir_cleanly") || method() != "auto" {
+        return;
+    }
+    let _one = lock();
+    let g = CloudGuest::new("instance-0000002f", 0x2f, nova_metadata(), "", 1024);
+    g.boot();
+    let m = mount();
+    let snap = m.mnt.join("instances/instance-0000002f/.snapshots/d");
+    let mk = {
+        let snap = snap.clone();
+        std::thread::spawn(move || fs::create_dir(&snap))
+    };
+    // Once the guest is thawed (the daemon logs the start after the thaw) and the job runs.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !m.log().contains("backup job started: copying")
+        || !out(virsh(&["domjobinfo", &g.name])).1.contains("Backup")
+    {
+        assert!(Instant::now() < deadline, "backup job never seen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Nova's hard reboot in the middle of the copy: nothing of ours is in its way.
+    virsh_ok(&["destroy", &g.name]);
+    let (ok, text) = out(virsh(&["undefine", &g.name]));
+    let res = mk.join().expect("mkdir thread");
+    virsh_ok(&["define", g.xml_path.to_str().unwrap()]);
+    let mut c = Checks::default();
+    c.check(
+        ok,
+        format!("plain virsh undefine during the copy works ({text})"),
+    );
+    // EIO (the job failed) or ENOENT (the domain was gone when the daemon looked).
+    let errno = res.as_ref().err().and_then(|e| e.raw_os_error());
+    c.check(
+        errno == Some(libc::EIO) || errno == Some(libc::ENOENT),
+        format!("the mkdir fails with EIO or ENOENT ({res:?})"),
+    );
+    let store = m.state_dir().join("store").join(&g.uuid);
+    let left = fs::read_dir(&store).map(|d| d.count()).unwrap_or(0);
+    c.check(left == 0, format!("no half copy left ({left})"));
+    let listed = ls(&m.mnt.join("instances/instance-0000002f/.snapshots"));
+    c.check(listed.is_empty(), format!("nothing listed ({listed:?})"));
+    c.done(&m.log());
+}
