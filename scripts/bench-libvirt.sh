@@ -65,22 +65,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'echo "bench-libvirt: failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 
-now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
-guest_ms() {  # the guest writer's last monotonic ms, through the control port (no agent)
-    local v i
-    for i in 1 2 3 4 5; do  # the port may miss a reply on a loaded host: ask again
-        v=$("$TB/guest-ctl.sh" "$NAME" status 2>/dev/null | sed -n 's/.*writer=[0-9]*\/\([0-9]*\).*/\1/p') || true
-        [[ -n $v ]] && { echo "$v"; return 0; }
-        sleep 0.2
-    done
-    echo "guest-ctl.sh $NAME status: no answer ($i tries)" >&2
-    return 1
-}
-frozen() { "$TB/guest-ctl.sh" "$NAME" status 2>/dev/null | grep -c 'frozen=1' || true; }
-stats() {  # stats < numbers: "median min max"
-    sort -n | awk '{a[NR]=$1} END {if (NR == 0) {print "- - -"; exit}
-        m = (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2; printf "%g %g %g\n", m, a[1], a[NR]}'
-}
+source "$REPO/scripts/bench-guest-lib.sh"
 
 echo "== guest $NAME (fresh), snapfs $SNAPFS"
 remove_domain "$NAME"
@@ -109,10 +94,6 @@ for i in $(seq 1 "$RUNS"); do
 done
 
 "$TB/guest-cat.sh" "$NAME" /data/writer.log > "$WORK/writer.log"
-gap() {  # gap FROM:TO: longest gap between consecutive writer.log lines in [FROM, TO] (guest ms)
-    awk -v a="${1%%:*}" -v b="${1##*:}" '$2 >= a && $2 <= b { if (p && $2 - p > m) m = $2 - p; p = $2 }
-        END { print m + 0 }' "$WORK/writer.log"
-}
 read -r sm smin smax < <(printf '%s\n' "${T_SNAPFS[@]}" | stats)
 read -r vm vmin vmax < <(printf '%s\n' "${T_VIRSH[@]}" | stats)
 read -r gsm _ gsmax < <(for w in "${WIN_SNAPFS[@]}"; do gap "$w"; done | stats)

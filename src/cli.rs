@@ -104,6 +104,8 @@ pub struct MountArgs {
     /// (like Nova), so the snapshot can be deleted once that finishes.
     #[arg(long, help_heading = "libvirt")]
     pub flatten_on_launch: bool,
+    #[command(flatten)]
+    pub cloud: CloudArgs,
 
     /// A Ceph cluster's configuration file: serve RBD images of each --pool as volumes.
     #[arg(long = "ceph", value_name = "CEPH_CONF", help_heading = "Ceph RBD")]
@@ -215,6 +217,49 @@ pub struct MountArgs {
     pub ready_fd: Option<i32>,
     /// Where to mount the tree.
     pub mountpoint: PathBuf,
+}
+
+/// Cloud-managed domains and the copy snapshot method (docs/libvirt.md).
+#[derive(Args, Debug)]
+pub struct CloudArgs {
+    /// Which domains are cloud-managed: auto (Nova, CloudStack, oVirt by the detection table,
+    /// plus --managed-match), never, always. Managed domains are snapshotted by copy.
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "auto",
+        help_heading = "libvirt"
+    )]
+    pub managed: crate::provider::libvirt::managed::ManagedMode,
+    /// Domains whose name matches this regular expression are managed too (unanchored).
+    #[arg(long, value_name = "REGEX", help_heading = "libvirt")]
+    pub managed_match: Option<String>,
+    /// How mkdir snapshots an instance: auto (copy for managed domains, external for the
+    /// others), external (libvirt external snapshot: the domain switches to an overlay), copy
+    /// (a copy into the store; nothing on the domain changes).
+    #[arg(
+        long,
+        value_name = "METHOD",
+        default_value = "auto",
+        help_heading = "libvirt"
+    )]
+    pub snapshot_method: crate::provider::libvirt::SnapshotMethod,
+    /// Where copy snapshots are kept [default: STATE_DIR/store].
+    #[arg(long, value_name = "DIR", help_heading = "libvirt")]
+    pub store: Option<PathBuf>,
+}
+
+impl CloudArgs {
+    /// `--managed` with `--managed-match`, the regular expression compiled.
+    pub fn managed_policy(
+        &self,
+    ) -> anyhow::Result<crate::provider::libvirt::managed::ManagedPolicy> {
+        crate::provider::libvirt::managed::ManagedPolicy::new(
+            self.managed,
+            self.managed_match.as_deref(),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))
+    }
 }
 
 impl MountArgs {

@@ -44,6 +44,11 @@ pub struct MountConfig {
     pub rbd: Option<crate::provider::rbd::RbdConfig>,
     /// Flatten the RBD clones of a launch in the background (Nova's behaviour).
     pub flatten_on_launch: bool,
+    /// Which domains are cloud-managed.
+    pub managed: crate::provider::libvirt::managed::ManagedPolicy,
+    pub snapshot_method: crate::provider::libvirt::SnapshotMethod,
+    /// The store of copy snapshots (None: `<state-dir>/store`).
+    pub store: Option<PathBuf>,
 }
 
 /// Mount and serve in this process until unmounted. `ready` is told "READY" (or the error)
@@ -98,6 +103,9 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
             freeze_timeout: cfg.freeze_timeout,
             state_dir: cfg.state_dir.clone(),
             flatten_on_launch: cfg.flatten_on_launch,
+            managed: cfg.managed.clone(),
+            method: cfg.snapshot_method,
+            store: cfg.store.clone(),
         };
         let lv = LibvirtProvider::new(opts, cache.clone()).context("libvirt provider")?;
         // Before the mount exists (and before Ceph, which may take its timeout to answer):

@@ -104,6 +104,9 @@ fn mount(m: MountArgs, args: Vec<OsString>) -> anyhow::Result<()> {
             page_cache: m.ceph_page_cache,
         }),
         flatten_on_launch: m.flatten_on_launch,
+        managed: m.cloud.managed_policy()?,
+        snapshot_method: m.cloud.snapshot_method,
+        store: m.cloud.store,
     };
     daemon::serve(cfg, ready)
 }

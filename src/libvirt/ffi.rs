@@ -1,5 +1,5 @@
 //! The libvirt C functions snapfs calls (`libvirt/libvirt.h`, `libvirt/libvirt-qemu.h`, all
-//! present since libvirt 1.2). Only `super` calls these; nothing else may.
+//! present since libvirt 6.0: the backup calls are the newest). Only `super` calls these; nothing else may.
 //!
 //! Loaded with `dlopen` by [`load`] when the first connection is opened, not linked: a daemon
 //! without `--libvirt` neither needs libvirt installed nor loads libvirt.so and the ~50 shared
@@ -24,6 +24,28 @@ pub struct virError {
     pub domain: c_int,
     pub message: *mut c_char,
 }
+
+/// The value union of `struct _virTypedParameter`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub union virTypedParameterValue {
+    pub i: c_int,
+    pub ui: c_uint,
+    pub l: i64,
+    pub ul: u64,
+    pub d: f64,
+    pub b: c_char,
+    pub s: *mut c_char,
+}
+
+/// `struct _virTypedParameter`: a name, a type tag and a value.
+#[repr(C)]
+pub struct virTypedParameter {
+    pub field: [c_char; 80],
+    pub type_: c_int,
+    pub value: virTypedParameterValue,
+}
+pub type virTypedParameterPtr = *mut virTypedParameter;
 
 /// `struct _virDomainInfo`.
 #[repr(C)]
@@ -68,6 +90,11 @@ crate::dl::dl_api! {
         fn virDomainSetMetadata(dom: virDomainPtr, kind: c_int, metadata: *const c_char, key: *const c_char, uri: *const c_char, flags: c_uint) -> c_int = -1;
         fn virDomainFSFreeze(dom: virDomainPtr, mountpoints: *mut *const c_char, nmountpoints: c_uint, flags: c_uint) -> c_int = -1;
         fn virDomainFSThaw(dom: virDomainPtr, mountpoints: *mut *const c_char, nmountpoints: c_uint, flags: c_uint) -> c_int = -1;
+        fn virDomainBackupBegin(dom: virDomainPtr, backup_xml: *const c_char, checkpoint_xml: *const c_char, flags: c_uint) -> c_int = -1;
+        fn virDomainBackupGetXMLDesc(dom: virDomainPtr, flags: c_uint) -> *mut c_char = null_mut();
+        fn virDomainAbortJob(dom: virDomainPtr) -> c_int = -1;
+        fn virDomainGetJobStats(dom: virDomainPtr, type_: *mut c_int, params: *mut virTypedParameterPtr, nparams: *mut c_int, flags: c_uint) -> c_int = -1;
+        fn virTypedParamsFree(params: virTypedParameterPtr, nparams: c_int);
         fn virDomainListAllSnapshots(dom: virDomainPtr, snaps: *mut *mut virDomainSnapshotPtr, flags: c_uint) -> c_int = -1;
         fn virDomainSnapshotLookupByName(dom: virDomainPtr, name: *const c_char, flags: c_uint) -> virDomainSnapshotPtr = null_mut();
         fn virDomainSnapshotCreateXML(dom: virDomainPtr, xml: *const c_char, flags: c_uint) -> virDomainSnapshotPtr = null_mut();

@@ -25,6 +25,85 @@ pub mod sys {
     pub const VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY: u32 = 16;
     pub const VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE: u32 = 64;
     pub const VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC: u32 = 128;
+    /// `virDomainBackupBegin`: the push targets exist already (made by the caller).
+    pub const VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL: u32 = 1;
+    /// `virDomainGetJobStats`: the last completed job instead of the current one.
+    pub const VIR_DOMAIN_JOB_STATS_COMPLETED: u32 = 1;
+}
+
+/// `virDomainJobType`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobType {
+    None,
+    Bounded,
+    Unbounded,
+    Completed,
+    Failed,
+    Cancelled,
+    Other(i32),
+}
+
+impl JobType {
+    fn from_raw(t: c_int) -> JobType {
+        match t {
+            0 => JobType::None,
+            1 => JobType::Bounded,
+            2 => JobType::Unbounded,
+            3 => JobType::Completed,
+            4 => JobType::Failed,
+            5 => JobType::Cancelled,
+            o => JobType::Other(o),
+        }
+    }
+}
+
+/// `VIR_DOMAIN_JOB_OPERATION_BACKUP`: the `operation` of a backup job.
+pub const JOB_OPERATION_BACKUP: i64 = 9;
+
+/// One typed parameter's value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TypedValue {
+    Int(i64),
+    UInt(u64),
+    Double(f64),
+    Bool(bool),
+    String(String),
+}
+
+/// What `virDomainGetJobStats` says: the job type and its parameters.
+#[derive(Clone, Debug)]
+pub struct JobStats {
+    pub job_type: JobType,
+    pub params: Vec<(String, TypedValue)>,
+}
+
+impl JobStats {
+    pub fn get(&self, field: &str) -> Option<&TypedValue> {
+        self.params.iter().find(|(f, _)| f == field).map(|(_, v)| v)
+    }
+
+    pub fn int(&self, field: &str) -> Option<i64> {
+        match self.get(field)? {
+            TypedValue::Int(i) => Some(*i),
+            TypedValue::UInt(u) => i64::try_from(*u).ok(),
+            _ => None,
+        }
+    }
+
+    pub fn uint(&self, field: &str) -> Option<u64> {
+        match self.get(field)? {
+            TypedValue::UInt(u) => Some(*u),
+            TypedValue::Int(i) => u64::try_from(*i).ok(),
+            _ => None,
+        }
+    }
+
+    pub fn string(&self, field: &str) -> Option<&str> {
+        match self.get(field)? {
+            TypedValue::String(s) => Some(s),
+            _ => None,
+        }
+    }
 }
 
 /// The `virErrorNumber` values snapfs tells apart.
@@ -458,6 +537,72 @@ impl Domain {
                 flags,
             ))
         }
+    }
+
+    /// `virDomainBackupBegin`: start a backup job (push mode when the XML says so).
+    pub fn backup_begin(&self, backup_xml: &str, flags: u32) -> Result<()> {
+        let c = cstring(backup_xml)?;
+        // SAFETY: valid domain and string; no checkpoint XML.
+        check(unsafe { ffi::virDomainBackupBegin(self.ptr, c.as_ptr(), std::ptr::null(), flags) })
+            .map(drop)
+    }
+
+    /// `virDomainBackupGetXMLDesc`: the running backup job's description.
+    pub fn backup_xml_desc(&self) -> Result<String> {
+        // SAFETY: valid domain; the string is ours to free.
+        unsafe { owned_string(ffi::virDomainBackupGetXMLDesc(self.ptr, 0)) }
+    }
+
+    /// `virDomainAbortJob`: abort the domain's current job.
+    pub fn abort_job(&self) -> Result<()> {
+        // SAFETY: valid domain.
+        check(unsafe { ffi::virDomainAbortJob(self.ptr) }).map(drop)
+    }
+
+    /// `virDomainGetJobStats`: the current job (flags 0) or the last completed one
+    /// ([`sys::VIR_DOMAIN_JOB_STATS_COMPLETED`]).
+    pub fn job_stats(&self, flags: u32) -> Result<JobStats> {
+        let mut t: c_int = 0;
+        let mut params: ffi::virTypedParameterPtr = null_mut();
+        let mut n: c_int = 0;
+        // SAFETY: valid domain, out-pointers to locals.
+        check(unsafe { ffi::virDomainGetJobStats(self.ptr, &mut t, &mut params, &mut n, flags) })?;
+        let mut out = Vec::with_capacity(n.max(0) as usize);
+        if !params.is_null() {
+            for i in 0..n.max(0) as usize {
+                // SAFETY: libvirt returned n parameters; each field is NUL-terminated and a
+                // string value is a valid C string owned by the array.
+                unsafe {
+                    let p = &*params.add(i);
+                    let field = CStr::from_ptr(p.field.as_ptr())
+                        .to_string_lossy()
+                        .into_owned();
+                    let v = match p.type_ {
+                        1 => TypedValue::Int(i64::from(p.value.i)),
+                        2 => TypedValue::UInt(u64::from(p.value.ui)),
+                        3 => TypedValue::Int(p.value.l),
+                        4 => TypedValue::UInt(p.value.ul),
+                        5 => TypedValue::Double(p.value.d),
+                        6 => TypedValue::Bool(p.value.b != 0),
+                        7 => {
+                            let s = p.value.s;
+                            if s.is_null() {
+                                continue;
+                            }
+                            TypedValue::String(CStr::from_ptr(s).to_string_lossy().into_owned())
+                        }
+                        _ => continue,
+                    };
+                    out.push((field, v));
+                }
+            }
+            // SAFETY: the array (and its strings) came from this call.
+            unsafe { ffi::virTypedParamsFree(params, n) };
+        }
+        Ok(JobStats {
+            job_type: JobType::from_raw(t),
+            params: out,
+        })
     }
 
     pub fn list_all_snapshots(&self, flags: u32) -> Result<Vec<DomainSnapshot>> {

@@ -12,7 +12,9 @@
 
 pub mod agent;
 pub mod freeze;
+pub mod managed;
 mod rbd;
+pub mod store;
 pub mod xml;
 
 use std::collections::HashSet;
@@ -49,17 +51,29 @@ pub enum Quiesce {
     Off,
 }
 
-impl std::str::FromStr for Quiesce {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "require" => Ok(Quiesce::Require),
-            "prefer" => Ok(Quiesce::Prefer),
-            "off" => Ok(Quiesce::Off),
-            _ => Err(format!("{s:?}: expected require, prefer or off")),
-        }
-    }
+choice_from_str!(Quiesce {
+    "require" => Quiesce::Require,
+    "prefer" => Quiesce::Prefer,
+    "off" => Quiesce::Off,
+});
+
+/// How mkdir snapshots an instance (`--snapshot-method`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotMethod {
+    /// `copy` for cloud-managed domains, `external` for the others.
+    Auto,
+    /// External disk-only snapshots (the domain's disks switch to new overlays), or RBD
+    /// snapshots for RBD disks. Also for managed domains when asked for explicitly.
+    External,
+    /// A copy into snapfs's store; nothing on the domain changes ([`store`]).
+    Copy,
 }
+
+choice_from_str!(SnapshotMethod {
+    "auto" => SnapshotMethod::Auto,
+    "external" => SnapshotMethod::External,
+    "copy" => SnapshotMethod::Copy,
+});
 
 #[derive(Clone, Debug)]
 pub struct LibvirtOptions {
@@ -69,6 +83,11 @@ pub struct LibvirtOptions {
     pub state_dir: PathBuf,
     /// Flatten the RBD clones of a launch in the background.
     pub flatten_on_launch: bool,
+    /// Which domains count as cloud-managed (`--managed`, `--managed-match`).
+    pub managed: managed::ManagedPolicy,
+    pub method: SnapshotMethod,
+    /// The store of copy snapshots (`--store`; default `<state-dir>/store`).
+    pub store: Option<PathBuf>,
 }
 
 /// How long `instance.json` waits for a guest-ping.
@@ -86,6 +105,7 @@ pub struct LibvirtProvider {
     rbd: Option<Arc<RbdAccess>>,
     /// Serialises read-modify-write of the RBD snapshot records in domain metadata.
     rbd_records: Mutex<()>,
+    store: store::Store,
 }
 
 /// A libvirt error with our context, mapped onto the refusals SPEC.md names.
@@ -244,6 +264,11 @@ impl LibvirtProvider {
     pub fn new(opts: LibvirtOptions, cache: Arc<BlockCache>) -> Result<Self> {
         // libvirt's default error handler prints every error to stderr; we log them ourselves.
         let freezer = Freezer::new(&opts.state_dir)?;
+        let store_dir = opts
+            .store
+            .clone()
+            .unwrap_or_else(|| opts.state_dir.join("store"));
+        let store = store::Store::new(&store_dir)?;
         let p = LibvirtProvider {
             opts,
             conn: Mutex::new(None),
@@ -251,9 +276,10 @@ impl LibvirtProvider {
             cache,
             rbd: None,
             rbd_records: Mutex::new(()),
+            store,
         };
         let c = p.conn()?;
-        info!(uri = %p.opts.uri, hypervisor = %c.driver_type().unwrap_or_default(), quiesce = ?p.opts.quiesce, freeze_timeout_ms = p.opts.freeze_timeout.as_millis() as u64, "libvirt provider");
+        info!(uri = %p.opts.uri, hypervisor = %c.driver_type().unwrap_or_default(), quiesce = ?p.opts.quiesce, freeze_timeout_ms = p.opts.freeze_timeout.as_millis() as u64, managed = ?p.opts.managed.mode, method = ?p.opts.method, store = %p.store.dir().display(), "libvirt provider");
         Ok(p)
     }
 
@@ -291,7 +317,43 @@ impl LibvirtProvider {
         if n > 0 {
             info!(records = n, "freeze records from a previous daemon handled");
         }
+        let parts = self.store.recover(&conn);
+        if parts > 0 {
+            info!(
+                copies = parts,
+                "incomplete copy snapshots of a previous daemon removed"
+            );
+        }
         Ok(n)
+    }
+
+    fn store(&self) -> Result<&store::Store> {
+        Ok(&self.store)
+    }
+
+    /// `managed_by` of a domain (None: not managed), from its live definition.
+    fn managed_by(&self, dom: &Domain) -> Result<Option<serde_json::Value>> {
+        let x = dom
+            .xml_desc(0)
+            .map_err(|e| lv_err("reading domain XML", e))?;
+        self.opts.managed.detect(&x)
+    }
+
+    /// A disk's virtual size: a file's from its header (our reader), an RBD image's from
+    /// librbd; None when unknown.
+    fn disk_size(&self, d: &xml::Disk) -> Option<u64> {
+        match &d.source {
+            DiskSource::Network { protocol, name } if protocol == "rbd" => {
+                self.rbd_image_size(name)
+            }
+            s => s.file().and_then(|p| image_size(p, d.format.as_deref())),
+        }
+    }
+
+    /// The store snapshot `name` of `dom`, if there is one.
+    fn store_snapshot(&self, dom: &Domain, name: &str) -> Result<Option<store::StoreSnap>> {
+        let uuid = dom.uuid_string().map_err(|e| lv_err("domain uuid", e))?;
+        Ok(self.store.find(&uuid, name))
     }
 
     /// Active storage pools whose volumes are host files: (name, directory).
@@ -501,6 +563,11 @@ impl LibvirtProvider {
             "state": sx.state,
             "parent": sx.parent,
             "description": sx.description,
+            "method": if images.iter().any(|i| i.kind == "external") {
+                "external"
+            } else {
+                "internal"
+            },
             "disks": disks_json,
         });
         Ok(SnapshotInfo {
@@ -631,7 +698,10 @@ impl LibvirtProvider {
         let src_xml = src
             .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE)
             .map_err(|e| lv_err(format!("reading {instance}'s definition"), e))?;
-        let new_xml = xml::launch_domain_xml(&src_xml, instance, new, edits)?;
+        // A clone of a cloud-managed domain must not look managed (nor be taken for the
+        // cloud's own by the cloud).
+        let managed = self.managed_by(src)?.is_some();
+        let new_xml = xml::launch_domain_xml(&src_xml, instance, new, edits, managed)?;
         let conn = self.conn()?;
         let dom = conn
             .define_domain_xml(&new_xml)
@@ -661,19 +731,24 @@ impl LibvirtProvider {
         Ok(())
     }
 
-    fn qemu_img_create_overlay(
+    /// `qemu-img create -f qcow2` of a new image of `size` bytes: an overlay on `backing`, or
+    /// an empty image.
+    fn qemu_img_create(
         &self,
-        overlay: &Path,
-        backing: &Path,
-        fmt: Format,
+        image: &Path,
+        backing: Option<(&Path, Format)>,
         size: u64,
     ) -> Result<()> {
-        // -u: the backing image may be in use by a running domain; the size is given.
-        let out = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-u", "-b"])
-            .arg(backing)
-            .args(["-F", format_name(fmt)])
-            .arg(overlay)
+        let mut cmd = Command::new("qemu-img");
+        cmd.args(["create", "-q", "-f", "qcow2"]);
+        if let Some((backing, fmt)) = backing {
+            // -u: the backing image may be in use by a running domain; the size is given.
+            cmd.args(["-u", "-b"])
+                .arg(backing)
+                .args(["-F", format_name(fmt)]);
+        }
+        let out = cmd
+            .arg(image)
             .arg(size.to_string())
             .output()
             .ctx(|| "running qemu-img (is qemu-utils installed?)".to_string())?;
@@ -684,7 +759,7 @@ impl LibvirtProvider {
         Err(if msg.to_ascii_lowercase().contains("no space") {
             Error::NoSpace(msg)
         } else {
-            Error::Backend(format!("qemu-img create {}: {msg}", overlay.display()))
+            Error::Backend(format!("qemu-img create {}: {msg}", image.display()))
         })
     }
 }
@@ -724,12 +799,7 @@ impl Provider for LibvirtProvider {
             .disks
             .iter()
             .map(|d| {
-                let size = match &d.source {
-                    DiskSource::Network { protocol, name } if protocol == "rbd" => {
-                        self.rbd_image_size(name)
-                    }
-                    s => s.file().and_then(|p| image_size(p, d.format.as_deref())),
-                };
+                let size = self.disk_size(d);
                 let source = match &d.source {
                     DiskSource::Network { protocol, name } => {
                         json!({ "protocol": protocol, "name": name })
@@ -773,6 +843,7 @@ impl Provider for LibvirtProvider {
             "disks": disks,
             "agent": agent,
             "launched_from": launched,
+            "managed_by": self.managed_by(&dom)?,
         });
         Ok(ObjectInfo {
             json: j,
@@ -799,6 +870,8 @@ impl Provider for LibvirtProvider {
             }
         }
         out.extend(self.rbd_snapshot_infos(&dom, owner)?);
+        let uuid = dom.uuid_string().map_err(|e| lv_err("domain uuid", e))?;
+        out.extend(self.store.list(&uuid).iter().map(|s| s.info()));
         out.sort_by(|a, b| a.created.cmp(&b.created).then(a.name.cmp(&b.name)));
         Ok(out)
     }
@@ -817,6 +890,23 @@ impl Provider for LibvirtProvider {
         }
         xml::escape(name)?;
         let dom = self.domain(owner)?;
+        if self.store_snapshot(&dom, name)?.is_some()
+            || Domain::lookup_snapshot_by_name(&dom, name, 0).is_ok()
+        {
+            return Err(Error::Exists(format!("snapshot {name} of {owner}")));
+        }
+        let managed_by = self.managed_by(&dom)?;
+        let method = match (self.opts.method, &managed_by) {
+            (SnapshotMethod::Auto, Some(_)) | (SnapshotMethod::Copy, _) => SnapshotMethod::Copy,
+            (SnapshotMethod::External, Some(m)) => {
+                warn!(%owner, managed_by = %m, "--snapshot-method=external on a cloud-managed domain: its disks switch to new overlays, which the cloud does not know about");
+                SnapshotMethod::External
+            }
+            _ => SnapshotMethod::External,
+        };
+        if method == SnapshotMethod::Copy {
+            return self.create_copy_snapshot(&dom, owner, name, managed_by);
+        }
         let dom_name = dom.name().map_err(|e| lv_err("domain name", e))?;
         let uuid = dom.uuid_string().map_err(|e| lv_err("domain uuid", e))?;
         let (_, active) = state_name(&dom)?;
@@ -900,6 +990,9 @@ impl Provider for LibvirtProvider {
             return self.pool_images(owner)?.delete_snapshot(owner, name);
         }
         let dom = self.domain(owner)?;
+        if let Some(snap) = self.store_snapshot(&dom, name)? {
+            return self.delete_store_snapshot(&dom, owner, &snap);
+        }
         if self.delete_rbd_snapshot(&dom, owner, name)? {
             return Ok(());
         }
@@ -927,6 +1020,15 @@ impl Provider for LibvirtProvider {
             return self.pool_images(owner)?.rename_snapshot(owner, from, to);
         }
         let dom = self.domain(owner)?;
+        if let Some(snap) = self.store_snapshot(&dom, from)? {
+            if self.store_snapshot(&dom, to)?.is_some()
+                || Domain::lookup_snapshot_by_name(&dom, to, 0).is_ok()
+            {
+                return Err(Error::Exists(format!("snapshot {to} of {owner}")));
+            }
+            xml::escape(to)?;
+            return self.store.rename(&snap, to);
+        }
         if self.rename_rbd_snapshot(&dom, owner, from, to)?.is_some() {
             return Ok(());
         }
@@ -945,6 +1047,18 @@ impl Provider for LibvirtProvider {
             return self.pool_images(owner)?.open_disk(owner, snap, target);
         }
         let dom = self.domain(owner)?;
+        if snap.id.starts_with(store::ID_PREFIX) {
+            let s = self.store_snapshot(&dom, &snap.name)?.ok_or_else(|| {
+                Error::NotFound(format!("snapshot {} of {owner} in the store", snap.name))
+            })?;
+            let (path, format) = s.disk_path(target).ok_or_else(|| {
+                Error::NotFound(format!(
+                    "disk {target} of snapshot {} of {owner}",
+                    snap.name
+                ))
+            })?;
+            return image::open(&path, Some(format), None, &self.cache);
+        }
         if snap.id.starts_with("rbd:") {
             if let Some(img) = self.open_rbd_disk(&dom, owner, &snap.name, target)? {
                 return Ok(img);
@@ -1008,14 +1122,38 @@ impl Provider for LibvirtProvider {
                 "{new:?}: libvirt domain names cannot contain '/'"
             )));
         }
+        managed::refuse_cloud_name(new)?;
         let src = self.domain(&owner)?;
-        if self.launch_rbd(&src, new, instance, snapshot)?.is_some() {
-            return Ok(());
-        }
-        let snap = Self::lookup_snapshot(&src, &owner, snapshot)?;
-        let sx = Self::snapshot_xml(&snap)?;
-        let current = Self::domain_xml(&src, 0)?.disks;
-        let images = self.snap_images(&current, &sx)?;
+        // Overlays of a store snapshot go to the store's launch directory, others next to
+        // the snapshot's image.
+        let (images, launch_dir) = if let Some(s) = self.store_snapshot(&src, snapshot)? {
+            let images = s
+                .meta
+                .disks
+                .iter()
+                .filter_map(|d| {
+                    let (path, format) = s.disk_path(&d.target)?;
+                    Some(SnapImage {
+                        target: d.target.clone(),
+                        kind: "copy",
+                        path,
+                        format,
+                        internal: None,
+                        overlay: None,
+                        size: Some(d.size),
+                    })
+                })
+                .collect();
+            (images, Some(self.store.launch_dir()?))
+        } else {
+            if self.launch_rbd(&src, new, instance, snapshot)?.is_some() {
+                return Ok(());
+            }
+            let snap = Self::lookup_snapshot(&src, &owner, snapshot)?;
+            let sx = Self::snapshot_xml(&snap)?;
+            let current = Self::domain_xml(&src, 0)?.disks;
+            (self.snap_images(&current, &sx)?, None)
+        };
         if images.is_empty() {
             return Err(Error::NotSupported(format!(
                 "snapshot {snapshot} of {instance} has no disk"
@@ -1032,7 +1170,9 @@ impl Provider for LibvirtProvider {
         // Each disk's new image: an overlay on the snapshot, or, for an internal snapshot (no
         // overlay can be backed by one), a sparse raw copy of it written from our own reader.
         let make = |i: &SnapImage| -> Result<(PathBuf, &'static str)> {
-            let dir = i.path.parent().unwrap_or(Path::new("/"));
+            let dir = launch_dir
+                .as_deref()
+                .unwrap_or_else(|| i.path.parent().unwrap_or(Path::new("/")));
             if let Some(internal) = &i.internal {
                 let copy = fresh_image_path(dir, new, "launch", &i.target, "raw")?;
                 // copy_sparse removes its own file when it fails.
@@ -1044,7 +1184,7 @@ impl Provider for LibvirtProvider {
             let size = i.size.ok_or_else(|| {
                 Error::Backend(format!("cannot read the size of {}", i.path.display()))
             })?;
-            self.qemu_img_create_overlay(&overlay, &i.path, i.format, size)?;
+            self.qemu_img_create(&overlay, Some((&i.path, i.format)), size)?;
             Ok((overlay, "qcow2"))
         };
         let mut edits = Vec::new();

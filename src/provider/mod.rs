@@ -3,6 +3,21 @@
 //! A provider speaks backend names (any string); escaping them into file names is the
 //! namespace's job, not the provider's.
 
+/// `FromStr` for a command-line choice: each variant from its exact name.
+macro_rules! choice_from_str {
+    ($ty:ty { $($name:literal => $v:expr),+ $(,)? }) => {
+        impl std::str::FromStr for $ty {
+            type Err = String;
+            fn from_str(s: &str) -> std::result::Result<Self, String> {
+                match s {
+                    $($name => Ok($v),)+
+                    _ => Err(format!("{s:?}: expected one of {}", [$($name),+].join(", "))),
+                }
+            }
+        }
+    };
+}
+
 pub mod images;
 pub mod libvirt;
 #[cfg(test)]

@@ -316,6 +316,23 @@ pub fn first_difference(a: &Path, b: &Path) -> Option<u64> {
     }
 }
 
+/// The SHA-256 of a file, in hex.
+pub fn sha256_file(p: &Path) -> String {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    format!("{:x}", h.finalize())
+}
+
 /// libvirt URI of the test bed (scripts/testbed).
 pub const TESTBED_URI: &str = "qemu:///system";
 

@@ -262,7 +262,13 @@ impl Freezer {
             return;
         }
         let resolved = loop {
-            if !dom.is_active().unwrap_or(true) {
+            // Shut off, or gone (a cloud's undefine, a transient domain destroyed): nothing
+            // of it can be frozen; any other error: keep asking.
+            let gone = match dom.is_active() {
+                Ok(active) => !active,
+                Err(e) => e.code().known() == Some(crate::libvirt::ErrorNumber::NoDomain),
+            };
+            if gone {
                 info!(domain = %name, "domain no longer running: nothing left frozen");
                 break true;
             }

@@ -267,6 +267,7 @@ impl LibvirtProvider {
                     "state": "disk-snapshot",
                     "parent": serde_json::Value::Null,
                     "description": serde_json::Value::Null,
+                    "method": "rbd-snapshot",
                     "disks": disks_json,
                 })),
             });

@@ -42,11 +42,14 @@ fn parse(xml: &str) -> Result<roxmltree::Document<'_>> {
     roxmltree::Document::parse(xml).map_err(|e| Error::Backend(format!("libvirt XML: {e}")))
 }
 
-fn child<'a, 'i>(n: roxmltree::Node<'a, 'i>, name: &str) -> Option<roxmltree::Node<'a, 'i>> {
+pub(crate) fn child<'a, 'i>(
+    n: roxmltree::Node<'a, 'i>,
+    name: &str,
+) -> Option<roxmltree::Node<'a, 'i>> {
     n.children().find(|c| c.has_tag_name(name))
 }
 
-fn child_text(n: roxmltree::Node<'_, '_>, name: &str) -> Option<String> {
+pub(crate) fn child_text(n: roxmltree::Node<'_, '_>, name: &str) -> Option<String> {
     child(n, name).and_then(|c| c.text()).map(str::to_string)
 }
 
@@ -258,6 +261,34 @@ pub fn parse_snapshot(xml: &str) -> Result<SnapshotXml> {
     })
 }
 
+/// The `<disks>` element of a request: each of `files` as
+/// `<disk name='T' {on} type='file'><driver type='qcow2'/><{file_el} file='F'/></disk>`, each of
+/// `excluded` as `<disk name='T' {off}/>`; names and paths escaped.
+pub fn request_disks(
+    files: &[(String, PathBuf)],
+    on: &str,
+    file_el: &str,
+    excluded: &[String],
+    off: &str,
+) -> Result<String> {
+    let mut x = String::from("  <disks>\n");
+    for (target, file) in files {
+        let file = file
+            .to_str()
+            .ok_or_else(|| Error::Invalid(format!("{}: not UTF-8", file.display())))?;
+        x.push_str(&format!(
+            "    <disk name='{}' {on} type='file'>\n      <driver type='qcow2'/>\n      <{file_el} file='{}'/>\n    </disk>\n",
+            escape(target)?,
+            escape(file)?
+        ));
+    }
+    for target in excluded {
+        x.push_str(&format!("    <disk name='{}' {off}/>\n", escape(target)?));
+    }
+    x.push_str("  </disks>\n");
+    Ok(x)
+}
+
 /// The `<domainsnapshot>` we create: an external disk-only snapshot, one overlay per disk;
 /// every disk not listed in `overlays` is excluded (`snapshot='no'`).
 pub fn snapshot_request(
@@ -266,30 +297,11 @@ pub fn snapshot_request(
     overlays: &[(String, PathBuf)],
     excluded: &[String],
 ) -> Result<String> {
-    let mut x = String::from("<domainsnapshot>\n");
-    x.push_str(&format!("  <name>{}</name>\n", escape(name)?));
-    x.push_str(&format!(
-        "  <description>{QUIESCED_TAG}{quiesced}</description>\n"
-    ));
-    x.push_str("  <disks>\n");
-    for (target, file) in overlays {
-        let file = file
-            .to_str()
-            .ok_or_else(|| Error::Invalid(format!("{}: not UTF-8", file.display())))?;
-        x.push_str(&format!(
-            "    <disk name='{}' snapshot='external' type='file'>\n      <driver type='qcow2'/>\n      <source file='{}'/>\n    </disk>\n",
-            escape(target)?,
-            escape(file)?
-        ));
-    }
-    for target in excluded {
-        x.push_str(&format!(
-            "    <disk name='{}' snapshot='no'/>\n",
-            escape(target)?
-        ));
-    }
-    x.push_str("  </disks>\n</domainsnapshot>\n");
-    Ok(x)
+    Ok(format!(
+        "<domainsnapshot>\n  <name>{}</name>\n  <description>{QUIESCED_TAG}{quiesced}</description>\n{}</domainsnapshot>\n",
+        escape(name)?,
+        request_disks(overlays, "snapshot='external'", "source", excluded, "snapshot='no'")?
+    ))
 }
 
 /// Our launch record, as the `<metadata>` element libvirt stores for us.
@@ -430,11 +442,16 @@ pub struct DiskEdit {
 /// our old launch record dropped, and host paths that would clash (file consoles/serials,
 /// unix channel sockets, NVRAM) renamed after the new domain. Returns the XML and the
 /// list of disks it could not re-point (which makes the launch unsafe).
+///
+/// The new domain is never cloud-managed: the `<metadata>` elements of the clouds of
+/// [`super::managed::RULES`] are always dropped, and with `strip_sysinfo` (a managed source)
+/// the SMBIOS `<sysinfo>` and `<os><smbios>` that carry the cloud's identity too.
 pub fn launch_domain_xml(
     src_xml: &str,
     src_name: &str,
     new_name: &str,
     disks: &[DiskEdit],
+    strip_sysinfo: bool,
 ) -> Result<String> {
     let doc = parse(src_xml)?;
     let root = doc.root_element();
@@ -449,7 +466,10 @@ pub fn launch_domain_xml(
                 for m in n.children().filter(|m| m.is_element()) {
                     // Our launch record and RBD snapshot records belong to the source.
                     let ns = m.tag_name().namespace();
-                    if ns == Some(LAUNCH_NS) || ns == Some(RBD_SNAPS_NS) {
+                    if ns == Some(LAUNCH_NS)
+                        || ns == Some(RBD_SNAPS_NS)
+                        || super::managed::is_cloud_metadata_ns(ns)
+                    {
                         edits.push((m.range(), String::new()));
                     }
                 }
@@ -459,7 +479,13 @@ pub fn launch_domain_xml(
                 if let Some(nv) = child(n, "nvram") {
                     edits.push((nv.range(), String::new()));
                 }
+                if strip_sysinfo {
+                    if let Some(sm) = child(n, "smbios") {
+                        edits.push((sm.range(), String::new()));
+                    }
+                }
             }
+            "sysinfo" if strip_sysinfo => edits.push((n.range(), String::new())),
             "devices" => {
                 let mut seen = std::collections::HashSet::new();
                 for d in n.children().filter(|d| d.is_element()) {
@@ -717,6 +743,7 @@ mod tests {
                 target: "vda".into(),
                 source: NewSource::File("/img/copy.vda.qcow2".into(), "qcow2"),
             }],
+            false,
         )
         .unwrap();
         let doc = roxmltree::Document::parse(&x).unwrap();
@@ -740,8 +767,41 @@ mod tests {
     }
 
     #[test]
+    fn launch_of_a_managed_source_drops_the_cloud() {
+        let src = DOMAIN
+            .replace(
+                "<other:x xmlns:other=\"urn:other\"/>",
+                "<other:x xmlns:other=\"urn:other\"/><nova:instance xmlns:nova=\"http://openstack.org/xmlns/libvirt/nova/1.1\"><nova:name>web</nova:name></nova:instance>",
+            )
+            .replace(
+                "<memory unit='KiB'>",
+                "<sysinfo type='smbios'><system><entry name='manufacturer'>Apache Software Foundation</entry><entry name='product'>CloudStack KVM Hypervisor</entry></system></sysinfo><os><type>hvm</type><smbios mode='sysinfo'/></os><memory unit='KiB'>",
+            );
+        let edits = [DiskEdit {
+            target: "vda".into(),
+            source: NewSource::File("/s/c.vda.qcow2".into(), "qcow2"),
+        }];
+        let x = launch_domain_xml(&src, "demo", "c", &edits, true).unwrap();
+        assert!(
+            !x.contains("openstack.org") && !x.contains("sysinfo") && !x.contains("CloudStack"),
+            "{x}"
+        );
+        assert!(
+            x.contains("urn:other") && x.contains("<type>hvm</type>"),
+            "{x}"
+        );
+        assert!(super::super::managed::ManagedPolicy::default()
+            .detect(&x)
+            .unwrap()
+            .is_none());
+        // Without strip_sysinfo the cloud's metadata still goes, the SMBIOS stays.
+        let x = launch_domain_xml(&src, "demo", "c", &edits, false).unwrap();
+        assert!(!x.contains("openstack.org") && x.contains("sysinfo"), "{x}");
+    }
+
+    #[test]
     fn launch_refuses_unsnapshotted_writable_disk() {
-        let e = launch_domain_xml(DOMAIN, "demo", "c", &[]).unwrap_err();
+        let e = launch_domain_xml(DOMAIN, "demo", "c", &[], false).unwrap_err();
         assert_eq!(e.errno(), libc::ENOTSUP);
     }
 
@@ -799,6 +859,7 @@ mod tests {
                 target: "vda".into(),
                 source: NewSource::Rbd("vms/web2-vda".into()),
             }],
+            false,
         )
         .unwrap();
         let d = parse_domain(&x).unwrap();
