@@ -546,6 +546,27 @@ fn launch_of_a_managed_snapshot_is_an_unmanaged_domain() {
     }
 }
 
+/// A mkdir of `snap` in its own thread, returned once the guest is thawed (the daemon logs
+/// the job's start after the thaw) and libvirt shows the backup job running.
+fn mkdir_until_the_copy_runs(
+    m: &Mount,
+    g: &CloudGuest,
+    snap: &Path,
+) -> std::thread::JoinHandle<std::io::Result<()>> {
+    let mk = {
+        let snap = snap.to_path_buf();
+        std::thread::spawn(move || fs::create_dir(&snap))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !m.log().contains("backup job started: copying")
+        || !out(virsh(&["domjobinfo", &g.name])).1.contains("Backup")
+    {
+        assert!(Instant::now() < deadline, "backup job never seen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    mk
+}
+
 #[test]
 fn kill_during_the_copy_leaves_no_job_no_freeze_no_half_snapshot() {
     if !ready("kill_during_the_copy_leaves_no_job_no_freeze_no_half_snapshot") || method() != "auto"
@@ -560,20 +581,9 @@ fn kill_during_the_copy_leaves_no_job_no_freeze_no_half_snapshot() {
     let snap = m.mnt.join("instances/instance-0000002e/.snapshots/k");
     let store = m.state_dir().join("store").join(&g.uuid);
     let pid = m.daemon_pid().expect("daemon pid");
-    let mk = {
-        let snap = snap.clone();
-        std::thread::spawn(move || fs::create_dir(&snap))
-    };
-    // Kill once the backup job runs.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, job) = out(virsh(&["domjobinfo", &g.name]));
-        if job.contains("Backup") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "backup job never seen: {job}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // Kill once the backup job runs (the guest is thawed by then: the record-based
+    // recovery is tested in tests/libvirt.rs).
+    let mk = mkdir_until_the_copy_runs(&m, &g, &snap);
     // SAFETY: a plain kill(2) of the daemon this test started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     assert!(wait_gone(pid, Duration::from_secs(10)));
@@ -749,18 +759,7 @@ fn cloud_destroy_during_the_copy_fails_the_mkdir_cleanly() {
     g.boot();
     let m = mount();
     let snap = m.mnt.join("instances/instance-0000002f/.snapshots/d");
-    let mk = {
-        let snap = snap.clone();
-        std::thread::spawn(move || fs::create_dir(&snap))
-    };
-    // Once the guest is thawed (the daemon logs the start after the thaw) and the job runs.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !m.log().contains("backup job started: copying")
-        || !out(virsh(&["domjobinfo", &g.name])).1.contains("Backup")
-    {
-        assert!(Instant::now() < deadline, "backup job never seen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mk = mkdir_until_the_copy_runs(&m, &g, &snap);
     // Nova's hard reboot in the middle of the copy: nothing of ours is in its way.
     virsh_ok(&["destroy", &g.name]);
     let (ok, text) = out(virsh(&["undefine", &g.name]));
