@@ -338,6 +338,13 @@ impl Provider for RbdProvider {
     }
 
     fn check_revert(&self, owner: &Owner, _snap: &SnapshotInfo) -> Result<()> {
+        let (_, image) = self.volume(owner)?;
+        if let Some(cloud) = cloud_owned(image) {
+            return Err(Error::NotPermitted(format!(
+                "{owner} is named like a {cloud} image: the cloud owns its state, revert it with \
+                 the cloud's own command (e.g. cinder revert-to-snapshot, nova rebuild)"
+            )));
+        }
         refuse_if_watched(owner, &self.open(owner, None, true)?)
     }
 
@@ -367,6 +374,28 @@ impl Provider for RbdProvider {
     }
 }
 
+/// The cloud whose naming an RBD image follows: Nova's `<uuid>_disk*` (disk, .local, .swap,
+/// .config, .eph0…), Cinder's `volume-<uuid>`, Glance's `<uuid>`. Such an image's state belongs
+/// to the cloud's database: snapfs never reverts it.
+fn cloud_owned(image: &str) -> Option<&'static str> {
+    fn uuid(s: &str) -> bool {
+        s.len() == 36
+            && s.char_indices().all(|(i, c)| match i {
+                8 | 13 | 18 | 23 => c == '-',
+                _ => c.is_ascii_hexdigit(),
+            })
+    }
+    if image.len() > 36 && uuid(&image[..36]) && image[36..].starts_with("_disk") {
+        Some("Nova")
+    } else if image.strip_prefix("volume-").is_some_and(uuid) {
+        Some("Cinder")
+    } else if uuid(image) {
+        Some("Glance")
+    } else {
+        None
+    }
+}
+
 /// EBUSY while a client other than our own writable open (one watcher) has the image open.
 fn refuse_if_watched(owner: &Owner, img: &ceph::Image) -> Result<()> {
     let watchers = img.watchers()?;
@@ -382,6 +411,18 @@ fn refuse_if_watched(owner: &Owner, img: &ceph::Image) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cloud_images_are_recognised_by_name() {
+        let u = "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b";
+        assert_eq!(cloud_owned(&format!("{u}_disk")), Some("Nova"));
+        assert_eq!(cloud_owned(&format!("{u}_disk.config")), Some("Nova"));
+        assert_eq!(cloud_owned(&format!("volume-{u}")), Some("Cinder"));
+        assert_eq!(cloud_owned(u), Some("Glance"));
+        assert_eq!(cloud_owned("web-disk"), None);
+        assert_eq!(cloud_owned(&format!("{u}x")), None);
+        assert_eq!(cloud_owned(&format!("volume-{u}-extra")), None);
+    }
 
     #[test]
     fn snapshot_names() {
