@@ -289,16 +289,14 @@ impl Ext4Fs {
                 // e2fsck's rule: a journal inode that cannot be used gives way to the copy of
                 // its block map (or extent root) and size kept in the superblock.
                 let mut from = "";
-                let replayed = fs.inode(journal_inum).and_then(|ji| fs.replay(&ji)).or_else(|e| {
-                    match journal_backup(&sb, journal_inum) {
-                        Some(ji) => fs.replay(&ji).map(|n| {
-                            from = " from the superblock's copy of the journal inode";
-                            tracing::warn!(part = fs.dev.name(), error = %e, "ext4 journal inode unusable; replayed from the superblock's s_jnl_blocks");
-                            n
-                        }).map_err(|_| e),
-                        None => Err(e),
+                let mut replayed = fs.inode(journal_inum).and_then(|ji| fs.replay(&ji));
+                if let (Err(e), Some(ji)) = (&replayed, journal_backup(&sb, journal_inum)) {
+                    tracing::warn!(part = fs.dev.name(), error = %e, "ext4 journal inode unusable; trying the superblock's s_jnl_blocks");
+                    if let Ok(n) = fs.replay(&ji) {
+                        from = " from the superblock's copy of the journal inode";
+                        replayed = Ok(n);
                     }
-                });
+                }
                 match replayed {
                     Ok(n) => {
                         fs.note = format!("journal replayed in memory ({n} transactions{from})");
