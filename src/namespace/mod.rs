@@ -38,6 +38,8 @@ pub const CURRENT: &str = "current";
 pub const PARENT: &str = "parent";
 /// A symlink made in an object directory (to rename onto `current`) lives this long unused.
 const PENDING_TTL: Duration = Duration::from_secs(60);
+/// Most pending links at once in the whole mount (each is a few dozen bytes).
+const MAX_PENDING: usize = 4096;
 const DISK_SUFFIX: &str = ".raw";
 
 /// What a path names.
@@ -812,6 +814,11 @@ impl Namespace {
                 let key = (o.clone(), n.clone());
                 if p.contains_key(&key) {
                     return Err(Error::Exists(format!("{n} in {o}")));
+                }
+                if p.len() >= MAX_PENDING {
+                    return Err(Error::NoSpace(format!(
+                        "{MAX_PENDING} links already wait to be renamed onto a current"
+                    )));
                 }
                 p.insert(key, (snap, Instant::now()));
                 return Ok(());
