@@ -783,3 +783,86 @@ fn cloud_destroy_during_the_copy_fails_the_mkdir_cleanly() {
     c.check(listed.is_empty(), format!("nothing listed ({listed:?})"));
     c.done(&m.log());
 }
+
+/// A loop device detached on drop.
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// Issue 16: a block-device disk (Nova's lvm backend, an attached Cinder LVM/iSCSI volume) of
+/// an unmanaged domain is snapshotted by copy, never by moving the guest onto a file overlay:
+/// the domain keeps its device, no libvirt snapshot metadata is left, the snapshot's bytes are
+/// the device's, `files/` shows its filesystem, instance.json names the device and its size.
+#[test]
+fn block_device_disk_is_copied_and_reads_exact() {
+    if !ready("block_device_disk_is_copied_and_reads_exact") {
+        return;
+    }
+    let _one = lock();
+    let g = CloudGuest::new(&format!("h16-blk-{}", std::process::id()), 0x16, "", "", 0);
+    // A GPT disk with one ext4 partition holding a file, on a loop device.
+    let img = g.dir.join("vdb.img");
+    let src = g.dir.join("vdb-src");
+    fs::create_dir_all(src.join("etc")).unwrap();
+    fs::write(src.join("etc/hello.txt"), "from the block device\n").unwrap();
+    run(Command::new("truncate").args(["-s", "64M"]).arg(&img));
+    run(Command::new("sgdisk")
+        .args(["-o", "-n", "1:2048:0"])
+        .arg(&img));
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "offset=1048576", "-d"])
+        .arg(&src)
+        .arg(&img)
+        .arg("62M"));
+    let dev = run(Command::new("losetup").args(["-f", "--show"]).arg(&img))
+        .trim()
+        .to_string();
+    let _loop = Loop(dev.clone());
+    let disk = format!(
+        "    <disk type='block' device='disk'>\n      <driver name='qemu' type='raw'/>\n      <source dev='{dev}'/>\n      <target dev='vdb' bus='virtio'/>\n    </disk>\n  </devices>"
+    );
+    fs::write(&g.xml_path, g.xml.replacen("</devices>", &disk, 1)).unwrap();
+    g.boot();
+    let m = mount();
+    let inst = m.mnt.join("instances").join(&g.name);
+    let info = json(&inst.join("instance.json"));
+    let vdb = info["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["target"] == "vdb")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(vdb["size"], 64 << 20, "{info}");
+    assert_eq!(vdb["block_device"]["device"], dev.as_str(), "{info}");
+
+    let live_before = g.dumpxml(false);
+    let inactive_before = g.dumpxml(true);
+    fs::create_dir(inst.join(".snapshots/s1")).expect("mkdir s1");
+    assert_eq!(g.dumpxml(false), live_before, "the live domain changed");
+    assert_eq!(
+        g.dumpxml(true),
+        inactive_before,
+        "the domain definition changed"
+    );
+    let snaps = virsh_ok(&["snapshot-list", &g.name, "--name"]);
+    assert!(
+        snaps.trim().is_empty(),
+        "libvirt snapshot metadata left: {snaps}"
+    );
+    let s1 = inst.join(".snapshots/s1");
+    let sj = json(&s1.join("snapshot.json"));
+    assert_eq!(sj["method"], "copy", "{sj}");
+    // The guest never writes vdb here: the snapshot equals the device.
+    assert_eq!(sha(&s1.join("vdb.raw")), sha(Path::new(&dev)));
+    assert_eq!(
+        fs::read_to_string(s1.join("files/vdb/p1/etc/hello.txt")).unwrap(),
+        "from the block device\n"
+    );
+    assert!(s1.join("vda.raw").exists());
+    drop(m);
+}

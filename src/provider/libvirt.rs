@@ -212,6 +212,60 @@ fn format_name(f: Format) -> &'static str {
     }
 }
 
+/// Whether a disk's source is a host block device: `<disk type='block'>`, or a file disk whose
+/// path is one.
+fn is_block_device(src: &DiskSource) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    match src {
+        DiskSource::Block(_) => true,
+        DiskSource::File(p) => std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device()),
+        _ => false,
+    }
+}
+
+/// A block-device disk for instance.json: the device it resolves to and, for an LVM logical
+/// volume (a device-mapper device whose uuid starts with `LVM-`, what udev's DM_UUID says),
+/// its VG and LV from the mapper name.
+fn block_device_json(path: Option<&Path>) -> serde_json::Value {
+    let Some(path) = path else {
+        return serde_json::Value::Null;
+    };
+    let real = std::fs::canonicalize(path).ok();
+    let lvm = real
+        .as_ref()
+        .and_then(|r| r.file_name()?.to_str().map(str::to_string))
+        .filter(|dm| dm.starts_with("dm-"))
+        .and_then(|dm| {
+            let sys = Path::new("/sys/block").join(dm).join("dm");
+            let uuid = std::fs::read_to_string(sys.join("uuid")).ok()?;
+            if !uuid.starts_with("LVM-") {
+                return None;
+            }
+            lvm_names(std::fs::read_to_string(sys.join("name")).ok()?.trim())
+        });
+    json!({
+        "device": real.map(|r| r.display().to_string()),
+        "lvm": lvm.map(|(vg, lv)| json!({ "vg": vg, "lv": lv })),
+    })
+}
+
+/// (VG, LV) from a device-mapper name `VG-LV`, where LVM doubles a `-` inside either name.
+fn lvm_names(dm: &str) -> Option<(String, String)> {
+    let b = dm.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'-' {
+            if b.get(i + 1) == Some(&b'-') {
+                i += 2;
+                continue;
+            }
+            return Some((dm[..i].replace("--", "-"), dm[i + 1..].replace("--", "-")));
+        }
+        i += 1;
+    }
+    None
+}
+
 /// Virtual size of a host image, by our own reader's header parsing.
 fn image_size(path: &Path, format: Option<&str>) -> Option<u64> {
     let fmt = match format.and_then(Format::parse) {
@@ -220,7 +274,8 @@ fn image_size(path: &Path, format: Option<&str>) -> Option<u64> {
     };
     match fmt {
         Format::Qcow2 => qcow2::inspect(path).ok().map(|i| i.virtual_size),
-        Format::Raw => std::fs::metadata(path).ok().map(|m| m.len()),
+        // The reader's own size: BLKGETSIZE64 for a block device (whose st_size is 0).
+        Format::Raw => image::raw::RawImage::open(path).ok().map(|i| i.size()),
         Format::Parallels => image::parallels::ParallelsImage::open(path, None)
             .ok()
             .map(|i| i.size()),
@@ -806,13 +861,17 @@ impl Provider for LibvirtProvider {
                     }
                     other => json!(other.describe()),
                 };
-                json!({
+                let mut j = json!({
                     "target": d.target,
                     "device": d.device,
                     "format": d.format,
                     "source": source,
                     "size": size,
-                })
+                });
+                if is_block_device(&d.source) {
+                    j["block_device"] = block_device_json(d.source.file());
+                }
+                j
             })
             .collect();
         let agent = if active {
@@ -896,9 +955,23 @@ impl Provider for LibvirtProvider {
             return Err(Error::Exists(format!("snapshot {name} of {owner}")));
         }
         let managed_by = self.managed_by(&dom)?;
-        let method = match (self.opts.method, &managed_by) {
-            (SnapshotMethod::Auto, Some(_)) | (SnapshotMethod::Copy, _) => SnapshotMethod::Copy,
-            (SnapshotMethod::External, Some(m)) => {
+        // A block-device disk (Nova's lvm backend, an attached Cinder LVM/iSCSI volume) is
+        // copied: an external snapshot would move the guest onto a file overlay.
+        let block_disk = Self::domain_xml(&dom, 0)?
+            .disks
+            .iter()
+            .find(|d| d.is_data_disk() && is_block_device(&d.source))
+            .map(|d| d.target.clone());
+        let method = match (self.opts.method, &managed_by, &block_disk) {
+            (SnapshotMethod::Auto, Some(_), _)
+            | (SnapshotMethod::Copy, _, _)
+            | (SnapshotMethod::Auto, None, Some(_)) => SnapshotMethod::Copy,
+            (SnapshotMethod::External, _, Some(t)) => {
+                return Err(Error::NotSupported(format!(
+                    "disk {t} of {owner} is a block device: --snapshot-method=external would move the guest onto a file overlay; use auto or copy"
+                )))
+            }
+            (SnapshotMethod::External, Some(m), None) => {
                 warn!(%owner, managed_by = %m, "--snapshot-method=external on a cloud-managed domain: its disks switch to new overlays, which the cloud does not know about");
                 SnapshotMethod::External
             }
@@ -1246,6 +1319,19 @@ impl Provider for LibvirtProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lvm_names_from_device_mapper_names() {
+        assert_eq!(
+            lvm_names("nova-6f1c_disk"),
+            Some(("nova".into(), "6f1c_disk".into()))
+        );
+        assert_eq!(
+            lvm_names("cinder--volumes-volume--1"),
+            Some(("cinder-volumes".into(), "volume-1".into()))
+        );
+        assert_eq!(lvm_names("nodash"), None);
+    }
 
     #[test]
     fn safe_parts() {

@@ -572,9 +572,9 @@ impl LibvirtProvider {
         } else {
             quiesced = false;
             for d in &included {
-                let DiskSource::File(src) = &d.source else {
+                let (DiskSource::File(src) | DiskSource::Block(src)) = &d.source else {
                     return Err(Error::NotSupported(format!(
-                        "disk {} of shut-off {owner} is {}: only file disks are copied while shut off",
+                        "disk {} of shut-off {owner} is {}: only file and block-device disks are copied while shut off",
                         d.target,
                         d.source.describe()
                     )));

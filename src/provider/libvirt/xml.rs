@@ -81,9 +81,10 @@ impl DiskSource {
             DiskSource::None => String::new(),
         }
     }
+    /// The host path of a file or block-device disk.
     pub fn file(&self) -> Option<&Path> {
         match self {
-            DiskSource::File(p) => Some(p),
+            DiskSource::File(p) | DiskSource::Block(p) => Some(p),
             _ => None,
         }
     }
