@@ -391,7 +391,8 @@ impl Namespace {
                     (json.to_string(), Kind::File, None),
                     (SNAPSHOTS.to_string(), Kind::Dir, None),
                 ];
-                if self.current_of(o)?.is_some() {
+                // Best effort: a backend that cannot list snapshots still lists the object.
+                if matches!(self.current_of(o), Ok(Some(_))) {
                     v.push((CURRENT.to_string(), Kind::Symlink, None));
                 }
                 v.extend(
@@ -411,7 +412,7 @@ impl Namespace {
                         .map(|d| (disk_file_name(&d.target), Kind::File, None)),
                 );
                 v.push((FILES.to_string(), Kind::Dir, None));
-                if self.parent_of(o, &snap)?.is_some() {
+                if matches!(self.parent_of(o, &snap), Ok(Some(_))) {
                     v.push((PARENT.to_string(), Kind::Symlink, None));
                 }
                 v
