@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use snapfs::image::{parallels::ParallelsImage, ploop::Descriptor, BlockImage};
+use snapfs::image::{parallels::ParallelsImage, ploop::Descriptor};
+
+#[path = "exercise.rs"]
+mod exercise;
 
 fn image_path() -> &'static PathBuf {
     static P: OnceLock<PathBuf> = OnceLock::new();
@@ -26,19 +29,7 @@ fuzz_target!(|data: &[u8]| {
     if std::fs::write(path, data).is_err() {
         return;
     }
-    let Ok(img) = ParallelsImage::open(path, None) else {
-        return;
-    };
-    let size = img.size();
-    let mut buf = vec![0u8; 256 << 10];
-    for off in [0, 512, 65_536 + 100, size / 2, size.saturating_sub(4096)] {
-        if off >= size {
-            continue;
-        }
-        let n = (size - off).min(buf.len() as u64) as usize;
-        let _ = img.read_at(&mut buf[..n], off);
-        let _ = img.map(off, 1 << 24);
+    if let Ok(img) = ParallelsImage::open(path, None) {
+        exercise::exercise(&img);
     }
-    let _ = img.map(0, size);
-    let _ = img.describe();
 });

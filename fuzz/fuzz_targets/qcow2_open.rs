@@ -6,6 +6,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
+
+#[path = "exercise.rs"]
+mod exercise;
 use snapfs::image::{self, BlockCache, Format};
 
 fn image_path() -> &'static PathBuf {
@@ -25,20 +28,8 @@ fuzz_target!(|data: &[u8]| {
         snapshots.extend(info.snapshots.iter().take(2).map(|s| Some(s.name.clone())));
     }
     for snap in snapshots {
-        let Ok(img) = image::open(path, Some(Format::Qcow2), snap.as_deref(), &cache) else {
-            continue;
-        };
-        let size = img.size();
-        let mut buf = vec![0u8; 256 << 10];
-        for off in [0, 512, 65_536 + 100, size / 2, size.saturating_sub(4096)] {
-            if off >= size {
-                continue;
-            }
-            let n = (size - off).min(buf.len() as u64) as usize;
-            let _ = img.read_at(&mut buf[..n], off);
-            let _ = img.map(off, 1 << 24);
+        if let Ok(img) = image::open(path, Some(Format::Qcow2), snap.as_deref(), &cache) {
+            exercise::exercise(img.as_ref());
         }
-        let _ = img.map(0, size);
-        let _ = img.describe();
     }
 });
