@@ -835,3 +835,107 @@ fn writer_log_seq(path: &std::path::Path, whole: bool) -> u64 {
     }
     last
 }
+
+/// Issue 14 on instances: `ln -sfn .snapshots/s1 current` reverts a shut-off instance (libvirt
+/// gives it new overlays on s1's images), after keeping the state being discarded as
+/// `before-revert-…`; a running instance with a disk-only snapshot is EBUSY; the revert is
+/// itself undone through `mv -T`.
+#[test]
+fn revert_through_current_on_a_shut_off_instance() {
+    if !testbed_ready("revert_through_current_on_a_shut_off_instance") {
+        return;
+    }
+    let _one = lock();
+    let name = guest_name("rv");
+    let g = Guest::define(&name);
+    g.start();
+    let m = Mount::with_providers(&[LIBVIRT_ARG]);
+    let dir = instance_dir(&m, &name);
+    g.exec("echo A > /data/markA && sync");
+    fs::create_dir(snap_dir(&m, &name, "s1")).expect("mkdir s1");
+    assert_eq!(
+        fs::read_link(dir.join("current")).expect("current after mkdir"),
+        PathBuf::from(".snapshots/s1")
+    );
+    g.exec("echo B > /data/markB && sync");
+
+    // Running, and s1 holds no memory: EBUSY, and nothing is kept.
+    let ln = |target: &str| {
+        Command::new("ln")
+            .args(["-sfn", target, "current"])
+            .current_dir(&dir)
+            .output()
+            .expect("run ln")
+    };
+    let o = ln(".snapshots/s1");
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("busy"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(ls(&dir.join(".snapshots")), vec!["s1".to_string()]);
+    // A foreign target is EINVAL; `rm current` EPERM.
+    assert_eq!(
+        errno(std::os::unix::fs::symlink("/etc", dir.join("x"))),
+        libc::EINVAL
+    );
+    assert_eq!(errno(fs::remove_file(dir.join("current"))), libc::EPERM);
+
+    assert!(virsh(&["destroy", &name]).status.success());
+    let t = Instant::now();
+    let o = ln(".snapshots/s1");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    eprintln!(
+        "revert of a shut-off instance: {} ms",
+        t.elapsed().as_millis()
+    );
+    assert_eq!(
+        fs::read_link(dir.join("current")).unwrap(),
+        PathBuf::from(".snapshots/s1")
+    );
+    assert_eq!(g.state(), "shut off");
+    let snaps = ls(&dir.join(".snapshots"));
+    let kept = snaps
+        .iter()
+        .find(|s| s.starts_with("before-revert-"))
+        .unwrap_or_else(|| panic!("no before-revert snapshot: {snaps:?}"))
+        .clone();
+    // The kept state has B; s1 has A only.
+    let files = |s: &str| snap_dir(&m, &name, s).join("files/vda/p1");
+    assert!(files(&kept).join("markB").exists());
+    assert!(files("s1").join("markA").exists());
+    assert!(!files("s1").join("markB").exists());
+    let kj = json(&snap_dir(&m, &name, &kept).join("snapshot.json"));
+    assert_eq!(
+        fs::read_link(snap_dir(&m, &name, &kept).join("parent")).expect("parent link"),
+        PathBuf::from("../s1"),
+        "{kj}"
+    );
+
+    g.start();
+    assert_eq!(g.exec("cat /data/markA").trim(), "A");
+    assert_eq!(
+        g.exec("test -e /data/markB && echo present || echo absent")
+            .trim(),
+        "absent"
+    );
+
+    // Undo the revert with mv -T (shut off again first).
+    assert!(virsh(&["destroy", &name]).status.success());
+    let tmp = dir.join("undo");
+    std::os::unix::fs::symlink(format!(".snapshots/{kept}"), &tmp).expect("ln -s undo");
+    let o = Command::new("mv")
+        .args(["-T", "undo", "current"])
+        .current_dir(&dir)
+        .output()
+        .expect("run mv");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        fs::read_link(dir.join("current")).unwrap(),
+        PathBuf::from(format!(".snapshots/{kept}"))
+    );
+    g.start();
+    assert_eq!(g.exec("cat /data/markB").trim(), "B");
+    assert_eq!(g.exec("cat /data/markA").trim(), "A");
+}

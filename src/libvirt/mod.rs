@@ -25,6 +25,8 @@ pub mod sys {
     pub const VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY: u32 = 16;
     pub const VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE: u32 = 64;
     pub const VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC: u32 = 128;
+    /// `virDomainRevertToSnapshot`: run the domain after the revert.
+    pub const VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING: u32 = 1;
     /// `virDomainBackupBegin`: the push targets exist already (made by the caller).
     pub const VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL: u32 = 1;
     /// `virDomainGetJobStats`: the last completed job instead of the current one.
@@ -676,6 +678,13 @@ impl DomainSnapshot {
     pub fn delete(&self, flags: u32) -> Result<()> {
         // SAFETY: valid snapshot.
         check(unsafe { ffi::virDomainSnapshotDelete(self.ptr, flags) }).map(drop)
+    }
+
+    /// `virDomainRevertToSnapshot`: the domain's disks (and, for a snapshot with memory, its
+    /// running state) return to this snapshot.
+    pub fn revert(&self, flags: u32) -> Result<()> {
+        // SAFETY: valid snapshot.
+        check(unsafe { ffi::virDomainRevertToSnapshot(self.ptr, flags) }).map(drop)
     }
 }
 

@@ -14,6 +14,7 @@ pub mod agent;
 pub mod freeze;
 pub mod managed;
 mod rbd;
+mod revert;
 pub mod store;
 pub mod xml;
 
@@ -1108,6 +1109,31 @@ impl Provider for LibvirtProvider {
         Err(Error::NotSupported(format!(
             "libvirt cannot rename snapshot {from} of {owner} (only RBD-backed ones can be)"
         )))
+    }
+
+    /// libvirt keeps a parent and a current snapshot only for its own snapshot metadata, not
+    /// for snapfs's copies or RBD records: snapfs keeps one lineage for all of them.
+    fn records_lineage(&self, owner: &Owner) -> bool {
+        match owner {
+            Owner::Volume { .. } => self
+                .pool_images(owner)
+                .is_ok_and(|p| p.records_lineage(owner)),
+            Owner::Instance(_) => true,
+        }
+    }
+
+    fn check_revert(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<()> {
+        if let Owner::Volume { .. } = owner {
+            return self.pool_images(owner)?.check_revert(owner, snap);
+        }
+        self.check_instance_revert(owner, snap)
+    }
+
+    fn revert_snapshot(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<()> {
+        if let Owner::Volume { .. } = owner {
+            return self.pool_images(owner)?.revert_snapshot(owner, snap);
+        }
+        self.revert_instance(owner, snap)
     }
 
     fn open_disk(

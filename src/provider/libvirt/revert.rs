@@ -1,0 +1,136 @@
+//! Revert of an instance to one of its snapshots (the `current` link's switch), and the rules
+//! that refuse one before anything is changed.
+//!
+//! libvirt (9.9 and later) reverts external snapshots itself: the domain gets new overlays on
+//! the snapshot's images, the overlays that held the discarded state are removed, and its
+//! snapshot metadata stays consistent for later deletes. snapfs keeps that discarded state
+//! first as `before-revert-…` (the namespace takes it), so nothing is lost.
+//!
+//! | snapshot | shut-off domain | running domain |
+//! | --- | --- | --- |
+//! | libvirt, disk only | libvirt revert, stays shut off | `EBUSY`: shut it off first |
+//! | libvirt, with memory | libvirt revert, running again from that memory | the same |
+//! | cloud-managed domain | `EPERM`: the cloud owns the live state | `EPERM` |
+//! | copy in snapfs's store, RBD record | `ENOTSUP` (launch it instead) | `ENOTSUP` |
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::{lv_err, state_name, LibvirtProvider};
+use crate::error::{Error, Result};
+use crate::libvirt::{sys, Domain, DomainSnapshot};
+use crate::provider::{Owner, SnapshotInfo};
+
+/// libvirt names a reverted disk's new overlay `<image>.<unix seconds>`: two reverts of the
+/// same disk within one second collide ("already exists"), so a revert is tried again once the
+/// second has passed.
+const REVERT_TRIES: usize = 3;
+
+/// What the cloud's own tool for a revert is, for the refusal's message.
+fn cloud_command(system: &str) -> &'static str {
+    match system {
+        "nova" => {
+            "`openstack server rebuild --image <snapshot image>` (Nova's own snapshots are images)"
+        }
+        "cloudstack" => "CloudStack's revertToVMSnapshot (or the instance's Revert button)",
+        "ovirt" => "the engine's snapshot preview and commit",
+        _ => "the tool that manages this domain",
+    }
+}
+
+impl LibvirtProvider {
+    /// The libvirt snapshot `snap` of `dom` and whether it holds memory, or why it cannot be
+    /// reverted (`ENOTSUP` for snapfs's copies and RBD records; `EPERM` on managed domains).
+    fn revertible(
+        &self,
+        dom: &Domain,
+        owner: &Owner,
+        snap: &SnapshotInfo,
+    ) -> Result<(DomainSnapshot, bool)> {
+        if let Some(m) = self.managed_by(dom)? {
+            let system = m["system"].as_str().unwrap_or("unknown");
+            warn!(%owner, snapshot = %snap.name, managed_by = %system,
+                "revert refused: the cloud owns this domain's live state; use {}", cloud_command(system));
+            return Err(Error::NotPermitted(format!(
+                "{owner} is managed by {system}: revert it with {}",
+                cloud_command(system)
+            )));
+        }
+        let Ok(ls) = Domain::lookup_snapshot_by_name(dom, &snap.name, 0) else {
+            return Err(Error::NotSupported(format!(
+                "snapshot {} of {owner} is a copy in snapfs's store or an RBD record, which cannot become the live disk: launch it instead (ln -s … launch/<new>)",
+                snap.name
+            )));
+        };
+        let sx = Self::snapshot_xml(&ls)?;
+        Ok((ls, sx.memory != "no"))
+    }
+
+    /// Data disks of the domain now vs those of the snapshot: a revert across an attach or
+    /// detach is refused (`EINVAL`), naming the difference.
+    fn same_disks(dom: &Domain, owner: &Owner, snap: &SnapshotInfo) -> Result<()> {
+        let now: BTreeSet<String> = Self::domain_xml(dom, 0)?
+            .disks
+            .iter()
+            .filter(|d| d.is_data_disk())
+            .map(|d| d.target.clone())
+            .collect();
+        let then: BTreeSet<String> = snap.disks.iter().map(|d| d.target.clone()).collect();
+        if now != then {
+            let added: Vec<_> = now.difference(&then).cloned().collect();
+            let gone: Vec<_> = then.difference(&now).cloned().collect();
+            warn!(%owner, snapshot = %snap.name, ?added, ?gone, "revert refused: the disk set changed since the snapshot");
+            return Err(Error::Invalid(format!(
+                "the disks of {owner} changed since snapshot {} (attached since: {added:?}; detached since: {gone:?})",
+                snap.name
+            )));
+        }
+        Ok(())
+    }
+
+    pub(super) fn check_instance_revert(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<()> {
+        let dom = self.domain(owner)?;
+        let (_, memory) = self.revertible(&dom, owner, snap)?;
+        let (state, active) = state_name(&dom)?;
+        if active && !memory {
+            return Err(Error::Busy(format!(
+                "{owner} is {state} and snapshot {} holds no memory state: shut the instance off first",
+                snap.name
+            )));
+        }
+        Self::same_disks(&dom, owner, snap)
+    }
+
+    pub(super) fn revert_instance(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<()> {
+        let dom = self.domain(owner)?;
+        let (ls, memory) = self.revertible(&dom, owner, snap)?;
+        // A memory snapshot resumes the guest as it was; a disk-only one leaves it shut off.
+        let flags = if memory {
+            sys::VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING
+        } else {
+            0
+        };
+        let started = Instant::now();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match ls.revert(flags) {
+                Ok(()) => break,
+                Err(e) if tries < REVERT_TRIES && e.message().contains("already exists") => {
+                    info!(%owner, snapshot = %snap.name, "new overlay name taken within this second; trying again");
+                    std::thread::sleep(Duration::from_millis(1100));
+                }
+                Err(e) => {
+                    return Err(lv_err(
+                        format!("reverting {owner} to snapshot {}", snap.name),
+                        e,
+                    ))
+                }
+            }
+        }
+        info!(%owner, snapshot = %snap.name, memory, ms = started.elapsed().as_millis() as u64, "libvirt reverted the instance");
+        Ok(())
+    }
+}
