@@ -75,7 +75,7 @@ fn snapshot_lifecycle_through_the_core() {
     fs.mkdir(snaps, "s1").unwrap();
     assert_eq!(
         names(&fs, "instances/web/.snapshots/s1"),
-        ["snapshot.json", "vda.raw", "vdb.raw", "files"]
+        ["snapshot.json", "vda.raw", "vdb.raw", "files", "since"]
     );
     p.write_live(&Owner::Instance("web".into()), "vda", 8192, &[9; 16]);
     let bytes = read_all(&fs, "instances/web/.snapshots/s1/vda.raw");

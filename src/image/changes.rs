@@ -581,7 +581,7 @@ mod tests {
     #[test]
     fn content_comparison_applied_to_older_gives_newer() {
         let mut seed = 0x5eed_1234_u64;
-        for round in 0..20 {
+        for round in 0..20u64 {
             let size = (1 + rng(&mut seed) % 12) * COMPARE_CHUNK / 2 + rng(&mut seed) % 5000;
             let mut old = vec![0u8; size as usize];
             for _ in 0..8 {
@@ -591,13 +591,13 @@ mod tests {
                 old[o..e].fill((rng(&mut seed) | 1) as u8);
             }
             let mut new = old.clone();
-            let grow = if round % 3 == 0 { 100_000 } else { 0 };
+            let grow = if round.is_multiple_of(3) { 100_000 } else { 0 };
             new.resize(new.len() + grow, 7);
             for _ in 0..6 {
                 let o = (rng(&mut seed) % size) as usize;
                 let l = (rng(&mut seed) % 200_000) as usize;
                 let e = (o + l).min(new.len());
-                let v = if rng(&mut seed) % 2 == 0 {
+                let v = if rng(&mut seed).is_multiple_of(2) {
                     0
                 } else {
                     rng(&mut seed) as u8
