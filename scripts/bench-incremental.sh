@@ -76,8 +76,11 @@ ops() {  # ops LIST MODE: qemu-io -c arguments, one 4 MiB block each
 }
 mapfile -t OPS1 < <(ops "$first" first)
 mapfile -t OPS2 < <(ops "$second" second)
-CHANGED_BYTES=$((NCHANGED * BLOCK))
-echo "disk ${SIZE_GIB} GiB, $NCHANGED of $NBLOCKS 4 MiB blocks changed ($CHANGED_BYTES bytes); load: $(cut -d' ' -f1-3 /proc/loadavg)"
+# Really changed: blocks rewritten with data, and zeroed/discarded blocks that held data.
+CHANGED_BYTES=$(python3 -c "
+f=set('$first'.split()); s='$second'.split()
+print(sum(1 for i,b in enumerate(s) if i%4<2 or b in f) * $BLOCK)")
+echo "disk ${SIZE_GIB} GiB, $NCHANGED of $NBLOCKS 4 MiB blocks rewritten, $CHANGED_BYTES bytes really changed; load: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 report() {  # report NAME OURS_S PEER_S PEER_NAME
   printf '%-34s snapfs %8ss   %-28s %8ss   ratio(peer/snapfs) %s\n' "$1" "$2" "$4" "$3" \
