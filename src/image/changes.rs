@@ -499,6 +499,18 @@ impl BlockImage for SinceImage {
         Ok(out)
     }
 
+    /// Inside one changed data extent the newer image's own shared buffers (RBD read-ahead)
+    /// serve the read as they would for the snapshot's disk.raw.
+    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<super::SharedBytes>> {
+        let end = offset.saturating_add(len as u64);
+        match self.changes.extents.get(self.first_after(offset)) {
+            Some(c) if !c.zero && c.offset <= offset && end <= c.offset + c.length => {
+                self.newer.read_shared(offset, len)
+            }
+            _ => Ok(None),
+        }
+    }
+
     fn direct_io(&self) -> bool {
         self.newer.direct_io()
     }
