@@ -121,6 +121,10 @@ qemu-io -f qcow2 "${OPS2[@]}" "$Q" >/dev/null
 qemu-img snapshot -c s2 "$Q"
 mount_snapfs --images "$WORK/pool"
 D=$MNT/volumes/pool/d.qcow2/.snapshots/s2/since/s1
+if [[ ! -e $D ]]; then
+  echo "no $D:"; qemu-img snapshot -l "$Q"; ls -la "$MNT/volumes/pool/d.qcow2/.snapshots/s2/since" || true
+  tail -5 "$WORK/state/snapfs.log"; exit 1
+fi
 t0=$(now); cat "$D/disk.extents.json" > "$WORK/q.json"; t1=$(now)
 p0=$(now); qemu-img map --output=json "$Q" > /dev/null; p1=$(now)
 report "qcow2 internal: list extents" "$(secs "$t0" "$t1")" "$(secs "$p0" "$p1")" "qemu-img map (active)"
