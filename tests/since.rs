@@ -502,7 +502,7 @@ fn since_dirs_through_the_mount_qcow2_internal() {
     assert_eq!(common::ls(&snaps.join("s2/since")), vec!["s0", "s1"]);
     assert_eq!(
         common::ls(&snaps.join("s2/since/s0")),
-        vec!["disk.extents.json", "disk.raw"]
+        vec!["disk.extents.json", "disk.raw", "disk.rbddiff"]
     );
     // A newer snapshot is not "since": ENOENT; writes are EROFS.
     assert_eq!(
@@ -546,4 +546,63 @@ fn since_dirs_through_the_mount_rbd() {
         check_since_dir(&snaps, o, n, scratch.path());
     }
     assert!(m.log().contains("rbd diff"), "log: {}", m.log());
+
+    // `rbd import-diff since/s0/disk.rbddiff` onto a copy of s0 gives s2.
+    let copy = rbd_image(&conf, "issue-15-since-copy");
+    let copy_s0 = scratch.path().join("s0.raw");
+    rbd(
+        &conf,
+        &[
+            "export",
+            "--no-progress",
+            &format!("{}@s0", img.spec),
+            copy_s0.to_str().expect("utf8"),
+        ],
+    );
+    rbd(&conf, &["rm", "--no-progress", &copy.spec]);
+    rbd(
+        &conf,
+        &[
+            "import",
+            "--no-progress",
+            copy_s0.to_str().expect("utf8"),
+            &copy.spec,
+        ],
+    );
+    rbd(&conf, &["snap", "create", &format!("{}@s0", copy.spec)]);
+    let diff = snaps.join("s2/since/s0/disk.rbddiff");
+    let size = std::fs::metadata(&diff).expect("stat rbddiff").len();
+    assert_eq!(size, read_file(&diff).len() as u64, "stat size of .rbddiff");
+    rbd(
+        &conf,
+        &[
+            "import-diff",
+            "--no-progress",
+            diff.to_str().expect("utf8"),
+            &copy.spec,
+        ],
+    );
+    let (a, b) = (scratch.path().join("a.raw"), scratch.path().join("b.raw"));
+    rbd(
+        &conf,
+        &[
+            "export",
+            "--no-progress",
+            &format!("{}@s2", copy.spec),
+            a.to_str().expect("utf8"),
+        ],
+    );
+    rbd(
+        &conf,
+        &[
+            "export",
+            "--no-progress",
+            &format!("{}@s2", img.spec),
+            b.to_str().expect("utf8"),
+        ],
+    );
+    assert!(
+        read_file(&a) == read_file(&b),
+        "import-diff of since/s0/disk.rbddiff is not s2"
+    );
 }

@@ -415,7 +415,14 @@ fn since_shows_what_changed_between_two_snapshots() {
     assert_eq!(names(&fs, "instances/web/.snapshots/s2/since"), ["s1"]);
     assert_eq!(
         names(&fs, "instances/web/.snapshots/s2/since/s1"),
-        ["vda.raw", "vda.extents.json", "vdb.raw", "vdb.extents.json"]
+        [
+            "vda.raw",
+            "vda.extents.json",
+            "vda.rbddiff",
+            "vdb.raw",
+            "vdb.extents.json",
+            "vdb.rbddiff"
+        ]
     );
     assert_eq!(
         walk(&fs, "instances/web/.snapshots/s1/since/s2")

@@ -77,6 +77,8 @@ pub enum Node {
     SinceDisk(Owner, String, String, String),
     /// `<snap>/since/<older>/<target>.extents.json`.
     SinceJson(Owner, String, String, String),
+    /// `<snap>/since/<older>/<target>.rbddiff`.
+    SinceRbdDiff(Owner, String, String, String),
     /// A name inside a snapshot directory that is none of its files: never exists, never writable.
     InSnapshot,
 }
@@ -118,6 +120,7 @@ impl Node {
                 | Node::SinceDir(..)
                 | Node::SinceDisk(..)
                 | Node::SinceJson(..)
+                | Node::SinceRbdDiff(..)
                 | Node::InSnapshot
         )
     }
@@ -358,9 +361,11 @@ impl Namespace {
                 Stat::new(Kind::Symlink, target.len() as u64, 0, self.started, 0o777)
             }
             Node::Files(p) => self.files_stat(p)?,
-            Node::Since(..) | Node::SinceDir(..) | Node::SinceDisk(..) | Node::SinceJson(..) => {
-                self.since_stat(node)?
-            }
+            Node::Since(..)
+            | Node::SinceDir(..)
+            | Node::SinceDisk(..)
+            | Node::SinceJson(..)
+            | Node::SinceRbdDiff(..) => self.since_stat(node)?,
             Node::InSnapshot => return Err(Error::NotFound("no such file in snapshot".into())),
         })
     }
@@ -465,7 +470,9 @@ impl Namespace {
                 Content::Disk(self.open_disk(o, &snap, t)?)
             }
             Node::Files(p) => self.files_open(p)?,
-            Node::SinceDisk(..) | Node::SinceJson(..) => self.since_open(node)?,
+            Node::SinceDisk(..) | Node::SinceJson(..) | Node::SinceRbdDiff(..) => {
+                self.since_open(node)?
+            }
             Node::LaunchLink(_) | Node::Current(_) | Node::ObjLink(..) | Node::SnapParent(..) => {
                 return Err(Error::Invalid("open of a symlink".into()))
             }

@@ -8,11 +8,12 @@ use super::names::{self, escape};
 use super::registry::lock;
 use super::{disk_key, disk_target, Kind, Namespace, Node, OpenDisk, Stat, DIR_PERM, FILE_PERM};
 use crate::error::{Error, Result};
-use crate::image::changes::{changed_extents, SinceImage};
+use crate::image::changes::{changed_extents, RbdDiffStream, SinceImage};
 use crate::provider::{Owner, SnapshotInfo};
 
 pub const SINCE: &str = "since";
 pub const EXTENTS_SUFFIX: &str = ".extents.json";
+pub const RBDDIFF_SUFFIX: &str = ".rbddiff";
 
 /// The node of a path below `<snap>/since/`; `rest` is what follows `since`.
 pub fn parse(owner: Owner, snap: String, rest: &[&str]) -> Node {
@@ -24,6 +25,11 @@ pub fn parse(owner: Owner, snap: String, rest: &[&str]) -> Node {
             if let Some(stem) = f.strip_suffix(EXTENTS_SUFFIX) {
                 match disk_target(&owner, &format!("{stem}.raw")) {
                     Some(t) => Node::SinceJson(owner, snap, older, t),
+                    None => Node::InSnapshot,
+                }
+            } else if let Some(stem) = f.strip_suffix(RBDDIFF_SUFFIX) {
+                match disk_target(&owner, &format!("{stem}.raw")) {
+                    Some(t) => Node::SinceRbdDiff(owner, snap, older, t),
                     None => Node::InSnapshot,
                 }
             } else {
@@ -172,6 +178,17 @@ impl Namespace {
                 let (json, snap) = self.since_json(o, s, older, t)?;
                 self.file(json.len() as u64, snap.created)
             }
+            Node::SinceRbdDiff(o, s, older, t) => {
+                let snap = self.reg.snapshot(o, s)?;
+                let d = self.since_rbddiff(o, &snap, older, t)?;
+                Stat::new(
+                    Kind::File,
+                    d.image.size(),
+                    d.image.size(),
+                    snap.created,
+                    FILE_PERM,
+                )
+            }
             _ => return Err(Error::NotFound(format!("{node:?}"))),
         })
     }
@@ -195,6 +212,7 @@ impl Namespace {
                     let stem = escape(&d.target);
                     v.push((format!("{stem}.raw"), Kind::File, None));
                     v.push((format!("{stem}{EXTENTS_SUFFIX}"), Kind::File, None));
+                    v.push((format!("{stem}{RBDDIFF_SUFFIX}"), Kind::File, None));
                 }
                 v
             }
@@ -215,8 +233,41 @@ impl Namespace {
                 self.check_target(o, &snap, t)?;
                 super::Content::Bytes(Arc::new(self.since_json(o, s, older, t)?.0))
             }
+            Node::SinceRbdDiff(o, s, older, t) => {
+                let snap = self.reg.snapshot(o, s)?;
+                super::Content::Disk(self.since_rbddiff(o, &snap, older, t)?)
+            }
             _ => return Err(Error::IsDir(format!("{node:?}"))),
         })
+    }
+
+    /// The `.rbddiff` stream over the cached changes of the pair.
+    fn since_rbddiff(
+        &self,
+        o: &Owner,
+        snap: &SnapshotInfo,
+        older: &str,
+        t: &str,
+    ) -> Result<Arc<OpenDisk>> {
+        self.check_target(o, snap, t)?;
+        let older = self.older_snapshot(o, snap, older)?;
+        let disk = self.since_disk(o, snap, &older, t)?;
+        let changes = disk
+            .changes
+            .clone()
+            .ok_or_else(|| Error::NotFound(format!("changes of {t} since {}", older.name)))?;
+        let from = older
+            .disks
+            .iter()
+            .any(|d| d.target == t)
+            .then_some(older.name.as_str());
+        let newer = self.open_disk(o, snap, t)?;
+        let stream = RbdDiffStream::new(newer.image.clone(), changes, from, &snap.name);
+        Ok(Arc::new(OpenDisk {
+            image: Arc::new(stream),
+            allocated: OnceLock::new(),
+            changes: None,
+        }))
     }
 
     fn check_target(&self, owner: &Owner, snap: &SnapshotInfo, target: &str) -> Result<()> {
