@@ -519,6 +519,46 @@ fn since_dirs_through_the_mount_qcow2_internal() {
     }
     assert!(m.log().contains("qcow2 tables"), "log: {}", m.log());
     let _ = BIN;
+
+    // Cross-backend: the qcow2-sourced .rbddiff applied to an RBD image made from s0 gives s2.
+    let Some(conf) = ceph() else { return };
+    let copy = rbd_image(&conf, "issue-15-since-cross");
+    let s0 = snaps.join("s0/disk.raw");
+    rbd(&conf, &["rm", "--no-progress", &copy.spec]);
+    rbd(
+        &conf,
+        &[
+            "import",
+            "--no-progress",
+            s0.to_str().expect("utf8"),
+            &copy.spec,
+        ],
+    );
+    rbd(&conf, &["snap", "create", &format!("{}@s0", copy.spec)]);
+    let diff = snaps.join("s2/since/s0/disk.rbddiff");
+    rbd(
+        &conf,
+        &[
+            "import-diff",
+            "--no-progress",
+            diff.to_str().expect("utf8"),
+            &copy.spec,
+        ],
+    );
+    let a = scratch.path().join("cross.raw");
+    rbd(
+        &conf,
+        &[
+            "export",
+            "--no-progress",
+            &format!("{}@s2", copy.spec),
+            a.to_str().expect("utf8"),
+        ],
+    );
+    assert!(
+        read_file(&a) == read_file(&snaps.join("s2/disk.raw")),
+        "qcow2 .rbddiff imported into RBD is not s2"
+    );
 }
 
 #[test]
