@@ -796,4 +796,52 @@ mod tests {
         assert!(buf[8192..].iter().all(|&b| b == 0));
         assert!(s.changes().json().starts_with(b"[\n  {\"offset\":4096,"));
     }
+
+    #[test]
+    fn rbddiff_stream_reads_alike_in_any_pieces() {
+        let mut new = vec![0u8; 1 << 20];
+        new[4096..8192].fill(3);
+        new[100_000..100_123].fill(4);
+        let ch = Arc::new(Changes {
+            extents: vec![
+                Change {
+                    offset: 4096,
+                    length: 4096,
+                    zero: false,
+                },
+                Change {
+                    offset: 65536,
+                    length: 4096,
+                    zero: true,
+                },
+                Change {
+                    offset: 99_999,
+                    length: 200,
+                    zero: false,
+                },
+            ],
+            method: "test",
+            granularity: 1,
+        });
+        let st = RbdDiffStream::new(Arc::new(Mem(new.clone())), ch, Some("s1"), "s2");
+        let size = st.size();
+        let expect_len = 12 + 7 + 7 + 9 + (17 + 4096) + 17 + (17 + 200) + 1;
+        assert_eq!(size, expect_len);
+        let mut whole = vec![0u8; size as usize];
+        st.read_at(&mut whole, 0).expect("read");
+        assert!(whole.starts_with(b"rbd diff v1\nf\x02\0\0\0s1t\x02\0\0\0s2s"));
+        assert_eq!(whole.last(), Some(&b'e'));
+        let w = 12 + 7 + 7 + 9;
+        assert_eq!(whole[w], b'w');
+        assert_eq!(&whole[w + 17..w + 17 + 4096], &new[4096..8192]);
+        assert_eq!(whole[w + 17 + 4096], b'z');
+        let mut seed = 77u64;
+        for _ in 0..200 {
+            let o = rng(&mut seed) % size;
+            let l = (rng(&mut seed) % 5000).min(size - o) as usize;
+            let mut piece = vec![0xaau8; l];
+            st.read_at(&mut piece, o).expect("read piece");
+            assert_eq!(&piece[..], &whole[o as usize..o as usize + l], "at {o}+{l}");
+        }
+    }
 }
