@@ -346,7 +346,10 @@ fn rbd_two_disks_unfrozen_snapshot_and_rename() {
         .any(|_| true));
     let mut names = ls(&snaps.join("crash"));
     names.sort();
-    assert_eq!(names, ["files", "snapshot.json", "vda.raw", "vdb.raw"]);
+    assert_eq!(
+        names,
+        ["files", "since", "snapshot.json", "vda.raw", "vdb.raw"]
+    );
     assert_eq!(
         fs::metadata(snaps.join("crash/vdb.raw")).unwrap().len(),
         16 << 20

@@ -70,7 +70,7 @@ fn tree_lists_volumes_and_snapshots() {
     assert_eq!(ls(&m.vol("web.qcow2").join(".snapshots")), ["s1"]);
     assert_eq!(
         ls(&m.snap("web.qcow2", "s1")),
-        ["disk.raw", "files", "snapshot.json"]
+        ["disk.raw", "files", "since", "snapshot.json"]
     );
 
     let v: serde_json::Value =

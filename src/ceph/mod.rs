@@ -409,6 +409,8 @@ impl Pool {
         Ok(Image {
             h,
             label: format!("{}/{image}{at}", self.name),
+            name: image.to_string(),
+            snap: snap.map(str::to_string),
             pool: self.clone(),
         })
     }
@@ -419,6 +421,8 @@ pub struct Image {
     h: ffi::rbd_image_t,
     /// `pool/image[@snap]`, for error messages.
     pub label: String,
+    name: String,
+    snap: Option<String>,
     pool: Arc<Pool>,
 }
 
@@ -506,20 +510,21 @@ impl Drop for AioRead {
     }
 }
 
-/// Collects `rbd_diff_iterate2` extents; the callback must not unwind into C.
-struct DiffAcc {
-    extents: Vec<(u64, u64)>,
+/// Receives `rbd_diff_iterate2` extents `(offset, length, exists)`; the callback must not
+/// unwind into C.
+struct DiffAcc<'a> {
+    each: &'a mut dyn FnMut(u64, u64, bool),
 }
 
 extern "C" fn diff_cb(offset: u64, len: usize, exists: c_int, arg: *mut c_void) -> c_int {
-    let r = std::panic::catch_unwind(|| {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // SAFETY: arg is the &mut DiffAcc passed to rbd_diff_iterate2, alive for its duration
         // and used by no one else while it runs.
         let acc = unsafe { &mut *(arg as *mut DiffAcc) };
-        if exists != 0 && len > 0 {
-            acc.extents.push((offset, len as u64));
+        if len > 0 {
+            (acc.each)(offset, len as u64, exists != 0);
         }
-    });
+    }));
     if r.is_ok() {
         0
     } else {
@@ -878,19 +883,41 @@ impl Image {
         len: u64,
         whole_object: bool,
     ) -> Result<Vec<(u64, u64)>> {
-        let mut acc = DiffAcc {
-            extents: Vec::new(),
-        };
+        let mut extents = Vec::new();
+        self.diff_iterate(None, offset, len, whole_object, &mut |o, l, exists| {
+            if exists {
+                extents.push((o, l));
+            }
+        })?;
+        Ok(extents)
+    }
+
+    /// `rbd_diff_iterate2` over `[offset, offset + len)` of the opened snapshot: with
+    /// `from_snap`, the extents changed since that (older) snapshot of the same image, `exists`
+    /// false where they were discarded or zeroed; without, the allocated extents (parent
+    /// included).
+    pub fn diff_iterate(
+        &self,
+        from_snap: Option<&str>,
+        offset: u64,
+        len: u64,
+        whole_object: bool,
+        each: &mut dyn FnMut(u64, u64, bool),
+    ) -> Result<()> {
+        let c_from = from_snap.map(|s| cstring(s, "snapshot name")).transpose()?;
+        let from_ptr = c_from.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+        let mut acc = DiffAcc { each };
         let started = std::time::Instant::now();
         let what = || self.what("rbd_diff_iterate2");
         let acc_ptr: *mut DiffAcc = &mut acc;
         let rc = self.pool.cluster.breaker.call(&what, || {
             // SAFETY: valid handle; the callback only touches `acc` (through acc_ptr), which
-            // outlives the call; NULL fromsnap means "everything allocated".
+            // outlives the call; from_ptr is NULL ("everything allocated") or a C string that
+            // outlives the call.
             unsafe {
                 ffi::rbd_diff_iterate2(
                     self.h,
-                    std::ptr::null(),
+                    from_ptr,
                     offset,
                     len,
                     1,
@@ -901,8 +928,13 @@ impl Image {
             }
         })?;
         check(rc, what)?;
-        debug!(image = %self.label, extents = acc.extents.len(), whole_object, ms = started.elapsed().as_millis() as u64, "rbd allocation map");
-        Ok(acc.extents)
+        debug!(image = %self.label, from = from_snap, whole_object, ms = started.elapsed().as_millis() as u64, "rbd diff");
+        Ok(())
+    }
+
+    /// The pool's name, the image's name and the snapshot it was opened at.
+    pub fn spec(&self) -> (&str, &str, Option<&str>) {
+        (&self.pool.name, &self.name, self.snap.as_deref())
     }
 }
 

@@ -75,7 +75,7 @@ fn snapshot_lifecycle_through_the_core() {
     fs.mkdir(snaps, "s1").unwrap();
     assert_eq!(
         names(&fs, "instances/web/.snapshots/s1"),
-        ["snapshot.json", "vda.raw", "vdb.raw", "files"]
+        ["snapshot.json", "vda.raw", "vdb.raw", "files", "since"]
     );
     p.write_live(&Owner::Instance("web".into()), "vda", 8192, &[9; 16]);
     let bytes = read_all(&fs, "instances/web/.snapshots/s1/vda.raw");
@@ -401,4 +401,71 @@ fn current_link_and_revert_by_rename() {
     fs.symlink(dir, "tmp3", ".snapshots/s2").unwrap();
     fs.unlink(dir, "tmp3").unwrap();
     assert_eq!(fs.unlink(dir, "tmp3").unwrap_err().errno(), libc::ENOENT);
+}
+
+#[test]
+fn since_shows_what_changed_between_two_snapshots() {
+    let p = provider();
+    let fs = core(p.clone());
+    let snaps = walk(&fs, "instances/web/.snapshots").unwrap().ino;
+    fs.mkdir(snaps, "s1").unwrap();
+    p.write_live(&Owner::Instance("web".into()), "vda", 30000, &[9; 16]);
+    fs.mkdir(snaps, "s2").unwrap();
+    assert!(names(&fs, "instances/web/.snapshots/s1/since").is_empty());
+    assert_eq!(names(&fs, "instances/web/.snapshots/s2/since"), ["s1"]);
+    assert_eq!(
+        names(&fs, "instances/web/.snapshots/s2/since/s1"),
+        [
+            "vda.raw",
+            "vda.extents.json",
+            "vda.rbddiff",
+            "vdb.raw",
+            "vdb.extents.json",
+            "vdb.rbddiff"
+        ]
+    );
+    assert_eq!(
+        walk(&fs, "instances/web/.snapshots/s1/since/s2")
+            .unwrap_err()
+            .errno(),
+        libc::ENOENT
+    );
+    // vda changed in one 64 KiB comparison block: its bytes are s2's.
+    let a = walk(&fs, "instances/web/.snapshots/s2/since/s1/vda.raw").unwrap();
+    assert_eq!((a.stat.size, a.stat.allocated), (64 << 10, 64 << 10));
+    let bytes = read_all(&fs, "instances/web/.snapshots/s2/since/s1/vda.raw");
+    assert_eq!(bytes, read_all(&fs, "instances/web/.snapshots/s2/vda.raw"));
+    let json = read_all(&fs, "instances/web/.snapshots/s2/since/s1/vda.extents.json");
+    // One 64 KiB block, split where s2's map says zeros; the written bytes are data.
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&json).unwrap();
+    let mut pos = 0;
+    for e in &v {
+        assert_eq!(e["offset"].as_u64(), Some(pos));
+        let len = e["length"].as_u64().unwrap();
+        if (pos..pos + len).contains(&30000) {
+            assert_eq!(e["zero"], false);
+        }
+        pos += len;
+    }
+    assert_eq!(pos, 64 << 10);
+    // vdb did not change: all hole, empty list.
+    let b = walk(&fs, "instances/web/.snapshots/s2/since/s1/vdb.raw").unwrap();
+    assert_eq!((b.stat.size, b.stat.allocated), (4096, 0));
+    let o = fs.open(b.ino, false).unwrap();
+    assert_eq!(
+        fs.lseek(o.fh, 0, Whence::Data).unwrap_err().errno(),
+        libc::ENXIO
+    );
+    assert_eq!(
+        read_all(&fs, "instances/web/.snapshots/s2/since/s1/vdb.raw"),
+        vec![0u8; 4096]
+    );
+    let json = read_all(&fs, "instances/web/.snapshots/s2/since/s1/vdb.extents.json");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&json).unwrap(),
+        serde_json::json!([])
+    );
+    // Deleting the older snapshot removes the directory.
+    fs.rmdir(snaps, "s1").unwrap();
+    assert!(names(&fs, "instances/web/.snapshots/s2/since").is_empty());
 }

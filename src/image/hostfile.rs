@@ -75,6 +75,11 @@ impl HostFile {
         self.generation
     }
 
+    /// (device, inode): which file this is, whatever its name.
+    pub fn file_id(&self) -> (u64, u64) {
+        (self.generation.dev, self.generation.ino)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -5,6 +5,7 @@
 //! [`cache::BlockCache`] shared by all images of the daemon.
 
 pub mod cache;
+pub mod changes;
 mod copy;
 mod hostfile;
 pub mod parallels;
@@ -68,6 +69,13 @@ pub trait BlockImage: Send + Sync {
 
     /// A short human description, e.g. "qcow2 v3, 64 KiB clusters, backing base.qcow2".
     fn describe(&self) -> String;
+
+    /// What this reader is, so [`changes::changed_extents`] can relate two images of one disk
+    /// by their metadata (same RBD image, same qcow2 file, one backing chain). The default
+    /// relates nothing: changes are then found by comparing content.
+    fn diff_source(&self) -> changes::DiffSource<'_> {
+        changes::DiffSource::None
+    }
 }
 
 /// A range of a shared buffer, from [`BlockImage::read_shared`].

@@ -21,6 +21,11 @@ impl RawImage {
         })
     }
 
+    /// (device, inode) of the file, to find it in a backing chain.
+    pub fn file_id(&self) -> (u64, u64) {
+        self.file.file_id()
+    }
+
     /// `lseek(fd, pos, whence)`; `Ok(None)` for ENXIO (no more data / past end).
     fn seek(&self, pos: u64, whence: i32) -> std::result::Result<Option<u64>, i32> {
         let Ok(pos) = libc::off_t::try_from(pos) else {
@@ -60,6 +65,10 @@ pub(crate) fn push_extent(out: &mut Vec<Extent>, start: u64, end: u64, kind: Ext
 }
 
 impl BlockImage for RawImage {
+    fn diff_source(&self) -> super::changes::DiffSource<'_> {
+        super::changes::DiffSource::Raw(self)
+    }
+
     fn size(&self) -> u64 {
         self.file.len()
     }

@@ -7,6 +7,7 @@ pub mod files;
 pub mod lineage;
 pub mod names;
 pub mod registry;
+pub mod since;
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
@@ -24,6 +25,7 @@ use files::{FilesCache, FilesPath, GuestFile, FILES};
 use lineage::{Lineage, SnapRef};
 use names::{check_new_name, escape, unescape};
 use registry::{lock, Registry};
+use since::SINCE;
 
 pub const INSTANCES: &str = "instances";
 pub const VOLUMES: &str = "volumes";
@@ -67,6 +69,16 @@ pub enum Node {
     SnapParent(Owner, String),
     /// `files/` of a snapshot or anything below it.
     Files(FilesPath),
+    /// `<snap>/since/`: one directory per older snapshot.
+    Since(Owner, String),
+    /// `<snap>/since/<older>/`.
+    SinceDir(Owner, String, String),
+    /// `<snap>/since/<older>/<target>.raw`: owner, snapshot, older snapshot, target.
+    SinceDisk(Owner, String, String, String),
+    /// `<snap>/since/<older>/<target>.extents.json`.
+    SinceJson(Owner, String, String, String),
+    /// `<snap>/since/<older>/<target>.rbddiff`.
+    SinceRbdDiff(Owner, String, String, String),
     /// A name inside a snapshot directory that is none of its files: never exists, never writable.
     InSnapshot,
 }
@@ -104,6 +116,11 @@ impl Node {
                 | Node::SnapParent(..)
                 | Node::Disk(..)
                 | Node::Files(_)
+                | Node::Since(..)
+                | Node::SinceDir(..)
+                | Node::SinceDisk(..)
+                | Node::SinceJson(..)
+                | Node::SinceRbdDiff(..)
                 | Node::InSnapshot
         )
     }
@@ -122,6 +139,7 @@ fn object_node(owner: Owner, rest: &[&str], json_name: &str) -> Option<Node> {
         [SNAPSHOTS, s, f, rest @ ..] if *f == FILES => {
             Node::Files(FilesPath::parse(owner, unescape(s), rest))
         }
+        [SNAPSHOTS, s, f, rest @ ..] if *f == SINCE => since::parse(owner, unescape(s), rest),
         [SNAPSHOTS, s, f] => match disk_target(&owner, f) {
             Some(t) => Node::Disk(owner, unescape(s), t),
             None => Node::InSnapshot,
@@ -204,6 +222,8 @@ pub enum Content {
 pub struct OpenDisk {
     pub image: Arc<dyn BlockImage>,
     allocated: OnceLock<u64>,
+    /// For a `since/` disk: the changed extents it shows.
+    changes: Option<Arc<crate::image::changes::Changes>>,
 }
 
 impl OpenDisk {
@@ -236,6 +256,8 @@ pub struct Namespace {
     pending: Mutex<HashMap<(Owner, String), (String, Instant)>>,
     /// Take `before-revert-…` before a revert (`--revert-keep`).
     revert_keep: bool,
+    /// Held while changed extents are computed (one pair at a time, never twice).
+    since_busy: Mutex<()>,
 }
 
 /// Releases an owner's busy mark on every way out.
@@ -268,6 +290,7 @@ impl Namespace {
             lineage: Lineage::new(None),
             pending: Mutex::new(HashMap::new()),
             revert_keep: true,
+            since_busy: Mutex::new(()),
         }
     }
 
@@ -338,6 +361,11 @@ impl Namespace {
                 Stat::new(Kind::Symlink, target.len() as u64, 0, self.started, 0o777)
             }
             Node::Files(p) => self.files_stat(p)?,
+            Node::Since(..)
+            | Node::SinceDir(..)
+            | Node::SinceDisk(..)
+            | Node::SinceJson(..)
+            | Node::SinceRbdDiff(..) => self.since_stat(node)?,
             Node::InSnapshot => return Err(Error::NotFound("no such file in snapshot".into())),
         })
     }
@@ -412,6 +440,7 @@ impl Namespace {
                         .map(|d| (disk_file_name(&d.target), Kind::File, None)),
                 );
                 v.push((FILES.to_string(), Kind::Dir, None));
+                v.push((SINCE.to_string(), Kind::Dir, None));
                 if matches!(self.parent_of(o, &snap), Ok(Some(_))) {
                     v.push((PARENT.to_string(), Kind::Symlink, None));
                 }
@@ -424,6 +453,7 @@ impl Namespace {
                 .map(|(l, _)| (escape(&l.name), Kind::Symlink, None))
                 .collect(),
             Node::Files(p) => self.files_list(p)?,
+            Node::Since(..) | Node::SinceDir(..) => self.since_list(node)?,
             _ => return Err(Error::NotDir(format!("{node:?}"))),
         })
     }
@@ -440,6 +470,9 @@ impl Namespace {
                 Content::Disk(self.open_disk(o, &snap, t)?)
             }
             Node::Files(p) => self.files_open(p)?,
+            Node::SinceDisk(..) | Node::SinceJson(..) | Node::SinceRbdDiff(..) => {
+                self.since_open(node)?
+            }
             Node::LaunchLink(_) | Node::Current(_) | Node::ObjLink(..) | Node::SnapParent(..) => {
                 return Err(Error::Invalid("open of a symlink".into()))
             }
@@ -462,6 +495,7 @@ impl Namespace {
         let disk = Arc::new(OpenDisk {
             image,
             allocated: OnceLock::new(),
+            changes: None,
         });
         lock(&self.disks).put(key, disk.clone());
         Ok(disk)

@@ -86,6 +86,18 @@ impl Tables {
         })
     }
 
+    /// The L2 table offset (0: none) covering guest byte `guest`, and the end of the guest span
+    /// that table covers: two tables of one file that name the same L2 table map that span alike.
+    pub fn l2_table_at(&self, guest: u64) -> (u64, u64) {
+        let span = self.l2_entries << self.cluster_bits;
+        let l1_index = guest / span;
+        let table = usize::try_from(l1_index)
+            .ok()
+            .and_then(|i| self.l1.get(i))
+            .map_or(0, |e| e & OFFSET_MASK);
+        (table, (l1_index + 1).saturating_mul(span))
+    }
+
     /// The mapping of guest bytes `[guest, guest + n)` for the longest `n <= max_len` with one
     /// mapping (within one cluster, or one whole unallocated L2 span).
     pub fn lookup(

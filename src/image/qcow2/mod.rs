@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::cache::{CacheKey, CacheKind};
+use super::changes::Collector;
 use super::hostfile::HostFile;
 use super::raw::{push_extent, RawImage};
 use super::{BlockCache, BlockImage, Extent, ExtentKind, Format};
@@ -352,9 +353,95 @@ impl Qcow2Image {
     pub fn cluster_size(&self) -> u64 {
         self.header.cluster_size()
     }
+
+    /// (device, inode) of the image file, to relate snapshots and chain layers.
+    pub fn file_id(&self) -> (u64, u64) {
+        self.meta.file_id()
+    }
+
+    /// Whether this is the file's active layer (not an internal snapshot).
+    pub fn is_active_layer(&self) -> bool {
+        self.snapshot.is_none()
+    }
+
+    pub fn backing(&self) -> Option<&dyn BlockImage> {
+        self.backing.as_deref()
+    }
+
+    /// Guest ranges in `[0, limit)` this layer maps itself (data, compressed, zero): everything
+    /// it changed over its backing. Past its own size (shorter than `limit`) all counts.
+    pub fn own_allocation(&self, limit: u64, col: &mut Collector) -> Result<()> {
+        let end = limit.min(self.size);
+        let mut cur = Cursor::default();
+        let mut pos = 0;
+        while pos < end {
+            let (m, n) = self
+                .tables
+                .lookup(&self.meta, &self.cache, &mut cur, pos, end - pos)?;
+            let n = n.clamp(1, end - pos);
+            if m != Mapping::Unallocated {
+                col.push(pos, n);
+            }
+            pos += n;
+        }
+        if limit > end {
+            col.push(end, limit - end);
+        }
+        Ok(())
+    }
+
+    /// Where this image and `older`, two states of one file (internal snapshots or the active
+    /// layer), differ in `[0, limit)`: by their L1/L2 tables. A span whose L1 entries name the
+    /// same L2 table is unchanged (qcow2 copies a shared table before writing); inside, a
+    /// cluster is unchanged when both map the same host cluster, the same compressed
+    /// descriptor, or both zero/unallocated.
+    pub fn table_changes(&self, older: &Qcow2Image, limit: u64, col: &mut Collector) -> Result<()> {
+        let end = limit.min(self.size).min(older.size);
+        let no_backing = self.backing.is_none();
+        let (mut cn, mut co) = (Cursor::default(), Cursor::default());
+        let mut pos = 0;
+        while pos < end {
+            let (tn, span_end) = self.tables.l2_table_at(pos);
+            let (to, _) = older.tables.l2_table_at(pos);
+            if tn == to && self.cluster_size() == older.cluster_size() {
+                pos = span_end.min(end);
+                continue;
+            }
+            let (mn, nn) = self
+                .tables
+                .lookup(&self.meta, &self.cache, &mut cn, pos, end - pos)?;
+            let (mo, no) =
+                older
+                    .tables
+                    .lookup(&older.meta, &older.cache, &mut co, pos, end - pos)?;
+            let n = nn.min(no).clamp(1, end - pos);
+            let same =
+                match (mn, mo) {
+                    (Mapping::Data(a), Mapping::Data(b)) => a == b,
+                    (Mapping::Compressed(a), Mapping::Compressed(b)) => a == b,
+                    (Mapping::Zero, Mapping::Zero)
+                    | (Mapping::Unallocated, Mapping::Unallocated) => true,
+                    (Mapping::Zero, Mapping::Unallocated)
+                    | (Mapping::Unallocated, Mapping::Zero) => no_backing,
+                    _ => false,
+                };
+            if !same {
+                col.push(pos, n);
+            }
+            pos += n;
+        }
+        if limit > end {
+            col.push(end, limit - end);
+        }
+        Ok(())
+    }
 }
 
 impl BlockImage for Qcow2Image {
+    fn diff_source(&self) -> super::changes::DiffSource<'_> {
+        super::changes::DiffSource::Qcow2(self)
+    }
+
     fn size(&self) -> u64 {
         self.size
     }
