@@ -951,6 +951,56 @@ mod tests {
     }
 
     #[test]
+    fn ceph_leftovers_wait_for_ceph() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::new(t.path()).unwrap();
+        let r = RbdRef {
+            pool: "p".into(),
+            namespace: "snapfs".into(),
+            image: "u.1.vda".into(),
+            snap: "snapfs".into(),
+            owned: true,
+        };
+        let step = RbdStep {
+            source: Some(RbdRef {
+                pool: "cloud".into(),
+                namespace: String::new(),
+                image: "vda".into(),
+                snap: "snapfs.1".into(),
+                owned: false,
+            }),
+            copy: Some(r.clone()),
+        };
+        let p = s.begin("u", "d").unwrap();
+        p.record_rbd(std::slice::from_ref(&step)).unwrap();
+        let part_dir = p.dir.clone();
+        std::mem::forget(p);
+        // A committed snapshot in Ceph, half removed.
+        let p = s.begin("u", "d").unwrap();
+        let mut m = meta("s1", 1);
+        m.disks[0].rbd = Some(r.clone());
+        let snap = p.commit(&m).unwrap();
+        assert_eq!(
+            snap.info().json["disks"][0]["source"],
+            "p/snapfs/u.1.vda@snapfs"
+        );
+        assert!(snap.disk_path("vda").is_none() && snap.disk_rbd("vda") == Some(&r));
+        let hidden = s.hide(&snap).unwrap();
+        // Recovery without Ceph leaves both (their Ceph objects go first).
+        let c = Connect::open(Some("test:///default")).unwrap();
+        assert_eq!(s.recover(&c), 0);
+        assert!(part_dir.exists() && hidden.exists());
+        let mut l = s.rbd_leftovers();
+        l.sort_by(|a, b| a.dir.cmp(&b.dir));
+        assert_eq!(l.len(), 2);
+        let del = l.iter().find(|x| x.dir == hidden).unwrap();
+        assert!(del.steps[0].source.is_none() && del.steps[0].copy.as_ref() == Some(&r));
+        let part = l.iter().find(|x| x.dir == part_dir).unwrap();
+        assert_eq!(part.steps[0].source, step.source);
+        assert!(s.list("u").is_empty());
+    }
+
+    #[test]
     fn liveness_of_job_owners() {
         assert!(
             !snapfs_alive(std::process::id()),
