@@ -99,9 +99,9 @@ impl Drop for Undo<'_> {
 }
 
 /// At start-up (once Ceph is reachable): remove the Ceph objects of hidden store directories
-/// a killed daemon left, then the directories. Steps that fail (a dead client's watch still
-/// on a copy) are retried in the background for a while; the directories are never listed
-/// meanwhile.
+/// a killed daemon left, then the directories, in a background thread. Steps that fail (a
+/// dead client's watch still on a copy) are retried for a while; the directories are never
+/// listed meanwhile.
 pub(super) fn recover_leftovers(access: Arc<RbdAccess>, leftovers: Vec<RbdLeftover>) {
     if leftovers.is_empty() {
         return;
@@ -112,34 +112,31 @@ pub(super) fn recover_leftovers(access: Arc<RbdAccess>, leftovers: Vec<RbdLeftov
         }
         Store::purge(&l.dir)
     }
-    let mut left = Vec::new();
-    for l in leftovers {
-        match attempt(&access, &l) {
-            Ok(()) => {
-                info!(dir = %l.dir.display(), "incomplete store snapshot of a previous daemon removed (and its RBD images and snapshots)")
-            }
-            Err(e) => {
-                info!(dir = %l.dir.display(), error = %e, "RBD objects of an incomplete store snapshot not removable yet: retrying in the background");
-                left.push(l);
-            }
-        }
-    }
-    if left.is_empty() {
-        return;
-    }
+    // All in the background: a dead client's lock or watch can hold the first attempt for
+    // ~30 s, and the directories are hidden meanwhile, so the mount need not wait.
+    let mut left = leftovers;
     let spawned = std::thread::Builder::new()
         .name("store-recover".into())
         .spawn(move || {
             let until = Instant::now() + LEFTOVER_RETRY;
+            let mut first = true;
             while !left.is_empty() && Instant::now() < until {
-                std::thread::sleep(LEFTOVER_PAUSE);
+                if !first {
+                    std::thread::sleep(LEFTOVER_PAUSE);
+                }
                 left.retain(|l| match attempt(&access, l) {
                     Ok(()) => {
                         info!(dir = %l.dir.display(), "incomplete store snapshot of a previous daemon removed (and its RBD images and snapshots)");
                         false
                     }
-                    Err(_) => true,
+                    Err(e) => {
+                        if first {
+                            info!(dir = %l.dir.display(), error = %e, "RBD objects of an incomplete store snapshot not removable yet: retrying");
+                        }
+                        true
+                    }
                 });
+                first = false;
             }
             for l in &left {
                 warn!(dir = %l.dir.display(), "RBD objects of an incomplete store snapshot still not removable: the next start retries");
