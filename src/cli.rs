@@ -247,6 +247,20 @@ pub struct CloudArgs {
     /// Where copy snapshots are kept [default: STATE_DIR/store].
     #[arg(long, value_name = "DIR", help_heading = "libvirt")]
     pub store: Option<PathBuf>,
+    /// Copies of RBD disks go to RBD namespace `snapfs` of this Ceph pool (snap, clone,
+    /// flatten; the snapshot on the cloud's image is removed again). Needs --ceph. Without
+    /// it, RBD disks of running domains are copied into --store.
+    #[arg(long, value_name = "POOL", help_heading = "libvirt")]
+    pub store_pool: Option<String>,
+    /// RBD disks under the copy method: copy (default), or keep-snapshot (leave an RBD
+    /// snapshot on the cloud's image instead of a copy; breaks Nova's instance delete).
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "copy",
+        help_heading = "libvirt"
+    )]
+    pub managed_rbd: crate::provider::libvirt::ManagedRbd,
 }
 
 impl CloudArgs {

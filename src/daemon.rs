@@ -49,6 +49,9 @@ pub struct MountConfig {
     pub snapshot_method: crate::provider::libvirt::SnapshotMethod,
     /// The store of copy snapshots (None: `<state-dir>/store`).
     pub store: Option<PathBuf>,
+    /// The pool of copies of RBD disks (`--store-pool`).
+    pub store_pool: Option<String>,
+    pub managed_rbd: crate::provider::libvirt::ManagedRbd,
 }
 
 /// Mount and serve in this process until unmounted. `ready` is told "READY" (or the error)
@@ -106,6 +109,8 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
             managed: cfg.managed.clone(),
             method: cfg.snapshot_method,
             store: cfg.store.clone(),
+            store_pool: cfg.store_pool.clone(),
+            managed_rbd: cfg.managed_rbd,
         };
         let lv = LibvirtProvider::new(opts, cache.clone()).context("libvirt provider")?;
         // Before the mount exists (and before Ceph, which may take its timeout to answer):
@@ -122,6 +127,11 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
             lv.attach_rbd(rbd.access());
         }
         providers.push(Arc::new(rbd));
+    }
+    if let Some(lv) = &libvirt {
+        // After --ceph is attached: the store pool checked, Ceph leftovers of a killed
+        // daemon removed (the file-store ones went in recover_frozen).
+        lv.prepare_rbd_store().context("--store-pool")?;
     }
     if let Some(lv) = libvirt {
         providers.insert(usize::from(!cfg.images.is_empty()), Arc::new(lv));

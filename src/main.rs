@@ -107,6 +107,8 @@ fn mount(m: MountArgs, args: Vec<OsString>) -> anyhow::Result<()> {
         managed: m.cloud.managed_policy()?,
         snapshot_method: m.cloud.snapshot_method,
         store: m.cloud.store,
+        store_pool: m.cloud.store_pool,
+        managed_rbd: m.cloud.managed_rbd,
     };
     daemon::serve(cfg, ready)
 }

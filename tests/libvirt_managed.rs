@@ -866,3 +866,312 @@ fn block_device_disk_is_copied_and_reads_exact() {
     assert!(s1.join("vda.raw").exists());
     drop(m);
 }
+
+/// `rbd <args>` against the test cluster; (ok, output).
+fn rbd_cmd(conf: &Path, args: &[&str]) -> (bool, String) {
+    out(Command::new("rbd")
+        .arg("-c")
+        .arg(conf)
+        .args(args)
+        .output()
+        .expect("rbd"))
+}
+
+/// Every snapshot of an RBD image, trash namespace included (`rbd snap ls --all`).
+fn rbd_all_snaps(conf: &Path, image: &str) -> String {
+    rbd_cmd(conf, &["snap", "ls", "--all", "--format", "json", image]).1
+}
+
+/// `features` and `op_features` of an RBD image (what a clone v2 would leave behind).
+fn rbd_features(conf: &Path, image: &str) -> String {
+    let (_, t) = rbd_cmd(conf, &["info", "--format", "json", image]);
+    let v: serde_json::Value = serde_json::from_str(&t).unwrap_or_default();
+    format!("{} {}", v["features"], v["op_features"])
+}
+
+/// Images of the store pool's namespace whose name starts with `prefix` (a domain uuid).
+fn store_images(conf: &Path, prefix: &str) -> Vec<String> {
+    let (_, t) = rbd_cmd(conf, &["ls", "rbd/snapfs"]);
+    t.lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+fn rbd_ready(test: &str) -> Option<PathBuf> {
+    if !ready(test) || method() != "auto" {
+        return None;
+    }
+    let conf = ceph_conf();
+    if !ceph_answers(&conf, "rbd") {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "SKIP {test}: Ceph not answering");
+        return None;
+    }
+    Some(conf)
+}
+
+fn store_pool_args(conf: &Path, name: &str, extra: &[&str]) -> Vec<String> {
+    let mut a = vec![
+        LIBVIRT_ARG.to_string(),
+        format!("--ceph={}", conf.display()),
+        format!("--managed-match=^{name}$"),
+        "--store-pool=rbd".to_string(),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// `--store-pool`: a running RBD-backed managed domain is snapped, cloned into `rbd/snapfs`,
+/// flattened, and the snapshot taken off the source image again: no snapshot (not even in
+/// the trash namespace) and the same features on the cloud's image; Nova's delete (`rbd rm`)
+/// works and the snapshot still reads exact, with the guest's marker and without what it
+/// wrote afterwards; rmdir removes the store image.
+#[test]
+fn store_pool_copy_leaves_nothing_on_the_cloud_image() {
+    let Some(conf) = rbd_ready("store_pool_copy_leaves_nothing_on_the_cloud_image") else {
+        return;
+    };
+    let _one = lock();
+    let name = format!("h13-t{}-sp", std::process::id());
+    let image = format!("rbd/{name}-vda");
+    script_ok("rbd-guest.sh", &["--recreate", &name]);
+    let _g = RbdGuest(name.clone());
+    let uuid = virsh_ok(&["domuuid", &name]).trim().to_string();
+    let features = rbd_features(&conf, &image);
+    let marker = format!("marker-{}", std::process::id());
+    script_ok(
+        "guest-exec.sh",
+        &[
+            &name,
+            &format!("echo {marker} > /data/marker && sync"),
+            "30",
+        ],
+    );
+    let before = normalise(&virsh_ok(&["dumpxml", &name]));
+    let m = Mount::unmounted();
+    let args = store_pool_args(&conf, &name, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    m.mount(&args);
+    let snap = m.mnt.join("instances").join(&name).join(".snapshots/s1");
+    fs::create_dir(&snap).expect("mkdir s1");
+    let mut c = Checks::default();
+    let sj = json(&snap.join("snapshot.json"));
+    eprintln!("snapshot.json: {sj}");
+    c.check(
+        sj["method"] == "copy" && sj["via"] == "rbd-clone" && sj["quiesced"] == true,
+        "method copy via rbd-clone, quiesced",
+    );
+    let source = sj["disks"][0]["source"].as_str().unwrap_or("").to_string();
+    c.check(
+        source.starts_with(&format!("rbd/snapfs/{uuid}.")),
+        format!("the disk is in the store pool's namespace ({source})"),
+    );
+    c.check(
+        rbd_all_snaps(&conf, &image) == "[]",
+        format!(
+            "no snapshot left on the source image, trash included ({})",
+            rbd_all_snaps(&conf, &image)
+        ),
+    );
+    let after = rbd_features(&conf, &image);
+    c.check(
+        after == features,
+        format!("source features unchanged ({features} -> {after})"),
+    );
+    xml_unchanged(
+        &mut c,
+        "live",
+        &before,
+        &normalise(&virsh_ok(&["dumpxml", &name])),
+    );
+    // The guest goes on writing; the snapshot does not change.
+    script_ok(
+        "guest-exec.sh",
+        &[&name, "echo later > /data/after-snap && sync", "30"],
+    );
+    let h1 = sha(&snap.join("vda.raw"));
+    let read_marker = fs::read_to_string(snap.join("files/vda/p1/marker")).unwrap_or_default();
+    c.check(
+        read_marker.trim() == marker,
+        format!("files/ shows the marker ({read_marker:?})"),
+    );
+    c.check(
+        !snap.join("files/vda/p1/after-snap").exists(),
+        "files/ does not show a file written after the snapshot",
+    );
+    // Nova's instance delete: the domain, then the image.
+    virsh_ok(&["destroy", &name]);
+    virsh_ok(&["undefine", &name]);
+    let (ok, text) = rbd_cmd(&conf, &["rm", "--no-progress", &image]);
+    c.check(ok, format!("rbd rm of the source image works ({text})"));
+    // The domain is gone, and with it its directory: the copy is compared through Ceph.
+    let copy = source.clone();
+    let exported = m.dir.path().join("copy.raw");
+    let (ok, text) = rbd_cmd(
+        &conf,
+        &["export", "--no-progress", &copy, exported.to_str().unwrap()],
+    );
+    c.check(ok, format!("rbd export of the copy ({text})"));
+    c.check(
+        sha(&exported) == h1,
+        "after rbd rm of the source, the copy exports as vda.raw read",
+    );
+    c.check(
+        store_images(&conf, &uuid).len() == 1,
+        "one store image for the snapshot",
+    );
+    c.done(&m.log());
+    // The domain is gone, so no rmdir: the store image is removed as the test's cleanup.
+    let base = copy.split('@').next().unwrap_or("").to_string();
+    let _ = rbd_cmd(&conf, &["snap", "rm", "--no-progress", &copy]);
+    let _ = rbd_cmd(&conf, &["rm", "--no-progress", &base]);
+}
+
+/// `--store-pool` on a shut-off domain (no freeze), rmdir, and a kill -9 of the daemon in
+/// the middle of the flatten: after the restart the source image has no snapshot, the
+/// half copy is gone from the store pool, the store has no `.part-` and nothing is listed;
+/// a new mkdir works and rmdir removes its store image.
+#[test]
+fn store_pool_kill_during_the_flatten_leaves_nothing() {
+    let Some(conf) = rbd_ready("store_pool_kill_during_the_flatten_leaves_nothing") else {
+        return;
+    };
+    let _one = lock();
+    let name = format!("h13-t{}-kf", std::process::id());
+    let image = format!("rbd/{name}-vda");
+    script_ok("rbd-guest.sh", &["--recreate", &name]);
+    let _g = RbdGuest(name.clone());
+    let uuid = virsh_ok(&["domuuid", &name]).trim().to_string();
+    virsh_ok(&["destroy", &name]);
+    // 1 GiB of data after the guest's disk: a flatten that takes seconds.
+    let (ok, text) = rbd_cmd(
+        &conf,
+        &["resize", "--no-progress", "--size", "1152M", &image],
+    );
+    assert!(ok, "rbd resize: {text}");
+    let (ok, text) = rbd_cmd(
+        &conf,
+        &[
+            "bench",
+            "--io-type",
+            "write",
+            "--io-size",
+            "4M",
+            "--io-total",
+            "1024M",
+            "--io-pattern",
+            "seq",
+            "--io-threads",
+            "4",
+            &image,
+        ],
+    );
+    assert!(ok, "rbd bench: {text}");
+    let features = rbd_features(&conf, &image);
+    let m = Mount::unmounted();
+    let args = store_pool_args(&conf, &name, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    m.mount(&args);
+    let snaps = m.mnt.join("instances").join(&name).join(".snapshots");
+    let store = m.state_dir().join("store").join(&uuid);
+    let pid = m.daemon_pid().expect("daemon pid");
+    let mk = {
+        let s = snaps.join("k");
+        std::thread::spawn(move || fs::create_dir(&s))
+    };
+    // Kill once the copy exists in the store pool and is still a clone (flatten running).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(Instant::now() < deadline, "the copy never appeared");
+        if let Some(img) = store_images(&conf, &uuid).first() {
+            let (_, info) = rbd_cmd(&conf, &["info", &format!("rbd/snapfs/{img}")]);
+            if info.contains("parent:") {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: a plain kill(2) of the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(wait_gone(pid, Duration::from_secs(10)));
+    let _ = mk.join();
+    let mut c = Checks::default();
+    let left_snaps = rbd_all_snaps(&conf, &image);
+    eprintln!(
+        "after kill -9: source snapshots {left_snaps}, store images {:?}",
+        store_images(&conf, &uuid)
+    );
+    c.check(
+        left_snaps != "[]",
+        "the kill came while the source snapshot existed (the test's premise)",
+    );
+    m.unmount();
+    m.mount(&args);
+    // The leftovers go at start-up, or in the background once the dead client's watch on
+    // the half copy has expired (the OSD's watch timeout, ~30 s).
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while (rbd_all_snaps(&conf, &image) != "[]" || !store_images(&conf, &uuid).is_empty())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    c.check(
+        rbd_all_snaps(&conf, &image) == "[]",
+        format!(
+            "no snapshot on the source after the restart ({})",
+            rbd_all_snaps(&conf, &image)
+        ),
+    );
+    c.check(
+        store_images(&conf, &uuid).is_empty(),
+        format!(
+            "no half copy in the store pool ({:?})",
+            store_images(&conf, &uuid)
+        ),
+    );
+    c.check(
+        rbd_features(&conf, &image) == features,
+        "source features unchanged",
+    );
+    let left = fs::read_dir(&store).map(|d| d.count()).unwrap_or(0);
+    c.check(left == 0, format!("no .part- left in the store ({left})"));
+    let listed = ls(&snaps);
+    c.check(listed.is_empty(), format!("nothing listed ({listed:?})"));
+    c.check(
+        m.log()
+            .contains("incomplete store snapshot of a previous daemon removed"),
+        "the new daemon says it removed the half snapshot",
+    );
+    // A new mkdir of the shut-off domain works, reads as the source, and rmdir cleans up.
+    fs::create_dir(snaps.join("k2")).expect("mkdir after the restart");
+    let sj = json(&snaps.join("k2/snapshot.json"));
+    c.check(
+        sj["via"] == "rbd-clone" && sj["quiesced"] == false && sj["stall_ms"].is_null(),
+        format!("shut-off copy, no freeze ({sj})"),
+    );
+    let exported = m.dir.path().join("src.raw");
+    let (ok, _) = rbd_cmd(
+        &conf,
+        &[
+            "export",
+            "--no-progress",
+            &image,
+            exported.to_str().unwrap(),
+        ],
+    );
+    c.check(
+        ok && sha(&snaps.join("k2/vda.raw")) == sha(&exported),
+        "vda.raw equals rbd export of the (unchanged, shut-off) source",
+    );
+    c.check(rbd_all_snaps(&conf, &image) == "[]", "no source snapshot");
+    c.check(
+        fs::remove_dir(snaps.join("k2")).is_ok(),
+        "rmdir of the store-pool snapshot",
+    );
+    c.check(
+        store_images(&conf, &uuid).is_empty(),
+        "rmdir removed the store image",
+    );
+    c.done(&m.log());
+}

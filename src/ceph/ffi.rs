@@ -24,6 +24,10 @@ pub type diff_cb = extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
 pub const RBD_MAX_IMAGE_NAME_SIZE: usize = 96;
 pub const RBD_MAX_BLOCK_NAME_SIZE: usize = 24;
 
+/// `RBD_IMAGE_OPTION_CLONE_FORMAT` of `rbd/librbd.h` (1: protected parent snapshot, same
+/// namespace; 2: no protection, any namespace).
+pub const RBD_IMAGE_OPTION_CLONE_FORMAT: c_int = 12;
+
 pub const LIBRADOS_OP_FLAG_FADVISE_SEQUENTIAL: c_int = 0x8;
 pub const LIBRADOS_OP_FLAG_FADVISE_NOCACHE: c_int = 0x40;
 
@@ -92,12 +96,16 @@ crate::dl::dl_api! {
         fn rados_shutdown(cluster: rados_t);
         fn rados_ioctx_create(cluster: rados_t, pool_name: *const c_char, ioctx: *mut rados_ioctx_t) -> c_int = ENOSYS;
         fn rados_ioctx_destroy(io: rados_ioctx_t);
+        fn rados_ioctx_set_namespace(io: rados_ioctx_t, nspace: *const c_char);
     }
     RBD => {
         fn rbd_list2(io: rados_ioctx_t, images: *mut rbd_image_spec_t, max: *mut usize) -> c_int = ENOSYS;
         fn rbd_image_spec_list_cleanup(images: *mut rbd_image_spec_t, n: usize);
         fn rbd_image_options_create(opts: *mut rbd_image_options_t);
         fn rbd_image_options_destroy(opts: rbd_image_options_t);
+        fn rbd_image_options_set_uint64(opts: rbd_image_options_t, optname: c_int, optval: u64) -> c_int = ENOSYS;
+        fn rbd_namespace_create(io: rados_ioctx_t, namespace_name: *const c_char) -> c_int = ENOSYS;
+        fn rbd_namespace_exists(io: rados_ioctx_t, namespace_name: *const c_char, exists: *mut bool) -> c_int = ENOSYS;
         fn rbd_clone3(p_ioctx: rados_ioctx_t, p_name: *const c_char, p_snapname: *const c_char, c_ioctx: rados_ioctx_t, c_name: *const c_char, c_opts: rbd_image_options_t) -> c_int = ENOSYS;
         fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int = ENOSYS;
         fn rbd_flatten(image: rbd_image_t) -> c_int = ENOSYS;

@@ -255,8 +255,22 @@ impl Cluster {
         Ok(Arc::new(Pool {
             io,
             name: pool.to_string(),
+            namespace: String::new(),
             cluster: self.clone(),
         }))
+    }
+
+    /// An I/O context on RBD namespace `ns` of `pool` (its own ioctx: a shared one never
+    /// changes namespace). The namespace must exist ([`Pool::ensure_namespace`]).
+    pub fn pool_ns(self: &Arc<Self>, pool: &str, ns: &str) -> Result<Arc<Pool>> {
+        let c = cstring(ns, "namespace name")?;
+        let p = self.pool(pool)?;
+        // SAFETY: valid ioctx, not yet shared with anyone; NUL-terminated name (librados
+        // copies it).
+        unsafe { ffi::rados_ioctx_set_namespace(p.io, c.as_ptr()) };
+        let mut p = Arc::try_unwrap(p).map_err(|_| Error::Backend("pool ioctx shared".into()))?;
+        p.namespace = ns.to_string();
+        Ok(Arc::new(p))
     }
 }
 
@@ -272,6 +286,8 @@ impl Drop for Cluster {
 pub struct Pool {
     io: ffi::rados_ioctx_t,
     pub name: String,
+    /// RBD namespace of this ioctx ("" = the pool's default one).
+    pub namespace: String,
     cluster: Arc<Cluster>,
 }
 
@@ -319,7 +335,36 @@ pub struct ImageStat {
 }
 
 impl Pool {
-    /// Names of the RBD images in this pool.
+    /// `pool` or `pool/namespace`, as the rbd CLI spells it.
+    pub fn label(&self) -> String {
+        if self.namespace.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}/{}", self.name, self.namespace)
+        }
+    }
+
+    /// Create RBD namespace `ns` of this pool unless it exists.
+    pub fn ensure_namespace(&self, ns: &str) -> Result<()> {
+        let c = cstring(ns, "namespace name")?;
+        let mut exists = false;
+        // SAFETY: valid ioctx, NUL-terminated name, out-pointer to a local.
+        let rc = unsafe { ffi::rbd_namespace_exists(self.io, c.as_ptr(), &mut exists) };
+        check(rc, || {
+            format!("looking up RBD namespace {}/{ns}", self.name)
+        })?;
+        if exists {
+            return Ok(());
+        }
+        // SAFETY: as above.
+        let rc = unsafe { ffi::rbd_namespace_create(self.io, c.as_ptr()) };
+        if rc == -libc::EEXIST {
+            return Ok(());
+        }
+        check(rc, || format!("creating RBD namespace {}/{ns}", self.name))?;
+        info!(pool = %self.name, namespace = ns, "RBD namespace created");
+        Ok(())
+    }
     pub fn images(&self) -> Result<Vec<String>> {
         let mut cap: usize = 64;
         loop {
@@ -352,24 +397,60 @@ impl Pool {
     /// Clone `image@snap` of this pool into `child` of `into` (`rbd_clone3`, the parent's
     /// features). Protecting the snapshot first is the caller's choice (clone v1 needs it).
     pub fn clone_snapshot(&self, image: &str, snap: &str, into: &Pool, child: &str) -> Result<()> {
+        self.clone_with(image, snap, into, child, None)
+    }
+
+    /// [`Self::clone_snapshot`] as a clone v2: the parent snapshot need not be protected
+    /// and the child may be in another namespace. The parent image carries the
+    /// `clone-parent` op feature only while the child depends on it (flatten or removal of
+    /// the child clears it).
+    pub fn clone_snapshot_v2(
+        &self,
+        image: &str,
+        snap: &str,
+        into: &Pool,
+        child: &str,
+    ) -> Result<()> {
+        self.clone_with(image, snap, into, child, Some(2))
+    }
+
+    fn clone_with(
+        &self,
+        image: &str,
+        snap: &str,
+        into: &Pool,
+        child: &str,
+        format: Option<u64>,
+    ) -> Result<()> {
         let p = cstring(image, "image name")?;
         let s = cstring(snap, "snapshot name")?;
         let c = cstring(child, "image name")?;
+        let what = || {
+            format!(
+                "cloning {}/{image}@{snap} to {}/{child}",
+                self.label(),
+                into.label()
+            )
+        };
         let mut opts: ffi::rbd_image_options_t = std::ptr::null_mut();
         // SAFETY: out-pointer to a local; destroyed below exactly once.
         unsafe { ffi::rbd_image_options_create(&mut opts) };
-        // SAFETY: valid ioctxs, NUL-terminated names, options created above.
-        let rc =
-            unsafe { ffi::rbd_clone3(self.io, p.as_ptr(), s.as_ptr(), into.io, c.as_ptr(), opts) };
+        let mut rc = 0;
+        if let Some(f) = format {
+            // SAFETY: options created above; a known integer option.
+            rc = unsafe {
+                ffi::rbd_image_options_set_uint64(opts, ffi::RBD_IMAGE_OPTION_CLONE_FORMAT, f)
+            };
+        }
+        if rc >= 0 {
+            // SAFETY: valid ioctxs, NUL-terminated names, options created above.
+            rc = unsafe {
+                ffi::rbd_clone3(self.io, p.as_ptr(), s.as_ptr(), into.io, c.as_ptr(), opts)
+            };
+        }
         // SAFETY: created above, not used after this.
         unsafe { ffi::rbd_image_options_destroy(opts) };
-        check(rc, || {
-            format!(
-                "cloning {}/{image}@{snap} to {}/{child}",
-                self.name, into.name
-            )
-        })
-        .map(|_| ())
+        check(rc, what).map(|_| ())
     }
 
     /// Remove image `name` (it must have no snapshots).
@@ -377,7 +458,7 @@ impl Pool {
         let c = cstring(name, "image name")?;
         // SAFETY: valid ioctx, NUL-terminated name.
         let rc = unsafe { ffi::rbd_remove(self.io, c.as_ptr()) };
-        check(rc, || format!("removing RBD image {}/{name}", self.name)).map(|_| ())
+        check(rc, || format!("removing RBD image {}/{name}", self.label())).map(|_| ())
     }
 
     /// Open `image` at `snap` (None: the head). `writable` is needed for snapshot changes.
@@ -393,7 +474,7 @@ impl Pool {
         let mut h: ffi::rbd_image_t = std::ptr::null_mut();
         let started = std::time::Instant::now();
         let at = snap.map(|s| format!("@{s}")).unwrap_or_default();
-        let what = || format!("opening RBD image {}/{image}{at}", self.name);
+        let what = || format!("opening RBD image {}/{image}{at}", self.label());
         let rc = self.cluster.breaker.call(&what, || {
             // SAFETY: valid ioctx, NUL-terminated strings (or NULL snap), out-pointer to a local.
             unsafe {
@@ -408,7 +489,7 @@ impl Pool {
         debug!(pool = %self.name, image, snap, writable, ms = started.elapsed().as_millis() as u64, "rbd open");
         Ok(Image {
             h,
-            label: format!("{}/{image}{at}", self.name),
+            label: format!("{}/{image}{at}", self.label()),
             name: image.to_string(),
             snap: snap.map(str::to_string),
             pool: self.clone(),

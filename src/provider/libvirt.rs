@@ -16,6 +16,7 @@ pub mod managed;
 mod rbd;
 mod revert;
 pub mod store;
+mod store_rbd;
 pub mod xml;
 
 use std::collections::HashSet;
@@ -76,6 +77,22 @@ choice_from_str!(SnapshotMethod {
     "copy" => SnapshotMethod::Copy,
 });
 
+/// What the copy method does with the RBD disks of a domain (`--managed-rbd`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ManagedRbd {
+    /// Copy them: into `--store-pool` (snap, clone, flatten, source snapshot removed), or,
+    /// without it, into the file store by a push backup (running domains only).
+    Copy,
+    /// Keep an RBD snapshot on the cloud's image instead of a copy (opt-in: Nova's delete of
+    /// the instance then fails with ImageHasSnapshots; docs/libvirt.md).
+    KeepSnapshot,
+}
+
+choice_from_str!(ManagedRbd {
+    "copy" => ManagedRbd::Copy,
+    "keep-snapshot" => ManagedRbd::KeepSnapshot,
+});
+
 #[derive(Clone, Debug)]
 pub struct LibvirtOptions {
     pub uri: String,
@@ -89,6 +106,9 @@ pub struct LibvirtOptions {
     pub method: SnapshotMethod,
     /// The store of copy snapshots (`--store`; default `<state-dir>/store`).
     pub store: Option<PathBuf>,
+    /// The Ceph pool whose RBD namespace `snapfs` holds copies of RBD disks (`--store-pool`).
+    pub store_pool: Option<String>,
+    pub managed_rbd: ManagedRbd,
 }
 
 /// How long `instance.json` waits for a guest-ping.
@@ -1150,6 +1170,9 @@ impl Provider for LibvirtProvider {
             let s = self.store_snapshot(&dom, &snap.name)?.ok_or_else(|| {
                 Error::NotFound(format!("snapshot {} of {owner} in the store", snap.name))
             })?;
+            if let Some(r) = s.disk_rbd(target) {
+                return self.open_store_rbd_disk(owner, r);
+            }
             let (path, format) = s.disk_path(target).ok_or_else(|| {
                 Error::NotFound(format!(
                     "disk {target} of snapshot {} of {owner}",
@@ -1226,6 +1249,9 @@ impl Provider for LibvirtProvider {
         // Overlays of a store snapshot go to the store's launch directory, others next to
         // the snapshot's image.
         let (images, launch_dir) = if let Some(s) = self.store_snapshot(&src, snapshot)? {
+            if s.has_rbd() {
+                return self.launch_store_rbd(&src, new, instance, snapshot, &s);
+            }
             let images = s
                 .meta
                 .disks

@@ -67,6 +67,23 @@ impl RbdAccess {
         Ok(p)
     }
 
+    /// An I/O context on RBD namespace `ns` of pool `name` ("": the default one), opened
+    /// once.
+    pub fn pool_ns(&self, name: &str, ns: &str) -> Result<Arc<Pool>> {
+        if ns.is_empty() {
+            return self.pool(name);
+        }
+        // A pool name has no '/', so the key cannot clash with a plain pool's.
+        let key = format!("{name}/{ns}");
+        let mut g = crate::namespace::registry::lock(&self.pools);
+        if let Some(p) = g.get(&key) {
+            return Ok(p.clone());
+        }
+        let p = self.cluster.pool_ns(name, ns)?;
+        g.insert(key, p.clone());
+        Ok(p)
+    }
+
     /// The bytes of `pool/image@snap`, through our reader with read-ahead.
     pub fn open_snapshot(
         &self,

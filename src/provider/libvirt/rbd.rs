@@ -44,7 +44,7 @@ pub(super) struct RbdDisk {
 type OpenedDisk = (Arc<Pool>, Image, Vec<SnapEntry>);
 
 /// The clone of a launched disk: `<new>-<target>` in the source disk's pool.
-fn clone_name(new: &str, target: &str, attempt: u32) -> String {
+pub(super) fn clone_name(new: &str, target: &str, attempt: u32) -> String {
     let base = format!("{}-{}", safe_part(new), safe_part(target));
     if attempt <= 1 {
         base
@@ -57,7 +57,7 @@ fn clone_name(new: &str, target: &str, attempt: u32) -> String {
 /// QEMU drains in-flight I/O when it stops, so the snapshots are one crash-consistent point.
 /// A record `<state-dir>/paused/<uuid>` (synced before the pause) lets the next daemon resume
 /// a guest this one was killed with; the guard resumes on every way out.
-struct Paused<'a> {
+pub(super) struct Paused<'a> {
     dom: &'a Domain,
     record: PathBuf,
     name: String,
@@ -65,7 +65,12 @@ struct Paused<'a> {
 }
 
 impl Paused<'_> {
-    fn start<'a>(dom: &'a Domain, state_dir: &Path, uuid: &str, name: &str) -> Result<Paused<'a>> {
+    pub(super) fn start<'a>(
+        dom: &'a Domain,
+        state_dir: &Path,
+        uuid: &str,
+        name: &str,
+    ) -> Result<Paused<'a>> {
         let dir = state_dir.join(PAUSED_DIR);
         std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
         let record = dir.join(uuid);
@@ -130,7 +135,7 @@ const PAUSED_DIR: &str = "paused";
 
 impl LibvirtProvider {
     /// The Ceph connection, or the refusal that says how to get one.
-    fn rbd_access(&self, owner: &Owner) -> Result<&Arc<RbdAccess>> {
+    pub(super) fn rbd_access(&self, owner: &Owner) -> Result<&Arc<RbdAccess>> {
         self.rbd.as_ref().ok_or_else(|| {
             Error::NotSupported(format!(
                 "{owner} has RBD disks: start snapfs with --ceph CEPH_CONF to reach them"
@@ -576,25 +581,30 @@ impl LibvirtProvider {
         }
         info!(domain = %new, %instance, %snapshot, clone_ms, clones = clones.len(), "launched on RBD clones");
         if self.opts.flatten_on_launch {
-            let names: Vec<String> = clones
-                .iter()
-                .map(|(p, n)| format!("{}/{n}", p.name))
-                .collect();
-            let spawned = std::thread::Builder::new()
-                .name("rbd-flatten".into())
-                .spawn(move || {
-                    for (pool, name) in clones {
-                        let t = Instant::now();
-                        match pool.open(&name, None, true).and_then(|img| img.flatten()) {
-                            Ok(()) => info!(image = %format!("{}/{name}", pool.name), ms = t.elapsed().as_millis() as u64, "clone flattened"),
-                            Err(e) => warn!(image = %format!("{}/{name}", pool.name), error = %e, "flattening the clone failed"),
-                        }
-                    }
-                });
-            if let Err(e) = spawned {
-                warn!(clones = ?names, error = %e, "cannot start flattening the clones");
-            }
+            flatten_in_background(clones);
         }
         Ok(Some(()))
+    }
+}
+
+/// `--flatten-on-launch`: flatten the clones of a launch in a thread of their own.
+pub(super) fn flatten_in_background(clones: Vec<(Arc<Pool>, String)>) {
+    let names: Vec<String> = clones
+        .iter()
+        .map(|(p, n)| format!("{}/{n}", p.name))
+        .collect();
+    let spawned = std::thread::Builder::new()
+        .name("rbd-flatten".into())
+        .spawn(move || {
+            for (pool, name) in clones {
+                let t = Instant::now();
+                match pool.open(&name, None, true).and_then(|img| img.flatten()) {
+                    Ok(()) => info!(image = %format!("{}/{name}", pool.name), ms = t.elapsed().as_millis() as u64, "clone flattened"),
+                    Err(e) => warn!(image = %format!("{}/{name}", pool.name), error = %e, "flattening the clone failed"),
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        warn!(clones = ?names, error = %e, "cannot start flattening the clones");
     }
 }

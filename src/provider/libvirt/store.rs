@@ -77,6 +77,51 @@ pub struct MetaDisk {
     pub size: u64,
     /// The disk's source when the snapshot was taken.
     pub source: String,
+    /// The disk's data is in Ceph, not in `file` (`--store-pool`, `--managed-rbd`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbd: Option<RbdRef>,
+}
+
+/// An RBD snapshot that holds a store snapshot's disk: `pool[/namespace]/image@snap`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RbdRef {
+    pub pool: String,
+    /// RBD namespace ("" = the pool's default one).
+    #[serde(default)]
+    pub namespace: String,
+    pub image: String,
+    pub snap: String,
+    /// The image is the store's own (a copy in `--store-pool`): removing the snapshot removes
+    /// the image. Otherwise only the snapshot is ours (on the cloud's image, keep-snapshot).
+    #[serde(default)]
+    pub owned: bool,
+}
+
+impl RbdRef {
+    /// `pool[/namespace]/image`, as the rbd CLI spells it.
+    pub fn image_spec(&self) -> String {
+        if self.namespace.is_empty() {
+            format!("{}/{}", self.pool, self.image)
+        } else {
+            format!("{}/{}/{}", self.pool, self.namespace, self.image)
+        }
+    }
+
+    pub fn spec(&self) -> String {
+        format!("{}@{}", self.image_spec(), self.snap)
+    }
+}
+
+/// What a snapshot under way has made (or is about to make) in Ceph, for each RBD disk:
+/// the snapshot on the source image and, when copied, the store image. Written to `job.json`
+/// before either exists, so a restart can remove them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RbdStep {
+    /// The snapshot on the source image (None: already gone, as in a removal).
+    #[serde(default)]
+    pub source: Option<RbdRef>,
+    #[serde(default)]
+    pub copy: Option<RbdRef>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -84,6 +129,18 @@ struct Job {
     pid: u32,
     uuid: String,
     domain: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    rbd: Vec<RbdStep>,
+}
+
+/// A hidden store directory whose Ceph objects a previous daemon left: `.part-` (the steps
+/// of its job) or `.del-` (the disks of its `meta.json`). Handled once Ceph is reachable.
+#[derive(Debug)]
+pub struct RbdLeftover {
+    pub dir: PathBuf,
+    /// Store images and source snapshots of an unfinished mkdir, or the refs of a
+    /// half-removed snapshot.
+    pub steps: Vec<RbdStep>,
 }
 
 /// One complete snapshot in the store.
@@ -97,7 +154,24 @@ pub struct StoreSnap {
 impl StoreSnap {
     pub fn disk_path(&self, target: &str) -> Option<(PathBuf, Format)> {
         let d = self.meta.disks.iter().find(|d| d.target == target)?;
+        if d.rbd.is_some() {
+            return None;
+        }
         Some((self.dir.join(&d.file), Format::parse(&d.format)?))
+    }
+
+    /// The RBD snapshot holding disk `target`, when its data is in Ceph.
+    pub fn disk_rbd(&self, target: &str) -> Option<&RbdRef> {
+        self.meta
+            .disks
+            .iter()
+            .find(|d| d.target == target)
+            .and_then(|d| d.rbd.as_ref())
+    }
+
+    /// Whether any disk's data is in Ceph.
+    pub fn has_rbd(&self) -> bool {
+        self.meta.disks.iter().any(|d| d.rbd.is_some())
     }
 
     pub fn info(&self) -> SnapshotInfo {
@@ -107,6 +181,17 @@ impl StoreSnap {
             .disks
             .iter()
             .map(|d| {
+                if let Some(r) = &d.rbd {
+                    return json!({
+                        "target": d.target,
+                        "kind": if r.owned { "copy" } else { "rbd" },
+                        "source": r.spec(),
+                        "format": "raw",
+                        "size": d.size,
+                        "store_bytes": Value::Null,
+                        "copied_from": d.source,
+                    });
+                }
                 let path = self.dir.join(&d.file);
                 let allocated = std::fs::metadata(&path)
                     .ok()
@@ -178,6 +263,7 @@ fn read_meta(dir: &Path) -> Result<Meta> {
 pub struct Part<'a> {
     store: &'a Store,
     uuid: String,
+    domain: String,
     id: String,
     pub dir: PathBuf,
     done: bool,
@@ -185,8 +271,8 @@ pub struct Part<'a> {
 
 impl Part<'_> {
     /// Make it a snapshot: `meta.json` and the images synced, the directory renamed.
-    fn commit(mut self, meta: &Meta) -> Result<StoreSnap> {
-        for d in &meta.disks {
+    pub(super) fn commit(mut self, meta: &Meta) -> Result<StoreSnap> {
+        for d in meta.disks.iter().filter(|d| d.rbd.is_none()) {
             let p = self.dir.join(&d.file);
             std::fs::File::open(&p)
                 .and_then(|f| f.sync_all())
@@ -209,6 +295,26 @@ impl Part<'_> {
     }
 }
 
+impl Part<'_> {
+    /// The snapshot's id (unique in the store).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Record the Ceph objects this snapshot is about to make (synced before they exist).
+    pub fn record_rbd(&self, steps: &[RbdStep]) -> Result<()> {
+        let job = Job {
+            pid: std::process::id(),
+            uuid: self.uuid.clone(),
+            domain: self.domain.clone(),
+            rbd: steps.to_vec(),
+        };
+        let body =
+            serde_json::to_vec(&job).map_err(|e| Error::Backend(format!("encoding {JOB}: {e}")))?;
+        super::freeze::write_record_file(&self.dir, JOB, &body)
+    }
+}
+
 impl Drop for Part<'_> {
     fn drop(&mut self) {
         if !self.done {
@@ -223,7 +329,7 @@ impl Drop for Part<'_> {
 }
 
 /// Marks a domain busy for the life of the guard.
-struct Busy<'a>(&'a Store, String);
+pub(super) struct Busy<'a>(&'a Store, String);
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
@@ -286,7 +392,7 @@ impl Store {
         self.list(uuid).into_iter().find(|s| s.meta.name == name)
     }
 
-    fn claim(&self, uuid: &str, owner: &Owner) -> Result<Busy<'_>> {
+    pub(super) fn claim(&self, uuid: &str, owner: &Owner) -> Result<Busy<'_>> {
         if !lock(&self.busy).insert(uuid.to_string()) {
             return Err(Error::Busy(format!(
                 "a copy snapshot of {owner} is already in progress"
@@ -295,7 +401,7 @@ impl Store {
         Ok(Busy(self, uuid.to_string()))
     }
 
-    fn begin(&self, uuid: &str, domain: &str) -> Result<Part<'_>> {
+    pub(super) fn begin(&self, uuid: &str, domain: &str) -> Result<Part<'_>> {
         static N: AtomicU64 = AtomicU64::new(0);
         let ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -312,6 +418,7 @@ impl Store {
         std::fs::create_dir(&dir).ctx(|| format!("creating {}", dir.display()))?;
         let part = Part {
             store: self,
+            domain: domain.to_string(),
             uuid: uuid.to_string(),
             id,
             dir,
@@ -321,6 +428,7 @@ impl Store {
             pid: std::process::id(),
             uuid: uuid.to_string(),
             domain: domain.to_string(),
+            rbd: Vec::new(),
         };
         let body = serde_json::to_vec(&job).unwrap_or_default();
         super::freeze::write_record_file(&part.dir, JOB, &body)?;
@@ -330,11 +438,53 @@ impl Store {
 
     /// Remove a snapshot: renamed out of sight first, so a crash never shows half of it.
     pub fn remove(&self, snap: &StoreSnap) -> Result<()> {
+        let gone = self.hide(snap)?;
+        Self::purge(&gone)
+    }
+
+    /// First step of a removal: the snapshot renamed to `.del-<id>` (no longer listed).
+    pub fn hide(&self, snap: &StoreSnap) -> Result<PathBuf> {
         let parent = snap.dir.parent().unwrap_or(&self.dir);
         let gone = parent.join(format!("{DEL}{}", snap.id));
         std::fs::rename(&snap.dir, &gone).ctx(|| format!("removing {}", snap.dir.display()))?;
         fsync_dir(parent);
-        std::fs::remove_dir_all(&gone).ctx(|| format!("removing {}", gone.display()))
+        Ok(gone)
+    }
+
+    /// Undo [`Self::hide`] (the removal of its Ceph objects failed).
+    pub fn unhide(&self, hidden: &Path, snap: &StoreSnap) -> Result<()> {
+        std::fs::rename(hidden, &snap.dir).ctx(|| format!("restoring {}", snap.dir.display()))?;
+        fsync_dir(snap.dir.parent().unwrap_or(&self.dir));
+        Ok(())
+    }
+
+    /// Last step of a removal: the hidden directory deleted.
+    pub fn purge(hidden: &Path) -> Result<()> {
+        std::fs::remove_dir_all(hidden).ctx(|| format!("removing {}", hidden.display()))
+    }
+
+    /// Hidden directories a previous daemon left with Ceph objects to remove (see
+    /// [`Self::recover`], which leaves them for this): `.part-` with RBD steps in its job,
+    /// `.del-` with RBD disks in its `meta.json`. Directories of a live snapfs are skipped.
+    pub fn rbd_leftovers(&self) -> Vec<RbdLeftover> {
+        let mut out = Vec::new();
+        let Ok(domains) = std::fs::read_dir(&self.dir) else {
+            return out;
+        };
+        for d in domains.flatten() {
+            let Ok(entries) = std::fs::read_dir(d.path()) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if let Some(steps) = rbd_steps_of(&e.path()) {
+                    out.push(RbdLeftover {
+                        dir: e.path(),
+                        steps,
+                    });
+                }
+            }
+        }
+        out
     }
 
     pub fn rename(&self, snap: &StoreSnap, to: &str) -> Result<()> {
@@ -358,19 +508,25 @@ impl Store {
             };
             for e in entries.flatten() {
                 let file = e.file_name().to_string_lossy().into_owned();
-                if file.starts_with(PART) {
-                    let job: Option<Job> = std::fs::read(e.path().join(JOB))
-                        .ok()
-                        .and_then(|b| serde_json::from_slice(&b).ok());
-                    if let Some(j) = &job {
-                        if j.pid != std::process::id() && snapfs_alive(j.pid) {
-                            info!(dir = %e.path().display(), pid = j.pid, "copy of a running snapfs daemon: left alone");
-                            continue;
-                        }
-                        abort_our_backup(conn, &j.uuid, &j.domain, &e.path());
-                    }
-                } else if !file.starts_with(DEL) {
+                if !file.starts_with(PART) && !file.starts_with(DEL) {
                     continue;
+                }
+                let job: Option<Job> = std::fs::read(e.path().join(JOB))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok());
+                if let Some(j) = &job {
+                    if j.pid != std::process::id() && snapfs_alive(j.pid) {
+                        info!(dir = %e.path().display(), pid = j.pid, "copy of a running snapfs daemon: left alone");
+                        continue;
+                    }
+                }
+                if rbd_steps_of(&e.path()).is_some() {
+                    // Its Ceph objects go first: done once Ceph is reachable (rbd_leftovers).
+                    info!(dir = %e.path().display(), "incomplete store snapshot with RBD images or snapshots: removed once Ceph is reachable (--ceph)");
+                    continue;
+                }
+                if let (Some(j), true) = (&job, file.starts_with(PART)) {
+                    abort_our_backup(conn, &j.uuid, &j.domain, &e.path());
                 }
                 n += 1;
                 match std::fs::remove_dir_all(e.path()) {
@@ -385,6 +541,47 @@ impl Store {
         }
         n
     }
+}
+
+/// The Ceph objects of a hidden store directory a previous daemon left (None: nothing in
+/// Ceph, or the directory belongs to a live snapfs, or it is not hidden).
+fn rbd_steps_of(dir: &Path) -> Option<Vec<RbdStep>> {
+    let file = dir.file_name()?.to_string_lossy().into_owned();
+    let job: Option<Job> = std::fs::read(dir.join(JOB))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    if let Some(j) = &job {
+        if j.pid != std::process::id() && snapfs_alive(j.pid) {
+            return None;
+        }
+    }
+    let steps: Vec<RbdStep> = if file.starts_with(PART) {
+        job?.rbd
+    } else if file.starts_with(DEL) {
+        // A removal: the refs of its disks; a copy's source snapshot is already gone.
+        read_meta(dir)
+            .ok()?
+            .disks
+            .into_iter()
+            .filter_map(|d| d.rbd)
+            .map(|r| {
+                if r.owned {
+                    RbdStep {
+                        source: None,
+                        copy: Some(r),
+                    }
+                } else {
+                    RbdStep {
+                        source: Some(r),
+                        copy: None,
+                    }
+                }
+            })
+            .collect()
+    } else {
+        return None;
+    };
+    (!steps.is_empty()).then_some(steps)
 }
 
 /// Whether `pid` is a live snapfs process (a killed daemon may linger as a zombie until
@@ -491,6 +688,38 @@ impl LibvirtProvider {
         managed_by: Option<Value>,
     ) -> Result<()> {
         let store = self.store()?;
+        if let Some(mode) = self.rbd_store_mode() {
+            // All data disks RBD images: the copy (or the kept snapshot) lives in Ceph.
+            let mut rbd_disks = Vec::new();
+            let mut other = None;
+            for d in Self::domain_xml(dom, 0)?
+                .disks
+                .iter()
+                .filter(|d| d.is_data_disk())
+            {
+                match &d.source {
+                    DiskSource::Network { protocol, name } if protocol == "rbd" => {
+                        let (pool, image) = xml::rbd_pool_image(name)?;
+                        rbd_disks.push(super::rbd::RbdDisk {
+                            target: d.target.clone(),
+                            pool,
+                            image,
+                        });
+                    }
+                    _ => other = Some(d.target.clone()),
+                }
+            }
+            match (rbd_disks.is_empty(), other) {
+                (false, None) => {
+                    return self
+                        .create_rbd_store_snapshot(dom, owner, name, managed_by, &rbd_disks, mode)
+                }
+                (false, Some(t)) => {
+                    warn!(%owner, disk = %t, "RBD disks mixed with other disks: the whole domain is copied into the file store")
+                }
+                _ => {}
+            }
+        }
         let started = Instant::now();
         let dom_name = dom.name().map_err(|e| lv_err("domain name", e))?;
         let uuid = dom.uuid_string().map_err(|e| lv_err("domain uuid", e))?;
@@ -574,7 +803,7 @@ impl LibvirtProvider {
             for d in &included {
                 let (DiskSource::File(src) | DiskSource::Block(src)) = &d.source else {
                     return Err(Error::NotSupported(format!(
-                        "disk {} of shut-off {owner} is {}: only file and block-device disks are copied while shut off",
+                        "disk {} of shut-off {owner} is {}: only file and block-device disks are copied into the file store while shut off (RBD disks: --store-pool POOL, or --managed-rbd=keep-snapshot)",
                         d.target,
                         d.source.describe()
                     )));
@@ -624,6 +853,9 @@ impl LibvirtProvider {
         owner: &Owner,
         snap: &StoreSnap,
     ) -> Result<()> {
+        if snap.has_rbd() {
+            return self.delete_store_rbd(owner, snap);
+        }
         let uuid = dom.uuid_string().map_err(|e| lv_err("domain uuid", e))?;
         let images: Vec<PathBuf> = snap
             .meta
@@ -653,6 +885,7 @@ fn meta_disk(d: &xml::Disk, path: &Path, format: &str, size: u64) -> MetaDisk {
         format: format.to_string(),
         size,
         source: d.source.describe(),
+        rbd: None,
     }
 }
 
@@ -675,6 +908,7 @@ mod tests {
                 format: "raw".into(),
                 size: 4096,
                 source: "/x".into(),
+                rbd: None,
             }],
             stall_ms: None,
             copy_ms: 1,
@@ -713,6 +947,56 @@ mod tests {
         assert!(!half_dir.exists());
         assert_eq!(s.list("u").len(), 1);
         s.remove(&snap).unwrap();
+        assert!(s.list("u").is_empty());
+    }
+
+    #[test]
+    fn ceph_leftovers_wait_for_ceph() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::new(t.path()).unwrap();
+        let r = RbdRef {
+            pool: "p".into(),
+            namespace: "snapfs".into(),
+            image: "u.1.vda".into(),
+            snap: "snapfs".into(),
+            owned: true,
+        };
+        let step = RbdStep {
+            source: Some(RbdRef {
+                pool: "cloud".into(),
+                namespace: String::new(),
+                image: "vda".into(),
+                snap: "snapfs.1".into(),
+                owned: false,
+            }),
+            copy: Some(r.clone()),
+        };
+        let p = s.begin("u", "d").unwrap();
+        p.record_rbd(std::slice::from_ref(&step)).unwrap();
+        let part_dir = p.dir.clone();
+        std::mem::forget(p);
+        // A committed snapshot in Ceph, half removed.
+        let p = s.begin("u", "d").unwrap();
+        let mut m = meta("s1", 1);
+        m.disks[0].rbd = Some(r.clone());
+        let snap = p.commit(&m).unwrap();
+        assert_eq!(
+            snap.info().json["disks"][0]["source"],
+            "p/snapfs/u.1.vda@snapfs"
+        );
+        assert!(snap.disk_path("vda").is_none() && snap.disk_rbd("vda") == Some(&r));
+        let hidden = s.hide(&snap).unwrap();
+        // Recovery without Ceph leaves both (their Ceph objects go first).
+        let c = Connect::open(Some("test:///default")).unwrap();
+        assert_eq!(s.recover(&c), 0);
+        assert!(part_dir.exists() && hidden.exists());
+        let mut l = s.rbd_leftovers();
+        l.sort_by(|a, b| a.dir.cmp(&b.dir));
+        assert_eq!(l.len(), 2);
+        let del = l.iter().find(|x| x.dir == hidden).unwrap();
+        assert!(del.steps[0].source.is_none() && del.steps[0].copy.as_ref() == Some(&r));
+        let part = l.iter().find(|x| x.dir == part_dir).unwrap();
+        assert_eq!(part.steps[0].source, step.source);
         assert!(s.list("u").is_empty());
     }
 
