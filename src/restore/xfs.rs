@@ -1191,7 +1191,8 @@ impl GuestFs for XfsFs {
                 4 => b"security.",
                 _ => continue,
             };
-            // POSIX ACLs: root-namespace SGI_ACL_FILE / SGI_ACL_DEFAULT in XFS's own format.
+            // POSIX ACLs: root-namespace SGI_ACL_FILE / SGI_ACL_DEFAULT in XFS's own format,
+            // shown converted and, as Linux lists them to root, also as the trusted.* they are.
             if flags & 0x06 == 2 && (name == b"SGI_ACL_FILE" || name == b"SGI_ACL_DEFAULT") {
                 let full: &[u8] = if name == b"SGI_ACL_FILE" {
                     b"system.posix_acl_access"
@@ -1207,7 +1208,6 @@ impl GuestFs for XfsFs {
                         );
                     }
                 }
-                continue;
             }
             let mut n = prefix.to_vec();
             n.extend_from_slice(&name);
