@@ -54,6 +54,8 @@ struct Caps {
     huge: usize,
     /// The reference shows the on-disk inode numbers.
     ino: bool,
+    /// Regular files of at most 64 KiB (FAT12's few megabytes).
+    small: bool,
 }
 
 struct Case {
@@ -104,7 +106,7 @@ fn xfs(name: &str, opts: &[&'static str], caps: Caps) -> Case {
     }
 }
 
-fn fat(bits: &'static str, size: &'static str) -> Case {
+fn fat(bits: &'static str, size: &'static str, small: bool) -> Case {
     Case {
         name: format!("fat{bits}"),
         size,
@@ -112,7 +114,10 @@ fn fat(bits: &'static str, size: &'static str) -> Case {
         via: Via::Mtools,
         ro: "",
         rw: "",
-        caps: Caps::default(),
+        caps: Caps {
+            small,
+            ..Caps::default()
+        },
     }
 }
 
@@ -180,7 +185,7 @@ fn fast_cases() -> Vec<Case> {
                 ..c
             },
         ),
-        fat("32", "64M"),
+        fat("32", "64M", false),
         ntfs(),
     ]
 }
@@ -281,9 +286,9 @@ fn full_cases() -> Vec<Case> {
     ));
     // XFS v4 (with and without ftype): this kernel refuses to mount it (no
     // CONFIG_XFS_SUPPORT_V4), so there is no reference; see the exceptions in docs/restore.md.
-    v.push(fat("12", "8M"));
-    v.push(fat("16", "64M"));
-    v.push(fat("32", "96M"));
+    v.push(fat("12", "16M", true));
+    v.push(fat("16", "64M", false));
+    v.push(fat("32", "96M", false));
     v.push(ntfs());
     v
 }
@@ -489,7 +494,10 @@ fn fill(root: &Path, g: &mut Gen, caps: Caps, n: usize, fat: bool) -> usize {
                 dirs.push(p.clone());
             }
             15..=59 => {
-                let size = SIZES[g.below(SIZES.len())];
+                let mut size = SIZES[g.below(SIZES.len())];
+                if caps.small {
+                    size %= 65_550;
+                }
                 fs::write(&p, g.bytes(size)).unwrap();
                 files.push(p.clone());
             }
@@ -1095,4 +1103,86 @@ fn differential_fast_subset() {
 #[ignore = "the full matrix: scripts/check-differential.sh"]
 fn differential_full_matrix() {
     run_matrix(full_cases(), 400);
+}
+
+/// Casefolded ext4 directories (`mkfs.ext4 -O casefold`, `+F`): names are found in any case as
+/// Linux's `utf8_casefold` matches them (full case folding: ß = ss; canonical equivalence:
+/// precomposed É = E + U+0301), listed as stored; a directory without the flag stays exact.
+/// This kernel has no CONFIG_UNICODE (it refuses to mount such a filesystem), so the image is
+/// made with debugfs, which hashes and links names as e2fsprogs' casefold support does, and
+/// the expectation is Linux's documented rule rather than a kernel mount.
+#[test]
+fn casefold_directories_look_names_up_caselessly() {
+    let t = tempfile::Builder::new()
+        .prefix("snapfs-casefold")
+        .tempdir()
+        .expect("tempdir");
+    let images = t.path().join("images");
+    fs::create_dir(&images).unwrap();
+    let raw = t.path().join("cf.raw");
+    let content = t.path().join("content");
+    fs::write(&content, b"hi\n").unwrap();
+    run(Command::new("truncate").args(["-s", "32M"]).arg(&raw));
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-O", "casefold"])
+        .arg(&raw));
+    let debugfs = |req: &str| {
+        run(Command::new("debugfs").args(["-w", "-R", req]).arg(&raw));
+    };
+    debugfs("mkdir ci");
+    debugfs("mkdir exact");
+    // EXT4_CASEFOLD_FL | EXT4_EXTENTS_FL on the empty directory (what chattr +F sets).
+    debugfs("set_inode_field ci flags 0x40080000");
+    let c = content.to_str().unwrap();
+    for n in ["Foo.txt", "Straße", "ÉCOLE", "sub"] {
+        debugfs(&format!("write {c} ci/{n}"));
+    }
+    debugfs(&format!("write {c} exact/Foo.txt"));
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let img = images.join("cf.qcow2");
+    let (r, i) = (raw.to_str().unwrap(), img.to_str().unwrap());
+    qemu_img(&["convert", "-O", "qcow2", r, i]);
+    qemu_img(&["snapshot", "-c", "s", i]);
+    let m = Mount::new(&images);
+    let root = m.snap("cf.qcow2", "s").join("files/whole");
+    let ci = root.join("ci");
+    assert_eq!(ls(&ci), ["Foo.txt", "Straße", "sub", "ÉCOLE"]);
+    let ino = |p: PathBuf| fs::symlink_metadata(&p).map(|m| m.ino());
+    let foo = ino(ci.join("Foo.txt")).unwrap();
+    for other in ["FOO.TXT", "foo.txt", "fOo.TxT"] {
+        assert_eq!(ino(ci.join(other)).ok(), Some(foo), "{other}");
+    }
+    let strasse = ino(ci.join("Straße")).unwrap();
+    for other in ["STRASSE", "strasse", "STRAẞE"] {
+        assert_eq!(ino(ci.join(other)).ok(), Some(strasse), "{other}");
+    }
+    let ecole = ino(ci.join("ÉCOLE")).unwrap();
+    for other in ["école", "e\u{301}cole", "E\u{301}COLE"] {
+        assert_eq!(ino(ci.join(other)).ok(), Some(ecole), "{other}");
+    }
+    assert_ne!(foo, strasse);
+    for absent in ["FOO.TX", "ecole", "strase"] {
+        assert_eq!(
+            errno(fs::symlink_metadata(ci.join(absent))),
+            libc::ENOENT,
+            "{absent}"
+        );
+    }
+    assert_eq!(fs::read(ci.join("FOO.TXT")).unwrap(), b"hi\n");
+    // Without the flag, names stay exact.
+    let exact = root.join("exact");
+    assert!(fs::symlink_metadata(exact.join("Foo.txt")).is_ok());
+    assert_eq!(
+        errno(fs::symlink_metadata(exact.join("FOO.TXT"))),
+        libc::ENOENT
+    );
 }

@@ -820,6 +820,25 @@ impl Ext4Fs {
         Err(not_found())
     }
 
+    /// `name` in casefolded directory `dir` as Linux matches it (`ext4_match` with
+    /// `utf8_strncasecmp_folded`): the names' canonical caseless forms (NFD, full case folding,
+    /// NFD again) are equal; a name that is not UTF-8 matches only itself, as Linux without
+    /// the strict encoding flag. Asked only after the exact name was not found (what `find`
+    /// and `ls` look up is the stored name), so the walk over the cached listing is the cost
+    /// of a name typed in another case alone. Encrypted casefolded directories are listed
+    /// (and looked up) by their no-key names only.
+    fn find_folded(&self, dir: u64, name: &[u8]) -> Result<u64> {
+        let not_found = || Error::NotFound(String::from_utf8_lossy(name).into_owned());
+        let Some(key) = casefold(name) else {
+            return Err(not_found());
+        };
+        let list = self.dir_entries(dir)?;
+        list.iter()
+            .find(|(n, _, _)| casefold(n).as_deref() == Some(key.as_str()))
+            .map(|&(_, ino, _)| ino)
+            .ok_or_else(not_found)
+    }
+
     /// Directory `ino`'s entries as stored (see [`Self::dir_entries`] for the cached ones).
     fn read_dir(&self, ino: u64) -> Result<Vec<(Vec<u8>, u64, FileKind)>> {
         let inode = self.inode(ino)?;
@@ -1228,6 +1247,15 @@ fn acl_to_xattr(v: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// The canonical caseless form of a UTF-8 name (Unicode D145: NFD, default full case
+/// folding, NFD), what Linux's `utf8_casefold` compares; `None` for a name that is not UTF-8.
+fn casefold(name: &[u8]) -> Option<String> {
+    use caseless::Caseless;
+    use unicode_normalization::UnicodeNormalization;
+    let s = std::str::from_utf8(name).ok()?;
+    Some(s.nfd().default_case_fold().nfd().collect())
+}
+
 /// Linux's no-key name (`struct fscrypt_nokey_name`, base64url without padding): the two hash
 /// words, then the ciphertext, or its first 149 bytes and the SHA-256 of the rest.
 fn nokey_name(hash: u32, minor: u32, ciphertext: &[u8]) -> Vec<u8> {
@@ -1261,7 +1289,12 @@ impl GuestFs for Ext4Fs {
     fn lookup(&self, dir: u64, name: &[u8]) -> Result<FileStat> {
         let ino = match self.find_indexed(dir, name)? {
             Some(ino) => ino,
-            None => self.find_linear(dir, name)?,
+            None => match self.find_linear(dir, name) {
+                Err(Error::NotFound(_)) if self.inode(dir)?.flags() & FL_CASEFOLD != 0 => {
+                    self.find_folded(dir, name)?
+                }
+                r => r?,
+            },
         };
         let st = self.stat(ino)?;
         // Directories have exactly one parent: a child whose `..` disagrees is a loop or damage.
