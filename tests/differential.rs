@@ -56,6 +56,8 @@ struct Caps {
     ino: bool,
     /// Regular files of at most 64 KiB (FAT12's few megabytes).
     small: bool,
+    /// Reflinked copies (`cp --reflink=always`: shared extents on XFS).
+    reflink: bool,
 }
 
 struct Case {
@@ -265,7 +267,14 @@ fn full_cases() -> Vec<Case> {
     ));
     v.push(xfs("xfs-v5", &[], wide));
     v.push(xfs("xfs-v5-nobigtime", &["-m", "bigtime=0"], c));
-    v.push(xfs("xfs-v5-reflink", &["-m", "reflink=1"], wide));
+    v.push(xfs(
+        "xfs-v5-reflink",
+        &["-m", "reflink=1"],
+        Caps {
+            reflink: true,
+            ..wide
+        },
+    ));
     v.push(xfs(
         "xfs-v5-noreflink",
         &["-m", "reflink=0,bigtime=1"],
@@ -541,6 +550,16 @@ fn fill(root: &Path, g: &mut Gen, caps: Caps, n: usize, fat: bool) -> usize {
             }
         }
         made.push(p);
+    }
+    if caps.reflink {
+        for (k, src) in files.iter().take(8).enumerate() {
+            let dst = root.join(format!("reflinked-{k}"));
+            run(Command::new("cp")
+                .arg("--reflink=always")
+                .arg(src)
+                .arg(&dst));
+            made.push(dst);
+        }
     }
     if caps.huge > 0 {
         let h = root.join("huge");
