@@ -32,6 +32,9 @@ pub enum Error {
     NotDir(String),
     #[error("is a directory: {0}")]
     IsDir(String),
+    /// Encrypted content without its key (fscrypt: ENOKEY, as Linux answers).
+    #[error("key not available: {0}")]
+    NoKey(String),
     #[error("no such attribute")]
     NoAttr,
     #[error("buffer too small")]
@@ -74,6 +77,7 @@ impl Error {
             Error::CrossDevice(_) => libc::EXDEV,
             Error::NotDir(_) => libc::ENOTDIR,
             Error::IsDir(_) => libc::EISDIR,
+            Error::NoKey(_) => libc::ENOKEY,
             Error::NoAttr => libc::ENODATA,
             Error::Range => libc::ERANGE,
             Error::NoSuchOffset => libc::ENXIO,

@@ -462,6 +462,7 @@ impl Namespace {
         match self.resolve(p, &self.snapshot_of(p)?)? {
             Resolved::Readme(b) => Ok(super::Content::Bytes(b)),
             Resolved::Guest { fs, stat, .. } if stat.kind == FileKind::File => {
+                fs.check_open(stat.ino)?;
                 Ok(super::Content::Guest(GuestFile {
                     fs,
                     ino: stat.ino,

@@ -66,6 +66,11 @@ pub trait GuestFs: Send + Sync {
     fn readdir(&self, dir: u64) -> Result<DirList>;
     /// Short only at end of file.
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize>;
+    /// Whether regular file `ino` may be opened for reading: an error here is what `open`
+    /// answers (ext4 files encrypted without their key: ENOKEY, as Linux).
+    fn check_open(&self, _ino: u64) -> Result<()> {
+        Ok(())
+    }
     /// The guest's bytes verbatim.
     fn readlink(&self, ino: u64) -> Result<Vec<u8>>;
     /// Names as Linux shows them: `user.x`, `security.selinux`, `trusted.x`, `system.posix_acl_access`.

@@ -746,57 +746,94 @@ impl XfsFs {
             }
             FMT_EXTENTS | FMT_BTREE if inode.forkoff() != 0 => {
                 let ext = self.fork_extents(inode, true)?;
-                let Some(first) = ext.first().filter(|e| e.off == 0) else {
+                if ext.first().is_none_or(|e| e.off != 0) {
                     return Ok(out);
+                }
+                let read = |lblk: u64| -> Result<Vec<u8>> {
+                    let mut b = vec![0u8; self.bs as usize];
+                    self.read_extents(inode.ino, &ext, lblk.saturating_mul(self.bs), &mut b)?;
+                    Ok(b)
                 };
-                let b = self.read_vec(first.block * self.bs, self.bs as usize)?;
-                let magic = be16(&b, 8);
-                let hdr = match magic {
-                    0x3BEE => 80,
-                    0xFBEE => 32,
-                    0x3EBE | 0xFEBE => {
-                        crate::input_warn!(
-                            self.dev.name(),
-                            "XFS xattrs in node form are not read (inode {})",
-                            inode.ino
-                        );
-                        return Ok(out);
-                    }
-                    _ => return Err(self.corrupt_ino(inode.ino, "bad xattr leaf magic")),
-                };
-                let count = usize::from(be16(&b, if magic == 0x3BEE { 56 } else { 12 }));
-                for i in 0..count {
-                    let e = sub(&b, hdr + i * 8, 8);
-                    let nameidx = usize::from(be16(e, 4));
-                    let flags = u8at(e, 6);
-                    if flags & 0x80 != 0 {
-                        continue; // incomplete
-                    }
-                    if flags & 1 != 0 {
-                        let vl = usize::from(be16(&b, nameidx));
-                        let nl = usize::from(u8at(&b, nameidx + 2));
-                        let name = sub(&b, nameidx + 3, nl);
-                        let value = sub(&b, nameidx + 3 + nl, vl);
-                        if name.len() != nl || value.len() != vl {
-                            return Err(self.corrupt_ino(inode.ino, "xattr past its leaf"));
-                        }
-                        out.push((flags & !1, name.to_vec(), value.to_vec()));
+                let mut b = read(0)?;
+                // Node form: down the leftmost path of the da-btree to the first leaf, then
+                // along the leaves' forward links; every step bounded by the fork's blocks.
+                let fork_blocks: u64 = ext.iter().map(|e| e.len).sum();
+                let mut steps = 0u64;
+                while matches!(be16(&b, 8), 0x3EBE | 0xFEBE) {
+                    steps += 1;
+                    let (count, entries) = if be16(&b, 8) == 0x3EBE {
+                        (be16(&b, 56), 64)
                     } else {
-                        let vblk = u64::from(be32(&b, nameidx));
-                        let vl = u64::from(be32(&b, nameidx + 4));
-                        let nl = usize::from(u8at(&b, nameidx + 8));
-                        let name = sub(&b, nameidx + 9, nl).to_vec();
-                        if vl > MAX_VALUE {
-                            return Err(self.corrupt_ino(inode.ino, "xattr value too large"));
-                        }
-                        let value = self.remote_value(inode.ino, &ext, vblk, vl)?;
-                        out.push((flags, name, value));
+                        (be16(&b, 12), 16)
+                    };
+                    if count == 0 || steps > 8 {
+                        return Err(self.corrupt_ino(inode.ino, "bad xattr node"));
                     }
+                    b = read(u64::from(be32(&b, entries + 4)))?;
+                }
+                let mut seen = 0u64;
+                loop {
+                    self.attr_leaf(inode, &ext, &b, &mut out)?;
+                    let forw = u64::from(be32(&b, 0));
+                    seen += 1;
+                    if forw == 0 {
+                        break;
+                    }
+                    if seen > fork_blocks {
+                        return Err(self.corrupt_ino(inode.ino, "xattr leaves loop"));
+                    }
+                    b = read(forw)?;
                 }
             }
             _ => {}
         }
         Ok(out)
+    }
+
+    /// The entries of one xattr leaf block (v5 `XFS_ATTR3_LEAF_MAGIC`, v4 `XFS_ATTR_LEAF_MAGIC`).
+    fn attr_leaf(
+        &self,
+        inode: &Inode,
+        ext: &[Extent],
+        b: &[u8],
+        out: &mut Vec<RawXattr>,
+    ) -> Result<()> {
+        let magic = be16(b, 8);
+        let hdr = match magic {
+            0x3BEE => 80,
+            0xFBEE => 32,
+            _ => return Err(self.corrupt_ino(inode.ino, "bad xattr leaf magic")),
+        };
+        let count = usize::from(be16(b, if magic == 0x3BEE { 56 } else { 12 }));
+        for i in 0..count {
+            let e = sub(b, hdr + i * 8, 8);
+            let nameidx = usize::from(be16(e, 4));
+            let flags = u8at(e, 6);
+            if flags & 0x80 != 0 {
+                continue; // incomplete
+            }
+            if flags & 1 != 0 {
+                let vl = usize::from(be16(b, nameidx));
+                let nl = usize::from(u8at(b, nameidx + 2));
+                let name = sub(b, nameidx + 3, nl);
+                let value = sub(b, nameidx + 3 + nl, vl);
+                if name.len() != nl || value.len() != vl {
+                    return Err(self.corrupt_ino(inode.ino, "xattr past its leaf"));
+                }
+                out.push((flags & !1, name.to_vec(), value.to_vec()));
+            } else {
+                let vblk = u64::from(be32(b, nameidx));
+                let vl = u64::from(be32(b, nameidx + 4));
+                let nl = usize::from(u8at(b, nameidx + 8));
+                let name = sub(b, nameidx + 9, nl).to_vec();
+                if vl > MAX_VALUE {
+                    return Err(self.corrupt_ino(inode.ino, "xattr value too large"));
+                }
+                let value = self.remote_value(inode.ino, ext, vblk, vl)?;
+                out.push((flags, name, value));
+            }
+        }
+        Ok(())
     }
 
     /// A remote xattr value: blocks of the attr fork from `vblk`, each with a header on v5.
@@ -1161,19 +1198,26 @@ impl GuestFs for XfsFs {
                 Ok(t.to_vec())
             }
             FMT_EXTENTS | FMT_BTREE => {
+                // One buffer per extent (`xfs_readlink_bmap`), on v5 each with its own
+                // header: a 2-block extent (1 KiB blocks) holds one header, not two.
                 let ext = self.data_extents(&i)?;
                 let hdr = if self.v5 { 56 } else { 0 };
                 let mut out = Vec::new();
-                let mut blk = 0;
-                while (out.len() as u64) < size && blk < 8 {
-                    let mut b = vec![0u8; self.bs as usize];
-                    self.read_extents(ino, &ext, blk * self.bs, &mut b)?;
+                for e in ext.iter().take(8) {
+                    if out.len() as u64 >= size {
+                        break;
+                    }
+                    let len = e.len.saturating_mul(self.bs).min(8192);
+                    let mut b = vec![0u8; len as usize];
+                    self.read_extents(ino, &ext, e.off.saturating_mul(self.bs), &mut b)?;
                     if self.v5 && sub(&b, 0, 4) != b"XSLM" {
                         return Err(self.corrupt_ino(ino, "bad remote symlink block"));
                     }
-                    let n = (self.bs - hdr).min(size - out.len() as u64) as usize;
+                    let n = len.saturating_sub(hdr).min(size - out.len() as u64) as usize;
                     out.extend_from_slice(sub(&b, hdr as usize, n));
-                    blk += 1;
+                }
+                if (out.len() as u64) < size {
+                    return Err(self.corrupt_ino(ino, "remote symlink shorter than its size"));
                 }
                 Ok(out)
             }
@@ -1191,7 +1235,8 @@ impl GuestFs for XfsFs {
                 4 => b"security.",
                 _ => continue,
             };
-            // POSIX ACLs: root-namespace SGI_ACL_FILE / SGI_ACL_DEFAULT in XFS's own format.
+            // POSIX ACLs: root-namespace SGI_ACL_FILE / SGI_ACL_DEFAULT in XFS's own format,
+            // shown converted and, as Linux lists them to root, also as the trusted.* they are.
             if flags & 0x06 == 2 && (name == b"SGI_ACL_FILE" || name == b"SGI_ACL_DEFAULT") {
                 let full: &[u8] = if name == b"SGI_ACL_FILE" {
                     b"system.posix_acl_access"
@@ -1207,7 +1252,6 @@ impl GuestFs for XfsFs {
                         );
                     }
                 }
-                continue;
             }
             let mut n = prefix.to_vec();
             n.extend_from_slice(&name);

@@ -25,14 +25,20 @@ pub const MAX_LEVELS: u8 = 3;
 /// seed), the low bit cleared as Linux keeps it; `None` for a version we do not know
 /// (SipHash of casefolded encrypted names, garbage).
 pub fn dirhash(version: u8, name: &[u8], seed: &[u32; 4]) -> Option<u32> {
+    dirhash2(version, name, seed).map(|(major, _)| major)
+}
+
+/// The major and minor hash of `name` (`ext4fs_dirhash`'s `hinfo->hash` and
+/// `hinfo->minor_hash`; the minor one is 0 for the legacy hash).
+pub fn dirhash2(version: u8, name: &[u8], seed: &[u32; 4]) -> Option<(u32, u32)> {
     let mut buf = if seed.iter().any(|&s| s != 0) {
         *seed
     } else {
         [0x6745_2301, 0xefcd_ab89, 0x98ba_dcfe, 0x1032_5476]
     };
-    let hash = match version {
-        LEGACY => dx_hack_hash(name, true),
-        LEGACY_UNSIGNED => dx_hack_hash(name, false),
+    let (hash, minor) = match version {
+        LEGACY => (dx_hack_hash(name, true), 0),
+        LEGACY_UNSIGNED => (dx_hack_hash(name, false), 0),
         HALF_MD4 | HALF_MD4_UNSIGNED => {
             let signed = version == HALF_MD4;
             let mut p = name;
@@ -43,7 +49,7 @@ pub fn dirhash(version: u8, name: &[u8], seed: &[u32; 4]) -> Option<u32> {
                 half_md4_transform(&mut buf, &input);
                 p = p.get(32..).unwrap_or(&[]);
             }
-            buf[1]
+            (buf[1], buf[2])
         }
         TEA | TEA_UNSIGNED => {
             let signed = version == TEA;
@@ -54,17 +60,18 @@ pub fn dirhash(version: u8, name: &[u8], seed: &[u32; 4]) -> Option<u32> {
                 tea_transform(&mut buf, &input);
                 p = p.get(16..).unwrap_or(&[]);
             }
-            buf[0]
+            (buf[0], buf[1])
         }
         _ => return None,
     };
     let hash = hash & !1;
     // EXT4_HTREE_EOF_32BIT << 1 is reserved for the end of a readdir.
-    Some(if hash == 0x7fff_ffff << 1 {
+    let hash = if hash == 0x7fff_ffff << 1 {
         (0x7fff_ffff - 1) << 1
     } else {
         hash
-    })
+    };
+    Some((hash, minor))
 }
 
 /// A name byte as C's `char` would widen it: sign-extended where `char` is signed.

@@ -69,6 +69,8 @@ pub struct Ext4Fs {
     hash_seed: [u32; 4],
     hash_unsigned: bool,
     largedir: bool,
+    /// `s_def_hash_version`: the hash of directories without an index (no-key names).
+    def_hash: u8,
     /// Inode table's first block per group.
     inode_tables: Vec<u64>,
     /// Blocks replaced by the journal replay.
@@ -257,6 +259,7 @@ impl Ext4Fs {
             ],
             hash_unsigned: le32(&sb, 0x160) & FLAGS_UNSIGNED_HASH != 0,
             largedir: incompat & INCOMPAT_LARGEDIR != 0,
+            def_hash: u8at(&sb, 0xFC),
             inode_tables: Vec::new(),
             replaced: HashMap::new(),
             label,
@@ -768,7 +771,8 @@ impl Ext4Fs {
         if inode.kind() != Some(FileKind::Dir) {
             return Err(Error::NotDir(format!("ext4 inode {dir}")));
         }
-        if inode.flags() & FL_INLINE_DATA != 0 {
+        // Inline directories, and encrypted ones (whose listed names are encoded).
+        if inode.flags() & (FL_INLINE_DATA | FL_ENCRYPT) != 0 {
             return DirCache::find(&self.dirs, dir, name, false, || self.read_dir(dir));
         }
         let size = inode.size();
@@ -816,6 +820,25 @@ impl Ext4Fs {
         Err(not_found())
     }
 
+    /// `name` in casefolded directory `dir` as Linux matches it (`ext4_match` with
+    /// `utf8_strncasecmp_folded`): the names' canonical caseless forms (NFD, full case folding,
+    /// NFD again) are equal; a name that is not UTF-8 matches only itself, as Linux without
+    /// the strict encoding flag. Asked only after the exact name was not found (what `find`
+    /// and `ls` look up is the stored name), so the walk over the cached listing is the cost
+    /// of a name typed in another case alone. Encrypted casefolded directories are listed
+    /// (and looked up) by their no-key names only.
+    fn find_folded(&self, dir: u64, name: &[u8]) -> Result<u64> {
+        let not_found = || Error::NotFound(String::from_utf8_lossy(name).into_owned());
+        let Some(key) = casefold(name) else {
+            return Err(not_found());
+        };
+        let list = self.dir_entries(dir)?;
+        list.iter()
+            .find(|(n, _, _)| casefold(n).as_deref() == Some(key.as_str()))
+            .map(|&(_, ino, _)| ino)
+            .ok_or_else(not_found)
+    }
+
     /// Directory `ino`'s entries as stored (see [`Self::dir_entries`] for the cached ones).
     fn read_dir(&self, ino: u64) -> Result<Vec<(Vec<u8>, u64, FileKind)>> {
         let inode = self.inode(ino)?;
@@ -847,7 +870,60 @@ impl Ext4Fs {
                 }
             }
         }
+        if inode.flags() & FL_ENCRYPT != 0 {
+            self.nokey_names(&inode, &mut out)?;
+        }
         Ok(out)
+    }
+
+    /// An encrypted directory's names as Linux lists them without the key (`fscrypt_fname_
+    /// disk_to_usr`): the base64url (no padding) of the name's htree hash and minor hash (the
+    /// 32-bit words as stored in memory, little-endian here) followed by the ciphertext, or its
+    /// first 149 bytes and the SHA-256 of the rest when longer. The hash is what `readdir`
+    /// computes: of the ciphertext, with the index root's hash version in an indexed
+    /// directory, `s_def_hash_version` in a one-block or inline one (both read through
+    /// `ext4_dx_readdir`); zero in a linear directory of more blocks or without `dir_index`.
+    /// A name shorter than one cipher block (16 bytes) is not a valid ciphertext: hidden
+    /// (Linux's readdir fails with EUCLEAN there).
+    fn nokey_names(&self, dir: &Inode, out: &mut Vec<(Vec<u8>, u64, FileKind)>) -> Result<()> {
+        let flags = dir.flags();
+        let dx = self.dir_index
+            && (flags & (FL_INDEX | FL_INLINE_DATA) != 0 || dir.size() / self.bs == 1);
+        let version = if !dx {
+            None
+        } else if flags & FL_INDEX != 0 {
+            let run = self.runs(dir, 0, 1)?.into_iter().next();
+            match run.filter(|r| r.physical != 0 && !r.uninit) {
+                Some(r) => Some(u8at(&self.block(r.physical)?, 0x1C)),
+                None => None,
+            }
+        } else {
+            Some(self.def_hash)
+        };
+        let version = version.map(|v| {
+            if v <= htree::TEA && self.hash_unsigned {
+                v + 3
+            } else {
+                v
+            }
+        });
+        let before = out.len();
+        out.retain(|(name, _, _)| name.len() >= 16);
+        if out.len() != before {
+            crate::input_warn!(
+                self.dev.name(),
+                "ext4 encrypted directory {} has {} names shorter than a cipher block; hidden",
+                dir.ino,
+                before - out.len()
+            );
+        }
+        for (name, _, _) in out.iter_mut() {
+            let (hash, minor) = version
+                .and_then(|v| htree::dirhash2(v, name, &self.hash_seed))
+                .unwrap_or((0, 0));
+            *name = nokey_name(hash, minor, name);
+        }
+        Ok(())
     }
 
     fn parse_dirents(
@@ -984,6 +1060,48 @@ impl Ext4Fs {
         Ok(())
     }
 
+    /// A symlink's target; an encrypted one's as Linux shows it without the key
+    /// (`fscrypt_get_symlink`: the ciphertext after its 2-byte length, as a no-key name with
+    /// zero hashes).
+    fn link_target(&self, inode: &Inode) -> Result<Vec<u8>> {
+        let ino = inode.ino;
+        if inode.kind() != Some(FileKind::Symlink) {
+            return Err(Error::Invalid(format!("ext4 inode {ino} is not a symlink")));
+        }
+        let size = inode.size();
+        if size > MAX_VALUE {
+            return Err(self.corrupt_ino(ino, "symlink too long"));
+        }
+        let blocks = u64::from(le32(&inode.raw, 0x1C));
+        let ea_blocks = if inode.file_acl() != 0 {
+            self.bs / 512
+        } else {
+            0
+        };
+        let fast = inode.flags() & (FL_EXTENTS | FL_INLINE_DATA) == 0 && blocks <= ea_blocks;
+        if fast {
+            if size > 60 {
+                return Err(self.corrupt_ino(ino, "fast symlink longer than 60 bytes"));
+            }
+            return self.plain_target(inode, sub(inode.i_block(), 0, size as usize).to_vec());
+        }
+        let mut v = vec![0u8; size as usize];
+        let n = self.read_data(inode, 0, &mut v)?;
+        v.truncate(n);
+        self.plain_target(inode, v)
+    }
+
+    fn plain_target(&self, inode: &Inode, v: Vec<u8>) -> Result<Vec<u8>> {
+        if inode.flags() & FL_ENCRYPT == 0 {
+            return Ok(v);
+        }
+        let len = usize::from(le16(&v, 0));
+        match v.get(2..2 + len) {
+            Some(c) if len >= 16 => Ok(nokey_name(0, 0, c)),
+            _ => Err(self.corrupt_ino(inode.ino, "encrypted symlink target")),
+        }
+    }
+
     fn stat_inode(&self, inode: &Inode) -> Result<FileStat> {
         let r = &inode.raw;
         let kind = inode.kind().ok_or_else(|| {
@@ -1016,7 +1134,12 @@ impl Ext4Fs {
             perm: inode.mode() & 0o7777,
             uid: u32::from(le16(r, 2)) | (u32::from(le16(r, 0x78)) << 16),
             gid: u32::from(le16(r, 0x18)) | (u32::from(le16(r, 0x7A)) << 16),
-            size: inode.size(),
+            size: if kind == FileKind::Symlink && inode.flags() & FL_ENCRYPT != 0 {
+                // Linux's getattr gives the length of the target readlink shows.
+                self.link_target(inode)?.len() as u64
+            } else {
+                inode.size()
+            },
             allocated,
             nlink: u32::from(le16(r, 0x1A)),
             rdev,
@@ -1124,6 +1247,35 @@ fn acl_to_xattr(v: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// The canonical caseless form of a UTF-8 name (Unicode D145: NFD, default full case
+/// folding, NFD), what Linux's `utf8_casefold` compares; `None` for a name that is not UTF-8.
+fn casefold(name: &[u8]) -> Option<String> {
+    use caseless::Caseless;
+    use unicode_normalization::UnicodeNormalization;
+    let s = std::str::from_utf8(name).ok()?;
+    Some(s.nfd().default_case_fold().nfd().collect())
+}
+
+/// Linux's no-key name (`struct fscrypt_nokey_name`, base64url without padding): the two hash
+/// words, then the ciphertext, or its first 149 bytes and the SHA-256 of the rest.
+fn nokey_name(hash: u32, minor: u32, ciphertext: &[u8]) -> Vec<u8> {
+    use base64::Engine;
+    use sha2::Digest;
+    const BYTES: usize = 149;
+    let mut v = Vec::with_capacity(8 + BYTES + 32);
+    v.extend_from_slice(&hash.to_le_bytes());
+    v.extend_from_slice(&minor.to_le_bytes());
+    if ciphertext.len() <= BYTES {
+        v.extend_from_slice(ciphertext);
+    } else {
+        v.extend_from_slice(&ciphertext[..BYTES]);
+        v.extend_from_slice(&sha2::Sha256::digest(&ciphertext[BYTES..]));
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(v)
+        .into_bytes()
+}
+
 impl GuestFs for Ext4Fs {
     fn root(&self) -> u64 {
         ROOT
@@ -1137,7 +1289,12 @@ impl GuestFs for Ext4Fs {
     fn lookup(&self, dir: u64, name: &[u8]) -> Result<FileStat> {
         let ino = match self.find_indexed(dir, name)? {
             Some(ino) => ino,
-            None => self.find_linear(dir, name)?,
+            None => match self.find_linear(dir, name) {
+                Err(Error::NotFound(_)) if self.inode(dir)?.flags() & FL_CASEFOLD != 0 => {
+                    self.find_folded(dir, name)?
+                }
+                r => r?,
+            },
         };
         let st = self.stat(ino)?;
         // Directories have exactly one parent: a child whose `..` disagrees is a loop or damage.
@@ -1163,39 +1320,21 @@ impl GuestFs for Ext4Fs {
             }
         }
         if inode.flags() & FL_ENCRYPT != 0 {
-            return Err(Error::NotSupported(format!(
-                "ext4 inode {ino} is encrypted"
-            )));
+            return Err(Error::NoKey(format!("ext4 inode {ino} is encrypted")));
         }
         self.read_data(&inode, offset, buf)
     }
 
+    fn check_open(&self, ino: u64) -> Result<()> {
+        if self.inode(ino)?.flags() & FL_ENCRYPT != 0 {
+            return Err(Error::NoKey(format!("ext4 inode {ino} is encrypted")));
+        }
+        Ok(())
+    }
+
     fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
         let inode = self.inode(ino)?;
-        if inode.kind() != Some(FileKind::Symlink) {
-            return Err(Error::Invalid(format!("ext4 inode {ino} is not a symlink")));
-        }
-        let size = inode.size();
-        if size > MAX_VALUE {
-            return Err(self.corrupt_ino(ino, "symlink too long"));
-        }
-        let blocks = u64::from(le32(&inode.raw, 0x1C));
-        let ea_blocks = if inode.file_acl() != 0 {
-            self.bs / 512
-        } else {
-            0
-        };
-        let fast = inode.flags() & (FL_EXTENTS | FL_INLINE_DATA) == 0 && blocks <= ea_blocks;
-        if fast {
-            if size > 60 {
-                return Err(self.corrupt_ino(ino, "fast symlink longer than 60 bytes"));
-            }
-            return Ok(sub(inode.i_block(), 0, size as usize).to_vec());
-        }
-        let mut v = vec![0u8; size as usize];
-        let n = self.read_data(&inode, 0, &mut v)?;
-        v.truncate(n);
-        Ok(v)
+        self.link_target(&inode)
     }
 
     fn xattrs(&self, ino: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
