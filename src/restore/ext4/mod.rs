@@ -1439,6 +1439,11 @@ impl GuestFs for Ext4Fs {
             },
         };
         let st = self.stat(ino)?;
+        // Linux's ext4_iget refuses an inode without links (ESTALE): an entry left pointing at
+        // a freed inode, e.g. when a journal block that would have set it up was not replayed.
+        if st.nlink == 0 {
+            return Err(self.corrupt_ino(ino, "entry names an inode with no links"));
+        }
         // Directories have exactly one parent: a child whose `..` disagrees is a loop or damage.
         if st.kind == FileKind::Dir && self.dotdot(ino)? != dir {
             return Err(self.corrupt_ino(ino, format!("directory's .. is not its parent {dir}")));
