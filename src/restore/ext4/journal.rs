@@ -235,7 +235,8 @@ pub fn replay(j: &dyn JournalBlocks, journal_len: u64) -> Result<Outcome> {
     };
     let start_seq = be32(&sb, 0x18);
     let start = u64::from(be32(&sb, 0x1C));
-    let fc_first = layout.last;
+    // j_fc_first = j_last + 1 (the block at j_last belongs to neither).
+    let fc_first = layout.last + 1;
     let total = u64::from(be32(&sb, 0x10));
     match recover(j, &layout, start, start_seq, fc_first, total) {
         Ok(r) => Ok(Outcome::Replay(r)),

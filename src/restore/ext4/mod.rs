@@ -528,6 +528,8 @@ impl Ext4Fs {
                 if self.inode(parent)?.kind() != Some(FileKind::Dir) {
                     return Err(Error::NotDir(format!("ext4 inode {parent}")));
                 }
+                // ext2fs_link walks the directory's blocks: a corrupt one fails the link.
+                self.read_dir(parent)?;
                 self.fc_dirs
                     .entry(parent)
                     .or_default()
@@ -1162,6 +1164,9 @@ impl Ext4Fs {
         let b = self.block(r.physical)?;
         // "." then "..".
         let first_len = usize::from(le16(&b, 4));
+        if first_len < 12 || u8at(&b, 6) != 1 || u8at(&b, 8) != b'.' {
+            return Err(self.corrupt_ino(ino, "directory does not start with ."));
+        }
         Ok(u64::from(le32(&b, first_len)))
     }
 
@@ -1445,7 +1450,9 @@ impl GuestFs for Ext4Fs {
             return Err(self.corrupt_ino(ino, "entry names an inode with no links"));
         }
         // Directories have exactly one parent: a child whose `..` disagrees is a loop or damage.
-        if st.kind == FileKind::Dir && self.dotdot(ino)? != dir {
+        // A directory whose first block is unreadable is still found, as Linux finds it (its
+        // listing then fails, there too).
+        if st.kind == FileKind::Dir && self.dotdot(ino).is_ok_and(|p| p != dir) {
             return Err(self.corrupt_ino(ino, format!("directory's .. is not its parent {dir}")));
         }
         Ok(st)
