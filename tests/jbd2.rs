@@ -745,3 +745,41 @@ fn jbd2_checksum_v1_and_async_commit_damage_like_e2fsck() {
         &["bad commit checksum"],
     );
 }
+
+/// Images made elsewhere (e.g. e2fsprogs' own `tests/j_*` images, kept outside this repo):
+/// every `*.img` in `$SNAPFS_JBD2_CORPUS` that needs recovery is read by snapfs unreplayed and
+/// compared with the kernel's view of a copy replayed by e2fsck. Run with
+/// `SNAPFS_JBD2_CORPUS=DIR cargo test --test jbd2 -- --ignored`.
+#[test]
+#[ignore = "needs SNAPFS_JBD2_CORPUS, a directory of dirty ext3/ext4 images"]
+fn jbd2_outside_images_like_e2fsck() {
+    let dir = std::env::var_os("SNAPFS_JBD2_CORPUS").expect("SNAPFS_JBD2_CORPUS");
+    let mut imgs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("corpus")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "img"))
+        .collect();
+    imgs.sort();
+    assert!(!imgs.is_empty(), "no *.img in the corpus");
+    let mut failed = Vec::new();
+    for img in &imgs {
+        let case = img
+            .file_stem()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        let (want, said) = reference(img, &case);
+        let fs = open_snapfs(img);
+        let d = diff(&walk_snapfs(fs.as_ref()), &want);
+        eprintln!(
+            "outside image {case}: {} entries, {} differences; snapfs: {}",
+            want.len(),
+            d.len(),
+            fs.describe()
+        );
+        if !d.is_empty() {
+            failed.push(format!("{case} (e2fsck said {said}):\n{}", d.join("\n")));
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n\n"));
+}

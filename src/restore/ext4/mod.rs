@@ -5,7 +5,7 @@
 //! block (and EA inodes), and in-memory jbd2 journal replay for crash-consistent images.
 
 mod htree;
-mod journal;
+pub mod journal;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
