@@ -468,7 +468,7 @@ fn last_copy_of(img: &Path, fs_block: u64) -> u64 {
                 .then(|| j.split_whitespace().next()?.parse().ok())
                 .flatten()
         })
-        .last()
+        .next_back()
         .unwrap_or_else(|| panic!("block {fs_block} is not in the journal"))
 }
 

@@ -610,6 +610,8 @@ fn recover(
     })
 }
 
+/// Fast-commit blocks scanned at most (bounds the tags kept in memory).
+const MAX_FC_BLOCKS: u64 = 16384;
 const FC_ADD_RANGE: u16 = 1;
 const FC_DEL_RANGE: u16 = 2;
 const FC_CREAT: u16 = 3;
@@ -643,6 +645,10 @@ pub fn scan_fast_commit(
         }
     };
     loop {
+        if i >= MAX_FC_BLOCKS {
+            // Linux's default area is 256 blocks; a bigger one is read this far at most.
+            return stop(&mut tags, valid, "the fast-commit area is too large");
+        }
         let Some(b) = read(i) else {
             if i == 0 {
                 return Ok(Vec::new());

@@ -77,7 +77,7 @@ pub struct Ext4Fs {
     /// maps replaced by extent lists, and directory entries added (`Some`) or removed (`None`).
     fc_inodes: HashMap<u64, Vec<u8>>,
     fc_extents: HashMap<u64, Vec<Run>>,
-    fc_dirs: HashMap<u64, HashMap<Vec<u8>, Option<(u64, u8)>>>,
+    fc_dirs: HashMap<u64, FcDir>,
     label: String,
     kind: &'static str,
     note: String,
@@ -90,6 +90,10 @@ pub struct Ext4Fs {
 
 /// Linear directories whose last lookup position is remembered.
 const START_LOOKUPS: usize = 4096;
+
+/// A directory's entries as fast-commit replay changed them: name → (inode, dirent file type),
+/// or `None` for a name it removed.
+type FcDir = HashMap<Vec<u8>, Option<(u64, u8)>>;
 
 /// An inode's on-disk bytes, decoded on demand.
 struct Inode {
@@ -528,8 +532,11 @@ impl Ext4Fs {
                 if self.inode(parent)?.kind() != Some(FileKind::Dir) {
                     return Err(Error::NotDir(format!("ext4 inode {parent}")));
                 }
-                // ext2fs_link walks the directory's blocks: a corrupt one fails the link.
-                self.read_dir(parent)?;
+                // ext2fs_link walks the directory's blocks: a corrupt one fails the link
+                // (checked once per directory: a walk can be long).
+                if !self.fc_dirs.contains_key(&parent) {
+                    self.read_dir(parent)?;
+                }
                 self.fc_dirs
                     .entry(parent)
                     .or_default()
@@ -1337,6 +1344,8 @@ fn journal_backup(sb: &[u8], ino: u64) -> Option<Inode> {
     let jnl = sub(sb, 0x10C, 17 * 4);
     let mut raw = vec![0u8; 128];
     raw[0..2].copy_from_slice(&0o100600u16.to_le_bytes());
+    // One link, as e2fsck gives the inode it builds from the backup.
+    raw[0x1A..0x1C].copy_from_slice(&1u16.to_le_bytes());
     raw.get_mut(0x28..0x64)?.copy_from_slice(jnl.get(..60)?);
     raw[0x4..0x8].copy_from_slice(jnl.get(64..68)?);
     raw[0x6C..0x70].copy_from_slice(jnl.get(60..64)?);
