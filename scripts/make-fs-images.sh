@@ -507,6 +507,17 @@ cp "$NTFSSRC/compressed/partial-5000.txt" "$MNT/c/"
 : > "$MNT/l"
 setfattr -h -n system.ntfs_reparse_data -v "$(reparse_hex symlink ../f)" "$MNT/l"
 umount "$MNT"
+# The jbd2 target's seeds: a block-size byte (0: 1 KiB), then the first 64 blocks of the crash
+# images' journals (csum v3 and no checksums), superblock first.
+mkdir -p "$SEEDS/restore_jbd2"
+for c in ext4 ext3; do
+  img="$OUT/crash-$c.raw"
+  bs=$(dumpe2fs -h "$img" 2>/dev/null | awk -F: '/^Block size/ {print $2 + 0}')
+  jstart=$(debugfs -R 'bmap <8> 0' "$img" 2>/dev/null)
+  n=$(( bs == 1024 ? 0 : bs == 2048 ? 1 : 2 ))
+  { printf "\\$(printf %03o "$n")"
+    dd if="$img" bs="$bs" skip="$jstart" count=64 status=none; } > "$SEEDS/restore_jbd2/crash-$c"
+done
 dd if="$OUT/gpt.raw" of="$SEEDS/restore_partitions/gpt" bs=512 count=34 status=none
 truncate -s 1M "$SEEDS/restore_partitions/mbr"
 sfdisk -q "$SEEDS/restore_partitions/mbr" <<'EOF2'

@@ -5,7 +5,7 @@
 //! block (and EA inodes), and in-memory jbd2 journal replay for crash-consistent images.
 
 mod htree;
-mod journal;
+pub mod journal;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -75,6 +75,11 @@ pub struct Ext4Fs {
     inode_tables: Vec<u64>,
     /// Blocks replaced by the journal replay.
     replaced: HashMap<u64, journal::Replaced>,
+    /// The fast-commit replay, applied over the replaced blocks: inodes rewritten whole, block
+    /// maps replaced by extent lists, and directory entries added (`Some`) or removed (`None`).
+    fc_inodes: HashMap<u64, Vec<u8>>,
+    fc_extents: HashMap<u64, Vec<Run>>,
+    fc_dirs: HashMap<u64, FcDir>,
     label: String,
     kind: &'static str,
     note: String,
@@ -87,6 +92,10 @@ pub struct Ext4Fs {
 
 /// Linear directories whose last lookup position is remembered.
 const START_LOOKUPS: usize = 4096;
+
+/// A directory's entries as fast-commit replay changed them: name → (inode, dirent file type),
+/// or `None` for a name it removed.
+type FcDir = HashMap<Vec<u8>, Option<(u64, u8)>>;
 
 /// An inode's on-disk bytes, decoded on demand.
 struct Inode {
@@ -262,6 +271,9 @@ impl Ext4Fs {
             def_hash: u8at(&sb, 0xFC),
             inode_tables: Vec::new(),
             replaced: HashMap::new(),
+            fc_inodes: HashMap::new(),
+            fc_extents: HashMap::new(),
+            fc_dirs: HashMap::new(),
             label,
             kind,
             note: String::new(),
@@ -292,24 +304,56 @@ impl Ext4Fs {
                 // e2fsck's rule: a journal inode that cannot be used gives way to the copy of
                 // its block map (or extent root) and size kept in the superblock.
                 let mut from = "";
-                let mut replayed = fs.inode(journal_inum).and_then(|ji| fs.replay(&ji));
-                if let (Err(e), Some(ji)) = (&replayed, journal_backup(&sb, journal_inum)) {
+                let mut outcome = fs
+                    .inode(journal_inum)
+                    .and_then(|ji| fs.journal_outcome(&ji));
+                if let (Err(e), Some(ji)) = (&outcome, journal_backup(&sb, journal_inum)) {
                     tracing::warn!(part = fs.dev.name(), error = %e, "ext4 journal inode unusable; trying the superblock's s_jnl_blocks");
-                    if let Ok(n) = fs.replay(&ji) {
+                    if let Ok(o) = fs.journal_outcome(&ji) {
                         from = " from the superblock's copy of the journal inode";
-                        replayed = Ok(n);
+                        outcome = Ok(o);
                     }
                 }
-                match replayed {
-                    Ok(n) => {
-                        fs.note = format!("journal replayed in memory ({n} transactions{from})");
+                match outcome {
+                    Ok(journal::Outcome::Clean) => {
+                        fs.note = format!("needs recovery, but the journal{from} is empty");
+                    }
+                    Ok(journal::Outcome::Replay(r)) => {
+                        let n = r.transactions;
+                        fs.replaced = r.map;
+                        // Group descriptors may be among the replaced blocks.
+                        fs.inode_tables = fs.read_gdt(&layout)?;
+                        let mut note =
+                            format!("journal replayed in memory ({n} transactions{from}");
+                        if !r.fast_commit.is_empty() {
+                            let total = r.fast_commit.len();
+                            let (done, err) = fs.apply_fast_commit(&r.fast_commit);
+                            note.push_str(&format!(", {done} fast-commit tags"));
+                            if let Some(e) = err {
+                                note.push_str(&format!(
+                                    "; fast-commit tag {} of {total} not applied ({e}), nor any after it",
+                                    done + 1
+                                ));
+                            }
+                        }
+                        note.push(')');
+                        if !r.notes.is_empty() {
+                            note.push_str(&format!("; not replayed: {}", r.notes.join("; ")));
+                        }
                         tracing::info!(
                             part = fs.dev.name(),
                             transactions = n,
+                            what = %note,
                             "ext4 journal replayed in memory"
                         );
-                        // Group descriptors may be among the replaced blocks.
-                        fs.inode_tables = fs.read_gdt(&layout)?;
+                        fs.note = note;
+                    }
+                    Ok(journal::Outcome::Refused(why)) => {
+                        fs.note = format!(
+                            "journal not replayed ({why}): read as on disk, as Linux and e2fsck \
+                             leave it, so the last changes before the snapshot may be missing"
+                        );
+                        crate::input_warn!(fs.dev.name(), "ext4 journal not replayed: {why}");
                     }
                     Err(e) => {
                         fs.note = format!("journal unreadable ({e}): read without replay");
@@ -361,17 +405,195 @@ impl Ext4Fs {
         Ok(tables)
     }
 
-    fn replay(&mut self, ji: &Inode) -> Result<u32> {
+    /// What recovery makes of the journal in inode `ji`, which must be usable as e2fsck's
+    /// `e2fsck_get_journal` requires: a linked regular file, not encrypted, at least 1,024
+    /// blocks, every block up to its size mapped inside the filesystem (block map or extents).
+    fn journal_outcome(&self, ji: &Inode) -> Result<journal::Outcome> {
+        let bad = |what: &str| self.corrupt_ino(ji.ino, format!("journal inode {what}"));
+        if le16(&ji.raw, 0x1A) == 0 || ji.kind() != Some(FileKind::File) {
+            return Err(bad("is not a linked regular file"));
+        }
+        if ji.flags() & FL_ENCRYPT != 0 {
+            return Err(bad("is encrypted"));
+        }
         let len = ji.size() / self.bs;
-        let runs = self.runs(ji, 0, len.min(1 << 24))?;
-        let jb = JournalReader { fs: self, runs };
-        match journal::replay(&jb, len)? {
-            Some(r) => {
-                let n = r.transactions;
-                self.replaced = r.map;
-                Ok(n)
+        if len < 1024 {
+            return Err(bad("is too small"));
+        }
+        if len > 1 << 24 {
+            return Err(bad("is too large"));
+        }
+        let runs = self.runs(ji, 0, len)?;
+        let mut next = 0u64;
+        for r in &runs {
+            if r.logical != next || r.physical == 0 {
+                break;
             }
-            None => Ok(0),
+            next = r.logical + r.len;
+        }
+        if next < len {
+            return Err(bad(&format!("maps {next} of its {len} blocks")));
+        }
+        let jb = JournalReader { fs: self, runs };
+        journal::replay(&jb, len)
+    }
+
+    /// Apply the fast-commit tags as e2fsck's `ext4_fc_replay` does, in memory. Returns how many
+    /// were applied and, when one fails (e2fsck stops there), why.
+    fn apply_fast_commit(&mut self, tags: &[journal::FcTag]) -> (usize, Option<String>) {
+        for (i, t) in tags.iter().enumerate() {
+            if let Err(e) = self.apply_fc_tag(t) {
+                crate::input_warn!(
+                    self.dev.name(),
+                    "ext4 fast-commit tag {} ({t:?}) not applied: {e}; replay stops there",
+                    i + 1
+                );
+                return (i, Some(e.to_string()));
+            }
+        }
+        (tags.len(), None)
+    }
+
+    fn apply_fc_tag(&mut self, t: &journal::FcTag) -> Result<()> {
+        use journal::FcTag;
+        match t {
+            FcTag::AddRange {
+                ino,
+                lblk,
+                len,
+                pblk,
+                uninit,
+            } => {
+                let ino = u64::from(*ino);
+                let mut list = self.fc_extent_list(ino)?;
+                let (lblk, len) = (u64::from(*lblk), u64::from(*len));
+                punch(&mut list, lblk, len);
+                if len > 0 {
+                    if pblk.checked_add(len).is_none_or(|e| e > self.blocks) {
+                        return Err(self.corrupt_ino(ino, "fast-commit extent past the end"));
+                    }
+                    list.push(Run {
+                        logical: lblk,
+                        physical: *pblk,
+                        len,
+                        uninit: *uninit,
+                    });
+                }
+                merge_runs(&mut list);
+                self.fc_extents.insert(ino, list);
+            }
+            FcTag::DelRange { ino, lblk, len } => {
+                let ino = u64::from(*ino);
+                let mut list = self.fc_extent_list(ino)?;
+                punch(&mut list, u64::from(*lblk), u64::from(*len));
+                merge_runs(&mut list);
+                self.fc_extents.insert(ino, list);
+            }
+            FcTag::Inode { ino, raw } => {
+                let ino = u64::from(*ino);
+                let cur = self.inode(ino)?.raw;
+                let mut inode_len = 128usize;
+                if self.inode_size > 128 {
+                    let extra = usize::from(le16(raw, 0x80));
+                    if extra < 4 || extra as u64 > self.inode_size - 128 {
+                        return Err(self.corrupt_ino(ino, "fast-commit inode has a bad extra size"));
+                    }
+                    inode_len += extra;
+                }
+                if raw.len() < inode_len {
+                    return Err(self.corrupt_ino(ino, "fast-commit inode is truncated"));
+                }
+                // Everything but i_block comes from the tag; i_block stays as it was (the
+                // extent list replaces the tree), except for inline data.
+                let mut new = cur.clone();
+                new[..0x28].copy_from_slice(&raw[..0x28]);
+                new[0x64..inode_len].copy_from_slice(&raw[0x64..inode_len]);
+                let flags = le32(&new, 0x20);
+                if flags & FL_EXTENTS != 0 {
+                    if le16(&cur, 0x28) != 0xF30A {
+                        new[0x28..0x64].fill(0);
+                        new[0x28..0x2A].copy_from_slice(&0xF30Au16.to_le_bytes());
+                        new[0x2C..0x2E].copy_from_slice(&4u16.to_le_bytes());
+                    }
+                } else if flags & FL_INLINE_DATA != 0 {
+                    new[0x28..0x64].copy_from_slice(&raw[0x28..0x64]);
+                }
+                self.fc_inodes.insert(ino, new);
+            }
+            FcTag::Link { parent, ino, name } => {
+                let (parent, ino) = (u64::from(*parent), u64::from(*ino));
+                let ftype = match self.inode(ino)?.kind() {
+                    Some(FileKind::File) => 1,
+                    Some(FileKind::Dir) => 2,
+                    Some(FileKind::CharDev) => 3,
+                    Some(FileKind::BlockDev) => 4,
+                    Some(FileKind::Fifo) => 5,
+                    Some(FileKind::Socket) => 6,
+                    Some(FileKind::Symlink) => 7,
+                    None => return Err(self.corrupt_ino(ino, "fast-commit link of no file type")),
+                };
+                if self.inode(parent)?.kind() != Some(FileKind::Dir) {
+                    return Err(Error::NotDir(format!("ext4 inode {parent}")));
+                }
+                // ext2fs_link walks the directory's blocks: a corrupt one fails the link
+                // (checked once per directory: a walk can be long).
+                if !self.fc_dirs.contains_key(&parent) {
+                    self.read_dir(parent)?;
+                }
+                self.fc_dirs
+                    .entry(parent)
+                    .or_default()
+                    .insert(name.clone(), Some((ino, ftype)));
+            }
+            FcTag::Unlink { parent, ino, name } => {
+                let (parent, ino) = (u64::from(*parent), u64::from(*ino));
+                match self.entry_of(parent, name)? {
+                    Some(found) if ino == 0 || found == ino => {
+                        self.fc_dirs
+                            .entry(parent)
+                            .or_default()
+                            .insert(name.clone(), None);
+                    }
+                    _ => {
+                        return Err(Error::NotFound(format!(
+                            "fast-commit unlink of {} in directory {parent}",
+                            String::from_utf8_lossy(name)
+                        )))
+                    }
+                }
+            }
+            FcTag::Tail => {}
+        }
+        Ok(())
+    }
+
+    /// The extent list of an inode for fast-commit replay: the one replay keeps, else its map.
+    fn fc_extent_list(&self, ino: u64) -> Result<Vec<Run>> {
+        if let Some(l) = self.fc_extents.get(&ino) {
+            return Ok(l.clone());
+        }
+        let inode = self.inode(ino)?;
+        Ok(self
+            .runs(&inode, 0, 1 << 32)?
+            .into_iter()
+            .filter(|r| r.physical != 0)
+            .collect())
+    }
+
+    /// The inode named `name` in directory `dir` now (fast-commit entries first).
+    fn entry_of(&self, dir: u64, name: &[u8]) -> Result<Option<u64>> {
+        if let Some(e) = self.fc_dirs.get(&dir).and_then(|d| d.get(name)) {
+            return Ok(e.map(|(ino, _)| ino));
+        }
+        let found = match self.find_indexed(dir, name) {
+            Ok(Some(ino)) => Ok(ino),
+            Ok(None) => self.find_linear(dir, name),
+            Err(e) => Err(e),
+        };
+        match found {
+            Ok(ino) => Ok(Some(ino)),
+            Err(Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
@@ -409,6 +631,12 @@ impl Ext4Fs {
                 .dev
                 .corrupt(0, format!("ext4 inode number {ino} out of range")));
         }
+        if let Some(raw) = self.fc_inodes.get(&ino) {
+            return Ok(Inode {
+                ino,
+                raw: raw.clone(),
+            });
+        }
         let idx = ino - 1;
         let group = (idx / self.inodes_per_group) as usize;
         let table = *self.inode_tables.get(group).ok_or_else(|| {
@@ -439,6 +667,21 @@ impl Ext4Fs {
     fn runs(&self, inode: &Inode, from: u64, count: u64) -> Result<Vec<Run>> {
         let mut out = Vec::new();
         if count == 0 {
+            return Ok(out);
+        }
+        if let Some(list) = self.fc_extents.get(&inode.ino) {
+            let to = from.saturating_add(count);
+            for r in list {
+                let (s, e) = (r.logical.max(from), (r.logical + r.len).min(to));
+                if s < e {
+                    out.push(Run {
+                        logical: s,
+                        physical: r.physical + (s - r.logical),
+                        len: e - s,
+                        uninit: r.uninit,
+                    });
+                }
+            }
             return Ok(out);
         }
         if inode.flags() & FL_EXTENTS != 0 {
@@ -870,6 +1113,16 @@ impl Ext4Fs {
                 }
             }
         }
+        if let Some(changes) = self.fc_dirs.get(&ino) {
+            // Fast-commit replay: names it removed or re-linked go, the ones it links come.
+            out.retain(|(n, _, _)| !changes.contains_key(n));
+            for (name, e) in changes {
+                if let Some((child, ftype)) = e {
+                    let kind = kind_from_dirent(*ftype).unwrap_or(FileKind::File);
+                    out.push((name.clone(), *child, kind));
+                }
+            }
+        }
         if inode.flags() & FL_ENCRYPT != 0 {
             self.nokey_names(&inode, &mut out)?;
         }
@@ -994,6 +1247,9 @@ impl Ext4Fs {
         let b = self.block(r.physical)?;
         // "." then "..".
         let first_len = usize::from(le16(&b, 4));
+        if first_len < 12 || u8at(&b, 6) != 1 || u8at(&b, 8) != b'.' {
+            return Err(self.corrupt_ino(ino, "directory does not start with ."));
+        }
         Ok(u64::from(le32(&b, first_len)))
     }
 
@@ -1151,6 +1407,57 @@ impl Ext4Fs {
     }
 }
 
+/// Punch `[lblk, lblk + len)` out of an extent list (e2fsck's `ext4_modify_extent_list`).
+fn punch(list: &mut Vec<Run>, lblk: u64, len: u64) {
+    if len == 0 {
+        return;
+    }
+    let end = lblk.saturating_add(len);
+    let mut out = Vec::with_capacity(list.len() + 1);
+    for r in list.drain(..) {
+        let r_end = r.logical + r.len;
+        if r_end <= lblk || r.logical >= end {
+            out.push(r);
+            continue;
+        }
+        if r.logical < lblk {
+            out.push(Run {
+                len: lblk - r.logical,
+                ..r
+            });
+        }
+        if r_end > end {
+            out.push(Run {
+                logical: end,
+                physical: r.physical + (end - r.logical),
+                len: r_end - end,
+                uninit: r.uninit,
+            });
+        }
+    }
+    *list = out;
+}
+
+/// Sort an extent list by logical block and merge neighbours contiguous on disk too.
+fn merge_runs(list: &mut Vec<Run>) {
+    list.retain(|r| r.len > 0);
+    list.sort_by_key(|r| (r.logical, r.len));
+    let mut out: Vec<Run> = Vec::with_capacity(list.len());
+    for r in list.drain(..) {
+        match out.last_mut() {
+            Some(p)
+                if p.logical + p.len == r.logical
+                    && p.physical + p.len == r.physical
+                    && p.uninit == r.uninit =>
+            {
+                p.len += r.len
+            }
+            _ => out.push(r),
+        }
+    }
+    *list = out;
+}
+
 /// The journal inode as the superblock's backup describes it (`s_jnl_backup_type` 1,
 /// `EXT3_JNL_BACKUP_BLOCKS`: `s_jnl_blocks` holds its `i_block`, then `i_size_high`, `i_size`).
 fn journal_backup(sb: &[u8], ino: u64) -> Option<Inode> {
@@ -1160,6 +1467,8 @@ fn journal_backup(sb: &[u8], ino: u64) -> Option<Inode> {
     let jnl = sub(sb, 0x10C, 17 * 4);
     let mut raw = vec![0u8; 128];
     raw[0..2].copy_from_slice(&0o100600u16.to_le_bytes());
+    // One link, as e2fsck gives the inode it builds from the backup.
+    raw[0x1A..0x1C].copy_from_slice(&1u16.to_le_bytes());
     raw.get_mut(0x28..0x64)?.copy_from_slice(jnl.get(..60)?);
     raw[0x4..0x8].copy_from_slice(jnl.get(64..68)?);
     raw[0x6C..0x70].copy_from_slice(jnl.get(60..64)?);
@@ -1287,18 +1596,29 @@ impl GuestFs for Ext4Fs {
     }
 
     fn lookup(&self, dir: u64, name: &[u8]) -> Result<FileStat> {
-        let ino = match self.find_indexed(dir, name)? {
-            Some(ino) => ino,
-            None => match self.find_linear(dir, name) {
-                Err(Error::NotFound(_)) if self.inode(dir)?.flags() & FL_CASEFOLD != 0 => {
-                    self.find_folded(dir, name)?
-                }
-                r => r?,
+        let ino = match self.fc_dirs.get(&dir).and_then(|d| d.get(name)) {
+            Some(Some((ino, _))) => *ino,
+            Some(None) => return Err(Error::NotFound(String::from_utf8_lossy(name).into_owned())),
+            None => match self.find_indexed(dir, name)? {
+                Some(ino) => ino,
+                None => match self.find_linear(dir, name) {
+                    Err(Error::NotFound(_)) if self.inode(dir)?.flags() & FL_CASEFOLD != 0 => {
+                        self.find_folded(dir, name)?
+                    }
+                    r => r?,
+                },
             },
         };
         let st = self.stat(ino)?;
+        // Linux's ext4_iget refuses an inode without links (ESTALE): an entry left pointing at
+        // a freed inode, e.g. when a journal block that would have set it up was not replayed.
+        if st.nlink == 0 {
+            return Err(self.corrupt_ino(ino, "entry names an inode with no links"));
+        }
         // Directories have exactly one parent: a child whose `..` disagrees is a loop or damage.
-        if st.kind == FileKind::Dir && self.dotdot(ino)? != dir {
+        // A directory whose first block is unreadable is still found, as Linux finds it (its
+        // listing then fails, there too).
+        if st.kind == FileKind::Dir && self.dotdot(ino).is_ok_and(|p| p != dir) {
             return Err(self.corrupt_ino(ino, format!("directory's .. is not its parent {dir}")));
         }
         Ok(st)
