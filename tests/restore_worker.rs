@@ -14,14 +14,20 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// The images of scripts/make-fs-images.sh. Only gpt.raw and whole.raw are used here: when a
+/// The images of scripts/make-fs-images.sh. Only gpt, whole, mbr and lvm are used here: when a
 /// later step of the script (the crash images, which need loop mounts of XFS) fails on a host,
-/// the two made before it are used as they are.
+/// the ones made before it are used as they are.
 fn fs_images() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fs-images");
-    if ["gpt.raw", "whole.raw", "src/hello.txt"]
-        .iter()
-        .all(|f| dir.join(f).exists())
+    if [
+        "gpt.raw",
+        "whole.raw",
+        "mbr.raw",
+        "lvm.raw",
+        "src/hello.txt",
+    ]
+    .iter()
+    .all(|f| dir.join(f).exists())
     {
         return dir;
     }
@@ -165,7 +171,7 @@ fn worker_reads_like_the_kernel_and_the_daemon_unprivileged_and_sandboxed() {
         .prefix("snapfs-worker")
         .tempdir()
         .unwrap();
-    let pool = pool(&t, &["gpt", "whole"]);
+    let pool = pool(&t, &["gpt", "whole", "mbr", "lvm"]);
     let on = Mount::with_args(&pool, &["--restore-worker=on"]);
     let off = Mount::with_args(&pool, &["--restore-worker=off"]);
     let files = |m: &Mount, disk: &str| m.snap(&format!("{disk}.qcow2"), "s").join("files");
@@ -185,8 +191,15 @@ fn worker_reads_like_the_kernel_and_the_daemon_unprivileged_and_sandboxed() {
     }
     println!("whole: {} entries equal to the kernel's", want.len());
 
-    // ext4, FAT32, XFS and NTFS: equal to the in-daemon reader.
-    for (disk, part) in [("gpt", "p1"), ("gpt", "p2"), ("gpt", "p3"), ("gpt", "p4")] {
+    // ext4, FAT32, XFS, NTFS, ext3 in a logical partition, ext4 in an LVM LV: equal to the in-daemon reader.
+    for (disk, part) in [
+        ("gpt", "p1"),
+        ("gpt", "p2"),
+        ("gpt", "p3"),
+        ("gpt", "p4"),
+        ("mbr", "p5"),
+        ("lvm", "p1/lvm/snapfsvg/root"),
+    ] {
         let a = walk(&files(&on, disk).join(part));
         let b = walk(&files(&off, disk).join(part));
         assert!(a.len() > 10, "{disk}/{part}: {} entries", a.len());
@@ -203,7 +216,7 @@ fn worker_reads_like_the_kernel_and_the_daemon_unprivileged_and_sandboxed() {
 
     let daemon = on.daemon_pid().expect("daemon pid");
     let pids = workers(daemon);
-    assert_eq!(pids.len(), 5, "one worker per open filesystem: {pids:?}");
+    assert_eq!(pids.len(), 7, "one worker per open filesystem: {pids:?}");
     assert!(workers(off.daemon_pid().unwrap()).is_empty());
     for pid in pids {
         let uids: Vec<String> = status_field(pid, "Uid")
