@@ -345,8 +345,9 @@ impl WorkerFs {
     fn call(&self, req: Vec<u8>) -> Result<Vec<u8>> {
         let mut guard = lock(&self.conn);
         if guard.is_none() {
-            let (conn, opened) = self.start()?;
+            let (mut conn, opened) = self.start()?;
             if !matches!(opened, Opened::Fs) {
+                conn.end();
                 return Err(Error::Io {
                     context: format!(
                         "restore worker for {}: volume changed on restart",
