@@ -108,6 +108,9 @@ pub fn open_volume(disk: Arc<dyn BlockImage>, part: &Partition) -> Result<Volume
         root: AtomicU64::new(0),
         describe: Mutex::new(String::new()),
         restarts: AtomicU64::new(0),
+        stats: Mutex::new(lru::LruCache::new(
+            std::num::NonZeroUsize::new(STAT_CACHE).unwrap_or(std::num::NonZeroUsize::MIN),
+        )),
     };
     let mut guard = lock(&fs.conn);
     match fs.start()? {
@@ -218,7 +221,13 @@ pub struct WorkerFs {
     root: AtomicU64,
     describe: Mutex<String>,
     restarts: AtomicU64,
+    /// Attributes the worker gave (a snapshot does not change): `stat` of a file just looked
+    /// up, or listed with attributes, needs no round trip.
+    stats: Mutex<lru::LruCache<u64, FileStat>>,
 }
+
+/// Entries of [`WorkerFs::stats`] (~120 bytes each: 2 MiB per volume at most).
+const STAT_CACHE: usize = 16 << 10;
 
 impl Drop for WorkerFs {
     fn drop(&mut self) {
@@ -406,8 +415,13 @@ impl GuestFs for WorkerFs {
     }
 
     fn stat(&self, ino: u64) -> Result<FileStat> {
+        if let Some(s) = lock(&self.stats).get(&ino) {
+            return Ok(s.clone());
+        }
         let reply = self.call(W::new(wire::STAT).u64(ino).done())?;
-        self.decode(&reply, |r| r.stat())
+        let s = self.decode(&reply, |r| r.stat())?;
+        lock(&self.stats).put(ino, s.clone());
+        Ok(s)
     }
 
     fn lookup(&self, dir: u64, name: &[u8]) -> Result<FileStat> {
@@ -421,7 +435,9 @@ impl GuestFs for WorkerFs {
             return Err(Error::NotFound(String::from_utf8_lossy(name).into_owned()));
         }
         let reply = self.call(W::new(wire::LOOKUP).u64(dir).bytes(name).done())?;
-        self.decode(&reply, |r| r.stat())
+        let s = self.decode(&reply, |r| r.stat())?;
+        lock(&self.stats).put(s.ino, s.clone());
+        Ok(s)
     }
 
     fn readdir(&self, dir: u64) -> Result<DirList> {
