@@ -7,6 +7,9 @@
 #   --rebuild          recreate the image even if WORKDIR already has it
 #   --no-guestmount    skip the guestmount column ("n/a")
 #   --no-7zip          skip the 7-Zip column ("n/a")
+#   --worker-compare   snapfs only, twice in the same run: --restore-worker=off, then =on
+#                      (issue 20: the sandboxed reader may cost at most 10%); adds the workers'
+#                      peak RSS. Implies --no-guestmount --no-7zip.
 #   WORKDIR            default /var/tmp/snapfs-bench-restore (image, Debian root, mounts, copies)
 #
 # Image (cached in WORKDIR, built once): a minimal Debian root (`debootstrap --variant=minbase
@@ -52,6 +55,8 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 SNAPFS=$REPO/target/release/snapfs
 REBUILD=0
+WORKER_CMP=0
+SNAPFS_ARGS=()
 DO_GM=1
 DO_7Z=1
 WORK=/var/tmp/snapfs-bench-restore
@@ -61,6 +66,7 @@ while [[ $# -gt 0 ]]; do
     --rebuild) REBUILD=1; shift ;;
     --no-guestmount) DO_GM=0; shift ;;
     --no-7zip) DO_7Z=0; shift ;;
+    --worker-compare) WORKER_CMP=1; DO_GM=0; DO_7Z=0; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     -*) echo "bench-restore: unknown option $1" >&2; exit 2 ;;
     *) WORK=$1; shift ;;
@@ -230,7 +236,7 @@ snapfs_unmount() {
   rm -rf -- "$STATE"; mkdir -p "$STATE"
 }
 snapfs_mount() {
-  timeout 120 "$SNAPFS" mount --images "$POOLDIR" --state-dir "$STATE" "$MNT" >"$SHM/snapfs.mount.log" 2>&1 \
+  timeout 120 "$SNAPFS" mount "${SNAPFS_ARGS[@]}" --images "$POOLDIR" --state-dir "$STATE" "$MNT" >"$SHM/snapfs.mount.log" 2>&1 \
     || { log "snapfs mount failed: $(tail -3 "$SHM/snapfs.mount.log")" >&2; return 1; }
   SNAPFS_MOUNTED=1
 }
@@ -269,6 +275,10 @@ run_snapfs() {
   meta_check snapfs "$r"
   if [[ -n $pid ]]; then
     R[snapfs.rss]=$(( $(sed -n 's/^VmHWM:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$pid/status") / 1024 ))
+    # restore workers (children running __restore-worker): the largest peak RSS
+    R[snapfs.wrss]=$(for w in $(pgrep -P "$pid" -f __restore-worker || true); do
+        sed -n 's/^VmHWM:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$w/status"; done | sort -n | tail -1)
+    [[ -n ${R[snapfs.wrss]} ]] && R[snapfs.wrss]=$(( R[snapfs.wrss] / 1024 )) || R[snapfs.wrss]=-
   fi
   snapfs_unmount
 }
@@ -343,6 +353,30 @@ run_7z() {
 
 GM_NOTE="guestmount skipped (--no-guestmount)"
 Z_NOTE="7-Zip skipped (--no-7zip)"
+if (( WORKER_CMP )); then
+  # The same rows twice, same image, same run: readers in the daemon, then in workers.
+  SNAPFS_ARGS=(--restore-worker=off); run_snapfs
+  declare -A OFF=()
+  for k in "${!R[@]}"; do [[ $k == snapfs.* ]] && OFF[${k#snapfs.}]=${R[$k]}; done
+  SNAPFS_ARGS=(--restore-worker=on); run_snapfs
+  pct() { awk -v k="$1" -v a="$2" -v b="$3" 'BEGIN {
+    if (a !~ /^[0-9.]+$/ || b !~ /^[0-9.]+$/ || a + 0 == 0) { print "-"; exit }
+    c = (k == "time") ? (b - a) / a : (a - b) / a; printf "%+.1f%%\n", c * 100 }'; }
+  wrow() { printf '%-36s %11s %11s %11s\n' "$1" "${OFF[$3]}" "${R[snapfs.$3]}" "$(pct "$2" "${OFF[$3]}" "${R[snapfs.$3]}")"; }
+  echo
+  printf '%-36s %11s %11s %11s\n' "" "in daemon" "in worker" "cost"
+  wrow "first byte, all caches cold (s)" time ttfb
+  wrow "first byte, image cold (s)" time ttfbw
+  wrow "list whole root (s)" time list
+  wrow "list root with size and mtime (s)" time lista
+  wrow "copy 200 MB file (MB/s)" rate mbs
+  wrow "copy 2,000-file folder (s)" time small
+  printf '%-36s %11s %11s\n' "entries differing from source" "${OFF[metadiff]}" "${R[snapfs.metadiff]}"
+  printf '%-36s %11s %11s\n' "daemon peak RSS (MiB)" "${OFF[rss]}" "${R[snapfs.rss]}"
+  printf '%-36s %11s %11s\n' "largest worker peak RSS (MiB)" "-" "${R[snapfs.wrss]}"
+  echo "# cost: how much slower with the worker (time rows: more seconds; MB/s: fewer), in %"
+  exit 0
+fi
 run_snapfs
 (( DO_7Z )) && run_7z
 (( DO_GM )) && run_guestmount

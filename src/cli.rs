@@ -179,6 +179,24 @@ pub struct MountArgs {
     #[arg(long, value_name = "MIB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..), help_heading = "Mount")]
     pub log_max_mb: u64,
 
+    /// Read guest filesystems (`files/`) in an unprivileged, sandboxed worker process per
+    /// volume (seccomp, no_new_privs, RLIMIT_AS/CPU, its own uid): on or off (in the daemon).
+    #[arg(long, value_name = "ON|OFF", default_value = "off", value_parser = ["on", "off"], help_heading = "Guest files")]
+    pub restore_worker: String,
+    /// The uid (and gid) restore workers run as.
+    #[arg(long, value_name = "UID", default_value_t = 65534, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Guest files")]
+    pub restore_worker_uid: u32,
+    /// Memory a restore worker may map beyond what it starts with (RLIMIT_AS), in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 512, value_parser = clap::value_parser!(u64).range(8..), help_heading = "Guest files")]
+    pub restore_worker_mem_mb: u64,
+    /// CPU seconds a restore worker may use before it is ended (RLIMIT_CPU; a new one starts).
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..), help_heading = "Guest files")]
+    pub restore_worker_cpu_s: u64,
+    /// Internal, for tests: lookups of `.snapfs-worker-try-open` / `.snapfs-worker-hang` in a
+    /// guest directory make its worker call open(2) / hang.
+    #[arg(long, hide = true)]
+    pub restore_worker_test_hooks: bool,
+
     /// Let the kernel ask for attributes with the names of a listing (READDIRPLUS, adaptive):
     /// `ls -l`, `du` and rsync's scan of guest trees then need no lookup per file (about a
     /// quarter faster), while a plain `find` pays about a sixth more. Off by default.

@@ -24,6 +24,8 @@ fn init_logging(verbose: u8, ansi: bool) {
 }
 
 fn main() -> ExitCode {
+    // A guest filesystem worker (`__restore-worker`): sandboxed before anything else runs.
+    snapfs::restore::worker::run_if_worker();
     // As mount(8)'s helper (mount.fuse.snapfs) the arguments are translated to `snapfs mount`.
     let args = match snapfs::cli::effective_args(std::env::args_os().collect()) {
         Ok(a) => a,
@@ -78,6 +80,13 @@ fn mount(m: MountArgs, args: Vec<OsString>) -> anyhow::Result<()> {
         // A detached daemon (forked, or re-executed with --ready-fd): its output is the log file.
         snapfs::logfile::rotate_at(&log, m.log_max_mb.saturating_mul(1 << 20));
     }
+    snapfs::restore::worker::configure(snapfs::restore::worker::WorkerConfig {
+        enabled: m.restore_worker == "on",
+        uid: m.restore_worker_uid,
+        mem_mb: m.restore_worker_mem_mb,
+        cpu_secs: m.restore_worker_cpu_s,
+        test_hooks: m.restore_worker_test_hooks,
+    });
     let cfg = MountConfig {
         mountpoint: m.mountpoint,
         images: m.images,

@@ -202,8 +202,9 @@ impl Namespace {
             .find(|x| x.name == part_name)
             .ok_or_else(|| Error::NotFound(format!("partition {part_name}")))?;
         let key = format!("{disk_key}\0{part_name}");
-        let (vol, number) =
-            self.cached_volume(&key, || restore::open_volume(disk.image.clone(), part))?;
+        let (vol, number) = self.cached_volume(&key, || {
+            restore::worker::open_volume(disk.image.clone(), part)
+        })?;
         Ok((key, vol, number))
     }
 
@@ -320,7 +321,7 @@ impl Namespace {
                             match &found.image {
                                 Some(img) => {
                                     let whole = Partition::whole(img.size(), "LVM logical volume");
-                                    match restore::open_volume(img.clone(), &whole)? {
+                                    match restore::worker::open_volume(img.clone(), &whole)? {
                                         // LVM inside an LV is not followed.
                                         Volume::Lvm(_) => Ok(Volume::Unsupported {
                                             readme: format!("{vg}/{lv} holds another LVM2 physical volume; snapfs does not nest LVM.\n"),

@@ -14,6 +14,7 @@ pub mod partition;
 pub mod prefetch;
 pub mod probe;
 pub mod slice;
+pub mod worker;
 pub mod xfs;
 mod xfs_log;
 

@@ -1,0 +1,414 @@
+//! The worker's side: `snapfs __restore-worker UID MEM_MB`, started by the daemon with the
+//! socket on fd 3. It drops to `UID`, limits its address space, installs the seccomp filter and
+//! only then reads its first request: no untrusted byte is parsed before the sandbox is whole.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::num::NonZeroUsize;
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::image::{BlockImage, Extent, ExtentKind};
+use crate::restore::{self, GuestFs, Partition, Volume};
+
+use super::wire::{self, R, W};
+
+/// The descriptor the daemon hands over.
+pub const SOCKET_FD: i32 = 3;
+
+/// Entry point of the hidden subcommand; never returns.
+pub fn main(args: &[String]) -> ! {
+    // A reader's panic message must not go anywhere (stderr is /dev/null anyway).
+    std::panic::set_hook(Box::new(|_| {}));
+    let code = match sandbox(args) {
+        Ok(()) => serve(),
+        Err(_) => 2,
+    };
+    std::process::exit(code)
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], i: usize) -> std::result::Result<T, ()> {
+    args.get(i).and_then(|a| a.parse().ok()).ok_or(())
+}
+
+fn sandbox(args: &[String]) -> std::result::Result<(), ()> {
+    let uid: u32 = arg(args, 0)?;
+    let mem_mb: u64 = arg(args, 1)?;
+    // SAFETY: plain system calls on this process's own state; no memory is shared.
+    unsafe {
+        // Whatever the daemon had open (FUSE, libvirt, Ceph sockets) that was not close-on-exec.
+        if libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) != 0 {
+            for fd in 4..4096 {
+                libc::close(fd);
+            }
+        }
+        // The address space we start with (the binary, libraries, stack) plus the budget.
+        let base = vm_size().ok_or(())?;
+        let limit = base.saturating_add(mem_mb << 20);
+        let rl = |v: u64| libc::rlimit {
+            rlim_cur: v,
+            rlim_max: v,
+        };
+        if libc::setrlimit(libc::RLIMIT_AS, &rl(limit)) != 0
+            || libc::setrlimit(libc::RLIMIT_CORE, &rl(0)) != 0
+            || libc::setrlimit(libc::RLIMIT_NOFILE, &rl(8)) != 0
+        {
+            return Err(());
+        }
+        if (libc::geteuid() == 0 || libc::getegid() == 0)
+            && (libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(uid, uid, uid) != 0
+                || libc::setresuid(uid, uid, uid) != 0)
+        {
+            return Err(());
+        }
+        // Really unprivileged: root cannot be had back.
+        if libc::getuid() == 0 || libc::geteuid() == 0 || libc::setuid(0) == 0 {
+            return Err(());
+        }
+        // Changing credentials cleared the parent-death signal: set it now.
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+            || libc::getppid() == 1
+            || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) != 0
+        {
+            return Err(());
+        }
+    }
+    // Seed the hash keys now (getrandom) rather than on the first listing.
+    let _ = std::collections::HashMap::<u8, u8>::new();
+    let prog = filter().map_err(|_| ())?;
+    seccompiler::apply_filter(&prog).map_err(|_| ())
+}
+
+/// VmSize of this process in bytes.
+fn vm_size() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmSize:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb << 10)
+}
+
+/// The system calls reading needs; any other kills the process (`SECCOMP_RET_KILL_PROCESS`).
+/// Listed in docs/restore.md: keep both in step.
+pub fn filter() -> std::result::Result<seccompiler::BpfProgram, seccompiler::Error> {
+    use seccompiler::{
+        SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+    };
+    let no_exec = |arg: u8| -> std::result::Result<Vec<SeccompRule>, seccompiler::Error> {
+        Ok(vec![SeccompRule::new(vec![SeccompCondition::new(
+            arg,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+            0,
+        )?])?])
+    };
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() } as u64;
+    let own_pid = vec![SeccompRule::new(vec![SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        me,
+    )?])?];
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for nr in [
+        libc::SYS_read,
+        libc::SYS_write,
+        libc::SYS_readv,
+        libc::SYS_writev,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_close,
+        libc::SYS_munmap,
+        libc::SYS_mremap,
+        libc::SYS_brk,
+        libc::SYS_madvise,
+        libc::SYS_futex,
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+        libc::SYS_rt_sigreturn,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_rt_sigaction,
+        libc::SYS_sigaltstack,
+        libc::SYS_clock_gettime,
+        libc::SYS_clock_nanosleep,
+        libc::SYS_nanosleep,
+        libc::SYS_getrandom,
+        libc::SYS_sched_yield,
+        libc::SYS_getpid,
+        libc::SYS_gettid,
+    ] {
+        rules.insert(nr, vec![]);
+    }
+    rules.insert(libc::SYS_mmap, no_exec(2)?);
+    rules.insert(libc::SYS_mprotect, no_exec(2)?);
+    // abort(3) raises SIGABRT at itself: an allocation over RLIMIT_AS ends that way.
+    rules.insert(libc::SYS_tgkill, own_pid);
+    let arch = std::env::consts::ARCH.try_into().map_err(|_| {
+        seccompiler::Error::Backend(seccompiler::BackendError::InvalidTargetArch(
+            std::env::consts::ARCH.into(),
+        ))
+    })?;
+    let f = SeccompFilter::new(
+        rules,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        arch,
+    )?;
+    f.try_into().map_err(seccompiler::Error::Backend)
+}
+
+/// The disk as the worker sees it: bytes asked of the daemon over the socket, small reads
+/// through a read-around cache of 64 KiB chunks (probes and the readers' small metadata reads
+/// would otherwise each be a round trip).
+struct RemoteImage {
+    sock: Arc<UnixStream>,
+    size: u64,
+    chunks: Mutex<lru::LruCache<u64, Arc<Vec<u8>>>>,
+}
+
+const CHUNK: u64 = 64 << 10;
+const CHUNKS: usize = 64;
+
+impl RemoteImage {
+    fn fetch(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let io = |e: std::io::Error| Error::Io {
+            context: "restore worker: block read".into(),
+            source: e,
+        };
+        let mut s = &*self.sock;
+        for (i, piece) in buf.chunks_mut(wire::MAX_BLOCK_READ as usize).enumerate() {
+            let off = offset + (i as u64) * u64::from(wire::MAX_BLOCK_READ);
+            let req = W::new(wire::BLOCK_READ)
+                .u64(off)
+                .u32(piece.len() as u32)
+                .done();
+            wire::write_frame(&mut s, &req).map_err(io)?;
+            let mut reply = Vec::new();
+            if !wire::read_frame(&mut s, &mut reply).map_err(io)? {
+                return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            let mut r = R::new(&reply);
+            match r.u8()? {
+                wire::OK => {
+                    let data = r.rest();
+                    if data.len() != piece.len() {
+                        return Err(Error::Backend("restore worker: short block read".into()));
+                    }
+                    piece.copy_from_slice(data);
+                }
+                _ => return Err(r.error()?),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl BlockImage for RemoteImage {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let start = offset - offset % CHUNK;
+        let end = offset.saturating_add(buf.len() as u64);
+        if buf.len() as u64 > CHUNK / 4 || end > start + CHUNK {
+            return self.fetch(buf, offset);
+        }
+        let cached = self
+            .chunks
+            .lock()
+            .ok()
+            .and_then(|mut c| c.get(&start).cloned());
+        let chunk = match cached {
+            Some(c) => c,
+            None => {
+                let len = CHUNK.min(self.size.saturating_sub(start)) as usize;
+                let mut v = vec![0u8; len];
+                self.fetch(&mut v, start)?;
+                let v = Arc::new(v);
+                if let Ok(mut c) = self.chunks.lock() {
+                    c.put(start, v.clone());
+                }
+                v
+            }
+        };
+        let from = (offset - start) as usize;
+        let src = chunk
+            .get(from..from + buf.len())
+            .ok_or_else(|| Error::Backend("restore worker: read past the disk".into()))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn map(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+        let end = offset.saturating_add(length).min(self.size);
+        Ok(if offset < end {
+            vec![Extent {
+                offset,
+                length: end - offset,
+                kind: ExtentKind::Data,
+            }]
+        } else {
+            Vec::new()
+        })
+    }
+
+    fn describe(&self) -> String {
+        "disk served by the snapfs daemon".into()
+    }
+}
+
+fn serve() -> i32 {
+    // SAFETY: the daemon passed fd 3 for this process's exclusive use.
+    let sock = Arc::new(unsafe { UnixStream::from_raw_fd(SOCKET_FD) });
+    let mut fs: Option<Arc<dyn GuestFs>> = None;
+    let mut buf = Vec::new();
+    loop {
+        match wire::read_frame(&mut &*sock, &mut buf) {
+            Ok(true) => {}
+            Ok(false) => return 0,
+            Err(_) => return 3,
+        }
+        let out = handle(&buf, &sock, &mut fs);
+        let frame = match out {
+            Ok(Reply::Frame(f)) => f,
+            Ok(Reply::Payload(data)) => {
+                if wire::write_payload(&mut &*sock, wire::OK, &data).is_err() {
+                    return 3;
+                }
+                continue;
+            }
+            Err(e) => W::new(wire::ERR).error(&e).done(),
+        };
+        if (&*sock).write_all(&frame).is_err() {
+            return 3;
+        }
+    }
+}
+
+enum Reply {
+    Frame(Vec<u8>),
+    Payload(Vec<u8>),
+}
+
+fn handle(req: &[u8], sock: &Arc<UnixStream>, fs: &mut Option<Arc<dyn GuestFs>>) -> Result<Reply> {
+    let mut r = R::new(req);
+    let tag = r.u8()?;
+    if tag == wire::OPEN {
+        let size = r.u64()?;
+        let part = Partition {
+            offset: r.u64()?,
+            length: r.u64()?,
+            name: r.string()?,
+            type_desc: r.string()?,
+        };
+        let disk: Arc<dyn BlockImage> = Arc::new(RemoteImage {
+            sock: sock.clone(),
+            size,
+            chunks: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(CHUNKS).unwrap_or(NonZeroUsize::MIN),
+            )),
+        });
+        let w = W::new(wire::OK);
+        return Ok(Reply::Frame(match restore::open_volume(disk, &part)? {
+            Volume::Fs(f) => {
+                let w = w
+                    .u8(wire::OPENED_FS)
+                    .u64(f.root())
+                    .bytes(f.describe().as_bytes());
+                *fs = Some(f);
+                w.done()
+            }
+            Volume::Unsupported { readme } => {
+                w.u8(wire::OPENED_README).bytes(readme.as_bytes()).done()
+            }
+            Volume::Lvm(_) => w.u8(wire::OPENED_LVM).done(),
+        }));
+    }
+    match tag {
+        wire::TEST_OPEN => {
+            // The filter kills us here; should it not, say so.
+            // SAFETY: a constant NUL-terminated path.
+            let fd = unsafe { libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY) };
+            return Err(Error::Backend(format!(
+                "restore worker: open(2) was allowed (fd {fd}): the seccomp filter is missing"
+            )));
+        }
+        wire::TEST_HANG => loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        },
+        _ => {}
+    }
+    let fs = fs
+        .as_ref()
+        .ok_or_else(|| Error::Backend("restore worker: no volume opened".into()))?;
+    let ok = || W::new(wire::OK);
+    Ok(Reply::Frame(match tag {
+        wire::STAT => ok().stat(&fs.stat(r.u64()?)?).done(),
+        wire::LOOKUP => {
+            let dir = r.u64()?;
+            ok().stat(&fs.lookup(dir, r.bytes()?)?).done()
+        }
+        wire::READDIR => {
+            let list = fs.readdir(r.u64()?)?;
+            let mut w = ok().u32(list.len() as u32);
+            for (name, ino, kind) in list.iter() {
+                w = wire::write_kind(w.bytes(name).u64(*ino), *kind);
+            }
+            w.done()
+        }
+        wire::READ => {
+            let ino = r.u64()?;
+            let off = r.u64()?;
+            let len = (r.u32()? as usize).min(wire::MAX_FRAME - 16);
+            let mut data = vec![0u8; len];
+            let n = fs.read(ino, off, &mut data)?;
+            data.truncate(n);
+            return Ok(Reply::Payload(data));
+        }
+        wire::READLINK => {
+            let t = fs.readlink(r.u64()?)?;
+            return Ok(Reply::Payload(t));
+        }
+        wire::XATTRS => {
+            let x = fs.xattrs(r.u64()?)?;
+            let mut w = ok().u32(x.len() as u32);
+            for (k, v) in &x {
+                w = w.bytes(k).bytes(v);
+            }
+            w.done()
+        }
+        wire::PREFETCH_DIR => {
+            let subs = fs.prefetch_dir(r.u64()?);
+            let mut w = ok().u32(subs.len() as u32);
+            for s in subs {
+                w = w.u64(s);
+            }
+            w.done()
+        }
+        wire::DATA_RANGES => match fs.data_ranges(r.u64()?)? {
+            None => ok().u8(0).done(),
+            Some(v) => {
+                let mut w = ok().u8(1).u32(v.len() as u32);
+                for (o, l) in v {
+                    w = w.u64(o).u64(l);
+                }
+                w.done()
+            }
+        },
+        _ => {
+            return Err(Error::Backend(format!(
+                "restore worker: unknown request {tag}"
+            )))
+        }
+    }))
+}

@@ -1,0 +1,519 @@
+//! Guest filesystem readers confined in an unprivileged worker process (issue 20, item 4).
+//!
+//! Each opened guest volume gets a worker: this binary re-executed as
+//! `snapfs __restore-worker UID MEM_MB` with an empty environment, stdio on /dev/null, signals
+//! unblocked, `no_new_privs`, `RLIMIT_CPU`, and one end of a `socketpair` as fd 3. Before reading
+//! its first request the worker closes every other descriptor, caps its address space
+//! (`RLIMIT_AS`: what it started with plus `MEM_MB`), drops to `UID` (no groups), asks for
+//! SIGKILL when the daemon dies and installs a seccomp filter ([`child::filter`]) that kills it
+//! on any system call reading does not need (no `open`, no sockets, no `execve`, no `clone`).
+//!
+//! The daemon keeps FUSE, libvirt, Ceph and the images: the worker holds no descriptor to any
+//! of them. It asks for disk bytes over the socket (`BLOCK_READ offset len`, answered from the
+//! snapshot's [`BlockImage`] by the daemon thread that made the request), and answers the
+//! [`GuestFs`] calls the daemon forwards through [`WorkerFs`]. A worker that dies, breaks a
+//! limit or the protocol costs an EIO for the request it was serving; the next request on the
+//! volume starts a new one (the volume is opened again: inode numbers are the filesystem's own,
+//! so they stay valid).
+
+mod child;
+pub mod wire;
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::image::BlockImage;
+use crate::restore::{self, DirList, FileStat, GuestFs, Partition, Volume};
+
+use wire::{R, W};
+
+/// The hidden subcommand (argv[1]) that runs a worker.
+pub const SUBCOMMAND: &str = "__restore-worker";
+
+/// How guest filesystems are read; set once by the daemon ([`configure`]).
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Readers in workers (`--restore-worker=on`), else in the daemon.
+    pub enabled: bool,
+    /// The worker's uid (and gid).
+    pub uid: u32,
+    /// Address space a worker may add to what it starts with, in MiB.
+    pub mem_mb: u64,
+    /// CPU seconds a worker may use in its life (`RLIMIT_CPU`).
+    pub cpu_secs: u64,
+    /// Test hooks: lookups of [`HOOK_OPEN`] / [`HOOK_HANG`] in a guest directory.
+    pub test_hooks: bool,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            enabled: false,
+            uid: 65534,
+            mem_mb: 512,
+            cpu_secs: 3600,
+            test_hooks: false,
+        }
+    }
+}
+
+/// With test hooks on, a lookup of this name makes the worker call `open(2)`.
+pub const HOOK_OPEN: &[u8] = b".snapfs-worker-try-open";
+/// With test hooks on, a lookup of this name makes the worker sleep until it is killed.
+pub const HOOK_HANG: &[u8] = b".snapfs-worker-hang";
+
+static CONFIG: OnceLock<WorkerConfig> = OnceLock::new();
+
+/// Set how guest filesystems are read (once, before the first volume is opened).
+pub fn configure(cfg: WorkerConfig) {
+    let _ = CONFIG.set(cfg);
+}
+
+fn config() -> WorkerConfig {
+    CONFIG.get().cloned().unwrap_or_default()
+}
+
+/// If this process was started as a worker (`argv[1]` is [`SUBCOMMAND`]), run it; never
+/// returns then. Call first thing in `main`.
+pub fn run_if_worker() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(SUBCOMMAND) {
+        child::main(&args[2..]);
+    }
+}
+
+/// How long the daemon waits for one message of a worker before it ends it as hung.
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// [`restore::open_volume`], with the filesystem read in a worker when workers are on. An LVM2
+/// physical volume is parsed in the daemon (its logical volumes' filesystems then go through
+/// this again, each in its own worker).
+pub fn open_volume(disk: Arc<dyn BlockImage>, part: &Partition) -> Result<Volume> {
+    let cfg = config();
+    if !cfg.enabled {
+        return restore::open_volume(disk, part);
+    }
+    let fs = WorkerFs {
+        disk,
+        part: part.clone(),
+        cfg,
+        conn: Mutex::new(None),
+        root: AtomicU64::new(0),
+        describe: Mutex::new(String::new()),
+        restarts: AtomicU64::new(0),
+        stats: Mutex::new(lru::LruCache::new(
+            std::num::NonZeroUsize::new(STAT_CACHE).unwrap_or(std::num::NonZeroUsize::MIN),
+        )),
+    };
+    let mut guard = lock(&fs.conn);
+    match fs.start()? {
+        (conn, Opened::Fs) => {
+            *guard = Some(conn);
+            drop(guard);
+            Ok(Volume::Fs(Arc::new(fs)))
+        }
+        (mut conn, Opened::Readme(readme)) => {
+            conn.end();
+            Ok(Volume::Unsupported { readme })
+        }
+        (mut conn, Opened::Lvm) => {
+            conn.end();
+            drop(guard);
+            restore::open_volume(fs.disk.clone(), &fs.part)
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+enum Opened {
+    Fs,
+    Readme(String),
+    Lvm,
+}
+
+/// A live worker.
+struct Conn {
+    child: Child,
+    sock: UnixStream,
+    started: Instant,
+}
+
+impl Conn {
+    /// End the worker (if still running) and reap it; its exit status for the log.
+    fn end(&mut self) -> String {
+        let _ = self.child.kill();
+        match self.child.wait() {
+            Ok(s) => match (s.code(), s.signal()) {
+                (_, Some(sig)) => format!("killed by signal {sig} ({})", signal_name(sig)),
+                (Some(c), _) => format!("exited with status {c}"),
+                _ => "ended".into(),
+            },
+            Err(e) => format!("not reaped: {e}"),
+        }
+    }
+
+    /// Send `req` and wait for its reply, serving the worker's block reads meanwhile. An `Err`
+    /// means the worker is broken (dead, hung, or off-protocol); a reply may itself be an error.
+    fn exchange(&mut self, req: &[u8], disk: &dyn BlockImage) -> std::io::Result<Vec<u8>> {
+        (&self.sock).write_all(req)?;
+        let mut buf = Vec::new();
+        let mut data = Vec::new();
+        loop {
+            if !wire::read_frame(&mut &self.sock, &mut buf)? {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            if buf[0] != wire::BLOCK_READ {
+                return Ok(buf);
+            }
+            let mut r = R::new(&buf[1..]);
+            let (off, len) = match (r.u64(), r.u32()) {
+                (Ok(o), Ok(l)) => (o, l),
+                _ => return Err(bad("block read without offset and length")),
+            };
+            if len > wire::MAX_BLOCK_READ
+                || off
+                    .checked_add(u64::from(len))
+                    .is_none_or(|e| e > disk.size())
+            {
+                return Err(bad("block read outside the disk"));
+            }
+            data.clear();
+            data.resize(len as usize, 0);
+            match disk.read_at(&mut data, off) {
+                Ok(()) => wire::write_payload(&mut &self.sock, wire::OK, &data)?,
+                Err(e) => (&self.sock).write_all(&W::new(wire::ERR).error(&e).done())?,
+            }
+        }
+    }
+}
+
+fn bad(what: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string())
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSYS => "SIGSYS: a system call outside the filter",
+        libc::SIGABRT => "SIGABRT: out of memory (RLIMIT_AS) or a failed check",
+        libc::SIGXCPU => "SIGXCPU: RLIMIT_CPU",
+        libc::SIGSEGV => "SIGSEGV",
+        _ => "signal",
+    }
+}
+
+/// A guest filesystem read by a worker; `GuestFs` calls are forwarded one at a time.
+pub struct WorkerFs {
+    disk: Arc<dyn BlockImage>,
+    part: Partition,
+    cfg: WorkerConfig,
+    conn: Mutex<Option<Conn>>,
+    root: AtomicU64,
+    describe: Mutex<String>,
+    restarts: AtomicU64,
+    /// Attributes the worker gave (a snapshot does not change): `stat` of a file just looked
+    /// up, or listed with attributes, needs no round trip.
+    stats: Mutex<lru::LruCache<u64, FileStat>>,
+}
+
+/// Entries of [`WorkerFs::stats`] (~120 bytes each: 2 MiB per volume at most).
+const STAT_CACHE: usize = 16 << 10;
+
+impl Drop for WorkerFs {
+    fn drop(&mut self) {
+        if let Some(mut c) = lock(&self.conn).take() {
+            c.end();
+        }
+    }
+}
+
+impl WorkerFs {
+    /// Start a worker and open the volume in it.
+    fn start(&self) -> Result<(Conn, Opened)> {
+        let (ours, theirs) = UnixStream::pair().map_err(|e| Error::Io {
+            context: "restore worker: socketpair".into(),
+            source: e,
+        })?;
+        let fd = theirs.as_raw_fd();
+        let cpu = self.cfg.cpu_secs.max(1);
+        let mut cmd = Command::new("/proc/self/exe");
+        cmd.arg(SUBCOMMAND)
+            .arg(self.cfg.uid.to_string())
+            .arg(self.cfg.mem_mb.to_string())
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: only async-signal-safe system calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if fd == child::SOCKET_FD {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(fd, child::SOCKET_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The daemon blocks its termination signals for its signal thread.
+                let mut none: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut none);
+                libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+                let cpu = libc::rlimit {
+                    rlim_cur: cpu,
+                    rlim_max: cpu + 5,
+                };
+                if libc::setrlimit(libc::RLIMIT_CPU, &cpu) != 0
+                    || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| Error::Io {
+            context: "restore worker: start".into(),
+            source: e,
+        })?;
+        drop(theirs);
+        let _ = ours.set_read_timeout(Some(MESSAGE_TIMEOUT));
+        let mut conn = Conn {
+            child,
+            sock: ours,
+            started: Instant::now(),
+        };
+        let req = W::new(wire::OPEN)
+            .u64(self.disk.size())
+            .u64(self.part.offset)
+            .u64(self.part.length)
+            .bytes(self.part.name.as_bytes())
+            .bytes(self.part.type_desc.as_bytes())
+            .done();
+        let reply = match conn.exchange(&req, self.disk.as_ref()) {
+            Ok(r) => r,
+            Err(e) => return Err(self.died(&mut conn, "opening the volume", &e)),
+        };
+        let mut r = R::new(&reply);
+        let parsed = (|| -> Result<Result<Opened>> {
+            if r.u8()? != wire::OK {
+                return Ok(Err(r.error()?));
+            }
+            Ok(Ok(match r.u8()? {
+                wire::OPENED_FS => {
+                    let root = r.u64()?;
+                    let describe = r.string()?;
+                    self.root.store(root, Ordering::Relaxed);
+                    *lock(&self.describe) = describe;
+                    Opened::Fs
+                }
+                wire::OPENED_README => Opened::Readme(r.string()?),
+                wire::OPENED_LVM => Opened::Lvm,
+                _ => return Err(Error::Backend("restore worker: bad open reply".into())),
+            }))
+        })();
+        match parsed {
+            Ok(Ok(o)) => {
+                tracing::debug!(part = %self.part.name, pid = conn.child.id(), "restore worker started");
+                Ok((conn, o))
+            }
+            Ok(Err(e)) => {
+                conn.end();
+                Err(e)
+            }
+            Err(e) => Err(self.died(&mut conn, "opening the volume", &bad(&e.to_string()))),
+        }
+    }
+
+    /// End a broken worker, log why, and give the EIO its request gets.
+    fn died(&self, conn: &mut Conn, doing: &str, e: &std::io::Error) -> Error {
+        let status = conn.end();
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+        crate::input_warn!(
+            &self.part.name,
+            "restore worker for {} failed while {doing} ({e}), {status} after {} ms; a new one starts on next access",
+            self.part.name,
+            conn.started.elapsed().as_millis()
+        );
+        Error::Io {
+            context: format!("restore worker for {} {status}", self.part.name),
+            source: std::io::Error::from_raw_os_error(libc::EIO),
+        }
+    }
+
+    /// Forward one request; the reply's body after its `OK` tag.
+    fn call(&self, req: Vec<u8>) -> Result<Vec<u8>> {
+        let mut guard = lock(&self.conn);
+        if guard.is_none() {
+            let (mut conn, opened) = self.start()?;
+            if !matches!(opened, Opened::Fs) {
+                conn.end();
+                return Err(Error::Io {
+                    context: format!(
+                        "restore worker for {}: volume changed on restart",
+                        self.part.name
+                    ),
+                    source: std::io::Error::from_raw_os_error(libc::EIO),
+                });
+            }
+            tracing::info!(part = %self.part.name, pid = conn.child.id(), "restore worker restarted");
+            *guard = Some(conn);
+        }
+        let Some(conn) = guard.as_mut() else {
+            return Err(Error::Backend("restore worker: no connection".into()));
+        };
+        match conn.exchange(&req, self.disk.as_ref()) {
+            Ok(mut reply) => {
+                if reply[0] == wire::OK {
+                    reply.remove(0);
+                    Ok(reply)
+                } else {
+                    let mut r = R::new(&reply[1..]);
+                    Err(r.error().unwrap_or_else(|e| e))
+                }
+            }
+            Err(e) => {
+                let err = self.died(conn, "serving a request", &e);
+                *guard = None;
+                Err(err)
+            }
+        }
+    }
+
+    /// Decode a reply, ending the worker if it is malformed.
+    fn decode<T>(&self, reply: &[u8], f: impl FnOnce(&mut R) -> Result<T>) -> Result<T> {
+        match f(&mut R::new(reply)) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                let mut guard = lock(&self.conn);
+                if let Some(mut c) = guard.take() {
+                    return Err(self.died(&mut c, "replying", &bad(&e.to_string())));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The worker's pid, for tests and figures.
+    pub fn pid(&self) -> Option<u32> {
+        lock(&self.conn).as_ref().map(|c| c.child.id())
+    }
+}
+
+impl GuestFs for WorkerFs {
+    fn root(&self) -> u64 {
+        self.root.load(Ordering::Relaxed)
+    }
+
+    fn stat(&self, ino: u64) -> Result<FileStat> {
+        if let Some(s) = lock(&self.stats).get(&ino) {
+            return Ok(s.clone());
+        }
+        let reply = self.call(W::new(wire::STAT).u64(ino).done())?;
+        let s = self.decode(&reply, |r| r.stat())?;
+        lock(&self.stats).put(ino, s.clone());
+        Ok(s)
+    }
+
+    fn lookup(&self, dir: u64, name: &[u8]) -> Result<FileStat> {
+        if self.cfg.test_hooks && (name == HOOK_OPEN || name == HOOK_HANG) {
+            let tag = if name == HOOK_OPEN {
+                wire::TEST_OPEN
+            } else {
+                wire::TEST_HANG
+            };
+            self.call(W::new(tag).done())?;
+            return Err(Error::NotFound(String::from_utf8_lossy(name).into_owned()));
+        }
+        let reply = self.call(W::new(wire::LOOKUP).u64(dir).bytes(name).done())?;
+        let s = self.decode(&reply, |r| r.stat())?;
+        lock(&self.stats).put(s.ino, s.clone());
+        Ok(s)
+    }
+
+    fn readdir(&self, dir: u64) -> Result<DirList> {
+        let reply = self.call(W::new(wire::READDIR).u64(dir).done())?;
+        self.decode(&reply, |r| {
+            let n = r.u32()? as usize;
+            // Each entry takes at least 13 bytes of the frame: no allocation the worker chose.
+            let mut v = Vec::with_capacity(n.min(reply.len() / 13));
+            for _ in 0..n {
+                let name = r.bytes()?.to_vec();
+                let ino = r.u64()?;
+                v.push((name, ino, r.kind()?));
+            }
+            Ok(Arc::new(v))
+        })
+    }
+
+    fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let len = buf.len().min(wire::MAX_FRAME / 2) as u32;
+        let reply = self.call(W::new(wire::READ).u64(ino).u64(offset).u32(len).done())?;
+        if reply.len() > buf.len() {
+            return self.decode(&reply, |_| {
+                Err(Error::Backend("restore worker: read reply too long".into()))
+            });
+        }
+        buf[..reply.len()].copy_from_slice(&reply);
+        Ok(reply.len())
+    }
+
+    fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        self.call(W::new(wire::READLINK).u64(ino).done())
+    }
+
+    fn xattrs(&self, ino: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let reply = self.call(W::new(wire::XATTRS).u64(ino).done())?;
+        self.decode(&reply, |r| {
+            let n = r.u32()? as usize;
+            let mut v = Vec::with_capacity(n.min(reply.len() / 8));
+            for _ in 0..n {
+                v.push((r.bytes()?.to_vec(), r.bytes()?.to_vec()));
+            }
+            Ok(v)
+        })
+    }
+
+    fn prefetch_dir(&self, dir: u64) -> Vec<u64> {
+        let Ok(reply) = self.call(W::new(wire::PREFETCH_DIR).u64(dir).done()) else {
+            return Vec::new();
+        };
+        self.decode(&reply, |r| {
+            let n = r.u32()? as usize;
+            let mut v = Vec::with_capacity(n.min(reply.len() / 8));
+            for _ in 0..n {
+                v.push(r.u64()?);
+            }
+            Ok(v)
+        })
+        .unwrap_or_default()
+    }
+
+    fn data_ranges(&self, ino: u64) -> Result<Option<Vec<(u64, u64)>>> {
+        let reply = self.call(W::new(wire::DATA_RANGES).u64(ino).done())?;
+        self.decode(&reply, |r| {
+            if r.u8()? == 0 {
+                return Ok(None);
+            }
+            let n = r.u32()? as usize;
+            let mut v = Vec::with_capacity(n.min(reply.len() / 16));
+            for _ in 0..n {
+                v.push((r.u64()?, r.u64()?));
+            }
+            Ok(Some(v))
+        })
+    }
+
+    fn describe(&self) -> String {
+        lock(&self.describe).clone()
+    }
+}
