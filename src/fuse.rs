@@ -470,13 +470,17 @@ impl fuser::Filesystem for Fuse {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _name: &OsStr,
-        _value: &[u8],
+        name: &OsStr,
+        value: &[u8],
         _flags: i32,
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply_err!(reply, "setxattr", self.fs.refuse(ino.0, None, "setxattr"))
+        use std::os::unix::ffi::OsStrExt;
+        match self.fs.setxattr(ino.0, name.as_bytes(), Some(value)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply_err!(reply, "setxattr", e),
+        }
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -498,12 +502,12 @@ impl fuser::Filesystem for Fuse {
         }
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply_err!(
-            reply,
-            "removexattr",
-            self.fs.refuse(ino.0, None, "removexattr")
-        )
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        use std::os::unix::ffi::OsStrExt;
+        match self.fs.setxattr(ino.0, name.as_bytes(), None) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply_err!(reply, "removexattr", e),
+        }
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {

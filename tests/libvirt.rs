@@ -939,3 +939,102 @@ fn revert_through_current_on_a_shut_off_instance() {
     assert_eq!(g.exec("cat /data/markB").trim(), "B");
     assert_eq!(g.exec("cat /data/markA").trim(), "A");
 }
+
+/// setxattr(2) through the mount, as `setfattr -n NAME -v VALUE DIR` calls it.
+fn set_xattr(dir: &Path, name: &str, value: Option<&str>) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(dir.as_os_str().as_bytes()).expect("path");
+    let n = std::ffi::CString::new(name).expect("name");
+    // SAFETY: NUL-terminated strings alive for the call; the value's pointer and length agree.
+    let rc = unsafe {
+        match value {
+            Some(v) => libc::setxattr(p.as_ptr(), n.as_ptr(), v.as_ptr().cast(), v.len(), 0),
+            None => libc::removexattr(p.as_ptr(), n.as_ptr()),
+        }
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// getxattr(2) of `name` as a string.
+fn get_xattr(dir: &Path, name: &str) -> std::io::Result<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(dir.as_os_str().as_bytes()).expect("path");
+    let n = std::ffi::CString::new(name).expect("name");
+    let mut buf = vec![0u8; 256];
+    // SAFETY: NUL-terminated strings; the buffer's pointer and length agree.
+    let rc = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    buf.truncate(rc as usize);
+    Ok(String::from_utf8(buf).expect("utf-8 value"))
+}
+
+/// Issue 14's per-instance settings: `user.snapfs.quiesce` and `user.snapfs.memory` are
+/// extended attributes of the instance directory, kept in the domain's metadata (a second
+/// mount sees them), validated as setxattr(2) documents, and the quiesce override is what
+/// mkdir then does.
+#[test]
+fn instance_settings_are_extended_attributes_kept_in_the_domain() {
+    if !testbed_ready("instance_settings_are_extended_attributes_kept_in_the_domain") {
+        return;
+    }
+    let _one = lock();
+    let name = guest_name("set");
+    let g = Guest::define(&name);
+    g.start();
+    let m = Mount::with_providers(&[LIBVIRT_ARG]);
+    let dir = instance_dir(&m, &name);
+    // Defaults: the mount's --quiesce (require unless given), memory off.
+    assert_eq!(get_xattr(&dir, "user.snapfs.memory").unwrap(), "off");
+    let default_q = get_xattr(&dir, "user.snapfs.quiesce").unwrap();
+    assert!(
+        ["require", "prefer"].contains(&default_q.as_str()),
+        "{default_q}"
+    );
+    // Bad value EINVAL, unknown name ENOTSUP (EOPNOTSUPP), memory on not built: ENOTSUP.
+    assert_eq!(
+        errno(set_xattr(&dir, "user.snapfs.quiesce", Some("maybe"))),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno(set_xattr(&dir, "user.snapfs.colour", Some("red"))),
+        libc::EOPNOTSUPP
+    );
+    assert_eq!(
+        errno(set_xattr(&dir, "user.snapfs.memory", Some("on"))),
+        libc::EOPNOTSUPP
+    );
+    // Nothing but settings can be set, and not on snapshot contents.
+    assert!(set_xattr(&dir.join("instance.json"), "user.x", Some("1")).is_err());
+    // quiesce=off: the next snapshot of the running guest is not quiesced.
+    set_xattr(&dir, "user.snapfs.quiesce", Some("off")).expect("setxattr quiesce off");
+    assert_eq!(get_xattr(&dir, "user.snapfs.quiesce").unwrap(), "off");
+    let meta = virsh(&["metadata", &name, "https://snapfs.dev/xmlns/settings/1"]);
+    assert!(
+        String::from_utf8_lossy(&meta.stdout).contains("quiesce=\"off\"")
+            || String::from_utf8_lossy(&meta.stdout).contains("quiesce='off'"),
+        "{}",
+        String::from_utf8_lossy(&meta.stdout)
+    );
+    fs::create_dir(snap_dir(&m, &name, "nq")).expect("mkdir nq");
+    let sj = json(&snap_dir(&m, &name, "nq").join("snapshot.json"));
+    assert_eq!(sj["quiesced"], false, "{sj}");
+    // Another mount sees the same setting (it lives in the domain, not in the daemon).
+    let m2 = Mount::with_providers(&[LIBVIRT_ARG]);
+    assert_eq!(
+        get_xattr(&instance_dir(&m2, &name), "user.snapfs.quiesce").unwrap(),
+        "off"
+    );
+    drop(m2);
+    // Removing it returns to the mount's default, and mkdir freezes again.
+    set_xattr(&dir, "user.snapfs.quiesce", None).expect("removexattr");
+    assert_eq!(get_xattr(&dir, "user.snapfs.quiesce").unwrap(), default_q);
+    fs::create_dir(snap_dir(&m, &name, "q")).expect("mkdir q");
+    let sj = json(&snap_dir(&m, &name, "q").join("snapshot.json"));
+    assert_eq!(sj["quiesced"], true, "{sj}");
+}

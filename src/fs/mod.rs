@@ -408,6 +408,14 @@ impl SnapFs {
             .ok_or(Error::NoAttr)
     }
 
+    /// setxattr (`Some`) or removexattr (`None`): the settings of an object directory.
+    pub fn setxattr(&self, ino: u64, name: &[u8], value: Option<&[u8]>) -> Result<()> {
+        let path = self.path(ino)?;
+        let node = Self::node(&path)?;
+        self.writable("setxattr")?;
+        self.ns.set_xattr(&node, name, value)
+    }
+
     /// Attribute names, each NUL-terminated, as listxattr(2) returns them.
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
         let path = self.path(ino)?;

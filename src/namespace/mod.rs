@@ -45,6 +45,9 @@ const MAX_PENDING: usize = 4096;
 const DISK_SUFFIX: &str = ".raw";
 
 /// What a path names.
+/// Extended attributes of an object directory that are its settings (`user.snapfs.memory`).
+pub const SETTING_PREFIX: &str = "user.snapfs.";
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Node {
     Root,
@@ -619,8 +622,39 @@ impl Namespace {
     pub fn xattrs(&self, node: &Node) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         match node {
             Node::Files(p) => self.files_xattrs(p),
+            Node::Object(o) => Ok(self
+                .reg
+                .provider(o)?
+                .settings(o)?
+                .into_iter()
+                .map(|(n, v)| (format!("{SETTING_PREFIX}{n}").into_bytes(), v.into_bytes()))
+                .collect()),
             _ => Ok(Vec::new()),
         }
+    }
+
+    /// setxattr (`Some`) or removexattr (`None`) of `name` on `node`: only the settings of an
+    /// object directory (`user.snapfs.<setting>`) can be changed.
+    pub fn set_xattr(&self, node: &Node, name: &[u8], value: Option<&[u8]>) -> Result<()> {
+        let Node::Object(o) = node else {
+            return Err(Self::refusal(Some(node), "setxattr"));
+        };
+        let setting = std::str::from_utf8(name)
+            .ok()
+            .and_then(|n| n.strip_prefix(SETTING_PREFIX))
+            .ok_or_else(|| {
+                Error::NotSupported(format!(
+                    "{}: only {SETTING_PREFIX}* attributes can be set on {o}",
+                    String::from_utf8_lossy(name)
+                ))
+            })?;
+        let value = match value {
+            None => None,
+            Some(v) => Some(std::str::from_utf8(v).map_err(|_| {
+                Error::Invalid(format!("value of {SETTING_PREFIX}{setting} is not UTF-8"))
+            })?),
+        };
+        self.reg.provider(o)?.set_setting(o, setting, value)
     }
 
     fn launch_target(&self, node: &Node) -> Result<String> {

@@ -15,6 +15,7 @@ pub mod freeze;
 pub mod managed;
 mod rbd;
 mod revert;
+mod settings;
 pub mod store;
 mod store_rbd;
 pub mod xml;
@@ -728,7 +729,7 @@ impl LibvirtProvider {
         active: bool,
     ) -> Result<Option<freeze::Frozen>> {
         let policy = if active {
-            self.opts.quiesce
+            self.quiesce_policy(dom)
         } else {
             Quiesce::Off
         };
@@ -1139,6 +1140,22 @@ impl Provider for LibvirtProvider {
                 .pool_images(owner)
                 .is_ok_and(|p| p.records_lineage(owner)),
             Owner::Instance(_) => true,
+        }
+    }
+
+    fn settings(&self, owner: &Owner) -> Result<Vec<(String, String)>> {
+        match owner {
+            Owner::Instance(_) => self.instance_settings(owner),
+            Owner::Volume { .. } => Ok(Vec::new()),
+        }
+    }
+
+    fn set_setting(&self, owner: &Owner, name: &str, value: Option<&str>) -> Result<()> {
+        match owner {
+            Owner::Instance(_) => self.set_instance_setting(owner, name, value),
+            Owner::Volume { .. } => Err(Error::NotSupported(format!(
+                "volumes keep no settings ({owner}: user.snapfs.{name})"
+            ))),
         }
     }
 

@@ -140,6 +140,22 @@ pub trait Provider: Send + Sync {
         )))
     }
 
+    /// The per-object settings shown as `user.snapfs.<name>` extended attributes of the
+    /// object directory, with their effective values; none where the backend keeps none.
+    fn settings(&self, owner: &Owner) -> Result<Vec<(String, String)>> {
+        let _ = owner;
+        Ok(Vec::new())
+    }
+    /// Set (or with `None` reset to the mount's default) setting `name` of `owner`. An unknown
+    /// name is `ENOTSUP`, a bad value `EINVAL`, as setxattr(2) documents.
+    fn set_setting(&self, owner: &Owner, name: &str, value: Option<&str>) -> Result<()> {
+        let _ = value;
+        Err(Error::NotSupported(format!(
+            "{} provider keeps no setting {name:?} for {owner}",
+            self.kind()
+        )))
+    }
+
     fn launches(&self) -> Result<Vec<LaunchInfo>> {
         Ok(Vec::new())
     }

@@ -26,7 +26,11 @@ const NAMES: [&str; 2] = ["memory", "quiesce"];
 
 /// The settings a domain's metadata holds: (name, value) pairs as stored.
 fn stored(dom: &Domain) -> Vec<(String, String)> {
-    let Ok(m) = dom.metadata(sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(SETTINGS_NS), 0) else {
+    let Ok(m) = dom.metadata(
+        sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+        Some(SETTINGS_NS),
+        0,
+    ) else {
         return Vec::new();
     };
     let Ok(doc) = roxmltree::Document::parse(&m) else {
@@ -83,9 +87,8 @@ impl LibvirtProvider {
     ) -> Result<()> {
         match (name, value) {
             ("quiesce", Some(v)) => {
-                v.parse::<Quiesce>().map_err(|e| {
-                    Error::Invalid(format!("user.snapfs.quiesce of {owner}: {e}"))
-                })?;
+                v.parse::<Quiesce>()
+                    .map_err(|e| Error::Invalid(format!("user.snapfs.quiesce of {owner}: {e}")))?;
             }
             ("memory", Some("off")) | (_, None) if NAMES.contains(&name) => {}
             ("memory", Some("on")) => {
@@ -112,8 +115,10 @@ impl LibvirtProvider {
                 m["system"].as_str().unwrap_or("a cloud")
             )));
         }
-        let mut own: Vec<(String, String)> =
-            stored(&dom).into_iter().filter(|(n, _)| n != name).collect();
+        let mut own: Vec<(String, String)> = stored(&dom)
+            .into_iter()
+            .filter(|(n, _)| n != name)
+            .collect();
         if let Some(v) = value {
             own.push((name.to_string(), v.to_string()));
         }
@@ -137,7 +142,12 @@ impl LibvirtProvider {
             Some(SETTINGS_NS),
             flags,
         )
-        .map_err(|e| lv_err(format!("keeping setting {name} of {owner} in its metadata"), e))?;
+        .map_err(|e| {
+            lv_err(
+                format!("keeping setting {name} of {owner} in its metadata"),
+                e,
+            )
+        })?;
         info!(%owner, setting = name, value = value.unwrap_or("(default)"), "instance setting changed");
         Ok(())
     }
