@@ -211,10 +211,27 @@ fn systemd_unit_verifies() {
         .unwrap();
     let text =
         String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    // verify also loads the units ours names in After= (libvirtd.service, ...); what it says
+    // about those is the distribution's business (Debian 12's systemd 252 does not know the
+    // `Type=notify-reload` of a newer libvirt), so only lines about other units' files are
+    // left out. Anything about our unit, or not tied to a file, still fails the test.
+    let ours: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter(|l| !is_distribution_unit_line(l))
+        .collect();
     assert!(
-        out.status.success() && text.trim().is_empty(),
+        out.status.success() && ours.is_empty(),
         "systemd-analyze verify: {text}"
     );
+}
+
+/// A diagnostic `systemd-analyze verify` printed about a unit file installed by a package
+/// (`/lib/systemd/system/x.service:29: ...`), not about the unit under test.
+fn is_distribution_unit_line(line: &str) -> bool {
+    ["/lib/systemd/system/", "/usr/lib/systemd/system/"]
+        .iter()
+        .any(|dir| line.starts_with(dir))
 }
 
 /// `snapfs generate-assets` writes what the .deb ships: man pages that roff renders and
