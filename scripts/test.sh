@@ -27,7 +27,8 @@ echo "== formatting"
 cargo fmt --all -- --check
 
 echo "== tests"
-cargo test --all-targets "$@"
+# --no-fail-fast: one CI run names every failing target, not only the first.
+cargo test --all-targets --no-fail-fast "$@"
 
 if [[ ${SNAPFS_FRESH_CHECK:-1} != 0 || ${CI:-} == true ]]; then
   echo "== the Debian package"
