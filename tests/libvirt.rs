@@ -1188,7 +1188,7 @@ fn memory_snapshot_revert_resumes_the_running_guest() {
 }
 
 /// Issue 14: kill -9 of the daemon in the middle of a revert to a memory snapshot (once the
-/// kept `before-revert-…` exists in libvirt, while the revert is asked): after a restart the
+/// state is kept as `before-revert-…`, while libvirt reverts): after a restart the
 /// instance is running, either fully reverted (the tmpfs counter back near the snapshot's) or
 /// untouched (counting on from where it was), never paused or half done, and `before-revert-…`
 /// exists with its memory.
@@ -1218,19 +1218,25 @@ fn kill_during_a_memory_revert_leaves_it_whole_or_untouched() {
             .current_dir(&d)
             .output()
     });
+    // Kill once the daemon has kept the state and asks libvirt to revert (which takes seconds).
     let deadline = Instant::now() + Duration::from_secs(180);
-    let kept = loop {
-        let o = virsh(&["snapshot-list", &name, "--name"]);
-        let list = String::from_utf8_lossy(&o.stdout).into_owned();
-        if let Some(k) = list.lines().find(|l| l.starts_with("before-revert-")) {
-            break k.trim().to_string();
-        }
+    while !m.log().contains("kept the state being reverted") {
         assert!(
             Instant::now() < deadline,
-            "no before-revert snapshot: {list}"
+            "no before-revert snapshot: {}",
+            m.log()
         );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let o = virsh(&["snapshot-list", &name, "--name"]);
+    let list = String::from_utf8_lossy(&o.stdout).into_owned();
+    let kept = list
+        .lines()
+        .find(|l| l.starts_with("before-revert-"))
+        .unwrap_or_else(|| panic!("no before-revert snapshot in libvirt: {list}"))
+        .trim()
+        .to_string();
     // SAFETY: a plain kill(2) of the daemon this test started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     assert!(wait_gone(pid, Duration::from_secs(10)));
@@ -1255,6 +1261,10 @@ fn kill_during_a_memory_revert_leaves_it_whole_or_untouched() {
     );
     if reverted {
         assert!(c >= before_mkdir, "counter {c} below m1's");
+        assert_eq!(
+            fs::read_link(dir.join("current")).unwrap(),
+            PathBuf::from(".snapshots/m1")
+        );
     }
     // The guest runs on, and the kept state is there with its memory.
     wait_counter_past(&g, c);
