@@ -1185,6 +1185,13 @@ fn memory_snapshot_revert_resumes_the_running_guest() {
     );
     // The guest goes on counting: it was left running.
     wait_counter_past(&g, c);
+
+    // rmdir of a memory snapshot takes its state file along.
+    let kept_state = PathBuf::from(kj["memory_file"].as_str().expect("memory_file"));
+    assert!(kept_state.exists(), "{kj}");
+    fs::remove_dir(snap_dir(&m, &name, &kept)).expect("rmdir before-revert");
+    assert!(!kept_state.exists(), "{} left behind", kept_state.display());
+    assert!(state_file.exists(), "m1's state file went too");
 }
 
 /// Issue 14: kill -9 of the daemon in the middle of a revert to a memory snapshot (once the
