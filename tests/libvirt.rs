@@ -1186,6 +1186,28 @@ fn memory_snapshot_revert_resumes_the_running_guest() {
     // The guest goes on counting: it was left running.
     wait_counter_past(&g, c);
 
+    // A memory snapshot whose state file is gone: EINVAL, and nothing is kept first.
+    let aside = state_file.with_extension("aside");
+    fs::rename(&state_file, &aside).expect("move m1's state aside");
+    let before = ls(&dir.join(".snapshots")).len();
+    assert_eq!(
+        errno(std::os::unix::fs::symlink(
+            ".snapshots/m1",
+            dir.join("current")
+        )),
+        libc::EEXIST
+    );
+    let o = ln(".snapshots/m1");
+    fs::rename(&aside, &state_file).expect("put m1's state back");
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Invalid argument"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(ls(&dir.join(".snapshots")).len(), before);
+    assert_eq!(g.state(), "running");
+
     // rmdir of a memory snapshot takes its state file along.
     let kept_state = PathBuf::from(kj["memory_file"].as_str().expect("memory_file"));
     assert!(kept_state.exists(), "{kj}");
