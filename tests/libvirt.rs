@@ -996,7 +996,7 @@ fn instance_settings_are_extended_attributes_kept_in_the_domain() {
         ["require", "prefer"].contains(&default_q.as_str()),
         "{default_q}"
     );
-    // Bad value EINVAL, unknown name ENOTSUP (EOPNOTSUPP), memory on not built: ENOTSUP.
+    // Bad value EINVAL, unknown name ENOTSUP (EOPNOTSUPP).
     assert_eq!(
         errno(set_xattr(&dir, "user.snapfs.quiesce", Some("maybe"))),
         libc::EINVAL
@@ -1006,8 +1006,8 @@ fn instance_settings_are_extended_attributes_kept_in_the_domain() {
         libc::EOPNOTSUPP
     );
     assert_eq!(
-        errno(set_xattr(&dir, "user.snapfs.memory", Some("on"))),
-        libc::EOPNOTSUPP
+        errno(set_xattr(&dir, "user.snapfs.memory", Some("yes"))),
+        libc::EINVAL
     );
     // Nothing but settings can be set, and not on snapshot contents.
     assert!(set_xattr(&dir.join("instance.json"), "user.x", Some("1")).is_err());
@@ -1037,4 +1037,268 @@ fn instance_settings_are_extended_attributes_kept_in_the_domain() {
     fs::create_dir(snap_dir(&m, &name, "q")).expect("mkdir q");
     let sj = json(&snap_dir(&m, &name, "q").join("snapshot.json"));
     assert_eq!(sj["quiesced"], true, "{sj}");
+}
+
+/// The guest's tmpfs counter (`/run/counter`), written by the loop [`start_counter`] starts.
+fn guest_counter(g: &Guest) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // The loop truncates and rewrites the file: a read can fall in between.
+        let o = script("guest-exec.sh", &[&g.name, "cat /run/counter", "20"]);
+        if let Ok(n) = String::from_utf8_lossy(&o.stdout).trim().parse() {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: no counter in /run/counter: {}",
+            g.name,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A shell loop in the guest counting into `/run/counter` (tmpfs: memory only), about ten
+/// a second, without forks (they are slow under TCG).
+fn start_counter(g: &Guest) {
+    g.exec(
+        "mkfifo /run/counter-tick; setsid sh -c 'exec 4<>/run/counter-tick; i=0; \
+         while :; do i=$((i+1)); echo $i > /run/counter; read -t 0.1 _ <&4; done' \
+         </dev/null >/dev/null 2>&1 &",
+    );
+}
+
+/// Wait until the guest's counter passes `n`.
+fn wait_counter_past(g: &Guest, n: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let c = guest_counter(g);
+        if c > n {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: counter stuck at {c}",
+            g.name
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Issue 14's memory snapshots: with `user.snapfs.memory=on`, mkdir of a running instance also
+/// saves its CPU and memory state (an external memory snapshot, the guest keeps running);
+/// `ln -sfn` back to it leaves the guest running from that memory: a counter held only in the
+/// guest's tmpfs is back near its snapshot value. The same from a shut-off domain; mkdir of a
+/// shut-off one is disk-only; a disk-only snapshot of a running one stays EBUSY.
+#[test]
+fn memory_snapshot_revert_resumes_the_running_guest() {
+    if !testbed_ready("memory_snapshot_revert_resumes_the_running_guest") {
+        return;
+    }
+    let _one = lock();
+    let name = guest_name("mem");
+    let g = Guest::define(&name);
+    g.start();
+    let m = Mount::with_providers(&[LIBVIRT_ARG]);
+    let dir = instance_dir(&m, &name);
+    let ln = |target: &str| {
+        Command::new("ln")
+            .args(["-sfn", target, "current"])
+            .current_dir(&dir)
+            .output()
+            .expect("run ln")
+    };
+    start_counter(&g);
+    let before_mkdir = wait_counter_past(&g, 0);
+    set_xattr(&dir, "user.snapfs.memory", Some("on")).expect("setxattr memory on");
+    assert_eq!(get_xattr(&dir, "user.snapfs.memory").unwrap(), "on");
+
+    let t = Instant::now();
+    fs::create_dir(snap_dir(&m, &name, "m1")).expect("mkdir m1");
+    eprintln!("mkdir with memory: {} ms", t.elapsed().as_millis());
+    assert_eq!(g.state(), "running");
+    let after_mkdir = guest_counter(&g);
+    let sj = json(&snap_dir(&m, &name, "m1").join("snapshot.json"));
+    assert_eq!(sj["memory"], true, "{sj}");
+    let state_file = PathBuf::from(sj["memory_file"].as_str().expect("memory_file"));
+    let size = sj["memory_size"].as_u64().expect("memory_size");
+    assert_eq!(fs::metadata(&state_file).unwrap().len(), size, "{sj}");
+    assert!(size > 1 << 20, "{sj}");
+    assert!(m.log().contains("no quiesce needed"), "{}", m.log());
+    // The snapshot's disk is readable as ever.
+    assert!(snap_dir(&m, &name, "m1")
+        .join("files/vda/p1/writer.log")
+        .exists());
+
+    // It counts on; then back to m1 while running.
+    let before_revert = wait_counter_past(&g, after_mkdir + 100);
+    let t = Instant::now();
+    let o = ln(".snapshots/m1");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    eprintln!(
+        "revert of a running instance to memory: {} ms",
+        t.elapsed().as_millis()
+    );
+    assert_eq!(g.state(), "running");
+    let after_revert = guest_counter(&g);
+    eprintln!("counter: {before_mkdir} before mkdir, {after_mkdir} after, {before_revert} before the revert, {after_revert} after");
+    assert!(
+        after_revert < before_revert && after_revert >= before_mkdir,
+        "counter {after_revert} after the revert: not back near the snapshot's ({before_mkdir}..{after_mkdir}; {before_revert} before the revert)"
+    );
+    assert_eq!(
+        fs::read_link(dir.join("current")).unwrap(),
+        PathBuf::from(".snapshots/m1")
+    );
+    let snaps = ls(&dir.join(".snapshots"));
+    let kept = snaps
+        .iter()
+        .find(|s| s.starts_with("before-revert-"))
+        .unwrap_or_else(|| panic!("no before-revert snapshot: {snaps:?}"))
+        .clone();
+    // The discarded state was running with memory=on: kept with its memory too.
+    let kj = json(&snap_dir(&m, &name, &kept).join("snapshot.json"));
+    assert_eq!(kj["memory"], true, "{kj}");
+
+    // Shut off, memory=on: mkdir is disk-only.
+    assert!(virsh(&["destroy", &name]).status.success());
+    fs::create_dir(snap_dir(&m, &name, "off1")).expect("mkdir off1");
+    let oj = json(&snap_dir(&m, &name, "off1").join("snapshot.json"));
+    assert_eq!(oj["memory"], false, "{oj}");
+    // Back to m1 from shut off: running again from m1's memory.
+    let o = ln(".snapshots/m1");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(g.state(), "running");
+    let c = guest_counter(&g);
+    assert!(
+        c >= before_mkdir && c < before_revert,
+        "counter {c} after the revert of the shut-off domain ({before_mkdir}..{after_mkdir})"
+    );
+
+    // A disk-only snapshot of the running guest still cannot be reverted to: EBUSY.
+    let o = ln(".snapshots/off1");
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("busy"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // The guest goes on counting: it was left running.
+    wait_counter_past(&g, c);
+
+    // A memory snapshot whose state file is gone: EINVAL, and nothing is kept first.
+    let aside = state_file.with_extension("aside");
+    fs::rename(&state_file, &aside).expect("move m1's state aside");
+    let before = ls(&dir.join(".snapshots")).len();
+    assert_eq!(
+        errno(std::os::unix::fs::symlink(
+            ".snapshots/m1",
+            dir.join("current")
+        )),
+        libc::EEXIST
+    );
+    let o = ln(".snapshots/m1");
+    fs::rename(&aside, &state_file).expect("put m1's state back");
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Invalid argument"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(ls(&dir.join(".snapshots")).len(), before);
+    assert_eq!(g.state(), "running");
+
+    // rmdir of a memory snapshot takes its state file along.
+    let kept_state = PathBuf::from(kj["memory_file"].as_str().expect("memory_file"));
+    assert!(kept_state.exists(), "{kj}");
+    fs::remove_dir(snap_dir(&m, &name, &kept)).expect("rmdir before-revert");
+    assert!(!kept_state.exists(), "{} left behind", kept_state.display());
+    assert!(state_file.exists(), "m1's state file went too");
+}
+
+/// Issue 14: kill -9 of the daemon in the middle of a revert to a memory snapshot (once the
+/// state is kept as `before-revert-…`, while libvirt reverts): after a restart the
+/// instance is running, either fully reverted (the tmpfs counter back near the snapshot's) or
+/// untouched (counting on from where it was), never paused or half done, and `before-revert-…`
+/// exists with its memory.
+#[test]
+fn kill_during_a_memory_revert_leaves_it_whole_or_untouched() {
+    if !testbed_ready("kill_during_a_memory_revert_leaves_it_whole_or_untouched") {
+        return;
+    }
+    let _one = lock();
+    let name = guest_name("memk");
+    let g = Guest::define(&name);
+    g.start();
+    let m = Mount::with_providers(&[LIBVIRT_ARG]);
+    let dir = instance_dir(&m, &name);
+    start_counter(&g);
+    let before_mkdir = wait_counter_past(&g, 0);
+    set_xattr(&dir, "user.snapfs.memory", Some("on")).expect("setxattr memory on");
+    fs::create_dir(snap_dir(&m, &name, "m1")).expect("mkdir m1");
+    let after_mkdir = guest_counter(&g);
+    let before_revert = wait_counter_past(&g, after_mkdir + 100);
+
+    let pid = m.daemon_pid().expect("daemon pid");
+    let d = dir.clone();
+    let ln = std::thread::spawn(move || {
+        Command::new("ln")
+            .args(["-sfn", ".snapshots/m1", "current"])
+            .current_dir(&d)
+            .output()
+    });
+    // Kill once the daemon has kept the state and asks libvirt to revert (which takes seconds).
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !m.log().contains("kept the state being reverted") {
+        assert!(
+            Instant::now() < deadline,
+            "no before-revert snapshot: {}",
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let o = virsh(&["snapshot-list", &name, "--name"]);
+    let list = String::from_utf8_lossy(&o.stdout).into_owned();
+    let kept = list
+        .lines()
+        .find(|l| l.starts_with("before-revert-"))
+        .unwrap_or_else(|| panic!("no before-revert snapshot in libvirt: {list}"))
+        .trim()
+        .to_string();
+    // SAFETY: a plain kill(2) of the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(wait_gone(pid, Duration::from_secs(10)));
+    let _ = ln.join();
+    m.unmount();
+    // libvirtd finishes what it was asked; the domain settles running.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while g.state() != "running" {
+        assert!(
+            Instant::now() < deadline,
+            "{name} is {} after the kill",
+            g.state()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    m.mount(&[LIBVIRT_ARG]);
+    let c = guest_counter(&g);
+    let reverted = c < before_revert;
+    eprintln!(
+        "kill -9 during the revert: {} (counter {before_mkdir}..{after_mkdir} at m1, {before_revert} before, {c} after)",
+        if reverted { "fully reverted" } else { "untouched" }
+    );
+    if reverted {
+        assert!(c >= before_mkdir, "counter {c} below m1's");
+        assert_eq!(
+            fs::read_link(dir.join("current")).unwrap(),
+            PathBuf::from(".snapshots/m1")
+        );
+    }
+    // The guest runs on, and the kept state is there with its memory.
+    wait_counter_past(&g, c);
+    let snaps = ls(&dir.join(".snapshots"));
+    assert!(snaps.contains(&kept), "{snaps:?}");
+    let kj = json(&snap_dir(&m, &name, &kept).join("snapshot.json"));
+    assert_eq!(kj["memory"], true, "{kj}");
 }

@@ -25,6 +25,8 @@ pub mod sys {
     pub const VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY: u32 = 16;
     pub const VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE: u32 = 64;
     pub const VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC: u32 = 128;
+    /// Save the memory state while the guest runs (external memory snapshots).
+    pub const VIR_DOMAIN_SNAPSHOT_CREATE_LIVE: u32 = 256;
     /// `virDomainRevertToSnapshot`: run the domain after the revert.
     pub const VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING: u32 = 1;
     /// `virDomainBackupBegin`: the push targets exist already (made by the caller).

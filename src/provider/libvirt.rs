@@ -13,6 +13,7 @@
 pub mod agent;
 pub mod freeze;
 pub mod managed;
+mod memory;
 mod rbd;
 mod revert;
 mod settings;
@@ -637,6 +638,12 @@ impl LibvirtProvider {
             "created": super::rfc3339(created),
             "quiesced": sx.quiesced(),
             "memory": sx.memory != "no",
+            "memory_file": sx.memory_file.as_ref().map(|f| f.display().to_string()),
+            "memory_size": sx
+                .memory_file
+                .as_ref()
+                .and_then(|f| std::fs::metadata(f).ok())
+                .map(|m| m.len()),
             "state": sx.state,
             "parent": sx.parent,
             "description": sx.description,
@@ -999,12 +1006,17 @@ impl Provider for LibvirtProvider {
             }
             _ => SnapshotMethod::External,
         };
+        let (_, active) = state_name(&dom)?;
+        // user.snapfs.memory=on: a running domain's CPU and memory state is saved too.
+        let memory = active && self.memory_setting(&dom);
         if method == SnapshotMethod::Copy {
+            if memory {
+                info!(%owner, snapshot = %name, "user.snapfs.memory=on, but the copy method saves disks only: the snapshot holds no memory state");
+            }
             return self.create_copy_snapshot(&dom, owner, name, managed_by);
         }
         let dom_name = dom.name().map_err(|e| lv_err("domain name", e))?;
         let uuid = dom.uuid_string().map_err(|e| lv_err("domain uuid", e))?;
-        let (_, active) = state_name(&dom)?;
         let def = Self::domain_xml(&dom, 0)?;
 
         let mut overlays = Vec::new();
@@ -1053,17 +1065,26 @@ impl Provider for LibvirtProvider {
             if Domain::lookup_snapshot_by_name(&dom, name, 0).is_ok() {
                 return Err(Error::Exists(format!("snapshot {name} of {owner}")));
             }
+            if memory {
+                info!(%owner, snapshot = %name, "user.snapfs.memory=on, but RBD-backed instances get disk-only snapshots: the snapshot holds no memory state");
+            }
             return self.create_rbd_snapshot(&dom, owner, name, &rbd_disks);
         }
-        if overlays.is_empty() {
+        let Some((_, first)) = overlays.first() else {
             return Err(Error::NotSupported(format!(
                 "{owner} has no writable file disk"
             )));
+        };
+        if memory {
+            // Beside the first disk's overlay, named like the overlays.
+            let dir = first.parent().unwrap_or(Path::new("/"));
+            let state = fresh_image_path(dir, &dom_name, name, "memory", "state")?;
+            return self.create_memory_snapshot(&dom, owner, name, &overlays, &excluded, &state);
         }
 
         let frozen = self.quiesce(&dom, &uuid, &dom_name, owner, active)?;
         let quiesced = frozen.is_some();
-        let req = xml::snapshot_request(name, quiesced, &overlays, &excluded)?;
+        let req = xml::snapshot_request(name, quiesced, &overlays, &excluded, None)?;
         let flags =
             sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC;
         let started = Instant::now();
@@ -1106,6 +1127,7 @@ impl Provider for LibvirtProvider {
         let started = Instant::now();
         snap.delete(0)
             .map_err(|e| lv_err(format!("deleting snapshot {name} of {owner}"), e))?;
+        Self::remove_memory_state(owner, name, sx.memory_file.as_deref());
         info!(%owner, snapshot = %name, ms = started.elapsed().as_millis() as u64, "snapshot deleted by libvirt");
         Ok(())
     }

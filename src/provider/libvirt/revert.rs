@@ -10,6 +10,7 @@
 //! | --- | --- | --- |
 //! | libvirt, disk only | libvirt revert, stays shut off | `EBUSY`: shut it off first |
 //! | libvirt, with memory | libvirt revert, running again from that memory | the same |
+//! | libvirt, with memory, state file gone | `EINVAL` | `EINVAL` |
 //! | cloud-managed domain | `EPERM`: the cloud owns the live state | `EPERM` |
 //! | copy in snapfs's store, RBD record | `ENOTSUP` (launch it instead) | `ENOTSUP` |
 
@@ -65,6 +66,17 @@ impl LibvirtProvider {
             )));
         };
         let sx = Self::snapshot_xml(&ls)?;
+        // libvirt would fail only after the state being discarded was kept: refuse first.
+        if let Some(f) = sx.memory_file.as_ref().filter(|_| sx.memory == "external") {
+            if std::fs::symlink_metadata(f).is_err() {
+                warn!(%owner, snapshot = %snap.name, state = %f.display(), "revert refused: the memory state file is gone");
+                return Err(Error::Invalid(format!(
+                    "the memory state of snapshot {} of {owner} ({}) is gone: the guest cannot be resumed from it",
+                    snap.name,
+                    f.display()
+                )));
+            }
+        }
         Ok((ls, sx.memory != "no"))
     }
 

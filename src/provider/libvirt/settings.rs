@@ -5,7 +5,7 @@
 //! | name | values | default |
 //! | --- | --- | --- |
 //! | `quiesce` | `require`, `prefer`, `off` | the mount's `--quiesce` |
-//! | `memory` | `off` (`on`: memory snapshots are not built yet, `ENOTSUP`) | `off` |
+//! | `memory` | `on`, `off`: mkdir of a running instance also saves CPU and memory ([`super::memory`]) | `off` |
 //!
 //! A cloud-managed domain's metadata is the cloud's: setting anything there is `EPERM`, its
 //! settings are the mount's defaults.
@@ -61,6 +61,11 @@ impl LibvirtProvider {
             .unwrap_or(self.opts.quiesce)
     }
 
+    /// Whether mkdir of `dom` saves its memory too (`user.snapfs.memory=on`).
+    pub(super) fn memory_setting(&self, dom: &Domain) -> bool {
+        stored(dom).iter().any(|(n, v)| n == "memory" && v == "on")
+    }
+
     pub(super) fn instance_settings(&self, owner: &Owner) -> Result<Vec<(String, String)>> {
         let dom = self.domain(owner)?;
         let own = stored(&dom);
@@ -90,12 +95,7 @@ impl LibvirtProvider {
                 v.parse::<Quiesce>()
                     .map_err(|e| Error::Invalid(format!("user.snapfs.quiesce of {owner}: {e}")))?;
             }
-            ("memory", Some("off")) | (_, None) if NAMES.contains(&name) => {}
-            ("memory", Some("on")) => {
-                return Err(Error::NotSupported(format!(
-                    "user.snapfs.memory=on for {owner}: memory snapshots are not built yet"
-                )))
-            }
+            ("memory", Some("off" | "on")) | (_, None) if NAMES.contains(&name) => {}
             ("memory", Some(v)) => {
                 return Err(Error::Invalid(format!(
                     "user.snapfs.memory of {owner}: {v:?}: expected on or off"

@@ -206,6 +206,8 @@ pub struct SnapshotXml {
     pub parent: Option<String>,
     /// `<memory snapshot=...>`: `no`, `internal`, `external`.
     pub memory: String,
+    /// `<memory file=...>`: where an external memory snapshot keeps the guest's state.
+    pub memory_file: Option<PathBuf>,
     pub disks: Vec<SnapDiskXml>,
     /// The domain's disks as they were when the snapshot was taken.
     pub domain_disks: Vec<Disk>,
@@ -246,10 +248,14 @@ pub fn parse_snapshot(xml: &str) -> Result<SnapshotXml> {
                 .collect()
         })
         .unwrap_or_default();
-    let memory = child(root, "memory")
+    let memory_el = child(root, "memory");
+    let memory = memory_el
         .and_then(|m| m.attribute("snapshot"))
         .unwrap_or("no")
         .to_string();
+    let memory_file = memory_el
+        .and_then(|m| m.attribute("file"))
+        .map(PathBuf::from);
     Ok(SnapshotXml {
         name: child_text(root, "name").unwrap_or_default(),
         description: child_text(root, "description"),
@@ -257,6 +263,7 @@ pub fn parse_snapshot(xml: &str) -> Result<SnapshotXml> {
         state: child_text(root, "state").unwrap_or_default(),
         parent: child(root, "parent").and_then(|p| child_text(p, "name")),
         memory,
+        memory_file,
         disks,
         domain_disks: child(root, "domain").map(domain_disks).unwrap_or_default(),
     })
@@ -290,16 +297,27 @@ pub fn request_disks(
     Ok(x)
 }
 
-/// The `<domainsnapshot>` we create: an external disk-only snapshot, one overlay per disk;
-/// every disk not listed in `overlays` is excluded (`snapshot='no'`).
+/// The `<domainsnapshot>` we create: an external snapshot, one overlay per disk; every disk
+/// not listed in `overlays` is excluded (`snapshot='no'`). With `memory`, the guest's CPU and
+/// memory state goes to that file (`<memory snapshot='external'>`); without, disk only.
 pub fn snapshot_request(
     name: &str,
     quiesced: bool,
     overlays: &[(String, PathBuf)],
     excluded: &[String],
+    memory: Option<&Path>,
 ) -> Result<String> {
+    let memory = match memory {
+        Some(f) => {
+            let f = f
+                .to_str()
+                .ok_or_else(|| Error::Invalid(format!("{}: not UTF-8", f.display())))?;
+            format!("  <memory snapshot='external' file='{}'/>\n", escape(f)?)
+        }
+        None => String::new(),
+    };
     Ok(format!(
-        "<domainsnapshot>\n  <name>{}</name>\n  <description>{QUIESCED_TAG}{quiesced}</description>\n{}</domainsnapshot>\n",
+        "<domainsnapshot>\n  <name>{}</name>\n  <description>{QUIESCED_TAG}{quiesced}</description>\n{memory}{}</domainsnapshot>\n",
         escape(name)?,
         request_disks(overlays, "snapshot='external'", "source", excluded, "snapshot='no'")?
     ))
@@ -720,10 +738,13 @@ mod tests {
             true,
             &[("vda".into(), "/img/a'b.qcow2".into())],
             &["hdc".into()],
+            None,
         )
         .unwrap();
         let doc = roxmltree::Document::parse(&x).unwrap();
         let s = parse_snapshot(&x).unwrap();
+        assert_eq!(s.memory, "no");
+        assert_eq!(s.memory_file, None);
         assert_eq!(s.name, "pre <upgrade> & 'x'");
         assert_eq!(s.quiesced(), Some(true));
         assert_eq!(
@@ -732,6 +753,26 @@ mod tests {
         );
         assert_eq!(s.disks[1].kind, "no");
         drop(doc);
+    }
+
+    #[test]
+    fn memory_snapshot_request_names_its_state_file() {
+        let x = snapshot_request(
+            "m1",
+            false,
+            &[("vda".into(), "/img/web.m1.vda.qcow2".into())],
+            &[],
+            Some(Path::new("/img/web.m1.memory & state")),
+        )
+        .unwrap();
+        let s = parse_snapshot(&x).unwrap();
+        assert_eq!(s.memory, "external");
+        assert_eq!(
+            s.memory_file.as_deref(),
+            Some(Path::new("/img/web.m1.memory & state"))
+        );
+        assert_eq!(s.disks[0].kind, "external");
+        assert_eq!(s.quiesced(), Some(false));
     }
 
     #[test]
