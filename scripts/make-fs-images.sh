@@ -422,7 +422,9 @@ crash_xfs() {
   mkfs.xfs -q -f -L crash-xfs -m uuid=5eed0000-0000-4000-8000-0000000000c5 "$WORK/crash.img"
   if [[ -w $SYNCD ]]; then SYNCD_OLD=$(cat "$SYNCD"); echo 360000 > "$SYNCD"; fi
   # The churn image uses 256 KiB iclogs: records with extended headers.
-  mount -t xfs -o "loop$( (( churn )) && echo ,logbsize=256k)" "$WORK/crash.img" "$MNT"
+  # nouuid: the UUID is fixed (seeds and expectations name it), and XFS refuses a second mount
+  # of one UUID, e.g. when two checkouts build their images at the same time.
+  mount -t xfs -o "loop,nouuid$( (( churn )) && echo ,logbsize=256k)" "$WORK/crash.img" "$MNT"
   restore_syncd
   if (( churn )); then
     # Churn: a directory written in place (a freeze writes back everything and cleans the

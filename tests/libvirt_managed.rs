@@ -840,9 +840,31 @@ fn block_device_disk_is_copied_and_reads_exact() {
     assert_eq!(vdb["size"], 64 << 20, "{info}");
     assert_eq!(vdb["block_device"]["device"], dev.as_str(), "{info}");
 
+    // The guest writes vdb while the snapshot is taken: one file per step, then a `seq` file
+    // that names the step (renamed into place), each step synced.
+    g.exec("mkdir -p /mnt/b && mount -t ext4 /dev/vdb1 /mnt/b && mkdir -p /mnt/b/w");
+    g.exec(
+        "( i=0; while [ ! -e /mnt/b/stop ]; do i=$((i+1)); echo step-$i > /mnt/b/w/$i; \
+         echo $i > /mnt/b/seq.tmp; mv /mnt/b/seq.tmp /mnt/b/seq; sync; done ) \
+         </dev/null >/dev/null 2>&1 &",
+    );
+    let steps = || -> u64 {
+        g.exec("cat /mnt/b/seq 2>/dev/null || echo 0")
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    };
+    let t0 = std::time::Instant::now();
+    while steps() < 3 && t0.elapsed() < std::time::Duration::from_secs(60) {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let before = steps();
+    assert!(before >= 3, "the guest's vdb writer did not start");
+
     let live_before = g.dumpxml(false);
     let inactive_before = g.dumpxml(true);
     fs::create_dir(inst.join(".snapshots/s1")).expect("mkdir s1");
+    assert!(!g.frozen(), "the guest was left frozen");
     assert_eq!(g.dumpxml(false), live_before, "the live domain changed");
     assert_eq!(
         g.dumpxml(true),
@@ -857,13 +879,55 @@ fn block_device_disk_is_copied_and_reads_exact() {
     let s1 = inst.join(".snapshots/s1");
     let sj = json(&s1.join("snapshot.json"));
     assert_eq!(sj["method"], "copy", "{sj}");
-    // The guest never writes vdb here: the snapshot equals the device.
-    assert_eq!(sha(&s1.join("vdb.raw")), sha(Path::new(&dev)));
+    // The snapshot is one instant of a frozen filesystem: `seq` names a step at or after the
+    // one seen before the mkdir, and every step up to it is there with its own bytes.
+    let p1 = s1.join("files/vdb/p1");
+    let seq: u64 = fs::read_to_string(p1.join("seq"))
+        .expect("seq in the snapshot")
+        .trim()
+        .parse()
+        .expect("seq is a number");
+    assert!(
+        seq >= before,
+        "snapshot's seq {seq} < {before} seen before the mkdir"
+    );
+    for k in 1..=seq {
+        assert_eq!(
+            fs::read_to_string(p1.join(format!("w/{k}")))
+                .ok()
+                .as_deref(),
+            Some(format!("step-{k}\n").as_str()),
+            "w/{k} in the snapshot (seq {seq})"
+        );
+    }
+    assert!(
+        !p1.join(format!("w/{}", seq + 2)).exists(),
+        "a step two past seq {seq} is in the snapshot"
+    );
     assert_eq!(
-        fs::read_to_string(s1.join("files/vdb/p1/etc/hello.txt")).unwrap(),
+        fs::read_to_string(p1.join("etc/hello.txt")).unwrap(),
         "from the block device\n"
     );
     assert!(s1.join("vda.raw").exists());
+    let after = steps();
+    assert!(
+        after > seq,
+        "the guest's writer stopped (seq {seq}, now {after})"
+    );
+
+    // With the writer stopped and vdb unmounted in the guest, nothing changes the device:
+    // a snapshot then equals it byte for byte.
+    g.exec("touch /mnt/b/stop; sleep 1; sync; umount /mnt/b");
+    fs::create_dir(inst.join(".snapshots/s2")).expect("mkdir s2");
+    let s2 = inst.join(".snapshots/s2");
+    assert_eq!(sha(&s2.join("vdb.raw")), sha(Path::new(&dev)));
+    // s1 is unchanged by the later writes and the second snapshot.
+    assert_eq!(
+        fs::read_to_string(s1.join("files/vdb/p1/seq"))
+            .unwrap()
+            .trim(),
+        seq.to_string()
+    );
     drop(m);
 }
 

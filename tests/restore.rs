@@ -950,7 +950,8 @@ fn replay_matches_the_kernel(img: &str) {
         .unwrap();
     assert!(ok.success());
     let ok = Command::new("mount")
-        .args(["-t", "xfs", "-o", "loop"])
+        // nouuid: another test process may have a copy of the same image mounted.
+        .args(["-t", "xfs", "-o", "loop,nouuid"])
         .arg(&copy)
         .arg(&mnt)
         .status()

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use crate::error::{Error, Result};
 use crate::image::ExtentKind;
 use crate::namespace::registry::lock;
-use crate::namespace::{Content, Kind, Namespace, Node, Stat};
+use crate::namespace::{Content, Kind, Namespace, Node, Stat, SETTING_PREFIX};
 use inode::{InodeTable, Name, Path, ROOT};
 
 #[derive(Clone, Copy, Debug)]
@@ -400,8 +400,15 @@ impl SnapFs {
     /// The value of extended attribute `name`.
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
         let path = self.path(ino)?;
+        let node = Self::node(&path)?;
+        // `ls -l` asks every entry for security.selinux and the POSIX ACLs: an object
+        // directory has only settings, so those are answered without asking the provider
+        // (a libvirt round trip per instance).
+        if matches!(node, Node::Object(_)) && !name.starts_with(SETTING_PREFIX.as_bytes()) {
+            return Err(Error::NoAttr);
+        }
         self.ns
-            .xattrs(&Self::node(&path)?)?
+            .xattrs(&node)?
             .into_iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v)
