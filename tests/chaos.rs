@@ -845,7 +845,14 @@ fn chaos_load_with_faults_keeps_invariants() {
             kinds.push(Down::Libvirtd);
         }
     }
-    if long && chaos.setup.rbd.is_some() && Path::new(CEPH_DIR).join("run/osd.0.pid").exists() {
+    // The OSD is shared by every session on the machine: stopped only in the long form, and
+    // only while this run holds the guest lock (as scripts/chaos.sh does).
+    if long
+        && have_lock
+        && std::env::var("SNAPFS_CHAOS_OSD").as_deref() != Ok("0")
+        && chaos.setup.rbd.is_some()
+        && Path::new(CEPH_DIR).join("run/osd.0.pid").exists()
+    {
         kinds.push(Down::Osd);
     }
 
