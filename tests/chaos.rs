@@ -1110,8 +1110,21 @@ fn end_fault(c: &Chaos, d: Down) {
             let (ok, _, err) = tool(300, "bash", &[&repo("scripts/ceph/start-ceph.sh")]);
             assert!(ok, "Ceph did not start again: {err}");
             c.setup.osd_stopped.store(false, Ordering::SeqCst);
-            // The daemon's fail-fast period after a timeout (5 s) ends.
-            std::thread::sleep(Duration::from_secs(6));
+            // Placement groups peer again, and the daemon's fail-fast period after a timeout
+            // (5 s) ends: until the mount lists the RBD snapshots again, EIO is expected.
+            let t = Instant::now();
+            let rbd = c.owners.iter().find(|o| o.kind == Kind::Rbd);
+            while let Some(o) = rbd {
+                if std::fs::read_dir(&o.snaps).is_ok() {
+                    break;
+                }
+                if t.elapsed() > Duration::from_secs(90) {
+                    c.stats
+                        .violation("RBD volume not back 90 s after the OSD restarted".into());
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
         }
     }
 }

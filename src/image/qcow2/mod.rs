@@ -317,7 +317,8 @@ impl Qcow2Image {
         if *seen == now {
             return Ok(());
         }
-        let parsed = meta_cache::get(&self.meta)?;
+        // A new descriptor: the file has grown since open (the new table is often at its end).
+        let parsed = meta_cache::get(&HostFile::open(self.meta.path())?)?;
         match snapshot::find(&parsed.snapshots, &st.name) {
             Some(s) if s.l1_table_offset == st.l1 => {
                 *seen = table_stamp(&parsed.header);
