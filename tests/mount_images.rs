@@ -1083,3 +1083,49 @@ fn log_file_is_capped_and_rotated() {
     std::thread::sleep(Duration::from_millis(100));
     assert!(m.log().contains("missing-again") || fs::metadata(&log).unwrap().len() < before);
 }
+
+/// Found by the chaos suite (tests/chaos.rs): a reader holding a qcow2 internal snapshot's
+/// disk open while the snapshot is deleted and the image written again read the new writes
+/// (the freed clusters were reused) as the snapshot's bytes. It gets the old bytes or EIO now.
+#[test]
+fn deleted_snapshot_read_through_an_open_file_is_old_bytes_or_eio() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let t = tempfile::tempdir().expect("tempdir");
+    let dir = t.path().join("pool");
+    fs::create_dir(&dir).expect("mkdir");
+    let q = dir.join("v.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", q.to_str().unwrap(), "16M"]);
+    qemu_io(&q, "write -P 0xaa 0 4M");
+    qemu_img(&["snapshot", "-c", "s1", q.to_str().unwrap()]);
+    // The active layer gets its own clusters for 0..4M: only s1 holds the 0xaa ones.
+    qemu_io(&q, "write -P 0xbb 0 4M");
+    let m = Mount::new(&dir);
+    let f = fs::File::open(m.snap("v.qcow2", "s1").join("disk.raw")).expect("open s1");
+    let mut b = vec![0u8; 65536];
+    f.read_exact_at(&mut b, 0).expect("read before");
+    assert!(b.iter().all(|&x| x == 0xaa));
+    // Another snapshot made meanwhile (the table moves, the file grows) changes nothing.
+    qemu_io(&q, "write -P 0xdd 12M 1M");
+    qemu_img(&["snapshot", "-c", "s2", q.to_str().unwrap()]);
+    // SAFETY: fadvise on an fd we hold: the kernel forgets what it cached of the file.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    f.read_exact_at(&mut b, 1 << 20)
+        .expect("read after another snapshot was made");
+    assert!(b.iter().all(|&x| x == 0xaa));
+    fs::remove_dir(m.snap("v.qcow2", "s1")).expect("rmdir s1");
+    // New data lands in the freed clusters.
+    qemu_io(&q, "write -P 0xcc 8M 4M");
+    // SAFETY: fadvise on an fd we hold: the kernel forgets what it cached of the file.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    for off in (0..4u64 << 20).step_by(1 << 20) {
+        match f.read_exact_at(&mut b, off) {
+            Ok(()) => assert!(
+                b.iter().all(|&x| x == 0xaa),
+                "offset {off}: read {:#x}, not the snapshot's 0xaa",
+                b[0]
+            ),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "offset {off}: {e}"),
+        }
+    }
+}

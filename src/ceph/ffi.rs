@@ -28,6 +28,10 @@ pub const RBD_MAX_BLOCK_NAME_SIZE: usize = 24;
 /// namespace; 2: no protection, any namespace).
 pub const RBD_IMAGE_OPTION_CLONE_FORMAT: c_int = 12;
 
+/// `RBD_SNAP_NAMESPACE_TYPE_USER` of `rbd_snap_namespace_type_t`: a snapshot someone made
+/// (the others: group, trash, mirror).
+pub const RBD_SNAP_NAMESPACE_TYPE_USER: c_int = 0;
+
 pub const LIBRADOS_OP_FLAG_FADVISE_SEQUENTIAL: c_int = 0x8;
 pub const LIBRADOS_OP_FLAG_FADVISE_NOCACHE: c_int = 0x40;
 
@@ -133,6 +137,7 @@ crate::dl::dl_api! {
         fn rbd_snap_protect(image: rbd_image_t, name: *const c_char) -> c_int = ENOSYS;
         fn rbd_snap_unprotect(image: rbd_image_t, name: *const c_char) -> c_int = ENOSYS;
         fn rbd_snap_is_protected(image: rbd_image_t, name: *const c_char, is_protected: *mut c_int) -> c_int = ENOSYS;
+        fn rbd_snap_get_namespace_type(image: rbd_image_t, snap_id: u64, namespace_type: *mut c_int) -> c_int = ENOSYS;
         fn rbd_snap_get_timestamp(image: rbd_image_t, id: u64, ts: *mut libc::timespec) -> c_int = ENOSYS;
         fn rbd_snap_set(image: rbd_image_t, name: *const c_char) -> c_int = ENOSYS;
         fn rbd_read2(image: rbd_image_t, ofs: u64, len: usize, buf: *mut c_char, op_flags: c_int) -> isize = ENOSYS as isize;

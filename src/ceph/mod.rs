@@ -764,8 +764,33 @@ impl Image {
                 .collect();
             // SAFETY: frees the names of the list librbd just filled, once.
             unsafe { ffi::rbd_snap_list_end(buf.as_mut_ptr()) };
-            return Ok(out);
+            return self.user_snapshots(out);
         }
+    }
+
+    /// Only the user snapshots of `all`: `rbd_snap_list` also returns snapshots in the trash
+    /// namespace (a deleted snapshot that clone-v2 children still use, or one whose removal
+    /// was interrupted), named by a UUID, which no call taking a snapshot name reaches.
+    /// A snapshot removed since the list was taken is left out too.
+    fn user_snapshots(&self, all: Vec<SnapEntry>) -> Result<Vec<SnapEntry>> {
+        let mut out = Vec::with_capacity(all.len());
+        for s in all {
+            let mut t: c_int = -1;
+            // SAFETY: valid handle, out-pointer to a local.
+            let rc = unsafe { ffi::rbd_snap_get_namespace_type(self.h, s.id, &mut t) };
+            if rc == -libc::ENOENT {
+                continue;
+            }
+            check(rc, || {
+                self.what(&format!("rbd_snap_get_namespace_type {}", s.name))
+            })?;
+            if t == ffi::RBD_SNAP_NAMESPACE_TYPE_USER {
+                out.push(s);
+            } else {
+                tracing::debug!(image = %self.label, snap = %s.name, namespace = t, "snapshot outside the user namespace left out");
+            }
+        }
+        Ok(out)
     }
 
     pub fn snap_timestamp(&self, id: u64) -> Result<SystemTime> {

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{ObjectInfo, Owner, Provider, SnapDisk, SnapshotInfo, VOLUME_DISK};
 use crate::ceph::{self, Cluster, Image, Pool, Timeouts};
@@ -296,11 +296,22 @@ impl Provider for RbdProvider {
         let features = img.features()?;
         let mut out = Vec::new();
         for s in img.snapshots()? {
-            let created = img.snap_timestamp(s.id)?;
-            let protected = img.snap_is_protected(&s.name)?;
-            img.snap_set(Some(&s.name))?;
-            let parent = img.parent()?;
-            let children = img.children()?;
+            // A snapshot removed by another client between the list and these calls is
+            // left out; it must not make the whole listing fail.
+            let details = (|| -> Result<_> {
+                let created = img.snap_timestamp(s.id)?;
+                let protected = img.snap_is_protected(&s.name)?;
+                img.snap_set(Some(&s.name))?;
+                Ok((created, protected, img.parent()?, img.children()?))
+            })();
+            let (created, protected, parent, children) = match details {
+                Ok(d) => d,
+                Err(Error::NotFound(e)) => {
+                    debug!(%owner, snap = %s.name, error = %e, "snapshot gone while listing");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let source = format!("{}/{name}@{}", pool.name, s.name);
             let j = json!({
                 "id": s.id.to_string(),

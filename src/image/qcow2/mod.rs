@@ -146,7 +146,28 @@ pub struct Qcow2Image {
     backing: Option<Box<dyn BlockImage>>,
     backing_desc: Option<String>,
     snapshot: Option<String>,
+    /// An internal snapshot: how to notice that it was deleted while open.
+    still: Option<StillThere>,
     cache: Arc<BlockCache>,
+}
+
+/// An open internal snapshot's clusters are freed when the snapshot is deleted, and the next
+/// write to the image may reuse them: reading on through the old L1 table would return those
+/// writes as the snapshot's bytes. Every change of the snapshot table rewrites the header's
+/// `nb_snapshots` and `snapshots_offset` (bytes 60..72), so after each read these 12 bytes are
+/// compared with the last ones seen while the snapshot existed; when they differ, the table is
+/// parsed again and the read fails with `EIO` unless the snapshot is still there.
+struct StillThere {
+    stamp: std::sync::Mutex<[u8; 12]>,
+    name: String,
+    l1: u64,
+}
+
+fn table_stamp(h: &Header) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[..4].copy_from_slice(&h.nb_snapshots.to_be_bytes());
+    b[4..].copy_from_slice(&h.snapshots_offset.to_be_bytes());
+    b
 }
 
 /// A pending run of guest bytes with one source, flushed with one pread (or fill/backing read).
@@ -263,6 +284,11 @@ impl Qcow2Image {
                 (Some(b), Some(desc))
             }
         };
+        let still = snapshot.map(|name| StillThere {
+            stamp: std::sync::Mutex::new(table_stamp(&header)),
+            name: name.to_string(),
+            l1: l1_offset,
+        });
         tracing::debug!(path = %path.display(), size, snapshot, "opened qcow2");
         Ok(Qcow2Image {
             meta,
@@ -274,8 +300,90 @@ impl Qcow2Image {
             backing,
             backing_desc,
             snapshot: snapshot.map(str::to_string),
+            still,
             cache: cache.clone(),
         })
+    }
+
+    /// `Err` (`EIO`) when the internal snapshot this image reads was deleted (see
+    /// [`StillThere`]); Ok for the active layer.
+    fn check_still_there(&self) -> Result<()> {
+        let Some(st) = &self.still else {
+            return Ok(());
+        };
+        let mut now = [0u8; 12];
+        self.meta.read_or_zero(&mut now, 60)?;
+        let mut seen = st.stamp.lock().unwrap_or_else(|e| e.into_inner());
+        if *seen == now {
+            return Ok(());
+        }
+        // A new descriptor: the file has grown since open (the new table is often at its end).
+        let parsed = meta_cache::get(&HostFile::open(self.meta.path())?)?;
+        match snapshot::find(&parsed.snapshots, &st.name) {
+            Some(s) if s.l1_table_offset == st.l1 => {
+                *seen = table_stamp(&parsed.header);
+                Ok(())
+            }
+            _ => Err(Error::Backend(format!(
+                "snapshot {} of {} was deleted while open: its clusters may hold other data now",
+                crate::log_limit::esc_str(&st.name),
+                self.meta.path().display()
+            ))),
+        }
+    }
+
+    fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        // Past the virtual size reads zeros (callers should not ask).
+
+        let valid = self.size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (buf, beyond) = buf.split_at_mut(valid);
+        beyond.fill(0);
+        let mut cur = Cursor::default();
+        let mut run: Option<Run> = None;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let guest = offset + done as u64;
+            let remain = (buf.len() - done) as u64;
+            let (m, n) = self
+                .tables
+                .lookup(&self.meta, &self.cache, &mut cur, guest, remain)?;
+            let n = n.clamp(1, remain) as usize;
+            let kind = match m {
+                Mapping::Compressed(d) => {
+                    self.flush(buf, offset, &mut run)?;
+                    if let Some(dst) = buf.get_mut(done..done + n) {
+                        self.read_compressed(dst, guest, d)?;
+                    }
+                    done += n;
+                    continue;
+                }
+                Mapping::Data(h) => RunKind::Data(h),
+                Mapping::Zero => RunKind::Zero,
+                Mapping::Unallocated => RunKind::Unallocated,
+            };
+            // Extend the pending run when this piece continues it (host-contiguous for data).
+            let extends = match (&run, kind) {
+                (Some(r), RunKind::Data(h)) => {
+                    matches!(r.kind, RunKind::Data(s) if s + r.len as u64 == h)
+                }
+                (Some(r), RunKind::Zero) => matches!(r.kind, RunKind::Zero),
+                (Some(r), RunKind::Unallocated) => matches!(r.kind, RunKind::Unallocated),
+                (None, _) => false,
+            };
+            match &mut run {
+                Some(r) if extends => r.len += n,
+                _ => {
+                    self.flush(buf, offset, &mut run)?;
+                    run = Some(Run {
+                        kind,
+                        start: done,
+                        len: n,
+                    });
+                }
+            }
+            done += n;
+        }
+        self.flush(buf, offset, &mut run)
     }
 
     fn data_file(&self) -> &HostFile {
@@ -447,56 +555,9 @@ impl BlockImage for Qcow2Image {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        // Past the virtual size reads zeros (callers should not ask).
-        let valid = self.size.saturating_sub(offset).min(buf.len() as u64) as usize;
-        let (buf, beyond) = buf.split_at_mut(valid);
-        beyond.fill(0);
-        let mut cur = Cursor::default();
-        let mut run: Option<Run> = None;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let guest = offset + done as u64;
-            let remain = (buf.len() - done) as u64;
-            let (m, n) = self
-                .tables
-                .lookup(&self.meta, &self.cache, &mut cur, guest, remain)?;
-            let n = n.clamp(1, remain) as usize;
-            let kind = match m {
-                Mapping::Compressed(d) => {
-                    self.flush(buf, offset, &mut run)?;
-                    if let Some(dst) = buf.get_mut(done..done + n) {
-                        self.read_compressed(dst, guest, d)?;
-                    }
-                    done += n;
-                    continue;
-                }
-                Mapping::Data(h) => RunKind::Data(h),
-                Mapping::Zero => RunKind::Zero,
-                Mapping::Unallocated => RunKind::Unallocated,
-            };
-            // Extend the pending run when this piece continues it (host-contiguous for data).
-            let extends = match (&run, kind) {
-                (Some(r), RunKind::Data(h)) => {
-                    matches!(r.kind, RunKind::Data(s) if s + r.len as u64 == h)
-                }
-                (Some(r), RunKind::Zero) => matches!(r.kind, RunKind::Zero),
-                (Some(r), RunKind::Unallocated) => matches!(r.kind, RunKind::Unallocated),
-                (None, _) => false,
-            };
-            match &mut run {
-                Some(r) if extends => r.len += n,
-                _ => {
-                    self.flush(buf, offset, &mut run)?;
-                    run = Some(Run {
-                        kind,
-                        start: done,
-                        len: n,
-                    });
-                }
-            }
-            done += n;
-        }
-        self.flush(buf, offset, &mut run)
+        self.read_inner(buf, offset)?;
+        // Checked after the read: bytes read from clusters reused meanwhile are not returned.
+        self.check_still_there()
     }
 
     fn map(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
