@@ -18,6 +18,7 @@ if [[ -s $BASE/libvirtd.pid ]]; then
     rm -f "$BASE/libvirtd.pid"
 fi
 ip link del snapfs-rem0 2>/dev/null || true
+ip route del unreachable 10.213.0.0/30 metric 4242 2>/dev/null || true
 if ip netns list | grep -q "^$NS\b"; then
     log "deleting network namespace $NS"
     ip netns del "$NS"

@@ -38,6 +38,9 @@ if ! ip link show "$HOST_IF" >/dev/null 2>&1; then
     ip netns exec "$NS" ip addr add "$REMOTE_IP/30" dev "$NS_IF"
 fi
 ip link set "$HOST_IF" up
+# With the link down (tests cut it) the pair's connected route goes away: without this the
+# packets for the remote would leave by the default route. Unreachable instead: they stay here.
+ip route replace unreachable "${REMOTE_IP%.*}.0/30" metric 4242
 ip netns exec "$NS" ip link set lo up
 ip netns exec "$NS" ip link set "$NS_IF" up
 

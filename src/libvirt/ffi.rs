@@ -68,6 +68,9 @@ crate::dl::dl_api! {
         fn virConnectRef(conn: virConnectPtr) -> c_int = -1;
         fn virConnectIsAlive(conn: virConnectPtr) -> c_int = -1;
         fn virConnectGetType(conn: virConnectPtr) -> *const c_char = null();
+        fn virConnectSetKeepAlive(conn: virConnectPtr, interval: c_int, count: c_uint) -> c_int = -1;
+        fn virEventRegisterDefaultImpl() -> c_int = -1;
+        fn virEventRunDefaultImpl() -> c_int = -1;
         fn virConnectListAllDomains(conn: virConnectPtr, domains: *mut *mut virDomainPtr, flags: c_uint) -> c_int = -1;
         fn virConnectListAllStoragePools(conn: virConnectPtr, pools: *mut *mut virStoragePoolPtr, flags: c_uint) -> c_int = -1;
         fn virDomainLookupByName(conn: virConnectPtr, name: *const c_char) -> virDomainPtr = null_mut();

@@ -340,6 +340,45 @@ impl Connect {
     }
 }
 
+/// Run libvirt's default event loop on a thread of its own, once per process. Needed before
+/// the first [`Connect::open`] for keepalive ([`Connect::set_keep_alive`]) to work: without
+/// an event loop a remote connection whose peer went silent blocks its callers until TCP
+/// gives up (minutes).
+pub fn start_event_loop() -> Result<()> {
+    static STARTED: std::sync::OnceLock<std::result::Result<(), String>> =
+        std::sync::OnceLock::new();
+    STARTED
+        .get_or_init(|| {
+            ffi::load().map_err(|e| format!("cannot load libvirt ({e})"))?;
+            // SAFETY: registers libvirt's own poll-based implementation; no arguments.
+            if unsafe { ffi::virEventRegisterDefaultImpl() } < 0 {
+                return Err(Error::last_error().message().to_string());
+            }
+            std::thread::Builder::new()
+                .name("libvirt-events".into())
+                .spawn(|| loop {
+                    // SAFETY: runs one iteration of the registered default loop.
+                    if unsafe { ffi::virEventRunDefaultImpl() } < 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                })
+                .map(drop)
+                .map_err(|e| format!("starting the libvirt event thread: {e}"))
+        })
+        .clone()
+        .map_err(|m| Error::new(-1, m))
+}
+
+impl Connect {
+    /// `virConnectSetKeepAlive`: the connection is closed (its calls fail) after `count`
+    /// unanswered probes sent every `interval` seconds. `Ok(false)`: the driver has none
+    /// (a local, in-process driver), which needs none.
+    pub fn set_keep_alive(&self, interval: i32, count: u32) -> Result<bool> {
+        // SAFETY: valid connection.
+        check(unsafe { ffi::virConnectSetKeepAlive(self.ptr, interval, count) }).map(|r| r == 0)
+    }
+}
+
 impl Clone for Connect {
     fn clone(&self) -> Connect {
         // SAFETY: valid connection; the reference taken here is dropped by the clone.

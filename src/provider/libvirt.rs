@@ -110,6 +110,9 @@ pub struct LibvirtOptions {
     /// The Ceph pool whose RBD namespace `snapfs` holds copies of RBD disks (`--store-pool`).
     pub store_pool: Option<String>,
     pub managed_rbd: ManagedRbd,
+    /// One of several hosts (`-c` more than once): connections are opened with these bounds
+    /// (and keepalive), and a host that does not answer at start-up is no error.
+    pub dial: Option<super::hosts::DialLimits>,
 }
 
 /// How long `instance.json` waits for a guest-ping.
@@ -121,6 +124,7 @@ const MAX_CHAIN: usize = 64;
 pub struct LibvirtProvider {
     opts: LibvirtOptions,
     conn: Mutex<Option<Connect>>,
+    dialer: Option<super::hosts::Dialer>,
     freezer: Arc<Freezer>,
     cache: Arc<BlockCache>,
     /// The Ceph connection (`--ceph`), for domains whose disks are RBD images.
@@ -346,16 +350,27 @@ impl LibvirtProvider {
             .clone()
             .unwrap_or_else(|| opts.state_dir.join("store"));
         let store = store::Store::new(&store_dir)?;
+        let dialer = opts
+            .dial
+            .map(|limits| super::hosts::Dialer::new(&opts.uri, limits));
         let p = LibvirtProvider {
             opts,
             conn: Mutex::new(None),
+            dialer,
             freezer,
             cache,
             rbd: None,
             rbd_records: Mutex::new(()),
             store,
         };
-        let c = p.conn()?;
+        let c = match p.conn() {
+            Ok(c) => c,
+            Err(e) if p.dialer.is_some() => {
+                warn!(uri = %p.opts.uri, error = %e, "libvirt host does not answer yet: its instances appear when it does");
+                return Ok(p);
+            }
+            Err(e) => return Err(e),
+        };
         info!(uri = %p.opts.uri, hypervisor = %c.driver_type().unwrap_or_default(), quiesce = ?p.opts.quiesce, freeze_timeout_ms = p.opts.freeze_timeout.as_millis() as u64, managed = ?p.opts.managed.mode, method = ?p.opts.method, store = %p.store.dir().display(), "libvirt provider");
         Ok(p)
     }
@@ -373,6 +388,15 @@ impl LibvirtProvider {
                 return Ok(c.clone());
             }
             warn!(uri = %self.opts.uri, "libvirt connection lost: reconnecting");
+            *g = None;
+        }
+        if let Some(d) = &self.dialer {
+            // Bounded: the wait is not made under the lock, so callers of a silent host
+            // each wait at most the dialer's timeout, not one after another.
+            drop(g);
+            let c = d.dial()?;
+            *lock(&self.conn) = Some(c.clone());
+            return Ok(c);
         }
         let c = Connect::open(Some(&self.opts.uri))
             .map_err(|e| lv_err(format!("connecting to {}", self.opts.uri), e))?;
