@@ -162,11 +162,17 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
     for (i, (host, lv)) in libvirt.into_iter().enumerate() {
         let p: Arc<dyn Provider> = match host {
             None => Arc::new(lv),
-            Some((host, uri)) => Arc::new(crate::provider::hosts::HostProvider::new(
-                &host,
-                &uri,
-                Arc::new(lv),
-            )),
+            Some((host, uri)) => {
+                let lv = Arc::new(lv);
+                // A remote host's image files are read through its storage API.
+                let files: Option<crate::provider::hosts::FilesOf> = (host != "local").then(|| {
+                    let lv = lv.clone();
+                    Arc::new(move || lv.remote_files()) as crate::provider::hosts::FilesOf
+                });
+                Arc::new(crate::provider::hosts::HostProvider::new(
+                    &host, &uri, lv, files,
+                ))
+            }
         };
         providers.insert(at + i, p);
     }

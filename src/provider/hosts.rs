@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use super::{LaunchInfo, ObjectInfo, Owner, Provider, SnapshotInfo};
 use crate::error::{Error, Result};
+use crate::image::hostfile::{with_opener, Opener};
 use crate::image::BlockImage;
 use crate::libvirt::Connect;
 use crate::namespace::registry::lock;
@@ -177,23 +178,34 @@ impl Dialer {
     }
 }
 
+/// Makes the opener of a remote host's files (see [`crate::image::hostfile::with_opener`]).
+pub type FilesOf = Arc<dyn Fn() -> Result<Opener> + Send + Sync>;
+
 /// One host's provider, its instances named `<domain>@<host>`.
 pub struct HostProvider {
     host: String,
     uri: String,
     suffix: String,
     inner: Arc<dyn Provider>,
+    /// For a remote host: every call of `inner` opens image files through this.
+    files: Option<FilesOf>,
     /// Why the host is not answering (None: it answered last time).
     down: Mutex<Option<String>>,
 }
 
 impl HostProvider {
-    pub fn new(host: &str, uri: &str, inner: Arc<dyn Provider>) -> HostProvider {
+    pub fn new(
+        host: &str,
+        uri: &str,
+        inner: Arc<dyn Provider>,
+        files: Option<FilesOf>,
+    ) -> HostProvider {
         HostProvider {
             host: host.to_string(),
             uri: uri.to_string(),
             suffix: format!("@{host}"),
             inner,
+            files,
             down: Mutex::new(None),
         }
     }
@@ -236,7 +248,10 @@ impl HostProvider {
 
     /// Run `f` on the inner provider, noting whether the host answered.
     fn call<T>(&self, f: impl FnOnce(&dyn Provider) -> Result<T>) -> Result<T> {
-        let r = f(self.inner.as_ref());
+        let r = match &self.files {
+            None => f(self.inner.as_ref()),
+            Some(files) => files().and_then(|o| with_opener(o, || f(self.inner.as_ref()))),
+        };
         self.observe(&r);
         r
     }
@@ -421,7 +436,7 @@ mod tests {
     #[test]
     fn names_carry_the_host() {
         let mem = Arc::new(crate::provider::memory::MemoryProvider::default());
-        let h = HostProvider::new("h1", "test://h1/", mem);
+        let h = HostProvider::new("h1", "test://h1/", mem, None);
         assert_eq!(h.domain("web@h1"), Some("web"));
         assert_eq!(h.domain("a@b@h1"), Some("a@b"));
         assert_eq!(h.domain("web@h2"), None);

@@ -14,6 +14,7 @@ pub mod agent;
 pub mod freeze;
 pub mod managed;
 mod rbd;
+pub mod remote;
 mod revert;
 mod settings;
 pub mod store;
@@ -402,6 +403,16 @@ impl LibvirtProvider {
             .map_err(|e| lv_err(format!("connecting to {}", self.opts.uri), e))?;
         *g = Some(c.clone());
         Ok(c)
+    }
+
+    /// An opener of this host's files through its storage API (a remote host's provider
+    /// reads its disks through this; see [`remote`]).
+    pub fn remote_files(&self) -> Result<crate::image::hostfile::Opener> {
+        Ok(remote::opener(
+            self.conn()?,
+            &self.opts.uri,
+            self.cache.clone(),
+        ))
     }
 
     /// At daemon start: thaw guests a dead daemon left frozen (see [`freeze`]).
