@@ -55,7 +55,9 @@ listen_addr = "$REMOTE_IP"
 auth_tcp = "none"
 log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
 EOF
-printf 'user = "root"\ngroup = "root"\nnamespaces = []\n' > "$BASE/etc/qemu.conf"
+# stdio_handler file: no virtlogd on this host (deleting an external snapshot of a shut-off
+# domain runs a paused QEMU for the commit).
+printf 'user = "root"\ngroup = "root"\nnamespaces = []\nstdio_handler = "file"\n' > "$BASE/etc/qemu.conf"
 cp -n /etc/libvirt/libvirt.conf "$BASE/etc/" 2>/dev/null || true
 if [[ ! -d $BASE/cache/qemu && -d /var/cache/libvirt/qemu ]]; then
     # Same binaries as the local host: its QEMU capability cache saves a re-probe.

@@ -48,6 +48,15 @@ pub fn with_opener<T>(opener: Opener, f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// Whether something is at `path`: on this machine, or inside [`with_opener`] on the
+/// opener's host (where only what the opener can open counts).
+pub fn exists(path: &Path) -> bool {
+    match OPENER.with(|o| o.borrow().clone()) {
+        Some(opener) => !matches!(opener(path), Err(Error::NotFound(_))),
+        None => std::fs::symlink_metadata(path).is_ok(),
+    }
+}
+
 /// `dev` of a remote file's [`Generation`]: no local device has it.
 const REMOTE_DEV: u64 = u64::MAX;
 

@@ -120,6 +120,7 @@ crate::dl::dl_api! {
         fn virStoragePoolGetName(pool: virStoragePoolPtr) -> *const c_char = null();
         fn virStoragePoolGetXMLDesc(pool: virStoragePoolPtr, flags: c_uint) -> *mut c_char = null_mut();
         fn virStoragePoolFree(pool: virStoragePoolPtr) -> c_int = -1;
+        fn virStoragePoolRefresh(pool: virStoragePoolPtr, flags: c_uint) -> c_int = -1;
         fn virStorageVolLookupByPath(conn: virConnectPtr, path: *const c_char) -> virStorageVolPtr = null_mut();
         fn virStorageVolGetInfoFlags(vol: virStorageVolPtr, info: *mut virStorageVolInfo, flags: c_uint) -> c_int = -1;
         fn virStorageVolGetXMLDesc(vol: virStorageVolPtr, flags: c_uint) -> *mut c_char = null_mut();

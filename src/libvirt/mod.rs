@@ -763,6 +763,12 @@ impl StoragePool {
         unsafe { borrowed_string(ffi::virStoragePoolGetName(self.ptr)) }
     }
 
+    /// Rescan the pool's volumes (files made by others, e.g. snapshot overlays, appear).
+    pub fn refresh(&self) -> Result<()> {
+        // SAFETY: valid pool.
+        check(unsafe { ffi::virStoragePoolRefresh(self.ptr, 0) }).map(drop)
+    }
+
     pub fn xml_desc(&self, flags: u32) -> Result<String> {
         // SAFETY: valid pool; the string is ours to free.
         unsafe { owned_string(ffi::virStoragePoolGetXMLDesc(self.ptr, flags)) }

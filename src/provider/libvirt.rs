@@ -191,7 +191,8 @@ fn fresh_image_path(dir: &Path, a: &str, b: &str, target: &str, ext: &str) -> Re
             format!("{stem}-{i}.{ext}")
         };
         let p = dir.join(name);
-        if std::fs::symlink_metadata(&p).is_err() {
+        // On the disk's host (a remote one's, through its storage API).
+        if !image::hostfile::exists(&p) {
             return Ok(p);
         }
     }

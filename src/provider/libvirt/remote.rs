@@ -36,14 +36,27 @@ fn open(conn: &Connect, uri: &str, cache: &Arc<BlockCache>, path: &Path) -> Resu
     let p = path
         .to_str()
         .ok_or_else(|| Error::Invalid(format!("{}: not a UTF-8 path", path.display())))?;
-    let vol = conn.storage_vol_lookup_by_path(p).map_err(|e| {
-        // A path no pool holds cannot be read from here: not found, as a missing file.
-        let m = format!("volume {p} on {uri}");
-        match lv_err(&m, e) {
-            Error::Backend(w) if w.contains("no storage vol") => Error::NotFound(w),
-            other => other,
+    let vol = match conn.storage_vol_lookup_by_path(p) {
+        Ok(v) => v,
+        Err(_) => {
+            // Files made since the pools were last scanned (a snapshot's overlay made by
+            // libvirt) are no volumes until a refresh: rescan the active pools once.
+            if let Ok(pools) = conn
+                .list_all_storage_pools(crate::libvirt::sys::VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+            {
+                for pool in pools {
+                    let _ = pool.refresh();
+                }
+            }
+            conn.storage_vol_lookup_by_path(p).map_err(|e| {
+                // A path no pool holds cannot be read from here: not found, as a missing file.
+                match lv_err(format!("volume {p} on {uri}"), e) {
+                    Error::Backend(w) if w.contains("no storage vol") => Error::NotFound(w),
+                    other => other,
+                }
+            })?
         }
-    })?;
+    };
     let (_, len) = vol
         .capacity_and_physical()
         .map_err(|e| lv_err(format!("size of volume {p} on {uri}"), e))?;
