@@ -409,11 +409,7 @@ impl LibvirtProvider {
     /// An opener of this host's files through its storage API (a remote host's provider
     /// reads its disks through this; see [`remote`]).
     pub fn remote_files(&self) -> Result<crate::image::hostfile::Opener> {
-        Ok(remote::opener(
-            self.conn()?,
-            &self.opts.uri,
-            self.cache.clone(),
-        ))
+        Ok(remote::opener(self.conn()?, &self.opts.uri))
     }
 
     /// At daemon start: thaw guests a dead daemon left frozen (see [`freeze`]).

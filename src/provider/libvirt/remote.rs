@@ -3,32 +3,45 @@
 //! chains) run unchanged on top ([`crate::image::hostfile::with_opener`]); a backing file
 //! is found by its path among the remote host's pool volumes.
 //!
-//! Bytes go through the daemon's [`BlockCache`] in blocks of [`BLOCK`]; a reader that goes on
-//! where the last download ended gets a growing read-ahead window (up to [`MAX_WINDOW`]
-//! blocks in one download), a random reader gets one block.
+//! Bytes go through a [`BlockCache`] of their own ([`CACHE_BYTES`]) in blocks of [`BLOCK`]; a
+//! reader that goes on where the last download ended gets a growing window (up to
+//! [`MAX_WINDOW`] blocks in one download) and the next window downloading in the background
+//! while it reads this one; a random reader gets one block per miss.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::error::{Error, Result};
 use crate::image::cache::{CacheKey, CacheKind};
 use crate::image::hostfile::{Opener, RemoteFile, RemoteOpen};
 use crate::image::BlockCache;
 use crate::libvirt::{Connect, StorageVol};
+use crate::namespace::registry::lock;
 
 use super::lv_err;
 
 /// Bytes of one cached block.
 pub const BLOCK: u64 = 1 << 20;
 /// Most blocks one download fetches (read-ahead of a sequential reader).
-pub const MAX_WINDOW: u64 = 16;
+pub const MAX_WINDOW: u64 = 8;
+/// Budget of the cache of downloaded blocks, shared by every remote file of the daemon (apart
+/// from the metadata cache, which read-ahead would otherwise flush).
+pub const CACHE_BYTES: usize = 64 << 20;
+
+/// The cache of downloaded blocks of all remote files.
+fn block_cache() -> Arc<BlockCache> {
+    static CACHE: std::sync::OnceLock<Arc<BlockCache>> = std::sync::OnceLock::new();
+    CACHE
+        .get_or_init(|| Arc::new(BlockCache::new(CACHE_BYTES)))
+        .clone()
+}
 
 /// The opener of files on the host behind `conn` (named `uri` in errors).
-pub fn opener(conn: Connect, uri: &str, cache: Arc<BlockCache>) -> Opener {
+pub fn opener(conn: Connect, uri: &str) -> Opener {
     let uri = uri.to_string();
+    let cache = block_cache();
     Arc::new(move |path: &Path| open(&conn, &uri, &cache, path))
 }
 
@@ -70,16 +83,13 @@ fn open(conn: &Connect, uri: &str, cache: &Arc<BlockCache>, path: &Path) -> Resu
     // Cache blocks of this version only: a changed file gets new keys.
     let mut hv = DefaultHasher::new();
     (id, version, len).hash(&mut hv);
-    let file = VolFile {
+    let file = VolFile::new(Source {
         vol,
         len,
-        // Top bit set: apart from BlockCache::new_image_id's counter.
-        image: hv.finish() | (1 << 63),
+        image: hv.finish(),
         cache: cache.clone(),
-        next: AtomicU64::new(u64::MAX),
-        window: AtomicU64::new(1),
         name: format!("{p} on {uri}"),
-    };
+    });
     Ok(RemoteOpen {
         file: Arc::new(file),
         len,
@@ -103,18 +113,16 @@ fn timestamp(xml: &str, name: &str) -> (i64, i64) {
     (s.parse().unwrap_or(0), n.parse().unwrap_or(0))
 }
 
-struct VolFile {
+/// One remote file's bytes and the cache they go through.
+struct Source {
     vol: StorageVol,
     len: u64,
     image: u64,
     cache: Arc<BlockCache>,
-    /// The block after the last download: a miss there is a sequential reader.
-    next: AtomicU64,
-    window: AtomicU64,
     name: String,
 }
 
-impl VolFile {
+impl Source {
     fn key(&self, block: u64) -> CacheKey {
         CacheKey {
             image: self.image,
@@ -123,20 +131,16 @@ impl VolFile {
         }
     }
 
-    /// Block `b`, from the cache or downloaded (with the blocks read ahead after it).
-    fn block(&self, b: u64) -> Result<Arc<Vec<u8>>> {
-        if let Some(v) = self.cache.get(&self.key(b)) {
-            return Ok(v);
+    fn blocks(&self) -> u64 {
+        self.len.div_ceil(BLOCK)
+    }
+
+    /// Download blocks `[b, b + n)` (clipped to the file) in one stream into the cache.
+    fn fetch(&self, b: u64, n: u64) -> Result<Option<Arc<Vec<u8>>>> {
+        let n = n.min(self.blocks().saturating_sub(b));
+        if n == 0 {
+            return Ok(None);
         }
-        let blocks = self.len.div_ceil(BLOCK);
-        let window = if self.next.load(Ordering::Relaxed) == b {
-            (self.window.load(Ordering::Relaxed) * 2).min(MAX_WINDOW)
-        } else {
-            1
-        };
-        let n = window.min(blocks.saturating_sub(b)).max(1);
-        self.window.store(n.max(1), Ordering::Relaxed);
-        self.next.store(b + n, Ordering::Relaxed);
         let start = b * BLOCK;
         let end = ((b + n) * BLOCK).min(self.len);
         let mut buf = vec![0u8; (end - start) as usize];
@@ -159,7 +163,112 @@ impl VolFile {
             }
             self.cache.insert(self.key(b + i as u64), v);
         }
-        first.ok_or_else(|| Error::Backend(format!("{}: empty download", self.name)))
+        Ok(first)
+    }
+}
+
+/// A file's sequential-reader state.
+#[derive(Default)]
+struct Seq {
+    /// The block after the last download (sync or background): a miss there, or a reader
+    /// reaching `from`, is a sequential reader.
+    next: Option<u64>,
+    /// Where the last background window starts: a reader there asks for the next window.
+    from: u64,
+    window: u64,
+    /// The background download in flight: its blocks `[start, end)`.
+    in_flight: Option<(u64, u64)>,
+}
+
+struct Ahead {
+    seq: Mutex<Seq>,
+    done: Condvar,
+}
+
+struct VolFile {
+    src: Arc<Source>,
+    ahead: Arc<Ahead>,
+}
+
+impl VolFile {
+    fn new(src: Source) -> VolFile {
+        VolFile {
+            src: Arc::new(src),
+            ahead: Arc::new(Ahead {
+                seq: Mutex::new(Seq::default()),
+                done: Condvar::new(),
+            }),
+        }
+    }
+
+    /// Start downloading `[b, b + n)` in the background (the caller checked none is in flight).
+    fn spawn_ahead(&self, seq: &mut Seq, b: u64, n: u64) {
+        let n = n.min(self.src.blocks().saturating_sub(b));
+        if n == 0 {
+            return;
+        }
+        seq.in_flight = Some((b, b + n));
+        seq.from = b;
+        seq.next = Some(b + n);
+        let (src, ahead) = (self.src.clone(), self.ahead.clone());
+        let spawned = std::thread::Builder::new()
+            .name("remote-ahead".into())
+            .spawn(move || {
+                if let Err(e) = src.fetch(b, n) {
+                    // The reader downloads the block itself and gets the error then.
+                    tracing::debug!(error = %e, "read-ahead failed");
+                }
+                lock(&ahead.seq).in_flight = None;
+                ahead.done.notify_all();
+            });
+        if spawned.is_err() {
+            seq.in_flight = None;
+        }
+    }
+
+    /// Block `b`, from the cache or downloaded; a sequential reader keeps one window of
+    /// blocks downloading ahead of it.
+    fn block(&self, b: u64) -> Result<Arc<Vec<u8>>> {
+        let hit = self.src.cache.get(&self.src.key(b));
+        let mut seq = lock(&self.ahead.seq);
+        let v = match hit {
+            Some(v) => v,
+            None => {
+                while matches!(seq.in_flight, Some((s, e)) if (s..e).contains(&b)) {
+                    seq = self.ahead.done.wait(seq).unwrap_or_else(|e| e.into_inner());
+                }
+                match self.src.cache.get(&self.src.key(b)) {
+                    Some(v) => v,
+                    None => {
+                        let sequential = seq.next == Some(b);
+                        let n = if sequential {
+                            (seq.window * 2).clamp(1, MAX_WINDOW)
+                        } else {
+                            1
+                        };
+                        seq.window = n;
+                        drop(seq);
+                        let v = self.src.fetch(b, n)?.ok_or_else(|| {
+                            Error::Backend(format!("{}: no block {b}", self.src.name))
+                        })?;
+                        seq = lock(&self.ahead.seq);
+                        seq.next = Some(b + n);
+                        // A random reader (n = 1) does not reach `from`; a sequential one
+                        // asks for the next window as it enters the second half of this one.
+                        seq.from = b + n / 2 + n % 2;
+                        v
+                    }
+                }
+            }
+        };
+        if let Some(next) = seq.next {
+            if seq.in_flight.is_none() && b >= seq.from && b < next {
+                let n = (seq.window * 2).clamp(1, MAX_WINDOW);
+                seq.window = n;
+                self.spawn_ahead(&mut seq, next, n);
+            }
+        }
+        Ok(v)
     }
 }
 
@@ -175,7 +284,7 @@ impl RemoteFile for VolFile {
             if avail.is_empty() {
                 return Err(Error::Backend(format!(
                     "{}: no bytes at {pos:#x} (length {})",
-                    self.name, self.len
+                    self.src.name, self.src.len
                 )));
             }
             let n = avail.len().min(buf.len() - done);
