@@ -25,7 +25,7 @@ use super::lv_err;
 /// Bytes of one cached block.
 pub const BLOCK: u64 = 1 << 20;
 /// Most blocks one download fetches (read-ahead of a sequential reader).
-pub const MAX_WINDOW: u64 = 8;
+pub const MAX_WINDOW: u64 = 16;
 /// Budget of the cache of downloaded blocks, shared by every remote file of the daemon (apart
 /// from the metadata cache, which read-ahead would otherwise flush).
 pub const CACHE_BYTES: usize = 64 << 20;
