@@ -445,6 +445,95 @@ mod tests {
     }
 
     #[test]
+    fn operations_reach_the_host_under_its_own_names() {
+        let mem = Arc::new(crate::provider::memory::MemoryProvider::default());
+        mem.add_instance("web", &[("vda", vec![7u8; 4096])]);
+        let h = HostProvider::new("h1", "test://h1/", mem.clone(), None);
+        assert_eq!(h.instances().unwrap(), ["web@h1"]);
+        let web = Owner::Instance("web@h1".into());
+        h.create_snapshot(&web, "s1").unwrap();
+        let snaps = h.snapshots(&web).unwrap();
+        assert_eq!(snaps.len(), 1);
+        let img = h.open_disk(&web, &snaps[0], "vda").unwrap();
+        let mut b = [0u8; 16];
+        img.read_at(&mut b, 100).unwrap();
+        assert_eq!(b, [7u8; 16]);
+        assert!(h.unavailable(&web).is_none());
+        assert!(h.unavailable(&Owner::Instance("web@h2".into())).is_none());
+        let e = h
+            .create_snapshot(&Owner::Instance("web".into()), "s2")
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::ENOENT);
+        // Volumes of a remote host are not shown (their directories are not here).
+        mem.add_volume("p", "v", vec![0; 512]);
+        assert!(h.pools().unwrap().is_empty());
+    }
+
+    /// A host whose every call fails as an unreachable libvirtd does.
+    struct Down;
+
+    impl Provider for Down {
+        fn kind(&self) -> &'static str {
+            "libvirt"
+        }
+        fn instances(&self) -> Result<Vec<String>> {
+            Err(Error::Backend("libvirt at x does not answer".into()))
+        }
+        fn info(&self, _: &Owner) -> Result<ObjectInfo> {
+            Err(Error::Backend("libvirt at x does not answer".into()))
+        }
+        fn snapshots(&self, _: &Owner) -> Result<Vec<SnapshotInfo>> {
+            Err(Error::Backend("libvirt at x does not answer".into()))
+        }
+        fn create_snapshot(&self, _: &Owner, _: &str) -> Result<()> {
+            Err(Error::Backend("libvirt at x does not answer".into()))
+        }
+        fn delete_snapshot(&self, _: &Owner, _: &str) -> Result<()> {
+            Err(Error::Backend("libvirt at x does not answer".into()))
+        }
+        fn open_disk(&self, _: &Owner, _: &SnapshotInfo, _: &str) -> Result<Arc<dyn BlockImage>> {
+            Err(Error::Backend("libvirt at x does not answer".into()))
+        }
+    }
+
+    #[test]
+    fn a_host_that_does_not_answer_lists_nothing_and_is_eio() {
+        let h = HostProvider::new("h2", "qemu+tcp://h2/system", Arc::new(Down), None);
+        assert!(h.instances().unwrap().is_empty());
+        assert!(lock(&h.down).is_some());
+        let e = h.unavailable(&Owner::Instance("web@h2".into())).unwrap();
+        assert_eq!(e.errno(), libc::EIO);
+        assert!(h.unavailable(&Owner::Instance("web@h3".into())).is_none());
+        let e = h.info(&Owner::Instance("web@h2".into())).unwrap_err();
+        assert_eq!(e.errno(), libc::EIO);
+        // The registry: the rest of the mount lists, the host's instance is EIO, not ENOENT.
+        let mem = Arc::new(crate::provider::memory::MemoryProvider::default());
+        mem.add_instance("db", &[("vda", vec![0u8; 512])]);
+        let up = Arc::new(HostProvider::new("local", "qemu:///system", mem, None));
+        let reg = crate::namespace::registry::Registry::new(
+            vec![up, Arc::new(h)],
+            Duration::from_millis(0),
+        );
+        let names: Vec<String> = reg
+            .instances()
+            .unwrap()
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect();
+        assert_eq!(names, ["db@local"]);
+        let e = reg
+            .provider(&Owner::Instance("web@h2".into()))
+            .err()
+            .unwrap();
+        assert_eq!(e.errno(), libc::EIO);
+        let e = reg
+            .provider(&Owner::Instance("web@local".into()))
+            .err()
+            .unwrap();
+        assert_eq!(e.errno(), libc::ENOENT);
+    }
+
+    #[test]
     fn a_dead_uri_fails_within_the_timeout_and_is_retried() {
         // A port nothing listens on: refused at once; the error is kept for retry_after.
         let d = Dialer::new(
