@@ -464,6 +464,20 @@ mod tests {
             .create_snapshot(&Owner::Instance("web".into()), "s2")
             .unwrap_err();
         assert_eq!(e.errno(), libc::ENOENT);
+        // Launch on the same host: `<new>` and `<new>@h1` both name the domain `<new>`.
+        h.launch("c1", "web@h1", "s1").unwrap();
+        h.launch("c2@h1", "web@h1", "s1").unwrap();
+        let e = h.launch("c3@h9", "web@h1", "s1").unwrap_err();
+        assert_eq!(e.errno(), libc::ENOTSUP);
+        let l = h.launches().unwrap();
+        let names: Vec<(&str, &str)> = l
+            .iter()
+            .map(|l| (l.name.as_str(), l.instance.as_str()))
+            .collect();
+        assert_eq!(names, [("c1@h1", "web@h1"), ("c2@h1", "web@h1")]);
+        assert!(h.instances().unwrap().contains(&"c2@h1".to_string()));
+        h.forget_launch("c1@h1").unwrap();
+        assert_eq!(h.launches().unwrap().len(), 1);
         // Volumes of a remote host are not shown (their directories are not here).
         mem.add_volume("p", "v", vec![0; 512]);
         assert!(h.pools().unwrap().is_empty());
