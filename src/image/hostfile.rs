@@ -48,6 +48,11 @@ pub fn with_opener<T>(opener: Opener, f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// Whether this thread is inside [`with_opener`]: paths name another host's files.
+pub fn remote_scope() -> bool {
+    OPENER.with(|o| o.borrow().is_some())
+}
+
 /// Whether something is at `path`: on this machine, or inside [`with_opener`] on the
 /// opener's host (where only what the opener can open counts).
 pub fn exists(path: &Path) -> bool {

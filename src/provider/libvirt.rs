@@ -246,7 +246,11 @@ fn is_block_device(src: &DiskSource) -> bool {
     use std::os::unix::fs::FileTypeExt;
     match src {
         DiskSource::Block(_) => true,
-        DiskSource::File(p) => std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device()),
+        // A remote host's path says nothing about this machine's files.
+        DiskSource::File(p) => {
+            !image::hostfile::remote_scope()
+                && std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
+        }
         _ => false,
     }
 }
@@ -923,7 +927,12 @@ impl Provider for LibvirtProvider {
                     "size": size,
                 });
                 if is_block_device(&d.source) {
-                    j["block_device"] = block_device_json(d.source.file());
+                    // What the path resolves to is known on its own host only.
+                    j["block_device"] = if image::hostfile::remote_scope() {
+                        serde_json::Value::Null
+                    } else {
+                        block_device_json(d.source.file())
+                    };
                 }
                 j
             })
