@@ -134,12 +134,10 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
                 opts.state_dir = cfg.state_dir.join("hosts").join(&host);
                 opts.store = cfg.store.as_ref().map(|s| s.join("hosts").join(&host));
             }
+            // Its freeze records are handled at its first connection (in new(), or when a
+            // host that does not answer now comes back).
             let lv = LibvirtProvider::new(opts, cache.clone())
                 .with_context(|| format!("libvirt provider of {uri}"))?;
-            if let Err(e) = lv.recover_frozen() {
-                // A host that does not answer now keeps its records for the next start.
-                warn!(%host, %uri, error = %e, "freeze records of this host not handled");
-            }
             libvirt.push((Some((host, uri)), lv));
         }
     }

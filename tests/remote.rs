@@ -395,3 +395,54 @@ fn remote_snapshot_mkdir_read_rmdir() {
     assert!(!names.lines().any(|l| l == name), "{names}");
     assert_eq!(virsh_ok(REMOTE, &["domblklist", "remote1"]), disk_before);
 }
+
+#[test]
+fn a_host_down_at_mount_time_comes_back_and_its_freeze_records_are_handled() {
+    if !hosts_ready("a_host_down_at_mount_time_comes_back_and_its_freeze_records_are_handled") {
+        return;
+    }
+    let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
+    let m = Mount::unmounted();
+    // A record a dead daemon left for remote1 (shut off: recovery removes it), kept in the
+    // host's own state directory.
+    let uuid = virsh_ok(REMOTE, &["domuuid", "remote1"]).trim().to_string();
+    let frozen = m.state_dir().join("hosts").join(REMOTE_HOST).join("frozen");
+    fs::create_dir_all(&frozen).unwrap();
+    let record = frozen.join(&uuid);
+    fs::write(&record, br#"{"domain":"remote1"}"#).unwrap();
+    {
+        let _cut = LinkCut::new();
+        m.mount(&["-c", LOCAL, "-c", REMOTE]);
+        let listed = ls(&m.mnt.join("instances"));
+        assert!(
+            !listed
+                .iter()
+                .any(|n| n.ends_with(&format!("@{REMOTE_HOST}"))),
+            "{listed:?}"
+        );
+        assert!(listed.iter().any(|n| n.ends_with("@local")), "{listed:?}");
+        assert_eq!(
+            errno(fs::metadata(instance(
+                &m,
+                &format!("remote1@{REMOTE_HOST}")
+            ))),
+            libc::EIO
+        );
+        assert!(record.exists(), "the record waits for its host");
+    }
+    let back = eventually(Duration::from_secs(90), || {
+        ls(&m.mnt.join("instances")).contains(&format!("remote1@{REMOTE_HOST}"))
+    });
+    assert!(
+        back,
+        "remote1 not listed after the link came back:\n{}",
+        m.log()
+    );
+    assert!(!record.exists(), "freeze record not handled:\n{}", m.log());
+    assert!(
+        m.log()
+            .contains("freeze record of a domain that is not running: removed"),
+        "{}",
+        m.log()
+    );
+}

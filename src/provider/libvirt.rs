@@ -126,6 +126,9 @@ pub struct LibvirtProvider {
     opts: LibvirtOptions,
     conn: Mutex<Option<Connect>>,
     dialer: Option<super::hosts::Dialer>,
+    /// One of several hosts: freeze records (and the other leftovers of a dead daemon) are
+    /// handled at the first connection, which may come long after start-up.
+    recover_pending: std::sync::atomic::AtomicBool,
     freezer: Arc<Freezer>,
     cache: Arc<BlockCache>,
     /// The Ceph connection (`--ceph`), for domains whose disks are RBD images.
@@ -362,6 +365,7 @@ impl LibvirtProvider {
         let p = LibvirtProvider {
             opts,
             conn: Mutex::new(None),
+            recover_pending: std::sync::atomic::AtomicBool::new(dialer.is_some()),
             dialer,
             freezer,
             cache,
@@ -402,6 +406,20 @@ impl LibvirtProvider {
             drop(g);
             let c = d.dial()?;
             *lock(&self.conn) = Some(c.clone());
+            if self
+                .recover_pending
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                // (Its own conn() calls get the connection just stored.)
+                match self.recover_frozen() {
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!(uri = %self.opts.uri, error = %e, "freeze records of this host not handled yet");
+                        self.recover_pending
+                            .store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+            }
             return Ok(c);
         }
         let c = Connect::open(Some(&self.opts.uri))
