@@ -111,10 +111,11 @@ fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 #[test]
 fn two_hosts_list_as_domain_at_host() {
+    // One at a time, the readiness check included: another test may have the link cut.
+    let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
     if !hosts_ready("two_hosts_list_as_domain_at_host") {
         return;
     }
-    let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
     let m = mount_two_hosts();
     let listed = ls(&m.mnt.join("instances"));
     let mut want: Vec<String> = virsh_ok(LOCAL, &["list", "--all", "--name"])
@@ -177,10 +178,11 @@ fn two_hosts_list_as_domain_at_host() {
 
 #[test]
 fn one_uri_keeps_plain_names_and_one_host_twice_is_refused() {
+    // One at a time, the readiness check included: another test may have the link cut.
+    let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
     if !hosts_ready("one_uri_keeps_plain_names_and_one_host_twice_is_refused") {
         return;
     }
-    let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
     let m = Mount::with_providers(&["-c", REMOTE]);
     let listed = ls(&m.mnt.join("instances"));
     assert!(listed.contains(&"remote1".to_string()), "{listed:?}");
@@ -203,10 +205,11 @@ fn one_uri_keeps_plain_names_and_one_host_twice_is_refused() {
 
 #[test]
 fn a_host_that_does_not_answer_is_eio_and_comes_back() {
+    // One at a time, the readiness check included: another test may have the link cut.
+    let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
     if !hosts_ready("a_host_that_does_not_answer_is_eio_and_comes_back") {
         return;
     }
-    let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
     let m = mount_two_hosts();
     let remote1 = instance(&m, &format!("remote1@{REMOTE_HOST}"));
     assert!(remote1.join("instance.json").exists());
@@ -335,10 +338,11 @@ impl Drop for SnapCleanup {
 
 #[test]
 fn remote_snapshot_mkdir_read_rmdir() {
+    // One at a time, the readiness check included: another test may have the link cut.
+    let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
     if !hosts_ready("remote_snapshot_mkdir_read_rmdir") {
         return;
     }
-    let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
     let m = mount_two_hosts();
     let remote1 = instance(&m, &format!("remote1@{REMOTE_HOST}"));
     let disk_before = virsh_ok(REMOTE, &["domblklist", "remote1"]);
@@ -398,10 +402,11 @@ fn remote_snapshot_mkdir_read_rmdir() {
 
 #[test]
 fn a_host_down_at_mount_time_comes_back_and_its_freeze_records_are_handled() {
+    // One at a time, the readiness check included: another test may have the link cut.
+    let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
     if !hosts_ready("a_host_down_at_mount_time_comes_back_and_its_freeze_records_are_handled") {
         return;
     }
-    let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
     let m = Mount::unmounted();
     // A record a dead daemon left for remote1 (shut off: recovery removes it), kept in the
     // host's own state directory.
