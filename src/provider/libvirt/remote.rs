@@ -84,7 +84,7 @@ fn open(conn: &Connect, uri: &str, cache: &Arc<BlockCache>, path: &Path) -> Resu
     let mut hv = DefaultHasher::new();
     (id, version, len).hash(&mut hv);
     let file = VolFile::new(Source {
-        vol,
+        vol: Box::new(vol),
         len,
         image: hv.finish(),
         cache: cache.clone(),
@@ -113,9 +113,21 @@ fn timestamp(xml: &str, name: &str) -> (i64, i64) {
     (s.parse().unwrap_or(0), n.parse().unwrap_or(0))
 }
 
+/// Where a remote file's bytes come from: one ranged download per call.
+trait Download: Send + Sync {
+    /// Fill `buf` from `offset`; the bytes received.
+    fn download(&self, buf: &mut [u8], offset: u64) -> Result<usize>;
+}
+
+impl Download for StorageVol {
+    fn download(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        StorageVol::download(self, buf, offset).map_err(|e| lv_err("virStorageVolDownload", e))
+    }
+}
+
 /// One remote file's bytes and the cache they go through.
 struct Source {
-    vol: StorageVol,
+    vol: Box<dyn Download>,
     len: u64,
     image: u64,
     cache: Arc<BlockCache>,
@@ -147,7 +159,7 @@ impl Source {
         let got = self
             .vol
             .download(&mut buf, start)
-            .map_err(|e| lv_err(format!("downloading {} at {start:#x}", self.name), e))?;
+            .map_err(|e| Error::Backend(format!("downloading {} at {start:#x}: {e}", self.name)))?;
         if got < buf.len() {
             return Err(Error::Backend(format!(
                 "{}: {got} of {} bytes at {start:#x} received (the volume shrank?)",
@@ -298,6 +310,106 @@ impl RemoteFile for VolFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file in memory that counts its downloads.
+    struct Fake {
+        bytes: Vec<u8>,
+        calls: Mutex<Vec<(u64, usize)>>,
+    }
+
+    impl Download for Arc<Fake> {
+        fn download(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+            lock(&self.calls).push((offset, buf.len()));
+            let from = &self.bytes[offset as usize..];
+            let n = from.len().min(buf.len());
+            buf[..n].copy_from_slice(&from[..n]);
+            Ok(n)
+        }
+    }
+
+    fn fake(len: usize) -> (Arc<Fake>, VolFile) {
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
+        let f = Arc::new(Fake {
+            bytes,
+            calls: Mutex::new(Vec::new()),
+        });
+        let v = VolFile::new(Source {
+            vol: Box::new(f.clone()),
+            len: len as u64,
+            image: 1,
+            cache: Arc::new(BlockCache::new(CACHE_BYTES)),
+            name: "fake".into(),
+        });
+        (f, v)
+    }
+
+    #[test]
+    fn a_sequential_reader_gets_windows_never_the_whole_file() {
+        let len = 60 * BLOCK as usize + 12345;
+        let (f, v) = fake(len);
+        let mut off = 0;
+        while off < len {
+            let n = (128 << 10).min(len - off);
+            let mut buf = vec![0u8; n];
+            v.read_at(&mut buf, off as u64).unwrap();
+            assert!(buf == f.bytes[off..off + n], "bytes differ at {off}");
+            off += n;
+        }
+        // Let a last background window finish before counting.
+        while lock(&v.ahead.seq).in_flight.is_some() {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let calls = lock(&f.calls).clone();
+        let most = calls.iter().map(|c| c.1).max().unwrap();
+        let total: usize = calls.iter().map(|c| c.1).sum();
+        assert!(most as u64 <= MAX_WINDOW * BLOCK, "{most}");
+        assert!(
+            most as u64 == MAX_WINDOW * BLOCK,
+            "the window grows to its maximum"
+        );
+        assert_eq!(total, len, "every byte downloaded once: {calls:?}");
+        assert!(calls.len() < 20, "{} downloads", calls.len());
+    }
+
+    #[test]
+    fn a_random_reader_gets_single_blocks() {
+        let len = 64 * BLOCK as usize;
+        let (f, v) = fake(len);
+        for (i, b) in [40u64, 3, 17, 58, 9].iter().enumerate() {
+            let off = b * BLOCK + 1000 + i as u64;
+            let mut buf = vec![0u8; 5000];
+            v.read_at(&mut buf, off).unwrap();
+            assert!(buf == f.bytes[off as usize..off as usize + 5000]);
+        }
+        let calls = lock(&f.calls).clone();
+        assert_eq!(calls.len(), 5, "{calls:?}");
+        assert!(calls.iter().all(|c| c.1 as u64 == BLOCK), "{calls:?}");
+        // A read across a block boundary and the file's end.
+        let mut buf = vec![0u8; 3000];
+        let off = len as u64 - 3000;
+        v.read_at(&mut buf, off).unwrap();
+        assert!(buf == f.bytes[off as usize..]);
+    }
+
+    #[test]
+    fn a_short_download_is_an_error_not_zeros() {
+        struct Short;
+        impl Download for Short {
+            fn download(&self, buf: &mut [u8], _: u64) -> Result<usize> {
+                Ok(buf.len() / 2)
+            }
+        }
+        let v = VolFile::new(Source {
+            vol: Box::new(Short),
+            len: 4 * BLOCK,
+            image: 2,
+            cache: Arc::new(BlockCache::new(CACHE_BYTES)),
+            name: "short".into(),
+        });
+        let mut buf = vec![0u8; 100];
+        let e = v.read_at(&mut buf, 0).unwrap_err();
+        assert_eq!(e.errno(), libc::EIO, "{e}");
+    }
 
     #[test]
     fn volume_timestamps() {
