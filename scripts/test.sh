@@ -18,6 +18,10 @@ if [[ -x scripts/testbed/up.sh ]]; then
   bash scripts/testbed/up.sh
   export SNAPFS_REQUIRE_TESTBED=1
 fi
+if [[ -x scripts/testbed/remote-up.sh ]]; then
+  echo "== bringing up the second libvirt host (network namespace snapfs-remote)"
+  bash scripts/testbed/remote-up.sh
+fi
 
 echo "== starting the single-node Ceph cluster (loopback)"
 bash scripts/ceph/start-ceph.sh

@@ -75,8 +75,9 @@ pub struct MountArgs {
     #[arg(long, value_name = "URI", num_args = 0..=1, require_equals = true,
           default_missing_value = "qemu:///system", help_heading = "libvirt")]
     pub libvirt: Option<String>,
-    /// Instances from the libvirt at URI, as virsh's -c: implies --libvirt. Repeatable in the
-    /// future (several hosts in one mount); one URI for now.
+    /// Instances from the libvirt at URI, as virsh's -c: implies --libvirt. Repeatable: with
+    /// several URIs (one per host) instances are named DOMAIN@HOST (HOST: the URI's host,
+    /// `local` for none).
     #[arg(
         short = 'c',
         long = "connect",
@@ -295,21 +296,29 @@ impl CloudArgs {
 }
 
 impl MountArgs {
-    /// The one libvirt URI of this mount, from --libvirt and -c/--connect (None: no libvirt).
+    /// The one libvirt URI of this mount, from --libvirt and -c/--connect (None: no libvirt
+    /// or several, see [`libvirt_uris`](Self::libvirt_uris)).
     pub fn libvirt_uri(&self) -> anyhow::Result<Option<String>> {
-        let mut uris: Vec<&String> = self.connect.iter().chain(self.libvirt.as_ref()).collect();
-        uris.dedup();
-        match uris.as_slice() {
-            [] => Ok(None),
-            [one] => Ok(Some((*one).clone())),
-            _ => bail!(
-                "several libvirt URIs ({}): one host per mount for now",
-                uris.iter()
-                    .map(|u| u.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+        let uris = self.libvirt_uris()?;
+        Ok(match uris.as_slice() {
+            [one] => Some(one.clone()),
+            _ => None,
+        })
+    }
+
+    /// Every libvirt URI of this mount, each once, in the order given (-c before --libvirt);
+    /// two naming the same host are refused.
+    pub fn libvirt_uris(&self) -> anyhow::Result<Vec<String>> {
+        let mut uris: Vec<String> = Vec::new();
+        for u in self.connect.iter().chain(self.libvirt.as_ref()) {
+            if !uris.contains(u) {
+                uris.push(u.clone());
+            }
         }
+        if uris.len() > 1 {
+            crate::provider::hosts::hosts_of(&uris).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        Ok(uris)
     }
 }
 
@@ -638,11 +647,18 @@ mod tests {
         let Cmd::Mount(m) = cli.cmd else {
             panic!("not a mount")
         };
-        assert!(m
-            .libvirt_uri()
-            .unwrap_err()
-            .to_string()
-            .contains("one host per mount"));
+        assert_eq!(m.libvirt_uri().unwrap(), None);
+        assert_eq!(
+            m.libvirt_uris().unwrap(),
+            ["qemu:///a", "qemu+tcp://b/system"]
+        );
+        let cli =
+            Cli::try_parse_from(["snapfs", "mount", "-c", "qemu:///a", "--libvirt", "/m"]).unwrap();
+        let Cmd::Mount(m) = cli.cmd else {
+            panic!("not a mount")
+        };
+        let e = m.libvirt_uris().unwrap_err().to_string();
+        assert!(e.contains("same host \"local\""), "{e}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use tracing::{info, warn};
 
 use crate::fs::{FsOptions, SnapFs};
@@ -36,8 +36,10 @@ pub struct MountConfig {
     pub read_ahead_kb: u32,
     /// Offer READDIRPLUS (adaptive) to the kernel.
     pub readdirplus: bool,
-    /// libvirt URI of the instances provider (None: no libvirt).
+    /// libvirt URI of the instances provider (None: no libvirt, or several hosts).
     pub libvirt: Option<String>,
+    /// Several libvirt hosts (more than one `-c`): instances are `<domain>@<host>`.
+    pub libvirt_hosts: Vec<String>,
     pub quiesce: Quiesce,
     pub freeze_timeout: Duration,
     /// Ceph RBD pools to serve (`--ceph`), if any.
@@ -98,43 +100,79 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
             ImagesProvider::new(&cfg.images, cache.clone()).context("images provider")?,
         ));
     }
-    let mut libvirt = None;
+    let opts_for = |uri: &str| LibvirtOptions {
+        uri: uri.to_string(),
+        quiesce: cfg.quiesce,
+        freeze_timeout: cfg.freeze_timeout,
+        state_dir: cfg.state_dir.clone(),
+        flatten_on_launch: cfg.flatten_on_launch,
+        managed: cfg.managed.clone(),
+        method: cfg.snapshot_method,
+        store: cfg.store.clone(),
+        store_pool: cfg.store_pool.clone(),
+        managed_rbd: cfg.managed_rbd,
+        dial: None,
+    };
+    // (host, provider): one without a host for a single URI.
+    let mut libvirt: Vec<(Option<(String, String)>, LibvirtProvider)> = Vec::new();
     if let Some(uri) = &cfg.libvirt {
-        let opts = LibvirtOptions {
-            uri: uri.clone(),
-            quiesce: cfg.quiesce,
-            freeze_timeout: cfg.freeze_timeout,
-            state_dir: cfg.state_dir.clone(),
-            flatten_on_launch: cfg.flatten_on_launch,
-            managed: cfg.managed.clone(),
-            method: cfg.snapshot_method,
-            store: cfg.store.clone(),
-            store_pool: cfg.store_pool.clone(),
-            managed_rbd: cfg.managed_rbd,
-        };
-        let lv = LibvirtProvider::new(opts, cache.clone()).context("libvirt provider")?;
+        let lv = LibvirtProvider::new(opts_for(uri), cache.clone()).context("libvirt provider")?;
         // Before the mount exists (and before Ceph, which may take its timeout to answer):
         // a guest a dead daemon left frozen is thawed first.
         lv.recover_frozen().context("thawing guests left frozen")?;
-        libvirt = Some(lv);
+        libvirt.push((None, lv));
+    } else if !cfg.libvirt_hosts.is_empty() {
+        let hosts =
+            crate::provider::hosts::hosts_of(&cfg.libvirt_hosts).map_err(|e| anyhow!("{e}"))?;
+        // Keepalive needs libvirt's event loop running before the first connection.
+        crate::libvirt::start_event_loop().map_err(|e| anyhow!("libvirt event loop: {e}"))?;
+        for (host, uri) in hosts {
+            let mut opts = opts_for(&uri);
+            opts.dial = Some(crate::provider::hosts::DialLimits::default());
+            if host != "local" {
+                // Freeze records, pause records and copies of each remote host apart.
+                opts.state_dir = cfg.state_dir.join("hosts").join(&host);
+                opts.store = cfg.store.as_ref().map(|s| s.join("hosts").join(&host));
+            }
+            // Its freeze records are handled at its first connection (in new(), or when a
+            // host that does not answer now comes back).
+            let lv = LibvirtProvider::new(opts, cache.clone())
+                .with_context(|| format!("libvirt provider of {uri}"))?;
+            libvirt.push((Some((host, uri)), lv));
+        }
     }
     if let Some(rbd) = &cfg.rbd {
-        if rbd.pools.is_empty() && libvirt.is_none() {
+        if rbd.pools.is_empty() && libvirt.is_empty() {
             bail!("--ceph needs at least one --pool (or --libvirt, for domains with RBD disks)");
         }
         let rbd = crate::provider::rbd::RbdProvider::new(rbd).context("rbd provider")?;
-        if let Some(lv) = libvirt.as_mut() {
+        for (_, lv) in libvirt.iter_mut() {
             lv.attach_rbd(rbd.access());
         }
         providers.push(Arc::new(rbd));
     }
-    if let Some(lv) = &libvirt {
+    for (_, lv) in &libvirt {
         // After --ceph is attached: the store pool checked, Ceph leftovers of a killed
         // daemon removed (the file-store ones went in recover_frozen).
         lv.prepare_rbd_store().context("--store-pool")?;
     }
-    if let Some(lv) = libvirt {
-        providers.insert(usize::from(!cfg.images.is_empty()), Arc::new(lv));
+    let at = usize::from(!cfg.images.is_empty());
+    for (i, (host, lv)) in libvirt.into_iter().enumerate() {
+        let p: Arc<dyn Provider> = match host {
+            None => Arc::new(lv),
+            Some((host, uri)) => {
+                let lv = Arc::new(lv);
+                // A remote host's image files are read through its storage API.
+                let files: Option<crate::provider::hosts::FilesOf> = (host != "local").then(|| {
+                    let lv = lv.clone();
+                    Arc::new(move || lv.remote_files()) as crate::provider::hosts::FilesOf
+                });
+                Arc::new(crate::provider::hosts::HostProvider::new(
+                    &host, &uri, lv, files,
+                ))
+            }
+        };
+        providers.insert(at + i, p);
     }
     if providers.is_empty() {
         warn!("no provider configured (--images DIR, --libvirt): the tree will be empty");

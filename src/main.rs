@@ -58,6 +58,10 @@ fn main() -> ExitCode {
 
 fn mount(m: MountArgs, args: Vec<OsString>) -> anyhow::Result<()> {
     let libvirt = m.libvirt_uri()?;
+    let libvirt_hosts = match m.libvirt_uris()? {
+        several if several.len() > 1 => several,
+        _ => Vec::new(),
+    };
     let log = m
         .log_file
         .clone()
@@ -98,6 +102,7 @@ fn mount(m: MountArgs, args: Vec<OsString>) -> anyhow::Result<()> {
         read_ahead_kb: m.read_ahead_kb,
         readdirplus: m.readdirplus,
         libvirt,
+        libvirt_hosts,
         read_only: m.read_only,
         revert_keep: m.revert_keep == "yes",
         quiesce: m.quiesce,

@@ -18,6 +18,8 @@ pub enum CacheKind {
     Decompressed,
     /// A chunk of an RBD snapshot read ahead for a sequential reader (offset = chunk start).
     ReadAhead,
+    /// A block of a remote host's file (offset = block start).
+    Remote,
 }
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]

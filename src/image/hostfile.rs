@@ -1,13 +1,77 @@
 //! A read-only host file read with pread (no shared cursor, no lock), shared by all readers.
+//!
+//! Or a file of another host: inside [`with_opener`], [`HostFile::open`] asks the opener
+//! (e.g. libvirt's storage API of a remote host) instead of this machine's filesystem, so the
+//! image readers and their backing chains work unchanged on files they cannot open here.
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{Error, IoContext, Result};
 
+/// The bytes of a file somewhere else.
+pub trait RemoteFile: Send + Sync {
+    /// Fill `buf` from `offset`; the caller keeps the range inside the file's length.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+}
+
+/// What an opener returns for a path: the bytes, the file's length, and what identifies this
+/// version of it (any change of the file changes its times).
+pub struct RemoteOpen {
+    pub file: Arc<dyn RemoteFile>,
+    pub len: u64,
+    /// Which file this is (stable across opens).
+    pub id: u64,
+    pub mtime: (i64, i64),
+    pub ctime: (i64, i64),
+}
+
+pub type Opener = Arc<dyn Fn(&Path) -> Result<RemoteOpen> + Send + Sync>;
+
+thread_local! {
+    static OPENER: RefCell<Option<Opener>> = const { RefCell::new(None) };
+}
+
+/// Run `f` with every [`HostFile::open`] of this thread going through `opener`.
+pub fn with_opener<T>(opener: Opener, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<Opener>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let prev = self.0.take();
+            OPENER.with(|o| *o.borrow_mut() = prev);
+        }
+    }
+    let _restore = Restore(OPENER.with(|o| o.borrow_mut().replace(opener)));
+    f()
+}
+
+/// Whether this thread is inside [`with_opener`]: paths name another host's files.
+pub fn remote_scope() -> bool {
+    OPENER.with(|o| o.borrow().is_some())
+}
+
+/// Whether something is at `path`: on this machine, or inside [`with_opener`] on the
+/// opener's host (where only what the opener can open counts).
+pub fn exists(path: &Path) -> bool {
+    match OPENER.with(|o| o.borrow().clone()) {
+        Some(opener) => !matches!(opener(path), Err(Error::NotFound(_))),
+        None => std::fs::symlink_metadata(path).is_ok(),
+    }
+}
+
+/// `dev` of a remote file's [`Generation`]: no local device has it.
+const REMOTE_DEV: u64 = u64::MAX;
+
+enum Src {
+    Local(File),
+    Remote(Arc<dyn RemoteFile>),
+}
+
 pub struct HostFile {
-    file: File,
+    file: Src,
     path: PathBuf,
     /// Length at open; snapshots and backing files do not change under us.
     len: u64,
@@ -27,6 +91,21 @@ pub struct Generation {
 
 impl HostFile {
     pub fn open(path: &Path) -> Result<Self> {
+        if let Some(opener) = OPENER.with(|o| o.borrow().clone()) {
+            let r = opener(path)?;
+            return Ok(HostFile {
+                file: Src::Remote(r.file),
+                path: path.to_path_buf(),
+                len: r.len,
+                generation: Generation {
+                    dev: REMOTE_DEV,
+                    ino: r.id,
+                    len: r.len,
+                    mtime: r.mtime,
+                    ctime: r.ctime,
+                },
+            });
+        }
         // O_NONBLOCK so a header naming a FIFO cannot hang the open; it is refused below.
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -60,7 +139,7 @@ impl HostFile {
             ctime: (meta.ctime(), meta.ctime_nsec()),
         };
         Ok(HostFile {
-            file,
+            file: Src::Local(file),
             path: path.to_path_buf(),
             len,
             generation,
@@ -69,6 +148,10 @@ impl HostFile {
 
     pub fn len(&self) -> u64 {
         self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     pub fn generation(&self) -> Generation {
@@ -84,8 +167,12 @@ impl HostFile {
         &self.path
     }
 
-    pub fn file(&self) -> &File {
-        &self.file
+    /// The local file (None: a remote one).
+    pub fn file(&self) -> Option<&File> {
+        match &self.file {
+            Src::Local(f) => Some(f),
+            Src::Remote(_) => None,
+        }
     }
 
     /// `Error::Corrupt` naming this file.
@@ -95,12 +182,23 @@ impl HostFile {
 
     /// Fill `buf` from `offset`; bytes past the end of the file read as zeros.
     pub fn read_or_zero(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let file = match &self.file {
+            Src::Local(f) => f,
+            Src::Remote(r) => {
+                let inside = self.len.saturating_sub(offset).min(buf.len() as u64) as usize;
+                if inside > 0 {
+                    r.read_at(&mut buf[..inside], offset)?;
+                }
+                buf[inside..].fill(0);
+                return Ok(());
+            }
+        };
         let mut done = 0;
         while done < buf.len() {
             let Some(pos) = offset.checked_add(done as u64) else {
                 break;
             };
-            match self.file.read_at(&mut buf[done..], pos) {
+            match file.read_at(&mut buf[done..], pos) {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}

@@ -7,7 +7,7 @@
 pub mod cache;
 pub mod changes;
 mod copy;
-mod hostfile;
+pub mod hostfile;
 pub mod parallels;
 pub mod ploop;
 pub mod qcow2;
@@ -116,14 +116,11 @@ impl Format {
 
 /// Guess a host file's format from its first bytes (qcow2 or Parallels magic, else raw).
 pub fn probe_format(path: &Path) -> Result<Format> {
-    use crate::error::IoContext;
-    use std::io::Read;
     let mut magic = [0u8; 16];
-    let f = std::fs::File::open(path).ctx(|| format!("opening {}", path.display()))?;
-    let n = f
-        .take(16)
-        .read(&mut magic)
-        .ctx(|| format!("reading {}", path.display()))?;
+    // Through HostFile: a remote host's file inside hostfile::with_opener.
+    let f = hostfile::HostFile::open(path)?;
+    let n = f.len().min(16) as usize;
+    f.read_or_zero(&mut magic[..n], 0)?;
     Ok(if n >= 4 && magic[..4] == *b"QFI\xfb" {
         Format::Qcow2
     } else if n == 16 && (&magic == parallels::MAGIC_V1 || &magic == parallels::MAGIC_V2) {

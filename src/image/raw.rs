@@ -31,8 +31,12 @@ impl RawImage {
         let Ok(pos) = libc::off_t::try_from(pos) else {
             return Err(libc::EINVAL);
         };
+        let Some(file) = self.file.file() else {
+            // A remote file: no SEEK_DATA there.
+            return Err(libc::EOPNOTSUPP);
+        };
         // SAFETY: lseek on an fd we own; the returned offset is used, the file position is not.
-        let r = unsafe { libc::lseek(self.file.file().as_raw_fd(), pos, whence) };
+        let r = unsafe { libc::lseek(file.as_raw_fd(), pos, whence) };
         if r < 0 {
             let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
             if e == libc::ENXIO {

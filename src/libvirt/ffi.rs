@@ -15,6 +15,17 @@ pub type virConnectPtr = *mut c_void;
 pub type virDomainPtr = *mut c_void;
 pub type virDomainSnapshotPtr = *mut c_void;
 pub type virStoragePoolPtr = *mut c_void;
+pub type virStorageVolPtr = *mut c_void;
+pub type virStreamPtr = *mut c_void;
+
+/// `struct _virStorageVolInfo`.
+#[repr(C)]
+#[derive(Default)]
+pub struct virStorageVolInfo {
+    pub type_: c_int,
+    pub capacity: c_ulonglong,
+    pub allocation: c_ulonglong,
+}
 pub type virErrorFunc = Option<unsafe extern "C" fn(*mut c_void, *mut virError)>;
 
 /// The leading fields of `struct _virError` (the rest is not read).
@@ -68,6 +79,9 @@ crate::dl::dl_api! {
         fn virConnectRef(conn: virConnectPtr) -> c_int = -1;
         fn virConnectIsAlive(conn: virConnectPtr) -> c_int = -1;
         fn virConnectGetType(conn: virConnectPtr) -> *const c_char = null();
+        fn virConnectSetKeepAlive(conn: virConnectPtr, interval: c_int, count: c_uint) -> c_int = -1;
+        fn virEventRegisterDefaultImpl() -> c_int = -1;
+        fn virEventRunDefaultImpl() -> c_int = -1;
         fn virConnectListAllDomains(conn: virConnectPtr, domains: *mut *mut virDomainPtr, flags: c_uint) -> c_int = -1;
         fn virConnectListAllStoragePools(conn: virConnectPtr, pools: *mut *mut virStoragePoolPtr, flags: c_uint) -> c_int = -1;
         fn virDomainLookupByName(conn: virConnectPtr, name: *const c_char) -> virDomainPtr = null_mut();
@@ -106,6 +120,17 @@ crate::dl::dl_api! {
         fn virStoragePoolGetName(pool: virStoragePoolPtr) -> *const c_char = null();
         fn virStoragePoolGetXMLDesc(pool: virStoragePoolPtr, flags: c_uint) -> *mut c_char = null_mut();
         fn virStoragePoolFree(pool: virStoragePoolPtr) -> c_int = -1;
+        fn virStoragePoolRefresh(pool: virStoragePoolPtr, flags: c_uint) -> c_int = -1;
+        fn virStorageVolLookupByPath(conn: virConnectPtr, path: *const c_char) -> virStorageVolPtr = null_mut();
+        fn virStorageVolGetInfoFlags(vol: virStorageVolPtr, info: *mut virStorageVolInfo, flags: c_uint) -> c_int = -1;
+        fn virStorageVolGetXMLDesc(vol: virStorageVolPtr, flags: c_uint) -> *mut c_char = null_mut();
+        fn virStorageVolDownload(vol: virStorageVolPtr, stream: virStreamPtr, offset: c_ulonglong, length: c_ulonglong, flags: c_uint) -> c_int = -1;
+        fn virStorageVolFree(vol: virStorageVolPtr) -> c_int = -1;
+        fn virStreamNew(conn: virConnectPtr, flags: c_uint) -> virStreamPtr = null_mut();
+        fn virStreamRecv(stream: virStreamPtr, data: *mut c_char, nbytes: usize) -> c_int = -1;
+        fn virStreamFinish(stream: virStreamPtr) -> c_int = -1;
+        fn virStreamAbort(stream: virStreamPtr) -> c_int = -1;
+        fn virStreamFree(stream: virStreamPtr) -> c_int = -1;
         fn virGetLastError() -> *mut virError = null_mut();
         fn virSetErrorFunc(user_data: *mut c_void, handler: virErrorFunc);
     }

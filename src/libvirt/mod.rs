@@ -335,10 +335,63 @@ impl Connect {
         Domain::wrap(unsafe { ffi::virDomainLookupByUUIDString(self.ptr, c.as_ptr()) })
     }
 
+    /// The storage volume whose target is `path` on the connection's host.
+    pub fn storage_vol_lookup_by_path(&self, path: &str) -> Result<StorageVol> {
+        let c = cstring(path)?;
+        // SAFETY: valid connection and string.
+        let ptr = unsafe { ffi::virStorageVolLookupByPath(self.ptr, c.as_ptr()) };
+        if ptr.is_null() {
+            return Err(Error::last_error());
+        }
+        Ok(StorageVol {
+            ptr,
+            conn: self.clone(),
+        })
+    }
+
     pub fn define_domain_xml(&self, xml: &str) -> Result<Domain> {
         let c = cstring(xml)?;
         // SAFETY: valid connection and string.
         Domain::wrap(unsafe { ffi::virDomainDefineXML(self.ptr, c.as_ptr()) })
+    }
+}
+
+/// Run libvirt's default event loop on a thread of its own, once per process. Needed before
+/// the first [`Connect::open`] for keepalive ([`Connect::set_keep_alive`]) to work: without
+/// an event loop a remote connection whose peer went silent blocks its callers until TCP
+/// gives up (minutes).
+pub fn start_event_loop() -> Result<()> {
+    static STARTED: std::sync::OnceLock<std::result::Result<(), String>> =
+        std::sync::OnceLock::new();
+    STARTED
+        .get_or_init(|| {
+            ffi::load().map_err(|e| format!("cannot load libvirt ({e})"))?;
+            // SAFETY: registers libvirt's own poll-based implementation; no arguments.
+            if unsafe { ffi::virEventRegisterDefaultImpl() } < 0 {
+                return Err(Error::last_error().message().to_string());
+            }
+            std::thread::Builder::new()
+                .name("libvirt-events".into())
+                .spawn(|| loop {
+                    // SAFETY: runs one iteration of the registered default loop.
+                    if unsafe { ffi::virEventRunDefaultImpl() } < 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                })
+                .map(drop)
+                .map_err(|e| format!("starting the libvirt event thread: {e}"))
+        })
+        .clone()
+        .map_err(|m| Error::new(-1, m))
+}
+
+impl Connect {
+    /// `virConnectSetKeepAlive`: the connection is closed (its calls fail) after `count`
+    /// unanswered probes sent every `interval` seconds. `Ok(false)`: the driver has none
+    /// (a local, in-process driver), which needs none.
+    pub fn set_keep_alive(&self, interval: i32, count: u32) -> Result<bool> {
+        // SAFETY: valid connection.
+        check(unsafe { ffi::virConnectSetKeepAlive(self.ptr, interval, count) }).map(|r| r == 0)
     }
 }
 
@@ -712,6 +765,12 @@ impl StoragePool {
         unsafe { borrowed_string(ffi::virStoragePoolGetName(self.ptr)) }
     }
 
+    /// Rescan the pool's volumes (files made by others, e.g. snapshot overlays, appear).
+    pub fn refresh(&self) -> Result<()> {
+        // SAFETY: valid pool.
+        check(unsafe { ffi::virStoragePoolRefresh(self.ptr, 0) }).map(drop)
+    }
+
     pub fn xml_desc(&self, flags: u32) -> Result<String> {
         // SAFETY: valid pool; the string is ours to free.
         unsafe { owned_string(ffi::virStoragePoolGetXMLDesc(self.ptr, flags)) }
@@ -722,6 +781,93 @@ impl Drop for StoragePool {
     fn drop(&mut self) {
         // SAFETY: frees the reference this value holds.
         unsafe { ffi::virStoragePoolFree(self.ptr) };
+    }
+}
+
+/// A storage volume (`virStorageVolPtr`), freed on drop; keeps its connection for streams.
+pub struct StorageVol {
+    ptr: ffi::virStorageVolPtr,
+    conn: Connect,
+}
+
+// SAFETY: as for Connect.
+unsafe impl Send for StorageVol {}
+unsafe impl Sync for StorageVol {}
+
+/// `VIR_STORAGE_VOL_GET_PHYSICAL`: `allocation` is the host file's size.
+const VIR_STORAGE_VOL_GET_PHYSICAL: u32 = 1;
+
+impl StorageVol {
+    /// (capacity: the guest-visible size, physical: the bytes of the host file).
+    pub fn capacity_and_physical(&self) -> Result<(u64, u64)> {
+        let mut i = ffi::virStorageVolInfo::default();
+        // SAFETY: valid volume, out-pointer to a local of the C layout.
+        check(unsafe {
+            ffi::virStorageVolGetInfoFlags(self.ptr, &mut i, VIR_STORAGE_VOL_GET_PHYSICAL)
+        })?;
+        Ok((i.capacity, i.allocation))
+    }
+
+    pub fn xml_desc(&self) -> Result<String> {
+        // SAFETY: valid volume; the string is ours to free.
+        unsafe { owned_string(ffi::virStorageVolGetXMLDesc(self.ptr, 0)) }
+    }
+
+    /// `virStorageVolDownload` of `[offset, offset + buf.len())` of the volume's host file
+    /// into `buf`, through one stream; the number of bytes received (less only at its end).
+    pub fn download(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        // SAFETY: valid connection; a blocking stream (flags 0).
+        let st = unsafe { ffi::virStreamNew(self.conn.ptr, 0) };
+        if st.is_null() {
+            return Err(Error::last_error());
+        }
+        struct Stream(ffi::virStreamPtr, bool);
+        impl Drop for Stream {
+            fn drop(&mut self) {
+                // SAFETY: the stream of this call; aborted unless finished, then freed.
+                unsafe {
+                    if !self.1 {
+                        ffi::virStreamAbort(self.0);
+                    }
+                    ffi::virStreamFree(self.0);
+                }
+            }
+        }
+        let mut stream = Stream(st, false);
+        // SAFETY: valid volume and stream.
+        check(unsafe { ffi::virStorageVolDownload(self.ptr, st, offset, buf.len() as u64, 0) })?;
+        let mut done = 0;
+        while done < buf.len() {
+            let want = (buf.len() - done).min(1 << 20);
+            // SAFETY: `want` bytes of `buf` from `done` are ours to write.
+            let n =
+                unsafe { ffi::virStreamRecv(st, buf[done..].as_mut_ptr().cast::<c_char>(), want) };
+            match n {
+                0 => break,
+                n if n > 0 => done += n as usize,
+                _ => return Err(Error::last_error()),
+            }
+        }
+        if done == buf.len() {
+            // The server may still have an end-of-stream marker to send: drain it.
+            let mut tail = [0u8; 1];
+            // SAFETY: one byte of a local buffer.
+            let n = unsafe { ffi::virStreamRecv(st, tail.as_mut_ptr().cast::<c_char>(), 1) };
+            if n < 0 {
+                return Err(Error::last_error());
+            }
+        }
+        // SAFETY: valid stream, all data received.
+        check(unsafe { ffi::virStreamFinish(st) })?;
+        stream.1 = true;
+        Ok(done)
+    }
+}
+
+impl Drop for StorageVol {
+    fn drop(&mut self) {
+        // SAFETY: frees the reference this value holds.
+        unsafe { ffi::virStorageVolFree(self.ptr) };
     }
 }
 

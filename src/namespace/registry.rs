@@ -134,11 +134,13 @@ impl Registry {
         match owner {
             Owner::Instance(name) => {
                 let idx = self.instances()?;
-                let i = idx
-                    .iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, i)| *i)
-                    .ok_or_else(|| Error::NotFound(owner.to_string()))?;
+                let Some(i) = idx.iter().find(|(n, _)| n == name).map(|(_, i)| *i) else {
+                    // A host that does not answer: EIO rather than ENOENT.
+                    if let Some(e) = self.providers.iter().find_map(|p| p.unavailable(owner)) {
+                        return Err(e);
+                    }
+                    return Err(Error::NotFound(owner.to_string()));
+                };
                 self.providers
                     .get(i)
                     .ok_or_else(|| Error::NotFound(owner.to_string()))

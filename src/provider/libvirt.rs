@@ -15,6 +15,7 @@ pub mod freeze;
 pub mod managed;
 mod memory;
 mod rbd;
+pub mod remote;
 mod revert;
 mod settings;
 pub mod store;
@@ -111,6 +112,9 @@ pub struct LibvirtOptions {
     /// The Ceph pool whose RBD namespace `snapfs` holds copies of RBD disks (`--store-pool`).
     pub store_pool: Option<String>,
     pub managed_rbd: ManagedRbd,
+    /// One of several hosts (`-c` more than once): connections are opened with these bounds
+    /// (and keepalive), and a host that does not answer at start-up is no error.
+    pub dial: Option<super::hosts::DialLimits>,
 }
 
 /// How long `instance.json` waits for a guest-ping.
@@ -122,6 +126,10 @@ const MAX_CHAIN: usize = 64;
 pub struct LibvirtProvider {
     opts: LibvirtOptions,
     conn: Mutex<Option<Connect>>,
+    dialer: Option<super::hosts::Dialer>,
+    /// One of several hosts: freeze records (and the other leftovers of a dead daemon) are
+    /// handled at the first connection, which may come long after start-up.
+    recover_pending: std::sync::atomic::AtomicBool,
     freezer: Arc<Freezer>,
     cache: Arc<BlockCache>,
     /// The Ceph connection (`--ceph`), for domains whose disks are RBD images.
@@ -187,7 +195,8 @@ fn fresh_image_path(dir: &Path, a: &str, b: &str, target: &str, ext: &str) -> Re
             format!("{stem}-{i}.{ext}")
         };
         let p = dir.join(name);
-        if std::fs::symlink_metadata(&p).is_err() {
+        // On the disk's host (a remote one's, through its storage API).
+        if !image::hostfile::exists(&p) {
             return Ok(p);
         }
     }
@@ -241,7 +250,11 @@ fn is_block_device(src: &DiskSource) -> bool {
     use std::os::unix::fs::FileTypeExt;
     match src {
         DiskSource::Block(_) => true,
-        DiskSource::File(p) => std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device()),
+        // A remote host's path says nothing about this machine's files.
+        DiskSource::File(p) => {
+            !image::hostfile::remote_scope()
+                && std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
+        }
         _ => false,
     }
 }
@@ -347,16 +360,28 @@ impl LibvirtProvider {
             .clone()
             .unwrap_or_else(|| opts.state_dir.join("store"));
         let store = store::Store::new(&store_dir)?;
+        let dialer = opts
+            .dial
+            .map(|limits| super::hosts::Dialer::new(&opts.uri, limits));
         let p = LibvirtProvider {
             opts,
             conn: Mutex::new(None),
+            recover_pending: std::sync::atomic::AtomicBool::new(dialer.is_some()),
+            dialer,
             freezer,
             cache,
             rbd: None,
             rbd_records: Mutex::new(()),
             store,
         };
-        let c = p.conn()?;
+        let c = match p.conn() {
+            Ok(c) => c,
+            Err(e) if p.dialer.is_some() => {
+                warn!(uri = %p.opts.uri, error = %e, "libvirt host does not answer yet: its instances appear when it does");
+                return Ok(p);
+            }
+            Err(e) => return Err(e),
+        };
         info!(uri = %p.opts.uri, hypervisor = %c.driver_type().unwrap_or_default(), quiesce = ?p.opts.quiesce, freeze_timeout_ms = p.opts.freeze_timeout.as_millis() as u64, managed = ?p.opts.managed.mode, method = ?p.opts.method, store = %p.store.dir().display(), "libvirt provider");
         Ok(p)
     }
@@ -374,11 +399,40 @@ impl LibvirtProvider {
                 return Ok(c.clone());
             }
             warn!(uri = %self.opts.uri, "libvirt connection lost: reconnecting");
+            *g = None;
+        }
+        if let Some(d) = &self.dialer {
+            // Bounded: the wait is not made under the lock, so callers of a silent host
+            // each wait at most the dialer's timeout, not one after another.
+            drop(g);
+            let c = d.dial()?;
+            *lock(&self.conn) = Some(c.clone());
+            if self
+                .recover_pending
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                // (Its own conn() calls get the connection just stored.)
+                match self.recover_frozen() {
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!(uri = %self.opts.uri, error = %e, "freeze records of this host not handled yet");
+                        self.recover_pending
+                            .store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+            }
+            return Ok(c);
         }
         let c = Connect::open(Some(&self.opts.uri))
             .map_err(|e| lv_err(format!("connecting to {}", self.opts.uri), e))?;
         *g = Some(c.clone());
         Ok(c)
+    }
+
+    /// An opener of this host's files through its storage API (a remote host's provider
+    /// reads its disks through this; see [`remote`]).
+    pub fn remote_files(&self) -> Result<crate::image::hostfile::Opener> {
+        Ok(remote::opener(self.conn()?, &self.opts.uri))
     }
 
     /// At daemon start: thaw guests a dead daemon left frozen (see [`freeze`]).
@@ -898,7 +952,12 @@ impl Provider for LibvirtProvider {
                     "size": size,
                 });
                 if is_block_device(&d.source) {
-                    j["block_device"] = block_device_json(d.source.file());
+                    // What the path resolves to is known on its own host only.
+                    j["block_device"] = if image::hostfile::remote_scope() {
+                        serde_json::Value::Null
+                    } else {
+                        block_device_json(d.source.file())
+                    };
                 }
                 j
             })

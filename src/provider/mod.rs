@@ -18,6 +18,7 @@ macro_rules! choice_from_str {
     };
 }
 
+pub mod hosts;
 pub mod images;
 pub mod libvirt;
 #[cfg(test)]
@@ -97,6 +98,13 @@ pub trait Provider: Send + Sync {
     }
     fn instances(&self) -> Result<Vec<String>> {
         Ok(Vec::new())
+    }
+
+    /// Why `owner`, absent from this provider's listing, cannot be reached now (e.g. its
+    /// libvirt host does not answer): the error of an access to it instead of `ENOENT`.
+    fn unavailable(&self, owner: &Owner) -> Option<Error> {
+        let _ = owner;
+        None
     }
 
     fn info(&self, owner: &Owner) -> Result<ObjectInfo>;

@@ -1,0 +1,453 @@
+//! Several libvirt hosts in one mount, against a real second libvirtd: the one of
+//! scripts/testbed/remote-up.sh (its own network and mount namespaces, qemu+tcp on a veth
+//! pair, a shut-off domain `remote1` whose disk is a qcow2 overlay on a qcow2 base in a
+//! directory pool; docs/testbed.md).
+//!
+//! Without the second host the tests print a skip message and pass, unless
+//! `SNAPFS_REQUIRE_TESTBED=1` (CI), where they fail. The tests that cut the veth link run
+//! one at a time and put the link back up whatever happens.
+
+mod common;
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const LOCAL: &str = "qemu:///system";
+const REMOTE: &str = "qemu+tcp://10.213.0.2/system";
+const REMOTE_HOST: &str = "10.213.0.2";
+const HOST_IF: &str = "snapfs-rem0";
+const POOL: &str = "snapfs-remote";
+static LINK: Mutex<()> = Mutex::new(());
+
+fn virsh_at(uri: &str, args: &[&str]) -> std::process::Output {
+    Command::new("virsh")
+        .args(["-q", "-c", uri])
+        .args(args)
+        .output()
+        .expect("run virsh")
+}
+
+fn virsh_ok(uri: &str, args: &[&str]) -> String {
+    let o = virsh_at(uri, args);
+    assert!(
+        o.status.success(),
+        "virsh -c {uri} {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Whether both hosts answer; panics when they are required and one does not.
+fn hosts_ready(test: &str) -> bool {
+    let mut missing = Vec::new();
+    for uri in [LOCAL, REMOTE] {
+        if !virsh_at(uri, &["version"]).status.success() {
+            missing.push(format!("libvirt at {uri} not reachable"));
+        }
+    }
+    if missing.is_empty() && !virsh_at(REMOTE, &["dominfo", "remote1"]).status.success() {
+        missing.push("domain remote1 missing on the second host".into());
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let why = missing.join("; ");
+    if std::env::var("SNAPFS_REQUIRE_TESTBED").as_deref() == Ok("1") {
+        panic!(
+            "second host required (SNAPFS_REQUIRE_TESTBED=1) but not ready: {why} \
+             (run scripts/testbed/up.sh and scripts/testbed/remote-up.sh)"
+        );
+    }
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIP {test}: {why} (scripts/testbed/remote-up.sh brings the second host up)"
+    );
+    false
+}
+
+fn mount_two_hosts() -> Mount {
+    Mount::with_providers(&["-c", LOCAL, "-c", REMOTE])
+}
+
+fn instance(m: &Mount, name: &str) -> PathBuf {
+    m.mnt.join("instances").join(name)
+}
+
+/// The veth link down until dropped (then up again, even when the test fails).
+struct LinkCut;
+
+impl LinkCut {
+    fn new() -> LinkCut {
+        run(Command::new("ip").args(["link", "set", HOST_IF, "down"]));
+        LinkCut
+    }
+}
+
+impl Drop for LinkCut {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "set", HOST_IF, "up"])
+            .status();
+    }
+}
+
+/// Poll `f` until it holds or `limit` passes (a bound against hanging, not a speed check).
+fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    f()
+}
+
+#[test]
+fn two_hosts_list_as_domain_at_host() {
+    // One at a time, the readiness check included: another test may have the link cut.
+    let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
+    if !hosts_ready("two_hosts_list_as_domain_at_host") {
+        return;
+    }
+    let m = mount_two_hosts();
+    let listed = ls(&m.mnt.join("instances"));
+    let mut want: Vec<String> = virsh_ok(LOCAL, &["list", "--all", "--name"])
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|d| format!("{d}@local"))
+        .collect();
+    want.extend(
+        virsh_ok(REMOTE, &["list", "--all", "--name"])
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|d| format!("{d}@{REMOTE_HOST}")),
+    );
+    want.sort();
+    // Local domains may come and go while other tests run: compare the remote ones exactly
+    // and require every local name listed to be a local domain with the suffix.
+    let remote_listed: Vec<&String> = listed
+        .iter()
+        .filter(|n| n.ends_with(&format!("@{REMOTE_HOST}")))
+        .collect();
+    let remote_want: Vec<&String> = want
+        .iter()
+        .filter(|n| n.ends_with(&format!("@{REMOTE_HOST}")))
+        .collect();
+    assert_eq!(remote_listed, remote_want, "{listed:?}");
+    assert!(
+        listed.contains(&format!("remote1@{REMOTE_HOST}")),
+        "{listed:?}"
+    );
+    for n in &listed {
+        assert!(
+            n.ends_with("@local") || n.ends_with(&format!("@{REMOTE_HOST}")),
+            "{n} has no host part"
+        );
+    }
+    assert!(
+        listed.iter().any(|n| n.ends_with("@local")),
+        "no local instance listed: {listed:?}"
+    );
+
+    let j: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(instance(&m, &format!("remote1@{REMOTE_HOST}")).join("instance.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(j["name"], "remote1");
+    assert_eq!(j["host"], REMOTE_HOST);
+    assert_eq!(j["uri"], REMOTE);
+    assert_eq!(j["state"], "shut off");
+    let uuid = virsh_ok(REMOTE, &["domuuid", "remote1"]);
+    assert_eq!(j["uuid"], uuid.trim());
+
+    // The same domain name without the host part is no instance.
+    assert_eq!(errno(fs::metadata(instance(&m, "remote1"))), libc::ENOENT);
+    assert_eq!(
+        errno(fs::metadata(instance(&m, "remote1@elsewhere"))),
+        libc::ENOENT
+    );
+}
+
+#[test]
+fn one_uri_keeps_plain_names_and_one_host_twice_is_refused() {
+    // One at a time, the readiness check included: another test may have the link cut.
+    let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
+    if !hosts_ready("one_uri_keeps_plain_names_and_one_host_twice_is_refused") {
+        return;
+    }
+    let m = Mount::with_providers(&["-c", REMOTE]);
+    let listed = ls(&m.mnt.join("instances"));
+    assert!(listed.contains(&"remote1".to_string()), "{listed:?}");
+    assert!(!listed.iter().any(|n| n.contains('@')), "{listed:?}");
+    drop(m);
+
+    let m = Mount::unmounted();
+    let out = Command::new(BIN)
+        .args(["mount", "--foreground", "--state-dir"])
+        .arg(m.state_dir())
+        .args(["-c", REMOTE, "-c", "qemu+ssh://root@10.213.0.2:22/system"])
+        .arg(&m.mnt)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("same host \"10.213.0.2\""), "{err}");
+    assert!(!m.is_mounted());
+}
+
+#[test]
+fn a_host_that_does_not_answer_is_eio_and_comes_back() {
+    // One at a time, the readiness check included: another test may have the link cut.
+    let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
+    if !hosts_ready("a_host_that_does_not_answer_is_eio_and_comes_back") {
+        return;
+    }
+    let m = mount_two_hosts();
+    let remote1 = instance(&m, &format!("remote1@{REMOTE_HOST}"));
+    assert!(remote1.join("instance.json").exists());
+    // A connection is open now; cut the link under it.
+    {
+        let _cut = LinkCut::new();
+        // Past the mount's listing cache (--list-ttl-ms 200): the next accesses ask libvirt.
+        std::thread::sleep(Duration::from_millis(400));
+        let json = fs::read_to_string(remote1.join("instance.json"));
+        assert_eq!(
+            errno(json),
+            libc::EIO,
+            "instance.json with the host cut off"
+        );
+        assert_eq!(
+            errno(fs::read_dir(remote1.join(".snapshots"))),
+            libc::EIO,
+            ".snapshots with the host cut off"
+        );
+        // The rest of the mount keeps working; the host's instances are not listed.
+        let listed = ls(&m.mnt.join("instances"));
+        assert!(
+            listed.iter().any(|n| n.ends_with("@local")),
+            "local instances must still list: {listed:?}"
+        );
+        assert!(
+            !listed
+                .iter()
+                .any(|n| n.ends_with(&format!("@{REMOTE_HOST}"))),
+            "{listed:?}"
+        );
+        let demo = m.mnt.join("instances/demo@local/instance.json");
+        if virsh_at(LOCAL, &["dominfo", "demo"]).status.success() {
+            assert!(fs::read_to_string(&demo).is_ok(), "local demo unreadable");
+        }
+    }
+    // Link up: it comes back by itself on a later access.
+    let back = eventually(Duration::from_secs(90), || {
+        ls(&m.mnt.join("instances")).contains(&format!("remote1@{REMOTE_HOST}"))
+    });
+    assert!(
+        back,
+        "remote1 not listed again after the link came back:\n{}",
+        m.log()
+    );
+    assert!(fs::read_to_string(remote1.join("instance.json")).is_ok());
+    let log = m.log();
+    assert_eq!(
+        log.matches("libvirt host does not answer").count(),
+        1,
+        "one warning per outage:\n{log}"
+    );
+    assert!(log.contains("libvirt host answers again"), "{log}");
+}
+
+/// The guest bytes of remote volume `vol` (and its backing chain), made here from
+/// `virsh vol-download` of each volume: the reference for what the mount reads.
+fn reference_raw(dir: &std::path::Path, vol: &str) -> PathBuf {
+    let mut chain: Vec<PathBuf> = Vec::new();
+    let mut name = vol.to_string();
+    for _ in 0..8 {
+        let local = dir.join(format!("{}.img", chain.len()));
+        virsh_ok(
+            REMOTE,
+            &[
+                "vol-download",
+                "--pool",
+                POOL,
+                &name,
+                local.to_str().unwrap(),
+            ],
+        );
+        chain.push(local.clone());
+        let info: serde_json::Value = serde_json::from_str(&qemu_img(&[
+            "info",
+            "--output=json",
+            local.to_str().unwrap(),
+        ]))
+        .unwrap();
+        match info["backing-filename"].as_str() {
+            Some(b) => name = b.rsplit('/').next().unwrap().to_string(),
+            None => break,
+        }
+    }
+    // Point each downloaded layer at the downloaded one below it.
+    for w in chain.windows(2) {
+        let fmt = serde_json::from_str::<serde_json::Value>(&qemu_img(&[
+            "info",
+            "--output=json",
+            w[1].to_str().unwrap(),
+        ]))
+        .unwrap()["format"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        qemu_img(&[
+            "rebase",
+            "-u",
+            "-b",
+            w[1].to_str().unwrap(),
+            "-F",
+            &fmt,
+            w[0].to_str().unwrap(),
+        ]);
+    }
+    let raw = dir.join("reference.raw");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        chain[0].to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
+    raw
+}
+
+/// Deletes the snapshot through the remote libvirtd unless the test did (a failed test leaves
+/// remote1 on its own disk).
+struct SnapCleanup(String);
+
+impl Drop for SnapCleanup {
+    fn drop(&mut self) {
+        let _ = virsh_at(REMOTE, &["snapshot-delete", "remote1", &self.0]);
+    }
+}
+
+#[test]
+fn remote_snapshot_mkdir_read_rmdir() {
+    // One at a time, the readiness check included: another test may have the link cut.
+    let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
+    if !hosts_ready("remote_snapshot_mkdir_read_rmdir") {
+        return;
+    }
+    let m = mount_two_hosts();
+    let remote1 = instance(&m, &format!("remote1@{REMOTE_HOST}"));
+    let disk_before = virsh_ok(REMOTE, &["domblklist", "remote1"]);
+    let name = format!("issue17h-{}", std::process::id());
+    let snap = remote1.join(".snapshots").join(&name);
+
+    // mkdir: an external disk-only snapshot of the shut-off domain, made by its libvirtd.
+    fs::create_dir(&snap).unwrap();
+    let _cleanup = SnapCleanup(name.clone());
+    let names = virsh_ok(REMOTE, &["snapshot-list", "remote1", "--name"]);
+    assert!(names.lines().any(|l| l == name), "{names}");
+    let j: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(snap.join("snapshot.json")).unwrap()).unwrap();
+    let source = j["disks"][0]["source"].as_str().unwrap().to_string();
+    assert!(
+        !std::path::Path::new(&source).exists(),
+        "{source} exists here: the test would not prove remote reads"
+    );
+    let vol = source.rsplit('/').next().unwrap().to_string();
+
+    // The snapshot's disk through the mount = the volumes downloaded by virsh, converted here.
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = reference_raw(tmp.path(), &vol);
+    let disk = snap.join("vda.raw");
+    assert_eq!(
+        fs::metadata(&disk).unwrap().len(),
+        fs::metadata(&reference).unwrap().len()
+    );
+    run(Command::new("cmp").arg(&disk).arg(&reference));
+    // Random reads too (not only the sequential read-ahead path).
+    let want = fs::read(&reference).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::File::open(&disk).unwrap();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..64 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = 1 + (seed % 300_000) as usize;
+            let off = (seed >> 20) % (want.len() - len) as u64;
+            let mut buf = vec![0u8; len];
+            f.read_exact_at(&mut buf, off).unwrap();
+            assert!(
+                buf == want[off as usize..off as usize + len],
+                "bytes differ at {off:#x}+{len}"
+            );
+        }
+    }
+
+    // rmdir: deleted by the remote libvirtd, the domain back on its disk.
+    fs::remove_dir(&snap).unwrap();
+    let names = virsh_ok(REMOTE, &["snapshot-list", "remote1", "--name"]);
+    assert!(!names.lines().any(|l| l == name), "{names}");
+    assert_eq!(virsh_ok(REMOTE, &["domblklist", "remote1"]), disk_before);
+}
+
+#[test]
+fn a_host_down_at_mount_time_comes_back_and_its_freeze_records_are_handled() {
+    // One at a time, the readiness check included: another test may have the link cut.
+    let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
+    if !hosts_ready("a_host_down_at_mount_time_comes_back_and_its_freeze_records_are_handled") {
+        return;
+    }
+    let m = Mount::unmounted();
+    // A record a dead daemon left for remote1 (shut off: recovery removes it), kept in the
+    // host's own state directory.
+    let uuid = virsh_ok(REMOTE, &["domuuid", "remote1"]).trim().to_string();
+    let frozen = m.state_dir().join("hosts").join(REMOTE_HOST).join("frozen");
+    fs::create_dir_all(&frozen).unwrap();
+    let record = frozen.join(&uuid);
+    fs::write(&record, br#"{"domain":"remote1"}"#).unwrap();
+    {
+        let _cut = LinkCut::new();
+        m.mount(&["-c", LOCAL, "-c", REMOTE]);
+        let listed = ls(&m.mnt.join("instances"));
+        assert!(
+            !listed
+                .iter()
+                .any(|n| n.ends_with(&format!("@{REMOTE_HOST}"))),
+            "{listed:?}"
+        );
+        assert!(listed.iter().any(|n| n.ends_with("@local")), "{listed:?}");
+        assert_eq!(
+            errno(fs::metadata(instance(
+                &m,
+                &format!("remote1@{REMOTE_HOST}")
+            ))),
+            libc::EIO
+        );
+        assert!(record.exists(), "the record waits for its host");
+    }
+    let back = eventually(Duration::from_secs(90), || {
+        ls(&m.mnt.join("instances")).contains(&format!("remote1@{REMOTE_HOST}"))
+    });
+    assert!(
+        back,
+        "remote1 not listed after the link came back:\n{}",
+        m.log()
+    );
+    assert!(!record.exists(), "freeze record not handled:\n{}", m.log());
+    assert!(
+        m.log()
+            .contains("freeze record of a domain that is not running: removed"),
+        "{}",
+        m.log()
+    );
+}
