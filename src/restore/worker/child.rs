@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::image::{BlockImage, Extent, ExtentKind};
-use crate::restore::{self, GuestFs, Partition, Volume};
+use crate::restore::{self, GuestFs, Partition, Place, Volume};
 
 use super::wire::{self, R, W};
 
@@ -353,10 +353,10 @@ fn handle(req: &[u8], sock: &Arc<UnixStream>, fs: &mut Option<Arc<dyn GuestFs>>)
         .ok_or_else(|| Error::Backend("restore worker: no volume opened".into()))?;
     let ok = || W::new(wire::OK);
     Ok(Reply::Frame(match tag {
-        wire::STAT => ok().stat(&fs.stat(r.u64()?)?).done(),
+        wire::STAT => stat_reply(fs.as_ref(), fs.stat(r.u64()?)?),
         wire::LOOKUP => {
             let dir = r.u64()?;
-            ok().stat(&fs.lookup(dir, r.bytes()?)?).done()
+            stat_reply(fs.as_ref(), fs.lookup(dir, r.bytes()?)?)
         }
         wire::READDIR => {
             let list = fs.readdir(r.u64()?)?;
@@ -395,6 +395,29 @@ fn handle(req: &[u8], sock: &Arc<UnixStream>, fs: &mut Option<Arc<dyn GuestFs>>)
             }
             w.done()
         }
+        wire::MAP => {
+            let ino = r.u64()?;
+            let off = r.u64()?;
+            match fs.map(ino, off, r.u64()?)? {
+                None => ok().u8(0).done(),
+                Some(m) => {
+                    let mut w = ok().u8(1).u64(m.size).u32(m.runs.len() as u32);
+                    for run in &m.runs {
+                        w = w.u64(run.offset).u64(run.len);
+                        w = match run.place {
+                            Place::Zero => w.u8(wire::PLACE_ZERO),
+                            Place::Disk(d) => w.u8(wire::PLACE_DISK).u64(d),
+                            Place::Reader => w.u8(wire::PLACE_READER),
+                        };
+                    }
+                    w.done()
+                }
+            }
+        }
+        wire::CHECK_OPEN => {
+            fs.check_open(r.u64()?)?;
+            ok().done()
+        }
         wire::DATA_RANGES => match fs.data_ranges(r.u64()?)? {
             None => ok().u8(0).done(),
             Some(v) => {
@@ -411,4 +434,11 @@ fn handle(req: &[u8], sock: &Arc<UnixStream>, fs: &mut Option<Arc<dyn GuestFs>>)
             )))
         }
     }))
+}
+
+/// A stat reply: the attributes, then whether a regular file may be opened (1) or `open`
+/// must ask (0: `CHECK_OPEN` gives the error), so most opens need no round trip.
+fn stat_reply(fs: &dyn GuestFs, st: restore::FileStat) -> Vec<u8> {
+    let openable = st.kind != restore::FileKind::File || fs.check_open(st.ino).is_ok();
+    W::new(wire::OK).stat(&st).u8(u8::from(openable)).done()
 }

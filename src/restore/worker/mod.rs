@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::image::BlockImage;
-use crate::restore::{self, DirList, FileStat, GuestFs, Partition, Volume};
+use crate::restore::{self, DirList, FileMap, FileStat, GuestFs, MapRun, Partition, Place, Volume};
 
 use wire::{R, W};
 
@@ -110,6 +110,9 @@ pub fn open_volume(disk: Arc<dyn BlockImage>, part: &Partition) -> Result<Volume
         restarts: AtomicU64::new(0),
         stats: Mutex::new(lru::LruCache::new(
             std::num::NonZeroUsize::new(STAT_CACHE).unwrap_or(std::num::NonZeroUsize::MIN),
+        )),
+        maps: Mutex::new(lru::LruCache::new(
+            std::num::NonZeroUsize::new(MAP_CACHE).unwrap_or(std::num::NonZeroUsize::MIN),
         )),
     };
     let mut guard = lock(&fs.conn);
@@ -223,11 +226,28 @@ pub struct WorkerFs {
     restarts: AtomicU64,
     /// Attributes the worker gave (a snapshot does not change): `stat` of a file just looked
     /// up, or listed with attributes, needs no round trip.
-    stats: Mutex<lru::LruCache<u64, FileStat>>,
+    /// With each, whether the file may be opened without asking (`CHECK_OPEN`).
+    stats: Mutex<lru::LruCache<u64, (FileStat, bool)>>,
+    /// Where files' bytes lie on the disk (a window of each recently read file), so that
+    /// their reads are served here from the disk, not through the worker's socket.
+    maps: Mutex<lru::LruCache<u64, Arc<Mapped>>>,
 }
 
 /// Entries of [`WorkerFs::stats`] (~120 bytes each: 2 MiB per volume at most).
 const STAT_CACHE: usize = 16 << 10;
+/// Files whose map is kept ([`restore::MAX_MAP_RUNS`] runs of 24 bytes at most each: 6 MiB
+/// per volume at the very worst, a few KiB for unfragmented files).
+const MAP_CACHE: usize = 256;
+/// How much of a file one `MAP` request asks about.
+const MAP_WINDOW: u64 = 256 << 20;
+
+/// What the worker said about where a file's bytes lie.
+enum Mapped {
+    /// Only its reader can give them (`READ`).
+    No,
+    /// Checked runs from `start` (see [`FileMap`]).
+    Window { start: u64, map: FileMap },
+}
 
 impl Drop for WorkerFs {
     fn drop(&mut self) {
@@ -415,13 +435,21 @@ impl GuestFs for WorkerFs {
     }
 
     fn stat(&self, ino: u64) -> Result<FileStat> {
-        if let Some(s) = lock(&self.stats).get(&ino) {
+        if let Some((s, _)) = lock(&self.stats).get(&ino) {
             return Ok(s.clone());
         }
         let reply = self.call(W::new(wire::STAT).u64(ino).done())?;
-        let s = self.decode(&reply, |r| r.stat())?;
-        lock(&self.stats).put(ino, s.clone());
+        let (s, openable) = self.decode(&reply, |r| Ok((r.stat()?, r.u8()? != 0)))?;
+        lock(&self.stats).put(ino, (s.clone(), openable));
         Ok(s)
+    }
+
+    fn check_open(&self, ino: u64) -> Result<()> {
+        if lock(&self.stats).get(&ino).is_some_and(|(_, ok)| *ok) {
+            return Ok(());
+        }
+        self.call(W::new(wire::CHECK_OPEN).u64(ino).done())
+            .map(|_| ())
     }
 
     fn lookup(&self, dir: u64, name: &[u8]) -> Result<FileStat> {
@@ -435,8 +463,8 @@ impl GuestFs for WorkerFs {
             return Err(Error::NotFound(String::from_utf8_lossy(name).into_owned()));
         }
         let reply = self.call(W::new(wire::LOOKUP).u64(dir).bytes(name).done())?;
-        let s = self.decode(&reply, |r| r.stat())?;
-        lock(&self.stats).put(s.ino, s.clone());
+        let (s, openable) = self.decode(&reply, |r| Ok((r.stat()?, r.u8()? != 0)))?;
+        lock(&self.stats).put(s.ino, (s.clone(), openable));
         Ok(s)
     }
 
@@ -456,15 +484,37 @@ impl GuestFs for WorkerFs {
     }
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        let len = buf.len().min(wire::MAX_FRAME / 2) as u32;
-        let reply = self.call(W::new(wire::READ).u64(ino).u64(offset).u32(len).done())?;
-        if reply.len() > buf.len() {
-            return self.decode(&reply, |_| {
-                Err(Error::Backend("restore worker: read reply too long".into()))
-            });
+        let end = offset.saturating_add(buf.len() as u64);
+        let mut pos = offset;
+        while pos < end {
+            let at = (pos - offset) as usize;
+            let Some(mapped) = self.mapped(ino, pos)? else {
+                return Ok(at + self.read_remote(ino, pos, &mut buf[at..])?);
+            };
+            let Mapped::Window { map, .. } = mapped.as_ref() else {
+                return Ok(at + self.read_remote(ino, pos, &mut buf[at..])?);
+            };
+            let i = map.runs.partition_point(|r| r.offset + r.len <= pos);
+            let Some(run) = map.runs.get(i) else {
+                break; // at or past the end of the file
+            };
+            let n = (run.offset + run.len - pos).min(end - pos) as usize;
+            let dst = &mut buf[at..at + n];
+            match run.place {
+                Place::Zero => dst.fill(0),
+                Place::Disk(d) => self
+                    .disk
+                    .read_at(dst, self.part.offset + d + (pos - run.offset))?,
+                Place::Reader => {
+                    let k = self.read_remote(ino, pos, dst)?;
+                    if k < n {
+                        return Ok(at + k);
+                    }
+                }
+            }
+            pos += n as u64;
         }
-        buf[..reply.len()].copy_from_slice(&reply);
-        Ok(reply.len())
+        Ok((pos - offset) as usize)
     }
 
     fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
@@ -516,4 +566,96 @@ impl GuestFs for WorkerFs {
     fn describe(&self) -> String {
         lock(&self.describe).clone()
     }
+}
+
+impl WorkerFs {
+    /// The map of `ino` that covers `pos` (from the cache, else asked of the worker and
+    /// checked). `None` when the worker's reader failed to map it: `READ` then gives that
+    /// reader's error, or the bytes (a file damaged past the window may read fine before it).
+    fn mapped(&self, ino: u64, pos: u64) -> Result<Option<Arc<Mapped>>> {
+        if let Some(m) = lock(&self.maps).get(&ino) {
+            match m.as_ref() {
+                Mapped::No => return Ok(Some(m.clone())),
+                Mapped::Window { start, map }
+                    if (*start <= pos && pos < map.end(*start)) || pos >= map.size =>
+                {
+                    return Ok(Some(m.clone()))
+                }
+                _ => {}
+            }
+        }
+        let restarts = self.restarts.load(Ordering::Relaxed);
+        let req = W::new(wire::MAP).u64(ino).u64(pos).u64(MAP_WINDOW).done();
+        let reply = match self.call(req) {
+            Ok(r) => r,
+            // The worker broke: that is this request's EIO.
+            Err(e) if self.restarts.load(Ordering::Relaxed) != restarts => return Err(e),
+            Err(_) => return Ok(None),
+        };
+        let vol = self
+            .part
+            .length
+            .min(self.disk.size().saturating_sub(self.part.offset));
+        let m = Arc::new(self.decode(&reply, |r| decode_map(r, pos, vol))?);
+        lock(&self.maps).put(ino, m.clone());
+        Ok(Some(m))
+    }
+
+    /// Bytes of `ino` read by the worker's reader (one round trip; the bytes cross the socket).
+    fn read_remote(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let len = buf.len().min(wire::MAX_FRAME / 2) as u32;
+        let reply = self.call(W::new(wire::READ).u64(ino).u64(offset).u32(len).done())?;
+        if reply.len() > buf.len() {
+            return self.decode(&reply, |_| {
+                Err(Error::Backend("restore worker: read reply too long".into()))
+            });
+        }
+        buf[..reply.len()].copy_from_slice(&reply);
+        Ok(reply.len())
+    }
+}
+
+/// A `MAP` reply, checked: the worker is not trusted, so runs must start at `pos`, follow
+/// each other without gaps or overlaps, stay inside the file's size and the window asked for,
+/// and put disk runs inside the volume (`vol` bytes). Anything else ends the worker.
+fn decode_map(r: &mut R, pos: u64, vol: u64) -> Result<Mapped> {
+    let nonsense = |what: &str| Error::Backend(format!("restore worker: bad file map: {what}"));
+    if r.u8()? == 0 {
+        return Ok(Mapped::No);
+    }
+    let size = r.u64()?;
+    let n = r.u32()? as usize;
+    if n > restore::MAX_MAP_RUNS {
+        return Err(nonsense("too many runs"));
+    }
+    if (pos < size) != (n > 0) {
+        return Err(nonsense("runs and file size disagree"));
+    }
+    let limit = size.min(pos.saturating_add(MAP_WINDOW));
+    let mut runs = Vec::with_capacity(n);
+    let mut at = pos;
+    for _ in 0..n {
+        let offset = r.u64()?;
+        let len = r.u64()?;
+        let place = match r.u8()? {
+            wire::PLACE_ZERO => Place::Zero,
+            wire::PLACE_DISK => Place::Disk(r.u64()?),
+            wire::PLACE_READER => Place::Reader,
+            _ => return Err(nonsense("unknown place")),
+        };
+        if offset != at || len == 0 || offset.checked_add(len).is_none_or(|e| e > limit) {
+            return Err(nonsense("runs out of order or past the end"));
+        }
+        if let Place::Disk(d) = place {
+            if d.checked_add(len).is_none_or(|e| e > vol) {
+                return Err(nonsense("run outside the volume"));
+            }
+        }
+        runs.push(MapRun { offset, len, place });
+        at += len;
+    }
+    Ok(Mapped::Window {
+        start: pos,
+        map: FileMap { size, runs },
+    })
 }
