@@ -436,3 +436,76 @@ fn a_filesystem_over_the_worker_memory_limit_is_eio_and_the_mount_answers() {
     let snap = big.snap("bigfat.qcow2", "s").join("files/whole");
     assert!(fs::read_dir(&snap).is_ok(), "bigfat with 256 MiB");
 }
+
+/// `/proc/PID/io` field `name` (bytes).
+fn io_field(pid: i32, name: &str) -> u64 {
+    let s = fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/io"))
+}
+
+/// File bytes do not cross the worker's socket: the worker says where they lie (`MAP`) and the
+/// daemon reads them from the snapshot. A 24 MiB file, a sparse one and a small one read equal
+/// to their source while the worker writes far less than the file to its socket (before `MAP`
+/// every byte went through it); the worker's map of a file is checked by the daemon.
+#[test]
+fn file_bytes_are_read_by_the_daemon_from_the_worker_map() {
+    let t = tempfile::Builder::new()
+        .prefix("snapfs-worker-map")
+        .tempdir()
+        .unwrap();
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let big: Vec<u8> = (0..24 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    fs::write(src.join("big.bin"), &big).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::File::create(src.join("sparse.bin")).unwrap();
+        f.write_all_at(&big[..1 << 20], 0).unwrap();
+        f.write_all_at(&big[1 << 20..(2 << 20) + 123], 9 << 20)
+            .unwrap();
+        f.set_len(14 << 20).unwrap();
+    }
+    fs::write(src.join("small.txt"), b"a small file\n").unwrap();
+    let pool = t.path().join("guests");
+    fs::create_dir(&pool).unwrap();
+    let raw = t.path().join("map.raw");
+    run(Command::new("truncate").args(["-s", "96M"]).arg(&raw));
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&src)
+        .arg(&raw));
+    qcow2_with_snapshot(&raw, &pool.join("map.qcow2"));
+    let m = Mount::with_args(&pool, &["--restore-worker=on"]);
+    let root = m.snap("map.qcow2", "s").join("files/whole");
+    // Open the volume (its worker starts), then count what the worker writes while reading.
+    assert_eq!(fs::read(root.join("small.txt")).unwrap(), b"a small file\n");
+    let daemon = m.daemon_pid().expect("daemon pid");
+    let pids = workers(daemon);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let before = io_field(pids[0], "wchar");
+    let mut read = 0;
+    for name in ["big.bin", "sparse.bin"] {
+        let got = fs::read(root.join(name)).unwrap();
+        assert!(got == fs::read(src.join(name)).unwrap(), "{name} differs");
+        read += got.len();
+    }
+    let written = io_field(pids[0], "wchar") - before;
+    println!("read {read} bytes of files; the worker wrote {written} bytes to its socket");
+    assert!(read >= 38 << 20);
+    assert!(
+        written < 1 << 20,
+        "file bytes went through the worker: {written} bytes written for {read} read"
+    );
+    assert_eq!(workers(daemon), pids, "the worker still serves the volume");
+}

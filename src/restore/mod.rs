@@ -474,6 +474,43 @@ pub fn exercise(fs: &dyn GuestFs, max_entries: usize) -> usize {
 mod tests {
     use super::*;
 
+    #[test]
+    fn file_maps_merge_runs_and_stop_when_full() {
+        let mut m = FileMap::default();
+        assert!(m.push(0, 4096, Place::Disk(8192), 1 << 20));
+        assert!(m.push(4096, 4096, Place::Disk(12288), 1 << 20)); // continues on disk
+        assert!(m.push(8192, 100, Place::Zero, 1 << 20));
+        assert!(m.push(8292, 100, Place::Zero, 1 << 20));
+        assert!(m.push(8392, 4096, Place::Disk(1 << 20), 1 << 20)); // past the volume
+        assert_eq!(
+            m.runs,
+            [
+                MapRun {
+                    offset: 0,
+                    len: 8192,
+                    place: Place::Disk(8192)
+                },
+                MapRun {
+                    offset: 8192,
+                    len: 200,
+                    place: Place::Zero
+                },
+                MapRun {
+                    offset: 8392,
+                    len: 4096,
+                    place: Place::Reader
+                },
+            ]
+        );
+        assert_eq!(m.end(0), 12488);
+        let mut m = FileMap::default();
+        for i in 0..MAX_MAP_RUNS as u64 {
+            assert!(m.push(i * 10, 10, Place::Disk(i * 20), 1 << 20));
+        }
+        assert!(!m.push(MAX_MAP_RUNS as u64 * 10, 10, Place::Disk(0), 1 << 20));
+        assert_eq!(m.runs.len(), MAX_MAP_RUNS);
+    }
+
     fn list(n: usize) -> DirList {
         Arc::new(
             (0..n)

@@ -659,3 +659,90 @@ fn decode_map(r: &mut R, pos: u64, vol: u64) -> Result<Mapped> {
         map: FileMap { size, runs },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A MAP reply as a worker would send it (after the OK tag).
+    fn reply(size: u64, runs: &[(u64, u64, u8, u64)]) -> Vec<u8> {
+        let mut w = W::new(wire::OK).u8(1).u64(size).u32(runs.len() as u32);
+        for &(o, l, p, d) in runs {
+            w = w.u64(o).u64(l).u8(p);
+            if p == wire::PLACE_DISK {
+                w = w.u64(d);
+            }
+        }
+        w.done()[5..].to_vec()
+    }
+
+    fn decode(b: &[u8], pos: u64, vol: u64) -> Result<Mapped> {
+        decode_map(&mut R::new(b), pos, vol)
+    }
+
+    #[test]
+    fn a_sound_map_is_kept() {
+        let b = reply(
+            10_000,
+            &[
+                (100, 3996, wire::PLACE_DISK, 8192),
+                (4096, 4096, wire::PLACE_ZERO, 0),
+                (8192, 1808, wire::PLACE_READER, 0),
+            ],
+        );
+        let Mapped::Window { start, map } = decode(&b, 100, 1 << 20).unwrap() else {
+            panic!("not a window");
+        };
+        assert_eq!((start, map.size, map.end(start)), (100, 10_000, 10_000));
+        assert_eq!(map.runs[0].place, Place::Disk(8192));
+        // At the end of the file: no runs.
+        assert!(decode(&reply(10_000, &[]), 10_000, 1 << 20).is_ok());
+        assert!(matches!(decode(&[0], 0, 1 << 20).unwrap(), Mapped::No));
+    }
+
+    #[test]
+    fn a_lying_map_is_refused() {
+        let vol = 1 << 20;
+        let bad = [
+            // Outside the volume, or overflowing.
+            reply(8192, &[(0, 8192, wire::PLACE_DISK, vol - 4096)]),
+            reply(8192, &[(0, 8192, wire::PLACE_DISK, u64::MAX - 10)]),
+            // Not starting where asked, a gap, an overlap, an empty run.
+            reply(8192, &[(1, 8191, wire::PLACE_ZERO, 0)]),
+            reply(
+                8192,
+                &[
+                    (0, 100, wire::PLACE_ZERO, 0),
+                    (200, 100, wire::PLACE_ZERO, 0),
+                ],
+            ),
+            reply(
+                8192,
+                &[
+                    (0, 100, wire::PLACE_ZERO, 0),
+                    (50, 100, wire::PLACE_ZERO, 0),
+                ],
+            ),
+            reply(8192, &[(0, 0, wire::PLACE_ZERO, 0)]),
+            // Past the file's size; runs for an offset past the end; none before it.
+            reply(8192, &[(0, 8193, wire::PLACE_ZERO, 0)]),
+            reply(0, &[(0, 1, wire::PLACE_ZERO, 0)]),
+            reply(8192, &[]),
+            // An unknown place; a count larger than the runs sent or than allowed.
+            reply(8192, &[(0, 8192, 7, 0)]),
+            W::new(wire::OK)
+                .u8(1)
+                .u64(8192)
+                .u32(2)
+                .u64(0)
+                .u64(10)
+                .u8(0)
+                .done()[5..]
+                .to_vec(),
+            W::new(wire::OK).u8(1).u64(u64::MAX).u32(u32::MAX).done()[5..].to_vec(),
+        ];
+        for (i, b) in bad.iter().enumerate() {
+            assert!(decode(b, 0, vol).is_err(), "case {i} accepted");
+        }
+    }
+}
