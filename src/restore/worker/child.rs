@@ -358,6 +358,25 @@ fn handle(req: &[u8], sock: &Arc<UnixStream>, fs: &mut Option<Arc<dyn GuestFs>>)
             let dir = r.u64()?;
             stat_reply(fs.as_ref(), fs.lookup(dir, r.bytes()?)?)
         }
+        wire::LOOKUPS => {
+            let dir = r.u64()?;
+            let n = r.u32()? as usize;
+            if n > wire::MAX_LOOKUPS {
+                return Err(Error::Backend("restore worker: too many lookups".into()));
+            }
+            let mut w = ok().u32(n as u32);
+            for _ in 0..n {
+                w = match fs.lookup(dir, r.bytes()?) {
+                    Ok(st) => {
+                        let openable =
+                            st.kind != restore::FileKind::File || fs.check_open(st.ino).is_ok();
+                        w.u8(0).stat(&st).u8(u8::from(openable))
+                    }
+                    Err(e) => w.u8(1).error(&e),
+                };
+            }
+            w.done()
+        }
         wire::READDIR => {
             let list = fs.readdir(r.u64()?)?;
             let mut w = ok().u32(list.len() as u32);

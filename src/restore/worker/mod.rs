@@ -114,6 +114,13 @@ pub fn open_volume(disk: Arc<dyn BlockImage>, part: &Partition) -> Result<Volume
         maps: Mutex::new(lru::LruCache::new(
             std::num::NonZeroUsize::new(MAP_CACHE).unwrap_or(std::num::NonZeroUsize::MIN),
         )),
+        listings: Mutex::new(Listings {
+            lru: lru::LruCache::unbounded(),
+            entries: 0,
+        }),
+        looked: Mutex::new(lru::LruCache::new(
+            std::num::NonZeroUsize::new(LOOKED).unwrap_or(std::num::NonZeroUsize::MIN),
+        )),
     };
     let mut guard = lock(&fs.conn);
     match fs.start()? {
@@ -231,7 +238,39 @@ pub struct WorkerFs {
     /// Where files' bytes lie on the disk (a window of each recently read file), so that
     /// their reads are served here from the disk, not through the worker's socket.
     maps: Mutex<lru::LruCache<u64, Arc<Mapped>>>,
+    /// Recent listings with each name's position: a lookup of one name asks the worker for the
+    /// names after it too (`find`, `ls -l` and copies look names up in listing order).
+    /// Listings kept here too, so that the directory read-ahead's (`prefetch_dir`) serve the
+    /// walker's `readdir` without a round trip.
+    listings: Mutex<Listings>,
+    /// Lookups answered ahead of the kernel's request: (dir, name) → attributes, openable.
+    looked: Mutex<lru::LruCache<(u64, Vec<u8>), (FileStat, bool)>>,
 }
+
+/// A listing and where each name is in it.
+struct Listing {
+    list: DirList,
+    /// Built on the first lookup in the listing.
+    pos: OnceLock<std::collections::HashMap<Vec<u8>, u32>>,
+    /// The position after the last name looked up: a lookup there (or of the first name)
+    /// reads ahead; one elsewhere (a single `stat`, `find` entering subdirectories only)
+    /// goes alone.
+    next: AtomicU64,
+}
+
+/// Listings kept, least recently used dropped first, at most [`LISTING_ENTRIES`] entries in
+/// all (about 64 bytes each, twice that once indexed: 16 MiB per volume at the very worst).
+struct Listings {
+    lru: lru::LruCache<u64, Arc<Listing>>,
+    entries: usize,
+}
+
+const LISTING_ENTRIES: usize = 128 << 10;
+/// The largest listing kept (a bigger directory is asked for each time, and its lookups go
+/// one by one: its index would cost more than it saves).
+const LISTING_MAX: usize = 16 << 10;
+/// Lookups answered ahead (at most ~400 bytes each with a 255-byte name: 3 MiB per volume).
+const LOOKED: usize = 8 << 10;
 
 /// Entries of [`WorkerFs::stats`] (~120 bytes each: 2 MiB per volume at most).
 const STAT_CACHE: usize = 16 << 10;
@@ -462,25 +501,46 @@ impl GuestFs for WorkerFs {
             self.call(W::new(tag).done())?;
             return Err(Error::NotFound(String::from_utf8_lossy(name).into_owned()));
         }
-        let reply = self.call(W::new(wire::LOOKUP).u64(dir).bytes(name).done())?;
-        let (s, openable) = self.decode(&reply, |r| Ok((r.stat()?, r.u8()? != 0)))?;
+        let key = (dir, name.to_vec());
+        let ahead = lock(&self.looked).pop(&key);
+        let (s, openable) = match ahead {
+            Some(v) => v,
+            None => match self.lookup_ahead(dir, name)? {
+                Some(r) => r?,
+                None => {
+                    let reply = self.call(W::new(wire::LOOKUP).u64(dir).bytes(name).done())?;
+                    self.decode(&reply, |r| Ok((r.stat()?, r.u8()? != 0)))?
+                }
+            },
+        };
         lock(&self.stats).put(s.ino, (s.clone(), openable));
         Ok(s)
     }
 
     fn readdir(&self, dir: u64) -> Result<DirList> {
-        let reply = self.call(W::new(wire::READDIR).u64(dir).done())?;
-        self.decode(&reply, |r| {
-            let n = r.u32()? as usize;
-            // Each entry takes at least 13 bytes of the frame: no allocation the worker chose.
-            let mut v = Vec::with_capacity(n.min(reply.len() / 13));
-            for _ in 0..n {
-                let name = r.bytes()?.to_vec();
-                let ino = r.u64()?;
-                v.push((name, ino, r.kind()?));
+        if let Some(l) = lock(&self.listings).lru.get(&dir) {
+            return Ok(l.list.clone());
+        }
+        let list = self.readdir_remote(dir)?;
+        if list.len() <= LISTING_MAX {
+            let l = Arc::new(Listing {
+                list: list.clone(),
+                pos: OnceLock::new(),
+                next: AtomicU64::new(0),
+            });
+            let mut c = lock(&self.listings);
+            c.entries += list.len();
+            if let Some(old) = c.lru.put(dir, l) {
+                c.entries -= old.list.len();
             }
-            Ok(Arc::new(v))
-        })
+            while c.entries > LISTING_ENTRIES {
+                match c.lru.pop_lru() {
+                    Some((_, old)) => c.entries -= old.list.len(),
+                    None => break,
+                }
+            }
+        }
+        Ok(list)
     }
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
@@ -533,19 +593,12 @@ impl GuestFs for WorkerFs {
         })
     }
 
+    /// The listing read into the worker's caches and brought here: the walker's `readdir`
+    /// then needs no round trip.
     fn prefetch_dir(&self, dir: u64) -> Vec<u64> {
-        let Ok(reply) = self.call(W::new(wire::PREFETCH_DIR).u64(dir).done()) else {
-            return Vec::new();
-        };
-        self.decode(&reply, |r| {
-            let n = r.u32()? as usize;
-            let mut v = Vec::with_capacity(n.min(reply.len() / 8));
-            for _ in 0..n {
-                v.push(r.u64()?);
-            }
-            Ok(v)
-        })
-        .unwrap_or_default()
+        self.readdir(dir)
+            .map(|l| restore::subdirs(&l))
+            .unwrap_or_default()
     }
 
     fn data_ranges(&self, ino: u64) -> Result<Option<Vec<(u64, u64)>>> {
@@ -569,6 +622,86 @@ impl GuestFs for WorkerFs {
 }
 
 impl WorkerFs {
+    /// `name` in `dir` with the names after it in a listing seen lately, in one request; the
+    /// others' attributes are kept for their lookups. `None` when `dir` was not listed lately.
+    #[allow(clippy::type_complexity)]
+    fn lookup_ahead(&self, dir: u64, name: &[u8]) -> Result<Option<Result<(FileStat, bool)>>> {
+        let Some(l) = lock(&self.listings).lru.get(&dir).cloned() else {
+            return Ok(None);
+        };
+        let pos = l.pos.get_or_init(|| {
+            l.list
+                .iter()
+                .enumerate()
+                .map(|(i, (n, _, _))| (n.clone(), i as u32))
+                .collect()
+        });
+        let Some(&i) = pos.get(name) else {
+            return Ok(None);
+        };
+        if u64::from(i) != l.next.swap(u64::from(i) + 1, Ordering::Relaxed) && i != 0 {
+            return Ok(None);
+        }
+        let names: Vec<&[u8]> = l.list[i as usize..]
+            .iter()
+            .take(wire::MAX_LOOKUPS)
+            .map(|(n, _, _)| n.as_slice())
+            .filter(|n| !(self.cfg.test_hooks && (*n == HOOK_OPEN || *n == HOOK_HANG)))
+            .collect();
+        if names.first() != Some(&name) {
+            return Ok(None);
+        }
+        let mut w = W::new(wire::LOOKUPS).u64(dir).u32(names.len() as u32);
+        for n in &names {
+            w = w.bytes(n);
+        }
+        l.next
+            .store(u64::from(i) + names.len() as u64, Ordering::Relaxed);
+        let reply = self.call(w.done())?;
+        let results = self.decode(&reply, |r| {
+            if r.u32()? as usize != names.len() {
+                return Err(Error::Backend(
+                    "restore worker: lookups answered in part".into(),
+                ));
+            }
+            let mut v = Vec::with_capacity(names.len());
+            for _ in 0..names.len() {
+                v.push(match r.u8()? {
+                    0 => Ok((r.stat()?, r.u8()? != 0)),
+                    _ => Err(r.error()?),
+                });
+            }
+            Ok(v)
+        })?;
+        let mut results = results.into_iter();
+        let first = results
+            .next()
+            .ok_or_else(|| Error::Backend("restore worker: no lookup result".into()))?;
+        let mut looked = lock(&self.looked);
+        for (n, res) in names[1..].iter().zip(results) {
+            // Errors are not kept: the kernel's own lookup asks again and meets them there.
+            if let Ok(v) = res {
+                looked.put((dir, n.to_vec()), v);
+            }
+        }
+        Ok(Some(first))
+    }
+
+    fn readdir_remote(&self, dir: u64) -> Result<DirList> {
+        let reply = self.call(W::new(wire::READDIR).u64(dir).done())?;
+        self.decode(&reply, |r| {
+            let n = r.u32()? as usize;
+            // Each entry takes at least 13 bytes of the frame: no allocation the worker chose.
+            let mut v = Vec::with_capacity(n.min(reply.len() / 13));
+            for _ in 0..n {
+                let name = r.bytes()?.to_vec();
+                let ino = r.u64()?;
+                v.push((name, ino, r.kind()?));
+            }
+            Ok(Arc::new(v))
+        })
+    }
+
     /// The map of `ino` that covers `pos` (from the cache, else asked of the worker and
     /// checked). `None` when the worker's reader failed to map it: `READ` then gives that
     /// reader's error, or the bytes (a file damaged past the window may read fine before it).

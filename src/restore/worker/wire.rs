@@ -26,6 +26,10 @@ pub const DATA_RANGES: u8 = 9;
 /// Where a file's bytes lie (ino, offset, len): the daemon then reads them from the disk.
 pub const MAP: u8 = 10;
 pub const CHECK_OPEN: u8 = 11;
+/// Several names of one directory looked up at once (dir, count, names): lookup read-ahead.
+pub const LOOKUPS: u8 = 12;
+/// Most names one `LOOKUPS` carries.
+pub const MAX_LOOKUPS: usize = 64;
 /// Test hooks: the worker calls `open(2)` (the filter must kill it) / sleeps until killed.
 pub const TEST_OPEN: u8 = 100;
 pub const TEST_HANG: u8 = 101;
