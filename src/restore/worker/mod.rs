@@ -234,7 +234,7 @@ pub struct WorkerFs {
     /// Attributes the worker gave (a snapshot does not change): `stat` of a file just looked
     /// up, or listed with attributes, needs no round trip.
     /// With each, whether the file may be opened without asking (`CHECK_OPEN`).
-    stats: Mutex<lru::LruCache<u64, (FileStat, bool)>>,
+    stats: Mutex<lru::LruCache<u64, Attrs>>,
     /// Where files' bytes lie on the disk (a window of each recently read file), so that
     /// their reads are served here from the disk, not through the worker's socket.
     maps: Mutex<lru::LruCache<u64, Arc<Mapped>>>,
@@ -244,8 +244,11 @@ pub struct WorkerFs {
     /// walker's `readdir` without a round trip.
     listings: Mutex<Listings>,
     /// Lookups answered ahead of the kernel's request: (dir, name) → attributes, openable.
-    looked: Mutex<lru::LruCache<(u64, Vec<u8>), (FileStat, bool)>>,
+    looked: Mutex<lru::LruCache<(u64, Vec<u8>), Attrs>>,
 }
+
+/// A file's attributes and whether it may be opened without asking (`CHECK_OPEN`).
+type Attrs = (FileStat, bool);
 
 /// A listing and where each name is in it.
 struct Listing {
@@ -624,8 +627,7 @@ impl GuestFs for WorkerFs {
 impl WorkerFs {
     /// `name` in `dir` with the names after it in a listing seen lately, in one request; the
     /// others' attributes are kept for their lookups. `None` when `dir` was not listed lately.
-    #[allow(clippy::type_complexity)]
-    fn lookup_ahead(&self, dir: u64, name: &[u8]) -> Result<Option<Result<(FileStat, bool)>>> {
+    fn lookup_ahead(&self, dir: u64, name: &[u8]) -> Result<Option<Result<Attrs>>> {
         let Some(l) = lock(&self.listings).lru.get(&dir).cloned() else {
             return Ok(None);
         };
