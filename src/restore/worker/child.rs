@@ -370,7 +370,27 @@ fn handle(req: &[u8], sock: &Arc<UnixStream>, fs: &mut Option<Arc<dyn GuestFs>>)
                     Ok(st) => {
                         let openable =
                             st.kind != restore::FileKind::File || fs.check_open(st.ino).is_ok();
-                        w.u8(0).stat(&st).u8(u8::from(openable))
+                        let w = w.u8(0).stat(&st).u8(u8::from(openable));
+                        let w = match fs.xattrs(st.ino) {
+                            Ok(x)
+                                if x.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+                                    <= wire::AHEAD_XATTR_BYTES =>
+                            {
+                                write_xattrs(w.u8(1), &x)
+                            }
+                            _ => w.u8(0),
+                        };
+                        if st.kind != restore::FileKind::File || st.size > wire::AHEAD_MAP_SIZE {
+                            w.u8(0)
+                        } else {
+                            match fs.map(st.ino, 0, st.size) {
+                                Ok(None) => w.u8(1),
+                                Ok(Some(m)) if m.runs.len() <= wire::AHEAD_MAP_RUNS => {
+                                    write_map(w.u8(2), &m)
+                                }
+                                _ => w.u8(0),
+                            }
+                        }
                     }
                     Err(e) => w.u8(1).error(&e),
                 };
@@ -398,14 +418,7 @@ fn handle(req: &[u8], sock: &Arc<UnixStream>, fs: &mut Option<Arc<dyn GuestFs>>)
             let t = fs.readlink(r.u64()?)?;
             return Ok(Reply::Payload(t));
         }
-        wire::XATTRS => {
-            let x = fs.xattrs(r.u64()?)?;
-            let mut w = ok().u32(x.len() as u32);
-            for (k, v) in &x {
-                w = w.bytes(k).bytes(v);
-            }
-            w.done()
-        }
+        wire::XATTRS => write_xattrs(ok(), &fs.xattrs(r.u64()?)?).done(),
         wire::PREFETCH_DIR => {
             let subs = fs.prefetch_dir(r.u64()?);
             let mut w = ok().u32(subs.len() as u32);
@@ -419,18 +432,7 @@ fn handle(req: &[u8], sock: &Arc<UnixStream>, fs: &mut Option<Arc<dyn GuestFs>>)
             let off = r.u64()?;
             match fs.map(ino, off, r.u64()?)? {
                 None => ok().u8(0).done(),
-                Some(m) => {
-                    let mut w = ok().u8(1).u64(m.size).u32(m.runs.len() as u32);
-                    for run in &m.runs {
-                        w = w.u64(run.offset).u64(run.len);
-                        w = match run.place {
-                            Place::Zero => w.u8(wire::PLACE_ZERO),
-                            Place::Disk(d) => w.u8(wire::PLACE_DISK).u64(d),
-                            Place::Reader => w.u8(wire::PLACE_READER),
-                        };
-                    }
-                    w.done()
-                }
+                Some(m) => write_map(ok().u8(1), &m).done(),
             }
         }
         wire::CHECK_OPEN => {
@@ -460,4 +462,26 @@ fn handle(req: &[u8], sock: &Arc<UnixStream>, fs: &mut Option<Arc<dyn GuestFs>>)
 fn stat_reply(fs: &dyn GuestFs, st: restore::FileStat) -> Vec<u8> {
     let openable = st.kind != restore::FileKind::File || fs.check_open(st.ino).is_ok();
     W::new(wire::OK).stat(&st).u8(u8::from(openable)).done()
+}
+
+fn write_xattrs(mut w: W, x: &[(Vec<u8>, Vec<u8>)]) -> W {
+    w = w.u32(x.len() as u32);
+    for (k, v) in x {
+        w = w.bytes(k).bytes(v);
+    }
+    w
+}
+
+/// A file map: size, run count, runs (offset, length, place[, disk offset]).
+fn write_map(mut w: W, m: &restore::FileMap) -> W {
+    w = w.u64(m.size).u32(m.runs.len() as u32);
+    for run in &m.runs {
+        w = w.u64(run.offset).u64(run.len);
+        w = match run.place {
+            Place::Zero => w.u8(wire::PLACE_ZERO),
+            Place::Disk(d) => w.u8(wire::PLACE_DISK).u64(d),
+            Place::Reader => w.u8(wire::PLACE_READER),
+        };
+    }
+    w
 }

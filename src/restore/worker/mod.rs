@@ -121,6 +121,9 @@ pub fn open_volume(disk: Arc<dyn BlockImage>, part: &Partition) -> Result<Volume
         looked: Mutex::new(lru::LruCache::new(
             std::num::NonZeroUsize::new(LOOKED).unwrap_or(std::num::NonZeroUsize::MIN),
         )),
+        xattrs: Mutex::new(lru::LruCache::new(
+            std::num::NonZeroUsize::new(LOOKED).unwrap_or(std::num::NonZeroUsize::MIN),
+        )),
     };
     let mut guard = lock(&fs.conn);
     match fs.start()? {
@@ -245,6 +248,8 @@ pub struct WorkerFs {
     listings: Mutex<Listings>,
     /// Lookups answered ahead of the kernel's request: (dir, name) → attributes, openable.
     looked: Mutex<lru::LruCache<(u64, Vec<u8>), Attrs>>,
+    /// Small extended attribute lists that came with lookups read ahead.
+    xattrs: Mutex<lru::LruCache<u64, Vec<(Vec<u8>, Vec<u8>)>>>,
 }
 
 /// A file's attributes and whether it may be opened without asking (`CHECK_OPEN`).
@@ -272,14 +277,15 @@ const LISTING_ENTRIES: usize = 128 << 10;
 /// The largest listing kept (a bigger directory is asked for each time, and its lookups go
 /// one by one: its index would cost more than it saves).
 const LISTING_MAX: usize = 16 << 10;
-/// Lookups answered ahead (at most ~400 bytes each with a 255-byte name: 3 MiB per volume).
+/// Lookups answered ahead (at most ~400 bytes each with a 255-byte name: 3 MiB per volume),
+/// and as many small xattr lists (at most 512 bytes each: 4 MiB).
 const LOOKED: usize = 8 << 10;
 
 /// Entries of [`WorkerFs::stats`] (~120 bytes each: 2 MiB per volume at most).
 const STAT_CACHE: usize = 16 << 10;
-/// Files whose map is kept ([`restore::MAX_MAP_RUNS`] runs of 24 bytes at most each: 6 MiB
+/// Files whose map is kept ([`restore::MAX_MAP_RUNS`] runs of 24 bytes at most each: 12 MiB
 /// per volume at the very worst, a few KiB for unfragmented files).
-const MAP_CACHE: usize = 256;
+const MAP_CACHE: usize = 512;
 /// How much of a file one `MAP` request asks about.
 const MAP_WINDOW: u64 = 256 << 20;
 
@@ -415,6 +421,11 @@ impl WorkerFs {
     /// Forward one request; the reply's body after its `OK` tag.
     fn call(&self, req: Vec<u8>) -> Result<Vec<u8>> {
         let mut guard = lock(&self.conn);
+        // A worker that died while idle (most reads, lookups read ahead and listings are
+        // served here without it) is replaced before this request, which it was not serving.
+        if let Some(mut c) = guard.take_if(|c| matches!(c.child.try_wait(), Ok(Some(_)))) {
+            let _ = self.died(&mut c, "idle", &std::io::ErrorKind::BrokenPipe.into());
+        }
         if guard.is_none() {
             let (mut conn, opened) = self.start()?;
             if !matches!(opened, Opened::Fs) {
@@ -585,15 +596,11 @@ impl GuestFs for WorkerFs {
     }
 
     fn xattrs(&self, ino: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        if let Some(x) = lock(&self.xattrs).get(&ino) {
+            return Ok(x.clone());
+        }
         let reply = self.call(W::new(wire::XATTRS).u64(ino).done())?;
-        self.decode(&reply, |r| {
-            let n = r.u32()? as usize;
-            let mut v = Vec::with_capacity(n.min(reply.len() / 8));
-            for _ in 0..n {
-                v.push((r.bytes()?.to_vec(), r.bytes()?.to_vec()));
-            }
-            Ok(v)
-        })
+        self.decode(&reply, |r| read_xattrs(r, reply.len()))
     }
 
     /// The listing read into the worker's caches and brought here: the walker's `readdir`
@@ -653,6 +660,7 @@ impl WorkerFs {
         if names.first() != Some(&name) {
             return Ok(None);
         }
+        let vol = self.volume_len();
         let mut w = W::new(wire::LOOKUPS).u64(dir).u32(names.len() as u32);
         for n in &names {
             w = w.bytes(n);
@@ -668,10 +676,23 @@ impl WorkerFs {
             }
             let mut v = Vec::with_capacity(names.len());
             for _ in 0..names.len() {
-                v.push(match r.u8()? {
-                    0 => Ok((r.stat()?, r.u8()? != 0)),
-                    _ => Err(r.error()?),
-                });
+                if r.u8()? != 0 {
+                    v.push(Err(r.error()?));
+                    continue;
+                }
+                let (st, openable) = (r.stat()?, r.u8()? != 0);
+                if r.u8()? != 0 {
+                    lock(&self.xattrs).put(st.ino, read_xattrs(r, wire::AHEAD_XATTR_BYTES)?);
+                }
+                let map = match r.u8()? {
+                    0 => None,
+                    1 => Some(Mapped::No),
+                    _ => Some(decode_map_body(r, 0, vol)?),
+                };
+                if let Some(m) = map {
+                    lock(&self.maps).put(st.ino, Arc::new(m));
+                }
+                v.push(Ok((st, openable)));
             }
             Ok(v)
         })?;
@@ -727,13 +748,17 @@ impl WorkerFs {
             Err(e) if self.restarts.load(Ordering::Relaxed) != restarts => return Err(e),
             Err(_) => return Ok(None),
         };
-        let vol = self
-            .part
-            .length
-            .min(self.disk.size().saturating_sub(self.part.offset));
+        let vol = self.volume_len();
         let m = Arc::new(self.decode(&reply, |r| decode_map(r, pos, vol))?);
         lock(&self.maps).put(ino, m.clone());
         Ok(Some(m))
+    }
+
+    /// The volume's length on the disk: where disk runs must end.
+    fn volume_len(&self) -> u64 {
+        self.part
+            .length
+            .min(self.disk.size().saturating_sub(self.part.offset))
     }
 
     /// Bytes of `ino` read by the worker's reader (one round trip; the bytes cross the socket).
@@ -754,10 +779,34 @@ impl WorkerFs {
 /// each other without gaps or overlaps, stay inside the file's size and the window asked for,
 /// and put disk runs inside the volume (`vol` bytes). Anything else ends the worker.
 fn decode_map(r: &mut R, pos: u64, vol: u64) -> Result<Mapped> {
-    let nonsense = |what: &str| Error::Backend(format!("restore worker: bad file map: {what}"));
     if r.u8()? == 0 {
         return Ok(Mapped::No);
     }
+    decode_map_body(r, pos, vol)
+}
+
+/// An xattr list of at most `max` bytes of names and values (the frame's length for a reply of
+/// its own): a count the worker chose sizes no allocation.
+fn read_xattrs(r: &mut R, max: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let n = r.u32()? as usize;
+    let mut v = Vec::with_capacity(n.min(max / 8));
+    let mut total = 0usize;
+    for _ in 0..n {
+        let (k, val) = (r.bytes()?.to_vec(), r.bytes()?.to_vec());
+        total += k.len() + val.len();
+        if total > max {
+            return Err(Error::Backend(
+                "restore worker: extended attributes too large".into(),
+            ));
+        }
+        v.push((k, val));
+    }
+    Ok(v)
+}
+
+/// A file map after its flag: see [`decode_map`].
+fn decode_map_body(r: &mut R, pos: u64, vol: u64) -> Result<Mapped> {
+    let nonsense = |what: &str| Error::Backend(format!("restore worker: bad file map: {what}"));
     let size = r.u64()?;
     let n = r.u32()? as usize;
     if n > restore::MAX_MAP_RUNS {

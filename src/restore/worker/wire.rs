@@ -30,6 +30,12 @@ pub const CHECK_OPEN: u8 = 11;
 pub const LOOKUPS: u8 = 12;
 /// Most names one `LOOKUPS` carries.
 pub const MAX_LOOKUPS: usize = 64;
+/// A `LOOKUPS` answer carries a file's extended attributes when they take at most this many
+/// bytes, and the map of a regular file of at most [`AHEAD_MAP_SIZE`] bytes in at most
+/// [`AHEAD_MAP_RUNS`] runs: `cp -a` of small files then needs no round trip per file.
+pub const AHEAD_XATTR_BYTES: usize = 512;
+pub const AHEAD_MAP_SIZE: u64 = 1 << 20;
+pub const AHEAD_MAP_RUNS: usize = 16;
 /// Test hooks: the worker calls `open(2)` (the filter must kill it) / sleeps until killed.
 pub const TEST_OPEN: u8 = 100;
 pub const TEST_HANG: u8 = 101;
