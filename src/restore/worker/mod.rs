@@ -249,11 +249,14 @@ pub struct WorkerFs {
     /// Lookups answered ahead of the kernel's request: (dir, name) → attributes, openable.
     looked: Mutex<lru::LruCache<(u64, Vec<u8>), Attrs>>,
     /// Small extended attribute lists that came with lookups read ahead.
-    xattrs: Mutex<lru::LruCache<u64, Vec<(Vec<u8>, Vec<u8>)>>>,
+    xattrs: Mutex<lru::LruCache<u64, XattrList>>,
 }
 
 /// A file's attributes and whether it may be opened without asking (`CHECK_OPEN`).
 type Attrs = (FileStat, bool);
+
+/// Extended attributes: (name as Linux shows it, value).
+type XattrList = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// A listing and where each name is in it.
 struct Listing {
@@ -787,7 +790,7 @@ fn decode_map(r: &mut R, pos: u64, vol: u64) -> Result<Mapped> {
 
 /// An xattr list of at most `max` bytes of names and values (the frame's length for a reply of
 /// its own): a count the worker chose sizes no allocation.
-fn read_xattrs(r: &mut R, max: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+fn read_xattrs(r: &mut R, max: usize) -> Result<XattrList> {
     let n = r.u32()? as usize;
     let mut v = Vec::with_capacity(n.min(max / 8));
     let mut total = 0usize;
