@@ -423,7 +423,15 @@ impl WorkerFs {
 
     /// Forward one request; the reply's body after its `OK` tag.
     fn call(&self, req: Vec<u8>) -> Result<Vec<u8>> {
-        let mut guard = lock(&self.conn);
+        self.call_with(&mut lock(&self.conn), req)
+    }
+
+    /// [`Self::call`] with the connection's lock already held.
+    fn call_with(
+        &self,
+        guard: &mut std::sync::MutexGuard<'_, Option<Conn>>,
+        req: Vec<u8>,
+    ) -> Result<Vec<u8>> {
         // A worker that died while idle (most reads, lookups read ahead and listings are
         // served here without it) is replaced before this request, which it was not serving.
         if let Some(mut c) = guard.take_if(|c| matches!(c.child.try_wait(), Ok(Some(_)))) {
@@ -442,7 +450,7 @@ impl WorkerFs {
                 });
             }
             tracing::info!(part = %self.part.name, pid = conn.child.id(), "restore worker restarted");
-            *guard = Some(conn);
+            **guard = Some(conn);
         }
         let Some(conn) = guard.as_mut() else {
             return Err(Error::Backend("restore worker: no connection".into()));
@@ -459,7 +467,7 @@ impl WorkerFs {
             }
             Err(e) => {
                 let err = self.died(conn, "serving a request", &e);
-                *guard = None;
+                **guard = None;
                 Err(err)
             }
         }
@@ -538,25 +546,9 @@ impl GuestFs for WorkerFs {
         if let Some(l) = lock(&self.listings).lru.get(&dir) {
             return Ok(l.list.clone());
         }
-        let list = self.readdir_remote(dir)?;
-        if list.len() <= LISTING_MAX {
-            let l = Arc::new(Listing {
-                list: list.clone(),
-                pos: OnceLock::new(),
-                next: AtomicU64::new(0),
-            });
-            let mut c = lock(&self.listings);
-            c.entries += list.len();
-            if let Some(old) = c.lru.put(dir, l) {
-                c.entries -= old.list.len();
-            }
-            while c.entries > LISTING_ENTRIES {
-                match c.lru.pop_lru() {
-                    Some((_, old)) => c.entries -= old.list.len(),
-                    None => break,
-                }
-            }
-        }
+        let reply = self.call(W::new(wire::READDIR).u64(dir).done())?;
+        let list = self.decode_listing(&reply)?;
+        self.keep_listing(dir, &list);
         Ok(list)
     }
 
@@ -608,10 +600,27 @@ impl GuestFs for WorkerFs {
 
     /// The listing read into the worker's caches and brought here: the walker's `readdir`
     /// then needs no round trip.
+    /// Only when the worker is idle: the walker's own requests are not to wait behind it.
     fn prefetch_dir(&self, dir: u64) -> Vec<u64> {
-        self.readdir(dir)
-            .map(|l| restore::subdirs(&l))
-            .unwrap_or_default()
+        if let Some(l) = lock(&self.listings).lru.get(&dir) {
+            return restore::subdirs(&l.list);
+        }
+        let reply = {
+            let Ok(mut guard) = self.conn.try_lock() else {
+                return Vec::new();
+            };
+            match self.call_with(&mut guard, W::new(wire::READDIR).u64(dir).done()) {
+                Ok(r) => r,
+                Err(_) => return Vec::new(),
+            }
+        };
+        match self.decode_listing(&reply) {
+            Ok(list) => {
+                self.keep_listing(dir, &list);
+                restore::subdirs(&list)
+            }
+            Err(_) => Vec::new(),
+        }
     }
 
     fn data_ranges(&self, ino: u64) -> Result<Option<Vec<(u64, u64)>>> {
@@ -651,7 +660,7 @@ impl WorkerFs {
         let Some(&i) = pos.get(name) else {
             return Ok(None);
         };
-        if u64::from(i) != l.next.swap(u64::from(i) + 1, Ordering::Relaxed) && i != 0 {
+        if u64::from(i) != l.next.swap(u64::from(i) + 1, Ordering::Relaxed) {
             return Ok(None);
         }
         let names: Vec<&[u8]> = l.list[i as usize..]
@@ -713,9 +722,30 @@ impl WorkerFs {
         Ok(Some(first))
     }
 
-    fn readdir_remote(&self, dir: u64) -> Result<DirList> {
-        let reply = self.call(W::new(wire::READDIR).u64(dir).done())?;
-        self.decode(&reply, |r| {
+    /// Keep `list` for later `readdir`s and lookup read-ahead.
+    fn keep_listing(&self, dir: u64, list: &DirList) {
+        if list.len() <= LISTING_MAX {
+            let l = Arc::new(Listing {
+                list: list.clone(),
+                pos: OnceLock::new(),
+                next: AtomicU64::new(u64::MAX),
+            });
+            let mut c = lock(&self.listings);
+            c.entries += list.len();
+            if let Some(old) = c.lru.put(dir, l) {
+                c.entries -= old.list.len();
+            }
+            while c.entries > LISTING_ENTRIES {
+                match c.lru.pop_lru() {
+                    Some((_, old)) => c.entries -= old.list.len(),
+                    None => break,
+                }
+            }
+        }
+    }
+
+    fn decode_listing(&self, reply: &[u8]) -> Result<DirList> {
+        self.decode(reply, |r| {
             let n = r.u32()? as usize;
             // Each entry takes at least 13 bytes of the frame: no allocation the worker chose.
             let mut v = Vec::with_capacity(n.min(reply.len() / 13));
