@@ -399,9 +399,30 @@ fn handle(req: &[u8], sock: &Arc<UnixStream>, fs: &mut Option<Arc<dyn GuestFs>>)
         }
         wire::READDIR => {
             let list = fs.readdir(r.u64()?)?;
-            let mut w = ok().u32(list.len() as u32);
-            for (name, ino, kind) in list.iter() {
-                w = wire::write_kind(w.bytes(name).u64(*ino), *kind);
+            let mut w = write_listing(ok(), &list);
+            // Listings of its subdirectories, which a walk wants next (a subdirectory that
+            // cannot be listed is left for the daemon to ask about: it meets the error then).
+            let mut ahead = Vec::new();
+            let mut bytes = w.0.len();
+            for &(_, ino, kind) in list.iter() {
+                if ahead.len() >= wire::AHEAD_LISTINGS || bytes >= wire::AHEAD_LISTING_BYTES {
+                    break;
+                }
+                if kind != restore::FileKind::Dir {
+                    continue;
+                }
+                if let Ok(sub) = fs.readdir(ino) {
+                    let size: usize = sub.iter().map(|(n, _, _)| n.len() + 13).sum();
+                    if bytes + size > wire::AHEAD_LISTING_BYTES {
+                        break;
+                    }
+                    bytes += size + 12;
+                    ahead.push((ino, sub));
+                }
+            }
+            w = w.u32(ahead.len() as u32);
+            for (ino, sub) in &ahead {
+                w = write_listing(w.u64(*ino), sub);
             }
             w.done()
         }
@@ -482,6 +503,14 @@ fn write_map(mut w: W, m: &restore::FileMap) -> W {
             Place::Disk(d) => w.u8(wire::PLACE_DISK).u64(d),
             Place::Reader => w.u8(wire::PLACE_READER),
         };
+    }
+    w
+}
+
+fn write_listing(mut w: W, list: &restore::DirList) -> W {
+    w = w.u32(list.len() as u32);
+    for (name, ino, kind) in list.iter() {
+        w = wire::write_kind(w.bytes(name).u64(*ino), *kind);
     }
     w
 }

@@ -30,7 +30,9 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::image::BlockImage;
-use crate::restore::{self, DirList, FileMap, FileStat, GuestFs, MapRun, Partition, Place, Volume};
+use crate::restore::{
+    self, DirList, FileKind, FileMap, FileStat, GuestFs, MapRun, Partition, Place, Volume,
+};
 
 use wire::{R, W};
 
@@ -744,18 +746,36 @@ impl WorkerFs {
         }
     }
 
+    /// A `READDIR` answer: the listing; the subdirectories' listings that came with it are
+    /// kept (only for directories it lists as subdirectories).
     fn decode_listing(&self, reply: &[u8]) -> Result<DirList> {
-        self.decode(reply, |r| {
-            let n = r.u32()? as usize;
-            // Each entry takes at least 13 bytes of the frame: no allocation the worker chose.
-            let mut v = Vec::with_capacity(n.min(reply.len() / 13));
-            for _ in 0..n {
-                let name = r.bytes()?.to_vec();
-                let ino = r.u64()?;
-                v.push((name, ino, r.kind()?));
+        let (list, ahead) = self.decode(reply, |r| {
+            let list = read_listing(r, reply.len())?;
+            let m = r.u32()? as usize;
+            if m > wire::AHEAD_LISTINGS {
+                return Err(Error::Backend(
+                    "restore worker: too many listings ahead".into(),
+                ));
             }
-            Ok(Arc::new(v))
-        })
+            let mut ahead = Vec::with_capacity(m);
+            for _ in 0..m {
+                let dir = r.u64()?;
+                if !list
+                    .iter()
+                    .any(|(_, ino, k)| *ino == dir && *k == FileKind::Dir)
+                {
+                    return Err(Error::Backend(
+                        "restore worker: listing ahead of a directory not listed".into(),
+                    ));
+                }
+                ahead.push((dir, read_listing(r, reply.len())?));
+            }
+            Ok((list, ahead))
+        })?;
+        for (dir, l) in ahead {
+            self.keep_listing(dir, &l);
+        }
+        Ok(list)
     }
 
     /// The map of `ino` that covers `pos` (from the cache, else asked of the worker and
@@ -875,6 +895,19 @@ fn decode_map_body(r: &mut R, pos: u64, vol: u64) -> Result<Mapped> {
         start: pos,
         map: FileMap { size, runs },
     })
+}
+
+/// One listing: count, then (name, inode, kind) each; `frame` bounds the allocation.
+fn read_listing(r: &mut R, frame: usize) -> Result<DirList> {
+    let n = r.u32()? as usize;
+    // Each entry takes at least 13 bytes of the frame: no allocation the worker chose.
+    let mut v = Vec::with_capacity(n.min(frame / 13));
+    for _ in 0..n {
+        let name = r.bytes()?.to_vec();
+        let ino = r.u64()?;
+        v.push((name, ino, r.kind()?));
+    }
+    Ok(Arc::new(v))
 }
 
 #[cfg(test)]

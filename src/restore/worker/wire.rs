@@ -36,6 +36,10 @@ pub const MAX_LOOKUPS: usize = 64;
 pub const AHEAD_XATTR_BYTES: usize = 512;
 pub const AHEAD_MAP_SIZE: u64 = 1 << 20;
 pub const AHEAD_MAP_RUNS: usize = 16;
+/// A `READDIR` answer carries the listings of the directory's first subdirectories too, at
+/// most this many, while the answer stays under [`AHEAD_LISTING_BYTES`].
+pub const AHEAD_LISTINGS: usize = 64;
+pub const AHEAD_LISTING_BYTES: usize = 256 << 10;
 /// Test hooks: the worker calls `open(2)` (the filter must kill it) / sleeps until killed.
 pub const TEST_OPEN: u8 = 100;
 pub const TEST_HANG: u8 = 101;
