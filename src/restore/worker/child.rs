@@ -166,9 +166,10 @@ pub fn filter() -> std::result::Result<seccompiler::BpfProgram, seccompiler::Err
     f.try_into().map_err(seccompiler::Error::Backend)
 }
 
-/// The disk as the worker sees it: bytes asked of the daemon over the socket, small reads
-/// through a read-around cache of 64 KiB chunks (probes and the readers' small metadata reads
-/// would otherwise each be a round trip).
+/// The disk as the worker sees it: bytes asked of the daemon over the socket, reads inside one
+/// 64 KiB chunk through a read-around cache of such chunks (probes and the readers' metadata
+/// reads would otherwise each be a round trip; the readers' own chunk caches are smaller, a
+/// round trip costs more than a function call, and file bytes do not come this way: `MAP`).
 struct RemoteImage {
     sock: Arc<UnixStream>,
     size: u64,
@@ -176,7 +177,7 @@ struct RemoteImage {
 }
 
 const CHUNK: u64 = 64 << 10;
-const CHUNKS: usize = 64;
+const CHUNKS: usize = 128;
 
 impl RemoteImage {
     fn fetch(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -220,7 +221,7 @@ impl BlockImage for RemoteImage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let start = offset - offset % CHUNK;
         let end = offset.saturating_add(buf.len() as u64);
-        if buf.len() as u64 > CHUNK / 4 || end > start + CHUNK {
+        if end > start + CHUNK {
             return self.fetch(buf, offset);
         }
         let cached = self
