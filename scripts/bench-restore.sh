@@ -191,7 +191,7 @@ log "metadata source (etc, usr, bench/small): symlinks/hard-linked files/non-roo
 
 # results: R[col.row]
 declare -A R
-for c in snapfs gm 7z; do for r in ttfb ttfbw list lista nlist mbs small meta metadiff rss; do R[$c.$r]=n/a; done; done
+for c in snapfs gm 7z; do for r in ttfb ttfbw list lista nlist mbs small meta metadiff rss wrss; do R[$c.$r]=n/a; done; done
 
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 mbs() { awk -v s="$1" -v t="$2" 'BEGIN { printf "%.1f\n", s / t / 1e6 }'; }
@@ -269,7 +269,7 @@ run_snapfs() {
   R[snapfs.list]=$(for (( i = 0; i < RUNS; i++ )); do snapfs_list "$r"; echo; done | median)
   R[snapfs.lista]=$(for (( i = 0; i < RUNS; i++ )); do snapfs_list "$r" -printf '%y %s %T@ %p\n'; echo; done | median)
   # once mounted, the daemon is the only process left with these arguments
-  pid=$(pgrep -n -f "snapfs mount.*$MNT" || true)
+  pid=$(pgrep -n -f "^$SNAPFS mount.*$MNT" || true)
   R[snapfs.mbs]=$(copy_big "$r/bench/big.bin" "$SHM/big.bin" "$BIG_RUNS")
   R[snapfs.small]=$(copy_small "$r/bench/small" "$SHM/small"); rm -rf -- "$SHM/small"
   meta_check snapfs "$r"

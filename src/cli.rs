@@ -182,7 +182,7 @@ pub struct MountArgs {
 
     /// Read guest filesystems (`files/`) in an unprivileged, sandboxed worker process per
     /// volume (seccomp, no_new_privs, RLIMIT_AS/CPU, its own uid): on or off (in the daemon).
-    #[arg(long, value_name = "ON|OFF", default_value = "off", value_parser = ["on", "off"], help_heading = "Guest files")]
+    #[arg(long, value_name = "ON|OFF", default_value = "on", value_parser = ["on", "off"], help_heading = "Guest files")]
     pub restore_worker: String,
     /// The uid (and gid) restore workers run as.
     #[arg(long, value_name = "UID", default_value_t = 65534, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Guest files")]

@@ -975,117 +975,129 @@ fn run_matrix(cases: Vec<Case>, entries: usize) {
         println!("kept: {}", t.keep().display());
         return;
     }
-    let m = Mount::new(&images);
     let mut failures: BTreeMap<(String, String, &'static str), (usize, Vec<String>)> =
         BTreeMap::new();
     let (mut paths, mut diffs, mut allowed) = (0usize, 0usize, 0usize);
     let mut summary: BTreeMap<(String, String, &'static str), usize> = BTreeMap::new();
-    for (c, raw, src) in &made {
-        let (_reference, rpath): (Option<Mnt>, PathBuf) = match c.via {
-            Via::Kernel => {
-                let k = Mnt::new(Command::new("mount").args(["-o", c.ro]).arg(raw));
-                let p = k.path().to_path_buf();
-                (Some(k), p)
-            }
-            Via::Ntfs3g => {
-                let k = Mnt::new(Command::new("ntfs-3g").args(["-o", c.ro]).arg(raw));
-                let p = k.path().to_path_buf();
-                (Some(k), p)
-            }
-            Via::Mtools => (None, src.clone()),
-        };
-        // FAT through mtools: what the generated tree and FAT both hold.
-        let fat_attrs: BTreeSet<&'static str> = ["size", "content", "mtime"].into();
-        let what = (c.via == Via::Mtools).then_some(&fat_attrs);
-        let want = snapshot(&rpath, c.caps.ino, what);
-        let got = snapshot(
-            &m.snap(&format!("{}.qcow2", c.name), "s")
-                .join("files/whole"),
-            c.caps.ino,
-            what,
-        );
-        let mut note = |attr: &str, kind: &'static str, msg: String| {
-            diffs += 1;
-            if excepted(&ex, &c.name, attr, kind) {
-                allowed += 1;
-                *summary
-                    .entry((c.name.clone(), attr.to_string(), kind))
-                    .or_default() += 1;
-            } else {
-                let f: &mut (usize, Vec<String>) = failures
-                    .entry((c.name.clone(), attr.to_string(), kind))
-                    .or_default();
-                f.0 += 1;
-                if f.1.len() < 3 {
-                    f.1.push(msg);
+    // Both ways the readers run: in the daemon and in the confined worker (issue 20); an
+    // image name in a report says which ("ext4-4k (worker)"). SNAPFS_DIFF_WORKER=on|off runs
+    // one of them only.
+    let modes: Vec<&str> = match std::env::var("SNAPFS_DIFF_WORKER").as_deref() {
+        Ok("on") => vec!["on"],
+        Ok("off") => vec!["off"],
+        _ => vec!["off", "on"],
+    };
+    for mode in modes {
+        let m = Mount::with_args(&images, &[&format!("--restore-worker={mode}")]);
+        let suffix = if mode == "on" { " (worker)" } else { "" };
+        for (c, raw, src) in &made {
+            let label = format!("{}{suffix}", c.name);
+            let (_reference, rpath): (Option<Mnt>, PathBuf) = match c.via {
+                Via::Kernel => {
+                    let k = Mnt::new(Command::new("mount").args(["-o", c.ro]).arg(raw));
+                    let p = k.path().to_path_buf();
+                    (Some(k), p)
                 }
-            }
-        };
-        for (p, w) in &want {
-            paths += 1;
-            let Some(g) = got.get(p) else {
-                note(
-                    "missing",
-                    w.kind,
-                    format!("{}: missing in snapfs", p.display()),
-                );
-                continue;
+                Via::Ntfs3g => {
+                    let k = Mnt::new(Command::new("ntfs-3g").args(["-o", c.ro]).arg(raw));
+                    let p = k.path().to_path_buf();
+                    (Some(k), p)
+                }
+                Via::Mtools => (None, src.clone()),
             };
-            if g.kind != w.kind {
-                note(
-                    "type",
-                    w.kind,
-                    format!(
-                        "{}: {} in snapfs, {} in the reference",
-                        p.display(),
-                        g.kind,
-                        w.kind
-                    ),
-                );
-                continue;
-            }
-            for (attr, wv) in &w.attrs {
-                let gv = g.attrs.get(attr).cloned().unwrap_or_default();
-                if &gv != wv {
-                    // FAT stores modification times in 2 s: mtools rounds, the source does not.
-                    if c.via == Via::Mtools && *attr == "mtime" {
-                        let (ws, gs) = (
-                            wv.split('.').next().unwrap_or(""),
-                            gv.split('.').next().unwrap_or(""),
-                        );
-                        let (ws, gs): (i64, i64) =
-                            (ws.parse().unwrap_or(0), gs.parse().unwrap_or(1));
-                        if w.kind == "dir" || (ws - gs).abs() <= 1 {
-                            continue;
-                        }
+            // FAT through mtools: what the generated tree and FAT both hold.
+            let fat_attrs: BTreeSet<&'static str> = ["size", "content", "mtime"].into();
+            let what = (c.via == Via::Mtools).then_some(&fat_attrs);
+            let want = snapshot(&rpath, c.caps.ino, what);
+            let got = snapshot(
+                &m.snap(&format!("{}.qcow2", c.name), "s")
+                    .join("files/whole"),
+                c.caps.ino,
+                what,
+            );
+            let mut note = |attr: &str, kind: &'static str, msg: String| {
+                diffs += 1;
+                if excepted(&ex, &c.name, attr, kind) {
+                    allowed += 1;
+                    *summary
+                        .entry((label.clone(), attr.to_string(), kind))
+                        .or_default() += 1;
+                } else {
+                    let f: &mut (usize, Vec<String>) = failures
+                        .entry((label.clone(), attr.to_string(), kind))
+                        .or_default();
+                    f.0 += 1;
+                    if f.1.len() < 3 {
+                        f.1.push(msg);
                     }
-                    let (gv, wv) = if *attr == "xattrs" {
-                        // Only the names whose values differ.
-                        let split = |s: &str| -> BTreeSet<String> {
-                            s.split(", ").map(str::to_string).collect()
-                        };
-                        let (a, b) = (split(&gv), split(wv));
-                        (
-                            a.difference(&b).cloned().collect::<Vec<_>>().join(", "),
-                            b.difference(&a).cloned().collect::<Vec<_>>().join(", "),
-                        )
-                    } else {
-                        (gv, wv.clone())
-                    };
+                }
+            };
+            for (p, w) in &want {
+                paths += 1;
+                let Some(g) = got.get(p) else {
                     note(
-                        attr,
+                        "missing",
+                        w.kind,
+                        format!("{}: missing in snapfs", p.display()),
+                    );
+                    continue;
+                };
+                if g.kind != w.kind {
+                    note(
+                        "type",
                         w.kind,
                         format!(
-                            "{}: {attr}: snapfs {gv:.200}, reference {wv:.200}",
-                            p.display()
+                            "{}: {} in snapfs, {} in the reference",
+                            p.display(),
+                            g.kind,
+                            w.kind
                         ),
                     );
+                    continue;
+                }
+                for (attr, wv) in &w.attrs {
+                    let gv = g.attrs.get(attr).cloned().unwrap_or_default();
+                    if &gv != wv {
+                        // FAT stores modification times in 2 s: mtools rounds, the source does not.
+                        if c.via == Via::Mtools && *attr == "mtime" {
+                            let (ws, gs) = (
+                                wv.split('.').next().unwrap_or(""),
+                                gv.split('.').next().unwrap_or(""),
+                            );
+                            let (ws, gs): (i64, i64) =
+                                (ws.parse().unwrap_or(0), gs.parse().unwrap_or(1));
+                            if w.kind == "dir" || (ws - gs).abs() <= 1 {
+                                continue;
+                            }
+                        }
+                        let (gv, wv) = if *attr == "xattrs" {
+                            // Only the names whose values differ.
+                            let split = |s: &str| -> BTreeSet<String> {
+                                s.split(", ").map(str::to_string).collect()
+                            };
+                            let (a, b) = (split(&gv), split(wv));
+                            (
+                                a.difference(&b).cloned().collect::<Vec<_>>().join(", "),
+                                b.difference(&a).cloned().collect::<Vec<_>>().join(", "),
+                            )
+                        } else {
+                            (gv, wv.clone())
+                        };
+                        note(
+                            attr,
+                            w.kind,
+                            format!(
+                                "{}: {attr}: snapfs {gv:.200}, reference {wv:.200}",
+                                p.display()
+                            ),
+                        );
+                    }
                 }
             }
-        }
-        for (p, g) in &got {
-            if !want.contains_key(p) {
-                note("extra", g.kind, format!("{}: only in snapfs", p.display()));
+            for (p, g) in &got {
+                if !want.contains_key(p) {
+                    note("extra", g.kind, format!("{}: only in snapfs", p.display()));
+                }
             }
         }
     }

@@ -436,3 +436,98 @@ fn a_filesystem_over_the_worker_memory_limit_is_eio_and_the_mount_answers() {
     let snap = big.snap("bigfat.qcow2", "s").join("files/whole");
     assert!(fs::read_dir(&snap).is_ok(), "bigfat with 256 MiB");
 }
+
+/// Bytes `pid` sends (`sendto`, how the worker writes to its socket; not counted in
+/// /proc/PID/io) while `f` runs, counted by strace attached to it.
+fn bytes_sent_during(pid: i32, dir: &Path, f: impl FnOnce()) -> u64 {
+    let out = dir.join(format!("strace-{pid}.txt"));
+    let mut st = Command::new("strace")
+        .args([
+            "-qq",
+            "-e",
+            "trace=sendto,write,writev",
+            "-e",
+            "signal=none",
+            "-o",
+        ])
+        .arg(&out)
+        .args(["-p", &pid.to_string()])
+        .spawn()
+        .expect("strace (package strace) is needed to count the worker's socket bytes");
+    wait_for("strace attached", || status_field(pid, "TracerPid") != "0");
+    f();
+    // SAFETY: a signal to the child we started.
+    unsafe { libc::kill(st.id() as i32, libc::SIGINT) };
+    st.wait().unwrap();
+    fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.rsplit_once("= ")?.1.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// File bytes do not cross the worker's socket: the worker says where they lie (`MAP`) and the
+/// daemon reads them from the snapshot. A 24 MiB file, a sparse one and a small one read equal
+/// to their source while the worker writes far less than the file to its socket (before `MAP`
+/// every byte went through it); the worker's map of a file is checked by the daemon.
+#[test]
+fn file_bytes_are_read_by_the_daemon_from_the_worker_map() {
+    let t = tempfile::Builder::new()
+        .prefix("snapfs-worker-map")
+        .tempdir()
+        .unwrap();
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let big: Vec<u8> = (0..24 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    fs::write(src.join("big.bin"), &big).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::File::create(src.join("sparse.bin")).unwrap();
+        f.write_all_at(&big[..1 << 20], 0).unwrap();
+        f.write_all_at(&big[1 << 20..(2 << 20) + 123], 9 << 20)
+            .unwrap();
+        f.set_len(14 << 20).unwrap();
+    }
+    fs::write(src.join("small.txt"), b"a small file\n").unwrap();
+    let pool = t.path().join("guests");
+    fs::create_dir(&pool).unwrap();
+    let raw = t.path().join("map.raw");
+    run(Command::new("truncate").args(["-s", "96M"]).arg(&raw));
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&src)
+        .arg(&raw));
+    qcow2_with_snapshot(&raw, &pool.join("map.qcow2"));
+    let m = Mount::with_args(&pool, &["--restore-worker=on"]);
+    let root = m.snap("map.qcow2", "s").join("files/whole");
+    // Open the volume (its worker starts), then count what the worker writes while reading.
+    assert_eq!(fs::read(root.join("small.txt")).unwrap(), b"a small file\n");
+    let daemon = m.daemon_pid().expect("daemon pid");
+    let pids = workers(daemon);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let mut read = 0;
+    let written = bytes_sent_during(pids[0], t.path(), || {
+        for name in ["big.bin", "sparse.bin"] {
+            let got = fs::read(root.join(name)).unwrap();
+            assert!(got == fs::read(src.join(name)).unwrap(), "{name} differs");
+            read += got.len();
+        }
+    });
+    println!("read {read} bytes of files; the worker sent {written} bytes to the daemon");
+    assert!(read >= 38 << 20);
+    // Its answers (where the bytes lie) are counted: the count sees the socket.
+    assert!(written > 0, "no traffic seen");
+    assert!(
+        written < 1 << 20,
+        "file bytes went through the worker: {written} bytes sent for {read} read"
+    );
+    assert_eq!(workers(daemon), pids, "the worker still serves the volume");
+}

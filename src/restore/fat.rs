@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use super::bytes::{le16, le32, sub, u8at};
-use super::{human_size, Dev, DirCache, DirList, FileKind, FileStat, GuestFs};
+use super::{human_size, Dev, DirCache, DirList, FileKind, FileMap, FileStat, GuestFs, Place};
 use crate::error::{Error, Result};
 
 const ROOT: u64 = 1;
@@ -569,6 +569,46 @@ impl GuestFs for FatFs {
             done += n;
         }
         Ok(want)
+    }
+
+    fn map(&self, ino: u64, offset: u64, len: u64) -> Result<Option<FileMap>> {
+        let e = self.entry(ino)?;
+        if e.is_dir() {
+            return Ok(None);
+        }
+        let size = e.size();
+        let mut map = FileMap {
+            size,
+            runs: Vec::new(),
+        };
+        let end = offset.saturating_add(len).min(size);
+        if offset >= end {
+            return Ok(Some(map));
+        }
+        let first = e.first_cluster(self.kind);
+        let chain = self.chain(first, size.div_ceil(self.cluster_size))?;
+        let vol = self.dev.len();
+        let mut pos = offset;
+        while pos < end {
+            let idx = (pos / self.cluster_size) as usize;
+            let Some(&c) = chain.get(idx) else {
+                // A chain shorter than the size: the reader's error to give.
+                map.push(pos, end - pos, Place::Reader, vol);
+                break;
+            };
+            let in_cluster = pos % self.cluster_size;
+            let n = (self.cluster_size - in_cluster).min(end - pos);
+            if !map.push(
+                pos,
+                n,
+                Place::Disk(self.cluster_offset(c) + in_cluster),
+                vol,
+            ) {
+                break;
+            }
+            pos += n;
+        }
+        Ok(Some(map))
     }
 
     fn readlink(&self, ino: u64) -> Result<Vec<u8>> {

@@ -86,8 +86,85 @@ pub trait GuestFs: Send + Sync {
     fn data_ranges(&self, _ino: u64) -> Result<Option<Vec<(u64, u64)>>> {
         Ok(None)
     }
+    /// Where the bytes `[offset, offset + len)` of regular file `ino` lie on the volume, for a
+    /// caller that reads the volume itself (the restore worker's daemon side: file bytes need
+    /// not cross the worker's socket). `None`: the reader transforms the bytes (inline or
+    /// resident data, compression, encryption) or the file is not a regular file; `read` then
+    /// serves them. See [`FileMap`].
+    fn map(&self, _ino: u64, _offset: u64, _len: u64) -> Result<Option<FileMap>> {
+        Ok(None)
+    }
     /// e.g. "ext4, 24 MiB, label rootfs".
     fn describe(&self) -> String;
+}
+
+/// Where a file's bytes lie, from [`GuestFs::map`]: `runs` start at the offset asked for and
+/// follow each other without gaps; they end at the file's size or at the end of the range
+/// asked for, or earlier after [`MAX_MAP_RUNS`] runs (ask again from where they end). No runs
+/// when the offset is at or past the end of the file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileMap {
+    /// The file's size.
+    pub size: u64,
+    pub runs: Vec<MapRun>,
+}
+
+/// A stretch of a file: `len` bytes from file offset `offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapRun {
+    pub offset: u64,
+    pub len: u64,
+    pub place: Place,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// Zeros: a hole, an uninitialized (ext4) or unwritten (XFS) extent.
+    Zero,
+    /// The volume's bytes from this offset (relative to the start of the partition).
+    Disk(u64),
+    /// Only the reader can give these bytes (a block the in-memory journal replay changed, a
+    /// run past the end of the volume whose error is the reader's to give).
+    Reader,
+}
+
+/// Most runs one [`FileMap`] holds (24 bytes each).
+pub const MAX_MAP_RUNS: usize = 1024;
+
+impl FileMap {
+    /// Append `len` bytes at file offset `offset` (the end of the runs so far), merged with the
+    /// last run where they continue it. `volume_len` turns a disk run past the volume's end
+    /// into [`Place::Reader`]. `false` once the map is full: stop adding.
+    pub(crate) fn push(&mut self, offset: u64, len: u64, place: Place, volume_len: u64) -> bool {
+        if len == 0 {
+            return self.runs.len() < MAX_MAP_RUNS;
+        }
+        let place = match place {
+            Place::Disk(d) if d.checked_add(len).is_none_or(|e| e > volume_len) => Place::Reader,
+            p => p,
+        };
+        if let Some(last) = self.runs.last_mut() {
+            let continues = match (last.place, place) {
+                (Place::Zero, Place::Zero) | (Place::Reader, Place::Reader) => true,
+                (Place::Disk(a), Place::Disk(b)) => a + last.len == b,
+                _ => false,
+            };
+            if continues && last.offset + last.len == offset {
+                last.len += len;
+                return true;
+            }
+        }
+        if self.runs.len() >= MAX_MAP_RUNS {
+            return false;
+        }
+        self.runs.push(MapRun { offset, len, place });
+        true
+    }
+
+    /// Where the runs end (the offset asked for when there are none).
+    pub fn end(&self, start: u64) -> u64 {
+        self.runs.last().map_or(start, |r| r.offset + r.len)
+    }
 }
 
 /// One entry of `files/`: a filesystem we read, or a note on what was found instead.
@@ -396,6 +473,43 @@ pub fn exercise(fs: &dyn GuestFs, max_entries: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_maps_merge_runs_and_stop_when_full() {
+        let mut m = FileMap::default();
+        assert!(m.push(0, 4096, Place::Disk(8192), 1 << 20));
+        assert!(m.push(4096, 4096, Place::Disk(12288), 1 << 20)); // continues on disk
+        assert!(m.push(8192, 100, Place::Zero, 1 << 20));
+        assert!(m.push(8292, 100, Place::Zero, 1 << 20));
+        assert!(m.push(8392, 4096, Place::Disk(1 << 20), 1 << 20)); // past the volume
+        assert_eq!(
+            m.runs,
+            [
+                MapRun {
+                    offset: 0,
+                    len: 8192,
+                    place: Place::Disk(8192)
+                },
+                MapRun {
+                    offset: 8192,
+                    len: 200,
+                    place: Place::Zero
+                },
+                MapRun {
+                    offset: 8392,
+                    len: 4096,
+                    place: Place::Reader
+                },
+            ]
+        );
+        assert_eq!(m.end(0), 12488);
+        let mut m = FileMap::default();
+        for i in 0..MAX_MAP_RUNS as u64 {
+            assert!(m.push(i * 10, 10, Place::Disk(i * 20), 1 << 20));
+        }
+        assert!(!m.push(MAX_MAP_RUNS as u64 * 10, 10, Place::Disk(0), 1 << 20));
+        assert_eq!(m.runs.len(), MAX_MAP_RUNS);
+    }
 
     fn list(n: usize) -> DirList {
         Arc::new(

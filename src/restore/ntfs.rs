@@ -22,7 +22,8 @@ use ntfs::{NtfsAttributeFlags, NtfsAttributeType, NtfsFile, NtfsReadSeek, NtfsTi
 
 use super::bytes::{le16, le32, le64};
 use super::{
-    human_size, lznt1, unix_time, Dev, DirCache, DirList, FileKind, FileStat, GuestFs, Slice,
+    human_size, lznt1, unix_time, Dev, DirCache, DirList, FileKind, FileMap, FileStat, GuestFs,
+    Place, Slice,
 };
 use crate::error::{Error, Result};
 
@@ -752,6 +753,61 @@ impl GuestFs for NtfsFs {
                 Ok(want)
             }
         }
+    }
+
+    fn map(&self, ino: u64, offset: u64, len: u64) -> Result<Option<FileMap>> {
+        if self.stat(ino)?.kind != FileKind::File {
+            return Ok(None);
+        }
+        let data = self.file_data(ino)?;
+        // Resident and compressed data are the reader's to give.
+        let FileData::Runs {
+            size,
+            valid,
+            runs,
+            unit: None,
+        } = data.as_ref()
+        else {
+            return Ok(None);
+        };
+        let mut map = FileMap {
+            size: *size,
+            runs: Vec::new(),
+        };
+        let end = offset.saturating_add(len).min(*size);
+        let vol = self.dev.len();
+        let mut pos = offset;
+        for r in &runs[first_run(runs, offset)..] {
+            if pos >= end || r.start >= end {
+                break;
+            }
+            let (s, e) = (r.start.max(pos), r.start.saturating_add(r.len).min(end));
+            if s >= e {
+                continue;
+            }
+            if s > pos {
+                // Runs are contiguous from 0; a gap is the reader's to judge.
+                return Ok(None);
+            }
+            // Past the initialized size: zeros, whatever the clusters hold.
+            let disk_end = e.min(*valid).max(s);
+            if let Some(d) = r.disk {
+                if !map.push(s, disk_end - s, Place::Disk(d + (s - r.start)), vol) {
+                    return Ok(Some(map));
+                }
+            } else if !map.push(s, disk_end - s, Place::Zero, vol) {
+                return Ok(Some(map));
+            }
+            if !map.push(disk_end, e - disk_end, Place::Zero, vol) {
+                return Ok(Some(map));
+            }
+            pos = e;
+        }
+        if pos < end {
+            // Runs shorter than the size: the reader's to judge.
+            map.push(pos, end - pos, Place::Reader, vol);
+        }
+        Ok(Some(map))
     }
 
     fn data_ranges(&self, ino: u64) -> Result<Option<Vec<(u64, u64)>>> {

@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 
 use super::bytes::{be16, be32, be64, sub, u8at};
 use super::xfs_log::{self, Outcome, Overlay};
-use super::{human_size, unix_time, Dev, DirCache, DirList, FileKind, FileStat, GuestFs};
+use super::{
+    human_size, unix_time, Dev, DirCache, DirList, FileKind, FileMap, FileStat, GuestFs, Place,
+};
 use crate::error::{Error, Result};
 
 /// Most extents one fork may have (a corrupt count must not make us allocate without bound).
@@ -1258,6 +1260,58 @@ impl GuestFs for XfsFs {
             out.push((n, value));
         }
         Ok(out)
+    }
+
+    fn map(&self, ino: u64, offset: u64, len: u64) -> Result<Option<FileMap>> {
+        let i = self.inode(ino)?;
+        if i.kind() != Some(FileKind::File) || !matches!(i.format(), FMT_EXTENTS | FMT_BTREE) {
+            return Ok(None);
+        }
+        let size = i.size();
+        let mut map = FileMap {
+            size,
+            runs: Vec::new(),
+        };
+        let end = offset.saturating_add(len).min(size);
+        if offset >= end {
+            return Ok(Some(map));
+        }
+        let ext = self.data_extents(&i)?;
+        let vol = self.dev.len();
+        let mut pos = offset;
+        let i0 = ext.partition_point(|e| (e.off + e.len) * self.bs <= offset);
+        for e in &ext[i0..] {
+            let es = e.off * self.bs;
+            if es >= end {
+                break;
+            }
+            let s = es.max(offset);
+            let t = ((e.off + e.len) * self.bs).min(end);
+            if s >= t {
+                continue;
+            }
+            if s < pos {
+                // Overlapping extents: how they combine is `read_extents`'s to say.
+                return Ok(None);
+            }
+            if !map.push(pos, s - pos, Place::Zero, vol) {
+                return Ok(Some(map));
+            }
+            let disk = e.block * self.bs + (s - es);
+            let place = if e.unwritten {
+                Place::Zero
+            } else if self.overlay.touches(disk, t - s) {
+                Place::Reader
+            } else {
+                Place::Disk(disk)
+            };
+            if !map.push(s, t - s, place, vol) {
+                return Ok(Some(map));
+            }
+            pos = t;
+        }
+        map.push(pos, end - pos, Place::Zero, vol);
+        Ok(Some(map))
     }
 
     fn data_ranges(&self, ino: u64) -> Result<Option<Vec<(u64, u64)>>> {

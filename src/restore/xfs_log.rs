@@ -88,6 +88,16 @@ impl Overlay {
         self.map.is_empty()
     }
 
+    /// Whether the replay changed any sector of `[off, off + len)`.
+    pub fn touches(&self, off: u64, len: u64) -> bool {
+        len > 0
+            && self
+                .map
+                .range(off / BB..off.saturating_add(len).div_ceil(BB))
+                .next()
+                .is_some()
+    }
+
     pub fn bytes(&self) -> u64 {
         self.map.len() as u64 * BB
     }

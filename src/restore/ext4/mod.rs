@@ -12,7 +12,8 @@ use std::sync::Mutex;
 
 use super::bytes::{le16, le32, sub, u8at};
 use super::{
-    human_size, unix_time, ChunkCache, Dev, DirCache, DirList, FileKind, FileStat, GuestFs,
+    human_size, unix_time, ChunkCache, Dev, DirCache, DirList, FileKind, FileMap, FileStat,
+    GuestFs, Place,
 };
 use crate::error::{Error, Result};
 
@@ -1713,6 +1714,63 @@ impl GuestFs for Ext4Fs {
             }
         }
         Ok(Some(out))
+    }
+
+    fn map(&self, ino: u64, offset: u64, len: u64) -> Result<Option<FileMap>> {
+        let inode = self.inode(ino)?;
+        if inode.kind() != Some(FileKind::File)
+            || inode.flags() & (FL_INLINE_DATA | FL_ENCRYPT) != 0
+        {
+            return Ok(None);
+        }
+        let size = inode.size();
+        let mut map = FileMap {
+            size,
+            runs: Vec::new(),
+        };
+        let end = offset.saturating_add(len).min(size);
+        if offset >= end {
+            return Ok(Some(map));
+        }
+        let first = offset / self.bs;
+        let last = (end - 1) / self.bs;
+        let vol = self.dev.len();
+        let mut pos = offset;
+        for r in self.runs(&inode, first, last - first + 1)? {
+            let s = r.logical.saturating_mul(self.bs).max(offset);
+            let e = r
+                .logical
+                .saturating_add(r.len)
+                .saturating_mul(self.bs)
+                .min(end);
+            if s >= e {
+                continue;
+            }
+            if s < pos {
+                // Overlapping extents: how they combine is `read_data`'s to say.
+                return Ok(None);
+            }
+            if !map.push(pos, s - pos, Place::Zero, vol) {
+                return Ok(Some(map));
+            }
+            let first_phys = r.physical + (s / self.bs - r.logical);
+            let last_phys = r.physical + ((e - 1) / self.bs - r.logical);
+            let place = if r.physical == 0 || r.uninit {
+                Place::Zero
+            } else if !self.replaced.is_empty()
+                && (first_phys..=last_phys).any(|b| self.replaced.contains_key(&b))
+            {
+                Place::Reader
+            } else {
+                Place::Disk(first_phys * self.bs + s % self.bs)
+            };
+            if !map.push(s, e - s, place, vol) {
+                return Ok(Some(map));
+            }
+            pos = e;
+        }
+        map.push(pos, end - pos, Place::Zero, vol);
+        Ok(Some(map))
     }
 
     fn describe(&self) -> String {

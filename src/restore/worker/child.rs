@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::image::{BlockImage, Extent, ExtentKind};
-use crate::restore::{self, GuestFs, Partition, Volume};
+use crate::restore::{self, GuestFs, Partition, Place, Volume};
 
 use super::wire::{self, R, W};
 
@@ -166,9 +166,10 @@ pub fn filter() -> std::result::Result<seccompiler::BpfProgram, seccompiler::Err
     f.try_into().map_err(seccompiler::Error::Backend)
 }
 
-/// The disk as the worker sees it: bytes asked of the daemon over the socket, small reads
-/// through a read-around cache of 64 KiB chunks (probes and the readers' small metadata reads
-/// would otherwise each be a round trip).
+/// The disk as the worker sees it: bytes asked of the daemon over the socket, reads inside one
+/// 64 KiB chunk through a read-around cache of such chunks (probes and the readers' metadata
+/// reads would otherwise each be a round trip; the readers' own chunk caches are smaller, a
+/// round trip costs more than a function call, and file bytes do not come this way: `MAP`).
 struct RemoteImage {
     sock: Arc<UnixStream>,
     size: u64,
@@ -176,7 +177,7 @@ struct RemoteImage {
 }
 
 const CHUNK: u64 = 64 << 10;
-const CHUNKS: usize = 64;
+const CHUNKS: usize = 128;
 
 impl RemoteImage {
     fn fetch(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -220,7 +221,7 @@ impl BlockImage for RemoteImage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let start = offset - offset % CHUNK;
         let end = offset.saturating_add(buf.len() as u64);
-        if buf.len() as u64 > CHUNK / 4 || end > start + CHUNK {
+        if end > start + CHUNK {
             return self.fetch(buf, offset);
         }
         let cached = self
@@ -353,16 +354,76 @@ fn handle(req: &[u8], sock: &Arc<UnixStream>, fs: &mut Option<Arc<dyn GuestFs>>)
         .ok_or_else(|| Error::Backend("restore worker: no volume opened".into()))?;
     let ok = || W::new(wire::OK);
     Ok(Reply::Frame(match tag {
-        wire::STAT => ok().stat(&fs.stat(r.u64()?)?).done(),
+        wire::STAT => stat_reply(fs.as_ref(), fs.stat(r.u64()?)?),
         wire::LOOKUP => {
             let dir = r.u64()?;
-            ok().stat(&fs.lookup(dir, r.bytes()?)?).done()
+            stat_reply(fs.as_ref(), fs.lookup(dir, r.bytes()?)?)
+        }
+        wire::LOOKUPS => {
+            let dir = r.u64()?;
+            let n = r.u32()? as usize;
+            if n > wire::MAX_LOOKUPS {
+                return Err(Error::Backend("restore worker: too many lookups".into()));
+            }
+            let mut w = ok().u32(n as u32);
+            for _ in 0..n {
+                w = match fs.lookup(dir, r.bytes()?) {
+                    Ok(st) => {
+                        let openable =
+                            st.kind != restore::FileKind::File || fs.check_open(st.ino).is_ok();
+                        let w = w.u8(0).stat(&st).u8(u8::from(openable));
+                        let w = match fs.xattrs(st.ino) {
+                            Ok(x)
+                                if x.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+                                    <= wire::AHEAD_XATTR_BYTES =>
+                            {
+                                write_xattrs(w.u8(1), &x)
+                            }
+                            _ => w.u8(0),
+                        };
+                        if st.kind != restore::FileKind::File || st.size > wire::AHEAD_MAP_SIZE {
+                            w.u8(0)
+                        } else {
+                            match fs.map(st.ino, 0, st.size) {
+                                Ok(None) => w.u8(1),
+                                Ok(Some(m)) if m.runs.len() <= wire::AHEAD_MAP_RUNS => {
+                                    write_map(w.u8(2), &m)
+                                }
+                                _ => w.u8(0),
+                            }
+                        }
+                    }
+                    Err(e) => w.u8(1).error(&e),
+                };
+            }
+            w.done()
         }
         wire::READDIR => {
             let list = fs.readdir(r.u64()?)?;
-            let mut w = ok().u32(list.len() as u32);
-            for (name, ino, kind) in list.iter() {
-                w = wire::write_kind(w.bytes(name).u64(*ino), *kind);
+            let mut w = write_listing(ok(), &list);
+            // Listings of its subdirectories, which a walk wants next (a subdirectory that
+            // cannot be listed is left for the daemon to ask about: it meets the error then).
+            let mut ahead = Vec::new();
+            let mut bytes = w.0.len();
+            for &(_, ino, kind) in list.iter() {
+                if ahead.len() >= wire::AHEAD_LISTINGS || bytes >= wire::AHEAD_LISTING_BYTES {
+                    break;
+                }
+                if kind != restore::FileKind::Dir {
+                    continue;
+                }
+                if let Ok(sub) = fs.readdir(ino) {
+                    let size: usize = sub.iter().map(|(n, _, _)| n.len() + 13).sum();
+                    if bytes + size > wire::AHEAD_LISTING_BYTES {
+                        break;
+                    }
+                    bytes += size + 12;
+                    ahead.push((ino, sub));
+                }
+            }
+            w = w.u32(ahead.len() as u32);
+            for (ino, sub) in &ahead {
+                w = write_listing(w.u64(*ino), sub);
             }
             w.done()
         }
@@ -379,14 +440,7 @@ fn handle(req: &[u8], sock: &Arc<UnixStream>, fs: &mut Option<Arc<dyn GuestFs>>)
             let t = fs.readlink(r.u64()?)?;
             return Ok(Reply::Payload(t));
         }
-        wire::XATTRS => {
-            let x = fs.xattrs(r.u64()?)?;
-            let mut w = ok().u32(x.len() as u32);
-            for (k, v) in &x {
-                w = w.bytes(k).bytes(v);
-            }
-            w.done()
-        }
+        wire::XATTRS => write_xattrs(ok(), &fs.xattrs(r.u64()?)?).done(),
         wire::PREFETCH_DIR => {
             let subs = fs.prefetch_dir(r.u64()?);
             let mut w = ok().u32(subs.len() as u32);
@@ -394,6 +448,18 @@ fn handle(req: &[u8], sock: &Arc<UnixStream>, fs: &mut Option<Arc<dyn GuestFs>>)
                 w = w.u64(s);
             }
             w.done()
+        }
+        wire::MAP => {
+            let ino = r.u64()?;
+            let off = r.u64()?;
+            match fs.map(ino, off, r.u64()?)? {
+                None => ok().u8(0).done(),
+                Some(m) => write_map(ok().u8(1), &m).done(),
+            }
+        }
+        wire::CHECK_OPEN => {
+            fs.check_open(r.u64()?)?;
+            ok().done()
         }
         wire::DATA_RANGES => match fs.data_ranges(r.u64()?)? {
             None => ok().u8(0).done(),
@@ -411,4 +477,41 @@ fn handle(req: &[u8], sock: &Arc<UnixStream>, fs: &mut Option<Arc<dyn GuestFs>>)
             )))
         }
     }))
+}
+
+/// A stat reply: the attributes, then whether a regular file may be opened (1) or `open`
+/// must ask (0: `CHECK_OPEN` gives the error), so most opens need no round trip.
+fn stat_reply(fs: &dyn GuestFs, st: restore::FileStat) -> Vec<u8> {
+    let openable = st.kind != restore::FileKind::File || fs.check_open(st.ino).is_ok();
+    W::new(wire::OK).stat(&st).u8(u8::from(openable)).done()
+}
+
+fn write_xattrs(mut w: W, x: &[(Vec<u8>, Vec<u8>)]) -> W {
+    w = w.u32(x.len() as u32);
+    for (k, v) in x {
+        w = w.bytes(k).bytes(v);
+    }
+    w
+}
+
+/// A file map: size, run count, runs (offset, length, place[, disk offset]).
+fn write_map(mut w: W, m: &restore::FileMap) -> W {
+    w = w.u64(m.size).u32(m.runs.len() as u32);
+    for run in &m.runs {
+        w = w.u64(run.offset).u64(run.len);
+        w = match run.place {
+            Place::Zero => w.u8(wire::PLACE_ZERO),
+            Place::Disk(d) => w.u8(wire::PLACE_DISK).u64(d),
+            Place::Reader => w.u8(wire::PLACE_READER),
+        };
+    }
+    w
+}
+
+fn write_listing(mut w: W, list: &restore::DirList) -> W {
+    w = w.u32(list.len() as u32);
+    for (name, ino, kind) in list.iter() {
+        w = wire::write_kind(w.bytes(name).u64(*ino), *kind);
+    }
+    w
 }

@@ -30,7 +30,9 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::image::BlockImage;
-use crate::restore::{self, DirList, FileStat, GuestFs, Partition, Volume};
+use crate::restore::{
+    self, DirList, FileKind, FileMap, FileStat, GuestFs, MapRun, Partition, Place, Volume,
+};
 
 use wire::{R, W};
 
@@ -110,6 +112,19 @@ pub fn open_volume(disk: Arc<dyn BlockImage>, part: &Partition) -> Result<Volume
         restarts: AtomicU64::new(0),
         stats: Mutex::new(lru::LruCache::new(
             std::num::NonZeroUsize::new(STAT_CACHE).unwrap_or(std::num::NonZeroUsize::MIN),
+        )),
+        maps: Mutex::new(lru::LruCache::new(
+            std::num::NonZeroUsize::new(MAP_CACHE).unwrap_or(std::num::NonZeroUsize::MIN),
+        )),
+        listings: Mutex::new(Listings {
+            lru: lru::LruCache::unbounded(),
+            entries: 0,
+        }),
+        looked: Mutex::new(lru::LruCache::new(
+            std::num::NonZeroUsize::new(LOOKED).unwrap_or(std::num::NonZeroUsize::MIN),
+        )),
+        xattrs: Mutex::new(lru::LruCache::new(
+            std::num::NonZeroUsize::new(LOOKED).unwrap_or(std::num::NonZeroUsize::MIN),
         )),
     };
     let mut guard = lock(&fs.conn);
@@ -223,11 +238,69 @@ pub struct WorkerFs {
     restarts: AtomicU64,
     /// Attributes the worker gave (a snapshot does not change): `stat` of a file just looked
     /// up, or listed with attributes, needs no round trip.
-    stats: Mutex<lru::LruCache<u64, FileStat>>,
+    /// With each, whether the file may be opened without asking (`CHECK_OPEN`).
+    stats: Mutex<lru::LruCache<u64, Attrs>>,
+    /// Where files' bytes lie on the disk (a window of each recently read file), so that
+    /// their reads are served here from the disk, not through the worker's socket.
+    maps: Mutex<lru::LruCache<u64, Arc<Mapped>>>,
+    /// Recent listings with each name's position: a lookup of one name asks the worker for the
+    /// names after it too (`find`, `ls -l` and copies look names up in listing order).
+    /// Listings kept here too, so that the directory read-ahead's (`prefetch_dir`) serve the
+    /// walker's `readdir` without a round trip.
+    listings: Mutex<Listings>,
+    /// Lookups answered ahead of the kernel's request: (dir, name) → attributes, openable.
+    looked: Mutex<lru::LruCache<(u64, Vec<u8>), Attrs>>,
+    /// Small extended attribute lists that came with lookups read ahead.
+    xattrs: Mutex<lru::LruCache<u64, XattrList>>,
 }
+
+/// A file's attributes and whether it may be opened without asking (`CHECK_OPEN`).
+type Attrs = (FileStat, bool);
+
+/// Extended attributes: (name as Linux shows it, value).
+type XattrList = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// A listing and where each name is in it.
+struct Listing {
+    list: DirList,
+    /// Built on the first lookup in the listing.
+    pos: OnceLock<std::collections::HashMap<Vec<u8>, u32>>,
+    /// The position after the last name looked up: a lookup there (or of the first name)
+    /// reads ahead; one elsewhere (a single `stat`, `find` entering subdirectories only)
+    /// goes alone.
+    next: AtomicU64,
+}
+
+/// Listings kept, least recently used dropped first, at most [`LISTING_ENTRIES`] entries in
+/// all (about 64 bytes each, twice that once indexed: 16 MiB per volume at the very worst).
+struct Listings {
+    lru: lru::LruCache<u64, Arc<Listing>>,
+    entries: usize,
+}
+
+const LISTING_ENTRIES: usize = 128 << 10;
+/// The largest listing kept (a bigger directory is asked for each time, and its lookups go
+/// one by one: its index would cost more than it saves).
+const LISTING_MAX: usize = 16 << 10;
+/// Lookups answered ahead (at most ~400 bytes each with a 255-byte name: 3 MiB per volume),
+/// and as many small xattr lists (at most 512 bytes each: 4 MiB).
+const LOOKED: usize = 8 << 10;
 
 /// Entries of [`WorkerFs::stats`] (~120 bytes each: 2 MiB per volume at most).
 const STAT_CACHE: usize = 16 << 10;
+/// Files whose map is kept ([`restore::MAX_MAP_RUNS`] runs of 24 bytes at most each: 12 MiB
+/// per volume at the very worst, a few KiB for unfragmented files).
+const MAP_CACHE: usize = 512;
+/// How much of a file one `MAP` request asks about.
+const MAP_WINDOW: u64 = 256 << 20;
+
+/// What the worker said about where a file's bytes lie.
+enum Mapped {
+    /// Only its reader can give them (`READ`).
+    No,
+    /// Checked runs from `start` (see [`FileMap`]).
+    Window { start: u64, map: FileMap },
+}
 
 impl Drop for WorkerFs {
     fn drop(&mut self) {
@@ -352,7 +425,20 @@ impl WorkerFs {
 
     /// Forward one request; the reply's body after its `OK` tag.
     fn call(&self, req: Vec<u8>) -> Result<Vec<u8>> {
-        let mut guard = lock(&self.conn);
+        self.call_with(&mut lock(&self.conn), req)
+    }
+
+    /// [`Self::call`] with the connection's lock already held.
+    fn call_with(
+        &self,
+        guard: &mut std::sync::MutexGuard<'_, Option<Conn>>,
+        req: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        // A worker that died while idle (most reads, lookups read ahead and listings are
+        // served here without it) is replaced before this request, which it was not serving.
+        if let Some(mut c) = guard.take_if(|c| matches!(c.child.try_wait(), Ok(Some(_)))) {
+            let _ = self.died(&mut c, "idle", &std::io::ErrorKind::BrokenPipe.into());
+        }
         if guard.is_none() {
             let (mut conn, opened) = self.start()?;
             if !matches!(opened, Opened::Fs) {
@@ -366,7 +452,7 @@ impl WorkerFs {
                 });
             }
             tracing::info!(part = %self.part.name, pid = conn.child.id(), "restore worker restarted");
-            *guard = Some(conn);
+            **guard = Some(conn);
         }
         let Some(conn) = guard.as_mut() else {
             return Err(Error::Backend("restore worker: no connection".into()));
@@ -383,7 +469,7 @@ impl WorkerFs {
             }
             Err(e) => {
                 let err = self.died(conn, "serving a request", &e);
-                *guard = None;
+                **guard = None;
                 Err(err)
             }
         }
@@ -415,13 +501,21 @@ impl GuestFs for WorkerFs {
     }
 
     fn stat(&self, ino: u64) -> Result<FileStat> {
-        if let Some(s) = lock(&self.stats).get(&ino) {
+        if let Some((s, _)) = lock(&self.stats).get(&ino) {
             return Ok(s.clone());
         }
         let reply = self.call(W::new(wire::STAT).u64(ino).done())?;
-        let s = self.decode(&reply, |r| r.stat())?;
-        lock(&self.stats).put(ino, s.clone());
+        let (s, openable) = self.decode(&reply, |r| Ok((r.stat()?, r.u8()? != 0)))?;
+        lock(&self.stats).put(ino, (s.clone(), openable));
         Ok(s)
+    }
+
+    fn check_open(&self, ino: u64) -> Result<()> {
+        if lock(&self.stats).get(&ino).is_some_and(|(_, ok)| *ok) {
+            return Ok(());
+        }
+        self.call(W::new(wire::CHECK_OPEN).u64(ino).done())
+            .map(|_| ())
     }
 
     fn lookup(&self, dir: u64, name: &[u8]) -> Result<FileStat> {
@@ -434,37 +528,64 @@ impl GuestFs for WorkerFs {
             self.call(W::new(tag).done())?;
             return Err(Error::NotFound(String::from_utf8_lossy(name).into_owned()));
         }
-        let reply = self.call(W::new(wire::LOOKUP).u64(dir).bytes(name).done())?;
-        let s = self.decode(&reply, |r| r.stat())?;
-        lock(&self.stats).put(s.ino, s.clone());
+        let key = (dir, name.to_vec());
+        let ahead = lock(&self.looked).pop(&key);
+        let (s, openable) = match ahead {
+            Some(v) => v,
+            None => match self.lookup_ahead(dir, name)? {
+                Some(r) => r?,
+                None => {
+                    let reply = self.call(W::new(wire::LOOKUP).u64(dir).bytes(name).done())?;
+                    self.decode(&reply, |r| Ok((r.stat()?, r.u8()? != 0)))?
+                }
+            },
+        };
+        lock(&self.stats).put(s.ino, (s.clone(), openable));
         Ok(s)
     }
 
     fn readdir(&self, dir: u64) -> Result<DirList> {
+        if let Some(l) = lock(&self.listings).lru.get(&dir) {
+            return Ok(l.list.clone());
+        }
         let reply = self.call(W::new(wire::READDIR).u64(dir).done())?;
-        self.decode(&reply, |r| {
-            let n = r.u32()? as usize;
-            // Each entry takes at least 13 bytes of the frame: no allocation the worker chose.
-            let mut v = Vec::with_capacity(n.min(reply.len() / 13));
-            for _ in 0..n {
-                let name = r.bytes()?.to_vec();
-                let ino = r.u64()?;
-                v.push((name, ino, r.kind()?));
-            }
-            Ok(Arc::new(v))
-        })
+        let list = self.decode_listing(&reply)?;
+        self.keep_listing(dir, &list);
+        Ok(list)
     }
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        let len = buf.len().min(wire::MAX_FRAME / 2) as u32;
-        let reply = self.call(W::new(wire::READ).u64(ino).u64(offset).u32(len).done())?;
-        if reply.len() > buf.len() {
-            return self.decode(&reply, |_| {
-                Err(Error::Backend("restore worker: read reply too long".into()))
-            });
+        let end = offset.saturating_add(buf.len() as u64);
+        let mut pos = offset;
+        while pos < end {
+            let at = (pos - offset) as usize;
+            let Some(mapped) = self.mapped(ino, pos)? else {
+                return Ok(at + self.read_remote(ino, pos, &mut buf[at..])?);
+            };
+            let Mapped::Window { map, .. } = mapped.as_ref() else {
+                return Ok(at + self.read_remote(ino, pos, &mut buf[at..])?);
+            };
+            let i = map.runs.partition_point(|r| r.offset + r.len <= pos);
+            let Some(run) = map.runs.get(i) else {
+                break; // at or past the end of the file
+            };
+            let n = (run.offset + run.len - pos).min(end - pos) as usize;
+            let dst = &mut buf[at..at + n];
+            match run.place {
+                Place::Zero => dst.fill(0),
+                Place::Disk(d) => self
+                    .disk
+                    .read_at(dst, self.part.offset + d + (pos - run.offset))?,
+                Place::Reader => {
+                    let k = self.read_remote(ino, pos, dst)?;
+                    if k < n {
+                        return Ok(at + k);
+                    }
+                }
+            }
+            pos += n as u64;
         }
-        buf[..reply.len()].copy_from_slice(&reply);
-        Ok(reply.len())
+        Ok((pos - offset) as usize)
     }
 
     fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
@@ -472,30 +593,36 @@ impl GuestFs for WorkerFs {
     }
 
     fn xattrs(&self, ino: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        if let Some(x) = lock(&self.xattrs).get(&ino) {
+            return Ok(x.clone());
+        }
         let reply = self.call(W::new(wire::XATTRS).u64(ino).done())?;
-        self.decode(&reply, |r| {
-            let n = r.u32()? as usize;
-            let mut v = Vec::with_capacity(n.min(reply.len() / 8));
-            for _ in 0..n {
-                v.push((r.bytes()?.to_vec(), r.bytes()?.to_vec()));
-            }
-            Ok(v)
-        })
+        self.decode(&reply, |r| read_xattrs(r, reply.len()))
     }
 
+    /// The listing read into the worker's caches and brought here: the walker's `readdir`
+    /// then needs no round trip.
+    /// Only when the worker is idle: the walker's own requests are not to wait behind it.
     fn prefetch_dir(&self, dir: u64) -> Vec<u64> {
-        let Ok(reply) = self.call(W::new(wire::PREFETCH_DIR).u64(dir).done()) else {
-            return Vec::new();
-        };
-        self.decode(&reply, |r| {
-            let n = r.u32()? as usize;
-            let mut v = Vec::with_capacity(n.min(reply.len() / 8));
-            for _ in 0..n {
-                v.push(r.u64()?);
+        if let Some(l) = lock(&self.listings).lru.get(&dir) {
+            return restore::subdirs(&l.list);
+        }
+        let reply = {
+            let Ok(mut guard) = self.conn.try_lock() else {
+                return Vec::new();
+            };
+            match self.call_with(&mut guard, W::new(wire::READDIR).u64(dir).done()) {
+                Ok(r) => r,
+                Err(_) => return Vec::new(),
             }
-            Ok(v)
-        })
-        .unwrap_or_default()
+        };
+        match self.decode_listing(&reply) {
+            Ok(list) => {
+                self.keep_listing(dir, &list);
+                restore::subdirs(&list)
+            }
+            Err(_) => Vec::new(),
+        }
     }
 
     fn data_ranges(&self, ino: u64) -> Result<Option<Vec<(u64, u64)>>> {
@@ -515,5 +642,357 @@ impl GuestFs for WorkerFs {
 
     fn describe(&self) -> String {
         lock(&self.describe).clone()
+    }
+}
+
+impl WorkerFs {
+    /// `name` in `dir` with the names after it in a listing seen lately, in one request; the
+    /// others' attributes are kept for their lookups. `None` when `dir` was not listed lately.
+    fn lookup_ahead(&self, dir: u64, name: &[u8]) -> Result<Option<Result<Attrs>>> {
+        let Some(l) = lock(&self.listings).lru.get(&dir).cloned() else {
+            return Ok(None);
+        };
+        let pos = l.pos.get_or_init(|| {
+            l.list
+                .iter()
+                .enumerate()
+                .map(|(i, (n, _, _))| (n.clone(), i as u32))
+                .collect()
+        });
+        let Some(&i) = pos.get(name) else {
+            return Ok(None);
+        };
+        if u64::from(i) != l.next.swap(u64::from(i) + 1, Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let names: Vec<&[u8]> = l.list[i as usize..]
+            .iter()
+            .take(wire::MAX_LOOKUPS)
+            .map(|(n, _, _)| n.as_slice())
+            .filter(|n| !(self.cfg.test_hooks && (*n == HOOK_OPEN || *n == HOOK_HANG)))
+            .collect();
+        if names.first() != Some(&name) {
+            return Ok(None);
+        }
+        let vol = self.volume_len();
+        let mut w = W::new(wire::LOOKUPS).u64(dir).u32(names.len() as u32);
+        for n in &names {
+            w = w.bytes(n);
+        }
+        l.next
+            .store(u64::from(i) + names.len() as u64, Ordering::Relaxed);
+        let reply = self.call(w.done())?;
+        let results = self.decode(&reply, |r| {
+            if r.u32()? as usize != names.len() {
+                return Err(Error::Backend(
+                    "restore worker: lookups answered in part".into(),
+                ));
+            }
+            let mut v = Vec::with_capacity(names.len());
+            for _ in 0..names.len() {
+                if r.u8()? != 0 {
+                    v.push(Err(r.error()?));
+                    continue;
+                }
+                let (st, openable) = (r.stat()?, r.u8()? != 0);
+                if r.u8()? != 0 {
+                    lock(&self.xattrs).put(st.ino, read_xattrs(r, wire::AHEAD_XATTR_BYTES)?);
+                }
+                let map = match r.u8()? {
+                    0 => None,
+                    1 => Some(Mapped::No),
+                    _ => Some(decode_map_body(r, 0, vol)?),
+                };
+                if let Some(m) = map {
+                    lock(&self.maps).put(st.ino, Arc::new(m));
+                }
+                v.push(Ok((st, openable)));
+            }
+            Ok(v)
+        })?;
+        let mut results = results.into_iter();
+        let first = results
+            .next()
+            .ok_or_else(|| Error::Backend("restore worker: no lookup result".into()))?;
+        let mut looked = lock(&self.looked);
+        for (n, res) in names[1..].iter().zip(results) {
+            // Errors are not kept: the kernel's own lookup asks again and meets them there.
+            if let Ok(v) = res {
+                looked.put((dir, n.to_vec()), v);
+            }
+        }
+        Ok(Some(first))
+    }
+
+    /// Keep `list` for later `readdir`s and lookup read-ahead.
+    fn keep_listing(&self, dir: u64, list: &DirList) {
+        if list.len() <= LISTING_MAX {
+            let l = Arc::new(Listing {
+                list: list.clone(),
+                pos: OnceLock::new(),
+                next: AtomicU64::new(u64::MAX),
+            });
+            let mut c = lock(&self.listings);
+            c.entries += list.len();
+            if let Some(old) = c.lru.put(dir, l) {
+                c.entries -= old.list.len();
+            }
+            while c.entries > LISTING_ENTRIES {
+                match c.lru.pop_lru() {
+                    Some((_, old)) => c.entries -= old.list.len(),
+                    None => break,
+                }
+            }
+        }
+    }
+
+    /// A `READDIR` answer: the listing; the subdirectories' listings that came with it are
+    /// kept (only for directories it lists as subdirectories).
+    fn decode_listing(&self, reply: &[u8]) -> Result<DirList> {
+        let (list, ahead) = self.decode(reply, |r| {
+            let list = read_listing(r, reply.len())?;
+            let m = r.u32()? as usize;
+            if m > wire::AHEAD_LISTINGS {
+                return Err(Error::Backend(
+                    "restore worker: too many listings ahead".into(),
+                ));
+            }
+            let mut ahead = Vec::with_capacity(m);
+            for _ in 0..m {
+                let dir = r.u64()?;
+                if !list
+                    .iter()
+                    .any(|(_, ino, k)| *ino == dir && *k == FileKind::Dir)
+                {
+                    return Err(Error::Backend(
+                        "restore worker: listing ahead of a directory not listed".into(),
+                    ));
+                }
+                ahead.push((dir, read_listing(r, reply.len())?));
+            }
+            Ok((list, ahead))
+        })?;
+        for (dir, l) in ahead {
+            self.keep_listing(dir, &l);
+        }
+        Ok(list)
+    }
+
+    /// The map of `ino` that covers `pos` (from the cache, else asked of the worker and
+    /// checked). `None` when the worker's reader failed to map it: `READ` then gives that
+    /// reader's error, or the bytes (a file damaged past the window may read fine before it).
+    fn mapped(&self, ino: u64, pos: u64) -> Result<Option<Arc<Mapped>>> {
+        if let Some(m) = lock(&self.maps).get(&ino) {
+            match m.as_ref() {
+                Mapped::No => return Ok(Some(m.clone())),
+                Mapped::Window { start, map }
+                    if (*start <= pos && pos < map.end(*start)) || pos >= map.size =>
+                {
+                    return Ok(Some(m.clone()))
+                }
+                _ => {}
+            }
+        }
+        let restarts = self.restarts.load(Ordering::Relaxed);
+        let req = W::new(wire::MAP).u64(ino).u64(pos).u64(MAP_WINDOW).done();
+        let reply = match self.call(req) {
+            Ok(r) => r,
+            // The worker broke: that is this request's EIO.
+            Err(e) if self.restarts.load(Ordering::Relaxed) != restarts => return Err(e),
+            Err(_) => return Ok(None),
+        };
+        let vol = self.volume_len();
+        let m = Arc::new(self.decode(&reply, |r| decode_map(r, pos, vol))?);
+        lock(&self.maps).put(ino, m.clone());
+        Ok(Some(m))
+    }
+
+    /// The volume's length on the disk: where disk runs must end.
+    fn volume_len(&self) -> u64 {
+        self.part
+            .length
+            .min(self.disk.size().saturating_sub(self.part.offset))
+    }
+
+    /// Bytes of `ino` read by the worker's reader (one round trip; the bytes cross the socket).
+    fn read_remote(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let len = buf.len().min(wire::MAX_FRAME / 2) as u32;
+        let reply = self.call(W::new(wire::READ).u64(ino).u64(offset).u32(len).done())?;
+        if reply.len() > buf.len() {
+            return self.decode(&reply, |_| {
+                Err(Error::Backend("restore worker: read reply too long".into()))
+            });
+        }
+        buf[..reply.len()].copy_from_slice(&reply);
+        Ok(reply.len())
+    }
+}
+
+/// A `MAP` reply, checked: the worker is not trusted, so runs must start at `pos`, follow
+/// each other without gaps or overlaps, stay inside the file's size and the window asked for,
+/// and put disk runs inside the volume (`vol` bytes). Anything else ends the worker.
+fn decode_map(r: &mut R, pos: u64, vol: u64) -> Result<Mapped> {
+    if r.u8()? == 0 {
+        return Ok(Mapped::No);
+    }
+    decode_map_body(r, pos, vol)
+}
+
+/// An xattr list of at most `max` bytes of names and values (the frame's length for a reply of
+/// its own): a count the worker chose sizes no allocation.
+fn read_xattrs(r: &mut R, max: usize) -> Result<XattrList> {
+    let n = r.u32()? as usize;
+    let mut v = Vec::with_capacity(n.min(max / 8));
+    let mut total = 0usize;
+    for _ in 0..n {
+        let (k, val) = (r.bytes()?.to_vec(), r.bytes()?.to_vec());
+        total += k.len() + val.len();
+        if total > max {
+            return Err(Error::Backend(
+                "restore worker: extended attributes too large".into(),
+            ));
+        }
+        v.push((k, val));
+    }
+    Ok(v)
+}
+
+/// A file map after its flag: see [`decode_map`].
+fn decode_map_body(r: &mut R, pos: u64, vol: u64) -> Result<Mapped> {
+    let nonsense = |what: &str| Error::Backend(format!("restore worker: bad file map: {what}"));
+    let size = r.u64()?;
+    let n = r.u32()? as usize;
+    if n > restore::MAX_MAP_RUNS {
+        return Err(nonsense("too many runs"));
+    }
+    if (pos < size) != (n > 0) {
+        return Err(nonsense("runs and file size disagree"));
+    }
+    let limit = size.min(pos.saturating_add(MAP_WINDOW));
+    let mut runs = Vec::with_capacity(n);
+    let mut at = pos;
+    for _ in 0..n {
+        let offset = r.u64()?;
+        let len = r.u64()?;
+        let place = match r.u8()? {
+            wire::PLACE_ZERO => Place::Zero,
+            wire::PLACE_DISK => Place::Disk(r.u64()?),
+            wire::PLACE_READER => Place::Reader,
+            _ => return Err(nonsense("unknown place")),
+        };
+        if offset != at || len == 0 || offset.checked_add(len).is_none_or(|e| e > limit) {
+            return Err(nonsense("runs out of order or past the end"));
+        }
+        if let Place::Disk(d) = place {
+            if d.checked_add(len).is_none_or(|e| e > vol) {
+                return Err(nonsense("run outside the volume"));
+            }
+        }
+        runs.push(MapRun { offset, len, place });
+        at += len;
+    }
+    Ok(Mapped::Window {
+        start: pos,
+        map: FileMap { size, runs },
+    })
+}
+
+/// One listing: count, then (name, inode, kind) each; `frame` bounds the allocation.
+fn read_listing(r: &mut R, frame: usize) -> Result<DirList> {
+    let n = r.u32()? as usize;
+    // Each entry takes at least 13 bytes of the frame: no allocation the worker chose.
+    let mut v = Vec::with_capacity(n.min(frame / 13));
+    for _ in 0..n {
+        let name = r.bytes()?.to_vec();
+        let ino = r.u64()?;
+        v.push((name, ino, r.kind()?));
+    }
+    Ok(Arc::new(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A MAP reply as a worker would send it (after the OK tag).
+    fn reply(size: u64, runs: &[(u64, u64, u8, u64)]) -> Vec<u8> {
+        let mut w = W::new(wire::OK).u8(1).u64(size).u32(runs.len() as u32);
+        for &(o, l, p, d) in runs {
+            w = w.u64(o).u64(l).u8(p);
+            if p == wire::PLACE_DISK {
+                w = w.u64(d);
+            }
+        }
+        w.done()[5..].to_vec()
+    }
+
+    fn decode(b: &[u8], pos: u64, vol: u64) -> Result<Mapped> {
+        decode_map(&mut R::new(b), pos, vol)
+    }
+
+    #[test]
+    fn a_sound_map_is_kept() {
+        let b = reply(
+            10_000,
+            &[
+                (100, 3996, wire::PLACE_DISK, 8192),
+                (4096, 4096, wire::PLACE_ZERO, 0),
+                (8192, 1808, wire::PLACE_READER, 0),
+            ],
+        );
+        let Mapped::Window { start, map } = decode(&b, 100, 1 << 20).unwrap() else {
+            panic!("not a window");
+        };
+        assert_eq!((start, map.size, map.end(start)), (100, 10_000, 10_000));
+        assert_eq!(map.runs[0].place, Place::Disk(8192));
+        // At the end of the file: no runs.
+        assert!(decode(&reply(10_000, &[]), 10_000, 1 << 20).is_ok());
+        assert!(matches!(decode(&[0], 0, 1 << 20).unwrap(), Mapped::No));
+    }
+
+    #[test]
+    fn a_lying_map_is_refused() {
+        let vol = 1 << 20;
+        let bad = [
+            // Outside the volume, or overflowing.
+            reply(8192, &[(0, 8192, wire::PLACE_DISK, vol - 4096)]),
+            reply(8192, &[(0, 8192, wire::PLACE_DISK, u64::MAX - 10)]),
+            // Not starting where asked, a gap, an overlap, an empty run.
+            reply(8192, &[(1, 8191, wire::PLACE_ZERO, 0)]),
+            reply(
+                8192,
+                &[
+                    (0, 100, wire::PLACE_ZERO, 0),
+                    (200, 100, wire::PLACE_ZERO, 0),
+                ],
+            ),
+            reply(
+                8192,
+                &[
+                    (0, 100, wire::PLACE_ZERO, 0),
+                    (50, 100, wire::PLACE_ZERO, 0),
+                ],
+            ),
+            reply(8192, &[(0, 0, wire::PLACE_ZERO, 0)]),
+            // Past the file's size; runs for an offset past the end; none before it.
+            reply(8192, &[(0, 8193, wire::PLACE_ZERO, 0)]),
+            reply(0, &[(0, 1, wire::PLACE_ZERO, 0)]),
+            reply(8192, &[]),
+            // An unknown place; a count larger than the runs sent or than allowed.
+            reply(8192, &[(0, 8192, 7, 0)]),
+            W::new(wire::OK)
+                .u8(1)
+                .u64(8192)
+                .u32(2)
+                .u64(0)
+                .u64(10)
+                .u8(0)
+                .done()[5..]
+                .to_vec(),
+            W::new(wire::OK).u8(1).u64(u64::MAX).u32(u32::MAX).done()[5..].to_vec(),
+        ];
+        for (i, b) in bad.iter().enumerate() {
+            assert!(decode(b, 0, vol).is_err(), "case {i} accepted");
+        }
     }
 }

@@ -23,6 +23,23 @@ pub const READLINK: u8 = 6;
 pub const XATTRS: u8 = 7;
 pub const PREFETCH_DIR: u8 = 8;
 pub const DATA_RANGES: u8 = 9;
+/// Where a file's bytes lie (ino, offset, len): the daemon then reads them from the disk.
+pub const MAP: u8 = 10;
+pub const CHECK_OPEN: u8 = 11;
+/// Several names of one directory looked up at once (dir, count, names): lookup read-ahead.
+pub const LOOKUPS: u8 = 12;
+/// Most names one `LOOKUPS` carries.
+pub const MAX_LOOKUPS: usize = 64;
+/// A `LOOKUPS` answer carries a file's extended attributes when they take at most this many
+/// bytes, and the map of a regular file of at most [`AHEAD_MAP_SIZE`] bytes in at most
+/// [`AHEAD_MAP_RUNS`] runs: `cp -a` of small files then needs no round trip per file.
+pub const AHEAD_XATTR_BYTES: usize = 512;
+pub const AHEAD_MAP_SIZE: u64 = 1 << 20;
+pub const AHEAD_MAP_RUNS: usize = 16;
+/// A `READDIR` answer carries the listings of the directory's first subdirectories too, at
+/// most this many, while the answer stays under [`AHEAD_LISTING_BYTES`].
+pub const AHEAD_LISTINGS: usize = 64;
+pub const AHEAD_LISTING_BYTES: usize = 256 << 10;
 /// Test hooks: the worker calls `open(2)` (the filter must kill it) / sleeps until killed.
 pub const TEST_OPEN: u8 = 100;
 pub const TEST_HANG: u8 = 101;
@@ -32,6 +49,11 @@ pub const OK: u8 = 0;
 pub const ERR: u8 = 1;
 /// Inside a request: the worker asks for disk bytes (offset u64, len u32).
 pub const BLOCK_READ: u8 = 2;
+
+// Places in a MAP reply: zeros, disk bytes (offset follows), ask the worker (READ).
+pub const PLACE_ZERO: u8 = 0;
+pub const PLACE_DISK: u8 = 1;
+pub const PLACE_READER: u8 = 2;
 
 // Outcomes of OPEN.
 pub const OPENED_FS: u8 = 0;
@@ -114,6 +136,7 @@ impl W {
                 context.as_str(),
             ),
             Error::Busy(m) => (11, 0, "", 0, m.as_str()),
+            Error::NoKey(m) => (13, 0, "", 0, m.as_str()),
             other => {
                 return self
                     .u8(12)
@@ -239,6 +262,7 @@ impl<'a> R<'a> {
                 source: std::io::Error::from_raw_os_error(errno),
             },
             11 => Error::Busy(what),
+            13 => Error::NoKey(what),
             _ => Error::Backend(what),
         })
     }
