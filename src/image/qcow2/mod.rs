@@ -317,6 +317,18 @@ impl Qcow2Image {
         if *seen == now {
             return Ok(());
         }
+        let gone = || {
+            Error::Backend(format!(
+                "snapshot {} of {} was deleted while open: its clusters may hold other data now",
+                crate::log_limit::esc_str(&st.name),
+                self.meta.path().display()
+            ))
+        };
+        // Another host's file (read through its storage API) is not opened again: its path
+        // means nothing on this machine. A changed table there counts as the snapshot gone.
+        if self.meta.file().is_none() {
+            return Err(gone());
+        }
         // A new descriptor: the file has grown since open (the new table is often at its end).
         let parsed = meta_cache::get(&HostFile::open(self.meta.path())?)?;
         match snapshot::find(&parsed.snapshots, &st.name) {
@@ -324,17 +336,12 @@ impl Qcow2Image {
                 *seen = table_stamp(&parsed.header);
                 Ok(())
             }
-            _ => Err(Error::Backend(format!(
-                "snapshot {} of {} was deleted while open: its clusters may hold other data now",
-                crate::log_limit::esc_str(&st.name),
-                self.meta.path().display()
-            ))),
+            _ => Err(gone()),
         }
     }
 
     fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         // Past the virtual size reads zeros (callers should not ask).
-
         let valid = self.size.saturating_sub(offset).min(buf.len() as u64) as usize;
         let (buf, beyond) = buf.split_at_mut(valid);
         beyond.fill(0);
