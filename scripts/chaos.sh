@@ -24,5 +24,5 @@ bash scripts/ceph/start-ceph.sh >/dev/null 2>&1
 export CEPH_CONF=${CEPH_CONF:-/var/lib/snapfs-ceph/ceph.conf}
 
 echo "chaos: ${SNAPFS_CHAOS_SECONDS} s, waiting for /tmp/snapfs-guest.lock" >&2
-exec flock /tmp/snapfs-guest.lock \
+exec flock -o /tmp/snapfs-guest.lock \
   cargo test --release --test chaos -- --nocapture --test-threads=1
