@@ -531,13 +531,6 @@ impl LibvirtProvider {
         }
         let access = self.rbd_access(&owner)?;
         let mut clones: Vec<(Arc<Pool>, String)> = Vec::new();
-        let remove_clones = |clones: &[(Arc<Pool>, String)]| {
-            for (pool, name) in clones {
-                if let Err(e) = pool.remove_image(name) {
-                    warn!(image = %name, error = %e, "cannot remove the RBD clone of a failed launch");
-                }
-            }
-        };
         let mut edits = Vec::new();
         let started = Instant::now();
         for d in &r.disks {
@@ -574,16 +567,46 @@ impl LibvirtProvider {
                 }
             }
         }
+        self.start_on_clones(src, new, instance, snapshot, &edits, clones, started, "")?;
+        Ok(Some(()))
+    }
+
+    /// The last step of a launch on RBD clones (`clones`, made since `started`, which `edits`
+    /// put in the new domain's disks): define and start the domain, or remove the clones when
+    /// that fails; then `--flatten-on-launch`. `of` is what the log line adds after "launched
+    /// on RBD clones".
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn start_on_clones(
+        &self,
+        src: &Domain,
+        new: &str,
+        instance: &str,
+        snapshot: &str,
+        edits: &[xml::DiskEdit],
+        clones: Vec<(Arc<Pool>, String)>,
+        started: Instant,
+        of: &str,
+    ) -> Result<()> {
         let clone_ms = started.elapsed().as_millis() as u64;
-        if let Err(e) = self.define_and_start(src, new, instance, snapshot, &edits) {
+        if let Err(e) = self.define_and_start(src, new, instance, snapshot, edits) {
             remove_clones(&clones);
             return Err(e);
         }
-        info!(domain = %new, %instance, %snapshot, clone_ms, clones = clones.len(), "launched on RBD clones");
+        info!(domain = %new, %instance, %snapshot, clone_ms, clones = clones.len(), "launched on RBD clones{of}");
         if self.opts.flatten_on_launch {
             flatten_in_background(clones);
         }
-        Ok(Some(()))
+        Ok(())
+    }
+}
+
+/// Remove the RBD clones a failed launch had made (logged, not returned: the launch's own
+/// error is what the caller reports).
+pub(super) fn remove_clones(clones: &[(Arc<Pool>, String)]) {
+    for (pool, name) in clones {
+        if let Err(e) = pool.remove_image(name) {
+            warn!(image = %name, error = %e, "cannot remove the RBD clone of a failed launch");
+        }
     }
 }
 

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 use tracing::{info, warn};
 
-use super::rbd::{clone_name, flatten_in_background, Paused, RbdDisk};
+use super::rbd::{clone_name, remove_clones, Paused, RbdDisk};
 use super::store::{Meta, MetaDisk, RbdLeftover, RbdRef, RbdStep, Store, StoreSnap};
 use super::{lv_err, safe_part, xml, LibvirtProvider, ManagedRbd};
 use crate::ceph::Pool;
@@ -408,13 +408,6 @@ impl LibvirtProvider {
         let access = self.rbd_access(&owner)?;
         let current = Self::domain_xml(src, 0)?.disks;
         let mut clones: Vec<(Arc<Pool>, String)> = Vec::new();
-        let remove_clones = |clones: &[(Arc<Pool>, String)]| {
-            for (pool, name) in clones {
-                if let Err(e) = pool.remove_image(name) {
-                    warn!(image = %name, error = %e, "cannot remove the RBD clone of a failed launch");
-                }
-            }
-        };
         let mut edits = Vec::new();
         let started = Instant::now();
         for d in &s.meta.disks {
@@ -465,15 +458,15 @@ impl LibvirtProvider {
                 }
             }
         }
-        let clone_ms = started.elapsed().as_millis() as u64;
-        if let Err(e) = self.define_and_start(src, new, instance, snapshot, &edits) {
-            remove_clones(&clones);
-            return Err(e);
-        }
-        info!(domain = %new, %instance, %snapshot, clone_ms, clones = clones.len(), "launched on RBD clones of a store snapshot");
-        if self.opts.flatten_on_launch {
-            flatten_in_background(clones);
-        }
-        Ok(())
+        self.start_on_clones(
+            src,
+            new,
+            instance,
+            snapshot,
+            &edits,
+            clones,
+            started,
+            " of a store snapshot",
+        )
     }
 }
