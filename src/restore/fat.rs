@@ -577,11 +577,7 @@ impl GuestFs for FatFs {
             return Ok(None);
         }
         let size = e.size();
-        let mut map = FileMap {
-            size,
-            runs: Vec::new(),
-        };
-        let end = offset.saturating_add(len).min(size);
+        let (mut map, end) = FileMap::window(size, offset, len);
         if offset >= end {
             return Ok(Some(map));
         }

@@ -132,6 +132,16 @@ pub enum Place {
 pub const MAX_MAP_RUNS: usize = 1024;
 
 impl FileMap {
+    /// An empty map of a file of `size` bytes, and where a window of `len` bytes from
+    /// `offset` ends inside it (`offset` or less: nothing of the file is asked for).
+    pub(crate) fn window(size: u64, offset: u64, len: u64) -> (FileMap, u64) {
+        let map = FileMap {
+            size,
+            runs: Vec::new(),
+        };
+        (map, offset.saturating_add(len).min(size))
+    }
+
     /// Append `len` bytes at file offset `offset` (the end of the runs so far), merged with the
     /// last run where they continue it. `volume_len` turns a disk run past the volume's end
     /// into [`Place::Reader`]. `false` once the map is full: stop adding.

@@ -770,11 +770,7 @@ impl GuestFs for NtfsFs {
         else {
             return Ok(None);
         };
-        let mut map = FileMap {
-            size: *size,
-            runs: Vec::new(),
-        };
-        let end = offset.saturating_add(len).min(*size);
+        let (mut map, end) = FileMap::window(*size, offset, len);
         let vol = self.dev.len();
         let mut pos = offset;
         for r in &runs[first_run(runs, offset)..] {

@@ -1268,11 +1268,7 @@ impl GuestFs for XfsFs {
             return Ok(None);
         }
         let size = i.size();
-        let mut map = FileMap {
-            size,
-            runs: Vec::new(),
-        };
-        let end = offset.saturating_add(len).min(size);
+        let (mut map, end) = FileMap::window(size, offset, len);
         if offset >= end {
             return Ok(Some(map));
         }

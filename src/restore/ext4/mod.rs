@@ -1724,11 +1724,7 @@ impl GuestFs for Ext4Fs {
             return Ok(None);
         }
         let size = inode.size();
-        let mut map = FileMap {
-            size,
-            runs: Vec::new(),
-        };
-        let end = offset.saturating_add(len).min(size);
+        let (mut map, end) = FileMap::window(size, offset, len);
         if offset >= end {
             return Ok(Some(map));
         }
