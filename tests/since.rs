@@ -6,7 +6,8 @@
 //! (older, newer) applying the reported extents, with newer's bytes, to a copy of older gives
 //! exactly newer (the references are `qemu-img convert` / `rbd export`), extents marked zero
 //! read as zeros, and every reported granule (cluster, 4 KiB for RBD) was touched by an
-//! operation between the two. Then the same through a real mount with `cp --sparse=always`.
+//! operation between the two. Then the same through a real mount with `cp --sparse=always`,
+//! and the backup tools people use (tar, rsync, restic, borg) copying snapshots out and back.
 
 mod common;
 
@@ -645,4 +646,149 @@ fn since_dirs_through_the_mount_rbd() {
         read_file(&a) == read_file(&b),
         "import-diff of since/s0/disk.rbddiff is not s2"
     );
+}
+
+/// The backup tools people run on snapshot files (issue 15): `tar --sparse`, `rsync --sparse`,
+/// restic and borg each copy a whole snapshot disk and a `since/` file out of the mount and back
+/// exact, and the sparse-aware ones (all but Debian 12's restic 0.14) keep the `since/` file's holes (allocated bytes at most the
+/// changed bytes plus 1 MiB, where a dense copy would take the whole 24 MiB disk).
+#[test]
+fn backup_tools_copy_a_snapshot_and_a_since_file_out_exact() {
+    for tool in ["tar", "rsync", "restic", "borg"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(found, "{tool} missing: scripts/install-deps.sh installs it");
+    }
+    use std::os::unix::fs::MetadataExt;
+    let base = tempfile::tempdir().expect("tempdir");
+    let images = base.path().join("issue15tools");
+    std::fs::create_dir(&images).expect("mkdir");
+    let img = images.join("d.qcow2");
+    let p = img.to_str().expect("utf8");
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", p, &SIZE.to_string()]));
+    let mut seed = 0x1515_7001u64;
+    for k in 0..2u64 {
+        let (cmds, _) = random_ops(&mut seed, None);
+        qemu_io("qcow2", p, &cmds);
+        run(Command::new("qemu-img").args(["snapshot", "-c", &format!("s{k}"), p]));
+    }
+    // The reference for the whole disk is QEMU's own reading of the snapshot.
+    let reference = base.path().join("s1.ref.raw");
+    run(Command::new("qemu-img").args([
+        "convert",
+        "-l",
+        "snapshot.name=s1",
+        "-O",
+        "raw",
+        p,
+        reference.to_str().expect("utf8"),
+    ]));
+    let m = Mount::new(&images);
+    let snap = m.vol("d.qcow2").join(".snapshots/s1");
+    let full = snap.join("disk.raw");
+    let since = snap.join("since/s0/disk.raw");
+    assert!(
+        read_file(&full) == read_file(&reference),
+        "disk.raw is not s1"
+    );
+    let since_bytes = read_file(&since);
+    let changed: u64 = extents_json(&snap.join("since/s0/disk.extents.json"))
+        .iter()
+        .map(|c| c.length)
+        .sum();
+    assert!(changed < SIZE / 2, "the test wants a sparse since/ file");
+    let rel = ["disk.raw", "since/s0/disk.raw"];
+
+    // Each tool's restore lands in its own directory; `out` maps a path relative to the
+    // snapshot directory to where the tool put it.
+    let check = |tool: &str, out: &dyn Fn(&str) -> PathBuf, sparse: bool| {
+        assert!(
+            read_file(&out(rel[0])) == read_file(&reference),
+            "{tool}: the restored disk.raw differs from s1"
+        );
+        let got = out(rel[1]);
+        assert!(
+            read_file(&got) == since_bytes,
+            "{tool}: the restored since/s0/disk.raw differs"
+        );
+        let md = std::fs::metadata(&got).expect("stat restored since file");
+        assert_eq!(md.len(), SIZE, "{tool}: apparent size");
+        if sparse {
+            assert!(
+                md.blocks() * 512 <= changed + (1 << 20),
+                "{tool} filled the holes: {} bytes allocated for {changed} changed",
+                md.blocks() * 512
+            );
+        }
+    };
+    let work = tempfile::tempdir().expect("work");
+    let w = work.path();
+    let s = |p: &Path| p.to_str().expect("utf8").to_string();
+
+    // tar --sparse (GNU tar finds the data with SEEK_DATA/SEEK_HOLE).
+    let tar = w.join("a.tar");
+    let tar_out = w.join("tar");
+    std::fs::create_dir(&tar_out).expect("mkdir");
+    run(Command::new("tar")
+        .args(["--sparse", "-C", &s(&snap), "-cf", &s(&tar)])
+        .args(rel));
+    run(Command::new("tar").args(["-C", &s(&tar_out), "-xf", &s(&tar)]));
+    check("tar --sparse", &|r| tar_out.join(r), true);
+
+    // rsync --sparse, paths kept relative to the snapshot directory.
+    let rsync_out = w.join("rsync");
+    run(Command::new("rsync")
+        .current_dir(&snap)
+        .args(["-R", "--sparse"])
+        .args(rel)
+        .arg(format!("{}/", s(&rsync_out))));
+    check("rsync --sparse", &|r| rsync_out.join(r), true);
+
+    // restic (a repository without network, its cache in the work dir).
+    let restic = |args: &[&str]| {
+        run(Command::new("restic")
+            .current_dir(&snap)
+            .env("RESTIC_PASSWORD", "snapfs-test")
+            .env("RESTIC_CACHE_DIR", w.join("restic-cache"))
+            .args(["--quiet", "-r", &s(&w.join("restic-repo"))])
+            .args(args))
+    };
+    restic(&["init"]);
+    restic(&["backup", rel[0], rel[1]]);
+    let restic_out = w.join("restic");
+    // Debian 12's restic 0.14 has no `restore --sparse` (0.15 added it): contents only.
+    restic(&["restore", "latest", "--target", &s(&restic_out)]);
+    check("restic", &|r| restic_out.join(r), false);
+
+    // borg (an unencrypted repository, its cache and keys in the work dir).
+    let borg_repo = w.join("borg-repo");
+    let borg = |dir: &Path, args: &[&str]| {
+        run(Command::new("borg")
+            .current_dir(dir)
+            .env("BORG_BASE_DIR", w.join("borg-base"))
+            .env("BORG_PASSPHRASE", "")
+            .args(args))
+    };
+    borg(w, &["init", "-e", "none", &s(&borg_repo)]);
+    let archive = format!("{}::s1", s(&borg_repo));
+    // `--sparse` with the fixed chunker finds the holes with SEEK_DATA/SEEK_HOLE (borg's
+    // default content-defined chunks of ~2 MiB would store data and zeros together).
+    borg(
+        &snap,
+        &[
+            "create",
+            "--sparse",
+            "--chunker-params",
+            "fixed,65536",
+            &archive,
+            rel[0],
+            rel[1],
+        ],
+    );
+    let borg_out = w.join("borg");
+    std::fs::create_dir(&borg_out).expect("mkdir");
+    borg(&borg_out, &["extract", "--sparse", &archive]);
+    check("borg extract --sparse", &|r| borg_out.join(r), true);
 }
