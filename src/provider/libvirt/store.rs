@@ -831,12 +831,14 @@ impl LibvirtProvider {
             let begin_sent = Instant::now();
             let begun = dom.backup_begin(&req, flags);
             let begin_ms = begin_sent.elapsed().as_millis() as u64;
+            let thaw_sent = Instant::now();
             let thawed = frozen.map(|f| f.thaw());
+            let thaw_ms = thaw_sent.elapsed().as_millis() as u64;
             if quiesced {
                 stall_ms = Some(freeze_sent.elapsed().as_millis() as u64);
             }
             begun.map_err(|e| lv_err(format!("starting the backup of {owner}"), e))?;
-            info!(%owner, snapshot = %name, quiesced, stall_ms, freeze_ms = (begin_sent - freeze_sent).as_millis() as u64, begin_ms, "backup job started: copying");
+            info!(%owner, snapshot = %name, quiesced, stall_ms, freeze_ms = (begin_sent - freeze_sent).as_millis() as u64, begin_ms, thaw_ms, "backup job started: copying");
             if let Some(Err(e)) = thawed {
                 warn!(%owner, error = %e, "thaw after the backup start failed (snapfs keeps retrying)");
             }
