@@ -731,6 +731,16 @@ mod tests {
                 managed_by: None,
             },
         };
+        // Committed to a store like any snapshot (no file of its own to sync), then listed.
+        let t = tempfile::tempdir().unwrap();
+        let store = super::super::store::Store::new(t.path()).unwrap();
+        let part = store.begin("u", "d").unwrap();
+        part.record_lvm(&[snap.meta.disks[0].lvm.clone().unwrap()])
+            .unwrap();
+        part.commit(&snap.meta).unwrap();
+        let listed = store.list("u");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].meta.disks[0].lvm, snap.meta.disks[0].lvm);
         let (p, f) = snap.disk_path("vdb").unwrap();
         assert_eq!(p, PathBuf::from("/dev/cinder/volume-1.snapfs.1"));
         assert_eq!(f, crate::image::Format::Raw);

@@ -293,7 +293,11 @@ pub struct Part<'a> {
 impl Part<'_> {
     /// Make it a snapshot: `meta.json` and the images synced, the directory renamed.
     pub(super) fn commit(mut self, meta: &Meta) -> Result<StoreSnap> {
-        for d in meta.disks.iter().filter(|d| d.rbd.is_none()) {
+        for d in meta
+            .disks
+            .iter()
+            .filter(|d| d.rbd.is_none() && d.lvm.is_none())
+        {
             let p = self.dir.join(&d.file);
             std::fs::File::open(&p)
                 .and_then(|f| f.sync_all())
