@@ -112,6 +112,14 @@ echo
 echo "== $RUNS snapshots (ms: median min max); load: $(cut -d' ' -f1-3 /proc/loadavg)"
 row "snapfs mkdir wall time (vda + ${SIZE_MIB} MiB vdb copied)" "${T_SNAP[@]}"
 row "snapfs stall_ms (freeze sent -> thaw returned)" "${STALL[@]}"
+# The stall's parts, from the daemon's log: the freeze (agent round trip), libvirt's
+# virDomainBackupBegin, and the thaw.
+FRZ=($(sed -n 's/.*backup job started.* freeze_ms=\([0-9]*\).*/\1/p' "$WORK/state/snapfs.log"))
+BEG=($(sed -n 's/.*backup job started.* begin_ms=\([0-9]*\).*/\1/p' "$WORK/state/snapfs.log"))
+THAW=($(sed -n 's/.*backup job started.* thaw_ms=\([0-9]*\).*/\1/p' "$WORK/state/snapfs.log"))
+row "  of which freeze (guest agent), ms" "${FRZ[@]}"
+row "  of which virDomainBackupBegin, ms" "${BEG[@]}"
+row "  of which thaw (guest agent), ms" "${THAW[@]}"
 row "snapfs: longest writer.log gap around the mkdir" $(for w in "${W_SNAP[@]}"; do gap "$w"; done)
 printf '  %-54s %7s\n' "idle: longest gap in 2 s without snapshots" "$(gap "$idle_a:$idle_b")"
 echo "  guests left frozen after a snapshot: $left_frozen of $RUNS"

@@ -108,8 +108,8 @@ done
 "$TB/guest-cat.sh" "$NAME" /data/writer.log > "$WORK/writer.log"
 row() { printf '  %-52s %7s %7s %7s\n' "$1" $(printf '%s\n' "${@:2}" | stats); }
 echo
-echo "== snapshot wall time, $RUNS runs each, alternating (ms: median min max)"
-row "copy: mkdir, managed (push backup, 1 GiB copied)" "${T_COPY[@]}"
+echo "== snapshot wall time, $RUNS runs each, alternating (ms: median min max); load: $(cut -d' ' -f1-3 /proc/loadavg)"
+row "copy: mkdir, managed (push backup, $(( ALLOC >> 20 )) MiB copied)" "${T_COPY[@]}"
 row "external: mkdir, unmanaged" "${T_EXT[@]}"
 row "virsh snapshot-create-as --disk-only --quiesce" "${T_VIRSH[@]}"
 echo "  raw ms copy: ${T_COPY[*]}"
@@ -118,6 +118,7 @@ echo "== guest stall"
 row "copy: stall_ms (freeze sent -> thaw returned)" "${STALL[@]}"
 row "copy: of which freeze (agent), ms" $(sed -n 's/.*backup job started.* freeze_ms=\([0-9]*\).*/\1/p' "$WORK/sm/snapfs.log")
 row "copy: of which virDomainBackupBegin, ms" $(sed -n 's/.*backup job started.* begin_ms=\([0-9]*\).*/\1/p' "$WORK/sm/snapfs.log")
+row "copy: of which thaw (agent), ms" $(sed -n 's/.*backup job started.* thaw_ms=\([0-9]*\).*/\1/p' "$WORK/sm/snapfs.log")
 row "copy: longest writer.log gap around the mkdir" $(for w in "${W_COPY[@]}"; do gap "$w"; done)
 row "external: longest writer.log gap" $(for w in "${W_EXT[@]}"; do gap "$w"; done)
 row "virsh --quiesce: longest writer.log gap" $(for w in "${W_VIRSH[@]}"; do gap "$w"; done)

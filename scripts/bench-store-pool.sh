@@ -4,7 +4,8 @@
 # Usage: scripts/bench-store-pool.sh [--snapfs BIN] [--runs N] [--data-mib N] [NAME]
 #   --snapfs BIN    snapfs binary (default: target/release/snapfs, built if missing)
 #   --runs N        snapshots per method (default 3)
-#   --data-mib N    data written after the guest's 64 MiB disk in its RBD image (default 1024)
+#   --data-mib N    random data after the guest's 64 MiB disk in its RBD image (default 1024;
+#                   the guest's partitions stay as they were, so its writer loop runs)
 #   NAME            throw-away RBD guest (default h13-bench-sp), removed at the end
 # Needs the test bed (scripts/testbed/up.sh) and the loopback Ceph (scripts/ceph/start-ceph.sh).
 #
@@ -56,11 +57,15 @@ source "$REPO/scripts/bench-guest-lib.sh"
 echo "== RBD guest $NAME: the guest's disk + $DATA_MIB MiB written"
 "$TB/rbd-guest.sh" --recreate "$NAME" >/dev/null
 if (( DATA_MIB > 0 )); then
-    # Grown past the guest's GPT (its backup header is then not at the end: the guest's
-    # writer loop does not start, so the write gaps read 0; stall_ms still holds).
+    # The data goes *after* the guest's disk (its GPT and filesystem stay as they are: an
+    # `rbd bench` write starts at offset 0 and overwrote them, so the guest's writer loop
+    # never started). The image is rewritten as the guest's bytes + N MiB of random data,
+    # the way scripts/bench-managed.sh grows its raw base; the guest ignores the tail.
     virsh -q destroy "$NAME" >/dev/null
-    rbd resize --no-progress --size $(( 64 + DATA_MIB + 64 ))M "$IMG"
-    rbd bench --io-type write --io-size 4M --io-total "${DATA_MIB}M" --io-pattern seq "$IMG" >/dev/null
+    { rbd export --no-progress "$IMG" -; head -c "$(( DATA_MIB << 20 ))" /dev/urandom; } |
+        rbd import --no-progress - "$IMG.grown"
+    rbd rm --no-progress "$IMG"
+    rbd mv "$IMG.grown" "$IMG"
     virsh -q start "$NAME" >/dev/null
     "$TB/wait-agent.sh" "$NAME" 180
 fi

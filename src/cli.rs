@@ -280,6 +280,14 @@ pub struct CloudArgs {
         help_heading = "libvirt"
     )]
     pub managed_rbd: crate::provider::libvirt::ManagedRbd,
+    /// Block-device disks that are LVM logical volumes: take LVM snapshots (`lvcreate -s`,
+    /// the guest frozen around all of them) instead of copying them. Needs device-mapper.
+    #[arg(long, help_heading = "libvirt")]
+    pub lvm_snapshots: bool,
+    /// Copy-on-write space of an LVM snapshot of a thick LV (lvcreate -L; e.g. 1G; unit m
+    /// when none). Thin LVs need none.
+    #[arg(long, value_name = "SIZE", value_parser = crate::provider::libvirt::parse_lvm_size, help_heading = "libvirt")]
+    pub lvm_cow_size: Option<u64>,
 }
 
 impl CloudArgs {

@@ -54,6 +54,9 @@ pub struct MountConfig {
     /// The pool of copies of RBD disks (`--store-pool`).
     pub store_pool: Option<String>,
     pub managed_rbd: crate::provider::libvirt::ManagedRbd,
+    /// `--lvm-snapshots`, `--lvm-cow-size` (bytes).
+    pub lvm_snapshots: bool,
+    pub lvm_cow_size: Option<u64>,
 }
 
 /// Mount and serve in this process until unmounted. `ready` is told "READY" (or the error)
@@ -111,6 +114,8 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
         store: cfg.store.clone(),
         store_pool: cfg.store_pool.clone(),
         managed_rbd: cfg.managed_rbd,
+        lvm_snapshots: cfg.lvm_snapshots,
+        lvm_cow_size: cfg.lvm_cow_size,
         dial: None,
     };
     // (host, provider): one without a host for a single URI.

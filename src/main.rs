@@ -123,6 +123,8 @@ fn mount(m: MountArgs, args: Vec<OsString>) -> anyhow::Result<()> {
         store: m.cloud.store,
         store_pool: m.cloud.store_pool,
         managed_rbd: m.cloud.managed_rbd,
+        lvm_snapshots: m.cloud.lvm_snapshots,
+        lvm_cow_size: m.cloud.lvm_cow_size,
     };
     daemon::serve(cfg, ready)
 }

@@ -1239,3 +1239,521 @@ fn store_pool_kill_during_the_flatten_leaves_nothing() {
     );
     c.done(&m.log());
 }
+
+/// `--managed-rbd=keep-snapshot` (opt-in, docs/libvirt.md): mkdir leaves the RBD snapshot
+/// `snapfs.<id>` on the cloud's image and makes no copy; the snapshot reads as `rbd export` of
+/// that RBD snapshot, shows the guest as of the snapshot, survives a daemon restart; what it
+/// breaks is checked too (`rbd rm` of the image refused while it exists), and rmdir takes it
+/// off again, after which `rbd rm` works.
+#[test]
+fn keep_snapshot_keeps_the_rbd_snapshot_on_the_cloud_image() {
+    let Some(conf) = rbd_ready("keep_snapshot_keeps_the_rbd_snapshot_on_the_cloud_image") else {
+        return;
+    };
+    let _one = lock();
+    let name = format!("h13-t{}-ks", std::process::id());
+    let image = format!("rbd/{name}-vda");
+    script_ok("rbd-guest.sh", &["--recreate", &name]);
+    let _g = RbdGuest(name.clone());
+    let uuid = virsh_ok(&["domuuid", &name]).trim().to_string();
+    let marker = format!("marker-{}", std::process::id());
+    script_ok(
+        "guest-exec.sh",
+        &[
+            &name,
+            &format!("echo {marker} > /data/marker && sync"),
+            "30",
+        ],
+    );
+    let before = normalise(&virsh_ok(&["dumpxml", &name]));
+    let before_inactive = normalise(&virsh_ok(&["dumpxml", "--inactive", &name]));
+    let m = Mount::unmounted();
+    let args = [
+        LIBVIRT_ARG.to_string(),
+        format!("--ceph={}", conf.display()),
+        format!("--managed-match=^{name}$"),
+        "--managed-rbd=keep-snapshot".to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    m.mount(&args);
+    let snaps = m.mnt.join("instances").join(&name).join(".snapshots");
+    let snap = snaps.join("s1");
+    fs::create_dir(&snap).expect("mkdir s1");
+    let mut c = Checks::default();
+    let sj = json(&snap.join("snapshot.json"));
+    eprintln!("snapshot.json: {sj}");
+    c.check(
+        sj["method"] == "rbd-snapshot" && sj["via"] == "keep-snapshot" && sj["quiesced"] == true,
+        "method rbd-snapshot via keep-snapshot, quiesced",
+    );
+    c.check(sj["disks"][0]["kind"] == "rbd", "the disk's kind is rbd");
+    let source = sj["disks"][0]["source"].as_str().unwrap_or("").to_string();
+    let rbd_snap = source
+        .strip_prefix(&format!("{image}@"))
+        .unwrap_or("")
+        .to_string();
+    c.check(
+        rbd_snap.starts_with("snapfs."),
+        format!("the data is an RBD snapshot snapfs.<id> of the cloud's image ({source})"),
+    );
+    let listed: serde_json::Value =
+        serde_json::from_str(&rbd_all_snaps(&conf, &image)).unwrap_or_default();
+    let names: Vec<&str> = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    c.check(
+        names == [rbd_snap.as_str()],
+        format!("exactly that snapshot on the source image ({names:?})"),
+    );
+    c.check(
+        store_images(&conf, &uuid).is_empty(),
+        "no copy made in the store pool",
+    );
+    xml_unchanged(
+        &mut c,
+        "live",
+        &before,
+        &normalise(&virsh_ok(&["dumpxml", &name])),
+    );
+    xml_unchanged(
+        &mut c,
+        "inactive",
+        &before_inactive,
+        &normalise(&virsh_ok(&["dumpxml", "--inactive", &name])),
+    );
+    let (_, lsnaps) = out(virsh(&["snapshot-list", &name, "--name"]));
+    c.check(lsnaps.is_empty(), "no libvirt snapshot metadata");
+    // The guest goes on writing; the snapshot does not change.
+    script_ok(
+        "guest-exec.sh",
+        &[&name, "echo later > /data/after-snap && sync", "30"],
+    );
+    let h1 = sha(&snap.join("vda.raw"));
+    let exported = m.dir.path().join("snap.raw");
+    let (ok, text) = rbd_cmd(
+        &conf,
+        &[
+            "export",
+            "--no-progress",
+            &source,
+            exported.to_str().unwrap(),
+        ],
+    );
+    c.check(
+        ok && sha(&exported) == h1,
+        format!("vda.raw equals rbd export of {source} ({text})"),
+    );
+    let read_marker = fs::read_to_string(snap.join("files/vda/p1/marker")).unwrap_or_default();
+    c.check(
+        read_marker.trim() == marker,
+        format!("files/ shows the marker ({read_marker:?})"),
+    );
+    c.check(
+        !snap.join("files/vda/p1/after-snap").exists(),
+        "files/ does not show a file written after the snapshot",
+    );
+    // The record is the store's: a new daemon lists the snapshot and reads the same bytes.
+    remount_with(&m, &args);
+    c.check(
+        ls(&snaps) == ["s1"],
+        format!("listed after a restart ({:?})", ls(&snaps)),
+    );
+    c.check(
+        snap.join("vda.raw").exists() && sha(&snap.join("vda.raw")) == h1,
+        "vda.raw hashes the same after a restart",
+    );
+    // What keep-snapshot breaks: with the domain gone, Nova's `rbd rm` of its image fails.
+    virsh_ok(&["destroy", &name]);
+    let (ok, text) = rbd_cmd(&conf, &["rm", "--no-progress", &image]);
+    c.check(
+        !ok && text.contains("snapshot"),
+        format!("rbd rm of the source refused while the snapshot is kept ({text})"),
+    );
+    // rmdir takes the snapshot off the cloud's image: then the delete works.
+    c.check(fs::remove_dir(&snap).is_ok(), "rmdir s1");
+    c.check(
+        rbd_all_snaps(&conf, &image) == "[]",
+        format!(
+            "no snapshot on the source after rmdir ({})",
+            rbd_all_snaps(&conf, &image)
+        ),
+    );
+    let (ok, text) = rbd_cmd(&conf, &["rm", "--no-progress", &image]);
+    c.check(
+        ok,
+        format!("rbd rm of the source works after rmdir ({text})"),
+    );
+    c.done(&m.log());
+}
+
+/// Unmount, wait for the daemon to exit, mount again with `args`.
+fn remount_with(m: &Mount, args: &[&str]) {
+    let pid = m.daemon_pid();
+    m.unmount();
+    if let Some(pid) = pid {
+        assert!(
+            wait_gone(pid, Duration::from_secs(10)),
+            "daemon did not exit"
+        );
+    }
+    m.mount(args);
+}
+
+/// A launched domain and its RBD clone, removed on drop.
+struct Launched {
+    name: String,
+    conf: PathBuf,
+}
+
+impl Drop for Launched {
+    fn drop(&mut self) {
+        let _ = virsh(&["destroy", &self.name]);
+        let _ = virsh(&["undefine", &self.name]);
+        remove_rbd_image(&self.conf, &format!("rbd/{}-vda", self.name));
+        remove_console_logs(&self.name);
+    }
+}
+
+/// Launch from a `--store-pool` copy: `ln -s …/.snapshots/s1 launch/<new>` boots a new,
+/// unmanaged domain on an RBD clone of the store copy (not of the cloud's image), and the
+/// managed domain's image gets no snapshot, no clone and no feature change; rmdir is EBUSY
+/// while the clone exists, then removes the copy.
+#[test]
+fn store_pool_launch_boots_an_unmanaged_clone_of_the_copy() {
+    let Some(conf) = rbd_ready("store_pool_launch_boots_an_unmanaged_clone_of_the_copy") else {
+        return;
+    };
+    let _one = lock();
+    let name = format!("h13-t{}-sl", std::process::id());
+    let image = format!("rbd/{name}-vda");
+    script_ok("rbd-guest.sh", &["--recreate", &name]);
+    let _g = RbdGuest(name.clone());
+    let uuid = virsh_ok(&["domuuid", &name]).trim().to_string();
+    let features = rbd_features(&conf, &image);
+    let m = Mount::unmounted();
+    let args = store_pool_args(&conf, &name, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    m.mount(&args);
+    let snaps = m.mnt.join("instances").join(&name).join(".snapshots");
+    fs::create_dir(snaps.join("s1")).expect("mkdir s1");
+    let sj = json(&snaps.join("s1/snapshot.json"));
+    assert_eq!(sj["via"], "rbd-clone", "{sj}");
+    let copy = sj["disks"][0]["source"].as_str().unwrap_or("").to_string();
+    let before = normalise(&virsh_ok(&["dumpxml", &name]));
+    let before_inactive = normalise(&virsh_ok(&["dumpxml", "--inactive", &name]));
+
+    let new = format!("h13-t{}-sl-new", std::process::id());
+    let launched = Launched {
+        name: new.clone(),
+        conf: conf.clone(),
+    };
+    let _ = virsh(&["destroy", &new]);
+    let _ = virsh(&["undefine", &new]);
+    std::os::unix::fs::symlink(
+        format!("../instances/{name}/.snapshots/s1"),
+        m.mnt.join("launch").join(&new),
+    )
+    .expect("launch from the store-pool copy");
+    let mut c = Checks::default();
+    let (_, state) = out(virsh(&["domstate", &new]));
+    c.check(state == "running", format!("the new domain runs ({state})"));
+    let x = virsh_ok(&["dumpxml", &new]);
+    c.check(
+        x.contains(&format!("name='rbd/{new}-vda'")) && !x.contains(&format!("{name}-vda")),
+        "the new domain's disk is its own clone, not the cloud's image",
+    );
+    let info: serde_json::Value = serde_json::from_str(
+        &rbd_cmd(
+            &conf,
+            &["info", "--format", "json", &format!("rbd/{new}-vda")],
+        )
+        .1,
+    )
+    .unwrap_or_default();
+    let parent = &info["parent"];
+    c.check(
+        parent["pool"] == "rbd"
+            && parent["pool_namespace"] == "snapfs"
+            && copy
+                == format!(
+                    "rbd/snapfs/{}@{}",
+                    parent["image"].as_str().unwrap_or("?"),
+                    parent["snapshot"].as_str().unwrap_or("?")
+                ),
+        format!("the clone's parent is the store copy {copy} ({parent})"),
+    );
+    let ni = json(&m.mnt.join("instances").join(&new).join("instance.json"));
+    c.check(
+        ni["managed_by"].is_null(),
+        format!("the new domain is unmanaged ({})", ni["managed_by"]),
+    );
+    c.check(
+        ls(&m.mnt.join("launch")).contains(&new),
+        "launch/ lists the new domain",
+    );
+    // The managed domain and its image: untouched.
+    c.check(
+        rbd_all_snaps(&conf, &image) == "[]",
+        format!(
+            "no snapshot on the cloud's image ({})",
+            rbd_all_snaps(&conf, &image)
+        ),
+    );
+    c.check(
+        rbd_features(&conf, &image) == features,
+        "the cloud's image keeps its features",
+    );
+    let (_, children) = rbd_cmd(&conf, &["children", "--all", &image]);
+    c.check(
+        children.is_empty(),
+        format!("no clone of the cloud's image ({children})"),
+    );
+    xml_unchanged(
+        &mut c,
+        "live",
+        &before,
+        &normalise(&virsh_ok(&["dumpxml", &name])),
+    );
+    xml_unchanged(
+        &mut c,
+        "inactive",
+        &before_inactive,
+        &normalise(&virsh_ok(&["dumpxml", "--inactive", &name])),
+    );
+    let (_, st) = out(virsh(&["domstate", &name]));
+    c.check(
+        st == "running",
+        format!("the managed domain still runs ({st})"),
+    );
+    // rmdir: EBUSY while the clone depends on the copy; once it is gone, the copy goes.
+    c.check(
+        errno(fs::remove_dir(snaps.join("s1"))) == libc::EBUSY,
+        "rmdir EBUSY while the launched clone exists",
+    );
+    drop(launched);
+    c.check(
+        fs::remove_dir(snaps.join("s1")).is_ok(),
+        "rmdir once the clone is gone",
+    );
+    c.check(
+        store_images(&conf, &uuid).is_empty(),
+        format!("the store copy removed ({:?})", store_images(&conf, &uuid)),
+    );
+    c.done(&m.log());
+    for i in store_images(&conf, &uuid) {
+        remove_rbd_image(&conf, &format!("rbd/snapfs/{i}"));
+    }
+}
+
+/// Whether device-mapper and the LVM tools work here; the reason when not.
+fn lvm_missing() -> Option<String> {
+    let probe = |cmd: &str, args: &[&str]| -> Option<String> {
+        match Command::new(cmd).args(args).output() {
+            Ok(o) if o.status.success() => None,
+            Ok(o) => Some(format!(
+                "`{cmd} {}` failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => Some(format!("`{cmd}`: {e}")),
+        }
+    };
+    probe("dmsetup", &["version"]).or_else(|| probe("lvm", &["version"]))
+}
+
+/// A volume group on a loop device, removed with its LVs on drop.
+struct TestVg {
+    vg: String,
+    dev: String,
+    file: PathBuf,
+}
+
+impl TestVg {
+    fn lvm(args: &[&str]) -> String {
+        run(Command::new("lvm").args(args))
+    }
+}
+
+impl Drop for TestVg {
+    fn drop(&mut self) {
+        let _ = Command::new("vgremove").args(["-f", &self.vg]).output();
+        let _ = Command::new("pvremove").args(["-f", &self.dev]).output();
+        let _ = Command::new("losetup").args(["-d", &self.dev]).output();
+        let _ = fs::remove_file(&self.file);
+    }
+}
+
+/// Issue 16, `--lvm-snapshots`: a guest whose every disk is an LV (vda a thick LV holding the
+/// test disk, vdb a thin LV with GPT + ext4): mkdir takes an LVM snapshot of each (quiesced,
+/// `method` `lvm-snapshot`), the domain unchanged, `files/` shows the guest as of the
+/// snapshot, `vdb.raw` is the thin LV's bytes; rmdir removes the LV snapshots; a thick LV
+/// without `--lvm-cow-size` is EINVAL with no LV made and the guest not left frozen.
+/// Needs device-mapper: where `dmsetup version` fails (the machines this was written on) it
+/// prints SKIP with the reason.
+#[test]
+fn lvm_snapshots_of_a_thick_and_a_thin_lv() {
+    if !ready("lvm_snapshots_of_a_thick_and_a_thin_lv") || method() != "auto" {
+        return;
+    }
+    if let Some(why) = lvm_missing() {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP lvm_snapshots_of_a_thick_and_a_thin_lv: no device-mapper/LVM here ({why})"
+        );
+        return;
+    }
+    let _one = lock();
+    let pid = std::process::id();
+    let file = PathBuf::from(format!("/var/tmp/h16-lvm-{pid}.img"));
+    run(Command::new("truncate").args(["-s", "512M"]).arg(&file));
+    let dev = run(Command::new("losetup").args(["-f", "--show"]).arg(&file))
+        .trim()
+        .to_string();
+    let vg = format!("h16lvm{pid}");
+    let tvg = TestVg {
+        vg: vg.clone(),
+        dev: dev.clone(),
+        file,
+    };
+    TestVg::lvm(&["pvcreate", "-q", &dev]);
+    TestVg::lvm(&["vgcreate", "-q", &vg, &dev]);
+    TestVg::lvm(&["lvcreate", "-q", "-y", "-L", "64M", "-n", "root", &vg]);
+    TestVg::lvm(&[
+        "lvcreate",
+        "-q",
+        "-y",
+        "-L",
+        "160M",
+        "-T",
+        &format!("{vg}/pool"),
+    ]);
+    TestVg::lvm(&[
+        "lvcreate",
+        "-q",
+        "-y",
+        "-V",
+        "64M",
+        "-T",
+        &format!("{vg}/pool"),
+        "-n",
+        "thin",
+    ]);
+    let root = format!("/dev/{vg}/root");
+    let thin = format!("/dev/{vg}/thin");
+    let g = CloudGuest::new(&format!("h16-lvm-{pid}"), 0x1616, "", "", 0);
+    qemu_img(&[
+        "convert",
+        "-n",
+        "-O",
+        "raw",
+        guest_dir().join("demo-disk.qcow2").to_str().unwrap(),
+        &root,
+    ]);
+    let src = g.dir.join("vdb-src");
+    fs::create_dir_all(src.join("etc")).unwrap();
+    fs::write(src.join("etc/hello.txt"), "from the thin LV\n").unwrap();
+    run(Command::new("sgdisk").args(["-o", "-n", "1:2048:0", &thin]));
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "offset=1048576", "-d"])
+        .arg(&src)
+        .arg(&thin)
+        .arg("62M"));
+    // vda: the thick LV instead of the qcow2 file; vdb: the thin LV.
+    let disk = g.dir.join(format!("nova/instances/{}/disk", g.uuid));
+    let mut xml = g.xml.clone();
+    for (from, to) in [
+        (
+            "<disk type='file' device='disk'>".to_string(),
+            "<disk type='block' device='disk'>".to_string(),
+        ),
+        ("type='qcow2'/>".to_string(), "type='raw'/>".to_string()),
+        (
+            format!("<source file='{}'/>", disk.display()),
+            format!("<source dev='{root}'/>"),
+        ),
+        (
+            "</devices>".to_string(),
+            format!("    <disk type='block' device='disk'>\n      <driver name='qemu' type='raw'/>\n      <source dev='{thin}'/>\n      <target dev='vdb' bus='virtio'/>\n    </disk>\n  </devices>"),
+        ),
+    ] {
+        assert!(xml.contains(&from), "{from} not in the guest's XML:\n{xml}");
+        xml = xml.replacen(&from, &to, 1);
+    }
+    fs::write(&g.xml_path, &xml).unwrap();
+    g.boot();
+    g.exec("echo before > /data/before-snap && sync");
+    let lv_snaps = || -> Vec<String> {
+        TestVg::lvm(&["lvs", "--noheadings", "-o", "lv_name", &vg])
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.contains(".snapfs."))
+            .map(str::to_string)
+            .collect()
+    };
+
+    // A thick LV without --lvm-cow-size: refused before any freeze, nothing made.
+    let m = Mount::unmounted();
+    m.mount(&[LIBVIRT_ARG, "--lvm-snapshots"]);
+    let inst = m.mnt.join("instances").join(&g.name);
+    assert_eq!(
+        errno(fs::create_dir(inst.join(".snapshots/nocow"))),
+        libc::EINVAL
+    );
+    assert!(lv_snaps().is_empty(), "{:?}", lv_snaps());
+    assert!(!g.frozen());
+    m.unmount();
+
+    m.mount(&[LIBVIRT_ARG, "--lvm-snapshots", "--lvm-cow-size=32M"]);
+    let live = g.dumpxml(false);
+    let inactive = g.dumpxml(true);
+    let s1 = inst.join(".snapshots/s1");
+    fs::create_dir(&s1).expect("mkdir s1");
+    let mut c = Checks::default();
+    c.check(!g.frozen(), "guest not frozen after mkdir");
+    let sj = json(&s1.join("snapshot.json"));
+    eprintln!("snapshot.json: {sj}");
+    c.check(
+        sj["method"] == "lvm-snapshot" && sj["quiesced"] == true,
+        "method lvm-snapshot, quiesced",
+    );
+    let snaps = lv_snaps();
+    c.check(
+        snaps.len() == 2
+            && snaps.iter().any(|s| s.starts_with("root.snapfs."))
+            && snaps.iter().any(|s| s.starts_with("thin.snapfs.")),
+        format!("an LV snapshot of each LV ({snaps:?})"),
+    );
+    xml_unchanged(&mut c, "live", &live, &g.dumpxml(false));
+    xml_unchanged(&mut c, "inactive", &inactive, &g.dumpxml(true));
+    no_libvirt_traces(&mut c, &g);
+    g.exec("echo after > /data/after-snap && sync");
+    let p1 = s1.join("files/vda/p1");
+    c.check(
+        p1.join("before-snap").exists() && !p1.join("after-snap").exists(),
+        "files/ shows the guest as of the snapshot",
+    );
+    c.check(
+        fs::read_to_string(s1.join("files/vdb/p1/etc/hello.txt"))
+            .is_ok_and(|t| t == "from the thin LV\n"),
+        "files/vdb shows the thin LV's filesystem",
+    );
+    // vdb is never mounted in the guest: the snapshot is the LV's bytes.
+    c.check(
+        sha(&s1.join("vdb.raw")) == sha(Path::new(&thin)),
+        "vdb.raw hashes as the thin LV",
+    );
+    c.check(fs::remove_dir(&s1).is_ok(), "rmdir s1");
+    c.check(
+        lv_snaps().is_empty(),
+        format!("rmdir removed the LV snapshots ({:?})", lv_snaps()),
+    );
+    let log = m.log();
+    m.unmount();
+    drop(g);
+    drop(tvg);
+    c.done(&log);
+}

@@ -12,6 +12,7 @@
 
 pub mod agent;
 pub mod freeze;
+mod lvm;
 pub mod managed;
 mod memory;
 mod rbd;
@@ -112,6 +113,10 @@ pub struct LibvirtOptions {
     /// The Ceph pool whose RBD namespace `snapfs` holds copies of RBD disks (`--store-pool`).
     pub store_pool: Option<String>,
     pub managed_rbd: ManagedRbd,
+    /// Block-device disks that are LVM logical volumes get LVM snapshots (`--lvm-snapshots`)
+    /// instead of a copy; thick LVs need the copy-on-write size (`--lvm-cow-size`, bytes).
+    pub lvm_snapshots: bool,
+    pub lvm_cow_size: Option<u64>,
     /// One of several hosts (`-c` more than once): connections are opened with these bounds
     /// (and keepalive), and a host that does not answer at start-up is no error.
     pub dial: Option<super::hosts::DialLimits>,
@@ -161,6 +166,11 @@ pub(crate) fn lv_err(context: impl Into<String>, e: crate::libvirt::Error) -> Er
         _ if lower.contains("lock") => Error::Busy(what),
         _ => Error::Backend(what),
     }
+}
+
+/// `--lvm-cow-size`: a size as lvcreate's `-L` takes it, in bytes.
+pub fn parse_lvm_size(s: &str) -> std::result::Result<u64, String> {
+    lvm::parse_size(s)
 }
 
 /// A file name part made only of `[A-Za-z0-9._+-]`, never starting with `.`, bounded.
@@ -267,22 +277,27 @@ fn block_device_json(path: Option<&Path>) -> serde_json::Value {
         return serde_json::Value::Null;
     };
     let real = std::fs::canonicalize(path).ok();
-    let lvm = real
-        .as_ref()
-        .and_then(|r| r.file_name()?.to_str().map(str::to_string))
-        .filter(|dm| dm.starts_with("dm-"))
-        .and_then(|dm| {
-            let sys = Path::new("/sys/block").join(dm).join("dm");
-            let uuid = std::fs::read_to_string(sys.join("uuid")).ok()?;
-            if !uuid.starts_with("LVM-") {
-                return None;
-            }
-            lvm_names(std::fs::read_to_string(sys.join("name")).ok()?.trim())
-        });
+    let lvm = lvm_of(path);
     json!({
         "device": real.map(|r| r.display().to_string()),
         "lvm": lvm.map(|(vg, lv)| json!({ "vg": vg, "lv": lv })),
     })
+}
+
+/// The (VG, LV) of a block device that is an LVM logical volume: a device-mapper device
+/// whose uuid starts with `LVM-` (what udev's DM_UUID says), names from the mapper name.
+fn lvm_of(path: &Path) -> Option<(String, String)> {
+    let real = std::fs::canonicalize(path).ok()?;
+    let dm = real.file_name()?.to_str()?;
+    if !dm.starts_with("dm-") {
+        return None;
+    }
+    let sys = Path::new("/sys/block").join(dm).join("dm");
+    let uuid = std::fs::read_to_string(sys.join("uuid")).ok()?;
+    if !uuid.starts_with("LVM-") {
+        return None;
+    }
+    lvm_names(std::fs::read_to_string(sys.join("name")).ok()?.trim())
 }
 
 /// (VG, LV) from a device-mapper name `VG-LV`, where LVM doubles a `-` inside either name.
@@ -360,6 +375,9 @@ impl LibvirtProvider {
             .clone()
             .unwrap_or_else(|| opts.state_dir.join("store"));
         let store = store::Store::new(&store_dir)?;
+        if opts.lvm_snapshots && !lvm::device_mapper_available(&lvm::SystemLvm) {
+            warn!("--lvm-snapshots: device-mapper is not available here (dmsetup version failed): block-device disks are copied instead");
+        }
         let dialer = opts
             .dial
             .map(|limits| super::hosts::Dialer::new(&opts.uri, limits));

@@ -80,6 +80,9 @@ pub struct MetaDisk {
     /// The disk's data is in Ceph, not in `file` (`--store-pool`, `--managed-rbd`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rbd: Option<RbdRef>,
+    /// The disk's data is an LVM snapshot (`--lvm-snapshots`), not `file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lvm: Option<super::lvm::LvRef>,
 }
 
 /// An RBD snapshot that holds a store snapshot's disk: `pool[/namespace]/image@snap`.
@@ -131,6 +134,9 @@ struct Job {
     domain: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     rbd: Vec<RbdStep>,
+    /// LVM snapshots about to be made (`--lvm-snapshots`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    lvm: Vec<super::lvm::LvRef>,
 }
 
 /// A hidden store directory whose Ceph objects a previous daemon left: `.part-` (the steps
@@ -156,6 +162,9 @@ impl StoreSnap {
         let d = self.meta.disks.iter().find(|d| d.target == target)?;
         if d.rbd.is_some() {
             return None;
+        }
+        if let Some(lv) = &d.lvm {
+            return Some((lv.device(), Format::Raw));
         }
         Some((self.dir.join(&d.file), Format::parse(&d.format)?))
     }
@@ -186,6 +195,18 @@ impl StoreSnap {
                         "target": d.target,
                         "kind": if r.owned { "copy" } else { "rbd" },
                         "source": r.spec(),
+                        "format": "raw",
+                        "size": d.size,
+                        "store_bytes": Value::Null,
+                        "copied_from": d.source,
+                    });
+                }
+                if let Some(lv) = &d.lvm {
+                    return json!({
+                        "target": d.target,
+                        "kind": "lvm",
+                        "source": lv.device().display().to_string(),
+                        "lv": lv.spec(),
                         "format": "raw",
                         "size": d.size,
                         "store_bytes": Value::Null,
@@ -272,7 +293,11 @@ pub struct Part<'a> {
 impl Part<'_> {
     /// Make it a snapshot: `meta.json` and the images synced, the directory renamed.
     pub(super) fn commit(mut self, meta: &Meta) -> Result<StoreSnap> {
-        for d in meta.disks.iter().filter(|d| d.rbd.is_none()) {
+        for d in meta
+            .disks
+            .iter()
+            .filter(|d| d.rbd.is_none() && d.lvm.is_none())
+        {
             let p = self.dir.join(&d.file);
             std::fs::File::open(&p)
                 .and_then(|f| f.sync_all())
@@ -308,6 +333,21 @@ impl Part<'_> {
             uuid: self.uuid.clone(),
             domain: self.domain.clone(),
             rbd: steps.to_vec(),
+            lvm: Vec::new(),
+        };
+        let body =
+            serde_json::to_vec(&job).map_err(|e| Error::Backend(format!("encoding {JOB}: {e}")))?;
+        super::freeze::write_record_file(&self.dir, JOB, &body)
+    }
+
+    /// Record the LVM snapshots this snapshot is about to make (synced before they exist).
+    pub fn record_lvm(&self, snaps: &[super::lvm::LvRef]) -> Result<()> {
+        let job = Job {
+            pid: std::process::id(),
+            uuid: self.uuid.clone(),
+            domain: self.domain.clone(),
+            rbd: Vec::new(),
+            lvm: snaps.to_vec(),
         };
         let body =
             serde_json::to_vec(&job).map_err(|e| Error::Backend(format!("encoding {JOB}: {e}")))?;
@@ -429,6 +469,7 @@ impl Store {
             uuid: uuid.to_string(),
             domain: domain.to_string(),
             rbd: Vec::new(),
+            lvm: Vec::new(),
         };
         let body = serde_json::to_vec(&job).unwrap_or_default();
         super::freeze::write_record_file(&part.dir, JOB, &body)?;
@@ -527,6 +568,21 @@ impl Store {
                 }
                 if let (Some(j), true) = (&job, file.starts_with(PART)) {
                     abort_our_backup(conn, &j.uuid, &j.domain, &e.path());
+                }
+                // LVM snapshots of an unfinished mkdir (its job) or of a half-done rmdir.
+                let lvs: Vec<super::lvm::LvRef> = if file.starts_with(PART) {
+                    job.map(|j| j.lvm).unwrap_or_default()
+                } else {
+                    read_meta(&e.path())
+                        .map(|m| m.disks.into_iter().filter_map(|d| d.lvm).collect())
+                        .unwrap_or_default()
+                };
+                if !lvs.is_empty() {
+                    // Already gone is fine (lvcreate never ran, or lvremove did).
+                    if let Err(err) = super::lvm::remove_present(&super::lvm::SystemLvm, &lvs) {
+                        warn!(dir = %e.path().display(), error = %err, "LVM snapshots of an incomplete store snapshot not removable: kept for the next start");
+                        continue;
+                    }
                 }
                 n += 1;
                 match std::fs::remove_dir_all(e.path()) {
@@ -720,6 +776,11 @@ impl LibvirtProvider {
                 _ => {}
             }
         }
+        let def = Self::domain_xml(dom, 0)?;
+        if let Some(lvs) = self.lvm_origins(&def) {
+            // Every data disk an LVM LV (--lvm-snapshots): LVM snapshots, no copy.
+            return self.create_lvm_snapshot(dom, owner, name, managed_by, &lvs);
+        }
         let started = Instant::now();
         let dom_name = dom.name().map_err(|e| lv_err("domain name", e))?;
         let uuid = dom.uuid_string().map_err(|e| lv_err("domain uuid", e))?;
@@ -728,7 +789,6 @@ impl LibvirtProvider {
         }
         let _busy = store.claim(&uuid, owner)?;
         let (_, active) = state_name(dom)?;
-        let def = Self::domain_xml(dom, 0)?;
         let mut included = Vec::new();
         let mut excluded = Vec::new();
         for d in &def.disks {
@@ -775,12 +835,14 @@ impl LibvirtProvider {
             let begin_sent = Instant::now();
             let begun = dom.backup_begin(&req, flags);
             let begin_ms = begin_sent.elapsed().as_millis() as u64;
+            let thaw_sent = Instant::now();
             let thawed = frozen.map(|f| f.thaw());
+            let thaw_ms = thaw_sent.elapsed().as_millis() as u64;
             if quiesced {
                 stall_ms = Some(freeze_sent.elapsed().as_millis() as u64);
             }
             begun.map_err(|e| lv_err(format!("starting the backup of {owner}"), e))?;
-            info!(%owner, snapshot = %name, quiesced, stall_ms, freeze_ms = (begin_sent - freeze_sent).as_millis() as u64, begin_ms, "backup job started: copying");
+            info!(%owner, snapshot = %name, quiesced, stall_ms, freeze_ms = (begin_sent - freeze_sent).as_millis() as u64, begin_ms, thaw_ms, "backup job started: copying");
             if let Some(Err(e)) = thawed {
                 warn!(%owner, error = %e, "thaw after the backup start failed (snapfs keeps retrying)");
             }
@@ -861,13 +923,21 @@ impl LibvirtProvider {
             .meta
             .disks
             .iter()
-            .map(|d| super::canonical(&snap.dir.join(&d.file)))
+            .map(|d| {
+                let p = snap
+                    .disk_path(&d.target)
+                    .map_or_else(|| snap.dir.join(&d.file), |(p, _)| p);
+                super::canonical(&p)
+            })
             .collect();
         if let Some(who) = self.dependent_domain(&uuid, &images)? {
             return Err(Error::Busy(format!(
                 "snapshot {} of {owner} is used by another domain: {who}",
                 snap.meta.name
             )));
+        }
+        if snap.meta.disks.iter().any(|d| d.lvm.is_some()) {
+            return self.delete_store_lvm(owner, snap);
         }
         self.store()?.remove(snap)?;
         info!(%owner, snapshot = %snap.meta.name, "store snapshot removed");
@@ -886,6 +956,7 @@ fn meta_disk(d: &xml::Disk, path: &Path, format: &str, size: u64) -> MetaDisk {
         size,
         source: d.source.describe(),
         rbd: None,
+        lvm: None,
     }
 }
 
@@ -909,6 +980,7 @@ mod tests {
                 size: 4096,
                 source: "/x".into(),
                 rbd: None,
+                lvm: None,
             }],
             stall_ms: None,
             copy_ms: 1,

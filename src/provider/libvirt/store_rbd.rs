@@ -324,6 +324,7 @@ impl LibvirtProvider {
                 size,
                 source: format!("rbd {}/{}", d.pool, d.image),
                 rbd: Some(data),
+                lvm: None,
             });
         }
         let meta = Meta {
