@@ -18,6 +18,7 @@
 
 mod cache;
 mod child;
+mod window;
 pub mod wire;
 
 use std::io::Write;
@@ -150,6 +151,8 @@ struct Conn {
     child: Child,
     sock: UnixStream,
     started: Instant,
+    /// Where its block reads are answered ([`window`]); without one, in the reply frames.
+    window: Option<window::Window>,
 }
 
 impl Conn {
@@ -190,6 +193,14 @@ impl Conn {
                     .is_none_or(|e| e > disk.size())
             {
                 return Err(bad("block read outside the disk"));
+            }
+            // Into the window when it fits: only [0, len) of it, len checked here.
+            if let Some(dst) = self.window.as_mut().and_then(|w| w.first_mut(len as usize)) {
+                match disk.read_at(dst, off) {
+                    Ok(()) => (&self.sock).write_all(&W::new(wire::IN_WINDOW).u32(len).done())?,
+                    Err(e) => (&self.sock).write_all(&W::new(wire::ERR).error(&e).done())?,
+                }
+                continue;
             }
             data.clear();
             data.resize(len as usize, 0);
@@ -297,11 +308,20 @@ impl WorkerFs {
             source: e,
         })?;
         let fd = theirs.as_raw_fd();
+        let mut window = match window::Window::new(window::WINDOW_BYTES) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::debug!(error = %e, "restore worker: no shared window, block reads through the socket");
+                None
+            }
+        };
+        let wfd = window.as_ref().map_or(-1, |w| w.raw_fd());
         let cpu = self.cfg.cpu_secs.max(1);
         let mut cmd = Command::new("/proc/self/exe");
         cmd.arg(SUBCOMMAND)
             .arg(self.cfg.uid.to_string())
             .arg(self.cfg.mem_mb.to_string())
+            .arg(window.as_ref().map_or(0, |w| w.bytes()).to_string())
             .env_clear()
             .current_dir("/")
             .stdin(Stdio::null())
@@ -310,12 +330,27 @@ impl WorkerFs {
         // SAFETY: only async-signal-safe system calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
+                // The window's memfd must not be overwritten by the socket's dup2 below.
+                let wfd = if wfd == child::SOCKET_FD {
+                    libc::fcntl(wfd, libc::F_DUPFD, 16)
+                } else {
+                    wfd
+                };
                 if fd == child::SOCKET_FD {
                     if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 } else if libc::dup2(fd, child::SOCKET_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if wfd >= 0 {
+                    if wfd == window::WINDOW_FD {
+                        if libc::fcntl(wfd, libc::F_SETFD, 0) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    } else if libc::dup2(wfd, window::WINDOW_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 // The daemon blocks its termination signals for its signal thread.
                 let mut none: libc::sigset_t = std::mem::zeroed();
@@ -338,11 +373,15 @@ impl WorkerFs {
             source: e,
         })?;
         drop(theirs);
+        if let Some(w) = window.as_mut() {
+            w.close_fd();
+        }
         let _ = ours.set_read_timeout(Some(MESSAGE_TIMEOUT));
         let mut conn = Conn {
             child,
             sock: ours,
             started: Instant::now(),
+            window,
         };
         let req = W::new(wire::OPEN)
             .u64(self.disk.size())
