@@ -193,6 +193,15 @@ pub struct MountArgs {
     /// CPU seconds a restore worker may use before it is ended (RLIMIT_CPU; a new one starts).
     #[arg(long, value_name = "SECONDS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..), help_heading = "Guest files")]
     pub restore_worker_cpu_s: u64,
+    /// Bytes the daemon keeps of all restore workers' answers (attributes, file maps, listings,
+    /// lookups read ahead), all volumes together, least recently used dropped first, in MiB.
+    #[arg(
+        long,
+        value_name = "MIB",
+        default_value_t = 64,
+        help_heading = "Guest files"
+    )]
+    pub restore_worker_cache_mb: usize,
     /// Internal, for tests: lookups of `.snapfs-worker-try-open` / `.snapfs-worker-hang` in a
     /// guest directory make its worker call open(2) / hang.
     #[arg(long, hide = true)]

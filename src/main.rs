@@ -90,6 +90,7 @@ fn mount(m: MountArgs, args: Vec<OsString>) -> anyhow::Result<()> {
         mem_mb: m.restore_worker_mem_mb,
         cpu_secs: m.restore_worker_cpu_s,
         test_hooks: m.restore_worker_test_hooks,
+        cache_bytes: m.restore_worker_cache_mb.saturating_mul(1 << 20),
     });
     let cfg = MountConfig {
         mountpoint: m.mountpoint,

@@ -13,10 +13,14 @@ use crate::error::{Error, Result};
 use crate::image::{BlockImage, Extent, ExtentKind};
 use crate::restore::{self, GuestFs, Partition, Place, Volume};
 
+use super::window::{self, WINDOW_FD};
 use super::wire::{self, R, W};
 
 /// The descriptor the daemon hands over.
 pub const SOCKET_FD: i32 = 3;
+
+/// The daemon's shared window for block reads, when it gave one.
+static WINDOW: std::sync::OnceLock<window::Mapped> = std::sync::OnceLock::new();
 
 /// Entry point of the hidden subcommand; never returns.
 pub fn main(args: &[String]) -> ! {
@@ -36,11 +40,17 @@ fn arg<T: std::str::FromStr>(args: &[String], i: usize) -> std::result::Result<T
 fn sandbox(args: &[String]) -> std::result::Result<(), ()> {
     let uid: u32 = arg(args, 0)?;
     let mem_mb: u64 = arg(args, 1)?;
-    // SAFETY: plain system calls on this process's own state; no memory is shared.
+    // The daemon's window for block reads, mapped read-only (fd 4 is then closed).
+    let window: usize = arg(args, 2).unwrap_or(0);
+    if window > 0 {
+        let w = window::Mapped::map(window).ok_or(())?;
+        WINDOW.set(w).map_err(|_| ())?;
+    }
+    // SAFETY: plain system calls on this process's own state.
     unsafe {
         // Whatever the daemon had open (FUSE, libvirt, Ceph sockets) that was not close-on-exec.
-        if libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) != 0 {
-            for fd in 4..4096 {
+        if libc::syscall(libc::SYS_close_range, WINDOW_FD as u32, u32::MAX, 0u32) != 0 {
+            for fd in WINDOW_FD..4096 {
                 libc::close(fd);
             }
         }
@@ -186,8 +196,15 @@ impl RemoteImage {
             source: e,
         };
         let mut s = &*self.sock;
-        for (i, piece) in buf.chunks_mut(wire::MAX_BLOCK_READ as usize).enumerate() {
-            let off = offset + (i as u64) * u64::from(wire::MAX_BLOCK_READ);
+        // Pieces that fit the window, when there is one.
+        let most = WINDOW
+            .get()
+            .map_or(wire::MAX_BLOCK_READ as usize, |w| {
+                w.bytes().min(wire::MAX_BLOCK_READ as usize)
+            })
+            .max(1);
+        for (i, piece) in buf.chunks_mut(most).enumerate() {
+            let off = offset + (i as u64) * most as u64;
             let req = W::new(wire::BLOCK_READ)
                 .u64(off)
                 .u32(piece.len() as u32)
@@ -205,6 +222,13 @@ impl RemoteImage {
                         return Err(Error::Backend("restore worker: short block read".into()));
                     }
                     piece.copy_from_slice(data);
+                }
+                wire::IN_WINDOW => {
+                    let fits = r.u32()? as usize == piece.len()
+                        && WINDOW.get().is_some_and(|w| w.copy_to(piece));
+                    if !fits {
+                        return Err(Error::Backend("restore worker: bad window answer".into()));
+                    }
                 }
                 _ => return Err(r.error()?),
             }

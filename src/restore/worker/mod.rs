@@ -16,7 +16,9 @@
 //! volume starts a new one (the volume is opened again: inode numbers are the filesystem's own,
 //! so they stay valid).
 
+mod cache;
 mod child;
+mod window;
 pub mod wire;
 
 use std::io::Write;
@@ -52,6 +54,8 @@ pub struct WorkerConfig {
     pub cpu_secs: u64,
     /// Test hooks: lookups of [`HOOK_OPEN`] / [`HOOK_HANG`] in a guest directory.
     pub test_hooks: bool,
+    /// Bytes the daemon keeps of all workers' answers together ([`cache`]).
+    pub cache_bytes: usize,
 }
 
 impl Default for WorkerConfig {
@@ -62,6 +66,7 @@ impl Default for WorkerConfig {
             mem_mb: 512,
             cpu_secs: 3600,
             test_hooks: false,
+            cache_bytes: 64 << 20,
         }
     }
 }
@@ -110,22 +115,7 @@ pub fn open_volume(disk: Arc<dyn BlockImage>, part: &Partition) -> Result<Volume
         root: AtomicU64::new(0),
         describe: Mutex::new(String::new()),
         restarts: AtomicU64::new(0),
-        stats: Mutex::new(lru::LruCache::new(
-            std::num::NonZeroUsize::new(STAT_CACHE).unwrap_or(std::num::NonZeroUsize::MIN),
-        )),
-        maps: Mutex::new(lru::LruCache::new(
-            std::num::NonZeroUsize::new(MAP_CACHE).unwrap_or(std::num::NonZeroUsize::MIN),
-        )),
-        listings: Mutex::new(Listings {
-            lru: lru::LruCache::unbounded(),
-            entries: 0,
-        }),
-        looked: Mutex::new(lru::LruCache::new(
-            std::num::NonZeroUsize::new(LOOKED).unwrap_or(std::num::NonZeroUsize::MIN),
-        )),
-        xattrs: Mutex::new(lru::LruCache::new(
-            std::num::NonZeroUsize::new(LOOKED).unwrap_or(std::num::NonZeroUsize::MIN),
-        )),
+        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
     };
     let mut guard = lock(&fs.conn);
     match fs.start()? {
@@ -161,6 +151,8 @@ struct Conn {
     child: Child,
     sock: UnixStream,
     started: Instant,
+    /// Where its block reads are answered ([`window`]); without one, in the reply frames.
+    window: Option<window::Window>,
 }
 
 impl Conn {
@@ -202,6 +194,14 @@ impl Conn {
             {
                 return Err(bad("block read outside the disk"));
             }
+            // Into the window when it fits: only [0, len) of it, len checked here.
+            if let Some(dst) = self.window.as_mut().and_then(|w| w.first_mut(len as usize)) {
+                match disk.read_at(dst, off) {
+                    Ok(()) => (&self.sock).write_all(&W::new(wire::IN_WINDOW).u32(len).done())?,
+                    Err(e) => (&self.sock).write_all(&W::new(wire::ERR).error(&e).done())?,
+                }
+                continue;
+            }
             data.clear();
             data.resize(len as usize, 0);
             match disk.read_at(&mut data, off) {
@@ -236,23 +236,24 @@ pub struct WorkerFs {
     root: AtomicU64,
     describe: Mutex<String>,
     restarts: AtomicU64,
-    /// Attributes the worker gave (a snapshot does not change): `stat` of a file just looked
-    /// up, or listed with attributes, needs no round trip.
-    /// With each, whether the file may be opened without asking (`CHECK_OPEN`).
-    stats: Mutex<lru::LruCache<u64, Attrs>>,
-    /// Where files' bytes lie on the disk (a window of each recently read file), so that
-    /// their reads are served here from the disk, not through the worker's socket.
-    maps: Mutex<lru::LruCache<u64, Arc<Mapped>>>,
-    /// Recent listings with each name's position: a lookup of one name asks the worker for the
-    /// names after it too (`find`, `ls -l` and copies look names up in listing order).
-    /// Listings kept here too, so that the directory read-ahead's (`prefetch_dir`) serve the
-    /// walker's `readdir` without a round trip.
-    listings: Mutex<Listings>,
-    /// Lookups answered ahead of the kernel's request: (dir, name) → attributes, openable.
-    looked: Mutex<lru::LruCache<(u64, Vec<u8>), Attrs>>,
-    /// Small extended attribute lists that came with lookups read ahead.
-    xattrs: Mutex<lru::LruCache<u64, XattrList>>,
+    /// This volume's number in the daemon's one cache of workers' answers ([`cache`]), where
+    /// it keeps (a snapshot does not change):
+    /// - attributes (`stat` of a file just looked up, or listed with attributes, needs no
+    ///   round trip), each with whether the file may be opened without asking (`CHECK_OPEN`);
+    /// - where files' bytes lie on the disk (a window of each recently read file), so that
+    ///   their reads are served here from the disk, not through the worker's socket;
+    /// - recent listings with each name's position: a lookup of one name asks the worker for
+    ///   the names after it too (`find`, `ls -l` and copies look names up in listing order),
+    ///   and the directory read-ahead's listings (`prefetch_dir`) serve the walker's
+    ///   `readdir` without a round trip;
+    /// - lookups answered ahead of the kernel's request: (dir, name) → attributes, openable;
+    /// - small extended attribute lists that came with lookups read ahead.
+    id: u64,
 }
+
+/// Numbers of volumes in the cache: never reused, so a closed volume's entries are never
+/// another's.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A file's attributes and whether it may be opened without asking (`CHECK_OPEN`).
 type Attrs = (FileStat, bool);
@@ -271,26 +272,9 @@ struct Listing {
     next: AtomicU64,
 }
 
-/// Listings kept, least recently used dropped first, at most [`LISTING_ENTRIES`] entries in
-/// all (about 64 bytes each, twice that once indexed: 16 MiB per volume at the very worst).
-struct Listings {
-    lru: lru::LruCache<u64, Arc<Listing>>,
-    entries: usize,
-}
-
-const LISTING_ENTRIES: usize = 128 << 10;
 /// The largest listing kept (a bigger directory is asked for each time, and its lookups go
 /// one by one: its index would cost more than it saves).
 const LISTING_MAX: usize = 16 << 10;
-/// Lookups answered ahead (at most ~400 bytes each with a 255-byte name: 3 MiB per volume),
-/// and as many small xattr lists (at most 512 bytes each: 4 MiB).
-const LOOKED: usize = 8 << 10;
-
-/// Entries of [`WorkerFs::stats`] (~120 bytes each: 2 MiB per volume at most).
-const STAT_CACHE: usize = 16 << 10;
-/// Files whose map is kept ([`restore::MAX_MAP_RUNS`] runs of 24 bytes at most each: 12 MiB
-/// per volume at the very worst, a few KiB for unfragmented files).
-const MAP_CACHE: usize = 512;
 /// How much of a file one `MAP` request asks about.
 const MAP_WINDOW: u64 = 256 << 20;
 
@@ -307,7 +291,13 @@ impl Drop for WorkerFs {
         if let Some(mut c) = lock(&self.conn).take() {
             c.end();
         }
+        cache::global().forget_volume(self.id);
     }
+}
+
+/// The daemon cache's entries (`Entry`) and bytes charged, for tests and figures.
+pub fn cache_usage() -> (usize, usize) {
+    cache::global().usage()
 }
 
 impl WorkerFs {
@@ -318,11 +308,20 @@ impl WorkerFs {
             source: e,
         })?;
         let fd = theirs.as_raw_fd();
+        let mut window = match window::Window::new(window::WINDOW_BYTES) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::debug!(error = %e, "restore worker: no shared window, block reads through the socket");
+                None
+            }
+        };
+        let wfd = window.as_ref().map_or(-1, |w| w.raw_fd());
         let cpu = self.cfg.cpu_secs.max(1);
         let mut cmd = Command::new("/proc/self/exe");
         cmd.arg(SUBCOMMAND)
             .arg(self.cfg.uid.to_string())
             .arg(self.cfg.mem_mb.to_string())
+            .arg(window.as_ref().map_or(0, |w| w.bytes()).to_string())
             .env_clear()
             .current_dir("/")
             .stdin(Stdio::null())
@@ -331,12 +330,27 @@ impl WorkerFs {
         // SAFETY: only async-signal-safe system calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
+                // The window's memfd must not be overwritten by the socket's dup2 below.
+                let wfd = if wfd == child::SOCKET_FD {
+                    libc::fcntl(wfd, libc::F_DUPFD, 16)
+                } else {
+                    wfd
+                };
                 if fd == child::SOCKET_FD {
                     if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 } else if libc::dup2(fd, child::SOCKET_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if wfd >= 0 {
+                    if wfd == window::WINDOW_FD {
+                        if libc::fcntl(wfd, libc::F_SETFD, 0) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    } else if libc::dup2(wfd, window::WINDOW_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 // The daemon blocks its termination signals for its signal thread.
                 let mut none: libc::sigset_t = std::mem::zeroed();
@@ -359,11 +373,15 @@ impl WorkerFs {
             source: e,
         })?;
         drop(theirs);
+        if let Some(w) = window.as_mut() {
+            w.close_fd();
+        }
         let _ = ours.set_read_timeout(Some(MESSAGE_TIMEOUT));
         let mut conn = Conn {
             child,
             sock: ours,
             started: Instant::now(),
+            window,
         };
         let req = W::new(wire::OPEN)
             .u64(self.disk.size())
@@ -501,17 +519,20 @@ impl GuestFs for WorkerFs {
     }
 
     fn stat(&self, ino: u64) -> Result<FileStat> {
-        if let Some((s, _)) = lock(&self.stats).get(&ino) {
-            return Ok(s.clone());
+        if let Some((s, _)) = self.cached_attrs(ino) {
+            return Ok(s);
         }
         let reply = self.call(W::new(wire::STAT).u64(ino).done())?;
         let (s, openable) = self.decode(&reply, |r| Ok((r.stat()?, r.u8()? != 0)))?;
-        lock(&self.stats).put(ino, (s.clone(), openable));
+        self.keep(
+            cache::Key::Stat(self.id, ino),
+            cache::Entry::Attrs((s.clone(), openable)),
+        );
         Ok(s)
     }
 
     fn check_open(&self, ino: u64) -> Result<()> {
-        if lock(&self.stats).get(&ino).is_some_and(|(_, ok)| *ok) {
+        if self.cached_attrs(ino).is_some_and(|(_, ok)| ok) {
             return Ok(());
         }
         self.call(W::new(wire::CHECK_OPEN).u64(ino).done())
@@ -528,8 +549,10 @@ impl GuestFs for WorkerFs {
             self.call(W::new(tag).done())?;
             return Err(Error::NotFound(String::from_utf8_lossy(name).into_owned()));
         }
-        let key = (dir, name.to_vec());
-        let ahead = lock(&self.looked).pop(&key);
+        let ahead = match cache::global().pop(&cache::Key::Looked(self.id, dir, name.to_vec())) {
+            Some(cache::Entry::Attrs(a)) => Some(a),
+            _ => None,
+        };
         let (s, openable) = match ahead {
             Some(v) => v,
             None => match self.lookup_ahead(dir, name)? {
@@ -540,12 +563,15 @@ impl GuestFs for WorkerFs {
                 }
             },
         };
-        lock(&self.stats).put(s.ino, (s.clone(), openable));
+        self.keep(
+            cache::Key::Stat(self.id, s.ino),
+            cache::Entry::Attrs((s.clone(), openable)),
+        );
         Ok(s)
     }
 
     fn readdir(&self, dir: u64) -> Result<DirList> {
-        if let Some(l) = lock(&self.listings).lru.get(&dir) {
+        if let Some(l) = self.cached_listing(dir) {
             return Ok(l.list.clone());
         }
         let reply = self.call(W::new(wire::READDIR).u64(dir).done())?;
@@ -593,8 +619,10 @@ impl GuestFs for WorkerFs {
     }
 
     fn xattrs(&self, ino: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        if let Some(x) = lock(&self.xattrs).get(&ino) {
-            return Ok(x.clone());
+        if let Some(cache::Entry::Xattrs(x)) =
+            cache::global().get(&cache::Key::Xattrs(self.id, ino))
+        {
+            return Ok(x.as_ref().clone());
         }
         let reply = self.call(W::new(wire::XATTRS).u64(ino).done())?;
         self.decode(&reply, |r| read_xattrs(r, reply.len()))
@@ -604,7 +632,7 @@ impl GuestFs for WorkerFs {
     /// then needs no round trip.
     /// Only when the worker is idle: the walker's own requests are not to wait behind it.
     fn prefetch_dir(&self, dir: u64) -> Vec<u64> {
-        if let Some(l) = lock(&self.listings).lru.get(&dir) {
+        if let Some(l) = self.cached_listing(dir) {
             return restore::subdirs(&l.list);
         }
         let reply = {
@@ -649,7 +677,7 @@ impl WorkerFs {
     /// `name` in `dir` with the names after it in a listing seen lately, in one request; the
     /// others' attributes are kept for their lookups. `None` when `dir` was not listed lately.
     fn lookup_ahead(&self, dir: u64, name: &[u8]) -> Result<Option<Result<Attrs>>> {
-        let Some(l) = lock(&self.listings).lru.get(&dir).cloned() else {
+        let Some(l) = self.cached_listing(dir) else {
             return Ok(None);
         };
         let pos = l.pos.get_or_init(|| {
@@ -696,7 +724,11 @@ impl WorkerFs {
                 }
                 let (st, openable) = (r.stat()?, r.u8()? != 0);
                 if r.u8()? != 0 {
-                    lock(&self.xattrs).put(st.ino, read_xattrs(r, wire::AHEAD_XATTR_BYTES)?);
+                    let x = read_xattrs(r, wire::AHEAD_XATTR_BYTES)?;
+                    self.keep(
+                        cache::Key::Xattrs(self.id, st.ino),
+                        cache::Entry::Xattrs(Arc::new(x)),
+                    );
                 }
                 let map = match r.u8()? {
                     0 => None,
@@ -704,7 +736,10 @@ impl WorkerFs {
                     _ => Some(decode_map_body(r, 0, vol)?),
                 };
                 if let Some(m) = map {
-                    lock(&self.maps).put(st.ino, Arc::new(m));
+                    self.keep(
+                        cache::Key::Map(self.id, st.ino),
+                        cache::Entry::Map(Arc::new(m)),
+                    );
                 }
                 v.push(Ok((st, openable)));
             }
@@ -714,11 +749,13 @@ impl WorkerFs {
         let first = results
             .next()
             .ok_or_else(|| Error::Backend("restore worker: no lookup result".into()))?;
-        let mut looked = lock(&self.looked);
         for (n, res) in names[1..].iter().zip(results) {
             // Errors are not kept: the kernel's own lookup asks again and meets them there.
             if let Ok(v) = res {
-                looked.put((dir, n.to_vec()), v);
+                self.keep(
+                    cache::Key::Looked(self.id, dir, n.to_vec()),
+                    cache::Entry::Attrs(v),
+                );
             }
         }
         Ok(Some(first))
@@ -732,17 +769,7 @@ impl WorkerFs {
                 pos: OnceLock::new(),
                 next: AtomicU64::new(u64::MAX),
             });
-            let mut c = lock(&self.listings);
-            c.entries += list.len();
-            if let Some(old) = c.lru.put(dir, l) {
-                c.entries -= old.list.len();
-            }
-            while c.entries > LISTING_ENTRIES {
-                match c.lru.pop_lru() {
-                    Some((_, old)) => c.entries -= old.list.len(),
-                    None => break,
-                }
-            }
+            self.keep(cache::Key::Listing(self.id, dir), cache::Entry::Listing(l));
         }
     }
 
@@ -782,7 +809,7 @@ impl WorkerFs {
     /// checked). `None` when the worker's reader failed to map it: `READ` then gives that
     /// reader's error, or the bytes (a file damaged past the window may read fine before it).
     fn mapped(&self, ino: u64, pos: u64) -> Result<Option<Arc<Mapped>>> {
-        if let Some(m) = lock(&self.maps).get(&ino) {
+        if let Some(cache::Entry::Map(m)) = cache::global().get(&cache::Key::Map(self.id, ino)) {
             match m.as_ref() {
                 Mapped::No => return Ok(Some(m.clone())),
                 Mapped::Window { start, map }
@@ -803,8 +830,26 @@ impl WorkerFs {
         };
         let vol = self.volume_len();
         let m = Arc::new(self.decode(&reply, |r| decode_map(r, pos, vol))?);
-        lock(&self.maps).put(ino, m.clone());
+        self.keep(cache::Key::Map(self.id, ino), cache::Entry::Map(m.clone()));
         Ok(Some(m))
+    }
+
+    fn keep(&self, key: cache::Key, entry: cache::Entry) {
+        cache::global().put(key, entry);
+    }
+
+    fn cached_attrs(&self, ino: u64) -> Option<Attrs> {
+        match cache::global().get(&cache::Key::Stat(self.id, ino)) {
+            Some(cache::Entry::Attrs(a)) => Some(a),
+            _ => None,
+        }
+    }
+
+    fn cached_listing(&self, dir: u64) -> Option<Arc<Listing>> {
+        match cache::global().get(&cache::Key::Listing(self.id, dir)) {
+            Some(cache::Entry::Listing(l)) => Some(l),
+            _ => None,
+        }
     }
 
     /// The volume's length on the disk: where disk runs must end.

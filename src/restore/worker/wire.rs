@@ -49,6 +49,9 @@ pub const OK: u8 = 0;
 pub const ERR: u8 = 1;
 /// Inside a request: the worker asks for disk bytes (offset u64, len u32).
 pub const BLOCK_READ: u8 = 2;
+/// The daemon's answer to a block read: the bytes are at the start of the shared window
+/// (len u32), not in the frame.
+pub const IN_WINDOW: u8 = 3;
 
 // Places in a MAP reply: zeros, disk bytes (offset follows), ask the worker (READ).
 pub const PLACE_ZERO: u8 = 0;
