@@ -116,6 +116,7 @@ crate::dl::dl_api! {
         fn virDomainSnapshotGetXMLDesc(snap: virDomainSnapshotPtr, flags: c_uint) -> *mut c_char = null_mut();
         fn virDomainSnapshotDelete(snap: virDomainSnapshotPtr, flags: c_uint) -> c_int = -1;
         fn virDomainRevertToSnapshot(snap: virDomainSnapshotPtr, flags: c_uint) -> c_int = -1;
+        fn virDomainSnapshotIsCurrent(snap: virDomainSnapshotPtr, flags: c_uint) -> c_int = -1;
         fn virDomainSnapshotFree(snap: virDomainSnapshotPtr) -> c_int = -1;
         fn virStoragePoolGetName(pool: virStoragePoolPtr) -> *const c_char = null();
         fn virStoragePoolGetXMLDesc(pool: virStoragePoolPtr, flags: c_uint) -> *mut c_char = null_mut();

@@ -741,6 +741,13 @@ impl DomainSnapshot {
         // SAFETY: valid snapshot.
         check(unsafe { ffi::virDomainRevertToSnapshot(self.ptr, flags) }).map(drop)
     }
+
+    /// `virDomainSnapshotIsCurrent`: whether this is the domain's current snapshot (the one
+    /// last taken or reverted to).
+    pub fn is_current(&self) -> Result<bool> {
+        // SAFETY: valid snapshot.
+        check(unsafe { ffi::virDomainSnapshotIsCurrent(self.ptr, 0) }).map(|r| r == 1)
+    }
 }
 
 impl Drop for DomainSnapshot {

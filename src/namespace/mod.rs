@@ -826,8 +826,9 @@ impl Namespace {
 
     /// Revert `owner` to its snapshot `snap`: first keep the state being discarded as
     /// `before-revert-<time>` (unless `--revert-keep=no`), then the backend's revert. The
-    /// lineage is recorded before the backend is asked (whose revert, a child process or a
-    /// cluster operation, finishes even if this daemon is killed) and put back if it fails.
+    /// lineage gets an intent before the backend is asked and the new `current` only once it
+    /// answered: a daemon killed in between leaves the intent, which the next one resolves by
+    /// asking the backend ([`Namespace::recover_reverts`]).
     fn revert(&self, owner: &Owner, snap: &str) -> Result<()> {
         let provider = self.reg.provider(owner)?;
         let _busy = self.begin(owner)?;
@@ -838,7 +839,6 @@ impl Namespace {
             .cloned()
             .ok_or_else(|| Error::Invalid(format!("snapshot {snap} of {owner} is gone")))?;
         provider.check_revert(owner, &target)?;
-        let mut prev = self.current_of(owner)?;
         if self.revert_keep {
             let stamp = rfc3339_name(SystemTime::now());
             let mut keep = format!("before-revert-{stamp}");
@@ -848,27 +848,81 @@ impl Namespace {
                 }
                 keep = format!("before-revert-{stamp}-{i}");
             }
+            let prev = self.current_of(owner)?;
             let res = provider.create_snapshot(owner, &keep);
             self.reg.changed(owner);
             res?;
             info!(%owner, snapshot = %keep, "kept the state being reverted");
-            self.record_created(owner, &keep, prev.take());
-            prev = self.reg.snapshot(owner, &keep).ok();
+            self.record_created(owner, &keep, prev);
         }
         let records = provider.records_lineage(owner);
         if records {
-            self.lineage.reverted(owner, SnapRef::of(&target));
+            self.lineage.begin_revert(owner, SnapRef::of(&target));
         }
+        failpoint("revert-before-backend");
         let started = std::time::Instant::now();
         let res = provider.revert_snapshot(owner, &target);
         self.reg.changed(owner);
         if let Err(e) = res {
-            if let (true, Some(p)) = (records, prev) {
-                self.lineage.reverted(owner, SnapRef::of(&p));
+            if records {
+                self.lineage.revert_failed(owner);
             }
             return Err(e);
         }
+        failpoint("revert-after-backend");
+        if records {
+            self.lineage.reverted(owner, SnapRef::of(&target));
+        }
         info!(%owner, %snap, ms = started.elapsed().as_millis() as u64, "reverted");
+        Ok(())
+    }
+
+    /// At start-up, before the mount serves: reverts a killed daemon began. The backend tells
+    /// whether each happened (`current` becomes the target) or not (`current` stays); where it
+    /// cannot tell (an RBD rollback runs in the daemon and may have stopped half way), the
+    /// revert is done again, so the instance or volume ends fully reverted. Returns how many
+    /// were resolved; one that cannot be resolved now keeps its intent for the next start.
+    pub fn recover_reverts(&self) -> usize {
+        let mut n = 0;
+        for (owner, to) in self.lineage.interrupted() {
+            match self.recover_revert(&owner, &to) {
+                Ok(()) => n += 1,
+                Err(e) => {
+                    tracing::error!(%owner, snapshot = %to.name, error = %e, "cannot resolve a revert a previous daemon was killed in: current stays as it was; snapfs tries again at its next start")
+                }
+            }
+        }
+        n
+    }
+
+    fn recover_revert(&self, owner: &Owner, to: &SnapRef) -> Result<()> {
+        let provider = self.reg.provider(owner)?;
+        let snaps = self.reg.snapshots(owner)?;
+        let Some(target) = to.find(&snaps).cloned() else {
+            tracing::warn!(%owner, snapshot = %to.name, "a revert a previous daemon was killed in: its snapshot is gone, current stays");
+            self.lineage.revert_failed(owner);
+            return Ok(());
+        };
+        match provider.reverted_to(owner, &target)? {
+            Some(true) => {
+                tracing::warn!(%owner, snapshot = %target.name, "a revert a previous daemon was killed in had happened: current is its snapshot");
+                self.lineage.reverted(owner, SnapRef::of(&target));
+            }
+            Some(false) => {
+                tracing::warn!(%owner, snapshot = %target.name, "a revert a previous daemon was killed in had not happened: current stays");
+                self.lineage.revert_failed(owner);
+            }
+            None => {
+                tracing::warn!(%owner, snapshot = %target.name, "a revert a previous daemon was killed in may have stopped part way: doing it again");
+                provider.check_revert(owner, &target)?;
+                let started = std::time::Instant::now();
+                let res = provider.revert_snapshot(owner, &target);
+                self.reg.changed(owner);
+                res?;
+                self.lineage.reverted(owner, SnapRef::of(&target));
+                info!(%owner, snapshot = %target.name, ms = started.elapsed().as_millis() as u64, "interrupted revert finished");
+            }
+        }
         Ok(())
     }
 
@@ -1017,6 +1071,18 @@ fn disk_key(owner: &Owner, snap: &SnapshotInfo, target: &str) -> String {
         .unwrap_or_default()
         .as_nanos();
     format!("{owner:?}\0{}\0{}\0{created}\0{target}", snap.name, snap.id)
+}
+
+/// A test hook: with `SNAPFS_FAILPOINT=<name>` in the daemon's environment, the daemon stops
+/// at the point `name` (logging that it did) for ten minutes, so a test can kill it there.
+/// Points: `revert-before-backend`, `revert-after-backend`.
+fn failpoint(name: &str) {
+    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let point = POINT.get_or_init(|| std::env::var("SNAPFS_FAILPOINT").ok());
+    if point.as_deref() == Some(name) {
+        tracing::warn!(failpoint = name, "failpoint reached: pausing");
+        std::thread::sleep(Duration::from_secs(600));
+    }
 }
 
 /// RFC 3339 UTC with `-` for `:`, for snapshot names (`before-revert-2026-12-06T03-55-12Z`).

@@ -351,6 +351,11 @@ impl Provider for HostProvider {
         self.call(|p| p.revert_snapshot(&o, snap))
     }
 
+    fn reverted_to(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<Option<bool>> {
+        let o = self.inner_owner(owner)?;
+        self.call(|p| p.reverted_to(&o, snap))
+    }
+
     fn settings(&self, owner: &Owner) -> Result<Vec<(String, String)>> {
         let o = self.inner_owner(owner)?;
         self.call(|p| p.settings(&o))

@@ -1254,6 +1254,13 @@ impl Provider for LibvirtProvider {
         self.revert_instance(owner, snap)
     }
 
+    fn reverted_to(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<Option<bool>> {
+        if let Owner::Volume { .. } = owner {
+            return self.pool_images(owner)?.reverted_to(owner, snap);
+        }
+        self.instance_reverted_to(owner, snap)
+    }
+
     fn open_disk(
         &self,
         owner: &Owner,

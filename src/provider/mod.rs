@@ -148,6 +148,14 @@ pub trait Provider: Send + Sync {
         )))
     }
 
+    /// Whether the live state of `owner` is now snapshot `snap`'s, for a revert a killed daemon
+    /// asked for: `Some(true)` it happened, `Some(false)` it did not; `None` cannot tell (the
+    /// revert may have stopped part way), so the namespace does it again.
+    fn reverted_to(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<Option<bool>> {
+        let _ = (owner, snap);
+        Ok(None)
+    }
+
     /// The per-object settings shown as `user.snapfs.<name>` extended attributes of the
     /// object directory, with their effective values; none where the backend keeps none.
     fn settings(&self, owner: &Owner) -> Result<Vec<(String, String)>> {

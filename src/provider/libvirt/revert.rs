@@ -12,7 +12,8 @@
 //! | libvirt, with memory | libvirt revert, running again from that memory | the same |
 //! | libvirt, with memory, state file gone | `EINVAL` | `EINVAL` |
 //! | cloud-managed domain | `EPERM`: the cloud owns the live state | `EPERM` |
-//! | copy in snapfs's store, RBD record | `ENOTSUP` (launch it instead) | `ENOTSUP` |
+//! | RBD record (RBD-backed domain) | `rbd_snap_rollback` of every disk, stays shut off; `EBUSY` while another client has a disk open | `EBUSY`: shut it off first |
+//! | copy in snapfs's store | `ENOTSUP` (launch it instead) | `ENOTSUP` |
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -50,18 +51,10 @@ impl LibvirtProvider {
         owner: &Owner,
         snap: &SnapshotInfo,
     ) -> Result<(DomainSnapshot, bool)> {
-        if let Some(m) = self.managed_by(dom)? {
-            let system = m["system"].as_str().unwrap_or("unknown");
-            warn!(%owner, snapshot = %snap.name, managed_by = %system,
-                "revert refused: the cloud owns this domain's live state; use {}", cloud_command(system));
-            return Err(Error::NotPermitted(format!(
-                "{owner} is managed by {system}: revert it with {}",
-                cloud_command(system)
-            )));
-        }
+        self.refuse_managed(dom, owner, snap)?;
         let Ok(ls) = Domain::lookup_snapshot_by_name(dom, &snap.name, 0) else {
             return Err(Error::NotSupported(format!(
-                "snapshot {} of {owner} is a copy in snapfs's store or an RBD record, which cannot become the live disk: launch it instead (ln -s … launch/<new>)",
+                "snapshot {} of {owner} is a copy in snapfs's store, which cannot become the live disk: launch it instead (ln -s … launch/<new>)",
                 snap.name
             )));
         };
@@ -78,6 +71,31 @@ impl LibvirtProvider {
             }
         }
         Ok((ls, sx.memory != "no"))
+    }
+
+    /// `EPERM` on a cloud-managed domain: the cloud owns its live state.
+    fn refuse_managed(&self, dom: &Domain, owner: &Owner, snap: &SnapshotInfo) -> Result<()> {
+        if let Some(m) = self.managed_by(dom)? {
+            let system = m["system"].as_str().unwrap_or("unknown");
+            warn!(%owner, snapshot = %snap.name, managed_by = %system,
+                "revert refused: the cloud owns this domain's live state; use {}", cloud_command(system));
+            return Err(Error::NotPermitted(format!(
+                "{owner} is managed by {system}: revert it with {}",
+                cloud_command(system)
+            )));
+        }
+        Ok(())
+    }
+
+    /// The RBD record `snap` stands for, when it is one (its id says so, the record confirms).
+    fn rbd_record_of(
+        dom: &Domain,
+        snap: &SnapshotInfo,
+    ) -> Result<Option<super::xml::RbdSnapRecord>> {
+        if !snap.id.starts_with("rbd:") {
+            return Ok(None);
+        }
+        Self::rbd_record(dom, &snap.name)
     }
 
     /// Data disks of the domain now vs those of the snapshot: a revert across an attach or
@@ -104,6 +122,11 @@ impl LibvirtProvider {
 
     pub(super) fn check_instance_revert(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<()> {
         let dom = self.domain(owner)?;
+        if let Some(rec) = Self::rbd_record_of(&dom, snap)? {
+            self.refuse_managed(&dom, owner, snap)?;
+            Self::same_disks(&dom, owner, snap)?;
+            return self.check_rbd_revert(&dom, owner, &rec);
+        }
         let (_, memory) = self.revertible(&dom, owner, snap)?;
         let (state, active) = state_name(&dom)?;
         if active && !memory {
@@ -117,6 +140,10 @@ impl LibvirtProvider {
 
     pub(super) fn revert_instance(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<()> {
         let dom = self.domain(owner)?;
+        if let Some(rec) = Self::rbd_record_of(&dom, snap)? {
+            self.refuse_managed(&dom, owner, snap)?;
+            return self.revert_rbd(&dom, owner, &rec);
+        }
         let (ls, memory) = self.revertible(&dom, owner, snap)?;
         // A memory snapshot resumes the guest as it was; a disk-only one leaves it shut off.
         let flags = if memory {
@@ -144,5 +171,26 @@ impl LibvirtProvider {
         }
         info!(%owner, snapshot = %snap.name, memory, ms = started.elapsed().as_millis() as u64, "libvirt reverted the instance");
         Ok(())
+    }
+
+    /// For a revert a killed daemon asked for: a libvirt snapshot is current (libvirt's own
+    /// mark) once libvirt reverted to it; an RBD rollback ran in the daemon and may have
+    /// stopped part way (None: do it again); store copies are never reverted.
+    pub(super) fn instance_reverted_to(
+        &self,
+        owner: &Owner,
+        snap: &SnapshotInfo,
+    ) -> Result<Option<bool>> {
+        let dom = self.domain(owner)?;
+        if Self::rbd_record_of(&dom, snap)?.is_some() {
+            return Ok(None);
+        }
+        match Domain::lookup_snapshot_by_name(&dom, &snap.name, 0) {
+            Ok(ls) => ls
+                .is_current()
+                .map(Some)
+                .map_err(|e| lv_err(format!("is snapshot {} of {owner} current", snap.name), e)),
+            Err(_) => Ok(Some(false)),
+        }
     }
 }
