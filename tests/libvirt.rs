@@ -1307,3 +1307,99 @@ fn kill_during_a_memory_revert_leaves_it_whole_or_untouched() {
     let kj = json(&snap_dir(&m, &name, &kept).join("snapshot.json"));
     assert_eq!(kj["memory"], true, "{kj}");
 }
+
+/// A shut-off domain (never booted: no guest lock) on a qcow2 file with an internal snapshot
+/// made by `virsh snapshot-create-as` (libvirt's kind for an inactive qcow2 domain:
+/// `qemu-img snapshot -c`). Revert through `current` equals `qemu-img snapshot -a` on a copy,
+/// byte for byte; the state kept first is an internal snapshot too (the domain's disk stays the
+/// same file, no overlay), readable, and reverting to it brings the discarded data back.
+#[test]
+fn revert_to_an_internal_snapshot_of_a_shut_off_instance() {
+    if !testbed_ready("revert_to_an_internal_snapshot_of_a_shut_off_instance") {
+        return;
+    }
+    struct Gone(String, PathBuf);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            remove_domain(&self.0);
+            let _ = fs::remove_dir_all(&self.1);
+        }
+    }
+    let name = format!("issue-14r-t{}-int", std::process::id());
+    let dir = PathBuf::from(format!("/var/tmp/{name}"));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    let _gone = Gone(name.clone(), dir.clone());
+    let img = dir.join("vda.qcow2");
+    let img_s = img.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", img_s, "8M"]);
+    qemu_io(&img, "write -P 0x41 0 1M");
+    let xml = dir.join("dom.xml");
+    fs::write(
+        &xml,
+        format!(
+            "<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{img_s}'/><target dev='vda' bus='virtio'/></disk></devices></domain>"
+        ),
+    )
+    .unwrap();
+    let o = virsh(&["define", xml.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = virsh(&["snapshot-create-as", &name, "int1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(qemu_img(&["snapshot", "-l", img_s]).contains("int1"));
+    qemu_io(&img, "write -P 0x42 0 1M");
+
+    // The reference: qemu-img snapshot -a on a copy taken now.
+    let copy = dir.join("copy.qcow2");
+    fs::copy(&img, &copy).unwrap();
+    qemu_img(&["snapshot", "-a", "int1", copy.to_str().unwrap()]);
+    let want = dir.join("want.raw");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        copy.to_str().unwrap(),
+        want.to_str().unwrap(),
+    ]);
+
+    let m = Mount::with_providers(&[LIBVIRT_ARG]);
+    let inst = instance_dir(&m, &name);
+    run(Command::new("ln")
+        .args(["-sfn", ".snapshots/int1", "current"])
+        .current_dir(&inst));
+    let got = dir.join("got.raw");
+    qemu_img(&["convert", "-O", "raw", img_s, got.to_str().unwrap()]);
+    assert!(
+        fs::read(&got).unwrap() == fs::read(&want).unwrap(),
+        "revert differs from qemu-img snapshot -a"
+    );
+    assert_eq!(
+        fs::read_link(inst.join("current")).unwrap(),
+        Path::new(".snapshots/int1")
+    );
+    let blk = String::from_utf8_lossy(&virsh(&["domblklist", &name]).stdout).into_owned();
+    assert!(blk.contains(img_s), "the disk moved to an overlay: {blk}");
+    let kept: Vec<String> = ls(&inst.join(".snapshots"))
+        .into_iter()
+        .filter(|n| n.starts_with("before-revert-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(
+        qemu_img(&["snapshot", "-l", img_s]).contains(&kept[0]),
+        "the kept state is not an internal snapshot"
+    );
+    let kept_disk = fs::read(snap_dir(&m, &name, &kept[0]).join("vda.raw")).unwrap();
+    assert!(kept_disk[..1 << 20].iter().all(|b| *b == 0x42));
+
+    // Back to the kept state with mv -T: 0x42 is live again.
+    std::os::unix::fs::symlink(format!(".snapshots/{}", kept[0]), inst.join("back")).unwrap();
+    run(Command::new("mv")
+        .arg("-T")
+        .arg(inst.join("back"))
+        .arg(inst.join("current")));
+    qemu_img(&["convert", "-O", "raw", img_s, got.to_str().unwrap()]);
+    assert!(fs::read(&got).unwrap()[..1 << 20]
+        .iter()
+        .all(|b| *b == 0x42));
+    drop(m);
+}

@@ -849,7 +849,7 @@ impl Namespace {
                 keep = format!("before-revert-{stamp}-{i}");
             }
             let prev = self.current_of(owner)?;
-            let res = provider.create_snapshot(owner, &keep);
+            let res = provider.keep_before_revert(owner, &target, &keep);
             self.reg.changed(owner);
             res?;
             info!(%owner, snapshot = %keep, "kept the state being reverted");

@@ -14,6 +14,11 @@
 //! | cloud-managed domain | `EPERM`: the cloud owns the live state | `EPERM` |
 //! | RBD record (RBD-backed domain) | `rbd_snap_rollback` of every disk, stays shut off; `EBUSY` while another client has a disk open | `EBUSY`: shut it off first |
 //! | copy in snapfs's store | `ENOTSUP` (launch it instead) | `ENOTSUP` |
+//! | libvirt, qcow2 internal (made by others) | libvirt revert (`qemu-img snapshot -a`) | with memory (savevm): the same; disk only: `EBUSY` |
+//!
+//! Before a revert to an internal snapshot, the state being discarded is kept as an internal
+//! snapshot too ([`LibvirtProvider::keep_internal`]): an external overlay on top would leave
+//! libvirt reverting the disks' internal snapshot in an image (the overlay) that lacks it.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -192,5 +197,37 @@ impl LibvirtProvider {
                 .map_err(|e| lv_err(format!("is snapshot {} of {owner} current", snap.name), e)),
             Err(_) => Ok(Some(false)),
         }
+    }
+
+    /// The `before-revert-…` of a revert to an internal snapshot: an internal snapshot of the
+    /// live state (libvirt's default kind: `qemu-img snapshot -c` of every disk of a shut-off
+    /// domain, savevm of a running one, memory included). False when `target` is not an
+    /// internal libvirt snapshot (the ordinary mkdir keeps the state then).
+    pub(super) fn keep_internal(
+        &self,
+        owner: &Owner,
+        target: &SnapshotInfo,
+        name: &str,
+    ) -> Result<bool> {
+        let dom = self.domain(owner)?;
+        let Ok(ls) = Domain::lookup_snapshot_by_name(&dom, &target.name, 0) else {
+            return Ok(false);
+        };
+        let sx = Self::snapshot_xml(&ls)?;
+        let internal = sx.disks.iter().any(|d| d.kind == "internal")
+            && !sx.disks.iter().any(|d| d.kind == "external");
+        if !internal {
+            return Ok(false);
+        }
+        let req = format!(
+            "<domainsnapshot><name>{}</name><description>snapfs: the state before a revert to {}</description></domainsnapshot>",
+            super::xml::escape(name)?,
+            super::xml::escape(&target.name)?
+        );
+        let started = Instant::now();
+        dom.create_snapshot_xml(&req, 0)
+            .map_err(|e| lv_err(format!("keeping {owner} as internal snapshot {name}"), e))?;
+        info!(%owner, snapshot = %name, ms = started.elapsed().as_millis() as u64, "internal snapshot of the state being reverted");
+        Ok(true)
     }
 }
