@@ -74,7 +74,7 @@ if has vm; then
 <target dev='vda' bus='virtio'/></disk></devices></domain>
 XML
   virsh -q -c "$URI" define "$WORK/vm.xml" >/dev/null
-  LIBVIRT=(--libvirt "$URI")
+  LIBVIRT=("--libvirt=$URI")
 fi
 "$SNAPFS" mount --images "$WORK/imgs" --ceph "$CEPH_CONF" --pool rbd --revert-keep "$KEEP" \
   "${LIBVIRT[@]}" --state-dir "$WORK/state" "$WORK/mnt"
