@@ -1308,28 +1308,25 @@ fn kill_during_a_memory_revert_leaves_it_whole_or_untouched() {
     assert_eq!(kj["memory"], true, "{kj}");
 }
 
-/// A shut-off domain (never booted: no guest lock) on a qcow2 file with an internal snapshot
-/// made by `virsh snapshot-create-as` (libvirt's kind for an inactive qcow2 domain:
-/// `qemu-img snapshot -c`). Revert through `current` equals `qemu-img snapshot -a` on a copy,
-/// byte for byte; the state kept first is an internal snapshot too (the domain's disk stays the
-/// same file, no overlay), readable, and reverting to it brings the discarded data back.
-#[test]
-fn revert_to_an_internal_snapshot_of_a_shut_off_instance() {
-    if !testbed_ready("revert_to_an_internal_snapshot_of_a_shut_off_instance") {
-        return;
+/// Removes a domain the test defined and its directory.
+struct Gone(String, PathBuf);
+
+impl Drop for Gone {
+    fn drop(&mut self) {
+        remove_domain(&self.0);
+        let _ = fs::remove_dir_all(&self.1);
     }
-    struct Gone(String, PathBuf);
-    impl Drop for Gone {
-        fn drop(&mut self) {
-            remove_domain(&self.0);
-            let _ = fs::remove_dir_all(&self.1);
-        }
-    }
-    let name = format!("issue-14r-t{}-int", std::process::id());
+}
+
+/// A shut-off domain `issue-14r-t<pid>-<tag>` (never booted) on `/var/tmp/<name>/vda.qcow2`
+/// (8 MiB, its first MiB 0x41).
+fn shut_off_qcow2_domain(tag: &str) -> (String, PathBuf, Gone) {
+    let name = format!("issue-14r-t{}-{tag}", std::process::id());
     let dir = PathBuf::from(format!("/var/tmp/{name}"));
+    remove_domain(&name);
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
-    let _gone = Gone(name.clone(), dir.clone());
+    let gone = Gone(name.clone(), dir.clone());
     let img = dir.join("vda.qcow2");
     let img_s = img.to_str().unwrap();
     qemu_img(&["create", "-q", "-f", "qcow2", img_s, "8M"]);
@@ -1344,6 +1341,107 @@ fn revert_to_an_internal_snapshot_of_a_shut_off_instance() {
     .unwrap();
     let o = virsh(&["define", xml.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    (name, dir, gone)
+}
+
+/// The image the domain's disk `vda` is now (an overlay after external snapshots).
+fn vda_source(name: &str) -> PathBuf {
+    let out = String::from_utf8_lossy(&virsh(&["domblklist", name]).stdout).into_owned();
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("vda"))
+        .map(|p| PathBuf::from(p.trim()))
+        .unwrap_or_else(|| panic!("no vda in {out}"))
+}
+
+/// kill -9 of the daemon in a revert of a shut-off instance (external disk-only snapshots) at
+/// the two points around libvirt's revert (`SNAPFS_FAILPOINT`): after a restart `current` tells
+/// the truth, as libvirt's current-snapshot mark says. Before: the disk still holds the new
+/// data, `current` → `before-revert-…`; after: the disk is s1's, `current` → s1.
+#[test]
+fn kill_during_a_disk_only_revert_leaves_current_true() {
+    if !testbed_ready("kill_during_a_disk_only_revert_leaves_current_true") {
+        return;
+    }
+    for (point, reverted) in [
+        ("revert-before-backend", false),
+        ("revert-after-backend", true),
+    ] {
+        let (name, dir, _gone) = shut_off_qcow2_domain(if reverted { "ka" } else { "kb" });
+        let m = Mount::unmounted();
+        m.mount_env(&[LIBVIRT_ARG], &[("SNAPFS_FAILPOINT", point)]);
+        let inst = instance_dir(&m, &name);
+        fs::create_dir(inst.join(".snapshots/s1")).expect("mkdir s1");
+        qemu_io(&vda_source(&name), "write -P 0x42 0 1M");
+        let at = inst.clone();
+        let ln = std::thread::spawn(move || {
+            Command::new("ln")
+                .args(["-sfn", ".snapshots/s1", "current"])
+                .current_dir(at)
+                .output()
+        });
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !m.log().contains("failpoint reached") {
+            assert!(
+                Instant::now() < deadline,
+                "{point} not reached: {}",
+                m.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pid = m.daemon_pid().expect("daemon pid");
+        // SAFETY: a plain kill(2) of the daemon this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert!(wait_gone(pid, Duration::from_secs(10)));
+        let _ = ln.join();
+        m.unmount();
+        m.mount(&[LIBVIRT_ARG]);
+
+        let kept: Vec<String> = ls(&inst.join(".snapshots"))
+            .into_iter()
+            .filter(|n| n.starts_with("before-revert-"))
+            .collect();
+        assert_eq!(kept.len(), 1, "{point}: {kept:?}");
+        let want = if reverted { "s1" } else { kept[0].as_str() };
+        assert_eq!(
+            fs::read_link(inst.join("current")).unwrap(),
+            Path::new(".snapshots").join(want),
+            "{point}: {}",
+            m.log()
+        );
+        let got = dir.join("got.raw");
+        qemu_img(&[
+            "convert",
+            "-O",
+            "raw",
+            vda_source(&name).to_str().unwrap(),
+            got.to_str().unwrap(),
+        ]);
+        let byte = if reverted { 0x41 } else { 0x42 };
+        assert!(
+            fs::read(&got).unwrap()[..1 << 20]
+                .iter()
+                .all(|b| *b == byte),
+            "{point}: the disk is not {byte:#x}"
+        );
+        let st = String::from_utf8_lossy(&virsh(&["domstate", &name]).stdout).into_owned();
+        assert_eq!(st.trim(), "shut off");
+        drop(m);
+    }
+}
+
+/// A shut-off domain (never booted: no guest lock) on a qcow2 file with an internal snapshot
+/// made by `virsh snapshot-create-as` (libvirt's kind for an inactive qcow2 domain:
+/// `qemu-img snapshot -c`). Revert through `current` equals `qemu-img snapshot -a` on a copy,
+/// byte for byte; the state kept first is an internal snapshot too (the domain's disk stays the
+/// same file, no overlay), readable, and reverting to it brings the discarded data back.
+#[test]
+fn revert_to_an_internal_snapshot_of_a_shut_off_instance() {
+    if !testbed_ready("revert_to_an_internal_snapshot_of_a_shut_off_instance") {
+        return;
+    }
+    let (name, dir, _gone) = shut_off_qcow2_domain("int");
+    let img = dir.join("vda.qcow2");
+    let img_s = img.to_str().unwrap();
     let o = virsh(&["snapshot-create-as", &name, "int1"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(qemu_img(&["snapshot", "-l", img_s]).contains("int1"));
