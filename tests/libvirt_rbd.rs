@@ -623,75 +623,91 @@ fn rbd_backed_instance_revert_through_current() {
     drop(m);
 }
 
-/// kill -9 of the daemon in a revert of an RBD-backed instance, just before the rollbacks
-/// (`SNAPFS_FAILPOINT`): an RBD rollback runs in the daemon and could stop part way, so the
-/// next daemon does it again at start-up. After the restart every disk equals s1 byte for
-/// byte, `current` is s1, and `before-revert-…` holds the discarded state.
+/// kill -9 of the daemon in a revert of an RBD-backed instance (`SNAPFS_FAILPOINT`): just
+/// before the rollbacks (nothing rolled back), and between the two disks' rollbacks (vda rolled
+/// back, vdb not: a half-reverted instance, its images still open by the dead daemon). An RBD
+/// rollback runs in the daemon, so the next daemon does it again at start-up (waiting out the
+/// dead daemon's watches). After the restart every disk equals s1 byte for byte, `current` is
+/// s1, and `before-revert-…` holds the discarded state.
 #[test]
 fn kill_during_an_rbd_revert_is_finished_at_restart() {
     if !ready() {
         return;
     }
-    let d = ShutOffRbd::define("kill");
-    let conf = ceph_conf();
-    let libvirt = format!("--libvirt={URI}");
-    let args = [libvirt.as_str(), "--ceph", conf.to_str().unwrap()];
-    let m = Mount::unmounted();
-    m.mount_env(&args, &[("SNAPFS_FAILPOINT", "revert-before-backend")]);
-    let dir = m.mnt.join("instances").join(&d.name);
-    fs::create_dir(dir.join(".snapshots/s1")).expect("mkdir s1");
-    let s1 = d.at("s1");
-    d.scribble();
-    let scribbled = d.heads();
-    assert_ne!(scribbled, s1, "rbd bench changed nothing");
-
-    let at = dir.clone();
-    let ln = std::thread::spawn(move || {
-        Command::new("ln")
-            .args(["-sfn", ".snapshots/s1", "current"])
-            .current_dir(at)
-            .output()
-    });
-    wait_for("the failpoint", Duration::from_secs(120), || {
-        m.log().contains("failpoint reached")
-    });
-    let pid = m.daemon_pid().expect("daemon pid");
-    // SAFETY: a plain kill(2) of the daemon this test started.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    assert!(wait_gone(pid, Duration::from_secs(10)));
-    let _ = ln.join();
-    m.unmount();
-    // Nothing was rolled back yet; the killed daemon's watches time out before the next
-    // daemon may roll back (it refuses while another client has a disk open).
-    assert_eq!(d.heads(), scribbled);
-    for i in 0..d.images.len() {
-        wait_for(
-            "the killed daemon's watch to end",
-            Duration::from_secs(120),
-            || {
-                rbd_json(&["status", &d.spec(i)])["watchers"]
-                    .as_array()
-                    .is_some_and(|w| w.is_empty())
-            },
+    for (point, tag) in [
+        ("revert-before-backend", "kb"),
+        ("revert-rbd-after-a-disk", "kd"),
+    ] {
+        let d = ShutOffRbd::define(tag);
+        let conf = ceph_conf();
+        let libvirt = format!("--libvirt={URI}");
+        let args = [libvirt.as_str(), "--ceph", conf.to_str().unwrap()];
+        let m = Mount::unmounted();
+        m.mount_env(&args, &[("SNAPFS_FAILPOINT", point)]);
+        let dir = m.mnt.join("instances").join(&d.name);
+        fs::create_dir(dir.join(".snapshots/s1")).expect("mkdir s1");
+        let s1 = d.at("s1");
+        d.scribble();
+        let scribbled = d.heads();
+        assert!(
+            scribbled.iter().zip(&s1).all(|(a, b)| a != b),
+            "rbd bench left a disk unchanged"
         );
+
+        let at = dir.clone();
+        let ln = std::thread::spawn(move || {
+            Command::new("ln")
+                .args(["-sfn", ".snapshots/s1", "current"])
+                .current_dir(at)
+                .output()
+        });
+        wait_for("the failpoint", Duration::from_secs(120), || {
+            m.log().contains("failpoint reached")
+        });
+        let pid = m.daemon_pid().expect("daemon pid");
+        // SAFETY: a plain kill(2) of the daemon this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert!(wait_gone(pid, Duration::from_secs(10)));
+        let _ = ln.join();
+        m.unmount();
+        let heads = d.heads();
+        if point == "revert-before-backend" {
+            assert_eq!(heads, scribbled, "{point}: rolled back before the backend");
+        } else {
+            assert_eq!(
+                (&heads[0], &heads[1]),
+                (&s1[0], &scribbled[1]),
+                "{point}: not half reverted"
+            );
+        }
+        // Restarted at once: the dead daemon's watches may still be there.
+        m.mount(&args);
+        assert!(
+            m.log()
+                .contains("may have stopped part way: doing it again"),
+            "{point}: {}",
+            m.log()
+        );
+        eprintln!(
+            "{point}: waited for the dead daemon's watches: {}",
+            m.log().contains("waiting for the killed daemon's watches")
+        );
+        assert_eq!(
+            d.heads(),
+            s1,
+            "{point}: heads differ from s1 after the restart"
+        );
+        assert_eq!(
+            fs::read_link(dir.join("current")).unwrap(),
+            Path::new(".snapshots/s1"),
+            "{point}"
+        );
+        let kept: Vec<String> = ls(&dir.join(".snapshots"))
+            .into_iter()
+            .filter(|n| n.starts_with("before-revert-"))
+            .collect();
+        assert_eq!(kept.len(), 1, "{point}: {kept:?}");
+        assert_eq!(d.at(&kept[0]), scribbled, "{point}");
+        drop(m);
     }
-    m.mount(&args);
-    assert!(
-        m.log()
-            .contains("may have stopped part way: doing it again"),
-        "{}",
-        m.log()
-    );
-    assert_eq!(d.heads(), s1, "heads differ from s1 after the restart");
-    assert_eq!(
-        fs::read_link(dir.join("current")).unwrap(),
-        Path::new(".snapshots/s1")
-    );
-    let kept: Vec<String> = ls(&dir.join(".snapshots"))
-        .into_iter()
-        .filter(|n| n.starts_with("before-revert-"))
-        .collect();
-    assert_eq!(kept.len(), 1, "{kept:?}");
-    assert_eq!(d.at(&kept[0]), scribbled);
-    drop(m);
 }

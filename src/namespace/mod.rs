@@ -914,7 +914,18 @@ impl Namespace {
             }
             None => {
                 tracing::warn!(%owner, snapshot = %target.name, "a revert a previous daemon was killed in may have stopped part way: doing it again");
-                provider.check_revert(owner, &target)?;
+                // The killed daemon's own opens stay watchers of the images until the OSDs
+                // time them out (osd_client_watch_timeout, 30 s by default): EBUSY that long.
+                let waiting = std::time::Instant::now();
+                loop {
+                    match provider.check_revert(owner, &target) {
+                        Err(Error::Busy(m)) if waiting.elapsed() < RECOVERY_BUSY_WAIT => {
+                            tracing::info!(%owner, reason = %m, "waiting for the killed daemon's watches to time out");
+                            std::thread::sleep(Duration::from_secs(2));
+                        }
+                        other => break other?,
+                    }
+                }
                 let started = std::time::Instant::now();
                 let res = provider.revert_snapshot(owner, &target);
                 self.reg.changed(owner);
@@ -1073,10 +1084,14 @@ fn disk_key(owner: &Owner, snap: &SnapshotInfo, target: &str) -> String {
     format!("{owner:?}\0{}\0{}\0{created}\0{target}", snap.name, snap.id)
 }
 
+/// How long the start-up waits for a busy image before doing an interrupted revert again.
+const RECOVERY_BUSY_WAIT: Duration = Duration::from_secs(45);
+
 /// A test hook: with `SNAPFS_FAILPOINT=<name>` in the daemon's environment, the daemon stops
 /// at the point `name` (logging that it did) for ten minutes, so a test can kill it there.
-/// Points: `revert-before-backend`, `revert-after-backend`.
-fn failpoint(name: &str) {
+/// Points: `revert-before-backend`, `revert-after-backend`, `revert-rbd-after-a-disk` (an
+/// RBD-backed instance's revert, after the first disk's rollback).
+pub(crate) fn failpoint(name: &str) {
     static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let point = POINT.get_or_init(|| std::env::var("SNAPFS_FAILPOINT").ok());
     if point.as_deref() == Some(name) {

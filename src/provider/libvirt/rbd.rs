@@ -593,6 +593,9 @@ impl LibvirtProvider {
             let secs = started.elapsed().as_secs_f64();
             info!(%owner, snapshot = %rec.name, disk = %d.target, image = %format!("{}/{}", d.pool, d.image), size, secs, mib_per_s = size as f64 / 1048576.0 / secs.max(1e-3), "rbd rollback of a disk");
             done.push(&d.target);
+            if done.len() < images.len() {
+                crate::namespace::failpoint("revert-rbd-after-a-disk");
+            }
         }
         Ok(())
     }
