@@ -505,6 +505,15 @@ impl Domain {
         })
     }
 
+    /// Whether libvirt runs a job on the domain now (`virDomainGetJobInfo`'s type is not
+    /// `VIR_DOMAIN_JOB_NONE`), e.g. a snapshot revert it was asked for.
+    pub fn has_job(&self) -> Result<bool> {
+        let mut j = ffi::virDomainJobInfo::default();
+        // SAFETY: valid domain, out-pointer to a local of the C layout.
+        check(unsafe { ffi::virDomainGetJobInfo(self.ptr, &mut j) })?;
+        Ok(j.type_ != 0)
+    }
+
     /// Start the (defined) domain.
     pub fn create(&self) -> Result<()> {
         // SAFETY: valid domain.

@@ -35,6 +35,10 @@ use crate::provider::{Owner, SnapshotInfo};
 /// second has passed.
 const REVERT_TRIES: usize = 3;
 
+/// How long the start-up waits for a job libvirt runs on a domain (a revert a killed daemon
+/// asked for) before it leaves the revert's intent for the next start.
+const REVERT_JOB_WAIT: Duration = Duration::from_secs(300);
+
 /// What the cloud's own tool for a revert is, for the refusal's message.
 fn cloud_command(system: &str) -> &'static str {
     match system {
@@ -190,12 +194,29 @@ impl LibvirtProvider {
         if Self::rbd_record_of(&dom, snap)?.is_some() {
             return Ok(None);
         }
-        match Domain::lookup_snapshot_by_name(&dom, &snap.name, 0) {
-            Ok(ls) => ls
+        let Ok(ls) = Domain::lookup_snapshot_by_name(&dom, &snap.name, 0) else {
+            return Ok(Some(false));
+        };
+        // libvirtd finishes a revert it was asked for after the asking daemon died (seconds,
+        // with memory): while the domain has a job, the answer is not known yet.
+        let started = Instant::now();
+        loop {
+            let current = ls
                 .is_current()
-                .map(Some)
-                .map_err(|e| lv_err(format!("is snapshot {} of {owner} current", snap.name), e)),
-            Err(_) => Ok(Some(false)),
+                .map_err(|e| lv_err(format!("is snapshot {} of {owner} current", snap.name), e))?;
+            // An inactive domain has no job to ask about: an error counts as none.
+            if current || !dom.has_job().unwrap_or(false) {
+                return Ok(Some(current));
+            }
+            if started.elapsed() > REVERT_JOB_WAIT {
+                return Err(Error::Busy(format!(
+                    "{owner} still has a libvirt job after {}s: the revert to {} may be under way",
+                    REVERT_JOB_WAIT.as_secs(),
+                    snap.name
+                )));
+            }
+            info!(%owner, snapshot = %snap.name, "libvirt still runs a job on the domain: waiting for it");
+            std::thread::sleep(Duration::from_millis(500));
         }
     }
 
