@@ -887,6 +887,10 @@ impl Namespace {
         for (owner, to) in self.lineage.interrupted() {
             match self.recover_revert(&owner, &to) {
                 Ok(()) => n += 1,
+                Err(Error::NotFound(what)) => {
+                    tracing::warn!(%owner, snapshot = %to.name, %what, "a revert a previous daemon was killed in: the instance or volume is gone, its intent is dropped");
+                    self.lineage.revert_failed(&owner);
+                }
                 Err(e) => {
                     tracing::error!(%owner, snapshot = %to.name, error = %e, "cannot resolve a revert a previous daemon was killed in: current stays as it was; snapfs tries again at its next start")
                 }
@@ -1175,5 +1179,44 @@ mod tests {
         assert_eq!(Node::parse(&p("launch/x/y")), None);
         assert!(Node::parse(&p("volumes/images/a.qcow2/.snapshots/s1"))
             .is_some_and(|n| n.in_snapshot()));
+    }
+
+    /// Intents a killed daemon left: one for a volume that is gone is dropped; one for a
+    /// provider that cannot tell whether its revert happened (the in-memory one, like RBD) is
+    /// done again, and `current` becomes its target.
+    #[test]
+    fn interrupted_reverts_are_resolved_at_start() {
+        use crate::provider::memory::MemoryProvider;
+        let dir = tempfile::tempdir().unwrap();
+        let mem = Arc::new(MemoryProvider::default());
+        mem.add_volume("p", "v", vec![1u8; 4096]);
+        let v = Owner::Volume {
+            pool: "p".into(),
+            name: "v".into(),
+        };
+        mem.create_snapshot(&v, "s1").unwrap();
+        let ns = Namespace::new(vec![mem.clone()], "/mnt".into(), Duration::ZERO)
+            .with_state(dir.path(), true);
+        let s1 = ns.reg.snapshot(&v, "s1").unwrap();
+        ns.lineage.created(&v, SnapRef::of(&s1), None);
+        mem.create_snapshot(&v, "before-revert-x").unwrap();
+        let kept = ns.reg.snapshot(&v, "before-revert-x").unwrap();
+        ns.lineage
+            .created(&v, SnapRef::of(&kept), Some(SnapRef::of(&s1)));
+        ns.lineage.begin_revert(&v, SnapRef::of(&s1));
+        let gone = Owner::Volume {
+            pool: "p".into(),
+            name: "gone".into(),
+        };
+        ns.lineage.begin_revert(&gone, SnapRef::of(&s1));
+        assert_eq!(ns.current_of(&v).unwrap().unwrap().name, "before-revert-x");
+
+        // A new daemon on the same state directory.
+        let again = Namespace::new(vec![mem.clone()], "/mnt".into(), Duration::ZERO)
+            .with_state(dir.path(), true);
+        assert_eq!(again.lineage.interrupted().len(), 2);
+        assert_eq!(again.recover_reverts(), 1);
+        assert!(again.lineage.interrupted().is_empty());
+        assert_eq!(again.current_of(&v).unwrap().unwrap().name, "s1");
     }
 }
