@@ -711,3 +711,38 @@ fn kill_during_an_rbd_revert_is_finished_at_restart() {
         drop(m);
     }
 }
+
+/// A running RBD-backed instance is not reverted: its RBD snapshots hold no memory state, so
+/// `EBUSY` (shut it off first), with nothing kept or changed. The domain has no OS (SeaBIOS
+/// finds nothing to boot), but it is a TCG guest: run under the guest lock.
+#[test]
+fn running_rbd_backed_instance_revert_is_ebusy() {
+    if !ready() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let d = ShutOffRbd::define("run");
+    let conf = ceph_conf();
+    let libvirt = format!("--libvirt={URI}");
+    let m = Mount::with_providers(&[libvirt.as_str(), "--ceph", conf.to_str().unwrap()]);
+    let dir = m.mnt.join("instances").join(&d.name);
+    fs::create_dir(dir.join(".snapshots/s1")).expect("mkdir s1");
+    d.scribble();
+    let before = d.heads();
+    let o = virsh(&["start", &d.name]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let busy = Command::new("ln")
+        .args(["-sfn", ".snapshots/s1", "current"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let st = state(&d.name);
+    let _ = virsh(&["destroy", &d.name]);
+    assert_eq!(st, "running");
+    assert!(!busy.status.success());
+    let err = String::from_utf8_lossy(&busy.stderr).into_owned();
+    assert!(err.contains("busy"), "{err}\nlog:\n{}", m.log());
+    assert_eq!(ls(&dir.join(".snapshots")), ["s1"]);
+    assert_eq!(d.heads(), before);
+    drop(m);
+}
