@@ -184,6 +184,12 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
     }
     let ns = Namespace::new(providers, mountpoint.clone(), cfg.ttl)
         .with_state(&cfg.state_dir, cfg.revert_keep);
+    // Before the mount serves: a revert a killed daemon began is resolved, so `current`
+    // names the state the instance or volume is in.
+    let resolved = ns.recover_reverts();
+    if resolved > 0 {
+        info!(resolved, "reverts a previous daemon was killed in resolved");
+    }
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let fs = SnapFs::new(

@@ -1343,6 +1343,9 @@ fn kill_during_a_memory_revert_leaves_it_whole_or_untouched() {
     assert!(wait_gone(pid, Duration::from_secs(10)));
     let _ = ln.join();
     m.unmount();
+    // Restarted at once, while libvirtd may still run the revert it was asked for: the next
+    // daemon waits for the domain's job before it decides what `current` is.
+    m.mount(&[LIBVIRT_ARG]);
     // libvirtd finishes what it was asked; the domain settles running.
     let deadline = Instant::now() + Duration::from_secs(120);
     while g.state() != "running" {
@@ -1353,24 +1356,226 @@ fn kill_during_a_memory_revert_leaves_it_whole_or_untouched() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    m.mount(&[LIBVIRT_ARG]);
+    eprintln!(
+        "waited for libvirt's job at the restart: {}",
+        m.log().contains("libvirt still runs a job")
+    );
     let c = guest_counter(&g);
     let reverted = c < before_revert;
     eprintln!(
         "kill -9 during the revert: {} (counter {before_mkdir}..{after_mkdir} at m1, {before_revert} before, {c} after)",
         if reverted { "fully reverted" } else { "untouched" }
     );
-    if reverted {
+    // `current` tells which: m1, or the kept state the guest still runs on (the next daemon
+    // asked libvirt whether m1 became its current snapshot).
+    let want = if reverted {
         assert!(c >= before_mkdir, "counter {c} below m1's");
-        assert_eq!(
-            fs::read_link(dir.join("current")).unwrap(),
-            PathBuf::from(".snapshots/m1")
-        );
-    }
+        "m1"
+    } else {
+        kept.as_str()
+    };
+    assert_eq!(
+        fs::read_link(dir.join("current")).unwrap(),
+        PathBuf::from(".snapshots").join(want)
+    );
     // The guest runs on, and the kept state is there with its memory.
     wait_counter_past(&g, c);
     let snaps = ls(&dir.join(".snapshots"));
     assert!(snaps.contains(&kept), "{snaps:?}");
     let kj = json(&snap_dir(&m, &name, &kept).join("snapshot.json"));
     assert_eq!(kj["memory"], true, "{kj}");
+}
+
+/// Removes a domain the test defined and its directory.
+struct Gone(String, PathBuf);
+
+impl Drop for Gone {
+    fn drop(&mut self) {
+        remove_domain(&self.0);
+        let _ = fs::remove_dir_all(&self.1);
+    }
+}
+
+/// A shut-off domain `issue-14r-t<pid>-<tag>` (never booted) on `/var/tmp/<name>/vda.qcow2`
+/// (8 MiB, its first MiB 0x41).
+fn shut_off_qcow2_domain(tag: &str) -> (String, PathBuf, Gone) {
+    let name = format!("issue-14r-t{}-{tag}", std::process::id());
+    let dir = PathBuf::from(format!("/var/tmp/{name}"));
+    remove_domain(&name);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    let gone = Gone(name.clone(), dir.clone());
+    let img = dir.join("vda.qcow2");
+    let img_s = img.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", img_s, "8M"]);
+    qemu_io(&img, "write -P 0x41 0 1M");
+    let xml = dir.join("dom.xml");
+    fs::write(
+        &xml,
+        format!(
+            "<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{img_s}'/><target dev='vda' bus='virtio'/></disk></devices></domain>"
+        ),
+    )
+    .unwrap();
+    let o = virsh(&["define", xml.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    (name, dir, gone)
+}
+
+/// The image the domain's disk `vda` is now (an overlay after external snapshots).
+fn vda_source(name: &str) -> PathBuf {
+    let out = String::from_utf8_lossy(&virsh(&["domblklist", name]).stdout).into_owned();
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("vda"))
+        .map(|p| PathBuf::from(p.trim()))
+        .unwrap_or_else(|| panic!("no vda in {out}"))
+}
+
+/// kill -9 of the daemon in a revert of a shut-off instance (external disk-only snapshots) at
+/// the two points around libvirt's revert (`SNAPFS_FAILPOINT`): after a restart `current` tells
+/// the truth, as libvirt's current-snapshot mark says. Before: the disk still holds the new
+/// data, `current` → `before-revert-…`; after: the disk is s1's, `current` → s1.
+#[test]
+fn kill_during_a_disk_only_revert_leaves_current_true() {
+    if !testbed_ready("kill_during_a_disk_only_revert_leaves_current_true") {
+        return;
+    }
+    for (point, reverted) in [
+        ("revert-before-backend", false),
+        ("revert-after-backend", true),
+    ] {
+        let (name, dir, _gone) = shut_off_qcow2_domain(if reverted { "ka" } else { "kb" });
+        let m = Mount::unmounted();
+        m.mount_env(&[LIBVIRT_ARG], &[("SNAPFS_FAILPOINT", point)]);
+        let inst = instance_dir(&m, &name);
+        fs::create_dir(inst.join(".snapshots/s1")).expect("mkdir s1");
+        qemu_io(&vda_source(&name), "write -P 0x42 0 1M");
+        let at = inst.clone();
+        let ln = std::thread::spawn(move || {
+            Command::new("ln")
+                .args(["-sfn", ".snapshots/s1", "current"])
+                .current_dir(at)
+                .output()
+        });
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !m.log().contains("failpoint reached") {
+            assert!(
+                Instant::now() < deadline,
+                "{point} not reached: {}",
+                m.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pid = m.daemon_pid().expect("daemon pid");
+        // SAFETY: a plain kill(2) of the daemon this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert!(wait_gone(pid, Duration::from_secs(10)));
+        let _ = ln.join();
+        m.unmount();
+        m.mount(&[LIBVIRT_ARG]);
+
+        let kept: Vec<String> = ls(&inst.join(".snapshots"))
+            .into_iter()
+            .filter(|n| n.starts_with("before-revert-"))
+            .collect();
+        assert_eq!(kept.len(), 1, "{point}: {kept:?}");
+        let want = if reverted { "s1" } else { kept[0].as_str() };
+        assert_eq!(
+            fs::read_link(inst.join("current")).unwrap(),
+            Path::new(".snapshots").join(want),
+            "{point}: {}",
+            m.log()
+        );
+        let got = dir.join("got.raw");
+        qemu_img(&[
+            "convert",
+            "-O",
+            "raw",
+            vda_source(&name).to_str().unwrap(),
+            got.to_str().unwrap(),
+        ]);
+        let byte = if reverted { 0x41 } else { 0x42 };
+        assert!(
+            fs::read(&got).unwrap()[..1 << 20]
+                .iter()
+                .all(|b| *b == byte),
+            "{point}: the disk is not {byte:#x}"
+        );
+        let st = String::from_utf8_lossy(&virsh(&["domstate", &name]).stdout).into_owned();
+        assert_eq!(st.trim(), "shut off");
+        drop(m);
+    }
+}
+
+/// A shut-off domain (never booted: no guest lock) on a qcow2 file with an internal snapshot
+/// made by `virsh snapshot-create-as` (libvirt's kind for an inactive qcow2 domain:
+/// `qemu-img snapshot -c`). Revert through `current` equals `qemu-img snapshot -a` on a copy,
+/// byte for byte; the state kept first is an internal snapshot too (the domain's disk stays the
+/// same file, no overlay), readable, and reverting to it brings the discarded data back.
+#[test]
+fn revert_to_an_internal_snapshot_of_a_shut_off_instance() {
+    if !testbed_ready("revert_to_an_internal_snapshot_of_a_shut_off_instance") {
+        return;
+    }
+    let (name, dir, _gone) = shut_off_qcow2_domain("int");
+    let img = dir.join("vda.qcow2");
+    let img_s = img.to_str().unwrap();
+    let o = virsh(&["snapshot-create-as", &name, "int1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(qemu_img(&["snapshot", "-l", img_s]).contains("int1"));
+    qemu_io(&img, "write -P 0x42 0 1M");
+
+    // The reference: qemu-img snapshot -a on a copy taken now.
+    let copy = dir.join("copy.qcow2");
+    fs::copy(&img, &copy).unwrap();
+    qemu_img(&["snapshot", "-a", "int1", copy.to_str().unwrap()]);
+    let want = dir.join("want.raw");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        copy.to_str().unwrap(),
+        want.to_str().unwrap(),
+    ]);
+
+    let m = Mount::with_providers(&[LIBVIRT_ARG]);
+    let inst = instance_dir(&m, &name);
+    run(Command::new("ln")
+        .args(["-sfn", ".snapshots/int1", "current"])
+        .current_dir(&inst));
+    let got = dir.join("got.raw");
+    qemu_img(&["convert", "-O", "raw", img_s, got.to_str().unwrap()]);
+    assert!(
+        fs::read(&got).unwrap() == fs::read(&want).unwrap(),
+        "revert differs from qemu-img snapshot -a"
+    );
+    assert_eq!(
+        fs::read_link(inst.join("current")).unwrap(),
+        Path::new(".snapshots/int1")
+    );
+    let blk = String::from_utf8_lossy(&virsh(&["domblklist", &name]).stdout).into_owned();
+    assert!(blk.contains(img_s), "the disk moved to an overlay: {blk}");
+    let kept: Vec<String> = ls(&inst.join(".snapshots"))
+        .into_iter()
+        .filter(|n| n.starts_with("before-revert-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(
+        qemu_img(&["snapshot", "-l", img_s]).contains(&kept[0]),
+        "the kept state is not an internal snapshot"
+    );
+    let kept_disk = fs::read(snap_dir(&m, &name, &kept[0]).join("vda.raw")).unwrap();
+    assert!(kept_disk[..1 << 20].iter().all(|b| *b == 0x42));
+
+    // Back to the kept state with mv -T: 0x42 is live again.
+    std::os::unix::fs::symlink(format!(".snapshots/{}", kept[0]), inst.join("back")).unwrap();
+    run(Command::new("mv")
+        .arg("-T")
+        .arg(inst.join("back"))
+        .arg(inst.join("current")));
+    qemu_img(&["convert", "-O", "raw", img_s, got.to_str().unwrap()]);
+    assert!(fs::read(&got).unwrap()[..1 << 20]
+        .iter()
+        .all(|b| *b == 0x42));
+    drop(m);
 }

@@ -389,3 +389,360 @@ fn rbd_two_disks_unfrozen_snapshot_and_rename() {
     assert!(!records.join(&uuid).exists(), "pause record kept");
     m.unmount();
 }
+
+/// sha256 of an RBD image or snapshot's bytes (`rbd export … -`).
+fn export_sha(spec: &str) -> String {
+    let out = Command::new("rbd")
+        .arg("-c")
+        .arg(ceph_conf())
+        .args(["export", "--no-progress", spec, "-"])
+        .output()
+        .expect("rbd export");
+    assert!(
+        out.status.success(),
+        "rbd export {spec}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(&out.stdout))
+}
+
+/// A shut-off domain (never booted) on two RBD images made by the test; all removed on drop.
+struct ShutOffRbd {
+    name: String,
+    images: Vec<String>,
+}
+
+impl ShutOffRbd {
+    fn define(tag: &str) -> ShutOffRbd {
+        let name = format!("issue-14r-t{}-{tag}", std::process::id());
+        let images = vec![format!("{name}-vda"), format!("{name}-vdb")];
+        let d = ShutOffRbd { name, images };
+        let conf = ceph_conf();
+        let mut disks = String::new();
+        for (img, (dev, size)) in d.images.iter().zip([("vda", 16u64), ("vdb", 8)]) {
+            // Distinct bytes in every MiB, imported as the image's first state.
+            let t = tempfile::NamedTempFile::new().unwrap();
+            let data: Vec<u8> = (0..size << 20)
+                .map(|i| (i / 4096 % 251) as u8 ^ dev.as_bytes()[2])
+                .collect();
+            fs::write(t.path(), data).unwrap();
+            remove_image(img);
+            rbd(&[
+                "import",
+                "--no-progress",
+                t.path().to_str().unwrap(),
+                &format!("{POOL}/{img}"),
+            ]);
+            disks.push_str(&format!(
+                "<disk type='network' device='disk'><driver name='qemu' type='raw'/><source protocol='rbd' name='{POOL}/{img}'><config file='{}'/></source><target dev='{dev}' bus='virtio'/></disk>",
+                conf.display()
+            ));
+        }
+        let xml = format!(
+            "<domain type='qemu'><name>{}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os><devices>{disks}</devices></domain>",
+            d.name
+        );
+        let f = tempfile::NamedTempFile::new().unwrap();
+        fs::write(f.path(), xml).unwrap();
+        let o = virsh(&["define", f.path().to_str().unwrap()]);
+        assert!(
+            o.status.success(),
+            "define {}: {}",
+            d.name,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        d
+    }
+
+    fn spec(&self, i: usize) -> String {
+        format!("{POOL}/{}", self.images[i])
+    }
+
+    /// Overwrite 1 MiB of each image's head (`rbd bench`'s random writes).
+    fn scribble(&self) {
+        for i in 0..self.images.len() {
+            rbd(&[
+                "bench",
+                "--io-type",
+                "write",
+                "--io-size",
+                "64K",
+                "--io-total",
+                "1M",
+                "--io-pattern",
+                "rand",
+                &self.spec(i),
+            ]);
+        }
+    }
+
+    fn heads(&self) -> Vec<String> {
+        (0..self.images.len())
+            .map(|i| export_sha(&self.spec(i)))
+            .collect()
+    }
+
+    fn at(&self, snap: &str) -> Vec<String> {
+        (0..self.images.len())
+            .map(|i| export_sha(&format!("{}@{snap}", self.spec(i))))
+            .collect()
+    }
+}
+
+impl Drop for ShutOffRbd {
+    fn drop(&mut self) {
+        let _ = virsh(&["destroy", &self.name]);
+        let _ = virsh(&["undefine", &self.name]);
+        for i in &self.images {
+            // The daemon's handle may keep a watch a little after the unmount: try again.
+            for _ in 0..30 {
+                remove_image(i);
+                let gone = Command::new("rbd")
+                    .arg("-c")
+                    .arg(ceph_conf())
+                    .args(["info", &format!("{POOL}/{i}")])
+                    .output()
+                    .is_ok_and(|o| !o.status.success());
+                if gone {
+                    break;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Revert of a shut-off RBD-backed instance through `current`: `rbd_snap_rollback` of every
+/// disk, so each head equals its snapshot byte for byte (`rbd export`); the discarded state is
+/// kept as `before-revert-…` (RBD snapshots of both disks) and reverting to it brings it back.
+/// EBUSY while another client watches a disk (changing nothing); EINVAL once the disk set
+/// changed since the snapshot.
+#[test]
+fn rbd_backed_instance_revert_through_current() {
+    if !ready() {
+        return;
+    }
+    let d = ShutOffRbd::define("rev");
+    let conf = ceph_conf();
+    let libvirt = format!("--libvirt={URI}");
+    let m = Mount::with_providers(&[libvirt.as_str(), "--ceph", conf.to_str().unwrap()]);
+    let dir = m.mnt.join("instances").join(&d.name);
+    fs::create_dir(dir.join(".snapshots/s1")).expect("mkdir s1");
+    let s1 = d.at("s1");
+    assert_eq!(d.heads(), s1);
+    d.scribble();
+    let scribbled = d.heads();
+    assert_ne!(scribbled, s1, "rbd bench changed nothing");
+
+    // Another client (a running VM, krbd) has vdb open: EBUSY, nothing made or changed.
+    let mut watch = Command::new("rbd")
+        .arg("-c")
+        .arg(&conf)
+        .args(["watch", &d.spec(1)])
+        // It watches until a line arrives on its stdin: kept open until killed.
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("rbd watch");
+    wait_for("the rbd watch", Duration::from_secs(60), || {
+        rbd_json(&["status", &d.spec(1)])["watchers"]
+            .as_array()
+            .is_some_and(|w| !w.is_empty())
+    });
+    let busy = Command::new("ln")
+        .args(["-sfn", ".snapshots/s1", "current"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    // A line on its stdin ends the watch cleanly (a killed watcher lingers until it times out).
+    {
+        use std::io::Write;
+        let _ = watch.stdin.take().map(|mut i| i.write_all(b"\n"));
+    }
+    let _ = watch.wait();
+    wait_for("the rbd watch to end", Duration::from_secs(90), || {
+        rbd_json(&["status", &d.spec(1)])["watchers"]
+            .as_array()
+            .is_some_and(|w| w.is_empty())
+    });
+    assert!(!busy.status.success());
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("busy"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    assert_eq!(ls(&dir.join(".snapshots")), ["s1"]);
+    assert_eq!(d.heads(), scribbled);
+
+    run(Command::new("ln")
+        .args(["-sfn", ".snapshots/s1", "current"])
+        .current_dir(&dir));
+    assert_eq!(d.heads(), s1, "heads differ from s1 after the revert");
+    assert_eq!(
+        fs::read_link(dir.join("current")).unwrap(),
+        Path::new(".snapshots/s1")
+    );
+    assert_eq!(state(&d.name), "shut off");
+    let kept: Vec<String> = ls(&dir.join(".snapshots"))
+        .into_iter()
+        .filter(|n| n.starts_with("before-revert-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(
+        d.at(&kept[0]),
+        scribbled,
+        "before-revert does not hold the discarded state"
+    );
+    assert!(m.log().contains("rbd rollback of a disk"), "{}", m.log());
+    // The kept state's disk reads through the mount as `rbd export` has it.
+    assert_eq!(
+        sha256_file(&dir.join(".snapshots").join(&kept[0]).join("vdb.raw")),
+        scribbled[1]
+    );
+
+    // Back to the kept state with mv -T.
+    std::os::unix::fs::symlink(format!(".snapshots/{}", kept[0]), dir.join("back")).unwrap();
+    run(Command::new("mv")
+        .arg("-T")
+        .arg(dir.join("back"))
+        .arg(dir.join("current")));
+    assert_eq!(d.heads(), scribbled);
+
+    // A disk detached since s1: EINVAL, naming it.
+    let o = virsh(&["detach-disk", &d.name, "vdb", "--config"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        errno(
+            std::os::unix::fs::symlink(".snapshots/s1", dir.join("x"))
+                .and_then(|()| { fs::rename(dir.join("x"), dir.join("current")) })
+        ),
+        libc::EINVAL
+    );
+    assert!(m.log().contains("disk set changed"), "{}", m.log());
+    drop(m);
+}
+
+/// kill -9 of the daemon in a revert of an RBD-backed instance (`SNAPFS_FAILPOINT`): just
+/// before the rollbacks (nothing rolled back), and between the two disks' rollbacks (vda rolled
+/// back, vdb not: a half-reverted instance, its images still open by the dead daemon). An RBD
+/// rollback runs in the daemon, so the next daemon does it again at start-up (waiting out the
+/// dead daemon's watches). After the restart every disk equals s1 byte for byte, `current` is
+/// s1, and `before-revert-…` holds the discarded state.
+#[test]
+fn kill_during_an_rbd_revert_is_finished_at_restart() {
+    if !ready() {
+        return;
+    }
+    for (point, tag) in [
+        ("revert-before-backend", "kb"),
+        ("revert-rbd-after-a-disk", "kd"),
+    ] {
+        let d = ShutOffRbd::define(tag);
+        let conf = ceph_conf();
+        let libvirt = format!("--libvirt={URI}");
+        let args = [libvirt.as_str(), "--ceph", conf.to_str().unwrap()];
+        let m = Mount::unmounted();
+        m.mount_env(&args, &[("SNAPFS_FAILPOINT", point)]);
+        let dir = m.mnt.join("instances").join(&d.name);
+        fs::create_dir(dir.join(".snapshots/s1")).expect("mkdir s1");
+        let s1 = d.at("s1");
+        d.scribble();
+        let scribbled = d.heads();
+        assert!(
+            scribbled.iter().zip(&s1).all(|(a, b)| a != b),
+            "rbd bench left a disk unchanged"
+        );
+
+        let at = dir.clone();
+        let ln = std::thread::spawn(move || {
+            Command::new("ln")
+                .args(["-sfn", ".snapshots/s1", "current"])
+                .current_dir(at)
+                .output()
+        });
+        wait_for("the failpoint", Duration::from_secs(120), || {
+            m.log().contains("failpoint reached")
+        });
+        let pid = m.daemon_pid().expect("daemon pid");
+        // SAFETY: a plain kill(2) of the daemon this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert!(wait_gone(pid, Duration::from_secs(10)));
+        let _ = ln.join();
+        m.unmount();
+        let heads = d.heads();
+        if point == "revert-before-backend" {
+            assert_eq!(heads, scribbled, "{point}: rolled back before the backend");
+        } else {
+            assert_eq!(
+                (&heads[0], &heads[1]),
+                (&s1[0], &scribbled[1]),
+                "{point}: not half reverted"
+            );
+        }
+        // Restarted at once: the dead daemon's watches may still be there.
+        m.mount(&args);
+        assert!(
+            m.log()
+                .contains("may have stopped part way: doing it again"),
+            "{point}: {}",
+            m.log()
+        );
+        eprintln!(
+            "{point}: waited for the dead daemon's watches: {}",
+            m.log().contains("waiting for the killed daemon's watches")
+        );
+        assert_eq!(
+            d.heads(),
+            s1,
+            "{point}: heads differ from s1 after the restart"
+        );
+        assert_eq!(
+            fs::read_link(dir.join("current")).unwrap(),
+            Path::new(".snapshots/s1"),
+            "{point}"
+        );
+        let kept: Vec<String> = ls(&dir.join(".snapshots"))
+            .into_iter()
+            .filter(|n| n.starts_with("before-revert-"))
+            .collect();
+        assert_eq!(kept.len(), 1, "{point}: {kept:?}");
+        assert_eq!(d.at(&kept[0]), scribbled, "{point}");
+        drop(m);
+    }
+}
+
+/// A running RBD-backed instance is not reverted: its RBD snapshots hold no memory state, so
+/// `EBUSY` (shut it off first), with nothing kept or changed. The domain has no OS (SeaBIOS
+/// finds nothing to boot), but it is a TCG guest: run under the guest lock.
+#[test]
+fn running_rbd_backed_instance_revert_is_ebusy() {
+    if !ready() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let d = ShutOffRbd::define("run");
+    let conf = ceph_conf();
+    let libvirt = format!("--libvirt={URI}");
+    let m = Mount::with_providers(&[libvirt.as_str(), "--ceph", conf.to_str().unwrap()]);
+    let dir = m.mnt.join("instances").join(&d.name);
+    fs::create_dir(dir.join(".snapshots/s1")).expect("mkdir s1");
+    d.scribble();
+    let before = d.heads();
+    let o = virsh(&["start", &d.name]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let busy = Command::new("ln")
+        .args(["-sfn", ".snapshots/s1", "current"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let st = state(&d.name);
+    let _ = virsh(&["destroy", &d.name]);
+    assert_eq!(st, "running");
+    assert!(!busy.status.success());
+    let err = String::from_utf8_lossy(&busy.stderr).into_owned();
+    assert!(err.contains("busy"), "{err}\nlog:\n{}", m.log());
+    assert_eq!(ls(&dir.join(".snapshots")), ["s1"]);
+    assert_eq!(d.heads(), before);
+    drop(m);
+}

@@ -691,6 +691,95 @@ fn revert_through_current_equals_qemu_img_apply() {
     );
 }
 
+/// kill -9 of the daemon in the middle of a revert, at the two points around the backend's
+/// work (`SNAPFS_FAILPOINT` stops the daemon there): after a restart `current` tells the truth.
+/// Killed before `qemu-img snapshot -a` ran, the image is untouched and `current` is the
+/// `before-revert-…` snapshot of that state; killed after it, the image is s1's and `current`
+/// is s1. `before-revert-…` exists in both cases.
+#[test]
+fn kill_during_a_revert_leaves_current_true() {
+    for (point, reverted) in [
+        ("revert-before-backend", false),
+        ("revert-after-backend", true),
+    ] {
+        let t = tempfile::tempdir().unwrap();
+        let pool = t.path().join("imgs");
+        fs::create_dir(&pool).unwrap();
+        let img = pool.join("vm.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "8M"]);
+        qemu_io(&img, "write -P 0x41 0 1M");
+        let m = Mount::with_env(&pool, &[], &[("SNAPFS_FAILPOINT", point)]);
+        let vol = m.vol("vm.qcow2");
+        fs::create_dir(vol.join(".snapshots/s1")).unwrap();
+        qemu_io(&img, "write -P 0x42 0 1M");
+
+        let cur = vol.join("current");
+        let ln = std::thread::spawn(move || {
+            Command::new("ln")
+                .args(["-sfn", ".snapshots/s1"])
+                .arg(cur)
+                .output()
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while !m.log().contains("failpoint reached") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{point} not reached: {}",
+                m.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pid = m.daemon_pid().expect("daemon pid");
+        // SAFETY: a plain kill(2) of the daemon this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert!(wait_gone(pid, Duration::from_secs(10)));
+        let _ = ln.join();
+        m.unmount();
+        m.mount(&[]);
+
+        let kept: Vec<String> = ls(&vol.join(".snapshots"))
+            .into_iter()
+            .filter(|n| n.starts_with("before-revert-"))
+            .collect();
+        assert_eq!(kept.len(), 1, "{point}: {kept:?}");
+        let want_current = if reverted {
+            "s1".to_string()
+        } else {
+            kept[0].clone()
+        };
+        assert_eq!(
+            fs::read_link(vol.join("current")).unwrap(),
+            Path::new(".snapshots").join(&want_current),
+            "{point}: {}",
+            m.log()
+        );
+        let got = t.path().join("got.raw");
+        qemu_img(&[
+            "convert",
+            "-O",
+            "raw",
+            img.to_str().unwrap(),
+            got.to_str().unwrap(),
+        ]);
+        let want_byte = if reverted { 0x41 } else { 0x42 };
+        assert!(
+            fs::read(&got).unwrap()[..1 << 20]
+                .iter()
+                .all(|b| *b == want_byte),
+            "{point}: image is not {want_byte:#x}"
+        );
+        let outcome = if reverted {
+            "had happened: current is its snapshot"
+        } else {
+            "had not happened: current stays"
+        };
+        assert!(m.log().contains(outcome), "{point}: {}", m.log());
+        // The kept state still holds what the revert would discard.
+        let kept_disk = fs::read(vol.join(".snapshots").join(&kept[0]).join("disk.raw")).unwrap();
+        assert!(kept_disk[..1 << 20].iter().all(|b| *b == 0x42));
+    }
+}
+
 /// A VM holding the image (qemu's write lock): a revert is EBUSY and changes nothing.
 #[test]
 fn revert_of_a_locked_image_is_ebusy() {

@@ -69,6 +69,14 @@ pub struct virDomainInfo {
     pub cpuTime: c_ulonglong,
 }
 
+/// `virDomainJobInfo` (libvirt-domain.h): the job's type and eleven counters.
+#[repr(C)]
+#[derive(Default)]
+pub struct virDomainJobInfo {
+    pub type_: c_int,
+    pub counters: [c_ulonglong; 11],
+}
+
 const LIBVIRT: &str = "libvirt.so.0";
 const LIBVIRT_QEMU: &str = "libvirt-qemu.so.0";
 
@@ -93,6 +101,7 @@ crate::dl::dl_api! {
         fn virDomainGetUUIDString(dom: virDomainPtr, buf: *mut c_char) -> c_int = -1;
         fn virDomainGetXMLDesc(dom: virDomainPtr, flags: c_uint) -> *mut c_char = null_mut();
         fn virDomainGetInfo(dom: virDomainPtr, info: *mut virDomainInfo) -> c_int = -1;
+        fn virDomainGetJobInfo(dom: virDomainPtr, info: *mut virDomainJobInfo) -> c_int = -1;
         fn virDomainCreate(dom: virDomainPtr) -> c_int = -1;
         fn virDomainDestroy(dom: virDomainPtr) -> c_int = -1;
         fn virDomainUndefine(dom: virDomainPtr) -> c_int = -1;
@@ -116,6 +125,7 @@ crate::dl::dl_api! {
         fn virDomainSnapshotGetXMLDesc(snap: virDomainSnapshotPtr, flags: c_uint) -> *mut c_char = null_mut();
         fn virDomainSnapshotDelete(snap: virDomainSnapshotPtr, flags: c_uint) -> c_int = -1;
         fn virDomainRevertToSnapshot(snap: virDomainSnapshotPtr, flags: c_uint) -> c_int = -1;
+        fn virDomainSnapshotIsCurrent(snap: virDomainSnapshotPtr, flags: c_uint) -> c_int = -1;
         fn virDomainSnapshotFree(snap: virDomainSnapshotPtr) -> c_int = -1;
         fn virStoragePoolGetName(pool: virStoragePoolPtr) -> *const c_char = null();
         fn virStoragePoolGetXMLDesc(pool: virStoragePoolPtr, flags: c_uint) -> *mut c_char = null_mut();

@@ -505,6 +505,15 @@ impl Domain {
         })
     }
 
+    /// Whether libvirt runs a job on the domain now (`virDomainGetJobInfo`'s type is not
+    /// `VIR_DOMAIN_JOB_NONE`), e.g. a snapshot revert it was asked for.
+    pub fn has_job(&self) -> Result<bool> {
+        let mut j = ffi::virDomainJobInfo::default();
+        // SAFETY: valid domain, out-pointer to a local of the C layout.
+        check(unsafe { ffi::virDomainGetJobInfo(self.ptr, &mut j) })?;
+        Ok(j.type_ != 0)
+    }
+
     /// Start the (defined) domain.
     pub fn create(&self) -> Result<()> {
         // SAFETY: valid domain.
@@ -740,6 +749,13 @@ impl DomainSnapshot {
     pub fn revert(&self, flags: u32) -> Result<()> {
         // SAFETY: valid snapshot.
         check(unsafe { ffi::virDomainRevertToSnapshot(self.ptr, flags) }).map(drop)
+    }
+
+    /// `virDomainSnapshotIsCurrent`: whether this is the domain's current snapshot (the one
+    /// last taken or reverted to).
+    pub fn is_current(&self) -> Result<bool> {
+        // SAFETY: valid snapshot.
+        check(unsafe { ffi::virDomainSnapshotIsCurrent(self.ptr, 0) }).map(|r| r == 1)
     }
 }
 

@@ -3,6 +3,12 @@
 //! JSON file per owner in the state directory, written whole to a temporary name and renamed, so
 //! a daemon killed mid-write leaves the old record or the new one, never half of one.
 //!
+//! A revert is recorded in two steps around the backend's work: first an intent (`reverting`:
+//! the target, and whose record it is), then, once the backend has reverted, the new `current`
+//! with the intent cleared, in one write. A daemon killed in between leaves the intent; the
+//! next one asks the backend whether the revert happened ([`Lineage::interrupted`]) and keeps
+//! the old `current` or takes the target, so `current` never names a state the live one is not.
+//!
 //! Snapshots are referred to by (id, name): the id survives a rename, the name finds snapshots
 //! of backends whose ids change. A record naming snapshots that no longer exist is not an error:
 //! those references are ignored (the image was replaced, or changed behind our back).
@@ -46,6 +52,43 @@ struct Record {
     current: Option<SnapRef>,
     /// Snapshot id → the snapshot that was current when it was taken.
     parents: BTreeMap<String, SnapRef>,
+    /// A revert asked of the backend and not known to be over (see the module's text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reverting: Option<Reverting>,
+}
+
+/// The intent of a revert: to which snapshot, of which owner (the file name is an escaped key,
+/// so the owner is written out for the next daemon).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Reverting {
+    to: SnapRef,
+    owner: OwnerKey,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum OwnerKey {
+    Instance(String),
+    Volume { pool: String, name: String },
+}
+
+impl OwnerKey {
+    fn of(o: &Owner) -> OwnerKey {
+        match o {
+            Owner::Instance(i) => OwnerKey::Instance(i.clone()),
+            Owner::Volume { pool, name } => OwnerKey::Volume {
+                pool: pool.clone(),
+                name: name.clone(),
+            },
+        }
+    }
+
+    fn owner(self) -> Owner {
+        match self {
+            OwnerKey::Instance(i) => Owner::Instance(i),
+            OwnerKey::Volume { pool, name } => Owner::Volume { pool, name },
+        }
+    }
 }
 
 /// The records of every owner; `dir` None keeps them in memory only (unit tests).
@@ -131,9 +174,60 @@ impl Lineage {
         });
     }
 
+    /// A revert to `to` is about to be asked of the backend: `current` stays as it is until
+    /// [`Lineage::reverted`] (or [`Lineage::revert_failed`]).
+    pub fn begin_revert(&self, owner: &Owner, to: SnapRef) {
+        self.update(owner, |r| {
+            r.reverting = Some(Reverting {
+                to,
+                owner: OwnerKey::of(owner),
+            })
+        });
+    }
+
     /// The live state was reverted to `to`.
     pub fn reverted(&self, owner: &Owner, to: SnapRef) {
-        self.update(owner, |r| r.current = Some(to));
+        self.update(owner, |r| {
+            r.current = Some(to);
+            r.reverting = None;
+        });
+    }
+
+    /// The backend's revert failed (or never happened): `current` stays.
+    pub fn revert_failed(&self, owner: &Owner) {
+        self.update(owner, |r| r.reverting = None);
+    }
+
+    /// Reverts a previous daemon began and did not see end: (owner, target), from the records
+    /// in the state directory.
+    pub fn interrupted(&self) -> Vec<(Owner, SnapRef)> {
+        let Some(dir) = &self.dir else {
+            return Vec::new();
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let rec: Record = match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "unreadable lineage record");
+                    continue;
+                }
+            };
+            if let Some(r) = rec.reverting {
+                out.push((r.owner.owner(), r.to));
+            }
+        }
+        out
     }
 
     /// `gone` was deleted: its children now descend from its parent, and so does the live state
@@ -229,6 +323,18 @@ mod tests {
         again.deleted(&o, &SnapRef::of(&s1));
         let left = [s2.clone(), s3.clone()];
         assert!(again.parent(&o, &s3, &left).is_none());
+        // An intent left by a killed daemon is found by the next one; `current` stays until
+        // the outcome is known.
+        again.begin_revert(&o, SnapRef::of(&s2));
+        let third = Lineage::new(Some(dir.path().to_path_buf()));
+        assert_eq!(third.interrupted(), vec![(o.clone(), SnapRef::of(&s2))]);
+        assert_eq!(third.current(&o, &left).unwrap().name, "s3");
+        third.revert_failed(&o);
+        assert!(third.interrupted().is_empty());
+        third.begin_revert(&o, SnapRef::of(&s2));
+        third.reverted(&o, SnapRef::of(&s2));
+        assert!(third.interrupted().is_empty());
+        assert_eq!(third.current(&o, &left).unwrap().name, "s2");
         again.renamed(&o, "s3", "s3b");
         assert_eq!(
             again.current(&o, &[s2, snap("s3b", "3", 30)]).unwrap().name,

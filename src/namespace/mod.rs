@@ -826,8 +826,9 @@ impl Namespace {
 
     /// Revert `owner` to its snapshot `snap`: first keep the state being discarded as
     /// `before-revert-<time>` (unless `--revert-keep=no`), then the backend's revert. The
-    /// lineage is recorded before the backend is asked (whose revert, a child process or a
-    /// cluster operation, finishes even if this daemon is killed) and put back if it fails.
+    /// lineage gets an intent before the backend is asked and the new `current` only once it
+    /// answered: a daemon killed in between leaves the intent, which the next one resolves by
+    /// asking the backend ([`Namespace::recover_reverts`]).
     fn revert(&self, owner: &Owner, snap: &str) -> Result<()> {
         let provider = self.reg.provider(owner)?;
         let _busy = self.begin(owner)?;
@@ -838,7 +839,6 @@ impl Namespace {
             .cloned()
             .ok_or_else(|| Error::Invalid(format!("snapshot {snap} of {owner} is gone")))?;
         provider.check_revert(owner, &target)?;
-        let mut prev = self.current_of(owner)?;
         if self.revert_keep {
             let stamp = rfc3339_name(SystemTime::now());
             let mut keep = format!("before-revert-{stamp}");
@@ -848,27 +848,96 @@ impl Namespace {
                 }
                 keep = format!("before-revert-{stamp}-{i}");
             }
-            let res = provider.create_snapshot(owner, &keep);
+            let prev = self.current_of(owner)?;
+            let res = provider.keep_before_revert(owner, &target, &keep);
             self.reg.changed(owner);
             res?;
             info!(%owner, snapshot = %keep, "kept the state being reverted");
-            self.record_created(owner, &keep, prev.take());
-            prev = self.reg.snapshot(owner, &keep).ok();
+            self.record_created(owner, &keep, prev);
         }
         let records = provider.records_lineage(owner);
         if records {
-            self.lineage.reverted(owner, SnapRef::of(&target));
+            self.lineage.begin_revert(owner, SnapRef::of(&target));
         }
+        failpoint("revert-before-backend");
         let started = std::time::Instant::now();
         let res = provider.revert_snapshot(owner, &target);
         self.reg.changed(owner);
         if let Err(e) = res {
-            if let (true, Some(p)) = (records, prev) {
-                self.lineage.reverted(owner, SnapRef::of(&p));
+            if records {
+                self.lineage.revert_failed(owner);
             }
             return Err(e);
         }
+        failpoint("revert-after-backend");
+        if records {
+            self.lineage.reverted(owner, SnapRef::of(&target));
+        }
         info!(%owner, %snap, ms = started.elapsed().as_millis() as u64, "reverted");
+        Ok(())
+    }
+
+    /// At start-up, before the mount serves: reverts a killed daemon began. The backend tells
+    /// whether each happened (`current` becomes the target) or not (`current` stays); where it
+    /// cannot tell (an RBD rollback runs in the daemon and may have stopped half way), the
+    /// revert is done again, so the instance or volume ends fully reverted. Returns how many
+    /// were resolved; one that cannot be resolved now keeps its intent for the next start.
+    pub fn recover_reverts(&self) -> usize {
+        let mut n = 0;
+        for (owner, to) in self.lineage.interrupted() {
+            match self.recover_revert(&owner, &to) {
+                Ok(()) => n += 1,
+                Err(Error::NotFound(what)) => {
+                    tracing::warn!(%owner, snapshot = %to.name, %what, "a revert a previous daemon was killed in: the instance or volume is gone, its intent is dropped");
+                    self.lineage.revert_failed(&owner);
+                }
+                Err(e) => {
+                    tracing::error!(%owner, snapshot = %to.name, error = %e, "cannot resolve a revert a previous daemon was killed in: current stays as it was; snapfs tries again at its next start")
+                }
+            }
+        }
+        n
+    }
+
+    fn recover_revert(&self, owner: &Owner, to: &SnapRef) -> Result<()> {
+        let provider = self.reg.provider(owner)?;
+        let snaps = self.reg.snapshots(owner)?;
+        let Some(target) = to.find(&snaps).cloned() else {
+            tracing::warn!(%owner, snapshot = %to.name, "a revert a previous daemon was killed in: its snapshot is gone, current stays");
+            self.lineage.revert_failed(owner);
+            return Ok(());
+        };
+        match provider.reverted_to(owner, &target)? {
+            Some(true) => {
+                tracing::warn!(%owner, snapshot = %target.name, "a revert a previous daemon was killed in had happened: current is its snapshot");
+                self.lineage.reverted(owner, SnapRef::of(&target));
+            }
+            Some(false) => {
+                tracing::warn!(%owner, snapshot = %target.name, "a revert a previous daemon was killed in had not happened: current stays");
+                self.lineage.revert_failed(owner);
+            }
+            None => {
+                tracing::warn!(%owner, snapshot = %target.name, "a revert a previous daemon was killed in may have stopped part way: doing it again");
+                // The killed daemon's own opens stay watchers of the images until the OSDs
+                // time them out (osd_client_watch_timeout, 30 s by default): EBUSY that long.
+                let waiting = std::time::Instant::now();
+                loop {
+                    match provider.check_revert(owner, &target) {
+                        Err(Error::Busy(m)) if waiting.elapsed() < RECOVERY_BUSY_WAIT => {
+                            tracing::info!(%owner, reason = %m, "waiting for the killed daemon's watches to time out");
+                            std::thread::sleep(Duration::from_secs(2));
+                        }
+                        other => break other?,
+                    }
+                }
+                let started = std::time::Instant::now();
+                let res = provider.revert_snapshot(owner, &target);
+                self.reg.changed(owner);
+                res?;
+                self.lineage.reverted(owner, SnapRef::of(&target));
+                info!(%owner, snapshot = %target.name, ms = started.elapsed().as_millis() as u64, "interrupted revert finished");
+            }
+        }
         Ok(())
     }
 
@@ -1019,6 +1088,22 @@ fn disk_key(owner: &Owner, snap: &SnapshotInfo, target: &str) -> String {
     format!("{owner:?}\0{}\0{}\0{created}\0{target}", snap.name, snap.id)
 }
 
+/// How long the start-up waits for a busy image before doing an interrupted revert again.
+const RECOVERY_BUSY_WAIT: Duration = Duration::from_secs(45);
+
+/// A test hook: with `SNAPFS_FAILPOINT=<name>` in the daemon's environment, the daemon stops
+/// at the point `name` (logging that it did) for ten minutes, so a test can kill it there.
+/// Points: `revert-before-backend`, `revert-after-backend`, `revert-rbd-after-a-disk` (an
+/// RBD-backed instance's revert, after the first disk's rollback).
+pub(crate) fn failpoint(name: &str) {
+    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let point = POINT.get_or_init(|| std::env::var("SNAPFS_FAILPOINT").ok());
+    if point.as_deref() == Some(name) {
+        tracing::warn!(failpoint = name, "failpoint reached: pausing");
+        std::thread::sleep(Duration::from_secs(600));
+    }
+}
+
 /// RFC 3339 UTC with `-` for `:`, for snapshot names (`before-revert-2026-12-06T03-55-12Z`).
 fn rfc3339_name(t: SystemTime) -> String {
     crate::provider::rfc3339(t).replace(':', "-")
@@ -1094,5 +1179,44 @@ mod tests {
         assert_eq!(Node::parse(&p("launch/x/y")), None);
         assert!(Node::parse(&p("volumes/images/a.qcow2/.snapshots/s1"))
             .is_some_and(|n| n.in_snapshot()));
+    }
+
+    /// Intents a killed daemon left: one for a volume that is gone is dropped; one for a
+    /// provider that cannot tell whether its revert happened (the in-memory one, like RBD) is
+    /// done again, and `current` becomes its target.
+    #[test]
+    fn interrupted_reverts_are_resolved_at_start() {
+        use crate::provider::memory::MemoryProvider;
+        let dir = tempfile::tempdir().unwrap();
+        let mem = Arc::new(MemoryProvider::default());
+        mem.add_volume("p", "v", vec![1u8; 4096]);
+        let v = Owner::Volume {
+            pool: "p".into(),
+            name: "v".into(),
+        };
+        mem.create_snapshot(&v, "s1").unwrap();
+        let ns = Namespace::new(vec![mem.clone()], "/mnt".into(), Duration::ZERO)
+            .with_state(dir.path(), true);
+        let s1 = ns.reg.snapshot(&v, "s1").unwrap();
+        ns.lineage.created(&v, SnapRef::of(&s1), None);
+        mem.create_snapshot(&v, "before-revert-x").unwrap();
+        let kept = ns.reg.snapshot(&v, "before-revert-x").unwrap();
+        ns.lineage
+            .created(&v, SnapRef::of(&kept), Some(SnapRef::of(&s1)));
+        ns.lineage.begin_revert(&v, SnapRef::of(&s1));
+        let gone = Owner::Volume {
+            pool: "p".into(),
+            name: "gone".into(),
+        };
+        ns.lineage.begin_revert(&gone, SnapRef::of(&s1));
+        assert_eq!(ns.current_of(&v).unwrap().unwrap().name, "before-revert-x");
+
+        // A new daemon on the same state directory.
+        let again = Namespace::new(vec![mem.clone()], "/mnt".into(), Duration::ZERO)
+            .with_state(dir.path(), true);
+        assert_eq!(again.lineage.interrupted().len(), 2);
+        assert_eq!(again.recover_reverts(), 1);
+        assert!(again.lineage.interrupted().is_empty());
+        assert_eq!(again.current_of(&v).unwrap().unwrap().name, "s1");
     }
 }

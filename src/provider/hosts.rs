@@ -351,6 +351,16 @@ impl Provider for HostProvider {
         self.call(|p| p.revert_snapshot(&o, snap))
     }
 
+    fn keep_before_revert(&self, owner: &Owner, target: &SnapshotInfo, name: &str) -> Result<()> {
+        let o = self.inner_owner(owner)?;
+        self.call(|p| p.keep_before_revert(&o, target, name))
+    }
+
+    fn reverted_to(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<Option<bool>> {
+        let o = self.inner_owner(owner)?;
+        self.call(|p| p.reverted_to(&o, snap))
+    }
+
     fn settings(&self, owner: &Owner) -> Result<Vec<(String, String)>> {
         let o = self.inner_owner(owner)?;
         self.call(|p| p.settings(&o))

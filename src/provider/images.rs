@@ -514,6 +514,17 @@ impl Provider for ImagesProvider {
         self.qemu_img_snapshot("-a", &snap.id, &path)
     }
 
+    /// `qemu-img snapshot -a` copies the snapshot's L1 table over the active one: the revert
+    /// happened iff the active L1 table names the snapshot's L2 tables (see
+    /// [`qcow2::active_is_snapshot`]).
+    fn reverted_to(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<Option<bool>> {
+        let path = self.volume_path(owner)?;
+        if path.is_dir() || image::probe_format(&path)? != Format::Qcow2 {
+            return Ok(None);
+        }
+        qcow2::active_is_snapshot(&path, &snap.id).map(Some)
+    }
+
     fn open_disk(
         &self,
         owner: &Owner,

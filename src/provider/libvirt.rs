@@ -1272,6 +1272,22 @@ impl Provider for LibvirtProvider {
         self.revert_instance(owner, snap)
     }
 
+    fn keep_before_revert(&self, owner: &Owner, target: &SnapshotInfo, name: &str) -> Result<()> {
+        if let Owner::Instance(_) = owner {
+            if self.keep_internal(owner, target, name)? {
+                return Ok(());
+            }
+        }
+        self.create_snapshot(owner, name)
+    }
+
+    fn reverted_to(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<Option<bool>> {
+        if let Owner::Volume { .. } = owner {
+            return self.pool_images(owner)?.reverted_to(owner, snap);
+        }
+        self.instance_reverted_to(owner, snap)
+    }
+
     fn open_disk(
         &self,
         owner: &Owner,

@@ -139,6 +139,12 @@ pub trait Provider: Send + Sync {
         let _ = (owner, snap);
         Ok(())
     }
+    /// Keep the live state of `owner` as snapshot `name` before a revert to `target`: by
+    /// default mkdir's snapshot; a backend whose revert needs another kind makes that one.
+    fn keep_before_revert(&self, owner: &Owner, target: &SnapshotInfo, name: &str) -> Result<()> {
+        let _ = target;
+        self.create_snapshot(owner, name)
+    }
     /// Return the live state of `owner` to snapshot `snap` (the `current` link's switch).
     fn revert_snapshot(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<()> {
         let _ = snap;
@@ -146,6 +152,14 @@ pub trait Provider: Send + Sync {
             "{} provider cannot revert {owner}",
             self.kind()
         )))
+    }
+
+    /// Whether the live state of `owner` is now snapshot `snap`'s, for a revert a killed daemon
+    /// asked for: `Some(true)` it happened, `Some(false)` it did not; `None` cannot tell (the
+    /// revert may have stopped part way), so the namespace does it again.
+    fn reverted_to(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<Option<bool>> {
+        let _ = (owner, snap);
+        Ok(None)
     }
 
     /// The per-object settings shown as `user.snapfs.<name>` extended attributes of the

@@ -425,7 +425,7 @@ fn cloud_owned(image: &str) -> Option<&'static str> {
 }
 
 /// EBUSY while a client other than our own writable open (one watcher) has the image open.
-fn refuse_if_watched(owner: &Owner, img: &ceph::Image) -> Result<()> {
+pub(crate) fn refuse_if_watched(owner: &Owner, img: &ceph::Image) -> Result<()> {
     let watchers = img.watchers()?;
     if watchers > 1 {
         return Err(Error::Busy(format!(

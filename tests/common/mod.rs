@@ -48,6 +48,11 @@ impl Mount {
     }
 
     pub fn with_args(images: &Path, extra: &[&str]) -> Mount {
+        Self::with_env(images, extra, &[])
+    }
+
+    /// Mount `images` with `env` added to the daemon's environment (e.g. `SNAPFS_FAILPOINT`).
+    pub fn with_env(images: &Path, extra: &[&str], env: &[(&str, &str)]) -> Mount {
         let dir = tempfile::Builder::new()
             .prefix("snapfs-mnt")
             .tempdir()
@@ -64,7 +69,7 @@ impl Mount {
                 .into_owned(),
             dir,
         };
-        m.mount(extra);
+        m.mount_env(extra, env);
         m
     }
 
@@ -99,8 +104,13 @@ impl Mount {
     }
 
     pub fn mount(&self, extra: &[&str]) {
+        self.mount_env(extra, &[])
+    }
+
+    pub fn mount_env(&self, extra: &[&str], env: &[(&str, &str)]) {
         let state = self.dir.path().join("state");
         let mut cmd = Command::new(BIN);
+        cmd.envs(env.iter().copied());
         cmd.arg("mount");
         if !extra.contains(&"--list-ttl-ms") {
             cmd.args(["--list-ttl-ms", "200"]);

@@ -86,6 +86,16 @@ impl Tables {
         })
     }
 
+    /// Whether both L1 tables name the same L2 tables (flag bits aside; a missing entry of the
+    /// shorter table counts as none).
+    pub fn same_l2_tables(&self, other: &Tables) -> bool {
+        let n = self.l1.len().max(other.l1.len());
+        (0..n).all(|i| {
+            self.l1.get(i).map_or(0, |e| e & OFFSET_MASK)
+                == other.l1.get(i).map_or(0, |e| e & OFFSET_MASK)
+        })
+    }
+
     /// The L2 table offset (0: none) covering guest byte `guest`, and the end of the guest span
     /// that table covers: two tables of one file that name the same L2 table map that span alike.
     pub fn l2_table_at(&self, guest: u64) -> (u64, u64) {

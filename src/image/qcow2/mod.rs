@@ -118,6 +118,29 @@ pub fn inspect(path: &Path) -> Result<Qcow2Info> {
     })
 }
 
+/// Whether the active state of a qcow2 file is its internal snapshot `id`'s: the active L1
+/// table names the same L2 tables as the snapshot's (flags aside, entries past the shorter
+/// table zero) and the virtual sizes agree. Right after `qemu-img snapshot -a` (which copies
+/// the snapshot's L1 table over the active one) this is true; before it, it is true only when
+/// the two states share every L2 table, i.e. hold the same data.
+pub fn active_is_snapshot(path: &Path, id: &str) -> Result<bool> {
+    let f = HostFile::open(path)?;
+    let parsed = meta_cache::get(&f)?;
+    let h = &parsed.header;
+    let Some(snap) = parsed.snapshots.iter().find(|s| s.entry.id == id) else {
+        return Err(Error::NotFound(format!(
+            "snapshot id {id} in {}",
+            path.display()
+        )));
+    };
+    if snap.entry.virtual_size != h.size {
+        return Ok(false);
+    }
+    let active = Tables::load(&f, h, h.l1_table_offset, h.l1_size, 0)?;
+    let then = Tables::load(&f, h, snap.l1_table_offset, snap.l1_size, 0)?;
+    Ok(active.same_l2_tables(&then))
+}
+
 /// A backing (or data) file name from a header, resolved as qemu does: relative to the image's
 /// directory. Protocol and `json:` names are refused.
 fn resolve_relative(image: &Path, name: &str) -> Result<PathBuf> {

@@ -9,6 +9,9 @@
 //! - reads: each disk's RBD snapshot through librbd, like `volumes/`.
 //! - rmdir: EBUSY while any disk's snapshot has clones; otherwise unprotect + remove each,
 //!   then drop the record.
+//! - revert (`current`): shut-off domains only (`EBUSY` while it runs: RBD snapshots hold no
+//!   memory state); every disk must still be the image of the record and have no other client
+//!   (`EBUSY`); then `rbd_snap_rollback` of each disk in turn, its rate logged.
 //! - launch: protect each disk's snapshot, `rbd_clone3` it into the disk's pool, define and
 //!   start a domain on the clones; with `--flatten-on-launch` the clones are flattened in
 //!   the background, after which the snapshot is deletable.
@@ -29,7 +32,7 @@ use super::{lv_err, safe_part, LibvirtProvider};
 use crate::ceph::{Image, Pool, SnapEntry};
 use crate::error::{Error, IoContext, Result};
 use crate::image::BlockImage;
-use crate::provider::rbd::{check_snap_name, RbdAccess};
+use crate::provider::rbd::{check_snap_name, refuse_if_watched, RbdAccess};
 use crate::provider::{Owner, SnapDisk, SnapshotInfo};
 
 /// One RBD disk of a domain.
@@ -489,6 +492,112 @@ impl LibvirtProvider {
         Self::write_rbd_records(dom, &records)?;
         info!(%owner, from, to, "RBD instance snapshot renamed");
         Ok(Some(()))
+    }
+
+    /// The RBD record named `name` of `dom` (None: the snapshot is not one).
+    pub(super) fn rbd_record(dom: &Domain, name: &str) -> Result<Option<RbdSnapRecord>> {
+        Ok(Self::rbd_records(dom)?.into_iter().find(|r| r.name == name))
+    }
+
+    /// The disks of record `rec` opened writable at their heads, each checked for a revert:
+    /// the domain's disk of that target is still that RBD image (`EINVAL` if it was swapped),
+    /// the image still has the snapshot, and no other client has it open (`EBUSY`).
+    fn rbd_revert_images(
+        &self,
+        dom: &Domain,
+        owner: &Owner,
+        rec: &RbdSnapRecord,
+    ) -> Result<Vec<(RbdSnapDisk, Image)>> {
+        if rec.disks.is_empty() {
+            return Err(Error::Invalid(format!(
+                "snapshot {} of {owner} records no disk",
+                rec.name
+            )));
+        }
+        let access = self.rbd_access(owner)?;
+        let def = Self::domain_xml(dom, 0)?;
+        let mut out = Vec::new();
+        for d in &rec.disks {
+            let now = def.disks.iter().find(|x| x.target == d.target);
+            let same = match now.map(|x| &x.source) {
+                Some(xml::DiskSource::Network { protocol, name }) if protocol == "rbd" => {
+                    xml::rbd_pool_image(name).ok() == Some((d.pool.clone(), d.image.clone()))
+                }
+                _ => false,
+            };
+            if !same {
+                warn!(%owner, snapshot = %rec.name, disk = %d.target, "revert refused: the disk is no longer the snapshot's RBD image");
+                return Err(Error::Invalid(format!(
+                    "disk {} of {owner} is no longer RBD image {}/{} (of snapshot {}): attach it back, or launch the snapshot instead",
+                    d.target, d.pool, d.image, rec.name
+                )));
+            }
+            let img = access.pool(&d.pool)?.open(&d.image, None, true)?;
+            if !img.snapshots()?.iter().any(|s| s.name == d.snap) {
+                return Err(Error::Invalid(format!(
+                    "RBD snapshot {}/{}@{} (disk {} of snapshot {} of {owner}) is gone",
+                    d.pool, d.image, d.snap, d.target, rec.name
+                )));
+            }
+            refuse_if_watched(owner, &img).map_err(|e| match e {
+                Error::Busy(m) => Error::Busy(format!("disk {}: {m}", d.target)),
+                e => e,
+            })?;
+            out.push((d.clone(), img));
+        }
+        Ok(out)
+    }
+
+    /// `check_revert` of an RBD record: refused while the domain runs or a disk is in use.
+    pub(super) fn check_rbd_revert(
+        &self,
+        dom: &Domain,
+        owner: &Owner,
+        rec: &RbdSnapRecord,
+    ) -> Result<()> {
+        if dom.is_active().unwrap_or(true) {
+            let (state, _) = super::state_name(dom)?;
+            return Err(Error::Busy(format!(
+                "{owner} is {state} and snapshot {} (RBD snapshots of its disks) holds no memory state: shut the instance off first",
+                rec.name
+            )));
+        }
+        self.rbd_revert_images(dom, owner, rec).map(drop)
+    }
+
+    /// Revert a shut-off RBD-backed domain to record `rec`: `rbd_snap_rollback` of every disk
+    /// (O(image size) each; the rate is logged). A disk that fails leaves the ones before it
+    /// rolled back: the error names them (the `before-revert-…` snapshot holds what was).
+    pub(super) fn revert_rbd(
+        &self,
+        dom: &Domain,
+        owner: &Owner,
+        rec: &RbdSnapRecord,
+    ) -> Result<()> {
+        self.check_rbd_revert(dom, owner, rec)?;
+        let images = self.rbd_revert_images(dom, owner, rec)?;
+        let mut done: Vec<&str> = Vec::new();
+        for (d, img) in &images {
+            let size = img.stat().map_or(0, |s| s.size);
+            let started = Instant::now();
+            if let Err(e) = img.snap_rollback(&d.snap) {
+                warn!(%owner, snapshot = %rec.name, disk = %d.target, rolled_back = ?done, error = %e, "RBD rollback of a disk failed");
+                if done.is_empty() {
+                    return Err(e);
+                }
+                return Err(Error::Backend(format!(
+                    "reverting {owner} to snapshot {}: disks {done:?} were rolled back, disk {} failed ({e}): revert again, or to the before-revert snapshot",
+                    rec.name, d.target
+                )));
+            }
+            let secs = started.elapsed().as_secs_f64();
+            info!(%owner, snapshot = %rec.name, disk = %d.target, image = %format!("{}/{}", d.pool, d.image), size, secs, mib_per_s = size as f64 / 1048576.0 / secs.max(1e-3), "rbd rollback of a disk");
+            done.push(&d.target);
+            if done.len() < images.len() {
+                crate::namespace::failpoint("revert-rbd-after-a-disk");
+            }
+        }
+        Ok(())
     }
 
     /// The bytes of one disk of a recorded RBD snapshot (None: not such a snapshot).

@@ -12,7 +12,13 @@
 //! | libvirt, with memory | libvirt revert, running again from that memory | the same |
 //! | libvirt, with memory, state file gone | `EINVAL` | `EINVAL` |
 //! | cloud-managed domain | `EPERM`: the cloud owns the live state | `EPERM` |
-//! | copy in snapfs's store, RBD record | `ENOTSUP` (launch it instead) | `ENOTSUP` |
+//! | RBD record (RBD-backed domain) | `rbd_snap_rollback` of every disk, stays shut off; `EBUSY` while another client has a disk open | `EBUSY`: shut it off first |
+//! | copy in snapfs's store | `ENOTSUP` (launch it instead) | `ENOTSUP` |
+//! | libvirt, qcow2 internal (made by others) | libvirt revert (`qemu-img snapshot -a`) | with memory (savevm): the same; disk only: `EBUSY` |
+//!
+//! Before a revert to an internal snapshot, the state being discarded is kept as an internal
+//! snapshot too ([`LibvirtProvider::keep_internal`]): an external overlay on top would leave
+//! libvirt reverting the disks' internal snapshot in an image (the overlay) that lacks it.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -28,6 +34,10 @@ use crate::provider::{Owner, SnapshotInfo};
 /// same disk within one second collide ("already exists"), so a revert is tried again once the
 /// second has passed.
 const REVERT_TRIES: usize = 3;
+
+/// How long the start-up waits for a job libvirt runs on a domain (a revert a killed daemon
+/// asked for) before it leaves the revert's intent for the next start.
+const REVERT_JOB_WAIT: Duration = Duration::from_secs(300);
 
 /// What the cloud's own tool for a revert is, for the refusal's message.
 fn cloud_command(system: &str) -> &'static str {
@@ -50,18 +60,10 @@ impl LibvirtProvider {
         owner: &Owner,
         snap: &SnapshotInfo,
     ) -> Result<(DomainSnapshot, bool)> {
-        if let Some(m) = self.managed_by(dom)? {
-            let system = m["system"].as_str().unwrap_or("unknown");
-            warn!(%owner, snapshot = %snap.name, managed_by = %system,
-                "revert refused: the cloud owns this domain's live state; use {}", cloud_command(system));
-            return Err(Error::NotPermitted(format!(
-                "{owner} is managed by {system}: revert it with {}",
-                cloud_command(system)
-            )));
-        }
+        self.refuse_managed(dom, owner, snap)?;
         let Ok(ls) = Domain::lookup_snapshot_by_name(dom, &snap.name, 0) else {
             return Err(Error::NotSupported(format!(
-                "snapshot {} of {owner} is a copy in snapfs's store or an RBD record, which cannot become the live disk: launch it instead (ln -s … launch/<new>)",
+                "snapshot {} of {owner} is a copy in snapfs's store, which cannot become the live disk: launch it instead (ln -s … launch/<new>)",
                 snap.name
             )));
         };
@@ -78,6 +80,31 @@ impl LibvirtProvider {
             }
         }
         Ok((ls, sx.memory != "no"))
+    }
+
+    /// `EPERM` on a cloud-managed domain: the cloud owns its live state.
+    fn refuse_managed(&self, dom: &Domain, owner: &Owner, snap: &SnapshotInfo) -> Result<()> {
+        if let Some(m) = self.managed_by(dom)? {
+            let system = m["system"].as_str().unwrap_or("unknown");
+            warn!(%owner, snapshot = %snap.name, managed_by = %system,
+                "revert refused: the cloud owns this domain's live state; use {}", cloud_command(system));
+            return Err(Error::NotPermitted(format!(
+                "{owner} is managed by {system}: revert it with {}",
+                cloud_command(system)
+            )));
+        }
+        Ok(())
+    }
+
+    /// The RBD record `snap` stands for, when it is one (its id says so, the record confirms).
+    fn rbd_record_of(
+        dom: &Domain,
+        snap: &SnapshotInfo,
+    ) -> Result<Option<super::xml::RbdSnapRecord>> {
+        if !snap.id.starts_with("rbd:") {
+            return Ok(None);
+        }
+        Self::rbd_record(dom, &snap.name)
     }
 
     /// Data disks of the domain now vs those of the snapshot: a revert across an attach or
@@ -104,6 +131,11 @@ impl LibvirtProvider {
 
     pub(super) fn check_instance_revert(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<()> {
         let dom = self.domain(owner)?;
+        if let Some(rec) = Self::rbd_record_of(&dom, snap)? {
+            self.refuse_managed(&dom, owner, snap)?;
+            Self::same_disks(&dom, owner, snap)?;
+            return self.check_rbd_revert(&dom, owner, &rec);
+        }
         let (_, memory) = self.revertible(&dom, owner, snap)?;
         let (state, active) = state_name(&dom)?;
         if active && !memory {
@@ -117,6 +149,10 @@ impl LibvirtProvider {
 
     pub(super) fn revert_instance(&self, owner: &Owner, snap: &SnapshotInfo) -> Result<()> {
         let dom = self.domain(owner)?;
+        if let Some(rec) = Self::rbd_record_of(&dom, snap)? {
+            self.refuse_managed(&dom, owner, snap)?;
+            return self.revert_rbd(&dom, owner, &rec);
+        }
         let (ls, memory) = self.revertible(&dom, owner, snap)?;
         // A memory snapshot resumes the guest as it was; a disk-only one leaves it shut off.
         let flags = if memory {
@@ -144,5 +180,75 @@ impl LibvirtProvider {
         }
         info!(%owner, snapshot = %snap.name, memory, ms = started.elapsed().as_millis() as u64, "libvirt reverted the instance");
         Ok(())
+    }
+
+    /// For a revert a killed daemon asked for: a libvirt snapshot is current (libvirt's own
+    /// mark) once libvirt reverted to it; an RBD rollback ran in the daemon and may have
+    /// stopped part way (None: do it again); store copies are never reverted.
+    pub(super) fn instance_reverted_to(
+        &self,
+        owner: &Owner,
+        snap: &SnapshotInfo,
+    ) -> Result<Option<bool>> {
+        let dom = self.domain(owner)?;
+        if Self::rbd_record_of(&dom, snap)?.is_some() {
+            return Ok(None);
+        }
+        let Ok(ls) = Domain::lookup_snapshot_by_name(&dom, &snap.name, 0) else {
+            return Ok(Some(false));
+        };
+        // libvirtd finishes a revert it was asked for after the asking daemon died (seconds,
+        // with memory): while the domain has a job, the answer is not known yet.
+        let started = Instant::now();
+        loop {
+            let current = ls
+                .is_current()
+                .map_err(|e| lv_err(format!("is snapshot {} of {owner} current", snap.name), e))?;
+            // An inactive domain has no job to ask about: an error counts as none.
+            if current || !dom.has_job().unwrap_or(false) {
+                return Ok(Some(current));
+            }
+            if started.elapsed() > REVERT_JOB_WAIT {
+                return Err(Error::Busy(format!(
+                    "{owner} still has a libvirt job after {}s: the revert to {} may be under way",
+                    REVERT_JOB_WAIT.as_secs(),
+                    snap.name
+                )));
+            }
+            info!(%owner, snapshot = %snap.name, "libvirt still runs a job on the domain: waiting for it");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// The `before-revert-…` of a revert to an internal snapshot: an internal snapshot of the
+    /// live state (libvirt's default kind: `qemu-img snapshot -c` of every disk of a shut-off
+    /// domain, savevm of a running one, memory included). False when `target` is not an
+    /// internal libvirt snapshot (the ordinary mkdir keeps the state then).
+    pub(super) fn keep_internal(
+        &self,
+        owner: &Owner,
+        target: &SnapshotInfo,
+        name: &str,
+    ) -> Result<bool> {
+        let dom = self.domain(owner)?;
+        let Ok(ls) = Domain::lookup_snapshot_by_name(&dom, &target.name, 0) else {
+            return Ok(false);
+        };
+        let sx = Self::snapshot_xml(&ls)?;
+        let internal = sx.disks.iter().any(|d| d.kind == "internal")
+            && !sx.disks.iter().any(|d| d.kind == "external");
+        if !internal {
+            return Ok(false);
+        }
+        let req = format!(
+            "<domainsnapshot><name>{}</name><description>snapfs: the state before a revert to {}</description></domainsnapshot>",
+            super::xml::escape(name)?,
+            super::xml::escape(&target.name)?
+        );
+        let started = Instant::now();
+        dom.create_snapshot_xml(&req, 0)
+            .map_err(|e| lv_err(format!("keeping {owner} as internal snapshot {name}"), e))?;
+        info!(%owner, snapshot = %name, ms = started.elapsed().as_millis() as u64, "internal snapshot of the state being reverted");
+        Ok(true)
     }
 }
