@@ -1079,3 +1079,81 @@ fn a_snapshot_in_the_trash_namespace_hides_nothing() {
     std::fs::create_dir(m.snaps(&v).join("c")).expect("mkdir c");
     assert_eq!(ls(&m.snaps(&v)), ["b", "c"]);
 }
+
+/// Found by the chaos suite (tests/chaos.rs, finding F5): a reader holding an RBD snapshot's
+/// disk open while the snapshot was deleted (an `rmdir`, or `rbd snap rm` by another client)
+/// read the image's newer bytes as the snapshot's: the OSD answers reads of a removed snap id
+/// from the head. Every read now gives the snapshot's own bytes or EIO, and once the
+/// deletion is seen, EIO.
+#[test]
+fn deleted_snapshot_read_through_an_open_file_is_old_bytes_or_eio() {
+    use std::os::unix::fs::FileExt;
+    let Some(conf) = cluster() else { return };
+    let _g = shared();
+    const MIB: usize = 1 << 20;
+    let v = Img::create(&conf, &uniq("f5"), "24M", None);
+    let m = RbdMount::new(&conf, &["--ceph-read-ahead-mb", "4"]);
+    for (round, how) in ["rmdir", "rbd snap rm"].into_iter().enumerate() {
+        let old = pattern(90 + round as u64, 24 * MIB);
+        let new = pattern(190 + round as u64, 24 * MIB);
+        v.write(0, &old);
+        let snap = format!("s{round}");
+        std::fs::create_dir(m.snaps(&v).join(&snap)).expect("mkdir");
+        // The head gets other bytes everywhere: a read of the removed snap id would get them.
+        v.write(0, &new);
+        let f = std::fs::File::open(m.snaps(&v).join(&snap).join("disk.raw")).expect("open");
+        let mut b = vec![0u8; MIB];
+        // A sequential reader: read-ahead chunks in flight when the snapshot goes.
+        for i in 0..2 {
+            f.read_exact_at(&mut b, (i * MIB) as u64)
+                .expect("read before");
+            assert!(b == old[i * MIB..(i + 1) * MIB], "{how}: MiB {i} before");
+        }
+        let mut small = vec![0u8; 4096];
+        f.read_exact_at(&mut small, (20 * MIB) as u64)
+            .expect("read far before");
+        assert!(small == old[20 * MIB..20 * MIB + 4096]);
+        match how {
+            "rmdir" => std::fs::remove_dir(m.snaps(&v).join(&snap)).expect("rmdir"),
+            _ => {
+                rbd(&conf, &["snap", "rm", "--no-progress", &v.snap(&snap)]);
+            }
+        }
+        let (mut eio, mut good) = (0, 0);
+        // The rest streamed on, then far (uncached) places: old bytes or EIO, never new ones.
+        let offsets = (2..24).chain([20, 12, 0]);
+        for i in offsets {
+            match f.read_exact_at(&mut b, (i * MIB) as u64) {
+                Ok(()) => {
+                    assert!(
+                        b == old[i * MIB..(i + 1) * MIB],
+                        "{how}: MiB {i} after the deletion is not the snapshot's bytes{}",
+                        if b == new[i * MIB..(i + 1) * MIB] {
+                            " (it is the head's)"
+                        } else {
+                            ""
+                        }
+                    );
+                    assert_eq!(eio, 0, "{how}: MiB {i} read after an EIO");
+                    good += 1;
+                }
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{how}: MiB {i}: {e}");
+                    eio += 1;
+                }
+            }
+        }
+        // The 4 MiB read-ahead window may serve a few MiB read before the deletion; the far
+        // reads cannot have been read before.
+        assert!(
+            eio >= 3,
+            "{how}: only {eio} EIO ({good} reads of old bytes)"
+        );
+        drop(f);
+        if how == "rmdir" {
+            assert!(!m.snaps(&v).join(&snap).exists());
+        }
+    }
+    let log = m.log();
+    assert!(log.contains("open snapshot deleted"), "{log}");
+}

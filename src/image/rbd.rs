@@ -7,16 +7,25 @@
 //! the cluster idle between requests (about 60% of `rbd export`, which keeps 10 reads in
 //! flight), so once a reader is seen to continue where it stopped, the next few object-sized
 //! chunks are read with `rbd_aio_read2` and parked in the shared [`BlockCache`] until used.
+//!
+//! A snapshot can be deleted while it is open (an `rmdir`, `rbd snap rm`), and the OSD then
+//! answers reads of its id from a newer clone or the head: other bytes, not an error. So after
+//! every read from the cluster (one per synchronous read, one per read-ahead chunk) the
+//! image header is asked whether the snapshot is still a user snapshot: librbd moves it to
+//! the trash namespace before it releases the snap id, so "still a user snapshot after the
+//! read" proves the bytes were the snapshot's. Otherwise the read, and every later one, is
+//! EIO (chaos finding F5, docs/testing.md).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::cache::{CacheKey, CacheKind};
 use super::raw::push_extent;
 use super::{BlockCache, BlockImage, Extent, ExtentKind, SharedBytes};
 use crate::ceph::{self, AioRead};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::namespace::registry::lock;
 
 /// Chunk size bounds; the chunk is the image's object size within them.
@@ -48,6 +57,11 @@ pub struct RbdImage {
     direct_io: bool,
     /// Data extents of the whole snapshot, sorted and merged; None until first asked.
     allocation: Mutex<Option<Allocation>>,
+    /// The image header and the snapshot's id, to check that the snapshot still exists
+    /// after each read (None: opened at the head).
+    snap: Option<(CString, u64)>,
+    /// The snapshot was found deleted: every read fails.
+    gone: AtomicBool,
 }
 
 /// Read-ahead state of one opened snapshot.
@@ -98,6 +112,10 @@ impl RbdImage {
         let st = image.stat()?;
         let features = image.features()?;
         let chunk = st.obj_size.clamp(MIN_CHUNK, MAX_CHUNK);
+        let snap = match image.spec().2 {
+            Some(name) => Some((image.header_oid()?, image.snap_id(name)?)),
+            None => None,
+        };
         Ok(RbdImage {
             ahead: ReadAhead {
                 chunk,
@@ -112,7 +130,47 @@ impl RbdImage {
             features,
             direct_io,
             allocation: Mutex::new(None),
+            snap,
+            gone: AtomicBool::new(false),
         })
+    }
+
+    /// EIO once the snapshot was found deleted.
+    fn check_gone(&self) -> Result<()> {
+        if self.gone.load(Ordering::Relaxed) {
+            return Err(self.gone_error("was"));
+        }
+        Ok(())
+    }
+
+    fn gone_error(&self, how: &str) -> Error {
+        Error::Backend(format!(
+            "snapshot {} {how} deleted while open: its bytes are no longer readable",
+            self.image.label
+        ))
+    }
+
+    /// After bytes came from the cluster: Ok only if the snapshot is still a user snapshot
+    /// now (so it was when the OSD answered).
+    fn verify(&self) -> Result<()> {
+        let Some((header, id)) = &self.snap else {
+            return Ok(());
+        };
+        match self.image.snap_state(header, *id)? {
+            ceph::SnapState::User => Ok(()),
+            state => {
+                if !self.gone.swap(true, Ordering::Relaxed) {
+                    tracing::info!(image = %self.image.label, ?state, "open snapshot deleted: its reads fail with EIO from now on");
+                }
+                Err(self.gone_error("is being or was"))
+            }
+        }
+    }
+
+    /// A synchronous read from the cluster, verified.
+    fn read_verified(&self, buf: &mut [u8], offset: u64, sequential: bool) -> Result<()> {
+        self.image.read(buf, offset, sequential)?;
+        self.verify()
     }
 
     fn key(&self, chunk: u64) -> CacheKey {
@@ -193,6 +251,8 @@ impl RbdImage {
             );
             lock(&self.ahead.state).pending.remove(&c);
             let data = Arc::new(res?);
+            // Cached only once known to be the snapshot's bytes.
+            self.verify()?;
             self.ahead.cache.insert(self.key(c), data.clone());
             return Ok(Some(data));
         }
@@ -223,7 +283,7 @@ impl RbdImage {
                 }
                 None => {
                     tracing::trace!(offset = s, len = dst.len(), "read-ahead miss");
-                    self.image.read(dst, s, true)?
+                    self.read_verified(dst, s, true)?
                 }
             }
             self.served(c, e - s, ce - cs);
@@ -316,6 +376,7 @@ impl BlockImage for RbdImage {
         let end = offset.saturating_add(len as u64);
         let c = offset / chunk;
         let (cs, ce) = (c * chunk, ((c + 1) * chunk).min(self.size));
+        self.check_gone()?;
         if self.ahead.depth == 0 || len == 0 || end > ce || !self.is_sequential(offset, end) {
             return Ok(None);
         }
@@ -341,6 +402,7 @@ impl BlockImage for RbdImage {
         let n = usize::try_from(avail).unwrap_or(usize::MAX).min(buf.len());
         let (head, tail) = buf.split_at_mut(n);
         tail.fill(0);
+        self.check_gone()?;
         if head.is_empty() {
             return Ok(());
         }
@@ -348,7 +410,7 @@ impl BlockImage for RbdImage {
         if self.ahead.depth > 0 && self.is_sequential(offset, end) {
             self.read_ahead(head, offset)
         } else {
-            self.image.read(head, offset, false)
+            self.read_verified(head, offset, false)
         }
     }
 
