@@ -857,13 +857,16 @@ impl Image {
         cstring(&format!("rbd_header.{}", self.id()?), "header object")
     }
 
-    /// Where snapshot `id` stands now, asked of the OSD that holds the image header (the
-    /// `rbd` object class's `snapshot_get`), not of librbd's view of it: a handle opened
-    /// read-only has no watch, so librbd never learns of another client's changes. One small
-    /// OSD operation. `header` is [`Image::header_oid`].
-    pub fn snap_state(&self, header: &CStr, id: u64) -> Result<SnapState> {
-        let what = || format!("snapshot_get {id} on {}", self.label);
-        let input = id.to_le_bytes();
+    /// Call `method` of the `rbd` object class on the image header `header` with `input`;
+    /// its output. One OSD operation, bounded by the op timeout.
+    fn header_exec(&self, header: &CStr, method: &CStr, input: &[u8]) -> Result<Vec<u8>> {
+        let what = || {
+            format!(
+                "{} on the header of {}",
+                method.to_string_lossy(),
+                self.label
+            )
+        };
         let mut out = vec![0u8; 1024];
         loop {
             let rc = self.pool.cluster.breaker.call(&what, || {
@@ -874,7 +877,7 @@ impl Image {
                         self.pool.io,
                         header.as_ptr(),
                         c"rbd".as_ptr(),
-                        c"snapshot_get".as_ptr(),
+                        method.as_ptr(),
                         input.as_ptr().cast(),
                         input.len(),
                         out.as_mut_ptr().cast(),
@@ -886,14 +889,32 @@ impl Image {
                 out.resize(out.len() * 16, 0);
                 continue;
             }
-            if rc == -libc::ENOENT {
-                return Ok(SnapState::Gone);
-            }
             let n = check(rc, what)?;
-            let n = usize::try_from(n).unwrap_or(0).min(out.len());
-            return parse_snapshot_info(&out[..n], id)
-                .map_err(|e| Error::Backend(format!("{}: {e}", what())));
+            out.truncate(usize::try_from(n).unwrap_or(0));
+            return Ok(out);
         }
+    }
+
+    /// Where snapshot `id` stands now, asked of the OSD that holds the image header (the
+    /// `rbd` object class's `snapshot_get`), not of librbd's view of it: a handle opened
+    /// read-only has no watch, so librbd never learns of another client's changes. One small
+    /// OSD operation. `header` is [`Image::header_oid`].
+    pub fn snap_state(&self, header: &CStr, id: u64) -> Result<SnapState> {
+        match self.header_exec(header, c"snapshot_get", &id.to_le_bytes()) {
+            Ok(out) => parse_snapshot_info(&out, id)
+                .map_err(|e| Error::Backend(format!("snapshot_get {id} on {}: {e}", self.label))),
+            Err(Error::NotFound(_)) => Ok(SnapState::Gone),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Move snapshot `id` to the trash namespace (`snapshot_trash_add`), which is the first
+    /// step of librbd's own removal. Only for the fault-injection hook of the tests: the
+    /// state a removal killed right after that step leaves.
+    pub fn snap_trash_add(&self, id: u64) -> Result<()> {
+        let header = self.header_oid()?;
+        self.header_exec(&header, c"snapshot_trash_add", &id.to_le_bytes())
+            .map(|_| ())
     }
 
     /// Remove snapshot `id` whatever its namespace (`rbd_snap_remove_by_id`): finishes a
