@@ -113,7 +113,15 @@ impl RbdImage {
         let features = image.features()?;
         let chunk = st.obj_size.clamp(MIN_CHUNK, MAX_CHUNK);
         let snap = match image.spec().2 {
-            Some(name) => Some((image.header_oid()?, image.snap_id(name)?)),
+            Some(name) => match (image.header_oid(), image.snap_id(name)) {
+                (Ok(header), Ok(id)) => Some((header, id)),
+                // Format-1 images (no image id, no `snapshot_get`; Ceph stopped making them
+                // in Nautilus) are read without the check.
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(image = %image.label, error = %e, "snapshot deletion while open cannot be detected on this image");
+                    None
+                }
+            },
             None => None,
         };
         Ok(RbdImage {
