@@ -147,6 +147,7 @@ crate::dl::dl_api! {
         fn rbd_aio_create_completion(cb_arg: *mut c_void, complete_cb: Option<rbd_callback_t>, c: *mut rbd_completion_t) -> c_int = ENOSYS;
         fn rbd_aio_read2(image: rbd_image_t, off: u64, len: usize, buf: *mut c_char, c: rbd_completion_t, op_flags: c_int) -> c_int = ENOSYS;
         fn rbd_aio_wait_for_complete(c: rbd_completion_t) -> c_int = ENOSYS;
+        fn rbd_aio_is_complete(c: rbd_completion_t) -> c_int = 0;
         fn rbd_aio_get_return_value(c: rbd_completion_t) -> isize = ENOSYS as isize;
         fn rbd_aio_release(c: rbd_completion_t);
         fn rbd_diff_iterate2(image: rbd_image_t, fromsnapname: *const c_char, ofs: u64, len: u64, include_parent: u8, whole_object: u8, cb: diff_cb, arg: *mut c_void) -> c_int = ENOSYS;

@@ -598,6 +598,13 @@ impl AioRead {
         self.len == 0
     }
 
+    /// Whether the read has finished (the OSD answered), without waiting.
+    pub fn is_complete(&self) -> bool {
+        // SAFETY: comp is a live completion of a submitted read (released only by wait/drop,
+        // which take the AioRead).
+        unsafe { ffi::rbd_aio_is_complete(self.comp) == 1 }
+    }
+
     /// Wait for the read; the bytes, or the error (a timeout after the op timeout).
     pub fn wait(mut self) -> Result<Vec<u8>> {
         // SAFETY: comp is a live completion of a submitted read.

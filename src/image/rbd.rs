@@ -16,7 +16,7 @@
 //! read" proves the bytes were the snapshot's. Otherwise the read, and every later one, is
 //! EIO (chaos finding F5, docs/testing.md).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -87,6 +87,9 @@ struct AheadState {
     /// Chunks served whole; once no reply holds one any more, its buffer is reused.
     spare: Vec<Arc<Vec<u8>>>,
     recent: VecDeque<u64>,
+    /// Chunks in flight whose read had finished before a check that the snapshot still
+    /// exists was started (and passed): they need no check of their own.
+    covered: HashSet<u64>,
 }
 
 impl Drop for ReadAhead {
@@ -175,6 +178,33 @@ impl RbdImage {
         }
     }
 
+    /// [`Self::verify`], which also covers every read-ahead chunk already finished now: a
+    /// reader slower than the cluster pays one check per window, not one per chunk.
+    fn verify_with_finished(&self) -> Result<()> {
+        let finished: Vec<(u64, Pending)> = {
+            let st = lock(&self.ahead.state);
+            st.pending
+                .iter()
+                // try_lock: a slot held by a reader waiting on it is not finished anyway, and
+                // slots are locked before the state elsewhere.
+                .filter(|(_, p)| {
+                    p.try_lock()
+                        .is_ok_and(|r| r.as_ref().is_some_and(|r| r.is_complete()))
+                })
+                .map(|(c, p)| (*c, p.clone()))
+                .collect()
+        };
+        self.verify()?;
+        let mut st = lock(&self.ahead.state);
+        for (c, p) in finished {
+            // Only while that same read is still in flight (a chunk read again later is new).
+            if st.pending.get(&c).is_some_and(|q| Arc::ptr_eq(q, &p)) {
+                st.covered.insert(c);
+            }
+        }
+        Ok(())
+    }
+
     /// A synchronous read from the cluster, verified.
     fn read_verified(&self, buf: &mut [u8], offset: u64, sequential: bool) -> Result<()> {
         self.image.read(buf, offset, sequential)?;
@@ -228,6 +258,7 @@ impl RbdImage {
             match self.image.aio_read(start, len, buf) {
                 Ok(r) => {
                     UNCLAIMED.fetch_add(r.len() as u64, Ordering::Relaxed);
+                    st.covered.remove(&c);
                     st.pending.insert(c, Arc::new(Mutex::new(Some(r))));
                 }
                 // Read-ahead is best effort: the reader's own read reports the error.
@@ -257,10 +288,16 @@ impl RbdImage {
                 us = t.elapsed().as_micros() as u64,
                 "read-ahead wait"
             );
-            lock(&self.ahead.state).pending.remove(&c);
+            let covered = {
+                let mut st = lock(&self.ahead.state);
+                st.pending.remove(&c);
+                st.covered.remove(&c)
+            };
             let data = Arc::new(res?);
             // Cached only once known to be the snapshot's bytes.
-            self.verify()?;
+            if !covered {
+                self.verify_with_finished()?;
+            }
             self.ahead.cache.insert(self.key(c), data.clone());
             return Ok(Some(data));
         }
