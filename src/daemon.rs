@@ -151,6 +151,8 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
             bail!("--ceph needs at least one --pool (or --libvirt, for domains with RBD disks)");
         }
         let rbd = crate::provider::rbd::RbdProvider::new(rbd).context("rbd provider")?;
+        // RBD snapshot removals a killed daemon left half done (chaos finding F2).
+        rbd.recover_removals(&cfg.state_dir);
         for (_, lv) in libvirt.iter_mut() {
             lv.attach_rbd(rbd.access());
         }

@@ -139,29 +139,40 @@ struct RbdMount {
 
 impl RbdMount {
     fn new(conf: &Path, extra: &[&str]) -> RbdMount {
+        Self::with_env(conf, extra, &[])
+    }
+
+    /// A mount whose daemon gets `env` too.
+    fn with_env(conf: &Path, extra: &[&str], env: &[(&str, &str)]) -> RbdMount {
         let dir = tempfile::Builder::new()
             .prefix("snapfs-rbd")
             .tempdir()
             .expect("tempdir");
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).expect("mkdir mnt");
+        let m = RbdMount { dir, mnt };
+        m.start(conf, extra, env);
+        m
+    }
+
+    /// Start a daemon on this mount point and state directory (again, after a kill).
+    fn start(&self, conf: &Path, extra: &[&str], env: &[(&str, &str)]) {
         let out = Command::new(BIN)
             .args(["mount", "--list-ttl-ms", "200", "--ceph"])
             .arg(conf)
             .args(["--pool", POOL, "--state-dir"])
-            .arg(dir.path().join("state"))
+            .arg(self.dir.path().join("state"))
             .args(extra)
-            .arg(&mnt)
+            .arg(&self.mnt)
+            .envs(env.iter().copied())
             .output()
             .expect("run snapfs mount");
-        let m = RbdMount { dir, mnt };
         assert!(
             out.status.success(),
             "snapfs mount failed: {}\nlog:\n{}",
             String::from_utf8_lossy(&out.stderr),
-            m.log()
+            self.log()
         );
-        m
     }
 
     fn log(&self) -> String {
@@ -1078,4 +1089,202 @@ fn a_snapshot_in_the_trash_namespace_hides_nothing() {
     // A new snapshot next to the trash one works too.
     std::fs::create_dir(m.snaps(&v).join("c")).expect("mkdir c");
     assert_eq!(ls(&m.snaps(&v)), ["b", "c"]);
+}
+
+/// Found by the chaos suite (tests/chaos.rs, finding F5): a reader holding an RBD snapshot's
+/// disk open while the snapshot was deleted (an `rmdir`, or `rbd snap rm` by another client)
+/// read the image's newer bytes as the snapshot's: the OSD answers reads of a removed snap id
+/// from the head. Every read now gives the snapshot's own bytes or EIO, and once the
+/// deletion is seen, EIO.
+#[test]
+fn deleted_snapshot_read_through_an_open_file_is_old_bytes_or_eio() {
+    use std::os::unix::fs::FileExt;
+    let Some(conf) = cluster() else { return };
+    let _g = shared();
+    const MIB: usize = 1 << 20;
+    let v = Img::create(&conf, &uniq("f5"), "24M", None);
+    let m = RbdMount::new(&conf, &["--ceph-read-ahead-mb", "4"]);
+    for (round, how) in ["rmdir", "rbd snap rm"].into_iter().enumerate() {
+        let old = pattern(90 + round as u64, 24 * MIB);
+        let new = pattern(190 + round as u64, 24 * MIB);
+        v.write(0, &old);
+        let snap = format!("s{round}");
+        std::fs::create_dir(m.snaps(&v).join(&snap)).expect("mkdir");
+        // The head gets other bytes everywhere: a read of the removed snap id would get them.
+        v.write(0, &new);
+        let f = std::fs::File::open(m.snaps(&v).join(&snap).join("disk.raw")).expect("open");
+        let mut b = vec![0u8; MIB];
+        // A sequential reader: read-ahead chunks in flight when the snapshot goes.
+        for i in 0..2 {
+            f.read_exact_at(&mut b, (i * MIB) as u64)
+                .expect("read before");
+            assert!(b == old[i * MIB..(i + 1) * MIB], "{how}: MiB {i} before");
+        }
+        let mut small = vec![0u8; 4096];
+        f.read_exact_at(&mut small, (20 * MIB) as u64)
+            .expect("read far before");
+        assert!(small == old[20 * MIB..20 * MIB + 4096]);
+        match how {
+            "rmdir" => std::fs::remove_dir(m.snaps(&v).join(&snap)).expect("rmdir"),
+            _ => {
+                rbd(&conf, &["snap", "rm", "--no-progress", &v.snap(&snap)]);
+            }
+        }
+        let (mut eio, mut good) = (0, 0);
+        // The rest streamed on, then far (uncached) places: old bytes or EIO, never new ones.
+        let offsets = (2..24).chain([20, 12, 0]);
+        for i in offsets {
+            match f.read_exact_at(&mut b, (i * MIB) as u64) {
+                Ok(()) => {
+                    assert!(
+                        b == old[i * MIB..(i + 1) * MIB],
+                        "{how}: MiB {i} after the deletion is not the snapshot's bytes{}",
+                        if b == new[i * MIB..(i + 1) * MIB] {
+                            " (it is the head's)"
+                        } else {
+                            ""
+                        }
+                    );
+                    assert_eq!(eio, 0, "{how}: MiB {i} read after an EIO");
+                    good += 1;
+                }
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{how}: MiB {i}: {e}");
+                    eio += 1;
+                }
+            }
+        }
+        // The 4 MiB read-ahead window may serve a few MiB read before the deletion; the far
+        // reads cannot have been read before.
+        assert!(
+            eio >= 3,
+            "{how}: only {eio} EIO ({good} reads of old bytes)"
+        );
+        drop(f);
+        if how == "rmdir" {
+            assert!(!m.snaps(&v).join(&snap).exists());
+        }
+    }
+    let log = m.log();
+    assert!(log.contains("open snapshot deleted"), "{log}");
+}
+
+/// Trash snapshots of `img`, by their original names (`rbd snap ls --all`).
+fn trash_snapshots(conf: &Path, img: &Img) -> Vec<String> {
+    let out = rbd(
+        conf,
+        &["snap", "ls", "--all", "--format", "json", &img.spec],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("snap ls json");
+    let mut t: Vec<String> = v
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|s| s["namespace"]["type"] == "trash")
+        .map(|s| {
+            s["namespace"]["original_name"]
+                .as_str()
+                .unwrap_or("?")
+                .to_string()
+        })
+        .collect();
+    t.sort();
+    t
+}
+
+/// Chaos finding F2: a daemon killed inside `rbd_snap_remove` (after librbd moved the
+/// snapshot to the trash namespace, its first step) left an orphan that keeps its data and
+/// that nobody lists. The removal record makes the next start finish exactly that removal,
+/// and nothing else: another trash snapshot (a deleted parent of a clone v2) and the user
+/// snapshots stay. The kill lands in an injected pause right after the trash step.
+#[test]
+fn an_rbd_removal_cut_by_kill_9_is_finished_at_the_next_start() {
+    let Some(conf) = cluster() else { return };
+    let _g = shared();
+    let v = Img::create(&conf, &uniq("f2"), "16M", None);
+    v.write(0, &pattern(60, 65536));
+    // Not ours to touch: a trash snapshot (@keep, deleted while a clone v2 uses it) and @other.
+    rbd(&conf, &["snap", "create", "--no-progress", &v.snap("keep")]);
+    let child = format!("{POOL}/{}-child", v.name);
+    struct Child(PathBuf, String);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            common::remove_rbd_image(&self.0, &self.1);
+        }
+    }
+    let _child = Child(conf.clone(), child.clone());
+    rbd(
+        &conf,
+        &[
+            "clone",
+            "--rbd-default-clone-format",
+            "2",
+            &v.snap("keep"),
+            &child,
+        ],
+    );
+    rbd(&conf, &["snap", "rm", "--no-progress", &v.snap("keep")]);
+    rbd(
+        &conf,
+        &["snap", "create", "--no-progress", &v.snap("other")],
+    );
+    assert_eq!(trash_snapshots(&conf, &v), ["keep"]);
+
+    let m = RbdMount::with_env(
+        &conf,
+        &[],
+        &[("SNAPFS_TEST_PAUSE_IN_RBD_SNAP_REMOVE_MS", "600000")],
+    );
+    std::fs::create_dir(m.snaps(&v).join("doomed")).expect("mkdir doomed");
+    let doomed = m.snaps(&v).join("doomed");
+    let rm = std::thread::spawn(move || std::fs::remove_dir(doomed));
+    let t0 = Instant::now();
+    while trash_snapshots(&conf, &v) != ["doomed", "keep"] {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the removal never reached the trash step; log:\n{}",
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let records = m.dir.path().join("state/rbd-removals");
+    let n_records = || {
+        std::fs::read_dir(&records)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(n_records(), 1, "no removal record while the removal runs");
+    let pid = m.daemon_pid().expect("daemon pid");
+    // SAFETY: kill(2) of the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_gone(pid, Duration::from_secs(10));
+    assert!(
+        rm.join().expect("rmdir thread").is_err(),
+        "rmdir succeeded although the daemon was killed"
+    );
+    // Killed: the snapshot is half removed.
+    assert_eq!(trash_snapshots(&conf, &v), ["doomed", "keep"]);
+
+    m.start(&conf, &[], &[]);
+    let t0 = Instant::now();
+    // Within the time a dead client's watch holds the image (~30 s, finding F3), and more.
+    while trash_snapshots(&conf, &v) != ["keep"] || n_records() != 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(150),
+            "the interrupted removal was not finished: trash {:?}, records {}; log:\n{}",
+            trash_snapshots(&conf, &v),
+            n_records(),
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(ls(&m.snaps(&v)), ["other"]);
+    let got = std::fs::read(m.snaps(&v).join("other/disk.raw")).expect("read other");
+    assert_eq!(&got[..65536], pattern(60, 65536).as_slice());
+    let log = m.log();
+    assert!(log.contains("interrupted removal finished"), "{log}");
 }

@@ -451,3 +451,120 @@ fn a_host_down_at_mount_time_comes_back_and_its_freeze_records_are_handled() {
         m.log()
     );
 }
+
+/// Removes a launched domain and its overlay volumes from the second host (also when the
+/// test fails).
+struct RemoteLaunch(String);
+
+impl RemoteLaunch {
+    /// Volumes of the remote pool made for this launch (`<new>.launch.<target>.qcow2`).
+    fn volumes(&self) -> Vec<String> {
+        let o = virsh_at(REMOTE, &["vol-list", POOL, "--details"]);
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with(&format!("{}.", self.0)))
+            .map(String::from)
+            .collect()
+    }
+}
+
+impl Drop for RemoteLaunch {
+    fn drop(&mut self) {
+        let _ = virsh_at(REMOTE, &["destroy", &self.0]);
+        let _ = virsh_at(REMOTE, &["undefine", &self.0]);
+        for v in self.volumes() {
+            let _ = virsh_at(REMOTE, &["vol-delete", "--pool", POOL, &v]);
+        }
+    }
+}
+
+/// `ln -s` of a snapshot of a remote instance launches on the host that holds it: the
+/// overlay is made there by its storage API (no file on this machine), the domain defined
+/// and started through the remote connection, and it lists as `instances/<new>@<host>`.
+/// Two TCG guests do not fit this machine, so the new domain is destroyed once seen
+/// running (its disk, the test bed's, boots nothing anyway).
+#[test]
+fn launch_on_the_remote_host_that_holds_the_snapshot() {
+    let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
+    if !hosts_ready("launch_on_the_remote_host_that_holds_the_snapshot") {
+        return;
+    }
+    let m = mount_two_hosts();
+    let remote1 = instance(&m, &format!("remote1@{REMOTE_HOST}"));
+    let name = format!("issue17f-{}", std::process::id());
+    let new = format!("issue17f-l{}", std::process::id());
+    let snap = remote1.join(".snapshots").join(&name);
+    fs::create_dir(&snap).unwrap();
+    let _cleanup = SnapCleanup(name.clone());
+    let launched = RemoteLaunch(new.clone());
+    let j: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(snap.join("snapshot.json")).unwrap()).unwrap();
+    let source = j["disks"][0]["source"].as_str().unwrap().to_string();
+
+    let target = format!("../instances/remote1@{REMOTE_HOST}/.snapshots/{name}");
+    let link = m.mnt.join("launch").join(&new);
+    if let Err(e) = std::os::unix::fs::symlink(&target, &link) {
+        panic!(
+            "ln -s {target} on a remote snapshot: {e}; log:\n{}",
+            m.log()
+        );
+    }
+    assert_eq!(fs::read_link(&link).unwrap(), PathBuf::from(&target));
+    let state = virsh_ok(REMOTE, &["domstate", &new]);
+    assert_eq!(state.trim(), "running", "new domain on the remote host");
+    assert!(
+        !virsh_at(LOCAL, &["dominfo", &new]).status.success(),
+        "{new} was defined on this machine"
+    );
+    // Its disk: an overlay made on the remote host, on the snapshot's image.
+    let blk = virsh_ok(REMOTE, &["domblklist", &new, "--details"]);
+    let disk = blk
+        .lines()
+        .find(|l| l.split_whitespace().nth(2) == Some("vda"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap_or_else(|| panic!("no vda in {blk}"))
+        .to_string();
+    assert!(disk.contains(&new), "{disk}");
+    assert!(
+        !std::path::Path::new(&disk).exists(),
+        "{disk} exists on this machine"
+    );
+    assert_eq!(launched.volumes().len(), 1, "{:?}", launched.volumes());
+    let vol = virsh_ok(REMOTE, &["vol-dumpxml", &disk]);
+    assert!(
+        vol.contains(&format!("<path>{source}</path>")),
+        "overlay {disk} is not backed by the snapshot's image {source}: {vol}"
+    );
+    // Listed with its host, and as a launch of the remote snapshot.
+    assert!(
+        ls(&m.mnt.join("instances")).contains(&format!("{new}@{REMOTE_HOST}")),
+        "{:?}",
+        ls(&m.mnt.join("instances"))
+    );
+    assert!(
+        ls(&m.mnt.join("launch")).contains(&format!("{new}@{REMOTE_HOST}")),
+        "{:?}",
+        ls(&m.mnt.join("launch"))
+    );
+    // A taken name is EEXIST there too.
+    assert_eq!(
+        errno(std::os::unix::fs::symlink(&target, &link)),
+        libc::EEXIST
+    );
+    // The snapshot's image backs the new domain's disk: rmdir is refused, running or not.
+    assert_eq!(
+        errno(fs::remove_dir(&snap)),
+        libc::EBUSY,
+        "rmdir while launched"
+    );
+    // Two TCG guests do not fit: stop it, then everything goes.
+    virsh_ok(REMOTE, &["destroy", &new]);
+    assert_eq!(
+        errno(fs::remove_dir(&snap)),
+        libc::EBUSY,
+        "rmdir while defined"
+    );
+    drop(launched);
+    fs::remove_dir(&snap).unwrap();
+}

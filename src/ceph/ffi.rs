@@ -101,6 +101,7 @@ crate::dl::dl_api! {
         fn rados_ioctx_create(cluster: rados_t, pool_name: *const c_char, ioctx: *mut rados_ioctx_t) -> c_int = ENOSYS;
         fn rados_ioctx_destroy(io: rados_ioctx_t);
         fn rados_ioctx_set_namespace(io: rados_ioctx_t, nspace: *const c_char);
+        fn rados_exec(io: rados_ioctx_t, oid: *const c_char, cls: *const c_char, method: *const c_char, in_buf: *const c_char, in_len: usize, buf: *mut c_char, out_len: usize) -> c_int = ENOSYS;
     }
     RBD => {
         fn rbd_list2(io: rados_ioctx_t, images: *mut rbd_image_spec_t, max: *mut usize) -> c_int = ENOSYS;
@@ -130,6 +131,8 @@ crate::dl::dl_api! {
         fn rbd_snap_list_end(snaps: *mut rbd_snap_info_t);
         fn rbd_snap_create(image: rbd_image_t, name: *const c_char) -> c_int = ENOSYS;
         fn rbd_snap_remove(image: rbd_image_t, name: *const c_char) -> c_int = ENOSYS;
+        fn rbd_snap_remove_by_id(image: rbd_image_t, snap_id: u64) -> c_int = ENOSYS;
+        fn rbd_snap_get_id(image: rbd_image_t, snapname: *const c_char, snap_id: *mut u64) -> c_int = ENOSYS;
         fn rbd_snap_rename(image: rbd_image_t, from: *const c_char, to: *const c_char) -> c_int = ENOSYS;
         fn rbd_snap_rollback(image: rbd_image_t, name: *const c_char) -> c_int = ENOSYS;
         fn rbd_watchers_list(image: rbd_image_t, watchers: *mut rbd_image_watcher_t, max: *mut usize) -> c_int = ENOSYS;
@@ -144,6 +147,7 @@ crate::dl::dl_api! {
         fn rbd_aio_create_completion(cb_arg: *mut c_void, complete_cb: Option<rbd_callback_t>, c: *mut rbd_completion_t) -> c_int = ENOSYS;
         fn rbd_aio_read2(image: rbd_image_t, off: u64, len: usize, buf: *mut c_char, c: rbd_completion_t, op_flags: c_int) -> c_int = ENOSYS;
         fn rbd_aio_wait_for_complete(c: rbd_completion_t) -> c_int = ENOSYS;
+        fn rbd_aio_is_complete(c: rbd_completion_t) -> c_int = 0;
         fn rbd_aio_get_return_value(c: rbd_completion_t) -> isize = ENOSYS as isize;
         fn rbd_aio_release(c: rbd_completion_t);
         fn rbd_diff_iterate2(image: rbd_image_t, fromsnapname: *const c_char, ofs: u64, len: u64, include_parent: u8, whole_object: u8, cb: diff_cb, arg: *mut c_void) -> c_int = ENOSYS;

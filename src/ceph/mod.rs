@@ -327,6 +327,55 @@ pub struct SnapEntry {
     pub name: String,
 }
 
+/// Where a snapshot stands in its image's header ([`Image::snap_state`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapState {
+    /// A user snapshot: its data is intact.
+    User,
+    /// In another namespace (2: trash, a removal started; 1: group, 3: mirror).
+    Other(u32),
+    /// Not in the header any more.
+    Gone,
+}
+
+/// The snapshot id and namespace type of a `cls::rbd::SnapshotInfo` encoding (what the `rbd`
+/// class's `snapshot_get` returns): `ENCODE_START` (version, compat, u32 length), the id
+/// (u64), then the namespace, itself `ENCODE_START` + its type (u32); all little-endian.
+fn parse_snapshot_info(b: &[u8], want: u64) -> std::result::Result<SnapState, String> {
+    let u32_at = |o: usize| {
+        b.get(o..o + 4)
+            .map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]))
+    };
+    let (Some(&v), Some(&compat), Some(len)) = (b.first(), b.get(1), u32_at(2)) else {
+        return Err(format!("{} byte answer is too short", b.len()));
+    };
+    if v < 1 || compat > 1 || (len as usize) + 6 > b.len() {
+        return Err(format!(
+            "unknown SnapshotInfo encoding (version {v}, compat {compat}, length {len})"
+        ));
+    }
+    let id = b
+        .get(6..14)
+        .map(|x| u64::from_le_bytes(x.try_into().unwrap_or_default()))
+        .ok_or("no snapshot id")?;
+    if id != want {
+        return Err(format!("answer is about snapshot {id}, not {want}"));
+    }
+    let (Some(&nv), Some(&ncompat), Some(ty)) = (b.get(14), b.get(15), u32_at(20)) else {
+        return Err("no snapshot namespace".into());
+    };
+    if nv < 1 || ncompat > 1 {
+        return Err(format!(
+            "unknown namespace encoding (version {nv}, compat {ncompat})"
+        ));
+    }
+    Ok(if ty == ffi::RBD_SNAP_NAMESPACE_TYPE_USER as u32 {
+        SnapState::User
+    } else {
+        SnapState::Other(ty)
+    })
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct ImageStat {
     pub size: u64,
@@ -547,6 +596,13 @@ impl AioRead {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Whether the read has finished (the OSD answered), without waiting.
+    pub fn is_complete(&self) -> bool {
+        // SAFETY: comp is a live completion of a submitted read (released only by wait/drop,
+        // which take the AioRead).
+        unsafe { ffi::rbd_aio_is_complete(self.comp) == 1 }
     }
 
     /// Wait for the read; the bytes, or the error (a timeout after the op timeout).
@@ -791,6 +847,91 @@ impl Image {
             }
         }
         Ok(out)
+    }
+
+    /// The id of snapshot `name`, as this handle knows it (from its open or last refresh).
+    pub fn snap_id(&self, name: &str) -> Result<u64> {
+        let c = cstring(name, "snapshot name")?;
+        let mut id = 0u64;
+        // SAFETY: valid handle, NUL-terminated name, out-pointer to a local.
+        let rc = unsafe { ffi::rbd_snap_get_id(self.h, c.as_ptr(), &mut id) };
+        check(rc, || self.what(&format!("rbd_snap_get_id {name}")))?;
+        Ok(id)
+    }
+
+    /// The image's header object (`rbd_header.<id>`), for [`Image::snap_state`].
+    pub fn header_oid(&self) -> Result<CString> {
+        cstring(&format!("rbd_header.{}", self.id()?), "header object")
+    }
+
+    /// Call `method` of the `rbd` object class on the image header `header` with `input`;
+    /// its output. One OSD operation, bounded by the op timeout.
+    fn header_exec(&self, header: &CStr, method: &CStr, input: &[u8]) -> Result<Vec<u8>> {
+        let what = || {
+            format!(
+                "{} on the header of {}",
+                method.to_string_lossy(),
+                self.label
+            )
+        };
+        let mut out = vec![0u8; 1024];
+        loop {
+            let rc = self.pool.cluster.breaker.call(&what, || {
+                // SAFETY: valid ioctx; NUL-terminated names; `input` and `out` are buffers
+                // of the lengths passed, alive for the call.
+                unsafe {
+                    ffi::rados_exec(
+                        self.pool.io,
+                        header.as_ptr(),
+                        c"rbd".as_ptr(),
+                        method.as_ptr(),
+                        input.as_ptr().cast(),
+                        input.len(),
+                        out.as_mut_ptr().cast(),
+                        out.len(),
+                    )
+                }
+            })?;
+            if rc == -libc::ERANGE && out.len() < (1 << 20) {
+                out.resize(out.len() * 16, 0);
+                continue;
+            }
+            let n = check(rc, what)?;
+            out.truncate(usize::try_from(n).unwrap_or(0));
+            return Ok(out);
+        }
+    }
+
+    /// Where snapshot `id` stands now, asked of the OSD that holds the image header (the
+    /// `rbd` object class's `snapshot_get`), not of librbd's view of it: a handle opened
+    /// read-only has no watch, so librbd never learns of another client's changes. One small
+    /// OSD operation. `header` is [`Image::header_oid`].
+    pub fn snap_state(&self, header: &CStr, id: u64) -> Result<SnapState> {
+        match self.header_exec(header, c"snapshot_get", &id.to_le_bytes()) {
+            Ok(out) => parse_snapshot_info(&out, id)
+                .map_err(|e| Error::Backend(format!("snapshot_get {id} on {}: {e}", self.label))),
+            Err(Error::NotFound(_)) => Ok(SnapState::Gone),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Move snapshot `id` to the trash namespace (`snapshot_trash_add`), which is the first
+    /// step of librbd's own removal. Only for the fault-injection hook of the tests: the
+    /// state a removal killed right after that step leaves.
+    pub fn snap_trash_add(&self, id: u64) -> Result<()> {
+        let header = self.header_oid()?;
+        self.header_exec(&header, c"snapshot_trash_add", &id.to_le_bytes())
+            .map(|_| ())
+    }
+
+    /// Remove snapshot `id` whatever its namespace (`rbd_snap_remove_by_id`): finishes a
+    /// removal that was cut short and left the snapshot in the trash namespace.
+    pub fn snap_remove_by_id(&self, id: u64) -> Result<()> {
+        let started = std::time::Instant::now();
+        // SAFETY: valid handle.
+        let rc = unsafe { ffi::rbd_snap_remove_by_id(self.h, id) };
+        debug!(image = %self.label, snap_id = id, rc, ms = started.elapsed().as_millis() as u64, "rbd_snap_remove_by_id");
+        check(rc, || self.what(&format!("rbd_snap_remove_by_id {id}"))).map(|_| ())
     }
 
     pub fn snap_timestamp(&self, id: u64) -> Result<SystemTime> {
@@ -1059,6 +1200,27 @@ mod tests {
         assert_eq!(t.errno(), libc::EIO);
         assert!(t.to_string().contains("timed out"), "{t}");
         assert_eq!(errno_error(-libc::EACCES, "x".into()).errno(), libc::EIO);
+    }
+
+    #[test]
+    fn snapshot_info_encoding() {
+        // Bytes as snapshot_get encodes a user snapshot 7 named "a" (header, id, namespace).
+        let mut b = vec![1u8, 1, 0, 0, 0, 0];
+        b.extend_from_slice(&7u64.to_le_bytes());
+        b.extend_from_slice(&[1, 1, 4, 0, 0, 0, 0, 0, 0, 0]);
+        b.extend_from_slice(&[1, 0, 0, 0, b'a']);
+        b.extend_from_slice(&[0u8; 8 + 8 + 8]);
+        let len = (b.len() - 6) as u32;
+        b[2..6].copy_from_slice(&len.to_le_bytes());
+        assert_eq!(parse_snapshot_info(&b, 7), Ok(SnapState::User));
+        let mut t = b.clone();
+        t[20] = 2;
+        assert_eq!(parse_snapshot_info(&t, 7), Ok(SnapState::Other(2)));
+        assert!(parse_snapshot_info(&b, 8).is_err());
+        assert!(parse_snapshot_info(&b[..10], 7).is_err());
+        let mut future = b.clone();
+        future[1] = 2;
+        assert!(parse_snapshot_info(&future, 7).is_err());
     }
 
     #[test]

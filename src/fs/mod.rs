@@ -484,7 +484,15 @@ impl SnapFs {
             }
             n => return Err(Namespace::refusal(n.as_ref(), "symlink")),
         }
-        self.lookup(parent, name)
+        match self.lookup(parent, name) {
+            // Several hosts: `launch/<new>` made `<new>@<host>` on the snapshot's host; the
+            // reply is that link (the kernel keeps it under the name given for a while).
+            Err(Error::NotFound(e)) => match self.ns.launched_as(name, target) {
+                Some(full) => self.lookup(parent, &full),
+                None => Err(Error::NotFound(e)),
+            },
+            r => r,
+        }
     }
 
     pub fn rename(&self, parent: u64, name: &str, new_parent: u64, new_name: &str) -> Result<()> {

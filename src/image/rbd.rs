@@ -7,16 +7,25 @@
 //! the cluster idle between requests (about 60% of `rbd export`, which keeps 10 reads in
 //! flight), so once a reader is seen to continue where it stopped, the next few object-sized
 //! chunks are read with `rbd_aio_read2` and parked in the shared [`BlockCache`] until used.
+//!
+//! A snapshot can be deleted while it is open (an `rmdir`, `rbd snap rm`), and the OSD then
+//! answers reads of its id from a newer clone or the head: other bytes, not an error. So after
+//! every read from the cluster (one per synchronous read, one per read-ahead chunk) the
+//! image header is asked whether the snapshot is still a user snapshot: librbd moves it to
+//! the trash namespace before it releases the snap id, so "still a user snapshot after the
+//! read" proves the bytes were the snapshot's. Otherwise the read, and every later one, is
+//! EIO (chaos finding F5, docs/testing.md).
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::cache::{CacheKey, CacheKind};
 use super::raw::push_extent;
 use super::{BlockCache, BlockImage, Extent, ExtentKind, SharedBytes};
 use crate::ceph::{self, AioRead};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::namespace::registry::lock;
 
 /// Chunk size bounds; the chunk is the image's object size within them.
@@ -48,6 +57,11 @@ pub struct RbdImage {
     direct_io: bool,
     /// Data extents of the whole snapshot, sorted and merged; None until first asked.
     allocation: Mutex<Option<Allocation>>,
+    /// The image header and the snapshot's id, to check that the snapshot still exists
+    /// after each read (None: opened at the head).
+    snap: Option<(CString, u64)>,
+    /// The snapshot was found deleted: every read fails.
+    gone: AtomicBool,
 }
 
 /// Read-ahead state of one opened snapshot.
@@ -73,6 +87,9 @@ struct AheadState {
     /// Chunks served whole; once no reply holds one any more, its buffer is reused.
     spare: Vec<Arc<Vec<u8>>>,
     recent: VecDeque<u64>,
+    /// Chunks in flight whose read had finished before a check that the snapshot still
+    /// exists was started (and passed): they need no check of their own.
+    covered: HashSet<u64>,
 }
 
 impl Drop for ReadAhead {
@@ -98,6 +115,18 @@ impl RbdImage {
         let st = image.stat()?;
         let features = image.features()?;
         let chunk = st.obj_size.clamp(MIN_CHUNK, MAX_CHUNK);
+        let snap = match image.spec().2 {
+            Some(name) => match (image.header_oid(), image.snap_id(name)) {
+                (Ok(header), Ok(id)) => Some((header, id)),
+                // Format-1 images (no image id, no `snapshot_get`; Ceph stopped making them
+                // in Nautilus) are read without the check.
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(image = %image.label, error = %e, "snapshot deletion while open cannot be detected on this image");
+                    None
+                }
+            },
+            None => None,
+        };
         Ok(RbdImage {
             ahead: ReadAhead {
                 chunk,
@@ -112,7 +141,74 @@ impl RbdImage {
             features,
             direct_io,
             allocation: Mutex::new(None),
+            snap,
+            gone: AtomicBool::new(false),
         })
+    }
+
+    /// EIO once the snapshot was found deleted.
+    fn check_gone(&self) -> Result<()> {
+        if self.gone.load(Ordering::Relaxed) {
+            return Err(self.gone_error("was"));
+        }
+        Ok(())
+    }
+
+    fn gone_error(&self, how: &str) -> Error {
+        Error::Backend(format!(
+            "snapshot {} {how} deleted while open: its bytes are no longer readable",
+            self.image.label
+        ))
+    }
+
+    /// After bytes came from the cluster: Ok only if the snapshot is still a user snapshot
+    /// now (so it was when the OSD answered).
+    fn verify(&self) -> Result<()> {
+        let Some((header, id)) = &self.snap else {
+            return Ok(());
+        };
+        match self.image.snap_state(header, *id)? {
+            ceph::SnapState::User => Ok(()),
+            state => {
+                if !self.gone.swap(true, Ordering::Relaxed) {
+                    tracing::info!(image = %self.image.label, ?state, "open snapshot deleted: its reads fail with EIO from now on");
+                }
+                Err(self.gone_error("is being or was"))
+            }
+        }
+    }
+
+    /// [`Self::verify`], which also covers every read-ahead chunk already finished now: a
+    /// reader slower than the cluster pays one check per window, not one per chunk.
+    fn verify_with_finished(&self) -> Result<()> {
+        let finished: Vec<(u64, Pending)> = {
+            let st = lock(&self.ahead.state);
+            st.pending
+                .iter()
+                // try_lock: a slot held by a reader waiting on it is not finished anyway, and
+                // slots are locked before the state elsewhere.
+                .filter(|(_, p)| {
+                    p.try_lock()
+                        .is_ok_and(|r| r.as_ref().is_some_and(|r| r.is_complete()))
+                })
+                .map(|(c, p)| (*c, p.clone()))
+                .collect()
+        };
+        self.verify()?;
+        let mut st = lock(&self.ahead.state);
+        for (c, p) in finished {
+            // Only while that same read is still in flight (a chunk read again later is new).
+            if st.pending.get(&c).is_some_and(|q| Arc::ptr_eq(q, &p)) {
+                st.covered.insert(c);
+            }
+        }
+        Ok(())
+    }
+
+    /// A synchronous read from the cluster, verified.
+    fn read_verified(&self, buf: &mut [u8], offset: u64, sequential: bool) -> Result<()> {
+        self.image.read(buf, offset, sequential)?;
+        self.verify()
     }
 
     fn key(&self, chunk: u64) -> CacheKey {
@@ -162,6 +258,7 @@ impl RbdImage {
             match self.image.aio_read(start, len, buf) {
                 Ok(r) => {
                     UNCLAIMED.fetch_add(r.len() as u64, Ordering::Relaxed);
+                    st.covered.remove(&c);
                     st.pending.insert(c, Arc::new(Mutex::new(Some(r))));
                 }
                 // Read-ahead is best effort: the reader's own read reports the error.
@@ -191,8 +288,16 @@ impl RbdImage {
                 us = t.elapsed().as_micros() as u64,
                 "read-ahead wait"
             );
-            lock(&self.ahead.state).pending.remove(&c);
+            let covered = {
+                let mut st = lock(&self.ahead.state);
+                st.pending.remove(&c);
+                st.covered.remove(&c)
+            };
             let data = Arc::new(res?);
+            // Cached only once known to be the snapshot's bytes.
+            if !covered {
+                self.verify_with_finished()?;
+            }
             self.ahead.cache.insert(self.key(c), data.clone());
             return Ok(Some(data));
         }
@@ -223,7 +328,7 @@ impl RbdImage {
                 }
                 None => {
                     tracing::trace!(offset = s, len = dst.len(), "read-ahead miss");
-                    self.image.read(dst, s, true)?
+                    self.read_verified(dst, s, true)?
                 }
             }
             self.served(c, e - s, ce - cs);
@@ -316,6 +421,7 @@ impl BlockImage for RbdImage {
         let end = offset.saturating_add(len as u64);
         let c = offset / chunk;
         let (cs, ce) = (c * chunk, ((c + 1) * chunk).min(self.size));
+        self.check_gone()?;
         if self.ahead.depth == 0 || len == 0 || end > ce || !self.is_sequential(offset, end) {
             return Ok(None);
         }
@@ -341,6 +447,7 @@ impl BlockImage for RbdImage {
         let n = usize::try_from(avail).unwrap_or(usize::MAX).min(buf.len());
         let (head, tail) = buf.split_at_mut(n);
         tail.fill(0);
+        self.check_gone()?;
         if head.is_empty() {
             return Ok(());
         }
@@ -348,7 +455,7 @@ impl BlockImage for RbdImage {
         if self.ahead.depth > 0 && self.is_sequential(offset, end) {
             self.read_ahead(head, offset)
         } else {
-            self.image.read(head, offset, false)
+            self.read_verified(head, offset, false)
         }
     }
 

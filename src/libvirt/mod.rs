@@ -791,6 +791,21 @@ impl StoragePool {
         // SAFETY: valid pool; the string is ours to free.
         unsafe { owned_string(ffi::virStoragePoolGetXMLDesc(self.ptr, flags)) }
     }
+
+    /// A new volume of this pool, as `xml` (`<volume>`) describes it, made by the pool's
+    /// host (a qcow2 with a `<backingStore>` is an overlay there). `conn` is the pool's.
+    pub fn create_volume(&self, conn: &Connect, xml: &str) -> Result<StorageVol> {
+        let c = cstring(xml)?;
+        // SAFETY: valid pool and string.
+        let ptr = unsafe { ffi::virStorageVolCreateXML(self.ptr, c.as_ptr(), 0) };
+        if ptr.is_null() {
+            return Err(Error::last_error());
+        }
+        Ok(StorageVol {
+            ptr,
+            conn: conn.clone(),
+        })
+    }
 }
 
 impl Drop for StoragePool {
@@ -827,6 +842,28 @@ impl StorageVol {
     pub fn xml_desc(&self) -> Result<String> {
         // SAFETY: valid volume; the string is ours to free.
         unsafe { owned_string(ffi::virStorageVolGetXMLDesc(self.ptr, 0)) }
+    }
+
+    /// The pool that holds this volume.
+    pub fn pool(&self) -> Result<StoragePool> {
+        // SAFETY: valid volume.
+        let ptr = unsafe { ffi::virStoragePoolLookupByVolume(self.ptr) };
+        if ptr.is_null() {
+            return Err(Error::last_error());
+        }
+        Ok(StoragePool { ptr })
+    }
+
+    /// The volume's path on its host.
+    pub fn path(&self) -> Result<String> {
+        // SAFETY: valid volume; the string is ours to free.
+        unsafe { owned_string(ffi::virStorageVolGetPath(self.ptr)) }
+    }
+
+    /// Delete the volume (its file on the pool's host).
+    pub fn delete(&self) -> Result<()> {
+        // SAFETY: valid volume.
+        check(unsafe { ffi::virStorageVolDelete(self.ptr, 0) }).map(drop)
     }
 
     /// `virStorageVolDownload` of `[offset, offset + buf.len())` of the volume's host file

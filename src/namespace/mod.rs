@@ -990,6 +990,23 @@ impl Namespace {
         Ok(())
     }
 
+    /// The name a launch `launch/<new>` of `target` is listed under when that is not `new`:
+    /// `<new>@<host>` for a snapshot of `<instance>@<host>` (several hosts in one mount).
+    pub fn launched_as(&self, new: &str, target: &str) -> Option<String> {
+        if new.contains('@') {
+            return None;
+        }
+        let (instance, _) = self.parse_launch_target(target).ok()?;
+        let (_, host) = instance.rsplit_once('@')?;
+        let full = format!("{new}@{host}");
+        self.reg
+            .launches()
+            .ok()?
+            .iter()
+            .any(|(l, _)| l.name == full)
+            .then_some(full)
+    }
+
     /// `../instances/web/.snapshots/s1` (relative to launch/) or an absolute path in this mount.
     fn parse_launch_target(&self, target: &str) -> Result<(String, String)> {
         match self.resolve_target(&[LAUNCH.to_string()], target) {

@@ -1416,10 +1416,27 @@ impl Provider for LibvirtProvider {
                 "snapshot {snapshot} of {instance} has no disk"
             )));
         }
+        // On a remote host (paths are its files) the overlays are made and removed by its
+        // storage API, not on this machine.
+        let remote = if image::hostfile::remote_scope() {
+            if launch_dir.is_some() {
+                return Err(Error::NotSupported(format!(
+                    "launch {new}: snapshot {snapshot} of {instance} is a copy in this machine's \
+                     store, which the remote host cannot use"
+                )));
+            }
+            Some(self.conn()?)
+        } else {
+            None
+        };
         let mut created: Vec<PathBuf> = Vec::new();
         let cleanup = |created: &[PathBuf]| {
             for f in created {
-                if let Err(e) = std::fs::remove_file(f) {
+                let r = match &remote {
+                    Some(conn) => remote::delete_file(conn, &self.opts.uri, f),
+                    None => std::fs::remove_file(f).ctx(|| format!("removing {}", f.display())),
+                };
+                if let Err(e) = r {
                     warn!(file = %f.display(), error = %e, "cannot remove overlay of a failed launch");
                 }
             }
@@ -1430,6 +1447,14 @@ impl Provider for LibvirtProvider {
             let dir = launch_dir
                 .as_deref()
                 .unwrap_or_else(|| i.path.parent().unwrap_or(Path::new("/")));
+            if let (Some(_), Some(_)) = (&i.internal, &remote) {
+                return Err(Error::NotSupported(format!(
+                    "launch {new}: disk {} of snapshot {snapshot} is an internal qcow2 snapshot; \
+                     launching one on a remote host is not supported (no overlay can be backed \
+                     by it, and the copy would be written from this machine)",
+                    i.target
+                )));
+            }
             if let Some(internal) = &i.internal {
                 let copy = fresh_image_path(dir, new, "launch", &i.target, "raw")?;
                 // copy_sparse removes its own file when it fails.
@@ -1441,7 +1466,17 @@ impl Provider for LibvirtProvider {
             let size = i.size.ok_or_else(|| {
                 Error::Backend(format!("cannot read the size of {}", i.path.display()))
             })?;
-            self.qemu_img_create(&overlay, Some((&i.path, i.format)), size)?;
+            match &remote {
+                Some(conn) => remote::create_overlay(
+                    conn,
+                    &self.opts.uri,
+                    &overlay,
+                    &i.path,
+                    format_name(i.format),
+                    size,
+                )?,
+                None => self.qemu_img_create(&overlay, Some((&i.path, i.format)), size)?,
+            }
             Ok((overlay, "qcow2"))
         };
         let mut edits = Vec::new();

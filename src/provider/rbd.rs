@@ -21,6 +21,8 @@ use crate::error::{Error, Result};
 use crate::image::rbd::RbdImage;
 use crate::image::{BlockCache, BlockImage};
 
+mod removal;
+
 /// How to reach the cluster.
 #[derive(Clone, Debug)]
 pub struct RbdConfig {
@@ -131,12 +133,32 @@ impl RbdAccess {
     /// Remove snapshot `name` of `img` (opened writable at its head, image `image` of `pool`),
     /// which the caller found without clones ([`Self::refuse_if_cloned`]); a protected one is
     /// unprotected first, as `rbd snap rm` would require by hand.
+    ///
+    /// A removal record ([`removal`]) names the image and snap id while `rbd_snap_remove`
+    /// runs: librbd moves the snapshot to the trash namespace first, and a daemon killed
+    /// before librbd is done leaves it there (chaos finding F2); the next start finishes it.
     pub fn remove_snapshot(pool: &Pool, image: &str, img: &Image, name: &str) -> Result<()> {
+        let record = removal::begin(pool, image, img, name)?;
+        let result = Self::unprotect_and_remove(pool, image, img, name, record.as_ref());
+        if let Some(r) = record {
+            r.end(img, result.is_ok());
+        }
+        result
+    }
+
+    fn unprotect_and_remove(
+        pool: &Pool,
+        image: &str,
+        img: &Image,
+        name: &str,
+        record: Option<&removal::Pending>,
+    ) -> Result<()> {
         let protected = img.snap_is_protected(name)?;
         if protected {
             img.snap_unprotect(name)?;
         }
-        if let Err(e) = img.snap_remove(name) {
+        let result = removal::test_pause(img, record).and_then(|()| img.snap_remove(name));
+        if let Err(e) = result {
             if protected {
                 if let Err(e2) = img.snap_protect(name) {
                     warn!(pool = %pool.name, image, snap = name, error = %e2, "could not re-protect after a failed remove");
@@ -194,6 +216,12 @@ impl RbdProvider {
             page_cache: cfg.page_cache,
         });
         Ok(RbdProvider { pools, access })
+    }
+
+    /// From now on removals are recorded under `state_dir`; the records a killed daemon left
+    /// are handled in the background ([`removal::recover`]).
+    pub fn recover_removals(&self, state_dir: &std::path::Path) {
+        removal::recover(self.access.clone(), state_dir);
     }
 
     /// The connection, for the libvirt provider's RBD-backed domains.

@@ -352,7 +352,7 @@ impl Freezer {
 
 /// Write `dir/name` durably (a temporary file synced, renamed into place, the directory
 /// synced): a record that must survive the daemon before the guest is touched.
-pub(super) fn write_record_file(dir: &Path, name: &str, body: &[u8]) -> Result<()> {
+pub(crate) fn write_record_file(dir: &Path, name: &str, body: &[u8]) -> Result<()> {
     let path = dir.join(name);
     let tmp = dir.join(format!(".{name}.tmp"));
     let mut f = std::fs::File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;

@@ -49,27 +49,7 @@ fn open(conn: &Connect, uri: &str, cache: &Arc<BlockCache>, path: &Path) -> Resu
     let p = path
         .to_str()
         .ok_or_else(|| Error::Invalid(format!("{}: not a UTF-8 path", path.display())))?;
-    let vol = match conn.storage_vol_lookup_by_path(p) {
-        Ok(v) => v,
-        Err(_) => {
-            // Files made since the pools were last scanned (a snapshot's overlay made by
-            // libvirt) are no volumes until a refresh: rescan the active pools once.
-            if let Ok(pools) = conn
-                .list_all_storage_pools(crate::libvirt::sys::VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
-            {
-                for pool in pools {
-                    let _ = pool.refresh();
-                }
-            }
-            conn.storage_vol_lookup_by_path(p).map_err(|e| {
-                // A path no pool holds cannot be read from here: not found, as a missing file.
-                match lv_err(format!("volume {p} on {uri}"), e) {
-                    Error::Backend(w) if w.contains("no storage vol") => Error::NotFound(w),
-                    other => other,
-                }
-            })?
-        }
-    };
+    let vol = lookup(conn, uri, p)?;
     let (_, len) = vol
         .capacity_and_physical()
         .map_err(|e| lv_err(format!("size of volume {p} on {uri}"), e))?;
@@ -97,6 +77,96 @@ fn open(conn: &Connect, uri: &str, cache: &Arc<BlockCache>, path: &Path) -> Resu
         mtime: version.0,
         ctime: version.1,
     })
+}
+
+/// The volume at `p` on the host behind `conn`.
+fn lookup(conn: &Connect, uri: &str, p: &str) -> Result<StorageVol> {
+    match conn.storage_vol_lookup_by_path(p) {
+        Ok(v) => Ok(v),
+        Err(_) => {
+            // Files made since the pools were last scanned (a snapshot's overlay made by
+            // libvirt) are no volumes until a refresh: rescan the active pools once.
+            if let Ok(pools) = conn
+                .list_all_storage_pools(crate::libvirt::sys::VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+            {
+                for pool in pools {
+                    let _ = pool.refresh();
+                }
+            }
+            conn.storage_vol_lookup_by_path(p).map_err(|e| {
+                // A path no pool holds cannot be read from here: not found, as a missing file.
+                match lv_err(format!("volume {p} on {uri}"), e) {
+                    Error::Backend(w) if w.contains("no storage vol") => Error::NotFound(w),
+                    other => other,
+                }
+            })
+        }
+    }
+}
+
+fn utf8<'a>(path: &'a Path, uri: &str) -> Result<&'a str> {
+    path.to_str()
+        .ok_or_else(|| Error::Invalid(format!("{} on {uri}: not a UTF-8 path", path.display())))
+}
+
+/// A qcow2 overlay `overlay` of `size` bytes on `backing` (format `format`), made by the
+/// storage driver of the host behind `conn` (named `uri`) in the pool that holds `backing`:
+/// a launch on a remote host writes nothing on this machine. `overlay` must be in
+/// `backing`'s directory (a directory pool's volumes are the files directly in it).
+pub fn create_overlay(
+    conn: &Connect,
+    uri: &str,
+    overlay: &Path,
+    backing: &Path,
+    format: &str,
+    size: u64,
+) -> Result<()> {
+    let b = utf8(backing, uri)?;
+    let o = utf8(overlay, uri)?;
+    let vol = lookup(conn, uri, b)?;
+    let dir = Path::new(b).parent();
+    let name = overlay
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|_| overlay.parent() == dir)
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "overlay {o} on {uri} is not in the directory of its backing file {b}"
+            ))
+        })?;
+    let pool = vol
+        .pool()
+        .map_err(|e| lv_err(format!("the storage pool of {b} on {uri}"), e))?;
+    let xml = format!(
+        "<volume type='file'><name>{}</name><capacity unit='bytes'>{size}</capacity>\
+         <target><format type='qcow2'/></target>\
+         <backingStore><path>{}</path><format type='{format}'/></backingStore></volume>",
+        super::xml::escape(name)?,
+        super::xml::escape(b)?,
+    );
+    let made = pool.create_volume(conn, &xml).map_err(|e| {
+        match lv_err(format!("creating overlay {o} on {uri}"), e) {
+            Error::Backend(w) if w.to_ascii_lowercase().contains("no space") => Error::NoSpace(w),
+            other => other,
+        }
+    })?;
+    let path = made.path().unwrap_or_default();
+    if path != o {
+        // Not where the domain will look for it: take it back.
+        let _ = made.delete();
+        return Err(Error::Backend(format!(
+            "overlay for {o} on {uri} was made as {path:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Delete the file at `path` on the host behind `conn` through its storage API.
+pub fn delete_file(conn: &Connect, uri: &str, path: &Path) -> Result<()> {
+    let p = utf8(path, uri)?;
+    lookup(conn, uri, p)?
+        .delete()
+        .map_err(|e| lv_err(format!("deleting {p} on {uri}"), e))
 }
 
 /// `<timestamps><NAME>SECONDS.NANOS</NAME>` of a volume's XML, as (seconds, nanoseconds).
