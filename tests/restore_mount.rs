@@ -802,3 +802,86 @@ fn huge_directory_walk_keeps_memory_flat() {
         }
     }
 }
+
+/// Guest nodes answered by number (volume, guest inode) with no path kept: hard links in two
+/// directories show one `st_ino` (with link count 2); the same guest inode in two snapshots
+/// shows two; names removed between the snapshots are ENOENT in the later one only; and a
+/// directory the kernel still holds answers ENOENT for its names once its snapshot is deleted,
+/// and still once a snapshot is taken again under the same name (never the new one's files).
+#[test]
+fn guest_nodes_by_number_across_snapshots() {
+    let t = tempfile::Builder::new()
+        .prefix("snapfs-issue-19p-nodes")
+        .tempdir()
+        .expect("tempdir");
+    let images = t.path().join("images");
+    fs::create_dir(&images).unwrap();
+    let raw = t.path().join("n.raw");
+    run(Command::new("truncate").args(["-s", "16M"]).arg(&raw));
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&raw));
+    {
+        let k = KernelMount::new(&raw, "loop");
+        let r = k.path();
+        fs::write(r.join("a.txt"), "a\n").unwrap();
+        fs::create_dir(r.join("d")).unwrap();
+        fs::write(r.join("d/x"), "x\n").unwrap();
+        fs::write(r.join("d/y"), "y\n").unwrap();
+        fs::hard_link(r.join("a.txt"), r.join("d/hl")).unwrap();
+        fs::write(r.join("gone.txt"), "gone\n").unwrap();
+        fs::create_dir(r.join("d/gone-dir")).unwrap();
+        fs::write(r.join("d/gone-dir/f"), "f\n").unwrap();
+    }
+    let img = images.join("n.qcow2");
+    let (raw_s, img_s) = (raw.to_str().unwrap(), img.to_str().unwrap());
+    qemu_img(&["convert", "-O", "qcow2", raw_s, img_s]);
+    qemu_img(&["snapshot", "-c", "s1", img_s]);
+    {
+        let k = KernelMount::new(&raw, "loop");
+        let r = k.path();
+        fs::remove_file(r.join("gone.txt")).unwrap();
+        fs::remove_dir_all(r.join("d/gone-dir")).unwrap();
+        fs::write(r.join("new.txt"), "new\n").unwrap();
+        fs::write(r.join("d/x"), "x2\n").unwrap();
+    }
+    qemu_img(&["convert", "-n", "-O", "qcow2", raw_s, img_s]);
+    qemu_img(&["snapshot", "-c", "s2", img_s]);
+
+    let m = Mount::new(&images);
+    let s1 = m.snap("n.qcow2", "s1").join("files/whole");
+    let s2 = m.snap("n.qcow2", "s2").join("files/whole");
+    let md = |p: PathBuf| fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+
+    let (a, hl) = (md(s1.join("a.txt")), md(s1.join("d/hl")));
+    assert_eq!(a.ino(), hl.ino(), "one guest inode, two names");
+    assert_eq!((a.nlink(), hl.nlink()), (2, 2));
+    assert_ne!(
+        md(s2.join("a.txt")).ino(),
+        a.ino(),
+        "two snapshots never share a node"
+    );
+    assert_eq!(fs::read_to_string(s1.join("d/x")).unwrap(), "x\n");
+    assert_eq!(fs::read_to_string(s2.join("d/x")).unwrap(), "x2\n");
+    for gone in ["gone.txt", "d/gone-dir", "d/gone-dir/f"] {
+        md(s1.join(gone));
+        assert_eq!(errno(fs::metadata(s2.join(gone))), libc::ENOENT, "{gone}");
+    }
+    assert_eq!(errno(fs::metadata(s1.join("new.txt"))), libc::ENOENT);
+    md(s2.join("new.txt"));
+    assert_eq!(ls(&s1.join("d")), ["gone-dir", "hl", "x", "y"]);
+    assert_eq!(ls(&s2.join("d")), ["hl", "x", "y"]);
+
+    // A directory of s1 held open; `y` in it not looked up yet.
+    let held = fs::File::open(s1.join("d")).unwrap();
+    let held_y = PathBuf::from(format!(
+        "/proc/self/fd/{}/y",
+        std::os::fd::AsRawFd::as_raw_fd(&held)
+    ));
+    fs::remove_dir(m.snap("n.qcow2", "s1")).expect("delete s1");
+    assert_eq!(errno(fs::metadata(&held_y)), libc::ENOENT, "s1 deleted");
+    fs::create_dir(m.snap("n.qcow2", "s1")).expect("s1 taken again");
+    assert_eq!(errno(fs::metadata(&held_y)), libc::ENOENT, "s1 taken again");
+    // The new s1 is the image as it is now (s2's tree).
+    assert_eq!(fs::read_to_string(s1.join("d/y")).unwrap(), "y\n");
+    assert_eq!(errno(fs::metadata(s1.join("gone.txt"))), libc::ENOENT);
+    assert_eq!(fs::read_to_string(s1.join("d/x")).unwrap(), "x2\n");
+}

@@ -168,7 +168,7 @@ pub struct FilesCache {
     numbers: HashMap<String, u16>,
     /// What each number stands for (indexed by number): one entry per volume opened since
     /// mount (at most 65,535), so a guest node id is answered without a path.
-    roots: Vec<VolumeRoot>,
+    roots: Vec<Arc<VolumeRoot>>,
 }
 
 /// Where the filesystem of a volume number lies.
@@ -176,9 +176,11 @@ pub struct FilesCache {
 struct VolumeRoot {
     /// The volume's root directory (`rest` empty, or `lvm/<vg>/<lv>` for a logical volume).
     path: FilesPath,
-    /// The disk's key when the volume was opened: a snapshot deleted and taken again under
-    /// the same name has another, and its old node ids are gone (ENOENT), never its new bytes.
-    disk: String,
+    /// The snapshot's identity when the volume was opened (see [`SnapshotInfo::id`]): a
+    /// snapshot deleted and taken again under the same name has another, and the old volume's
+    /// node ids are gone (ENOENT), never the new one's bytes.
+    snap_id: String,
+    created: std::time::SystemTime,
     /// The key the volume is cached under.
     key: String,
 }
@@ -248,7 +250,8 @@ impl Namespace {
                 rest: Vec::new(),
                 ..p.clone()
             },
-            disk: disk_key,
+            snap_id: snap.id.clone(),
+            created: snap.created,
             key: key.clone(),
         };
         let (vol, number) = self.cached_volume(root, || {
@@ -263,7 +266,8 @@ impl Namespace {
         root: VolumeRoot,
         open: impl FnOnce() -> Result<Volume>,
     ) -> Result<(Arc<Volume>, u16)> {
-        let key = root.key.as_str();
+        let key = root.key.clone();
+        let key = key.as_str();
         let number = {
             let mut c = lock(&self.files);
             match c.numbers.get(key) {
@@ -281,7 +285,7 @@ impl Namespace {
                             )
                         })?;
                     c.numbers.insert(key.to_string(), next);
-                    c.roots.push(root.clone());
+                    c.roots.push(Arc::new(root));
                     next
                 }
             }
@@ -375,15 +379,15 @@ impl Namespace {
                         let lv_key = format!("{key}\0{LVM}/{vg}/{lv}");
                         let mut lv_root = root.clone();
                         lv_root.rest.extend([l.clone(), vg.clone(), lv.clone()]);
-                        // The logical volume lies on the physical volume's disk.
-                        let disk = lock(&self.files)
-                            .roots
-                            .get(usize::from(number))
-                            .map(|r| r.disk.clone())
-                            .unwrap_or_default();
+                        // The logical volume lies in the physical volume's snapshot.
+                        let pv = lock(&self.files).roots.get(usize::from(number)).cloned();
+                        let (snap_id, created) = pv
+                            .map(|r| (r.snap_id.clone(), r.created))
+                            .unwrap_or_else(|| (String::new(), std::time::UNIX_EPOCH));
                         let volume_root = VolumeRoot {
                             path: lv_root.clone(),
-                            disk,
+                            snap_id,
+                            created,
                             key: lv_key.clone(),
                         };
                         let (inner_vol, inner_number) = self.cached_volume(volume_root, || {
@@ -593,9 +597,12 @@ impl Namespace {
             .get(usize::from(g.vol))
             .cloned()
             .ok_or_else(gone)?;
-        let snap = self.snapshot_of(&root.path)?;
-        let target = root.path.target.as_deref().unwrap_or_default();
-        if super::disk_key(&root.path.owner, &snap, target) != root.disk {
+        // The snapshot is still the one the volume was opened from (checked in the registry's
+        // list, not copied out of it).
+        let same = |s: &SnapshotInfo| {
+            s.name == root.path.snap && s.id == root.snap_id && s.created == root.created
+        };
+        if !self.reg.snapshots(&root.path.owner)?.iter().any(same) {
             return Err(gone());
         }
         let cached = lock(&self.files).volumes.get(&root.key).cloned();
@@ -603,6 +610,10 @@ impl Namespace {
             return Ok(fs.clone());
         }
         // Evicted from the cache: opened again through its path (same key, same number).
+        let snap = self.snapshot_of(&root.path)?;
+        if !same(&snap) {
+            return Err(gone());
+        }
         match self.resolve(&root.path, &snap)? {
             Resolved::Guest { fs, vol, .. } if vol == g.vol => Ok(fs),
             _ => Err(gone()),
