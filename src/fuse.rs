@@ -391,13 +391,8 @@ impl fuser::Filesystem for Fuse {
             Err(e) => return reply_err!(reply, "readdir", e),
         };
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        for (i, e) in dir.entries.iter().enumerate().skip(start) {
-            if reply.add(
-                INodeNo(e.ino),
-                (i + 1) as u64,
-                file_type(e.kind),
-                name_os(&e.name),
-            ) {
+        for (next, e) in dir.from(start) {
+            if reply.add(INodeNo(e.ino), next, file_type(e.kind), name_os(&e.name)) {
                 break;
             }
         }
@@ -417,9 +412,9 @@ impl fuser::Filesystem for Fuse {
             Err(e) => return reply_err!(reply, "readdirplus", e),
         };
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        for (i, e) in dir.entries.iter().enumerate().skip(start) {
+        for (next, e) in dir.from(start) {
             let dot = e.name == "." || e.name == "..";
-            let (attr, ttl) = match self.fs.listed_attr(&dir, e) {
+            let (attr, ttl) = match self.fs.listed_attr(&dir, &e) {
                 Ok(a) => (a, ttl(Some(ino.0), &a)),
                 Err(err) if dot => {
                     debug!(op = "readdirplus", name = %e.name, error = %err, "entry skipped");
@@ -429,12 +424,12 @@ impl fuser::Filesystem for Fuse {
                 // and the error comes from the path itself.
                 Err(err) => {
                     debug!(op = "readdirplus", name = %e.name, error = %err, "entry without attributes");
-                    (self.fs.placeholder_attr(&dir, e), Duration::ZERO)
+                    (self.fs.placeholder_attr(&dir, &e), Duration::ZERO)
                 }
             };
             if reply.add(
-                INodeNo(e.ino),
-                (i + 1) as u64,
+                INodeNo(attr.ino),
+                next,
                 name_os(&e.name),
                 &ttl,
                 &file_attr(&attr),

@@ -703,3 +703,185 @@ fn bigalloc_with_1k_blocks_matches_the_kernel() {
         }
     }
 }
+
+/// The daemon's peak resident set (VmHWM) in KiB.
+fn vm_hwm(pid: i32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("daemon status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+/// Huge directories in flat memory (issue 19, P6): a directory of 100,000 files (every
+/// 1,000th with a second name, a hard link), made by the kernel through a loop mount on ext4
+/// and XFS, is listed and every name looked up (as `ls -l` does) through a real mount, with the
+/// restore worker on and off. Every name is listed exactly once, hard links show one `st_ino`,
+/// and the daemon's peak RSS during the walk stays under 40 MiB. The bound fails when every
+/// looked-up guest name is kept in the inode table with its path (main before the guest nodes
+/// by number: 77 MiB for ext4 with the worker, the first case), while ours is ~30 MiB.
+#[test]
+fn huge_directory_walk_keeps_memory_flat() {
+    const N: usize = 100_000;
+    const BOUND_KIB: u64 = 40 * 1024;
+    let t = tempfile::Builder::new()
+        .prefix("snapfs-issue-19p-flat")
+        .tempdir()
+        .expect("tempdir");
+    let images = t.path().join("images");
+    fs::create_dir(&images).unwrap();
+    let name = |k: usize| format!("entry-{k:06}-of-a-huge-directory");
+    let cases: [(&str, Vec<&str>); 2] = [
+        ("ext4", vec!["mkfs.ext4", "-q", "-F", "-N", "120000"]),
+        ("xfs", vec!["mkfs.xfs", "-q", "-f"]),
+    ];
+    for (fs_name, mkfs) in &cases {
+        let raw = t.path().join(format!("{fs_name}.raw"));
+        run(Command::new("truncate").args(["-s", "600M"]).arg(&raw));
+        run(Command::new(mkfs[0]).args(&mkfs[1..]).arg(&raw));
+        {
+            let m = KernelMount::new(&raw, "loop");
+            let big = m.path().join("big");
+            fs::create_dir(&big).unwrap();
+            for i in 0..N {
+                // A fixed shuffle: insertion order is not name order.
+                let k = (i * 7_919) % N;
+                fs::write(big.join(name(k)), b"").unwrap();
+                if k.is_multiple_of(1000) {
+                    fs::hard_link(big.join(name(k)), big.join(format!("link-{k:06}"))).unwrap();
+                }
+            }
+        }
+        qcow2_with_snapshot(&raw, &images.join(format!("{fs_name}.qcow2")));
+        fs::remove_file(&raw).unwrap();
+    }
+    for (fs_name, _) in &cases {
+        for worker in ["on", "off"] {
+            let what = format!("{fs_name}, worker {worker}");
+            let m = Mount::with_args(&images, &[&format!("--restore-worker={worker}")]);
+            let big = m
+                .snap(&format!("{fs_name}.qcow2"), "s")
+                .join("files/whole/big");
+            // The volume opened, then the peak measured from here.
+            fs::metadata(&big).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let pid = m.daemon_pid().expect("daemon pid");
+            fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset VmHWM");
+            let mut seen: HashMap<String, u32> = HashMap::new();
+            let mut inos: HashMap<String, u64> = HashMap::new();
+            for e in fs::read_dir(&big).unwrap() {
+                let e = e.unwrap();
+                let n = e.file_name().into_string().unwrap();
+                let md =
+                    fs::symlink_metadata(e.path()).unwrap_or_else(|e| panic!("{what}: {n}: {e}"));
+                assert!(md.is_file(), "{what}: {n}");
+                inos.insert(n.clone(), md.ino());
+                *seen.entry(n).or_default() += 1;
+            }
+            let peak = vm_hwm(pid);
+            eprintln!("{what}: {} names, daemon VmHWM {} KiB", seen.len(), peak);
+            assert_eq!(seen.len(), N + N / 1000, "{what}: names listed");
+            let twice: Vec<_> = seen.iter().filter(|(_, &c)| c != 1).take(5).collect();
+            assert!(twice.is_empty(), "{what}: listed more than once: {twice:?}");
+            for k in 0..N {
+                assert!(seen.contains_key(&name(k)), "{what}: {} missing", name(k));
+            }
+            for k in (0..N).step_by(1000) {
+                let (a, b) = (&inos[&name(k)], &inos[&format!("link-{k:06}")]);
+                assert_eq!(a, b, "{what}: hard link {k} has another st_ino");
+                assert_eq!(
+                    fs::metadata(big.join(name(k))).unwrap().nlink(),
+                    2,
+                    "{what}"
+                );
+            }
+            assert!(
+                peak < BOUND_KIB,
+                "{what}: daemon VmHWM {peak} KiB during the walk, over {BOUND_KIB} KiB"
+            );
+        }
+    }
+}
+
+/// Guest nodes answered by number (volume, guest inode) with no path kept: hard links in two
+/// directories show one `st_ino` (with link count 2); the same guest inode in two snapshots
+/// shows two; names removed between the snapshots are ENOENT in the later one only; and a
+/// directory the kernel still holds answers ENOENT for its names once its snapshot is deleted,
+/// and still once a snapshot is taken again under the same name (never the new one's files).
+#[test]
+fn guest_nodes_by_number_across_snapshots() {
+    let t = tempfile::Builder::new()
+        .prefix("snapfs-issue-19p-nodes")
+        .tempdir()
+        .expect("tempdir");
+    let images = t.path().join("images");
+    fs::create_dir(&images).unwrap();
+    let raw = t.path().join("n.raw");
+    run(Command::new("truncate").args(["-s", "16M"]).arg(&raw));
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&raw));
+    {
+        let k = KernelMount::new(&raw, "loop");
+        let r = k.path();
+        fs::write(r.join("a.txt"), "a\n").unwrap();
+        fs::create_dir(r.join("d")).unwrap();
+        fs::write(r.join("d/x"), "x\n").unwrap();
+        fs::write(r.join("d/y"), "y\n").unwrap();
+        fs::hard_link(r.join("a.txt"), r.join("d/hl")).unwrap();
+        fs::write(r.join("gone.txt"), "gone\n").unwrap();
+        fs::create_dir(r.join("d/gone-dir")).unwrap();
+        fs::write(r.join("d/gone-dir/f"), "f\n").unwrap();
+    }
+    let img = images.join("n.qcow2");
+    let (raw_s, img_s) = (raw.to_str().unwrap(), img.to_str().unwrap());
+    qemu_img(&["convert", "-O", "qcow2", raw_s, img_s]);
+    qemu_img(&["snapshot", "-c", "s1", img_s]);
+    {
+        let k = KernelMount::new(&raw, "loop");
+        let r = k.path();
+        fs::remove_file(r.join("gone.txt")).unwrap();
+        fs::remove_dir_all(r.join("d/gone-dir")).unwrap();
+        fs::write(r.join("new.txt"), "new\n").unwrap();
+        fs::write(r.join("d/x"), "x2\n").unwrap();
+    }
+    qemu_img(&["convert", "-n", "-O", "qcow2", raw_s, img_s]);
+    qemu_img(&["snapshot", "-c", "s2", img_s]);
+
+    let m = Mount::new(&images);
+    let s1 = m.snap("n.qcow2", "s1").join("files/whole");
+    let s2 = m.snap("n.qcow2", "s2").join("files/whole");
+    let md = |p: PathBuf| fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+
+    let (a, hl) = (md(s1.join("a.txt")), md(s1.join("d/hl")));
+    assert_eq!(a.ino(), hl.ino(), "one guest inode, two names");
+    assert_eq!((a.nlink(), hl.nlink()), (2, 2));
+    assert_ne!(
+        md(s2.join("a.txt")).ino(),
+        a.ino(),
+        "two snapshots never share a node"
+    );
+    assert_eq!(fs::read_to_string(s1.join("d/x")).unwrap(), "x\n");
+    assert_eq!(fs::read_to_string(s2.join("d/x")).unwrap(), "x2\n");
+    for gone in ["gone.txt", "d/gone-dir", "d/gone-dir/f"] {
+        md(s1.join(gone));
+        assert_eq!(errno(fs::metadata(s2.join(gone))), libc::ENOENT, "{gone}");
+    }
+    assert_eq!(errno(fs::metadata(s1.join("new.txt"))), libc::ENOENT);
+    md(s2.join("new.txt"));
+    assert_eq!(ls(&s1.join("d")), ["gone-dir", "hl", "x", "y"]);
+    assert_eq!(ls(&s2.join("d")), ["hl", "x", "y"]);
+
+    // A directory of s1 held open; `y` in it not looked up yet.
+    let held = fs::File::open(s1.join("d")).unwrap();
+    let held_y = PathBuf::from(format!(
+        "/proc/self/fd/{}/y",
+        std::os::fd::AsRawFd::as_raw_fd(&held)
+    ));
+    fs::remove_dir(m.snap("n.qcow2", "s1")).expect("delete s1");
+    assert_eq!(errno(fs::metadata(&held_y)), libc::ENOENT, "s1 deleted");
+    fs::create_dir(m.snap("n.qcow2", "s1")).expect("s1 taken again");
+    assert_eq!(errno(fs::metadata(&held_y)), libc::ENOENT, "s1 taken again");
+    // The new s1 is the image as it is now (s2's tree).
+    assert_eq!(fs::read_to_string(s1.join("d/y")).unwrap(), "y\n");
+    assert_eq!(errno(fs::metadata(s1.join("gone.txt"))), libc::ENOENT);
+    assert_eq!(fs::read_to_string(s1.join("d/x")).unwrap(), "x2\n");
+}

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::error::{Error, Result};
 use crate::image::ExtentKind;
+use crate::namespace::files::{GuestListing, GuestRef};
 use crate::namespace::registry::lock;
 use crate::namespace::{Content, Kind, Namespace, Node, Stat, SETTING_PREFIX};
 use inode::{InodeTable, Name, Path, ROOT};
@@ -29,6 +30,8 @@ pub struct DirEntry {
     pub ino: u64,
     pub name: String,
     pub kind: Kind,
+    /// The guest inode of an entry of a guest directory.
+    at: Option<GuestRef>,
 }
 
 /// How the kernel should cache an opened file.
@@ -50,11 +53,95 @@ pub enum Whence {
 /// An open directory: its entries as listed at opendir (a stable view for the handle's
 /// life), and for readdirplus the children's attributes, read once on first use.
 pub struct DirListing {
-    pub entries: Vec<DirEntry>,
     ino: u64,
-    path: Path,
+    body: Listed,
     stats: OnceLock<HashMap<u64, Stat>>,
 }
+
+enum Listed {
+    /// A directory of snapfs's own tree: its entries, `.` and `..` first.
+    Entries { path: Path, entries: Vec<DirEntry> },
+    /// A guest directory: the reader's listing itself (shared with its cache, not copied),
+    /// after `.` and `..`.
+    Guest {
+        at: GuestRef,
+        parent: u64,
+        list: GuestListing,
+    },
+}
+
+impl DirListing {
+    /// The entries from position `start` on, each with the position after it (the offset
+    /// READDIR gets back to go on: positions never change while the handle is open).
+    pub fn from(&self, start: usize) -> impl Iterator<Item = (u64, DirEntry)> + '_ {
+        let end = match &self.body {
+            Listed::Entries { entries, .. } => entries.len(),
+            Listed::Guest { list, .. } => list.len() + 2,
+        };
+        (start..end).filter_map(move |i| self.entry(i).map(|e| (i as u64 + 1, e)))
+    }
+
+    fn entry(&self, i: usize) -> Option<DirEntry> {
+        let dot = |ino, name: &str| DirEntry {
+            ino,
+            name: name.into(),
+            kind: Kind::Dir,
+            at: None,
+        };
+        match &self.body {
+            Listed::Entries { entries, .. } => entries.get(i).cloned(),
+            Listed::Guest { parent, list, .. } => match i {
+                0 => Some(dot(self.ino, ".")),
+                1 => Some(dot(*parent, "..")),
+                _ => {
+                    let (name, kind, at) = list.entry(i - 2)??;
+                    Some(DirEntry {
+                        // A guest inode whose number does not fit a node id shows a number
+                        // no node has; a lookup of the name gives it one.
+                        ino: at.id().unwrap_or(UNNUMBERED),
+                        name,
+                        kind,
+                        at: Some(at),
+                    })
+                }
+            },
+        }
+    }
+}
+
+/// See [`DirListing::entry`].
+const UNNUMBERED: u64 = u64::MAX;
+
+/// What a node id stands for: a path of the tree, or a guest inode (no path kept).
+enum At {
+    Path(Path),
+    Guest(GuestRef),
+}
+
+/// The first component of the table's path for a guest inode whose number does not fit a
+/// node id (`\0` is in no file name): `[GUEST_PATH, volume, inode]`.
+const GUEST_PATH: &str = "\0guest";
+
+fn guest_path(g: GuestRef) -> Vec<Name> {
+    vec![
+        Name::from(GUEST_PATH),
+        Name::from(g.vol.to_string()),
+        Name::from(g.ino.to_string()),
+    ]
+}
+
+fn parse_guest_path(p: &[Name]) -> Option<GuestRef> {
+    match p {
+        [tag, vol, ino] if &**tag == GUEST_PATH => Some(GuestRef {
+            vol: vol.parse().ok()?,
+            ino: ino.parse().ok()?,
+        }),
+        _ => None,
+    }
+}
+
+/// How many guest directories' parents are remembered for their `..` entry.
+const PARENTS: usize = 4096;
 
 enum Handle {
     Dir(Arc<DirListing>),
@@ -73,6 +160,8 @@ pub struct FsOptions {
 pub struct SnapFs {
     ns: Namespace,
     inodes: Mutex<InodeTable>,
+    /// Guest directory → the directory it was looked up in, for its `..` entry (bounded).
+    parents: Mutex<lru::LruCache<u64, u64>>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     opts: FsOptions,
@@ -94,6 +183,9 @@ impl SnapFs {
         SnapFs {
             ns,
             inodes: Mutex::new(InodeTable::default()),
+            parents: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(PARENTS).unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             opts,
@@ -110,13 +202,49 @@ impl SnapFs {
             .ok_or_else(|| Error::NotFound(format!("inode {ino}")))
     }
 
-    fn child(&self, parent: u64, name: &str) -> Result<Vec<Name>> {
+    /// What node `ino` stands for.
+    fn at(&self, ino: u64) -> Result<At> {
+        if let Some(g) = GuestRef::from_id(ino) {
+            return Ok(At::Guest(g));
+        }
+        let path = self.path(ino)?;
+        Ok(match parse_guest_path(&path) {
+            Some(g) => At::Guest(g),
+            None => At::Path(path),
+        })
+    }
+
+    fn check_name(name: &str) -> Result<()> {
         if name.is_empty() || name == "." || name == ".." || name.contains('/') {
             return Err(Error::Invalid(format!("name {name:?}")));
         }
-        let mut p = self.path(parent)?.to_vec();
-        p.push(Name::from(name));
-        Ok(p)
+        Ok(())
+    }
+
+    /// The path of `name` in `parent`; inside a guest directory (which has no path) the
+    /// refusal a change inside a snapshot gets.
+    fn child(&self, parent: u64, name: &str) -> Result<Vec<Name>> {
+        Self::check_name(name)?;
+        match self.at(parent)? {
+            At::Path(p) => {
+                let mut p = p.to_vec();
+                p.push(Name::from(name));
+                Ok(p)
+            }
+            At::Guest(_) => Err(Namespace::refusal(
+                Some(&Node::InSnapshot),
+                "change a guest file",
+            )),
+        }
+    }
+
+    /// The node id of guest inode `g` whose stat is `stat`: its own number, or (when the guest
+    /// inode number does not fit one) an entry of the table, counted if `count`.
+    fn guest_ino(&self, stat: &Stat, g: GuestRef, count: bool) -> u64 {
+        match stat.ino {
+            Some(id) => id,
+            None => lock(&self.inodes).get_or_insert(guest_path(g), count),
+        }
     }
 
     fn node(path: &[Name]) -> Result<Node> {
@@ -142,13 +270,32 @@ impl SnapFs {
     }
 
     /// Look `name` up in `parent`; on success the kernel holds one more reference.
+    ///
+    /// A guest node (its id derived from its volume and guest inode) is answered by number
+    /// and enters nothing in the inode table: the kernel's lookup counts need no bookkeeping,
+    /// as the id stays valid for as long as the volume's snapshot exists.
     pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr> {
-        let path = self.child(parent, name)?;
-        let stat = self.stat_path(&path)?;
-        let ino = match stat.ino {
-            Some(want) => lock(&self.inodes).get_or_insert_pinned(path, want, true),
-            None => lock(&self.inodes).get_or_insert(path, true),
+        Self::check_name(name)?;
+        let (ino, stat) = match self.at(parent)? {
+            At::Guest(g) => {
+                let (stat, child) = self.ns.guest_lookup(g, name)?;
+                (self.guest_ino(&stat, child, true), stat)
+            }
+            At::Path(p) => {
+                let mut path = p.to_vec();
+                path.push(Name::from(name));
+                let stat = self.stat_path(&path)?;
+                let ino = match stat.ino {
+                    Some(id) if crate::namespace::files::is_guest_node(id) => id,
+                    Some(want) => lock(&self.inodes).get_or_insert_pinned(path, want, true),
+                    None => lock(&self.inodes).get_or_insert(path, true),
+                };
+                (ino, stat)
+            }
         };
+        if stat.kind == Kind::Dir && stat.fixed() {
+            lock(&self.parents).put(ino, parent);
+        }
         Ok(self.attr(ino, stat))
     }
 
@@ -157,13 +304,19 @@ impl SnapFs {
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
-        let path = self.path(ino)?;
-        Ok(self.attr(ino, self.stat_path(&path)?))
+        let stat = match self.at(ino)? {
+            At::Guest(g) => self.ns.guest_stat(g)?,
+            At::Path(path) => self.stat_path(&path)?,
+        };
+        Ok(self.attr(ino, stat))
     }
 
     /// Opened with `keep_cache` for a guest directory: its listing never changes.
     pub fn opendir(&self, ino: u64) -> Result<Opened> {
-        let path = self.path(ino)?;
+        let path = match self.at(ino)? {
+            At::Path(p) => p,
+            At::Guest(g) => return self.opendir_guest(ino, g),
+        };
         let node = Self::node(&path)?;
         let children = self.ns.list(&node)?;
         let parent_ino = if path.is_empty() {
@@ -178,11 +331,13 @@ impl SnapFs {
             ino,
             name: ".".into(),
             kind: Kind::Dir,
+            at: None,
         });
         entries.push(DirEntry {
             ino: parent_ino,
             name: "..".into(),
             kind: Kind::Dir,
+            at: None,
         });
         {
             let mut inodes = lock(&self.inodes);
@@ -204,18 +359,47 @@ impl SnapFs {
                     ino: child,
                     name,
                     kind,
+                    at: None,
                 });
             }
         }
         let fh = self.new_handle(Handle::Dir(Arc::new(DirListing {
-            entries,
             ino,
-            path,
+            body: Listed::Entries { path, entries },
             stats: OnceLock::new(),
         })));
         Ok(Opened {
             fh,
             keep_cache: crate::namespace::files::is_guest_node(ino),
+            direct_io: false,
+        })
+    }
+
+    /// A guest directory: the reader's listing, kept by the handle as the reader has it.
+    fn opendir_guest(&self, ino: u64, g: GuestRef) -> Result<Opened> {
+        let list = self.ns.guest_list(g)?;
+        // `..`: the directory it was looked up in (almost always just now), else the guest's
+        // own `..`, else itself (a filesystem's root).
+        let remembered = lock(&self.parents).get(&ino).copied();
+        let parent = match remembered {
+            Some(p) => p,
+            None => match self.ns.guest_lookup(g, "..") {
+                Ok((stat, _)) => stat.ino.unwrap_or(ino),
+                Err(_) => ino,
+            },
+        };
+        let fh = self.new_handle(Handle::Dir(Arc::new(DirListing {
+            ino,
+            body: Listed::Guest {
+                at: g,
+                parent,
+                list,
+            },
+            stats: OnceLock::new(),
+        })));
+        Ok(Opened {
+            fh,
+            keep_cache: true,
             direct_io: false,
         })
     }
@@ -236,9 +420,12 @@ impl SnapFs {
         if e.name == "." || e.name == ".." {
             return self.getattr(e.ino);
         }
-        let stats = dir.stats.get_or_init(|| match Self::node(&dir.path) {
-            Ok(n) => self.ns.child_stats(&n),
-            Err(_) => HashMap::new(),
+        let stats = dir.stats.get_or_init(|| match &dir.body {
+            Listed::Entries { path, .. } => match Self::node(path) {
+                Ok(n) => self.ns.child_stats(&n),
+                Err(_) => HashMap::new(),
+            },
+            Listed::Guest { at, .. } => self.ns.guest_child_stats(*at),
         });
         match stats.get(&e.ino) {
             Some(stat) => Ok(self.attr(self.enter_listed(dir, e), *stat)),
@@ -247,11 +434,20 @@ impl SnapFs {
     }
 
     /// Enter entry `e` of `dir` in the inode table with one kernel reference (its number is
-    /// the one the listing showed).
+    /// the one the listing showed). A guest node needs no entry.
     fn enter_listed(&self, dir: &DirListing, e: &DirEntry) -> u64 {
-        let mut p = dir.path.to_vec();
-        p.push(Name::from(e.name.as_str()));
-        lock(&self.inodes).get_or_insert_pinned(p, e.ino, true)
+        match (&dir.body, e.at) {
+            (_, Some(g)) => match g.id() {
+                Some(id) => id,
+                None => lock(&self.inodes).get_or_insert(guest_path(g), true),
+            },
+            (Listed::Entries { path, .. }, None) => {
+                let mut p = path.to_vec();
+                p.push(Name::from(e.name.as_str()));
+                lock(&self.inodes).get_or_insert_pinned(p, e.ino, true)
+            }
+            (Listed::Guest { .. }, None) => e.ino,
+        }
     }
 
     /// For readdirplus, an entry whose attributes cannot be read: still listed, with only its
@@ -275,12 +471,22 @@ impl SnapFs {
     }
 
     pub fn open(&self, ino: u64, write: bool) -> Result<Opened> {
-        let path = self.path(ino)?;
-        let node = Self::node(&path)?;
-        if write {
-            return Err(Namespace::refusal(Some(&node), "open for writing"));
-        }
-        let content = self.ns.open(&node)?;
+        let content = match self.at(ino)? {
+            At::Guest(_) if write => {
+                return Err(Namespace::refusal(
+                    Some(&Node::InSnapshot),
+                    "open for writing",
+                ))
+            }
+            At::Guest(g) => self.ns.guest_open(g)?,
+            At::Path(path) => {
+                let node = Self::node(&path)?;
+                if write {
+                    return Err(Namespace::refusal(Some(&node), "open for writing"));
+                }
+                self.ns.open(&node)?
+            }
+        };
         // Snapshot bytes never change: let the page cache keep them across opens. Generated
         // files are made at open, so their size may differ from an earlier stat; some disks
         // (RBD) are read faster without the page cache.
@@ -399,7 +605,18 @@ impl SnapFs {
 
     /// The value of extended attribute `name`.
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
-        let path = self.path(ino)?;
+        let path = match self.at(ino)? {
+            At::Path(p) => p,
+            At::Guest(g) => {
+                return self
+                    .ns
+                    .guest_xattrs(g)?
+                    .into_iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| v)
+                    .ok_or(Error::NoAttr)
+            }
+        };
         let node = Self::node(&path)?;
         // `ls -l` asks every entry for security.selinux and the POSIX ACLs: an object
         // directory has only settings, so those are answered without asking the provider
@@ -417,7 +634,13 @@ impl SnapFs {
 
     /// setxattr (`Some`) or removexattr (`None`): the settings of an object directory.
     pub fn setxattr(&self, ino: u64, name: &[u8], value: Option<&[u8]>) -> Result<()> {
-        let path = self.path(ino)?;
+        let path = match self.at(ino)? {
+            At::Path(p) => p,
+            At::Guest(_) => {
+                self.writable("setxattr")?;
+                return Err(Namespace::refusal(Some(&Node::InSnapshot), "setxattr"));
+            }
+        };
         let node = Self::node(&path)?;
         self.writable("setxattr")?;
         self.ns.set_xattr(&node, name, value)
@@ -425,9 +648,12 @@ impl SnapFs {
 
     /// Attribute names, each NUL-terminated, as listxattr(2) returns them.
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
-        let path = self.path(ino)?;
+        let xattrs = match self.at(ino)? {
+            At::Path(path) => self.ns.xattrs(&Self::node(&path)?)?,
+            At::Guest(g) => self.ns.guest_xattrs(g)?,
+        };
         let mut out = Vec::new();
-        for (n, _) in self.ns.xattrs(&Self::node(&path)?)? {
+        for (n, _) in xattrs {
             out.extend_from_slice(&n);
             out.push(0);
         }
@@ -435,8 +661,10 @@ impl SnapFs {
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
-        let path = self.path(ino)?;
-        self.ns.readlink(&Self::node(&path)?)
+        match self.at(ino)? {
+            At::Path(path) => self.ns.readlink(&Self::node(&path)?),
+            At::Guest(g) => self.ns.guest_readlink(g),
+        }
     }
 
     pub fn mkdir(&self, parent: u64, name: &str) -> Result<Attr> {
@@ -518,6 +746,9 @@ impl SnapFs {
 
     /// The refusal for create, mknod, link, setattr, setxattr… on `ino` (or `parent/name`).
     pub fn refuse(&self, ino: u64, name: Option<&str>, what: &str) -> Error {
+        if let Ok(At::Guest(_)) = self.at(ino) {
+            return Namespace::refusal(Some(&Node::InSnapshot), what);
+        }
         let path = match name {
             Some(n) => self.child(ino, n).map(Path::from),
             None => self.path(ino),

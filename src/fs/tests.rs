@@ -39,9 +39,8 @@ fn names(fs: &SnapFs, path: &str) -> Vec<String> {
     let v = fs
         .readdir(fh)
         .expect("readdir")
-        .entries
-        .iter()
-        .map(|e| e.name.clone())
+        .from(0)
+        .map(|(_, e)| e.name)
         .filter(|n| n != "." && n != "..")
         .collect();
     fs.release(fh);
@@ -283,11 +282,11 @@ fn readdirplus_counts_lookups_without_deadlock() {
     let a = walk(&fs, "instances/web").unwrap();
     let fh = fs.opendir(a.ino).unwrap().fh;
     let entries = fs.readdir(fh).unwrap();
-    let json = entries
-        .entries
-        .iter()
-        .find(|e| e.name == "instance.json")
+    let (_, json) = entries
+        .from(0)
+        .find(|(_, e)| e.name == "instance.json")
         .unwrap();
+    let json = &json;
     let before = lock(&fs.inodes).count();
     // Handed over twice (two readdirplus pages, say): one forget leaves it, the second frees.
     for _ in 0..2 {

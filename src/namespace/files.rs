@@ -98,6 +98,29 @@ pub fn is_guest_node(id: u64) -> bool {
     id & GUEST_BIT != 0
 }
 
+/// A guest inode of an opened volume: what a guest node id stands for, answered with no path
+/// (the volume number says where the filesystem lies, see [`Namespace::guest_fs`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GuestRef {
+    pub vol: u16,
+    pub ino: u64,
+}
+
+impl GuestRef {
+    /// The guest inode a guest node id stands for (`None` for other ids).
+    pub fn from_id(id: u64) -> Option<GuestRef> {
+        is_guest_node(id).then_some(GuestRef {
+            vol: ((id & !GUEST_BIT) >> GUEST_INO_BITS) as u16,
+            ino: id & ((1 << GUEST_INO_BITS) - 1),
+        })
+    }
+
+    /// Its node id, when the guest inode number fits one.
+    pub fn id(self) -> Option<u64> {
+        guest_node_id(self.vol, self.ino)
+    }
+}
+
 /// The node id for guest inode `ino` of volume number `vol`, when it fits.
 fn guest_node_id(vol: u16, ino: u64) -> Option<u64> {
     (ino < 1 << GUEST_INO_BITS).then(|| GUEST_BIT | (u64::from(vol) << GUEST_INO_BITS) | ino)
@@ -143,6 +166,23 @@ pub struct FilesCache {
     paths: lru::LruCache<(u16, String), u64>,
     /// A small, stable number per opened volume key, for node ids.
     numbers: HashMap<String, u16>,
+    /// What each number stands for (indexed by number): one entry per volume opened since
+    /// mount (at most 65,535), so a guest node id is answered without a path.
+    roots: Vec<Arc<VolumeRoot>>,
+}
+
+/// Where the filesystem of a volume number lies.
+#[derive(Clone)]
+struct VolumeRoot {
+    /// The volume's root directory (`rest` empty, or `lvm/<vg>/<lv>` for a logical volume).
+    path: FilesPath,
+    /// The snapshot's identity when the volume was opened (see [`SnapshotInfo::id`]): a
+    /// snapshot deleted and taken again under the same name has another, and the old volume's
+    /// node ids are gone (ENOENT), never the new one's bytes.
+    snap_id: String,
+    created: std::time::SystemTime,
+    /// The key the volume is cached under.
+    key: String,
 }
 
 impl FilesCache {
@@ -151,8 +191,11 @@ impl FilesCache {
         FilesCache {
             volumes: lru::LruCache::new(n(volumes)),
             partitions: lru::LruCache::new(n(256)),
-            paths: lru::LruCache::new(n(200_000)),
+            // Only paths resolved by name (partition roots, guest inodes whose numbers do not
+            // fit a node id) come here: guest nodes are answered by number.
+            paths: lru::LruCache::new(n(4096)),
             numbers: HashMap::new(),
+            roots: Vec::new(),
         }
     }
 }
@@ -202,18 +245,29 @@ impl Namespace {
             .find(|x| x.name == part_name)
             .ok_or_else(|| Error::NotFound(format!("partition {part_name}")))?;
         let key = format!("{disk_key}\0{part_name}");
-        let (vol, number) = self.cached_volume(&key, || {
+        let root = VolumeRoot {
+            path: FilesPath {
+                rest: Vec::new(),
+                ..p.clone()
+            },
+            snap_id: snap.id.clone(),
+            created: snap.created,
+            key: key.clone(),
+        };
+        let (vol, number) = self.cached_volume(root, || {
             restore::worker::open_volume(disk.image.clone(), part)
         })?;
         Ok((key, vol, number))
     }
 
-    /// The volume cached under `key`, opened by `open` on a miss, and its node-id number.
+    /// The volume cached under `root.key`, opened by `open` on a miss, and its node-id number.
     fn cached_volume(
         &self,
-        key: &str,
+        root: VolumeRoot,
         open: impl FnOnce() -> Result<Volume>,
     ) -> Result<(Arc<Volume>, u16)> {
+        let key = root.key.clone();
+        let key = key.as_str();
         let number = {
             let mut c = lock(&self.files);
             match c.numbers.get(key) {
@@ -231,6 +285,7 @@ impl Namespace {
                             )
                         })?;
                     c.numbers.insert(key.to_string(), next);
+                    c.roots.push(Arc::new(root));
                     next
                 }
             }
@@ -267,13 +322,18 @@ impl Namespace {
             }));
         }
         let (key, vol, number) = self.volume_of(p, snap)?;
-        self.resolve_in(&key, &vol, number, &p.rest)
+        let root = FilesPath {
+            rest: Vec::new(),
+            ..p.clone()
+        };
+        self.resolve_in(&root, &key, &vol, number, &p.rest)
     }
 
     /// Resolve `rest` inside an opened volume: a filesystem, a README holder, or an LVM PV
     /// whose logical volumes appear as `lvm/<vg>/<lv>/`, each a volume of its own.
     fn resolve_in(
         &self,
+        root: &FilesPath,
         key: &str,
         vol: &Volume,
         number: u16,
@@ -317,7 +377,20 @@ impl Namespace {
                             .find(|x| escape(&x.vg) == *vg && escape(&x.lv) == *lv)
                             .ok_or_else(|| Error::NotFound(format!("logical volume {vg}/{lv}")))?;
                         let lv_key = format!("{key}\0{LVM}/{vg}/{lv}");
-                        let (inner_vol, inner_number) = self.cached_volume(&lv_key, || {
+                        let mut lv_root = root.clone();
+                        lv_root.rest.extend([l.clone(), vg.clone(), lv.clone()]);
+                        // The logical volume lies in the physical volume's snapshot.
+                        let pv = lock(&self.files).roots.get(usize::from(number)).cloned();
+                        let (snap_id, created) = pv
+                            .map(|r| (r.snap_id.clone(), r.created))
+                            .unwrap_or_else(|| (String::new(), std::time::UNIX_EPOCH));
+                        let volume_root = VolumeRoot {
+                            path: lv_root.clone(),
+                            snap_id,
+                            created,
+                            key: lv_key.clone(),
+                        };
+                        let (inner_vol, inner_number) = self.cached_volume(volume_root, || {
                             match &found.image {
                                 Some(img) => {
                                     let whole = Partition::whole(img.size(), "LVM logical volume");
@@ -334,7 +407,7 @@ impl Namespace {
                                 }),
                             }
                         })?;
-                        self.resolve_in(&lv_key, &inner_vol, inner_number, inner)
+                        self.resolve_in(&lv_root, &lv_key, &inner_vol, inner_number, inner)
                     }
                     _ => Err(Error::NotFound(rest.join("/"))),
                 };
@@ -450,29 +523,13 @@ impl Namespace {
         if stat.kind != FileKind::Dir {
             return Err(Error::NotDir(p.rest.join("/")));
         }
-        let mut out = HashMap::new();
-        for &(_, ino, _) in fs.readdir(stat.ino)?.iter() {
-            if let (Some(id), Ok(s)) = (guest_node_id(vol, ino), fs.stat(ino)) {
-                out.insert(id, guest_stat(&s, vol));
-            }
-        }
-        Ok(out)
+        child_stats(fs.as_ref(), stat.ino, vol)
     }
 
     pub(super) fn files_open(&self, p: &FilesPath) -> Result<super::Content> {
         match self.resolve(p, &self.snapshot_of(p)?)? {
             Resolved::Readme(b) => Ok(super::Content::Bytes(b)),
-            Resolved::Guest { fs, stat, .. } if stat.kind == FileKind::File => {
-                fs.check_open(stat.ino)?;
-                Ok(super::Content::Guest(GuestFile {
-                    fs,
-                    ino: stat.ino,
-                    size: stat.size,
-                }))
-            }
-            Resolved::Guest { stat, .. } if stat.kind != FileKind::Dir => Err(Error::NotSupported(
-                "only regular guest files can be opened".into(),
-            )),
+            Resolved::Guest { fs, stat, .. } => open_guest(fs, &stat, || p.rest.join("/")),
             _ => Err(Error::IsDir(p.rest.join("/"))),
         }
     }
@@ -491,5 +548,158 @@ impl Namespace {
             Resolved::Guest { fs, stat, .. } => fs.xattrs(stat.ino),
             _ => Ok(Vec::new()),
         }
+    }
+}
+
+/// A guest directory's listing as the reader keeps it (shared, not copied), for a listing by
+/// node id: names are turned into the tree's strings as they are sent.
+#[derive(Clone)]
+pub struct GuestListing {
+    pub list: restore::DirList,
+    pub vol: u16,
+}
+
+impl GuestListing {
+    /// Entry `i` of the listing as (name, kind, where it is); `None` past the end, `Some(None)`
+    /// for a name no file name can carry (not shown).
+    pub fn entry(&self, i: usize) -> Option<Option<(String, Kind, GuestRef)>> {
+        let (name, ino, kind) = self.list.get(i)?;
+        Some(guest_name(name).map(|n| {
+            (
+                n,
+                *kind,
+                GuestRef {
+                    vol: self.vol,
+                    ino: *ino,
+                },
+            )
+        }))
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+}
+
+/// Guest nodes by number: each call needs only the volume's snapshot check and the reader
+/// (no path, nothing kept per guest name).
+impl Namespace {
+    /// The filesystem guest inode `g` lies in, while its snapshot is the one the volume was
+    /// opened from: a deleted snapshot (or one taken again under its name) gives ENOENT.
+    fn guest_fs(&self, g: GuestRef) -> Result<Arc<dyn GuestFs>> {
+        let gone = || Error::NotFound(format!("guest volume {} is gone", g.vol));
+        let root = lock(&self.files)
+            .roots
+            .get(usize::from(g.vol))
+            .cloned()
+            .ok_or_else(gone)?;
+        // The snapshot is still the one the volume was opened from (checked in the registry's
+        // list, not copied out of it).
+        let same = |s: &SnapshotInfo| {
+            s.name == root.path.snap && s.id == root.snap_id && s.created == root.created
+        };
+        if !self.reg.snapshots(&root.path.owner)?.iter().any(same) {
+            return Err(gone());
+        }
+        let cached = lock(&self.files).volumes.get(&root.key).cloned();
+        if let Some(Volume::Fs(fs)) = cached.as_deref() {
+            return Ok(fs.clone());
+        }
+        // Evicted from the cache: opened again through its path (same key, same number).
+        let snap = self.snapshot_of(&root.path)?;
+        if !same(&snap) {
+            return Err(gone());
+        }
+        match self.resolve(&root.path, &snap)? {
+            Resolved::Guest { fs, vol, .. } if vol == g.vol => Ok(fs),
+            _ => Err(gone()),
+        }
+    }
+
+    /// The attributes of guest inode `g`.
+    pub fn guest_stat(&self, g: GuestRef) -> Result<Stat> {
+        Ok(guest_stat(&self.guest_fs(g)?.stat(g.ino)?, g.vol))
+    }
+
+    /// `name` in guest directory `g`: its attributes and where it is.
+    pub fn guest_lookup(&self, g: GuestRef, name: &str) -> Result<(Stat, GuestRef)> {
+        let s = self.guest_fs(g)?.lookup(g.ino, &names::to_bytes(name))?;
+        Ok((
+            guest_stat(&s, g.vol),
+            GuestRef {
+                vol: g.vol,
+                ino: s.ino,
+            },
+        ))
+    }
+
+    /// The listing of guest directory `g` (the reader's own, shared).
+    pub fn guest_list(&self, g: GuestRef) -> Result<GuestListing> {
+        let fs = self.guest_fs(g)?;
+        let list = fs.readdir(g.ino)?;
+        self.prefetch.dirs(&fs, &restore::subdirs(&list));
+        Ok(GuestListing { list, vol: g.vol })
+    }
+
+    /// The attributes of every child of guest directory `g` by node id (see
+    /// [`Namespace::child_stats`]); empty on failure.
+    pub fn guest_child_stats(&self, g: GuestRef) -> HashMap<u64, Stat> {
+        let Ok(fs) = self.guest_fs(g) else {
+            return HashMap::new();
+        };
+        child_stats(fs.as_ref(), g.ino, g.vol).unwrap_or_default()
+    }
+
+    pub fn guest_open(&self, g: GuestRef) -> Result<super::Content> {
+        let fs = self.guest_fs(g)?;
+        let stat = fs.stat(g.ino)?;
+        open_guest(fs, &stat, || format!("guest inode {}", g.ino))
+    }
+
+    pub fn guest_readlink(&self, g: GuestRef) -> Result<Vec<u8>> {
+        let fs = self.guest_fs(g)?;
+        if fs.stat(g.ino)?.kind != FileKind::Symlink {
+            return Err(Error::Invalid("not a symlink".into()));
+        }
+        fs.readlink(g.ino)
+    }
+
+    pub fn guest_xattrs(&self, g: GuestRef) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.guest_fs(g)?.xattrs(g.ino)
+    }
+}
+
+fn child_stats(fs: &dyn GuestFs, dir: u64, vol: u16) -> Result<HashMap<u64, Stat>> {
+    let mut out = HashMap::new();
+    for &(_, ino, _) in fs.readdir(dir)?.iter() {
+        if let (Some(id), Ok(s)) = (guest_node_id(vol, ino), fs.stat(ino)) {
+            out.insert(id, guest_stat(&s, vol));
+        }
+    }
+    Ok(out)
+}
+
+fn open_guest(
+    fs: Arc<dyn GuestFs>,
+    stat: &FileStat,
+    what: impl FnOnce() -> String,
+) -> Result<super::Content> {
+    match stat.kind {
+        FileKind::File => {
+            fs.check_open(stat.ino)?;
+            Ok(super::Content::Guest(GuestFile {
+                fs,
+                ino: stat.ino,
+                size: stat.size,
+            }))
+        }
+        FileKind::Dir => Err(Error::IsDir(what())),
+        _ => Err(Error::NotSupported(
+            "only regular guest files can be opened".into(),
+        )),
     }
 }
