@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use super::freeze::Frozen;
 use super::rbd::Paused;
 use super::store::{Meta, MetaDisk};
-use super::{lv_err, LibvirtProvider};
+use super::LibvirtProvider;
 use crate::error::{Error, Result};
 use crate::libvirt::Domain;
 use crate::provider::Owner;
@@ -306,12 +306,7 @@ impl LibvirtProvider {
         let runner: &dyn LvmRunner = &SystemLvm;
         let store = self.store()?;
         let started = Instant::now();
-        let dom_name = dom.name().map_err(|e| lv_err("domain name", e))?;
-        let uuid = dom.uuid_string().map_err(|e| lv_err("domain uuid", e))?;
-        if store.find(&uuid, name).is_some() {
-            return Err(Error::Exists(format!("snapshot {name} of {owner}")));
-        }
-        let _busy = store.claim(&uuid, owner)?;
+        let (dom_name, uuid, _busy) = store.start_snapshot(dom, owner, name)?;
         let mut origins = Vec::new();
         for (target, lv) in lvs {
             origins.push(Origin {

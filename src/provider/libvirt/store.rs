@@ -441,6 +441,24 @@ impl Store {
         Ok(Busy(self, uuid.to_string()))
     }
 
+    /// How every store snapshot starts (a copy, RBD store snapshots, LVM snapshots): the
+    /// domain's name and uuid, `EEXIST` for a name the domain already has in the store, and
+    /// the claim that keeps a second store snapshot of the domain out until this one ends.
+    pub(super) fn start_snapshot(
+        &self,
+        dom: &Domain,
+        owner: &Owner,
+        name: &str,
+    ) -> Result<(String, String, Busy<'_>)> {
+        let dom_name = dom.name().map_err(|e| lv_err("domain name", e))?;
+        let uuid = dom.uuid_string().map_err(|e| lv_err("domain uuid", e))?;
+        if self.find(&uuid, name).is_some() {
+            return Err(Error::Exists(format!("snapshot {name} of {owner}")));
+        }
+        let busy = self.claim(&uuid, owner)?;
+        Ok((dom_name, uuid, busy))
+    }
+
     pub(super) fn begin(&self, uuid: &str, domain: &str) -> Result<Part<'_>> {
         static N: AtomicU64 = AtomicU64::new(0);
         let ms = SystemTime::now()
@@ -782,12 +800,7 @@ impl LibvirtProvider {
             return self.create_lvm_snapshot(dom, owner, name, managed_by, &lvs);
         }
         let started = Instant::now();
-        let dom_name = dom.name().map_err(|e| lv_err("domain name", e))?;
-        let uuid = dom.uuid_string().map_err(|e| lv_err("domain uuid", e))?;
-        if store.find(&uuid, name).is_some() {
-            return Err(Error::Exists(format!("snapshot {name} of {owner}")));
-        }
-        let _busy = store.claim(&uuid, owner)?;
+        let (dom_name, uuid, _busy) = store.start_snapshot(dom, owner, name)?;
         let (_, active) = state_name(dom)?;
         let mut included = Vec::new();
         let mut excluded = Vec::new();

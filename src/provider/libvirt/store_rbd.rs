@@ -26,7 +26,7 @@ use tracing::{info, warn};
 
 use super::rbd::{clone_name, remove_clones, Paused, RbdDisk};
 use super::store::{Meta, MetaDisk, RbdLeftover, RbdRef, RbdStep, Store, StoreSnap};
-use super::{lv_err, safe_part, xml, LibvirtProvider, ManagedRbd};
+use super::{safe_part, xml, LibvirtProvider, ManagedRbd};
 use crate::ceph::Pool;
 use crate::error::{Error, Result};
 use crate::image::BlockImage;
@@ -198,12 +198,7 @@ impl LibvirtProvider {
         let access = self.rbd_access(owner)?;
         let store = self.store()?;
         let started = Instant::now();
-        let dom_name = dom.name().map_err(|e| lv_err("domain name", e))?;
-        let uuid = dom.uuid_string().map_err(|e| lv_err("domain uuid", e))?;
-        if store.find(&uuid, name).is_some() {
-            return Err(Error::Exists(format!("snapshot {name} of {owner}")));
-        }
-        let _busy = store.claim(&uuid, owner)?;
+        let (dom_name, uuid, _busy) = store.start_snapshot(dom, owner, name)?;
         let active = dom.is_active().unwrap_or(false);
         let keep = mode == ManagedRbd::KeepSnapshot;
         let into = if keep {
