@@ -1457,19 +1457,7 @@ fn kill_during_a_disk_only_revert_leaves_current_true() {
                 .current_dir(at)
                 .output()
         });
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !m.log().contains("failpoint reached") {
-            assert!(
-                Instant::now() < deadline,
-                "{point} not reached: {}",
-                m.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let pid = m.daemon_pid().expect("daemon pid");
-        // SAFETY: a plain kill(2) of the daemon this test started.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        assert!(wait_gone(pid, Duration::from_secs(10)));
+        m.kill_at_failpoint();
         let _ = ln.join();
         m.unmount();
         m.mount(&[LIBVIRT_ARG]);

@@ -661,13 +661,7 @@ fn kill_during_an_rbd_revert_is_finished_at_restart() {
                 .current_dir(at)
                 .output()
         });
-        wait_for("the failpoint", Duration::from_secs(120), || {
-            m.log().contains("failpoint reached")
-        });
-        let pid = m.daemon_pid().expect("daemon pid");
-        // SAFETY: a plain kill(2) of the daemon this test started.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        assert!(wait_gone(pid, Duration::from_secs(10)));
+        m.kill_at_failpoint();
         let _ = ln.join();
         m.unmount();
         let heads = d.heads();

@@ -156,6 +156,27 @@ impl Mount {
         })
     }
 
+    /// Kill the daemon (SIGKILL) once it logs that it reached its `SNAPFS_FAILPOINT`, at most
+    /// two minutes from now, and wait until it is gone.
+    pub fn kill_at_failpoint(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !self.log().contains("failpoint reached") {
+            assert!(
+                Instant::now() < deadline,
+                "failpoint not reached: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pid = self.daemon_pid().expect("daemon pid");
+        // SAFETY: a plain kill(2) of the daemon this mount started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert!(
+            wait_gone(pid, Duration::from_secs(10)),
+            "daemon {pid} outlived SIGKILL"
+        );
+    }
+
     pub fn is_mounted(&self) -> bool {
         let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let want = self.mnt.to_string_lossy().into_owned();
