@@ -437,15 +437,16 @@ fn a_filesystem_over_the_worker_memory_limit_is_eio_and_the_mount_answers() {
     assert!(fs::read_dir(&snap).is_ok(), "bigfat with 256 MiB");
 }
 
-/// Bytes `pid` sends (`sendto`, how the worker writes to its socket; not counted in
-/// /proc/PID/io) while `f` runs, counted by strace attached to it.
-fn bytes_sent_during(pid: i32, dir: &Path, f: impl FnOnce()) -> u64 {
-    let out = dir.join(format!("strace-{pid}.txt"));
+/// Bytes `pid` moves through the system calls in `calls` (strace's `trace=` list) while `f`
+/// runs, counted by strace attached to it: the worker's socket traffic, which /proc/PID/io
+/// does not count.
+fn bytes_through(calls: &str, pid: i32, dir: &Path, f: impl FnOnce()) -> u64 {
+    let out = dir.join(format!("strace-{pid}-{}.txt", calls.replace(',', "-")));
     let mut st = Command::new("strace")
         .args([
             "-qq",
             "-e",
-            "trace=sendto,write,writev",
+            &format!("trace={calls}"),
             "-e",
             "signal=none",
             "-o",
@@ -464,6 +465,11 @@ fn bytes_sent_during(pid: i32, dir: &Path, f: impl FnOnce()) -> u64 {
         .lines()
         .filter_map(|l| l.rsplit_once("= ")?.1.trim().parse::<u64>().ok())
         .sum()
+}
+
+/// Bytes `pid` sends (`sendto`, `write`, `writev`: how the worker writes to its socket).
+fn bytes_sent_during(pid: i32, dir: &Path, f: impl FnOnce()) -> u64 {
+    bytes_through("sendto,write,writev", pid, dir, f)
 }
 
 /// File bytes do not cross the worker's socket: the worker says where they lie (`MAP`) and the
@@ -642,33 +648,9 @@ fn daemon_caches_of_all_volumes_share_one_budget() {
     assert_eq!(workers(daemon).len(), SNAPSHOTS, "one worker per volume");
 }
 
-/// Bytes `pid` reads from its socket (`read`, `readv`, `recvfrom`) while `f` runs, counted by
-/// strace attached to it.
+/// Bytes `pid` reads from its socket (`read`, `readv`, `recvfrom`).
 fn bytes_received_during(pid: i32, dir: &Path, f: impl FnOnce()) -> u64 {
-    let out = dir.join(format!("strace-in-{pid}.txt"));
-    let mut st = Command::new("strace")
-        .args([
-            "-qq",
-            "-e",
-            "trace=read,readv,recvfrom",
-            "-e",
-            "signal=none",
-            "-o",
-        ])
-        .arg(&out)
-        .args(["-p", &pid.to_string()])
-        .spawn()
-        .expect("strace (package strace) is needed to count the worker's socket bytes");
-    wait_for("strace attached", || status_field(pid, "TracerPid") != "0");
-    f();
-    // SAFETY: a signal to the child we started.
-    unsafe { libc::kill(st.id() as i32, libc::SIGINT) };
-    st.wait().unwrap();
-    fs::read_to_string(&out)
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.rsplit_once("= ")?.1.trim().parse::<u64>().ok())
-        .sum()
+    bytes_through("read,readv,recvfrom", pid, dir, f)
 }
 
 /// Disk bytes the worker asks for reach it through the shared window, not the socket: a cold
