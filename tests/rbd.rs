@@ -1042,6 +1042,34 @@ fn revert_through_current_rolls_back_rbd() {
     assert!(log.contains("rbd rollback"), "{log}");
 }
 
+/// An RBD image removed when dropped.
+struct RemovedOnDrop(PathBuf, String);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        common::remove_rbd_image(&self.0, &self.1);
+    }
+}
+
+/// Move `v@snap` to RBD's trash namespace the way it happens in a cluster: clone it (clone
+/// v2), then remove the snapshot while the clone still uses it. The clone goes with the guard.
+fn into_trash(conf: &Path, v: &Img, snap: &str) -> RemovedOnDrop {
+    let child = format!("{POOL}/{}-child", v.name);
+    let guard = RemovedOnDrop(conf.to_path_buf(), child.clone());
+    rbd(
+        conf,
+        &[
+            "clone",
+            "--rbd-default-clone-format",
+            "2",
+            &v.snap(snap),
+            &child,
+        ],
+    );
+    rbd(conf, &["snap", "rm", "--no-progress", &v.snap(snap)]);
+    guard
+}
+
 /// Found by the chaos suite (tests/chaos.rs): a snapshot in RBD's trash namespace (deleted
 /// while a clone-v2 child still uses it, or left by a `rbd_snap_remove` interrupted by a
 /// kill -9) made `ls .snapshots` of its image fail with ENOENT, hiding every other snapshot.
@@ -1056,25 +1084,7 @@ fn a_snapshot_in_the_trash_namespace_hides_nothing() {
     v.write(0, &pattern(71, 65536));
     rbd(&conf, &["snap", "create", "--no-progress", &v.snap("b")]);
     // A clone v2 of @a, then @a removed: librbd moves it to the trash namespace.
-    let child = format!("{POOL}/{}-child", v.name);
-    struct Child(PathBuf, String);
-    impl Drop for Child {
-        fn drop(&mut self) {
-            common::remove_rbd_image(&self.0, &self.1);
-        }
-    }
-    let _child = Child(conf.clone(), child.clone());
-    rbd(
-        &conf,
-        &[
-            "clone",
-            "--rbd-default-clone-format",
-            "2",
-            &v.snap("a"),
-            &child,
-        ],
-    );
-    rbd(&conf, &["snap", "rm", "--no-progress", &v.snap("a")]);
+    let _child = into_trash(&conf, &v, "a");
     let all = rbd(&conf, &["snap", "ls", "--all", "--format", "json", &v.spec]);
     assert!(all.contains("\"trash\""), "no trash snapshot: {all}");
 
@@ -1205,25 +1215,7 @@ fn an_rbd_removal_cut_by_kill_9_is_finished_at_the_next_start() {
     v.write(0, &pattern(60, 65536));
     // Not ours to touch: a trash snapshot (@keep, deleted while a clone v2 uses it) and @other.
     rbd(&conf, &["snap", "create", "--no-progress", &v.snap("keep")]);
-    let child = format!("{POOL}/{}-child", v.name);
-    struct Child(PathBuf, String);
-    impl Drop for Child {
-        fn drop(&mut self) {
-            common::remove_rbd_image(&self.0, &self.1);
-        }
-    }
-    let _child = Child(conf.clone(), child.clone());
-    rbd(
-        &conf,
-        &[
-            "clone",
-            "--rbd-default-clone-format",
-            "2",
-            &v.snap("keep"),
-            &child,
-        ],
-    );
-    rbd(&conf, &["snap", "rm", "--no-progress", &v.snap("keep")]);
+    let _child = into_trash(&conf, &v, "keep");
     rbd(
         &conf,
         &["snap", "create", "--no-progress", &v.snap("other")],
