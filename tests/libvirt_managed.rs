@@ -651,6 +651,44 @@ impl Drop for RbdGuest {
     }
 }
 
+/// A fresh RBD-backed test guest `h13-t<pid>-<tag>` (scripts/testbed/rbd-guest.sh, removed
+/// on drop): its name, its disk's image spec and its uuid.
+struct RbdCase {
+    name: String,
+    image: String,
+    uuid: String,
+    _guest: RbdGuest,
+}
+
+impl RbdCase {
+    fn new(tag: &str) -> RbdCase {
+        let name = format!("h13-t{}-{tag}", std::process::id());
+        script_ok("rbd-guest.sh", &["--recreate", &name]);
+        let guest = RbdGuest(name.clone());
+        let uuid = virsh_ok(&["domuuid", &name]).trim().to_string();
+        RbdCase {
+            image: format!("rbd/{name}-vda"),
+            name,
+            uuid,
+            _guest: guest,
+        }
+    }
+
+    /// The guest writes a marker file to its data disk and syncs; returns the marker.
+    fn write_marker(&self) -> String {
+        let marker = format!("marker-{}", std::process::id());
+        script_ok(
+            "guest-exec.sh",
+            &[
+                &self.name,
+                &format!("echo {marker} > /data/marker && sync"),
+                "30",
+            ],
+        );
+        marker
+    }
+}
+
 /// The serial console logs define-guest.sh (or a launch, renaming the source's) left for `name`.
 fn remove_console_logs(name: &str) {
     if let Ok(rd) = fs::read_dir("/var/log/snapfs-testbed") {
@@ -997,21 +1035,10 @@ fn store_pool_copy_leaves_nothing_on_the_cloud_image() {
         return;
     };
     let _one = lock();
-    let name = format!("h13-t{}-sp", std::process::id());
-    let image = format!("rbd/{name}-vda");
-    script_ok("rbd-guest.sh", &["--recreate", &name]);
-    let _g = RbdGuest(name.clone());
-    let uuid = virsh_ok(&["domuuid", &name]).trim().to_string();
+    let g = RbdCase::new("sp");
+    let (name, image, uuid) = (g.name.clone(), g.image.clone(), g.uuid.clone());
     let features = rbd_features(&conf, &image);
-    let marker = format!("marker-{}", std::process::id());
-    script_ok(
-        "guest-exec.sh",
-        &[
-            &name,
-            &format!("echo {marker} > /data/marker && sync"),
-            "30",
-        ],
-    );
+    let marker = g.write_marker();
     let before = normalise(&virsh_ok(&["dumpxml", &name]));
     let m = Mount::unmounted();
     let args = store_pool_args(&conf, &name, &[]);
@@ -1102,11 +1129,8 @@ fn store_pool_kill_during_the_flatten_leaves_nothing() {
         return;
     };
     let _one = lock();
-    let name = format!("h13-t{}-kf", std::process::id());
-    let image = format!("rbd/{name}-vda");
-    script_ok("rbd-guest.sh", &["--recreate", &name]);
-    let _g = RbdGuest(name.clone());
-    let uuid = virsh_ok(&["domuuid", &name]).trim().to_string();
+    let g = RbdCase::new("kf");
+    let (name, image, uuid) = (g.name.clone(), g.image.clone(), g.uuid.clone());
     virsh_ok(&["destroy", &name]);
     // 1 GiB of data after the guest's disk: a flatten that takes seconds.
     let (ok, text) = rbd_cmd(
@@ -1251,20 +1275,9 @@ fn keep_snapshot_keeps_the_rbd_snapshot_on_the_cloud_image() {
         return;
     };
     let _one = lock();
-    let name = format!("h13-t{}-ks", std::process::id());
-    let image = format!("rbd/{name}-vda");
-    script_ok("rbd-guest.sh", &["--recreate", &name]);
-    let _g = RbdGuest(name.clone());
-    let uuid = virsh_ok(&["domuuid", &name]).trim().to_string();
-    let marker = format!("marker-{}", std::process::id());
-    script_ok(
-        "guest-exec.sh",
-        &[
-            &name,
-            &format!("echo {marker} > /data/marker && sync"),
-            "30",
-        ],
-    );
+    let g = RbdCase::new("ks");
+    let (name, image, uuid) = (g.name.clone(), g.image.clone(), g.uuid.clone());
+    let marker = g.write_marker();
     let before = normalise(&virsh_ok(&["dumpxml", &name]));
     let before_inactive = normalise(&virsh_ok(&["dumpxml", "--inactive", &name]));
     let m = Mount::unmounted();
@@ -1427,11 +1440,8 @@ fn store_pool_launch_boots_an_unmanaged_clone_of_the_copy() {
         return;
     };
     let _one = lock();
-    let name = format!("h13-t{}-sl", std::process::id());
-    let image = format!("rbd/{name}-vda");
-    script_ok("rbd-guest.sh", &["--recreate", &name]);
-    let _g = RbdGuest(name.clone());
-    let uuid = virsh_ok(&["domuuid", &name]).trim().to_string();
+    let g = RbdCase::new("sl");
+    let (name, image, uuid) = (g.name.clone(), g.image.clone(), g.uuid.clone());
     let features = rbd_features(&conf, &image);
     let m = Mount::unmounted();
     let args = store_pool_args(&conf, &name, &[]);
