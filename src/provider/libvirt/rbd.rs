@@ -313,7 +313,7 @@ impl LibvirtProvider {
                     d.pool, d.image, d.target
                 )));
             }
-            opened.push((d, img));
+            opened.push((d, pool, img));
         }
 
         let frozen = self.quiesce(dom, &uuid, &dom_name, owner, active)?;
@@ -331,7 +331,7 @@ impl LibvirtProvider {
         let started = Instant::now();
         let mut made: Vec<usize> = Vec::new();
         let mut failed = None;
-        for (i, (d, img)) in opened.iter().enumerate() {
+        for (i, (d, _, img)) in opened.iter().enumerate() {
             match img.snap_create(name) {
                 Ok(()) => made.push(i),
                 Err(e) => {
@@ -346,8 +346,10 @@ impl LibvirtProvider {
         let thawed = frozen.map(|f| f.thaw());
         let undo = |why: &str| {
             for &i in &made {
-                let (d, img) = &opened[i];
-                if let Err(e) = img.snap_remove(name) {
+                let (d, pool, img) = &opened[i];
+                // With a removal record, as every snapfs removal: a kill -9 inside it is
+                // finished at the next start (chaos finding F2).
+                if let Err(e) = RbdAccess::remove_snapshot(pool, &d.image, img, name) {
                     warn!(%owner, disk = %d.target, error = %e, "cannot remove the RBD snapshot of a failed mkdir ({why})");
                 }
             }
