@@ -194,7 +194,8 @@ pub struct MountArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..), help_heading = "Guest files")]
     pub restore_worker_cpu_s: u64,
     /// Bytes the daemon keeps of all restore workers' answers (attributes, file maps, listings,
-    /// lookups read ahead), all volumes together, least recently used dropped first, in MiB.
+    /// lookups read ahead), all volumes together, in MiB; past it the volume holding the most
+    /// drops its least recently used entries first.
     #[arg(
         long,
         value_name = "MIB",

@@ -2,10 +2,13 @@
 //! xattr lists read ahead), for every volume in one least-recently-used cache with one byte
 //! budget (`--restore-worker-cache-mb`, [`super::WorkerConfig::cache_bytes`]): a hundred open
 //! volumes take no more than one. Each entry is charged what it costs on the heap (estimated
-//! from its lengths, allocator overhead included); the least recently used entries of any
-//! volume go first when the total passes the budget. An entry larger than an eighth of the
-//! budget is not kept (it would empty the cache for itself).
+//! from its lengths, allocator overhead included). When the total passes the budget, the
+//! volume holding the most gives up its least recently used entries first, so a volume walked
+//! hard (a `find` of a million names) cannot push out what the other volumes keep: it ends
+//! with what they leave, and each of them keeps up to an equal share. An entry larger than an
+//! eighth of the budget is not kept (it would empty the cache for itself).
 
+use std::collections::HashMap;
 use std::mem::size_of;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -98,22 +101,59 @@ fn listing_cost(l: &Listing) -> usize {
             .sum::<usize>()
 }
 
-/// Entries of every volume, least recently used first out.
+/// Entries of every volume: one least-recently-used list per volume, one budget for all.
 pub(super) struct Cache {
     inner: Mutex<Inner>,
 }
 
 struct Inner {
-    lru: lru::LruCache<Key, (Entry, usize)>,
+    vols: HashMap<u64, Volume>,
     bytes: usize,
     budget: usize,
+}
+
+struct Volume {
+    lru: lru::LruCache<Key, (Entry, usize)>,
+    bytes: usize,
+}
+
+impl Inner {
+    fn take(&mut self, key: &Key) -> Option<Entry> {
+        let v = key.volume();
+        let vol = self.vols.get_mut(&v)?;
+        let (e, n) = vol.lru.pop(key)?;
+        vol.bytes -= n;
+        self.bytes -= n;
+        if vol.lru.is_empty() {
+            self.vols.remove(&v);
+        }
+        Some(e)
+    }
+
+    /// Drop the least recently used entry of the volume holding the most; false when empty.
+    fn evict_one(&mut self) -> bool {
+        let Some((&v, _)) = self.vols.iter().max_by_key(|(_, vol)| vol.bytes) else {
+            return false;
+        };
+        let Some(vol) = self.vols.get_mut(&v) else {
+            return false;
+        };
+        if let Some((_, (_, n))) = vol.lru.pop_lru() {
+            vol.bytes -= n;
+            self.bytes -= n;
+        }
+        if vol.lru.is_empty() {
+            self.vols.remove(&v);
+        }
+        true
+    }
 }
 
 impl Cache {
     pub(super) fn new(budget: usize) -> Cache {
         Cache {
             inner: Mutex::new(Inner {
-                lru: lru::LruCache::unbounded(),
+                vols: HashMap::new(),
                 bytes: 0,
                 budget,
             }),
@@ -125,60 +165,47 @@ impl Cache {
     }
 
     pub(super) fn get(&self, key: &Key) -> Option<Entry> {
-        self.inner().lru.get(key).map(|(e, _)| e.clone())
+        let mut c = self.inner();
+        let vol = c.vols.get_mut(&key.volume())?;
+        vol.lru.get(key).map(|(e, _)| e.clone())
     }
 
     /// Taken out (a lookup read ahead is used once).
     pub(super) fn pop(&self, key: &Key) -> Option<Entry> {
-        let mut c = self.inner();
-        let (e, n) = c.lru.pop(key)?;
-        c.bytes -= n;
-        Some(e)
+        self.inner().take(key)
     }
 
-    /// Keep `entry` (replacing what `key` held), then drop the least recently used entries
-    /// until the total is within the budget.
+    /// Keep `entry` (replacing what `key` held), then drop entries, the largest volume's least
+    /// recently used first, until the total is within the budget.
     pub(super) fn put(&self, key: Key, entry: Entry) {
         let n = cost(&key, &entry);
         let mut c = self.inner();
+        c.take(&key);
         if n > c.budget / 8 {
-            if let Some((_, old)) = c.lru.pop(&key) {
-                c.bytes -= old;
-            }
             return;
         }
+        let vol = c.vols.entry(key.volume()).or_insert_with(|| Volume {
+            lru: lru::LruCache::unbounded(),
+            bytes: 0,
+        });
+        vol.lru.push(key, (entry, n));
+        vol.bytes += n;
         c.bytes += n;
-        if let Some((_, (_, old))) = c.lru.push(key, (entry, n)) {
-            c.bytes -= old;
-        }
-        while c.bytes > c.budget {
-            match c.lru.pop_lru() {
-                Some((_, (_, old))) => c.bytes -= old,
-                None => break,
-            }
-        }
+        while c.bytes > c.budget && c.evict_one() {}
     }
 
     /// Drop every entry of volume `vol` (closed).
     pub(super) fn forget_volume(&self, vol: u64) {
         let mut c = self.inner();
-        let keys: Vec<Key> = c
-            .lru
-            .iter()
-            .filter(|(k, _)| k.volume() == vol)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in keys {
-            if let Some((_, n)) = c.lru.pop(&k) {
-                c.bytes -= n;
-            }
+        if let Some(v) = c.vols.remove(&vol) {
+            c.bytes -= v.bytes;
         }
     }
 
     /// (entries, bytes charged), for tests and figures.
     pub(super) fn usage(&self) -> (usize, usize) {
         let c = self.inner();
-        (c.lru.len(), c.bytes)
+        (c.vols.values().map(|v| v.lru.len()).sum(), c.bytes)
     }
 }
 
@@ -187,4 +214,57 @@ static CACHE: OnceLock<Cache> = OnceLock::new();
 /// The daemon's one cache, with the budget configured ([`super::configure`]).
 pub(super) fn global() -> &'static Cache {
     CACHE.get_or_init(|| Cache::new(super::config().cache_bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn xattrs(len: usize) -> Entry {
+        Entry::Xattrs(Arc::new(vec![(b"user.k".to_vec(), vec![0u8; len])]))
+    }
+
+    /// A volume walked hard does not push out what another volume keeps: the one holding the
+    /// most gives up entries first (a single least-recently-used list would have dropped the
+    /// quiet volume's entries, the oldest, first). The total stays within the budget.
+    #[test]
+    fn the_volume_holding_the_most_gives_up_first() {
+        let c = Cache::new(64 << 10);
+        for ino in 0..8 {
+            c.put(Key::Xattrs(1, ino), xattrs(1000));
+        }
+        for ino in 0..10_000 {
+            c.put(Key::Xattrs(2, ino), xattrs(1000));
+            assert!(c.usage().1 <= 64 << 10);
+        }
+        for ino in 0..8 {
+            assert!(c.get(&Key::Xattrs(1, ino)).is_some(), "volume 1 lost {ino}");
+        }
+        assert!(c.get(&Key::Xattrs(2, 9_999)).is_some());
+        assert!(c.get(&Key::Xattrs(2, 0)).is_none());
+        // A closed volume's entries go, and its bytes with them.
+        let before = c.usage().1;
+        c.forget_volume(1);
+        assert!(c.usage().1 < before);
+        assert!(c.get(&Key::Xattrs(1, 0)).is_none());
+        // An entry over an eighth of the budget is not kept, and replaces nothing stale.
+        c.put(Key::Xattrs(3, 1), xattrs(100));
+        c.put(Key::Xattrs(3, 1), xattrs(9 << 10));
+        assert!(c.get(&Key::Xattrs(3, 1)).is_none());
+    }
+
+    /// Each volume keeps up to an equal share when all are busy.
+    #[test]
+    fn busy_volumes_share_the_budget() {
+        let c = Cache::new(64 << 10);
+        for ino in 0..2_000 {
+            for v in 1..=4 {
+                c.put(Key::Xattrs(v, ino), xattrs(1000));
+            }
+        }
+        let inner = c.inner();
+        let shares: Vec<usize> = (1..=4).map(|v| inner.vols[&v].bytes).collect();
+        let (lo, hi) = (shares.iter().min().unwrap(), shares.iter().max().unwrap());
+        assert!(hi - lo <= 2048, "unequal shares: {shares:?}");
+    }
 }
