@@ -1450,16 +1450,7 @@ fn kill_during_a_disk_only_revert_leaves_current_true() {
         let inst = instance_dir(&m, &name);
         fs::create_dir(inst.join(".snapshots/s1")).expect("mkdir s1");
         qemu_io(&vda_source(&name), "write -P 0x42 0 1M");
-        let at = inst.clone();
-        let ln = std::thread::spawn(move || {
-            Command::new("ln")
-                .args(["-sfn", ".snapshots/s1", "current"])
-                .current_dir(at)
-                .output()
-        });
-        m.kill_at_failpoint();
-        let _ = ln.join();
-        m.unmount();
+        m.revert_killed_at_failpoint(&inst, "s1");
         m.mount(&[LIBVIRT_ARG]);
 
         let kept: Vec<String> = ls(&inst.join(".snapshots"))

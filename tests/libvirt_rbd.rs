@@ -654,16 +654,7 @@ fn kill_during_an_rbd_revert_is_finished_at_restart() {
             "rbd bench left a disk unchanged"
         );
 
-        let at = dir.clone();
-        let ln = std::thread::spawn(move || {
-            Command::new("ln")
-                .args(["-sfn", ".snapshots/s1", "current"])
-                .current_dir(at)
-                .output()
-        });
-        m.kill_at_failpoint();
-        let _ = ln.join();
-        m.unmount();
+        m.revert_killed_at_failpoint(&dir, "s1");
         let heads = d.heads();
         if point == "revert-before-backend" {
             assert_eq!(heads, scribbled, "{point}: rolled back before the backend");

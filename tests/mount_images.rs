@@ -713,16 +713,7 @@ fn kill_during_a_revert_leaves_current_true() {
         fs::create_dir(vol.join(".snapshots/s1")).unwrap();
         qemu_io(&img, "write -P 0x42 0 1M");
 
-        let cur = vol.join("current");
-        let ln = std::thread::spawn(move || {
-            Command::new("ln")
-                .args(["-sfn", ".snapshots/s1"])
-                .arg(cur)
-                .output()
-        });
-        m.kill_at_failpoint();
-        let _ = ln.join();
-        m.unmount();
+        m.revert_killed_at_failpoint(&vol, "s1");
         m.mount(&[]);
 
         let kept: Vec<String> = ls(&vol.join(".snapshots"))

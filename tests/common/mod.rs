@@ -156,6 +156,22 @@ impl Mount {
         })
     }
 
+    /// A revert cut by kill -9: `ln -sfn .snapshots/<snap> current` in `dir` runs in the
+    /// background while the daemon is killed at its `SNAPFS_FAILPOINT`
+    /// ([`Self::kill_at_failpoint`]); then what is left of the mount is unmounted.
+    pub fn revert_killed_at_failpoint(&self, dir: &Path, snap: &str) {
+        let (dir, target) = (dir.to_path_buf(), format!(".snapshots/{snap}"));
+        let ln = std::thread::spawn(move || {
+            Command::new("ln")
+                .args(["-sfn", &target, "current"])
+                .current_dir(dir)
+                .output()
+        });
+        self.kill_at_failpoint();
+        let _ = ln.join();
+        self.unmount();
+    }
+
     /// Kill the daemon (SIGKILL) once it logs that it reached its `SNAPFS_FAILPOINT`, at most
     /// two minutes from now, and wait until it is gone.
     pub fn kill_at_failpoint(&self) {
