@@ -1169,14 +1169,7 @@ fn rbd_write(c: &Chaos, spec: &str, off: u64, data: &[u8]) -> bool {
     let Some((conf, _)) = &c.setup.rbd else {
         return false;
     };
-    let mut diff: Vec<u8> = b"rbd diff v1\n".to_vec();
-    diff.push(b's');
-    diff.extend_from_slice(&VOL_BYTES.to_le_bytes());
-    diff.push(b'w');
-    diff.extend_from_slice(&off.to_le_bytes());
-    diff.extend_from_slice(&(data.len() as u64).to_le_bytes());
-    diff.extend_from_slice(data);
-    diff.push(b'e');
+    let diff = common::rbd_diff_v1_write(VOL_BYTES, off, data);
     let Ok(mut child) = Command::new("timeout")
         .args(["60", "rbd", "--rados_osd_op_timeout=10", "-c"])
         .arg(conf)

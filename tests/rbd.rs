@@ -83,18 +83,9 @@ impl Img {
     }
 
     /// Write `data` at `offset` of the image head. No kernel RBD or rbd-nbd here, so this
-    /// feeds `rbd import-diff` a one-record diff stream (format "rbd diff v1").
+    /// feeds `rbd import-diff` a one-record diff stream (`common::rbd_diff_v1_write`).
     fn write(&self, offset: u64, data: &[u8]) {
-        let mut diff: Vec<u8> = Vec::new();
-        diff.extend_from_slice(b"rbd diff v1\n");
-        let size = self.size();
-        diff.push(b's');
-        diff.extend_from_slice(&size.to_le_bytes());
-        diff.push(b'w');
-        diff.extend_from_slice(&offset.to_le_bytes());
-        diff.extend_from_slice(&(data.len() as u64).to_le_bytes());
-        diff.extend_from_slice(data);
-        diff.push(b'e');
+        let diff = common::rbd_diff_v1_write(self.size(), offset, data);
         let mut child = Command::new("rbd")
             .arg("-c")
             .arg(&self.conf)

@@ -403,6 +403,21 @@ pub fn ceph_answers(conf: &Path, pool: &str) -> bool {
 
 /// Remove RBD image `spec` (`pool/image`) of the cluster of `conf` with all its snapshots,
 /// protected ones too; errors are ignored (cleanup after a test).
+/// A one-record `rbd diff v1` stream (what `rbd import-diff` reads) that writes `data` at
+/// `offset` of an image of `image_size` bytes: how tests write RBD images here, with no kernel
+/// RBD or rbd-nbd.
+pub fn rbd_diff_v1_write(image_size: u64, offset: u64, data: &[u8]) -> Vec<u8> {
+    let mut diff = b"rbd diff v1\n".to_vec();
+    diff.push(b's');
+    diff.extend_from_slice(&image_size.to_le_bytes());
+    diff.push(b'w');
+    diff.extend_from_slice(&offset.to_le_bytes());
+    diff.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    diff.extend_from_slice(data);
+    diff.push(b'e');
+    diff
+}
+
 pub fn remove_rbd_image(conf: &Path, spec: &str) {
     let quiet = |args: &[&str]| {
         let _ = Command::new("rbd").arg("-c").arg(conf).args(args).output();
