@@ -267,7 +267,7 @@ fn a_host_that_does_not_answer_is_eio_and_comes_back() {
 
 /// The guest bytes of remote volume `vol` (and its backing chain), made here from
 /// `virsh vol-download` of each volume: the reference for what the mount reads.
-fn reference_raw(dir: &std::path::Path, vol: &str) -> PathBuf {
+fn reference_raw(dir: &std::path::Path, vol: &str, internal: Option<&str>) -> PathBuf {
     let mut chain: Vec<PathBuf> = Vec::new();
     let mut name = vol.to_string();
     for _ in 0..8 {
@@ -316,13 +316,15 @@ fn reference_raw(dir: &std::path::Path, vol: &str) -> PathBuf {
         ]);
     }
     let raw = dir.join("reference.raw");
-    qemu_img(&[
-        "convert",
-        "-O",
-        "raw",
-        chain[0].to_str().unwrap(),
-        raw.to_str().unwrap(),
+    let mut args = vec!["convert".to_string(), "-O".into(), "raw".into()];
+    if let Some(s) = internal {
+        args.extend(["-l".into(), format!("snapshot.name={s}")]);
+    }
+    args.extend([
+        chain[0].to_str().unwrap().to_string(),
+        raw.to_str().unwrap().to_string(),
     ]);
+    qemu_img(&args.iter().map(String::as_str).collect::<Vec<_>>());
     raw
 }
 
@@ -365,7 +367,7 @@ fn remote_snapshot_mkdir_read_rmdir() {
 
     // The snapshot's disk through the mount = the volumes downloaded by virsh, converted here.
     let tmp = tempfile::tempdir().unwrap();
-    let reference = reference_raw(tmp.path(), &vol);
+    let reference = reference_raw(tmp.path(), &vol, None);
     let disk = snap.join("vda.raw");
     assert_eq!(
         fs::metadata(&disk).unwrap().len(),
@@ -564,6 +566,151 @@ fn launch_on_the_remote_host_that_holds_the_snapshot() {
         errno(fs::remove_dir(&snap)),
         libc::EBUSY,
         "rmdir while defined"
+    );
+    drop(launched);
+    fs::remove_dir(&snap).unwrap();
+}
+
+/// The launched domain `new` on the remote host: seen running, then destroyed (two TCG
+/// guests do not fit this machine); its vda is one raw volume of the remote pool, not a file
+/// of this machine, equal to `reference` and sparse there. Returns the volume's path.
+fn check_uploaded_launch(launched: &RemoteLaunch, reference: &std::path::Path) -> String {
+    let new = &launched.0;
+    assert_eq!(
+        virsh_ok(REMOTE, &["domstate", new]).trim(),
+        "running",
+        "new domain on the remote host"
+    );
+    virsh_ok(REMOTE, &["destroy", new]);
+    let blk = virsh_ok(REMOTE, &["domblklist", new, "--details"]);
+    let disk = blk
+        .lines()
+        .find(|l| l.split_whitespace().nth(2) == Some("vda"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap_or_else(|| panic!("no vda in {blk}"))
+        .to_string();
+    assert!(
+        disk.ends_with(".raw") && disk.contains(new.as_str()),
+        "{disk}"
+    );
+    assert!(
+        !std::path::Path::new(&disk).exists(),
+        "{disk} exists on this machine"
+    );
+    assert_eq!(launched.volumes().len(), 1, "{:?}", launched.volumes());
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("copy.raw");
+    let vol = disk.rsplit('/').next().unwrap().to_string();
+    virsh_ok(
+        REMOTE,
+        &["vol-download", "--pool", POOL, &vol, copy.to_str().unwrap()],
+    );
+    assert_eq!(
+        fs::metadata(&copy).unwrap().len(),
+        fs::metadata(reference).unwrap().len(),
+        "size of the uploaded copy"
+    );
+    assert_eq!(
+        first_difference(&copy, reference),
+        None,
+        "uploaded copy differs from the snapshot"
+    );
+    // Sparse on the remote host: holes and zeros were not sent.
+    let a = fs::read(&copy).unwrap();
+    let data = a.chunks(4096).filter(|c| c.iter().any(|&x| x != 0)).count() as u64 * 4096;
+    assert!(data > 0, "the snapshot holds no data: nothing was checked");
+    let info = virsh_ok(REMOTE, &["vol-info", "--bytes", &disk]);
+    let alloc: u64 = info
+        .lines()
+        .find(|l| l.starts_with("Allocation:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no allocation in {info}"));
+    assert!(
+        alloc < data + (8 << 20),
+        "copy allocates {alloc} bytes for {data} bytes of data"
+    );
+    disk
+}
+
+/// `ln -s` of `snap` (a snapshot of remote1, as a path relative to the mount's `launch/`)
+/// as `launch/<new>`.
+fn launch_remote(m: &Mount, target: &str, new: &str) {
+    let link = m.mnt.join("launch").join(new);
+    if let Err(e) = std::os::unix::fs::symlink(target, &link) {
+        panic!("ln -s {target}: {e}; log:\n{}", m.log());
+    }
+}
+
+/// A snapshot no overlay can be backed by (an internal qcow2 snapshot, made by the remote
+/// libvirtd in remote1's shut-off qcow2 disk) launches on its host too: a sparse raw copy is
+/// made there through its storage API (volume created empty, data uploaded with
+/// `virStorageVolUpload`, read from the snapshot through `virStorageVolDownload`), nothing on
+/// this machine; the copy equals `qemu-img convert -l snapshot.name=` of the downloaded chain.
+#[test]
+fn launch_of_an_internal_snapshot_on_a_remote_host_uploads_a_copy() {
+    let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
+    if !hosts_ready("launch_of_an_internal_snapshot_on_a_remote_host_uploads_a_copy") {
+        return;
+    }
+    let name = format!("lead-int-{}", std::process::id());
+    let new = format!("lead-intl-{}", std::process::id());
+    virsh_ok(REMOTE, &["snapshot-create-as", "remote1", &name]);
+    let _cleanup = SnapCleanup(name.clone());
+    let x = virsh_ok(REMOTE, &["snapshot-dumpxml", "remote1", &name]);
+    assert!(x.contains("snapshot='internal'"), "not internal: {x}");
+    let m = mount_two_hosts();
+    let remote1 = instance(&m, &format!("remote1@{REMOTE_HOST}"));
+    assert!(
+        remote1.join(".snapshots").join(&name).is_dir(),
+        "{:?}",
+        ls(&remote1.join(".snapshots"))
+    );
+    let launched = RemoteLaunch(new.clone());
+    launch_remote(
+        &m,
+        &format!("../instances/remote1@{REMOTE_HOST}/.snapshots/{name}"),
+        &new,
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = reference_raw(tmp.path(), "remote1.qcow2", Some(&name));
+    check_uploaded_launch(&launched, &reference);
+}
+
+/// A copy snapshot of a remote instance (`--snapshot-method copy`: its bytes downloaded into
+/// this machine's store) launches on the instance's host: the copy is uploaded there, beside
+/// the instance's own disk. Once launched, rmdir of the snapshot still works (the new domain
+/// has its own copy).
+#[test]
+fn launch_of_a_store_copy_on_a_remote_host_uploads_it() {
+    let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
+    if !hosts_ready("launch_of_a_store_copy_on_a_remote_host_uploads_it") {
+        return;
+    }
+    let name = format!("lead-copy-{}", std::process::id());
+    let new = format!("lead-copyl-{}", std::process::id());
+    let m = Mount::with_providers(&["-c", LOCAL, "-c", REMOTE, "--snapshot-method", "copy"]);
+    let remote1 = instance(&m, &format!("remote1@{REMOTE_HOST}"));
+    let snap = remote1.join(".snapshots").join(&name);
+    if let Err(e) = fs::create_dir(&snap) {
+        panic!("mkdir {}: {e}; log:\n{}", snap.display(), m.log());
+    }
+    let j: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(snap.join("snapshot.json")).unwrap()).unwrap();
+    assert_eq!(j["method"], "copy", "{j}");
+    let launched = RemoteLaunch(new.clone());
+    launch_remote(
+        &m,
+        &format!("../instances/remote1@{REMOTE_HOST}/.snapshots/{name}"),
+        &new,
+    );
+    // remote1 is shut off: its disk now is the snapshot's state.
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = reference_raw(tmp.path(), "remote1.qcow2", None);
+    let disk = check_uploaded_launch(&launched, &reference);
+    assert!(
+        disk.starts_with("/var/lib/libvirt/images/snapfs-remote/"),
+        "copy not beside remote1's disk: {disk}"
     );
     drop(launched);
     fs::remove_dir(&snap).unwrap();

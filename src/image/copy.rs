@@ -24,38 +24,10 @@ pub fn copy_sparse(img: &dyn BlockImage, dest: &Path) -> Result<()> {
         let size = img.size();
         file.set_len(size)
             .ctx(|| format!("sizing {} to {size} bytes", dest.display()))?;
-        let mut buf = vec![0u8; CHUNK as usize];
-        let mut off = 0;
-        while off < size {
-            let extents = img.map(off, size - off)?;
-            let Some(last) = extents.last() else {
-                return Err(Error::Backend(format!(
-                    "allocation map of {} stopped at {off}",
-                    img.describe()
-                )));
-            };
-            let next = last.offset + last.length;
-            for e in extents.iter().filter(|e| e.kind == ExtentKind::Data) {
-                let mut at = e.offset;
-                let end = e.offset + e.length;
-                while at < end {
-                    let n = (end - at).min(CHUNK) as usize;
-                    img.read_at(&mut buf[..n], at)?;
-                    if buf[..n].iter().any(|&b| b != 0) {
-                        file.write_all_at(&buf[..n], at)
-                            .ctx(|| format!("writing {}", dest.display()))?;
-                    }
-                    at += n as u64;
-                }
-            }
-            if next <= off {
-                return Err(Error::Backend(format!(
-                    "allocation map of {} made no progress at {off}",
-                    img.describe()
-                )));
-            }
-            off = next;
-        }
+        for_each_data(img, |at, bytes| {
+            file.write_all_at(bytes, at)
+                .ctx(|| format!("writing {}", dest.display()))
+        })?;
         (&file)
             .flush()
             .and_then(|()| file.sync_all())
@@ -65,6 +37,48 @@ pub fn copy_sparse(img: &dyn BlockImage, dest: &Path) -> Result<()> {
         let _ = std::fs::remove_file(dest);
     }
     res
+}
+
+/// Call `f(offset, bytes)` for each chunk (at most 4 MiB) of `img` that holds data, in
+/// increasing order: holes from the image's allocation map and chunks that read as zeros
+/// are skipped.
+pub fn for_each_data(
+    img: &dyn BlockImage,
+    mut f: impl FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<()> {
+    let size = img.size();
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut off = 0;
+    while off < size {
+        let extents = img.map(off, size - off)?;
+        let Some(last) = extents.last() else {
+            return Err(Error::Backend(format!(
+                "allocation map of {} stopped at {off}",
+                img.describe()
+            )));
+        };
+        let next = last.offset + last.length;
+        for e in extents.iter().filter(|e| e.kind == ExtentKind::Data) {
+            let mut at = e.offset;
+            let end = e.offset + e.length;
+            while at < end {
+                let n = (end - at).min(CHUNK) as usize;
+                img.read_at(&mut buf[..n], at)?;
+                if buf[..n].iter().any(|&b| b != 0) {
+                    f(at, &buf[..n])?;
+                }
+                at += n as u64;
+            }
+        }
+        if next <= off {
+            return Err(Error::Backend(format!(
+                "allocation map of {} made no progress at {off}",
+                img.describe()
+            )));
+        }
+        off = next;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

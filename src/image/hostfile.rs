@@ -37,6 +37,17 @@ thread_local! {
 
 /// Run `f` with every [`HostFile::open`] of this thread going through `opener`.
 pub fn with_opener<T>(opener: Opener, f: impl FnOnce() -> T) -> T {
+    scoped(Some(opener), f)
+}
+
+/// Run `f` with paths naming this machine's files again, also inside [`with_opener`] (a
+/// store copy on this machine sent to a remote host).
+pub fn local<T>(f: impl FnOnce() -> T) -> T {
+    scoped(None, f)
+}
+
+/// Run `f` with this thread's opener set to `opener`, the previous one back after.
+fn scoped<T>(opener: Option<Opener>, f: impl FnOnce() -> T) -> T {
     struct Restore(Option<Opener>);
     impl Drop for Restore {
         fn drop(&mut self) {
@@ -44,7 +55,7 @@ pub fn with_opener<T>(opener: Opener, f: impl FnOnce() -> T) -> T {
             OPENER.with(|o| *o.borrow_mut() = prev);
         }
     }
-    let _restore = Restore(OPENER.with(|o| o.borrow_mut().replace(opener)));
+    let _restore = Restore(OPENER.with(|o| std::mem::replace(&mut *o.borrow_mut(), opener)));
     f()
 }
 

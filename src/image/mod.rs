@@ -20,7 +20,7 @@ use std::sync::Arc;
 use crate::error::Result;
 
 pub use cache::BlockCache;
-pub use copy::copy_sparse;
+pub use copy::{copy_sparse, for_each_data};
 
 /// What a stretch of the virtual disk holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -135,6 +135,7 @@ crate::dl::dl_api! {
         fn virStorageVolGetInfoFlags(vol: virStorageVolPtr, info: *mut virStorageVolInfo, flags: c_uint) -> c_int = -1;
         fn virStorageVolGetXMLDesc(vol: virStorageVolPtr, flags: c_uint) -> *mut c_char = null_mut();
         fn virStorageVolDownload(vol: virStorageVolPtr, stream: virStreamPtr, offset: c_ulonglong, length: c_ulonglong, flags: c_uint) -> c_int = -1;
+        fn virStorageVolUpload(vol: virStorageVolPtr, stream: virStreamPtr, offset: c_ulonglong, length: c_ulonglong, flags: c_uint) -> c_int = -1;
         fn virStorageVolFree(vol: virStorageVolPtr) -> c_int = -1;
         fn virStoragePoolLookupByVolume(vol: virStorageVolPtr) -> virStoragePoolPtr = null_mut();
         fn virStorageVolCreateXML(pool: virStoragePoolPtr, xml: *const c_char, flags: c_uint) -> virStorageVolPtr = null_mut();
@@ -142,6 +143,7 @@ crate::dl::dl_api! {
         fn virStorageVolGetPath(vol: virStorageVolPtr) -> *mut c_char = null_mut();
         fn virStreamNew(conn: virConnectPtr, flags: c_uint) -> virStreamPtr = null_mut();
         fn virStreamRecv(stream: virStreamPtr, data: *mut c_char, nbytes: usize) -> c_int = -1;
+        fn virStreamSend(stream: virStreamPtr, data: *const c_char, nbytes: usize) -> c_int = -1;
         fn virStreamFinish(stream: virStreamPtr) -> c_int = -1;
         fn virStreamAbort(stream: virStreamPtr) -> c_int = -1;
         fn virStreamFree(stream: virStreamPtr) -> c_int = -1;

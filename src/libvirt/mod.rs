@@ -869,24 +869,8 @@ impl StorageVol {
     /// `virStorageVolDownload` of `[offset, offset + buf.len())` of the volume's host file
     /// into `buf`, through one stream; the number of bytes received (less only at its end).
     pub fn download(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
-        // SAFETY: valid connection; a blocking stream (flags 0).
-        let st = unsafe { ffi::virStreamNew(self.conn.ptr, 0) };
-        if st.is_null() {
-            return Err(Error::last_error());
-        }
-        struct Stream(ffi::virStreamPtr, bool);
-        impl Drop for Stream {
-            fn drop(&mut self) {
-                // SAFETY: the stream of this call; aborted unless finished, then freed.
-                unsafe {
-                    if !self.1 {
-                        ffi::virStreamAbort(self.0);
-                    }
-                    ffi::virStreamFree(self.0);
-                }
-            }
-        }
-        let mut stream = Stream(st, false);
+        let mut stream = Stream::new(&self.conn)?;
+        let st = stream.0;
         // SAFETY: valid volume and stream.
         check(unsafe { ffi::virStorageVolDownload(self.ptr, st, offset, buf.len() as u64, 0) })?;
         let mut done = 0;
@@ -910,10 +894,75 @@ impl StorageVol {
                 return Err(Error::last_error());
             }
         }
-        // SAFETY: valid stream, all data received.
-        check(unsafe { ffi::virStreamFinish(st) })?;
-        stream.1 = true;
+        stream.finish()?;
         Ok(done)
+    }
+
+    /// `virStorageVolUpload` of `length` bytes at `offset` of the volume's host file: the
+    /// bytes are given to [`Upload::send`], then [`Upload::finish`] commits them. Dropped
+    /// unfinished, the upload is aborted.
+    pub fn upload(&self, offset: u64, length: u64) -> Result<Upload> {
+        let stream = Stream::new(&self.conn)?;
+        // SAFETY: valid volume and stream.
+        check(unsafe { ffi::virStorageVolUpload(self.ptr, stream.0, offset, length, 0) })?;
+        Ok(Upload(stream))
+    }
+}
+
+/// A blocking `virStream` of one call: aborted unless finished, then freed.
+struct Stream(ffi::virStreamPtr, bool);
+
+impl Stream {
+    fn new(conn: &Connect) -> Result<Stream> {
+        // SAFETY: valid connection; a blocking stream (flags 0).
+        let st = unsafe { ffi::virStreamNew(conn.ptr, 0) };
+        if st.is_null() {
+            return Err(Error::last_error());
+        }
+        Ok(Stream(st, false))
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        // SAFETY: valid stream, all data sent or received.
+        check(unsafe { ffi::virStreamFinish(self.0) })?;
+        self.1 = true;
+        Ok(())
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        // SAFETY: the stream of this call; aborted unless finished, then freed.
+        unsafe {
+            if !self.1 {
+                ffi::virStreamAbort(self.0);
+            }
+            ffi::virStreamFree(self.0);
+        }
+    }
+}
+
+/// An upload into a volume under way ([`StorageVol::upload`]).
+pub struct Upload(Stream);
+
+impl Upload {
+    /// Send all of `data`, the next bytes of the upload.
+    pub fn send(&mut self, mut data: &[u8]) -> Result<()> {
+        while !data.is_empty() {
+            let n = data.len().min(1 << 20);
+            // SAFETY: `n` readable bytes of `data`.
+            let sent = unsafe { ffi::virStreamSend(self.0 .0, data.as_ptr().cast::<c_char>(), n) };
+            if sent <= 0 {
+                return Err(Error::last_error());
+            }
+            data = &data[sent as usize..];
+        }
+        Ok(())
+    }
+
+    /// Every byte sent: the remote side commits the upload.
+    pub fn finish(mut self) -> Result<()> {
+        self.0.finish()
     }
 }
 

@@ -1417,15 +1417,25 @@ impl Provider for LibvirtProvider {
             )));
         }
         // On a remote host (paths are its files) the overlays are made and removed by its
-        // storage API, not on this machine.
+        // storage API, not on this machine; a copy in this machine's store is sent there,
+        // next to the domain's own disk of the same target.
         let remote = if image::hostfile::remote_scope() {
-            if launch_dir.is_some() {
-                return Err(Error::NotSupported(format!(
-                    "launch {new}: snapshot {snapshot} of {instance} is a copy in this machine's \
-                     store, which the remote host cannot use"
-                )));
-            }
-            Some(self.conn()?)
+            let disks = Self::domain_xml(&src, 0)?.disks;
+            let beside = move |target: &str| -> Result<PathBuf> {
+                disks
+                    .iter()
+                    .find_map(|d| match &d.source {
+                        xml::DiskSource::File(p) if d.target == target => Some(p.clone()),
+                        _ => None,
+                    })
+                    .ok_or_else(|| {
+                        Error::NotSupported(format!(
+                            "launch {new}: {instance} has no file disk {target} on its host \
+                             to place the copy of snapshot {snapshot} beside"
+                        ))
+                    })
+            };
+            Some((self.conn()?, beside))
         } else {
             None
         };
@@ -1433,7 +1443,7 @@ impl Provider for LibvirtProvider {
         let cleanup = |created: &[PathBuf]| {
             for f in created {
                 let r = match &remote {
-                    Some(conn) => remote::delete_file(conn, &self.opts.uri, f),
+                    Some((conn, _)) => remote::delete_file(conn, &self.opts.uri, f),
                     None => std::fs::remove_file(f).ctx(|| format!("removing {}", f.display())),
                 };
                 if let Err(e) = r {
@@ -1443,18 +1453,30 @@ impl Provider for LibvirtProvider {
         };
         // Each disk's new image: an overlay on the snapshot, or, for an internal snapshot (no
         // overlay can be backed by one), a sparse raw copy of it written from our own reader.
+        // On a remote host, such a copy and a copy of a store snapshot (a file of this
+        // machine) are uploaded through its storage API.
         let make = |i: &SnapImage| -> Result<(PathBuf, &'static str)> {
+            if let Some((conn, beside)) = &remote {
+                if i.internal.is_some() || launch_dir.is_some() {
+                    let near = match launch_dir {
+                        Some(_) => beside(&i.target)?,
+                        None => i.path.clone(),
+                    };
+                    let dir = near.parent().unwrap_or(Path::new("/"));
+                    let copy = fresh_image_path(dir, new, "launch", &i.target, "raw")?;
+                    let open =
+                        || image::open(&i.path, Some(i.format), i.internal.as_deref(), &self.cache);
+                    let img = match launch_dir {
+                        Some(_) => image::hostfile::local(open)?,
+                        None => open()?,
+                    };
+                    remote::upload_copy(conn, &self.opts.uri, &copy, &near, img.as_ref())?;
+                    return Ok((copy, "raw"));
+                }
+            }
             let dir = launch_dir
                 .as_deref()
                 .unwrap_or_else(|| i.path.parent().unwrap_or(Path::new("/")));
-            if let (Some(_), Some(_)) = (&i.internal, &remote) {
-                return Err(Error::NotSupported(format!(
-                    "launch {new}: disk {} of snapshot {snapshot} is an internal qcow2 snapshot; \
-                     launching one on a remote host is not supported (no overlay can be backed \
-                     by it, and the copy would be written from this machine)",
-                    i.target
-                )));
-            }
             if let Some(internal) = &i.internal {
                 let copy = fresh_image_path(dir, new, "launch", &i.target, "raw")?;
                 // copy_sparse removes its own file when it fails.
@@ -1467,7 +1489,7 @@ impl Provider for LibvirtProvider {
                 Error::Backend(format!("cannot read the size of {}", i.path.display()))
             })?;
             match &remote {
-                Some(conn) => remote::create_overlay(
+                Some((conn, _)) => remote::create_overlay(
                     conn,
                     &self.opts.uri,
                     &overlay,

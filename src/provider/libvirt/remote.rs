@@ -13,10 +13,12 @@ use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 
+use tracing::warn;
+
 use crate::error::{Error, Result};
 use crate::image::cache::{CacheKey, CacheKind};
 use crate::image::hostfile::{Opener, RemoteFile, RemoteOpen};
-use crate::image::BlockCache;
+use crate::image::{self, BlockCache, BlockImage};
 use crate::libvirt::{Connect, StorageVol};
 use crate::namespace::registry::lock;
 
@@ -122,43 +124,122 @@ pub fn create_overlay(
     size: u64,
 ) -> Result<()> {
     let b = utf8(backing, uri)?;
-    let o = utf8(overlay, uri)?;
-    let vol = lookup(conn, uri, b)?;
-    let dir = Path::new(b).parent();
-    let name = overlay
+    let body = format!(
+        "<capacity unit='bytes'>{size}</capacity><target><format type='qcow2'/></target>\
+         <backingStore><path>{}</path><format type='{format}'/></backingStore>",
+        super::xml::escape(b)?,
+    );
+    create_volume(conn, uri, overlay, backing, "overlay", &body).map(drop)
+}
+
+/// A sparse raw copy of `img` made as the new file `dest` on the host behind `conn` (named
+/// `uri`), in the pool that holds `near` (a volume in `dest`'s directory): the volume is made
+/// empty by that host's storage driver, then each chunk of `img` that holds data is sent with
+/// `virStorageVolUpload` (consecutive chunks share one upload, up to [`UPLOAD_RUN`] bytes), so
+/// holes and zeros never cross the network. `img` is read wherever it lives (a store copy on
+/// this machine, or a snapshot of that host read through its storage API). A failed copy
+/// deletes the volume.
+pub fn upload_copy(
+    conn: &Connect,
+    uri: &str,
+    dest: &Path,
+    near: &Path,
+    img: &dyn BlockImage,
+) -> Result<()> {
+    let size = img.size();
+    let body = format!(
+        "<capacity unit='bytes'>{size}</capacity><allocation unit='bytes'>0</allocation>\
+         <target><format type='raw'/></target>"
+    );
+    let vol = create_volume(conn, uri, dest, near, "copy", &body)?;
+    let d = dest.display();
+    let sent = (|| {
+        let mut run: Option<(u64, u64, Vec<u8>)> = None;
+        let flush = |run: &mut Option<(u64, u64, Vec<u8>)>| -> Result<()> {
+            if let Some((at, len, bytes)) = run.take() {
+                let mut up = vol
+                    .upload(at, len)
+                    .map_err(|e| lv_err("virStorageVolUpload", e))?;
+                up.send(&bytes)
+                    .and_then(|()| up.finish())
+                    .map_err(|e| lv_err(format!("sending {len} bytes at {at}"), e))?;
+            }
+            Ok(())
+        };
+        image::for_each_data(img, |at, bytes| {
+            let joins = matches!(&run, Some((start, len, _)) if start + len == at
+                && len + bytes.len() as u64 <= UPLOAD_RUN);
+            if !joins {
+                flush(&mut run)?;
+                run = Some((at, 0, Vec::with_capacity(bytes.len())));
+            }
+            if let Some((_, len, buf)) = run.as_mut() {
+                buf.extend_from_slice(bytes);
+                *len += bytes.len() as u64;
+            }
+            Ok(())
+        })?;
+        flush(&mut run)
+    })()
+    .map_err(|e| Error::Backend(format!("uploading {} to {d} on {uri}: {e}", img.describe())));
+    if sent.is_err() {
+        if let Err(e) = vol.delete() {
+            warn!(file = %d, error = %e, "cannot delete the volume of a failed upload");
+        }
+    }
+    sent
+}
+
+/// Most bytes one `virStorageVolUpload` carries (a run of consecutive data chunks).
+pub const UPLOAD_RUN: u64 = 32 << 20;
+
+/// The volume `path` (`what`, for messages) made from the volume XML `body` (what follows
+/// its name) by the storage driver of the host behind `conn`, in the pool that holds `near`.
+/// `path` must be in `near`'s directory (a directory pool's volumes are the files directly in
+/// it); made anywhere else, it is deleted again and refused.
+fn create_volume(
+    conn: &Connect,
+    uri: &str,
+    path: &Path,
+    near: &Path,
+    what: &str,
+    body: &str,
+) -> Result<StorageVol> {
+    let n = utf8(near, uri)?;
+    let p = utf8(path, uri)?;
+    let vol = lookup(conn, uri, n)?;
+    let dir = Path::new(n).parent();
+    let name = path
         .file_name()
         .and_then(|n| n.to_str())
-        .filter(|_| overlay.parent() == dir)
+        .filter(|_| path.parent() == dir)
         .ok_or_else(|| {
             Error::Invalid(format!(
-                "overlay {o} on {uri} is not in the directory of its backing file {b}"
+                "{what} {p} on {uri} is not in the directory of {n}"
             ))
         })?;
     let pool = vol
         .pool()
-        .map_err(|e| lv_err(format!("the storage pool of {b} on {uri}"), e))?;
+        .map_err(|e| lv_err(format!("the storage pool of {n} on {uri}"), e))?;
     let xml = format!(
-        "<volume type='file'><name>{}</name><capacity unit='bytes'>{size}</capacity>\
-         <target><format type='qcow2'/></target>\
-         <backingStore><path>{}</path><format type='{format}'/></backingStore></volume>",
-        super::xml::escape(name)?,
-        super::xml::escape(b)?,
+        "<volume type='file'><name>{}</name>{body}</volume>",
+        super::xml::escape(name)?
     );
     let made = pool.create_volume(conn, &xml).map_err(|e| {
-        match lv_err(format!("creating overlay {o} on {uri}"), e) {
+        match lv_err(format!("creating {what} {p} on {uri}"), e) {
             Error::Backend(w) if w.to_ascii_lowercase().contains("no space") => Error::NoSpace(w),
             other => other,
         }
     })?;
-    let path = made.path().unwrap_or_default();
-    if path != o {
+    let at = made.path().unwrap_or_default();
+    if at != p {
         // Not where the domain will look for it: take it back.
         let _ = made.delete();
         return Err(Error::Backend(format!(
-            "overlay for {o} on {uri} was made as {path:?}"
+            "{what} for {p} on {uri} was made as {at:?}"
         )));
     }
-    Ok(())
+    Ok(made)
 }
 
 /// Delete the file at `path` on the host behind `conn` through its storage API.
