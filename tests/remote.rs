@@ -712,6 +712,12 @@ fn launch_of_a_store_copy_on_a_remote_host_uploads_it() {
         disk.starts_with("/var/lib/libvirt/images/snapfs-remote/"),
         "copy not beside remote1's disk: {disk}"
     );
+    // The new domain owns a full copy: the snapshot goes while it exists.
+    if let Err(e) = fs::remove_dir(&snap) {
+        panic!(
+            "rmdir with the launched domain defined: {e}; log:\n{}",
+            m.log()
+        );
+    }
     drop(launched);
-    fs::remove_dir(&snap).unwrap();
 }
