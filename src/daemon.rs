@@ -203,41 +203,45 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
         },
     );
 
-    let mut options = vec![
-        fuser::MountOption::FSName("snapfs".into()),
-        fuser::MountOption::Subtype("snapfs".into()),
-        fuser::MountOption::NoDev,
-        fuser::MountOption::NoSuid,
-    ];
     let acl = if cfg.allow_other {
         // Other users are admitted only through the kernel's mode checks.
-        options.push(fuser::MountOption::DefaultPermissions);
         fuser::SessionACL::All
     } else {
         fuser::SessionACL::Owner
     };
     let mut config = fuser::Config::default();
-    config.mount_options = options;
     config.acl = acl;
     config.n_threads = Some(cfg.threads.max(1));
     config.clone_fd = true;
 
-    let session = fuser::Session::new(Fuse::new(fs, cfg.readdirplus), &mountpoint, &config)
-        .with_context(|| format!("mounting on {}", mountpoint.display()))?;
-    match mount_entry(&mountpoint) {
-        Some((dev, _)) => raise_read_ahead(&dev, cfg.read_ahead_kb),
+    // We mount, not fuser: its session unmounts the mountpoint's *path* when it ends, after
+    // the filesystem is torn down (seconds with Ceph), and by then another daemon may be
+    // mounted there (`umount` then `mount` again): fuser would take that one down.
+    let dev_fuse = kernel_mount(&mountpoint, cfg.allow_other)?;
+    let session = fuser::Session::from_fd(Fuse::new(fs, cfg.readdirplus), dev_fuse, acl, config)
+        .with_context(|| format!("starting the FUSE session on {}", mountpoint.display()));
+    let session = match session {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = unmount_path(&mountpoint, true);
+            return Err(e);
+        }
+    };
+    let ours = mount_entry(&mountpoint).map(|(dev, _)| dev);
+    match &ours {
+        Some(dev) => raise_read_ahead(dev, cfg.read_ahead_kb),
         None => warn!("our mount is missing from /proc/self/mountinfo"),
     }
     info!(mountpoint = %mountpoint.display(), threads = cfg.threads, "mounted");
 
-    let mp = mountpoint.clone();
+    let (mp, dev) = (mountpoint.clone(), ours.clone());
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             let sig = wait_signal(&sigs);
             info!(signal = sig, "signal received: unmounting");
             crate::notify::notify("STOPPING=1");
-            if let Err(e) = unmount_path(&mp, true) {
+            if let Err(e) = unmount_ours(&mp, dev.as_deref()) {
                 warn!(error = %e, "unmount on signal failed");
             }
         })
@@ -255,6 +259,10 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
     let served = session.run().context("FUSE session");
     // `umount` (no signal) ends the session too: the service manager hears it either way.
     crate::notify::notify("STOPPING=1");
+    if served.is_err() {
+        // Ended by an error of its own while still mounted: take our mount down (only ours).
+        let _ = unmount_ours(&mountpoint, ours.as_deref());
+    }
     served?;
     info!(mountpoint = %mountpoint.display(), "unmounted; exiting");
     Ok(())
@@ -330,6 +338,72 @@ fn raise_read_ahead(dev: &str, kb: u32) {
     let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
     if let Err(e) = std::fs::write(&path, kb.to_string()) {
         warn!(%path, error = %e, "cannot raise read-ahead");
+    }
+}
+
+/// Mount a FUSE filesystem at `mp` (we are root: `mount(2)` directly, as fusermount would):
+/// source `snapfs`, type `fuse.snapfs`, nodev and nosuid, `allow_other` with
+/// `default_permissions` when asked. The kernel's INIT then waits on the returned
+/// `/dev/fuse` descriptor.
+fn kernel_mount(mp: &Path, allow_other: bool) -> anyhow::Result<OwnedFd> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let root_mode = std::fs::metadata(mp)
+        .with_context(|| format!("mount point {}", mp.display()))?
+        .mode();
+    let dev: OwnedFd = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/fuse")
+        .context("opening /dev/fuse (modprobe fuse?)")?
+        .into();
+    // SAFETY: plain getters.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut data = format!(
+        "fd={},rootmode={root_mode:o},user_id={uid},group_id={gid}",
+        dev.as_raw_fd()
+    );
+    if allow_other {
+        data.push_str(",allow_other,default_permissions");
+    }
+    let (source, fstype, target, data) = (
+        CString::new("snapfs")?,
+        CString::new("fuse.snapfs")?,
+        cpath(mp)?,
+        CString::new(data)?,
+    );
+    // SAFETY: valid NUL-terminated strings; the data is the fuse option string.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            libc::MS_NODEV | libc::MS_NOSUID,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("mounting on {}", mp.display()));
+    }
+    Ok(dev)
+}
+
+/// On a signal: unmount our own mount, `dev` ("major:minor"), which is at `mp` unless it was
+/// detached (`umount -l`) meanwhile. Then whatever is mounted at `mp` now (another daemon's
+/// mount, made after the detach) is not ours to unmount: our connection is aborted instead,
+/// which ends our session.
+fn unmount_ours(mp: &Path, dev: Option<&str>) -> anyhow::Result<()> {
+    let at_mp = mount_entry(mp).map(|(d, _)| d);
+    match dev {
+        Some(dev) if at_mp.as_deref() != Some(dev) => {
+            warn!(mountpoint = %mp.display(), ours = dev, now = ?at_mp, "our mount was detached and something else is mounted there: aborting our connection, leaving that mount alone");
+            let minor = dev.split(':').nth(1).unwrap_or(dev);
+            let ctl = fusectl().context("no fusectl to abort our FUSE connection")?;
+            std::fs::write(ctl.join(minor).join("abort"), "1")
+                .with_context(|| format!("aborting FUSE connection {minor}"))
+        }
+        _ => unmount_path(mp, true),
     }
 }
 

@@ -423,6 +423,59 @@ fn sigterm_unmounts_and_exits() {
     assert!(!m.is_mounted());
 }
 
+/// `umount -l` of a mount whose file is still open, a new daemon mounted at the same path,
+/// then SIGTERM to the old daemon: it must end its own (detached) connection and leave the
+/// new mount alone (unmounting by path would take the new daemon's mount down).
+#[test]
+fn sigterm_after_lazy_unmount_leaves_a_new_mount_at_the_path_alone() {
+    let (_t, dir) = pool();
+    let m = Mount::new(&dir);
+    let old = m.daemon_pid().expect("daemon pid");
+    let open = fs::File::open(m.snap("web.qcow2", "s1").join("disk.raw")).unwrap();
+    run(Command::new("umount").arg("-l").arg(&m.mnt));
+    assert!(!m.is_mounted());
+    // The detached connection is alive (the open file): the old daemon still runs.
+    assert!(
+        !wait_gone(old, Duration::from_millis(500)),
+        "old daemon exited"
+    );
+    let out = Command::new(BIN)
+        .args(["mount", "--images"])
+        .arg(&dir)
+        .arg("--state-dir")
+        .arg(m.dir.path().join("state2"))
+        .arg(&m.mnt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "second mount: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new = find_process(|args| {
+        args.first().is_some_and(|a| a.ends_with("snapfs"))
+            && args.iter().any(|a| a.ends_with("state2"))
+    })
+    .expect("new daemon pid");
+    assert_ne!(old, new);
+    // SAFETY: plain kill of our own daemon.
+    unsafe { libc::kill(old, libc::SIGTERM) };
+    assert!(
+        wait_gone(old, Duration::from_secs(10)),
+        "old daemon still running"
+    );
+    assert!(m.is_mounted(), "the new daemon's mount was taken down");
+    assert_eq!(ls(&m.mnt.join("volumes")), ["pool"]);
+    drop(open);
+    // SAFETY: as above.
+    unsafe { libc::kill(new, libc::SIGTERM) };
+    assert!(
+        wait_gone(new, Duration::from_secs(10)),
+        "new daemon still running"
+    );
+    assert!(!m.is_mounted());
+}
+
 #[test]
 fn mounting_twice_is_refused_and_unmount_works() {
     let (_t, dir) = pool();
