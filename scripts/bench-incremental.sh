@@ -12,6 +12,9 @@
 # discarded; qemu-io):
 #   RBD  image rbd/issue-15-bench (CEPH_CONF or /var/lib/snapfs-ceph/ceph.conf), snapshots s1, s2
 #   qcow2 internal snapshots s1, s2 of WORKDIR/pool/d.qcow2 (64 KiB clusters)
+#   qcow2 external chain: libvirt disk-only snapshots s1, s2 of a shut-off domain
+#         issue-15-bench-chain on qemu:///system (skipped when libvirt does not answer): the
+#         writes before s2 go into the overlay libvirt made at s1
 # Timed, each on a fresh mount (nothing cached):
 #   list: `cat since/s1/disk.extents.json` vs `rbd diff --from-snap s1` / `qemu-img map` of the
 #         image (qemu-img compare cannot open internal snapshots, so map is its peer)
@@ -36,6 +39,7 @@ done
 [[ -x $SNAPFS ]] || (cd "$REPO" && cargo build --release --bin snapfs)
 CONF=${CEPH_CONF:-/var/lib/snapfs-ceph/ceph.conf}
 IMG=rbd/issue-15-bench
+DOM=issue-15-bench-chain
 MNT=$WORK/mnt
 mkdir -p "$WORK/pool" "$MNT"
 
@@ -43,6 +47,8 @@ cleanup() {
   "$SNAPFS" unmount --lazy "$MNT" >/dev/null 2>&1 || true
   rbd -c "$CONF" snap purge --no-progress "$IMG" >/dev/null 2>&1 || true
   rbd -c "$CONF" rm --no-progress "$IMG" >/dev/null 2>&1 || true
+  for s in s2 s1; do virsh -q snapshot-delete "$DOM" "$s" --metadata >/dev/null 2>&1 || true; done
+  virsh -q undefine "$DOM" >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -132,3 +138,38 @@ mount_snapfs --images "$WORK/pool"
 t0=$(now); cp --sparse=always "$D/disk.raw" "$WORK/q-since.raw"; t1=$(now)
 report "qcow2 internal: copy since/ out" "$(secs "$t0" "$t1")" "0" "(no qemu peer)"
 echo "qcow2 internal: $(overreport "$WORK/q.json")"
+
+# --- qcow2 external chain (libvirt disk-only snapshots of a shut-off domain) ---
+if ! virsh -q version >/dev/null 2>&1; then
+  echo "qcow2 chain: skipped (libvirt at qemu:///system does not answer)"
+  exit 0
+fi
+C=$WORK/pool/chain.qcow2
+qemu-img create -q -f qcow2 "$C" "${SIZE_GIB}G"
+qemu-io -f qcow2 "${OPS1[@]}" "$C" >/dev/null
+virsh -q undefine "$DOM" >/dev/null 2>&1 || true
+cat > "$WORK/chain.xml" <<XML
+<domain type='qemu'><name>$DOM</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
+<os><type arch='x86_64'>hvm</type></os>
+<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+<source file='$C'/><target dev='vda' bus='virtio'/></disk></devices></domain>
+XML
+virsh -q define "$WORK/chain.xml" >/dev/null
+virsh -q snapshot-create-as "$DOM" s1 --disk-only --atomic >/dev/null
+OVL=$(virsh -q domblklist "$DOM" --details | awk '$3 == "vda" {print $4}')
+qemu-io -f qcow2 "${OPS2[@]}" "$OVL" >/dev/null
+virsh -q snapshot-create-as "$DOM" s2 --disk-only --atomic >/dev/null
+mount_snapfs --libvirt
+D=$MNT/instances/$DOM/.snapshots/s2/since/s1
+if [[ ! -e $D ]]; then
+  echo "no $D:"; ls -la "$MNT/instances/$DOM/.snapshots/s2/since" || true
+  tail -5 "$WORK/state/snapfs.log"; exit 1
+fi
+t0=$(now); cat "$D/vda.extents.json" > "$WORK/c.json"; t1=$(now)
+p0=$(now); qemu-img map -U --output=json "$OVL" > /dev/null; p1=$(now)
+report "qcow2 chain: list extents" "$(secs "$t0" "$t1")" "$(secs "$p0" "$p1")" "qemu-img map (s1's overlay)"
+mount_snapfs --libvirt
+t0=$(now); cp --sparse=always "$D/vda.raw" "$WORK/c-since.raw"; t1=$(now)
+p0=$(now); qemu-img convert -U -O qcow2 "$OVL" -B "$C" -F qcow2 "$WORK/c-peer.qcow2"; p1=$(now)
+report "qcow2 chain: copy since/ out" "$(secs "$t0" "$t1")" "$(secs "$p0" "$p1")" "qemu-img convert -B (overlay only)"
+echo "qcow2 chain: $(overreport "$WORK/c.json")"
