@@ -474,7 +474,8 @@ impl BlockImage for SinceImage {
             let Some(dst) = buf.get_mut((s - offset) as usize..(e - offset) as usize) else {
                 break;
             };
-            self.newer.read_at(dst, s)?;
+            // Read-ahead of the newer disk stops at the extent's end: a hole follows.
+            self.newer.read_within(dst, s, c.offset + c.length)?;
         }
         Ok(())
     }

@@ -53,6 +53,14 @@ pub trait BlockImage: Send + Sync {
     /// callers loop.
     fn map(&self, offset: u64, length: u64) -> Result<Vec<Extent>>;
 
+    /// As [`read_at`](Self::read_at), for a caller that will read nothing at or past `limit`
+    /// next (a `since/` file reads one changed extent, then seeks to the next): read-ahead
+    /// stops there instead of fetching the hole that follows.
+    fn read_within(&self, buf: &mut [u8], offset: u64, limit: u64) -> Result<()> {
+        let _ = limit;
+        self.read_at(buf, offset)
+    }
+
     /// `[offset, offset + len)` as part of a buffer the reader already holds (RBD read-ahead
     /// chunks), so a FUSE reply needs no copy. `Ok(None)`: use [`read_at`](Self::read_at).
     fn read_shared(&self, offset: u64, len: usize) -> Result<Option<SharedBytes>> {

@@ -305,12 +305,14 @@ impl RbdImage {
         Ok(self.ahead.cache.get(&self.key(c)))
     }
 
-    /// A sequential read: served from read-ahead chunks, keeping the next ones in flight.
-    fn read_ahead(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    /// A sequential read: served from read-ahead chunks, keeping the next ones in flight, up
+    /// to the chunk holding `limit - 1` (the reader reads nothing past `limit`).
+    fn read_ahead(&self, buf: &mut [u8], offset: u64, limit: u64) -> Result<()> {
         let chunk = self.ahead.chunk;
         let end = offset + buf.len() as u64;
         let (first, last) = (offset / chunk, (end - 1) / chunk);
-        self.start_chunks(first, last + self.ahead.depth);
+        let stop = (limit.max(end) - 1) / chunk;
+        self.start_chunks(first, (last + self.ahead.depth).min(stop));
         for c in first..=last {
             let (cs, ce) = (c * chunk, ((c + 1) * chunk).min(self.size));
             let (s, e) = (offset.max(cs), end.min(ce));
@@ -442,6 +444,10 @@ impl BlockImage for RbdImage {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_within(buf, offset, self.size)
+    }
+
+    fn read_within(&self, buf: &mut [u8], offset: u64, limit: u64) -> Result<()> {
         // librbd refuses reads past the end (-EINVAL): clamp, and the rest reads as zeros.
         let avail = self.size.saturating_sub(offset);
         let n = usize::try_from(avail).unwrap_or(usize::MAX).min(buf.len());
@@ -453,7 +459,7 @@ impl BlockImage for RbdImage {
         }
         let end = offset + n as u64;
         if self.ahead.depth > 0 && self.is_sequential(offset, end) {
-            self.read_ahead(head, offset)
+            self.read_ahead(head, offset, limit.min(self.size))
         } else {
             self.read_verified(head, offset, false)
         }
