@@ -505,9 +505,9 @@ impl BlockImage for SinceImage {
     fn read_shared(&self, offset: u64, len: usize) -> Result<Option<super::SharedBytes>> {
         let end = offset.saturating_add(len as u64);
         match self.changes.extents.get(self.first_after(offset)) {
-            Some(c) if !c.zero && c.offset <= offset && end <= c.offset + c.length => {
-                self.newer.read_shared(offset, len)
-            }
+            Some(c) if !c.zero && c.offset <= offset && end <= c.offset + c.length => self
+                .newer
+                .read_shared_within(offset, len, c.offset + c.length),
             _ => Ok(None),
         }
     }

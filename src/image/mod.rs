@@ -64,7 +64,18 @@ pub trait BlockImage: Send + Sync {
     /// `[offset, offset + len)` as part of a buffer the reader already holds (RBD read-ahead
     /// chunks), so a FUSE reply needs no copy. `Ok(None)`: use [`read_at`](Self::read_at).
     fn read_shared(&self, offset: u64, len: usize) -> Result<Option<SharedBytes>> {
-        let _ = (offset, len);
+        self.read_shared_within(offset, len, self.size())
+    }
+
+    /// [`read_shared`](Self::read_shared) with read-ahead stopping at `limit`, as
+    /// [`read_within`](Self::read_within).
+    fn read_shared_within(
+        &self,
+        offset: u64,
+        len: usize,
+        limit: u64,
+    ) -> Result<Option<SharedBytes>> {
+        let _ = (offset, len, limit);
         Ok(None)
     }
 

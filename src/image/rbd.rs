@@ -417,8 +417,14 @@ impl BlockImage for RbdImage {
         self.size
     }
 
-    /// A sequential request inside one read-ahead chunk is answered with the chunk itself.
-    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<SharedBytes>> {
+    /// A sequential request inside one read-ahead chunk is answered with the chunk itself;
+    /// read-ahead goes no further than the chunk holding `limit - 1`.
+    fn read_shared_within(
+        &self,
+        offset: u64,
+        len: usize,
+        limit: u64,
+    ) -> Result<Option<SharedBytes>> {
         let chunk = self.ahead.chunk;
         let end = offset.saturating_add(len as u64);
         let c = offset / chunk;
@@ -427,7 +433,8 @@ impl BlockImage for RbdImage {
         if self.ahead.depth == 0 || len == 0 || end > ce || !self.is_sequential(offset, end) {
             return Ok(None);
         }
-        self.start_chunks(c, c + self.ahead.depth);
+        let stop = (limit.min(self.size).max(end) - 1) / chunk;
+        self.start_chunks(c, (c + self.ahead.depth).min(stop));
         let Some(data) = self.chunk(c)? else {
             return Ok(None);
         };
