@@ -1217,3 +1217,139 @@ fn casefold_directories_look_names_up_caselessly() {
         libc::ENOENT
     );
 }
+
+/// A directory both casefolded and encrypted (`mkfs.ext4 -O casefold,encrypt`; issue 19
+/// item 3): each entry stores the hash of its casefolded plaintext name after the name (which
+/// needs the key to compute), and Linux lists it without the key as the no-key name of that
+/// stored hash, minor hash and ciphertext (`ext4_hash_in_dirent`; `IS_CASEFOLDED` in the
+/// linear `ext4_readdir`), looked up exactly (base64url has case: no caseless match). This
+/// kernel has no CONFIG_UNICODE and cannot mount it, and neither debugfs nor the kernel here
+/// can write such entries, so the directory block is written by hand (two entries, hashes
+/// stored) and the expectation is the format of `fs/crypto/fname.c` (`struct
+/// fscrypt_nokey_name`: hash and minor hash little-endian, then the ciphertext, base64url
+/// without padding).
+#[test]
+fn casefolded_encrypted_directories_list_no_key_names_of_stored_hashes() {
+    use base64::Engine;
+    let t = tempfile::Builder::new()
+        .prefix("snapfs-cfenc")
+        .tempdir()
+        .expect("tempdir");
+    let images = t.path().join("images");
+    fs::create_dir(&images).unwrap();
+    let raw = t.path().join("cfe.raw");
+    let content = t.path().join("content");
+    fs::write(&content, b"hi\n").unwrap();
+    run(Command::new("truncate").args(["-s", "32M"]).arg(&raw));
+    // No metadata_csum: the hand-written directory block carries no checksum tail.
+    run(Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-b",
+            "1024",
+            "-O",
+            "casefold,encrypt,^metadata_csum",
+        ])
+        .arg(&raw));
+    let debugfs = |req: &str| run(Command::new("debugfs").args(["-w", "-R", req]).arg(&raw));
+    debugfs("mkdir ed");
+    // EXT4_CASEFOLD_FL | EXT4_EXTENTS_FL | EXT4_ENCRYPT_FL.
+    debugfs("set_inode_field ed flags 0x40080800");
+    let c = content.to_str().unwrap();
+    let names: [&[u8]; 2] = [b"0123456789abcdefXY", b"ABCDEFGHIJKLMNOPQRSTUV"];
+    for n in names {
+        debugfs(&format!("write {c} ed/{}", String::from_utf8_lossy(n)));
+    }
+    let inos: Vec<u32> = run(Command::new("debugfs").args(["-R", "ls -l ed"]).arg(&raw))
+        .lines()
+        .filter(|l| l.contains("<encrypted"))
+        .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(inos.len(), 2);
+    for i in &inos {
+        // EXT4_EXTENTS_FL | EXT4_ENCRYPT_FL: the files are encrypted too, as under a policy.
+        debugfs(&format!("set_inode_field <{i}> flags 0x80800"));
+    }
+    let block: u64 = run(Command::new("debugfs").args(["-R", "blocks ed"]).arg(&raw))
+        .trim()
+        .parse()
+        .expect("one directory block");
+    let dotdot = 2u32;
+    let hashes = [(0x1234_5678u32, 0x9abc_def0u32), (0x0fed_cba8, 0x7654_3210)];
+    // ".", "..", then each name with its (hash, minor hash) after the name rounded to 4.
+    let mut b = vec![0u8; 1024];
+    let mut at = 0usize;
+    let mut put = |ino: u32, name: &[u8], ftype: u8, hash: Option<(u32, u32)>, last: bool| {
+        let base = (8 + name.len() + 3) & !3;
+        let len = if last {
+            1024 - at
+        } else {
+            base + if hash.is_some() { 8 } else { 0 }
+        };
+        b[at..at + 4].copy_from_slice(&ino.to_le_bytes());
+        b[at + 4..at + 6].copy_from_slice(&(len as u16).to_le_bytes());
+        b[at + 6] = name.len() as u8;
+        b[at + 7] = ftype;
+        b[at + 8..at + 8 + name.len()].copy_from_slice(name);
+        if let Some((h, m)) = hash {
+            b[at + base..at + base + 4].copy_from_slice(&h.to_le_bytes());
+            b[at + base + 4..at + base + 8].copy_from_slice(&m.to_le_bytes());
+        }
+        at += len;
+    };
+    let ed_ino = run(Command::new("debugfs").args(["-R", "stat ed"]).arg(&raw));
+    let ed_ino: u32 = ed_ino
+        .split("Inode: ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .expect("inode of ed");
+    put(ed_ino, b".", 2, None, false);
+    put(dotdot, b"..", 2, None, false);
+    put(inos[0], names[0], 1, Some(hashes[0]), false);
+    put(inos[1], names[1], 1, Some(hashes[1]), true);
+    {
+        let mut f = fs::OpenOptions::new().write(true).open(&raw).unwrap();
+        f.seek(SeekFrom::Start(block * 1024)).unwrap();
+        f.write_all(&b).unwrap();
+    }
+    let nokey = |(h, m): (u32, u32), ct: &[u8]| {
+        let mut v = h.to_le_bytes().to_vec();
+        v.extend_from_slice(&m.to_le_bytes());
+        v.extend_from_slice(ct);
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v)
+    };
+    let mut want: Vec<String> = (0..2).map(|i| nokey(hashes[i], names[i])).collect();
+    want.sort();
+    let img = images.join("cfe.qcow2");
+    let (r, i) = (raw.to_str().unwrap(), img.to_str().unwrap());
+    qemu_img(&["convert", "-O", "qcow2", r, i]);
+    qemu_img(&["snapshot", "-c", "s", i]);
+    let m = Mount::new(&images);
+    let ed = m.snap("cfe.qcow2", "s").join("files/whole/ed");
+    assert_eq!(ls(&ed), want);
+    for n in &want {
+        let md = fs::symlink_metadata(ed.join(n)).unwrap();
+        assert!(md.is_file(), "{n}");
+        assert_eq!(md.len(), 3, "{n}");
+        // Contents need the key: ENOKEY, as Linux.
+        assert_eq!(errno(fs::read(ed.join(n))), libc::ENOKEY, "{n}");
+        // No caseless match of a no-key name.
+        let other: String = n
+            .chars()
+            .map(|c| {
+                if c.is_ascii_lowercase() {
+                    c.to_ascii_uppercase()
+                } else {
+                    c.to_ascii_lowercase()
+                }
+            })
+            .collect();
+        assert_eq!(
+            errno(fs::symlink_metadata(ed.join(&other))),
+            libc::ENOENT,
+            "{other}"
+        );
+    }
+}

@@ -29,6 +29,8 @@ const MAX_VALUE: u64 = 64 << 10;
 /// 210 with 256 KiB chunks. But a huge directory's subdirectories have their blocks spread
 /// over the disk, and each cold 256 KiB read then brought one useful block: cold find of
 /// 10,000 subdirectories 5.2 s with 256 KiB x 8, 1.2 s with 64 KiB x 32 (kernel 0.24-0.35 s).
+/// Since issue 19's profile the cache reads a scattered block alone and a chunk whole only
+/// once it is read in sequence ([`ChunkCache`]): 64 KiB per subdirectory before.
 const META_CHUNK: u64 = 64 << 10;
 const META_CHUNKS: usize = 32;
 
@@ -51,8 +53,12 @@ const FL_ENCRYPT: u32 = 0x800;
 const FL_INDEX: u32 = 0x1000;
 const FL_CASEFOLD: u32 = 0x4000_0000;
 
-/// Called with (name, inode, dirent file type) per directory entry; false stops the walk.
-type DirentVisitor<'a> = dyn FnMut(&[u8], u64, u8) -> Result<bool> + 'a;
+/// Called with (name, inode, dirent file type, the whole record) per directory entry; false
+/// stops the walk.
+type DirentVisitor<'a> = dyn FnMut(&[u8], u64, u8, &[u8]) -> Result<bool> + 'a;
+
+/// Stored hashes of an encrypted and casefolded directory's entries, by ciphertext name.
+type StoredHashes = HashMap<Vec<u8>, (u32, u32)>;
 
 /// (name index, name without prefix, value) as stored.
 type RawXattr = (u8, Vec<u8>, Vec<u8>);
@@ -617,6 +623,23 @@ impl Ext4Fs {
         Ok(b)
     }
 
+    /// `len` bytes from `start` of block `n` (within the block), through the journal replay
+    /// map: an inode is read alone, not its whole block.
+    fn block_part(&self, n: u64, start: u64, len: u64) -> Result<Vec<u8>> {
+        let len = len.min(self.bs.saturating_sub(start));
+        if self.replaced.contains_key(&n) || n >= self.blocks {
+            let b = self.block(n)?;
+            return Ok(sub(&b, start as usize, len as usize).to_vec());
+        }
+        let off = n
+            .checked_mul(self.bs)
+            .and_then(|o| o.checked_add(start))
+            .ok_or_else(|| self.dev.corrupt(0, format!("ext4 block {n} overflows")))?;
+        let mut b = vec![0u8; len as usize];
+        self.meta.read(&self.dev, off, &mut b)?;
+        Ok(b)
+    }
+
     fn raw_block(&self, n: u64) -> Result<Vec<u8>> {
         let off = n
             .checked_mul(self.bs)
@@ -648,9 +671,8 @@ impl Ext4Fs {
         let block = table
             .checked_add(byte / self.bs)
             .ok_or_else(|| self.dev.corrupt(0, "ext4 inode table overflows"))?;
-        let b = self.block(block)?;
-        let start = (byte % self.bs) as usize;
-        let raw = sub(&b, start, self.inode_size as usize).to_vec();
+        let start = byte % self.bs;
+        let raw = self.block_part(block, start, self.inode_size.min(self.bs - start))?;
         if raw.len() < 128 {
             return Err(self
                 .dev
@@ -980,7 +1002,7 @@ impl Ext4Fs {
         };
         let search = |b: &[u8]| -> Option<Result<u64>> {
             let mut found = None;
-            match self.visit_dirents(dir, b, false, &mut |n, ino, _| {
+            match self.visit_dirents(dir, b, false, &mut |n, ino, _, _| {
                 if n == name {
                     found = Some(ino);
                     Ok(false)
@@ -1048,7 +1070,7 @@ impl Ext4Fs {
             };
             let b = self.block(phys + (k - first))?;
             let mut found = None;
-            self.visit_dirents(dir, &b, false, &mut |n, ino, _| {
+            self.visit_dirents(dir, &b, false, &mut |n, ino, _, _| {
                 if n == name {
                     found = Some(ino);
                 }
@@ -1090,13 +1112,17 @@ impl Ext4Fs {
             return Err(Error::NotDir(format!("ext4 inode {ino}")));
         }
         let mut out = Vec::new();
+        // Encrypted and casefolded: each entry stores its name's hash (Linux lists by it).
+        let mut stored = (inode.flags() & (FL_ENCRYPT | FL_CASEFOLD) == FL_ENCRYPT | FL_CASEFOLD)
+            .then(StoredHashes::new);
         if inode.flags() & FL_INLINE_DATA != 0 {
             let data = self.inline_data(&inode)?;
             // First 4 bytes: the parent's inode number; then entries, in i_block and system.data.
             let ib_end = data.len().min(60);
-            self.parse_dirents(ino, sub(&data, 4, ib_end.saturating_sub(4)), &mut out, true)?;
+            let head = sub(&data, 4, ib_end.saturating_sub(4));
+            self.parse_dirents(ino, head, &mut out, true, stored.as_mut())?;
             if data.len() > 60 {
-                self.parse_dirents(ino, &data[60..], &mut out, true)?;
+                self.parse_dirents(ino, &data[60..], &mut out, true, stored.as_mut())?;
             }
         } else {
             let size = inode.size();
@@ -1110,7 +1136,7 @@ impl Ext4Fs {
                 }
                 for k in 0..r.len {
                     let b = self.block(r.physical + k)?;
-                    self.parse_dirents(ino, &b, &mut out, false)?;
+                    self.parse_dirents(ino, &b, &mut out, false, stored.as_mut())?;
                 }
             }
         }
@@ -1125,7 +1151,7 @@ impl Ext4Fs {
             }
         }
         if inode.flags() & FL_ENCRYPT != 0 {
-            self.nokey_names(&inode, &mut out)?;
+            self.nokey_names(&inode, &mut out, stored.as_ref())?;
         }
         Ok(out)
     }
@@ -1138,8 +1164,17 @@ impl Ext4Fs {
     /// directory, `s_def_hash_version` in a one-block or inline one (both read through
     /// `ext4_dx_readdir`); zero in a linear directory of more blocks or without `dir_index`.
     /// A name shorter than one cipher block (16 bytes) is not a valid ciphertext: hidden
-    /// (Linux's readdir fails with EUCLEAN there).
-    fn nokey_names(&self, dir: &Inode, out: &mut Vec<(Vec<u8>, u64, FileKind)>) -> Result<()> {
+    /// (Linux's readdir fails with EUCLEAN there). A directory both encrypted and casefolded
+    /// (`stored`) has its names' hashes stored in each entry, after the name (the hash is of
+    /// the casefolded plaintext, which needs the key): Linux lists by those in every form
+    /// (`ext4_hash_in_dirent` in `htree_dirblock_to_tree`, `IS_CASEFOLDED` in the linear
+    /// `ext4_readdir`); an entry without room for them gets zeros.
+    fn nokey_names(
+        &self,
+        dir: &Inode,
+        out: &mut Vec<(Vec<u8>, u64, FileKind)>,
+        stored: Option<&StoredHashes>,
+    ) -> Result<()> {
         let flags = dir.flags();
         let dx = self.dir_index
             && (flags & (FL_INDEX | FL_INLINE_DATA) != 0 || dir.size() / self.bs == 1);
@@ -1172,9 +1207,12 @@ impl Ext4Fs {
             );
         }
         for (name, _, _) in out.iter_mut() {
-            let (hash, minor) = version
-                .and_then(|v| htree::dirhash2(v, name, &self.hash_seed))
-                .unwrap_or((0, 0));
+            let (hash, minor) = match stored {
+                Some(h) => h.get(name.as_slice()).copied().unwrap_or((0, 0)),
+                None => version
+                    .and_then(|v| htree::dirhash2(v, name, &self.hash_seed))
+                    .unwrap_or((0, 0)),
+            };
             *name = nokey_name(hash, minor, name);
         }
         Ok(())
@@ -1186,8 +1224,15 @@ impl Ext4Fs {
         b: &[u8],
         out: &mut Vec<(Vec<u8>, u64, FileKind)>,
         inline: bool,
+        mut stored: Option<&mut StoredHashes>,
     ) -> Result<()> {
-        self.visit_dirents(dir, b, inline, &mut |name, ino, ftype| {
+        self.visit_dirents(dir, b, inline, &mut |name, ino, ftype, rec| {
+            if let Some(h) = stored.as_deref_mut() {
+                h.insert(
+                    name.to_vec(),
+                    dirent_hashes(rec, name.len()).unwrap_or((0, 0)),
+                );
+            }
             let kind = match kind_from_dirent(ftype) {
                 Some(k) => k,
                 None => self.inode(ino)?.kind().unwrap_or(FileKind::File),
@@ -1225,7 +1270,7 @@ impl Ext4Fs {
                         "ext4 directory entry {} loops back in directory {dir}; hidden",
                         crate::log_limit::esc(name)
                     );
-                } else if !f(name, ino, ftype)? {
+                } else if !f(name, ino, ftype, sub(b, off, rec_len))? {
                     return Ok(());
                 }
             }
@@ -1532,6 +1577,13 @@ impl journal::JournalBlocks for JournalReader<'_> {
 
 /// ext4 ACLs are stored in a compact form; Linux shows the `posix_acl_xattr` form (version 2,
 /// 8-byte entries with id 0xFFFFFFFF for the owner/group/mask/other entries).
+/// The (hash, minor hash) an encrypted and casefolded directory's entry stores after its name
+/// (`EXT4_DIRENT_HASHES`: at the name's end rounded up to 4 bytes), if the record holds them.
+fn dirent_hashes(rec: &[u8], name_len: usize) -> Option<(u32, u32)> {
+    let at = (8 + name_len + 3) & !3;
+    (rec.len() >= at + 8).then(|| (le32(rec, at), le32(rec, at + 4)))
+}
+
 fn acl_to_xattr(v: &[u8]) -> Option<Vec<u8>> {
     if le32(v, 0) != 1 {
         return None;
@@ -1603,7 +1655,11 @@ impl GuestFs for Ext4Fs {
             None => match self.find_indexed(dir, name)? {
                 Some(ino) => ino,
                 None => match self.find_linear(dir, name) {
-                    Err(Error::NotFound(_)) if self.inode(dir)?.flags() & FL_CASEFOLD != 0 => {
+                    // Caseless only over plaintext names: an encrypted directory's no-key
+                    // names are matched exactly, as Linux decodes and compares them.
+                    Err(Error::NotFound(_))
+                        if self.inode(dir)?.flags() & (FL_CASEFOLD | FL_ENCRYPT) == FL_CASEFOLD =>
+                    {
                         self.find_folded(dir, name)?
                     }
                     r => r?,

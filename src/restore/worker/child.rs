@@ -4,14 +4,13 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::num::NonZeroUsize;
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::image::{BlockImage, Extent, ExtentKind};
-use crate::restore::{self, GuestFs, Partition, Place, Volume};
+use crate::restore::{self, ChunkCache, GuestFs, Partition, Place, Volume};
 
 use super::window::{self, WINDOW_FD};
 use super::wire::{self, R, W};
@@ -180,10 +179,12 @@ pub fn filter() -> std::result::Result<seccompiler::BpfProgram, seccompiler::Err
 /// 64 KiB chunk through a read-around cache of such chunks (probes and the readers' metadata
 /// reads would otherwise each be a round trip; the readers' own chunk caches are smaller, a
 /// round trip costs more than a function call, and file bytes do not come this way: `MAP`).
+/// The read-around adapts as [`ChunkCache`] does: a chunk is read whole once it is read in
+/// sequence, a scattered miss reads only its 4 KiB.
 struct RemoteImage {
     sock: Arc<UnixStream>,
     size: u64,
-    chunks: Mutex<lru::LruCache<u64, Arc<Vec<u8>>>>,
+    chunks: ChunkCache,
 }
 
 const CHUNK: u64 = 64 << 10;
@@ -243,35 +244,8 @@ impl BlockImage for RemoteImage {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let start = offset - offset % CHUNK;
-        let end = offset.saturating_add(buf.len() as u64);
-        if end > start + CHUNK {
-            return self.fetch(buf, offset);
-        }
-        let cached = self
-            .chunks
-            .lock()
-            .ok()
-            .and_then(|mut c| c.get(&start).cloned());
-        let chunk = match cached {
-            Some(c) => c,
-            None => {
-                let len = CHUNK.min(self.size.saturating_sub(start)) as usize;
-                let mut v = vec![0u8; len];
-                self.fetch(&mut v, start)?;
-                let v = Arc::new(v);
-                if let Ok(mut c) = self.chunks.lock() {
-                    c.put(start, v.clone());
-                }
-                v
-            }
-        };
-        let from = (offset - start) as usize;
-        let src = chunk
-            .get(from..from + buf.len())
-            .ok_or_else(|| Error::Backend("restore worker: read past the disk".into()))?;
-        buf.copy_from_slice(src);
-        Ok(())
+        self.chunks
+            .read_from(self.size, offset, buf, &|o, b| self.fetch(b, o))
     }
 
     fn map(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
@@ -339,9 +313,7 @@ fn handle(req: &[u8], sock: &Arc<UnixStream>, fs: &mut Option<Arc<dyn GuestFs>>)
         let disk: Arc<dyn BlockImage> = Arc::new(RemoteImage {
             sock: sock.clone(),
             size,
-            chunks: Mutex::new(lru::LruCache::new(
-                NonZeroUsize::new(CHUNKS).unwrap_or(NonZeroUsize::MIN),
-            )),
+            chunks: ChunkCache::new(CHUNK, CHUNKS),
         });
         let w = W::new(wire::OK);
         return Ok(Reply::Frame(match restore::open_volume(disk, &part)? {
