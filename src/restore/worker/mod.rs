@@ -1,8 +1,9 @@
 //! Guest filesystem readers confined in an unprivileged worker process (issue 20, item 4).
 //!
 //! Each opened guest volume gets a worker: this binary re-executed as
-//! `snapfs __restore-worker UID MEM_MB` with an empty environment, stdio on /dev/null, signals
-//! unblocked, `no_new_privs`, `RLIMIT_CPU`, and one end of a `socketpair` as fd 3. Before reading
+//! `snapfs __restore-worker UID MEM_MB WINDOW AHEAD_WINDOW` with an empty environment, stdio on
+//! /dev/null, signals unblocked, `no_new_privs`, `RLIMIT_CPU`, one end of a `socketpair` as fd 3
+//! and one of a second as fd 5 (with their shared windows as fds 4 and 6). Before reading
 //! its first request the worker closes every other descriptor, caps its address space
 //! (`RLIMIT_AS`: what it started with plus `MEM_MB`), drops to `UID` (no groups), asks for
 //! SIGKILL when the daemon dies and installs a seccomp filter ([`child::filter`]) that kills it
@@ -246,7 +247,8 @@ fn signal_name(sig: i32) -> &'static str {
     }
 }
 
-/// A guest filesystem read by a worker; `GuestFs` calls are forwarded one at a time.
+/// A guest filesystem read by a worker; `GuestFs` calls are forwarded one at a time on its main
+/// socket, `prefetch_dir` one at a time on its read-ahead socket.
 pub struct WorkerFs {
     disk: Arc<dyn BlockImage>,
     part: Partition,
