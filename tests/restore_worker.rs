@@ -242,7 +242,23 @@ fn worker_reads_like_the_kernel_and_the_daemon_unprivileged_and_sandboxed() {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         fds.sort();
-        assert_eq!(fds, ["0", "1", "2", "3"], "worker {pid}: descriptors");
+        // The walker's socket and the read-ahead socket (its second thread's).
+        assert_eq!(fds, ["0", "1", "2", "3", "5"], "worker {pid}: descriptors");
+        assert_eq!(status_field(pid, "Threads"), "2", "worker {pid}: threads");
+        // The filter, the uid and no_new_privs hold on both threads.
+        for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let st = fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+            for want in [
+                "Seccomp:\t2",
+                "NoNewPrivs:\t1",
+                "Uid:\t65534\t65534\t65534\t65534",
+            ] {
+                assert!(
+                    st.lines().any(|l| l == want),
+                    "worker {pid} thread: no {want:?}"
+                );
+            }
+        }
         let limits = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
         let as_line = limits
             .lines()
@@ -445,6 +461,8 @@ fn bytes_through(calls: &str, pid: i32, dir: &Path, f: impl FnOnce()) -> u64 {
     let mut st = Command::new("strace")
         .args([
             "-qq",
+            // Both threads of the worker (its two sockets).
+            "-f",
             "-e",
             &format!("trace={calls}"),
             "-e",

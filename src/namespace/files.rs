@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::bytelru::{ByteLru, Cost};
 use super::names::{self, escape};
 use super::registry::lock;
 use super::{Kind, Namespace, Stat};
@@ -157,13 +158,26 @@ fn guest_name(name: &[u8]) -> Option<String> {
     Some(names::from_bytes(name).into_owned())
 }
 
+/// Bytes of partition tables kept ([`FilesCache::partitions`]).
+pub const PARTITIONS_BYTES: usize = 1 << 20;
+/// Bytes of guest paths kept ([`FilesCache::paths`]).
+pub const PATHS_BYTES: usize = 4 << 20;
+
+impl Cost for Partition {
+    fn cost(&self) -> usize {
+        self.name.cost() + self.type_desc.cost()
+    }
+}
+
 /// Caches of the files/ subtree, owned by the namespace.
 pub struct FilesCache {
     volumes: lru::LruCache<String, Arc<Volume>>,
-    partitions: lru::LruCache<String, Arc<Vec<Partition>>>,
+    /// Partition tables by disk key, at most [`PARTITIONS_BYTES`].
+    partitions: ByteLru<String, Arc<Vec<Partition>>>,
     /// (volume number, guest path) → guest inode, so deep lookups do not walk from the root
-    /// every time.
-    paths: lru::LruCache<(u16, String), u64>,
+    /// every time; at most [`PATHS_BYTES`] (a deep path of long names is kilobytes, and each
+    /// of its prefixes is kept).
+    paths: ByteLru<(u16, String), u64>,
     /// A small, stable number per opened volume key, for node ids.
     numbers: HashMap<String, u16>,
     /// What each number stands for (indexed by number): one entry per volume opened since
@@ -190,10 +204,10 @@ impl FilesCache {
         let n = |v: usize| std::num::NonZeroUsize::new(v).unwrap_or(std::num::NonZeroUsize::MIN);
         FilesCache {
             volumes: lru::LruCache::new(n(volumes)),
-            partitions: lru::LruCache::new(n(256)),
+            partitions: ByteLru::new(PARTITIONS_BYTES),
             // Only paths resolved by name (partition roots, guest inodes whose numbers do not
             // fit a node id) come here: guest nodes are answered by number.
-            paths: lru::LruCache::new(n(4096)),
+            paths: ByteLru::new(PATHS_BYTES),
             numbers: HashMap::new(),
             roots: Vec::new(),
         }
@@ -701,5 +715,47 @@ fn open_guest(
         _ => Err(Error::NotSupported(
             "only regular guest files can be opened".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The guest path cache and the partition tables stay under their bytes with 255-byte
+    /// names and deep paths (issue 20 item 2), keeping the most recent entries.
+    #[test]
+    fn files_caches_stay_under_their_bytes_with_long_names() {
+        let mut c = FilesCache::new(4);
+        let name = "\u{ff}".repeat(127) + "n";
+        let mut path = String::new();
+        for depth in 0..600u64 {
+            if !path.is_empty() {
+                path.push('/');
+            }
+            path.push_str(&name);
+            for vol in 0..4u16 {
+                c.paths.put((vol, path.clone()), depth);
+            }
+            assert!(c.paths.bytes() <= PATHS_BYTES);
+            if path.len() > 64 << 10 {
+                path.clear();
+            }
+        }
+        assert!(c.paths.len() > 50, "{} paths kept", c.paths.len());
+        for disk in 0..10_000 {
+            let parts: Vec<Partition> = (0..128)
+                .map(|i| Partition {
+                    name: format!("p{i}"),
+                    offset: 0,
+                    length: 0,
+                    type_desc: name.clone(),
+                })
+                .collect();
+            c.partitions
+                .put(format!("{}{disk}", name.repeat(4)), Arc::new(parts));
+            assert!(c.partitions.bytes() <= PARTITIONS_BYTES);
+        }
+        assert!(c.partitions.len() >= 10, "{}", c.partitions.len());
     }
 }

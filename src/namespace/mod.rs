@@ -3,6 +3,7 @@
 //! A path (a list of file names below the mount) is parsed into a [`Node`]; every operation
 //! is answered from the [`Registry`] of providers. Nothing here knows inode numbers.
 
+pub mod bytelru;
 pub mod files;
 pub mod lineage;
 pub mod names;

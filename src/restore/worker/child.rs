@@ -1,32 +1,71 @@
-//! The worker's side: `snapfs __restore-worker UID MEM_MB`, started by the daemon with the
-//! socket on fd 3. It drops to `UID`, limits its address space, installs the seccomp filter and
-//! only then reads its first request: no untrusted byte is parsed before the sandbox is whole.
+//! The worker's side: `snapfs __restore-worker UID MEM_MB WINDOW AHEAD_WINDOW`, started by the
+//! daemon with its two sockets on fds 3 and 5 (and their shared windows on 4 and 6). It starts
+//! its second thread, drops to `UID`, limits its address space, installs the seccomp filter on
+//! both threads and only then reads its first request: no untrusted byte is parsed before the
+//! sandbox is whole.
+//!
+//! Two threads, one per socket, share the volume's reader and the chunk cache: the main one
+//! serves the walker's requests (FUSE lookups, listings, reads), the second one the directory
+//! read-ahead (`prefetch_dir` in the daemon), so that read-ahead never queues behind the walker
+//! nor the walker behind it. Each thread asks for its disk bytes on its own socket, through
+//! its own window.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 
 use crate::error::{Error, Result};
 use crate::image::{BlockImage, Extent, ExtentKind};
 use crate::restore::{self, ChunkCache, GuestFs, Partition, Place, Volume};
 
-use super::window::{self, WINDOW_FD};
+use super::window::{self, AHEAD_WINDOW_FD, WINDOW_FD};
 use super::wire::{self, R, W};
 
-/// The descriptor the daemon hands over.
+/// The descriptor of the walker's socket the daemon hands over.
 pub const SOCKET_FD: i32 = 3;
+/// The descriptor of the read-ahead socket.
+pub const AHEAD_SOCKET_FD: i32 = 5;
+/// The descriptors the daemon hands over, in order: main socket, its window, read-ahead
+/// socket, its window. Everything above is closed before the sandbox is set up.
+pub const HANDED_FDS: [i32; 4] = [SOCKET_FD, WINDOW_FD, AHEAD_SOCKET_FD, AHEAD_WINDOW_FD];
 
-/// The daemon's shared window for block reads, when it gave one.
-static WINDOW: std::sync::OnceLock<window::Mapped> = std::sync::OnceLock::new();
+/// One of the two sockets to the daemon and the shared window its block reads come through
+/// (when the daemon gave one).
+struct Channel {
+    sock: UnixStream,
+    window: Option<window::Mapped>,
+}
+
+static MAIN: OnceLock<Channel> = OnceLock::new();
+static AHEAD: OnceLock<Channel> = OnceLock::new();
+
+thread_local! {
+    /// The channel of the thread running: where its reader's block reads are asked.
+    static CHANNEL: Cell<Option<&'static Channel>> = const { Cell::new(None) };
+}
+
+/// The volume's reader, opened by the main thread (`OPEN`), shared with the read-ahead one.
+static FS: Mutex<Option<Arc<dyn GuestFs>>> = Mutex::new(None);
 
 /// Entry point of the hidden subcommand; never returns.
 pub fn main(args: &[String]) -> ! {
     // A reader's panic message must not go anywhere (stderr is /dev/null anyway).
     std::panic::set_hook(Box::new(|_| {}));
     let code = match sandbox(args) {
-        Ok(()) => serve(),
+        Ok(go) => {
+            // The read-ahead thread starts serving only now, inside the sandbox.
+            let _ = go.send(true);
+            match MAIN.get() {
+                Some(ch) => {
+                    CHANNEL.with(|c| c.set(Some(ch)));
+                    serve(ch, true)
+                }
+                None => 2,
+            }
+        }
         Err(_) => 2,
     };
     std::process::exit(code)
@@ -36,23 +75,48 @@ fn arg<T: std::str::FromStr>(args: &[String], i: usize) -> std::result::Result<T
     args.get(i).and_then(|a| a.parse().ok()).ok_or(())
 }
 
-fn sandbox(args: &[String]) -> std::result::Result<(), ()> {
+/// Set up the sandbox around both threads; the sender starts the read-ahead thread.
+fn sandbox(args: &[String]) -> std::result::Result<mpsc::Sender<bool>, ()> {
     let uid: u32 = arg(args, 0)?;
     let mem_mb: u64 = arg(args, 1)?;
-    // The daemon's window for block reads, mapped read-only (fd 4 is then closed).
-    let window: usize = arg(args, 2).unwrap_or(0);
-    if window > 0 {
-        let w = window::Mapped::map(window).ok_or(())?;
-        WINDOW.set(w).map_err(|_| ())?;
+    // The daemon's windows for block reads, mapped read-only (fds 4 and 6 are then closed).
+    let windows: [usize; 2] = [arg(args, 2).unwrap_or(0), arg(args, 3).unwrap_or(0)];
+    let mut mapped = [None, None];
+    for (i, (&bytes, fd)) in windows.iter().zip([WINDOW_FD, AHEAD_WINDOW_FD]).enumerate() {
+        if bytes > 0 {
+            mapped[i] = Some(window::Mapped::map(fd, bytes).ok_or(())?);
+        }
     }
+    let [main_window, ahead_window] = mapped;
+    // SAFETY: the daemon passed fds 3 and 5 for this process's exclusive use.
+    let (main_sock, ahead_sock) = unsafe {
+        (
+            UnixStream::from_raw_fd(SOCKET_FD),
+            UnixStream::from_raw_fd(AHEAD_SOCKET_FD),
+        )
+    };
+    let chan = |sock, window| Channel { sock, window };
+    MAIN.set(chan(main_sock, main_window)).map_err(|_| ())?;
+    AHEAD.set(chan(ahead_sock, ahead_window)).map_err(|_| ())?;
     // SAFETY: plain system calls on this process's own state.
     unsafe {
         // Whatever the daemon had open (FUSE, libvirt, Ceph sockets) that was not close-on-exec.
-        if libc::syscall(libc::SYS_close_range, WINDOW_FD as u32, u32::MAX, 0u32) != 0 {
-            for fd in WINDOW_FD..4096 {
+        let first = AHEAD_WINDOW_FD + 1;
+        if libc::syscall(libc::SYS_close_range, first as u32, u32::MAX, 0u32) != 0 {
+            for fd in first..4096 {
                 libc::close(fd);
             }
         }
+        // One malloc arena for both threads: a second arena would reserve 64 MiB of address
+        // space at the read-ahead thread's first allocation, out of the RLIMIT_AS budget.
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+    // The read-ahead thread, started before the address space is measured (its stack counts
+    // in what the worker starts with) and before the filter (thread creation needs `clone`,
+    // `set_robust_list`, `rseq`, which the filter refuses); it waits until the sandbox is whole.
+    let go = spawn_ahead()?;
+    // SAFETY: plain system calls on this process's own state.
+    unsafe {
         // The address space we start with (the binary, libraries, stack) plus the budget.
         let base = vm_size().ok_or(())?;
         let limit = base.saturating_add(mem_mb << 20);
@@ -94,7 +158,34 @@ fn sandbox(args: &[String]) -> std::result::Result<(), ()> {
     // Seed the hash keys now (getrandom) rather than on the first listing.
     let _ = std::collections::HashMap::<u8, u8>::new();
     let prog = filter().map_err(|_| ())?;
-    seccompiler::apply_filter(&prog).map_err(|_| ())
+    // On both threads at once (TSYNC): the read-ahead thread is already running.
+    seccompiler::apply_filter_all_threads(&prog).map_err(|_| ())?;
+    Ok(go)
+}
+
+/// Start the read-ahead thread and wait until it runs (its start-up system calls are done);
+/// it serves the read-ahead socket once it gets `true`.
+fn spawn_ahead() -> std::result::Result<mpsc::Sender<bool>, ()> {
+    let (ready_tx, ready_rx) = mpsc::sync_channel::<()>(1);
+    let (go_tx, go_rx) = mpsc::channel::<bool>();
+    std::thread::Builder::new()
+        .spawn(move || {
+            let _ = ready_tx.send(());
+            if go_rx.recv() == Ok(true) {
+                if let Some(ch) = AHEAD.get() {
+                    CHANNEL.with(|c| c.set(Some(ch)));
+                    serve(ch, false);
+                }
+            }
+            // The daemon closed this socket or broke the protocol on it: it ends the worker;
+            // a thread's exit is left out of what the filter must allow.
+            loop {
+                std::thread::park();
+            }
+        })
+        .map_err(|_| ())?;
+    ready_rx.recv().map_err(|_| ())?;
+    Ok(go_tx)
 }
 
 /// VmSize of this process in bytes.
@@ -175,14 +266,14 @@ pub fn filter() -> std::result::Result<seccompiler::BpfProgram, seccompiler::Err
     f.try_into().map_err(seccompiler::Error::Backend)
 }
 
-/// The disk as the worker sees it: bytes asked of the daemon over the socket, reads inside one
+/// The disk as the worker sees it: bytes asked of the daemon over the socket of the thread that
+/// reads (each thread has its own, [`CHANNEL`]), reads inside one
 /// 64 KiB chunk through a read-around cache of such chunks (probes and the readers' metadata
 /// reads would otherwise each be a round trip; the readers' own chunk caches are smaller, a
 /// round trip costs more than a function call, and file bytes do not come this way: `MAP`).
 /// The read-around adapts as [`ChunkCache`] does: a chunk is read whole once it is read in
 /// sequence, a scattered miss reads only its 4 KiB.
 struct RemoteImage {
-    sock: Arc<UnixStream>,
     size: u64,
     chunks: ChunkCache,
 }
@@ -196,10 +287,14 @@ impl RemoteImage {
             context: "restore worker: block read".into(),
             source: e,
         };
-        let mut s = &*self.sock;
+        let ch = CHANNEL
+            .with(Cell::get)
+            .ok_or_else(|| Error::Backend("restore worker: block read outside a channel".into()))?;
+        let mut s = &ch.sock;
         // Pieces that fit the window, when there is one.
-        let most = WINDOW
-            .get()
+        let most = ch
+            .window
+            .as_ref()
             .map_or(wire::MAX_BLOCK_READ as usize, |w| {
                 w.bytes().min(wire::MAX_BLOCK_READ as usize)
             })
@@ -226,7 +321,7 @@ impl RemoteImage {
                 }
                 wire::IN_WINDOW => {
                     let fits = r.u32()? as usize == piece.len()
-                        && WINDOW.get().is_some_and(|w| w.copy_to(piece));
+                        && ch.window.as_ref().is_some_and(|w| w.copy_to(piece));
                     if !fits {
                         return Err(Error::Backend("restore worker: bad window answer".into()));
                     }
@@ -266,10 +361,9 @@ impl BlockImage for RemoteImage {
     }
 }
 
-fn serve() -> i32 {
-    // SAFETY: the daemon passed fd 3 for this process's exclusive use.
-    let sock = Arc::new(unsafe { UnixStream::from_raw_fd(SOCKET_FD) });
-    let mut fs: Option<Arc<dyn GuestFs>> = None;
+/// Answer the requests of one socket until it closes; only the main one may `OPEN`.
+fn serve(ch: &Channel, main: bool) -> i32 {
+    let sock = &ch.sock;
     let mut buf = Vec::new();
     loop {
         match wire::read_frame(&mut &*sock, &mut buf) {
@@ -277,7 +371,7 @@ fn serve() -> i32 {
             Ok(false) => return 0,
             Err(_) => return 3,
         }
-        let out = handle(&buf, &sock, &mut fs);
+        let out = handle(&buf, main);
         let frame = match out {
             Ok(Reply::Frame(f)) => f,
             Ok(Reply::Payload(data)) => {
@@ -299,10 +393,15 @@ enum Reply {
     Payload(Vec<u8>),
 }
 
-fn handle(req: &[u8], sock: &Arc<UnixStream>, fs: &mut Option<Arc<dyn GuestFs>>) -> Result<Reply> {
+fn handle(req: &[u8], main: bool) -> Result<Reply> {
     let mut r = R::new(req);
     let tag = r.u8()?;
     if tag == wire::OPEN {
+        if !main {
+            return Err(Error::Backend(
+                "restore worker: open on the read-ahead socket".into(),
+            ));
+        }
         let size = r.u64()?;
         let part = Partition {
             offset: r.u64()?,
@@ -311,7 +410,6 @@ fn handle(req: &[u8], sock: &Arc<UnixStream>, fs: &mut Option<Arc<dyn GuestFs>>)
             type_desc: r.string()?,
         };
         let disk: Arc<dyn BlockImage> = Arc::new(RemoteImage {
-            sock: sock.clone(),
             size,
             chunks: ChunkCache::new(CHUNK, CHUNKS),
         });
@@ -322,7 +420,7 @@ fn handle(req: &[u8], sock: &Arc<UnixStream>, fs: &mut Option<Arc<dyn GuestFs>>)
                     .u8(wire::OPENED_FS)
                     .u64(f.root())
                     .bytes(f.describe().as_bytes());
-                *fs = Some(f);
+                *FS.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
                 w.done()
             }
             Volume::Unsupported { readme } => {
@@ -345,8 +443,10 @@ fn handle(req: &[u8], sock: &Arc<UnixStream>, fs: &mut Option<Arc<dyn GuestFs>>)
         },
         _ => {}
     }
-    let fs = fs
-        .as_ref()
+    let fs = FS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
         .ok_or_else(|| Error::Backend("restore worker: no volume opened".into()))?;
     let ok = || W::new(wire::OK);
     Ok(Reply::Frame(match tag {

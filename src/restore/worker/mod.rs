@@ -1,8 +1,9 @@
 //! Guest filesystem readers confined in an unprivileged worker process (issue 20, item 4).
 //!
 //! Each opened guest volume gets a worker: this binary re-executed as
-//! `snapfs __restore-worker UID MEM_MB` with an empty environment, stdio on /dev/null, signals
-//! unblocked, `no_new_privs`, `RLIMIT_CPU`, and one end of a `socketpair` as fd 3. Before reading
+//! `snapfs __restore-worker UID MEM_MB WINDOW AHEAD_WINDOW` with an empty environment, stdio on
+//! /dev/null, signals unblocked, `no_new_privs`, `RLIMIT_CPU`, one end of a `socketpair` as fd 3
+//! and one of a second as fd 5 (with their shared windows as fds 4 and 6). Before reading
 //! its first request the worker closes every other descriptor, caps its address space
 //! (`RLIMIT_AS`: what it started with plus `MEM_MB`), drops to `UID` (no groups), asks for
 //! SIGKILL when the daemon dies and installs a seccomp filter ([`child::filter`]) that kills it
@@ -11,7 +12,9 @@
 //! The daemon keeps FUSE, libvirt, Ceph and the images: the worker holds no descriptor to any
 //! of them. It asks for disk bytes over the socket (`BLOCK_READ offset len`, answered from the
 //! snapshot's [`BlockImage`] by the daemon thread that made the request), and answers the
-//! [`GuestFs`] calls the daemon forwards through [`WorkerFs`]. A worker that dies, breaks a
+//! [`GuestFs`] calls the daemon forwards through [`WorkerFs`]. It has two sockets, each served
+//! by a thread of its own sharing the reader: the walker's requests on one, the directory
+//! read-ahead's on the other, so neither queues behind the other. A worker that dies, breaks a
 //! limit or the protocol costs an EIO for the request it was serving; the next request on the
 //! volume starts a new one (the volume is opened again: inode numbers are the filesystem's own,
 //! so they stay valid).
@@ -112,6 +115,7 @@ pub fn open_volume(disk: Arc<dyn BlockImage>, part: &Partition) -> Result<Volume
         part: part.clone(),
         cfg,
         conn: Mutex::new(None),
+        ahead: Mutex::new(None),
         root: AtomicU64::new(0),
         describe: Mutex::new(String::new()),
         restarts: AtomicU64::new(0),
@@ -146,14 +150,24 @@ enum Opened {
     Lvm,
 }
 
-/// A live worker.
+/// A live worker and its main socket (the read-ahead one is [`WorkerFs::ahead`]).
 struct Conn {
     child: Child,
-    sock: UnixStream,
+    main: Chan,
     started: Instant,
+}
+
+/// One of a worker's two sockets.
+struct Chan {
+    sock: UnixStream,
     /// Where its block reads are answered ([`window`]); without one, in the reply frames.
     window: Option<window::Window>,
+    /// The worker it belongs to (numbers are never reused in a volume).
+    gen: u64,
 }
+
+/// Numbers of workers ([`Chan::gen`]).
+static NEXT_GEN: AtomicU64 = AtomicU64::new(1);
 
 impl Conn {
     /// End the worker (if still running) and reap it; its exit status for the log.
@@ -169,6 +183,12 @@ impl Conn {
         }
     }
 
+    fn exchange(&mut self, req: &[u8], disk: &dyn BlockImage) -> std::io::Result<Vec<u8>> {
+        self.main.exchange(req, disk)
+    }
+}
+
+impl Chan {
     /// Send `req` and wait for its reply, serving the worker's block reads meanwhile. An `Err`
     /// means the worker is broken (dead, hung, or off-protocol); a reply may itself be an error.
     fn exchange(&mut self, req: &[u8], disk: &dyn BlockImage) -> std::io::Result<Vec<u8>> {
@@ -227,12 +247,16 @@ fn signal_name(sig: i32) -> &'static str {
     }
 }
 
-/// A guest filesystem read by a worker; `GuestFs` calls are forwarded one at a time.
+/// A guest filesystem read by a worker; `GuestFs` calls are forwarded one at a time on its main
+/// socket, `prefetch_dir` one at a time on its read-ahead socket.
 pub struct WorkerFs {
     disk: Arc<dyn BlockImage>,
     part: Partition,
     cfg: WorkerConfig,
     conn: Mutex<Option<Conn>>,
+    /// The worker's read-ahead socket (`prefetch_dir`), served by its second thread. Locked
+    /// after `conn` when both are (a worker's start), never the other way round.
+    ahead: Mutex<Option<Chan>>,
     root: AtomicU64,
     describe: Mutex<String>,
     restarts: AtomicU64,
@@ -291,6 +315,7 @@ impl Drop for WorkerFs {
         if let Some(mut c) = lock(&self.conn).take() {
             c.end();
         }
+        lock(&self.ahead).take();
         cache::global().forget_volume(self.id);
     }
 }
@@ -301,27 +326,40 @@ pub fn cache_usage() -> (usize, usize) {
 }
 
 impl WorkerFs {
-    /// Start a worker and open the volume in it.
+    /// Start a worker and open the volume in it; its read-ahead socket goes to `self.ahead`
+    /// once it opened a filesystem.
     fn start(&self) -> Result<(Conn, Opened)> {
-        let (ours, theirs) = UnixStream::pair().map_err(|e| Error::Io {
-            context: "restore worker: socketpair".into(),
-            source: e,
-        })?;
-        let fd = theirs.as_raw_fd();
-        let mut window = match window::Window::new(window::WINDOW_BYTES) {
+        let pair = || {
+            UnixStream::pair().map_err(|e| Error::Io {
+                context: "restore worker: socketpair".into(),
+                source: e,
+            })
+        };
+        let window = || match window::Window::new(window::WINDOW_BYTES) {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::debug!(error = %e, "restore worker: no shared window, block reads through the socket");
                 None
             }
         };
-        let wfd = window.as_ref().map_or(-1, |w| w.raw_fd());
+        let ((ours, theirs), (ahead_ours, ahead_theirs)) = (pair()?, pair()?);
+        let (mut win, mut ahead_win) = (window(), window());
+        let raw = |w: &Option<window::Window>| w.as_ref().map_or(-1, |w| w.raw_fd());
+        // Handed over as fds 3, 4, 5, 6 (child::HANDED_FDS); -1: none.
+        let fds = [
+            theirs.as_raw_fd(),
+            raw(&win),
+            ahead_theirs.as_raw_fd(),
+            raw(&ahead_win),
+        ];
+        let bytes = |w: &Option<window::Window>| w.as_ref().map_or(0, |w| w.bytes()).to_string();
         let cpu = self.cfg.cpu_secs.max(1);
         let mut cmd = Command::new("/proc/self/exe");
         cmd.arg(SUBCOMMAND)
             .arg(self.cfg.uid.to_string())
             .arg(self.cfg.mem_mb.to_string())
-            .arg(window.as_ref().map_or(0, |w| w.bytes()).to_string())
+            .arg(bytes(&win))
+            .arg(bytes(&ahead_win))
             .env_clear()
             .current_dir("/")
             .stdin(Stdio::null())
@@ -330,25 +368,19 @@ impl WorkerFs {
         // SAFETY: only async-signal-safe system calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
-                // The window's memfd must not be overwritten by the socket's dup2 below.
-                let wfd = if wfd == child::SOCKET_FD {
-                    libc::fcntl(wfd, libc::F_DUPFD, 16)
-                } else {
-                    wfd
-                };
-                if fd == child::SOCKET_FD {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                } else if libc::dup2(fd, child::SOCKET_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if wfd >= 0 {
-                    if wfd == window::WINDOW_FD {
-                        if libc::fcntl(wfd, libc::F_SETFD, 0) != 0 {
+                // Each descriptor first to a free one above (close-on-exec), then into its
+                // place: no dup2 overwrites a descriptor still to be moved.
+                let mut high = [-1; 4];
+                for (h, &fd) in high.iter_mut().zip(fds.iter()) {
+                    if fd >= 0 {
+                        *h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 16);
+                        if *h < 0 {
                             return Err(std::io::Error::last_os_error());
                         }
-                    } else if libc::dup2(wfd, window::WINDOW_FD) < 0 {
+                    }
+                }
+                for (&h, &to) in high.iter().zip(child::HANDED_FDS.iter()) {
+                    if h >= 0 && libc::dup2(h, to) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
@@ -372,16 +404,26 @@ impl WorkerFs {
             context: "restore worker: start".into(),
             source: e,
         })?;
-        drop(theirs);
-        if let Some(w) = window.as_mut() {
+        drop((theirs, ahead_theirs));
+        for w in [win.as_mut(), ahead_win.as_mut()].into_iter().flatten() {
             w.close_fd();
         }
         let _ = ours.set_read_timeout(Some(MESSAGE_TIMEOUT));
+        let _ = ahead_ours.set_read_timeout(Some(MESSAGE_TIMEOUT));
+        let gen = NEXT_GEN.fetch_add(1, Ordering::Relaxed);
         let mut conn = Conn {
             child,
-            sock: ours,
+            main: Chan {
+                sock: ours,
+                window: win,
+                gen,
+            },
             started: Instant::now(),
-            window,
+        };
+        let ahead = Chan {
+            sock: ahead_ours,
+            window: ahead_win,
+            gen,
         };
         let req = W::new(wire::OPEN)
             .u64(self.disk.size())
@@ -415,6 +457,9 @@ impl WorkerFs {
         match parsed {
             Ok(Ok(o)) => {
                 tracing::debug!(part = %self.part.name, pid = conn.child.id(), "restore worker started");
+                if matches!(o, Opened::Fs) {
+                    *lock(&self.ahead) = Some(ahead);
+                }
                 Ok((conn, o))
             }
             Ok(Err(e)) => {
@@ -491,6 +536,37 @@ impl WorkerFs {
                 Err(err)
             }
         }
+    }
+
+    /// Forward one read-ahead request on the worker's second socket; the reply's body after
+    /// its `OK` tag. `None` when there is no worker running (read-ahead starts none), the
+    /// reader failed (the walker meets that error itself), or the worker broke: then it is
+    /// ended, and the next request of the walker starts a new one.
+    fn call_ahead(&self, req: Vec<u8>) -> Option<Vec<u8>> {
+        let (gen, e) = {
+            let mut guard = lock(&self.ahead);
+            let chan = guard.as_mut()?;
+            match chan.exchange(&req, self.disk.as_ref()) {
+                Ok(mut reply) => {
+                    if reply[0] != wire::OK {
+                        return None;
+                    }
+                    reply.remove(0);
+                    return Some(reply);
+                }
+                Err(e) => {
+                    let gen = chan.gen;
+                    *guard = None;
+                    (gen, e)
+                }
+            }
+        };
+        // Not holding `ahead` here: `conn` is always locked first.
+        let mut guard = lock(&self.conn);
+        if let Some(mut c) = guard.take_if(|c| c.main.gen == gen) {
+            let _ = self.died(&mut c, "reading ahead", &e);
+        }
+        None
     }
 
     /// Decode a reply, ending the worker if it is malformed.
@@ -629,20 +705,14 @@ impl GuestFs for WorkerFs {
     }
 
     /// The listing read into the worker's caches and brought here: the walker's `readdir`
-    /// then needs no round trip.
-    /// Only when the worker is idle: the walker's own requests are not to wait behind it.
+    /// then needs no round trip. Asked on the worker's read-ahead socket, served by its second
+    /// thread: neither the walker's requests nor this one wait for the other.
     fn prefetch_dir(&self, dir: u64) -> Vec<u64> {
         if let Some(l) = self.cached_listing(dir) {
             return restore::subdirs(&l.list);
         }
-        let reply = {
-            let Ok(mut guard) = self.conn.try_lock() else {
-                return Vec::new();
-            };
-            match self.call_with(&mut guard, W::new(wire::READDIR).u64(dir).done()) {
-                Ok(r) => r,
-                Err(_) => return Vec::new(),
-            }
+        let Some(reply) = self.call_ahead(W::new(wire::READDIR).u64(dir).done()) else {
+            return Vec::new();
         };
         match self.decode_listing(&reply) {
             Ok(list) => {

@@ -16,6 +16,8 @@ use std::ptr::NonNull;
 
 /// The descriptor the window has in the worker (the socket is 3).
 pub const WINDOW_FD: i32 = 4;
+/// The descriptor of the read-ahead socket's window (that socket is 5).
+pub const AHEAD_WINDOW_FD: i32 = 6;
 
 /// Bytes of the window: one of the worker's 64 KiB chunks four times over. Pages are touched
 /// only when written, so a worker that reads little costs little (shared pages count in the
@@ -117,8 +119,8 @@ unsafe impl Send for Mapped {}
 unsafe impl Sync for Mapped {}
 
 impl Mapped {
-    /// Map fd [`WINDOW_FD`] read-only (`len` bytes) and close it.
-    pub fn map(len: usize) -> Option<Mapped> {
+    /// Map `fd` ([`WINDOW_FD`] or [`AHEAD_WINDOW_FD`]) read-only (`len` bytes) and close it.
+    pub fn map(fd: RawFd, len: usize) -> Option<Mapped> {
         // SAFETY: mapping a descriptor the daemon passed us for this; checked before use.
         unsafe {
             let p = libc::mmap(
@@ -126,10 +128,10 @@ impl Mapped {
                 len,
                 libc::PROT_READ,
                 libc::MAP_SHARED,
-                WINDOW_FD,
+                fd,
                 0,
             );
-            libc::close(WINDOW_FD);
+            libc::close(fd);
             if p == libc::MAP_FAILED {
                 return None;
             }
