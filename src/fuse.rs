@@ -17,6 +17,7 @@ use tracing::debug;
 use crate::error::Error;
 use crate::fs::{Attr, SnapFs, Whence};
 use crate::namespace::{names, Kind};
+use crate::passthrough::{Backings, Refused};
 
 /// How long the kernel may trust names and attributes. Snapshots do not change, but the
 /// lists of instances, volumes and snapshots can change behind our back.
@@ -39,19 +40,6 @@ fn ttl(parent: Option<u64>, a: &Attr) -> Duration {
     }
 }
 
-pub struct Fuse {
-    fs: SnapFs,
-    readdirplus: bool,
-}
-
-impl Fuse {
-    /// `readdirplus`: offer READDIRPLUS in its adaptive mode (the kernel asks for attributes
-    /// with the first page of a listing, and with later ones once names of it were looked up).
-    pub fn new(fs: SnapFs, readdirplus: bool) -> Self {
-        Fuse { fs, readdirplus }
-    }
-}
-
 /// Log an error at the level its kind deserves and reply with its errno.
 macro_rules! reply_err {
     ($reply:expr, $op:expr, $err:expr) => {{
@@ -63,6 +51,66 @@ macro_rules! reply_err {
         }
         $reply.error(Errno::from_i32(e.errno()))
     }};
+}
+
+pub struct Fuse {
+    fs: SnapFs,
+    readdirplus: bool,
+    /// Raw snapshot disks opened in FUSE passthrough (see [`crate::passthrough`]).
+    backings: Backings<fuser::BackingId>,
+}
+
+impl Fuse {
+    /// `readdirplus`: offer READDIRPLUS in its adaptive mode (the kernel asks for attributes
+    /// with the first page of a listing, and with later ones once names of it were looked up).
+    pub fn new(fs: SnapFs, readdirplus: bool) -> Self {
+        Fuse {
+            fs,
+            readdirplus,
+            backings: Backings::default(),
+        }
+    }
+
+    /// Reply to an open of a disk whose bytes are a host file's in passthrough, when the
+    /// connection has it; `reply` back when this open goes through the daemon.
+    fn open_passthrough(&self, ino: u64, fh: u64, reply: ReplyOpen) -> Option<ReplyOpen> {
+        if !self.backings.enabled() {
+            return Some(reply);
+        }
+        let Some((file, id)) = self.fs.passthrough_file(fh) else {
+            return Some(reply);
+        };
+        let res = self.backings.open(
+            ino,
+            fh,
+            id,
+            reply,
+            |r| r.open_backing(&file),
+            |r, b| {
+                // Before the reply: once open(2) returns, the line is in the log.
+                debug!(ino, fh, "opened in passthrough");
+                r.opened_passthrough(FileHandle(fh), FopenFlags::empty(), b)
+            },
+        );
+        match res {
+            Ok(()) => None,
+            Err((Refused::OtherFile, reply)) => {
+                let e = Error::Busy(format!(
+                    "an earlier open of this name reads another file (inode {ino}); close it first"
+                ));
+                self.fs.release(fh);
+                reply_err!(reply, "open", e);
+                None
+            }
+            Err((Refused::Kernel(e), reply)) => {
+                crate::log_limit::warn_error(
+                    "passthrough",
+                    &Error::io("FUSE passthrough refused: read through the daemon", e),
+                );
+                Some(reply)
+            }
+        }
+    }
 }
 
 /// A name from the kernel as the tree's string (bytes that are not UTF-8 are mapped
@@ -125,6 +173,13 @@ impl fuser::Filesystem for Fuse {
             .or_else(|max| config.set_max_readahead(max));
         // Direct-I/O files (generated files, RBD disks) can still be mmap'ed (kernel >= 6.6).
         let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+        // Passthrough for raw snapshot disks: the kernel reads their host file itself. Depth
+        // 1: the host files must not be on a stacked filesystem, and an overlayfs may still
+        // stack on this mount.
+        let passthrough = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok();
+        self.backings.set_enabled(passthrough);
+        debug!(passthrough, "FUSE init");
         if self.readdirplus {
             let _ = config.add_capabilities(
                 InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO,
@@ -287,6 +342,9 @@ impl fuser::Filesystem for Fuse {
             || flags.0 & (libc::O_TRUNC | libc::O_APPEND) != 0;
         match self.fs.open(ino.0, write) {
             Ok(o) => {
+                let Some(reply) = self.open_passthrough(ino.0, o.fh, reply) else {
+                    return;
+                };
                 let mut f = FopenFlags::empty();
                 if o.keep_cache {
                     f |= FopenFlags::FOPEN_KEEP_CACHE;
@@ -363,6 +421,8 @@ impl fuser::Filesystem for Fuse {
         reply: ReplyEmpty,
     ) {
         self.fs.release(fh.0);
+        // The last passthrough handle of an inode closes its backing id (dropped here).
+        drop(self.backings.release(fh.0));
         reply.ok();
     }
 

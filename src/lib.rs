@@ -13,5 +13,6 @@ pub mod log_limit;
 pub mod logfile;
 pub mod namespace;
 pub mod notify;
+pub mod passthrough;
 pub mod provider;
 pub mod restore;

@@ -1558,3 +1558,138 @@ fn revert_to_an_internal_snapshot_of_a_shut_off_instance() {
         .all(|b| *b == 0x42));
     drop(m);
 }
+
+/// Bytes of a pseudo-random generator (xorshift), so a disk's content is its own check.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Read `f` to its end with read(2) only (no fstat, no close: those could wait for a stopped
+/// daemon).
+fn read_all(f: &mut fs::File) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match f.read(&mut buf)? {
+            0 => return Ok(out),
+            n => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// FUSE passthrough (issue 15, copy-out speed): a shut-off domain (never booted: no guest
+/// lock) on a raw file; after `mkdir s1` the domain writes an overlay and s1 reads the raw
+/// file, which nothing writes any more: s1's disk is opened in passthrough, so the kernel reads
+/// the host file itself. It reads exactly the file's bytes, through two handles at once, with
+/// the daemon stopped (SIGSTOP): no read reaches it. s2's disk (the qcow2 overlay over the raw
+/// file) is never passthrough and reads the overlay's bytes (`qemu-img convert`).
+#[test]
+fn raw_snapshot_disk_reads_in_passthrough() {
+    if !testbed_ready("raw_snapshot_disk_reads_in_passthrough") {
+        return;
+    }
+    let name = format!("issue-15c-t{}-pt", std::process::id());
+    let dir = PathBuf::from(format!("/var/tmp/{name}"));
+    remove_domain(&name);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    let _gone = Gone(name.clone(), dir.clone());
+    let raw = dir.join("vda.raw");
+    // 24 MiB: 8 of data, a hole of 8, 8 of data (the hole reads as zeros either way).
+    let want = {
+        let mut v = pattern(24 << 20, 0x15c);
+        v[8 << 20..16 << 20].fill(0);
+        v
+    };
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = fs::File::create(&raw).unwrap();
+        f.write_all(&want[..8 << 20]).unwrap();
+        f.seek(SeekFrom::Start(16 << 20)).unwrap();
+        f.write_all(&want[16 << 20..]).unwrap();
+    }
+    let xml = dir.join("dom.xml");
+    fs::write(
+        &xml,
+        format!(
+            "<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os><devices><disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
+            raw.display()
+        ),
+    )
+    .unwrap();
+    let o = virsh(&["define", xml.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let m = Mount::unmounted();
+    m.mount_env(&[LIBVIRT_ARG], &[("RUST_LOG", "snapfs=debug")]);
+    let inst = instance_dir(&m, &name);
+    fs::create_dir(inst.join(".snapshots/s1")).expect("mkdir s1");
+    let overlay = vda_source(&name);
+    assert_ne!(overlay, raw, "the domain still writes the raw file");
+    qemu_io(&overlay, "write -P 0x42 0 1M");
+    fs::create_dir(inst.join(".snapshots/s2")).expect("mkdir s2");
+    let passthrough_opens = || m.log().matches("opened in passthrough").count();
+    assert!(
+        m.log().contains("FUSE init passthrough=true"),
+        "this kernel (6.18) negotiates passthrough: {}",
+        m.log()
+    );
+
+    let s1 = snap_dir(&m, &name, "s1").join("vda.raw");
+    let first = fs::File::open(&s1).unwrap();
+    let second = fs::File::open(&s1).unwrap();
+    assert_eq!(passthrough_opens(), 2, "{}", m.log());
+    let pid = m.daemon_pid().expect("daemon pid");
+    // SAFETY: plain kill(2) of the daemon this test's mount started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut first, mut second) = (first, second);
+        let got = (read_all(&mut first), read_all(&mut second));
+        // Closed by the test once the daemon runs again (close sends FLUSH to it).
+        let _ = tx.send((got, first, second));
+    });
+    // A read that reached the stopped daemon would wait for it: never for two minutes.
+    let got = rx.recv_timeout(Duration::from_secs(120));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let ((a, b), first, second) =
+        got.expect("reads waited for the stopped daemon: not passthrough");
+    drop((first, second));
+    let (a, b) = (a.expect("read s1 (1)"), b.expect("read s1 (2)"));
+    assert!(
+        a == want,
+        "s1 through passthrough differs from the raw file"
+    );
+    assert!(b == want, "s1's second handle differs from the raw file");
+    // Closed and opened again: a new backing id for the inode.
+    assert!(fs::read(&s1).unwrap() == want);
+    assert_eq!(passthrough_opens(), 3, "{}", m.log());
+
+    let s2 = snap_dir(&m, &name, "s2").join("vda.raw");
+    let conv = dir.join("s2.raw");
+    qemu_img(&[
+        "convert",
+        "-U",
+        "-O",
+        "raw",
+        overlay.to_str().unwrap(),
+        conv.to_str().unwrap(),
+    ]);
+    let s2_want = fs::read(&conv).unwrap();
+    assert!(s2_want[..1 << 20].iter().all(|b| *b == 0x42));
+    assert!(
+        fs::read(&s2).unwrap() == s2_want,
+        "s2 differs from qemu-img convert"
+    );
+    assert_eq!(passthrough_opens(), 3, "a qcow2 disk opened in passthrough");
+}

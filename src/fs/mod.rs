@@ -499,6 +499,25 @@ impl SnapFs {
         })
     }
 
+    /// For an open disk whose bytes are a host file's, offset for offset (a raw snapshot disk,
+    /// [`crate::image::BlockImage::passthrough_file`]): a new descriptor of that file and its
+    /// (device, inode), so FUSE passthrough can let the kernel read it. None for any other
+    /// content (qcow2, Parallels, RBD, `since/` disks, guest files, generated files).
+    pub fn passthrough_file(&self, fh: u64) -> Option<(std::fs::File, (u64, u64))> {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(Content::Disk(d)) = self.handle_content(fh) else {
+            return None;
+        };
+        let f = d.image.passthrough_file()?;
+        let meta = f.metadata().ok()?;
+        // The kernel reads the file to its end: only while that is the disk's end.
+        if !meta.is_file() || meta.len() != d.image.size() {
+            return None;
+        }
+        let dup = f.try_clone().ok()?;
+        Some((dup, (meta.dev(), meta.ino())))
+    }
+
     fn handle_content(&self, fh: u64) -> Result<Content> {
         match lock(&self.handles).get(&fh) {
             Some(Handle::File(c)) => Ok(c.clone()),

@@ -87,6 +87,8 @@ pub struct HostFile {
     /// Length at open; snapshots and backing files do not change under us.
     len: u64,
     generation: Generation,
+    /// A local regular file (not a block device, not a remote file).
+    regular: bool,
 }
 
 /// Which version of a file this is: its metadata changes only when the file does, so what was
@@ -115,6 +117,7 @@ impl HostFile {
                     mtime: r.mtime,
                     ctime: r.ctime,
                 },
+                regular: false,
             });
         }
         // O_NONBLOCK so a header naming a FIFO cannot hang the open; it is refused below.
@@ -154,6 +157,7 @@ impl HostFile {
             path: path.to_path_buf(),
             len,
             generation,
+            regular: ft.is_file(),
         })
     }
 
@@ -163,6 +167,11 @@ impl HostFile {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// A local regular file (not a block device, not another host's file).
+    pub fn is_regular(&self) -> bool {
+        self.regular
     }
 
     pub fn generation(&self) -> Generation {

@@ -86,6 +86,16 @@ pub trait BlockImage: Send + Sync {
         false
     }
 
+    /// The local regular file whose bytes are this disk's, offset for offset, from 0 to
+    /// [`size`](Self::size) (a raw image): FUSE passthrough may then hand its reads to the
+    /// kernel, which reads the file itself and the daemon sees none of them. `None` for
+    /// every format with metadata (qcow2, Parallels: their guest offsets are not the file's),
+    /// for remote files and block devices. Only snapshot disks are opened, and their files
+    /// are no longer written (see docs/incremental.md, "Copy-out speed").
+    fn passthrough_file(&self) -> Option<&std::fs::File> {
+        None
+    }
+
     /// A short human description, e.g. "qcow2 v3, 64 KiB clusters, backing base.qcow2".
     fn describe(&self) -> String;
 

@@ -81,6 +81,11 @@ impl BlockImage for RawImage {
         self.file.read_or_zero(buf, offset)
     }
 
+    fn passthrough_file(&self) -> Option<&std::fs::File> {
+        // A block device's reads go through the daemon: its size is not the file's length.
+        self.file.file().filter(|_| self.file.is_regular())
+    }
+
     fn map(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
         let end = offset.saturating_add(length).min(self.size());
         let mut out = Vec::new();
