@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Memory snapshot benchmark (issue 14, "Figures"). Not a test: it prints numbers.
 #
-# Usage (as root): scripts/bench-memory-snapshot.sh [--snapfs BIN] [--runs N] [NAME]
+# Usage (as root): scripts/bench-memory-snapshot.sh [--snapfs BIN] [--runs N] [--rbd] [NAME]
 #   --snapfs BIN   snapfs binary (default: target/release/snapfs, built if missing)
 #   --runs N       snapshots and reverts per method (default 3)
+#   --rbd          the guest boots from RBD (rbd-guest.sh; needs the loopback Ceph). snapfs
+#                  pauses it, has libvirt save the memory, takes the RBD snapshot, resumes it;
+#                  the peer does the same by hand: virsh suspend, virsh snapshot-create
+#                  --no-metadata (memory only, vda snapshot='no'), rbd snap create, virsh
+#                  resume; its revert: virsh destroy, rbd snap rollback, virsh restore --running
 #   NAME           throw-away guest (default issue-14m-bench); removed at the end
 # Needs the test bed (scripts/testbed/up.sh). Hold /tmp/snapfs-guest.lock while it runs.
 #
@@ -24,10 +29,12 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 TB=$REPO/scripts/testbed
 SNAPFS=$REPO/target/release/snapfs
 RUNS=3
+RBD=0
 while [[ $# -gt 0 ]]; do
     case $1 in
         --snapfs) SNAPFS=$2; shift 2 ;;
         --runs) RUNS=$2; shift 2 ;;
+        --rbd) RBD=1; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         -*) echo "unknown option $1" >&2; exit 2 ;;
         *) break ;;
@@ -53,9 +60,13 @@ remove_domain() {
     virsh -q undefine "$n" --nvram >/dev/null 2>&1 || virsh -q undefine "$n" >/dev/null 2>&1 || true
     rm -f "$BASE/images/$n".* "$BASE/run/$n.ctl" "/var/log/snapfs-testbed/$n.console.log"
 }
+export CEPH_CONF=${CEPH_CONF:-/var/lib/snapfs-ceph/ceph.conf}
 cleanup() {
     "$SNAPFS" unmount --lazy "$MNT" >/dev/null 2>&1 || true
     remove_domain "$NAME"
+    if [[ $RBD == 1 ]]; then
+        "$TB/rbd-guest.sh" --remove "$NAME" >/dev/null 2>&1 || true
+    fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -63,15 +74,48 @@ trap 'echo "bench-memory-snapshot: failed at line $LINENO: $BASH_COMMAND" >&2' E
 
 source "$REPO/scripts/bench-guest-lib.sh"
 
+CEPH_ARGS=()
+[[ $RBD == 1 ]] && CEPH_ARGS=(--ceph "$CEPH_CONF")
 mount_snapfs() {  # mount_snapfs [EXTRA ARGS]: (re)mount MNT
     "$SNAPFS" unmount "$MNT" >/dev/null 2>&1 || true
-    "$SNAPFS" mount --libvirt --state-dir "$WORK/state" --list-ttl-ms 200 "$@" "$MNT"
+    "$SNAPFS" mount --libvirt "${CEPH_ARGS[@]}" --state-dir "$WORK/state" --list-ttl-ms 200 "$@" "$MNT"
+}
+# The peer's memory snapshot vK and its revert.
+virsh_snapshot() {  # virsh_snapshot K
+    if [[ $RBD == 1 ]]; then
+        local p0; p0=$(now_ms)
+        virsh -q suspend "$NAME" >/dev/null
+        printf '%s' "<domainsnapshot><name>v$1</name><memory snapshot='external' file='$WORK/v$1.mem'/><disks><disk name='vda' snapshot='no'/></disks></domainsnapshot>" > "$WORK/v$1.xml"
+        virsh -q snapshot-create "$NAME" "$WORK/v$1.xml" --no-metadata >/dev/null
+        rbd snap create --no-progress "rbd/$NAME-vda@v$1"
+        virsh -q resume "$NAME" >/dev/null
+        echo $(( $(now_ms) - p0 )) >> "$WORK/peer-paused"
+    else
+        virsh -q snapshot-create-as "$NAME" "v$1" \
+            --memspec "file=$BASE/images/$NAME.v$1.mem,snapshot=external" \
+            --diskspec "vda,snapshot=external,file=$BASE/images/$NAME.v$1.vda.qcow2" \
+            --live --atomic >/dev/null
+    fi
+}
+virsh_mem_file() { if [[ $RBD == 1 ]]; then echo "$WORK/v$1.mem"; else echo "$BASE/images/$NAME.v$1.mem"; fi; }
+virsh_revert() {  # virsh_revert K
+    if [[ $RBD == 1 ]]; then
+        virsh -q destroy "$NAME" >/dev/null
+        rbd snap rollback --no-progress "rbd/$NAME-vda@v$1"
+        virsh -q restore "$WORK/v$1.mem" --running >/dev/null
+    else
+        virsh -q snapshot-revert "$NAME" "v$1" --running >/dev/null
+    fi
 }
 running() { [[ $(virsh -q domstate "$NAME" | head -1) == running ]]; }
 
 echo "== guest $NAME (fresh), snapfs $SNAPFS, host load $(cut -d' ' -f1-3 /proc/loadavg)"
 remove_domain "$NAME"
-"$TB/define-guest.sh" --start "$NAME" "$BASE/guest" >/dev/null
+if [[ $RBD == 1 ]]; then
+    "$TB/rbd-guest.sh" --recreate "$NAME" >/dev/null
+else
+    "$TB/define-guest.sh" --start "$NAME" "$BASE/guest" >/dev/null
+fi
 "$TB/wait-agent.sh" "$NAME" 120
 until [[ -n $(guest_ms) ]]; do sleep 0.2; done
 sleep 2
@@ -91,13 +135,10 @@ for i in $(seq 1 "$RUNS"); do
     running || { echo "guest not running after mkdir m$i" >&2; exit 1; }
     sleep 0.5
     a=$(guest_ms); t0=$(now_ms)
-    virsh -q snapshot-create-as "$NAME" "v$i" \
-        --memspec "file=$BASE/images/$NAME.v$i.mem,snapshot=external" \
-        --diskspec "vda,snapshot=external,file=$BASE/images/$NAME.v$i.vda.qcow2" \
-        --live --atomic >/dev/null
+    virsh_snapshot "$i"
     T_VIRSH+=($(( $(now_ms) - t0 )))
     sleep 0.5; WIN_VIRSH+=("$a:$(guest_ms)")
-    SZ_VIRSH+=($(stat -c %s "$BASE/images/$NAME.v$i.mem"))
+    SZ_VIRSH+=($(stat -c %s "$(virsh_mem_file "$i")"))
     sleep 0.5
 done
 "$TB/guest-cat.sh" "$NAME" /data/writer.log > "$WORK/writer.log"
@@ -110,13 +151,21 @@ idle=$(gap "$idle_a:$idle_b")
 echo
 echo "== memory snapshot of the running guest, $RUNS runs each, alternating (ms: median min max)"
 printf '  %-70s %6s %6s %6s\n' "snapfs mkdir .snapshots/mK (memory=on)" "$sm" "$smin" "$smax"
-printf '  %-70s %6s %6s %6s\n' "virsh snapshot-create-as --memspec --diskspec --live --atomic" "$vm" "$vmin" "$vmax"
+if [[ $RBD == 1 ]]; then PEER="virsh suspend; snapshot-create --no-metadata (memory); rbd snap create; resume"; else PEER="virsh snapshot-create-as --memspec --diskspec --live --atomic"; fi
+printf '  %-70s %6s %6s %6s\n' "$PEER" "$vm" "$vmin" "$vmax"
 awk -v s="$sm" -v v="$vm" 'BEGIN { printf "  ratio snapfs / virsh (medians): %.2f\n", s / v }'
 echo "  raw ms snapfs: ${T_SNAPFS[*]}; memory state bytes: ${SZ_SNAPFS[*]}"
 echo "  raw ms virsh:  ${T_VIRSH[*]}; memory state bytes: ${SZ_VIRSH[*]}"
 echo "== guest stall: longest gap between writer.log lines around a snapshot (ms)"
 printf '  %-10s median %5s  max %5s\n' snapfs "$gsm" "$gsmax" virsh "$gvm" "$gvmax"
 printf '  %-10s %5s (2 s without snapshots)\n' idle "$idle"
+if [[ $RBD == 1 ]]; then
+    # The guest's clock stands still while its vCPUs are paused, so writer.log shows no gap:
+    # the stall is the pause, as the host sees it.
+    echo "== guest stall of the RBD method: vCPUs paused (host side, ms)"
+    echo "  snapfs (paused_ms in its log): $(grep -o 'paused_ms=[0-9]*' "$WORK/state/snapfs.log" | cut -d= -f2 | tr '\n' ' ')"
+    echo "  peer (virsh suspend .. virsh resume returned): $(tr '\n' ' ' < "$WORK/peer-paused")"
+fi
 
 # Reverts of the running guest, alternating: snapfs without a before-revert snapshot (the same
 # work as virsh), then virsh.
@@ -129,7 +178,7 @@ for i in $(seq 1 "$RUNS"); do
     running || { echo "guest not running after the revert to m$i" >&2; exit 1; }
     sleep 1
     t0=$(now_ms)
-    virsh -q snapshot-revert "$NAME" "v$i" --running >/dev/null
+    virsh_revert "$i"
     R_VIRSH+=($(( $(now_ms) - t0 )))
     running || { echo "guest not running after virsh's revert to v$i" >&2; exit 1; }
     sleep 1
@@ -144,7 +193,8 @@ read -r rvm rvmin rvmax < <(printf '%s\n' "${R_VIRSH[@]}" | stats)
 echo
 echo "== revert of the running guest to a memory snapshot, $RUNS runs each (ms: median min max)"
 printf '  %-70s %6s %6s %6s\n' "snapfs ln -sfn .snapshots/mK current (--revert-keep=no)" "$rsm" "$rsmin" "$rsmax"
-printf '  %-70s %6s %6s %6s\n' "virsh snapshot-revert vK --running" "$rvm" "$rvmin" "$rvmax"
+if [[ $RBD == 1 ]]; then RPEER="virsh destroy; rbd snap rollback; virsh restore --running"; else RPEER="virsh snapshot-revert vK --running"; fi
+printf '  %-70s %6s %6s %6s\n' "$RPEER" "$rvm" "$rvmin" "$rvmax"
 awk -v s="$rsm" -v v="$rvm" 'BEGIN { printf "  ratio snapfs / virsh (medians): %.2f\n", s / v }'
 echo "  raw ms snapfs: ${R_SNAPFS[*]}"
 echo "  raw ms virsh:  ${R_VIRSH[*]}"

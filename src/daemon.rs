@@ -74,6 +74,7 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
     // Signals are taken by one thread with sigwait; block them before any thread exists.
     let sigs = signal_set();
     block_signals(&sigs);
+    fatal::report_in_log();
 
     let mountpoint = std::path::absolute(&cfg.mountpoint)
         .with_context(|| format!("mountpoint {}", cfg.mountpoint.display()))?;
@@ -409,8 +410,21 @@ fn unmount_ours(mp: &Path, dev: Option<&str>) -> anyhow::Result<()> {
 
 /// Unmount `mp`; `lazy` detaches it even when busy. If the FUSE connection survives (QEMU
 /// keeps a copy of the mount in its own mount namespace), abort it so the daemon can exit.
+///
+/// The connection is named by the mount's device minor, which the kernel hands to the next
+/// mount as soon as this one is gone: after the wait it may be another daemon's connection
+/// under the same name. So the abort file is identified by its inode (fusectl numbers every
+/// file it makes afresh), taken before the unmount, and a connection that is not the same
+/// one is never aborted.
 pub fn unmount_path(mp: &Path, lazy: bool) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
     let dev = mount_entry(mp).and_then(|(d, _)| d.split(':').nth(1).map(str::to_string));
+    // (abort file, its inode) of our connection, before anything can reuse the name.
+    let conn = dev.and_then(|dev| {
+        let abort = fusectl()?.join(dev).join("abort");
+        let ino = std::fs::metadata(&abort).ok()?.ino();
+        Some((abort, ino))
+    });
     let c = cpath(mp)?;
     // SAFETY: c is a valid NUL-terminated path.
     if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
@@ -428,18 +442,32 @@ pub fn unmount_path(mp: &Path, lazy: bool) -> anyhow::Result<()> {
                 .with_context(|| format!("detaching {}", mp.display()));
         }
     }
-    if let (Some(dev), Some(ctl)) = (dev, fusectl()) {
-        let conn = ctl.join(&dev);
+    if let Some((abort, ino)) = conn {
+        let ours = || std::fs::metadata(&abort).is_ok_and(|m| m.ino() == ino);
         let deadline = Instant::now() + Duration::from_secs(2);
-        while conn.exists() && Instant::now() < deadline {
+        while ours() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        if conn.exists() {
-            warn!(connection = %conn.display(), "FUSE connection still open after unmount (held by another mount namespace?): aborting it");
-            let _ = std::fs::write(conn.join("abort"), "1");
+        if std::fs::metadata(&abort).is_ok_and(|m| m.ino() != ino) {
+            info!(connection = %abort.display(), "our FUSE connection is gone and its name belongs to a new mount now: left alone");
         }
+        abort_if_same(&abort, ino);
     }
     Ok(())
+}
+
+/// Abort the FUSE connection whose abort file is `abort`, only if that file is still inode
+/// `ino` (checked on the opened file, so a connection made meanwhile under the same name is
+/// not the one written to).
+fn abort_if_same(abort: &Path, ino: u64) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(abort) else {
+        return;
+    };
+    if f.metadata().is_ok_and(|m| m.ino() == ino) {
+        warn!(connection = %abort.display(), "FUSE connection still open after unmount (held by another mount namespace?): aborting it");
+        let _ = f.write_all(b"1");
+    }
 }
 
 /// Where the fusectl filesystem (`/sys/fs/fuse/connections`, one directory per FUSE
@@ -609,4 +637,113 @@ pub fn spawn_daemon(args: Vec<std::ffi::OsString>, log_file: &Path) -> anyhow::R
     wait_ready(rd, log_file, || {
         let _ = child.try_wait();
     })
+}
+
+/// A line in the log when the daemon dies of a fatal signal or calls exit() from somewhere
+/// unexpected. Core dumps are off on most machines (`ulimit -c 0`), and a crash in a C library
+/// (librbd, librados, libvirt) or its abort() would otherwise leave nothing behind: stderr is
+/// the log, so the line lands there. Only SIGKILL stays silent.
+mod fatal {
+    use std::sync::OnceLock;
+
+    const SIGNALS: [(libc::c_int, &str); 5] = [
+        (libc::SIGSEGV, "SIGSEGV"),
+        (libc::SIGBUS, "SIGBUS"),
+        (libc::SIGILL, "SIGILL"),
+        (libc::SIGFPE, "SIGFPE"),
+        (libc::SIGABRT, "SIGABRT"),
+    ];
+
+    /// The handlers that were there before ours (Rust's stack-overflow report on SIGSEGV and
+    /// SIGBUS), called after our line.
+    struct Previous([libc::sigaction; SIGNALS.len()]);
+    // SAFETY: written once before any handler can run, then only read.
+    unsafe impl Sync for Previous {}
+    unsafe impl Send for Previous {}
+    static PREVIOUS: OnceLock<Previous> = OnceLock::new();
+
+    pub fn report_in_log() {
+        // SAFETY: sigaction on a zeroed struct; only reads the old actions here.
+        let previous = unsafe {
+            let mut old: [libc::sigaction; SIGNALS.len()] = std::mem::zeroed();
+            for (i, (sig, _)) in SIGNALS.iter().enumerate() {
+                libc::sigaction(*sig, std::ptr::null(), &mut old[i]);
+            }
+            Previous(old)
+        };
+        if PREVIOUS.set(previous).is_err() {
+            return;
+        }
+        // SAFETY: installs an async-signal-safe handler (write, prctl, sigaction, raise).
+        unsafe {
+            for (sig, _) in SIGNALS {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = on_fatal as *const () as usize;
+                sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+                libc::sigemptyset(&mut sa.sa_mask);
+                libc::sigaction(sig, &sa, std::ptr::null_mut());
+            }
+            libc::atexit(on_exit);
+        }
+    }
+
+    /// write(2) of `parts` to stderr, without allocating.
+    fn say(parts: &[&[u8]]) {
+        let mut buf = [0u8; 256];
+        let mut n = 0;
+        for p in parts {
+            let k = p.len().min(buf.len() - n);
+            buf[n..n + k].copy_from_slice(&p[..k]);
+            n += k;
+        }
+        // SAFETY: a valid buffer of n bytes; write is async-signal-safe.
+        unsafe { libc::write(2, buf.as_ptr().cast(), n) };
+    }
+
+    extern "C" fn on_exit() {
+        say(&[b"snapfs: the daemon process exits (exit() called)\n"]);
+    }
+
+    extern "C" fn on_fatal(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+        let at = SIGNALS.iter().position(|(s, _)| *s == sig);
+        let name = at.map_or("a fatal signal", |i| SIGNALS[i].1);
+        let mut comm = [0u8; 17];
+        // SAFETY: PR_GET_NAME writes at most 16 bytes and a NUL.
+        unsafe { libc::prctl(libc::PR_GET_NAME, comm.as_mut_ptr()) };
+        let len = comm.iter().position(|b| *b == 0).unwrap_or(16);
+        say(&[
+            b"snapfs: the daemon dies of ",
+            name.as_bytes(),
+            b" in thread ",
+            &comm[..len],
+            b"\n",
+        ]);
+        let old = at.and_then(|i| PREVIOUS.get().map(|p| p.0[i]));
+        // SAFETY: the previous handler is called as it was registered; otherwise the default
+        // action is restored and the signal raised again (it is delivered when we return).
+        unsafe {
+            if let Some(old) = old {
+                let h = old.sa_sigaction;
+                if h != libc::SIG_DFL && h != libc::SIG_IGN {
+                    if old.sa_flags & libc::SA_SIGINFO != 0 {
+                        let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                            std::mem::transmute(h);
+                        f(sig, info, ctx);
+                    } else {
+                        let f: extern "C" fn(libc::c_int) = std::mem::transmute(h);
+                        f(sig);
+                    }
+                    // Sent by kill(2), not a fault: returning would carry on; die as the
+                    // default action would.
+                    if (*info).si_code <= 0 {
+                        libc::signal(sig, libc::SIG_DFL);
+                        libc::raise(sig);
+                    }
+                    return;
+                }
+            }
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+    }
 }

@@ -1113,48 +1113,17 @@ fn instance_settings_are_extended_attributes_kept_in_the_domain() {
 
 /// The guest's tmpfs counter (`/run/counter`), written by the loop [`start_counter`] starts.
 fn guest_counter(g: &Guest) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        // The loop truncates and rewrites the file: a read can fall in between.
-        let o = script("guest-exec.sh", &[&g.name, "cat /run/counter", "20"]);
-        if let Ok(n) = String::from_utf8_lossy(&o.stdout).trim().parse() {
-            return n;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}: no counter in /run/counter: {}",
-            g.name,
-            String::from_utf8_lossy(&o.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::guest_counter(&g.name)
 }
 
-/// A shell loop in the guest counting into `/run/counter` (tmpfs: memory only), about ten
-/// a second, without forks (they are slow under TCG).
+/// A shell loop in the guest counting into `/run/counter` ([`common::start_guest_counter`]).
 fn start_counter(g: &Guest) {
-    g.exec(
-        "mkfifo /run/counter-tick; setsid sh -c 'exec 4<>/run/counter-tick; i=0; \
-         while :; do i=$((i+1)); echo $i > /run/counter; read -t 0.1 _ <&4; done' \
-         </dev/null >/dev/null 2>&1 &",
-    );
+    common::start_guest_counter(&g.name)
 }
 
 /// Wait until the guest's counter passes `n`.
 fn wait_counter_past(g: &Guest, n: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let c = guest_counter(g);
-        if c > n {
-            return c;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}: counter stuck at {c}",
-            g.name
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    common::wait_guest_counter_past(&g.name, n)
 }
 
 /// Issue 14's memory snapshots: with `user.snapfs.memory=on`, mkdir of a running instance also

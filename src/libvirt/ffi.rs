@@ -103,6 +103,7 @@ crate::dl::dl_api! {
         fn virDomainGetInfo(dom: virDomainPtr, info: *mut virDomainInfo) -> c_int = -1;
         fn virDomainGetJobInfo(dom: virDomainPtr, info: *mut virDomainJobInfo) -> c_int = -1;
         fn virDomainCreate(dom: virDomainPtr) -> c_int = -1;
+        fn virDomainRestoreFlags(conn: virConnectPtr, from: *const c_char, dxml: *const c_char, flags: c_uint) -> c_int = -1;
         fn virDomainDestroy(dom: virDomainPtr) -> c_int = -1;
         fn virDomainUndefine(dom: virDomainPtr) -> c_int = -1;
         fn virDomainSuspend(dom: virDomainPtr) -> c_int = -1;

@@ -27,6 +27,10 @@ pub mod sys {
     pub const VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC: u32 = 128;
     /// Save the memory state while the guest runs (external memory snapshots).
     pub const VIR_DOMAIN_SNAPSHOT_CREATE_LIVE: u32 = 256;
+    /// Create the snapshot's files but keep no libvirt snapshot object (metadata) of it.
+    pub const VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA: u32 = 4;
+    /// `virDomainRestoreFlags`: the restored domain runs, whatever the saved state says.
+    pub const VIR_DOMAIN_SAVE_RUNNING: u32 = 2;
     /// `virDomainRevertToSnapshot`: run the domain after the revert.
     pub const VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING: u32 = 1;
     /// `virDomainBackupBegin`: the push targets exist already (made by the caller).
@@ -347,6 +351,18 @@ impl Connect {
             ptr,
             conn: self.clone(),
         })
+    }
+
+    /// Start a domain from a save image (`virsh restore`): libvirt's external memory
+    /// snapshot files are save images too.
+    pub fn restore_flags(&self, from: &std::path::Path, flags: u32) -> Result<()> {
+        let c = cstring(
+            from.to_str()
+                .ok_or_else(|| Error::new(-1, format!("{}: not UTF-8", from.display())))?,
+        )?;
+        // SAFETY: valid connection and string; a null dxml keeps the saved definition.
+        check(unsafe { ffi::virDomainRestoreFlags(self.ptr, c.as_ptr(), std::ptr::null(), flags) })
+            .map(drop)
     }
 
     pub fn define_domain_xml(&self, xml: &str) -> Result<Domain> {

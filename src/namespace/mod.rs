@@ -1122,6 +1122,18 @@ pub(crate) fn failpoint(name: &str) {
     }
 }
 
+/// An injected failure for the tests: true when `SNAPFS_FAILPOINT` names `name`, and the
+/// caller then fails as if its backend had (logged, so a test can wait for it).
+pub(crate) fn failpoint_fails(name: &str) -> bool {
+    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let point = POINT.get_or_init(|| std::env::var("SNAPFS_FAILPOINT").ok());
+    let hit = point.as_deref() == Some(name);
+    if hit {
+        tracing::warn!(failpoint = name, "failpoint reached: failing here");
+    }
+    hit
+}
+
 /// RFC 3339 UTC with `-` for `:`, for snapshot names (`before-revert-2026-12-06T03-55-12Z`).
 fn rfc3339_name(t: SystemTime) -> String {
     crate::provider::rfc3339(t).replace(':', "-")

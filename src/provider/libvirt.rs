@@ -1142,10 +1142,12 @@ impl Provider for LibvirtProvider {
             if Domain::lookup_snapshot_by_name(&dom, name, 0).is_ok() {
                 return Err(Error::Exists(format!("snapshot {name} of {owner}")));
             }
-            if memory {
-                info!(%owner, snapshot = %name, "user.snapfs.memory=on, but RBD-backed instances get disk-only snapshots: the snapshot holds no memory state");
+            // The state file goes to this machine's store, which a remote host cannot write.
+            let memory = memory && !image::hostfile::remote_scope();
+            if !memory && active && self.memory_setting(&dom) {
+                info!(%owner, snapshot = %name, "user.snapfs.memory=on, but the domain runs on a remote host whose libvirtd cannot write this machine's store: the snapshot holds no memory state");
             }
-            return self.create_rbd_snapshot(&dom, owner, name, &rbd_disks);
+            return self.create_rbd_snapshot(&dom, owner, name, &rbd_disks, memory);
         }
         let Some((_, first)) = overlays.first() else {
             return Err(Error::NotSupported(format!(

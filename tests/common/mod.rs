@@ -493,3 +493,50 @@ pub fn fs_images_in(dir: &Path) -> PathBuf {
     }
     dir.to_path_buf()
 }
+
+/// The tmpfs counter (`/run/counter`) of guest `name`, written by the loop
+/// [`start_guest_counter`] starts.
+pub fn guest_counter(name: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // The loop truncates and rewrites the file: a read can fall in between.
+        let o = script("guest-exec.sh", &[name, "cat /run/counter", "20"]);
+        if let Ok(n) = String::from_utf8_lossy(&o.stdout).trim().parse() {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: no counter in /run/counter: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A shell loop in guest `name` counting into `/run/counter` (tmpfs: memory only), about ten
+/// a second, without forks (they are slow under TCG).
+pub fn start_guest_counter(name: &str) {
+    script_ok(
+        "guest-exec.sh",
+        &[
+            name,
+            "mkfifo /run/counter-tick; setsid sh -c 'exec 4<>/run/counter-tick; i=0; \
+             while :; do i=$((i+1)); echo $i > /run/counter; read -t 0.1 _ <&4; done' \
+             </dev/null >/dev/null 2>&1 &",
+            "20",
+        ],
+    );
+}
+
+/// Wait until the counter of guest `name` passes `n`.
+pub fn wait_guest_counter_past(name: &str, n: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let c = guest_counter(name);
+        if c > n {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "{name}: counter stuck at {c}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

@@ -9,9 +9,15 @@
 //! - reads: each disk's RBD snapshot through librbd, like `volumes/`.
 //! - rmdir: EBUSY while any disk's snapshot has clones; otherwise unprotect + remove each,
 //!   then drop the record.
+//! - memory (`user.snapfs.memory=on`, running domain): the guest is paused, its CPU and
+//!   memory state saved by libvirt into a file in snapfs's store (an external memory snapshot
+//!   without libvirt metadata: a save image), the RBD snapshots taken, the guest resumed; disks
+//!   and memory are one instant. The record names the file.
 //! - revert (`current`): shut-off domains only (`EBUSY` while it runs: RBD snapshots hold no
 //!   memory state); every disk must still be the image of the record and have no other client
-//!   (`EBUSY`); then `rbd_snap_rollback` of each disk in turn, its rate logged.
+//!   (`EBUSY`); then `rbd_snap_rollback` of each disk in turn, its rate logged. A memory
+//!   snapshot reverts a running domain too: destroyed, rolled back, restored from the state
+//!   file, running.
 //! - launch: protect each disk's snapshot, `rbd_clone3` it into the disk's pool, define and
 //!   start a domain on the clones; with `--flatten-on-launch` the clones are flattened in
 //!   the background, after which the snapshot is deletable.
@@ -25,7 +31,7 @@ use crate::libvirt::Connect;
 use crate::libvirt::Domain;
 use crate::libvirt::ErrorNumber;
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::xml::{self, RbdSnapDisk, RbdSnapRecord};
 use super::{lv_err, safe_part, LibvirtProvider};
@@ -136,6 +142,14 @@ pub(super) fn recover_paused(state_dir: &Path, conn: &Connect) -> usize {
 
 const PAUSED_DIR: &str = "paused";
 
+/// Where the memory states of RBD-backed instances live: `<store>/<uuid>/.rbd-memory/` (a dot
+/// directory: the store's listing and recovery pass it by).
+const MEMORY_DIR: &str = ".rbd-memory";
+
+/// How long a memory revert waits for the stopped QEMU's watches on the disks (a QEMU killed
+/// hard leaves them until the OSD times them out, 30 s).
+const QEMU_WATCH_WAIT: Duration = Duration::from_secs(40);
+
 impl LibvirtProvider {
     /// The Ceph connection, or the refusal that says how to get one.
     pub(super) fn rbd_access(&self, owner: &Owner) -> Result<&Arc<RbdAccess>> {
@@ -154,12 +168,20 @@ impl LibvirtProvider {
         img.stat().ok().map(|s| s.size)
     }
 
-    /// The RBD snapshot records of a domain (none when it has no metadata of ours).
+    /// The RBD snapshot records of a domain (none when it has no metadata of ours), from its
+    /// persistent definition when it has one (both are written alike, but a domain restored
+    /// from a memory state runs on the state's live definition until snapfs puts the records
+    /// back: a daemon killed in between must still find them).
     pub(super) fn rbd_records(dom: &Domain) -> Result<Vec<RbdSnapRecord>> {
+        let flags = if dom.is_persistent().unwrap_or(false) {
+            sys::VIR_DOMAIN_AFFECT_CONFIG
+        } else {
+            0
+        };
         match dom.metadata(
             sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
             Some(xml::RBD_SNAPS_NS),
-            0,
+            flags,
         ) {
             Ok(m) => xml::parse_rbd_records(&m),
             Err(e) if e.code().known() == Some(ErrorNumber::NoDomainMetadata) => Ok(Vec::new()),
@@ -271,8 +293,14 @@ impl LibvirtProvider {
                     "name": r.name,
                     "created": crate::provider::rfc3339(created),
                     "quiesced": r.quiesced,
-                    "memory": false,
-                    "state": "disk-snapshot",
+                    "memory": r.memory.is_some(),
+                    "memory_file": r.memory.as_ref().map(|f| f.display().to_string()),
+                    "memory_size": r
+                        .memory
+                        .as_ref()
+                        .and_then(|f| std::fs::metadata(f).ok())
+                        .map(|m| m.len()),
+                    "state": if r.memory.is_some() { "running" } else { "disk-snapshot" },
                     "parent": serde_json::Value::Null,
                     "description": serde_json::Value::Null,
                     "method": "rbd-snapshot",
@@ -290,6 +318,7 @@ impl LibvirtProvider {
         owner: &Owner,
         name: &str,
         disks: &[RbdDisk],
+        memory: bool,
     ) -> Result<()> {
         check_snap_name(name)?;
         let access = self.rbd_access(owner)?;
@@ -316,19 +345,38 @@ impl LibvirtProvider {
             opened.push((d, pool, img));
         }
 
-        let frozen = self.quiesce(dom, &uuid, &dom_name, owner, active)?;
+        // A memory snapshot needs no quiesce: the saved RAM holds the filesystems' state.
+        let state = if memory {
+            let dir = self.store.dir().join(&uuid).join(MEMORY_DIR);
+            std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+            Some(super::fresh_image_path(
+                &dir, &dom_name, name, "memory", "state",
+            )?)
+        } else {
+            None
+        };
+        let frozen = match &state {
+            Some(_) => None,
+            None => self.quiesce(dom, &uuid, &dom_name, owner, active)?,
+        };
         let quiesced = frozen.is_some();
         // Only a running guest is paused (and later resumed): one already paused by its
         // operator issues no I/O and stays paused.
         let running = dom
             .info()
             .is_ok_and(|i| i.state.known() == Some(crate::libvirt::DomainState::Running));
-        let paused = if !quiesced && running && opened.len() > 1 {
+        let paused = if running && (state.is_some() || (!quiesced && opened.len() > 1)) {
             Some(Paused::start(dom, &self.opts.state_dir, &uuid, &dom_name)?)
         } else {
             None
         };
         let started = Instant::now();
+        if let Some(state) = &state {
+            if let Err(e) = Self::save_memory(dom, owner, name, state) {
+                drop(paused);
+                return Err(e);
+            }
+        }
         let mut made: Vec<usize> = Vec::new();
         let mut failed = None;
         for (i, (d, _, img)) in opened.iter().enumerate() {
@@ -341,10 +389,18 @@ impl LibvirtProvider {
                 }
             }
         }
+        if failed.is_none() && crate::namespace::failpoint_fails("rbd-mkdir-after-snapshots") {
+            failed = Some(Error::Backend(format!(
+                "snapshot {name} of {owner}: failure injected after the RBD snapshots (SNAPFS_FAILPOINT)"
+            )));
+        }
         let snap_ms = started.elapsed().as_millis() as u64;
         drop(paused);
         let thawed = frozen.map(|f| f.thaw());
         let undo = |why: &str| {
+            if let Some(state) = &state {
+                Self::remove_memory_state(owner, name, Some(state));
+            }
             for &i in &made {
                 let (d, pool, img) = &opened[i];
                 // With a removal record, as every snapfs removal: a kill -9 inside it is
@@ -368,6 +424,7 @@ impl LibvirtProvider {
                 name: name.to_string(),
                 created,
                 quiesced,
+                memory: state.clone(),
                 disks: disks
                     .iter()
                     .map(|d| RbdSnapDisk {
@@ -384,7 +441,7 @@ impl LibvirtProvider {
             undo("no record");
             return Err(e);
         }
-        info!(%owner, snapshot = %name, quiesced, snap_ms, disks = disks.len(), "RBD snapshot of every disk created");
+        info!(%owner, snapshot = %name, quiesced, memory = state.is_some(), snap_ms, disks = disks.len(), "RBD snapshot of every disk created");
         if let Some(Err(e)) = thawed {
             return Err(Error::Backend(format!(
                 "snapshot {name} of {owner} was created, but thawing the guest failed (snapfs keeps retrying): {e}"
@@ -437,12 +494,15 @@ impl LibvirtProvider {
                 }
             }
         }
-        if left.is_empty() {
-            records.remove(at);
+        let memory = if left.is_empty() {
+            records.remove(at).memory
         } else {
             records[at].disks = left;
-        }
+            None
+        };
         Self::write_rbd_records(dom, &records)?;
+        // Once no record names it (a part-removed snapshot keeps its memory with its record).
+        Self::remove_memory_state(owner, name, memory.as_deref());
         result.map(|()| true)
     }
 
@@ -504,11 +564,13 @@ impl LibvirtProvider {
     /// The disks of record `rec` opened writable at their heads, each checked for a revert:
     /// the domain's disk of that target is still that RBD image (`EINVAL` if it was swapped),
     /// the image still has the snapshot, and no other client has it open (`EBUSY`).
+    /// `running`: the domain's own QEMU is one of the clients (a memory revert stops it first).
     fn rbd_revert_images(
         &self,
         dom: &Domain,
         owner: &Owner,
         rec: &RbdSnapRecord,
+        running: bool,
     ) -> Result<Vec<(RbdSnapDisk, Image)>> {
         if rec.disks.is_empty() {
             return Err(Error::Invalid(format!(
@@ -541,10 +603,22 @@ impl LibvirtProvider {
                     d.pool, d.image, d.snap, d.target, rec.name
                 )));
             }
-            refuse_if_watched(owner, &img).map_err(|e| match e {
-                Error::Busy(m) => Error::Busy(format!("disk {}: {m}", d.target)),
-                e => e,
-            })?;
+            if running {
+                // Our open and the domain's QEMU.
+                let watchers = img.watchers()?;
+                if watchers > 2 {
+                    return Err(Error::Busy(format!(
+                        "disk {} of {owner} is open by {} client(s) besides the domain (krbd, rbd-nbd, another VM): close it first",
+                        d.target,
+                        watchers - 2
+                    )));
+                }
+            } else {
+                refuse_if_watched(owner, &img).map_err(|e| match e {
+                    Error::Busy(m) => Error::Busy(format!("disk {}: {m}", d.target)),
+                    e => e,
+                })?;
+            }
             out.push((d.clone(), img));
         }
         Ok(out)
@@ -557,14 +631,28 @@ impl LibvirtProvider {
         owner: &Owner,
         rec: &RbdSnapRecord,
     ) -> Result<()> {
-        if dom.is_active().unwrap_or(true) {
-            let (state, _) = super::state_name(dom)?;
-            return Err(Error::Busy(format!(
-                "{owner} is {state} and snapshot {} (RBD snapshots of its disks) holds no memory state: shut the instance off first",
-                rec.name
-            )));
+        let active = dom.is_active().unwrap_or(true);
+        match &rec.memory {
+            // Refused before the state being discarded is kept.
+            Some(f) if std::fs::symlink_metadata(f).is_err() => {
+                warn!(%owner, snapshot = %rec.name, state = %f.display(), "revert refused: the memory state file is gone");
+                return Err(Error::Invalid(format!(
+                    "the memory state of snapshot {} of {owner} ({}) is gone: the guest cannot be resumed from it",
+                    rec.name,
+                    f.display()
+                )));
+            }
+            Some(_) => {}
+            None if active => {
+                let (state, _) = super::state_name(dom)?;
+                return Err(Error::Busy(format!(
+                    "{owner} is {state} and snapshot {} (RBD snapshots of its disks) holds no memory state: shut the instance off first",
+                    rec.name
+                )));
+            }
+            None => {}
         }
-        self.rbd_revert_images(dom, owner, rec).map(drop)
+        self.rbd_revert_images(dom, owner, rec, active).map(drop)
     }
 
     /// Revert a shut-off RBD-backed domain to record `rec`: `rbd_snap_rollback` of every disk
@@ -577,7 +665,16 @@ impl LibvirtProvider {
         rec: &RbdSnapRecord,
     ) -> Result<()> {
         self.check_rbd_revert(dom, owner, rec)?;
-        let images = self.rbd_revert_images(dom, owner, rec)?;
+        // Taken now, after `before-revert-…` was recorded: what the restore must put back.
+        let metadata = if rec.memory.is_some() {
+            our_metadata(dom, owner)
+        } else {
+            Vec::new()
+        };
+        if rec.memory.is_some() && dom.is_active().unwrap_or(false) {
+            self.stop_for_memory_revert(dom, owner, rec)?;
+        }
+        let images = self.rbd_revert_images(dom, owner, rec, false)?;
         let mut done: Vec<&str> = Vec::new();
         for (d, img) in &images {
             let size = img.stat().map_or(0, |s| s.size);
@@ -599,7 +696,78 @@ impl LibvirtProvider {
                 crate::namespace::failpoint("revert-rbd-after-a-disk");
             }
         }
+        drop(images);
+        if let Some(state) = &rec.memory {
+            let started = Instant::now();
+            self.conn()?
+                .restore_flags(state, sys::VIR_DOMAIN_SAVE_RUNNING)
+                .map_err(|e| {
+                    lv_err(
+                        format!(
+                            "reverting {owner} to snapshot {}: the disks were rolled back, but starting it from its memory state {} failed",
+                            rec.name,
+                            state.display()
+                        ),
+                        e,
+                    )
+                })?;
+            put_live_metadata(dom, owner, &metadata);
+            info!(%owner, snapshot = %rec.name, ms = started.elapsed().as_millis() as u64, "running again from the snapshot's memory state");
+        }
         Ok(())
+    }
+
+    /// The CPU and memory state of the paused `dom` saved into `state` by libvirt (an
+    /// external memory snapshot with every disk excluded and no libvirt metadata: nothing is
+    /// left on the domain, and the file is a save image `virDomainRestore` starts from).
+    fn save_memory(dom: &Domain, owner: &Owner, name: &str, state: &Path) -> Result<()> {
+        let all: Vec<String> = Self::domain_xml(dom, 0)?
+            .disks
+            .iter()
+            .map(|d| d.target.clone())
+            .collect();
+        let req = xml::snapshot_request(name, false, &[], &all, Some(state))?;
+        let started = Instant::now();
+        if let Err(e) = dom.create_snapshot_xml(&req, sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA) {
+            Self::remove_memory_state(owner, name, Some(state));
+            return Err(lv_err(
+                format!("saving the memory state of {owner} for snapshot {name}"),
+                e,
+            ));
+        }
+        let bytes = std::fs::metadata(state).map(|m| m.len()).unwrap_or(0);
+        info!(%owner, snapshot = %name, state = %state.display(), ms = started.elapsed().as_millis() as u64, memory_bytes = bytes,
+            "memory state saved while the guest is paused; no quiesce needed (the saved RAM holds the filesystems' state)");
+        crate::namespace::failpoint("rbd-memory-saved");
+        Ok(())
+    }
+
+    /// A running domain reverted to a memory snapshot is stopped first (its state is kept as
+    /// `before-revert-…`); its QEMU's watches must be gone before the rollback.
+    fn stop_for_memory_revert(
+        &self,
+        dom: &Domain,
+        owner: &Owner,
+        rec: &RbdSnapRecord,
+    ) -> Result<()> {
+        dom.destroy().map_err(|e| {
+            lv_err(
+                format!("stopping {owner} for the revert to {}", rec.name),
+                e,
+            )
+        })?;
+        info!(%owner, snapshot = %rec.name, "guest stopped for the revert to a memory snapshot");
+        let deadline = Instant::now() + QEMU_WATCH_WAIT;
+        loop {
+            match self.rbd_revert_images(dom, owner, rec, false) {
+                Ok(_) => return Ok(()),
+                Err(Error::Busy(m)) if Instant::now() < deadline => {
+                    debug!(%owner, reason = %m, "waiting for the stopped QEMU's watches to go");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The bytes of one disk of a recorded RBD snapshot (None: not such a snapshot).
@@ -708,6 +876,64 @@ impl LibvirtProvider {
             flatten_in_background(clones);
         }
         Ok(())
+    }
+}
+
+/// snapfs's own `<metadata>` elements of a domain: its RBD snapshot records, its settings, its
+/// launch record.
+const OUR_METADATA: [(&str, &str); 3] = [
+    (xml::RBD_SNAPS_NS, xml::RBD_SNAPS_KEY),
+    (super::settings::SETTINGS_NS, super::settings::SETTINGS_KEY),
+    (xml::LAUNCH_NS, xml::LAUNCH_KEY),
+];
+
+/// Our metadata elements as the domain has them now (None: absent). A domain restored from a
+/// memory state runs with the definition saved in that state, whose metadata is as old as the
+/// state (without the records of the snapshot itself and of every later one), so the restore
+/// puts these back into the live definition ([`put_live_metadata`]).
+///
+/// Read from the persistent definition when there is one: it is never restored from a state,
+/// so a revert done again after a kill -9 (the live definition then possibly already the
+/// state's) still finds today's records there.
+fn our_metadata(dom: &Domain, owner: &Owner) -> Vec<(&'static str, &'static str, Option<String>)> {
+    let flags = if dom.is_persistent().unwrap_or(false) {
+        sys::VIR_DOMAIN_AFFECT_CONFIG
+    } else {
+        0
+    };
+    OUR_METADATA
+        .iter()
+        .filter_map(
+            |&(ns, key)| match dom.metadata(sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(ns), flags) {
+                Ok(m) => Some((ns, key, Some(m))),
+                Err(e) if e.code().known() == Some(ErrorNumber::NoDomainMetadata) => {
+                    Some((ns, key, None))
+                }
+                Err(e) => {
+                    warn!(%owner, namespace = ns, error = %e.message(), "cannot read our metadata before a memory revert");
+                    None
+                }
+            },
+        )
+        .collect()
+}
+
+/// Put `kept` (from [`our_metadata`]) into the live definition of the restored domain.
+fn put_live_metadata(
+    dom: &Domain,
+    owner: &Owner,
+    kept: &[(&'static str, &'static str, Option<String>)],
+) {
+    for (ns, key, m) in kept {
+        if let Err(e) = dom.set_metadata(
+            sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+            m.as_deref(),
+            m.as_ref().map(|_| *key),
+            Some(ns),
+            sys::VIR_DOMAIN_AFFECT_LIVE,
+        ) {
+            warn!(%owner, namespace = %ns, error = %e.message(), "cannot put our metadata back into the restored domain");
+        }
     }
 }
 

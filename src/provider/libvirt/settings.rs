@@ -18,9 +18,9 @@ use crate::libvirt::{sys, Domain};
 use crate::provider::Owner;
 
 /// Namespace of our settings element in a domain's `<metadata>`.
-const SETTINGS_NS: &str = "https://snapfs.dev/xmlns/settings/1";
+pub(super) const SETTINGS_NS: &str = "https://snapfs.dev/xmlns/settings/1";
 /// Prefix (key) of that element.
-const SETTINGS_KEY: &str = "snapfsset";
+pub(super) const SETTINGS_KEY: &str = "snapfsset";
 /// Every setting, in the order they are listed.
 const NAMES: [&str; 2] = ["memory", "quiesce"];
 

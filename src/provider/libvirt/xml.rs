@@ -354,6 +354,9 @@ pub struct RbdSnapRecord {
     /// Seconds since the epoch.
     pub created: i64,
     pub quiesced: bool,
+    /// The guest's CPU and memory state of the same instant (a libvirt save image in snapfs's
+    /// store), for a memory snapshot.
+    pub memory: Option<PathBuf>,
     pub disks: Vec<RbdSnapDisk>,
 }
 
@@ -369,8 +372,18 @@ pub struct RbdSnapDisk {
 pub fn rbd_records_xml(records: &[RbdSnapRecord]) -> Result<String> {
     let mut x = String::from("<snapshots>");
     for r in records {
+        let memory = match &r.memory {
+            Some(f) => format!(
+                " memory='{}'",
+                escape(
+                    f.to_str()
+                        .ok_or_else(|| Error::Invalid(format!("{}: not UTF-8", f.display())))?
+                )?
+            ),
+            None => String::new(),
+        };
         x.push_str(&format!(
-            "<snapshot name='{}' created='{}' quiesced='{}'>",
+            "<snapshot name='{}' created='{}' quiesced='{}'{memory}>",
             escape(&r.name)?,
             r.created,
             r.quiesced
@@ -422,6 +435,7 @@ pub fn parse_rbd_records(xml: &str) -> Result<Vec<RbdSnapRecord>> {
                 .and_then(|c| c.parse().ok())
                 .unwrap_or(0),
             quiesced: s.attribute("quiesced") == Some("true"),
+            memory: s.attribute("memory").map(PathBuf::from),
             disks,
         });
     }
@@ -929,17 +943,30 @@ mod tests {
 
     #[test]
     fn rbd_records_round_trip() {
-        let r = vec![RbdSnapRecord {
-            name: "before <upgrade> & 'x'".into(),
-            created: 1_700_000_000,
-            quiesced: true,
-            disks: vec![RbdSnapDisk {
-                target: "vda".into(),
-                pool: "vms".into(),
-                image: "web_disk".into(),
-                snap: "before <upgrade> & 'x'".into(),
-            }],
-        }];
+        let disk = RbdSnapDisk {
+            target: "vda".into(),
+            pool: "vms".into(),
+            image: "web_disk".into(),
+            snap: "before <upgrade> & 'x'".into(),
+        };
+        let r = vec![
+            RbdSnapRecord {
+                name: "before <upgrade> & 'x'".into(),
+                created: 1_700_000_000,
+                quiesced: true,
+                memory: None,
+                disks: vec![disk.clone()],
+            },
+            RbdSnapRecord {
+                name: "m1".into(),
+                created: 1_700_000_001,
+                quiesced: false,
+                memory: Some(PathBuf::from(
+                    "/var/lib/snapfs/store/u/.rbd-memory/web.m1.memory.state",
+                )),
+                disks: vec![disk],
+            },
+        ];
         assert_eq!(parse_rbd_records(&rbd_records_xml(&r).unwrap()).unwrap(), r);
         assert!(parse_rbd_records("<snapshots/>").unwrap().is_empty());
         assert_eq!(
