@@ -113,10 +113,12 @@ fn a_fatal_signal_leaves_a_line_in_the_log() {
             log.contains(&format!("snapfs: the daemon dies of {name} in thread")),
             "{log}"
         );
-        assert_eq!(
-            errno(std::fs::read_dir(&m.mnt)),
-            libc::ENOTCONN,
-            "a dead daemon's mount"
+        // ECONNABORTED when a request was pending as the connection went (as in
+        // mount_images::killed_daemon_leaves_a_mount_the_next_start_clears).
+        let e = errno(std::fs::read_dir(&m.mnt));
+        assert!(
+            e == libc::ENOTCONN || e == libc::ECONNABORTED,
+            "a dead daemon's mount gave errno {e}"
         );
     }
 }
