@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::image::BlockImage;
 use crate::restore::{
-    self, DirList, FileKind, FileMap, FileStat, GuestFs, MapRun, Partition, Place, Volume,
+    self, DirList, DirPage, FileKind, FileMap, FileStat, GuestFs, MapRun, Partition, Place, Volume,
 };
 
 use wire::{R, W};
@@ -580,6 +580,26 @@ impl GuestFs for WorkerFs {
         Ok(list)
     }
 
+    /// From the listing kept here when there is one (a small directory, read ahead: its
+    /// cookies are listing positions, which the reader honours too), else from the worker.
+    fn readdir_page(&self, dir: u64, cookie: u64, budget: usize) -> Result<DirPage> {
+        if cookie == 0 || cookie & restore::INDEX_COOKIE != 0 {
+            if let Some(l) = self.cached_listing(dir) {
+                return Ok(restore::page_of_list(&l.list, cookie, budget));
+            }
+        }
+        let budget = u32::try_from(budget)
+            .unwrap_or(u32::MAX)
+            .min(wire::MAX_PAGE_BUDGET);
+        let req = W::new(wire::READDIR_PAGE)
+            .u64(dir)
+            .u64(cookie)
+            .u32(budget)
+            .done();
+        let reply = self.call(req)?;
+        self.decode_page(&reply, dir, cookie)
+    }
+
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let end = offset.saturating_add(buf.len() as u64);
         let mut pos = offset;
@@ -635,20 +655,23 @@ impl GuestFs for WorkerFs {
         if let Some(l) = self.cached_listing(dir) {
             return restore::subdirs(&l.list);
         }
+        // The first page: all of a small directory (kept), the start of a large one.
+        let req = W::new(wire::READDIR_PAGE)
+            .u64(dir)
+            .u64(0)
+            .u32(wire::AHEAD_LISTING_BYTES as u32)
+            .done();
         let reply = {
             let Ok(mut guard) = self.conn.try_lock() else {
                 return Vec::new();
             };
-            match self.call_with(&mut guard, W::new(wire::READDIR).u64(dir).done()) {
+            match self.call_with(&mut guard, req) {
                 Ok(r) => r,
                 Err(_) => return Vec::new(),
             }
         };
-        match self.decode_listing(&reply) {
-            Ok(list) => {
-                self.keep_listing(dir, &list);
-                restore::subdirs(&list)
-            }
+        match self.decode_page(&reply, dir, 0) {
+            Ok(page) => page.subdirs(),
             Err(_) => Vec::new(),
         }
     }
@@ -773,30 +796,50 @@ impl WorkerFs {
         }
     }
 
+    /// A `READDIR_PAGE` answer to a request from `cookie`: the page; the subdirectories'
+    /// listings that came with it are kept, and so is the directory's own listing when the
+    /// page holds all of it in listing positions (a small directory's first page).
+    fn decode_page(&self, reply: &[u8], dir: u64, cookie: u64) -> Result<DirPage> {
+        let (page, ahead) = self.decode(reply, |r| {
+            let page = read_page(r, reply.len(), cookie)?;
+            let ahead = read_ahead(r, reply.len(), |d| {
+                page.entries
+                    .iter()
+                    .any(|e| e.1 == d && e.2 == FileKind::Dir)
+            })?;
+            Ok((page, ahead))
+        })?;
+        for (d, l) in ahead {
+            self.keep_listing(d, &l);
+        }
+        let whole = cookie == 0
+            && page.end
+            && page
+                .entries
+                .iter()
+                .enumerate()
+                .all(|(i, e)| e.3 == restore::INDEX_COOKIE | (i as u64 + 1));
+        if whole {
+            let list: DirList = Arc::new(
+                page.entries
+                    .iter()
+                    .map(|(n, ino, k, _)| (n.clone(), *ino, *k))
+                    .collect(),
+            );
+            self.keep_listing(dir, &list);
+        }
+        Ok(page)
+    }
+
     /// A `READDIR` answer: the listing; the subdirectories' listings that came with it are
     /// kept (only for directories it lists as subdirectories).
     fn decode_listing(&self, reply: &[u8]) -> Result<DirList> {
         let (list, ahead) = self.decode(reply, |r| {
             let list = read_listing(r, reply.len())?;
-            let m = r.u32()? as usize;
-            if m > wire::AHEAD_LISTINGS {
-                return Err(Error::Backend(
-                    "restore worker: too many listings ahead".into(),
-                ));
-            }
-            let mut ahead = Vec::with_capacity(m);
-            for _ in 0..m {
-                let dir = r.u64()?;
-                if !list
-                    .iter()
+            let ahead = read_ahead(r, reply.len(), |dir| {
+                list.iter()
                     .any(|(_, ino, k)| *ino == dir && *k == FileKind::Dir)
-                {
-                    return Err(Error::Backend(
-                        "restore worker: listing ahead of a directory not listed".into(),
-                    ));
-                }
-                ahead.push((dir, read_listing(r, reply.len())?));
-            }
+            })?;
             Ok((list, ahead))
         })?;
         for (dir, l) in ahead {
@@ -940,6 +983,57 @@ fn decode_map_body(r: &mut R, pos: u64, vol: u64) -> Result<Mapped> {
         start: pos,
         map: FileMap { size, runs },
     })
+}
+
+/// The listings ahead after a `READDIR` or `READDIR_PAGE` answer, each of a directory
+/// `listed` says the answer lists as a subdirectory.
+fn read_ahead(
+    r: &mut R,
+    frame: usize,
+    listed: impl Fn(u64) -> bool,
+) -> Result<Vec<(u64, DirList)>> {
+    let m = r.u32()? as usize;
+    if m > wire::AHEAD_LISTINGS {
+        return Err(Error::Backend(
+            "restore worker: too many listings ahead".into(),
+        ));
+    }
+    let mut ahead = Vec::with_capacity(m);
+    for _ in 0..m {
+        let dir = r.u64()?;
+        if !listed(dir) {
+            return Err(Error::Backend(
+                "restore worker: listing ahead of a directory not listed".into(),
+            ));
+        }
+        ahead.push((dir, read_listing(r, frame)?));
+    }
+    Ok(ahead)
+}
+
+/// A `READDIR_PAGE` answer's page (after the OK tag); the listings ahead follow it.
+fn read_page(r: &mut R, frame: usize, cookie: u64) -> Result<DirPage> {
+    let end = r.u8()? != 0;
+    let n = r.u32()? as usize;
+    // Each entry takes at least 21 bytes of the frame: no allocation the worker chose.
+    let mut entries = Vec::with_capacity(n.min(frame / 21));
+    for _ in 0..n {
+        let name = r.bytes()?.to_vec();
+        let ino = r.u64()?;
+        let kind = r.kind()?;
+        let next = r.u64()?;
+        // A cookie that goes nowhere would make the kernel list the same names forever.
+        if next == cookie || next >= (1 << 63) - 2 {
+            return Err(Error::Backend("restore worker: bad listing cookie".into()));
+        }
+        entries.push((name, ino, kind, next));
+    }
+    if !end && entries.is_empty() {
+        return Err(Error::Backend(
+            "restore worker: empty listing page before its end".into(),
+        ));
+    }
+    Ok(DirPage { entries, end })
 }
 
 /// One listing: count, then (name, inode, kind) each; `frame` bounds the allocation.
