@@ -28,6 +28,8 @@ const PAGED_DIR_BYTES: u64 = 64 << 10;
 /// A paged directory's cookie: logical block << this | byte offset in the block (blocks are
 /// at most 64 KiB, and an offset may be the block's size: the next block).
 const COOKIE_SHIFT: u32 = 17;
+/// How many blocks of a paged directory's map are looked up at once.
+const PAGE_WINDOW_BLOCKS: u64 = 16;
 /// Largest xattr value or symlink we read.
 const MAX_VALUE: u64 = 64 << 10;
 /// Metadata blocks are read in aligned chunks of this size and this many chunks are kept
@@ -1121,33 +1123,40 @@ impl Ext4Fs {
             fill.page.end = true;
             return Ok(fill.page);
         }
-        for r in self.runs(inode, lblk, nblocks - lblk)? {
-            if r.physical == 0 || r.uninit {
-                continue;
-            }
-            for k in 0..r.len {
-                let l = r.logical + k;
-                if l < lblk {
+        // The block map a window at a time: a page needs a block or two, not the map of the
+        // rest of a directory of thousands of extents.
+        let mut at = lblk;
+        while at < nblocks {
+            let to = nblocks.min(at + PAGE_WINDOW_BLOCKS);
+            for r in self.runs(inode, at, to - at)? {
+                if r.physical == 0 || r.uninit {
                     continue;
                 }
-                let from = if l == lblk { skip as usize } else { 0 };
-                let b = self.block(r.physical + k)?;
-                let mut full = false;
-                self.visit_dirents_at(dir, &b, false, &mut |name, ino, ftype, end| {
-                    if end <= from {
-                        return Ok(true);
+                for k in 0..r.len {
+                    let l = r.logical + k;
+                    if l < at || l >= to {
+                        continue;
                     }
-                    let kind = match kind_from_dirent(ftype) {
-                        Some(k) => k,
-                        None => self.inode(ino)?.kind().unwrap_or(FileKind::File),
-                    };
-                    full = !fill.push(name, ino, kind, (l << COOKIE_SHIFT) | end as u64);
-                    Ok(!full)
-                })?;
-                if full {
-                    return Ok(fill.page);
+                    let from = if l == lblk { skip as usize } else { 0 };
+                    let b = self.block(r.physical + k)?;
+                    let mut full = false;
+                    self.visit_dirents_at(dir, &b, false, &mut |name, ino, ftype, end| {
+                        if end <= from {
+                            return Ok(true);
+                        }
+                        let kind = match kind_from_dirent(ftype) {
+                            Some(k) => k,
+                            None => self.inode(ino)?.kind().unwrap_or(FileKind::File),
+                        };
+                        full = !fill.push(name, ino, kind, (l << COOKIE_SHIFT) | end as u64);
+                        Ok(!full)
+                    })?;
+                    if full {
+                        return Ok(fill.page);
+                    }
                 }
             }
+            at = to;
         }
         fill.page.end = true;
         Ok(fill.page)
