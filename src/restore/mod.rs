@@ -667,6 +667,45 @@ mod tests {
     }
 
     #[test]
+    fn pages_of_a_listing_resume_from_their_cookies() {
+        let names: Vec<(Vec<u8>, u64, FileKind)> = (0..1000u64)
+            .map(|i| {
+                (
+                    format!("name-{i}").repeat(1 + i as usize % 5).into_bytes(),
+                    i,
+                    FileKind::File,
+                )
+            })
+            .collect();
+        for budget in [0, 1, 100, 4096, 1 << 20] {
+            let mut cookie = 0;
+            let mut got = Vec::new();
+            loop {
+                let p = page_of_list(&names, cookie, budget);
+                assert!(
+                    !p.entries.is_empty() || p.end,
+                    "an empty page only at the end"
+                );
+                let used: usize = p.entries.iter().map(|e| dirent_cost(e.0.len())).sum();
+                assert!(
+                    p.entries.len() == 1 || used <= budget.max(1),
+                    "budget {budget}"
+                );
+                got.extend(p.entries.iter().map(|e| e.1));
+                if p.end {
+                    break;
+                }
+                cookie = p.entries.last().map(|e| e.3).unwrap_or(cookie);
+                assert_ne!(cookie & INDEX_COOKIE, 0);
+            }
+            assert_eq!(got, (0..1000).collect::<Vec<_>>(), "budget {budget}");
+        }
+        // A cookie past the end, or forged: an end, never a panic.
+        assert!(page_of_list(&names, INDEX_COOKIE | 5000, 4096).end);
+        assert!(page_of_list(&names, u64::MAX, 4096).entries.is_empty());
+    }
+
+    #[test]
     fn dir_cache_is_bounded_by_count_and_by_entries() {
         let mut c = DirCache::default();
         for ino in 0..(DIR_CACHE as u64 + 10) {

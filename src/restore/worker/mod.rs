@@ -1069,6 +1069,34 @@ mod tests {
         decode_map(&mut R::new(b), pos, vol)
     }
 
+    /// A READDIR_PAGE answer's page as a worker would send it (after the OK tag).
+    fn page_reply(end: bool, entries: &[(&str, u64)]) -> Vec<u8> {
+        let mut w = W::new(wire::OK).u8(u8::from(end)).u32(entries.len() as u32);
+        for &(n, next) in entries {
+            w = wire::write_kind(w.bytes(n.as_bytes()).u64(7), FileKind::File).u64(next);
+        }
+        w.done()[5..].to_vec()
+    }
+
+    #[test]
+    fn a_page_whose_cookies_go_nowhere_is_refused() {
+        let b = page_reply(false, &[("a", 10), ("b", 20)]);
+        let p = read_page(&mut R::new(&b), b.len(), 0).unwrap();
+        assert_eq!((p.entries.len(), p.end, p.entries[1].3), (2, false, 20));
+        // The cookie asked for again: the kernel would list the same names forever.
+        let b = page_reply(false, &[("a", 10)]);
+        assert!(read_page(&mut R::new(&b), b.len(), 10).is_err());
+        // An empty page before the end, a cookie the READDIR offset cannot carry.
+        let b = page_reply(false, &[]);
+        assert!(read_page(&mut R::new(&b), b.len(), 0).is_err());
+        let b = page_reply(true, &[("a", u64::MAX)]);
+        assert!(read_page(&mut R::new(&b), b.len(), 0).is_err());
+        // A count the frame cannot hold.
+        let mut b = page_reply(true, &[]);
+        b[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(read_page(&mut R::new(&b), b.len(), 0).is_err());
+    }
+
     #[test]
     fn a_sound_map_is_kept() {
         let b = reply(
