@@ -27,8 +27,10 @@ const MAX_EXTENTS: u64 = 1 << 22;
 const MAX_BTREE_LEVELS: u16 = 9;
 const MAX_DIR_BYTES: u64 = 256 << 20;
 /// Directories larger than this are listed by pages of their data blocks, smaller ones whole
-/// (cached with the reader's listings, which the directory read-ahead fills).
-const PAGED_DIR_BYTES: u64 = 64 << 10;
+/// (cached with the reader's listings, which the directory read-ahead fills, and on the
+/// worker's daemon side up to 16,384 entries, whose lookups are then read ahead in batches:
+/// `du` and `find` look names up in listing order).
+const PAGED_DIR_BYTES: u64 = 1 << 20;
 const MAX_VALUE: u64 = 64 << 10;
 /// Directory data lives below this byte offset of a directory; leaf/free indexes above it.
 const DIR_LEAF_OFFSET: u64 = 32 << 30;

@@ -23,8 +23,10 @@ const MAX_EXTENT_DEPTH: u16 = 5;
 /// Largest directory we read (bytes): bounds memory on a corrupt size.
 const MAX_DIR_BYTES: u64 = 256 << 20;
 /// Directories larger than this are listed by pages of their blocks, smaller ones whole
-/// (cached with the reader's listings, which the directory read-ahead fills).
-const PAGED_DIR_BYTES: u64 = 64 << 10;
+/// (cached with the reader's listings, which the directory read-ahead fills, and on the
+/// worker's daemon side up to 16,384 entries, whose lookups are then read ahead in batches:
+/// `du` and `find` look names up in listing order).
+const PAGED_DIR_BYTES: u64 = 1 << 20;
 /// A paged directory's cookie: logical block << this | byte offset in the block (blocks are
 /// at most 64 KiB, and an offset may be the block's size: the next block).
 const COOKIE_SHIFT: u32 = 17;

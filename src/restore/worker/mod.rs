@@ -275,6 +275,9 @@ struct Listing {
 /// The largest listing kept (a bigger directory is asked for each time, and its lookups go
 /// one by one: its index would cost more than it saves).
 const LISTING_MAX: usize = 16 << 10;
+/// What a directory's first `READDIR_PAGE` asks for: all of a small directory (whose listing
+/// is then kept, [`LISTING_MAX`] entries at most), the start of a large one.
+const FIRST_PAGE_BUDGET: usize = 2 << 20;
 /// How much of a file one `MAP` request asks about.
 const MAP_WINDOW: u64 = 256 << 20;
 
@@ -588,16 +591,38 @@ impl GuestFs for WorkerFs {
                 return Ok(restore::page_of_list(&l.list, cookie, budget));
             }
         }
-        let budget = u32::try_from(budget)
+        // A first page asks for enough to hold a small directory whole (then kept here).
+        let ask = if cookie == 0 {
+            budget.max(FIRST_PAGE_BUDGET)
+        } else {
+            budget
+        };
+        let ask = u32::try_from(ask)
             .unwrap_or(u32::MAX)
             .min(wire::MAX_PAGE_BUDGET);
         let req = W::new(wire::READDIR_PAGE)
             .u64(dir)
             .u64(cookie)
-            .u32(budget)
+            .u32(ask)
             .done();
         let reply = self.call(req)?;
-        self.decode_page(&reply, dir, cookie)
+        let mut page = self.decode_page(&reply, dir, cookie)?;
+        // What the caller asked for: past its budget, the page goes on from there.
+        let mut used = 0;
+        let keep = page
+            .entries
+            .iter()
+            .enumerate()
+            .take_while(|(i, e)| {
+                used += restore::dirent_cost(e.0.len());
+                *i == 0 || used <= budget
+            })
+            .count();
+        if keep < page.entries.len() {
+            page.entries.truncate(keep);
+            page.end = false;
+        }
+        Ok(page)
     }
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
@@ -659,7 +684,7 @@ impl GuestFs for WorkerFs {
         let req = W::new(wire::READDIR_PAGE)
             .u64(dir)
             .u64(0)
-            .u32(wire::AHEAD_LISTING_BYTES as u32)
+            .u32(FIRST_PAGE_BUDGET as u32)
             .done();
         let reply = {
             let Ok(mut guard) = self.conn.try_lock() else {

@@ -33,7 +33,7 @@ pub const LOOKUPS: u8 = 12;
 /// subdirectories).
 pub const READDIR_PAGE: u8 = 13;
 /// Most bytes of FUSE entries one `READDIR_PAGE` asks for.
-pub const MAX_PAGE_BUDGET: u32 = 1 << 20;
+pub const MAX_PAGE_BUDGET: u32 = 4 << 20;
 /// Most names one `LOOKUPS` carries.
 pub const MAX_LOOKUPS: usize = 64;
 /// A `LOOKUPS` answer carries a file's extended attributes when they take at most this many
