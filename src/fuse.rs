@@ -450,8 +450,14 @@ impl fuser::Filesystem for Fuse {
             Ok(e) => e,
             Err(e) => return reply_err!(reply, "readdir", e),
         };
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        for (next, e) in dir.from(start) {
+        let page = match self
+            .fs
+            .dir_page(&dir, offset, crate::restore::READDIR_BUDGET)
+        {
+            Ok(p) => p,
+            Err(e) => return reply_err!(reply, "readdir", e),
+        };
+        for (next, e) in page {
             if reply.add(INodeNo(e.ino), next, file_type(e.kind), name_os(&e.name)) {
                 break;
             }
@@ -471,8 +477,13 @@ impl fuser::Filesystem for Fuse {
             Ok(e) => e,
             Err(e) => return reply_err!(reply, "readdirplus", e),
         };
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        for (next, e) in dir.from(start) {
+        // An entry with attributes takes about four times the bytes of a bare one.
+        let budget = crate::restore::READDIR_BUDGET / 4;
+        let page = match self.fs.dir_page(&dir, offset, budget) {
+            Ok(p) => p,
+            Err(e) => return reply_err!(reply, "readdirplus", e),
+        };
+        for (next, e) in page {
             let dot = e.name == "." || e.name == "..";
             let (attr, ttl) = match self.fs.listed_attr(&dir, &e) {
                 Ok(a) => (a, ttl(Some(ino.0), &a)),

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::error::{Error, Result};
 use crate::image::ExtentKind;
-use crate::namespace::files::{GuestListing, GuestRef};
+use crate::namespace::files::GuestRef;
 use crate::namespace::registry::lock;
 use crate::namespace::{Content, Kind, Namespace, Node, Stat, SETTING_PREFIX};
 use inode::{InodeTable, Name, Path, ROOT};
@@ -50,8 +50,10 @@ pub enum Whence {
     Hole,
 }
 
-/// An open directory: its entries as listed at opendir (a stable view for the handle's
-/// life), and for readdirplus the children's attributes, read once on first use.
+/// An open directory. Ours: its entries as listed at opendir (a stable view for the
+/// handle's life), and for readdirplus the children's attributes, read once on first use.
+/// A guest directory's handle holds nothing of its listing: each READDIR asks the reader
+/// for a page from the offset it is given (see [`SnapFs::dir_page`]).
 pub struct DirListing {
     ino: u64,
     body: Listed,
@@ -61,56 +63,35 @@ pub struct DirListing {
 enum Listed {
     /// A directory of snapfs's own tree: its entries, `.` and `..` first.
     Entries { path: Path, entries: Vec<DirEntry> },
-    /// A guest directory: the reader's listing itself (shared with its cache, not copied),
-    /// after `.` and `..`.
-    Guest {
-        at: GuestRef,
-        parent: u64,
-        list: GuestListing,
-    },
+    /// A guest directory, listed by pages after `.` and `..`.
+    Guest { at: GuestRef, parent: u64 },
 }
+
+/// READDIR offsets of a guest directory: 1 after `.`, 2 after `..`, then the reader's cookie
+/// after an entry plus this (cookies are below 2^63 - 2).
+const GUEST_COOKIE_BASE: u64 = 2;
 
 impl DirListing {
-    /// The entries from position `start` on, each with the position after it (the offset
-    /// READDIR gets back to go on: positions never change while the handle is open).
-    pub fn from(&self, start: usize) -> impl Iterator<Item = (u64, DirEntry)> + '_ {
-        let end = match &self.body {
-            Listed::Entries { entries, .. } => entries.len(),
-            Listed::Guest { list, .. } => list.len() + 2,
+    /// Our own entries from position `start` on, each with the position after it (the
+    /// offset READDIR gets back to go on: positions never change while the handle is open).
+    fn from(&self, start: usize) -> impl Iterator<Item = (u64, DirEntry)> + '_ {
+        let entries: &[DirEntry] = match &self.body {
+            Listed::Entries { entries, .. } => entries,
+            Listed::Guest { .. } => &[],
         };
-        (start..end).filter_map(move |i| self.entry(i).map(|e| (i as u64 + 1, e)))
-    }
-
-    fn entry(&self, i: usize) -> Option<DirEntry> {
-        let dot = |ino, name: &str| DirEntry {
-            ino,
-            name: name.into(),
-            kind: Kind::Dir,
-            at: None,
-        };
-        match &self.body {
-            Listed::Entries { entries, .. } => entries.get(i).cloned(),
-            Listed::Guest { parent, list, .. } => match i {
-                0 => Some(dot(self.ino, ".")),
-                1 => Some(dot(*parent, "..")),
-                _ => {
-                    let (name, kind, at) = list.entry(i - 2)??;
-                    Some(DirEntry {
-                        // A guest inode whose number does not fit a node id shows a number
-                        // no node has; a lookup of the name gives it one.
-                        ino: at.id().unwrap_or(UNNUMBERED),
-                        name,
-                        kind,
-                        at: Some(at),
-                    })
-                }
-            },
-        }
+        entries
+            .iter()
+            .enumerate()
+            .skip(start)
+            .map(|(i, e)| (i as u64 + 1, e.clone()))
     }
 }
 
-/// See [`DirListing::entry`].
+/// The `ino` a listing shows for a guest inode whose number does not fit a node id.
 const UNNUMBERED: u64 = u64::MAX;
+/// Most pages of hidden names (names no file name can carry) one READDIR passes over: past
+/// that many in a row the listing ends there (an empty answer is the end for the kernel).
+const MAX_HIDDEN_PAGES: usize = 1024;
 
 /// What a node id stands for: a path of the tree, or a guest inode (no path kept).
 enum At {
@@ -375,9 +356,13 @@ impl SnapFs {
         })
     }
 
-    /// A guest directory: the reader's listing, kept by the handle as the reader has it.
+    /// A guest directory: nothing of its listing is read here (READDIR reads it by pages).
     fn opendir_guest(&self, ino: u64, g: GuestRef) -> Result<Opened> {
-        let list = self.ns.guest_list(g)?;
+        // The directory is still there (its snapshot too): opendir fails as before.
+        let st = self.ns.guest_stat(g)?;
+        if st.kind != Kind::Dir {
+            return Err(Error::NotDir(format!("guest inode {}", g.ino)));
+        }
         // `..`: the directory it was looked up in (almost always just now), else the guest's
         // own `..`, else itself (a filesystem's root).
         let remembered = lock(&self.parents).get(&ino).copied();
@@ -390,11 +375,7 @@ impl SnapFs {
         };
         let fh = self.new_handle(Handle::Dir(Arc::new(DirListing {
             ino,
-            body: Listed::Guest {
-                at: g,
-                parent,
-                list,
-            },
+            body: Listed::Guest { at: g, parent },
             stats: OnceLock::new(),
         })));
         Ok(Opened {
@@ -404,12 +385,74 @@ impl SnapFs {
         })
     }
 
-    /// The listing made at opendir.
+    /// The open directory of handle `fh`.
     pub fn readdir(&self, fh: u64) -> Result<Arc<DirListing>> {
         match lock(&self.handles).get(&fh) {
             Some(Handle::Dir(e)) => Ok(e.clone()),
             _ => Err(Error::Invalid(format!("bad directory handle {fh}"))),
         }
+    }
+
+    /// The entries of `dir` from READDIR offset `offset` on, each with the offset after it,
+    /// about `budget` bytes of FUSE entries ([`restore::dirent_cost`]; the caller sends what
+    /// fits and is asked again from there). Empty at the end. Our own directories: positions
+    /// in the listing made at opendir; guest ones: reader cookies, asked for page by page.
+    pub fn dir_page(
+        &self,
+        dir: &DirListing,
+        offset: u64,
+        budget: usize,
+    ) -> Result<Vec<(u64, DirEntry)>> {
+        let (at, parent) = match &dir.body {
+            Listed::Entries { .. } => {
+                let start = usize::try_from(offset).unwrap_or(usize::MAX);
+                let mut used = 0;
+                return Ok(dir
+                    .from(start)
+                    .take_while(|(_, e)| {
+                        used += crate::restore::dirent_cost(e.name.len());
+                        used <= budget.max(crate::restore::READDIR_BUDGET)
+                    })
+                    .collect());
+            }
+            Listed::Guest { at, parent } => (*at, *parent),
+        };
+        let dot = |ino, name: &str| DirEntry {
+            ino,
+            name: name.into(),
+            kind: Kind::Dir,
+            at: None,
+        };
+        let mut out = Vec::new();
+        if offset == 0 {
+            out.push((1, dot(dir.ino, ".")));
+        }
+        if offset <= 1 {
+            out.push((GUEST_COOKIE_BASE, dot(parent, "..")));
+        }
+        let mut cookie = offset.saturating_sub(GUEST_COOKIE_BASE);
+        // Pages whose names are all hidden are passed over (an empty answer ends the listing).
+        for _ in 0..MAX_HIDDEN_PAGES {
+            let page = self.ns.guest_page(at, cookie, budget)?;
+            for (next, name, kind, g) in page.entries {
+                out.push((
+                    next.saturating_add(GUEST_COOKIE_BASE),
+                    DirEntry {
+                        // A guest inode whose number does not fit a node id shows a number
+                        // no node has; a lookup of the name gives it one.
+                        ino: g.id().unwrap_or(UNNUMBERED),
+                        name,
+                        kind,
+                        at: Some(g),
+                    },
+                ));
+            }
+            if !out.is_empty() || page.end || page.after == cookie {
+                break;
+            }
+            cookie = page.after;
+        }
+        Ok(out)
     }
 
     /// The attributes of entry `e` of `dir`, for readdirplus: every entry but `.` and `..`
@@ -420,12 +463,17 @@ impl SnapFs {
         if e.name == "." || e.name == ".." {
             return self.getattr(e.ino);
         }
+        if let (Listed::Guest { .. }, Some(g)) = (&dir.body, e.at) {
+            // One entry at a time: nothing kept per name of a guest directory.
+            let stat = self.ns.guest_listed_stat(g)?;
+            return Ok(self.attr(self.enter_listed(dir, e), stat));
+        }
         let stats = dir.stats.get_or_init(|| match &dir.body {
             Listed::Entries { path, .. } => match Self::node(path) {
                 Ok(n) => self.ns.child_stats(&n),
                 Err(_) => HashMap::new(),
             },
-            Listed::Guest { at, .. } => self.ns.guest_child_stats(*at),
+            Listed::Guest { .. } => HashMap::new(),
         });
         match stats.get(&e.ino) {
             Some(stat) => Ok(self.attr(self.enter_listed(dir, e), *stat)),

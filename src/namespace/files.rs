@@ -565,38 +565,14 @@ impl Namespace {
     }
 }
 
-/// A guest directory's listing as the reader keeps it (shared, not copied), for a listing by
-/// node id: names are turned into the tree's strings as they are sent.
-#[derive(Clone)]
-pub struct GuestListing {
-    pub list: restore::DirList,
-    pub vol: u16,
-}
-
-impl GuestListing {
-    /// Entry `i` of the listing as (name, kind, where it is); `None` past the end, `Some(None)`
-    /// for a name no file name can carry (not shown).
-    pub fn entry(&self, i: usize) -> Option<Option<(String, Kind, GuestRef)>> {
-        let (name, ino, kind) = self.list.get(i)?;
-        Some(guest_name(name).map(|n| {
-            (
-                n,
-                *kind,
-                GuestRef {
-                    vol: self.vol,
-                    ino: *ino,
-                },
-            )
-        }))
-    }
-
-    pub fn len(&self) -> usize {
-        self.list.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.list.is_empty()
-    }
+/// One page of a guest directory's listing by node id ([`Namespace::guest_page`]): each
+/// shown entry as (cookie after it, name as the tree shows it, kind, where it is).
+pub struct GuestPage {
+    pub entries: Vec<(u64, String, Kind, GuestRef)>,
+    /// No entries after these.
+    pub end: bool,
+    /// The cookie after the reader's last entry of the page (shown or not).
+    pub after: u64,
 }
 
 /// Guest nodes by number: each call needs only the volume's snapshot check and the reader
@@ -651,21 +627,31 @@ impl Namespace {
         ))
     }
 
-    /// The listing of guest directory `g` (the reader's own, shared).
-    pub fn guest_list(&self, g: GuestRef) -> Result<GuestListing> {
+    /// The entries of guest directory `g` from reader cookie `cookie` on, about `budget`
+    /// bytes of them ([`restore::GuestFs::readdir_page`]); names no file name can carry are
+    /// left out (their cookies are passed over). The subdirectories met are read ahead.
+    pub fn guest_page(&self, g: GuestRef, cookie: u64, budget: usize) -> Result<GuestPage> {
         let fs = self.guest_fs(g)?;
-        let list = fs.readdir(g.ino)?;
-        self.prefetch.dirs(&fs, &restore::subdirs(&list));
-        Ok(GuestListing { list, vol: g.vol })
+        let page = fs.readdir_page(g.ino, cookie, budget)?;
+        self.prefetch.dirs(&fs, &page.subdirs());
+        let after = page.entries.last().map_or(cookie, |e| e.3);
+        let entries = page
+            .entries
+            .into_iter()
+            .filter_map(|(name, ino, kind, next)| {
+                guest_name(&name).map(|n| (next, n, kind, GuestRef { vol: g.vol, ino }))
+            })
+            .collect();
+        Ok(GuestPage {
+            entries,
+            end: page.end,
+            after,
+        })
     }
 
-    /// The attributes of every child of guest directory `g` by node id (see
-    /// [`Namespace::child_stats`]); empty on failure.
-    pub fn guest_child_stats(&self, g: GuestRef) -> HashMap<u64, Stat> {
-        let Ok(fs) = self.guest_fs(g) else {
-            return HashMap::new();
-        };
-        child_stats(fs.as_ref(), g.ino, g.vol).unwrap_or_default()
+    /// The attributes of guest inode `g` listed in a directory (for READDIRPLUS).
+    pub fn guest_listed_stat(&self, g: GuestRef) -> Result<Stat> {
+        self.guest_stat(g)
     }
 
     pub fn guest_open(&self, g: GuestRef) -> Result<super::Content> {

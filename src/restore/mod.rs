@@ -65,6 +65,16 @@ pub trait GuestFs: Send + Sync {
     fn lookup(&self, dir: u64, name: &[u8]) -> Result<FileStat>;
     /// Entries without `.` and `..` (shared with the reader's listing cache).
     fn readdir(&self, dir: u64) -> Result<DirList>;
+    /// The entries of `dir` from `cookie` on (0: the first), as many as fill `budget` bytes
+    /// of FUSE directory entries ([`dirent_cost`]; at least one), each with the cookie that
+    /// goes on after it. Cookies stay valid for the reader's life (a snapshot does not
+    /// change), so a listing needs no state between pages. Every reader honours
+    /// [`INDEX_COOKIE`] cookies (positions in [`GuestFs::readdir`]'s listing); ext4 and XFS
+    /// page their large directories by on-disk offsets instead, so that no whole listing of
+    /// a huge directory is built.
+    fn readdir_page(&self, dir: u64, cookie: u64, budget: usize) -> Result<DirPage> {
+        Ok(page_of_list(&self.readdir(dir)?, cookie, budget))
+    }
     /// Short only at end of file.
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize>;
     /// Whether regular file `ino` may be opened for reading: an error here is what `open`
@@ -80,7 +90,10 @@ pub trait GuestFs: Send + Sync {
     /// for [`prefetch::Prefetcher`]; returns its subdirectories. Errors are left for the real
     /// request to meet.
     fn prefetch_dir(&self, dir: u64) -> Vec<u64> {
-        subdirs(&self.readdir(dir).unwrap_or_default())
+        match self.readdir_page(dir, 0, PREFETCH_PAGE) {
+            Ok(p) => p.subdirs(),
+            Err(_) => Vec::new(),
+        }
     }
     /// Data ranges `(offset, length)` for SEEK_DATA/SEEK_HOLE; `None` = all data.
     fn data_ranges(&self, _ino: u64) -> Result<Option<Vec<(u64, u64)>>> {
@@ -190,6 +203,87 @@ pub enum Volume {
 
 /// A parsed directory listing: (name, inode, kind), without `.` and `..`.
 pub type DirList = Arc<Vec<(Vec<u8>, u64, FileKind)>>;
+
+/// One page of a listing ([`GuestFs::readdir_page`]): (name, inode, kind, cookie after it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DirPage {
+    pub entries: Vec<(Vec<u8>, u64, FileKind, u64)>,
+    /// No entries after these.
+    pub end: bool,
+}
+
+impl DirPage {
+    /// The inodes of the directories in the page.
+    pub fn subdirs(&self) -> Vec<u64> {
+        self.entries
+            .iter()
+            .filter(|e| e.2 == FileKind::Dir)
+            .map(|e| e.1)
+            .collect()
+    }
+}
+
+/// A cookie with this bit is a position in the reader's whole listing plus one (the entry
+/// after it is at that position). On-disk cookies (ext4 block and offset, XFS data offset)
+/// stay below it.
+pub const INDEX_COOKIE: u64 = 1 << 62;
+
+/// What one entry takes of a FUSE READDIR reply (`struct fuse_dirent`, 8-byte aligned).
+pub fn dirent_cost(name_len: usize) -> usize {
+    (24 + name_len + 7) & !7
+}
+
+/// What one READDIR asks for: the kernel's READDIR buffer is one page.
+pub const READDIR_BUDGET: usize = 4096;
+/// What the directory read-ahead reads of a directory: its first page of this many bytes.
+const PREFETCH_PAGE: usize = 256 << 10;
+
+/// The page of a whole listing from `cookie` ([`INDEX_COOKIE`] positions; 0 or any other
+/// cookie counts as a position too, so a stale or forged one only lists from elsewhere).
+pub fn page_of_list(list: &[(Vec<u8>, u64, FileKind)], cookie: u64, budget: usize) -> DirPage {
+    let start = usize::try_from(cookie & !INDEX_COOKIE).unwrap_or(usize::MAX);
+    let mut page = DirPage::default();
+    let mut used = 0;
+    for (i, (name, ino, kind)) in list.iter().enumerate().skip(start) {
+        let cost = dirent_cost(name.len());
+        if !page.entries.is_empty() && used + cost > budget {
+            return page;
+        }
+        used += cost;
+        page.entries
+            .push((name.clone(), *ino, *kind, INDEX_COOKIE | (i as u64 + 1)));
+    }
+    page.end = true;
+    page
+}
+
+/// Collects a page from entries met in on-disk order: `push` answers false once the budget
+/// is spent (the entry is then not taken).
+pub(crate) struct PageFill {
+    pub page: DirPage,
+    used: usize,
+    budget: usize,
+}
+
+impl PageFill {
+    pub(crate) fn new(budget: usize) -> PageFill {
+        PageFill {
+            page: DirPage::default(),
+            used: 0,
+            budget,
+        }
+    }
+
+    pub(crate) fn push(&mut self, name: &[u8], ino: u64, kind: FileKind, next: u64) -> bool {
+        let cost = dirent_cost(name.len());
+        if !self.page.entries.is_empty() && self.used + cost > self.budget {
+            return false;
+        }
+        self.used += cost;
+        self.page.entries.push((name.to_vec(), ino, kind, next));
+        true
+    }
+}
 
 /// Directory listings a reader keeps parsed (ext4, XFS): at most [`DIR_CACHE`] of them holding
 /// at most [`DIR_CACHE_ENTRIES`] entries in all, least recently used dropped first. Big enough
@@ -570,6 +664,45 @@ mod tests {
             }
             assert!(c.indexes.is_empty());
         };
+    }
+
+    #[test]
+    fn pages_of_a_listing_resume_from_their_cookies() {
+        let names: Vec<(Vec<u8>, u64, FileKind)> = (0..1000u64)
+            .map(|i| {
+                (
+                    format!("name-{i}").repeat(1 + i as usize % 5).into_bytes(),
+                    i,
+                    FileKind::File,
+                )
+            })
+            .collect();
+        for budget in [0, 1, 100, 4096, 1 << 20] {
+            let mut cookie = 0;
+            let mut got = Vec::new();
+            loop {
+                let p = page_of_list(&names, cookie, budget);
+                assert!(
+                    !p.entries.is_empty() || p.end,
+                    "an empty page only at the end"
+                );
+                let used: usize = p.entries.iter().map(|e| dirent_cost(e.0.len())).sum();
+                assert!(
+                    p.entries.len() == 1 || used <= budget.max(1),
+                    "budget {budget}"
+                );
+                got.extend(p.entries.iter().map(|e| e.1));
+                if p.end {
+                    break;
+                }
+                cookie = p.entries.last().map(|e| e.3).unwrap_or(cookie);
+                assert_ne!(cookie & INDEX_COOKIE, 0);
+            }
+            assert_eq!(got, (0..1000).collect::<Vec<_>>(), "budget {budget}");
+        }
+        // A cookie past the end, or forged: an end, never a panic.
+        assert!(page_of_list(&names, INDEX_COOKIE | 5000, 4096).end);
+        assert!(page_of_list(&names, u64::MAX, 4096).entries.is_empty());
     }
 
     #[test]

@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex};
 use super::bytes::{be16, be32, be64, sub, u8at};
 use super::xfs_log::{self, Outcome, Overlay};
 use super::{
-    human_size, unix_time, Dev, DirCache, DirList, FileKind, FileMap, FileStat, GuestFs, Place,
+    human_size, page_of_list, unix_time, Dev, DirCache, DirList, DirPage, FileKind, FileMap,
+    FileStat, GuestFs, PageFill, Place, INDEX_COOKIE,
 };
 use crate::error::{Error, Result};
 
@@ -25,6 +26,11 @@ use crate::error::{Error, Result};
 const MAX_EXTENTS: u64 = 1 << 22;
 const MAX_BTREE_LEVELS: u16 = 9;
 const MAX_DIR_BYTES: u64 = 256 << 20;
+/// Directories larger than this are listed by pages of their data blocks, smaller ones whole
+/// (cached with the reader's listings, which the directory read-ahead fills, and on the
+/// worker's daemon side up to 16,384 entries, whose lookups are then read ahead in batches:
+/// `du` and `find` look names up in listing order).
+const PAGED_DIR_BYTES: u64 = 1 << 20;
 const MAX_VALUE: u64 = 64 << 10;
 /// Directory data lives below this byte offset of a directory; leaf/free indexes above it.
 const DIR_LEAF_OFFSET: u64 = 32 << 30;
@@ -37,6 +43,9 @@ const FMT_DEV: u8 = 0;
 const FMT_LOCAL: u8 = 1;
 const FMT_EXTENTS: u8 = 2;
 const FMT_BTREE: u8 = 3;
+
+/// (name, inode, kind, where the entry ends in its block) → go on.
+type EntryVisitor<'a> = dyn FnMut(&[u8], u64, FileKind, usize) -> Result<bool> + 'a;
 
 /// (flags, name without prefix, value) as stored.
 type RawXattr = (u8, Vec<u8>, Vec<u8>);
@@ -651,6 +660,15 @@ impl XfsFs {
         b: &[u8],
         out: &mut Vec<(Vec<u8>, u64, FileKind)>,
     ) -> Result<()> {
+        self.visit_data_block(ino, b, &mut |name, child, kind, _| {
+            out.push((name.to_vec(), child, kind));
+            Ok(true)
+        })
+    }
+
+    /// Every entry of a directory data block but `.` and `..` as (name, inode, kind, where
+    /// the entry ends in the block), until `f` returns false.
+    fn visit_data_block(&self, ino: u64, b: &[u8], f: &mut EntryVisitor) -> Result<()> {
         let magic = sub(b, 0, 4);
         let (hdr, block_form) = match magic {
             b"XDB3" => (64, true),
@@ -691,12 +709,76 @@ impl XfsFs {
             if namelen == 0 || name.len() != namelen || off + size > end {
                 return Err(self.corrupt_ino(ino, "directory entry past its block"));
             }
-            if name != b"." && name != b".." {
-                out.push((name.to_vec(), child, self.child_kind(ft, child)?));
+            if name != b"."
+                && name != b".."
+                && !f(name, child, self.child_kind(ft, child)?, off + size)?
+            {
+                return Ok(());
             }
             off += size;
         }
         Ok(())
+    }
+
+    /// Whether directory `inode` is listed by pages of its data blocks ([`Self::data_page`]):
+    /// one in blocks (not short form) larger than [`PAGED_DIR_BYTES`].
+    fn paged(&self, inode: &Inode) -> bool {
+        inode.kind() == Some(FileKind::Dir)
+            && matches!(inode.format(), FMT_EXTENTS | FMT_BTREE)
+            && inode.size() > PAGED_DIR_BYTES
+    }
+
+    /// A page of a paged directory from `cookie`: the byte offset in the directory's data
+    /// space of the next entry (Linux's own cookie is this offset / 8). Data blocks are read
+    /// in logical order: every name once, and a cookie stays valid however pages were cut.
+    fn data_page(&self, inode: &Inode, cookie: u64, budget: usize) -> Result<DirPage> {
+        let dir = inode.ino;
+        if inode.size() > MAX_DIR_BYTES {
+            return Err(self.corrupt_ino(dir, "directory too large"));
+        }
+        let ext = self.data_extents(inode)?;
+        let per = (self.dir_bs / self.bs).max(1);
+        let mut fill = PageFill::new(budget);
+        let first = ext.partition_point(|e| (e.off + e.len) * self.bs <= cookie);
+        for e in &ext[first..] {
+            if e.off * self.bs >= DIR_LEAF_OFFSET {
+                break;
+            }
+            if e.unwritten {
+                continue;
+            }
+            let mut k = 0;
+            while k < e.len {
+                let base = (e.off + k) * self.bs;
+                k += per;
+                if base + self.dir_bs <= cookie {
+                    continue;
+                }
+                let from = cookie.saturating_sub(base);
+                let blk = self.read_vec((e.block + k - per) * self.bs, self.dir_bs as usize)?;
+                let mut full = false;
+                self.visit_data_block(dir, &blk, &mut |name, child, kind, end| {
+                    if (end as u64) <= from {
+                        return Ok(true);
+                    }
+                    if child == dir || child == self.root {
+                        crate::input_warn!(
+                            self.dev.name(),
+                            "XFS directory entry {} loops back in directory {dir}; hidden",
+                            crate::log_limit::esc(name)
+                        );
+                        return Ok(true);
+                    }
+                    full = !fill.push(name, child, kind, base + end as u64);
+                    Ok(!full)
+                })?;
+                if full {
+                    return Ok(fill.page);
+                }
+            }
+        }
+        fill.page.end = true;
+        Ok(fill.page)
     }
 
     /// The parent a directory records (`..`).
@@ -1148,6 +1230,16 @@ impl GuestFs for XfsFs {
 
     fn readdir(&self, dir: u64) -> Result<DirList> {
         self.dir_entries(dir)
+    }
+
+    fn readdir_page(&self, dir: u64, cookie: u64, budget: usize) -> Result<DirPage> {
+        if cookie & INDEX_COOKIE == 0 {
+            let inode = self.inode(dir)?;
+            if self.paged(&inode) {
+                return self.data_page(&inode, cookie, budget);
+            }
+        }
+        Ok(page_of_list(&self.dir_entries(dir)?, cookie, budget))
     }
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {

@@ -12,8 +12,8 @@ use std::sync::Mutex;
 
 use super::bytes::{le16, le32, sub, u8at};
 use super::{
-    human_size, unix_time, ChunkCache, Dev, DirCache, DirList, FileKind, FileMap, FileStat,
-    GuestFs, Place,
+    human_size, page_of_list, unix_time, ChunkCache, Dev, DirCache, DirList, DirPage, FileKind,
+    FileMap, FileStat, GuestFs, PageFill, Place, INDEX_COOKIE,
 };
 use crate::error::{Error, Result};
 
@@ -22,6 +22,16 @@ const ROOT: u64 = 2;
 const MAX_EXTENT_DEPTH: u16 = 5;
 /// Largest directory we read (bytes): bounds memory on a corrupt size.
 const MAX_DIR_BYTES: u64 = 256 << 20;
+/// Directories larger than this are listed by pages of their blocks, smaller ones whole
+/// (cached with the reader's listings, which the directory read-ahead fills, and on the
+/// worker's daemon side up to 16,384 entries, whose lookups are then read ahead in batches:
+/// `du` and `find` look names up in listing order).
+const PAGED_DIR_BYTES: u64 = 1 << 20;
+/// A paged directory's cookie: logical block << this | byte offset in the block (blocks are
+/// at most 64 KiB, and an offset may be the block's size: the next block).
+const COOKIE_SHIFT: u32 = 17;
+/// How many blocks of a paged directory's map are looked up at once.
+const PAGE_WINDOW_BLOCKS: u64 = 16;
 /// Largest xattr value or symlink we read.
 const MAX_VALUE: u64 = 64 << 10;
 /// Metadata blocks are read in aligned chunks of this size and this many chunks are kept
@@ -56,6 +66,8 @@ const FL_CASEFOLD: u32 = 0x4000_0000;
 /// Called with (name, inode, dirent file type, the whole record) per directory entry; false
 /// stops the walk.
 type DirentVisitor<'a> = dyn FnMut(&[u8], u64, u8, &[u8]) -> Result<bool> + 'a;
+/// (name, inode, dirent file type, the whole record, where the entry ends in its block) → go on.
+type DirentAtVisitor<'a> = dyn FnMut(&[u8], u64, u8, &[u8], usize) -> Result<bool> + 'a;
 
 /// Stored hashes of an encrypted and casefolded directory's entries, by ciphertext name.
 type StoredHashes = HashMap<Vec<u8>, (u32, u32)>;
@@ -1105,6 +1117,75 @@ impl Ext4Fs {
             .ok_or_else(not_found)
     }
 
+    /// Whether directory `inode` is listed by pages of its blocks ([`Self::block_page`]):
+    /// one larger than [`PAGED_DIR_BYTES`] in blocks, its names as stored. Inline and
+    /// encrypted directories (no-key names) and those a fast commit changed are listed whole.
+    fn paged(&self, inode: &Inode) -> bool {
+        inode.kind() == Some(FileKind::Dir)
+            && inode.size() > PAGED_DIR_BYTES
+            && inode.flags() & (FL_INLINE_DATA | FL_ENCRYPT) == 0
+            && !self.fc_dirs.contains_key(&inode.ino)
+    }
+
+    /// A page of a paged directory from cookie `cookie`: the logical block shifted left by
+    /// [`COOKIE_SHIFT`], plus the byte offset in the block of the next entry. Blocks are read
+    /// in logical order, htree directories too (their index blocks hold no names): every
+    /// name once, and a cookie stays valid however the pages were cut (docs/restore.md).
+    fn block_page(&self, inode: &Inode, cookie: u64, budget: usize) -> Result<DirPage> {
+        let dir = inode.ino;
+        let size = inode.size();
+        if size > MAX_DIR_BYTES {
+            return Err(self.corrupt_ino(dir, "directory too large"));
+        }
+        let nblocks = size.div_ceil(self.bs);
+        let (mut lblk, mut skip) = (cookie >> COOKIE_SHIFT, cookie & ((1 << COOKIE_SHIFT) - 1));
+        if skip >= self.bs {
+            (lblk, skip) = (lblk + 1, 0);
+        }
+        let mut fill = PageFill::new(budget);
+        if lblk >= nblocks {
+            fill.page.end = true;
+            return Ok(fill.page);
+        }
+        // The block map a window at a time: a page needs a block or two, not the map of the
+        // rest of a directory of thousands of extents.
+        let mut at = lblk;
+        while at < nblocks {
+            let to = nblocks.min(at + PAGE_WINDOW_BLOCKS);
+            for r in self.runs(inode, at, to - at)? {
+                if r.physical == 0 || r.uninit {
+                    continue;
+                }
+                for k in 0..r.len {
+                    let l = r.logical + k;
+                    if l < at || l >= to {
+                        continue;
+                    }
+                    let from = if l == lblk { skip as usize } else { 0 };
+                    let b = self.block(r.physical + k)?;
+                    let mut full = false;
+                    self.visit_dirents_at(dir, &b, false, &mut |name, ino, ftype, _, end| {
+                        if end <= from {
+                            return Ok(true);
+                        }
+                        let kind = match kind_from_dirent(ftype) {
+                            Some(k) => k,
+                            None => self.inode(ino)?.kind().unwrap_or(FileKind::File),
+                        };
+                        full = !fill.push(name, ino, kind, (l << COOKIE_SHIFT) | end as u64);
+                        Ok(!full)
+                    })?;
+                    if full {
+                        return Ok(fill.page);
+                    }
+                }
+            }
+            at = to;
+        }
+        fill.page.end = true;
+        Ok(fill.page)
+    }
+
     /// Directory `ino`'s entries as stored (see [`Self::dir_entries`] for the cached ones).
     fn read_dir(&self, ino: u64) -> Result<Vec<(Vec<u8>, u64, FileKind)>> {
         let inode = self.inode(ino)?;
@@ -1245,6 +1326,19 @@ impl Ext4Fs {
     /// Every shown entry of a directory block (not `.`, `..`, unused or looping ones) as
     /// (name, inode, dirent file type), until `f` returns false.
     fn visit_dirents(&self, dir: u64, b: &[u8], inline: bool, f: &mut DirentVisitor) -> Result<()> {
+        self.visit_dirents_at(dir, b, inline, &mut |name, ino, ftype, rec, _| {
+            f(name, ino, ftype, rec)
+        })
+    }
+
+    /// [`Self::visit_dirents`], with where each entry ends in the block.
+    fn visit_dirents_at(
+        &self,
+        dir: u64,
+        b: &[u8],
+        inline: bool,
+        f: &mut DirentAtVisitor,
+    ) -> Result<()> {
         let mut off = 0usize;
         while off + 8 <= b.len() {
             let ino = u64::from(le32(b, off));
@@ -1270,7 +1364,7 @@ impl Ext4Fs {
                         "ext4 directory entry {} loops back in directory {dir}; hidden",
                         crate::log_limit::esc(name)
                     );
-                } else if !f(name, ino, ftype, sub(b, off, rec_len))? {
+                } else if !f(name, ino, ftype, sub(b, off, rec_len), off + rec_len)? {
                     return Ok(());
                 }
             }
@@ -1683,6 +1777,16 @@ impl GuestFs for Ext4Fs {
 
     fn readdir(&self, dir: u64) -> Result<DirList> {
         self.dir_entries(dir)
+    }
+
+    fn readdir_page(&self, dir: u64, cookie: u64, budget: usize) -> Result<DirPage> {
+        if cookie & INDEX_COOKIE == 0 {
+            let inode = self.inode(dir)?;
+            if self.paged(&inode) {
+                return self.block_page(&inode, cookie, budget);
+            }
+        }
+        Ok(page_of_list(&self.dir_entries(dir)?, cookie, budget))
     }
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {

@@ -496,32 +496,23 @@ fn handle(req: &[u8], main: bool) -> Result<Reply> {
         }
         wire::READDIR => {
             let list = fs.readdir(r.u64()?)?;
-            let mut w = write_listing(ok(), &list);
-            // Listings of its subdirectories, which a walk wants next (a subdirectory that
-            // cannot be listed is left for the daemon to ask about: it meets the error then).
-            let mut ahead = Vec::new();
-            let mut bytes = w.0.len();
-            for &(_, ino, kind) in list.iter() {
-                if ahead.len() >= wire::AHEAD_LISTINGS || bytes >= wire::AHEAD_LISTING_BYTES {
-                    break;
-                }
-                if kind != restore::FileKind::Dir {
-                    continue;
-                }
-                if let Ok(sub) = fs.readdir(ino) {
-                    let size: usize = sub.iter().map(|(n, _, _)| n.len() + 13).sum();
-                    if bytes + size > wire::AHEAD_LISTING_BYTES {
-                        break;
-                    }
-                    bytes += size + 12;
-                    ahead.push((ino, sub));
-                }
+            let w = write_listing(ok(), &list);
+            let subdirs = list
+                .iter()
+                .filter(|e| e.2 == restore::FileKind::Dir)
+                .map(|e| e.1);
+            write_ahead(fs.as_ref(), w, subdirs).done()
+        }
+        wire::READDIR_PAGE => {
+            let dir = r.u64()?;
+            let cookie = r.u64()?;
+            let budget = r.u32()?.min(wire::MAX_PAGE_BUDGET) as usize;
+            let page = fs.readdir_page(dir, cookie, budget)?;
+            let mut w = ok().u8(u8::from(page.end)).u32(page.entries.len() as u32);
+            for (name, ino, kind, next) in &page.entries {
+                w = wire::write_kind(w.bytes(name).u64(*ino), *kind).u64(*next);
             }
-            w = w.u32(ahead.len() as u32);
-            for (ino, sub) in &ahead {
-                w = write_listing(w.u64(*ino), sub);
-            }
-            w.done()
+            write_ahead(fs.as_ref(), w, page.subdirs().into_iter()).done()
         }
         wire::READ => {
             let ino = r.u64()?;
@@ -600,6 +591,41 @@ fn write_map(mut w: W, m: &restore::FileMap) -> W {
             Place::Disk(d) => w.u8(wire::PLACE_DISK).u64(d),
             Place::Reader => w.u8(wire::PLACE_READER),
         };
+    }
+    w
+}
+
+/// After a listing or a page: the listings of its first subdirectories, which a walk wants
+/// next (a subdirectory that cannot be listed, or a large one, is left for the daemon to ask
+/// about: it meets the error then). Small directories only: a large one is listed by pages.
+fn write_ahead(fs: &dyn GuestFs, mut w: W, subdirs: impl Iterator<Item = u64>) -> W {
+    let mut ahead = Vec::new();
+    let mut bytes = w.0.len();
+    for ino in subdirs {
+        if ahead.len() >= wire::AHEAD_LISTINGS || bytes >= wire::AHEAD_LISTING_BYTES {
+            break;
+        }
+        // A small directory's cookies are listing positions; a paged one's are not.
+        let small = fs.readdir_page(ino, 0, 0).is_ok_and(|p| {
+            p.entries
+                .first()
+                .is_none_or(|e| e.3 & restore::INDEX_COOKIE != 0)
+        });
+        if !small {
+            continue;
+        }
+        if let Ok(sub) = fs.readdir(ino) {
+            let size: usize = sub.iter().map(|(n, _, _)| n.len() + 13).sum();
+            if bytes + size > wire::AHEAD_LISTING_BYTES {
+                break;
+            }
+            bytes += size + 12;
+            ahead.push((ino, sub));
+        }
+    }
+    w = w.u32(ahead.len() as u32);
+    for (ino, sub) in &ahead {
+        w = write_listing(w.u64(*ino), sub);
     }
     w
 }

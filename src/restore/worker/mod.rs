@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::image::BlockImage;
 use crate::restore::{
-    self, DirList, FileKind, FileMap, FileStat, GuestFs, MapRun, Partition, Place, Volume,
+    self, DirList, DirPage, FileKind, FileMap, FileStat, GuestFs, MapRun, Partition, Place, Volume,
 };
 
 use wire::{R, W};
@@ -299,6 +299,9 @@ struct Listing {
 /// The largest listing kept (a bigger directory is asked for each time, and its lookups go
 /// one by one: its index would cost more than it saves).
 const LISTING_MAX: usize = 16 << 10;
+/// What a directory's first `READDIR_PAGE` asks for: all of a small directory (whose listing
+/// is then kept, [`LISTING_MAX`] entries at most), the start of a large one.
+const FIRST_PAGE_BUDGET: usize = 2 << 20;
 /// How much of a file one `MAP` request asks about.
 const MAP_WINDOW: u64 = 256 << 20;
 
@@ -656,6 +659,48 @@ impl GuestFs for WorkerFs {
         Ok(list)
     }
 
+    /// From the listing kept here when there is one (a small directory, read ahead: its
+    /// cookies are listing positions, which the reader honours too), else from the worker.
+    fn readdir_page(&self, dir: u64, cookie: u64, budget: usize) -> Result<DirPage> {
+        if cookie == 0 || cookie & restore::INDEX_COOKIE != 0 {
+            if let Some(l) = self.cached_listing(dir) {
+                return Ok(restore::page_of_list(&l.list, cookie, budget));
+            }
+        }
+        // A first page asks for enough to hold a small directory whole (then kept here).
+        let ask = if cookie == 0 {
+            budget.max(FIRST_PAGE_BUDGET)
+        } else {
+            budget
+        };
+        let ask = u32::try_from(ask)
+            .unwrap_or(u32::MAX)
+            .min(wire::MAX_PAGE_BUDGET);
+        let req = W::new(wire::READDIR_PAGE)
+            .u64(dir)
+            .u64(cookie)
+            .u32(ask)
+            .done();
+        let reply = self.call(req)?;
+        let mut page = self.decode_page(&reply, dir, cookie)?;
+        // What the caller asked for: past its budget, the page goes on from there.
+        let mut used = 0;
+        let keep = page
+            .entries
+            .iter()
+            .enumerate()
+            .take_while(|(i, e)| {
+                used += restore::dirent_cost(e.0.len());
+                *i == 0 || used <= budget
+            })
+            .count();
+        if keep < page.entries.len() {
+            page.entries.truncate(keep);
+            page.end = false;
+        }
+        Ok(page)
+    }
+
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let end = offset.saturating_add(buf.len() as u64);
         let mut pos = offset;
@@ -711,14 +756,17 @@ impl GuestFs for WorkerFs {
         if let Some(l) = self.cached_listing(dir) {
             return restore::subdirs(&l.list);
         }
-        let Some(reply) = self.call_ahead(W::new(wire::READDIR).u64(dir).done()) else {
+        // The first page: all of a small directory (kept), the start of a large one.
+        let req = W::new(wire::READDIR_PAGE)
+            .u64(dir)
+            .u64(0)
+            .u32(FIRST_PAGE_BUDGET as u32)
+            .done();
+        let Some(reply) = self.call_ahead(req) else {
             return Vec::new();
         };
-        match self.decode_listing(&reply) {
-            Ok(list) => {
-                self.keep_listing(dir, &list);
-                restore::subdirs(&list)
-            }
+        match self.decode_page(&reply, dir, 0) {
+            Ok(page) => page.subdirs(),
             Err(_) => Vec::new(),
         }
     }
@@ -843,30 +891,50 @@ impl WorkerFs {
         }
     }
 
+    /// A `READDIR_PAGE` answer to a request from `cookie`: the page; the subdirectories'
+    /// listings that came with it are kept, and so is the directory's own listing when the
+    /// page holds all of it in listing positions (a small directory's first page).
+    fn decode_page(&self, reply: &[u8], dir: u64, cookie: u64) -> Result<DirPage> {
+        let (page, ahead) = self.decode(reply, |r| {
+            let page = read_page(r, reply.len(), cookie)?;
+            let ahead = read_ahead(r, reply.len(), |d| {
+                page.entries
+                    .iter()
+                    .any(|e| e.1 == d && e.2 == FileKind::Dir)
+            })?;
+            Ok((page, ahead))
+        })?;
+        for (d, l) in ahead {
+            self.keep_listing(d, &l);
+        }
+        let whole = cookie == 0
+            && page.end
+            && page
+                .entries
+                .iter()
+                .enumerate()
+                .all(|(i, e)| e.3 == restore::INDEX_COOKIE | (i as u64 + 1));
+        if whole {
+            let list: DirList = Arc::new(
+                page.entries
+                    .iter()
+                    .map(|(n, ino, k, _)| (n.clone(), *ino, *k))
+                    .collect(),
+            );
+            self.keep_listing(dir, &list);
+        }
+        Ok(page)
+    }
+
     /// A `READDIR` answer: the listing; the subdirectories' listings that came with it are
     /// kept (only for directories it lists as subdirectories).
     fn decode_listing(&self, reply: &[u8]) -> Result<DirList> {
         let (list, ahead) = self.decode(reply, |r| {
             let list = read_listing(r, reply.len())?;
-            let m = r.u32()? as usize;
-            if m > wire::AHEAD_LISTINGS {
-                return Err(Error::Backend(
-                    "restore worker: too many listings ahead".into(),
-                ));
-            }
-            let mut ahead = Vec::with_capacity(m);
-            for _ in 0..m {
-                let dir = r.u64()?;
-                if !list
-                    .iter()
+            let ahead = read_ahead(r, reply.len(), |dir| {
+                list.iter()
                     .any(|(_, ino, k)| *ino == dir && *k == FileKind::Dir)
-                {
-                    return Err(Error::Backend(
-                        "restore worker: listing ahead of a directory not listed".into(),
-                    ));
-                }
-                ahead.push((dir, read_listing(r, reply.len())?));
-            }
+            })?;
             Ok((list, ahead))
         })?;
         for (dir, l) in ahead {
@@ -1012,6 +1080,57 @@ fn decode_map_body(r: &mut R, pos: u64, vol: u64) -> Result<Mapped> {
     })
 }
 
+/// The listings ahead after a `READDIR` or `READDIR_PAGE` answer, each of a directory
+/// `listed` says the answer lists as a subdirectory.
+fn read_ahead(
+    r: &mut R,
+    frame: usize,
+    listed: impl Fn(u64) -> bool,
+) -> Result<Vec<(u64, DirList)>> {
+    let m = r.u32()? as usize;
+    if m > wire::AHEAD_LISTINGS {
+        return Err(Error::Backend(
+            "restore worker: too many listings ahead".into(),
+        ));
+    }
+    let mut ahead = Vec::with_capacity(m);
+    for _ in 0..m {
+        let dir = r.u64()?;
+        if !listed(dir) {
+            return Err(Error::Backend(
+                "restore worker: listing ahead of a directory not listed".into(),
+            ));
+        }
+        ahead.push((dir, read_listing(r, frame)?));
+    }
+    Ok(ahead)
+}
+
+/// A `READDIR_PAGE` answer's page (after the OK tag); the listings ahead follow it.
+fn read_page(r: &mut R, frame: usize, cookie: u64) -> Result<DirPage> {
+    let end = r.u8()? != 0;
+    let n = r.u32()? as usize;
+    // Each entry takes at least 21 bytes of the frame: no allocation the worker chose.
+    let mut entries = Vec::with_capacity(n.min(frame / 21));
+    for _ in 0..n {
+        let name = r.bytes()?.to_vec();
+        let ino = r.u64()?;
+        let kind = r.kind()?;
+        let next = r.u64()?;
+        // A cookie that goes nowhere would make the kernel list the same names forever.
+        if next == cookie || next >= (1 << 63) - 2 {
+            return Err(Error::Backend("restore worker: bad listing cookie".into()));
+        }
+        entries.push((name, ino, kind, next));
+    }
+    if !end && entries.is_empty() {
+        return Err(Error::Backend(
+            "restore worker: empty listing page before its end".into(),
+        ));
+    }
+    Ok(DirPage { entries, end })
+}
+
 /// One listing: count, then (name, inode, kind) each; `frame` bounds the allocation.
 fn read_listing(r: &mut R, frame: usize) -> Result<DirList> {
     let n = r.u32()? as usize;
@@ -1043,6 +1162,34 @@ mod tests {
 
     fn decode(b: &[u8], pos: u64, vol: u64) -> Result<Mapped> {
         decode_map(&mut R::new(b), pos, vol)
+    }
+
+    /// A READDIR_PAGE answer's page as a worker would send it (after the OK tag).
+    fn page_reply(end: bool, entries: &[(&str, u64)]) -> Vec<u8> {
+        let mut w = W::new(wire::OK).u8(u8::from(end)).u32(entries.len() as u32);
+        for &(n, next) in entries {
+            w = wire::write_kind(w.bytes(n.as_bytes()).u64(7), FileKind::File).u64(next);
+        }
+        w.done()[5..].to_vec()
+    }
+
+    #[test]
+    fn a_page_whose_cookies_go_nowhere_is_refused() {
+        let b = page_reply(false, &[("a", 10), ("b", 20)]);
+        let p = read_page(&mut R::new(&b), b.len(), 0).unwrap();
+        assert_eq!((p.entries.len(), p.end, p.entries[1].3), (2, false, 20));
+        // The cookie asked for again: the kernel would list the same names forever.
+        let b = page_reply(false, &[("a", 10)]);
+        assert!(read_page(&mut R::new(&b), b.len(), 10).is_err());
+        // An empty page before the end, a cookie the READDIR offset cannot carry.
+        let b = page_reply(false, &[]);
+        assert!(read_page(&mut R::new(&b), b.len(), 0).is_err());
+        let b = page_reply(true, &[("a", u64::MAX)]);
+        assert!(read_page(&mut R::new(&b), b.len(), 0).is_err());
+        // A count the frame cannot hold.
+        let mut b = page_reply(true, &[]);
+        b[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(read_page(&mut R::new(&b), b.len(), 0).is_err());
     }
 
     #[test]

@@ -28,6 +28,12 @@ pub const MAP: u8 = 10;
 pub const CHECK_OPEN: u8 = 11;
 /// Several names of one directory looked up at once (dir, count, names): lookup read-ahead.
 pub const LOOKUPS: u8 = 12;
+/// A page of a listing (dir, cookie, budget u32): the answer is (end u8, count u32, then
+/// name, inode, kind, cookie after it each), then listings ahead as `READDIR` (of the page's
+/// subdirectories).
+pub const READDIR_PAGE: u8 = 13;
+/// Most bytes of FUSE entries one `READDIR_PAGE` asks for.
+pub const MAX_PAGE_BUDGET: u32 = 4 << 20;
 /// Most names one `LOOKUPS` carries.
 pub const MAX_LOOKUPS: usize = 64;
 /// A `LOOKUPS` answer carries a file's extended attributes when they take at most this many
