@@ -326,8 +326,9 @@ impl Namespace {
         Ok(match node {
             Node::Root | Node::Instances | Node::Volumes | Node::Launch => self.dir(self.started),
             Node::Pool(p) => {
-                if !self.reg.pools()?.iter().any(|(n, _)| n == p) {
-                    return Err(Error::NotFound(format!("pool {p}")));
+                let pools = self.reg.pools()?;
+                if !pools.iter().any(|(n, _)| n == p) {
+                    return Err(pools.missing(&format!("pool {p}")));
                 }
                 self.dir(self.started)
             }
@@ -976,10 +977,15 @@ impl Namespace {
         };
         check_new_name(file_name)?;
         let (instance, snap) = self.parse_launch_target(target)?;
-        if self.reg.instances()?.iter().any(|(n, _)| n == new)
+        let instances = self.reg.instances()?;
+        if instances.iter().any(|(n, _)| n == new)
             || self.reg.launches()?.iter().any(|(l, _)| &l.name == new)
         {
             return Err(Error::Exists(format!("instance {new}")));
+        }
+        if !instances.complete() {
+            // A backend that does not answer may hold that name already.
+            return Err(instances.missing(&format!("whether instance {new} exists")));
         }
         let owner = Owner::Instance(instance.clone());
         let provider = self.reg.provider(&owner)?;

@@ -48,7 +48,44 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-type Index = Arc<Vec<(String, usize)>>;
+type Index = Arc<Names>;
+
+/// Names listed by the providers, each with the index of its provider, and what the
+/// providers that did not answer said: one backend's outage (libvirtd stopped, a remote host
+/// gone) must not take the others' names out of the tree.
+#[derive(Default)]
+pub struct Names {
+    names: Vec<(String, usize)>,
+    /// "<kind>: <error>" of each provider whose listing failed.
+    failed: Vec<String>,
+}
+
+impl std::ops::Deref for Names {
+    type Target = Vec<(String, usize)>;
+    fn deref(&self) -> &Self::Target {
+        &self.names
+    }
+}
+
+impl Names {
+    /// `what` is not among the names: ENOENT, or EIO while a provider that might hold it did
+    /// not answer.
+    pub fn missing(&self, what: &str) -> Error {
+        if self.failed.is_empty() {
+            Error::NotFound(what.to_string())
+        } else {
+            Error::Backend(format!(
+                "{what} not listed while a backend does not answer ({})",
+                self.failed.join("; ")
+            ))
+        }
+    }
+
+    /// Whether every provider answered.
+    pub fn complete(&self) -> bool {
+        self.failed.is_empty()
+    }
+}
 
 pub struct Registry {
     providers: Vec<Arc<dyn Provider>>,
@@ -73,12 +110,25 @@ impl Registry {
         }
     }
 
-    /// Names from every provider; a name two providers both have goes to the first.
+    /// Names from every provider; a name two providers both have goes to the first. A
+    /// provider whose listing fails is left out (and noted, so a lookup of a name not found
+    /// is EIO, not ENOENT); only when every provider fails is the listing an error.
     fn index(&self, list: impl Fn(&dyn Provider) -> Result<Vec<String>>) -> Result<Index> {
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
+        let mut failed = Vec::new();
+        let mut first_err = None;
         for (i, p) in self.providers.iter().enumerate() {
-            for name in list(p.as_ref())? {
+            let names = match list(p.as_ref()) {
+                Ok(names) => names,
+                Err(e) => {
+                    tracing::warn!(provider = p.kind(), error = %e, "listing failed: its names are left out until it answers");
+                    failed.push(format!("{}: {e}", p.kind()));
+                    first_err.get_or_insert(e);
+                    continue;
+                }
+            };
+            for name in names {
                 if seen.insert(name.clone()) {
                     out.push((name, i));
                 } else {
@@ -90,7 +140,12 @@ impl Registry {
                 }
             }
         }
-        Ok(Arc::new(out))
+        if failed.len() == self.providers.len() {
+            if let Some(e) = first_err {
+                return Err(e);
+            }
+        }
+        Ok(Arc::new(Names { names: out, failed }))
     }
 
     pub fn pools(&self) -> Result<Index> {
@@ -123,7 +178,7 @@ impl Registry {
             .iter()
             .find(|(n, _)| n == pool)
             .map(|(_, i)| *i)
-            .ok_or_else(|| Error::NotFound(format!("pool {pool}")))?;
+            .ok_or_else(|| idx.missing(&format!("pool {pool}")))?;
         self.providers
             .get(i)
             .ok_or_else(|| Error::NotFound(format!("pool {pool}")))
@@ -139,7 +194,7 @@ impl Registry {
                     if let Some(e) = self.providers.iter().find_map(|p| p.unavailable(owner)) {
                         return Err(e);
                     }
-                    return Err(Error::NotFound(owner.to_string()));
+                    return Err(idx.missing(&owner.to_string()));
                 };
                 self.providers
                     .get(i)
@@ -194,5 +249,85 @@ impl Registry {
     pub fn instances_changed(&self) {
         self.instances.invalidate(&());
         self.launches.invalidate(&());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::BlockImage;
+    use crate::provider::memory::MemoryProvider;
+
+    /// A control plane that does not answer (libvirtd stopped, a host gone).
+    struct Down;
+
+    impl Provider for Down {
+        fn kind(&self) -> &'static str {
+            "down"
+        }
+        fn pools(&self) -> Result<Vec<String>> {
+            Err(Error::Backend("connecting: no such socket".into()))
+        }
+        fn instances(&self) -> Result<Vec<String>> {
+            Err(Error::Backend("connecting: no such socket".into()))
+        }
+        fn info(&self, owner: &Owner) -> Result<ObjectInfo> {
+            Err(Error::NotFound(owner.to_string()))
+        }
+        fn snapshots(&self, owner: &Owner) -> Result<Vec<SnapshotInfo>> {
+            Err(Error::NotFound(owner.to_string()))
+        }
+        fn create_snapshot(&self, owner: &Owner, _: &str) -> Result<()> {
+            Err(Error::NotFound(owner.to_string()))
+        }
+        fn delete_snapshot(&self, owner: &Owner, _: &str) -> Result<()> {
+            Err(Error::NotFound(owner.to_string()))
+        }
+        fn open_disk(
+            &self,
+            owner: &Owner,
+            _: &SnapshotInfo,
+            _: &str,
+        ) -> Result<Arc<dyn BlockImage>> {
+            Err(Error::NotFound(owner.to_string()))
+        }
+    }
+
+    #[test]
+    fn one_provider_down_leaves_the_others_names_and_makes_misses_eio() {
+        let mem = MemoryProvider::with_delay(Duration::ZERO);
+        mem.add_volume("pool", "vol", vec![0; 512]);
+        mem.add_instance("web", &[("vda", vec![0; 512])]);
+        let reg = Registry::new(vec![Arc::new(Down), Arc::new(mem)], Duration::ZERO);
+        // The answering provider's names are all there.
+        let pools = reg.pools().unwrap();
+        assert_eq!(
+            pools.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            ["pool"]
+        );
+        assert!(!pools.complete());
+        let vol = Owner::Volume {
+            pool: "pool".into(),
+            name: "vol".into(),
+        };
+        assert!(reg.provider(&vol).is_ok());
+        assert!(reg.provider(&Owner::Instance("web".into())).is_ok());
+        // A name nobody listed may be the silent provider's: EIO, not ENOENT.
+        assert!(matches!(
+            reg.provider(&Owner::Instance("db".into())),
+            Err(Error::Backend(m)) if m.contains("does not answer")
+        ));
+        // Every provider down: the listing is the error, as before.
+        let alone = Registry::new(vec![Arc::new(Down)], Duration::ZERO);
+        assert!(matches!(alone.instances(), Err(Error::Backend(_))));
+        // All answering: a miss is ENOENT.
+        let up = Registry::new(
+            vec![Arc::new(MemoryProvider::with_delay(Duration::ZERO))],
+            Duration::ZERO,
+        );
+        assert!(matches!(
+            up.provider(&Owner::Instance("db".into())),
+            Err(Error::NotFound(_))
+        ));
     }
 }
