@@ -933,22 +933,7 @@ fn kill_in_the_undo_of_a_failed_rbd_mkdir_is_finished_at_restart() {
         "{}",
         m.log()
     );
-    let trash = |i: usize| -> Vec<String> {
-        rbd_json(&["snap", "ls", "--all", &d.spec(i)])
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter(|s| s["namespace"]["type"] == "trash")
-                    .map(|s| {
-                        s["namespace"]["original_name"]
-                            .as_str()
-                            .unwrap_or("?")
-                            .to_string()
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    let trash = |i: usize| rbd_trash_names(&rbd_json(&["snap", "ls", "--all", &d.spec(i)]));
     let user_snaps = |i: usize| -> Vec<String> {
         rbd_json(&["snap", "ls", &d.spec(i)])
             .as_array()

@@ -1177,18 +1177,8 @@ fn trash_snapshots(conf: &Path, img: &Img) -> Vec<String> {
         &["snap", "ls", "--all", "--format", "json", &img.spec],
     );
     let v: serde_json::Value = serde_json::from_str(&out).expect("snap ls json");
-    let mut t: Vec<String> = v
-        .as_array()
-        .expect("array")
-        .iter()
-        .filter(|s| s["namespace"]["type"] == "trash")
-        .map(|s| {
-            s["namespace"]["original_name"]
-                .as_str()
-                .unwrap_or("?")
-                .to_string()
-        })
-        .collect();
+    assert!(v.is_array(), "snap ls json: {v}");
+    let mut t = common::rbd_trash_names(&v);
     t.sort();
     t
 }

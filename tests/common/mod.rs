@@ -418,6 +418,25 @@ pub fn rbd_diff_v1_write(image_size: u64, offset: u64, data: &[u8]) -> Vec<u8> {
     diff
 }
 
+/// Original names of the trash-namespace snapshots listed by `rbd snap ls --all --format json`
+/// (RBD keeps a removed snapshot there while clones use it, or when a removal was cut short).
+pub fn rbd_trash_names(ls_all: &serde_json::Value) -> Vec<String> {
+    ls_all
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|s| s["namespace"]["type"] == "trash")
+                .map(|s| {
+                    s["namespace"]["original_name"]
+                        .as_str()
+                        .unwrap_or("?")
+                        .to_string()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 pub fn remove_rbd_image(conf: &Path, spec: &str) {
     let quiet = |args: &[&str]| {
         let _ = Command::new("rbd").arg("-c").arg(conf).args(args).output();
