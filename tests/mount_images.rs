@@ -407,6 +407,18 @@ fn killed_daemon_leaves_a_mount_the_next_start_clears() {
     assert_eq!(ls(&m.mnt.join("volumes")), ["pool"]);
 }
 
+/// `snapfs mount --images DIR` at `m`'s mount point again, with a state directory of its own.
+fn mount_again(dir: &Path, m: &Mount) -> std::process::Output {
+    Command::new(BIN)
+        .args(["mount", "--images"])
+        .arg(dir)
+        .arg("--state-dir")
+        .arg(m.dir.path().join("state2"))
+        .arg(&m.mnt)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn sigterm_unmounts_and_exits() {
     let (_t, dir) = pool();
@@ -439,14 +451,7 @@ fn sigterm_after_lazy_unmount_leaves_a_new_mount_at_the_path_alone() {
         !wait_gone(old, Duration::from_millis(500)),
         "old daemon exited"
     );
-    let out = Command::new(BIN)
-        .args(["mount", "--images"])
-        .arg(&dir)
-        .arg("--state-dir")
-        .arg(m.dir.path().join("state2"))
-        .arg(&m.mnt)
-        .output()
-        .unwrap();
+    let out = mount_again(&dir, &m);
     assert!(
         out.status.success(),
         "second mount: {}",
@@ -480,14 +485,7 @@ fn sigterm_after_lazy_unmount_leaves_a_new_mount_at_the_path_alone() {
 fn mounting_twice_is_refused_and_unmount_works() {
     let (_t, dir) = pool();
     let m = Mount::new(&dir);
-    let out = Command::new(BIN)
-        .args(["mount", "--images"])
-        .arg(&dir)
-        .arg("--state-dir")
-        .arg(m.dir.path().join("state2"))
-        .arg(&m.mnt)
-        .output()
-        .unwrap();
+    let out = mount_again(&dir, &m);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already"));
     let pid = m.daemon_pid().expect("daemon pid");
