@@ -958,13 +958,15 @@ print(len(names))
 /// 40-byte names, made by the kernel on ext4 (htree) and XFS (node form), is listed through a
 /// real mount (worker on and off) with names only, no lookups: every name exactly once, and
 /// `telldir`/`seekdir` positions taken across READDIR calls give the same names again. The
-/// daemon's peak RSS grows by less than 8 MiB during the listing (its caches held at 4 and
-/// 8 MiB): a listing kept whole (~90 bytes a name, 17 MiB here, and with the worker a second
-/// copy on the daemon's side) fails it; pages do not grow with the directory.
+/// daemon's peak RSS grows by less than 10 MiB during the listing: the caches the listing may
+/// fill (`--cache-mb=4` of blocks, the ext4 reader's 2 MiB of chunks when it runs in the
+/// daemon) and 4 MiB for pages and the allocator. A listing kept whole (~90 bytes a name,
+/// 17 MiB here, and with the worker a second copy on the daemon's side) fails it; pages do not
+/// grow with the directory.
 #[test]
 fn huge_directory_listing_is_paged() {
     const N: usize = 200_000;
-    const GROWTH_KIB: u64 = 8 * 1024;
+    const GROWTH_KIB: u64 = 10 * 1024;
     let t = tempfile::Builder::new()
         .prefix("snapfs-issue-19q-paged")
         .tempdir()

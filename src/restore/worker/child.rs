@@ -507,7 +507,17 @@ fn handle(req: &[u8], main: bool) -> Result<Reply> {
             let dir = r.u64()?;
             let cookie = r.u64()?;
             let budget = r.u32()?.min(wire::MAX_PAGE_BUDGET) as usize;
-            let page = fs.readdir_page(dir, cookie, budget)?;
+            // A large budget is there to bring a small directory whole (its listing is kept
+            // on the daemon's side); a paged directory's page is cut to what READDIRs use,
+            // so that neither side decodes megabytes of entries for one 4 KiB READDIR.
+            let mut page = fs.readdir_page(dir, cookie, budget.min(wire::PAGED_PAGE_BUDGET))?;
+            let whole = page
+                .entries
+                .first()
+                .is_some_and(|e| e.3 & restore::INDEX_COOKIE != 0);
+            if whole && !page.end && budget > wire::PAGED_PAGE_BUDGET {
+                page = fs.readdir_page(dir, cookie, budget)?;
+            }
             let mut w = ok().u8(u8::from(page.end)).u32(page.entries.len() as u32);
             for (name, ino, kind, next) in &page.entries {
                 w = wire::write_kind(w.bytes(name).u64(*ino), *kind).u64(*next);

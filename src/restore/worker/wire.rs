@@ -34,6 +34,9 @@ pub const LOOKUPS: u8 = 12;
 pub const READDIR_PAGE: u8 = 13;
 /// Most bytes of FUSE entries one `READDIR_PAGE` asks for.
 pub const MAX_PAGE_BUDGET: u32 = 4 << 20;
+/// Most bytes of FUSE entries a `READDIR_PAGE` answer carries for a paged (large) directory,
+/// whatever was asked: a READDIR uses 4 KiB of them, the rest feeds the read-ahead.
+pub const PAGED_PAGE_BUDGET: usize = 64 << 10;
 /// Most names one `LOOKUPS` carries.
 pub const MAX_LOOKUPS: usize = 64;
 /// A `LOOKUPS` answer carries a file's extended attributes when they take at most this many
