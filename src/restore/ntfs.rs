@@ -11,7 +11,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use ntfs::attribute_value::NtfsAttributeValue;
@@ -276,10 +275,40 @@ fn collate_str(ntfs: &ntfs::Ntfs, a: &NtfsFileName, want: &str) -> std::cmp::Ord
         .then_with(|| x.u16_iter().cmp(want.encode_utf16()))
 }
 
+/// Index blocks last parsed, by (directory, node id): a listing's pages resume in the blocks
+/// the page before ended in, and every search passes the same upper nodes. At most
+/// [`NODE_CACHE`] blocks (~30 names of ~600 bytes each).
+#[derive(Default)]
+struct NodeCache {
+    map: HashMap<(u64, u64), Arc<Vec<IndexEnt>>>,
+    order: VecDeque<(u64, u64)>,
+}
+
+const NODE_CACHE: usize = 64;
+
+impl NodeCache {
+    fn get(&self, key: (u64, u64)) -> Option<Arc<Vec<IndexEnt>>> {
+        self.map.get(&key).cloned()
+    }
+
+    fn put(&mut self, key: (u64, u64), node: Arc<Vec<IndexEnt>>) {
+        if self.map.insert(key, node).is_none() {
+            self.order.push_back(key);
+        }
+        while self.order.len() > NODE_CACHE {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+}
+
 /// A directory's `$I30` index, opened for one call.
 struct I30<'n, 'f> {
     ntfs: &'n ntfs::Ntfs,
-    root: Rc<Vec<IndexEnt>>,
+    dir: u64,
+    nodes: &'n Mutex<NodeCache>,
+    root: Arc<Vec<IndexEnt>>,
     alloc: Option<NtfsIndexAllocation<'n, 'f>>,
     record_size: u32,
     /// Bytes of `$INDEX_ALLOCATION` (0 for an index that is only its root).
@@ -288,16 +317,23 @@ struct I30<'n, 'f> {
 
 impl I30<'_, '_> {
     /// Node `id`'s entries (read again each time: a walk keeps only its path).
-    fn node(&self, fs: &mut Slice, id: u64) -> Walked<Rc<Vec<IndexEnt>>> {
+    fn node(&self, fs: &mut Slice, id: u64) -> Walked<Arc<Vec<IndexEnt>>> {
         if id == 0 {
             return Ok(self.root.clone());
         }
         let Some(alloc) = &self.alloc else {
             return bad("index block in an index that has only its root");
         };
+        if let Some(n) = self.nodes.lock().ok().and_then(|c| c.get((self.dir, id))) {
+            return Ok(n);
+        }
         let vcn = i64::try_from(id - 1).map_err(|_| WalkErr::Bad("VCN out of range".into()))?;
         let rec = alloc.record_from_vcn(fs, self.record_size, ntfs::types::Vcn::from(vcn))?;
-        Ok(Rc::new(parse_node(rec.entries::<NtfsFileNameIndex>()?)?))
+        let node = Arc::new(parse_node(rec.entries::<NtfsFileNameIndex>()?)?);
+        if let Ok(mut c) = self.nodes.lock() {
+            c.put((self.dir, id), node.clone());
+        }
+        Ok(node)
     }
 
     /// The entry named exactly `want` ([`collate_str`]), searched from the root.
@@ -330,8 +366,9 @@ impl I30<'_, '_> {
 }
 
 /// Opens directory `dir`'s `$I30` index for `f`.
-fn with_i30<R>(
-    ntfs: &ntfs::Ntfs,
+fn with_i30<'n, R>(
+    ntfs: &'n ntfs::Ntfs,
+    nodes: &'n Mutex<NodeCache>,
     fs: &mut Slice,
     dir: u64,
     f: impl FnOnce(&I30, &mut Slice) -> Walked<R>,
@@ -377,7 +414,9 @@ fn with_i30<R>(
     };
     let ix = I30 {
         ntfs,
-        root: Rc::new(parse_node(root.entries::<NtfsFileNameIndex>()?)?),
+        dir,
+        nodes,
+        root: Arc::new(parse_node(root.entries::<NtfsFileNameIndex>()?)?),
         alloc,
         record_size: root.index_record_size(),
         alloc_len: alloc_attr.as_ref().map_or(0, |a| a.value_length()),
@@ -386,13 +425,13 @@ fn with_i30<R>(
 }
 
 /// A name the walk reached: its node's id, its position there, and the node.
-type Named = (u64, usize, Rc<Vec<IndexEnt>>);
+type Named = (u64, usize, Arc<Vec<IndexEnt>>);
 
 /// A node on the walk's path and the entry in it whose names come next (those of its
 /// subnode first).
 struct Frame {
     id: u64,
-    ents: Rc<Vec<IndexEnt>>,
+    ents: Arc<Vec<IndexEnt>>,
     at: usize,
 }
 
@@ -521,6 +560,7 @@ pub struct NtfsFs {
     dev: Dev,
     label: String,
     dirs: Mutex<DirCache>,
+    nodes: Mutex<NodeCache>,
     /// [`PAGED_INDEX_BYTES`] (tests lower it).
     paged_above: u64,
     data: Mutex<HashMap<u64, Arc<FileData>>>,
@@ -576,6 +616,7 @@ impl NtfsFs {
             dev,
             label,
             dirs: Mutex::new(DirCache::default()),
+            nodes: Mutex::new(NodeCache::default()),
             paged_above: PAGED_INDEX_BYTES,
             data: Mutex::new(HashMap::new()),
             units: Mutex::new(UnitCache::default()),
@@ -958,7 +999,7 @@ impl NtfsFs {
     ) -> Result<Option<DirPage>> {
         let paged_above = self.paged_above;
         let r = self.with("directory", |ntfs, fs| {
-            Ok(with_i30(ntfs, fs, dir, |ix, fs| {
+            Ok(with_i30(ntfs, &self.nodes, fs, dir, |ix, fs| {
                 if !whole && ix.alloc_len <= paged_above {
                     return Ok(None);
                 }
@@ -1045,7 +1086,7 @@ impl NtfsFs {
     fn find_paged(&self, dir: u64, name: &[u8]) -> Result<Option<u64>> {
         let paged_above = self.paged_above;
         let r = self.with("lookup", |ntfs, fs| {
-            Ok(with_i30(ntfs, fs, dir, |ix, fs| {
+            Ok(with_i30(ntfs, &self.nodes, fs, dir, |ix, fs| {
                 if ix.alloc_len <= paged_above {
                     return Ok(None);
                 }
