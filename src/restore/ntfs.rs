@@ -987,8 +987,10 @@ impl NtfsFs {
     /// The page of directory `dir` after `cookie` (0: from the first name; else a cookie this
     /// gave: the index node and position of the last name listed) in the index's order,
     /// walking its B+tree from the root: O(depth) index blocks to resume, nothing kept
-    /// between pages. At most `max_visits` index names are looked at. `None` when `paged_only`
-    /// and the directory is small enough to be kept whole ([`PAGED_INDEX_BYTES`]).
+    /// between pages. At most `max_visits` index names are looked at. Unless `whole`, a
+    /// directory small enough to be kept whole ([`PAGED_INDEX_BYTES`]) is listed whole into the
+    /// listing cache and its first page given with `INDEX_COOKIE` cookies (`None` for any
+    /// other cookie: the caller pages the cached listing).
     fn index_page(
         &self,
         dir: u64,
@@ -998,11 +1000,19 @@ impl NtfsFs {
         whole: bool,
     ) -> Result<Option<DirPage>> {
         let paged_above = self.paged_above;
+        let asked = budget;
         let r = self.with("directory", |ntfs, fs| {
             Ok(with_i30(ntfs, &self.nodes, fs, dir, |ix, fs| {
-                if !whole && ix.alloc_len <= paged_above {
+                // A small directory is listed whole (from its start only), for the cache.
+                let small = !whole && ix.alloc_len <= paged_above;
+                if small && cookie != 0 {
                     return Ok(None);
                 }
+                let (budget, max_visits) = if small {
+                    (usize::MAX, MAX_DIR_ENTRIES)
+                } else {
+                    (budget, max_visits)
+                };
                 let mut walk = Walk::new(ix);
                 if cookie == 0 {
                     walk.start(fs)?;
@@ -1031,7 +1041,7 @@ impl NtfsFs {
                     };
                     visits += 1;
                     if visits > max_visits {
-                        if fill.page.entries.is_empty() && !whole {
+                        if fill.page.entries.is_empty() && !whole && !small {
                             return bad(format!(
                                 "{max_visits} index names in a row that are not listed"
                             ));
@@ -1064,10 +1074,10 @@ impl NtfsFs {
                         reparse.push(fill.page.entries.len() - 1);
                     }
                 }
-                Ok(Some((fill.page, reparse)))
+                Ok(Some((fill.page, reparse, small)))
             }))
         })?;
-        let Some((mut page, reparse)) = self.walked(dir, r)? else {
+        let Some((mut page, reparse, small)) = self.walked(dir, r)? else {
             return Ok(None);
         };
         // A reparse point may be a symlink: its record says (only these few are read).
@@ -1075,6 +1085,16 @@ impl NtfsFs {
             if let Ok(st) = self.stat(page.entries[i].1) {
                 page.entries[i].2 = st.kind;
             }
+        }
+        if small {
+            let list = DirCache::get_or_read(&self.dirs, dir, || {
+                Ok(page
+                    .entries
+                    .into_iter()
+                    .map(|(n, i, k, _)| (n, i, k))
+                    .collect())
+            })?;
+            return Ok(Some(page_of_list(&list, 0, asked)));
         }
         Ok(Some(page))
     }
@@ -1515,6 +1535,14 @@ mod tests {
                 );
             }
         }
+        // Below the threshold: the whole listing cached, paged by its positions.
+        let kept = paged(&fs, big, 4096).unwrap();
+        assert!(kept.entries.iter().all(|e| e.3 & INDEX_COOKIE != 0));
+        let strip = |p: &DirPage| -> Vec<(Vec<u8>, u64, FileKind)> {
+            p.entries.iter().map(|e| (e.0.clone(), e.1, e.2)).collect()
+        };
+        assert_eq!(strip(&kept), strip(&all));
+        fs.dirs = Mutex::new(DirCache::default());
         // Pages of one FUSE buffer (and of one entry) give the same listing.
         fs.paged_above = 0;
         for budget in [1, 4096] {
