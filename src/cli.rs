@@ -195,14 +195,10 @@ pub struct MountArgs {
     pub restore_worker_cpu_s: u64,
     /// Bytes the daemon keeps of all restore workers' answers (attributes, file maps, listings,
     /// lookups read ahead), all volumes together, in MiB; past it the volume holding the most
-    /// drops its least recently used entries first.
-    #[arg(
-        long,
-        value_name = "MIB",
-        default_value_t = 64,
-        help_heading = "Guest files"
-    )]
-    pub restore_worker_cache_mb: usize,
+    /// drops its least recently used entries first. Given, it comes on top of --cache-mb;
+    /// not given, the answers take a third of --cache-mb [default: 16 of the 48].
+    #[arg(long, value_name = "MIB", help_heading = "Guest files")]
+    pub restore_worker_cache_mb: Option<usize>,
     /// Internal, for tests: lookups of `.snapfs-worker-try-open` / `.snapfs-worker-hang` in a
     /// guest directory make its worker call open(2) / hang.
     #[arg(long, hide = true)]
@@ -216,11 +212,14 @@ pub struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4, help_heading = "Performance")]
     pub threads: usize,
-    /// Budget of the metadata and decompressed-cluster cache, in MiB.
+    /// Budget of the daemon's caches, in MiB: the metadata and decompressed-cluster cache
+    /// of disks, and (unless --restore-worker-cache-mb is given) a third of it for the restore
+    /// workers' answers. The daemon's memory stays within it plus a fixed overhead (see
+    /// docs/restore.md, "The daemon's memory, holder by holder").
     #[arg(
         long,
         value_name = "MIB",
-        default_value_t = 32,
+        default_value_t = 48,
         help_heading = "Performance"
     )]
     pub cache_mb: usize,
@@ -314,6 +313,21 @@ impl CloudArgs {
 }
 
 impl MountArgs {
+    /// (block cache, restore workers' answers), in bytes: `--cache-mb` shared, a third of it
+    /// for the answers, unless `--restore-worker-cache-mb` gives the answers a budget of
+    /// their own (then the blocks keep all of `--cache-mb`, as before that option had a
+    /// default of its own).
+    pub fn cache_budgets(&self) -> (usize, usize) {
+        let mib = |m: usize| m.saturating_mul(1 << 20);
+        match self.restore_worker_cache_mb {
+            Some(a) => (mib(self.cache_mb), mib(a)),
+            None => {
+                let total = mib(self.cache_mb);
+                (total - total / 3, total / 3)
+            }
+        }
+    }
+
     /// The one libvirt URI of this mount, from --libvirt and -c/--connect (None: no libvirt
     /// or several, see [`libvirt_uris`](Self::libvirt_uris)).
     pub fn libvirt_uri(&self) -> anyhow::Result<Option<String>> {
@@ -560,6 +574,30 @@ mod tests {
         assert_eq!(m.libvirt_uri().unwrap().as_deref(), Some("qemu:///system"));
         assert!(m.allow_other && !m.read_only);
         assert_eq!(m.cache_mb, 64);
+    }
+
+    /// One budget for the daemon's caches: `--cache-mb` is shared by the disks' block cache
+    /// and the workers' answers unless the answers get their own budget.
+    #[test]
+    fn cache_mb_is_shared_unless_the_answers_get_their_own() {
+        let mount = |args: &[&str]| {
+            let mut v = vec!["snapfs", "mount"];
+            v.extend_from_slice(args);
+            v.push("/m");
+            match Cli::try_parse_from(&v).unwrap().cmd {
+                Cmd::Mount(m) => m.cache_budgets(),
+                _ => panic!("not a mount"),
+            }
+        };
+        // Defaults: 48 MiB, 32 of blocks (as before) and 16 of answers.
+        assert_eq!(mount(&[]), (32 << 20, 16 << 20));
+        assert_eq!(mount(&["--cache-mb=6"]), (4 << 20, 2 << 20));
+        // An explicit answers' budget comes on top, as it did.
+        assert_eq!(
+            mount(&["--cache-mb=4", "--restore-worker-cache-mb=8"]),
+            (4 << 20, 8 << 20)
+        );
+        assert_eq!(mount(&["--cache-mb=0"]), (0, 0));
     }
 
     #[test]

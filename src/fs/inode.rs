@@ -5,6 +5,7 @@
 //! the kernel never confuses the two. Numbers are never reused.
 
 use std::collections::HashMap;
+use std::mem::size_of;
 use std::sync::Arc;
 
 pub const ROOT: u64 = 1;
@@ -210,6 +211,28 @@ impl InodeTable {
     #[cfg(test)]
     pub fn count(&self) -> usize {
         self.entries.len()
+    }
+
+    /// (entries, bytes estimated from their lengths): each path's slice and its last name
+    /// (the others are shared with its parent's), and both maps' slots.
+    pub fn memory(&self) -> (usize, usize) {
+        let heap = crate::namespace::bytelru::heap;
+        let slot = size_of::<(Path, u64)>() + size_of::<(u64, Entry)>() + 2;
+        let bytes = self
+            .entries
+            .values()
+            .map(|e| {
+                let own = |p: &Path| {
+                    heap(16 + p.len() * size_of::<Name>())
+                        + p.last().map_or(0, |n| heap(16 + n.len()))
+                };
+                own(&e.path)
+                    + e.aliases.iter().map(own).sum::<usize>()
+                    + heap(e.aliases.len() * size_of::<Path>())
+                    + slot * 8 / 7
+            })
+            .sum();
+        (self.entries.len(), bytes)
     }
 }
 
