@@ -195,8 +195,8 @@ pub struct MountArgs {
     pub restore_worker_cpu_s: u64,
     /// Bytes the daemon keeps of all restore workers' answers (attributes, file maps, listings,
     /// lookups read ahead), all volumes together, in MiB; past it the volume holding the most
-    /// drops its least recently used entries first. Given, it comes on top of --cache-mb;
-    /// not given, the answers take a third of --cache-mb [default: 16 of the 48].
+    /// drops its least recently used entries first [default: a third of --cache-mb, 16 of
+    /// the 48].
     #[arg(long, value_name = "MIB", help_heading = "Guest files")]
     pub restore_worker_cache_mb: Option<usize>,
     /// Internal, for tests: lookups of `.snapfs-worker-try-open` / `.snapfs-worker-hang` in a
@@ -212,10 +212,10 @@ pub struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4, help_heading = "Performance")]
     pub threads: usize,
-    /// Budget of the daemon's caches, in MiB: the metadata and decompressed-cluster cache
-    /// of disks, and (unless --restore-worker-cache-mb is given) a third of it for the restore
-    /// workers' answers. The daemon's memory stays within it plus a fixed overhead (see
-    /// docs/restore.md, "The daemon's memory, holder by holder").
+    /// Budget of the daemon's caches, in MiB: two thirds for the metadata and
+    /// decompressed-cluster cache of disks, a third for the restore workers' answers (unless
+    /// --restore-worker-cache-mb gives theirs). The daemon's memory stays within it plus a
+    /// fixed overhead (docs/restore.md, "The daemon's memory, holder by holder").
     #[arg(
         long,
         value_name = "MIB",
@@ -313,19 +313,15 @@ impl CloudArgs {
 }
 
 impl MountArgs {
-    /// (block cache, restore workers' answers), in bytes: `--cache-mb` shared, a third of it
-    /// for the answers, unless `--restore-worker-cache-mb` gives the answers a budget of
-    /// their own (then the blocks keep all of `--cache-mb`, as before that option had a
-    /// default of its own).
+    /// (block cache, restore workers' answers), in bytes: the blocks get two thirds of
+    /// `--cache-mb`, the answers the other third, or `--restore-worker-cache-mb` when given.
     pub fn cache_budgets(&self) -> (usize, usize) {
-        let mib = |m: usize| m.saturating_mul(1 << 20);
-        match self.restore_worker_cache_mb {
-            Some(a) => (mib(self.cache_mb), mib(a)),
-            None => {
-                let total = mib(self.cache_mb);
-                (total - total / 3, total / 3)
-            }
-        }
+        let total = self.cache_mb.saturating_mul(1 << 20);
+        let answers = match self.restore_worker_cache_mb {
+            Some(a) => a.saturating_mul(1 << 20),
+            None => total / 3,
+        };
+        (total - total / 3, answers)
     }
 
     /// The one libvirt URI of this mount, from --libvirt and -c/--connect (None: no libvirt
@@ -592,9 +588,9 @@ mod tests {
         // Defaults: 48 MiB, 32 of blocks (as before) and 16 of answers.
         assert_eq!(mount(&[]), (32 << 20, 16 << 20));
         assert_eq!(mount(&["--cache-mb=6"]), (4 << 20, 2 << 20));
-        // An explicit answers' budget comes on top, as it did.
+        // An explicit answers' budget replaces their third.
         assert_eq!(
-            mount(&["--cache-mb=4", "--restore-worker-cache-mb=8"]),
+            mount(&["--cache-mb=6", "--restore-worker-cache-mb=8"]),
             (4 << 20, 8 << 20)
         );
         assert_eq!(mount(&["--cache-mb=0"]), (0, 0));
