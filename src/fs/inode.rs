@@ -261,6 +261,25 @@ mod tests {
         );
     }
 
+    /// The memory report's estimate of the table is not below what its names take, grows
+    /// with the nodes the kernel holds and falls when they are forgotten.
+    #[test]
+    fn memory_estimate_follows_the_nodes() {
+        let mut t = InodeTable::default();
+        let (n0, b0) = t.memory();
+        let long = "n".repeat(255);
+        let inos: Vec<u64> = (0..1000)
+            .map(|i| t.get_or_insert(p(&format!("volumes/{long}{i}")), true))
+            .collect();
+        let (n1, b1) = t.memory();
+        assert_eq!(n1, n0 + 1000);
+        assert!(b1 - b0 >= 1000 * 255, "{b0} -> {b1}");
+        for ino in inos {
+            t.forget(ino, 1);
+        }
+        assert_eq!(t.memory(), (n0, b0));
+    }
+
     #[test]
     fn removed_name_gets_a_new_inode() {
         let mut t = InodeTable::default();
