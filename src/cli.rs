@@ -195,14 +195,10 @@ pub struct MountArgs {
     pub restore_worker_cpu_s: u64,
     /// Bytes the daemon keeps of all restore workers' answers (attributes, file maps, listings,
     /// lookups read ahead), all volumes together, in MiB; past it the volume holding the most
-    /// drops its least recently used entries first.
-    #[arg(
-        long,
-        value_name = "MIB",
-        default_value_t = 64,
-        help_heading = "Guest files"
-    )]
-    pub restore_worker_cache_mb: usize,
+    /// drops its least recently used entries first [default: a third of --cache-mb, 16 of
+    /// the 48].
+    #[arg(long, value_name = "MIB", help_heading = "Guest files")]
+    pub restore_worker_cache_mb: Option<usize>,
     /// Internal, for tests: lookups of `.snapfs-worker-try-open` / `.snapfs-worker-hang` in a
     /// guest directory make its worker call open(2) / hang.
     #[arg(long, hide = true)]
@@ -216,11 +212,14 @@ pub struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4, help_heading = "Performance")]
     pub threads: usize,
-    /// Budget of the metadata and decompressed-cluster cache, in MiB.
+    /// Budget of the daemon's caches, in MiB: two thirds for the metadata and
+    /// decompressed-cluster cache of disks, a third for the restore workers' answers (unless
+    /// --restore-worker-cache-mb gives theirs). The daemon's memory stays within it plus a
+    /// fixed overhead (docs/restore.md, "The daemon's memory, holder by holder").
     #[arg(
         long,
         value_name = "MIB",
-        default_value_t = 32,
+        default_value_t = 48,
         help_heading = "Performance"
     )]
     pub cache_mb: usize,
@@ -314,6 +313,17 @@ impl CloudArgs {
 }
 
 impl MountArgs {
+    /// (block cache, restore workers' answers), in bytes: the blocks get two thirds of
+    /// `--cache-mb`, the answers the other third, or `--restore-worker-cache-mb` when given.
+    pub fn cache_budgets(&self) -> (usize, usize) {
+        let total = self.cache_mb.saturating_mul(1 << 20);
+        let answers = match self.restore_worker_cache_mb {
+            Some(a) => a.saturating_mul(1 << 20),
+            None => total / 3,
+        };
+        (total - total / 3, answers)
+    }
+
     /// The one libvirt URI of this mount, from --libvirt and -c/--connect (None: no libvirt
     /// or several, see [`libvirt_uris`](Self::libvirt_uris)).
     pub fn libvirt_uri(&self) -> anyhow::Result<Option<String>> {
@@ -560,6 +570,30 @@ mod tests {
         assert_eq!(m.libvirt_uri().unwrap().as_deref(), Some("qemu:///system"));
         assert!(m.allow_other && !m.read_only);
         assert_eq!(m.cache_mb, 64);
+    }
+
+    /// One budget for the daemon's caches: `--cache-mb` is shared by the disks' block cache
+    /// and the workers' answers unless the answers get their own budget.
+    #[test]
+    fn cache_mb_is_shared_unless_the_answers_get_their_own() {
+        let mount = |args: &[&str]| {
+            let mut v = vec!["snapfs", "mount"];
+            v.extend_from_slice(args);
+            v.push("/m");
+            match Cli::try_parse_from(&v).unwrap().cmd {
+                Cmd::Mount(m) => m.cache_budgets(),
+                _ => panic!("not a mount"),
+            }
+        };
+        // Defaults: 48 MiB, 32 of blocks (as before) and 16 of answers.
+        assert_eq!(mount(&[]), (32 << 20, 16 << 20));
+        assert_eq!(mount(&["--cache-mb=6"]), (4 << 20, 2 << 20));
+        // An explicit answers' budget replaces their third.
+        assert_eq!(
+            mount(&["--cache-mb=6", "--restore-worker-cache-mb=8"]),
+            (4 << 20, 8 << 20)
+        );
+        assert_eq!(mount(&["--cache-mb=0"]), (0, 0));
     }
 
     #[test]

@@ -195,14 +195,14 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
     }
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let fs = SnapFs::new(
+    let fs = Arc::new(SnapFs::new(
         ns,
         FsOptions {
             uid,
             gid,
             read_only: cfg.read_only,
         },
-    );
+    ));
 
     let acl = if cfg.allow_other {
         // Other users are admitted only through the kernel's mode checks.
@@ -219,6 +219,8 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
     // the filesystem is torn down (seconds with Ceph), and by then another daemon may be
     // mounted there (`umount` then `mount` again): fuser would take that one down.
     let dev_fuse = kernel_mount(&mountpoint, cfg.allow_other)?;
+    // Weak: the session's end still drops the tree (and its workers) as before.
+    let fs_weak = Arc::downgrade(&fs);
     let session = fuser::Session::from_fd(Fuse::new(fs, cfg.readdirplus), dev_fuse, acl, config)
         .with_context(|| format!("starting the FUSE session on {}", mountpoint.display()));
     let session = match session {
@@ -236,10 +238,25 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
     info!(mountpoint = %mountpoint.display(), threads = cfg.threads, "mounted");
 
     let (mp, dev) = (mountpoint.clone(), ours.clone());
+    let (fs, cache) = (fs_weak, cache.clone());
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            let sig = wait_signal(&sigs);
+            let mut sig = wait_signal(&sigs);
+            while sig == libc::SIGUSR1 {
+                // What holds the memory, holder by holder (docs/restore.md).
+                let mut held = fs.upgrade().map(|fs| fs.memory()).unwrap_or_default();
+                held.push(crate::memreport::Held::new(
+                    "block_cache",
+                    cache.len(),
+                    cache.used(),
+                ));
+                let (n, b) = crate::restore::worker::cache_usage();
+                held.push(crate::memreport::Held::new("worker_answers", n, b));
+                let line = crate::memreport::line(&crate::memreport::process(), &held);
+                info!("memory: {line}");
+                sig = wait_signal(&sigs);
+            }
             info!(signal = sig, "signal received: unmounting");
             crate::notify::notify("STOPPING=1");
             if let Err(e) = unmount_ours(&mp, dev.as_deref()) {
@@ -274,7 +291,7 @@ fn signal_set() -> libc::sigset_t {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1] {
             libc::sigaddset(&mut set, s);
         }
         set

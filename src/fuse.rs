@@ -54,7 +54,7 @@ macro_rules! reply_err {
 }
 
 pub struct Fuse {
-    fs: SnapFs,
+    fs: std::sync::Arc<SnapFs>,
     readdirplus: bool,
     /// Raw snapshot disks opened in FUSE passthrough (see [`crate::passthrough`]).
     backings: Backings<fuser::BackingId>,
@@ -63,7 +63,7 @@ pub struct Fuse {
 impl Fuse {
     /// `readdirplus`: offer READDIRPLUS in its adaptive mode (the kernel asks for attributes
     /// with the first page of a listing, and with later ones once names of it were looked up).
-    pub fn new(fs: SnapFs, readdirplus: bool) -> Self {
+    pub fn new(fs: std::sync::Arc<SnapFs>, readdirplus: bool) -> Self {
         Fuse {
             fs,
             readdirplus,

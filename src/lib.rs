@@ -11,6 +11,7 @@ pub mod image;
 pub mod libvirt;
 pub mod log_limit;
 pub mod logfile;
+pub mod memreport;
 pub mod namespace;
 pub mod notify;
 pub mod passthrough;

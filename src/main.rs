@@ -84,13 +84,14 @@ fn mount(m: MountArgs, args: Vec<OsString>) -> anyhow::Result<()> {
         // A detached daemon (forked, or re-executed with --ready-fd): its output is the log file.
         snapfs::logfile::rotate_at(&log, m.log_max_mb.saturating_mul(1 << 20));
     }
+    let (block_cache_bytes, answers_bytes) = m.cache_budgets();
     snapfs::restore::worker::configure(snapfs::restore::worker::WorkerConfig {
         enabled: m.restore_worker == "on",
         uid: m.restore_worker_uid,
         mem_mb: m.restore_worker_mem_mb,
         cpu_secs: m.restore_worker_cpu_s,
         test_hooks: m.restore_worker_test_hooks,
-        cache_bytes: m.restore_worker_cache_mb.saturating_mul(1 << 20),
+        cache_bytes: answers_bytes,
     });
     let cfg = MountConfig {
         mountpoint: m.mountpoint,
@@ -98,7 +99,7 @@ fn mount(m: MountArgs, args: Vec<OsString>) -> anyhow::Result<()> {
         allow_other: m.allow_other,
         state_dir: m.state_dir,
         threads: m.threads,
-        cache_bytes: m.cache_mb.saturating_mul(1 << 20),
+        cache_bytes: block_cache_bytes,
         ttl: Duration::from_millis(m.list_ttl_ms),
         read_ahead_kb: m.read_ahead_kb,
         readdirplus: m.readdirplus,

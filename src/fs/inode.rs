@@ -5,6 +5,7 @@
 //! the kernel never confuses the two. Numbers are never reused.
 
 use std::collections::HashMap;
+use std::mem::size_of;
 use std::sync::Arc;
 
 pub const ROOT: u64 = 1;
@@ -211,6 +212,28 @@ impl InodeTable {
     pub fn count(&self) -> usize {
         self.entries.len()
     }
+
+    /// (entries, bytes estimated from their lengths): each path's slice and its last name
+    /// (the others are shared with its parent's), and both maps' slots.
+    pub fn memory(&self) -> (usize, usize) {
+        let heap = crate::namespace::bytelru::heap;
+        let slot = size_of::<(Path, u64)>() + size_of::<(u64, Entry)>() + 2;
+        let bytes = self
+            .entries
+            .values()
+            .map(|e| {
+                let own = |p: &Path| {
+                    heap(16 + p.len() * size_of::<Name>())
+                        + p.last().map_or(0, |n| heap(16 + n.len()))
+                };
+                own(&e.path)
+                    + e.aliases.iter().map(own).sum::<usize>()
+                    + heap(e.aliases.len() * size_of::<Path>())
+                    + slot * 8 / 7
+            })
+            .sum();
+        (self.entries.len(), bytes)
+    }
 }
 
 #[cfg(test)]
@@ -236,6 +259,25 @@ mod tests {
             a,
             "numbers are not reused"
         );
+    }
+
+    /// The memory report's estimate of the table is not below what its names take, grows
+    /// with the nodes the kernel holds and falls when they are forgotten.
+    #[test]
+    fn memory_estimate_follows_the_nodes() {
+        let mut t = InodeTable::default();
+        let (n0, b0) = t.memory();
+        let long = "n".repeat(255);
+        let inos: Vec<u64> = (0..1000)
+            .map(|i| t.get_or_insert(p(&format!("volumes/{long}{i}")), true))
+            .collect();
+        let (n1, b1) = t.memory();
+        assert_eq!(n1, n0 + 1000);
+        assert!(b1 - b0 >= 1000 * 255, "{b0} -> {b1}");
+        for ino in inos {
+            t.forget(ino, 1);
+        }
+        assert_eq!(t.memory(), (n0, b0));
     }
 
     #[test]

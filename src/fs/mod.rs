@@ -177,6 +177,23 @@ impl SnapFs {
         &self.ns
     }
 
+    /// What this core's tables and the namespace's caches hold ([`crate::memreport`]).
+    pub fn memory(&self) -> Vec<crate::memreport::Held> {
+        use crate::memreport::Held;
+        let (n, b) = lock(&self.inodes).memory();
+        let parents = lock(&self.parents).len();
+        let handles = lock(&self.handles).len();
+        let mut v = vec![
+            Held::new("inodes", n, b),
+            // Two u64 in an LRU node with its table slot.
+            Held::new("parents", parents, parents * 96),
+            // A handle's own bytes (a directory of our tree keeps its entries besides).
+            Held::new("handles", handles, handles * 128),
+        ];
+        v.extend(self.ns.memory());
+        v
+    }
+
     fn path(&self, ino: u64) -> Result<Path> {
         lock(&self.inodes)
             .path(ino)

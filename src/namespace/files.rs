@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::bytelru::{ByteLru, Cost};
+use super::bytelru::{heap, ByteLru, Cost};
 use super::names::{self, escape};
 use super::registry::lock;
 use super::{Kind, Namespace, Stat};
@@ -200,6 +200,33 @@ struct VolumeRoot {
 }
 
 impl FilesCache {
+    /// What it holds ([`crate::memreport`]): the byte-budgeted caches as charged, the volume
+    /// numbers and roots estimated from their lengths.
+    pub fn memory(&self) -> Vec<crate::memreport::Held> {
+        use crate::memreport::Held;
+        let roots: usize = self
+            .roots
+            .iter()
+            .map(|r| {
+                let p = &r.path;
+                // The key holds the owner's, snapshot's, disk's and partition's names: it
+                // stands for the path's strings too. Then the numbers map's copy of the key.
+                let names = [&p.snap, &r.snap_id, &r.key, &r.key]
+                    .iter()
+                    .map(|s| heap(s.len()))
+                    .sum::<usize>()
+                    + heap(r.key.len());
+                heap(std::mem::size_of::<VolumeRoot>() + 16) + names + 64
+            })
+            .sum();
+        vec![
+            Held::new("volumes", self.volumes.len(), 0),
+            Held::new("partitions", self.partitions.len(), self.partitions.bytes()),
+            Held::new("guest_paths", self.paths.len(), self.paths.bytes()),
+            Held::new("volume_roots", self.roots.len(), roots),
+        ]
+    }
+
     pub fn new(volumes: usize) -> Self {
         let n = |v: usize| std::num::NonZeroUsize::new(v).unwrap_or(std::num::NonZeroUsize::MIN);
         FilesCache {

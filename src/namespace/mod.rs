@@ -280,6 +280,19 @@ const DIR_PERM: u16 = 0o755;
 const FILE_PERM: u16 = 0o444;
 
 impl Namespace {
+    /// What the namespace's caches and tables hold ([`crate::memreport`]).
+    pub fn memory(&self) -> Vec<crate::memreport::Held> {
+        use crate::memreport::Held;
+        let disks = lock(&self.disks).len();
+        let pending = lock(&self.pending).len();
+        let mut v = lock(&self.files).memory();
+        // Counts only: an open disk's own caches are in the block cache, and a pending link
+        // is a few dozen bytes (its names at most 255 bytes each).
+        v.push(Held::new("open_disks", disks, 0));
+        v.push(Held::new("pending_links", pending, pending * 640));
+        v
+    }
+
     pub fn new(providers: Vec<Arc<dyn Provider>>, mountpoint: PathBuf, ttl: Duration) -> Self {
         Namespace {
             reg: Registry::new(providers, ttl),

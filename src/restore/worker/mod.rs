@@ -69,7 +69,7 @@ impl Default for WorkerConfig {
             mem_mb: 512,
             cpu_secs: 3600,
             test_hooks: false,
-            cache_bytes: 64 << 20,
+            cache_bytes: 16 << 20,
         }
     }
 }
