@@ -230,9 +230,9 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
             return Err(e);
         }
     };
-    let ours = mount_entry(&mountpoint).map(|(dev, _)| dev);
+    let ours = mount_entry(&mountpoint).map(|(dev, _)| Ours::of(dev));
     match &ours {
-        Some(dev) => raise_read_ahead(dev, cfg.read_ahead_kb),
+        Some(o) => raise_read_ahead(&o.dev, cfg.read_ahead_kb),
         None => warn!("our mount is missing from /proc/self/mountinfo"),
     }
     info!(mountpoint = %mountpoint.display(), threads = cfg.threads, "mounted");
@@ -259,7 +259,7 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
             }
             info!(signal = sig, "signal received: unmounting");
             crate::notify::notify("STOPPING=1");
-            if let Err(e) = unmount_ours(&mp, dev.as_deref()) {
+            if let Err(e) = unmount_ours(&mp, dev.as_ref()) {
                 warn!(error = %e, "unmount on signal failed");
             }
         })
@@ -279,7 +279,7 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
     crate::notify::notify("STOPPING=1");
     if served.is_err() {
         // Ended by an error of its own while still mounted: take our mount down (only ours).
-        let _ = unmount_ours(&mountpoint, ours.as_deref());
+        let _ = unmount_ours(&mountpoint, ours.as_ref());
     }
     served?;
     info!(mountpoint = %mountpoint.display(), "unmounted; exiting");
@@ -407,21 +407,59 @@ fn kernel_mount(mp: &Path, allow_other: bool) -> anyhow::Result<OwnedFd> {
     Ok(dev)
 }
 
-/// On a signal: unmount our own mount, `dev` ("major:minor"), which is at `mp` unless it was
-/// detached (`umount -l`) meanwhile. Then whatever is mounted at `mp` now (another daemon's
-/// mount, made after the detach) is not ours to unmount: our connection is aborted instead,
-/// which ends our session.
-fn unmount_ours(mp: &Path, dev: Option<&str>) -> anyhow::Result<()> {
+/// Our FUSE connection: the mount's device ("major:minor") and, taken right after mounting
+/// while it is certainly ours, its fusectl `abort` file with that file's inode. The minor
+/// alone does not name it for long: the kernel gives it to the next mount as soon as ours is
+/// gone, and that mount may even be at our path (F6's reasoning, for the unmount on a signal).
+#[derive(Clone)]
+struct Ours {
+    dev: String,
+    conn: Option<(PathBuf, u64)>,
+}
+
+impl Ours {
+    fn of(dev: String) -> Ours {
+        use std::os::unix::fs::MetadataExt;
+        let conn = dev.split(':').nth(1).and_then(|minor| {
+            let abort = fusectl()?.join(minor).join("abort");
+            let ino = std::fs::metadata(&abort).ok()?.ino();
+            Some((abort, ino))
+        });
+        Ours { dev, conn }
+    }
+
+    /// Whether our connection still exists (None: no fusectl to tell).
+    fn alive(&self) -> Option<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let (abort, ino) = self.conn.as_ref()?;
+        Some(std::fs::metadata(abort).is_ok_and(|m| m.ino() == *ino))
+    }
+}
+
+/// On a signal: unmount our own mount, which is at `mp` unless it was detached (`umount -l`)
+/// meanwhile. Then whatever is mounted at `mp` now (another daemon's mount, made after the
+/// detach) is not ours to unmount: our connection is aborted instead, which ends our session.
+/// A mount at `mp` with our device number is ours only while our connection still exists:
+/// once it is gone, that number may be the next mount's.
+fn unmount_ours(mp: &Path, ours: Option<&Ours>) -> anyhow::Result<()> {
     let at_mp = mount_entry(mp).map(|(d, _)| d);
-    match dev {
-        Some(dev) if at_mp.as_deref() != Some(dev) => {
-            warn!(mountpoint = %mp.display(), ours = dev, now = ?at_mp, "our mount was detached and something else is mounted there: aborting our connection, leaving that mount alone");
-            let minor = dev.split(':').nth(1).unwrap_or(dev);
-            let ctl = fusectl().context("no fusectl to abort our FUSE connection")?;
-            std::fs::write(ctl.join(minor).join("abort"), "1")
-                .with_context(|| format!("aborting FUSE connection {minor}"))
+    let Some(ours) = ours else {
+        return unmount_path(mp, true);
+    };
+    if at_mp.as_deref() == Some(ours.dev.as_str()) {
+        if ours.alive() == Some(false) {
+            warn!(mountpoint = %mp.display(), dev = %ours.dev, "our FUSE connection is gone and a new mount at our path has its device number: left alone");
+            return Ok(());
         }
-        _ => unmount_path(mp, true),
+        return unmount_path(mp, true);
+    }
+    warn!(mountpoint = %mp.display(), ours = %ours.dev, now = ?at_mp, "our mount was detached and something else is mounted there: aborting our connection, leaving that mount alone");
+    match &ours.conn {
+        Some((abort, ino)) => {
+            abort_if_same(abort, *ino);
+            Ok(())
+        }
+        None => anyhow::bail!("no fusectl to abort our FUSE connection"),
     }
 }
 

@@ -122,3 +122,86 @@ fn a_fatal_signal_leaves_a_line_in_the_log() {
         );
     }
 }
+
+/// The unmount a daemon does on SIGTERM, when its own mount is gone and another daemon's
+/// mount at the same path has its device minor: daemon A is stopped (SIGSTOP), its mount
+/// detached (`umount -l`: not busy, so its connection ends and its minor is free), daemon B
+/// mounted at the same path (taking the minor when nothing else took it first), then A gets
+/// SIGTERM and runs on. A must leave B alone: B's mount is at A's path with A's device
+/// number, but A's connection (its fusectl abort file, by inode) is gone. Before, A took the
+/// mount for its own and unmounted B (when its signal thread ran before its session noticed
+/// the end: not every run can tell).
+#[test]
+fn sigterm_leaves_a_new_mount_at_our_path_with_our_minor_alone() {
+    let images = tempfile::tempdir().expect("tempdir");
+    let pool = images.path().join("pool");
+    std::fs::create_dir(&pool).expect("mkdir pool");
+    for attempt in 1..=10 {
+        let a = Mount::new(&pool);
+        let minor_a = minor_of(&a.mnt).expect("A's minor");
+        let pid_a = a.daemon_pid().expect("A's pid");
+        // SAFETY: kill(2) of the daemon this test started.
+        unsafe { libc::kill(pid_a, libc::SIGSTOP) };
+        let c = std::ffi::CString::new(a.mnt.to_string_lossy().as_bytes()).unwrap();
+        // SAFETY: c is a valid NUL-terminated path.
+        let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        assert_eq!(rc, 0, "umount -l {}", a.mnt.display());
+        let state_b = a.dir.path().join("state-b");
+        let out = Command::new(BIN)
+            .args(["mount", "--images"])
+            .arg(&pool)
+            .arg("--state-dir")
+            .arg(&state_b)
+            .arg(&a.mnt)
+            .output()
+            .expect("snapfs mount B");
+        let unmount_b = || {
+            let _ = Command::new(BIN)
+                .args(["unmount", "--lazy"])
+                .arg(&a.mnt)
+                .output();
+        };
+        if !out.status.success() {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid_a, libc::SIGCONT) };
+            panic!("mount B: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let minor_b = minor_of(&a.mnt).expect("B's minor");
+        let pid_b = find_process(|args| {
+            args.get(1).is_some_and(|x| x == "mount")
+                && args.iter().any(|x| Path::new(x) == a.mnt)
+                && args.iter().any(|x| Path::new(x) == state_b)
+        })
+        .expect("B's pid");
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(pid_a, libc::SIGTERM);
+            libc::kill(pid_a, libc::SIGCONT);
+        }
+        assert!(
+            wait_gone(pid_a, Duration::from_secs(10)),
+            "A outlived SIGTERM"
+        );
+        if minor_b != minor_a {
+            eprintln!("attempt {attempt}: B got minor {minor_b}, not A's {minor_a}: again");
+            unmount_b();
+            wait_gone(pid_b, Duration::from_secs(10));
+            continue;
+        }
+        let log_b = std::fs::read_to_string(state_b.join("snapfs.log")).unwrap_or_default();
+        let here = minor_of(&a.mnt);
+        let served = std::fs::read_dir(&a.mnt).is_ok();
+        unmount_b();
+        wait_gone(pid_b, Duration::from_secs(10));
+        assert_eq!(
+            here.as_deref(),
+            Some(minor_b.as_str()),
+            "B (A's minor {minor_a}, at A's path) was unmounted by A's SIGTERM; A's log:\n{}\nB's log:\n{log_b}",
+            a.log()
+        );
+        assert!(served, "B does not answer; B's log:\n{log_b}");
+        assert!(!log_b.contains("unmounted; exiting"), "{log_b}");
+        return;
+    }
+    panic!("B never got A's minor in 10 attempts: nothing was tested");
+}

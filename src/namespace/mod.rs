@@ -680,7 +680,7 @@ impl Namespace {
         let (l, _) = launches
             .iter()
             .find(|(l, _)| &l.name == n)
-            .ok_or_else(|| Error::NotFound(format!("launch {n}")))?;
+            .ok_or_else(|| launches.missing(&format!("launch {n}")))?;
         Ok(format!(
             "../{INSTANCES}/{}/{SNAPSHOTS}/{}",
             escape(&l.instance),
@@ -991,10 +991,12 @@ impl Namespace {
         check_new_name(file_name)?;
         let (instance, snap) = self.parse_launch_target(target)?;
         let instances = self.reg.instances()?;
-        if instances.iter().any(|(n, _)| n == new)
-            || self.reg.launches()?.iter().any(|(l, _)| &l.name == new)
-        {
+        let launches = self.reg.launches()?;
+        if instances.iter().any(|(n, _)| n == new) || launches.iter().any(|(l, _)| &l.name == new) {
             return Err(Error::Exists(format!("instance {new}")));
+        }
+        if !launches.complete() {
+            return Err(launches.missing(&format!("whether launch {new} exists")));
         }
         if !instances.complete() {
             // A backend that does not answer may hold that name already.
@@ -1107,7 +1109,7 @@ impl Namespace {
         let (_, i) = launches
             .iter()
             .find(|(l, _)| &l.name == name)
-            .ok_or_else(|| Error::NotFound(format!("launch {name}")))?;
+            .ok_or_else(|| launches.missing(&format!("launch {name}")))?;
         let res = self.reg.provider_at(*i)?.forget_launch(name);
         self.reg.instances_changed();
         res

@@ -13,33 +13,58 @@ use crate::error::{Error, Result};
 use crate::provider::{LaunchInfo, ObjectInfo, Owner, Provider, SnapshotInfo};
 
 /// A map whose entries expire after `ttl`.
+///
+/// A load runs without the lock, so it may read the backend before a change made through
+/// snapfs and finish after that change's `invalidate`: caching its answer then would bring
+/// the old state back for a whole TTL (F8: a `mkdir` whose new snapshot was not found right
+/// after it was made, because a listing begun before it was cached after it). So every
+/// `invalidate` counts, and a load is cached only when no invalidation happened while it ran
+/// (its answer is still returned to its own caller, which asked before the change ended).
 struct Ttl<K, V> {
     ttl: Duration,
-    map: Mutex<HashMap<K, (Instant, V)>>,
+    map: Mutex<Cache<K, V>>,
+}
+
+struct Cache<K, V> {
+    entries: HashMap<K, (Instant, V)>,
+    /// Invalidations so far.
+    epoch: u64,
 }
 
 impl<K: Eq + Hash + Clone, V: Clone> Ttl<K, V> {
     fn new(ttl: Duration) -> Self {
         Ttl {
             ttl,
-            map: Mutex::new(HashMap::new()),
+            map: Mutex::new(Cache {
+                entries: HashMap::new(),
+                epoch: 0,
+            }),
         }
     }
 
     /// The cached value, or `load()`'s, cached. The backend is called without the lock held.
     fn get(&self, key: &K, load: impl FnOnce() -> Result<V>) -> Result<V> {
-        if let Some((at, v)) = lock(&self.map).get(key) {
-            if at.elapsed() < self.ttl {
-                return Ok(v.clone());
+        let epoch = {
+            let g = lock(&self.map);
+            if let Some((at, v)) = g.entries.get(key) {
+                if at.elapsed() < self.ttl {
+                    return Ok(v.clone());
+                }
             }
-        }
+            g.epoch
+        };
         let v = load()?;
-        lock(&self.map).insert(key.clone(), (Instant::now(), v.clone()));
+        let mut g = lock(&self.map);
+        if g.epoch == epoch {
+            g.entries.insert(key.clone(), (Instant::now(), v.clone()));
+        }
         Ok(v)
     }
 
     fn invalidate(&self, key: &K) {
-        lock(&self.map).remove(key);
+        let mut g = lock(&self.map);
+        g.entries.remove(key);
+        g.epoch += 1;
     }
 }
 
@@ -50,26 +75,37 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 type Index = Arc<Names>;
 
-/// Names listed by the providers, each with the index of its provider, and what the
-/// providers that did not answer said: one backend's outage (libvirtd stopped, a remote host
-/// gone) must not take the others' names out of the tree.
-#[derive(Default)]
-pub struct Names {
-    names: Vec<(String, usize)>,
+/// Names listed by the providers, each with the index of its provider.
+pub type Names = Listed<(String, usize)>;
+
+/// What the providers listed, and what the providers that did not answer said: one backend's
+/// outage (libvirtd stopped, a remote host gone) must not take the others' entries out of the
+/// tree.
+pub struct Listed<T> {
+    items: Vec<T>,
     /// "<kind>: <error>" of each provider whose listing failed.
     failed: Vec<String>,
 }
 
-impl std::ops::Deref for Names {
-    type Target = Vec<(String, usize)>;
-    fn deref(&self) -> &Self::Target {
-        &self.names
+impl<T> Default for Listed<T> {
+    fn default() -> Self {
+        Listed {
+            items: Vec::new(),
+            failed: Vec::new(),
+        }
     }
 }
 
-impl Names {
-    /// `what` is not among the names: ENOENT, or EIO while a provider that might hold it did
-    /// not answer.
+impl<T> std::ops::Deref for Listed<T> {
+    type Target = Vec<T>;
+    fn deref(&self) -> &Self::Target {
+        &self.items
+    }
+}
+
+impl<T> Listed<T> {
+    /// `what` is not among the entries: ENOENT, or EIO while a provider that might hold it
+    /// did not answer.
     pub fn missing(&self, what: &str) -> Error {
         if self.failed.is_empty() {
             Error::NotFound(what.to_string())
@@ -91,7 +127,7 @@ pub struct Registry {
     providers: Vec<Arc<dyn Provider>>,
     pools: Ttl<(), Index>,
     instances: Ttl<(), Index>,
-    launches: Ttl<(), Arc<Vec<(LaunchInfo, usize)>>>,
+    launches: Ttl<(), Arc<Listed<(LaunchInfo, usize)>>>,
     volumes: Ttl<String, Arc<Vec<String>>>,
     infos: Ttl<Owner, ObjectInfo>,
     snapshots: Ttl<Owner, Arc<Vec<SnapshotInfo>>>,
@@ -110,33 +146,28 @@ impl Registry {
         }
     }
 
-    /// Names from every provider; a name two providers both have goes to the first. A
-    /// provider whose listing fails is left out (and noted, so a lookup of a name not found
-    /// is EIO, not ENOENT); only when every provider fails is the listing an error.
-    fn index(&self, list: impl Fn(&dyn Provider) -> Result<Vec<String>>) -> Result<Index> {
-        let mut seen = std::collections::HashSet::new();
+    /// What every provider lists, each entry with its provider's index. A provider whose
+    /// listing fails is left out (and noted, so a lookup of a name not found is EIO, not
+    /// ENOENT); only when every provider fails is the listing an error.
+    fn gather<T>(
+        &self,
+        what: &str,
+        list: impl Fn(&dyn Provider) -> Result<Vec<T>>,
+    ) -> Result<Listed<(T, usize)>> {
         let mut out = Vec::new();
         let mut failed = Vec::new();
         let mut first_err = None;
         for (i, p) in self.providers.iter().enumerate() {
-            let names = match list(p.as_ref()) {
-                Ok(names) => names,
+            match list(p.as_ref()) {
+                Ok(items) => out.extend(items.into_iter().map(|x| (x, i))),
                 Err(e) => {
-                    tracing::warn!(provider = p.kind(), error = %e, "listing failed: its names are left out until it answers");
-                    failed.push(format!("{}: {e}", p.kind()));
-                    first_err.get_or_insert(e);
-                    continue;
-                }
-            };
-            for name in names {
-                if seen.insert(name.clone()) {
-                    out.push((name, i));
-                } else {
+                    // Once per provider and error (rate-limited): an outage may last hours.
                     crate::input_warn!(
                         p.kind(),
-                        "name {} already taken by another provider; hidden",
-                        crate::log_limit::esc_str(&name)
+                        "listing {what} failed, its entries are left out until it answers: {e}"
                     );
+                    failed.push(format!("{}: {e}", p.kind()));
+                    first_err.get_or_insert(e);
                 }
             }
         }
@@ -145,24 +176,50 @@ impl Registry {
                 return Err(e);
             }
         }
-        Ok(Arc::new(Names { names: out, failed }))
+        Ok(Listed { items: out, failed })
+    }
+
+    /// Names from every provider (see [`Registry::gather`]); a name two providers both have
+    /// goes to the first.
+    fn index(
+        &self,
+        what: &str,
+        list: impl Fn(&dyn Provider) -> Result<Vec<String>>,
+    ) -> Result<Index> {
+        let all = self.gather(what, list)?;
+        let mut seen = std::collections::HashSet::new();
+        let mut names = Vec::new();
+        for (name, i) in all.items {
+            if seen.insert(name.clone()) {
+                names.push((name, i));
+            } else {
+                let kind = self.providers.get(i).map_or("?", |p| p.kind());
+                crate::input_warn!(
+                    kind,
+                    "name {} already taken by another provider; hidden",
+                    crate::log_limit::esc_str(&name)
+                );
+            }
+        }
+        Ok(Arc::new(Listed {
+            items: names,
+            failed: all.failed,
+        }))
     }
 
     pub fn pools(&self) -> Result<Index> {
-        self.pools.get(&(), || self.index(|p| p.pools()))
+        self.pools.get(&(), || self.index("pools", |p| p.pools()))
     }
 
     pub fn instances(&self) -> Result<Index> {
-        self.instances.get(&(), || self.index(|p| p.instances()))
+        self.instances
+            .get(&(), || self.index("instances", |p| p.instances()))
     }
 
-    pub fn launches(&self) -> Result<Arc<Vec<(LaunchInfo, usize)>>> {
+    /// The launches of every provider that answered (see [`Registry::gather`]).
+    pub fn launches(&self) -> Result<Arc<Listed<(LaunchInfo, usize)>>> {
         self.launches.get(&(), || {
-            let mut out = Vec::new();
-            for (i, p) in self.providers.iter().enumerate() {
-                out.extend(p.launches()?.into_iter().map(|l| (l, i)));
-            }
-            Ok(Arc::new(out))
+            Ok(Arc::new(self.gather("launches", |p| p.launches())?))
         })
     }
 
@@ -271,6 +328,9 @@ mod tests {
         fn instances(&self) -> Result<Vec<String>> {
             Err(Error::Backend("connecting: no such socket".into()))
         }
+        fn launches(&self) -> Result<Vec<LaunchInfo>> {
+            Err(Error::Backend("connecting: no such socket".into()))
+        }
         fn info(&self, owner: &Owner) -> Result<ObjectInfo> {
             Err(Error::NotFound(owner.to_string()))
         }
@@ -329,5 +389,133 @@ mod tests {
             up.provider(&Owner::Instance("db".into())),
             Err(Error::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn one_provider_down_leaves_the_others_launches_and_makes_misses_eio() {
+        let mem = MemoryProvider::with_delay(Duration::ZERO);
+        mem.add_instance("web", &[("vda", vec![0; 512])]);
+        mem.create_snapshot(&Owner::Instance("web".into()), "s1")
+            .unwrap();
+        mem.launch("copy", "web", "s1").unwrap();
+        let reg = Registry::new(vec![Arc::new(Down), Arc::new(mem)], Duration::ZERO);
+        let launches = reg.launches().unwrap();
+        assert_eq!(
+            launches
+                .iter()
+                .map(|(l, i)| (l.name.as_str(), *i))
+                .collect::<Vec<_>>(),
+            [("copy", 1)]
+        );
+        assert!(!launches.complete());
+        assert!(matches!(
+            launches.missing("launch other"),
+            Error::Backend(m) if m.contains("does not answer")
+        ));
+        // Every provider down: the listing is the error.
+        let alone = Registry::new(vec![Arc::new(Down)], Duration::ZERO);
+        assert!(matches!(alone.launches(), Err(Error::Backend(_))));
+        // All answering: complete, a miss is ENOENT.
+        let up = Registry::new(
+            vec![Arc::new(MemoryProvider::with_delay(Duration::ZERO))],
+            Duration::ZERO,
+        );
+        let l = up.launches().unwrap();
+        assert!(l.complete());
+        assert!(matches!(l.missing("launch other"), Error::NotFound(_)));
+    }
+
+    /// A provider whose snapshot listing reads its state, then waits to be let go: a listing
+    /// that began before a change and ends after it.
+    struct Gated {
+        snaps: Mutex<Vec<String>>,
+        /// When set, the next listing reports on `read` once it has read, then waits on `go`.
+        gate: Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
+    }
+
+    impl Provider for Gated {
+        fn kind(&self) -> &'static str {
+            "gated"
+        }
+        fn pools(&self) -> Result<Vec<String>> {
+            Ok(vec!["pool".into()])
+        }
+        fn volumes(&self, _: &str) -> Result<Vec<String>> {
+            Ok(vec!["vol".into()])
+        }
+        fn info(&self, owner: &Owner) -> Result<ObjectInfo> {
+            Err(Error::NotFound(owner.to_string()))
+        }
+        fn snapshots(&self, _: &Owner) -> Result<Vec<SnapshotInfo>> {
+            let names = lock(&self.snaps).clone();
+            let gate = lock(&self.gate).take();
+            if let Some((read, go)) = gate {
+                let _ = read.send(());
+                let _ = go.recv();
+            }
+            Ok(names
+                .into_iter()
+                .map(|n| SnapshotInfo {
+                    id: n.clone(),
+                    name: n,
+                    created: std::time::UNIX_EPOCH,
+                    disks: Vec::new(),
+                    json: Arc::new(serde_json::Value::Null),
+                })
+                .collect())
+        }
+        fn create_snapshot(&self, _: &Owner, name: &str) -> Result<()> {
+            lock(&self.snaps).push(name.to_string());
+            Ok(())
+        }
+        fn delete_snapshot(&self, owner: &Owner, _: &str) -> Result<()> {
+            Err(Error::NotFound(owner.to_string()))
+        }
+        fn open_disk(
+            &self,
+            owner: &Owner,
+            _: &SnapshotInfo,
+            _: &str,
+        ) -> Result<Arc<dyn BlockImage>> {
+            Err(Error::NotFound(owner.to_string()))
+        }
+    }
+
+    /// F8: a listing begun before a snapshot was made and finished after the registry was told
+    /// of the change must not be cached: the new snapshot is found right after its mkdir.
+    #[test]
+    fn a_listing_begun_before_a_change_is_not_cached_after_it() {
+        let (read_tx, read_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel();
+        let gated = Arc::new(Gated {
+            snaps: Mutex::new(vec!["c1".into()]),
+            gate: Mutex::new(Some((read_tx, go_rx))),
+        });
+        let reg = Arc::new(Registry::new(
+            vec![gated.clone() as Arc<dyn Provider>],
+            Duration::from_secs(3600),
+        ));
+        let vol = Owner::Volume {
+            pool: "pool".into(),
+            name: "vol".into(),
+        };
+        let (r2, v2) = (reg.clone(), vol.clone());
+        let early = std::thread::spawn(move || r2.snapshots(&v2).map(|s| s.len()));
+        // The early listing has read the old state ...
+        read_rx.recv().unwrap();
+        // ... the snapshot is made and the registry told, as mkdir does ...
+        gated.create_snapshot(&vol, "c7").unwrap();
+        reg.changed(&vol);
+        // ... and then the early listing ends, with the old state, which its caller gets.
+        go_tx.send(()).unwrap();
+        assert_eq!(early.join().unwrap().unwrap(), 1);
+        // The lookup after the mkdir sees the new snapshot.
+        assert!(
+            reg.snapshot(&vol, "c7").is_ok(),
+            "the stale listing was cached after the change"
+        );
+        // And a listing with no change during it is cached (the backend is not asked again).
+        lock(&gated.snaps).push("c8".into());
+        assert!(reg.snapshot(&vol, "c8").is_err());
     }
 }
