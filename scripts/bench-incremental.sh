@@ -5,6 +5,8 @@
 #   --snapfs BIN     snapfs binary (default target/release/snapfs; built if missing)
 #   --size-gib N     disk size (default 16)
 #   --changed-pct P  percent of 4 MiB blocks rewritten between s1 and s2 (default 1)
+#   --prefix NAME    prefix of the RBD image and the domain (default issue-15-bench)
+#   --only CASE      run one case: rbd, internal or chain (default all three)
 #   WORKDIR          default /var/tmp/issue-15-bench-incremental (removed at the end)
 #
 # Two disks of N GiB, each with 64 random 4 MiB blocks written before s1 and P % of all 4 MiB
@@ -27,26 +29,32 @@ SNAPFS=$REPO/target/release/snapfs
 SIZE_GIB=16
 PCT=1
 WORK=/var/tmp/issue-15-bench-incremental
+PREFIX=issue-15-bench
+ONLY=all
 while [[ $# -gt 0 ]]; do
   case $1 in
     --snapfs) SNAPFS=$2; shift 2 ;;
     --size-gib) SIZE_GIB=$2; shift 2 ;;
     --changed-pct) PCT=$2; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --prefix) PREFIX=$2; shift 2 ;;
+    --only) ONLY=$2; shift 2 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) WORK=$1; shift ;;
   esac
 done
 [[ -x $SNAPFS ]] || (cd "$REPO" && cargo build --release --bin snapfs)
 CONF=${CEPH_CONF:-/var/lib/snapfs-ceph/ceph.conf}
-IMG=rbd/issue-15-bench
-DOM=issue-15-bench-chain
+IMG=rbd/$PREFIX
+DOM=$PREFIX-chain
 MNT=$WORK/mnt
 mkdir -p "$WORK/pool" "$MNT"
 
 cleanup() {
   "$SNAPFS" unmount --lazy "$MNT" >/dev/null 2>&1 || true
-  rbd -c "$CONF" snap purge --no-progress "$IMG" >/dev/null 2>&1 || true
-  rbd -c "$CONF" rm --no-progress "$IMG" >/dev/null 2>&1 || true
+  if [[ $ONLY == all || $ONLY == rbd ]]; then
+    rbd -c "$CONF" snap purge --no-progress "$IMG" >/dev/null 2>&1 || true
+    rbd -c "$CONF" rm --no-progress "$IMG" >/dev/null 2>&1 || true
+  fi
   for s in s2 s1; do virsh -q snapshot-delete "$DOM" "$s" --metadata >/dev/null 2>&1 || true; done
   virsh -q undefine "$DOM" >/dev/null 2>&1 || true
   rm -rf "$WORK"
@@ -97,6 +105,7 @@ overreport() {  # overreport JSON
 }
 
 # --- RBD ---
+if [[ $ONLY == all || $ONLY == rbd ]]; then
 rbd -c "$CONF" snap purge --no-progress "$IMG" >/dev/null 2>&1 || true
 rbd -c "$CONF" rm --no-progress "$IMG" >/dev/null 2>&1 || true
 rbd -c "$CONF" create --size "${SIZE_GIB}G" "$IMG"
@@ -107,7 +116,7 @@ qemu-io -f raw "${OPS2[@]}" "$R" >/dev/null
 rbd -c "$CONF" snap create --no-progress "$IMG@s2"
 
 mount_snapfs --ceph "$CONF" --pool rbd
-D=$MNT/volumes/rbd/issue-15-bench/.snapshots/s2/since/s1
+D=$MNT/volumes/rbd/$PREFIX/.snapshots/s2/since/s1
 t0=$(now); cat "$D/disk.extents.json" > "$WORK/rbd.json"; t1=$(now)
 p0=$(now); rbd -c "$CONF" diff --from-snap s1 "$IMG@s2" > /dev/null; p1=$(now)
 report "rbd: list extents" "$(secs "$t0" "$t1")" "$(secs "$p0" "$p1")" "rbd diff --from-snap"
@@ -117,8 +126,10 @@ p0=$(now); rbd -c "$CONF" export-diff --no-progress --from-snap s1 "$IMG@s2" "$W
 report "rbd: copy since/ out" "$(secs "$t0" "$t1")" "$(secs "$p0" "$p1")" "rbd export-diff --from-snap"
 echo "rbd: $(overreport "$WORK/rbd.json"); daemon VmHWM $(grep VmHWM /proc/$(pgrep -nf "snapfs mount --state-dir $WORK/state")/status 2>/dev/null | awk '{print $2, $3}')"
 rm -f "$WORK/rbd-since.raw" "$WORK/rbd.diff"
+fi
 
 # --- qcow2 internal snapshots ---
+if [[ $ONLY == all || $ONLY == internal ]]; then
 Q=$WORK/pool/d.qcow2
 qemu-img create -q -f qcow2 "$Q" "${SIZE_GIB}G"
 qemu-io -f qcow2 "${OPS1[@]}" "$Q" >/dev/null
@@ -138,8 +149,10 @@ mount_snapfs --images "$WORK/pool"
 t0=$(now); cp --sparse=always "$D/disk.raw" "$WORK/q-since.raw"; t1=$(now)
 report "qcow2 internal: copy since/ out" "$(secs "$t0" "$t1")" "0" "(no qemu peer)"
 echo "qcow2 internal: $(overreport "$WORK/q.json")"
+fi
 
 # --- qcow2 external chain (libvirt disk-only snapshots of a shut-off domain) ---
+[[ $ONLY == all || $ONLY == chain ]] || exit 0
 if ! virsh -q version >/dev/null 2>&1; then
   echo "qcow2 chain: skipped (libvirt at qemu:///system does not answer)"
   exit 0

@@ -100,9 +100,14 @@ virsh_snapshot() {  # virsh_snapshot K
 virsh_mem_file() { if [[ $RBD == 1 ]]; then echo "$WORK/v$1.mem"; else echo "$BASE/images/$NAME.v$1.mem"; fi; }
 virsh_revert() {  # virsh_revert K
     if [[ $RBD == 1 ]]; then
+        local p0 p1 p2
+        p0=$(now_ms)
         virsh -q destroy "$NAME" >/dev/null
+        p1=$(now_ms)
         rbd snap rollback --no-progress "rbd/$NAME-vda@v$1"
+        p2=$(now_ms)
         virsh -q restore "$WORK/v$1.mem" --running >/dev/null
+        echo "v$1 destroy=$((p1 - p0)) rollback=$((p2 - p1)) restore=$(( $(now_ms) - p2 ))" >> "$WORK/peer-steps"
     else
         virsh -q snapshot-revert "$NAME" "v$1" --running >/dev/null
     fi
@@ -199,4 +204,13 @@ awk -v s="$rsm" -v v="$rvm" 'BEGIN { printf "  ratio snapfs / virsh (medians): %
 echo "  raw ms snapfs: ${R_SNAPFS[*]}"
 echo "  raw ms virsh:  ${R_VIRSH[*]}"
 echo "  snapfs with the default --revert-keep=yes (a before-revert memory snapshot first): $r_keep ms"
+# Where snapfs's revert time goes: its steps as the daemon logged them (RBD), and the whole
+# revert (check_ms + ms) against the ln -sfn's wall time above.
+echo "  snapfs steps (daemon log, ms):"
+grep -E 'rbd revert steps|reverted' "$WORK/state/snapfs.log" | sed -E 's/^.*(snapshot=|snap=)/    \1/' || true
+if [[ -f $WORK/peer-steps ]]; then
+    echo "  peer steps (ms):"
+    sed 's/^/    /' "$WORK/peer-steps"
+fi
+[[ -n ${KEEP_LOG:-} ]] && cp "$WORK/state/snapfs.log" "$KEEP_LOG"
 echo "  host load after: $(cut -d' ' -f1-3 /proc/loadavg)"

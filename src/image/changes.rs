@@ -189,7 +189,14 @@ pub fn changed_extents(newer: &dyn BlockImage, older: Option<&dyn BlockImage>) -
         }
     };
     let ranges = col.finish();
-    let extents = with_zero_flags(newer, &ranges)?;
+    let mut extents = with_zero_flags(newer, &ranges)?;
+    if method == "qcow2 chain" {
+        // The overlays allocate zero clusters over areas that already read as zeros (a
+        // zero-write or discard there): both points read zeros, so nothing changed.
+        if let Some(kept) = drop_zeros_over_zeros(older, &extents)? {
+            extents = kept;
+        }
+    }
     Ok(Changes {
         extents,
         method,
@@ -413,6 +420,75 @@ fn with_zero_flags(newer: &dyn BlockImage, ranges: &[(u64, u64)]) -> Result<Vec<
         out = join_as_data(out);
     }
     Ok(out)
+}
+
+/// `extents` without the parts of its `zero: true` extents where `older` too reads as zeros by
+/// its own map (unallocated or zero all the way down its chain): there both images read zeros,
+/// so those bytes did not change. Data extents are kept whole, so no change is ever dropped on
+/// the strength of content that was not read. None: keep `extents` as they are (no older
+/// image, or the result would pass [`MAX_CHANGES`]).
+fn drop_zeros_over_zeros(
+    older: Option<&dyn BlockImage>,
+    extents: &[Change],
+) -> Result<Option<Vec<Change>>> {
+    let Some(older) = older else {
+        return Ok(None);
+    };
+    let osize = older.size();
+    let mut out: Vec<Change> = Vec::with_capacity(extents.len());
+    let push = |out: &mut Vec<Change>, offset: u64, end: u64, zero: bool| {
+        if end <= offset {
+            return;
+        }
+        if let Some(l) = out.last_mut() {
+            if l.zero == zero && l.offset + l.length == offset {
+                l.length = end - l.offset;
+                return;
+            }
+        }
+        out.push(Change {
+            offset,
+            length: end - offset,
+            zero,
+        });
+    };
+    for c in extents {
+        let end = c.offset + c.length;
+        if !c.zero || c.offset >= osize {
+            push(&mut out, c.offset, end, c.zero);
+            continue;
+        }
+        // Inside the older image's size: keep what it maps as data (it may hold non-zeros).
+        let inside = end.min(osize);
+        let mut pos = c.offset;
+        while pos < inside {
+            let ext = older.map(pos, inside - pos)?;
+            let Some(last) = ext.last() else { break };
+            let next = last.offset + last.length;
+            for x in ext {
+                if x.kind != ExtentKind::Zero {
+                    push(
+                        &mut out,
+                        x.offset.max(pos),
+                        (x.offset + x.length).min(inside),
+                        true,
+                    );
+                }
+            }
+            if next <= pos {
+                break;
+            }
+            pos = next;
+        }
+        // A map that stopped short: the rest stays reported.
+        push(&mut out, pos.min(inside), inside, true);
+        // A disk that grew: the new tail stays reported.
+        push(&mut out, inside, end, true);
+        if out.len() > MAX_CHANGES {
+            return Ok(None);
+        }
+    }
+    Ok(Some(out))
 }
 
 /// Merge touching extents regardless of `zero` (the joint piece is data).

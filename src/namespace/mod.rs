@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use lru::LruCache;
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::error::{Error, Result};
 use crate::image::BlockImage;
@@ -845,15 +845,19 @@ impl Namespace {
     /// answered: a daemon killed in between leaves the intent, which the next one resolves by
     /// asking the backend ([`Namespace::recover_reverts`]).
     fn revert(&self, owner: &Owner, snap: &str) -> Result<()> {
+        let listed = std::time::Instant::now();
         let provider = self.reg.provider(owner)?;
         let _busy = self.begin(owner)?;
         let snaps = self.reg.snapshots(owner)?;
+        let list_ms = listed.elapsed().as_millis() as u64;
         let target = snaps
             .iter()
             .find(|s| s.name == snap)
             .cloned()
             .ok_or_else(|| Error::Invalid(format!("snapshot {snap} of {owner} is gone")))?;
+        let checked = std::time::Instant::now();
         provider.check_revert(owner, &target)?;
+        let check_ms = checked.elapsed().as_millis() as u64;
         if self.revert_keep {
             let stamp = rfc3339_name(SystemTime::now());
             let mut keep = format!("before-revert-{stamp}");
@@ -888,7 +892,7 @@ impl Namespace {
         if records {
             self.lineage.reverted(owner, SnapRef::of(&target));
         }
-        info!(%owner, %snap, ms = started.elapsed().as_millis() as u64, "reverted");
+        info!(%owner, %snap, ms = started.elapsed().as_millis() as u64, list_ms, check_ms, "reverted");
         Ok(())
     }
 
@@ -961,7 +965,9 @@ impl Namespace {
         match node {
             Node::ObjLink(o, n) => {
                 check_new_name(file_name)?;
+                let started = Instant::now();
                 let snap = self.parse_object_link_target(o, target)?;
+                debug!(owner = %o, link = %n, %snap, ms = started.elapsed().as_millis() as u64, "pending link to a snapshot");
                 let mut p = lock(&self.pending);
                 p.retain(|_, (_, used)| used.elapsed() < PENDING_TTL);
                 let key = (o.clone(), n.clone());
