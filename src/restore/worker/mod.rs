@@ -1176,8 +1176,8 @@ impl WorkerFs {
 
 /// The names to look up together when the kernel asks for `name` in a kept listing or window
 /// of `len` names (`at(i)` the i-th; `pos` its index, built here on first use): `name` and up
-/// to [`wire::MAX_LOOKUPS`] - 1 after it, when it comes right after the last name looked up
-/// there (a walk in listing order); `None` for a lookup elsewhere (a single `stat`, `find`
+/// to [`wire::MAX_LOOKUPS`] - 1 after it, when it is the first name there or comes right
+/// after the last name looked up there (a walk in listing order); `None` for a lookup elsewhere (a single `stat`, `find`
 /// entering subdirectories), which goes alone. Test hooks' names are never read ahead.
 fn ahead_names<'a>(
     pos: &OnceLock<std::collections::HashMap<Vec<u8>, u32>>,
@@ -1189,7 +1189,8 @@ fn ahead_names<'a>(
 ) -> Option<Vec<&'a [u8]>> {
     let pos = pos.get_or_init(|| (0..len).map(|i| (at(i).clone(), i as u32)).collect());
     let &i = pos.get(name)?;
-    if u64::from(i) != next.swap(u64::from(i) + 1, Ordering::Relaxed) {
+    let prev = next.swap(u64::from(i) + 1, Ordering::Relaxed);
+    if u64::from(i) != prev && !(i == 0 && prev == u64::MAX) {
         return None;
     }
     let names: Vec<&[u8]> = (i as usize..len.min(i as usize + wire::MAX_LOOKUPS))
