@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::mem::size_of;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use super::{Attrs, Listing, Mapped, XattrList};
+use super::{Attrs, Listing, Mapped, PageWindow, XattrList};
 use crate::restore::MapRun;
 
 /// A cached answer's key: the volume's number ([`super::WorkerFs::id`]) first.
@@ -21,6 +21,8 @@ pub(super) enum Key {
     Stat(u64, u64),
     Map(u64, u64),
     Listing(u64, u64),
+    /// (volume, directory): the last page(s) of a paged directory ([`PageWindow`]).
+    Window(u64, u64),
     /// (volume, directory, name): a lookup answered ahead of the kernel's request.
     Looked(u64, u64, Vec<u8>),
     Xattrs(u64, u64),
@@ -32,6 +34,7 @@ impl Key {
             Key::Stat(v, _)
             | Key::Map(v, _)
             | Key::Listing(v, _)
+            | Key::Window(v, _)
             | Key::Looked(v, _, _)
             | Key::Xattrs(v, _) => *v,
         }
@@ -43,6 +46,7 @@ pub(super) enum Entry {
     Attrs(Attrs),
     Map(Arc<Mapped>),
     Listing(Arc<Listing>),
+    Window(Arc<PageWindow>),
     Xattrs(Arc<XattrList>),
 }
 
@@ -77,6 +81,7 @@ pub(super) fn cost(key: &Key, entry: &Entry) -> usize {
                 }
         }
         Entry::Listing(l) => listing_cost(l),
+        Entry::Window(w) => window_cost(w),
         Entry::Xattrs(x) => {
             alloc(x.len() * size_of::<(Vec<u8>, Vec<u8>)>())
                 + x.iter()
@@ -98,6 +103,20 @@ fn listing_cost(l: &Listing) -> usize {
         + l.list
             .iter()
             .map(|(n, _, _)| 2 * alloc(n.len()))
+            .sum::<usize>()
+}
+
+/// A page window and the name index it gets on its first lookup (charged up front), as
+/// [`listing_cost`] with each entry's cookie.
+fn window_cost(w: &PageWindow) -> usize {
+    let entry = size_of::<(Vec<u8>, u64, crate::restore::FileKind, u64)>();
+    let slot = (size_of::<(Vec<u8>, u32)>() + 1) * 8 / 7 + 1;
+    alloc(size_of::<PageWindow>() + 16)
+        + alloc(w.entries.len() * entry)
+        + alloc(w.entries.len().next_power_of_two() * slot * 8 / 7)
+        + w.entries
+            .iter()
+            .map(|(n, _, _, _)| 2 * alloc(n.len()))
             .sum::<usize>()
 }
 

@@ -296,6 +296,59 @@ struct Listing {
     next: AtomicU64,
 }
 
+/// The last page(s) the worker sent of a directory whose cookies are not listing positions
+/// (a paged, large directory), kept whole: the kernel's READDIRs (4 KiB each) that fall inside
+/// need no round trip, and lookups of its names in page order (`ls -l`, copies) are read
+/// ahead in batches as in a kept listing. One per directory, at most two worker pages
+/// ([`wire::PAGED_PAGE_BUDGET`] of FUSE entries each: the page asked last and what was not
+/// yet looked up of the one before), in the daemon's byte-budgeted cache.
+pub(super) struct PageWindow {
+    /// The cookie before the first entry.
+    start: u64,
+    /// (name, inode, kind, cookie after it); cookies all different and none `start`.
+    entries: Vec<(Vec<u8>, u64, FileKind, u64)>,
+    /// The directory ends after the last entry.
+    end: bool,
+    /// Built on the first lookup in the window.
+    pos: OnceLock<std::collections::HashMap<Vec<u8>, u32>>,
+    /// As [`Listing::next`].
+    next: AtomicU64,
+}
+
+impl PageWindow {
+    /// The index a page from `cookie` starts at, when the window holds it.
+    fn from(&self, cookie: u64) -> Option<usize> {
+        if cookie == self.start {
+            return Some(0);
+        }
+        self.entries
+            .iter()
+            .position(|e| e.3 == cookie)
+            .map(|i| i + 1)
+    }
+
+    /// The page from `cookie`, at most `budget` bytes of FUSE entries (one at least); `None`
+    /// when the window does not hold its first entry (nor the directory's end there).
+    fn page(&self, cookie: u64, budget: usize) -> Option<DirPage> {
+        let from = self.from(cookie)?;
+        if from >= self.entries.len() && !self.end {
+            return None;
+        }
+        let mut used = 0;
+        let entries: Vec<_> = self.entries[from..]
+            .iter()
+            .enumerate()
+            .take_while(|(i, e)| {
+                used += restore::dirent_cost(e.0.len());
+                *i == 0 || used <= budget
+            })
+            .map(|(_, e)| e.clone())
+            .collect();
+        let end = self.end && from + entries.len() == self.entries.len();
+        Some(DirPage { entries, end })
+    }
+}
+
 /// The largest listing kept (a bigger directory is asked for each time, and its lookups go
 /// one by one: its index would cost more than it saves).
 const LISTING_MAX: usize = 16 << 10;
@@ -667,11 +720,15 @@ impl GuestFs for WorkerFs {
                 return Ok(restore::page_of_list(&l.list, cookie, budget));
             }
         }
-        // A first page asks for enough to hold a small directory whole (then kept here).
+        if let Some(p) = self.cached_window(dir).and_then(|w| w.page(cookie, budget)) {
+            return Ok(p);
+        }
+        // A first page asks for enough to hold a small directory whole (then kept here); a
+        // later one for a worker's page of a paged directory (kept here as its window).
         let ask = if cookie == 0 {
             budget.max(FIRST_PAGE_BUDGET)
         } else {
-            budget
+            budget.max(wire::PAGED_PAGE_BUDGET)
         };
         let ask = u32::try_from(ask)
             .unwrap_or(u32::MAX)
@@ -682,7 +739,20 @@ impl GuestFs for WorkerFs {
             .u32(ask)
             .done();
         let reply = self.call(req)?;
-        let mut page = self.decode_page(&reply, dir, cookie)?;
+        let (mut page, whole) = self.decode_page(&reply, dir, cookie)?;
+        if !whole {
+            match self.keep_window(dir, cookie, page) {
+                Ok(w) => {
+                    if let Some(p) = w.page(cookie, budget) {
+                        return Ok(p);
+                    }
+                    return Err(Error::Backend(
+                        "restore worker: listing page not kept".into(),
+                    ));
+                }
+                Err(p) => page = p,
+            }
+        }
         // What the caller asked for: past its budget, the page goes on from there.
         let mut used = 0;
         let keep = page
@@ -746,7 +816,16 @@ impl GuestFs for WorkerFs {
             return Ok(x.as_ref().clone());
         }
         let reply = self.call(W::new(wire::XATTRS).u64(ino).done())?;
-        self.decode(&reply, |r| read_xattrs(r, reply.len()))
+        let x = self.decode(&reply, |r| read_xattrs(r, reply.len()))?;
+        // `ls -l` asks twice per name (ACLs, security label): small lists are kept, as the
+        // ones read ahead with lookups are.
+        if x.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() <= wire::AHEAD_XATTR_BYTES {
+            self.keep(
+                cache::Key::Xattrs(self.id, ino),
+                cache::Entry::Xattrs(Arc::new(x.clone())),
+            );
+        }
+        Ok(x)
     }
 
     /// The listing read into the worker's caches and brought here: the walker's `readdir`
@@ -766,7 +845,13 @@ impl GuestFs for WorkerFs {
             return Vec::new();
         };
         match self.decode_page(&reply, dir, 0) {
-            Ok(page) => page.subdirs(),
+            Ok((page, whole)) => {
+                let subdirs = page.subdirs();
+                if !whole {
+                    let _ = self.keep_window(dir, 0, page);
+                }
+                subdirs
+            }
             Err(_) => Vec::new(),
         }
     }
@@ -792,41 +877,42 @@ impl GuestFs for WorkerFs {
 }
 
 impl WorkerFs {
-    /// `name` in `dir` with the names after it in a listing seen lately, in one request; the
-    /// others' attributes are kept for their lookups. `None` when `dir` was not listed lately.
+    /// `name` in `dir` with the names after it in a listing or page window seen lately, in one
+    /// request; the others' attributes are kept for their lookups. `None` when `dir` was not
+    /// listed lately, or `name` is not the one after the last looked up there.
     fn lookup_ahead(&self, dir: u64, name: &[u8]) -> Result<Option<Result<Attrs>>> {
-        let Some(l) = self.cached_listing(dir) else {
-            return Ok(None);
-        };
-        let pos = l.pos.get_or_init(|| {
-            l.list
-                .iter()
-                .enumerate()
-                .map(|(i, (n, _, _))| (n.clone(), i as u32))
-                .collect()
-        });
-        let Some(&i) = pos.get(name) else {
-            return Ok(None);
-        };
-        if u64::from(i) != l.next.swap(u64::from(i) + 1, Ordering::Relaxed) {
-            return Ok(None);
+        let hooks = self.cfg.test_hooks;
+        if let Some(l) = self.cached_listing(dir) {
+            let names = ahead_names(&l.pos, &l.next, l.list.len(), |i| &l.list[i].0, name, hooks);
+            return match names {
+                Some(names) => self.lookups(dir, &names).map(Some),
+                None => Ok(None),
+            };
         }
-        let names: Vec<&[u8]> = l.list[i as usize..]
-            .iter()
-            .take(wire::MAX_LOOKUPS)
-            .map(|(n, _, _)| n.as_slice())
-            .filter(|n| !(self.cfg.test_hooks && (*n == HOOK_OPEN || *n == HOOK_HANG)))
-            .collect();
-        if names.first() != Some(&name) {
-            return Ok(None);
+        if let Some(w) = self.cached_window(dir) {
+            let names = ahead_names(
+                &w.pos,
+                &w.next,
+                w.entries.len(),
+                |i| &w.entries[i].0,
+                name,
+                hooks,
+            );
+            if let Some(names) = names {
+                return self.lookups(dir, &names).map(Some);
+            }
         }
+        Ok(None)
+    }
+
+    /// `names` (the one the kernel asked for first) looked up in `dir` in one `LOOKUPS`; the
+    /// others' attributes, small xattr lists and maps are kept for their own requests.
+    fn lookups(&self, dir: u64, names: &[&[u8]]) -> Result<Result<Attrs>> {
         let vol = self.volume_len();
         let mut w = W::new(wire::LOOKUPS).u64(dir).u32(names.len() as u32);
-        for n in &names {
+        for n in names {
             w = w.bytes(n);
         }
-        l.next
-            .store(u64::from(i) + names.len() as u64, Ordering::Relaxed);
         let reply = self.call(w.done())?;
         let results = self.decode(&reply, |r| {
             if r.u32()? as usize != names.len() {
@@ -876,7 +962,7 @@ impl WorkerFs {
                 );
             }
         }
-        Ok(Some(first))
+        Ok(first)
     }
 
     /// Keep `list` for later `readdir`s and lookup read-ahead.
@@ -894,7 +980,7 @@ impl WorkerFs {
     /// A `READDIR_PAGE` answer to a request from `cookie`: the page; the subdirectories'
     /// listings that came with it are kept, and so is the directory's own listing when the
     /// page holds all of it in listing positions (a small directory's first page).
-    fn decode_page(&self, reply: &[u8], dir: u64, cookie: u64) -> Result<DirPage> {
+    fn decode_page(&self, reply: &[u8], dir: u64, cookie: u64) -> Result<(DirPage, bool)> {
         let (page, ahead) = self.decode(reply, |r| {
             let page = read_page(r, reply.len(), cookie)?;
             let ahead = read_ahead(r, reply.len(), |d| {
@@ -923,7 +1009,77 @@ impl WorkerFs {
             );
             self.keep_listing(dir, &list);
         }
-        Ok(page)
+        Ok((page, whole))
+    }
+
+    /// Keep a page the worker sent from `cookie` as `dir`'s window, after what was not yet
+    /// looked up of the window it continues (bounded: a worker's page of FUSE entries of it);
+    /// the page back when its cookies repeat (a window must never list a name twice).
+    fn keep_window(
+        &self,
+        dir: u64,
+        cookie: u64,
+        page: DirPage,
+    ) -> std::result::Result<Arc<PageWindow>, DirPage> {
+        let mut entries = Vec::new();
+        let mut start = cookie;
+        let mut next = u64::MAX;
+        if let Some(old) = self.cached_window(dir) {
+            if old.from(cookie) == Some(old.entries.len()) {
+                // The tail to keep: from the next name to be looked up, at most a page's bytes.
+                let mut first = old.entries.len();
+                let mut used = 0;
+                while first > 0 {
+                    used += restore::dirent_cost(old.entries[first - 1].0.len());
+                    if used > wire::PAGED_PAGE_BUDGET {
+                        break;
+                    }
+                    first -= 1;
+                }
+                let looked = old.next.load(Ordering::Relaxed);
+                if looked != u64::MAX {
+                    first = first.max(
+                        usize::try_from(looked)
+                            .unwrap_or(usize::MAX)
+                            .min(old.entries.len()),
+                    );
+                }
+                if first < old.entries.len() {
+                    start = if first == 0 {
+                        old.start
+                    } else {
+                        old.entries[first - 1].3
+                    };
+                    entries.extend_from_slice(&old.entries[first..]);
+                    if looked != u64::MAX {
+                        next = looked.saturating_sub(first as u64);
+                    }
+                }
+            }
+        }
+        let mut seen =
+            std::collections::HashSet::with_capacity(entries.len() + page.entries.len() + 1);
+        seen.insert(start);
+        if !entries
+            .iter()
+            .chain(&page.entries)
+            .all(|e| seen.insert(e.3))
+        {
+            return Err(page);
+        }
+        entries.extend(page.entries);
+        let w = Arc::new(PageWindow {
+            start,
+            entries,
+            end: page.end,
+            pos: OnceLock::new(),
+            next: AtomicU64::new(next),
+        });
+        self.keep(
+            cache::Key::Window(self.id, dir),
+            cache::Entry::Window(w.clone()),
+        );
+        Ok(w)
     }
 
     /// A `READDIR` answer: the listing; the subdirectories' listings that came with it are
@@ -983,6 +1139,13 @@ impl WorkerFs {
         }
     }
 
+    fn cached_window(&self, dir: u64) -> Option<Arc<PageWindow>> {
+        match cache::global().get(&cache::Key::Window(self.id, dir)) {
+            Some(cache::Entry::Window(w)) => Some(w),
+            _ => None,
+        }
+    }
+
     fn cached_listing(&self, dir: u64) -> Option<Arc<Listing>> {
         match cache::global().get(&cache::Key::Listing(self.id, dir)) {
             Some(cache::Entry::Listing(l)) => Some(l),
@@ -1009,6 +1172,36 @@ impl WorkerFs {
         buf[..reply.len()].copy_from_slice(&reply);
         Ok(reply.len())
     }
+}
+
+/// The names to look up together when the kernel asks for `name` in a kept listing or window
+/// of `len` names (`at(i)` the i-th; `pos` its index, built here on first use): `name` and up
+/// to [`wire::MAX_LOOKUPS`] - 1 after it, when it is the first name there or comes right
+/// after the last name looked up there (a walk in listing order); `None` for a lookup elsewhere (a single `stat`, `find`
+/// entering subdirectories), which goes alone. Test hooks' names are never read ahead.
+fn ahead_names<'a>(
+    pos: &OnceLock<std::collections::HashMap<Vec<u8>, u32>>,
+    next: &AtomicU64,
+    len: usize,
+    at: impl Fn(usize) -> &'a Vec<u8>,
+    name: &[u8],
+    hooks: bool,
+) -> Option<Vec<&'a [u8]>> {
+    let pos = pos.get_or_init(|| (0..len).map(|i| (at(i).clone(), i as u32)).collect());
+    let &i = pos.get(name)?;
+    let prev = next.swap(u64::from(i) + 1, Ordering::Relaxed);
+    if u64::from(i) != prev && !(i == 0 && prev == u64::MAX) {
+        return None;
+    }
+    let names: Vec<&[u8]> = (i as usize..len.min(i as usize + wire::MAX_LOOKUPS))
+        .map(|k| at(k).as_slice())
+        .filter(|n| !(hooks && (*n == HOOK_OPEN || *n == HOOK_HANG)))
+        .collect();
+    if names.first() != Some(&name) {
+        return None;
+    }
+    next.store(u64::from(i) + names.len() as u64, Ordering::Relaxed);
+    Some(names)
 }
 
 /// A `MAP` reply, checked: the worker is not trusted, so runs must start at `pos`, follow
@@ -1171,6 +1364,205 @@ mod tests {
             w = wire::write_kind(w.bytes(n.as_bytes()).u64(7), FileKind::File).u64(next);
         }
         w.done()[5..].to_vec()
+    }
+
+    /// Requests a fake worker was sent, by tag.
+    type Counts = Arc<Mutex<std::collections::HashMap<u8, usize>>>;
+
+    /// A worker played by a thread: one paged directory (inode 2) of `n` files named
+    /// `f<6 digits>` whose cookies are 16 × (position + 1), answered as the child does; it
+    /// counts the requests by tag. The `WorkerFs` talks to it through a real socket pair.
+    fn fake_worker(n: usize) -> (WorkerFs, Counts, std::thread::JoinHandle<()>) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let counts = Arc::new(Mutex::new(std::collections::HashMap::new()));
+        let seen = counts.clone();
+        let name = |i: usize| format!("f{i:06}").into_bytes();
+        let st = move |ino: u64| FileStat {
+            ino,
+            kind: FileKind::File,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            allocated: 0,
+            nlink: 1,
+            rdev: 0,
+            atime: std::time::UNIX_EPOCH,
+            mtime: std::time::UNIX_EPOCH,
+            ctime: std::time::UNIX_EPOCH,
+            btime: None,
+        };
+        let ino_of = move |nm: &[u8]| -> Option<u64> {
+            let i: usize = std::str::from_utf8(nm.get(1..)?).ok()?.parse().ok()?;
+            (i < n).then_some(100 + i as u64)
+        };
+        let thread = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            while let Ok(true) = wire::read_frame(&mut &theirs, &mut buf) {
+                *lock(&seen).entry(buf[0]).or_default() += 1;
+                let mut r = R::new(&buf[1..]);
+                let reply = match buf[0] {
+                    wire::READDIR_PAGE => {
+                        let (_dir, cookie, budget) =
+                            (r.u64().unwrap(), r.u64().unwrap(), r.u32().unwrap());
+                        let budget = (budget as usize).min(wire::PAGED_PAGE_BUDGET);
+                        let mut i = (cookie / 16) as usize;
+                        let (mut used, mut entries) = (0, Vec::new());
+                        while i < n && (entries.is_empty() || used + 32 <= budget) {
+                            used += restore::dirent_cost(name(i).len());
+                            entries.push(i);
+                            i += 1;
+                        }
+                        let mut w = W::new(wire::OK)
+                            .u8(u8::from(i == n))
+                            .u32(entries.len() as u32);
+                        for k in entries {
+                            w = wire::write_kind(
+                                w.bytes(&name(k)).u64(100 + k as u64),
+                                FileKind::File,
+                            )
+                            .u64(16 * (k as u64 + 1));
+                        }
+                        w.u32(0).done()
+                    }
+                    wire::LOOKUP => {
+                        let _dir = r.u64().unwrap();
+                        match ino_of(r.bytes().unwrap()) {
+                            Some(ino) => W::new(wire::OK).stat(&st(ino)).u8(1).done(),
+                            None => W::new(wire::ERR).error(&Error::NotFound("x".into())).done(),
+                        }
+                    }
+                    wire::LOOKUPS => {
+                        let _dir = r.u64().unwrap();
+                        let k = r.u32().unwrap() as usize;
+                        assert!(k <= wire::MAX_LOOKUPS);
+                        let mut w = W::new(wire::OK).u32(k as u32);
+                        for _ in 0..k {
+                            w = match ino_of(r.bytes().unwrap()) {
+                                // No xattrs, no map.
+                                Some(ino) => w.u8(0).stat(&st(ino)).u8(1).u8(0).u8(0),
+                                None => w.u8(1).error(&Error::NotFound("x".into())),
+                            };
+                        }
+                        w.done()
+                    }
+                    t => panic!("fake worker: request {t}"),
+                };
+                (&theirs).write_all(&reply).unwrap();
+            }
+        });
+        // A process for the connection to own and end: the fake's thread is the worker.
+        let child = Command::new("sleep").arg("600").spawn().unwrap();
+        let fs = WorkerFs {
+            disk: Arc::new(crate::provider::memory::MemImage(vec![0; 4096])),
+            part: Partition {
+                name: "whole".into(),
+                offset: 0,
+                length: 4096,
+                type_desc: String::new(),
+            },
+            cfg: WorkerConfig {
+                enabled: true,
+                ..WorkerConfig::default()
+            },
+            conn: Mutex::new(Some(Conn {
+                child,
+                main: Chan {
+                    sock: ours,
+                    window: None,
+                    gen: NEXT_GEN.fetch_add(1, Ordering::Relaxed),
+                },
+                started: Instant::now(),
+            })),
+            ahead: Mutex::new(None),
+            root: AtomicU64::new(2),
+            describe: Mutex::new(String::new()),
+            restarts: AtomicU64::new(0),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        };
+        (fs, counts, thread)
+    }
+
+    /// `ls -l` of a paged directory: READDIRs of 4 KiB, each followed by a lookup of every
+    /// name it gave, in order. Every name comes once and is found; the worker is asked for a
+    /// page of 64 KiB once per ~2,000 names, not per READDIR, and for the lookups in batches
+    /// (`LOOKUPS`), not one round trip per name (as before the page window: 4,000 `LOOKUP`s
+    /// and ~32 `READDIR_PAGE`s here).
+    #[test]
+    fn a_paged_directory_walk_asks_for_pages_and_lookups_in_batches() {
+        const N: usize = 4_000;
+        let (fs, counts, thread) = fake_worker(N);
+        let (mut cookie, mut names) = (0, Vec::new());
+        loop {
+            let page = fs.readdir_page(2, cookie, 4096).unwrap();
+            assert!(!page.entries.is_empty() || page.end);
+            for (name, ino, _, next) in &page.entries {
+                assert_eq!(fs.lookup(2, name).unwrap().ino, *ino);
+                names.push(name.clone());
+                cookie = *next;
+            }
+            if page.end {
+                break;
+            }
+        }
+        // A name elsewhere still goes alone, and a missing one is missing.
+        assert_eq!(fs.lookup(2, b"f000007").unwrap().ino, 107);
+        assert!(fs.lookup(2, b"f999999").is_err());
+        let want: Vec<Vec<u8>> = (0..N).map(|i| format!("f{i:06}").into_bytes()).collect();
+        assert_eq!(names, want);
+        let c = lock(&counts).clone();
+        let get = |t: u8| c.get(&t).copied().unwrap_or(0);
+        let (pages, single, batched) = (
+            get(wire::READDIR_PAGE),
+            get(wire::LOOKUP),
+            get(wire::LOOKUPS),
+        );
+        eprintln!("READDIR_PAGE {pages}, LOOKUP {single}, LOOKUPS {batched}");
+        assert!(pages <= 4, "{pages} READDIR_PAGE requests for {N} names");
+        assert!(batched >= N / wire::MAX_LOOKUPS, "{batched} LOOKUPS");
+        assert!(
+            single <= 2 * pages + 4,
+            "{single} single LOOKUPs for {N} names"
+        );
+        drop(fs);
+        thread.join().unwrap();
+    }
+
+    /// A worker's page whose cookies repeat is never kept as a window (it would list names
+    /// forever): it is passed on as it came, cut to the budget.
+    #[test]
+    fn a_window_never_holds_a_cookie_twice() {
+        let (fs, _counts, thread) = fake_worker(10);
+        let page = DirPage {
+            entries: vec![
+                (b"a".to_vec(), 1, FileKind::File, 32),
+                (b"b".to_vec(), 2, FileKind::File, 48),
+                (b"c".to_vec(), 3, FileKind::File, 32),
+            ],
+            end: false,
+        };
+        assert!(fs.keep_window(2, 16, page.clone()).is_err());
+        let w = fs
+            .keep_window(
+                2,
+                16,
+                DirPage {
+                    entries: page.entries[..2].to_vec(),
+                    end: false,
+                },
+            )
+            .unwrap();
+        assert_eq!(w.page(32, 4096).unwrap().entries.len(), 1);
+        assert!(w.page(48, 4096).is_none());
+        assert!(w.page(999, 4096).is_none());
+        // Continued from its last cookie: the window keeps its tail, still without repeats.
+        let more = DirPage {
+            entries: vec![(b"c".to_vec(), 3, FileKind::File, 16)],
+            end: true,
+        };
+        assert!(fs.keep_window(2, 48, more).is_err());
+        drop(fs);
+        thread.join().unwrap();
     }
 
     #[test]
