@@ -126,6 +126,21 @@ fn check_pair(
     (reported, differs)
 }
 
+/// A new qcow2 overlay `next` over `top` (format `fmt`), named relative to it.
+fn overlay(top: &Path, fmt: &str, next: &Path) {
+    run(Command::new("qemu-img").args([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        top.file_name().and_then(|n| n.to_str()).expect("name"),
+        "-F",
+        fmt,
+        next.to_str().expect("utf8"),
+    ]));
+}
+
 fn read_file(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
 }
@@ -238,17 +253,7 @@ fn changed_extents_of_an_external_qcow2_chain_rebuild_every_newer_state() {
             touched,
         });
         let next = dir.path().join(format!("l{}.qcow2", k + 1));
-        run(Command::new("qemu-img").args([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            top.file_name().and_then(|n| n.to_str()).expect("name"),
-            "-F",
-            fmt,
-            next.to_str().expect("utf8"),
-        ]));
+        overlay(&top, fmt, &next);
         top = next;
         fmt = "qcow2";
     }
@@ -335,17 +340,7 @@ fn external_chain_zeros_over_zeros_are_not_reported_and_data_to_zero_is() {
             touched: Vec::new(),
         });
         let next = dir.path().join(format!("l{}.qcow2", k + 1));
-        run(Command::new("qemu-img").args([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            top.file_name().and_then(|n| n.to_str()).expect("name"),
-            "-F",
-            fmt,
-            next.to_str().expect("utf8"),
-        ]));
+        overlay(&top, fmt, &next);
         top = next;
         fmt = "qcow2";
     }

@@ -369,26 +369,29 @@ fn covered(ranges: &[(u64, u64)], start: u64, end: u64) -> bool {
     ranges.get(i).is_some_and(|r| r.0 <= start && r.1 >= end)
 }
 
+/// `[offset, end)` appended to `out`, merged into the last change when it continues it with
+/// the same zero flag; empty ranges are left out.
+fn push_change(out: &mut Vec<Change>, offset: u64, end: u64, zero: bool) {
+    if end <= offset {
+        return;
+    }
+    if let Some(l) = out.last_mut() {
+        if l.zero == zero && l.offset + l.length == offset {
+            l.length = end - l.offset;
+            return;
+        }
+    }
+    out.push(Change {
+        offset,
+        length: end - offset,
+        zero,
+    });
+}
+
 /// Split changed ranges where `newer` maps zeros from where it maps data.
 fn with_zero_flags(newer: &dyn BlockImage, ranges: &[(u64, u64)]) -> Result<Vec<Change>> {
     let size = newer.size();
     let mut out: Vec<Change> = Vec::with_capacity(ranges.len());
-    let push = |out: &mut Vec<Change>, offset: u64, end: u64, zero: bool| {
-        if end <= offset {
-            return;
-        }
-        if let Some(l) = out.last_mut() {
-            if l.zero == zero && l.offset + l.length == offset {
-                l.length = end - l.offset;
-                return;
-            }
-        }
-        out.push(Change {
-            offset,
-            length: end - offset,
-            zero,
-        });
-    };
     for &(s, e) in ranges {
         let e = e.min(size);
         let mut pos = s;
@@ -397,7 +400,7 @@ fn with_zero_flags(newer: &dyn BlockImage, ranges: &[(u64, u64)]) -> Result<Vec<
             let Some(last) = ext.last() else { break };
             let next = last.offset + last.length;
             for x in ext {
-                push(
+                push_change(
                     &mut out,
                     x.offset.max(pos),
                     (x.offset + x.length).min(e),
@@ -406,7 +409,7 @@ fn with_zero_flags(newer: &dyn BlockImage, ranges: &[(u64, u64)]) -> Result<Vec<
             }
             if next <= pos {
                 // A map that does not advance: the rest counts as data.
-                push(&mut out, pos, e, false);
+                push_change(&mut out, pos, e, false);
                 break;
             }
             pos = next;
@@ -436,26 +439,10 @@ fn drop_zeros_over_zeros(
     };
     let osize = older.size();
     let mut out: Vec<Change> = Vec::with_capacity(extents.len());
-    let push = |out: &mut Vec<Change>, offset: u64, end: u64, zero: bool| {
-        if end <= offset {
-            return;
-        }
-        if let Some(l) = out.last_mut() {
-            if l.zero == zero && l.offset + l.length == offset {
-                l.length = end - l.offset;
-                return;
-            }
-        }
-        out.push(Change {
-            offset,
-            length: end - offset,
-            zero,
-        });
-    };
     for c in extents {
         let end = c.offset + c.length;
         if !c.zero || c.offset >= osize {
-            push(&mut out, c.offset, end, c.zero);
+            push_change(&mut out, c.offset, end, c.zero);
             continue;
         }
         // Inside the older image's size: keep what it maps as data (it may hold non-zeros).
@@ -467,7 +454,7 @@ fn drop_zeros_over_zeros(
             let next = last.offset + last.length;
             for x in ext {
                 if x.kind != ExtentKind::Zero {
-                    push(
+                    push_change(
                         &mut out,
                         x.offset.max(pos),
                         (x.offset + x.length).min(inside),
@@ -481,9 +468,9 @@ fn drop_zeros_over_zeros(
             pos = next;
         }
         // A map that stopped short: the rest stays reported.
-        push(&mut out, pos.min(inside), inside, true);
+        push_change(&mut out, pos.min(inside), inside, true);
         // A disk that grew: the new tail stays reported.
-        push(&mut out, inside, end, true);
+        push_change(&mut out, inside, end, true);
         if out.len() > MAX_CHANGES {
             return Ok(None);
         }
