@@ -981,3 +981,80 @@ fn kill_in_the_undo_of_a_failed_rbd_mkdir_is_finished_at_restart() {
     assert_eq!(user_snaps(1), ["s1"]);
     drop(m);
 }
+
+/// CloudStack's rule through the real backends: while a mkdir of an RBD-backed instance is in
+/// progress (held at `SNAPFS_FAILPOINT=mkdir-busy` while a file exists), a mkdir of one of its
+/// disks as a volume (`volumes/rbd/<image>`) is `EBUSY` (two owners: only their shared storage
+/// can refuse it), and the reverse;
+/// each goes through once the other is done. Nothing is made by a refused mkdir.
+#[test]
+fn an_instance_and_its_rbd_volume_snapshots_exclude_each_other() {
+    if !ready() {
+        return;
+    }
+    let d = ShutOffRbd::define("bx");
+    let conf = ceph_conf();
+    let libvirt = format!("--libvirt={URI}");
+    let args = [
+        libvirt.as_str(),
+        "--ceph",
+        conf.to_str().unwrap(),
+        "--pool",
+        POOL,
+    ];
+    let hold = tempfile::NamedTempFile::new().unwrap();
+    let hold_path = hold.path().to_str().unwrap().to_string();
+    let m = Mount::unmounted();
+    m.mount_env(
+        &args,
+        &[
+            ("SNAPFS_FAILPOINT", "mkdir-busy"),
+            ("SNAPFS_FAILPOINT_HOLD", hold_path.as_str()),
+        ],
+    );
+    let inst = m.mnt.join("instances").join(&d.name).join(".snapshots");
+    let vol = m
+        .mnt
+        .join("volumes")
+        .join(POOL)
+        .join(&d.images[1])
+        .join(".snapshots");
+    let held = |n: usize| {
+        wait_for("a held mkdir", Duration::from_secs(60), || {
+            m.log().matches("failpoint reached").count() >= n
+        })
+    };
+    for (round, (first, second)) in [(&inst, &vol), (&vol, &inst)].into_iter().enumerate() {
+        fs::write(&hold_path, b"hold").unwrap();
+        let path = first.join(format!("a{round}"));
+        let t = std::thread::spawn(move || fs::create_dir(&path));
+        held(round + 1);
+        // Refused at once, or (the bug) held at the failpoint too: then released after 60 s.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = second.join(format!("b{round}"));
+        let t2 = std::thread::spawn(move || tx.send(fs::create_dir(&path)));
+        let refused = rx.recv_timeout(Duration::from_secs(60));
+        fs::remove_file(&hold_path).unwrap();
+        let _ = t2.join();
+        let refused = refused.expect("the second mkdir was not refused: it waited");
+        t.join().unwrap().expect("the held mkdir");
+        assert_eq!(errno(refused), libc::EBUSY, "round {round}");
+        assert!(!ls(second).contains(&format!("b{round}")), "round {round}");
+        // Free again: the same mkdir goes through (the hold file is gone, no pause).
+        fs::create_dir(second.join(format!("b{round}"))).expect("mkdir once free");
+    }
+    assert_eq!(
+        rbd_json(&["snap", "ls", &d.spec(1)])
+            .as_array()
+            .map(|a| a.len()),
+        Some(4),
+        "vdb holds a0 and b1 (the instance's), b0 and a1 (the volume's)"
+    );
+    for n in ["a0", "b1"] {
+        fs::remove_dir(inst.join(n)).expect("rmdir");
+    }
+    for n in ["b0", "a1"] {
+        fs::remove_dir(vol.join(n)).expect("rmdir");
+    }
+    drop(m);
+}

@@ -143,6 +143,45 @@ fn concurrent_snapshots_of_one_owner_are_ebusy() {
     fs.mkdir(web, "b").expect("free again afterwards");
 }
 
+/// CloudStack's rule: an instance's snapshot while one of its volumes is being snapshotted,
+/// or the reverse, is EBUSY; the keys of [`Provider::storage_keys`] say which volume is under
+/// which instance. A volume on other storage is not blocked.
+#[test]
+fn an_instance_and_its_volume_exclude_each_other() {
+    let p = Arc::new(MemoryProvider::with_delay(Duration::from_millis(300)));
+    p.add_instance("web", &[("vda", vec![0u8; 4096]), ("vdb", vec![0u8; 4096])]);
+    p.add_volume("rbd", "web-vdb", vec![0u8; 4096]);
+    p.add_volume("rbd", "other", vec![0u8; 4096]);
+    let vol = |n: &str| Owner::Volume {
+        pool: "rbd".into(),
+        name: n.into(),
+    };
+    p.set_storage(
+        &Owner::Instance("web".into()),
+        &["rbd:rbd/web-vda", "rbd:rbd/web-vdb"],
+    );
+    p.set_storage(&vol("web-vdb"), &["rbd:rbd/web-vdb"]);
+    p.set_storage(&vol("other"), &["rbd:rbd/other"]);
+    let fs = Arc::new(core(p));
+    let web = walk(&fs, "instances/web/.snapshots").unwrap().ino;
+    let vdb = walk(&fs, "volumes/rbd/web-vdb/.snapshots").unwrap().ino;
+    let other = walk(&fs, "volumes/rbd/other/.snapshots").unwrap().ino;
+    for (first, second, n) in [(web, vdb, "1"), (vdb, web, "2")] {
+        let f2 = fs.clone();
+        let a = format!("a{n}");
+        let t = std::thread::spawn(move || f2.mkdir(first, &a).map(|_| ()));
+        std::thread::sleep(Duration::from_millis(100));
+        let e = fs.mkdir(second, &format!("b{n}")).unwrap_err();
+        assert_eq!(e.errno(), libc::EBUSY, "{e}");
+        assert!(e.to_string().contains("rbd:rbd/web-vdb"), "{e}");
+        fs.mkdir(other, &format!("c{n}"))
+            .expect("other storage is not blocked");
+        t.join().unwrap().unwrap();
+        fs.mkdir(second, &format!("b{n}"))
+            .expect("free again afterwards");
+    }
+}
+
 #[test]
 fn launch_by_symlink() {
     let p = provider();

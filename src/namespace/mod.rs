@@ -248,8 +248,9 @@ pub struct Namespace {
     mountpoint: PathBuf,
     started: SystemTime,
     disks: Mutex<LruCache<String, Arc<OpenDisk>>>,
-    /// Owners with a snapshot operation under way: a second one is EBUSY.
-    busy: Mutex<HashSet<Owner>>,
+    /// Owners with a snapshot operation under way, and the storage under them
+    /// ([`Provider::storage_keys`]): a second operation on either is EBUSY.
+    busy: Mutex<HashSet<BusyKey>>,
     files: Mutex<FilesCache>,
     /// Reads the subdirectories of listed guest directories ahead.
     prefetch: crate::restore::prefetch::Prefetcher,
@@ -264,15 +265,27 @@ pub struct Namespace {
     since_busy: Mutex<()>,
 }
 
-/// Releases an owner's busy mark on every way out.
+/// What a snapshot operation marks busy: its owner, and each piece of storage under it (an
+/// instance's disks are also volumes: CloudStack's rule, an instance snapshot while one of its
+/// volumes is being snapshotted, or the reverse, is refused).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum BusyKey {
+    Owner(Owner),
+    Storage(String),
+}
+
+/// Releases an operation's busy marks on every way out.
 struct BusyGuard<'a> {
-    set: &'a Mutex<HashSet<Owner>>,
-    owner: Owner,
+    set: &'a Mutex<HashSet<BusyKey>>,
+    keys: Vec<BusyKey>,
 }
 
 impl Drop for BusyGuard<'_> {
     fn drop(&mut self) {
-        lock(self.set).remove(&self.owner);
+        let mut set = lock(self.set);
+        for k in &self.keys {
+            set.remove(k);
+        }
     }
 }
 
@@ -698,15 +711,38 @@ impl Namespace {
         }
     }
 
+    /// Mark `owner` and its storage busy for one snapshot operation, or `EBUSY` if another
+    /// operation holds either. Storage the provider cannot name now (a disk it cannot read) is
+    /// left out: the owner's own mark still holds, and the backend's own locks stay the last
+    /// word.
     fn begin(&self, owner: &Owner) -> Result<BusyGuard<'_>> {
-        if !lock(&self.busy).insert(owner.clone()) {
-            return Err(Error::Busy(format!(
-                "another snapshot operation on {owner} is in progress"
-            )));
+        let storage = match self.reg.provider(owner).and_then(|p| p.storage_keys(owner)) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::debug!(%owner, error = %e, "storage under the owner not known");
+                Vec::new()
+            }
+        };
+        let mut keys = vec![BusyKey::Owner(owner.clone())];
+        keys.extend(storage.into_iter().map(BusyKey::Storage));
+        keys.dedup();
+        let mut set = lock(&self.busy);
+        if let Some(k) = keys.iter().find(|k| set.contains(k)) {
+            return Err(Error::Busy(match k {
+                BusyKey::Owner(_) => {
+                    format!("another snapshot operation on {owner} is in progress")
+                }
+                BusyKey::Storage(s) => format!(
+                    "a snapshot operation on {s} (storage of {owner}, through another \
+                     instance or volume) is in progress"
+                ),
+            }));
         }
+        set.extend(keys.iter().cloned());
+        drop(set);
         Ok(BusyGuard {
             set: &self.busy,
-            owner: owner.clone(),
+            keys,
         })
     }
 
@@ -718,6 +754,7 @@ impl Namespace {
         check_new_name(file_name)?;
         let provider = self.reg.provider(owner)?;
         let _busy = self.begin(owner)?;
+        failpoint("mkdir-busy");
         if self.reg.snapshots(owner)?.iter().any(|s| &s.name == snap) {
             return Err(Error::Exists(format!("snapshot {snap} of {owner}")));
         }
@@ -1139,13 +1176,26 @@ const RECOVERY_BUSY_WAIT: Duration = Duration::from_secs(45);
 /// A test hook: with `SNAPFS_FAILPOINT=<name>` in the daemon's environment, the daemon stops
 /// at the point `name` (logging that it did) for ten minutes, so a test can kill it there.
 /// Points: `revert-before-backend`, `revert-after-backend`, `revert-rbd-after-a-disk` (an
-/// RBD-backed instance's revert, after the first disk's rollback).
+/// RBD-backed instance's revert, after the first disk's rollback), `mkdir-busy` (a mkdir that
+/// holds its busy marks, for `SNAPFS_FAILPOINT_HOLD`).
 pub(crate) fn failpoint(name: &str) {
     static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let point = POINT.get_or_init(|| std::env::var("SNAPFS_FAILPOINT").ok());
-    if point.as_deref() == Some(name) {
-        tracing::warn!(failpoint = name, "failpoint reached: pausing");
-        std::thread::sleep(Duration::from_secs(600));
+    if point.as_deref() != Some(name) {
+        return;
+    }
+    tracing::warn!(failpoint = name, "failpoint reached: pausing");
+    // With SNAPFS_FAILPOINT_HOLD=FILE the pause lasts while FILE exists (a test releases it),
+    // else 600 s (a test kills the daemon there).
+    let until = Instant::now() + Duration::from_secs(600);
+    match std::env::var_os("SNAPFS_FAILPOINT_HOLD") {
+        Some(f) => {
+            while std::path::Path::new(&f).exists() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            tracing::warn!(failpoint = name, "failpoint released");
+        }
+        None => std::thread::sleep(Duration::from_secs(600)),
     }
 }
 

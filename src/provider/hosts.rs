@@ -306,6 +306,23 @@ impl Provider for HostProvider {
         Ok(i)
     }
 
+    fn storage_keys(&self, owner: &Owner) -> Result<Vec<String>> {
+        let inner = self.inner_owner(owner)?;
+        let keys = self.call(|p| p.storage_keys(&inner))?;
+        if self.is_local() {
+            return Ok(keys);
+        }
+        // Another host's files are not this host's: only RBD names are shared.
+        let host = self.suffix.trim_start_matches('@');
+        Ok(keys
+            .into_iter()
+            .map(|k| match k.starts_with("file:") {
+                true => format!("{host}:{k}"),
+                false => k,
+            })
+            .collect())
+    }
+
     fn snapshots(&self, owner: &Owner) -> Result<Vec<SnapshotInfo>> {
         let o = self.inner_owner(owner)?;
         self.call(|p| p.snapshots(&o))

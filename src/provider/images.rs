@@ -427,6 +427,10 @@ impl Provider for ImagesProvider {
         Ok(ObjectInfo { json: j, mtime })
     }
 
+    fn storage_keys(&self, owner: &Owner) -> Result<Vec<String>> {
+        Ok(vec![super::file_key(&self.volume_path(owner)?)])
+    }
+
     fn snapshots(&self, owner: &Owner) -> Result<Vec<SnapshotInfo>> {
         let path = self.volume_path(owner)?;
         if path.is_dir() {

@@ -1016,6 +1016,32 @@ impl Provider for LibvirtProvider {
         })
     }
 
+    fn storage_keys(&self, owner: &Owner) -> Result<Vec<String>> {
+        if let Owner::Volume { .. } = owner {
+            return self.pool_images(owner)?.storage_keys(owner);
+        }
+        let x = Self::domain_xml(&self.domain(owner)?, 0)?;
+        let mut keys = Vec::new();
+        for d in x.disks.iter().filter(|d| d.is_data_disk()) {
+            match &d.source {
+                DiskSource::File(p) => {
+                    keys.extend(chain_files(p).iter().map(|f| super::file_key(f)))
+                }
+                DiskSource::Block(p) => keys.push(super::file_key(p)),
+                DiskSource::Network { protocol, name } if protocol == "rbd" => {
+                    keys.push(super::rbd_key(name))
+                }
+                DiskSource::Volume { pool, volume } => {
+                    if let Some((_, dir)) = self.pool_dirs()?.into_iter().find(|(n, _)| n == pool) {
+                        keys.push(super::file_key(&dir.join(volume)));
+                    }
+                }
+                DiskSource::Network { .. } | DiskSource::None => {}
+            }
+        }
+        Ok(keys)
+    }
+
     fn snapshots(&self, owner: &Owner) -> Result<Vec<SnapshotInfo>> {
         if let Owner::Volume { .. } = owner {
             return self.pool_images(owner)?.snapshots(owner);

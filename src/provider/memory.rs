@@ -76,6 +76,8 @@ pub struct MemoryProvider {
     state: Mutex<State>,
     /// How long create_snapshot takes, to make overlapping calls in tests.
     pub snapshot_delay: Duration,
+    /// [`Provider::storage_keys`] per owner (none unless set).
+    storage: Mutex<BTreeMap<String, Vec<String>>>,
 }
 
 fn key(owner: &Owner) -> String {
@@ -90,7 +92,13 @@ impl MemoryProvider {
         MemoryProvider {
             state: Mutex::default(),
             snapshot_delay,
+            storage: Mutex::default(),
         }
+    }
+
+    /// Say which storage `owner` lies on (shared keys make operations exclude each other).
+    pub fn set_storage(&self, owner: &Owner, keys: &[&str]) {
+        lock(&self.storage).insert(key(owner), keys.iter().map(|k| k.to_string()).collect());
     }
 
     pub fn add_instance(&self, name: &str, disks: &[(&str, Vec<u8>)]) {
@@ -203,6 +211,13 @@ impl Provider for MemoryProvider {
                 json: Arc::new(json!({ "name": name })),
             })
             .collect())
+    }
+
+    fn storage_keys(&self, owner: &Owner) -> Result<Vec<String>> {
+        Ok(lock(&self.storage)
+            .get(&key(owner))
+            .cloned()
+            .unwrap_or_default())
     }
 
     fn create_snapshot(&self, owner: &Owner, name: &str) -> Result<()> {

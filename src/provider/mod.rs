@@ -61,6 +61,17 @@ pub struct SnapDisk {
     pub size: u64,
 }
 
+/// [`Provider::storage_keys`] of a file or block device of this host.
+pub fn file_key(path: &std::path::Path) -> String {
+    let p = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    format!("file:{}", p.display())
+}
+
+/// [`Provider::storage_keys`] of an RBD image (`pool/image`, or `pool/namespace/image`).
+pub fn rbd_key(spec: &str) -> String {
+    format!("rbd:{spec}")
+}
+
 /// Target name of a volume snapshot's only disk (file `disk.raw`).
 pub const VOLUME_DISK: &str = "disk";
 
@@ -108,6 +119,16 @@ pub trait Provider: Send + Sync {
     }
 
     fn info(&self, owner: &Owner) -> Result<ObjectInfo>;
+
+    /// The storage `owner`'s snapshots are taken on, as keys every provider spells alike:
+    /// `rbd:<pool>/<image>` for an RBD image, `file:<canonical path>` for a file or block device
+    /// of this host (every file of its backing chain), `<host>:file:<path>` for another host's.
+    /// An instance's disks are volumes too (in an image directory, a libvirt pool, an RBD pool),
+    /// so two snapshot operations whose keys meet exclude each other (`EBUSY`). Default: none.
+    fn storage_keys(&self, owner: &Owner) -> Result<Vec<String>> {
+        let _ = owner;
+        Ok(Vec::new())
+    }
     fn snapshots(&self, owner: &Owner) -> Result<Vec<SnapshotInfo>>;
     fn create_snapshot(&self, owner: &Owner, name: &str) -> Result<()>;
     fn delete_snapshot(&self, owner: &Owner, name: &str) -> Result<()>;

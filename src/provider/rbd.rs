@@ -318,6 +318,11 @@ impl Provider for RbdProvider {
         })
     }
 
+    fn storage_keys(&self, owner: &Owner) -> Result<Vec<String>> {
+        let (pool, name) = self.volume(owner)?;
+        Ok(vec![super::rbd_key(&format!("{}/{name}", pool.name))])
+    }
+
     fn snapshots(&self, owner: &Owner) -> Result<Vec<SnapshotInfo>> {
         let (pool, name) = self.volume(owner)?;
         let img = pool.open(name, None, false)?;
