@@ -13,6 +13,7 @@ pub mod ploop;
 pub mod qcow2;
 pub mod raw;
 pub mod rbd;
+mod readahead;
 
 use std::path::Path;
 use std::sync::Arc;

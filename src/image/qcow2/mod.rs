@@ -16,6 +16,7 @@ use super::cache::{CacheKey, CacheKind};
 use super::changes::Collector;
 use super::hostfile::HostFile;
 use super::raw::{push_extent, RawImage};
+use super::readahead::{self, ReadAhead};
 use super::{BlockCache, BlockImage, Extent, ExtentKind, Format};
 use crate::error::{Error, Result};
 use header::Header;
@@ -172,6 +173,8 @@ pub struct Qcow2Image {
     /// An internal snapshot: how to notice that it was deleted while open.
     still: Option<StillThere>,
     cache: Arc<BlockCache>,
+    /// Sequential-read detection for the read-ahead into the host page cache.
+    ahead: std::sync::Mutex<ReadAhead>,
 }
 
 /// An open internal snapshot's clusters are freed when the snapshot is deleted, and the next
@@ -325,6 +328,7 @@ impl Qcow2Image {
             snapshot: snapshot.map(str::to_string),
             still,
             cache: cache.clone(),
+            ahead: std::sync::Mutex::new(ReadAhead::default()),
         })
     }
 
@@ -414,6 +418,43 @@ impl Qcow2Image {
             done += n;
         }
         self.flush(buf, offset, &mut run)
+    }
+
+    /// Ask the kernel to start reading the host bytes of the guest range that follows a
+    /// sequential read (see `readahead`): data clusters and compressed clusters of this file,
+    /// as the L2 tables map them, at most `readahead::MAX_LOOKUPS` lookups a step. Zero and
+    /// unallocated clusters have no bytes here; the backing file reads ahead for itself when
+    /// those pieces are read through it. Advice only: a lookup error ends the step, the read
+    /// reports it.
+    fn read_ahead(&self, offset: u64, end: u64) {
+        let Some(file) = self.data_file().file() else {
+            return;
+        };
+        let window = {
+            let mut a = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
+            a.next(offset, end, self.size, readahead::WINDOW)
+        };
+        let Some((from, to)) = window else { return };
+        let mut cur = Cursor::default();
+        let mut pieces = Vec::new();
+        let mut pos = from;
+        let external = self.data.is_some();
+        for _ in 0..readahead::MAX_LOOKUPS {
+            if pos >= to {
+                break;
+            }
+            let Ok((m, n)) = self
+                .tables
+                .lookup(&self.meta, &self.cache, &mut cur, pos, to - pos)
+            else {
+                break;
+            };
+            let n = n.clamp(1, to - pos);
+            pieces.push(advice_piece(&m, n, external));
+            pos += n;
+        }
+        let ranges = readahead::merge_ranges(pieces);
+        readahead::will_need(file, self.data_file().len(), &ranges);
     }
 
     fn data_file(&self) -> &HostFile {
@@ -575,6 +616,19 @@ impl Qcow2Image {
     }
 }
 
+/// The host bytes (offset, length) in the data file that one looked-up piece of `n` guest bytes
+/// reads, for the read-ahead: a data run's own bytes, a compressed cluster's stored bytes
+/// (whole, once per cluster: a lookup never runs past its cluster), nothing for zero and
+/// unallocated clusters (no bytes in this file) nor for compressed clusters beside an
+/// external data file (they would live in the image file, which QEMU does not allow).
+fn advice_piece(m: &Mapping, n: u64, external_data: bool) -> Option<(u64, u64)> {
+    match m {
+        Mapping::Data(h) => Some((*h, n)),
+        Mapping::Compressed(d) if !external_data => Some((d.offset, d.len)),
+        Mapping::Compressed(_) | Mapping::Zero | Mapping::Unallocated => None,
+    }
+}
+
 impl BlockImage for Qcow2Image {
     fn diff_source(&self) -> super::changes::DiffSource<'_> {
         super::changes::DiffSource::Qcow2(self)
@@ -585,6 +639,7 @@ impl BlockImage for Qcow2Image {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_ahead(offset, offset.saturating_add(buf.len() as u64));
         self.read_inner(buf, offset)?;
         // Checked after the read: bytes read from clusters reused meanwhile are not returned.
         self.check_still_there()
@@ -661,5 +716,51 @@ impl BlockImage for Qcow2Image {
             s += &format!(", snapshot {snap}");
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_ahead_advises_data_and_compressed_clusters_only() {
+        const C: u64 = 65536;
+        let z = |off, len| Mapping::Compressed(compress::CompressedDescriptor { offset: off, len });
+        // A map as a sequential step looks it up: two host-contiguous data clusters, a hole
+        // (the backing file's), a zero cluster, two compressed clusters, data far away, a
+        // half cluster at the window's end.
+        let map = [
+            (Mapping::Data(5 * C), C),
+            (Mapping::Data(6 * C), C),
+            (Mapping::Unallocated, 16 * C),
+            (Mapping::Zero, C),
+            (z(9 * C + 100, 700), C),
+            (z(9 * C + 1024, 3000), C),
+            (Mapping::Data(7 * C), C),
+            (Mapping::Data(100 * C), C / 2),
+        ];
+        let pieces = |external| map.iter().map(move |(m, n)| advice_piece(m, *n, external));
+        assert_eq!(
+            readahead::merge_ranges(pieces(false)),
+            vec![
+                (5 * C, 2 * C),
+                (9 * C + 100, 700),
+                (9 * C + 1024, 3000),
+                (7 * C, C),
+                (100 * C, C / 2)
+            ]
+        );
+        // Beside an external data file only data clusters name bytes of that file.
+        assert_eq!(
+            readahead::merge_ranges(pieces(true)),
+            vec![(5 * C, 3 * C), (100 * C, C / 2)]
+        );
+        // A layer that holds nothing of the range (all in the backing file) advises nothing.
+        let none = [(Mapping::Unallocated, 64 * C), (Mapping::Zero, C)];
+        assert!(
+            readahead::merge_ranges(none.iter().map(|(m, n)| advice_piece(m, *n, false)))
+                .is_empty()
+        );
     }
 }
