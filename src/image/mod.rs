@@ -62,6 +62,20 @@ pub trait BlockImage: Send + Sync {
         self.read_at(buf, offset)
     }
 
+    /// For an overlay's read-ahead (see `readahead`): ask the host to start reading this
+    /// image's bytes of the guest `ranges` (sorted `(offset, length)`), the pieces the overlay
+    /// does not hold. Advice only, bounded per call. Default: nothing.
+    fn will_need(&self, ranges: &[(u64, u64)]) {
+        let _ = ranges;
+    }
+
+    /// As [`read_at`](Self::read_at), for an overlay reading the pieces it does not hold: the
+    /// overlay's read-ahead already asked for them ([`will_need`](Self::will_need)), so this
+    /// image does not follow these reads for read-ahead of its own. Default: `read_at`.
+    fn read_for_overlay(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_at(buf, offset)
+    }
+
     /// `[offset, offset + len)` as part of a buffer the reader already holds (RBD read-ahead
     /// chunks), so a FUSE reply needs no copy. `Ok(None)`: use [`read_at`](Self::read_at).
     fn read_shared(&self, offset: u64, len: usize) -> Result<Option<SharedBytes>> {

@@ -167,7 +167,8 @@ impl ParallelsImage {
         };
         let window = {
             let mut a = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
-            a.next(offset, end, self.header.size, readahead::WINDOW)
+            let w = readahead::window_for(self.header.cluster_size());
+            a.next(offset, end, self.header.size, self.header.size, w)
         };
         let Some((from, to)) = window else { return };
         let cs = self.header.cluster_size();

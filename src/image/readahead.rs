@@ -8,38 +8,89 @@
 
 /// How far ahead of a sequential read the host ranges are asked for.
 pub const WINDOW: u64 = 16 << 20;
-/// Most mapping lookups one step makes (small clusters: the tables stay cheap to walk).
+/// Most mapping lookups one step makes in one layer (a lookup covers at most one allocated
+/// cluster, so small clusters shrink the window: see [`window_for`]).
 pub const MAX_LOOKUPS: u64 = 1024;
+/// Sequential readers of one image followed at once (two `cp` of one disk, a copy beside a
+/// `files/` walk); a read that continues none of them replaces the one idle longest.
+pub const STREAMS: usize = 4;
 
-/// Sequential-read detection (guest offsets) for one open image.
-#[derive(Debug, Default)]
-pub struct ReadAhead {
-    /// Where the last read ended.
+/// The window for an image of `cluster_size` bytes clusters: [`WINDOW`], or less where
+/// [`MAX_LOOKUPS`] clusters do not reach that far (the window is then fully looked up, so
+/// what is marked as advised was advised).
+pub fn window_for(cluster_size: u64) -> u64 {
+    WINDOW.min(cluster_size.max(1).saturating_mul(MAX_LOOKUPS))
+}
+
+/// `(offset, length)` byte ranges, sorted.
+pub type Ranges = Vec<(u64, u64)>;
+
+/// One sequential reader (guest offsets).
+#[derive(Debug, Clone, Copy)]
+struct Stream {
+    /// Where its last read ended.
     last_end: u64,
     /// Read-ahead was asked for up to here.
     advised_to: u64,
+    /// When it last read (a count of reads of the image), to replace the idlest.
+    used: u64,
+}
+
+/// Sequential-read detection (guest offsets) for one open image: up to [`STREAMS`] readers.
+#[derive(Debug, Default)]
+pub struct ReadAhead {
+    streams: [Option<Stream>; STREAMS],
+    reads: u64,
 }
 
 impl ReadAhead {
-    /// A read of `[offset, end)` of a disk of `size` bytes: the guest range to read ahead
-    /// now, if any. A read near where the last one ended (within the window: the kernel's
-    /// read-ahead requests reach several FUSE threads, slightly out of order) is sequential;
-    /// ahead of it the window is topped up once a quarter of it was used, so the advice
-    /// goes out in batches. Any other read stops the read-ahead until reads are sequential
-    /// again.
-    pub fn next(&mut self, offset: u64, end: u64, size: u64, window: u64) -> Option<(u64, u64)> {
-        let sequential = offset.abs_diff(self.last_end) <= window;
-        self.last_end = end;
-        if !sequential {
-            self.advised_to = end;
+    /// A read of `[offset, end)` of a disk of `size` bytes, by a caller that reads nothing at
+    /// or past `limit` next: the guest range to read ahead now, if any. A read near where one
+    /// of the followed readers' last read ended (within the window: the kernel's read-ahead
+    /// requests reach several FUSE threads, slightly out of order) continues that reader;
+    /// ahead of it the window is topped up once a quarter of it was used, so the advice goes
+    /// out in batches. A read that continues no reader starts a new one and advises nothing
+    /// (a random reader never gets advice), and the window never passes `size` nor `limit`.
+    pub fn next(
+        &mut self,
+        offset: u64,
+        end: u64,
+        size: u64,
+        limit: u64,
+        window: u64,
+    ) -> Option<(u64, u64)> {
+        self.reads += 1;
+        let reads = self.reads;
+        let near = self
+            .streams
+            .iter_mut()
+            .flatten()
+            .filter(|s| offset.abs_diff(s.last_end) <= window)
+            .min_by_key(|s| offset.abs_diff(s.last_end));
+        let Some(s) = near else {
+            let fresh = Stream {
+                last_end: end,
+                advised_to: end,
+                used: reads,
+            };
+            let slot = self
+                .streams
+                .iter_mut()
+                .min_by_key(|s| s.map_or(0, |s| s.used));
+            if let Some(slot) = slot {
+                *slot = Some(fresh);
+            }
+            return None;
+        };
+        s.last_end = end;
+        s.used = reads;
+        let stop = size.min(limit);
+        let from = s.advised_to.max(end);
+        let to = end.saturating_add(window).min(stop);
+        if from >= to || (to - from < window / 4 && to < stop) {
             return None;
         }
-        let from = self.advised_to.max(end);
-        let to = end.saturating_add(window).min(size);
-        if from >= to || (to - from < window / 4 && to < size) {
-            return None;
-        }
-        self.advised_to = to;
+        s.advised_to = to;
         Some((from, to))
     }
 }
@@ -86,58 +137,116 @@ pub fn will_need(file: &std::fs::File, file_len: u64, ranges: &[(u64, u64)]) {
 mod tests {
     use super::*;
 
+    const W: u64 = 16 << 20;
+    const M: u64 = 1 << 20;
+
     #[test]
     fn read_ahead_follows_sequential_reads_only() {
-        const W: u64 = 16 << 20;
-        const M: u64 = 1 << 20;
         let size = 1 << 30;
         let mut a = ReadAhead::default();
-        // The first read from 0 is sequential: the window ahead of it.
-        assert_eq!(a.next(0, M, size, W), Some((M, M + W)));
+        // A first read is no reader yet; the read that continues it gets the window ahead.
+        assert_eq!(a.next(0, M, size, size, W), None);
+        assert_eq!(a.next(M, 2 * M, size, size, W), Some((2 * M, 2 * M + W)));
         // The next reads are inside what was asked: nothing until a quarter was used.
-        for i in 1..4 {
-            assert_eq!(a.next(i * M, (i + 1) * M, size, W), None, "read {i}");
+        for i in 2..5 {
+            assert_eq!(a.next(i * M, (i + 1) * M, size, size, W), None, "read {i}");
         }
-        assert_eq!(a.next(4 * M, 5 * M, size, W), Some((M + W, 5 * M + W)));
-        // Slightly out of order (another FUSE thread's request) still counts.
-        assert_eq!(a.next(3 * M, 4 * M, size, W), None);
-        // A jump far away stops it; reads going on from there start it again.
-        assert_eq!(a.next(500 * M, 501 * M, size, W), None);
         assert_eq!(
-            a.next(501 * M, 502 * M, size, W),
+            a.next(5 * M, 6 * M, size, size, W),
+            Some((2 * M + W, 6 * M + W))
+        );
+        // Slightly out of order (another FUSE thread's request) still counts.
+        assert_eq!(a.next(3 * M, 4 * M, size, size, W), None);
+        // A jump far away advises nothing; reads going on from there do.
+        assert_eq!(a.next(500 * M, 501 * M, size, size, W), None);
+        assert_eq!(
+            a.next(501 * M, 502 * M, size, size, W),
             Some((502 * M, 502 * M + W))
         );
         // Never past the end of the disk.
+        assert_eq!(a.next(size - 3 * M, size - 2 * M, size, size, W), None);
         assert_eq!(
-            a.next(size - 2 * M, size - M, size, W),
-            None,
-            "a jump to the tail"
+            a.next(size - 2 * M, size - M, size, size, W),
+            Some((size - M, size)),
+            "the tail only"
         );
-        assert_eq!(a.next(size - M, size, size, W), None, "nothing left ahead");
+        assert_eq!(a.next(size - M, size, size, size, W), None, "nothing left");
+    }
+
+    #[test]
+    fn read_ahead_stops_at_the_limit() {
+        let size = 1 << 30;
+        let mut a = ReadAhead::default();
+        assert_eq!(a.next(0, M, size, 3 * M, W), None);
+        // A `since/` file's extent ends at 3 MiB: the hole after it is not fetched.
+        assert_eq!(a.next(M, 2 * M, size, 3 * M, W), Some((2 * M, 3 * M)));
+        assert_eq!(a.next(2 * M, 3 * M, size, 3 * M, W), None);
+    }
+
+    #[test]
+    fn several_sequential_readers_each_get_their_window() {
+        let size = 1 << 30;
+        let mut a = ReadAhead::default();
+        // Two copies of one disk, their reads interleaved, far apart.
+        let (x, y) = (0, 512 * M);
+        assert_eq!(a.next(x, x + M, size, size, W), None);
+        assert_eq!(a.next(y, y + M, size, size, W), None);
+        assert_eq!(
+            a.next(x + M, x + 2 * M, size, size, W),
+            Some((x + 2 * M, x + 2 * M + W))
+        );
+        assert_eq!(
+            a.next(y + M, y + 2 * M, size, size, W),
+            Some((y + 2 * M, y + 2 * M + W))
+        );
+        // A random reader beside them (fewer than STREAMS readers in all) stops neither.
+        assert_eq!(a.next(900 * M, 901 * M, size, size, W), None);
+        assert_eq!(
+            a.next(x + 5 * M, x + 6 * M, size, size, W),
+            Some((x + 2 * M + W, x + 6 * M + W))
+        );
+        assert_eq!(
+            a.next(y + 5 * M, y + 6 * M, size, size, W),
+            Some((y + 2 * M + W, y + 6 * M + W))
+        );
     }
 
     #[test]
     fn a_random_reader_advises_nothing() {
-        const W: u64 = 16 << 20;
         let size = 64u64 << 30;
         let mut a = ReadAhead::default();
-        // Seeded jumps, each farther than the window from where the last read ended.
+        // Seeded jumps, each farther than the window from where the last STREAMS reads ended.
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut last_end = 0u64;
+        let mut ends = std::collections::VecDeque::new();
         let mut asked = 0;
         for _ in 0..10_000 {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            let off = (x % (size - (1 << 20))) & !4095;
-            if off.abs_diff(last_end) <= W {
+            let off = (x % (size - M)) & !4095;
+            if ends.iter().any(|e: &u64| off.abs_diff(*e) <= W) {
                 continue;
             }
             asked += 1;
-            assert_eq!(a.next(off, off + 65536, size, W), None, "read at {off}");
-            last_end = off + 65536;
+            assert_eq!(
+                a.next(off, off + 65536, size, size, W),
+                None,
+                "read at {off}"
+            );
+            ends.push_back(off + 65536);
+            if ends.len() > STREAMS {
+                ends.pop_front();
+            }
         }
         assert!(asked > 9000, "{asked} random reads");
+    }
+
+    #[test]
+    fn small_clusters_shrink_the_window() {
+        assert_eq!(window_for(65536), W);
+        assert_eq!(window_for(2 << 20), W);
+        assert_eq!(window_for(512), 512 * MAX_LOOKUPS);
+        assert_eq!(window_for(0), MAX_LOOKUPS);
     }
 
     #[test]
