@@ -110,17 +110,25 @@ pub fn merge_ranges(pieces: impl IntoIterator<Item = Option<(u64, u64)>>) -> Vec
     out
 }
 
+/// `ranges` clipped to a file of `file_len` bytes: a damaged map's clusters past the end of the
+/// file, and empty ranges, ask for nothing.
+pub fn clip(ranges: &[(u64, u64)], file_len: u64) -> Ranges {
+    ranges
+        .iter()
+        .filter_map(|&(offset, len)| {
+            let len = offset
+                .saturating_add(len)
+                .min(file_len)
+                .saturating_sub(offset);
+            (len > 0).then_some((offset, len))
+        })
+        .collect()
+}
+
 /// `posix_fadvise(POSIX_FADV_WILLNEED)` of each range of `file`, clipped to `file_len`.
 pub fn will_need(file: &std::fs::File, file_len: u64, ranges: &[(u64, u64)]) {
     use std::os::fd::AsRawFd;
-    for &(offset, len) in ranges {
-        let len = offset
-            .saturating_add(len)
-            .min(file_len)
-            .saturating_sub(offset);
-        if len == 0 {
-            continue;
-        }
+    for (offset, len) in clip(ranges, file_len) {
         let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
             continue;
         };
@@ -247,6 +255,21 @@ mod tests {
         assert_eq!(window_for(2 << 20), W);
         assert_eq!(window_for(512), 512 * MAX_LOOKUPS);
         assert_eq!(window_for(0), MAX_LOOKUPS);
+    }
+
+    #[test]
+    fn nothing_is_advised_past_the_end_of_the_file() {
+        const C: u64 = 65536;
+        let len = 10 * C + 100;
+        let ranges = [
+            (0, C),
+            (9 * C, 2 * C),       // crosses the end: cut there
+            (10 * C + 100, C),    // starts at the end: nothing
+            (u64::MAX - 10, 100), // a damaged map's offset: nothing, no overflow
+            (3 * C, 0),           // empty
+        ];
+        assert_eq!(clip(&ranges, len), vec![(0, C), (9 * C, C + 100)]);
+        assert!(clip(&ranges, 0).is_empty());
     }
 
     #[test]
