@@ -4,9 +4,13 @@
 # times (the machine is shared: each figure is the median of its rounds). Not a test: it prints
 # numbers, it does not judge them.
 #
-# Usage: scripts/bench-copyout.sh [--snapfs BIN] [--size SIZE] [--rounds N] [--no-raw]
-#                                 [--prefix NAME] [WORKDIR]
+# Usage: scripts/bench-copyout.sh [--snapfs BIN] [--before BIN] [--size SIZE] [--rounds N]
+#                                 [--no-raw] [--cold] [--prefix NAME] [WORKDIR]
 #   --snapfs BIN  snapfs binary (default: target/release/snapfs of this repository)
+#   --before BIN  a second binary (an older build) mounted beside it: its qcow2 cp is a row of
+#                 its own, interleaved with the others in every round
+#   --cold        drop the image files from the host page cache before every copy (also for
+#                 convert): the disk's own speed and I/O depth count, not only the copies
 #   --size SIZE   disk size (default 2G, a multiple of 64M), random data, dense
 #   --rounds N    interleaved rounds (default 3)
 #   --no-raw      skip the raw case (it needs libvirt at qemu:///system)
@@ -29,6 +33,8 @@ SNAPFS=$REPO/target/release/snapfs
 SIZE=2G
 ROUNDS=3
 RAW=1
+COLD=0
+BEFORE=
 PREFIX=snapfs
 WORK=/var/tmp/snapfs-copyout
 while [[ $# -gt 0 ]]; do
@@ -37,6 +43,8 @@ while [[ $# -gt 0 ]]; do
     --size) SIZE=$2; shift 2 ;;
     --rounds) ROUNDS=$2; shift 2 ;;
     --no-raw) RAW=0; shift ;;
+    --cold) COLD=1; shift ;;
+    --before) BEFORE=$2; shift 2 ;;
     --prefix) PREFIX=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     -*) echo "bench-copyout: unknown option $1" >&2; exit 2 ;;
@@ -56,9 +64,11 @@ SHM=/dev/shm/snapfs-copyout.$$
 DOM=$PREFIX-copyout-$$
 mkdir -p "$POOL" "$MNT" "$STATE" "$SHM"
 MOUNTED=0
+BMOUNTED=0
 cleanup() {
   set +e
   (( MOUNTED )) && { timeout 60 "$SNAPFS" unmount "$MNT" >/dev/null 2>&1 || fusermount3 -u "$MNT"; }
+  (( BMOUNTED )) && { timeout 60 "$BEFORE" unmount "$MNT.before" >/dev/null 2>&1 || fusermount3 -u "$MNT.before"; }
   if virsh -c qemu:///system dominfo "$DOM" >/dev/null 2>&1; then
     for s in $(virsh -c qemu:///system snapshot-list "$DOM" --name 2>/dev/null); do
       virsh -c qemu:///system snapshot-delete "$DOM" "$s" --metadata >/dev/null 2>&1
@@ -81,8 +91,10 @@ timed() {   # timed CMD...: run it, print its rate
   t0=$(now_ns); "$@"; t1=$(now_ns)
   rate $((t1 - t0))
 }
-cp_out() { dd if="$1" iflag=nocache count=0 status=none 2>/dev/null || true; cp -- "$1" "$SHM/out"; rm -f "$SHM/out"; }
-convert_out() { qemu-img convert -U -f "$1" -O raw "$2" "$SHM/out"; rm -f "$SHM/out"; }
+drop_cache() { dd if="$1" iflag=nocache count=0 status=none 2>/dev/null || true; }
+cold() { (( COLD )) || return 0; drop_cache "$img"; (( RAW )) && drop_cache "$raw"; return 0; }
+cp_out() { drop_cache "$1"; cold; cp -- "$1" "$SHM/out"; rm -f "$SHM/out"; }
+convert_out() { cold; qemu-img convert -U -f "$1" -O raw "$2" "$SHM/out"; rm -f "$SHM/out"; }
 
 # images: one chunk of random data written over the whole disk
 if [[ ! -s $WORK/rand64.bin ]]; then head -c $((64 << 20)) /dev/urandom > "$WORK/rand64.bin"; fi
@@ -110,18 +122,25 @@ args=(--images "$POOL" --state-dir "$STATE")
 "$SNAPFS" mount "${args[@]}" "$MNT"
 MOUNTED=1
 qsnap=$MNT/volumes/copyout/dense.qcow2/.snapshots/s1/disk.raw
+if [[ -n $BEFORE ]]; then
+  mkdir -p "$MNT.before" "$STATE.before"
+  "$BEFORE" mount --images "$POOL" --state-dir "$STATE.before" "$MNT.before"
+  BMOUNTED=1
+  bsnap=$MNT.before/volumes/copyout/dense.qcow2/.snapshots/s1/disk.raw
+fi
 if (( RAW )); then
   mkdir "$MNT/instances/$DOM/.snapshots/s1"
   rsnap=$MNT/instances/$DOM/.snapshots/s1/vda.raw
 fi
 
 echo "# bench-copyout $(date -u +%FT%TZ) on $(uname -r), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "# $("$SNAPFS" --version | head -1); $(qemu-img --version | head -1); $SIZE, $ROUNDS rounds (median)"
+echo "# $("$SNAPFS" --version | head -1); $(qemu-img --version | head -1); $SIZE, $ROUNDS rounds (median)$( (( COLD )) && echo ', cold (image files dropped from the page cache before each copy)' || echo ', warm')"
 cat "$img" > /dev/null
 (( RAW )) && cat "$raw" > /dev/null
 declare -A R
 for ((r = 0; r < ROUNDS; r++)); do
   R[qcp]+=" $(timed cp_out "$qsnap")"
+  [[ -n $BEFORE ]] && R[qbcp]+=" $(timed cp_out "$bsnap")"
   R[qconv]+=" $(timed convert_out qcow2 "$img")"
   if (( RAW )); then
     R[rcp]+=" $(timed cp_out "$rsnap")"
@@ -135,6 +154,10 @@ row() { printf '%-8s %-44s %10s  %s\n' "$1" "$2" "$(med "$3")" "${R[$3]# }"; }
 row qcow2 "cp of the snapshot's disk.raw to tmpfs" qcp
 row qcow2 "qemu-img convert -O raw to tmpfs" qconv
 printf '%-8s %-44s %10s\n' qcow2 "  cp / convert" "$(ratio "$(med qcp)" "$(med qconv)")"
+if [[ -n $BEFORE ]]; then
+  row qcow2 "cp of disk.raw, --before binary" qbcp
+  printf '%-8s %-44s %10s\n' qcow2 "  cp (--before) / convert" "$(ratio "$(med qbcp)" "$(med qconv)")"
+fi
 if (( RAW )); then
   row raw "cp of s1/vda.raw (passthrough) to tmpfs" rcp
   row raw "qemu-img convert -f raw -O raw to tmpfs" rconv

@@ -13,6 +13,7 @@ pub mod ploop;
 pub mod qcow2;
 pub mod raw;
 pub mod rbd;
+mod readahead;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -58,6 +59,20 @@ pub trait BlockImage: Send + Sync {
     /// stops there instead of fetching the hole that follows.
     fn read_within(&self, buf: &mut [u8], offset: u64, limit: u64) -> Result<()> {
         let _ = limit;
+        self.read_at(buf, offset)
+    }
+
+    /// For an overlay's read-ahead (see `readahead`): ask the host to start reading this
+    /// image's bytes of the guest `ranges` (sorted `(offset, length)`), the pieces the overlay
+    /// does not hold. Advice only, bounded per call. Default: nothing.
+    fn will_need(&self, ranges: &[(u64, u64)]) {
+        let _ = ranges;
+    }
+
+    /// As [`read_at`](Self::read_at), for an overlay reading the pieces it does not hold: the
+    /// overlay's read-ahead already asked for them ([`will_need`](Self::will_need)), so this
+    /// image does not follow these reads for read-ahead of its own. Default: `read_at`.
+    fn read_for_overlay(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.read_at(buf, offset)
     }
 

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use super::hostfile::HostFile;
 use super::raw::push_extent;
+use super::readahead::{self, ReadAhead};
 use super::{BlockImage, Extent, ExtentKind};
 use crate::error::{Error, Result};
 
@@ -27,11 +28,6 @@ const MAX_EXTENTS: usize = 4096;
 const MAX_MAP_CLUSTERS: u64 = 1 << 16;
 /// QEMU refuses clusters above this many sectors (`tracks > INT32_MAX / 513`).
 const MAX_TRACKS: u32 = i32::MAX as u32 / 513;
-/// Sequential reads ask the kernel to read this far ahead in the host file (issue 16: one
-/// 1 MiB `pread` at a time from a cold file keeps too few reads in flight; QEMU keeps 8).
-const READ_AHEAD: u64 = 16 << 20;
-/// Most clusters one read-ahead step looks up (small clusters: the BAT is still cheap).
-const READ_AHEAD_CLUSTERS: u64 = 1024;
 
 /// The header fields a reader needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -144,39 +140,6 @@ pub struct ParallelsImage {
     ahead: Mutex<ReadAhead>,
 }
 
-/// Sequential-read detection for [`ParallelsImage`]'s read-ahead (virtual offsets).
-#[derive(Debug, Default)]
-struct ReadAhead {
-    /// Where the last read ended.
-    last_end: u64,
-    /// Read-ahead was asked for up to here.
-    advised_to: u64,
-}
-
-impl ReadAhead {
-    /// A read of `[offset, end)` of a disk of `size` bytes: the virtual range to read ahead
-    /// now, if any. A read near where the last one ended (within the window: the kernel's
-    /// read-ahead requests reach several FUSE threads, slightly out of order) is sequential;
-    /// ahead of it the window is topped up once a quarter of it was used, so the advice
-    /// goes out in batches. Any other read stops the read-ahead until reads are sequential
-    /// again.
-    fn next(&mut self, offset: u64, end: u64, size: u64, window: u64) -> Option<(u64, u64)> {
-        let sequential = offset.abs_diff(self.last_end) <= window;
-        self.last_end = end;
-        if !sequential {
-            self.advised_to = end;
-            return None;
-        }
-        let from = self.advised_to.max(end);
-        let to = end.saturating_add(window).min(size);
-        if from >= to || (to - from < window / 4 && to < size) {
-            return None;
-        }
-        self.advised_to = to;
-        Some((from, to))
-    }
-}
-
 impl ParallelsImage {
     /// Open `path`; `lower` is the delta below it in a ploop chain (None: zeros below).
     pub fn open(path: &std::path::Path, lower: Option<Arc<dyn BlockImage>>) -> Result<Self> {
@@ -204,38 +167,16 @@ impl ParallelsImage {
         };
         let window = {
             let mut a = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
-            a.next(offset, end, self.header.size, READ_AHEAD)
+            let w = readahead::window_for(self.header.cluster_size());
+            a.next(offset, end, self.header.size, self.header.size, w)
         };
         let Some((from, to)) = window else { return };
         let cs = self.header.cluster_size();
-        let last = to.div_ceil(cs).min(from / cs + READ_AHEAD_CLUSTERS);
-        // Contiguous host clusters go out as one advice.
-        let mut run: Option<(u64, u64)> = None;
-        let advise = |(start, stop): (u64, u64)| {
-            let len = stop.min(self.file.len()).saturating_sub(start);
-            if len > 0 {
-                will_need(file, start, len);
-            }
-        };
-        for idx in from / cs..last {
-            let Ok(Some(host)) = self.cluster_offset(idx) else {
-                if let Some(r) = run.take() {
-                    advise(r);
-                }
-                continue;
-            };
-            match &mut run {
-                Some((_, stop)) if *stop == host => *stop = host + cs,
-                _ => {
-                    if let Some(r) = run.replace((host, host + cs)) {
-                        advise(r);
-                    }
-                }
-            }
-        }
-        if let Some(r) = run {
-            advise(r);
-        }
+        let last = to.div_ceil(cs).min(from / cs + readahead::MAX_LOOKUPS);
+        let ranges = readahead::merge_ranges(
+            (from / cs..last).map(|idx| self.cluster_offset(idx).ok().flatten().map(|h| (h, cs))),
+        );
+        readahead::will_need(file, self.file.len(), &ranges);
     }
 
     pub fn header(&self) -> &Header {
@@ -384,52 +325,9 @@ impl BlockImage for ParallelsImage {
     }
 }
 
-/// `posix_fadvise(POSIX_FADV_WILLNEED)` of `[offset, offset + len)` of `file`.
-fn will_need(file: &std::fs::File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-        return;
-    };
-    // SAFETY: a valid open descriptor; fadvise reads no memory of ours.
-    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED) };
-    if rc != 0 {
-        tracing::trace!(rc, offset, len, "posix_fadvise WILLNEED refused");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn read_ahead_follows_sequential_reads_only() {
-        const W: u64 = 16 << 20;
-        const M: u64 = 1 << 20;
-        let size = 1 << 30;
-        let mut a = ReadAhead::default();
-        // The first read from 0 is sequential: the window ahead of it.
-        assert_eq!(a.next(0, M, size, W), Some((M, M + W)));
-        // The next reads are inside what was asked: nothing until a quarter was used.
-        for i in 1..4 {
-            assert_eq!(a.next(i * M, (i + 1) * M, size, W), None, "read {i}");
-        }
-        assert_eq!(a.next(4 * M, 5 * M, size, W), Some((M + W, 5 * M + W)));
-        // Slightly out of order (another FUSE thread's request) still counts.
-        assert_eq!(a.next(3 * M, 4 * M, size, W), None);
-        // A jump far away stops it; reads going on from there start it again.
-        assert_eq!(a.next(500 * M, 501 * M, size, W), None);
-        assert_eq!(
-            a.next(501 * M, 502 * M, size, W),
-            Some((502 * M, 502 * M + W))
-        );
-        // Never past the end of the disk.
-        assert_eq!(
-            a.next(size - 2 * M, size - M, size, W),
-            None,
-            "a jump to the tail"
-        );
-        assert_eq!(a.next(size - M, size, size, W), None, "nothing left ahead");
-    }
 
     fn header(magic: &[u8; 16], tracks: u32, entries: u32, sectors: u64, data_off: u32) -> Vec<u8> {
         let mut b = vec![0u8; 64];

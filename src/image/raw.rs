@@ -81,6 +81,13 @@ impl BlockImage for RawImage {
         self.file.read_or_zero(buf, offset)
     }
 
+    fn will_need(&self, ranges: &[(u64, u64)]) {
+        // A raw backing file under a qcow2 overlay: its guest offsets are its file's.
+        if let Some(file) = self.file.file() {
+            super::readahead::will_need(file, self.file.len(), ranges);
+        }
+    }
+
     fn passthrough_file(&self) -> Option<&std::fs::File> {
         // A block device's reads go through the daemon: its size is not the file's length.
         self.file.file().filter(|_| self.file.is_regular())

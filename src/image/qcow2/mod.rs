@@ -16,6 +16,7 @@ use super::cache::{CacheKey, CacheKind};
 use super::changes::Collector;
 use super::hostfile::HostFile;
 use super::raw::{push_extent, RawImage};
+use super::readahead::{self, ReadAhead};
 use super::{BlockCache, BlockImage, Extent, ExtentKind, Format};
 use crate::error::{Error, Result};
 use header::Header;
@@ -172,6 +173,8 @@ pub struct Qcow2Image {
     /// An internal snapshot: how to notice that it was deleted while open.
     still: Option<StillThere>,
     cache: Arc<BlockCache>,
+    /// Sequential-read detection for the read-ahead into the host page cache.
+    ahead: std::sync::Mutex<ReadAhead>,
 }
 
 /// An open internal snapshot's clusters are freed when the snapshot is deleted, and the next
@@ -325,6 +328,7 @@ impl Qcow2Image {
             snapshot: snapshot.map(str::to_string),
             still,
             cache: cache.clone(),
+            ahead: std::sync::Mutex::new(ReadAhead::default()),
         })
     }
 
@@ -416,6 +420,75 @@ impl Qcow2Image {
         self.flush(buf, offset, &mut run)
     }
 
+    /// Read-ahead for a read of `[offset, end)` by a caller that reads nothing at or past
+    /// `limit` next (see `readahead`): a sequential reader's window ahead is advised.
+    fn read_ahead(&self, offset: u64, end: u64, limit: u64) {
+        let window = {
+            let mut a = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
+            let w = readahead::window_for(self.cluster_size());
+            a.next(offset, end, self.size, limit, w)
+        };
+        if let Some((from, to)) = window {
+            self.advise(&[(from, to - from)]);
+        }
+    }
+
+    /// Ask the kernel to start reading the host bytes of the guest `ranges`: this file's data
+    /// and compressed clusters there, and the backing file's bytes of the pieces this layer
+    /// does not hold (the backing chain advises its own clusters the same way). Advice only:
+    /// a lookup error ends the step, the read reports it.
+    fn advise(&self, ranges: &[(u64, u64)]) {
+        let (own, below) = self.advice_plan(ranges);
+        if let Some(file) = self.data_file().file() {
+            readahead::will_need(file, self.data_file().len(), &own);
+        }
+        if let Some(b) = &self.backing {
+            let size = b.size();
+            let below: Vec<(u64, u64)> = below
+                .into_iter()
+                .filter(|&(off, _)| off < size)
+                .map(|(off, len)| (off, len.min(size - off)))
+                .collect();
+            if !below.is_empty() {
+                b.will_need(&below);
+            }
+        }
+    }
+
+    /// What [`advise`](Self::advise) asks for `ranges` (sorted guest `(offset, length)`): the
+    /// host ranges of this layer's data file (data clusters, compressed clusters' stored
+    /// bytes), merged where contiguous, and the guest ranges left to the backing file
+    /// (unallocated clusters). At most `readahead::MAX_LOOKUPS` lookups a call, so a chain
+    /// of N layers makes at most N times that per step; a lookup error ends the plan there.
+    fn advice_plan(&self, ranges: &[(u64, u64)]) -> (readahead::Ranges, readahead::Ranges) {
+        let external = self.data.is_some();
+        let mut cur = Cursor::default();
+        let mut own = Vec::new();
+        let mut below = Vec::new();
+        let mut lookups = 0;
+        'ranges: for &(start, len) in ranges {
+            let to = start.saturating_add(len).min(self.size);
+            let mut pos = start;
+            while pos < to {
+                if lookups >= readahead::MAX_LOOKUPS {
+                    break 'ranges;
+                }
+                lookups += 1;
+                let Ok((m, n)) =
+                    self.tables
+                        .lookup(&self.meta, &self.cache, &mut cur, pos, to - pos)
+                else {
+                    break 'ranges;
+                };
+                let n = n.clamp(1, to - pos);
+                own.push(advice_piece(&m, n, external));
+                below.push(matches!(m, Mapping::Unallocated).then_some((pos, n)));
+                pos += n;
+            }
+        }
+        (readahead::merge_ranges(own), readahead::merge_ranges(below))
+    }
+
     fn data_file(&self) -> &HostFile {
         self.data.as_ref().unwrap_or(&self.meta)
     }
@@ -444,7 +517,7 @@ impl Qcow2Image {
         let avail = b.size().saturating_sub(guest).min(dst.len() as u64) as usize;
         let (inside, beyond) = dst.split_at_mut(avail);
         if !inside.is_empty() {
-            b.read_at(inside, guest)?;
+            b.read_for_overlay(inside, guest)?;
         }
         beyond.fill(0);
         Ok(())
@@ -575,6 +648,19 @@ impl Qcow2Image {
     }
 }
 
+/// The host bytes (offset, length) in the data file that one looked-up piece of `n` guest bytes
+/// reads, for the read-ahead: a data run's own bytes, a compressed cluster's stored bytes
+/// (whole, once per cluster: a lookup never runs past its cluster), nothing for zero and
+/// unallocated clusters (no bytes in this file) nor for compressed clusters beside an
+/// external data file (they would live in the image file, which QEMU does not allow).
+fn advice_piece(m: &Mapping, n: u64, external_data: bool) -> Option<(u64, u64)> {
+    match m {
+        Mapping::Data(h) => Some((*h, n)),
+        Mapping::Compressed(d) if !external_data => Some((d.offset, d.len)),
+        Mapping::Compressed(_) | Mapping::Zero | Mapping::Unallocated => None,
+    }
+}
+
 impl BlockImage for Qcow2Image {
     fn diff_source(&self) -> super::changes::DiffSource<'_> {
         super::changes::DiffSource::Qcow2(self)
@@ -585,9 +671,22 @@ impl BlockImage for Qcow2Image {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_within(buf, offset, self.size)
+    }
+
+    fn read_within(&self, buf: &mut [u8], offset: u64, limit: u64) -> Result<()> {
+        self.read_ahead(offset, offset.saturating_add(buf.len() as u64), limit);
+        self.read_for_overlay(buf, offset)
+    }
+
+    fn read_for_overlay(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.read_inner(buf, offset)?;
         // Checked after the read: bytes read from clusters reused meanwhile are not returned.
         self.check_still_there()
+    }
+
+    fn will_need(&self, ranges: &[(u64, u64)]) {
+        self.advise(ranges);
     }
 
     fn map(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
@@ -661,5 +760,192 @@ impl BlockImage for Qcow2Image {
             s += &format!(", snapshot {snap}");
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(cmd: &str, args: &[&str]) -> Vec<u8> {
+        let out = std::process::Command::new(cmd)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+        assert!(
+            out.status.success(),
+            "{cmd} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
+    /// QEMU's own answer: the host ranges of `file` (`qemu-img map`, its own layer only)
+    /// that hold the guest `ranges`, merged where contiguous.
+    fn qemu_host_ranges(file: &Path, ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
+        let path = file.to_str().unwrap();
+        let json = run("qemu-img", &["map", "--output=json", path]);
+        let map: Vec<serde_json::Value> = serde_json::from_slice(&json).unwrap();
+        let mut pieces = Vec::new();
+        for &(gs, gl) in ranges {
+            for e in &map {
+                let (Some(s), Some(l), Some(h)) = (
+                    e["start"].as_u64(),
+                    e["length"].as_u64(),
+                    e["offset"].as_u64(),
+                ) else {
+                    continue;
+                };
+                let (a, b) = (gs.max(s), (gs + gl).min(s + l));
+                if a < b && e["depth"].as_u64() == Some(0) {
+                    pieces.push((a, Some((h + (a - s), b - a))));
+                }
+            }
+        }
+        pieces.sort_by_key(|p| p.0);
+        readahead::merge_ranges(pieces.into_iter().map(|p| p.1))
+    }
+
+    /// The read-ahead's plan against a real chain built by qemu: data clusters at QEMU's host
+    /// offsets, a compressed cluster's stored bytes, nothing for a zero cluster, the holes
+    /// left to the backing file, whose own plan for them is its clusters at QEMU's offsets.
+    #[test]
+    fn read_ahead_plan_follows_a_real_backing_chain() {
+        const C: u64 = 65536;
+        const M: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.qcow2");
+        let top = dir.path().join("top.qcow2");
+        let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
+        run("qemu-img", &["create", "-q", "-f", "qcow2", b, "4M"]);
+        run("qemu-io", &["-c", "write -P 1 0 1M", b]);
+        run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", t],
+        );
+        run(
+            "qemu-io",
+            &[
+                "-c",
+                "write -P 2 128k 64k",
+                "-c",
+                "write -z 192k 64k",
+                "-c",
+                "write -c -P 3 256k 64k",
+                "-c",
+                "write -P 4 2M 128k",
+                t,
+            ],
+        );
+        let cache = Arc::new(BlockCache::default());
+        let img = Qcow2Image::open(&top, None, &cache).unwrap();
+        let (own, below) = img.advice_plan(&[(0, 4 * M)]);
+        // The holes of the top layer, guest ranges, for the backing file.
+        assert_eq!(
+            below,
+            vec![
+                (0, 2 * C),
+                (5 * C, 2 * M - 5 * C),
+                (2 * M + 2 * C, 2 * M - 2 * C)
+            ]
+        );
+        // Data clusters where QEMU put them, plus one compressed cluster's bytes (less than
+        // a cluster), nothing for the zero cluster.
+        let data = qemu_host_ranges(&top, &[(0, 4 * M)]);
+        assert_eq!(data.iter().map(|r| r.1).sum::<u64>(), 3 * C, "{data:?}");
+        for d in &data {
+            assert!(
+                own.iter().any(|o| o.0 <= d.0 && d.0 + d.1 <= o.0 + o.1),
+                "{d:?} not in {own:?}"
+            );
+        }
+        let extra = own.iter().map(|r| r.1).sum::<u64>() - 3 * C;
+        assert!(
+            0 < extra && extra < C,
+            "compressed bytes {extra} in {own:?}"
+        );
+        let file_len = std::fs::metadata(&top).unwrap().len();
+        assert!(own.iter().all(|o| o.0 + o.1 <= file_len), "{own:?}");
+
+        // The backing file's plan for those holes: its clusters at QEMU's offsets, its own
+        // holes left below (it has no backing file: nothing is asked for them).
+        let bimg = Qcow2Image::open(&base, None, &cache).unwrap();
+        let (bown, bbelow) = bimg.advice_plan(&below);
+        assert_eq!(bown, qemu_host_ranges(&base, &below));
+        assert_eq!(bown.iter().map(|r| r.1).sum::<u64>(), M - 3 * C);
+        assert_eq!(bbelow, vec![(M, M), (2 * M + 2 * C, 2 * M - 2 * C)]);
+    }
+
+    /// One step makes at most `MAX_LOOKUPS` lookups: with 512-byte clusters a 4 MiB range
+    /// is planned only as far as 1024 clusters.
+    #[test]
+    fn read_ahead_plan_is_bounded_per_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("small.qcow2");
+        let s = p.to_str().unwrap();
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=512",
+                s,
+                "4M",
+            ],
+        );
+        run("qemu-io", &["-c", "write -P 5 0 4M", s]);
+        let cache = Arc::new(BlockCache::default());
+        let img = Qcow2Image::open(&p, None, &cache).unwrap();
+        let (own, below) = img.advice_plan(&[(0, 4 << 20)]);
+        assert!(below.is_empty(), "{below:?}");
+        assert_eq!(
+            own.iter().map(|r| r.1).sum::<u64>(),
+            512 * readahead::MAX_LOOKUPS
+        );
+        assert_eq!(readahead::window_for(img.cluster_size()), 512 * 1024);
+    }
+
+    #[test]
+    fn read_ahead_advises_data_and_compressed_clusters_only() {
+        const C: u64 = 65536;
+        let z = |off, len| Mapping::Compressed(compress::CompressedDescriptor { offset: off, len });
+        // A map as a sequential step looks it up: two host-contiguous data clusters, a hole
+        // (the backing file's), a zero cluster, two compressed clusters, data far away, a
+        // half cluster at the window's end.
+        let map = [
+            (Mapping::Data(5 * C), C),
+            (Mapping::Data(6 * C), C),
+            (Mapping::Unallocated, 16 * C),
+            (Mapping::Zero, C),
+            (z(9 * C + 100, 700), C),
+            (z(9 * C + 1024, 3000), C),
+            (Mapping::Data(7 * C), C),
+            (Mapping::Data(100 * C), C / 2),
+        ];
+        let pieces = |external| map.iter().map(move |(m, n)| advice_piece(m, *n, external));
+        assert_eq!(
+            readahead::merge_ranges(pieces(false)),
+            vec![
+                (5 * C, 2 * C),
+                (9 * C + 100, 700),
+                (9 * C + 1024, 3000),
+                (7 * C, C),
+                (100 * C, C / 2)
+            ]
+        );
+        // Beside an external data file only data clusters name bytes of that file.
+        assert_eq!(
+            readahead::merge_ranges(pieces(true)),
+            vec![(5 * C, 3 * C), (100 * C, C / 2)]
+        );
+        // A layer that holds nothing of the range (all in the backing file) advises nothing.
+        let none = [(Mapping::Unallocated, 64 * C), (Mapping::Zero, C)];
+        assert!(
+            readahead::merge_ranges(none.iter().map(|(m, n)| advice_piece(m, *n, false)))
+                .is_empty()
+        );
     }
 }
