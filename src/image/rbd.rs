@@ -35,6 +35,59 @@ const MAX_CHUNK: u64 = 8 << 20;
 /// A reader that stops early leaves its reads pending until its snapshot is closed; past the
 /// read-ahead cache's budget no new read-ahead starts (reads go straight to librbd instead).
 static UNCLAIMED: AtomicU64 = AtomicU64::new(0);
+/// Reads counted in [`UNCLAIMED`].
+static UNCLAIMED_READS: AtomicU64 = AtomicU64::new(0);
+/// Bytes and buffers of chunks served whole kept for reuse (`AheadState::spare`), over every
+/// opened snapshot: memory outside the read-ahead cache's LRU, reported apart.
+static SPARE: AtomicU64 = AtomicU64::new(0);
+static SPARE_BUFS: AtomicU64 = AtomicU64::new(0);
+/// The read-ahead caches of the daemon's providers, for the memory report.
+static CACHES: Mutex<Vec<std::sync::Weak<BlockCache>>> = Mutex::new(Vec::new());
+
+/// Count `cache` as a read-ahead cache in [`memory`].
+pub fn register_cache(cache: &Arc<BlockCache>) {
+    let mut v = lock(&CACHES);
+    v.retain(|w| w.strong_count() > 0);
+    v.push(Arc::downgrade(cache));
+}
+
+/// What the RBD read-ahead holds, for the memory report (docs/restore.md): the chunks read
+/// ahead and kept (its LRU), the reads in flight or finished but not claimed, the buffers of
+/// chunks served whole kept for reuse.
+pub fn memory() -> Vec<crate::memreport::Held> {
+    use crate::memreport::Held;
+    let (mut n, mut b) = (0, 0);
+    for c in lock(&CACHES).iter().filter_map(|w| w.upgrade()) {
+        n += c.len();
+        b += c.used();
+    }
+    let u = |a: &AtomicU64| usize::try_from(a.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
+    vec![
+        Held::new("rbd_ahead", n, b),
+        Held::new("rbd_in_flight", u(&UNCLAIMED_READS), u(&UNCLAIMED)),
+        Held::new("rbd_spare", u(&SPARE_BUFS), u(&SPARE)),
+    ]
+}
+
+fn unclaimed_add(len: usize) {
+    UNCLAIMED.fetch_add(len as u64, Ordering::Relaxed);
+    UNCLAIMED_READS.fetch_add(1, Ordering::Relaxed);
+}
+
+fn unclaimed_sub(len: usize) {
+    UNCLAIMED.fetch_sub(len as u64, Ordering::Relaxed);
+    UNCLAIMED_READS.fetch_sub(1, Ordering::Relaxed);
+}
+
+fn spare_add(len: usize) {
+    SPARE.fetch_add(len as u64, Ordering::Relaxed);
+    SPARE_BUFS.fetch_add(1, Ordering::Relaxed);
+}
+
+fn spare_sub(len: usize) {
+    SPARE.fetch_sub(len as u64, Ordering::Relaxed);
+    SPARE_BUFS.fetch_sub(1, Ordering::Relaxed);
+}
 /// Partially served chunks remembered at most; beyond that the count starts over.
 const MAX_SERVED_ENTRIES: usize = 4096;
 /// End offsets of recent reads remembered to recognise a sequential reader.
@@ -97,8 +150,11 @@ impl Drop for ReadAhead {
         let st = lock(&self.state);
         for p in st.pending.values() {
             if let Some(read) = lock(p).as_ref() {
-                UNCLAIMED.fetch_sub(read.len() as u64, Ordering::Relaxed);
+                unclaimed_sub(read.len());
             }
+        }
+        for b in &st.spare {
+            spare_sub(b.len());
         }
     }
 }
@@ -252,12 +308,16 @@ impl RbdImage {
                 break;
             }
             let buf = match st.spare.iter().position(|b| Arc::strong_count(b) == 1) {
-                Some(i) => Arc::try_unwrap(st.spare.swap_remove(i)).unwrap_or_default(),
+                Some(i) => {
+                    let b = st.spare.swap_remove(i);
+                    spare_sub(b.len());
+                    Arc::try_unwrap(b).unwrap_or_default()
+                }
                 None => Vec::new(),
             };
             match self.image.aio_read(start, len, buf) {
                 Ok(r) => {
-                    UNCLAIMED.fetch_add(r.len() as u64, Ordering::Relaxed);
+                    unclaimed_add(r.len());
                     st.covered.remove(&c);
                     st.pending.insert(c, Arc::new(Mutex::new(Some(r))));
                 }
@@ -280,7 +340,7 @@ impl RbdImage {
         };
         let mut slot = lock(&pending);
         if let Some(read) = slot.take() {
-            UNCLAIMED.fetch_sub(read.len() as u64, Ordering::Relaxed);
+            unclaimed_sub(read.len());
             let t = std::time::Instant::now();
             let res = read.wait();
             tracing::trace!(
@@ -354,8 +414,10 @@ impl RbdImage {
         st.served.remove(&c);
         if let Some(buf) = self.ahead.cache.remove(&self.key(c)) {
             if st.spare.len() as u64 >= self.ahead.depth + 2 {
-                st.spare.remove(0);
+                let old = st.spare.remove(0);
+                spare_sub(old.len());
             }
+            spare_add(buf.len());
             st.spare.push(buf);
         }
     }
