@@ -37,10 +37,13 @@ const MAX_CHUNK: u64 = 8 << 20;
 static UNCLAIMED: AtomicU64 = AtomicU64::new(0);
 /// Reads counted in [`UNCLAIMED`].
 static UNCLAIMED_READS: AtomicU64 = AtomicU64::new(0);
-/// Bytes and buffers of chunks served whole kept for reuse (`AheadState::spare`), over every
-/// opened snapshot: memory outside the read-ahead cache's LRU, reported apart.
+/// Bytes and buffers of chunks served whole kept for reuse ([`SPARES`]).
 static SPARE: AtomicU64 = AtomicU64::new(0);
 static SPARE_BUFS: AtomicU64 = AtomicU64::new(0);
+/// Buffers of chunks served whole, shared by every opened snapshot: a new read takes one
+/// that no reply holds any more instead of faulting in fresh pages. At most a quarter of the
+/// read-ahead budget; counted in it (see [`RbdImage::start_chunks`]).
+static SPARES: Mutex<Vec<Arc<Vec<u8>>>> = Mutex::new(Vec::new());
 /// The read-ahead caches of the daemon's providers, for the memory report.
 static CACHES: Mutex<Vec<std::sync::Weak<BlockCache>>> = Mutex::new(Vec::new());
 
@@ -79,9 +82,16 @@ fn unclaimed_sub(len: usize) {
     UNCLAIMED_READS.fetch_sub(1, Ordering::Relaxed);
 }
 
-fn spare_add(len: usize) {
+/// Keep `buf` for reuse if the spares stay within a quarter of `budget` (else free it).
+fn spare_keep(buf: Arc<Vec<u8>>, budget: u64) {
+    let len = buf.capacity().max(buf.len());
+    let mut spares = lock(&SPARES);
+    if SPARE.load(Ordering::Relaxed) + len as u64 > budget / 4 {
+        return;
+    }
     SPARE.fetch_add(len as u64, Ordering::Relaxed);
     SPARE_BUFS.fetch_add(1, Ordering::Relaxed);
+    spares.push(buf);
 }
 
 fn spare_sub(len: usize) {
@@ -137,8 +147,6 @@ struct AheadState {
     pending: HashMap<u64, Pending>,
     /// Chunk index → bytes of it handed to readers; a chunk served whole is dropped.
     served: HashMap<u64, u64>,
-    /// Chunks served whole; once no reply holds one any more, its buffer is reused.
-    spare: Vec<Arc<Vec<u8>>>,
     recent: VecDeque<u64>,
     /// Chunks in flight whose read had finished before a check that the snapshot still
     /// exists was started (and passed): they need no check of their own.
@@ -152,9 +160,6 @@ impl Drop for ReadAhead {
             if let Some(read) = lock(p).as_ref() {
                 unclaimed_sub(read.len());
             }
-        }
-        for b in &st.spare {
-            spare_sub(b.len());
         }
     }
 }
@@ -304,17 +309,38 @@ impl RbdImage {
                 continue;
             }
             let len = chunk.min(self.size - start) as usize;
-            if UNCLAIMED.load(Ordering::Relaxed) + len as u64 > self.ahead.cache.budget as u64 {
-                break;
-            }
-            let buf = match st.spare.iter().position(|b| Arc::strong_count(b) == 1) {
-                Some(i) => {
-                    let b = st.spare.swap_remove(i);
-                    spare_sub(b.len());
+            let spare = {
+                let mut spares = lock(&SPARES);
+                spares
+                    .iter()
+                    .position(|b| Arc::strong_count(b) == 1)
+                    .map(|i| spares.swap_remove(i))
+            };
+            let buf = match spare {
+                Some(b) => {
+                    spare_sub(b.capacity().max(b.len()));
                     Arc::try_unwrap(b).unwrap_or_default()
                 }
                 None => Vec::new(),
             };
+            // One budget for the read-ahead's memory: reads in flight or not claimed, chunks
+            // kept, spare buffers. Room is made by dropping the least recently used chunks
+            // (those a reader that stopped left first) down to a quarter of the budget (the
+            // chunks being served); past that no read-ahead starts.
+            let budget = self.ahead.cache.budget as u64;
+            let needed = UNCLAIMED.load(Ordering::Relaxed)
+                + SPARE.load(Ordering::Relaxed)
+                + buf.capacity().max(len) as u64;
+            let room = budget.saturating_sub(needed);
+            if (self.ahead.cache.used() as u64) > room {
+                self.ahead.cache.shrink_to(room.max(budget / 4) as usize);
+            }
+            if needed + self.ahead.cache.used() as u64 > budget {
+                if buf.capacity() > 0 {
+                    spare_keep(Arc::new(buf), budget);
+                }
+                break;
+            }
             match self.image.aio_read(start, len, buf) {
                 Ok(r) => {
                     unclaimed_add(r.len());
@@ -412,13 +438,9 @@ impl RbdImage {
             return;
         }
         st.served.remove(&c);
+        drop(st);
         if let Some(buf) = self.ahead.cache.remove(&self.key(c)) {
-            if st.spare.len() as u64 >= self.ahead.depth + 2 {
-                let old = st.spare.remove(0);
-                spare_sub(old.len());
-            }
-            spare_add(buf.len());
-            st.spare.push(buf);
+            spare_keep(buf, self.ahead.cache.budget as u64);
         }
     }
 
