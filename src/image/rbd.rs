@@ -18,8 +18,9 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::CString;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::cache::{CacheKey, CacheKind};
 use super::raw::push_extent;
@@ -31,21 +32,118 @@ use crate::namespace::registry::lock;
 /// Chunk size bounds; the chunk is the image's object size within them.
 const MIN_CHUNK: u64 = 1 << 20;
 const MAX_CHUNK: u64 = 8 << 20;
-/// Bytes of read-ahead in flight or finished but not yet claimed, over every opened snapshot.
-/// A reader that stops early leaves its reads pending until its snapshot is closed; past the
-/// read-ahead cache's budget no new read-ahead starts (reads go straight to librbd instead).
-static UNCLAIMED: AtomicU64 = AtomicU64::new(0);
-/// Reads counted in [`UNCLAIMED`].
-static UNCLAIMED_READS: AtomicU64 = AtomicU64::new(0);
-/// Bytes and buffers of chunks served whole kept for reuse ([`SPARES`]).
-static SPARE: AtomicU64 = AtomicU64::new(0);
-static SPARE_BUFS: AtomicU64 = AtomicU64::new(0);
-/// Buffers of chunks served whole, shared by every opened snapshot: a new read takes one
-/// that no reply holds any more instead of faulting in fresh pages. At most a quarter of the
-/// read-ahead budget; counted in it (see [`RbdImage::start_chunks`]).
-static SPARES: Mutex<Vec<Arc<Vec<u8>>>> = Mutex::new(Vec::new());
+/// A finished read-ahead chunk not claimed for this long belongs to a reader that stopped
+/// (or is slower than this per read-ahead window); when the budget is full, such reads are
+/// dropped to make room (see [`Account::reap`]).
+const STALE: Duration = Duration::from_secs(10);
+
+/// The RBD read-ahead's one budget (docs/restore.md, "The daemon's memory"): over every
+/// opened snapshot, the bytes of reads in flight or finished but not claimed, the chunks
+/// kept in the read-ahead cache, and the spare buffers together stay within that cache's
+/// budget (4 × `--ceph-read-ahead-mb`, at least 64 MiB). Every change of these figures, and
+/// every move of a chunk between them (claimed into the cache, served whole into the spares),
+/// happens under this one lock, so the check in [`RbdImage::start_chunks`] and the memory
+/// report see them at one moment. Nobody waits for room: past the budget a reader's bytes
+/// come from a synchronous read.
+static ACCOUNT: Mutex<Account> = Mutex::new(Account {
+    unclaimed: 0,
+    reads: 0,
+    spare: 0,
+    spares: Vec::new(),
+    started: VecDeque::new(),
+});
 /// The read-ahead caches of the daemon's providers, for the memory report.
 static CACHES: Mutex<Vec<std::sync::Weak<BlockCache>>> = Mutex::new(Vec::new());
+
+struct Account {
+    /// Bytes and reads in flight or finished but not claimed.
+    unclaimed: u64,
+    reads: u64,
+    /// Bytes (capacity) of [`Self::spares`].
+    spare: u64,
+    /// Buffers of chunks served whole, shared by every opened snapshot: a new read takes one
+    /// that no reply holds any more instead of faulting in fresh pages. At most a quarter of
+    /// the budget.
+    spares: Vec<Arc<Vec<u8>>>,
+    /// Reads started, oldest first (a claimed read's entry is dead), for [`Self::reap`].
+    started: VecDeque<(std::sync::Weak<Mutex<Option<AioRead>>>, Instant)>,
+}
+
+impl Account {
+    fn claim(&mut self, len: usize) {
+        self.unclaimed = self.unclaimed.saturating_sub(len as u64);
+        self.reads = self.reads.saturating_sub(1);
+    }
+
+    /// A spare buffer no reply holds any more (its bytes leave the spares' count).
+    fn take_spare(&mut self) -> Option<Vec<u8>> {
+        let i = self.spares.iter().position(|b| Arc::strong_count(b) == 1)?;
+        let b = self.spares.swap_remove(i);
+        self.spare = self.spare.saturating_sub(b.capacity() as u64);
+        Arc::try_unwrap(b).ok()
+    }
+
+    /// Keep `buf` for reuse if the spares stay within a quarter of `budget` (else free it).
+    fn keep_spare(&mut self, buf: Arc<Vec<u8>>, budget: u64) {
+        let len = buf.capacity() as u64;
+        if self.spare + len <= budget / 4 {
+            self.spare += len;
+            self.spares.push(buf);
+        }
+    }
+
+    /// Drop finished reads nobody claimed for [`STALE`] (a reader that stopped: its snapshot
+    /// stays open, and its reads would hold the budget until it is closed), oldest first,
+    /// until `want` bytes are free or none is left. Their snapshot finds the slot empty and
+    /// reads that chunk directly if it ever gets there.
+    fn reap(&mut self, want: u64, budget: u64, cached: u64) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.started.len() && self.unclaimed + self.spare + cached + want > budget {
+            let (slot, at) = &self.started[i];
+            if now.duration_since(*at) < STALE {
+                break;
+            }
+            let Some(slot) = slot.upgrade() else {
+                self.started.remove(i);
+                continue;
+            };
+            // try_lock: a slot held is being claimed (or checked) right now.
+            let taken = match slot.try_lock() {
+                Ok(mut s) if s.as_ref().is_some_and(|r| r.is_complete()) => s.take(),
+                _ => None,
+            };
+            match taken {
+                Some(read) => {
+                    tracing::debug!(
+                        offset = read.offset,
+                        len = read.len(),
+                        "stale read-ahead chunk dropped"
+                    );
+                    self.claim(read.len());
+                    self.started.remove(i);
+                }
+                None => i += 1,
+            }
+        }
+    }
+
+    /// Remember a read started now; forget the claimed ones at the front.
+    fn started(&mut self, slot: &Pending) {
+        while self
+            .started
+            .front()
+            .is_some_and(|(w, _)| w.strong_count() == 0)
+        {
+            self.started.pop_front();
+        }
+        if self.started.len() > 1024 {
+            self.started.retain(|(w, _)| w.strong_count() > 0);
+        }
+        self.started
+            .push_back((Arc::downgrade(slot), Instant::now()));
+    }
+}
 
 /// Count `cache` as a read-ahead cache in [`memory`].
 pub fn register_cache(cache: &Arc<BlockCache>) {
@@ -56,48 +154,23 @@ pub fn register_cache(cache: &Arc<BlockCache>) {
 
 /// What the RBD read-ahead holds, for the memory report (docs/restore.md): the chunks read
 /// ahead and kept (its LRU), the reads in flight or finished but not claimed, the buffers of
-/// chunks served whole kept for reuse.
+/// chunks served whole kept for reuse; all at one moment.
 pub fn memory() -> Vec<crate::memreport::Held> {
     use crate::memreport::Held;
+    let acc = lock(&ACCOUNT);
     let (mut n, mut b) = (0, 0);
     for c in lock(&CACHES).iter().filter_map(|w| w.upgrade()) {
         n += c.len();
         b += c.used();
     }
-    let u = |a: &AtomicU64| usize::try_from(a.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
+    let u = |a: u64| usize::try_from(a).unwrap_or(usize::MAX);
     vec![
         Held::new("rbd_ahead", n, b),
-        Held::new("rbd_in_flight", u(&UNCLAIMED_READS), u(&UNCLAIMED)),
-        Held::new("rbd_spare", u(&SPARE_BUFS), u(&SPARE)),
+        Held::new("rbd_in_flight", u(acc.reads), u(acc.unclaimed)),
+        Held::new("rbd_spare", acc.spares.len(), u(acc.spare)),
     ]
 }
 
-fn unclaimed_add(len: usize) {
-    UNCLAIMED.fetch_add(len as u64, Ordering::Relaxed);
-    UNCLAIMED_READS.fetch_add(1, Ordering::Relaxed);
-}
-
-fn unclaimed_sub(len: usize) {
-    UNCLAIMED.fetch_sub(len as u64, Ordering::Relaxed);
-    UNCLAIMED_READS.fetch_sub(1, Ordering::Relaxed);
-}
-
-/// Keep `buf` for reuse if the spares stay within a quarter of `budget` (else free it).
-fn spare_keep(buf: Arc<Vec<u8>>, budget: u64) {
-    let len = buf.capacity().max(buf.len());
-    let mut spares = lock(&SPARES);
-    if SPARE.load(Ordering::Relaxed) + len as u64 > budget / 4 {
-        return;
-    }
-    SPARE.fetch_add(len as u64, Ordering::Relaxed);
-    SPARE_BUFS.fetch_add(1, Ordering::Relaxed);
-    spares.push(buf);
-}
-
-fn spare_sub(len: usize) {
-    SPARE.fetch_sub(len as u64, Ordering::Relaxed);
-    SPARE_BUFS.fetch_sub(1, Ordering::Relaxed);
-}
 /// Partially served chunks remembered at most; beyond that the count starts over.
 const MAX_SERVED_ENTRIES: usize = 4096;
 /// End offsets of recent reads remembered to recognise a sequential reader.
@@ -156,9 +229,10 @@ struct AheadState {
 impl Drop for ReadAhead {
     fn drop(&mut self) {
         let st = lock(&self.state);
+        let mut acc = lock(&ACCOUNT);
         for p in st.pending.values() {
             if let Some(read) = lock(p).as_ref() {
-                unclaimed_sub(read.len());
+                acc.claim(read.len());
             }
         }
     }
@@ -309,46 +383,45 @@ impl RbdImage {
                 continue;
             }
             let len = chunk.min(self.size - start) as usize;
-            let spare = {
-                let mut spares = lock(&SPARES);
-                spares
-                    .iter()
-                    .position(|b| Arc::strong_count(b) == 1)
-                    .map(|i| spares.swap_remove(i))
-            };
-            let buf = match spare {
-                Some(b) => {
-                    spare_sub(b.capacity().max(b.len()));
-                    Arc::try_unwrap(b).unwrap_or_default()
+            // Room is made by dropping the least recently used chunks (those a reader that
+            // stopped left first) down to a quarter of the budget (the chunks being served),
+            // then the finished reads nobody claimed for a while; past that no read-ahead
+            // starts. The bytes are counted before the read starts.
+            let buf = {
+                let mut acc = lock(&ACCOUNT);
+                let buf = acc.take_spare().unwrap_or_default();
+                let budget = self.ahead.cache.budget as u64;
+                let want = buf.capacity().max(len) as u64;
+                let room = budget.saturating_sub(acc.unclaimed + acc.spare + want);
+                if (self.ahead.cache.used() as u64) > room {
+                    self.ahead.cache.shrink_to(room.max(budget / 4) as usize);
                 }
-                None => Vec::new(),
-            };
-            // One budget for the read-ahead's memory: reads in flight or not claimed, chunks
-            // kept, spare buffers. Room is made by dropping the least recently used chunks
-            // (those a reader that stopped left first) down to a quarter of the budget (the
-            // chunks being served); past that no read-ahead starts.
-            let budget = self.ahead.cache.budget as u64;
-            let needed = UNCLAIMED.load(Ordering::Relaxed)
-                + SPARE.load(Ordering::Relaxed)
-                + buf.capacity().max(len) as u64;
-            let room = budget.saturating_sub(needed);
-            if (self.ahead.cache.used() as u64) > room {
-                self.ahead.cache.shrink_to(room.max(budget / 4) as usize);
-            }
-            if needed + self.ahead.cache.used() as u64 > budget {
-                if buf.capacity() > 0 {
-                    spare_keep(Arc::new(buf), budget);
+                acc.reap(want, budget, self.ahead.cache.used() as u64);
+                if acc.unclaimed + acc.spare + want + self.ahead.cache.used() as u64 > budget {
+                    if buf.capacity() > 0 {
+                        acc.keep_spare(Arc::new(buf), budget);
+                    }
+                    break;
                 }
-                break;
-            }
+                acc.unclaimed += want;
+                acc.reads += 1;
+                buf
+            };
+            let want = buf.capacity().max(len);
             match self.image.aio_read(start, len, buf) {
                 Ok(r) => {
-                    unclaimed_add(r.len());
+                    let slot = Arc::new(Mutex::new(Some(r)));
+                    let mut acc = lock(&ACCOUNT);
+                    // Counted from now on as the read's length (what is claimed later).
+                    acc.unclaimed = acc.unclaimed.saturating_sub((want - len) as u64);
+                    acc.started(&slot);
+                    drop(acc);
                     st.covered.remove(&c);
-                    st.pending.insert(c, Arc::new(Mutex::new(Some(r))));
+                    st.pending.insert(c, slot);
                 }
                 // Read-ahead is best effort: the reader's own read reports the error.
                 Err(e) => {
+                    lock(&ACCOUNT).claim(want);
                     tracing::debug!(image = %self.image.label, chunk = c, error = %e, "read-ahead not started");
                     break;
                 }
@@ -366,8 +439,10 @@ impl RbdImage {
         };
         let mut slot = lock(&pending);
         if let Some(read) = slot.take() {
-            unclaimed_sub(read.len());
-            let t = std::time::Instant::now();
+            // Still counted in the budget while waited for and checked: counted in the cache
+            // instead once there, or no more once dropped.
+            let len = read.len();
+            let t = Instant::now();
             let res = read.wait();
             tracing::trace!(
                 chunk = c,
@@ -379,16 +454,30 @@ impl RbdImage {
                 st.pending.remove(&c);
                 st.covered.remove(&c)
             };
-            let data = Arc::new(res?);
             // Cached only once known to be the snapshot's bytes.
-            if !covered {
-                self.verify_with_finished()?;
+            let checked = res.and_then(|d| {
+                if !covered {
+                    self.verify_with_finished()?;
+                }
+                Ok(Arc::new(d))
+            });
+            let mut acc = lock(&ACCOUNT);
+            if let Ok(data) = &checked {
+                self.ahead.cache.insert(self.key(c), data.clone());
             }
-            self.ahead.cache.insert(self.key(c), data.clone());
-            return Ok(Some(data));
+            acc.claim(len);
+            return checked.map(Some);
         }
         drop(slot);
-        Ok(self.ahead.cache.get(&self.key(c)))
+        if let Some(v) = self.ahead.cache.get(&self.key(c)) {
+            return Ok(Some(v));
+        }
+        // Dropped as stale (or its read failed for another reader): read ahead again later.
+        let mut st = lock(&self.ahead.state);
+        if st.pending.get(&c).is_some_and(|q| Arc::ptr_eq(q, &pending)) {
+            st.pending.remove(&c);
+        }
+        Ok(None)
     }
 
     /// A sequential read: served from read-ahead chunks, keeping the next ones in flight, up
@@ -439,8 +528,9 @@ impl RbdImage {
         }
         st.served.remove(&c);
         drop(st);
+        let mut acc = lock(&ACCOUNT);
         if let Some(buf) = self.ahead.cache.remove(&self.key(c)) {
-            spare_keep(buf, self.ahead.cache.budget as u64);
+            acc.keep_spare(buf, self.ahead.cache.budget as u64);
         }
     }
 
