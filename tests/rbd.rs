@@ -1410,3 +1410,107 @@ fn four_rbd_readers_stay_within_the_read_ahead_budget() {
         rss0 / 1024
     );
 }
+
+/// A checksum of `n` bytes (0: to the end) read from `f` in 1 MiB reads; the bytes read.
+fn sum_read(f: &mut std::fs::File, n: u64, mut sum: u64) -> (u64, u64) {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    while n == 0 || got < n {
+        let want = if n == 0 {
+            buf.len()
+        } else {
+            buf.len().min((n - got) as usize)
+        };
+        let k = f.read(&mut buf[..want]).expect("read");
+        if k == 0 {
+            break;
+        }
+        got += k as u64;
+        sum = buf[..k]
+            .iter()
+            .fold(sum, |a, b| a.wrapping_mul(31).wrapping_add(*b as u64));
+    }
+    (got, sum)
+}
+
+/// Issue 20 item 2: readers that stop early keep their snapshots open (the open-disk LRU) and
+/// left reads ahead in flight that nobody claims. Once those are older than 10 s and the
+/// budget is full, a new sequential reader drops them to read ahead itself (before, they held
+/// the whole budget until their snapshots closed, and every later reader got no read-ahead);
+/// a stopped reader that resumes gets the right bytes for the chunks dropped under it.
+#[test]
+fn a_stopped_reader_s_reads_ahead_do_not_hold_the_budget() {
+    let _g = shared();
+    let Some(conf) = cluster() else { return };
+    const MIB: u64 = 1 << 20;
+    const SIZE_MIB: u64 = 128;
+    let img = Img::create(&conf, &uniq("stale"), &format!("{SIZE_MIB}M"), None);
+    rbd(
+        &conf,
+        &[
+            "bench",
+            "--io-type",
+            "write",
+            "--io-size",
+            "4M",
+            "--io-total",
+            &format!("{SIZE_MIB}M"),
+            "--io-pattern",
+            "seq",
+            &img.spec,
+        ],
+    );
+    let snaps = ["s1", "s2", "s3", "s4", "s5"];
+    for s in snaps {
+        rbd(&conf, &["snap", "create", &img.snap(s)]);
+    }
+    // Budget 4 × 32 MiB; 4 MiB objects: 8 chunks ahead of each reader.
+    let m = RbdMount::new(&conf, &["--ceph-read-ahead-mb", "32"]);
+    let pid = m.daemon_pid().expect("daemon pid");
+    let disk = |s: &str| m.snaps(&img).join(s).join("disk.raw");
+    // Four readers read 2 MiB (the second 1 MiB read starts the read-ahead) and stop, open.
+    let mut stopped: Vec<(std::fs::File, u64)> = snaps[..4]
+        .iter()
+        .map(|s| {
+            let mut f = std::fs::File::open(disk(s)).expect("open");
+            let (n, sum) = sum_read(&mut f, 2 * MIB, 0);
+            assert_eq!(n, 2 * MIB);
+            (f, sum)
+        })
+        .collect();
+    // Wait for their reads to finish (nothing waits on them): the budget is full.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let full = loop {
+        let r = memory_report(&m, pid);
+        let held =
+            r.get("rbd_in_flight").copied().unwrap_or(0) + r.get("rbd_ahead").copied().unwrap_or(0);
+        if held * 1024 + 4 * MIB > 128 * MIB {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stopped readers' read-ahead: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let stale_kib = full.get("rbd_in_flight").copied().unwrap_or(0);
+    // Older than the 10 s after which an unclaimed chunk counts as left behind.
+    std::thread::sleep(Duration::from_secs(11));
+    let mut f = std::fs::File::open(disk(snaps[4])).expect("open");
+    let (n, whole) = sum_read(&mut f, 0, 0);
+    assert_eq!(n, SIZE_MIB * MIB);
+    let after = memory_report(&m, pid);
+    let left_kib = after.get("rbd_in_flight").copied().unwrap_or(0);
+    eprintln!("stopped readers' reads ahead: {stale_kib} KiB; after a fifth reader: {left_kib} KiB; {after:?}");
+    assert!(
+        left_kib + 4 * 1024 <= stale_kib,
+        "the fifth reader read ahead nothing: the stopped readers' {stale_kib} KiB in flight stayed ({left_kib} KiB): {after:?}"
+    );
+    // The stopped readers resume: the same bytes as the fifth reader's (one image, never
+    // written after the snapshots), whether their chunks were dropped or not.
+    for (i, (f, sum)) in stopped.iter_mut().enumerate() {
+        let (n, sum) = sum_read(f, 0, *sum);
+        assert_eq!(n, (SIZE_MIB - 2) * MIB, "reader {i}");
+        assert_eq!(sum, whole, "reader {i}: other bytes after resuming");
+    }
+}
