@@ -75,15 +75,6 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
     let sigs = signal_set();
     block_signals(&sigs);
     fatal::report_in_log();
-    // Blocks of 1 MiB and more (RBD read-ahead chunks, librados's reply buffers, FUSE read
-    // buffers) are mmapped and given back when freed. glibc otherwise raises its threshold
-    // after the first such free and serves them from the arenas, which then keep up to
-    // hundreds of MiB free after a streaming read (docs/restore.md, "The daemon's memory").
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: sets an allocator parameter; no thread exists yet.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-    }
 
     let mountpoint = std::path::absolute(&cfg.mountpoint)
         .with_context(|| format!("mountpoint {}", cfg.mountpoint.display()))?;

@@ -1295,8 +1295,9 @@ fn memory_report(m: &RbdMount, pid: i32) -> std::collections::HashMap<String, u6
 /// `--ceph-read-ahead-mb` (128 MiB here), in every memory report during the reads (before,
 /// reads in flight and chunks kept had a budget each and spare buffers were per snapshot and
 /// uncounted: this test saw 140 MiB held with d4a5b0b's src/image/rbd.rs); the daemon's peak
-/// RSS grows by less than that budget plus librados's share (64 MiB, docs/restore.md); and
-/// the bytes read are the snapshots'.
+/// RSS grows by less than that budget plus 128 MiB for librados's buffers and the allocator's
+/// arenas while streaming (docs/restore.md: ~110 MiB measured); and the bytes read are the
+/// snapshots'.
 #[test]
 fn four_rbd_readers_stay_within_the_read_ahead_budget() {
     let _g = shared();
@@ -1304,7 +1305,7 @@ fn four_rbd_readers_stay_within_the_read_ahead_budget() {
     const MIB: u64 = 1 << 20;
     const SIZE_MIB: u64 = 384;
     const BUDGET: u64 = 128 * MIB;
-    const LIBRADOS: u64 = 64 * MIB;
+    const LIBRADOS: u64 = 128 * MIB;
     let img = Img::create(&conf, &uniq("mem4"), &format!("{SIZE_MIB}M"), None);
     rbd(
         &conf,
