@@ -134,8 +134,8 @@ four() { # file bs
 daemon_pid() {
   local p
   for p in /proc/[0-9]*; do
-    if tr '\0' '\n' <"$p/cmdline" 2>/dev/null | grep -qxF -- "$1" &&
-      [[ $(tr '\0' '\n' <"$p/cmdline" 2>/dev/null | sed -n 2p) == mount ]]; then
+    if tr '\0' '\n' 2>/dev/null <"$p/cmdline" | grep -qxF -- "$1" &&
+      [[ $(tr '\0' '\n' 2>/dev/null <"$p/cmdline" | sed -n 2p) == mount ]]; then
       basename "$p"
       return
     fi

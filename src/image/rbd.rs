@@ -769,6 +769,34 @@ mod tests {
     }
 
     #[test]
+    fn spares_stay_within_a_quarter_and_only_free_ones_are_reused() {
+        let mut acc = Account {
+            unclaimed: 0,
+            reads: 0,
+            spare: 0,
+            spares: Vec::new(),
+            started: VecDeque::new(),
+        };
+        let budget = 16 << 20;
+        let held = Arc::new(Vec::<u8>::with_capacity(2 << 20));
+        acc.keep_spare(held.clone(), budget);
+        acc.keep_spare(Arc::new(Vec::with_capacity(2 << 20)), budget);
+        // A third would pass a quarter of the budget (4 MiB): freed instead.
+        acc.keep_spare(Arc::new(Vec::with_capacity(1 << 20)), budget);
+        assert_eq!((acc.spares.len(), acc.spare), (2, 4 << 20));
+        // The one a reply still holds is not handed out.
+        let b = acc.take_spare().expect("a free spare");
+        assert!(b.capacity() >= 2 << 20);
+        assert!(acc.take_spare().is_none());
+        assert_eq!(acc.spare, 2 << 20);
+        drop(held);
+        assert!(acc.take_spare().is_some());
+        assert_eq!((acc.spares.len(), acc.spare), (0, 0));
+        acc.claim(5);
+        assert_eq!((acc.unclaimed, acc.reads), (0, 0));
+    }
+
+    #[test]
     fn merge_sorts_joins_and_clips() {
         let raw = vec![
             (100, 50),
