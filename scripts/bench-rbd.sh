@@ -14,6 +14,11 @@
 #   - rbd-fuse (image head only: rbd-fuse has no snapshots; the head holds the same bytes)
 # The page cache is dropped before every read (echo 3 > /proc/sys/vm/drop_caches); 2 readers
 # read one half each, concurrently. MiB/s are of the bytes read; ratios are against export.
+#
+# SNAPFS_BIN=path: read with that binary instead of building one. SNAPFS_BASE_BIN=path: also
+# mount an older build (e.g. main's, from a `git worktree`) and read with it in the same run
+# ("base …" lines, interleaved with ours), and report both daemons' peak RSS over 4 concurrent
+# readers (one quarter each; VmHWM reset before via /proc/PID/clear_refs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,13 +58,19 @@ if ! rbd info "$POOL/$IMG@$SNAP" --format json 2>/dev/null | grep -q "\"size\":$
   rbd snap create "$POOL/$IMG@$SNAP" >/dev/null 2>&1
 fi
 
-echo "== building snapfs (release)" >&2
-cargo build --release --quiet
-BIN=$PWD/target/release/snapfs
+if [[ -n ${SNAPFS_BIN:-} ]]; then
+  BIN=$(realpath "$SNAPFS_BIN")
+else
+  echo "== building snapfs (release)" >&2
+  cargo build --release --quiet
+  BIN=$PWD/target/release/snapfs
+fi
+BASE_BIN=${SNAPFS_BASE_BIN:+$(realpath "$SNAPFS_BASE_BIN")}
 
-mkdir -p "$WORK/snapfs" "$WORK/snapfs-pc" "$WORK/rbdfuse"
+mkdir -p "$WORK/snapfs" "$WORK/snapfs-pc" "$WORK/rbdfuse" "$WORK/snapfs-base"
 cleanup() {
   "$BIN" unmount --lazy "$WORK/snapfs" 2>/dev/null || true
+  "$BIN" unmount --lazy "$WORK/snapfs-base" 2>/dev/null || true
   "$BIN" unmount --lazy "$WORK/snapfs-pc" 2>/dev/null || true
   umount -l "$WORK/rbdfuse" 2>/dev/null || true
 }
@@ -69,6 +80,11 @@ timeout 60 "$BIN" mount --ceph "$CEPH_CONF" --pool "$POOL" --state-dir "$WORK/st
 timeout 60 "$BIN" mount --ceph "$CEPH_CONF" --pool "$POOL" --state-dir "$WORK/state-pc" \
   --ceph-page-cache "$WORK/snapfs-pc"
 timeout 60 rbd-fuse -c "$CEPH_CONF" -p "$POOL" "$WORK/rbdfuse"
+if [[ -n $BASE_BIN ]]; then
+  timeout 60 "$BASE_BIN" mount --ceph "$CEPH_CONF" --pool "$POOL" --state-dir "$WORK/state-base" \
+    "$WORK/snapfs-base"
+fi
+BASE_FILE=$WORK/snapfs-base/volumes/$POOL/$IMG/.snapshots/$SNAP/disk.raw
 SNAPFS_FILE=$WORK/snapfs/volumes/$POOL/$IMG/.snapshots/$SNAP/disk.raw
 PC_FILE=$WORK/snapfs-pc/volumes/$POOL/$IMG/.snapshots/$SNAP/disk.raw
 RBDFUSE_FILE=$WORK/rbdfuse/$IMG
@@ -102,6 +118,43 @@ two() { # file bs
   return "$rc"
 }
 
+# Four concurrent readers, one quarter each.
+four() { # file bs
+  local q=$((size / 4)) bs=$2 i rc=0 pids=()
+  local n=$((q / bs))
+  for i in 1 2 3; do
+    dd if="$1" of=/dev/null bs="$bs" skip=$((i * n)) count="$n" status=none &
+    pids+=($!)
+  done
+  dd if="$1" of=/dev/null bs="$bs" count="$n" status=none || rc=1
+  for i in "${pids[@]}"; do wait "$i" || rc=1; done
+  return "$rc"
+}
+# The daemon serving mount point $1.
+daemon_pid() {
+  local p
+  for p in /proc/[0-9]*; do
+    if tr '\0' '\n' 2>/dev/null <"$p/cmdline" | grep -qxF -- "$1" &&
+      [[ $(tr '\0' '\n' 2>/dev/null <"$p/cmdline" | sed -n 2p) == mount ]]; then
+      basename "$p"
+      return
+    fi
+  done
+}
+kib() { awk -v f="$2:" '$1 == f {print $2}' "/proc/$1/status"; }
+declare -A PEAK
+# peak NAME MOUNTPOINT FILE: 4 readers; the daemon's RSS before, its peak during, RSS after.
+peak() {
+  local pid
+  pid=$(daemon_pid "$2")
+  [[ -n $pid ]] || return 0
+  local before
+  before=$(kib "$pid" VmRSS)
+  echo 5 >"/proc/$pid/clear_refs"
+  run "$1 4 readers bs=1M" four "$3" $((1 << 20))
+  PEAK[$1]="${PEAK[$1]:-} $((before >> 10))/$(($(kib "$pid" VmHWM) >> 10))/$(($(kib "$pid" VmRSS) >> 10))"
+}
+
 for ((rep = 1; rep <= REPS; rep++)); do
   echo "== sequential read of $SIZE_GIB GiB ($POOL/$IMG@$SNAP), page cache dropped before each (run $rep/$REPS)" >&2
   run "rbd export @snap" sh -c "rbd export --no-progress $POOL/$IMG@$SNAP - >/dev/null"
@@ -110,6 +163,13 @@ for ((rep = 1; rep <= REPS; rep++)); do
   run "snapfs dd bs=128K" dd if="$SNAPFS_FILE" of=/dev/null bs=128K status=none
   run "snapfs 2 readers bs=1M" two "$SNAPFS_FILE" $((1 << 20))
   run "snapfs 2 readers bs=128K" two "$SNAPFS_FILE" $((128 << 10))
+  peak snapfs "$WORK/snapfs" "$SNAPFS_FILE"
+  if [[ -n $BASE_BIN ]]; then
+    run "base cat" cat "$BASE_FILE" >/dev/null
+    run "base dd bs=1M" dd if="$BASE_FILE" of=/dev/null bs=1M status=none
+    run "base 2 readers bs=1M" two "$BASE_FILE" $((1 << 20))
+    peak base "$WORK/snapfs-base" "$BASE_FILE"
+  fi
   BYTES=$((SMALL_MIB << 20)) run "snapfs dd bs=4K" \
     dd if="$SNAPFS_FILE" of=/dev/null bs=4K count=$((SMALL_MIB << 8)) status=none
   run "snapfs --ceph-page-cache cat" cat "$PC_FILE" >/dev/null
@@ -149,10 +209,12 @@ echo
 echo "| read ($SIZE_GIB GiB, cold page cache) | MiB/s (median of $REPS) | vs rbd export | vs rbd-fuse same bs | all runs |"
 echo "| --- | ---: | ---: | ---: | --- |"
 for k in "rbd export @snap" "snapfs cat" "snapfs dd bs=1M" "snapfs dd bs=128K" \
-         "snapfs 2 readers bs=1M" "snapfs 2 readers bs=128K" "snapfs dd bs=4K" \
+         "snapfs 2 readers bs=1M" "snapfs 2 readers bs=128K" "snapfs 4 readers bs=1M" \
+         "base cat" "base dd bs=1M" "base 2 readers bs=1M" "base 4 readers bs=1M" "snapfs dd bs=4K" \
          "snapfs --ceph-page-cache cat" "snapfs --ceph-page-cache dd bs=4K" \
          "rbd-fuse (head) dd bs=1M" "rbd-fuse (head) dd bs=128K" "rbd-fuse (head) 2 readers bs=1M"; do
   v=${RESULT[$k]:-}
+  [[ $k == base* && -z $v ]] && continue
   case $k in
     "snapfs dd bs=1M") peer=${RESULT["rbd-fuse (head) dd bs=1M"]} ;;
     "snapfs 2 readers bs=1M") peer=${RESULT["rbd-fuse (head) 2 readers bs=1M"]} ;;
@@ -163,6 +225,14 @@ for k in "rbd export @snap" "snapfs cat" "snapfs dd bs=1M" "snapfs dd bs=128K" \
 done
 echo
 echo "bs=4K lines read the first $SMALL_MIB MiB only."
+if [[ ${#PEAK[@]} -gt 0 ]]; then
+  echo
+  echo "| daemon, 4 readers bs=1M | RSS before / peak (VmHWM) / after, MiB, each run |"
+  echo "| --- | --- |"
+  for k in snapfs base; do
+    [[ -n ${PEAK[$k]:-} ]] && echo "| $k | ${PEAK[$k]} |"
+  done
+fi
 if [[ -n ${FUSE_FAILS:-} ]]; then
   echo
   echo "rbd-fuse with 2 readers failed in $FUSE_FAILS of $REPS runs (open: No such file or directory)."

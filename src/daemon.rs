@@ -253,6 +253,9 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
                 ));
                 let (n, b) = crate::restore::worker::cache_usage();
                 held.push(crate::memreport::Held::new("worker_answers", n, b));
+                held.extend(crate::image::rbd::memory());
+                let (n, b) = crate::provider::libvirt::remote::cache_usage();
+                held.push(crate::memreport::Held::new("remote_blocks", n, b));
                 let line = crate::memreport::line(&crate::memreport::process(), &held);
                 info!("memory: {line}");
                 sig = wait_signal(&sigs);

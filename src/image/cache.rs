@@ -110,6 +110,17 @@ impl BlockCache {
         Some(v)
     }
 
+    /// Drop least recently used buffers until at most `bytes` are held.
+    pub fn shrink_to(&self, bytes: usize) {
+        let mut inner = self.lock();
+        while inner.used > bytes {
+            match inner.lru.pop_lru() {
+                Some((_, v)) => inner.used -= v.len(),
+                None => break,
+            }
+        }
+    }
+
     /// Bytes currently held.
     pub fn used(&self) -> usize {
         self.lock().used
@@ -157,5 +168,9 @@ mod tests {
         c.insert(key(4), Arc::new(vec![0; 1000])); // larger than the budget: not kept
         assert_eq!(c.used(), 300);
         assert_eq!(c.len(), 3);
+        c.get(&key(2));
+        c.shrink_to(150);
+        assert_eq!((c.used(), c.len()), (100, 1));
+        assert!(c.get(&key(2)).is_some(), "the most recently used stays");
     }
 }

@@ -18,8 +18,9 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::CString;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::cache::{CacheKey, CacheKind};
 use super::raw::push_extent;
@@ -31,10 +32,182 @@ use crate::namespace::registry::lock;
 /// Chunk size bounds; the chunk is the image's object size within them.
 const MIN_CHUNK: u64 = 1 << 20;
 const MAX_CHUNK: u64 = 8 << 20;
-/// Bytes of read-ahead in flight or finished but not yet claimed, over every opened snapshot.
-/// A reader that stops early leaves its reads pending until its snapshot is closed; past the
-/// read-ahead cache's budget no new read-ahead starts (reads go straight to librbd instead).
-static UNCLAIMED: AtomicU64 = AtomicU64::new(0);
+/// A finished read-ahead chunk not claimed for this long belongs to a reader that stopped
+/// (or is slower than this per read-ahead window); when the budget is full, such reads are
+/// dropped to make room (see [`Account::reap`]).
+const STALE: Duration = Duration::from_secs(10);
+
+/// The RBD read-ahead's one budget (docs/restore.md, "The daemon's memory"): over every
+/// opened snapshot, the bytes of reads in flight or finished but not claimed, the chunks
+/// kept in the read-ahead cache, and the spare buffers together stay within that cache's
+/// budget (4 × `--ceph-read-ahead-mb`, at least 64 MiB). Every change of these figures, and
+/// every move of a chunk between them (claimed into the cache, served whole into the spares),
+/// happens under this one lock, so the check in [`RbdImage::start_chunks`] and the memory
+/// report see them at one moment. Nobody waits for room: past the budget a reader's bytes
+/// come from a synchronous read.
+static ACCOUNT: Mutex<Account> = Mutex::new(Account {
+    unclaimed: 0,
+    reads: 0,
+    spare: 0,
+    spares: Vec::new(),
+    started: VecDeque::new(),
+});
+/// The read-ahead caches of the daemon's providers, for the memory report.
+static CACHES: Mutex<Vec<std::sync::Weak<BlockCache>>> = Mutex::new(Vec::new());
+
+struct Account {
+    /// Bytes and reads in flight or finished but not claimed.
+    unclaimed: u64,
+    reads: u64,
+    /// Bytes (capacity) of [`Self::spares`].
+    spare: u64,
+    /// Buffers of chunks served whole, shared by every opened snapshot: a new read takes one
+    /// that no reply holds any more instead of faulting in fresh pages. At most a quarter of
+    /// the budget.
+    spares: Vec<Arc<Vec<u8>>>,
+    /// Reads started, oldest first (a claimed read's entry is dead), for [`Self::reap`].
+    started: VecDeque<(std::sync::Weak<Mutex<Option<AioRead>>>, Instant)>,
+}
+
+impl Account {
+    fn claim(&mut self, len: usize) {
+        self.unclaimed = self.unclaimed.saturating_sub(len as u64);
+        self.reads = self.reads.saturating_sub(1);
+    }
+
+    /// A spare buffer no reply holds any more (its bytes leave the spares' count).
+    fn take_spare(&mut self) -> Option<Vec<u8>> {
+        let i = self.spares.iter().position(|b| Arc::strong_count(b) == 1)?;
+        let b = self.spares.swap_remove(i);
+        self.spare = self.spare.saturating_sub(b.capacity() as u64);
+        Arc::try_unwrap(b).ok()
+    }
+
+    /// Keep `buf` for reuse if the spares stay within a quarter of `budget` (else free it).
+    fn keep_spare(&mut self, buf: Arc<Vec<u8>>, budget: u64) {
+        let len = buf.capacity() as u64;
+        if self.spare + len <= budget / 4 {
+            self.spare += len;
+            self.spares.push(buf);
+        }
+    }
+
+    /// Drop finished reads nobody claimed for [`STALE`] (a reader that stopped: its snapshot
+    /// stays open, and its reads would hold the budget until it is closed), oldest first,
+    /// until `want` bytes are free or none is left. Their snapshot finds the slot empty and
+    /// reads that chunk directly if it ever gets there.
+    fn reap(&mut self, want: u64, budget: u64, cached: u64) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.started.len() && self.unclaimed + self.spare + cached + want > budget {
+            let (slot, at) = &self.started[i];
+            if now.duration_since(*at) < STALE {
+                break;
+            }
+            let Some(slot) = slot.upgrade() else {
+                self.started.remove(i);
+                continue;
+            };
+            // try_lock: a slot held is being claimed (or checked) right now.
+            let taken = match slot.try_lock() {
+                Ok(mut s) if s.as_ref().is_some_and(|r| r.is_complete()) => s.take(),
+                _ => None,
+            };
+            match taken {
+                Some(read) => {
+                    tracing::debug!(
+                        offset = read.offset,
+                        len = read.len(),
+                        "stale read-ahead chunk dropped"
+                    );
+                    self.claim(read.len());
+                    self.started.remove(i);
+                }
+                None => i += 1,
+            }
+        }
+    }
+
+    /// Remember a read started now; forget the claimed ones at the front.
+    fn started(&mut self, slot: &Pending) {
+        while self
+            .started
+            .front()
+            .is_some_and(|(w, _)| w.strong_count() == 0)
+        {
+            self.started.pop_front();
+        }
+        if self.started.len() > 1024 {
+            self.started.retain(|(w, _)| w.strong_count() > 0);
+        }
+        self.started
+            .push_back((Arc::downgrade(slot), Instant::now()));
+    }
+}
+
+/// Once no read-ahead is in flight (a stream ended), give the allocator's free pages back:
+/// a thread of its own trims within a second of the last such moment, at most once a second.
+/// While streaming, the 4 MiB chunks and librados's 4 MiB reply buffers are served from
+/// glibc's arenas (its mmap threshold rises past them after the first free), which keep what
+/// was freed: reusing it is what keeps streaming fast (mmapping every such block,
+/// `M_MMAP_THRESHOLD` 1 MiB, cost the daemon 40% more CPU per byte: page faults), and this
+/// hands it back afterwards (docs/restore.md, "The daemon's memory").
+fn trim_when_idle() {
+    static WANTED: (Mutex<bool>, std::sync::Condvar) =
+        (Mutex::new(false), std::sync::Condvar::new());
+    static TRIMMER: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    TRIMMER.get_or_init(|| {
+        let spawned = std::thread::Builder::new()
+            .name("malloc-trim".into())
+            .spawn(|| loop {
+                {
+                    let mut wanted = lock(&WANTED.0);
+                    while !*wanted {
+                        wanted = WANTED.1.wait(wanted).unwrap_or_else(|e| e.into_inner());
+                    }
+                    *wanted = false;
+                }
+                #[cfg(all(target_os = "linux", target_env = "gnu"))]
+                // SAFETY: malloc_trim only returns free pages of the arenas to the kernel.
+                unsafe {
+                    libc::malloc_trim(0);
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no allocator trimming thread: freed read-ahead memory stays in the arenas");
+        }
+    });
+    *lock(&WANTED.0) = true;
+    WANTED.1.notify_one();
+}
+
+/// Count `cache` as a read-ahead cache in [`memory`].
+pub fn register_cache(cache: &Arc<BlockCache>) {
+    let mut v = lock(&CACHES);
+    v.retain(|w| w.strong_count() > 0);
+    v.push(Arc::downgrade(cache));
+}
+
+/// What the RBD read-ahead holds, for the memory report (docs/restore.md): the chunks read
+/// ahead and kept (its LRU), the reads in flight or finished but not claimed, the buffers of
+/// chunks served whole kept for reuse; all at one moment.
+pub fn memory() -> Vec<crate::memreport::Held> {
+    use crate::memreport::Held;
+    let acc = lock(&ACCOUNT);
+    let (mut n, mut b) = (0, 0);
+    for c in lock(&CACHES).iter().filter_map(|w| w.upgrade()) {
+        n += c.len();
+        b += c.used();
+    }
+    let u = |a: u64| usize::try_from(a).unwrap_or(usize::MAX);
+    vec![
+        Held::new("rbd_ahead", n, b),
+        Held::new("rbd_in_flight", u(acc.reads), u(acc.unclaimed)),
+        Held::new("rbd_spare", acc.spares.len(), u(acc.spare)),
+    ]
+}
+
 /// Partially served chunks remembered at most; beyond that the count starts over.
 const MAX_SERVED_ENTRIES: usize = 4096;
 /// End offsets of recent reads remembered to recognise a sequential reader.
@@ -84,8 +257,6 @@ struct AheadState {
     pending: HashMap<u64, Pending>,
     /// Chunk index → bytes of it handed to readers; a chunk served whole is dropped.
     served: HashMap<u64, u64>,
-    /// Chunks served whole; once no reply holds one any more, its buffer is reused.
-    spare: Vec<Arc<Vec<u8>>>,
     recent: VecDeque<u64>,
     /// Chunks in flight whose read had finished before a check that the snapshot still
     /// exists was started (and passed): they need no check of their own.
@@ -95,9 +266,10 @@ struct AheadState {
 impl Drop for ReadAhead {
     fn drop(&mut self) {
         let st = lock(&self.state);
+        let mut acc = lock(&ACCOUNT);
         for p in st.pending.values() {
             if let Some(read) = lock(p).as_ref() {
-                UNCLAIMED.fetch_sub(read.len() as u64, Ordering::Relaxed);
+                acc.claim(read.len());
             }
         }
     }
@@ -248,21 +420,45 @@ impl RbdImage {
                 continue;
             }
             let len = chunk.min(self.size - start) as usize;
-            if UNCLAIMED.load(Ordering::Relaxed) + len as u64 > self.ahead.cache.budget as u64 {
-                break;
-            }
-            let buf = match st.spare.iter().position(|b| Arc::strong_count(b) == 1) {
-                Some(i) => Arc::try_unwrap(st.spare.swap_remove(i)).unwrap_or_default(),
-                None => Vec::new(),
+            // Room is made by dropping the least recently used chunks (those a reader that
+            // stopped left first) down to a quarter of the budget (the chunks being served),
+            // then the finished reads nobody claimed for a while; past that no read-ahead
+            // starts. The bytes are counted before the read starts.
+            let buf = {
+                let mut acc = lock(&ACCOUNT);
+                let buf = acc.take_spare().unwrap_or_default();
+                let budget = self.ahead.cache.budget as u64;
+                let want = buf.capacity().max(len) as u64;
+                let room = budget.saturating_sub(acc.unclaimed + acc.spare + want);
+                if (self.ahead.cache.used() as u64) > room {
+                    self.ahead.cache.shrink_to(room.max(budget / 4) as usize);
+                }
+                acc.reap(want, budget, self.ahead.cache.used() as u64);
+                if acc.unclaimed + acc.spare + want + self.ahead.cache.used() as u64 > budget {
+                    if buf.capacity() > 0 {
+                        acc.keep_spare(Arc::new(buf), budget);
+                    }
+                    break;
+                }
+                acc.unclaimed += want;
+                acc.reads += 1;
+                buf
             };
+            let want = buf.capacity().max(len);
             match self.image.aio_read(start, len, buf) {
                 Ok(r) => {
-                    UNCLAIMED.fetch_add(r.len() as u64, Ordering::Relaxed);
+                    let slot = Arc::new(Mutex::new(Some(r)));
+                    let mut acc = lock(&ACCOUNT);
+                    // Counted from now on as the read's length (what is claimed later).
+                    acc.unclaimed = acc.unclaimed.saturating_sub((want - len) as u64);
+                    acc.started(&slot);
+                    drop(acc);
                     st.covered.remove(&c);
-                    st.pending.insert(c, Arc::new(Mutex::new(Some(r))));
+                    st.pending.insert(c, slot);
                 }
                 // Read-ahead is best effort: the reader's own read reports the error.
                 Err(e) => {
+                    lock(&ACCOUNT).claim(want);
                     tracing::debug!(image = %self.image.label, chunk = c, error = %e, "read-ahead not started");
                     break;
                 }
@@ -280,8 +476,10 @@ impl RbdImage {
         };
         let mut slot = lock(&pending);
         if let Some(read) = slot.take() {
-            UNCLAIMED.fetch_sub(read.len() as u64, Ordering::Relaxed);
-            let t = std::time::Instant::now();
+            // Still counted in the budget while waited for and checked: counted in the cache
+            // instead once there, or no more once dropped.
+            let len = read.len();
+            let t = Instant::now();
             let res = read.wait();
             tracing::trace!(
                 chunk = c,
@@ -293,16 +491,30 @@ impl RbdImage {
                 st.pending.remove(&c);
                 st.covered.remove(&c)
             };
-            let data = Arc::new(res?);
             // Cached only once known to be the snapshot's bytes.
-            if !covered {
-                self.verify_with_finished()?;
+            let checked = res.and_then(|d| {
+                if !covered {
+                    self.verify_with_finished()?;
+                }
+                Ok(Arc::new(d))
+            });
+            let mut acc = lock(&ACCOUNT);
+            if let Ok(data) = &checked {
+                self.ahead.cache.insert(self.key(c), data.clone());
             }
-            self.ahead.cache.insert(self.key(c), data.clone());
-            return Ok(Some(data));
+            acc.claim(len);
+            return checked.map(Some);
         }
         drop(slot);
-        Ok(self.ahead.cache.get(&self.key(c)))
+        if let Some(v) = self.ahead.cache.get(&self.key(c)) {
+            return Ok(Some(v));
+        }
+        // Dropped as stale (or its read failed for another reader): read ahead again later.
+        let mut st = lock(&self.ahead.state);
+        if st.pending.get(&c).is_some_and(|q| Arc::ptr_eq(q, &pending)) {
+            st.pending.remove(&c);
+        }
+        Ok(None)
     }
 
     /// A sequential read: served from read-ahead chunks, keeping the next ones in flight, up
@@ -352,11 +564,15 @@ impl RbdImage {
             return;
         }
         st.served.remove(&c);
+        drop(st);
+        let mut acc = lock(&ACCOUNT);
         if let Some(buf) = self.ahead.cache.remove(&self.key(c)) {
-            if st.spare.len() as u64 >= self.ahead.depth + 2 {
-                st.spare.remove(0);
-            }
-            st.spare.push(buf);
+            acc.keep_spare(buf, self.ahead.cache.budget as u64);
+        }
+        let idle = acc.reads == 0;
+        drop(acc);
+        if idle {
+            trim_when_idle();
         }
     }
 
@@ -550,6 +766,34 @@ mod tests {
                 ExtentKind::Zero
             },
         }
+    }
+
+    #[test]
+    fn spares_stay_within_a_quarter_and_only_free_ones_are_reused() {
+        let mut acc = Account {
+            unclaimed: 0,
+            reads: 0,
+            spare: 0,
+            spares: Vec::new(),
+            started: VecDeque::new(),
+        };
+        let budget = 16 << 20;
+        let held = Arc::new(Vec::<u8>::with_capacity(2 << 20));
+        acc.keep_spare(held.clone(), budget);
+        acc.keep_spare(Arc::new(Vec::with_capacity(2 << 20)), budget);
+        // A third would pass a quarter of the budget (4 MiB): freed instead.
+        acc.keep_spare(Arc::new(Vec::with_capacity(1 << 20)), budget);
+        assert_eq!((acc.spares.len(), acc.spare), (2, 4 << 20));
+        // The one a reply still holds is not handed out.
+        let b = acc.take_spare().expect("a free spare");
+        assert!(b.capacity() >= 2 << 20);
+        assert!(acc.take_spare().is_none());
+        assert_eq!(acc.spare, 2 << 20);
+        drop(held);
+        assert!(acc.take_spare().is_some());
+        assert_eq!((acc.spares.len(), acc.spare), (0, 0));
+        acc.claim(5);
+        assert_eq!((acc.unclaimed, acc.reads), (0, 0));
     }
 
     #[test]

@@ -206,12 +206,14 @@ impl RbdProvider {
         // Read-ahead chunks get their own LRU: 4 MiB chunks would flush the shared metadata
         // cache, and a reader that stops early leaves chunks that must age out somewhere.
         let budget = cfg.read_ahead.saturating_mul(4).max(64 << 20);
+        let cache = Arc::new(BlockCache::new(
+            usize::try_from(budget).unwrap_or(usize::MAX),
+        ));
+        crate::image::rbd::register_cache(&cache);
         let access = Arc::new(RbdAccess {
             cluster,
             pools: Mutex::new(pools.iter().map(|p| (p.name.clone(), p.clone())).collect()),
-            cache: Arc::new(BlockCache::new(
-                usize::try_from(budget).unwrap_or(usize::MAX),
-            )),
+            cache,
             read_ahead: cfg.read_ahead,
             page_cache: cfg.page_cache,
         });

@@ -32,12 +32,18 @@ pub const MAX_WINDOW: u64 = 16;
 /// from the metadata cache, which read-ahead would otherwise flush).
 pub const CACHE_BYTES: usize = 64 << 20;
 
+static CACHE: std::sync::OnceLock<Arc<BlockCache>> = std::sync::OnceLock::new();
+
 /// The cache of downloaded blocks of all remote files.
 fn block_cache() -> Arc<BlockCache> {
-    static CACHE: std::sync::OnceLock<Arc<BlockCache>> = std::sync::OnceLock::new();
     CACHE
         .get_or_init(|| Arc::new(BlockCache::new(CACHE_BYTES)))
         .clone()
+}
+
+/// What the remote blocks' cache holds, for the memory report: (blocks, bytes).
+pub fn cache_usage() -> (usize, usize) {
+    CACHE.get().map_or((0, 0), |c| (c.len(), c.used()))
 }
 
 /// The opener of files on the host behind `conn` (named `uri` in errors).
