@@ -110,7 +110,7 @@ pub fn open_volume(disk: Arc<dyn BlockImage>, part: &Partition) -> Result<Volume
     if !cfg.enabled {
         return restore::open_volume(disk, part);
     }
-    let fs = WorkerFs {
+    let fs = Arc::new_cyclic(|me| WorkerFs {
         disk,
         part: part.clone(),
         cfg,
@@ -121,13 +121,15 @@ pub fn open_volume(disk: Arc<dyn BlockImage>, part: &Partition) -> Result<Volume
         restarts: AtomicU64::new(0),
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         walks: Mutex::new(InoWalks::default()),
-    };
+        me: me.clone(),
+        ino_ahead: Default::default(),
+    });
     let mut guard = lock(&fs.conn);
     match fs.start()? {
         (conn, Opened::Fs) => {
             *guard = Some(conn);
             drop(guard);
-            Ok(Volume::Fs(Arc::new(fs)))
+            Ok(Volume::Fs(fs))
         }
         (mut conn, Opened::Readme(readme)) => {
             conn.end();
@@ -277,6 +279,10 @@ pub struct WorkerFs {
     /// Directories listed lately and the lookups in them since: a walk in inode order is
     /// answered by batches ([`wire::LOOKUPS_BY_INO`]).
     walks: Mutex<InoWalks>,
+    /// Itself, for the thread that reads a batch ahead ([`Self::lookups_by_ino_behind`]).
+    me: std::sync::Weak<WorkerFs>,
+    /// A batch is being read ahead.
+    ino_ahead: std::sync::atomic::AtomicBool,
 }
 
 /// A walk in inode order (GNU `find`, `du`: gnulib's `fts` reads a directory of more than
@@ -304,6 +310,20 @@ pub(super) struct InoWalk {
     batches: u32,
     /// Lookups answered without a round trip since the last batch.
     hits: u32,
+    /// The largest inode number the last batch brought; 0 before one (or when it was the
+    /// listing's last): no batch is read ahead then.
+    batch_end: u64,
+}
+
+/// What a lookup in a walk in inode order asks for next ([`InoWalks::looked`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum InoNext {
+    /// Nothing.
+    Nothing,
+    /// A batch now, of the names after `after` listed between the cookies `from` and `to`.
+    Now { after: u64, from: u64, to: u64 },
+    /// The next batch in the background (the walk is halfway through the last one).
+    Ahead { after: u64, from: u64, to: u64 },
 }
 
 /// Walks kept, at most [`INO_WALKS`]; the least recently used dropped.
@@ -365,12 +385,14 @@ impl InoWalks {
         }
     }
 
-    /// A lookup in `dir` found `ino` (asked of the worker alone when `alone`): the range of
-    /// cookies to batch the walk's next lookups from, when it is one in inode order.
-    pub(super) fn looked(&mut self, dir: u64, ino: u64, alone: bool) -> Option<(u64, u64)> {
+    /// A lookup in `dir` found `ino` (asked of the worker alone when `alone`): the batch to
+    /// ask for, when the walk is one in inode order.
+    pub(super) fn looked(&mut self, dir: u64, ino: u64, alone: bool) -> InoNext {
         self.tick += 1;
         let tick = self.tick;
-        let w = self.dirs.get_mut(&dir)?;
+        let Some(w) = self.dirs.get_mut(&dir) else {
+            return InoNext::Nothing;
+        };
         w.tick = tick;
         w.looked = true;
         w.rising = if ino > w.last_ino {
@@ -381,16 +403,40 @@ impl InoWalks {
         w.last_ino = ino;
         if !alone {
             w.hits = w.hits.saturating_add(1);
-            return None;
+            if w.batch_end > 0 && w.hits as usize == INO_BATCH / 2 {
+                return InoNext::Ahead {
+                    after: std::mem::take(&mut w.batch_end),
+                    from: w.from,
+                    to: w.to,
+                };
+            }
+            return InoNext::Nothing;
         }
         // A batch whose names were not asked for (lookups that only looked rising) is not
         // asked for again until the directory is listed again.
         if w.rising < INO_RISING || w.listed < INO_LISTED || (w.batches > 0 && w.hits < INO_USED) {
-            return None;
+            return InoNext::Nothing;
         }
         w.batches += 1;
         w.hits = 0;
-        Some((w.from, w.to))
+        w.batch_end = 0;
+        InoNext::Now {
+            after: ino,
+            from: w.from,
+            to: w.to,
+        }
+    }
+
+    /// A batch of `dir` arrived: `end` the largest inode number in it, `full` when it held
+    /// all the names it could (there may be more after it); one read ahead in the background
+    /// starts the count of lookups answered from it.
+    pub(super) fn batched(&mut self, dir: u64, end: u64, full: bool, behind: bool) {
+        if let Some(w) = self.dirs.get_mut(&dir) {
+            w.batch_end = if full { end } else { 0 };
+            if behind {
+                w.hits = 0;
+            }
+        }
     }
 }
 
@@ -820,12 +866,16 @@ impl GuestFs for WorkerFs {
             cache::Key::Stat(self.id, s.ino),
             cache::Entry::Attrs((s.clone(), openable)),
         );
-        let walk = lock(&self.walks).looked(dir, s.ino, alone);
-        if let Some((from, to)) = walk {
-            // Read ahead: a failure is the later lookups' to meet, one by one.
-            if let Err(e) = self.lookups_by_ino(dir, s.ino, from, to) {
-                tracing::debug!(error = %e, dir, "lookups in inode order not read ahead");
+        let next = lock(&self.walks).looked(dir, s.ino, alone);
+        match next {
+            InoNext::Nothing => {}
+            // A failure is the later lookups' to meet, one by one.
+            InoNext::Now { after, from, to } => {
+                if let Err(e) = self.lookups_by_ino(false, dir, after, from, to) {
+                    tracing::debug!(error = %e, dir, "lookups in inode order not read ahead");
+                }
             }
+            InoNext::Ahead { after, from, to } => self.lookups_by_ino_behind(dir, after, from, to),
         }
         Ok(s)
     }
@@ -1109,7 +1159,31 @@ impl WorkerFs {
     /// `after`, in one `LOOKUPS_BY_INO` over the entries listed from cookie `from` to `to`:
     /// kept for the kernel's own lookups, with the listings of the subdirectories among them
     /// (the walk enters each next).
-    fn lookups_by_ino(&self, dir: u64, after: u64, from: u64, to: u64) -> Result<()> {
+    /// [`Self::lookups_by_ino`] on the worker's read-ahead socket from a thread of its own,
+    /// one at a time per volume: the walk does not wait for it.
+    fn lookups_by_ino_behind(&self, dir: u64, after: u64, from: u64, to: u64) {
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        if self.ino_ahead.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("ino-ahead".into())
+            .spawn(move || {
+                if let Err(e) = me.lookups_by_ino(true, dir, after, from, to) {
+                    tracing::debug!(error = %e, dir, "lookups in inode order not read ahead");
+                }
+                me.ino_ahead.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.ino_ahead.store(false, Ordering::Release);
+        }
+    }
+
+    /// On the read-ahead socket when `behind` (an error when no worker runs: read-ahead
+    /// starts none).
+    fn lookups_by_ino(&self, behind: bool, dir: u64, after: u64, from: u64, to: u64) -> Result<()> {
         let vol = self.volume_len();
         let req = W::new(wire::LOOKUPS_BY_INO)
             .u64(dir)
@@ -1118,7 +1192,12 @@ impl WorkerFs {
             .u64(to)
             .u32(INO_BATCH as u32)
             .done();
-        let reply = self.call(req)?;
+        let reply = if behind {
+            self.call_ahead(req)
+                .ok_or_else(|| Error::Backend("restore worker: no read-ahead".into()))?
+        } else {
+            self.call(req)?
+        };
         let (found, ahead) = self.decode(&reply, |r| {
             let n = r.u32()? as usize;
             if n > INO_BATCH {
@@ -1153,9 +1232,12 @@ impl WorkerFs {
             let ahead = read_ahead(r, reply.len(), INO_BATCH, |d| dirs.contains(&d))?;
             Ok((found, ahead))
         })?;
+        let full = found.len() == INO_BATCH;
+        let mut end = 0;
         for (name, res) in found {
             // Errors are not kept: the kernel's own lookup asks again and meets them there.
             if let Ok(v) = res {
+                end = end.max(v.0.ino);
                 self.keep(
                     cache::Key::Looked(self.id, dir, name),
                     cache::Entry::Attrs(v),
@@ -1165,6 +1247,7 @@ impl WorkerFs {
         for (d, l) in ahead {
             self.keep_listing(d, &l);
         }
+        lock(&self.walks).batched(dir, end, full, behind);
         Ok(())
     }
 
@@ -1733,6 +1816,8 @@ mod tests {
             restarts: AtomicU64::new(0),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             walks: Mutex::new(InoWalks::default()),
+            me: std::sync::Weak::new(),
+            ino_ahead: Default::default(),
         };
         (fs, counts, thread)
     }
@@ -1856,7 +1941,7 @@ mod tests {
         let mut batches = 0;
         for round in 0..100u64 {
             for k in 0..=u64::from(INO_RISING) {
-                if w.looked(2, 1000 * round + k + 1, true).is_some() {
+                if w.looked(2, 1000 * round + k + 1, true) != InoNext::Nothing {
                     batches += 1;
                 }
             }
@@ -1866,13 +1951,59 @@ mod tests {
         assert_eq!(batches, 1);
         // Listed again (a new listing after lookups): armed again; a small listing never.
         w.listed(2, 0, &page);
-        assert!((1..=4).filter_map(|i| w.looked(2, i, true)).count() == 1);
+        assert_eq!(
+            (1..=4)
+                .filter(|&i| w.looked(2, i, true) != InoNext::Nothing)
+                .count(),
+            1
+        );
         let small = DirPage {
             entries: page.entries[..100].to_vec(),
             end: true,
         };
         w.listed(3, 0, &small);
-        assert!((1..=10).all(|i| w.looked(3, i, true).is_none()));
+        assert!((1..=10).all(|i| w.looked(3, i, true) == InoNext::Nothing));
+    }
+
+    /// Halfway through a full batch the walk asks for the next one in the background, from
+    /// the batch's last inode number, once; after a batch that was not full (the listing's
+    /// end) it does not.
+    #[test]
+    fn the_next_batch_is_read_ahead_halfway_through() {
+        let mut w = InoWalks::default();
+        let page = DirPage {
+            entries: (0..INO_LISTED)
+                .map(|i| (b"x".to_vec(), i, FileKind::File, i + 1))
+                .collect(),
+            end: true,
+        };
+        w.listed(2, 0, &page);
+        let mut next = InoNext::Nothing;
+        for i in 1..=u64::from(INO_RISING) {
+            next = w.looked(2, i, true);
+        }
+        assert_eq!(
+            next,
+            InoNext::Now {
+                after: u64::from(INO_RISING),
+                from: 0,
+                to: u64::MAX
+            }
+        );
+        w.batched(2, 5000, true, false);
+        let asked: Vec<_> = (0..INO_BATCH as u64)
+            .map(|i| w.looked(2, 10 + i, false))
+            .enumerate()
+            .filter(|(_, n)| *n != InoNext::Nothing)
+            .collect();
+        let ahead = InoNext::Ahead {
+            after: 5000,
+            from: 0,
+            to: u64::MAX,
+        };
+        assert_eq!(asked, vec![(INO_BATCH / 2 - 1, ahead)]);
+        w.batched(2, 9000, false, true);
+        assert!((0..INO_BATCH as u64).all(|i| w.looked(2, 6000 + i, false) == InoNext::Nothing));
     }
 
     /// A worker's page whose cookies repeat is never kept as a window (it would list names
