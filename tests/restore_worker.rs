@@ -749,7 +749,8 @@ fn messages_sent_during(pid: i32, dir: &Path, f: impl FnOnce()) -> (usize, usize
 /// worker and each subdirectory's listing one `READDIR_PAGE`, so the walker's socket carried
 /// about two requests per subdirectory (main: 38,000+ here). With lookups in inode order
 /// batched (`LOOKUPS_BY_INO`, with the subdirectories' listings) it carries fewer than one
-/// for every ten subdirectories, and the walk prints the kernel's paths. (The read-ahead
+/// for every ten subdirectories, the walk prints the kernel's paths, and a second walk with
+/// `-printf` the kernel's attributes. (The read-ahead
 /// socket's requests, the directory read-ahead's listings and the batches read in the
 /// background, and the worker's block reads, each a round trip to the daemon, are printed,
 /// not bounded: they depend on timing, and ext4 reads each subdirectory's block cold.)
@@ -769,15 +770,27 @@ fn find_in_inode_order_asks_the_worker_in_batches() {
         run(Command::new("mount").args(["-o", opts]).arg(raw).arg(&kmnt));
     };
     let umount = || run(Command::new("umount").arg(&kmnt));
-    let find = |root: &Path| -> Vec<String> {
-        let out = run(Command::new("find").arg(root));
+    // Paths, or with `printf` each entry's attributes as `find -printf` shows them.
+    let find_with = |root: &Path, printf: Option<&str>| -> Vec<String> {
+        let mut cmd = Command::new("find");
+        cmd.arg(root);
+        if let Some(f) = printf {
+            cmd.args(["-printf", f]);
+        }
+        let out = run(&mut cmd);
         let mut v: Vec<String> = out
             .lines()
-            .map(|l| l.strip_prefix(root.to_str().unwrap()).unwrap().to_string())
+            .map(|l| {
+                l.strip_prefix(root.to_str().unwrap())
+                    .unwrap_or(l)
+                    .to_string()
+            })
             .collect();
         v.sort();
         v
     };
+    let find = |root: &Path| find_with(root, None);
+    let attrs = "%P %y %m %U %G %n %s %T@ %C@\n";
     for (fs_name, mkfs, ro) in [
         ("xfs", vec!["mkfs.xfs", "-q", "-f"], "ro,loop,norecovery"),
         (
@@ -799,6 +812,7 @@ fn find_in_inode_order_asks_the_worker_in_batches() {
         umount();
         mount(&raw, ro);
         let want = find(&big);
+        let want_attrs = find_with(&big, Some(attrs));
         umount();
         assert_eq!(want.len(), N + 1, "{fs_name}: the kernel's walk");
         let img = format!("{fs_name}.qcow2");
@@ -817,6 +831,18 @@ fn find_in_inode_order_asks_the_worker_in_batches() {
              of the walker and {ahead} of the read-ahead, and asked for {reads} block reads"
         );
         assert!(got == want, "{fs_name}: find differs from the kernel's");
+        // The attributes the batches brought (kept by the kernel since): the kernel's.
+        let got_attrs = find_with(&root, Some(attrs));
+        let diff: Vec<_> = got_attrs
+            .iter()
+            .zip(&want_attrs)
+            .filter(|(a, b)| a != b)
+            .take(3)
+            .collect();
+        assert!(
+            got_attrs.len() == want_attrs.len() && diff.is_empty(),
+            "{fs_name}: attributes differ from the kernel's: {diff:?}"
+        );
         assert!(
             replies < N / 10,
             "{fs_name}: the worker answered {replies} requests for {N} subdirectories"
