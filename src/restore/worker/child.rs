@@ -463,36 +463,30 @@ fn handle(req: &[u8], main: bool) -> Result<Reply> {
             }
             let mut w = ok().u32(n as u32);
             for _ in 0..n {
-                w = match fs.lookup(dir, r.bytes()?) {
-                    Ok(st) => {
-                        let openable =
-                            st.kind != restore::FileKind::File || fs.check_open(st.ino).is_ok();
-                        let w = w.u8(0).stat(&st).u8(u8::from(openable));
-                        let w = match fs.xattrs(st.ino) {
-                            Ok(x)
-                                if x.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
-                                    <= wire::AHEAD_XATTR_BYTES =>
-                            {
-                                write_xattrs(w.u8(1), &x)
-                            }
-                            _ => w.u8(0),
-                        };
-                        if st.kind != restore::FileKind::File || st.size > wire::AHEAD_MAP_SIZE {
-                            w.u8(0)
-                        } else {
-                            match fs.map(st.ino, 0, st.size) {
-                                Ok(None) => w.u8(1),
-                                Ok(Some(m)) if m.runs.len() <= wire::AHEAD_MAP_RUNS => {
-                                    write_map(w.u8(2), &m)
-                                }
-                                _ => w.u8(0),
-                            }
-                        }
-                    }
-                    Err(e) => w.u8(1).error(&e),
-                };
+                w = write_lookup(fs.as_ref(), w, dir, r.bytes()?);
             }
             w.done()
+        }
+        wire::LOOKUPS_BY_INO => {
+            let dir = r.u64()?;
+            let after = r.u64()?;
+            let from = r.u64()?;
+            let to = r.u64()?;
+            let max = (r.u32()? as usize).min(wire::MAX_INO_BATCH);
+            let picked = smallest_above(fs.as_ref(), dir, after, from, to, max)?;
+            let mut w = ok().u32(picked.len() as u32);
+            for (_, name, _) in &picked {
+                w = write_lookup(fs.as_ref(), w.bytes(name), dir, name);
+            }
+            let subdirs = picked.iter().filter(|e| e.2).map(|e| e.0);
+            write_ahead(
+                fs.as_ref(),
+                w,
+                subdirs,
+                wire::MAX_INO_BATCH,
+                wire::INO_BATCH_LISTING_BYTES,
+            )
+            .done()
         }
         wire::READDIR => {
             let list = fs.readdir(r.u64()?)?;
@@ -501,7 +495,14 @@ fn handle(req: &[u8], main: bool) -> Result<Reply> {
                 .iter()
                 .filter(|e| e.2 == restore::FileKind::Dir)
                 .map(|e| e.1);
-            write_ahead(fs.as_ref(), w, subdirs).done()
+            write_ahead(
+                fs.as_ref(),
+                w,
+                subdirs,
+                wire::AHEAD_LISTINGS,
+                wire::AHEAD_LISTING_BYTES,
+            )
+            .done()
         }
         wire::READDIR_PAGE => {
             let dir = r.u64()?;
@@ -522,7 +523,14 @@ fn handle(req: &[u8], main: bool) -> Result<Reply> {
             for (name, ino, kind, next) in &page.entries {
                 w = wire::write_kind(w.bytes(name).u64(*ino), *kind).u64(*next);
             }
-            write_ahead(fs.as_ref(), w, page.subdirs().into_iter()).done()
+            write_ahead(
+                fs.as_ref(),
+                w,
+                page.subdirs().into_iter(),
+                wire::AHEAD_LISTINGS,
+                wire::AHEAD_LISTING_BYTES,
+            )
+            .done()
         }
         wire::READ => {
             let ino = r.u64()?;
@@ -576,6 +584,79 @@ fn handle(req: &[u8], main: bool) -> Result<Reply> {
     }))
 }
 
+/// One name's `LOOKUPS` answer: 0 and its attributes, whether it may be opened, its extended
+/// attributes when small and the map of a small file; or 1 and the error.
+fn write_lookup(fs: &dyn GuestFs, w: W, dir: u64, name: &[u8]) -> W {
+    match fs.lookup(dir, name) {
+        Ok(st) => {
+            let openable = st.kind != restore::FileKind::File || fs.check_open(st.ino).is_ok();
+            let w = w.u8(0).stat(&st).u8(u8::from(openable));
+            let w = match fs.xattrs(st.ino) {
+                Ok(x)
+                    if x.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+                        <= wire::AHEAD_XATTR_BYTES =>
+                {
+                    write_xattrs(w.u8(1), &x)
+                }
+                _ => w.u8(0),
+            };
+            if st.kind != restore::FileKind::File || st.size > wire::AHEAD_MAP_SIZE {
+                w.u8(0)
+            } else {
+                match fs.map(st.ino, 0, st.size) {
+                    Ok(None) => w.u8(1),
+                    Ok(Some(m)) if m.runs.len() <= wire::AHEAD_MAP_RUNS => write_map(w.u8(2), &m),
+                    _ => w.u8(0),
+                }
+            }
+        }
+        Err(e) => w.u8(1).error(&e),
+    }
+}
+
+/// `dir`'s entries listed from cookie `from` up to the one whose cookie is `to` (to the end
+/// when none is): the `max` whose inode numbers are the smallest above `after`, ascending (see
+/// [`wire::LOOKUPS_BY_INO`]). Memory: `max` names and one page; time: the entries in the range
+/// (at most [`wire::MAX_INO_SCAN`]).
+fn smallest_above(
+    fs: &dyn GuestFs,
+    dir: u64,
+    after: u64,
+    from: u64,
+    to: u64,
+    max: usize,
+) -> Result<Vec<(u64, Vec<u8>, bool)>> {
+    // (inode, name, is a directory); the largest inode on top, dropped first.
+    let mut best: std::collections::BinaryHeap<(u64, Vec<u8>, bool)> =
+        std::collections::BinaryHeap::with_capacity(max + 1);
+    let mut cookie = from;
+    let mut seen = 0usize;
+    'pages: while max > 0 && seen < wire::MAX_INO_SCAN {
+        let page = fs.readdir_page(dir, cookie, wire::PAGED_PAGE_BUDGET)?;
+        if page.entries.is_empty() {
+            break;
+        }
+        for (name, ino, kind, next) in page.entries {
+            seen += 1;
+            let dot = name == b"." || name == b"..";
+            if !dot && ino > after && (best.len() < max || best.peek().is_some_and(|t| ino < t.0)) {
+                best.push((ino, name, kind == restore::FileKind::Dir));
+                if best.len() > max {
+                    best.pop();
+                }
+            }
+            if next == to {
+                break 'pages;
+            }
+            cookie = next;
+        }
+        if page.end {
+            break;
+        }
+    }
+    Ok(best.into_sorted_vec())
+}
+
 /// A stat reply: the attributes, then whether a regular file may be opened (1) or `open`
 /// must ask (0: `CHECK_OPEN` gives the error), so most opens need no round trip.
 fn stat_reply(fs: &dyn GuestFs, st: restore::FileStat) -> Vec<u8> {
@@ -608,11 +689,20 @@ fn write_map(mut w: W, m: &restore::FileMap) -> W {
 /// After a listing or a page: the listings of its first subdirectories, which a walk wants
 /// next (a subdirectory that cannot be listed, or a large one, is left for the daemon to ask
 /// about: it meets the error then). Small directories only: a large one is listed by pages.
-fn write_ahead(fs: &dyn GuestFs, mut w: W, subdirs: impl Iterator<Item = u64>) -> W {
+/// At most `max` listings, while the answer stays under `max_bytes`.
+fn write_ahead(
+    fs: &dyn GuestFs,
+    mut w: W,
+    subdirs: impl Iterator<Item = u64>,
+    max: usize,
+    max_bytes: usize,
+) -> W {
     let mut ahead = Vec::new();
-    let mut bytes = w.0.len();
+    let start = w.0.len();
+    let mut bytes = start;
+    let max_bytes = start.saturating_add(max_bytes);
     for ino in subdirs {
-        if ahead.len() >= wire::AHEAD_LISTINGS || bytes >= wire::AHEAD_LISTING_BYTES {
+        if ahead.len() >= max || bytes >= max_bytes {
             break;
         }
         // A small directory's cookies are listing positions; a paged one's are not.
@@ -626,7 +716,7 @@ fn write_ahead(fs: &dyn GuestFs, mut w: W, subdirs: impl Iterator<Item = u64>) -
         }
         if let Ok(sub) = fs.readdir(ino) {
             let size: usize = sub.iter().map(|(n, _, _)| n.len() + 13).sum();
-            if bytes + size > wire::AHEAD_LISTING_BYTES {
+            if bytes + size > max_bytes {
                 break;
             }
             bytes += size + 12;

@@ -110,7 +110,7 @@ pub fn open_volume(disk: Arc<dyn BlockImage>, part: &Partition) -> Result<Volume
     if !cfg.enabled {
         return restore::open_volume(disk, part);
     }
-    let fs = WorkerFs {
+    let fs = Arc::new_cyclic(|me| WorkerFs {
         disk,
         part: part.clone(),
         cfg,
@@ -120,13 +120,16 @@ pub fn open_volume(disk: Arc<dyn BlockImage>, part: &Partition) -> Result<Volume
         describe: Mutex::new(String::new()),
         restarts: AtomicU64::new(0),
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-    };
+        walks: Mutex::new(InoWalks::default()),
+        me: me.clone(),
+        ino_ahead: Default::default(),
+    });
     let mut guard = lock(&fs.conn);
     match fs.start()? {
         (conn, Opened::Fs) => {
             *guard = Some(conn);
             drop(guard);
-            Ok(Volume::Fs(Arc::new(fs)))
+            Ok(Volume::Fs(fs))
         }
         (mut conn, Opened::Readme(readme)) => {
             conn.end();
@@ -273,6 +276,168 @@ pub struct WorkerFs {
     /// - lookups answered ahead of the kernel's request: (dir, name) → attributes, openable;
     /// - small extended attribute lists that came with lookups read ahead.
     id: u64,
+    /// Directories listed lately and the lookups in them since: a walk in inode order is
+    /// answered by batches ([`wire::LOOKUPS_BY_INO`]).
+    walks: Mutex<InoWalks>,
+    /// Itself, for the thread that reads a batch ahead ([`Self::lookups_by_ino_behind`]).
+    me: std::sync::Weak<WorkerFs>,
+    /// A batch is being read ahead.
+    ino_ahead: std::sync::atomic::AtomicBool,
+}
+
+/// A walk in inode order (GNU `find`, `du`: gnulib's `fts` reads a directory of more than
+/// 10,000 entries, at most 100,000 at a time, and visits them sorted by inode number, so its
+/// lookups come in no listing's order and the page window cannot read them ahead): what was
+/// listed of one directory since the last lookup in it, and the lookups since.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct InoWalk {
+    /// The cookie the listing (READDIRs with no lookup in between) started from.
+    from: u64,
+    /// The cookie after the last entry listed; `u64::MAX` when the listing reached the end.
+    to: u64,
+    /// Entries listed from `from` on.
+    listed: u64,
+    /// A lookup came after the listing: the next READDIR starts a new one.
+    looked: bool,
+    /// The inode number the last lookup in the directory found.
+    last_ino: u64,
+    /// Lookups in a row, up to the last one, that found a larger inode number than the one
+    /// before.
+    rising: u32,
+    /// When it was last used (for [`InoWalks`]' eviction).
+    tick: u64,
+    /// Batches asked for since the listing.
+    batches: u32,
+    /// Lookups answered without a round trip since the last batch.
+    hits: u32,
+    /// The largest inode number the last batch brought; 0 before one (or when it was the
+    /// listing's last): no batch is read ahead then.
+    batch_end: u64,
+}
+
+/// What a lookup in a walk in inode order asks for next ([`InoWalks::looked`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum InoNext {
+    /// Nothing.
+    Nothing,
+    /// A batch now, of the names after `after` listed between the cookies `from` and `to`.
+    Now { after: u64, from: u64, to: u64 },
+    /// The next batch in the background (the walk is halfway through the last one).
+    Ahead { after: u64, from: u64, to: u64 },
+}
+
+/// Walks kept, at most [`INO_WALKS`]; the least recently used dropped.
+#[derive(Default)]
+pub(super) struct InoWalks {
+    dirs: std::collections::HashMap<u64, InoWalk>,
+    tick: u64,
+}
+
+/// Directories whose walk is followed at once, at most.
+const INO_WALKS: usize = 64;
+/// A walk is taken for one in inode order after this many rising lookups in a row ...
+const INO_RISING: u32 = 3;
+/// ... in a directory whose listing (since its last lookup) held at least this many entries:
+/// gnulib's `fts` sorts by inode number above 10,000.
+const INO_LISTED: u64 = 10_000;
+/// A batch counts as used when at least this many lookups came from the cache after it.
+const INO_USED: u32 = 16;
+/// Names one `LOOKUPS_BY_INO` asks for.
+const INO_BATCH: usize = wire::MAX_INO_BATCH;
+
+impl InoWalks {
+    fn entry(&mut self, dir: u64) -> &mut InoWalk {
+        self.tick += 1;
+        if !self.dirs.contains_key(&dir) && self.dirs.len() >= INO_WALKS {
+            if let Some(old) = self
+                .dirs
+                .iter()
+                .min_by_key(|(_, w)| w.tick)
+                .map(|(d, _)| *d)
+            {
+                self.dirs.remove(&old);
+            }
+        }
+        let tick = self.tick;
+        let w = self.dirs.entry(dir).or_insert(InoWalk {
+            looked: true,
+            ..InoWalk::default()
+        });
+        w.tick = tick;
+        w
+    }
+
+    /// A page of `dir` listed from `cookie`.
+    pub(super) fn listed(&mut self, dir: u64, cookie: u64, page: &DirPage) {
+        let w = self.entry(dir);
+        if w.looked {
+            *w = InoWalk {
+                from: cookie,
+                tick: w.tick,
+                ..InoWalk::default()
+            };
+        }
+        w.listed += page.entries.len() as u64;
+        if page.end {
+            w.to = u64::MAX;
+        } else if let Some(e) = page.entries.last() {
+            w.to = e.3;
+        }
+    }
+
+    /// A lookup in `dir` found `ino` (asked of the worker alone when `alone`): the batch to
+    /// ask for, when the walk is one in inode order.
+    pub(super) fn looked(&mut self, dir: u64, ino: u64, alone: bool) -> InoNext {
+        self.tick += 1;
+        let tick = self.tick;
+        let Some(w) = self.dirs.get_mut(&dir) else {
+            return InoNext::Nothing;
+        };
+        w.tick = tick;
+        w.looked = true;
+        w.rising = if ino > w.last_ino {
+            w.rising.saturating_add(1)
+        } else {
+            0
+        };
+        w.last_ino = ino;
+        if !alone {
+            w.hits = w.hits.saturating_add(1);
+            if w.batch_end > 0 && w.hits as usize == INO_BATCH / 2 {
+                return InoNext::Ahead {
+                    after: std::mem::take(&mut w.batch_end),
+                    from: w.from,
+                    to: w.to,
+                };
+            }
+            return InoNext::Nothing;
+        }
+        // A batch whose names were not asked for (lookups that only looked rising) is not
+        // asked for again until the directory is listed again.
+        if w.rising < INO_RISING || w.listed < INO_LISTED || (w.batches > 0 && w.hits < INO_USED) {
+            return InoNext::Nothing;
+        }
+        w.batches += 1;
+        w.hits = 0;
+        w.batch_end = 0;
+        InoNext::Now {
+            after: ino,
+            from: w.from,
+            to: w.to,
+        }
+    }
+
+    /// A batch of `dir` arrived: `end` the largest inode number in it, `full` when it held
+    /// all the names it could (there may be more after it); one read ahead in the background
+    /// starts the count of lookups answered from it.
+    pub(super) fn batched(&mut self, dir: u64, end: u64, full: bool, behind: bool) {
+        if let Some(w) = self.dirs.get_mut(&dir) {
+            w.batch_end = if full { end } else { 0 };
+            if behind {
+                w.hits = 0;
+            }
+        }
+    }
 }
 
 /// Numbers of volumes in the cache: never reused, so a closed volume's entries are never
@@ -685,11 +850,13 @@ impl GuestFs for WorkerFs {
             Some(cache::Entry::Attrs(a)) => Some(a),
             _ => None,
         };
+        let mut alone = false;
         let (s, openable) = match ahead {
             Some(v) => v,
             None => match self.lookup_ahead(dir, name)? {
                 Some(r) => r?,
                 None => {
+                    alone = true;
                     let reply = self.call(W::new(wire::LOOKUP).u64(dir).bytes(name).done())?;
                     self.decode(&reply, |r| Ok((r.stat()?, r.u8()? != 0)))?
                 }
@@ -699,6 +866,17 @@ impl GuestFs for WorkerFs {
             cache::Key::Stat(self.id, s.ino),
             cache::Entry::Attrs((s.clone(), openable)),
         );
+        let next = lock(&self.walks).looked(dir, s.ino, alone);
+        match next {
+            InoNext::Nothing => {}
+            // A failure is the later lookups' to meet, one by one.
+            InoNext::Now { after, from, to } => {
+                if let Err(e) = self.lookups_by_ino(false, dir, after, from, to) {
+                    tracing::debug!(error = %e, dir, "lookups in inode order not read ahead");
+                }
+            }
+            InoNext::Ahead { after, from, to } => self.lookups_by_ino_behind(dir, after, from, to),
+        }
         Ok(s)
     }
 
@@ -715,59 +893,8 @@ impl GuestFs for WorkerFs {
     /// From the listing kept here when there is one (a small directory, read ahead: its
     /// cookies are listing positions, which the reader honours too), else from the worker.
     fn readdir_page(&self, dir: u64, cookie: u64, budget: usize) -> Result<DirPage> {
-        if cookie == 0 || cookie & restore::INDEX_COOKIE != 0 {
-            if let Some(l) = self.cached_listing(dir) {
-                return Ok(restore::page_of_list(&l.list, cookie, budget));
-            }
-        }
-        if let Some(p) = self.cached_window(dir).and_then(|w| w.page(cookie, budget)) {
-            return Ok(p);
-        }
-        // A first page asks for enough to hold a small directory whole (then kept here); a
-        // later one for a worker's page of a paged directory (kept here as its window).
-        let ask = if cookie == 0 {
-            budget.max(FIRST_PAGE_BUDGET)
-        } else {
-            budget.max(wire::PAGED_PAGE_BUDGET)
-        };
-        let ask = u32::try_from(ask)
-            .unwrap_or(u32::MAX)
-            .min(wire::MAX_PAGE_BUDGET);
-        let req = W::new(wire::READDIR_PAGE)
-            .u64(dir)
-            .u64(cookie)
-            .u32(ask)
-            .done();
-        let reply = self.call(req)?;
-        let (mut page, whole) = self.decode_page(&reply, dir, cookie)?;
-        if !whole {
-            match self.keep_window(dir, cookie, page) {
-                Ok(w) => {
-                    if let Some(p) = w.page(cookie, budget) {
-                        return Ok(p);
-                    }
-                    return Err(Error::Backend(
-                        "restore worker: listing page not kept".into(),
-                    ));
-                }
-                Err(p) => page = p,
-            }
-        }
-        // What the caller asked for: past its budget, the page goes on from there.
-        let mut used = 0;
-        let keep = page
-            .entries
-            .iter()
-            .enumerate()
-            .take_while(|(i, e)| {
-                used += restore::dirent_cost(e.0.len());
-                *i == 0 || used <= budget
-            })
-            .count();
-        if keep < page.entries.len() {
-            page.entries.truncate(keep);
-            page.end = false;
-        }
+        let page = self.readdir_page_from(dir, cookie, budget)?;
+        lock(&self.walks).listed(dir, cookie, &page);
         Ok(page)
     }
 
@@ -877,6 +1004,64 @@ impl GuestFs for WorkerFs {
 }
 
 impl WorkerFs {
+    /// [`GuestFs::readdir_page`]'s answer.
+    fn readdir_page_from(&self, dir: u64, cookie: u64, budget: usize) -> Result<DirPage> {
+        if cookie == 0 || cookie & restore::INDEX_COOKIE != 0 {
+            if let Some(l) = self.cached_listing(dir) {
+                return Ok(restore::page_of_list(&l.list, cookie, budget));
+            }
+        }
+        if let Some(p) = self.cached_window(dir).and_then(|w| w.page(cookie, budget)) {
+            return Ok(p);
+        }
+        // A first page asks for enough to hold a small directory whole (then kept here); a
+        // later one for a worker's page of a paged directory (kept here as its window).
+        let ask = if cookie == 0 {
+            budget.max(FIRST_PAGE_BUDGET)
+        } else {
+            budget.max(wire::PAGED_PAGE_BUDGET)
+        };
+        let ask = u32::try_from(ask)
+            .unwrap_or(u32::MAX)
+            .min(wire::MAX_PAGE_BUDGET);
+        let req = W::new(wire::READDIR_PAGE)
+            .u64(dir)
+            .u64(cookie)
+            .u32(ask)
+            .done();
+        let reply = self.call(req)?;
+        let (mut page, whole) = self.decode_page(&reply, dir, cookie)?;
+        if !whole {
+            match self.keep_window(dir, cookie, page) {
+                Ok(w) => {
+                    if let Some(p) = w.page(cookie, budget) {
+                        return Ok(p);
+                    }
+                    return Err(Error::Backend(
+                        "restore worker: listing page not kept".into(),
+                    ));
+                }
+                Err(p) => page = p,
+            }
+        }
+        // What the caller asked for: past its budget, the page goes on from there.
+        let mut used = 0;
+        let keep = page
+            .entries
+            .iter()
+            .enumerate()
+            .take_while(|(i, e)| {
+                used += restore::dirent_cost(e.0.len());
+                *i == 0 || used <= budget
+            })
+            .count();
+        if keep < page.entries.len() {
+            page.entries.truncate(keep);
+            page.end = false;
+        }
+        Ok(page)
+    }
+
     /// `name` in `dir` with the names after it in a listing or page window seen lately, in one
     /// request; the others' attributes are kept for their lookups. `None` when `dir` was not
     /// listed lately, or `name` is not the one after the last looked up there.
@@ -922,30 +1107,7 @@ impl WorkerFs {
             }
             let mut v = Vec::with_capacity(names.len());
             for _ in 0..names.len() {
-                if r.u8()? != 0 {
-                    v.push(Err(r.error()?));
-                    continue;
-                }
-                let (st, openable) = (r.stat()?, r.u8()? != 0);
-                if r.u8()? != 0 {
-                    let x = read_xattrs(r, wire::AHEAD_XATTR_BYTES)?;
-                    self.keep(
-                        cache::Key::Xattrs(self.id, st.ino),
-                        cache::Entry::Xattrs(Arc::new(x)),
-                    );
-                }
-                let map = match r.u8()? {
-                    0 => None,
-                    1 => Some(Mapped::No),
-                    _ => Some(decode_map_body(r, 0, vol)?),
-                };
-                if let Some(m) = map {
-                    self.keep(
-                        cache::Key::Map(self.id, st.ino),
-                        cache::Entry::Map(Arc::new(m)),
-                    );
-                }
-                v.push(Ok((st, openable)));
+                v.push(self.read_lookup(r, vol)?);
             }
             Ok(v)
         })?;
@@ -963,6 +1125,130 @@ impl WorkerFs {
             }
         }
         Ok(first)
+    }
+
+    /// One name's answer in a `LOOKUPS` (or `LOOKUPS_BY_INO`) reply; its small xattr list
+    /// and map are kept for their own requests.
+    fn read_lookup(&self, r: &mut R, vol: u64) -> Result<Result<Attrs>> {
+        if r.u8()? != 0 {
+            return Ok(Err(r.error()?));
+        }
+        let (st, openable) = (r.stat()?, r.u8()? != 0);
+        if r.u8()? != 0 {
+            let x = read_xattrs(r, wire::AHEAD_XATTR_BYTES)?;
+            self.keep(
+                cache::Key::Xattrs(self.id, st.ino),
+                cache::Entry::Xattrs(Arc::new(x)),
+            );
+        }
+        let map = match r.u8()? {
+            0 => None,
+            1 => Some(Mapped::No),
+            _ => Some(decode_map_body(r, 0, vol)?),
+        };
+        if let Some(m) = map {
+            self.keep(
+                cache::Key::Map(self.id, st.ino),
+                cache::Entry::Map(Arc::new(m)),
+            );
+        }
+        Ok(Ok((st, openable)))
+    }
+
+    /// The lookups a walk in inode order of `dir` makes next, after the one that found
+    /// `after`, in one `LOOKUPS_BY_INO` over the entries listed from cookie `from` to `to`:
+    /// kept for the kernel's own lookups, with the listings of the subdirectories among them
+    /// (the walk enters each next).
+    /// [`Self::lookups_by_ino`] on the worker's read-ahead socket from a thread of its own,
+    /// one at a time per volume: the walk does not wait for it.
+    fn lookups_by_ino_behind(&self, dir: u64, after: u64, from: u64, to: u64) {
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        if self.ino_ahead.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("ino-ahead".into())
+            .spawn(move || {
+                if let Err(e) = me.lookups_by_ino(true, dir, after, from, to) {
+                    tracing::debug!(error = %e, dir, "lookups in inode order not read ahead");
+                }
+                me.ino_ahead.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.ino_ahead.store(false, Ordering::Release);
+        }
+    }
+
+    /// On the read-ahead socket when `behind` (an error when no worker runs: read-ahead
+    /// starts none).
+    fn lookups_by_ino(&self, behind: bool, dir: u64, after: u64, from: u64, to: u64) -> Result<()> {
+        let vol = self.volume_len();
+        let req = W::new(wire::LOOKUPS_BY_INO)
+            .u64(dir)
+            .u64(after)
+            .u64(from)
+            .u64(to)
+            .u32(INO_BATCH as u32)
+            .done();
+        let reply = if behind {
+            self.call_ahead(req)
+                .ok_or_else(|| Error::Backend("restore worker: no read-ahead".into()))?
+        } else {
+            self.call(req)?
+        };
+        let (found, ahead) = self.decode(&reply, |r| {
+            let n = r.u32()? as usize;
+            if n > INO_BATCH {
+                return Err(Error::Backend(
+                    "restore worker: too many lookups in inode order".into(),
+                ));
+            }
+            let mut found = Vec::with_capacity(n.min(reply.len() / 16));
+            let mut dirs = std::collections::HashSet::new();
+            for _ in 0..n {
+                let name = r.bytes()?;
+                if name.is_empty()
+                    || name.len() > 255
+                    || name.contains(&b'/')
+                    || name.contains(&0)
+                    || name == b"."
+                    || name == b".."
+                {
+                    return Err(Error::Backend(
+                        "restore worker: bad name in lookups in inode order".into(),
+                    ));
+                }
+                let name = name.to_vec();
+                let res = self.read_lookup(r, vol)?;
+                if let Ok((st, _)) = &res {
+                    if st.kind == FileKind::Dir {
+                        dirs.insert(st.ino);
+                    }
+                }
+                found.push((name, res));
+            }
+            let ahead = read_ahead(r, reply.len(), INO_BATCH, |d| dirs.contains(&d))?;
+            Ok((found, ahead))
+        })?;
+        let full = found.len() == INO_BATCH;
+        let mut end = 0;
+        for (name, res) in found {
+            // Errors are not kept: the kernel's own lookup asks again and meets them there.
+            if let Ok(v) = res {
+                end = end.max(v.0.ino);
+                self.keep(
+                    cache::Key::Looked(self.id, dir, name),
+                    cache::Entry::Attrs(v),
+                );
+            }
+        }
+        for (d, l) in ahead {
+            self.keep_listing(d, &l);
+        }
+        lock(&self.walks).batched(dir, end, full, behind);
+        Ok(())
     }
 
     /// Keep `list` for later `readdir`s and lookup read-ahead.
@@ -983,7 +1269,7 @@ impl WorkerFs {
     fn decode_page(&self, reply: &[u8], dir: u64, cookie: u64) -> Result<(DirPage, bool)> {
         let (page, ahead) = self.decode(reply, |r| {
             let page = read_page(r, reply.len(), cookie)?;
-            let ahead = read_ahead(r, reply.len(), |d| {
+            let ahead = read_ahead(r, reply.len(), wire::AHEAD_LISTINGS, |d| {
                 page.entries
                     .iter()
                     .any(|e| e.1 == d && e.2 == FileKind::Dir)
@@ -1087,7 +1373,7 @@ impl WorkerFs {
     fn decode_listing(&self, reply: &[u8]) -> Result<DirList> {
         let (list, ahead) = self.decode(reply, |r| {
             let list = read_listing(r, reply.len())?;
-            let ahead = read_ahead(r, reply.len(), |dir| {
+            let ahead = read_ahead(r, reply.len(), wire::AHEAD_LISTINGS, |dir| {
                 list.iter()
                     .any(|(_, ino, k)| *ino == dir && *k == FileKind::Dir)
             })?;
@@ -1278,10 +1564,11 @@ fn decode_map_body(r: &mut R, pos: u64, vol: u64) -> Result<Mapped> {
 fn read_ahead(
     r: &mut R,
     frame: usize,
+    max: usize,
     listed: impl Fn(u64) -> bool,
 ) -> Result<Vec<(u64, DirList)>> {
     let m = r.u32()? as usize;
-    if m > wire::AHEAD_LISTINGS {
+    if m > max {
         return Err(Error::Backend(
             "restore worker: too many listings ahead".into(),
         ));
@@ -1373,13 +1660,23 @@ mod tests {
     /// `f<6 digits>` whose cookies are 16 × (position + 1), answered as the child does; it
     /// counts the requests by tag. The `WorkerFs` talks to it through a real socket pair.
     fn fake_worker(n: usize) -> (WorkerFs, Counts, std::thread::JoinHandle<()>) {
+        fake_worker_with(n, |i| i, FileKind::File)
+    }
+
+    /// [`fake_worker`] with the i-th name's inode number 100 + `perm(i)` (a permutation of
+    /// 0..n) and entries of `kind`; every other directory is empty.
+    fn fake_worker_with(
+        n: usize,
+        perm: fn(usize) -> usize,
+        kind: FileKind,
+    ) -> (WorkerFs, Counts, std::thread::JoinHandle<()>) {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let counts = Arc::new(Mutex::new(std::collections::HashMap::new()));
         let seen = counts.clone();
         let name = |i: usize| format!("f{i:06}").into_bytes();
         let st = move |ino: u64| FileStat {
             ino,
-            kind: FileKind::File,
+            kind,
             perm: 0o644,
             uid: 0,
             gid: 0,
@@ -1394,7 +1691,7 @@ mod tests {
         };
         let ino_of = move |nm: &[u8]| -> Option<u64> {
             let i: usize = std::str::from_utf8(nm.get(1..)?).ok()?.parse().ok()?;
-            (i < n).then_some(100 + i as u64)
+            (i < n).then_some(100 + perm(i) as u64)
         };
         let thread = std::thread::spawn(move || {
             let mut buf = Vec::new();
@@ -1403,8 +1700,14 @@ mod tests {
                 let mut r = R::new(&buf[1..]);
                 let reply = match buf[0] {
                     wire::READDIR_PAGE => {
-                        let (_dir, cookie, budget) =
+                        let (dir, cookie, budget) =
                             (r.u64().unwrap(), r.u64().unwrap(), r.u32().unwrap());
+                        if dir != 2 {
+                            (&theirs)
+                                .write_all(&W::new(wire::OK).u8(1).u32(0).u32(0).done())
+                                .unwrap();
+                            continue;
+                        }
                         let budget = (budget as usize).min(wire::PAGED_PAGE_BUDGET);
                         let mut i = (cookie / 16) as usize;
                         let (mut used, mut entries) = (0, Vec::new());
@@ -1417,11 +1720,8 @@ mod tests {
                             .u8(u8::from(i == n))
                             .u32(entries.len() as u32);
                         for k in entries {
-                            w = wire::write_kind(
-                                w.bytes(&name(k)).u64(100 + k as u64),
-                                FileKind::File,
-                            )
-                            .u64(16 * (k as u64 + 1));
+                            w = wire::write_kind(w.bytes(&name(k)).u64(100 + perm(k) as u64), kind)
+                                .u64(16 * (k as u64 + 1));
                         }
                         w.u32(0).done()
                     }
@@ -1443,6 +1743,42 @@ mod tests {
                                 Some(ino) => w.u8(0).stat(&st(ino)).u8(1).u8(0).u8(0),
                                 None => w.u8(1).error(&Error::NotFound("x".into())),
                             };
+                        }
+                        w.done()
+                    }
+                    wire::LOOKUPS_BY_INO => {
+                        let (_dir, after, from, to, max) = (
+                            r.u64().unwrap(),
+                            r.u64().unwrap(),
+                            r.u64().unwrap(),
+                            r.u64().unwrap(),
+                            r.u32().unwrap() as usize,
+                        );
+                        let mut picked = Vec::new();
+                        for k in (from / 16) as usize..n {
+                            if 100 + perm(k) as u64 > after {
+                                picked.push(k);
+                            }
+                            if 16 * (k as u64 + 1) == to {
+                                break;
+                            }
+                        }
+                        picked.sort_by_key(|&k| perm(k));
+                        picked.truncate(max.min(wire::MAX_INO_BATCH));
+                        let mut w = W::new(wire::OK).u32(picked.len() as u32);
+                        for &k in &picked {
+                            w = w.bytes(&name(k)).u8(0).stat(&st(100 + perm(k) as u64));
+                            w = w.u8(1).u8(0).u8(0);
+                        }
+                        let dirs: Vec<usize> = if kind == FileKind::Dir {
+                            picked
+                        } else {
+                            Vec::new()
+                        };
+                        w = w.u32(dirs.len() as u32);
+                        for k in dirs {
+                            // Each subdirectory is empty.
+                            w = w.u64(100 + perm(k) as u64).u32(0);
                         }
                         w.done()
                     }
@@ -1479,6 +1815,9 @@ mod tests {
             describe: Mutex::new(String::new()),
             restarts: AtomicU64::new(0),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            walks: Mutex::new(InoWalks::default()),
+            me: std::sync::Weak::new(),
+            ino_ahead: Default::default(),
         };
         (fs, counts, thread)
     }
@@ -1526,6 +1865,145 @@ mod tests {
         );
         drop(fs);
         thread.join().unwrap();
+    }
+
+    /// `find` (gnulib's `fts`) of a directory of 12,000 subdirectories: it lists it whole
+    /// (READDIRs of 4 KiB), then enters each subdirectory in inode order, which is not the
+    /// listing's: a lookup and a READDIR of the (empty) subdirectory each. Every name is
+    /// found with its inode; the worker is asked for the lookups in batches
+    /// (`LOOKUPS_BY_INO`, 2,048 names, with the subdirectories' listings), not for a `LOOKUP`
+    /// and a `READDIR_PAGE` per subdirectory (as before: 12,000 of each here).
+    #[test]
+    fn a_walk_in_inode_order_asks_for_lookups_and_listings_in_batches() {
+        const N: usize = 12_000;
+        // 7,919 is prime and no factor of N: i -> 7,919 i mod N is a permutation.
+        let (fs, counts, thread) = fake_worker_with(N, |i| i * 7919 % N, FileKind::Dir);
+        let (mut cookie, mut listed) = (0, Vec::new());
+        loop {
+            let page = fs.readdir_page(2, cookie, 4096).unwrap();
+            for (name, ino, _, next) in &page.entries {
+                listed.push((*ino, name.clone()));
+                cookie = *next;
+            }
+            if page.end {
+                break;
+            }
+        }
+        assert_eq!(listed.len(), N);
+        listed.sort();
+        for (ino, name) in &listed {
+            let st = fs.lookup(2, name).unwrap();
+            assert_eq!((st.ino, st.kind), (*ino, FileKind::Dir));
+            let sub = fs.readdir_page(*ino, 0, 4096).unwrap();
+            assert!(sub.entries.is_empty() && sub.end);
+        }
+        let c = lock(&counts).clone();
+        let get = |t: u8| c.get(&t).copied().unwrap_or(0);
+        let (pages, single, by_ino) = (
+            get(wire::READDIR_PAGE),
+            get(wire::LOOKUP),
+            get(wire::LOOKUPS_BY_INO),
+        );
+        eprintln!("READDIR_PAGE {pages}, LOOKUP {single}, LOOKUPS_BY_INO {by_ino}");
+        let batches = N.div_ceil(wire::MAX_INO_BATCH);
+        assert!(
+            by_ino <= batches + 1,
+            "{by_ino} LOOKUPS_BY_INO for {N} names"
+        );
+        assert!(
+            single <= INO_RISING as usize + 1 + by_ino,
+            "{single} single LOOKUPs for {N} names"
+        );
+        // The directory's own pages (~2,000 names each) and the subdirectories before the
+        // first batch.
+        assert!(pages <= 16, "{pages} READDIR_PAGE requests");
+        // A lookup out of the walk's order still goes alone and is found.
+        assert_eq!(
+            fs.lookup(2, b"f000007").unwrap().ino,
+            100 + 7 * 7919 % N as u64
+        );
+        drop(fs);
+        thread.join().unwrap();
+    }
+
+    /// Lookups in a listed directory that only look like a walk in inode order (rising three
+    /// times, then not asking for what the batch brought) cost one batch, not one per rise.
+    #[test]
+    fn an_unused_batch_is_not_asked_for_again() {
+        let mut w = InoWalks::default();
+        let page = DirPage {
+            entries: (0..INO_LISTED)
+                .map(|i| (b"x".to_vec(), i, FileKind::File, i + 1))
+                .collect(),
+            end: true,
+        };
+        w.listed(2, 0, &page);
+        let mut batches = 0;
+        for round in 0..100u64 {
+            for k in 0..=u64::from(INO_RISING) {
+                if w.looked(2, 1000 * round + k + 1, true) != InoNext::Nothing {
+                    batches += 1;
+                }
+            }
+            // Falling: a new rise must start.
+            w.looked(2, 0, true);
+        }
+        assert_eq!(batches, 1);
+        // Listed again (a new listing after lookups): armed again; a small listing never.
+        w.listed(2, 0, &page);
+        assert_eq!(
+            (1..=4)
+                .filter(|&i| w.looked(2, i, true) != InoNext::Nothing)
+                .count(),
+            1
+        );
+        let small = DirPage {
+            entries: page.entries[..100].to_vec(),
+            end: true,
+        };
+        w.listed(3, 0, &small);
+        assert!((1..=10).all(|i| w.looked(3, i, true) == InoNext::Nothing));
+    }
+
+    /// Halfway through a full batch the walk asks for the next one in the background, from
+    /// the batch's last inode number, once; after a batch that was not full (the listing's
+    /// end) it does not.
+    #[test]
+    fn the_next_batch_is_read_ahead_halfway_through() {
+        let mut w = InoWalks::default();
+        let page = DirPage {
+            entries: (0..INO_LISTED)
+                .map(|i| (b"x".to_vec(), i, FileKind::File, i + 1))
+                .collect(),
+            end: true,
+        };
+        w.listed(2, 0, &page);
+        let mut next = InoNext::Nothing;
+        for i in 1..=u64::from(INO_RISING) {
+            next = w.looked(2, i, true);
+        }
+        assert_eq!(
+            next,
+            InoNext::Now {
+                after: u64::from(INO_RISING),
+                from: 0,
+                to: u64::MAX
+            }
+        );
+        w.batched(2, 5000, true, false);
+        let asked: Vec<_> = (0..INO_BATCH as u64)
+            .map(|i| w.looked(2, 10 + i, false))
+            .enumerate()
+            .filter(|(_, n)| *n != InoNext::Nothing)
+            .collect();
+        let ahead = InoNext::Ahead {
+            after: 5000,
+            from: 0,
+            to: u64::MAX,
+        };
+        assert_eq!(asked, vec![(INO_BATCH / 2 - 1, ahead)]);
+        w.batched(2, 9000, false, true);
+        assert!((0..INO_BATCH as u64).all(|i| w.looked(2, 6000 + i, false) == InoNext::Nothing));
     }
 
     /// A worker's page whose cookies repeat is never kept as a window (it would list names

@@ -49,6 +49,22 @@ pub const AHEAD_MAP_RUNS: usize = 16;
 /// most this many, while the answer stays under [`AHEAD_LISTING_BYTES`].
 pub const AHEAD_LISTINGS: usize = 64;
 pub const AHEAD_LISTING_BYTES: usize = 256 << 10;
+/// Lookups of the names a walk in inode order asks for next (dir, after u64, from u64, to u64,
+/// max u32): among `dir`'s entries listed from cookie `from` up to the one whose cookie is `to`
+/// (to the directory's end when none is, or `to` is `u64::MAX`), the `max` (at most
+/// [`MAX_INO_BATCH`]) whose inode numbers are the smallest above `after`, in ascending inode
+/// order. GNU `find` and `du` (gnulib's `fts`) read a directory of more than 10,000 entries
+/// (up to 100,000 at a time) and then visit them sorted by inode number, which is no order a
+/// listing has. The answer: a count, then per name the name and its `LOOKUPS` answer, then
+/// listings ahead as `READDIR` (of the subdirectories among them, up to [`MAX_INO_BATCH`] and
+/// [`INO_BATCH_LISTING_BYTES`]).
+pub const LOOKUPS_BY_INO: u8 = 14;
+/// Most names one `LOOKUPS_BY_INO` answers.
+pub const MAX_INO_BATCH: usize = 2048;
+/// Most bytes of listings ahead one `LOOKUPS_BY_INO` answer carries.
+pub const INO_BATCH_LISTING_BYTES: usize = 1 << 20;
+/// Most entries one `LOOKUPS_BY_INO` looks at (fts reads at most 100,000 at a time).
+pub const MAX_INO_SCAN: usize = 1 << 20;
 /// Test hooks: the worker calls `open(2)` (the filter must kill it) / sleeps until killed.
 pub const TEST_OPEN: u8 = 100;
 pub const TEST_HANG: u8 = 101;
