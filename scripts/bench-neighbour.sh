@@ -141,7 +141,7 @@ for round in $(seq "$ROUNDS"); do
   for attack in none benign chain ls; do
     for bin in "${bins[@]}"; do
       mkdir -p "$MNT"
-      "$bin" mount --images "$WORK/pool" --state-dir "$WORK/state" --log-file "$WORK/log" \
+      "$bin" mount --images "$POOL" --state-dir "$WORK/state" --log-file "$WORK/log" \
         --threads 4 --cache-mb 48 "$MNT"
       snaps=$MNT/volumes/nb
       a=$snaps/a.qcow2/.snapshots/s/disk.raw
@@ -182,7 +182,7 @@ for round in $(seq "$ROUNDS"); do
       # B stops when A is done: its work is what it did beside A.
       touch "$stop"
       for p in "${bpids[@]}"; do wait "$p" || true; done
-      bwork=$(cat "$bout"/* 2>/dev/null | awk '{ s += $1 } END { print s + 0 }')
+      bwork=$( (cat "$bout"/* 2>/dev/null || true) | awk '{ s += $1 } END { print s + 0 }')
       read -r _ rs p99 worst <<<"$r"
       printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(basename "$(dirname "$(dirname "$bin")")")/$(basename "$bin")" \
         "$round" "$attack" "$mibs" "$rs" "$p99" "$worst" "$bwork"

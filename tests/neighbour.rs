@@ -139,9 +139,10 @@ fn a_blocked_volume_leaves_threads_to_another() {
     let before = waiting(&m.mnt);
     let hang = p1.join(".snapfs-worker-hang");
     let mut blocked = vec![std::thread::spawn(move || fs::metadata(hang).map(|_| ()))];
-    wait_for("B's worker asleep in the hang hook", || {
-        matches!(in_syscall(worker[0]), Some(n) if n == libc::SYS_clock_nanosleep || n == libc::SYS_nanosleep)
-    });
+    wait_for(
+        "B's worker asleep in the hang hook",
+        || matches!(in_syscall(worker[0]), Some(n) if n == libc::SYS_clock_nanosleep || n == libc::SYS_nanosleep),
+    );
     for d in &dirs[1..] {
         let p = p1.join(d).join(".snapfs-worker-hang");
         blocked.push(std::thread::spawn(move || fs::metadata(p).map(|_| ())));
@@ -201,7 +202,10 @@ fn a_blocked_volume_leaves_threads_to_another() {
         "A's reads did not complete while B's requests held the daemon"
     );
     assert_eq!(reader.join().unwrap().unwrap(), want.len());
-    assert_eq!(b_still_blocked, 7, "B's requests were not all blocked meanwhile");
+    assert_eq!(
+        b_still_blocked, 7,
+        "B's requests were not all blocked meanwhile"
+    );
     // B answers again (a new worker), the mount is alive.
     assert!(fs::metadata(&p1).unwrap().is_dir());
     assert!(fs::read_dir(&p1).unwrap().count() > 0);
