@@ -57,7 +57,7 @@ daemon_pid() {
 MNT=$WORK/mnt
 bins=("$SNAPFS")
 [[ -n $PEER ]] && bins+=("$PEER")
-printf 'binary\ta_read_16mib\n'
+printf 'binary\tb_waiting\ta_read_16mib\n'
 for bin in "${bins[@]}"; do
   mkdir -p "$MNT"
   "$bin" mount --images "$POOL" --state-dir "$WORK/state" --log-file "$WORK/log" --threads 4 \
@@ -72,7 +72,13 @@ for bin in "${bins[@]}"; do
     hung+=($!)
     sleep 0.2
   done
-  sleep 1
+  # Requests sent to the daemon and not answered (B's, stuck): wait for all seven.
+  conn=/sys/fs/fuse/connections/$(stat -c %d "$MNT")/waiting
+  for _ in $(seq 300); do
+    waiting=$(cat "$conn" 2>/dev/null || echo 0)
+    ((waiting >= 7)) && break
+    sleep 0.1
+  done
   t0=$(date +%s.%N)
   if timeout -k 2 "$LIMIT" dd if="$MNT/volumes/hb/a.qcow2/.snapshots/s/disk.raw" of=/dev/null \
       bs=1M count=16 iflag=direct status=none; then
@@ -81,7 +87,7 @@ for bin in "${bins[@]}"; do
   else
     res="stuck (> $LIMIT s)"
   fi
-  printf '%s\t%s\n' "$bin" "$res"
+  printf '%s\t%s\t%s\n' "$bin" "$waiting" "$res"
   # Let B go: kill its workers until the stuck lookups have all failed.
   for _ in $(seq 600); do
     alive=0
