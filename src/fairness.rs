@@ -137,6 +137,14 @@ impl Gate {
         }
     }
 
+    /// Drop every waiting request (each replies EIO as it drops), at the session's end: the
+    /// queued requests hold the filesystem, which must be dropped then (its workers end).
+    pub fn drain(&self) {
+        let queues = std::mem::take(&mut self.lock().queues);
+        drop(queues);
+        self.room.notify_all();
+    }
+
     /// (requests running, requests waiting) of volume `vol`.
     pub fn load(&self, vol: u64) -> (usize, usize) {
         let st = self.lock();
@@ -235,6 +243,36 @@ mod tests {
         }
         assert_eq!(gate.load(1), (0, 0));
         assert_eq!(gate.lock().total, 0);
+    }
+
+    #[test]
+    fn drain_drops_the_waiting_requests() {
+        let gate = Arc::new(Gate::new(2));
+        let release = Arc::new((Mutex::new(false), Condvar::new()));
+        let (started_tx, started_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel();
+        let first = blocking(&release, &started_tx, &done_tx, 0);
+        let g = gate.clone();
+        let t = std::thread::spawn(move || g.run(Some(3), first));
+        started_rx.recv().unwrap();
+        let held = Arc::new(());
+        let h = held.clone();
+        assert_eq!(
+            gate.run(Some(3), Box::new(move || drop(h))),
+            Admitted::Queued
+        );
+        assert_eq!(Arc::strong_count(&held), 2);
+        gate.drain();
+        assert_eq!(
+            Arc::strong_count(&held),
+            1,
+            "the waiting request was not dropped"
+        );
+        *release.0.lock().unwrap() = true;
+        release.1.notify_all();
+        assert_eq!(done_rx.recv().unwrap(), 0);
+        assert_eq!(t.join().unwrap(), Admitted::Ran);
+        assert_eq!(gate.load(3), (0, 0));
     }
 
     #[test]

@@ -410,6 +410,10 @@ impl fuser::Filesystem for Fuse {
         Ok(())
     }
 
+    fn destroy(&mut self) {
+        self.gate.drain();
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name.to_os_string();
         self.gated(parent.0, move |me| me.do_lookup(parent, name, reply));
