@@ -209,7 +209,8 @@ pub struct MountArgs {
     /// quarter faster), while a plain `find` pays about a sixth more. Off by default.
     #[arg(long, help_heading = "Performance")]
     pub readdirplus: bool,
-    /// FUSE worker threads.
+    /// FUSE worker threads. One volume's requests take at most all but one of them at once
+    /// (docs/image-readers.md, "Neighbours").
     #[arg(long, default_value_t = 4, help_heading = "Performance")]
     pub threads: usize,
     /// Budget of the daemon's caches, in MiB: two thirds for the metadata and

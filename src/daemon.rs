@@ -221,8 +221,13 @@ fn mount_and_serve(cfg: &MountConfig, ready: &mut Option<OwnedFd>) -> anyhow::Re
     let dev_fuse = kernel_mount(&mountpoint, cfg.allow_other)?;
     // Weak: the session's end still drops the tree (and its workers) as before.
     let fs_weak = Arc::downgrade(&fs);
-    let session = fuser::Session::from_fd(Fuse::new(fs, cfg.readdirplus), dev_fuse, acl, config)
-        .with_context(|| format!("starting the FUSE session on {}", mountpoint.display()));
+    let session = fuser::Session::from_fd(
+        Fuse::new(fs, cfg.readdirplus, cfg.threads.max(1)),
+        dev_fuse,
+        acl,
+        config,
+    )
+    .with_context(|| format!("starting the FUSE session on {}", mountpoint.display()));
     let session = match session {
         Ok(s) => s,
         Err(e) => {

@@ -12,9 +12,14 @@ use fuser::{
     ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::sync::{Arc, Mutex, MutexGuard};
+
 use tracing::debug;
 
 use crate::error::Error;
+use crate::fairness::Gate;
 use crate::fs::{Attr, SnapFs, Whence};
 use crate::namespace::{names, Kind};
 use crate::passthrough::{Backings, Refused};
@@ -53,21 +58,50 @@ macro_rules! reply_err {
     }};
 }
 
+/// Cheap to clone: a request waiting in its volume's queue ([`crate::fairness`]) holds one.
+#[derive(Clone)]
 pub struct Fuse {
-    fs: std::sync::Arc<SnapFs>,
+    fs: Arc<SnapFs>,
     readdirplus: bool,
     /// Raw snapshot disks opened in FUSE passthrough (see [`crate::passthrough`]).
-    backings: Backings<fuser::BackingId>,
+    backings: Arc<Backings<fuser::BackingId>>,
+    /// Which volume's requests may take a thread now.
+    gate: Arc<Gate>,
+    /// The volume key of each open handle (open and opendir put it, release takes it).
+    handle_vols: Arc<Mutex<HashMap<u64, u64>>>,
 }
 
 impl Fuse {
     /// `readdirplus`: offer READDIRPLUS in its adaptive mode (the kernel asks for attributes
     /// with the first page of a listing, and with later ones once names of it were looked up).
-    pub fn new(fs: std::sync::Arc<SnapFs>, readdirplus: bool) -> Self {
+    /// `threads`: the session's FUSE threads, shared fairly between volumes.
+    pub fn new(fs: Arc<SnapFs>, readdirplus: bool, threads: usize) -> Self {
         Fuse {
             fs,
             readdirplus,
-            backings: Backings::default(),
+            backings: Arc::default(),
+            gate: Arc::new(Gate::new(threads)),
+            handle_vols: Arc::default(),
+        }
+    }
+
+    /// Run `job` (a request of node `ino`) when its volume may take a thread.
+    fn gated(&self, ino: u64, job: impl FnOnce(Fuse) + Send + 'static) {
+        let me = self.clone();
+        self.gate
+            .run(self.fs.volume_key(ino), Box::new(move || job(me)));
+    }
+
+    /// The same for a request on open handle `fh`.
+    fn gated_fh(&self, fh: u64, job: impl FnOnce(Fuse) + Send + 'static) {
+        let vol = lock(&self.handle_vols).get(&fh).copied();
+        let me = self.clone();
+        self.gate.run(vol, Box::new(move || job(me)));
+    }
+
+    fn opened_handle(&self, ino: u64, fh: u64) {
+        if let Some(v) = self.fs.volume_key(ino) {
+            lock(&self.handle_vols).insert(fh, v);
         }
     }
 
@@ -111,6 +145,10 @@ impl Fuse {
             }
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A name from the kernel as the tree's string (bytes that are not UTF-8 are mapped
@@ -165,6 +203,190 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
+/// The requests that pass the gate, run when their volume may take a thread.
+impl Fuse {
+    fn do_lookup(&self, parent: INodeNo, name: OsString, reply: ReplyEntry) {
+        match self.fs.lookup(parent.0, &name_str(&name)) {
+            Ok(a) => reply.entry(&ttl(Some(parent.0), &a), &file_attr(&a), Generation(0)),
+            Err(e @ Error::NotFound(_)) => {
+                debug!(op = "lookup", error = %e);
+                reply.error(Errno::ENOENT)
+            }
+            Err(e) => reply_err!(reply, "lookup", e),
+        }
+    }
+
+    fn do_getattr(&self, ino: INodeNo, reply: ReplyAttr) {
+        match self.fs.getattr(ino.0) {
+            Ok(a) => reply.attr(&ttl(None, &a), &file_attr(&a)),
+            Err(e) => reply_err!(reply, "getattr", e),
+        }
+    }
+
+    fn do_readlink(&self, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(ino.0) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply_err!(reply, "readlink", e),
+        }
+    }
+
+    fn do_open(&self, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY
+            || flags.0 & (libc::O_TRUNC | libc::O_APPEND) != 0;
+        match self.fs.open(ino.0, write) {
+            Ok(o) => {
+                self.opened_handle(ino.0, o.fh);
+                let Some(reply) = self.open_passthrough(ino.0, o.fh, reply) else {
+                    return;
+                };
+                let mut f = FopenFlags::empty();
+                if o.keep_cache {
+                    f |= FopenFlags::FOPEN_KEEP_CACHE;
+                }
+                if o.direct_io {
+                    f |= FopenFlags::FOPEN_DIRECT_IO;
+                }
+                reply.opened(FileHandle(o.fh), f)
+            }
+            Err(e) => reply_err!(reply, "open", e),
+        }
+    }
+
+    fn do_read(&self, fh: FileHandle, offset: u64, size: u32, reply: ReplyData) {
+        let mut reply = Some(reply);
+        let res = self.fs.read(fh.0, offset, size, |data| {
+            if let Some(r) = reply.take() {
+                r.data(data)
+            }
+        });
+        if let (Err(e), Some(r)) = (res, reply.take()) {
+            crate::log_limit::warn_error("read", &e);
+            debug!(op = "read", fh = fh.0, offset, size, "read failed");
+            r.error(Errno::from_i32(e.errno()))
+        }
+    }
+
+    fn do_opendir(&self, ino: INodeNo, reply: ReplyOpen) {
+        let res = self.fs.opendir(ino.0);
+        if let Ok(o) = &res {
+            self.opened_handle(ino.0, o.fh);
+        }
+        match res {
+            // A fixed listing stays in the kernel's cache: later opens read it from there.
+            Ok(o) if o.keep_cache => reply.opened(
+                FileHandle(o.fh),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Ok(o) => reply.opened(FileHandle(o.fh), FopenFlags::empty()),
+            Err(e) => reply_err!(reply, "opendir", e),
+        }
+    }
+
+    fn do_readdir(&self, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let dir = match self.fs.readdir(fh.0) {
+            Ok(e) => e,
+            Err(e) => return reply_err!(reply, "readdir", e),
+        };
+        let page = match self
+            .fs
+            .dir_page(&dir, offset, crate::restore::READDIR_BUDGET)
+        {
+            Ok(p) => p,
+            Err(e) => return reply_err!(reply, "readdir", e),
+        };
+        for (next, e) in page {
+            if reply.add(INodeNo(e.ino), next, file_type(e.kind), name_os(&e.name)) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn do_readdirplus(
+        &self,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let dir = match self.fs.readdir(fh.0) {
+            Ok(e) => e,
+            Err(e) => return reply_err!(reply, "readdirplus", e),
+        };
+        // An entry with attributes takes about four times the bytes of a bare one.
+        let budget = crate::restore::READDIR_BUDGET / 4;
+        let page = match self.fs.dir_page(&dir, offset, budget) {
+            Ok(p) => p,
+            Err(e) => return reply_err!(reply, "readdirplus", e),
+        };
+        for (next, e) in page {
+            let dot = e.name == "." || e.name == "..";
+            let (attr, ttl) = match self.fs.listed_attr(&dir, &e) {
+                Ok(a) => (a, ttl(Some(ino.0), &a)),
+                Err(err) if dot => {
+                    debug!(op = "readdirplus", name = %e.name, error = %err, "entry skipped");
+                    continue;
+                }
+                // Unreadable (a corrupt inode) or gone since opendir: listed as readdir would,
+                // and the error comes from the path itself.
+                Err(err) => {
+                    debug!(op = "readdirplus", name = %e.name, error = %err, "entry without attributes");
+                    (self.fs.placeholder_attr(&dir, &e), Duration::ZERO)
+                }
+            };
+            if reply.add(
+                INodeNo(attr.ino),
+                next,
+                name_os(&e.name),
+                &ttl,
+                &file_attr(&attr),
+                Generation(0),
+            ) {
+                // Not sent: the kernel does not hold this lookup.
+                if !dot {
+                    self.fs.forget(attr.ino, 1);
+                }
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn do_getxattr(&self, ino: INodeNo, name: OsString, size: u32, reply: ReplyXattr) {
+        use std::os::unix::ffi::OsStrExt;
+        match self.fs.getxattr(ino.0, name.as_bytes()) {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply_err!(reply, "getxattr", e),
+        }
+    }
+
+    fn do_listxattr(&self, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.fs.listxattr(ino.0) {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply_err!(reply, "listxattr", e),
+        }
+    }
+
+    fn do_lseek(&self, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        let whence = match whence {
+            libc::SEEK_DATA => Whence::Data,
+            libc::SEEK_HOLE => Whence::Hole,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let Ok(offset) = u64::try_from(offset) else {
+            return reply.error(Errno::ENXIO);
+        };
+        match self.fs.lseek(fh.0, offset, whence) {
+            Ok(o) => reply.offset(i64::try_from(o).unwrap_or(i64::MAX)),
+            Err(e) => reply_err!(reply, "lseek", e),
+        }
+    }
+}
+
 impl fuser::Filesystem for Fuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Ask for the largest read-ahead the kernel allows; the mount raises read_ahead_kb after.
@@ -188,15 +410,13 @@ impl fuser::Filesystem for Fuse {
         Ok(())
     }
 
+    fn destroy(&mut self) {
+        self.gate.drain();
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.fs.lookup(parent.0, &name_str(name)) {
-            Ok(a) => reply.entry(&ttl(Some(parent.0), &a), &file_attr(&a), Generation(0)),
-            Err(e @ Error::NotFound(_)) => {
-                debug!(op = "lookup", error = %e);
-                reply.error(Errno::ENOENT)
-            }
-            Err(e) => reply_err!(reply, "lookup", e),
-        }
+        let name = name.to_os_string();
+        self.gated(parent.0, move |me| me.do_lookup(parent, name, reply));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -204,10 +424,7 @@ impl fuser::Filesystem for Fuse {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.fs.getattr(ino.0) {
-            Ok(a) => reply.attr(&ttl(None, &a), &file_attr(&a)),
-            Err(e) => reply_err!(reply, "getattr", e),
-        }
+        self.gated(ino.0, move |me| me.do_getattr(ino, reply));
     }
 
     fn setattr(
@@ -232,10 +449,7 @@ impl fuser::Filesystem for Fuse {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.fs.readlink(ino.0) {
-            Ok(t) => reply.data(&t),
-            Err(e) => reply_err!(reply, "readlink", e),
-        }
+        self.gated(ino.0, move |me| me.do_readlink(ino, reply));
     }
 
     fn mknod(
@@ -338,24 +552,7 @@ impl fuser::Filesystem for Fuse {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let write = flags.acc_mode() != OpenAccMode::O_RDONLY
-            || flags.0 & (libc::O_TRUNC | libc::O_APPEND) != 0;
-        match self.fs.open(ino.0, write) {
-            Ok(o) => {
-                let Some(reply) = self.open_passthrough(ino.0, o.fh, reply) else {
-                    return;
-                };
-                let mut f = FopenFlags::empty();
-                if o.keep_cache {
-                    f |= FopenFlags::FOPEN_KEEP_CACHE;
-                }
-                if o.direct_io {
-                    f |= FopenFlags::FOPEN_DIRECT_IO;
-                }
-                reply.opened(FileHandle(o.fh), f)
-            }
-            Err(e) => reply_err!(reply, "open", e),
-        }
+        self.gated(ino.0, move |me| me.do_open(ino, flags, reply));
     }
 
     fn read(
@@ -369,17 +566,7 @@ impl fuser::Filesystem for Fuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let mut reply = Some(reply);
-        let res = self.fs.read(fh.0, offset, size, |data| {
-            if let Some(r) = reply.take() {
-                r.data(data)
-            }
-        });
-        if let (Err(e), Some(r)) = (res, reply.take()) {
-            crate::log_limit::warn_error("read", &e);
-            debug!(op = "read", fh = fh.0, offset, size, "read failed");
-            r.error(Errno::from_i32(e.errno()))
-        }
+        self.gated_fh(fh.0, move |me| me.do_read(fh, offset, size, reply));
     }
 
     fn write(
@@ -421,21 +608,14 @@ impl fuser::Filesystem for Fuse {
         reply: ReplyEmpty,
     ) {
         self.fs.release(fh.0);
+        lock(&self.handle_vols).remove(&fh.0);
         // The last passthrough handle of an inode closes its backing id (dropped here).
         drop(self.backings.release(fh.0));
         reply.ok();
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.opendir(ino.0) {
-            // A fixed listing stays in the kernel's cache: later opens read it from there.
-            Ok(o) if o.keep_cache => reply.opened(
-                FileHandle(o.fh),
-                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
-            ),
-            Ok(o) => reply.opened(FileHandle(o.fh), FopenFlags::empty()),
-            Err(e) => reply_err!(reply, "opendir", e),
-        }
+        self.gated(ino.0, move |me| me.do_opendir(ino, reply));
     }
 
     fn readdir(
@@ -444,25 +624,9 @@ impl fuser::Filesystem for Fuse {
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
-        let dir = match self.fs.readdir(fh.0) {
-            Ok(e) => e,
-            Err(e) => return reply_err!(reply, "readdir", e),
-        };
-        let page = match self
-            .fs
-            .dir_page(&dir, offset, crate::restore::READDIR_BUDGET)
-        {
-            Ok(p) => p,
-            Err(e) => return reply_err!(reply, "readdir", e),
-        };
-        for (next, e) in page {
-            if reply.add(INodeNo(e.ino), next, file_type(e.kind), name_os(&e.name)) {
-                break;
-            }
-        }
-        reply.ok()
+        self.gated_fh(fh.0, move |me| me.do_readdir(fh, offset, reply));
     }
 
     fn readdirplus(
@@ -471,49 +635,9 @@ impl fuser::Filesystem for Fuse {
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectoryPlus,
+        reply: ReplyDirectoryPlus,
     ) {
-        let dir = match self.fs.readdir(fh.0) {
-            Ok(e) => e,
-            Err(e) => return reply_err!(reply, "readdirplus", e),
-        };
-        // An entry with attributes takes about four times the bytes of a bare one.
-        let budget = crate::restore::READDIR_BUDGET / 4;
-        let page = match self.fs.dir_page(&dir, offset, budget) {
-            Ok(p) => p,
-            Err(e) => return reply_err!(reply, "readdirplus", e),
-        };
-        for (next, e) in page {
-            let dot = e.name == "." || e.name == "..";
-            let (attr, ttl) = match self.fs.listed_attr(&dir, &e) {
-                Ok(a) => (a, ttl(Some(ino.0), &a)),
-                Err(err) if dot => {
-                    debug!(op = "readdirplus", name = %e.name, error = %err, "entry skipped");
-                    continue;
-                }
-                // Unreadable (a corrupt inode) or gone since opendir: listed as readdir would,
-                // and the error comes from the path itself.
-                Err(err) => {
-                    debug!(op = "readdirplus", name = %e.name, error = %err, "entry without attributes");
-                    (self.fs.placeholder_attr(&dir, &e), Duration::ZERO)
-                }
-            };
-            if reply.add(
-                INodeNo(attr.ino),
-                next,
-                name_os(&e.name),
-                &ttl,
-                &file_attr(&attr),
-                Generation(0),
-            ) {
-                // Not sent: the kernel does not hold this lookup.
-                if !dot {
-                    self.fs.forget(attr.ino, 1);
-                }
-                break;
-            }
-        }
-        reply.ok()
+        self.gated_fh(fh.0, move |me| me.do_readdirplus(ino, fh, offset, reply));
     }
 
     fn releasedir(
@@ -525,6 +649,7 @@ impl fuser::Filesystem for Fuse {
         reply: ReplyEmpty,
     ) {
         self.fs.release(fh.0);
+        lock(&self.handle_vols).remove(&fh.0);
         reply.ok();
     }
 
@@ -550,22 +675,12 @@ impl fuser::Filesystem for Fuse {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        use std::os::unix::ffi::OsStrExt;
-        match self.fs.getxattr(ino.0, name.as_bytes()) {
-            Ok(v) if size == 0 => reply.size(v.len() as u32),
-            Ok(v) if v.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
-            Ok(v) => reply.data(&v),
-            Err(e) => reply_err!(reply, "getxattr", e),
-        }
+        let name = name.to_os_string();
+        self.gated(ino.0, move |me| me.do_getxattr(ino, name, size, reply));
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        match self.fs.listxattr(ino.0) {
-            Ok(v) if size == 0 => reply.size(v.len() as u32),
-            Ok(v) if v.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
-            Ok(v) => reply.data(&v),
-            Err(e) => reply_err!(reply, "listxattr", e),
-        }
+        self.gated(ino.0, move |me| me.do_listxattr(ino, size, reply));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -619,17 +734,6 @@ impl fuser::Filesystem for Fuse {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let whence = match whence {
-            libc::SEEK_DATA => Whence::Data,
-            libc::SEEK_HOLE => Whence::Hole,
-            _ => return reply.error(Errno::EINVAL),
-        };
-        let Ok(offset) = u64::try_from(offset) else {
-            return reply.error(Errno::ENXIO);
-        };
-        match self.fs.lseek(fh.0, offset, whence) {
-            Ok(o) => reply.offset(i64::try_from(o).unwrap_or(i64::MAX)),
-            Err(e) => reply_err!(reply, "lseek", e),
-        }
+        self.gated_fh(fh.0, move |me| me.do_lseek(fh, offset, whence, reply));
     }
 }

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod daemon;
 pub mod dl;
 pub mod error;
+pub mod fairness;
 pub mod fs;
 pub mod fuse;
 pub mod image;

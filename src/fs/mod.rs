@@ -200,6 +200,29 @@ impl SnapFs {
             .ok_or_else(|| Error::NotFound(format!("inode {ino}")))
     }
 
+    /// The instance or volume node `ino` belongs to, as a key for fair shares of the FUSE
+    /// threads ([`crate::fairness`]): a hash of its owner, the same for its snapshots, disks
+    /// and guest files; None outside any (the root, `instances/`, `volumes/<pool>/`, `launch/`).
+    pub fn volume_key(&self, ino: u64) -> Option<u64> {
+        use crate::namespace::{names::unescape, INSTANCES, VOLUMES};
+        use crate::provider::Owner;
+        use std::hash::{Hash, Hasher};
+        let owner = match self.at(ino).ok()? {
+            At::Guest(g) => self.ns.guest_owner(g.vol)?,
+            At::Path(p) => match &p[..] {
+                [top, i, ..] if &**top == INSTANCES => Owner::Instance(unescape(i)),
+                [top, pool, v, ..] if &**top == VOLUMES => Owner::Volume {
+                    pool: unescape(pool),
+                    name: unescape(v),
+                },
+                _ => return None,
+            },
+        };
+        let mut h = std::hash::DefaultHasher::new();
+        owner.hash(&mut h);
+        Some(h.finish())
+    }
+
     /// What node `ino` stands for.
     fn at(&self, ino: u64) -> Result<At> {
         if let Some(g) = GuestRef::from_id(ino) {

@@ -1,6 +1,15 @@
-//! One byte-budgeted LRU shared by every image of the daemon: L2 tables and decompressed
+//! One byte budget shared by every image of the daemon: L2 tables and decompressed
 //! clusters, keyed by (image id, kind, host offset).
+//!
+//! Fair shares: each image id belongs to a group (the volume whose FUSE request opened it,
+//! [`BlockCache::with_group`]; else the image alone), each group has its own least recently
+//! used list, and when the budget is passed the group holding the most gives up its least
+//! recently used buffer first. A volume read hard (a hostile chain whose every read misses)
+//! then ends with what the others leave, and each of the others keeps up to an equal share,
+//! as in the restore workers' cache (`restore/worker/cache.rs`).
 
+use std::cell::Cell;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -31,9 +40,88 @@ pub struct CacheKey {
     pub offset: u64,
 }
 
-struct Inner {
+/// The fairness group of an image id: its upper 32 bits ([`BlockCache::new_image_id`]).
+fn group_of(image: u64) -> u32 {
+    (image >> 32) as u32
+}
+
+/// One group's buffers, least recently used first out.
+struct Group {
     lru: LruCache<CacheKey, Arc<Vec<u8>>>,
     used: usize,
+}
+
+struct Inner {
+    groups: HashMap<u32, Group>,
+    used: usize,
+    len: usize,
+}
+
+impl Inner {
+    fn get(&mut self, key: &CacheKey) -> Option<Arc<Vec<u8>>> {
+        self.groups
+            .get_mut(&group_of(key.image))?
+            .lru
+            .get(key)
+            .cloned()
+    }
+
+    fn pop(&mut self, key: &CacheKey) -> Option<Arc<Vec<u8>>> {
+        let g = group_of(key.image);
+        let group = self.groups.get_mut(&g)?;
+        let v = group.lru.pop(key)?;
+        group.used -= v.len();
+        self.used -= v.len();
+        self.len -= 1;
+        if group.lru.is_empty() {
+            self.groups.remove(&g);
+        }
+        Some(v)
+    }
+
+    fn put(&mut self, key: CacheKey, value: Arc<Vec<u8>>) {
+        let len = value.len();
+        let group = self
+            .groups
+            .entry(group_of(key.image))
+            .or_insert_with(|| Group {
+                lru: LruCache::unbounded(),
+                used: 0,
+            });
+        match group.lru.put(key, value) {
+            Some(old) => {
+                group.used -= old.len();
+                self.used -= old.len();
+            }
+            None => self.len += 1,
+        }
+        group.used += len;
+        self.used += len;
+    }
+
+    /// Drop the least recently used buffer of the group holding the most; false when empty.
+    fn evict_one(&mut self) -> bool {
+        let Some((&g, _)) = self.groups.iter().max_by_key(|(_, group)| group.used) else {
+            return false;
+        };
+        let Some(group) = self.groups.get_mut(&g) else {
+            return false;
+        };
+        if let Some((_, v)) = group.lru.pop_lru() {
+            group.used -= v.len();
+            self.used -= v.len();
+            self.len -= 1;
+        }
+        if group.lru.is_empty() {
+            self.groups.remove(&g);
+        }
+        true
+    }
+}
+
+thread_local! {
+    /// The group images opened on this thread join ([`BlockCache::with_group`]).
+    static GROUP: Cell<Option<u32>> = const { Cell::new(None) };
 }
 
 pub struct BlockCache {
@@ -49,15 +137,43 @@ impl BlockCache {
         BlockCache {
             budget: budget_bytes,
             inner: Mutex::new(Inner {
-                lru: LruCache::unbounded(),
+                groups: HashMap::new(),
                 used: 0,
+                len: 0,
             }),
         }
     }
 
-    /// A fresh id for one opened host file; ids are never reused, so stale entries just age out.
+    /// A fresh id for one opened host file; ids are never reused (for 2^32 opens of one
+    /// group), so stale entries just age out. Its upper 32 bits are its fairness group: the
+    /// one [`Self::with_group`] set on this thread, else the image's own sequence number.
     pub fn new_image_id() -> u64 {
-        NEXT_IMAGE_ID.fetch_add(1, Ordering::Relaxed)
+        let seq = NEXT_IMAGE_ID.fetch_add(1, Ordering::Relaxed) as u32;
+        let group = GROUP.with(|g| g.get()).unwrap_or(seq);
+        (u64::from(group) << 32) | u64::from(seq)
+    }
+
+    /// Run `f` with images opened on this thread in fairness group `group` (the FUSE request's
+    /// volume, [`crate::fairness`]); the previous group is restored after.
+    pub fn with_group<T>(group: u32, f: impl FnOnce() -> T) -> T {
+        struct Restore(Option<u32>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                GROUP.with(|g| g.set(self.0));
+            }
+        }
+        let _restore = Restore(GROUP.with(|g| g.replace(Some(group))));
+        f()
+    }
+
+    /// Bytes held by each group (for tests and reports).
+    pub fn group_usage(&self) -> Vec<(u32, usize)> {
+        let inner = self.lock();
+        inner
+            .groups
+            .iter()
+            .map(|(&g, group)| (g, group.used))
+            .collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -66,24 +182,21 @@ impl BlockCache {
     }
 
     pub fn get(&self, key: &CacheKey) -> Option<Arc<Vec<u8>>> {
-        self.lock().lru.get(key).cloned()
+        self.lock().get(key)
     }
 
-    /// Keep `value`, evicting least recently used buffers until the budget holds.
+    /// Keep `value`, then evict buffers (the largest group's least recently used first)
+    /// until the budget holds.
     pub fn insert(&self, key: CacheKey, value: Arc<Vec<u8>>) {
         let len = value.len();
         if len > self.budget {
             return;
         }
         let mut inner = self.lock();
-        if let Some(old) = inner.lru.put(key, value) {
-            inner.used -= old.len();
-        }
-        inner.used += len;
+        inner.put(key, value);
         while inner.used > self.budget {
-            match inner.lru.pop_lru() {
-                Some((_, v)) => inner.used -= v.len(),
-                None => break,
+            if !inner.evict_one() {
+                break;
             }
         }
     }
@@ -104,21 +217,14 @@ impl BlockCache {
 
     /// Take one buffer out (a read-ahead chunk its readers have finished with).
     pub fn remove(&self, key: &CacheKey) -> Option<Arc<Vec<u8>>> {
-        let mut inner = self.lock();
-        let v = inner.lru.pop(key)?;
-        inner.used -= v.len();
-        Some(v)
+        self.lock().pop(key)
     }
 
-    /// Drop least recently used buffers until at most `bytes` are held.
+    /// Drop least recently used buffers (of the volume holding the most first) until at most
+    /// `bytes` are held.
     pub fn shrink_to(&self, bytes: usize) {
         let mut inner = self.lock();
-        while inner.used > bytes {
-            match inner.lru.pop_lru() {
-                Some((_, v)) => inner.used -= v.len(),
-                None => break,
-            }
-        }
+        while inner.used > bytes && inner.evict_one() {}
     }
 
     /// Bytes currently held.
@@ -128,7 +234,7 @@ impl BlockCache {
 
     /// Number of buffers currently held.
     pub fn len(&self) -> usize {
-        self.lock().lru.len()
+        self.lock().len
     }
 
     pub fn is_empty(&self) -> bool {
@@ -172,5 +278,63 @@ mod tests {
         c.shrink_to(150);
         assert_eq!((c.used(), c.len()), (100, 1));
         assert!(c.get(&key(2)).is_some(), "the most recently used stays");
+    }
+
+    fn key_in(image: u64, offset: u64) -> CacheKey {
+        CacheKey {
+            image,
+            kind: CacheKind::L2Table,
+            offset,
+        }
+    }
+
+    /// One image making 10,000 inserts leaves another's few entries in place: a single LRU
+    /// across images would have evicted them after the first few hundred.
+    #[test]
+    fn a_busy_image_does_not_evict_a_quiet_one() {
+        let c = BlockCache::new(100 * 1000);
+        let quiet = BlockCache::with_group(7, BlockCache::new_image_id);
+        let busy = BlockCache::with_group(8, BlockCache::new_image_id);
+        assert_ne!(group_of(quiet), group_of(busy));
+        for i in 0..10 {
+            c.insert(key_in(quiet, i), Arc::new(vec![0; 1000]));
+        }
+        for i in 0..10_000 {
+            c.insert(key_in(busy, i), Arc::new(vec![0; 1000]));
+        }
+        for i in 0..10 {
+            assert!(
+                c.get(&key_in(quiet, i)).is_some(),
+                "quiet entry {i} evicted"
+            );
+        }
+        assert_eq!(c.used(), 100 * 1000);
+        assert_eq!(c.len(), 100);
+        // The busy image keeps the rest, its most recent entries.
+        assert!(c.get(&key_in(busy, 9_999)).is_some());
+        assert!(c.get(&key_in(busy, 0)).is_none());
+    }
+
+    /// Two groups that both want more than the budget end with equal shares, and an image
+    /// opened outside any group is a group of its own.
+    #[test]
+    fn groups_that_both_want_more_end_with_equal_shares() {
+        let c = BlockCache::new(100 * 1000);
+        let a = BlockCache::with_group(1, BlockCache::new_image_id);
+        let b = BlockCache::new_image_id();
+        let b2 = BlockCache::new_image_id();
+        assert_ne!(group_of(b), group_of(b2));
+        for i in 0..1000 {
+            c.insert(key_in(a, i), Arc::new(vec![0; 1000]));
+            c.insert(key_in(b, i), Arc::new(vec![0; 1000]));
+        }
+        let mut usage = c.group_usage();
+        usage.sort();
+        assert_eq!(usage.len(), 2, "{usage:?}");
+        assert!(usage.iter().all(|&(_, u)| u == 50 * 1000), "{usage:?}");
+        // Taking a buffer out keeps the counts.
+        assert!(c.remove(&key_in(a, 999)).is_some());
+        assert_eq!(c.used(), 99 * 1000);
+        assert_eq!(c.len(), 99);
     }
 }

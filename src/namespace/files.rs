@@ -605,6 +605,13 @@ pub struct GuestPage {
 /// Guest nodes by number: each call needs only the volume's snapshot check and the reader
 /// (no path, nothing kept per guest name).
 impl Namespace {
+    /// The instance or volume guest volume number `vol` was opened from (for fair shares of
+    /// the FUSE threads, [`crate::fairness`]); None for a number never given out.
+    pub fn guest_owner(&self, vol: u16) -> Option<crate::provider::Owner> {
+        let root = lock(&self.files).roots.get(usize::from(vol)).cloned()?;
+        Some(root.path.owner.clone())
+    }
+
     /// The filesystem guest inode `g` lies in, while its snapshot is the one the volume was
     /// opened from: a deleted snapshot (or one taken again under its name) gives ENOENT.
     fn guest_fs(&self, g: GuestRef) -> Result<Arc<dyn GuestFs>> {
