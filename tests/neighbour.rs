@@ -22,31 +22,6 @@ fn fs_images() -> PathBuf {
     fs_images_in(&dir)
 }
 
-/// The restore workers whose parent is `daemon`.
-fn workers(daemon: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    for e in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let stat = fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, r)| r.split_whitespace().nth(1))
-            .and_then(|x| x.parse::<i32>().ok());
-        let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
-        if ppid == Some(daemon)
-            && cmd
-                .split(|b| *b == 0)
-                .nth(1)
-                .is_some_and(|a| a == b"__restore-worker")
-        {
-            out.push(pid);
-        }
-    }
-    out
-}
-
 /// Wait for `cond`; the deadline only turns a hang into a failure (nothing is timed).
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -126,7 +101,7 @@ fn a_blocked_volume_leaves_threads_to_another() {
     let daemon = m.daemon_pid().unwrap();
     let p1 = m.snap("b.qcow2", "s").join("files/p1");
     assert!(fs::metadata(&p1).unwrap().is_dir());
-    let worker = workers(daemon);
+    let worker = restore_workers(daemon);
     assert_eq!(worker.len(), 1, "one worker for B");
 
     // B: one request asleep in the worker, six more behind it, each needing the worker (the
@@ -189,7 +164,7 @@ fn a_blocked_volume_leaves_threads_to_another() {
     // Let B go: each blocked request reaches the hook in a new worker, so workers are killed
     // until all of them have failed (EIO).
     while blocked.iter().any(|h| !h.is_finished()) {
-        for w in workers(daemon) {
+        for w in restore_workers(daemon) {
             let _ = Command::new("kill").args(["-9", &w.to_string()]).status();
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -1307,21 +1307,7 @@ fn four_rbd_readers_stay_within_the_read_ahead_budget() {
     const BUDGET: u64 = 128 * MIB;
     const LIBRADOS: u64 = 128 * MIB;
     let img = Img::create(&conf, &uniq("mem4"), &format!("{SIZE_MIB}M"), None);
-    rbd(
-        &conf,
-        &[
-            "bench",
-            "--io-type",
-            "write",
-            "--io-size",
-            "4M",
-            "--io-total",
-            &format!("{SIZE_MIB}M"),
-            "--io-pattern",
-            "seq",
-            &img.spec,
-        ],
-    );
+    fill_sequentially(&conf, &img.spec, SIZE_MIB);
     let snaps = ["m1", "m2", "m3", "m4"];
     for s in snaps {
         rbd(&conf, &["snap", "create", &img.snap(s)]);
@@ -1446,21 +1432,7 @@ fn a_stopped_reader_s_reads_ahead_do_not_hold_the_budget() {
     const MIB: u64 = 1 << 20;
     const SIZE_MIB: u64 = 128;
     let img = Img::create(&conf, &uniq("stale"), &format!("{SIZE_MIB}M"), None);
-    rbd(
-        &conf,
-        &[
-            "bench",
-            "--io-type",
-            "write",
-            "--io-size",
-            "4M",
-            "--io-total",
-            &format!("{SIZE_MIB}M"),
-            "--io-pattern",
-            "seq",
-            &img.spec,
-        ],
-    );
+    fill_sequentially(&conf, &img.spec, SIZE_MIB);
     let snaps = ["s1", "s2", "s3", "s4", "s5"];
     for s in snaps {
         rbd(&conf, &["snap", "create", &img.snap(s)]);
@@ -1514,4 +1486,23 @@ fn a_stopped_reader_s_reads_ahead_do_not_hold_the_budget() {
         assert_eq!(n, (SIZE_MIB - 2) * MIB, "reader {i}");
         assert_eq!(sum, whole, "reader {i}: other bytes after resuming");
     }
+}
+
+/// Write the first `mib` MiB of `spec` with `rbd bench` (sequential 4 MiB writes).
+fn fill_sequentially(conf: &Path, spec: &str, mib: u64) {
+    rbd(
+        conf,
+        &[
+            "bench",
+            "--io-type",
+            "write",
+            "--io-size",
+            "4M",
+            "--io-total",
+            &format!("{mib}M"),
+            "--io-pattern",
+            "seq",
+            spec,
+        ],
+    );
 }

@@ -108,34 +108,6 @@ fn walk(root: &Path) -> BTreeMap<PathBuf, Entry> {
     out
 }
 
-/// The restore workers the daemon `daemon` started: (pid, argv).
-fn workers(daemon: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    for e in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let stat = fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        // Field 4 (after the parenthesised name) is the parent pid.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, r)| r.split_whitespace().nth(1))
-            .and_then(|x| x.parse::<i32>().ok());
-        let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
-        if ppid == Some(daemon)
-            && cmd
-                .split(|b| *b == 0)
-                .nth(1)
-                .is_some_and(|a| a == b"__restore-worker")
-            && pid_alive(pid)
-        {
-            out.push(pid);
-        }
-    }
-    out.sort();
-    out
-}
-
 fn status_field(pid: i32, field: &str) -> String {
     let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     s.lines()
@@ -215,9 +187,9 @@ fn worker_reads_like_the_kernel_and_the_daemon_unprivileged_and_sandboxed() {
         .is_empty());
 
     let daemon = on.daemon_pid().expect("daemon pid");
-    let pids = workers(daemon);
+    let pids = restore_workers(daemon);
     assert_eq!(pids.len(), 7, "one worker per open filesystem: {pids:?}");
-    assert!(workers(off.daemon_pid().unwrap()).is_empty());
+    assert!(restore_workers(off.daemon_pid().unwrap()).is_empty());
     for pid in pids {
         let uids: Vec<String> = status_field(pid, "Uid")
             .split_whitespace()
@@ -308,7 +280,7 @@ fn a_killed_worker_costs_an_eio_and_the_next_access_works() {
     let p1 = m.snap("gpt.qcow2", "s").join("files/p1");
     let want = walk(&p1);
     let daemon = m.daemon_pid().unwrap();
-    let first = workers(daemon);
+    let first = restore_workers(daemon);
     assert_eq!(first.len(), 1);
 
     // Killed while it serves a request: that request fails with EIO.
@@ -333,7 +305,7 @@ fn a_killed_worker_costs_an_eio_and_the_next_access_works() {
         "volume answered again {} ms after kill -9 of its worker",
         killed.elapsed().as_millis()
     );
-    let second = workers(daemon);
+    let second = restore_workers(daemon);
     assert_eq!(second.len(), 1);
     assert_ne!(second, first);
     assert!(m.log().contains("signal 9"), "log:\n{}", m.log());
@@ -366,7 +338,7 @@ fn a_killed_worker_costs_an_eio_and_the_next_access_works() {
         errors
     });
     std::thread::sleep(Duration::from_millis(50));
-    for pid in workers(daemon) {
+    for pid in restore_workers(daemon) {
         let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
     }
     let errors = walker.join().unwrap();
@@ -389,7 +361,7 @@ fn a_system_call_outside_the_filter_kills_only_the_worker() {
     let files = m.snap("gpt.qcow2", "s").join("files");
     let before = ls(&files.join("p1"));
     let daemon = m.daemon_pid().unwrap();
-    let first = workers(daemon);
+    let first = restore_workers(daemon);
     assert_eq!(first.len(), 1);
     let err = fs::metadata(files.join("p1/.snapfs-worker-try-open")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
@@ -535,7 +507,7 @@ fn file_bytes_are_read_by_the_daemon_from_the_worker_map() {
     // Open the volume (its worker starts), then count what the worker writes while reading.
     assert_eq!(fs::read(root.join("small.txt")).unwrap(), b"a small file\n");
     let daemon = m.daemon_pid().expect("daemon pid");
-    let pids = workers(daemon);
+    let pids = restore_workers(daemon);
     assert_eq!(pids.len(), 1, "{pids:?}");
     let mut read = 0;
     let written = bytes_sent_during(pids[0], t.path(), || {
@@ -553,7 +525,11 @@ fn file_bytes_are_read_by_the_daemon_from_the_worker_map() {
         written < 1 << 20,
         "file bytes went through the worker: {written} bytes sent for {read} read"
     );
-    assert_eq!(workers(daemon), pids, "the worker still serves the volume");
+    assert_eq!(
+        restore_workers(daemon),
+        pids,
+        "the worker still serves the volume"
+    );
 }
 
 /// `pid`'s peak resident set (VmHWM), in KiB.
@@ -663,7 +639,11 @@ fn daemon_caches_of_all_volumes_share_one_budget() {
     // Entries dropped for the budget are asked for again: a second walk is whole too.
     let out = run(Command::new("find").arg(root(0)));
     assert_eq!(out.lines().count(), 1 + DIRS * (1 + PER_DIR) + 1);
-    assert_eq!(workers(daemon).len(), SNAPSHOTS, "one worker per volume");
+    assert_eq!(
+        restore_workers(daemon).len(),
+        SNAPSHOTS,
+        "one worker per volume"
+    );
 }
 
 /// Bytes `pid` reads from its socket (`read`, `readv`, `recvfrom`).
@@ -692,7 +672,7 @@ fn block_reads_reach_the_worker_through_shared_memory() {
     let root = m.snap("many.qcow2", "s").join("files/whole");
     assert_eq!(ls(&root).len(), DIRS + 1, "the directories and lost+found");
     let daemon = m.daemon_pid().expect("daemon pid");
-    let pids = workers(daemon);
+    let pids = restore_workers(daemon);
     assert_eq!(pids.len(), 1, "{pids:?}");
     let mut entries = 0;
     let received = bytes_received_during(pids[0], t.path(), || {
@@ -705,7 +685,11 @@ fn block_reads_reach_the_worker_through_shared_memory() {
         received < 1 << 20,
         "block bytes went through the socket: {received} bytes read by the worker"
     );
-    assert_eq!(workers(daemon), pids, "the worker still serves the volume");
+    assert_eq!(
+        restore_workers(daemon),
+        pids,
+        "the worker still serves the volume"
+    );
 }
 
 /// Messages the worker `pid` sends while `f` runs (both threads, counted by strace): (replies
@@ -820,7 +804,7 @@ fn find_in_inode_order_asks_the_worker_in_batches() {
         let m = Mount::with_args(&pool, &["--restore-worker=on"]);
         let root = m.snap(&img, "s").join("files/whole/big");
         assert!(fs::metadata(&root).unwrap().is_dir(), "{fs_name}");
-        let pids = workers(m.daemon_pid().expect("daemon pid"));
+        let pids = restore_workers(m.daemon_pid().expect("daemon pid"));
         assert_eq!(pids.len(), 1, "{fs_name}: {pids:?}");
         let mut got = Vec::new();
         let (replies, ahead, reads) = messages_sent_during(pids[0], t.path(), || {

@@ -559,3 +559,31 @@ pub fn wait_guest_counter_past(name: &str, n: u64) -> u64 {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// The live restore workers the daemon `daemon` started.
+pub fn restore_workers(daemon: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // Field 4 (after the parenthesised name) is the parent pid.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(1))
+            .and_then(|x| x.parse::<i32>().ok());
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if ppid == Some(daemon)
+            && cmd
+                .split(|b| *b == 0)
+                .nth(1)
+                .is_some_and(|a| a == b"__restore-worker")
+            && pid_alive(pid)
+        {
+            out.push(pid);
+        }
+    }
+    out.sort();
+    out
+}

@@ -1926,17 +1926,22 @@ mod tests {
         thread.join().unwrap();
     }
 
+    /// A whole listing of `INO_LISTED` names, the `i`-th with inode number `i + 1`.
+    fn listed_page() -> DirPage {
+        DirPage {
+            entries: (0..INO_LISTED)
+                .map(|i| (b"x".to_vec(), i, FileKind::File, i + 1))
+                .collect(),
+            end: true,
+        }
+    }
+
     /// Lookups in a listed directory that only look like a walk in inode order (rising three
     /// times, then not asking for what the batch brought) cost one batch, not one per rise.
     #[test]
     fn an_unused_batch_is_not_asked_for_again() {
         let mut w = InoWalks::default();
-        let page = DirPage {
-            entries: (0..INO_LISTED)
-                .map(|i| (b"x".to_vec(), i, FileKind::File, i + 1))
-                .collect(),
-            end: true,
-        };
+        let page = listed_page();
         w.listed(2, 0, &page);
         let mut batches = 0;
         for round in 0..100u64 {
@@ -1971,12 +1976,7 @@ mod tests {
     #[test]
     fn the_next_batch_is_read_ahead_halfway_through() {
         let mut w = InoWalks::default();
-        let page = DirPage {
-            entries: (0..INO_LISTED)
-                .map(|i| (b"x".to_vec(), i, FileKind::File, i + 1))
-                .collect(),
-            end: true,
-        };
+        let page = listed_page();
         w.listed(2, 0, &page);
         let mut next = InoNext::Nothing;
         for i in 1..=u64::from(INO_RISING) {
