@@ -41,17 +41,8 @@ if [[ -z $CASES ]]; then
   python3 "$REPO/scripts/make-hostile-images.py" "$CASES"
 fi
 
-daemon_pid() {  # the process whose command line is `snapfs mount … MNT`
-  local mnt=$1 p
-  for p in /proc/[0-9]*; do
-    if { tr '\0' '\n' <"$p/cmdline"; } 2>/dev/null | grep -qxF -- "$mnt"; then
-      if { tr '\0' '\n' <"$p/cmdline"; } 2>/dev/null | sed -n 2p | grep -qx mount; then
-        basename "$p"; return 0
-      fi
-    fi
-  done
-  return 1
-}
+# shellcheck source=scripts/lib/daemon.sh
+source "$REPO/scripts/lib/daemon.sh"
 
 status_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 

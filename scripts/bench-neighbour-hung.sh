@@ -42,17 +42,8 @@ if [[ ! -f $POOL/b.qcow2 ]]; then
   rm -f "$WORK/a.raw"
 fi
 
-daemon_pid() {
-  local mnt=$1 p
-  for p in /proc/[0-9]*; do
-    if { tr '\0' '\n' <"$p/cmdline"; } 2>/dev/null | grep -qxF -- "$mnt"; then
-      if { tr '\0' '\n' <"$p/cmdline"; } 2>/dev/null | sed -n 2p | grep -qx mount; then
-        basename "$p"; return 0
-      fi
-    fi
-  done
-  return 1
-}
+# shellcheck source=scripts/lib/daemon.sh
+source "$REPO/scripts/lib/daemon.sh"
 
 MNT=$WORK/mnt
 bins=("$SNAPFS")

@@ -121,17 +121,8 @@ print(f"{len(lat)} {len(lat) / el:.0f} {p99 * 1000:.2f} {(lat[-1] if lat else 0)
 EOF
 }
 
-daemon_pid() {
-  local mnt=$1 p
-  for p in /proc/[0-9]*; do
-    if { tr '\0' '\n' <"$p/cmdline"; } 2>/dev/null | grep -qxF -- "$mnt"; then
-      if { tr '\0' '\n' <"$p/cmdline"; } 2>/dev/null | sed -n 2p | grep -qx mount; then
-        basename "$p"; return 0
-      fi
-    fi
-  done
-  return 1
-}
+# shellcheck source=scripts/lib/daemon.sh
+source "$REPO/scripts/lib/daemon.sh"
 
 MNT=$WORK/mnt
 printf 'binary\tround\tattack\tstream_mib_s\trand_reads_s\tp99_ms\tworst_ms\tb_work\n'

@@ -131,22 +131,14 @@ four() { # file bs
   return "$rc"
 }
 # The daemon serving mount point $1.
-daemon_pid() {
-  local p
-  for p in /proc/[0-9]*; do
-    if tr '\0' '\n' 2>/dev/null <"$p/cmdline" | grep -qxF -- "$1" &&
-      [[ $(tr '\0' '\n' 2>/dev/null <"$p/cmdline" | sed -n 2p) == mount ]]; then
-      basename "$p"
-      return
-    fi
-  done
-}
+# shellcheck source=scripts/lib/daemon.sh
+source scripts/lib/daemon.sh
 kib() { awk -v f="$2:" '$1 == f {print $2}' "/proc/$1/status"; }
 declare -A PEAK
 # peak NAME MOUNTPOINT FILE: 4 readers; the daemon's RSS before, its peak during, RSS after.
 peak() {
   local pid
-  pid=$(daemon_pid "$2")
+  pid=$(daemon_pid "$2" || true)
   [[ -n $pid ]] || return 0
   local before
   before=$(kib "$pid" VmRSS)

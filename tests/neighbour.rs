@@ -31,15 +31,6 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-fn in_syscall(pid: i32) -> Option<i64> {
-    fs::read_to_string(format!("/proc/{pid}/syscall"))
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
 /// Requests of the FUSE connection of `mnt` the kernel has sent and not had answered.
 fn waiting(mnt: &Path) -> u64 {
     let dev = fs::metadata(mnt).unwrap().dev();

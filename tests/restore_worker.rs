@@ -256,16 +256,6 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// The system call `pid` is blocked in (first field of /proc/PID/syscall).
-fn in_syscall(pid: i32) -> Option<i64> {
-    fs::read_to_string(format!("/proc/{pid}/syscall"))
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
 #[test]
 fn a_killed_worker_costs_an_eio_and_the_next_access_works() {
     let t = tempfile::Builder::new()

@@ -587,3 +587,13 @@ pub fn restore_workers(daemon: i32) -> Vec<i32> {
     out.sort();
     out
 }
+
+/// The system call `pid` is blocked in (first field of /proc/PID/syscall).
+pub fn in_syscall(pid: i32) -> Option<i64> {
+    std::fs::read_to_string(format!("/proc/{pid}/syscall"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
