@@ -1662,3 +1662,68 @@ fn raw_snapshot_disk_reads_in_passthrough() {
     );
     assert_eq!(passthrough_opens(), 3, "a qcow2 disk opened in passthrough");
 }
+
+/// The storage rule of docs/tree.md ("An instance and its volumes exclude each other") keys a
+/// file disk by its active file only: two instances cloned from one base image (Nova's
+/// `_base`) share their backing file, and a mkdir of one while the other's is in progress is
+/// not refused. Both mkdirs are held at `SNAPFS_FAILPOINT=mkdir-busy` (past the busy marks)
+/// while a file exists: B reaching it while A is held is what shows B was not refused.
+#[test]
+fn instances_cloned_from_one_base_do_not_exclude_each_other() {
+    if !testbed_ready("instances_cloned_from_one_base_do_not_exclude_each_other") {
+        return;
+    }
+    let (a, dir_a, _ga) = shut_off_qcow2_domain("sba");
+    let (b, dir_b, _gb) = shut_off_qcow2_domain("sbb");
+    let base = dir_a.join("base.qcow2");
+    let base_s = base.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", base_s, "8M"]);
+    for d in [&dir_a, &dir_b] {
+        let vda = d.join("vda.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            base_s,
+            "-F",
+            "qcow2",
+            vda.to_str().unwrap(),
+        ]);
+    }
+    let hold = tempfile::NamedTempFile::new().unwrap();
+    let hold_path = hold.path().to_str().unwrap().to_string();
+    let m = Mount::unmounted();
+    m.mount_env(
+        &[LIBVIRT_ARG],
+        &[
+            ("SNAPFS_FAILPOINT", "mkdir-busy"),
+            ("SNAPFS_FAILPOINT_HOLD", hold_path.as_str()),
+        ],
+    );
+    let held = || m.log().matches("failpoint reached").count();
+    let (sa, sb) = (snap_dir(&m, &a, "s1"), snap_dir(&m, &b, "s1"));
+    let ta = std::thread::spawn(move || fs::create_dir(&sa));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while held() < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "A's mkdir never reached the failpoint"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let tb = std::thread::spawn(move || fs::create_dir(&sb));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while held() < 2 && !tb.is_finished() {
+        assert!(Instant::now() < deadline, "B's mkdir neither held nor done");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let b_held = held() >= 2;
+    fs::remove_file(&hold_path).unwrap();
+    ta.join().unwrap().expect("A's mkdir");
+    let rb = tb.join().unwrap();
+    assert!(b_held, "B's mkdir was refused while A's held: {rb:?}");
+    rb.expect("B's mkdir");
+    drop(m);
+}

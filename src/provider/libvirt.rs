@@ -1024,10 +1024,9 @@ impl Provider for LibvirtProvider {
         let mut keys = Vec::new();
         for d in x.disks.iter().filter(|d| d.is_data_disk()) {
             match &d.source {
-                DiskSource::File(p) => {
-                    keys.extend(chain_files(p).iter().map(|f| super::file_key(f)))
-                }
-                DiskSource::Block(p) => keys.push(super::file_key(p)),
+                // The active file only: instances cloned from one base image (Nova's `_base`)
+                // share their backing files and must not exclude each other.
+                DiskSource::File(p) | DiskSource::Block(p) => keys.push(super::file_key(p)),
                 DiskSource::Network { protocol, name } if protocol == "rbd" => {
                     keys.push(super::rbd_key(name))
                 }

@@ -122,7 +122,8 @@ pub trait Provider: Send + Sync {
 
     /// The storage `owner`'s snapshots are taken on, as keys every provider spells alike:
     /// `rbd:<pool>/<image>` for an RBD image, `file:<canonical path>` for a file or block device
-    /// of this host (every file of its backing chain), `<host>:file:<path>` for another host's.
+    /// of this host (a disk's active file, not its backing files: instances cloned from one
+    /// base image share those), `<host>:file:<path>` for another host's.
     /// An instance's disks are volumes too (in an image directory, a libvirt pool, an RBD pool),
     /// so two snapshot operations whose keys meet exclude each other (`EBUSY`). Default: none.
     fn storage_keys(&self, owner: &Owner) -> Result<Vec<String>> {
