@@ -313,12 +313,14 @@ impl Provider for HostProvider {
             return Ok(keys);
         }
         // Another host's files are not this host's: only RBD names are shared.
-        let host = self.suffix.trim_start_matches('@');
         Ok(keys
             .into_iter()
-            .map(|k| match k.starts_with("file:") {
-                true => format!("{host}:{k}"),
-                false => k,
+            .map(|k| {
+                if k.starts_with("file:") {
+                    format!("{}:{k}", self.host)
+                } else {
+                    k
+                }
             })
             .collect())
     }

@@ -1022,6 +1022,8 @@ impl Provider for LibvirtProvider {
         }
         let x = Self::domain_xml(&self.domain(owner)?, 0)?;
         let mut keys = Vec::new();
+        // Listed once, and only for an instance with a disk of a storage pool.
+        let mut pools: Option<Vec<(String, PathBuf)>> = None;
         for d in x.disks.iter().filter(|d| d.is_data_disk()) {
             match &d.source {
                 // The active file only: instances cloned from one base image (Nova's `_base`)
@@ -1031,7 +1033,10 @@ impl Provider for LibvirtProvider {
                     keys.push(super::rbd_key(name))
                 }
                 DiskSource::Volume { pool, volume } => {
-                    if let Some((_, dir)) = self.pool_dirs()?.into_iter().find(|(n, _)| n == pool) {
+                    if pools.is_none() {
+                        pools = Some(self.pool_dirs()?);
+                    }
+                    if let Some((_, dir)) = pools.iter().flatten().find(|(n, _)| n == pool) {
                         keys.push(super::file_key(&dir.join(volume)));
                     }
                 }
