@@ -1173,15 +1173,22 @@ fn disk_key(owner: &Owner, snap: &SnapshotInfo, target: &str) -> String {
 /// How long the start-up waits for a busy image before doing an interrupted revert again.
 const RECOVERY_BUSY_WAIT: Duration = Duration::from_secs(45);
 
+/// Whether `SNAPFS_FAILPOINT` (read once) names `name`.
+fn failpoint_is(name: &str) -> bool {
+    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    POINT
+        .get_or_init(|| std::env::var("SNAPFS_FAILPOINT").ok())
+        .as_deref()
+        == Some(name)
+}
+
 /// A test hook: with `SNAPFS_FAILPOINT=<name>` in the daemon's environment, the daemon stops
 /// at the point `name` (logging that it did) for ten minutes, so a test can kill it there.
 /// Points: `revert-before-backend`, `revert-after-backend`, `revert-rbd-after-a-disk` (an
 /// RBD-backed instance's revert, after the first disk's rollback), `mkdir-busy` (a mkdir that
 /// holds its busy marks, for `SNAPFS_FAILPOINT_HOLD`).
 pub(crate) fn failpoint(name: &str) {
-    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let point = POINT.get_or_init(|| std::env::var("SNAPFS_FAILPOINT").ok());
-    if point.as_deref() != Some(name) {
+    if !failpoint_is(name) {
         return;
     }
     tracing::warn!(failpoint = name, "failpoint reached: pausing");
@@ -1202,9 +1209,7 @@ pub(crate) fn failpoint(name: &str) {
 /// An injected failure for the tests: true when `SNAPFS_FAILPOINT` names `name`, and the
 /// caller then fails as if its backend had (logged, so a test can wait for it).
 pub(crate) fn failpoint_fails(name: &str) -> bool {
-    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let point = POINT.get_or_init(|| std::env::var("SNAPFS_FAILPOINT").ok());
-    let hit = point.as_deref() == Some(name);
+    let hit = failpoint_is(name);
     if hit {
         tracing::warn!(failpoint = name, "failpoint reached: failing here");
     }
